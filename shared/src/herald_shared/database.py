@@ -1,0 +1,62 @@
+"""Engines and migrations. Each service owns its own database; this is only the plumbing."""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection, event, text
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+
+def make_engine(url: str, *, pool_size: int = 20) -> AsyncEngine:
+    """An async engine; PostgreSQL gets a pool at least as big as the consumer's prefetch."""
+    if url.startswith("sqlite"):
+        database = url.split(":///", 1)[1]
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            # WAL lets readers proceed while a writer commits; foreign keys are off by default.
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        return engine
+    return create_async_engine(
+        url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
+    )
+
+
+def _upgrade(connection: Connection, script_location: str, version_table: str) -> None:
+    config = Config()
+    config.set_main_option("script_location", script_location)
+    config.attributes["connection"] = connection
+    config.attributes["version_table"] = version_table
+    command.upgrade(config, "head")
+
+
+async def run_migrations(engine: AsyncEngine, *, script_location: str, service_name: str) -> None:
+    """Bring the schema to the newest revision. Replicas starting together serialise on a
+    PostgreSQL advisory lock, so only one of them migrates."""
+    version_table = f"alembic_version_{service_name.replace('-', '_')}"
+    async with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            lock_key = zlib.crc32(service_name.encode())
+            await connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": lock_key})
+        await connection.run_sync(_upgrade, script_location, version_table)
+
+
+async def database_healthy(engine: AsyncEngine) -> bool:
+    try:
+        async with engine.connect() as connection:
+            await connection.execute(text("SELECT 1"))
+        return True
+    except Exception:  # an unreachable database is an answer for a health check
+        return False

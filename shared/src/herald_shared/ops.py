@@ -1,0 +1,107 @@
+"""Health, readiness, metrics and AsyncAPI endpoints for the FastStream consumer services."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+import uvicorn
+from faststream import AsyncAPI
+from faststream.asgi import AsgiFastStream, AsgiResponse, AsyncAPIRoute, get
+from faststream.asgi.types import ASGIApp, Scope
+from faststream.rabbit import RabbitBroker
+from prometheus_client import CollectorRegistry, make_asgi_app
+
+ReadinessCheck = Callable[[], Awaitable[bool]]
+
+logger = logging.getLogger("herald.ops")
+
+ASYNCAPI_PATH = "/docs/asyncapi"
+
+
+def _json(payload: Mapping[str, Any], status: int = 200) -> AsgiResponse:
+    return AsgiResponse(
+        json.dumps(payload).encode(), status, headers={"content-type": "application/json"}
+    )
+
+
+async def broker_healthy(broker: RabbitBroker, timeout: float = 3.0) -> bool:
+    try:
+        return bool(await broker.ping(timeout))
+    except Exception:  # a failed ping is an answer, not an error of the health endpoint
+        return False
+
+
+def health_routes(
+    broker: RabbitBroker,
+    registry: CollectorRegistry,
+    checks: Mapping[str, ReadinessCheck],
+) -> list[tuple[str, ASGIApp]]:
+    """`/health` (alive), `/health/ready` (RabbitMQ and every named check pass),
+    `/health/rabbitmq` (the specification's), `/metrics` (Prometheus)."""
+
+    @get(include_in_schema=False)
+    async def liveness(scope: Scope) -> AsgiResponse:
+        return _json({"status": "ok"})
+
+    @get(include_in_schema=False)
+    async def rabbitmq(scope: Scope) -> AsgiResponse:
+        healthy = await broker_healthy(broker)
+        return _json({"status": "healthy" if healthy else "unhealthy"}, 200 if healthy else 503)
+
+    @get(include_in_schema=False)
+    async def readiness(scope: Scope) -> AsgiResponse:
+        results = {"rabbitmq": await broker_healthy(broker)}
+        for name, check in checks.items():
+            try:
+                results[name] = await check()
+            except Exception:
+                results[name] = False
+        ready = all(results.values())
+        return _json(
+            {"status": "ready" if ready else "not ready", "checks": results},
+            200 if ready else 503,
+        )
+
+    return [
+        ("/health", liveness),
+        ("/health/ready", readiness),
+        ("/health/rabbitmq", rabbitmq),
+        ("/metrics", make_asgi_app(registry)),
+    ]
+
+
+def asyncapi_spec(broker: RabbitBroker, *, title: str, version: str, description: str) -> AsyncAPI:
+    return AsyncAPI(broker, title=title, version=version, description=description)
+
+
+def consumer_app(
+    broker: RabbitBroker,
+    *,
+    title: str,
+    version: str,
+    description: str,
+    registry: CollectorRegistry,
+    checks: Mapping[str, ReadinessCheck],
+    on_startup: Sequence[Callable[..., Any]] = (),
+    after_startup: Sequence[Callable[..., Any]] = (),
+    after_shutdown: Sequence[Callable[..., Any]] = (),
+) -> AsgiFastStream:
+    """The ASGI application of a consumer service: its broker plus the operational endpoints and
+    the AsyncAPI page (try-it-out off: it would let anyone publish onto the bus)."""
+    return AsgiFastStream(
+        broker,
+        specification=asyncapi_spec(broker, title=title, version=version, description=description),
+        asyncapi_path=AsyncAPIRoute(ASYNCAPI_PATH, try_it_out_path=None),
+        asgi_routes=health_routes(broker, registry, checks),
+        on_startup=on_startup,
+        after_startup=after_startup,
+        after_shutdown=after_shutdown,
+    )
+
+
+def serve(app: ASGIApp, *, host: str, port: int) -> None:
+    """Run an ASGI app until SIGINT/SIGTERM, which drains in-flight messages before exiting."""
+    uvicorn.run(app, host=host, port=port, log_level="info", lifespan="on")  # type: ignore[arg-type]

@@ -1,0 +1,50 @@
+"""Publishing events: one publisher object per event and routing key, always persistent."""
+
+from __future__ import annotations
+
+import asyncio
+
+from faststream.rabbit import RabbitBroker
+from faststream.rabbit.publisher import RabbitPublisher
+
+from herald_shared.events import Event
+from herald_shared.topology import EXCHANGE
+
+
+def event_publisher(
+    broker: RabbitBroker, model: type[Event], routing_key: str, *, description: str
+) -> RabbitPublisher:
+    """A documented publisher of `model` on the `notifications` exchange.
+
+    `persist=True` because FastStream's default (transient) loses messages on a broker restart.
+    """
+    return broker.publisher(
+        exchange=EXCHANGE,
+        routing_key=routing_key,
+        persist=True,
+        schema=model,
+        title=f"{routing_key}:publish",
+        description=description,
+    )
+
+
+async def publish_event(
+    publisher: RabbitPublisher,
+    event: Event,
+    *,
+    timeout: float,
+    correlation_id: str | None = None,
+) -> None:
+    """Publish and wait for the broker's confirm, for at most `timeout` seconds.
+
+    Raises on a nack, on an unroutable message and on timeout. A timed-out publish may still have
+    reached the broker, so every consumer deduplicates on the event's ids.
+    """
+    async with asyncio.timeout(timeout):
+        await publisher.publish(
+            event,
+            message_id=str(event.event_id),
+            correlation_id=correlation_id or str(event.event_id),
+            content_type="application/json",
+            timeout=timeout,
+        )

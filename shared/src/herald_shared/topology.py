@@ -1,0 +1,193 @@
+"""The RabbitMQ topology, declared once and imported by every service.
+
+One durable topic exchange carries every event. Each consumer owns one quorum queue per concern,
+bound to exactly the routing keys it needs plus its own retry key. Around each consumer queue:
+
+* wait queues `<queue>.wait.<ms>ms` (one per delay tier) that hold a message for a fixed TTL and
+  then dead-letter it back to the main exchange with the queue's retry key, so only that queue
+  sees the retry;
+* a dead-letter queue `<queue>.dlq`, reached through the `notifications.dlx` exchange, holding
+  what could not be processed, for inspection and replay.
+
+Publisher and consumers import the same objects, so a name, a flag or an `x-` argument can never
+differ between them (which RabbitMQ would refuse with PRECONDITION_FAILED).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from faststream.rabbit import ExchangeType, QueueType, RabbitExchange, RabbitQueue
+
+from herald_shared.events import (
+    DeliveryReported,
+    DeviceInvalidated,
+    EmailRequested,
+    Event,
+    MessageCreated,
+    PushRequested,
+    UserUpdated,
+)
+
+if TYPE_CHECKING:
+    from faststream.rabbit import RabbitBroker
+
+# Routing keys: the specification's four, then new ones in the same <domain>.<entity>.<verb> shape.
+MESSAGE_NEW = "notification.message.new"
+MESSAGE_RETRY = "notification.message.retry"
+PUSH_SEND = "notification.push.send"
+PUSH_RETRY = "notification.push.retry"
+EMAIL_SEND = "notification.email.send"
+EMAIL_RETRY = "notification.email.retry"
+PUSH_DELIVERED = "notification.push.delivered"
+PUSH_FAILED = "notification.push.failed"
+EMAIL_DELIVERED = "notification.email.delivered"
+EMAIL_FAILED = "notification.email.failed"
+REPORT_RETRY = "notification.report.retry"
+USER_UPDATED = "user.updated"
+USER_RETRY = "user.updated.retry"
+DEVICE_INVALIDATED = "device.invalidated"
+DEVICE_RETRY = "device.invalidated.retry"
+
+EXCHANGE = RabbitExchange("notifications", type=ExchangeType.TOPIC, durable=True)
+# Where consumers park what they cannot process; routed by the origin queue's name.
+DEAD_LETTER_EXCHANGE = RabbitExchange("notifications.dlx", type=ExchangeType.DIRECT, durable=True)
+# Where consumers put a message to wait before its next attempt; routed by the wait queue's name.
+# A dedicated exchange rather than the default one, so no service needs write access to amq.default.
+RETRY_EXCHANGE = RabbitExchange("notifications.retry", type=ExchangeType.DIRECT, durable=True)
+
+# Backstop for a message that kills its consumer before any outcome is recorded: after this many
+# deliveries RabbitMQ dead-letters it with reason `delivery_limit`.
+DELIVERY_LIMIT = 5
+
+
+@dataclass(frozen=True)
+class ConsumerQueue:
+    """A work queue, the routing keys it binds and the key its retries come back on."""
+
+    name: str
+    routing_keys: tuple[str, ...]
+    retry_routing_key: str
+
+    @property
+    def queue(self) -> RabbitQueue:
+        """The FastStream queue object; subscribing binds it with its first routing key."""
+        return RabbitQueue(
+            self.name,
+            queue_type=QueueType.QUORUM,
+            durable=True,
+            routing_key=self.routing_keys[0],
+            arguments={
+                "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE.name,
+                "x-dead-letter-routing-key": self.name,
+                "x-delivery-limit": DELIVERY_LIMIT,
+            },
+        )
+
+    @property
+    def bindings(self) -> tuple[str, ...]:
+        return (*self.routing_keys, self.retry_routing_key)
+
+    @property
+    def dead_letter_queue(self) -> RabbitQueue:
+        return RabbitQueue(
+            f"{self.name}.dlq", queue_type=QueueType.QUORUM, durable=True, routing_key=self.name
+        )
+
+    def wait_queue(self, delay_seconds: float) -> RabbitQueue:
+        delay_ms = round(delay_seconds * 1000)
+        name = f"{self.name}.wait.{delay_ms}ms"
+        return RabbitQueue(
+            name,
+            queue_type=QueueType.QUORUM,
+            durable=True,
+            routing_key=name,
+            arguments={
+                "x-message-ttl": delay_ms,
+                "x-dead-letter-exchange": EXCHANGE.name,
+                "x-dead-letter-routing-key": self.retry_routing_key,
+            },
+        )
+
+
+# notification-router
+MESSAGE_NOTIFICATIONS = ConsumerQueue("message_notifications", (MESSAGE_NEW,), MESSAGE_RETRY)
+RECIPIENT_UPDATES = ConsumerQueue("recipient_updates", (USER_UPDATED,), USER_RETRY)
+DELIVERY_REPORTS = ConsumerQueue(
+    "delivery_reports",
+    (PUSH_DELIVERED, PUSH_FAILED, EMAIL_DELIVERED, EMAIL_FAILED),
+    REPORT_RETRY,
+)
+# push-sender and email-sender
+PUSH_NOTIFICATIONS = ConsumerQueue("push_notifications", (PUSH_SEND,), PUSH_RETRY)
+EMAIL_NOTIFICATIONS = ConsumerQueue("email_notifications", (EMAIL_SEND,), EMAIL_RETRY)
+# message-service
+DEVICE_INVALIDATIONS = ConsumerQueue("device_invalidations", (DEVICE_INVALIDATED,), DEVICE_RETRY)
+
+CONSUMER_QUEUES: tuple[ConsumerQueue, ...] = (
+    MESSAGE_NOTIFICATIONS,
+    RECIPIENT_UPDATES,
+    DELIVERY_REPORTS,
+    PUSH_NOTIFICATIONS,
+    EMAIL_NOTIFICATIONS,
+    DEVICE_INVALIDATIONS,
+)
+
+_QUEUE_BY_ROUTING_KEY: dict[str, ConsumerQueue] = {
+    key: queue for queue in CONSUMER_QUEUES for key in queue.bindings
+}
+
+
+def queue_for_routing_key(routing_key: str) -> ConsumerQueue | None:
+    """The one consumer queue a routing key reaches (each key is bound by exactly one queue)."""
+    return _QUEUE_BY_ROUTING_KEY.get(routing_key)
+
+
+def queue_by_name(name: str) -> ConsumerQueue | None:
+    return next((queue for queue in CONSUMER_QUEUES if queue.name == name), None)
+
+
+def routing_key_for(event: Event) -> str:
+    """The routing key an event is published with."""
+    match event:
+        case MessageCreated():
+            return MESSAGE_NEW
+        case UserUpdated():
+            return USER_UPDATED
+        case PushRequested():
+            return PUSH_SEND
+        case EmailRequested():
+            return EMAIL_SEND
+        case DeliveryReported():
+            return f"notification.{event.channel}.{event.outcome}"
+        case DeviceInvalidated():
+            return DEVICE_INVALIDATED
+    raise TypeError(f"no routing key for {type(event).__name__}")
+
+
+async def declare_topology(
+    broker: RabbitBroker,
+    *,
+    retry_delays: Sequence[float],
+    queues: Iterable[ConsumerQueue] = CONSUMER_QUEUES,
+) -> None:
+    """Declare exchanges, work queues with all their bindings, wait queues and dead-letter queues.
+
+    Idempotent. Every service runs it at start-up for the whole topology, so a publisher never
+    finds a routing key unbound because its consumer has not started yet.
+    """
+    exchange = await broker.declare_exchange(EXCHANGE)
+    dead_letter_exchange = await broker.declare_exchange(DEAD_LETTER_EXCHANGE)
+    retry_exchange = await broker.declare_exchange(RETRY_EXCHANGE)
+    for consumer_queue in queues:
+        queue = await broker.declare_queue(consumer_queue.queue)
+        for routing_key in consumer_queue.bindings:
+            await queue.bind(exchange, routing_key=routing_key)
+        dead_letters = await broker.declare_queue(consumer_queue.dead_letter_queue)
+        await dead_letters.bind(dead_letter_exchange, routing_key=consumer_queue.name)
+        for delay in retry_delays:
+            wait_queue = consumer_queue.wait_queue(delay)
+            declared: Any = await broker.declare_queue(wait_queue)
+            await declared.bind(retry_exchange, routing_key=wait_queue.name)

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import infra
+
+TESTS = Path(__file__).parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # The folder says what a test needs; the marker lets `-m "not integration and not e2e"`
+    # select the fast, server-free layer.
+    for item in items:
+        parts = Path(str(item.fspath)).relative_to(TESTS).parts
+        if parts[0] in {"integration", "e2e"}:
+            item.add_marker(getattr(pytest.mark, parts[0]))
+
+
+@pytest.fixture
+async def pg_url() -> AsyncIterator[str]:
+    """A fresh PostgreSQL database on the machine's server, dropped afterwards."""
+    url = await infra.create_database()
+    try:
+        yield url
+    finally:
+        await infra.drop_database(url)
+
+
+@pytest.fixture
+def rabbit_url() -> Iterator[str]:
+    """A fresh RabbitMQ virtual host on the machine's server, deleted afterwards."""
+    url = infra.create_vhost()
+    try:
+        yield url
+    finally:
+        infra.delete_vhost(url)
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite+aiosqlite:///{tmp_path / 'service.db'}"

@@ -1,0 +1,146 @@
+"""The retry and dead-letter mechanism on a real RabbitMQ (the in-memory broker has no TTL or DLX)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import aio_pika
+import pytest
+from faststream.rabbit import RabbitBroker
+
+from herald_shared import retry
+from herald_shared.broker import RabbitSettings, make_broker
+from herald_shared.events import DeviceInvalidated
+from herald_shared.retry import PermanentError, RetryableError
+from herald_shared.topology import DEVICE_INVALIDATED, DEVICE_INVALIDATIONS, EXCHANGE, declare_topology
+from tests.support.infra import wait_until
+
+DELAYS = (0.2, 0.4, 0.8)
+
+
+@pytest.fixture
+async def broker(rabbit_url: str) -> AsyncIterator[RabbitBroker]:
+    settings = RabbitSettings(url=rabbit_url, retry_delays=DELAYS, max_retries=3)
+    yield make_broker(settings, service_name="retry-test")
+
+
+async def _dead_letters(rabbit_url: str) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    connection = await aio_pika.connect(rabbit_url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.get_queue(DEVICE_INVALIDATIONS.dead_letter_queue.name)
+        messages = []
+        while (message := await queue.get(no_ack=True, fail=False)) is not None:
+            messages.append(message)
+        return messages
+
+
+def _event() -> DeviceInvalidated:
+    return DeviceInvalidated(user_id=uuid.uuid4(), device_id=uuid.uuid4(), reason="test")
+
+
+async def test_transient_failure_is_retried_on_the_tiers_then_dead_lettered(
+    broker: RabbitBroker, rabbit_url: str
+) -> None:
+    attempts: list[float] = []
+
+    @broker.subscriber(DEVICE_INVALIDATIONS.queue, EXCHANGE)
+    async def handler(event: DeviceInvalidated) -> None:
+        attempts.append(time.monotonic())
+        raise RetryableError("provider timed out")
+
+    async with broker:
+        await broker.start()
+        await declare_topology(broker, retry_delays=DELAYS)
+        event = _event()
+        await broker.publish(event, exchange=EXCHANGE, routing_key=DEVICE_INVALIDATED, persist=True)
+
+        async def dead_lettered() -> list[aio_pika.abc.AbstractIncomingMessage]:
+            return await _dead_letters(rabbit_url)
+
+        (dead,) = await wait_until(dead_lettered, timeout=15)
+
+    assert len(attempts) == 1 + 3
+    gaps = [later - earlier for earlier, later in zip(attempts, attempts[1:], strict=False)]
+    for gap, delay in zip(gaps, DELAYS, strict=True):
+        assert gap >= delay * 0.9
+    headers = dead.headers
+    assert headers[retry.REASON_HEADER] == "retries-exhausted"
+    assert headers[retry.ATTEMPT_HEADER] == 4
+    assert headers[retry.ORIGIN_HEADER] == DEVICE_INVALIDATIONS.name
+    assert len(headers[retry.HISTORY_HEADER]) == 4
+    assert "provider timed out" in str(headers[retry.ERROR_HEADER])
+    assert json.loads(dead.body)["event_id"] == str(event.event_id)
+    assert dead.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+
+
+async def test_permanent_failure_is_dead_lettered_at_once(
+    broker: RabbitBroker, rabbit_url: str
+) -> None:
+    calls = 0
+
+    @broker.subscriber(DEVICE_INVALIDATIONS.queue, EXCHANGE)
+    async def handler(event: DeviceInvalidated) -> None:
+        nonlocal calls
+        calls += 1
+        raise PermanentError("token format unknown")
+
+    async with broker:
+        await broker.start()
+        await declare_topology(broker, retry_delays=DELAYS)
+        await broker.publish(_event(), exchange=EXCHANGE, routing_key=DEVICE_INVALIDATED)
+        (dead,) = await wait_until(lambda: _dead_letters(rabbit_url))
+
+    assert calls == 1
+    assert dead.headers[retry.REASON_HEADER] == "permanent"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{not json",
+        b"\xff\xfe\xfd",
+        json.dumps({"type": "device_invalidated", "user_id": "alice@example.com"}).encode(),
+        json.dumps({"type": "user_updated", "user_id": str(uuid.uuid4())}).encode(),
+    ],
+    ids=["invalid-json", "invalid-utf8", "missing-fields", "wrong-type"],
+)
+async def test_unparsable_input_is_dead_lettered_without_its_values_and_others_keep_flowing(
+    broker: RabbitBroker, rabbit_url: str, body: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    handled: list[DeviceInvalidated] = []
+
+    @broker.subscriber(DEVICE_INVALIDATIONS.queue, EXCHANGE)
+    async def handler(event: DeviceInvalidated) -> None:
+        handled.append(event)
+
+    good = _event()
+    async with broker:
+        await broker.start()
+        await declare_topology(broker, retry_delays=DELAYS)
+        await broker.publish(body, exchange=EXCHANGE, routing_key=DEVICE_INVALIDATED)
+        await broker.publish(good, exchange=EXCHANGE, routing_key=DEVICE_INVALIDATED)
+        (dead,) = await wait_until(lambda: _dead_letters(rabbit_url))
+        await wait_until(lambda: _async_value(handled))
+
+    assert [event.event_id for event in handled] == [good.event_id]
+    assert dead.headers[retry.REASON_HEADER] == "unparsable"
+    assert dead.body == body
+    assert "alice@example.com" not in caplog.text
+
+
+async def _async_value(value: object) -> object:
+    return value
+
+
+def test_retry_after_picks_the_first_tier_long_enough() -> None:
+    policy = retry.RetryPolicy(delays=(1.0, 5.0, 25.0), max_retries=3)
+    assert policy.delay_for(1) == 1.0
+    assert policy.delay_for(2) == 5.0
+    assert policy.delay_for(3) == 25.0
+    assert policy.delay_for(7) == 25.0
+    assert policy.delay_for(1, retry_after=3.0) == 5.0
+    assert policy.delay_for(1, retry_after=600.0) == 25.0
