@@ -18,7 +18,9 @@ from urllib.parse import quote
 
 import asyncpg
 
-PG_ADMIN_URL = os.environ.get("HERALD_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+PG_ADMIN_URL = os.environ.get(
+    "HERALD_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
 PG_BASE_URL = PG_ADMIN_URL.rsplit("/", 1)[0]
 RABBIT_BASE_URL = os.environ.get("HERALD_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
 RABBITMQCTL = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"

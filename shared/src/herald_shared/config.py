@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -55,4 +56,3 @@ def configure_logging(settings: ServiceSettings, service_name: str) -> None:
         format=f"%(asctime)s %(levelname)s {service_name} %(name)s %(message)s",
         force=True,
     )
-

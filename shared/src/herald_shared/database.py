@@ -29,9 +29,7 @@ def make_engine(url: str, *, pool_size: int = 20) -> AsyncEngine:
             cursor.close()
 
         return engine
-    return create_async_engine(
-        url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
-    )
+    return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
 
 
 def _upgrade(connection: Connection, script_location: str, version_table: str) -> None:

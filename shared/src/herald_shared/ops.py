@@ -104,4 +104,4 @@ def consumer_app(
 
 def serve(app: ASGIApp, *, host: str, port: int) -> None:
     """Run an ASGI app until SIGINT/SIGTERM, which drains in-flight messages before exiting."""
-    uvicorn.run(app, host=host, port=port, log_level="info", lifespan="on")  # type: ignore[arg-type]
+    uvicorn.run(app, host=host, port=port, log_level="info", lifespan="on")

@@ -134,26 +134,35 @@ class OutcomeMiddleware(BaseMiddleware):
         error = describe_error(exc)
         history = [*_as_list(headers.get(HISTORY_HEADER)), f"{attempt}: {error}"][-MAX_HISTORY:]
         if origin is None:
-            logger.error("herald.message.unroutable_failure routing_key=%s error=%s",
-                         routing_key, error)
+            logger.error(
+                "herald.message.unroutable_failure routing_key=%s error=%s", routing_key, error
+            )
             raise RejectMessage() from exc
 
-        headers.update({
-            ATTEMPT_HEADER: attempt,
-            ERROR_HEADER: error,
-            HISTORY_HEADER: history,
-            ORIGIN_HEADER: origin.name,
-        })
+        headers.update(
+            {
+                ATTEMPT_HEADER: attempt,
+                ERROR_HEADER: error,
+                HISTORY_HEADER: history,
+                ORIGIN_HEADER: origin.name,
+            }
+        )
         if is_permanent(exc) or attempt > self.policy.max_retries:
             reason = (
-                "unparsable" if isinstance(exc, pydantic.ValidationError)
-                else "permanent" if isinstance(exc, PermanentError)
+                "unparsable"
+                if isinstance(exc, pydantic.ValidationError)
+                else "permanent"
+                if isinstance(exc, PermanentError)
                 else "retries-exhausted"
             )
             headers[REASON_HEADER] = reason
             logger.error(
                 "herald.message.dead_lettered queue=%s message_id=%s attempt=%d reason=%s error=%s",
-                origin.name, msg.message_id, attempt, reason, error,
+                origin.name,
+                msg.message_id,
+                attempt,
+                reason,
+                error,
             )
             await self._republish(msg, headers, DEAD_LETTER_EXCHANGE.name, origin.name)
             raise AckMessage() from exc
@@ -163,7 +172,11 @@ class OutcomeMiddleware(BaseMiddleware):
         wait_queue = origin.wait_queue(delay).name
         logger.warning(
             "herald.message.retry_scheduled queue=%s message_id=%s attempt=%d delay=%.3fs error=%s",
-            origin.name, msg.message_id, attempt, delay, error,
+            origin.name,
+            msg.message_id,
+            attempt,
+            delay,
+            error,
         )
         await self._republish(msg, headers, RETRY_EXCHANGE.name, wait_queue)
         raise AckMessage() from exc
@@ -189,7 +202,8 @@ class OutcomeMiddleware(BaseMiddleware):
             # through the queue's own x-dead-letter-exchange, so it is not lost either way.
             logger.error(
                 "herald.message.republish_failed message_id=%s error=%s",
-                msg.message_id, describe_error(publish_error),
+                msg.message_id,
+                describe_error(publish_error),
             )
             raise RejectMessage() from publish_error
 

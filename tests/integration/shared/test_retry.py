@@ -1,11 +1,11 @@
-"""The retry and dead-letter mechanism on a real RabbitMQ (the in-memory broker has no TTL or DLX)."""
+"""The retry and dead-letter mechanism on a real RabbitMQ (the in-memory broker has no TTL/DLX)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
 
 import aio_pika
 import pytest
@@ -15,16 +15,21 @@ from herald_shared import retry
 from herald_shared.broker import RabbitSettings, make_broker
 from herald_shared.events import DeviceInvalidated
 from herald_shared.retry import PermanentError, RetryableError
-from herald_shared.topology import DEVICE_INVALIDATED, DEVICE_INVALIDATIONS, EXCHANGE, declare_topology
+from herald_shared.topology import (
+    DEVICE_INVALIDATED,
+    DEVICE_INVALIDATIONS,
+    EXCHANGE,
+    declare_topology,
+)
 from tests.support.infra import wait_until
 
 DELAYS = (0.2, 0.4, 0.8)
 
 
 @pytest.fixture
-async def broker(rabbit_url: str) -> AsyncIterator[RabbitBroker]:
+def broker(rabbit_url: str) -> RabbitBroker:
     settings = RabbitSettings(url=rabbit_url, retry_delays=DELAYS, max_retries=3)
-    yield make_broker(settings, service_name="retry-test")
+    return make_broker(settings, service_name="retry-test")
 
 
 async def _dead_letters(rabbit_url: str) -> list[aio_pika.abc.AbstractIncomingMessage]:
@@ -64,14 +69,16 @@ async def test_transient_failure_is_retried_on_the_tiers_then_dead_lettered(
         (dead,) = await wait_until(dead_lettered, timeout=15)
 
     assert len(attempts) == 1 + 3
-    gaps = [later - earlier for earlier, later in zip(attempts, attempts[1:], strict=False)]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(attempts)]
     for gap, delay in zip(gaps, DELAYS, strict=True):
         assert gap >= delay * 0.9
     headers = dead.headers
     assert headers[retry.REASON_HEADER] == "retries-exhausted"
     assert headers[retry.ATTEMPT_HEADER] == 4
     assert headers[retry.ORIGIN_HEADER] == DEVICE_INVALIDATIONS.name
-    assert len(headers[retry.HISTORY_HEADER]) == 4
+    history = headers[retry.HISTORY_HEADER]
+    assert isinstance(history, list)
+    assert len(history) == 4
     assert "provider timed out" in str(headers[retry.ERROR_HEADER])
     assert json.loads(dead.body)["event_id"] == str(event.event_id)
     assert dead.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
