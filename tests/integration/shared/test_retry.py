@@ -143,11 +143,3 @@ async def _async_value(value: object) -> object:
     return value
 
 
-def test_retry_after_picks_the_first_tier_long_enough() -> None:
-    policy = retry.RetryPolicy(delays=(1.0, 5.0, 25.0), max_retries=3)
-    assert policy.delay_for(1) == 1.0
-    assert policy.delay_for(2) == 5.0
-    assert policy.delay_for(3) == 25.0
-    assert policy.delay_for(7) == 25.0
-    assert policy.delay_for(1, retry_after=3.0) == 5.0
-    assert policy.delay_for(1, retry_after=600.0) == 25.0

@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import pytest
+
+from herald_shared.broker import RabbitSettings, connection_url
+from herald_shared.retry import (
+    PermanentError,
+    RetryableError,
+    RetryPolicy,
+    describe_error,
+    is_permanent,
+)
+
+
+@pytest.mark.parametrize(
+    ("retry_number", "retry_after", "expected"),
+    [
+        (1, None, 1.0),
+        (2, None, 5.0),
+        (3, None, 25.0),
+        (7, None, 25.0),
+        (1, 3.0, 5.0),
+        (1, 0.5, 1.0),
+        (2, 600.0, 25.0),
+    ],
+)
+def test_delay_tiers(retry_number: int, retry_after: float | None, expected: float) -> None:
+    policy = RetryPolicy(delays=(1.0, 5.0, 25.0), max_retries=3)
+    assert policy.delay_for(retry_number, retry_after) == expected
+
+
+def test_unknown_errors_are_described_by_class_and_place_only() -> None:
+    try:
+        raise RuntimeError("INSERT … VALUES ('alice@example.com')")
+    except RuntimeError as exc:
+        description = describe_error(exc)
+    assert "alice@example.com" not in description
+    assert "builtins.RuntimeError at test_retry_policy.py:" in description
+
+
+def test_classification() -> None:
+    assert is_permanent(PermanentError("bad"))
+    assert not is_permanent(RetryableError("later"))
+    assert not is_permanent(ConnectionError())
+
+
+def test_retry_delays_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RABBITMQ_RETRY_DELAYS", "0.5, 2,8")
+    monkeypatch.setenv("RABBITMQ_MAX_RETRIES", "4")
+    settings = RabbitSettings()
+    assert settings.retry_delays == (0.5, 2.0, 8.0)
+    assert settings.retry_policy.max_retries == 4
+
+
+def test_retry_delays_must_be_positive(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RABBITMQ_RETRY_DELAYS", "1,0")
+    with pytest.raises(ValueError, match="positive"):
+        RabbitSettings()
+
+
+def test_connection_is_named_after_the_service_and_heartbeat_applied() -> None:
+    settings = RabbitSettings(url="amqp://u:p@rabbit:5672/chat", heartbeat=15)
+    url = connection_url(settings, "push-sender")
+    assert url == "amqp://u:p@rabbit:5672/chat?name=push-sender&heartbeat=15"
+    overridden = connection_url(RabbitSettings(url="amqp://h/?heartbeat=30"), "x")
+    assert "heartbeat=30" in overridden

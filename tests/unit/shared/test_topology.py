@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from herald_shared import topology
+from herald_shared.events import (
+    Channel,
+    DeliveryOutcome,
+    DeliveryReported,
+    DeviceInvalidated,
+    Event,
+)
+
+
+def test_every_routing_key_is_bound_by_exactly_one_queue() -> None:
+    keys = [key for queue in topology.CONSUMER_QUEUES for key in queue.bindings]
+    assert len(keys) == len(set(keys))
+
+
+def test_specification_names_are_kept() -> None:
+    assert topology.EXCHANGE.name == "notifications"
+    assert topology.MESSAGE_NOTIFICATIONS.name == "message_notifications"
+    assert topology.PUSH_NOTIFICATIONS.name == "push_notifications"
+    assert topology.EMAIL_NOTIFICATIONS.name == "email_notifications"
+    assert topology.MESSAGE_NOTIFICATIONS.bindings == (
+        "notification.message.new",
+        "notification.message.retry",
+    )
+    assert topology.PUSH_NOTIFICATIONS.routing_keys == ("notification.push.send",)
+    assert topology.EMAIL_NOTIFICATIONS.routing_keys == ("notification.email.send",)
+
+
+@pytest.mark.parametrize("consumer_queue", topology.CONSUMER_QUEUES, ids=lambda q: q.name)
+def test_work_queues_are_durable_quorum_queues_with_dead_lettering(
+    consumer_queue: topology.ConsumerQueue,
+) -> None:
+    queue = consumer_queue.queue
+    assert queue.durable
+    assert queue.arguments is not None
+    assert queue.arguments["x-queue-type"] == "quorum"
+    assert queue.arguments["x-dead-letter-exchange"] == topology.DEAD_LETTER_EXCHANGE.name
+    assert queue.arguments["x-dead-letter-routing-key"] == consumer_queue.name
+    assert queue.arguments["x-delivery-limit"] == topology.DELIVERY_LIMIT
+
+
+def test_wait_queues_return_to_their_own_queue_only() -> None:
+    wait = topology.PUSH_NOTIFICATIONS.wait_queue(1.5)
+    assert wait.name == "push_notifications.wait.1500ms"
+    assert wait.arguments is not None
+    assert wait.arguments["x-message-ttl"] == 1500
+    assert wait.arguments["x-dead-letter-exchange"] == topology.EXCHANGE.name
+    assert wait.arguments["x-dead-letter-routing-key"] == topology.PUSH_RETRY
+    assert topology.queue_for_routing_key(topology.PUSH_RETRY) is topology.PUSH_NOTIFICATIONS
+
+
+@pytest.mark.parametrize(
+    ("event", "key"),
+    [
+        (
+            DeliveryReported(
+                notification_id=uuid.uuid4(),
+                message_id=uuid.uuid4(),
+                recipient_id=uuid.uuid4(),
+                channel=Channel.PUSH,
+                outcome=DeliveryOutcome.DELIVERED,
+            ),
+            "notification.push.delivered",
+        ),
+        (
+            DeliveryReported(
+                notification_id=uuid.uuid4(),
+                message_id=uuid.uuid4(),
+                recipient_id=uuid.uuid4(),
+                channel=Channel.EMAIL,
+                outcome=DeliveryOutcome.FAILED,
+            ),
+            "notification.email.failed",
+        ),
+        (
+            DeviceInvalidated(user_id=uuid.uuid4(), device_id=uuid.uuid4(), reason="gone"),
+            "device.invalidated",
+        ),
+    ],
+)
+def test_routing_key_for_events(event: Event, key: str) -> None:
+    assert topology.routing_key_for(event) == key
+    assert topology.queue_for_routing_key(key) is not None
