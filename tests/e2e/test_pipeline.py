@@ -1,0 +1,170 @@
+"""The four services as processes on the machine's PostgreSQL and RabbitMQ: a chat message posted
+over HTTP reaches every other room member as a ledger row, an FCM push and an e-mail."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+
+from tests.fakes.fcm import FakeFcm
+from tests.fakes.smtp import FakeSmtp
+from tests.support import infra
+from tests.support.processes import ServiceProcess, free_port
+
+SERVICES = ("message-service", "notification-router", "push-sender", "email-sender")
+
+
+@dataclass
+class Pipeline:
+    services: dict[str, ServiceProcess]
+    databases: dict[str, str]
+    fcm: FakeFcm
+    smtp: FakeSmtp
+
+    @property
+    def api(self) -> str:
+        return self.services["message-service"].base_url
+
+
+@pytest.fixture
+def fcm() -> Iterator[FakeFcm]:
+    fake = FakeFcm()
+    fake.start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def smtp() -> Iterator[FakeSmtp]:
+    fake = FakeSmtp()
+    fake.start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+async def pipeline(
+    rabbit_url: str, fcm: FakeFcm, smtp: FakeSmtp, tmp_path: Path
+) -> AsyncIterator[Pipeline]:
+    databases = {name: await infra.create_database() for name in SERVICES}
+    credentials = fcm.write_credentials(tmp_path / "fcm-service-account.json")
+    common = {
+        "RABBITMQ_URL": rabbit_url,
+        "RABBITMQ_RETRY_DELAYS": "0.2,0.5,1",
+        "LOG_LEVEL": "INFO",
+    }
+    extra = {
+        "push-sender": {
+            "PUSH_PROVIDER": "fcm",
+            "FCM_CREDENTIALS_FILE": str(credentials),
+            "FCM_BASE_URL": fcm.base_url,
+        },
+        "email-sender": {
+            "EMAIL_BACKEND": "smtp",
+            "SMTP_HOST": smtp.host,
+            "SMTP_PORT": str(smtp.port),
+            "SMTP_TLS": "none",
+        },
+    }
+    services = {
+        name: ServiceProcess(
+            name=name,
+            port=free_port(),
+            env={**common, "DATABASE_URL": databases[name], **extra.get(name, {})},
+            log_path=tmp_path / f"{name}.log",
+        )
+        for name in SERVICES
+    }
+    try:
+        for service in services.values():
+            service.start()
+        for service in services.values():
+            await asyncio.to_thread(service.wait_ready)
+        yield Pipeline(services, databases, fcm, smtp)
+    finally:
+        exit_codes = {name: service.stop() for name, service in services.items()}
+        for url in databases.values():
+            await infra.drop_database(url)
+    # Graceful shutdown: every service drains and exits cleanly on SIGTERM.
+    assert exit_codes == dict.fromkeys(SERVICES, 0), {
+        name: services[name].log()[-3000:] for name, code in exit_codes.items() if code != 0
+    }
+
+
+async def _register(client: httpx.AsyncClient, username: str, device_token: str) -> dict[str, str]:
+    response = await client.post(
+        "/users",
+        json={
+            "username": username,
+            "display_name": username.title(),
+            "email": f"{username}@example.test",
+        },
+    )
+    assert response.status_code == 201, response.text
+    user: dict[str, str] = response.json()
+    device = await client.post(
+        "/users/me/devices",
+        json={"platform": "fcm", "token": device_token},
+        headers={"Authorization": f"Bearer {user['token']}"},
+    )
+    assert device.status_code == 201, device.text
+    return user
+
+
+def _pg(url: str) -> str:
+    return url.replace("postgresql+asyncpg://", "postgresql://")
+
+
+async def test_a_message_reaches_every_other_member_by_ledger_push_and_email(
+    pipeline: Pipeline,
+) -> None:
+    async with httpx.AsyncClient(base_url=pipeline.api, timeout=10) as client:
+        alice, bob, carol = [
+            await _register(client, name, f"device-{name}-{uuid.uuid4().hex}")
+            for name in ("alice", "bob", "carol")
+        ]
+        room = await client.post(
+            "/rooms",
+            json={"name": "general", "member_ids": [bob["id"], carol["id"]]},
+            headers={"Authorization": f"Bearer {alice['token']}"},
+        )
+        assert room.status_code == 201, room.text
+        posted = await client.post(
+            f"/rooms/{room.json()['id']}/messages",
+            json={"content": "Hello everyone! 👋"},
+            headers={"Authorization": f"Bearer {alice['token']}"},
+        )
+        assert posted.status_code == 201, posted.text
+        message_id = posted.json()["id"]
+
+    async def both_delivered() -> bool:
+        return len(pipeline.fcm.accepted) >= 2 and len(pipeline.smtp.received) >= 2
+
+    await infra.wait_until(both_delivered, timeout=60)
+
+    pushed_tokens = sorted(message["message"]["token"] for message in pipeline.fcm.accepted)
+    assert [token.split("-")[1] for token in pushed_tokens] == ["bob", "carol"]
+    assert all(
+        message["message"]["notification"]["body"] == "Hello everyone! 👋"
+        for message in pipeline.fcm.accepted
+    )
+    recipients = sorted(str(mail["To"]) for mail in pipeline.smtp.received)
+    assert recipients == ["Bob <bob@example.test>", "Carol <carol@example.test>"]
+    for mail in pipeline.smtp.received:
+        assert "Hello everyone!" in mail.get_body(preferencelist=("plain",)).get_content()
+
+    connection = await asyncpg.connect(_pg(pipeline.databases["notification-router"]))
+    try:
+        ledger = await connection.fetch(
+            "SELECT recipient_id FROM notifications WHERE message_id = $1", uuid.UUID(message_id)
+        )
+    finally:
+        await connection.close()
+    assert sorted(str(row["recipient_id"]) for row in ledger) == sorted([bob["id"], carol["id"]])
