@@ -38,7 +38,7 @@ class ServiceProcess:
     def start(self) -> None:
         env = {**os.environ, **self.env, "PORT": str(self.port), "HOST": "127.0.0.1"}
         with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(  # noqa: S603 - our own console script
+            self.process = subprocess.Popen(
                 [str(BIN_DIR / self.name)], env=env, stdout=log, stderr=subprocess.STDOUT
             )
 

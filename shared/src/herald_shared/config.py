@@ -56,3 +56,5 @@ def configure_logging(settings: ServiceSettings, service_name: str) -> None:
         format=f"%(asctime)s %(levelname)s {service_name} %(name)s %(message)s",
         force=True,
     )
+    # aiosqlite logs every statement with its parameters (addresses, tokens) at DEBUG.
+    logging.getLogger("aiosqlite").setLevel(max(logging.INFO, logging.getLogger().level))

@@ -1,0 +1,124 @@
+"""Assembly: settings in, a runnable ASGI FastStream application out."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+
+from faststream import AsyncAPI
+from faststream.asgi import AsgiFastStream
+from faststream.rabbit import RabbitBroker
+from prometheus_client import CollectorRegistry
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from herald_shared.broker import make_broker
+from herald_shared.database import database_healthy, make_engine, run_migrations
+from herald_shared.events import EmailRequested, PushRequested
+from herald_shared.ops import asyncapi_spec, consumer_app
+from herald_shared.publishing import event_publisher
+from herald_shared.topology import EMAIL_SEND, PUSH_SEND, declare_topology
+from notification_router.handlers import RouterDeps, Subscribers, register_handlers
+from notification_router.metrics import RouterMetrics
+from notification_router.routing import ContentLimits
+from notification_router.settings import SERVICE_NAME, Settings
+
+TITLE = SERVICE_NAME
+DESCRIPTION = (
+    "Turns each new chat message into push and e-mail jobs for its recipients, following their "
+    "preferences (kept as a projection of user.updated), records every decision in a ledger "
+    "and follows the delivery reports."
+)
+
+
+def _version() -> str:
+    try:
+        return version(SERVICE_NAME)
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        return "0.0.0"
+
+
+@dataclass(frozen=True)
+class RouterService:
+    """Everything `create_app` wires together, for tests and tools that need the parts."""
+
+    settings: Settings
+    broker: RabbitBroker
+    engine: AsyncEngine
+    registry: CollectorRegistry
+    deps: RouterDeps
+    subscribers: Subscribers
+    app: AsgiFastStream
+
+
+def _wire(
+    settings: Settings, engine: AsyncEngine, registry: CollectorRegistry
+) -> tuple[RabbitBroker, RouterDeps, Subscribers]:
+    broker = make_broker(
+        settings.rabbitmq, service_name=SERVICE_NAME, registry=registry, description=DESCRIPTION
+    )
+    deps = RouterDeps(
+        engine=engine,
+        push_publisher=event_publisher(
+            broker,
+            PushRequested,
+            PUSH_SEND,
+            description="One push notification for one device of one recipient.",
+        ),
+        email_publisher=event_publisher(
+            broker,
+            EmailRequested,
+            EMAIL_SEND,
+            description="One e-mail notification for one recipient.",
+        ),
+        metrics=RouterMetrics(registry),
+        publish_timeout=settings.rabbitmq.publish_timeout,
+        limits=ContentLimits(
+            title_max_chars=settings.push_title_max_chars,
+            body_max_chars=settings.push_body_max_chars,
+        ),
+    )
+    return broker, deps, register_handlers(broker, deps)
+
+
+def build_service(settings: Settings) -> RouterService:
+    registry = CollectorRegistry()
+    # Every in-flight message may hold a connection; make_engine adds as much overflow again.
+    engine = make_engine(settings.database_url, pool_size=settings.rabbitmq.prefetch)
+    broker, deps, subscribers = _wire(settings, engine, registry)
+
+    async def migrate() -> None:
+        await run_migrations(
+            engine, script_location="notification_router:migrations", service_name=SERVICE_NAME
+        )
+
+    async def declare() -> None:
+        await declare_topology(broker, retry_delays=settings.rabbitmq.retry_delays)
+
+    async def dispose() -> None:
+        await engine.dispose()
+
+    app = consumer_app(
+        broker,
+        title=TITLE,
+        version=_version(),
+        description=DESCRIPTION,
+        registry=registry,
+        checks={"database": functools.partial(database_healthy, engine)},
+        on_startup=[migrate],
+        after_startup=[declare],
+        after_shutdown=[dispose],
+    )
+    return RouterService(settings, broker, engine, registry, deps, subscribers, app)
+
+
+def create_app(settings: Settings) -> AsgiFastStream:
+    return build_service(settings).app
+
+
+def specification(settings: Settings) -> AsyncAPI:
+    """The AsyncAPI document of the service, without touching a database or a broker."""
+    # The document needs the subscribers and publishers only; this engine never connects.
+    engine = create_async_engine("sqlite+aiosqlite://")
+    broker, _, _ = _wire(settings, engine, CollectorRegistry())
+    return asyncapi_spec(broker, title=TITLE, version=_version(), description=DESCRIPTION)

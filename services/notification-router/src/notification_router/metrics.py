@@ -1,0 +1,74 @@
+"""notification-router's own Prometheus series (FastStream's middleware adds the per-message ones
+to the same registry)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from datetime import datetime
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from herald_shared.events import Channel, MessageCreated
+from notification_router.routing import PENDING, RecipientDecision
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+
+class RouterMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.decisions = Counter(
+            "herald_router_notifications_decided",
+            "Routing decisions, one per recipient and channel: outcome sent (jobs handed to "
+            "the sender) or skipped, with the skip reason.",
+            ["channel", "outcome", "reason"],
+            registry=registry,
+        )
+        self.jobs_published = Counter(
+            "herald_router_jobs_published",
+            "PushRequested / EmailRequested published (republished ones included).",
+            ["channel"],
+            registry=registry,
+        )
+        self.decision_latency = Histogram(
+            "herald_router_decision_latency_seconds",
+            "End-to-end latency from MessageCreated.timestamp to the routing decision, per "
+            "recipient decided.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.recipient_updates = Counter(
+            "herald_router_recipient_updates",
+            "UserUpdated snapshots received: applied, or stale (an equal or newer version was "
+            "already stored).",
+            ["result"],
+            registry=registry,
+        )
+        self.delivery_reports = Counter(
+            "herald_router_delivery_reports",
+            "Delivery reports received, by what they did to the ledger.",
+            ["channel", "outcome", "result"],
+            registry=registry,
+        )
+
+    def observe_decisions(
+        self,
+        event: MessageCreated,
+        decisions: Iterable[RecipientDecision],
+        new_recipient_ids: frozenset[uuid.UUID],
+        *,
+        now: datetime,
+    ) -> None:
+        """Count each recipient once: the first time it is decided, not on redeliveries."""
+        latency = max(0.0, (now - event.timestamp).total_seconds())
+        for decision in decisions:
+            if decision.recipient_id not in new_recipient_ids:
+                continue
+            self.decision_latency.observe(latency)
+            channels = ((Channel.PUSH, decision.push), (Channel.EMAIL, decision.email))
+            for channel, summary in channels:
+                if summary == PENDING:
+                    self.decisions.labels(channel=channel, outcome="sent", reason="").inc()
+                else:
+                    reason = summary.removeprefix("skipped:")
+                    self.decisions.labels(channel=channel, outcome="skipped", reason=reason).inc()

@@ -1,0 +1,258 @@
+"""Every SQL statement of notification-router.
+
+Idempotency lives in unique keys: the projection's upsert only ever moves a row to a higher
+version, the ledger insert is `ON CONFLICT DO NOTHING` on (message_id, recipient_id), and a
+delivery report only moves a status forward. Works on PostgreSQL and SQLite.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import Table, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from herald_shared.events import Channel as EventChannel
+from herald_shared.events import (
+    DeliveryReported,
+    EmailRequested,
+    MessageCreated,
+    Platform,
+    PushRequested,
+    UserUpdated,
+)
+from notification_router.routing import (
+    DeliveryStatus,
+    Device,
+    Recipient,
+    RecipientDecision,
+    statuses_replaceable_by,
+)
+from notification_router.tables import notification_deliveries, notifications, recipients
+
+REASON_MAX_CHARS = 200
+
+
+def _insert(connection: AsyncConnection, table: Table) -> postgresql.Insert | sqlite.Insert:
+    dialect = connection.dialect.name
+    if dialect == "postgresql":
+        return postgresql.insert(table)
+    if dialect == "sqlite":
+        return sqlite.insert(table)
+    raise NotImplementedError(f"unsupported database dialect {dialect}")
+
+
+# --- recipient projection -------------------------------------------------------------------
+
+
+async def upsert_recipient(engine: AsyncEngine, snapshot: UserUpdated, *, now: datetime) -> bool:
+    """Store the snapshot unless a row of the same or a higher version is already there.
+
+    Returns whether it was applied. Replays and out-of-order deliveries therefore converge on
+    the highest version, whatever order they arrive in (the version comparison happens under
+    the row lock of the conflicting row on PostgreSQL).
+    """
+    values: dict[str, Any] = {
+        "user_id": snapshot.user_id,
+        "version": snapshot.version,
+        "username": snapshot.username,
+        "display_name": snapshot.display_name,
+        "email": snapshot.email,
+        "devices": [
+            {
+                "device_id": str(device.device_id),
+                "platform": str(device.platform),
+                "token": device.token,
+            }
+            for device in snapshot.devices
+        ],
+        "push_enabled": snapshot.preferences.push_enabled,
+        "email_enabled": snapshot.preferences.email_enabled,
+        "muted_room_ids": [str(room_id) for room_id in snapshot.preferences.muted_room_ids],
+        "time_zone": snapshot.time_zone,
+        "updated_at": now,
+    }
+    async with engine.begin() as connection:
+        statement = _insert(connection, recipients).values(values)
+        statement = statement.on_conflict_do_update(
+            index_elements=[recipients.c.user_id],
+            set_={name: statement.excluded[name] for name in values if name != "user_id"},
+            where=recipients.c.version < statement.excluded.version,
+        )
+        result = await connection.execute(statement.returning(recipients.c.user_id))
+        return result.first() is not None
+
+
+async def load_recipients(
+    engine: AsyncEngine, user_ids: Iterable[uuid.UUID]
+) -> dict[uuid.UUID, Recipient]:
+    """The projection rows of these users; users without a row are simply absent."""
+    wanted = list(user_ids)
+    if not wanted:
+        return {}
+    async with engine.connect() as connection:
+        result = await connection.execute(
+            select(recipients).where(recipients.c.user_id.in_(wanted))
+        )
+        return {row.user_id: _recipient(row._mapping) for row in result}
+
+
+def _recipient(row: Any) -> Recipient:
+    return Recipient(
+        user_id=row["user_id"],
+        version=row["version"],
+        display_name=row["display_name"],
+        email=row["email"],
+        devices=tuple(
+            Device(
+                device_id=uuid.UUID(device["device_id"]),
+                platform=Platform(device["platform"]),
+                token=device["token"],
+            )
+            for device in row["devices"]
+        ),
+        push_enabled=row["push_enabled"],
+        email_enabled=row["email_enabled"],
+        muted_room_ids=frozenset(uuid.UUID(room_id) for room_id in row["muted_room_ids"]),
+        time_zone=row["time_zone"],
+    )
+
+
+# --- notification ledger --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What `record_decisions` found: recipients decided for the first time now, and the
+    notifications (of this plan) still waiting for their sender."""
+
+    new_recipient_ids: frozenset[uuid.UUID]
+    pending_notification_ids: frozenset[uuid.UUID]
+
+
+async def record_decisions(
+    engine: AsyncEngine,
+    event: MessageCreated,
+    decisions: Sequence[RecipientDecision],
+    *,
+    now: datetime,
+) -> Recorded:
+    """Write one ledger row per recipient, and one delivery row per job, in one transaction.
+
+    A recipient already in the ledger (a redelivery, a retry, a concurrent duplicate) keeps its
+    first decision: neither its row nor its deliveries change, even if the projection changed
+    since. Returned as pending are the notifications of `decisions` whose delivery row is still
+    `pending`, i.e. the jobs to (re)publish — the senders dedupe on `notification_id`.
+    """
+    if not decisions:
+        return Recorded(frozenset(), frozenset())
+    # One order for every transaction, so concurrent duplicates never deadlock.
+    ordered = sorted(decisions, key=lambda decision: decision.recipient_id)
+    async with engine.begin() as connection:
+        ledger = _insert(connection, notifications).values(
+            [
+                {
+                    "message_id": event.message_id,
+                    "recipient_id": decision.recipient_id,
+                    "room_id": event.room_id,
+                    "mentioned": decision.mentioned,
+                    "push_decision": decision.push,
+                    "email_decision": decision.email,
+                    "decided_at": now,
+                }
+                for decision in ordered
+            ]
+        )
+        ledger = ledger.on_conflict_do_nothing(
+            index_elements=[notifications.c.message_id, notifications.c.recipient_id]
+        )
+        inserted = await connection.execute(ledger.returning(notifications.c.recipient_id))
+        new_recipient_ids = frozenset(row.recipient_id for row in inserted)
+
+        deliveries = sorted(
+            (
+                _delivery_row(job, now)
+                for decision in ordered
+                if decision.recipient_id in new_recipient_ids
+                for job in decision.jobs
+            ),
+            key=lambda row: row["notification_id"],
+        )
+        if deliveries:
+            statement = _insert(connection, notification_deliveries).values(deliveries)
+            await connection.execute(
+                statement.on_conflict_do_nothing(
+                    index_elements=[notification_deliveries.c.notification_id]
+                )
+            )
+
+        notification_ids = [job.notification_id for decision in ordered for job in decision.jobs]
+        pending: frozenset[uuid.UUID] = frozenset()
+        if notification_ids:
+            result = await connection.execute(
+                select(notification_deliveries.c.notification_id).where(
+                    notification_deliveries.c.notification_id.in_(notification_ids),
+                    notification_deliveries.c.status == str(DeliveryStatus.PENDING),
+                )
+            )
+            pending = frozenset(result.scalars())
+    return Recorded(new_recipient_ids, pending)
+
+
+def _delivery_row(job: PushRequested | EmailRequested, now: datetime) -> dict[str, Any]:
+    if isinstance(job, PushRequested):
+        channel, target = EventChannel.PUSH, str(job.device_id)
+    else:
+        channel, target = EventChannel.EMAIL, ""
+    return {
+        "notification_id": job.notification_id,
+        "message_id": job.message_id,
+        "recipient_id": job.recipient_id,
+        "channel": str(channel),
+        "target": target,
+        "status": str(DeliveryStatus.PENDING),
+        "reason": None,
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
+class ReportResult(StrEnum):
+    APPLIED = "applied"
+    STALE = "stale"  # the stored status is final or further along
+    UNKNOWN = "unknown"  # no such notification in the ledger
+
+
+async def apply_delivery_report(
+    engine: AsyncEngine, report: DeliveryReported, *, now: datetime
+) -> ReportResult:
+    """Move the notification's status to the reported outcome, if the rules allow it
+    (`routing.statuses_replaceable_by`: `delivered` is never overwritten)."""
+    reason = report.reason[:REASON_MAX_CHARS] if report.reason else None
+    async with engine.begin() as connection:
+        result = await connection.execute(
+            update(notification_deliveries)
+            .where(
+                notification_deliveries.c.notification_id == report.notification_id,
+                notification_deliveries.c.channel == str(report.channel),
+                notification_deliveries.c.status.in_(
+                    sorted(str(status) for status in statuses_replaceable_by(report.outcome))
+                ),
+            )
+            .values(status=str(report.outcome), reason=reason, updated_at=now)
+        )
+        if result.rowcount:
+            return ReportResult.APPLIED
+        current = await connection.scalar(
+            select(notification_deliveries.c.status).where(
+                notification_deliveries.c.notification_id == report.notification_id,
+                notification_deliveries.c.channel == str(report.channel),
+            )
+        )
+    return ReportResult.UNKNOWN if current is None else ReportResult.STALE

@@ -1,0 +1,345 @@
+"""The handlers' wiring, with the in-memory broker and SQLite: what lands in the projection and
+the ledger, and what is published."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, cast
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from faststream import TestApp
+from faststream.rabbit import RabbitBroker, TestRabbitBroker
+from sqlalchemy import Connection, func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from herald_shared.events import (
+    Channel,
+    DeliveryOutcome,
+    DeliveryReported,
+    EmailRequested,
+    Event,
+    PushRequested,
+)
+from herald_shared.retry import RetryableError
+from herald_shared.topology import EXCHANGE, routing_key_for
+from notification_router import repository
+from notification_router.app import RouterService, build_service, specification
+from notification_router.handlers import record_delivery, route_message
+from notification_router.settings import Settings
+from notification_router.tables import metadata, notification_deliveries, notifications
+from tests.support.router_factories import message_created, user_updated
+
+
+@pytest.fixture
+async def service(sqlite_url: str) -> AsyncIterator[RouterService]:
+    service = build_service(Settings(database_url=sqlite_url))
+    # TestApp runs the real start-up hooks: migrations, then the (mocked) topology declaration.
+    async with TestRabbitBroker(service.broker), TestApp(service.app):
+        yield service
+
+
+async def publish(broker: RabbitBroker, event: Event) -> None:
+    await broker.publish(event, exchange=EXCHANGE, routing_key=routing_key_for(event))
+
+
+def published(publisher_mock: Any) -> list[dict[str, Any]]:
+    return [call.args[0] for call in publisher_mock.call_args_list]
+
+
+async def ledger(engine: AsyncEngine, message_id: uuid.UUID) -> dict[uuid.UUID, tuple[str, str]]:
+    async with engine.connect() as connection:
+        rows = await connection.execute(
+            select(notifications).where(notifications.c.message_id == message_id)
+        )
+        return {row.recipient_id: (row.push_decision, row.email_decision) for row in rows}
+
+
+async def statuses(engine: AsyncEngine) -> dict[uuid.UUID, tuple[str, str, str]]:
+    async with engine.connect() as connection:
+        rows = await connection.execute(select(notification_deliveries))
+        return {row.notification_id: (row.channel, row.target, row.status) for row in rows}
+
+
+async def test_user_updated_builds_the_projection_and_ignores_older_versions(
+    service: RouterService,
+) -> None:
+    user_id = uuid.uuid4()
+    v2 = user_updated(user_id=user_id, version=2, email="new@example.com", devices=2)
+    v1 = user_updated(user_id=user_id, version=1, email="old@example.com", push_enabled=False)
+
+    await publish(service.broker, v2)
+    await publish(service.broker, v1)  # late, older: ignored
+    await publish(service.broker, v2)  # replay: no change
+
+    stored = (await repository.load_recipients(service.engine, [user_id]))[user_id]
+    assert stored.version == 2
+    assert stored.email == "new@example.com"
+    assert stored.push_enabled is True
+    assert [d.device_id for d in stored.devices] == [d.device_id for d in v2.devices]
+    assert stored.time_zone == "Europe/Paris"
+
+    v3 = user_updated(user_id=user_id, version=3, email=None, devices=0, muted_room_ids=[user_id])
+    await publish(service.broker, v3)
+    stored = (await repository.load_recipients(service.engine, [user_id]))[user_id]
+    assert (stored.version, stored.email, stored.devices) == (3, None, ())
+    assert stored.muted_room_ids == frozenset({user_id})
+
+
+async def test_message_created_writes_the_ledger_and_publishes_the_jobs(
+    service: RouterService,
+) -> None:
+    alice = user_updated(display_name="Alice", devices=2)
+    bob = user_updated(display_name="Bob", email="bob@example.com", push_enabled=False)
+    muted_room = uuid.uuid4()
+    carol = user_updated(display_name="Carol", muted_room_ids=[muted_room])
+    for user in (alice, bob, carol):
+        await publish(service.broker, user)
+    event = message_created(
+        recipient_ids=[alice.user_id, bob.user_id, carol.user_id], room_id=muted_room
+    )
+    sender_id = event.sender_id
+
+    await publish(service.broker, event)
+
+    assert await ledger(service.engine, event.message_id) == {
+        alice.user_id: ("pending", "pending"),
+        bob.user_id: ("skipped:push_disabled", "pending"),
+        carol.user_id: ("skipped:muted", "skipped:muted"),
+    }
+    pushes = [
+        PushRequested.model_validate(body) for body in published(service.deps.push_publisher.mock)
+    ]
+    emails = [
+        EmailRequested.model_validate(body) for body in published(service.deps.email_publisher.mock)
+    ]
+    assert sorted(p.device_id for p in pushes) == sorted(d.device_id for d in alice.devices)
+    assert {p.recipient_id for p in pushes} == {alice.user_id}
+    assert {(e.recipient_id, e.to_address) for e in emails} == {
+        (alice.user_id, "alice@example.com"),
+        (bob.user_id, "bob@example.com"),
+    }
+    jobs: list[PushRequested | EmailRequested] = [*pushes, *emails]
+    assert sender_id not in {job.recipient_id for job in jobs}
+    assert all(p.title == "John Doe in general" for p in pushes)
+    stored = await statuses(service.engine)
+    assert set(stored) == {job.notification_id for job in jobs}
+    assert {status for _, _, status in stored.values()} == {"pending"}
+    assert sorted(target for channel, target, _ in stored.values() if channel == "push") == sorted(
+        str(d.device_id) for d in alice.devices
+    )
+
+
+async def test_redelivery_adds_no_ledger_row_and_republishes_the_same_jobs(
+    service: RouterService,
+) -> None:
+    alice = user_updated(devices=1)
+    await publish(service.broker, alice)
+    event = message_created(recipient_ids=[alice.user_id])
+
+    await publish(service.broker, event)
+    first_push = published(service.deps.push_publisher.mock)
+    # A device is added before the redelivery: the ledger keeps the first decision.
+    devices = [alice.devices[0].device_id, uuid.uuid4()]
+    await publish(service.broker, user_updated(user_id=alice.user_id, version=2, devices=devices))
+    await publish(service.broker, event)
+
+    async with service.engine.connect() as connection:
+        ledger_rows = await connection.scalar(select(func.count()).select_from(notifications))
+        delivery_rows = await connection.scalar(
+            select(func.count()).select_from(notification_deliveries)
+        )
+    assert (ledger_rows, delivery_rows) == (1, 2)
+    pushes = published(service.deps.push_publisher.mock)
+    assert len(first_push) == 1
+    assert [p["notification_id"] for p in pushes] == [first_push[0]["notification_id"]] * 2
+    emails = published(service.deps.email_publisher.mock)
+    assert len(emails) == 2
+    assert emails[0]["notification_id"] == emails[1]["notification_id"]
+
+
+class BrokenPublisher:
+    """A publisher whose broker confirm never comes."""
+
+    async def publish(self, *args: Any, **kwargs: Any) -> None:
+        raise TimeoutError
+
+
+async def test_a_publish_failure_after_commit_is_repaired_by_the_redelivery(
+    service: RouterService,
+) -> None:
+    alice = user_updated(devices=2)
+    await publish(service.broker, alice)
+    event = message_created(recipient_ids=[alice.user_id])
+    broken = dataclasses.replace(service.deps, push_publisher=cast(Any, BrokenPublisher()))
+
+    with pytest.raises(TimeoutError):  # the plain error, for the retry middleware to classify
+        await route_message(event, broken)
+
+    assert set(await ledger(service.engine, event.message_id)) == {alice.user_id}
+    assert published(service.deps.push_publisher.mock) == []
+    await publish(service.broker, event)  # the redelivery
+    assert len(published(service.deps.push_publisher.mock)) == 2
+    assert len(await statuses(service.engine)) == 3
+
+
+async def test_unknown_recipient_is_retried_while_known_ones_are_done(
+    service: RouterService,
+) -> None:
+    known = user_updated()
+    late_id = uuid.uuid4()
+    await publish(service.broker, known)
+    event = message_created(recipient_ids=[known.user_id, late_id])
+
+    # The retry itself is the shared middleware's job (tested on a real broker); the handler's
+    # part is to finish what it can and raise.
+    with pytest.raises(RetryableError) as raised:
+        await route_message(event, service.deps)
+
+    assert str(late_id) not in raised.value.reason
+    assert set(await ledger(service.engine, event.message_id)) == {known.user_id}
+    assert len(published(service.deps.push_publisher.mock)) == 1
+
+    await publish(service.broker, user_updated(user_id=late_id, email="late@example.com"))
+    await route_message(event, service.deps)  # the retry
+
+    assert set(await ledger(service.engine, event.message_id)) == {known.user_id, late_id}
+    emails = published(service.deps.email_publisher.mock)
+    # The known recipient's pending jobs are published again (the senders dedupe), once each.
+    assert sorted(str(e["recipient_id"]) for e in emails) == sorted(
+        [str(known.user_id), str(known.user_id), str(late_id)]
+    )
+
+
+async def test_delivery_reports_update_status_and_never_move_delivered_back(
+    service: RouterService, caplog: pytest.LogCaptureFixture
+) -> None:
+    alice = user_updated(devices=2)
+    await publish(service.broker, alice)
+    event = message_created(recipient_ids=[alice.user_id])
+    await publish(service.broker, event)
+    first_push, second_push = (
+        PushRequested.model_validate(b) for b in published(service.deps.push_publisher.mock)
+    )
+    (email,) = (
+        EmailRequested.model_validate(b) for b in published(service.deps.email_publisher.mock)
+    )
+
+    def report(job: PushRequested | EmailRequested, outcome: DeliveryOutcome) -> DeliveryReported:
+        channel = Channel.PUSH if isinstance(job, PushRequested) else Channel.EMAIL
+        return DeliveryReported(
+            notification_id=job.notification_id,
+            message_id=job.message_id,
+            recipient_id=job.recipient_id,
+            channel=channel,
+            outcome=outcome,
+            reason=None if outcome is DeliveryOutcome.DELIVERED else "UNAVAILABLE",
+        )
+
+    # notification.push.delivered is the key the subscriber binds in the in-memory broker; the
+    # other report keys are bound by declare_topology on a real broker (integration tests).
+    await publish(service.broker, report(first_push, DeliveryOutcome.DELIVERED))
+    await record_delivery(report(first_push, DeliveryOutcome.FAILED), service.deps)  # late
+    await record_delivery(report(second_push, DeliveryOutcome.FAILED), service.deps)
+    await record_delivery(report(email, DeliveryOutcome.FAILED), service.deps)
+    await record_delivery(report(email, DeliveryOutcome.DELIVERED), service.deps)
+    unknown = report(first_push, DeliveryOutcome.DELIVERED).model_copy(
+        update={"notification_id": uuid.uuid4()}
+    )
+    with caplog.at_level(logging.DEBUG, logger="notification_router"):
+        await record_delivery(unknown, service.deps)
+
+    stored = await statuses(service.engine)
+    assert stored[first_push.notification_id][2] == "delivered"
+    assert stored[second_push.notification_id][2] == "failed"
+    assert stored[email.notification_id][2] == "delivered"
+    assert unknown.notification_id not in stored
+    assert f"router.report.unknown notification_id={unknown.notification_id}" in caplog.text
+    sample = service.registry.get_sample_value
+    labels = {"channel": "push", "outcome": "failed"}
+    assert sample("herald_router_delivery_reports_total", {**labels, "result": "stale"}) == 1
+    assert sample("herald_router_delivery_reports_total", {**labels, "result": "applied"}) == 1
+
+
+async def test_metrics_count_each_decision_once_and_observe_latency(
+    service: RouterService,
+) -> None:
+    alice = user_updated(devices=2)
+    bob = user_updated(email=None, devices=0)
+    for user in (alice, bob):
+        await publish(service.broker, user)
+    event = message_created(recipient_ids=[alice.user_id, bob.user_id])
+
+    await publish(service.broker, event)
+    await publish(service.broker, event)  # a redelivery decides nothing new
+
+    def decided(channel: str, outcome: str, reason: str = "") -> float | None:
+        return service.registry.get_sample_value(
+            "herald_router_notifications_decided_total",
+            {"channel": channel, "outcome": outcome, "reason": reason},
+        )
+
+    assert decided("push", "sent") == 1
+    assert decided("email", "sent") == 1
+    assert decided("push", "skipped", "no_device") == 1
+    assert decided("email", "skipped", "no_email") == 1
+    assert service.registry.get_sample_value("herald_router_decision_latency_seconds_count") == 2
+    # The factory's message was sent long ago: the latency is real wall-clock time.
+    latency_sum = service.registry.get_sample_value("herald_router_decision_latency_seconds_sum")
+    assert latency_sum is not None
+    assert latency_sum > 0
+    jobs = service.registry.get_sample_value(
+        "herald_router_jobs_published_total", {"channel": "push"}
+    )
+    assert jobs == 4
+
+
+async def test_logs_carry_ids_but_no_personal_data(
+    service: RouterService, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    alice = user_updated(email="alice.secret@example.com", devices=1)
+    event = message_created(recipient_ids=[alice.user_id, uuid.uuid4()], content="the secret plan")
+
+    await publish(service.broker, alice)
+    with pytest.raises(RetryableError):
+        await route_message(event, service.deps)
+    await publish(service.broker, alice)  # stale: logged at DEBUG
+
+    # aiosqlite logs statements with their parameters at DEBUG: main() keeps it at INFO.
+    ours = [r for r in caplog.records if not r.name.startswith("aiosqlite")]
+    text = "\n".join(r.getMessage() for r in ours)
+    assert str(event.message_id) in text
+    for secret in ("alice.secret@example.com", "secret-token", "the secret plan"):
+        assert secret not in text
+
+
+async def test_migrations_match_the_tables(service: RouterService) -> None:
+    def differences(connection: Connection) -> list[Any]:
+        context = MigrationContext.configure(
+            connection,
+            opts={"version_table": "alembic_version_notification_router"},
+        )
+        return list(compare_metadata(context, metadata))
+
+    async with service.engine.connect() as connection:
+        assert await connection.run_sync(differences) == []
+
+
+def test_specification_documents_the_queues_and_the_jobs() -> None:
+    document = specification(Settings()).to_specification().to_jsonable()
+
+    assert set(document["channels"]) == {
+        "message_notifications:consume",
+        "recipient_updates:consume",
+        "delivery_reports:consume",
+        "notification.push.send:publish",
+        "notification.email.send:publish",
+    }
+    schemas = document["components"]["schemas"]
+    assert {"MessageCreated", "UserUpdated", "DeliveryReported"} <= set(schemas)
+    assert {"PushRequested", "EmailRequested"} <= set(schemas)

@@ -1,0 +1,285 @@
+"""The router's decisions, table-driven: no broker, no database."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+import pytest
+
+from herald_shared.events import Channel, DeliveryOutcome, notification_id_for
+from notification_router import routing
+from notification_router.routing import (
+    ContentLimits,
+    DeliveryStatus,
+    decide_for,
+    plan_notifications,
+    recipients_of,
+    truncate,
+)
+from tests.support.router_factories import NOW, message_created, recipient
+
+ROOM = uuid.UUID("00000000-0000-0000-0000-00000000000a")
+OTHER_ROOM = uuid.UUID("00000000-0000-0000-0000-00000000000b")
+USER = uuid.UUID("00000000-0000-0000-0000-000000000001")
+
+
+@dataclass(frozen=True)
+class Case:
+    muted_room_ids: tuple[uuid.UUID, ...] = ()
+    mentioned: bool = False
+    push_enabled: bool = True
+    email_enabled: bool = True
+    devices: int = 1
+    email: str | None = "alice@example.com"
+    expected_push: str = "pending"
+    expected_email: str = "pending"
+    expected_push_jobs: int = 1
+    expected_email_job: bool = True
+
+
+CASES = {
+    "plain": Case(),
+    "muted room": Case(
+        muted_room_ids=(ROOM,),
+        expected_push="skipped:muted",
+        expected_email="skipped:muted",
+        expected_push_jobs=0,
+        expected_email_job=False,
+    ),
+    "another room muted": Case(muted_room_ids=(OTHER_ROOM,)),
+    "mention in muted room still notifies": Case(muted_room_ids=(ROOM,), mentioned=True),
+    "mention in unmuted room": Case(mentioned=True),
+    "push off": Case(
+        push_enabled=False, expected_push="skipped:push_disabled", expected_push_jobs=0
+    ),
+    "email off": Case(
+        email_enabled=False, expected_email="skipped:email_disabled", expected_email_job=False
+    ),
+    "both off": Case(
+        push_enabled=False,
+        email_enabled=False,
+        expected_push="skipped:push_disabled",
+        expected_email="skipped:email_disabled",
+        expected_push_jobs=0,
+        expected_email_job=False,
+    ),
+    "no devices": Case(devices=0, expected_push="skipped:no_device", expected_push_jobs=0),
+    "no email": Case(email=None, expected_email="skipped:no_email", expected_email_job=False),
+    "empty email": Case(email="", expected_email="skipped:no_email", expected_email_job=False),
+    "several devices": Case(devices=3, expected_push_jobs=3),
+    "mention does not override push off": Case(
+        muted_room_ids=(ROOM,),
+        mentioned=True,
+        push_enabled=False,
+        expected_push="skipped:push_disabled",
+        expected_push_jobs=0,
+    ),
+    "muted wins over a missing device": Case(
+        muted_room_ids=(ROOM,),
+        devices=0,
+        email=None,
+        expected_push="skipped:muted",
+        expected_email="skipped:muted",
+        expected_push_jobs=0,
+        expected_email_job=False,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_decision_per_channel(case: Case) -> None:
+    user = recipient(
+        user_id=USER,
+        muted_room_ids=case.muted_room_ids,
+        push_enabled=case.push_enabled,
+        email_enabled=case.email_enabled,
+        devices=case.devices,
+        email=case.email,
+    )
+    event = message_created(
+        recipient_ids=[USER], room_id=ROOM, mentions=[USER] if case.mentioned else []
+    )
+
+    decision = decide_for(event, user, now=NOW)
+
+    assert decision.recipient_id == USER
+    assert decision.mentioned is case.mentioned
+    assert (decision.push, decision.email) == (case.expected_push, case.expected_email)
+    assert len(decision.push_jobs) == case.expected_push_jobs
+    assert (decision.email_job is not None) is case.expected_email_job
+    expected_devices = [d.device_id for d in user.devices] if case.expected_push_jobs else []
+    assert [job.device_id for job in decision.push_jobs] == expected_devices
+    for job in decision.push_jobs:
+        assert job.recipient_id == USER
+        assert job.message_id == event.message_id
+        assert job.room_id == ROOM
+    if decision.email_job is not None:
+        assert decision.email_job.to_address == case.email
+        assert decision.email_job.to_name == "Alice"
+        assert decision.email_job.sender_display_name == "John Doe"
+        assert decision.email_job.message_content == event.message_content
+        assert decision.email_job.sent_at == event.timestamp
+
+
+@pytest.mark.parametrize(
+    ("listed", "expected"),
+    [
+        (["sender", "a", "b"], ["a", "b"]),
+        (["a", "sender"], ["a"]),
+        (["sender"], []),
+        (["a", "b", "a", "b"], ["a", "b"]),
+        ([], []),
+    ],
+    ids=["sender-first", "sender-last", "only-sender", "duplicates", "nobody"],
+)
+def test_sender_is_excluded_and_each_recipient_decided_once(
+    listed: list[str], expected: list[str]
+) -> None:
+    ids = {name: uuid.uuid4() for name in ("sender", "a", "b")}
+    event = message_created(recipient_ids=[ids[n] for n in listed], sender_id=ids["sender"])
+    known = {user_id: recipient(user_id=user_id) for user_id in ids.values()}
+
+    plan = plan_notifications(event, known, now=NOW)
+
+    assert recipients_of(event) == tuple(ids[n] for n in expected)
+    assert [d.recipient_id for d in plan.decisions] == [ids[n] for n in expected]
+    assert plan.missing_recipient_ids == ()
+
+
+def test_recipients_without_projection_are_reported_missing() -> None:
+    known, unknown = uuid.uuid4(), uuid.uuid4()
+    event = message_created(recipient_ids=[known, unknown])
+
+    plan = plan_notifications(event, {known: recipient(user_id=known)}, now=NOW)
+
+    assert [d.recipient_id for d in plan.decisions] == [known]
+    assert plan.missing_recipient_ids == (unknown,)
+
+
+def test_notification_ids_are_deterministic_and_distinct() -> None:
+    user = recipient(user_id=USER, devices=2)
+    event = message_created(recipient_ids=[USER])
+
+    first = decide_for(event, user, now=NOW)
+    again = decide_for(event, user, now=NOW.replace(hour=13))
+
+    assert [job.notification_id for job in first.jobs] == [
+        job.notification_id for job in again.jobs
+    ]
+    assert [job.event_id for job in first.jobs] == [job.notification_id for job in first.jobs]
+    expected_push = [
+        notification_id_for(
+            message_id=event.message_id,
+            recipient_id=USER,
+            channel=Channel.PUSH,
+            target=str(device.device_id),
+        )
+        for device in user.devices
+    ]
+    assert [job.notification_id for job in first.push_jobs] == expected_push
+    assert first.email_job is not None
+    assert first.email_job.notification_id == notification_id_for(
+        message_id=event.message_id, recipient_id=USER, channel=Channel.EMAIL
+    )
+    assert len({job.notification_id for job in first.jobs}) == 3
+    other_message = message_created(recipient_ids=[USER])
+    assert not {job.notification_id for job in decide_for(other_message, user, now=NOW).jobs} & {
+        job.notification_id for job in first.jobs
+    }
+
+
+@pytest.mark.parametrize(
+    ("room_name", "sender", "content", "expected_title", "expected_body"),
+    [
+        ("general", "John Doe", "Hello everyone! 👋", "John Doe in general", "Hello everyone! 👋"),
+        ("", "John Doe", "hi", "John Doe", "hi"),
+        (
+            "  team\nroom ",
+            "Ann\r\nX",
+            "line one\n\nline  two",
+            "Ann X in team room",
+            "line one line two",
+        ),
+        ("general", "   ", "hi", "john_doe in general", "hi"),
+        ("general", "Bob", "x" * 500, "Bob in general", "x" * 19 + "…"),
+        ("r" * 50, "Bob", "hi", "Bob in " + "r" * 12 + "…", "hi"),
+    ],
+    ids=[
+        "room",
+        "direct-chat",
+        "whitespace-collapsed",
+        "blank-display-name",
+        "long-body",
+        "long-title",
+    ],
+)
+def test_push_title_and_body(
+    room_name: str, sender: str, content: str, expected_title: str, expected_body: str
+) -> None:
+    limits = ContentLimits(title_max_chars=20, body_max_chars=20)
+    user = recipient(user_id=USER)
+    event = message_created(
+        recipient_ids=[USER], room_name=room_name, sender_display_name=sender, content=content
+    )
+
+    (job,) = decide_for(event, user, now=NOW, limits=limits).push_jobs
+
+    assert (job.title, job.body) == (expected_title, expected_body)
+
+
+@pytest.mark.parametrize(
+    ("text", "max_chars", "expected"),
+    [
+        ("short", 10, "short"),
+        ("exactly10!", 10, "exactly10!"),
+        ("abcdefghijk", 5, "abcd…"),
+        ("hello world", 7, "hello…"),
+        ("👋👋👋👋👋👋", 4, "👋👋👋…"),
+        ("👍🏽👍🏽👍🏽", 4, "👍🏽…"),  # never strip a skin tone off its emoji
+        ("ab👨‍👩‍👧cd", 6, "ab…"),  # a joined family stays whole or goes
+        ("🇫🇷🇩🇪🇮🇹", 4, "🇫🇷…"),  # never half a flag
+        ("🇫🇷🇩🇪🇮🇹", 5, "🇫🇷🇩🇪…"),
+        ("e\u0301e\u0301e\u0301", 4, "e\u0301…"),  # the accent stays on its letter
+        ("❤️❤️❤️", 4, "❤️…"),  # variation selector stays with its heart
+        ("\u0301" * 10, 5, "…"),  # no boundary at all: nothing but the ellipsis
+    ],
+    ids=[
+        "fits",
+        "exact",
+        "ascii",
+        "trailing-space",
+        "emoji",
+        "skin-tone",
+        "zwj-sequence",
+        "flags-odd-cut",
+        "flags-even-cut",
+        "combining-accent",
+        "variation-selector",
+        "degenerate",
+    ],
+)
+def test_truncation_keeps_characters_whole(text: str, max_chars: int, expected: str) -> None:
+    result = truncate(text, max_chars)
+
+    assert result == expected
+    assert len(result) <= max_chars
+    assert text.startswith(result.removesuffix("…"))
+    result.encode("utf-8")  # always valid text
+
+
+@pytest.mark.parametrize(
+    ("current", "outcome", "replaced"),
+    [
+        (DeliveryStatus.PENDING, DeliveryOutcome.DELIVERED, True),
+        (DeliveryStatus.PENDING, DeliveryOutcome.FAILED, True),
+        (DeliveryStatus.FAILED, DeliveryOutcome.DELIVERED, True),
+        (DeliveryStatus.FAILED, DeliveryOutcome.FAILED, False),
+        (DeliveryStatus.DELIVERED, DeliveryOutcome.FAILED, False),
+        (DeliveryStatus.DELIVERED, DeliveryOutcome.DELIVERED, False),
+    ],
+)
+def test_a_report_never_moves_a_final_status_back(
+    current: DeliveryStatus, outcome: DeliveryOutcome, replaced: bool
+) -> None:
+    assert (current in routing.statuses_replaceable_by(outcome)) is replaced
