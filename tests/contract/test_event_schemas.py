@@ -52,12 +52,10 @@ def test_schema_matches_its_pin(model: type[Event]) -> None:
 
 
 def test_the_compatibility_check_catches_breaking_changes() -> None:
-    pinned = {"properties": {"a": {"type": "string"}, "b": {"type": "integer"}}, "required": ["a"]}
+    properties = {"a": {"type": "string"}, "b": {"type": "integer"}}
+    pinned: dict[str, Any] = {"properties": properties, "required": ["a"]}
     assert compatibility_problems(pinned, pinned) == []
-    additive = {
-        "properties": {**pinned["properties"], "c": {"type": "string"}},
-        "required": ["a"],
-    }
+    additive = {"properties": {**properties, "c": {"type": "string"}}, "required": ["a"]}
     assert compatibility_problems(pinned, additive) == []
     breaking = {"properties": {"a": {"type": "integer"}}, "required": ["a", "c"]}
     assert compatibility_problems(pinned, breaking) == [

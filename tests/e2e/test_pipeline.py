@@ -158,7 +158,9 @@ async def test_a_message_reaches_every_other_member_by_ledger_push_and_email(
     recipients = sorted(str(mail["To"]) for mail in pipeline.smtp.received)
     assert recipients == ["Bob <bob@example.test>", "Carol <carol@example.test>"]
     for mail in pipeline.smtp.received:
-        assert "Hello everyone!" in mail.get_body(preferencelist=("plain",)).get_content()
+        text_part = mail.get_body(preferencelist=("plain",))
+        assert text_part is not None
+        assert "Hello everyone!" in text_part.get_content()
 
     connection = await asyncpg.connect(_pg(pipeline.databases["notification-router"]))
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -103,5 +104,12 @@ def consumer_app(
 
 
 def serve(app: ASGIApp, *, host: str, port: int) -> None:
-    """Run an ASGI app until SIGINT/SIGTERM, which drains in-flight messages before exiting."""
+    """Run an ASGI app until SIGINT/SIGTERM, which drains in-flight messages before exiting.
+
+    uvicorn re-raises the signal it caught once its graceful shutdown is done, which would end
+    the process "killed by SIGTERM" (exit code -15/143); these no-op handlers, restored by
+    uvicorn before it re-raises, turn a completed drain into exit code 0.
+    """
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: None)
     uvicorn.run(app, host=host, port=port, log_level="info", lifespan="on")

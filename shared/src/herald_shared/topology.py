@@ -175,9 +175,12 @@ async def declare_topology(
 ) -> None:
     """Declare exchanges, work queues with all their bindings, wait queues and dead-letter queues.
 
-    Idempotent. Every service runs it at start-up for the whole topology, so a publisher never
-    finds a routing key unbound because its consumer has not started yet.
+    Idempotent. Every service runs it in `on_startup`, before its consumers start (it connects
+    the broker itself), for the whole topology: a publisher then never finds a routing key
+    unbound because its consumer has not started yet, and no consumer takes a message before
+    the wait queues and dead-letter queues its failures need exist.
     """
+    await broker.connect()  # idempotent; broker.start() reuses the connection
     exchange = await broker.declare_exchange(EXCHANGE)
     dead_letter_exchange = await broker.declare_exchange(DEAD_LETTER_EXCHANGE)
     retry_exchange = await broker.declare_exchange(RETRY_EXCHANGE)

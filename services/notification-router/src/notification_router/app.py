@@ -105,8 +105,7 @@ def build_service(settings: Settings) -> RouterService:
         description=DESCRIPTION,
         registry=registry,
         checks={"database": functools.partial(database_healthy, engine)},
-        on_startup=[migrate],
-        after_startup=[declare],
+        on_startup=[migrate, declare],
         after_shutdown=[dispose],
     )
     return RouterService(settings, broker, engine, registry, deps, subscribers, app)

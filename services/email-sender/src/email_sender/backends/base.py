@@ -1,0 +1,31 @@
+"""What every e-mail backend is: one `send` that succeeds, or raises one of two outcomes."""
+
+from __future__ import annotations
+
+import uuid
+from email.message import EmailMessage
+from typing import Protocol
+
+from herald_shared.retry import PermanentError
+
+
+class EmailRejected(PermanentError):
+    """The provider refused this e-mail for good (an SMTP 5xx): record it failed, never retry.
+
+    `reason` holds codes only, never the server's text (which often quotes the address).
+    """
+
+
+class EmailBackend(Protocol):
+    """Delivers one built message.
+
+    Raises `herald_shared.retry.RetryableError` for anything transient (try again later) and
+    `EmailRejected` for a permanent refusal; it never retries by itself.
+    """
+
+    @property
+    def name(self) -> str:
+        """The backend's label in the ledger and in metrics."""
+        ...
+
+    async def send(self, message: EmailMessage, *, notification_id: uuid.UUID) -> None: ...

@@ -1,0 +1,36 @@
+"""email-sender's own Prometheus series (FastStream's middleware adds the per-message ones)."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+
+class EmailOutcome(StrEnum):
+    DELIVERED = "delivered"
+    BOUNCED = "bounced"  # refused for good by the provider (SMTP 5xx)
+    INVALID = "invalid"  # the job cannot become an e-mail
+    RETRY = "retry"  # a transient failure; the job will come back
+    DUPLICATE = "duplicate"  # already final: acknowledged without sending
+    IN_PROGRESS = "in_progress"  # another worker is sending it right now: comes back later
+
+
+class EmailMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.emails = Counter(
+            "herald_emails",
+            "E-mail jobs handled, by backend and outcome",
+            ["backend", "outcome"],
+            registry=registry,
+        )
+        self.send_seconds = Histogram(
+            "herald_email_send_duration_seconds",
+            "Duration of one backend send attempt, whatever its result",
+            ["backend"],
+            registry=registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
+
+    def count(self, backend: str, outcome: EmailOutcome) -> None:
+        self.emails.labels(backend=backend, outcome=outcome).inc()

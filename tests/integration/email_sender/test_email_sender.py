@@ -1,0 +1,245 @@
+"""email-sender on the machine's RabbitMQ and PostgreSQL, delivering to a local SMTP server."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aio_pika
+import httpx
+import pytest
+from faststream import TestApp
+from faststream.asgi import AsgiFastStream
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from email_sender import repository
+from email_sender.app import create_app
+from email_sender.repository import Claimed, DeliveryStatus, LedgerEntry
+from email_sender.settings import EmailBackendKind, Settings
+from herald_shared import retry
+from herald_shared.broker import RabbitSettings
+from herald_shared.database import make_engine, run_migrations
+from herald_shared.events import DeliveryOutcome, DeliveryReported, EmailRequested, utc_now
+from herald_shared.topology import (
+    EMAIL_DELIVERED,
+    EMAIL_FAILED,
+    EMAIL_NOTIFICATIONS,
+    EMAIL_SEND,
+    EXCHANGE,
+)
+from tests.fakes.smtp import FakeSmtp
+from tests.support.infra import wait_until
+
+DELAYS = (0.2, 0.4, 0.8)
+BOB = "bob@example.test"
+
+
+def email_job(**overrides: Any) -> EmailRequested:
+    fields: dict[str, Any] = {
+        "notification_id": uuid.uuid4(),
+        "message_id": uuid.uuid4(),
+        "room_id": uuid.uuid4(),
+        "room_name": "general",
+        "recipient_id": uuid.uuid4(),
+        "to_address": BOB,
+        "to_name": "Bob",
+        "sender_display_name": "Alice",
+        "message_content": "Hello everyone! 👋",
+        "sent_at": datetime.now(UTC),
+    }
+    fields.update(overrides)
+    return EmailRequested(**fields)
+
+
+@dataclass
+class Service:
+    app: AsgiFastStream
+    engine: AsyncEngine
+    channel: aio_pika.abc.AbstractChannel
+    reports_queue: aio_pika.abc.AbstractQueue
+    reports: list[tuple[str, DeliveryReported]] = field(default_factory=list)
+
+    async def publish(self, job: EmailRequested) -> None:
+        """As notification-router does: persistent, on the exchange, with the job's routing key."""
+        exchange = await self.channel.get_exchange(EXCHANGE.name)
+        await exchange.publish(
+            aio_pika.Message(
+                job.model_dump_json().encode(),
+                content_type="application/json",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                message_id=str(job.event_id),
+            ),
+            routing_key=EMAIL_SEND,
+        )
+
+    async def collect_reports(self) -> list[tuple[str, DeliveryReported]]:
+        while (message := await self.reports_queue.get(no_ack=True, fail=False)) is not None:
+            report = DeliveryReported.model_validate_json(message.body)
+            self.reports.append((message.routing_key or "", report))
+        return self.reports
+
+    async def dead_letters(self) -> list[aio_pika.abc.AbstractIncomingMessage]:
+        queue = await self.channel.get_queue(EMAIL_NOTIFICATIONS.dead_letter_queue.name)
+        messages = []
+        while (message := await queue.get(no_ack=True, fail=False)) is not None:
+            messages.append(message)
+        return messages
+
+    async def ledger(self, job: EmailRequested) -> LedgerEntry | None:
+        return await repository.get(self.engine, job.notification_id)
+
+    async def emails_counted(self, outcome: str) -> float:
+        transport = httpx.ASGITransport(app=self.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://service") as client:
+            text = (await client.get("/metrics")).text
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            if family.name == "herald_emails"
+            for sample in family.samples
+            if sample.name == "herald_emails_total" and sample.labels["outcome"] == outcome
+        )
+
+
+@pytest.fixture
+def smtp() -> Iterator[FakeSmtp]:
+    with FakeSmtp() as fake:
+        yield fake
+
+
+@pytest.fixture
+async def service(rabbit_url: str, pg_url: str, smtp: FakeSmtp) -> AsyncIterator[Service]:
+    settings = Settings(
+        database_url=pg_url,
+        rabbitmq=RabbitSettings(url=rabbit_url, retry_delays=DELAYS, max_retries=3),
+        email_backend=EmailBackendKind.SMTP,
+        smtp_host=smtp.host,
+        smtp_port=smtp.port,
+        smtp_timeout=5,
+    )
+    app = create_app(settings)
+    engine = make_engine(pg_url)
+    connection = await aio_pika.connect(rabbit_url)
+    try:
+        async with TestApp(app):  # migrations, broker start, topology: as in production
+            channel = await connection.channel()
+            reports_queue = await channel.declare_queue("test.email-reports", exclusive=True)
+            for routing_key in (EMAIL_DELIVERED, EMAIL_FAILED):
+                await reports_queue.bind(EXCHANGE.name, routing_key=routing_key)
+            yield Service(app, engine, channel, reports_queue)
+    finally:
+        await connection.close()
+        await engine.dispose()
+
+
+async def test_a_job_arrives_once_at_the_smtp_server_and_is_reported_delivered(
+    service: Service, smtp: FakeSmtp
+) -> None:
+    job = email_job()
+
+    await service.publish(job)
+
+    async def reported() -> list[tuple[str, DeliveryReported]]:
+        return await service.collect_reports()
+
+    ((routing_key, report),) = await wait_until(reported)
+    assert routing_key == EMAIL_DELIVERED
+    assert (report.notification_id, report.outcome) == (
+        job.notification_id,
+        DeliveryOutcome.DELIVERED,
+    )
+    (mail,) = smtp.received
+    assert mail["To"] == "Bob <bob@example.test>"
+    assert mail["Message-ID"] == f"<{job.notification_id}@herald.localhost>"
+    assert mail["Subject"] == "New message from Alice in general"
+    entry = await service.ledger(job)
+    assert entry is not None
+    assert (entry.status, entry.attempts, entry.reported) == (DeliveryStatus.DELIVERED, 1, True)
+
+
+async def test_the_same_job_published_twice_gives_exactly_one_email(
+    service: Service, smtp: FakeSmtp
+) -> None:
+    job = email_job()
+
+    await service.publish(job)
+    await service.publish(job)
+
+    async def both_handled() -> bool:
+        delivered = await service.emails_counted("delivered")
+        return delivered == 1 and await service.emails_counted("duplicate") == 1
+
+    await wait_until(both_handled)
+    assert len(smtp.received) == 1
+    assert len(await service.collect_reports()) == 1
+
+
+async def test_a_451_is_retried_and_then_delivered(service: Service, smtp: FakeSmtp) -> None:
+    smtp.reply(BOB, 451, "4.3.0 try again later", times=1)
+    job = email_job()
+
+    await service.publish(job)
+
+    async def reported() -> list[tuple[str, DeliveryReported]]:
+        return await service.collect_reports()
+
+    ((routing_key, report),) = await wait_until(reported)
+    assert (routing_key, report.outcome) == (EMAIL_DELIVERED, DeliveryOutcome.DELIVERED)
+    assert len(smtp.received) == 1
+    entry = await service.ledger(job)
+    assert entry is not None
+    assert (entry.status, entry.attempts) == (DeliveryStatus.DELIVERED, 2)
+    assert await service.emails_counted("retry") == 1
+    assert await service.dead_letters() == []
+
+
+async def test_a_550_is_reported_failed_and_dead_lettered_without_retry(
+    service: Service, smtp: FakeSmtp
+) -> None:
+    smtp.reply(BOB, 550, "5.1.1 <bob@example.test>: Recipient address rejected")
+    job = email_job()
+
+    await service.publish(job)
+
+    async def dead_lettered() -> list[aio_pika.abc.AbstractIncomingMessage]:
+        return await service.dead_letters()
+
+    (dead,) = await wait_until(dead_lettered)
+    assert dead.headers[retry.REASON_HEADER] == "permanent"
+    assert dead.headers[retry.ATTEMPT_HEADER] == 1
+    assert BOB not in str(dead.headers)
+    ((routing_key, report),) = await service.collect_reports()
+    assert (routing_key, report.outcome, report.reason) == (
+        EMAIL_FAILED,
+        DeliveryOutcome.FAILED,
+        "smtp 550 5.1.1",
+    )
+    assert smtp.received == []
+    entry = await service.ledger(job)
+    assert entry is not None
+    assert (entry.status, entry.attempts) == (DeliveryStatus.FAILED, 1)
+
+
+async def test_concurrent_claims_on_postgresql_let_exactly_one_worker_send(pg_url: str) -> None:
+    engine = make_engine(pg_url)
+    try:
+        await run_migrations(
+            engine, script_location="email_sender:migrations", service_name="email-sender"
+        )
+        job = email_job()
+        now = utc_now()
+        claims = await asyncio.gather(
+            *(
+                repository.claim(engine, job, backend="smtp", now=now, lease=timedelta(seconds=45))
+                for _ in range(10)
+            )
+        )
+    finally:
+        await engine.dispose()
+
+    assert sum(isinstance(claim, Claimed) for claim in claims) == 1

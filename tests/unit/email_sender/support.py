@@ -1,0 +1,61 @@
+"""Builders and test doubles for email-sender's unit tests."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+from email_sender.settings import Settings
+from herald_shared.events import EmailRequested
+from herald_shared.retry import RetryableError
+
+SENDER = "Herald <notifications@herald.localhost>"
+DOMAIN = "herald.localhost"
+
+
+def email_job(**overrides: Any) -> EmailRequested:
+    fields: dict[str, Any] = {
+        "notification_id": uuid.UUID("7d4f5a4e-3c1b-4e8a-9f0a-1b2c3d4e5f60"),
+        "message_id": uuid.UUID("1a2b3c4d-5e6f-4a1b-8c2d-3e4f5a6b7c8d"),
+        "room_id": uuid.UUID("2b3c4d5e-6f7a-4b2c-9d3e-4f5a6b7c8d9e"),
+        "room_name": "general",
+        "recipient_id": uuid.UUID("3c4d5e6f-7a8b-4c3d-8e4f-5a6b7c8d9eaf"),
+        "to_address": "bob@example.test",
+        "to_name": "Bob",
+        "sender_display_name": "Alice",
+        "message_content": "Hello everyone!",
+        "sent_at": datetime(2026, 3, 14, 9, 26, 53, tzinfo=UTC),
+    }
+    fields.update(overrides)
+    return EmailRequested(**fields)
+
+
+def unit_settings(tmp_path: Path, database_url: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "email_file_dir": tmp_path / "emails",
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+class RecordingBackend:
+    """Records what it is asked to send; `failures` are raised first, one per send."""
+
+    name = "recording"
+
+    def __init__(self, *failures: Exception) -> None:
+        self.sent: list[tuple[uuid.UUID, EmailMessage]] = []
+        self.failures = list(failures)
+
+    async def send(self, message: EmailMessage, *, notification_id: uuid.UUID) -> None:
+        if self.failures:
+            raise self.failures.pop(0)
+        self.sent.append((notification_id, message))
+
+
+def transient() -> RetryableError:
+    return RetryableError("smtp 451 4.3.0")

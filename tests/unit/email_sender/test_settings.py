@@ -1,0 +1,86 @@
+"""email-sender's settings: defaults, environment variables, validation, secrets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from email_sender.settings import EmailBackendKind, Settings, SmtpTls
+
+
+def test_defaults_need_no_setup(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("EMAIL_BACKEND", "SMTP_HOST", "SMTP_PORT", "SMTP_TLS", "DATABASE_URL", "PORT"):
+        monkeypatch.delenv(name, raising=False)
+
+    settings = Settings()
+
+    assert settings.port == 8003
+    assert settings.database_url == "sqlite+aiosqlite:///.herald/email-sender.db"
+    assert settings.email_backend is EmailBackendKind.FILE
+    assert settings.email_file_dir == Path(".herald/emails")
+    assert settings.email_from == "Herald <notifications@herald.localhost>"
+    assert settings.email_message_id_domain == "herald.localhost"
+    assert settings.smtp.host == "localhost"
+    assert settings.smtp.tls is SmtpTls.NONE
+    assert settings.smtp.port == 25
+    assert settings.smtp.username is None
+    assert settings.smtp.password is None
+    assert settings.smtp.timeout == 30.0
+
+
+def test_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EMAIL_BACKEND", "smtp")
+    monkeypatch.setenv("EMAIL_FILE_DIR", "/srv/herald/mails")
+    monkeypatch.setenv("EMAIL_FROM", "Chat <noreply@chat.example>")
+    monkeypatch.setenv("EMAIL_MESSAGE_ID_DOMAIN", "Chat.Example")
+    monkeypatch.setenv("SMTP_HOST", "smtp.example")
+    monkeypatch.setenv("SMTP_TLS", "starttls")
+    monkeypatch.setenv("SMTP_USERNAME", "herald")
+    monkeypatch.setenv("SMTP_PASSWORD", "s3cret-value")
+    monkeypatch.setenv("SMTP_TIMEOUT", "12.5")
+    monkeypatch.setenv("PORT", "9003")
+
+    settings = Settings()
+
+    assert settings.port == 9003
+    assert settings.email_backend is EmailBackendKind.SMTP
+    assert settings.email_file_dir == Path("/srv/herald/mails")
+    assert settings.email_from == "Chat <noreply@chat.example>"
+    assert settings.email_message_id_domain == "chat.example"
+    assert settings.smtp.host == "smtp.example"
+    assert settings.smtp.port == 587
+    assert settings.smtp.username == "herald"
+    assert settings.smtp.password is not None
+    assert settings.smtp.password.get_secret_value() == "s3cret-value"
+    assert settings.smtp.timeout == 12.5
+    assert "s3cret-value" not in repr(settings)
+    assert "s3cret-value" not in str(settings.model_dump())
+
+
+@pytest.mark.parametrize(
+    "sender",
+    ["not an address", "a@b.test, c@d.test", "Herald <notifications@herald.localhost>\r\nBcc: x@y"],
+)
+def test_email_from_must_be_one_address(sender: str) -> None:
+    with pytest.raises(ValidationError):
+        Settings(email_from=sender)
+
+
+@pytest.mark.parametrize("domain", ["", "bad domain", "a..b", "x@y", "-x.test"])
+def test_message_id_domain_must_be_a_domain(domain: str) -> None:
+    with pytest.raises(ValidationError):
+        Settings(email_message_id_domain=domain)
+
+
+def test_credentials_are_never_sent_in_clear_to_a_remote_host() -> None:
+    with pytest.raises(ValidationError, match="need SMTP_TLS"):
+        Settings(smtp_host="smtp.example", smtp_username="u", smtp_password="p")
+    Settings(smtp_host="127.0.0.1", smtp_username="u", smtp_password="p")
+    Settings(smtp_host="smtp.example", smtp_username="u", smtp_password="p", smtp_tls=SmtpTls.TLS)
+
+
+def test_username_and_password_go_together() -> None:
+    with pytest.raises(ValidationError, match="go together"):
+        Settings(smtp_username="u")
