@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.fakes.fcm import FakeFcm
+from tests.fakes.smtp import FakeSmtp
 from tests.support import infra
 
 TESTS = Path(__file__).parent
@@ -42,3 +44,23 @@ def rabbit_url() -> Iterator[str]:
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite+aiosqlite:///{tmp_path / 'service.db'}"
+
+
+@pytest.fixture
+def fcm() -> Iterator[FakeFcm]:
+    """A local server speaking FCM HTTP v1, OAuth token exchange included."""
+    with FakeFcm() as fake:
+        yield fake
+
+
+@pytest.fixture
+def credentials(fcm: FakeFcm, tmp_path: Path) -> Path:
+    """A service-account file whose key and token_uri the fake FCM server knows."""
+    return fcm.write_credentials(tmp_path / "fcm-service-account.json")
+
+
+@pytest.fixture
+def smtp() -> Iterator[FakeSmtp]:
+    """A local SMTP server (aiosmtpd) that records what it receives."""
+    with FakeSmtp() as fake:
+        yield fake

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,27 +34,10 @@ class Pipeline:
 
 
 @pytest.fixture
-def fcm() -> Iterator[FakeFcm]:
-    fake = FakeFcm()
-    fake.start()
-    yield fake
-    fake.stop()
-
-
-@pytest.fixture
-def smtp() -> Iterator[FakeSmtp]:
-    fake = FakeSmtp()
-    fake.start()
-    yield fake
-    fake.stop()
-
-
-@pytest.fixture
 async def pipeline(
-    rabbit_url: str, fcm: FakeFcm, smtp: FakeSmtp, tmp_path: Path
+    rabbit_url: str, fcm: FakeFcm, smtp: FakeSmtp, credentials: Path, tmp_path: Path
 ) -> AsyncIterator[Pipeline]:
     databases = {name: await infra.create_database() for name in SERVICES}
-    credentials = fcm.write_credentials(tmp_path / "fcm-service-account.json")
     common = {
         "RABBITMQ_URL": rabbit_url,
         "RABBITMQ_RETRY_DELAYS": "0.2,0.5,1",

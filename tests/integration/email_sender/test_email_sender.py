@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -104,12 +104,6 @@ class Service:
             for sample in family.samples
             if sample.name == "herald_emails_total" and sample.labels["outcome"] == outcome
         )
-
-
-@pytest.fixture
-def smtp() -> Iterator[FakeSmtp]:
-    with FakeSmtp() as fake:
-        yield fake
 
 
 @pytest.fixture

@@ -141,5 +141,3 @@ async def test_unparsable_input_is_dead_lettered_without_its_values_and_others_k
 
 async def _async_value(value: object) -> object:
     return value
-
-

@@ -47,13 +47,17 @@ async def test_declared_topology(rabbit_url: str) -> None:
         await declare_topology(broker, retry_delays=DELAYS)  # idempotent
 
     vhost = rabbit_url.rsplit("/", 1)[1]
-    exchanges = {row["name"]: row for row in _list(vhost, "list_exchanges", "name", "type", "durable")}
+    exchanges = {
+        row["name"]: row for row in _list(vhost, "list_exchanges", "name", "type", "durable")
+    }
     assert exchanges["notifications"]["type"] == "topic"
     assert exchanges["notifications"]["durable"] is True
     assert exchanges["notifications.dlx"]["type"] == "direct"
     assert exchanges["notifications.retry"]["type"] == "direct"
 
-    queues = {row["name"]: row for row in _list(vhost, "list_queues", "name", "durable", "arguments")}
+    queues = {
+        row["name"]: row for row in _list(vhost, "list_queues", "name", "durable", "arguments")
+    }
     bindings = {
         (row["source_name"], row["destination_name"], row["routing_key"])
         for row in _list(vhost, "list_bindings", "source_name", "destination_name", "routing_key")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
 from datetime import timedelta
 
 import aiosmtplib
@@ -28,12 +27,6 @@ from tests.support.processes import free_port
 from tests.unit.email_sender.support import DOMAIN, SENDER, email_job
 
 BOB = "bob@example.test"
-
-
-@pytest.fixture
-def smtp() -> Iterator[FakeSmtp]:
-    with FakeSmtp() as fake:
-        yield fake
 
 
 @pytest.fixture

@@ -1,0 +1,22 @@
+"""`push-sender`: read the settings, configure logging, serve until SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+
+from herald_shared.config import configure_logging
+from herald_shared.ops import serve
+from push_sender.app import create_app
+from push_sender.settings import SERVICE_NAME, Settings
+
+
+def main() -> None:
+    settings = Settings()
+    configure_logging(settings, SERVICE_NAME)
+    # httpx logs every provider request at INFO; the push.* lines already say what happened.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    serve(create_app(settings), host=settings.host, port=settings.port)
+
+
+if __name__ == "__main__":
+    main()

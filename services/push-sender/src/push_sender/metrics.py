@@ -1,0 +1,38 @@
+"""push-sender's own Prometheus series (FastStream's middleware adds the per-message ones)."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+
+class PushOutcome(StrEnum):
+    DELIVERED = "delivered"  # accepted by the provider
+    # The device's token is dead; the device is invalidated.
+    TOKEN_INVALID = "token_invalid"  # noqa: S105 - a label, not a secret
+    REJECTED = "rejected"  # refused for good by the provider; dead-lettered
+    RETRY = "retry"  # a transient failure; the job comes back
+    MISCONFIGURED = "misconfigured"  # our credentials or permissions; the job comes back
+    DUPLICATE = "duplicate"  # already final: acknowledged without calling the provider
+    IN_PROGRESS = "in_progress"  # another worker is sending it right now: comes back later
+
+
+class PushMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.pushes = Counter(
+            "herald_pushes",
+            "Push jobs handled, by provider and outcome",
+            ["provider", "outcome"],
+            registry=registry,
+        )
+        self.provider_seconds = Histogram(
+            "herald_push_provider_duration_seconds",
+            "Duration of one provider call (token included), whatever its answer",
+            ["provider"],
+            registry=registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
+
+    def count(self, provider: str, outcome: PushOutcome) -> None:
+        self.pushes.labels(provider=provider, outcome=outcome).inc()

@@ -1,0 +1,15 @@
+"""Alembic environment: runs on the connection `herald_shared.database.run_migrations` hands in."""
+
+from alembic import context
+
+from push_sender.tables import metadata
+
+config = context.config
+context.configure(
+    connection=config.attributes["connection"],
+    target_metadata=metadata,
+    version_table=config.attributes["version_table"],
+    render_as_batch=True,
+)
+with context.begin_transaction():
+    context.run_migrations()

@@ -1,0 +1,182 @@
+"""push-sender on the machine's real RabbitMQ and PostgreSQL, pushing to the fake FCM server:
+exactly-once delivery of duplicated jobs, reports on their routing keys, retries with backoff
+and dead letters, which the in-memory broker cannot show."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import aio_pika
+import pytest
+from faststream import TestApp
+
+from herald_shared.broker import RabbitSettings
+from herald_shared.events import DeliveryReported, DeviceInvalidated, PushRequested
+from herald_shared.retry import ATTEMPT_HEADER, REASON_HEADER
+from herald_shared.topology import (
+    DELIVERY_REPORTS,
+    DEVICE_INVALIDATIONS,
+    EXCHANGE,
+    PUSH_DELIVERED,
+    PUSH_FAILED,
+    PUSH_NOTIFICATIONS,
+    PUSH_SEND,
+)
+from push_sender import repository
+from push_sender.app import PushService, build_service
+from push_sender.repository import DeliveryStatus
+from tests.fakes.fcm import FakeFcm
+from tests.support.infra import wait_until
+from tests.unit.push_sender.support import DEVICE_TOKEN, fcm_settings, push_job
+
+RETRY_DELAYS = (0.2, 0.4, 0.8)
+
+
+@pytest.fixture
+async def service(
+    pg_url: str, rabbit_url: str, fcm: FakeFcm, credentials: Path, tmp_path: Path
+) -> AsyncIterator[PushService]:
+    settings = fcm_settings(
+        tmp_path,
+        pg_url,
+        credentials=credentials,
+        base_url=fcm.base_url,
+        rabbitmq=RabbitSettings(url=rabbit_url, retry_delays=RETRY_DELAYS, prefetch=10),
+    )
+    service = build_service(settings)
+    # The real start-up (migrations, connection, topology) and the real shutdown.
+    async with TestApp(service.app):
+        yield service
+
+
+async def publish(service: PushService, job: PushRequested) -> None:
+    await service.broker.publish(
+        job, exchange=EXCHANGE, routing_key=PUSH_SEND, persist=True, message_id=str(job.event_id)
+    )
+
+
+def counter(service: PushService, outcome: str) -> float:
+    labels = {"provider": "fcm", "outcome": outcome}
+    return service.registry.get_sample_value("herald_pushes_total", labels) or 0.0
+
+
+def reaches(service: PushService, outcome: str, target: float) -> Callable[[], Awaitable[bool]]:
+    async def condition() -> bool:
+        return counter(service, outcome) >= target
+
+    return condition
+
+
+async def queue_depth(rabbit_url: str, queue_name: str) -> int:
+    connection = await aio_pika.connect(rabbit_url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(queue_name, passive=True)
+        return int(queue.declaration_result.message_count or 0)
+
+
+def depth_reaches(rabbit_url: str, queue_name: str, target: int) -> Callable[[], Awaitable[bool]]:
+    async def condition() -> bool:
+        return await queue_depth(rabbit_url, queue_name) >= target
+
+    return condition
+
+
+async def drain(rabbit_url: str, queue_name: str) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    connection = await aio_pika.connect(rabbit_url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.get_queue(queue_name)
+        messages = []
+        while (message := await queue.get(no_ack=True, fail=False)) is not None:
+            messages.append(message)
+        return messages
+
+
+async def test_a_job_published_twice_is_pushed_once_and_reported_once(
+    service: PushService, fcm: FakeFcm, rabbit_url: str
+) -> None:
+    job = push_job()
+
+    # Two copies at once, prefetch 10: two handlers race for the same notification.
+    await asyncio.gather(publish(service, job), publish(service, job))
+
+    await wait_until(reaches(service, "delivered", 1), timeout=20)
+    await wait_until(reaches(service, "duplicate", 1), timeout=20)
+    await wait_until(depth_reaches(rabbit_url, DELIVERY_REPORTS.name, 1), timeout=20)
+    assert len(fcm.accepted) == 1
+    assert fcm.accepted[0]["message"]["data"]["notification_id"] == str(job.notification_id)
+    reports = await drain(rabbit_url, DELIVERY_REPORTS.name)
+    assert [message.routing_key for message in reports] == [PUSH_DELIVERED]
+    report = DeliveryReported.model_validate_json(reports[0].body)
+    assert (report.notification_id, report.outcome) == (job.notification_id, "delivered")
+    assert reports[0].delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    entry = await repository.get(service.engine, job.notification_id)
+    assert entry is not None
+    assert (entry.status, entry.attempts, entry.reported) == (DeliveryStatus.DELIVERED, 1, True)
+    for name in (PUSH_NOTIFICATIONS.name, f"{PUSH_NOTIFICATIONS.name}.dlq"):
+        assert await queue_depth(rabbit_url, name) == 0
+
+
+async def test_a_token_failing_twice_with_503_is_delivered_after_retries(
+    service: PushService, fcm: FakeFcm, rabbit_url: str
+) -> None:
+    fcm.fail(DEVICE_TOKEN, 503, "UNAVAILABLE", times=2)
+    job = push_job()
+
+    await publish(service, job)
+
+    await wait_until(reaches(service, "delivered", 1), timeout=20)
+    assert counter(service, "retry") == 2
+    assert fcm.send_requests == 3
+    assert len(fcm.accepted) == 1
+    entry = await repository.get(service.engine, job.notification_id)
+    assert entry is not None
+    assert (entry.status, entry.attempts) == (DeliveryStatus.DELIVERED, 3)
+    await wait_until(depth_reaches(rabbit_url, DELIVERY_REPORTS.name, 1), timeout=20)
+    [report] = await drain(rabbit_url, DELIVERY_REPORTS.name)
+    assert report.routing_key == PUSH_DELIVERED
+    assert await queue_depth(rabbit_url, f"{PUSH_NOTIFICATIONS.name}.dlq") == 0
+
+
+async def test_a_dead_token_invalidates_the_device_without_retrying(
+    service: PushService, fcm: FakeFcm, rabbit_url: str
+) -> None:
+    fcm.fail(DEVICE_TOKEN, 404, "UNREGISTERED")
+    job = push_job()
+
+    await publish(service, job)
+
+    await wait_until(depth_reaches(rabbit_url, DEVICE_INVALIDATIONS.name, 1), timeout=20)
+    await wait_until(depth_reaches(rabbit_url, DELIVERY_REPORTS.name, 1), timeout=20)
+    [invalidation] = await drain(rabbit_url, DEVICE_INVALIDATIONS.name)
+    event = DeviceInvalidated.model_validate_json(invalidation.body)
+    assert (event.user_id, event.device_id) == (job.recipient_id, job.device_id)
+    [report] = await drain(rabbit_url, DELIVERY_REPORTS.name)
+    assert report.routing_key == PUSH_FAILED
+    assert fcm.send_requests == 1
+    assert counter(service, "retry") == 0
+    assert await queue_depth(rabbit_url, f"{PUSH_NOTIFICATIONS.name}.dlq") == 0
+
+
+async def test_a_refused_push_is_reported_and_dead_lettered(
+    service: PushService, fcm: FakeFcm, rabbit_url: str
+) -> None:
+    fcm.fail(DEVICE_TOKEN, 400, "INVALID_ARGUMENT")
+    job = push_job()
+
+    await publish(service, job)
+
+    dead_letters = f"{PUSH_NOTIFICATIONS.name}.dlq"
+    await wait_until(depth_reaches(rabbit_url, dead_letters, 1), timeout=20)
+    [parked] = await drain(rabbit_url, dead_letters)
+    assert json.loads(parked.body)["notification_id"] == str(job.notification_id)
+    assert parked.headers[REASON_HEADER] == "permanent"
+    assert parked.headers[ATTEMPT_HEADER] == 1
+    [report] = await drain(rabbit_url, DELIVERY_REPORTS.name)
+    assert report.routing_key == PUSH_FAILED
+    assert DeliveryReported.model_validate_json(report.body).reason == "fcm 400 INVALID_ARGUMENT"
+    assert fcm.send_requests == 1

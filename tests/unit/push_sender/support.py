@@ -1,0 +1,77 @@
+"""Builders and test doubles for push-sender's tests."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+from herald_shared.broker import RabbitSettings
+from herald_shared.events import Platform, PushRequested
+from push_sender.providers import ProviderAnswer
+from push_sender.settings import FcmSettings, PushProviderKind, Settings
+
+DEVICE_TOKEN = "fcm-device-token-0123456789-abcdefXYZ123"
+
+
+def push_job(**overrides: Any) -> PushRequested:
+    fields: dict[str, Any] = {
+        "notification_id": uuid.uuid4(),
+        "message_id": uuid.uuid4(),
+        "room_id": uuid.uuid4(),
+        "recipient_id": uuid.uuid4(),
+        "device_id": uuid.uuid4(),
+        "platform": Platform.FCM,
+        "token": DEVICE_TOKEN,
+        "title": "Alice in general",
+        "body": "The secret plan is on",
+    }
+    fields.update(overrides)
+    return PushRequested(**fields)
+
+
+def unit_settings(tmp_path: Path, database_url: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "push_log_file": tmp_path / "pushes.jsonl",
+        "rabbitmq": RabbitSettings(retry_delays=(0.2, 0.4, 0.8)),
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+def fcm_settings(
+    tmp_path: Path,
+    database_url: str,
+    *,
+    credentials: Path,
+    base_url: str,
+    timeout: float = 2.0,
+    **overrides: Any,
+) -> Settings:
+    return unit_settings(
+        tmp_path,
+        database_url,
+        push_provider=PushProviderKind.FCM,
+        fcm=FcmSettings(credentials_file=credentials, base_url=base_url, timeout=timeout),
+        **overrides,
+    )
+
+
+class RecordingProvider:
+    """Answers from a script (then `accepted`), and records every job it is asked to send."""
+
+    name = "recording"
+    deadline = 5.0
+
+    def __init__(self, *answers: ProviderAnswer) -> None:
+        self.sent: list[PushRequested] = []
+        self.answers = list(answers)
+        self.closed = False
+
+    async def send(self, job: PushRequested) -> ProviderAnswer:
+        self.sent.append(job)
+        return self.answers.pop(0) if self.answers else ProviderAnswer.accepted()
+
+    async def aclose(self) -> None:
+        self.closed = True

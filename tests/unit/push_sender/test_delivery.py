@@ -1,0 +1,189 @@
+"""The decisions, without I/O: the provider's answer or the ledger's state → what is recorded,
+what is published and how the job ends (notes/reliability.md, provider error → action table)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from herald_shared.events import (
+    Channel,
+    DeliveryOutcome,
+    DeliveryReported,
+    DeviceInvalidated,
+    Event,
+)
+from herald_shared.retry import PermanentError, RetryableError
+from push_sender.delivery import plan_for_answer, plan_for_claim
+from push_sender.metrics import PushOutcome
+from push_sender.providers import ProviderAnswer, Verdict
+from push_sender.repository import AlreadyFinal, Busy, DeliveryStatus, Failure
+from tests.unit.push_sender.support import push_job
+
+NOW = datetime(2026, 3, 14, 9, 26, 53, tzinfo=UTC)
+
+
+def contents(events: tuple[Event, ...]) -> list[dict[str, Any]]:
+    """The events without their creation time (ids included)."""
+    return [event.model_dump(exclude={"occurred_at"}) for event in events]
+
+
+@pytest.mark.parametrize(
+    ("answer", "outcome", "status", "failure", "invalidates", "report", "error"),
+    [
+        (
+            ProviderAnswer.accepted(),
+            PushOutcome.DELIVERED,
+            DeliveryStatus.DELIVERED,
+            None,
+            False,
+            DeliveryOutcome.DELIVERED,
+            None,
+        ),
+        (
+            ProviderAnswer(Verdict.TOKEN_INVALID, "fcm 404 UNREGISTERED"),
+            PushOutcome.TOKEN_INVALID,
+            DeliveryStatus.FAILED,
+            Failure.TOKEN_INVALID,
+            True,
+            DeliveryOutcome.FAILED,
+            None,  # acknowledged: nothing to retry, nothing to park
+        ),
+        (
+            ProviderAnswer(Verdict.REJECTED, "fcm 400 INVALID_ARGUMENT"),
+            PushOutcome.REJECTED,
+            DeliveryStatus.FAILED,
+            Failure.REJECTED,
+            False,
+            DeliveryOutcome.FAILED,
+            PermanentError,
+        ),
+        (
+            ProviderAnswer.transient("fcm 503 UNAVAILABLE"),
+            PushOutcome.RETRY,
+            None,
+            None,
+            False,
+            None,
+            RetryableError,
+        ),
+        (
+            ProviderAnswer(Verdict.MISCONFIGURED, "fcm 403 PERMISSION_DENIED"),
+            PushOutcome.MISCONFIGURED,
+            None,
+            None,
+            False,
+            None,
+            RetryableError,
+        ),
+    ],
+)
+def test_answers(
+    answer: ProviderAnswer,
+    outcome: PushOutcome,
+    status: DeliveryStatus | None,
+    failure: Failure | None,
+    invalidates: bool,
+    report: DeliveryOutcome | None,
+    error: type[Exception] | None,
+) -> None:
+    job = push_job()
+
+    plan = plan_for_answer(job, answer)
+
+    assert plan.outcome is outcome
+    assert (plan.status, plan.failure) == (status, failure)
+    assert (plan.invalidation is not None) is invalidates
+    assert (plan.report.outcome if plan.report else None) == report
+    assert type(plan.error) is error if error else plan.error is None
+    if plan.report is not None:
+        assert plan.report.notification_id == job.notification_id
+        assert plan.report.recipient_id == job.recipient_id
+        assert plan.report.channel is Channel.PUSH
+        assert plan.report.reason == (
+            None if report is DeliveryOutcome.DELIVERED else answer.reason
+        )
+    if plan.invalidation is not None:
+        assert (plan.invalidation.user_id, plan.invalidation.device_id) == (
+            job.recipient_id,
+            job.device_id,
+        )
+        assert plan.invalidation.reason == answer.reason
+        # The device is invalidated before the failure is reported.
+        assert plan.events == (plan.invalidation, plan.report)
+
+
+def test_retry_after_is_passed_on() -> None:
+    for verdict in (Verdict.TRANSIENT, Verdict.MISCONFIGURED):
+        plan = plan_for_answer(push_job(), ProviderAnswer(verdict, "fcm 429 QUOTA", 7.0))
+        assert isinstance(plan.error, RetryableError)
+        assert plan.error.retry_after == 7.0
+
+
+def test_event_ids_derive_from_the_notification() -> None:
+    job = push_job()
+    answer = ProviderAnswer(Verdict.TOKEN_INVALID, "fcm 404 UNREGISTERED")
+    first, second = plan_for_answer(job, answer), plan_for_answer(job, answer)
+    assert contents(first.events) == contents(second.events)
+    other = plan_for_answer(push_job(), answer)
+    assert {e.event_id for e in first.events}.isdisjoint(e.event_id for e in other.events)
+
+
+def test_a_reported_final_job_is_a_no_op() -> None:
+    for status, failure in (
+        (DeliveryStatus.DELIVERED, None),
+        (DeliveryStatus.FAILED, Failure.TOKEN_INVALID),
+        (DeliveryStatus.FAILED, Failure.REJECTED),
+    ):
+        plan = plan_for_claim(
+            push_job(), AlreadyFinal(status, failure, "x", reported=True), now=NOW
+        )
+        assert plan.outcome is PushOutcome.DUPLICATE
+        assert plan.events == ()
+        assert plan.error is None
+        assert plan.status is None
+
+
+@pytest.mark.parametrize(
+    ("status", "failure", "events", "error"),
+    [
+        (DeliveryStatus.DELIVERED, None, [DeliveryReported], None),
+        (
+            DeliveryStatus.FAILED,
+            Failure.TOKEN_INVALID,
+            [DeviceInvalidated, DeliveryReported],
+            None,
+        ),
+        (DeliveryStatus.FAILED, Failure.REJECTED, [DeliveryReported], PermanentError),
+    ],
+)
+def test_an_unreported_final_job_publishes_its_events_again(
+    status: DeliveryStatus, failure: Failure | None, events: list[type], error: type | None
+) -> None:
+    job = push_job()
+    plan = plan_for_claim(
+        job, AlreadyFinal(status, failure, "fcm 404 UNREGISTERED", reported=False), now=NOW
+    )
+    assert [type(event) for event in plan.events] == events
+    assert type(plan.error) is error if error else plan.error is None
+    assert plan.status is None  # nothing new to record
+    # The same events as the first time, ids included.
+    if failure is not None:
+        first = plan_for_answer(
+            job,
+            ProviderAnswer(
+                Verdict.TOKEN_INVALID if failure is Failure.TOKEN_INVALID else Verdict.REJECTED,
+                "fcm 404 UNREGISTERED",
+            ),
+        )
+        assert contents(plan.events) == contents(first.events)
+
+
+def test_a_job_in_progress_elsewhere_comes_back_after_the_lease() -> None:
+    plan = plan_for_claim(push_job(), Busy(NOW + timedelta(seconds=42)), now=NOW)
+    assert plan.outcome is PushOutcome.IN_PROGRESS
+    assert isinstance(plan.error, RetryableError)
+    assert plan.error.retry_after == 42.0
+    assert plan.events == ()
