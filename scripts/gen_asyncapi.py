@@ -9,6 +9,8 @@ import importlib
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from herald_shared.broker import RabbitSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,7 +30,9 @@ def document(service: str) -> str:
     settings_module: Any = importlib.import_module(f"{package}.settings")
     app_module: Any = importlib.import_module(f"{package}.app")
     settings = settings_module.Settings(rabbitmq=RabbitSettings(url=DOCUMENTED_RABBITMQ_URL))
-    text: str = app_module.specification(settings).to_specification().to_yaml()
+    document = app_module.specification(settings).to_specification().to_jsonable()
+    # FastStream's channel order varies between runs; sorted keys keep the file stable.
+    text: str = yaml.safe_dump(document, sort_keys=True, allow_unicode=True)
     return text
 
 

@@ -13,12 +13,15 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 
 def make_engine(url: str, *, pool_size: int = 20) -> AsyncEngine:
-    """An async engine; PostgreSQL gets a pool at least as big as the consumer's prefetch."""
+    """An async engine; PostgreSQL gets a pool at least as big as the consumer's prefetch.
+
+    Errors never quote statement parameters: they may hold addresses, tokens or message text.
+    """
     if url.startswith("sqlite"):
         database = url.split(":///", 1)[1]
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(url, connect_args={"timeout": 30})
+        engine = create_async_engine(url, connect_args={"timeout": 30}, hide_parameters=True)
 
         @event.listens_for(engine.sync_engine, "connect")
         def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -27,6 +30,14 @@ def make_engine(url: str, *, pool_size: int = 20) -> AsyncEngine:
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
+            # Let SQLAlchemy's "begin" event below open transactions instead of the driver.
+            dbapi_connection.isolation_level = None
+
+        @event.listens_for(engine.sync_engine, "begin")
+        def _begin_immediate(connection: Connection) -> None:
+            # Take the write lock when a transaction begins: a read-then-write transaction that
+            # upgrades later fails at once ("database is locked") if another one wrote meanwhile.
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)

@@ -1,0 +1,365 @@
+"""Assembly: settings in, the FastAPI application out (API, broker, outbox relay, ops endpoints)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+from urllib.parse import urlsplit
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from faststream import AsyncAPI
+from faststream.rabbit import RabbitBroker
+from faststream.rabbit.publisher import RabbitPublisher
+from faststream.specification.asyncapi.site import get_asyncapi_html
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from herald_shared.broker import make_broker
+from herald_shared.database import database_healthy, make_engine, run_migrations
+from herald_shared.events import MessageCreated, UserUpdated
+from herald_shared.ops import broker_healthy
+from herald_shared.publishing import event_publisher
+from herald_shared.retry import describe_error
+from herald_shared.topology import MESSAGE_NEW, USER_UPDATED, declare_topology
+from message_service.api import ApiDeps, router
+from message_service.handlers import HandlerDeps, Subscribers, register_handlers
+from message_service.outbox import OutboxMetrics, OutboxRelay
+from message_service.service import ServiceError
+from message_service.settings import SERVICE_NAME, Settings
+
+logger = logging.getLogger("message_service.app")
+
+TITLE = SERVICE_NAME
+DESCRIPTION = (
+    "Chat users, rooms and messages over HTTP. Every stored message and every change to what "
+    "notification routing needs about a user is published from a transactional outbox; the "
+    "service consumes device invalidations from the push provider."
+)
+ASYNCAPI_PATH = "/docs/asyncapi"
+
+# The ASGI interface, as the middleware below uses it.
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class StartupError(RuntimeError):
+    """A dependency the service cannot run without is unavailable (already logged)."""
+
+
+def _version() -> str:
+    try:
+        return version(SERVICE_NAME)
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        return "0.0.0"
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Everything `create_app` wires together, for tests and tools that need the parts."""
+
+    settings: Settings
+    broker: RabbitBroker
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    registry: CollectorRegistry
+    publishers: Mapping[str, RabbitPublisher]
+    subscribers: Subscribers
+    relay: OutboxRelay
+    specification: AsyncAPI
+
+
+def runtime_of(app: FastAPI) -> Runtime:
+    runtime: Runtime = app.state.runtime
+    return runtime
+
+
+def _broker(
+    settings: Settings, registry: CollectorRegistry
+) -> tuple[RabbitBroker, dict[str, RabbitPublisher]]:
+    broker = make_broker(
+        settings.rabbitmq, service_name=SERVICE_NAME, registry=registry, description=DESCRIPTION
+    )
+    publishers = {
+        "new_message": event_publisher(
+            broker,
+            MessageCreated,
+            MESSAGE_NEW,
+            description="A chat message was stored; its recipients may need to be notified.",
+        ),
+        "user_updated": event_publisher(
+            broker,
+            UserUpdated,
+            USER_UPDATED,
+            description="Full snapshot of a user's contact points and notification preferences.",
+        ),
+    }
+    return broker, publishers
+
+
+def _spec(broker: RabbitBroker) -> AsyncAPI:
+    return AsyncAPI(broker, title=TITLE, version=_version(), description=DESCRIPTION)
+
+
+def specification(settings: Settings) -> AsyncAPI:
+    """The AsyncAPI document of the service (publishers and subscriber), without touching a
+    database or a broker."""
+    broker, _ = _broker(settings, CollectorRegistry())
+    # The document needs the subscriber's signature only: these sessions are never opened.
+    register_handlers(
+        broker, HandlerDeps(sessions=async_sessionmaker(class_=AsyncSession), nudge=lambda: None)
+    )
+    return _spec(broker)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    registry = CollectorRegistry()
+    engine = make_engine(settings.database_url, pool_size=settings.rabbitmq.prefetch)
+    sessions = async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
+    broker, publishers = _broker(settings, registry)
+    relay = OutboxRelay(
+        sessions=sessions,
+        publishers=publishers,
+        metrics=OutboxMetrics(registry),
+        publish_timeout=settings.rabbitmq.publish_timeout,
+        batch_size=settings.outbox_batch_size,
+        interval=settings.outbox_relay_interval,
+        max_backoff=settings.outbox_max_backoff,
+        retention=settings.outbox_retention,
+    )
+    subscribers = register_handlers(broker, HandlerDeps(sessions=sessions, nudge=relay.nudge))
+    runtime = Runtime(
+        settings=settings,
+        broker=broker,
+        engine=engine,
+        sessions=sessions,
+        registry=registry,
+        publishers=publishers,
+        subscribers=subscribers,
+        relay=relay,
+        specification=_spec(broker),
+    )
+
+    app = FastAPI(
+        title=TITLE, version=_version(), description=DESCRIPTION, lifespan=_lifespan(runtime)
+    )
+    app.state.runtime = runtime
+    app.state.api_deps = ApiDeps(
+        sessions=sessions, nudge=relay.nudge, max_devices_per_user=settings.max_devices_per_user
+    )
+    app.include_router(router)
+    _add_ops_routes(app, runtime)
+    app.add_exception_handler(ServiceError, _service_error)
+    # Added last = outermost: a body too large never reaches the app, and no unhandled error
+    # reaches the server's logger with its message (which may quote personal data).
+    app.add_middleware(SafeErrors)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    return app
+
+
+def _lifespan(runtime: Runtime) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    settings = runtime.settings
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        try:
+            await run_migrations(
+                runtime.engine,
+                script_location="message_service:migrations",
+                service_name=SERVICE_NAME,
+            )
+        except Exception as exc:
+            where = make_url(settings.database_url).render_as_string(hide_password=True)
+            logger.error(
+                "message_service.startup.database_unavailable database=%s error=%s",
+                where,
+                describe_error(exc),
+            )
+            await runtime.engine.dispose()
+            raise StartupError(f"database unavailable at {where}") from None
+        try:
+            # The topology first (it connects): the subscriber must not consume before the
+            # queues its retries and dead letters need exist.
+            await declare_topology(runtime.broker, retry_delays=settings.rabbitmq.retry_delays)
+            await runtime.broker.start()
+        except Exception as exc:
+            address = rabbitmq_address(settings.rabbitmq.url)
+            logger.error(
+                "message_service.startup.rabbitmq_unreachable address=%s error=%s "
+                "(check RABBITMQ_URL)",
+                address,
+                type(exc).__name__,
+            )
+            await runtime.broker.stop()
+            await runtime.engine.dispose()
+            raise StartupError(f"RabbitMQ unreachable at {address}") from None
+        runtime.relay.start()
+        logger.info("message_service.started port=%d", settings.port)
+        try:
+            yield
+        finally:
+            # The relay first: it needs the broker to finish the publish in flight.
+            await runtime.relay.stop()
+            await runtime.broker.stop()
+            await runtime.engine.dispose()
+            logger.info("message_service.stopped")
+
+    return lifespan
+
+
+def rabbitmq_address(url: str) -> str:
+    """`host:port` of an AMQP URL, for logs (never the credentials)."""
+    parsed = urlsplit(url)
+    default_port = 5671 if parsed.scheme == "amqps" else 5672
+    return f"{parsed.hostname}:{parsed.port or default_port}"
+
+
+async def _service_error(_request: Request, exc: Exception) -> Response:
+    if not isinstance(exc, ServiceError):  # registered for ServiceError only
+        raise exc
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+
+
+# --- operational endpoints ----------------------------------------------------------------------
+
+
+def _add_ops_routes(app: FastAPI, runtime: Runtime) -> None:
+    # Rendered once, from the channels declared in `create_app`.
+    document = runtime.specification.to_specification()
+    document_json = document.to_jsonable()
+    docs_html: list[str] = []
+
+    @app.get("/health", include_in_schema=False)
+    async def liveness() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/health/ready", include_in_schema=False)
+    async def readiness() -> Response:
+        checks = {
+            "database": await database_healthy(runtime.engine),
+            "rabbitmq": await broker_healthy(runtime.broker),
+        }
+        ready = all(checks.values())
+        return JSONResponse(
+            {"status": "ready" if ready else "not ready", "checks": checks},
+            status_code=200 if ready else 503,
+        )
+
+    @app.get("/health/rabbitmq", include_in_schema=False)
+    async def rabbitmq_health() -> Response:
+        healthy = await broker_healthy(runtime.broker)
+        return JSONResponse(
+            {"status": "healthy" if healthy else "unhealthy"}, status_code=200 if healthy else 503
+        )
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(runtime.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get(ASYNCAPI_PATH, include_in_schema=False)
+    async def asyncapi_page() -> HTMLResponse:
+        if not docs_html:
+            # try-it-out off: it would let anyone publish onto the bus.
+            docs_html.append(get_asyncapi_html(document, try_it_out_path=None))
+        return HTMLResponse(docs_html[0])
+
+    @app.get(f"{ASYNCAPI_PATH}.json", include_in_schema=False)
+    async def asyncapi_document() -> Response:
+        return JSONResponse(document_json)
+
+
+# --- ASGI middleware ----------------------------------------------------------------------------
+
+
+class _BodyTooLarge(HTTPException):
+    """An HTTPException, so that FastAPI answers 413 rather than "error parsing the body"."""
+
+    def __init__(self) -> None:
+        super().__init__(413, "request body too large")
+
+
+class BodySizeLimit:
+    """413 for a request body over `max_bytes`, announced or streamed."""
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await _too_large(scope, receive, send)
+            return
+        received = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _BodyTooLarge()
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _BodyTooLarge:
+            if not started:
+                await _too_large(scope, receive, send)
+
+
+async def _too_large(scope: Scope, receive: Receive, send: Send) -> None:
+    response = JSONResponse({"detail": "request body too large"}, status_code=413)
+    await response(scope, receive, send)
+
+
+class SafeErrors:
+    """Unhandled errors become a bare 500 and one log line naming the error's class and where it
+    was raised, never its message."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except _BodyTooLarge:
+            raise
+        except Exception as exc:
+            logger.error(
+                "message_service.http.unhandled method=%s path=%s error=%s",
+                scope.get("method"),
+                scope.get("path"),
+                describe_error(exc),
+            )
+            if not started:
+                response = JSONResponse({"detail": "internal error"}, status_code=500)
+                await response(scope, receive, send)

@@ -1,0 +1,75 @@
+"""What message-service consumes: one subscriber, `device_invalidations`.
+
+Handlers only parse (FastStream does it from the annotation), call a use case and return; a
+failure raises and the shared retry middleware decides (see `herald_shared.retry`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from faststream.rabbit import RabbitBroker
+from faststream.rabbit.subscriber import RabbitSubscriber
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from herald_shared.events import DeviceInvalidated
+from herald_shared.topology import DEVICE_INVALIDATIONS, EXCHANGE
+from message_service import service
+from message_service.outbox import Nudge, session_scope
+
+if TYPE_CHECKING:
+    from unittest.mock import MagicMock
+
+logger = logging.getLogger("message_service.handlers")
+
+
+class Recorded(Protocol):
+    """A registered handler, as tests see it: the in-memory broker records its calls."""
+
+    @property
+    def mock(self) -> MagicMock: ...
+
+
+@dataclass(frozen=True)
+class HandlerDeps:
+    sessions: async_sessionmaker[AsyncSession]
+    nudge: Nudge
+
+
+@dataclass(frozen=True)
+class Subscribers:
+    """The subscriber (for AsyncAPI and health) and its handler (whose `mock` tests inspect)."""
+
+    device_invalidations: RabbitSubscriber
+    on_device_invalidated: Recorded
+
+
+def register_handlers(broker: RabbitBroker, deps: HandlerDeps) -> Subscribers:
+    subscriber = broker.subscriber(
+        DEVICE_INVALIDATIONS.queue,
+        EXCHANGE,
+        title=f"{DEVICE_INVALIDATIONS.name}:consume",
+        description=(
+            "A push provider said a token is dead: remove that device of that user (a no-op "
+            "if it is already gone) and publish the user's new snapshot."
+        ),
+    )
+
+    @subscriber
+    async def on_device_invalidated(event: DeviceInvalidated) -> None:
+        async with session_scope(deps.sessions, deps.nudge) as session:
+            removed = await service.remove_invalidated_device(
+                session=session, user_id=event.user_id, device_id=event.device_id
+            )
+        logger.info(
+            "message_service.device.invalidated event_id=%s user_id=%s device_id=%s removed=%s",
+            event.event_id,
+            event.user_id,
+            event.device_id,
+            removed,
+        )
+
+    return Subscribers(device_invalidations=subscriber, on_device_invalidated=on_device_invalidated)

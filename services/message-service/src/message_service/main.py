@@ -1,0 +1,20 @@
+"""`message-service`: read the settings, configure logging, serve until SIGTERM."""
+
+from __future__ import annotations
+
+from herald_shared.config import configure_logging
+from herald_shared.ops import serve
+from message_service.app import create_app
+from message_service.settings import SERVICE_NAME, Settings
+
+
+def main() -> None:
+    settings = Settings()
+    configure_logging(settings, SERVICE_NAME)
+    # A start-up failure (database or RabbitMQ unavailable) is logged by the lifespan, and
+    # uvicorn exits non-zero.
+    serve(create_app(settings), host=settings.host, port=settings.port)
+
+
+if __name__ == "__main__":
+    main()

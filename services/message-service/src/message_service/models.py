@@ -1,0 +1,189 @@
+"""message-service's tables, as SQLModel models. No event contract lives here (see
+`herald_shared.events`); request and response bodies live in `api.py`."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Dialect,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.orm import registry
+from sqlalchemy.types import DateTime, TypeDecorator
+from sqlmodel import Field, SQLModel
+
+from herald_shared.events import utc_now
+
+USERNAME_MAX = 32
+DISPLAY_TEXT_MAX = 100
+EMAIL_MAX = 254
+DEVICE_TOKEN_MAX = 4096
+IDEMPOTENCY_KEY_MAX = 255
+OUTBOX_ERROR_MAX = 500
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every database (SQLite stores them naive, in UTC)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetimes are not stored")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if not isinstance(value, datetime):
+            raise TypeError(f"expected a datetime, got {type(value).__name__}")
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+# Named constraints, so that later (batch) migrations can refer to them on every database.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Table(SQLModel, registry=registry(metadata=metadata)):
+    """Base of this service's tables: its own metadata, apart from SQLModel's global one."""
+
+
+class User(Table, table=True):
+    __tablename__ = "users"
+    __table_args__ = (UniqueConstraint("username", name="uq_users_username"),)
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    username: str = Field(sa_type=String(USERNAME_MAX))
+    display_name: str = Field(sa_type=String(DISPLAY_TEXT_MAX))
+    email: str = Field(sa_type=String(EMAIL_MAX))
+    # Grows with every change that notification routing cares about (UserUpdated.version).
+    version: int = Field(default=1, sa_type=Integer)
+    created_at: datetime = Field(default_factory=utc_now, sa_type=UtcDateTime)
+    updated_at: datetime = Field(default_factory=utc_now, sa_type=UtcDateTime)
+
+
+class ApiToken(Table, table=True):
+    """Only the SHA-256 of a token is stored: a leaked table grants nothing."""
+
+    __tablename__ = "api_tokens"
+
+    token_hash: str = Field(sa_type=String(64), primary_key=True)
+    user_id: uuid.UUID = Field(foreign_key="users.id", index=True)
+    created_at: datetime = Field(default_factory=utc_now, sa_type=UtcDateTime)
+
+
+class Device(Table, table=True):
+    """A push target. A token belongs to one user at a time (unique by its hash, because a
+    PostgreSQL index cannot hold a 4 KiB value)."""
+
+    __tablename__ = "devices"
+    __table_args__ = (UniqueConstraint("platform", "token_hash", name="uq_devices_token"),)
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    user_id: uuid.UUID = Field(foreign_key="users.id", index=True)
+    platform: str = Field(sa_type=String(16))
+    token: str = Field(sa_type=Text)
+    token_hash: str = Field(sa_type=String(64))
+    created_at: datetime = Field(default_factory=utc_now, sa_type=UtcDateTime)
+
+
+class Preferences(Table, table=True):
+    __tablename__ = "preferences"
+
+    user_id: uuid.UUID = Field(foreign_key="users.id", primary_key=True)
+    push_enabled: bool = True
+    email_enabled: bool = True
+
+
+class MutedRoom(Table, table=True):
+    __tablename__ = "muted_rooms"
+
+    user_id: uuid.UUID = Field(foreign_key="users.id", primary_key=True)
+    room_id: uuid.UUID = Field(foreign_key="rooms.id", primary_key=True)
+
+
+class Room(Table, table=True):
+    __tablename__ = "rooms"
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    name: str = Field(sa_type=String(DISPLAY_TEXT_MAX))
+    created_by: uuid.UUID = Field(foreign_key="users.id")
+    created_at: datetime = Field(default_factory=utc_now, sa_type=UtcDateTime)
+
+
+class RoomMember(Table, table=True):
+    __tablename__ = "room_members"
+
+    room_id: uuid.UUID = Field(foreign_key="rooms.id", primary_key=True)
+    user_id: uuid.UUID = Field(foreign_key="users.id", primary_key=True, index=True)
+    joined_at: datetime = Field(default_factory=utc_now, sa_type=UtcDateTime)
+
+
+class Message(Table, table=True):
+    __tablename__ = "messages"
+    __table_args__ = (
+        # The same Idempotency-Key from the same sender is the same message.
+        UniqueConstraint("sender_id", "idempotency_key", name="uq_messages_idempotency_key"),
+        # Keyset pagination: newest first within a room.
+        Index("ix_messages_room_created", "room_id", "created_at", "id"),
+    )
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    room_id: uuid.UUID = Field(foreign_key="rooms.id")
+    sender_id: uuid.UUID = Field(foreign_key="users.id")
+    content: str = Field(sa_type=Text)
+    created_at: datetime = Field(default_factory=utc_now, sa_type=UtcDateTime)
+    idempotency_key: str | None = Field(default=None, sa_type=String(IDEMPOTENCY_KEY_MAX))
+
+
+class OutboxEvent(Table, table=True):
+    """An event committed with the change it describes, waiting for the relay to publish it."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (
+        # What the relay scans: only the pending rows, in created order.
+        Index(
+            "ix_outbox_pending",
+            "seq",
+            postgresql_where=text("published_at IS NULL"),
+            sqlite_where=text("published_at IS NULL"),
+        ),
+        Index("ix_outbox_published_at", "published_at"),
+        UniqueConstraint("event_id", name="uq_outbox_event_id"),
+    )
+
+    # SQLite only auto-increments an INTEGER PRIMARY KEY.
+    seq: int | None = Field(
+        default=None,
+        primary_key=True,
+        sa_type=BigInteger().with_variant(Integer(), "sqlite"),
+    )
+    event_id: uuid.UUID
+    event_type: str = Field(sa_type=String(32))
+    payload: str = Field(sa_type=Text)
+    created_at: datetime = Field(default_factory=utc_now, sa_type=UtcDateTime)
+    published_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    attempts: int = Field(default=0, sa_type=Integer)
+    last_error: str | None = Field(default=None, sa_type=String(OUTBOX_ERROR_MAX))

@@ -1,0 +1,277 @@
+"""The transactional outbox relay: the only bridge between this service's database and RabbitMQ.
+
+Use cases stage events as outbox rows in their own transaction (`repository.add_outbox_event`).
+After a commit that wrote one, `session_scope` nudges the relay; the relay also wakes every
+`interval` for anything left over. Each cycle claims a batch of pending rows in created order
+(PostgreSQL: `FOR UPDATE SKIP LOCKED`, so replicas never publish the same row concurrently),
+publishes them one by one with confirms, marks them published and commits. A failed publish stops
+the batch (order is kept), leaves the row pending and backs off; nothing ever waits for RabbitMQ
+inside an HTTP request. A publish that timed out may still have reached the broker, so delivery is
+at least once and consumers deduplicate on the event id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Protocol
+
+import pydantic
+from faststream.rabbit.publisher import RabbitPublisher
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from herald_shared.events import EVENT_ADAPTER, utc_now
+from herald_shared.publishing import publish_event
+from herald_shared.retry import describe_error
+from message_service import repository
+from message_service.models import OutboxEvent
+
+logger = logging.getLogger("message_service.outbox")
+
+# Published rows are purged at most this often.
+PURGE_EVERY = timedelta(seconds=60)
+
+
+class Nudge(Protocol):
+    def __call__(self) -> None: ...
+
+
+@asynccontextmanager
+async def session_scope(
+    sessions: async_sessionmaker[AsyncSession], nudge: Nudge
+) -> AsyncIterator[AsyncSession]:
+    """A session for one use case; if it wrote to the outbox, the relay is nudged once the session
+    is closed (so after the commit, and never on an error)."""
+    async with sessions() as session:
+        yield session
+        written = session.info.pop(repository.OUTBOX_WRITTEN, False)
+    if written:
+        nudge()
+
+
+class OutboxMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.published = Counter(
+            "herald_message_outbox_published",
+            "Outbox events published and confirmed by RabbitMQ.",
+            ["event_type"],
+            registry=registry,
+        )
+        self.failed = Counter(
+            "herald_message_outbox_publish_failures",
+            "Outbox publish attempts that failed (the row stays pending and is retried).",
+            ["event_type"],
+            registry=registry,
+        )
+        self.pending = Gauge(
+            "herald_message_outbox_pending",
+            "Outbox rows not yet published.",
+            registry=registry,
+        )
+        self.oldest_pending_age = Gauge(
+            "herald_message_outbox_oldest_pending_age_seconds",
+            "Age of the oldest unpublished outbox row (0 when none).",
+            registry=registry,
+        )
+
+
+@dataclass(frozen=True)
+class _Failure:
+    error: str  # safe to log and store
+    # True: the broker failed (stop the batch, back off); False: the row itself cannot be
+    # published, and must not block the ones behind it.
+    broker: bool
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    claimed: int
+    published: int
+    failed: bool
+
+
+class OutboxRelay:
+    def __init__(
+        self,
+        *,
+        sessions: async_sessionmaker[AsyncSession],
+        publishers: Mapping[str, RabbitPublisher],
+        metrics: OutboxMetrics,
+        publish_timeout: float,
+        batch_size: int = 100,
+        interval: float = 1.0,
+        max_backoff: float = 30.0,
+        retention: float = 86400.0,
+    ) -> None:
+        self._sessions = sessions
+        self._publishers = dict(publishers)
+        self._metrics = metrics
+        self._publish_timeout = publish_timeout
+        self._batch_size = batch_size
+        self._interval = interval
+        self._max_backoff = max(max_backoff, interval)
+        self._retention = timedelta(seconds=retention)
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._last_purge = utc_now() - PURGE_EVERY
+
+    def nudge(self) -> None:
+        """Something was committed to the outbox: publish soon. Never blocks, never fails."""
+        self._wake.set()
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def start(self) -> None:
+        if self.running:
+            return
+        self._stopping.clear()
+        self._task = asyncio.create_task(self.run(), name="message-service-outbox-relay")
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Let the publish in flight finish (bounded by the publish timeout), then stop; after
+        `timeout` it is cancelled, and its row stays pending for the next start."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        self._stopping.set()
+        self._wake.set()
+        grace = self._publish_timeout + 1.0 if timeout is None else timeout
+        done, _ = await asyncio.wait({task}, timeout=grace)
+        if not done:
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    async def run(self) -> None:
+        """The relay loop. No exception ends it; only `stop()` (or cancellation) does."""
+        failures = 0
+        while not self._stopping.is_set():
+            self._wake.clear()
+            try:
+                result = await self.publish_pending()
+            except Exception as exc:
+                logger.error("message_service.outbox.cycle_failed error=%s", describe_error(exc))
+                result = BatchResult(claimed=0, published=0, failed=True)
+            await self._housekeeping()
+            if result.failed:
+                failures += 1
+                backoff = min(self._interval * 2 ** min(failures - 1, 16), self._max_backoff)
+                # Nudges do not cut a back-off short: every commit would otherwise hammer a
+                # broker that is down.
+                await self._wait(backoff, wake_on_nudge=False)
+            else:
+                failures = 0
+                # A full batch that made progress means more may be waiting: go on at once.
+                if result.claimed < self._batch_size or not result.published:
+                    await self._wait(self._interval, wake_on_nudge=True)
+
+    async def publish_pending(self) -> BatchResult:
+        """One cycle: claim, publish in order until the first failure, mark, commit."""
+        async with self._sessions() as session:
+            rows = await repository.claim_pending(session, limit=self._batch_size)
+            if not await repository.claims_lock_rows(session):
+                # SQLite: a transaction holds the whole database, so it must not stay open while
+                # a publish waits for a broker that is down (every request would wait too). One
+                # relay per SQLite file, so nothing else can claim these rows meanwhile.
+                await session.commit()
+            published: list[int] = []
+            failures: list[tuple[int, _Failure]] = []
+            for row in rows:
+                if self._stopping.is_set():
+                    break
+                seq = row.seq or 0  # always set on a stored row
+                failure = await self._publish(row)
+                if failure is None:
+                    published.append(seq)
+                    continue
+                failures.append((seq, failure))
+                if failure.broker:
+                    break  # keep the order: this row goes first next time
+            await repository.mark_published(session, seqs=published, at=utc_now())
+            for seq, failure in failures:
+                await repository.record_failure(session, seq=seq, error=failure.error)
+            await session.commit()
+        broker_failed = any(failure.broker for _, failure in failures)
+        return BatchResult(claimed=len(rows), published=len(published), failed=broker_failed)
+
+    async def _publish(self, row: OutboxEvent) -> _Failure | None:
+        """Publish one row; None on success."""
+        publisher = self._publishers.get(row.event_type)
+        try:
+            event = EVENT_ADAPTER.validate_json(row.payload)
+        except pydantic.ValidationError as exc:
+            publisher, error = None, describe_error(exc)
+        else:
+            error = f"no publisher for event type {row.event_type}"
+        if publisher is None:
+            logger.error(
+                "message_service.outbox.unpublishable event_id=%s type=%s error=%s",
+                row.event_id,
+                row.event_type,
+                error,
+            )
+            self._metrics.failed.labels(row.event_type).inc()
+            return _Failure(error, broker=False)
+        try:
+            await publish_event(publisher, event, timeout=self._publish_timeout)
+        except Exception as exc:
+            error = describe_error(exc)
+            logger.warning(
+                "message_service.outbox.publish_failed event_id=%s type=%s attempt=%d error=%s",
+                row.event_id,
+                row.event_type,
+                row.attempts + 1,
+                error,
+            )
+            self._metrics.failed.labels(row.event_type).inc()
+            return _Failure(error, broker=True)
+        logger.debug(
+            "message_service.outbox.published event_id=%s type=%s", row.event_id, row.event_type
+        )
+        self._metrics.published.labels(row.event_type).inc()
+        return None
+
+    async def refresh_gauges(self) -> None:
+        async with self._sessions() as session:
+            count, oldest = await repository.pending_stats(session)
+        self._metrics.pending.set(count)
+        age = 0.0 if oldest is None else max(0.0, (utc_now() - oldest).total_seconds())
+        self._metrics.oldest_pending_age.set(age)
+
+    async def purge(self) -> int:
+        """Delete published rows older than the retention (they hold personal data)."""
+        async with self._sessions() as session:
+            deleted = await repository.purge_published(session, before=utc_now() - self._retention)
+            await session.commit()
+        if deleted:
+            logger.info("message_service.outbox.purged rows=%d", deleted)
+        return deleted
+
+    async def _housekeeping(self) -> None:
+        try:
+            await self.refresh_gauges()
+            if utc_now() - self._last_purge >= PURGE_EVERY:
+                self._last_purge = utc_now()
+                await self.purge()
+        except Exception as exc:
+            logger.error("message_service.outbox.housekeeping_failed error=%s", describe_error(exc))
+
+    async def _wait(self, seconds: float, *, wake_on_nudge: bool) -> None:
+        waiters = [asyncio.ensure_future(self._stopping.wait())]
+        if wake_on_nudge:
+            waiters.append(asyncio.ensure_future(self._wake.wait()))
+        try:
+            await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()

@@ -1,0 +1,341 @@
+"""Every SQL statement of message-service, as keyword-only async functions over one session.
+
+Functions never commit: the use case in `service.py` owns the transaction. Anything that takes an
+object id together with the acting user checks ownership or membership in the same statement.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, delete, func, or_, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from herald_shared.events import Event, utc_now
+from message_service.models import (
+    ApiToken,
+    Device,
+    Message,
+    MutedRoom,
+    OutboxEvent,
+    Preferences,
+    Room,
+    RoomMember,
+    User,
+)
+
+# Set on a session that added an outbox row; whoever closes the session nudges the relay.
+OUTBOX_WRITTEN = "herald.outbox_written"
+
+
+async def _dialect(session: AsyncSession) -> str:
+    connection = await session.connection()
+    return connection.dialect.name
+
+
+# --- users and tokens ---------------------------------------------------------------------------
+
+
+async def add_user(session: AsyncSession, *, user: User, token_hash: str) -> None:
+    session.add(user)
+    await session.flush()  # the ORM does not order inserts by foreign keys without relationships
+    session.add(Preferences(user_id=user.id))
+    session.add(ApiToken(token_hash=token_hash, user_id=user.id))
+    await session.flush()
+
+
+async def user_by_token_hash(session: AsyncSession, *, token_hash: str) -> User | None:
+    statement = (
+        select(User)
+        .join(ApiToken, col(ApiToken.user_id) == col(User.id))
+        # a token is the key of its row: no scan, and nothing to compare in user code
+        .where(ApiToken.token_hash == token_hash)
+    )
+    return (await session.exec(statement)).first()
+
+
+async def get_user(session: AsyncSession, *, user_id: uuid.UUID) -> User | None:
+    return await session.get(User, user_id)
+
+
+async def lock_users(
+    session: AsyncSession, *, user_ids: Iterable[uuid.UUID]
+) -> dict[uuid.UUID, User]:
+    """Lock the users' rows (PostgreSQL; SQLite transactions are exclusive anyway) in id order, so
+    two transactions that lock the same users cannot deadlock, and read their latest state."""
+    statement = (
+        select(User)
+        .where(col(User.id).in_(sorted(set(user_ids))))
+        .order_by(col(User.id))
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+    return {user.id: user for user in (await session.exec(statement)).all()}
+
+
+async def existing_user_ids(
+    session: AsyncSession, *, user_ids: Iterable[uuid.UUID]
+) -> set[uuid.UUID]:
+    wanted = set(user_ids)
+    if not wanted:
+        return set()
+    statement = select(User.id).where(col(User.id).in_(wanted))
+    return set((await session.exec(statement)).all())
+
+
+# --- devices ------------------------------------------------------------------------------------
+
+
+async def devices_of(session: AsyncSession, *, user_id: uuid.UUID) -> Sequence[Device]:
+    statement = (
+        select(Device)
+        .where(Device.user_id == user_id)
+        .order_by(col(Device.created_at), col(Device.id))
+    )
+    return (await session.exec(statement)).all()
+
+
+async def device_by_token(
+    session: AsyncSession, *, platform: str, token_hash: str
+) -> Device | None:
+    statement = (
+        select(Device)
+        .where(Device.platform == platform, Device.token_hash == token_hash)
+        .execution_options(populate_existing=True)
+    )
+    return (await session.exec(statement)).first()
+
+
+async def count_devices(session: AsyncSession, *, user_id: uuid.UUID) -> int:
+    statement = select(func.count()).select_from(Device).where(Device.user_id == user_id)
+    return (await session.exec(statement)).one()
+
+
+async def add_device(session: AsyncSession, *, device: Device) -> None:
+    session.add(device)
+    await session.flush()
+
+
+async def delete_device(session: AsyncSession, *, user_id: uuid.UUID, device_id: uuid.UUID) -> bool:
+    """Delete the device if it is this user's; False when there was none."""
+    statement = delete(Device).where(col(Device.id) == device_id, col(Device.user_id) == user_id)
+    result = await session.exec(statement)
+    return bool(result.rowcount)
+
+
+# --- preferences --------------------------------------------------------------------------------
+
+
+async def preferences_of(session: AsyncSession, *, user_id: uuid.UUID) -> Preferences:
+    """The user's preferences row (created with the user; recreated with defaults if missing)."""
+    preferences = await session.get(Preferences, user_id, populate_existing=True)
+    if preferences is None:
+        preferences = Preferences(user_id=user_id)
+        session.add(preferences)
+        await session.flush()
+    return preferences
+
+
+async def muted_room_ids(session: AsyncSession, *, user_id: uuid.UUID) -> list[uuid.UUID]:
+    statement = (
+        select(MutedRoom.room_id)
+        .where(MutedRoom.user_id == user_id)
+        .order_by(col(MutedRoom.room_id))
+    )
+    return list((await session.exec(statement)).all())
+
+
+async def replace_muted_rooms(
+    session: AsyncSession, *, user_id: uuid.UUID, room_ids: Iterable[uuid.UUID]
+) -> None:
+    await session.exec(delete(MutedRoom).where(col(MutedRoom.user_id) == user_id))
+    session.add_all(MutedRoom(user_id=user_id, room_id=room_id) for room_id in room_ids)
+    await session.flush()
+
+
+# --- rooms and members --------------------------------------------------------------------------
+
+
+async def add_room(session: AsyncSession, *, room: Room, member_ids: Sequence[uuid.UUID]) -> None:
+    session.add(room)
+    await session.flush()
+    session.add_all(
+        RoomMember(room_id=room.id, user_id=user_id, joined_at=room.created_at)
+        for user_id in member_ids
+    )
+    await session.flush()
+
+
+async def room_for_member(
+    session: AsyncSession, *, room_id: uuid.UUID, user_id: uuid.UUID, lock: bool = False
+) -> Room | None:
+    """The room, if `user_id` is one of its members: one query, so no one learns that a room
+    exists without being in it. `lock` serialises changes to its membership (PostgreSQL)."""
+    statement = (
+        select(Room)
+        .join(RoomMember, col(RoomMember.room_id) == col(Room.id))
+        .where(col(Room.id) == room_id, col(RoomMember.user_id) == user_id)
+    )
+    if lock:
+        statement = statement.with_for_update(of=Room)
+    return (await session.exec(statement)).first()
+
+
+async def member_ids(session: AsyncSession, *, room_id: uuid.UUID) -> list[uuid.UUID]:
+    statement = (
+        select(RoomMember.user_id)
+        .where(RoomMember.room_id == room_id)
+        .order_by(col(RoomMember.joined_at), col(RoomMember.user_id))
+    )
+    return list((await session.exec(statement)).all())
+
+
+async def members_with_usernames(
+    session: AsyncSession, *, room_id: uuid.UUID
+) -> list[tuple[uuid.UUID, str]]:
+    statement = (
+        select(User.id, User.username)
+        .join(RoomMember, col(RoomMember.user_id) == col(User.id))
+        .where(RoomMember.room_id == room_id)
+        .order_by(col(RoomMember.joined_at), col(User.id))
+    )
+    return [(user_id, username) for user_id, username in (await session.exec(statement)).all()]
+
+
+async def add_member(session: AsyncSession, *, room_id: uuid.UUID, user_id: uuid.UUID) -> bool:
+    """Idempotent: True if the user was added, False if already a member."""
+    values: dict[str, Any] = {"room_id": room_id, "user_id": user_id, "joined_at": utc_now()}
+    table = RoomMember.__table__  # type: ignore[attr-defined]
+    if await _dialect(session) == "postgresql":
+        statement: Any = postgresql.insert(table).values(values).on_conflict_do_nothing()
+    else:
+        statement = sqlite.insert(table).values(values).on_conflict_do_nothing()
+    result = await session.exec(statement)
+    return bool(result.rowcount)
+
+
+async def rooms_of_member(
+    session: AsyncSession, *, user_id: uuid.UUID, room_ids: Iterable[uuid.UUID]
+) -> set[uuid.UUID]:
+    """Which of `room_ids` the user is a member of."""
+    wanted = set(room_ids)
+    if not wanted:
+        return set()
+    statement = select(RoomMember.room_id).where(
+        RoomMember.user_id == user_id, col(RoomMember.room_id).in_(wanted)
+    )
+    return set((await session.exec(statement)).all())
+
+
+# --- messages -----------------------------------------------------------------------------------
+
+
+async def add_message(session: AsyncSession, *, message: Message) -> None:
+    session.add(message)
+    await session.flush()
+
+
+async def message_by_idempotency_key(
+    session: AsyncSession, *, sender_id: uuid.UUID, idempotency_key: str
+) -> Message | None:
+    statement = select(Message).where(
+        Message.sender_id == sender_id, Message.idempotency_key == idempotency_key
+    )
+    return (await session.exec(statement)).first()
+
+
+async def messages_page(
+    session: AsyncSession,
+    *,
+    room_id: uuid.UUID,
+    limit: int,
+    before: tuple[datetime, uuid.UUID] | None,
+) -> Sequence[Message]:
+    """Up to `limit` messages of the room, newest first, strictly older than `before`."""
+    statement = select(Message).where(Message.room_id == room_id)
+    if before is not None:
+        created_at, message_id = before
+        statement = statement.where(
+            or_(
+                col(Message.created_at) < created_at,
+                and_(col(Message.created_at) == created_at, col(Message.id) < message_id),
+            )
+        )
+    statement = statement.order_by(col(Message.created_at).desc(), col(Message.id).desc()).limit(
+        limit
+    )
+    return (await session.exec(statement)).all()
+
+
+# --- outbox -------------------------------------------------------------------------------------
+
+
+def add_outbox_event(session: AsyncSession, *, event: Event, event_type: str) -> OutboxEvent:
+    """Stage an event in the caller's transaction; it is published only if that commits."""
+    row = OutboxEvent(
+        event_id=event.event_id,
+        event_type=event_type,
+        payload=event.model_dump_json(),
+        created_at=utc_now(),
+    )
+    session.add(row)
+    session.info[OUTBOX_WRITTEN] = True
+    return row
+
+
+async def claims_lock_rows(session: AsyncSession) -> bool:
+    """Whether `claim_pending` keeps its rows locked until the transaction ends."""
+    return await _dialect(session) == "postgresql"
+
+
+async def claim_pending(session: AsyncSession, *, limit: int) -> Sequence[OutboxEvent]:
+    """The oldest unpublished rows. On PostgreSQL they stay locked until the transaction ends and
+    other relays skip them, so two replicas never publish the same row at the same time."""
+    statement = (
+        select(OutboxEvent)
+        .where(col(OutboxEvent.published_at).is_(None))
+        .order_by(col(OutboxEvent.seq))
+        .limit(limit)
+    )
+    if await _dialect(session) == "postgresql":
+        statement = statement.with_for_update(skip_locked=True)
+    return (await session.exec(statement)).all()
+
+
+async def mark_published(session: AsyncSession, *, seqs: Sequence[int], at: datetime) -> None:
+    if seqs:
+        statement = (
+            update(OutboxEvent)
+            .where(col(OutboxEvent.seq).in_(seqs))
+            .values(published_at=at, attempts=OutboxEvent.attempts + 1, last_error=None)
+        )
+        await session.exec(statement)
+
+
+async def record_failure(session: AsyncSession, *, seq: int, error: str) -> None:
+    statement = (
+        update(OutboxEvent)
+        .where(col(OutboxEvent.seq) == seq)
+        .values(attempts=OutboxEvent.attempts + 1, last_error=error)
+    )
+    await session.exec(statement)
+
+
+async def pending_stats(session: AsyncSession) -> tuple[int, datetime | None]:
+    """How many rows wait, and since when the oldest one does."""
+    statement = select(func.count(), func.min(OutboxEvent.created_at)).where(
+        col(OutboxEvent.published_at).is_(None)
+    )
+    count, oldest = (await session.exec(statement)).one()
+    return int(count), oldest
+
+
+async def purge_published(session: AsyncSession, *, before: datetime) -> int:
+    statement = delete(OutboxEvent).where(col(OutboxEvent.published_at) < before)
+    result = await session.exec(statement)
+    return int(result.rowcount)

@@ -1,0 +1,540 @@
+"""Use cases: each one is a transaction, with keyword-only arguments and the acting user's id
+taken from authentication, never from a request body.
+
+A change that notification routing cares about (registration, e-mail, display name, devices,
+preferences) bumps the user's `version` and stages a full `UserUpdated` snapshot in the same
+transaction; a new message stages its `MessageCreated`. The outbox relay publishes them after
+commit, so an event exists if and only if its change was committed.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import re
+import secrets
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy.exc import IntegrityError
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from herald_shared.events import (
+    MAX_RECIPIENTS,
+    DeviceSnapshot,
+    MessageCreated,
+    Platform,
+    PreferencesSnapshot,
+    SenderInfo,
+    UserUpdated,
+    utc_now,
+)
+from message_service import repository
+from message_service.models import Device, Message, Room, User
+
+MAX_ROOM_MEMBERS = MAX_RECIPIENTS
+MAX_PAGE_SIZE = 100
+# `@name` not preceded by a word character (so an e-mail address is not a mention).
+MENTION = re.compile(r"(?<![\w@])@([A-Za-z0-9_]{3,32})(?![A-Za-z0-9_])")
+# How often a registration retries after losing a race for the same push token.
+_DEVICE_RACE_ATTEMPTS = 3
+
+
+class ServiceError(Exception):
+    """An expected failure of a use case; `detail` is shown to the caller and holds no data of
+    anyone else."""
+
+    status_code = 400
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class NotFound(ServiceError):
+    status_code = 404
+
+
+class Conflict(ServiceError):
+    status_code = 409
+
+
+class Invalid(ServiceError):
+    status_code = 422
+
+
+@dataclass(frozen=True)
+class CurrentUser:
+    """Who is calling, as established from the bearer token."""
+
+    id: uuid.UUID
+    username: str
+
+
+@dataclass(frozen=True)
+class Registration:
+    user: User
+    token: str  # shown once; only its hash is stored
+
+
+@dataclass(frozen=True)
+class DeviceRegistration:
+    device: Device
+    created: bool
+
+
+@dataclass(frozen=True)
+class PreferencesView:
+    push_enabled: bool
+    email_enabled: bool
+    muted_room_ids: list[uuid.UUID]
+
+
+@dataclass(frozen=True)
+class RoomView:
+    room: Room
+    member_ids: list[uuid.UUID]
+
+
+@dataclass(frozen=True)
+class MembershipChange:
+    room: RoomView
+    added: bool
+
+
+@dataclass(frozen=True)
+class PostedMessage:
+    message: Message
+    created: bool  # False: an earlier request with the same Idempotency-Key created it
+
+
+@dataclass(frozen=True)
+class MessagePage:
+    items: Sequence[Message]
+    next_cursor: str | None
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+# --- users --------------------------------------------------------------------------------------
+
+
+async def register_user(
+    *, session: AsyncSession, username: str, display_name: str, email: str
+) -> Registration:
+    token = secrets.token_urlsafe(32)
+    user = User(username=username, display_name=display_name, email=email, version=1)
+    try:
+        await repository.add_user(session, user=user, token_hash=hash_token(token))
+        await _stage_user_updated(session, user)
+        await session.commit()
+    except IntegrityError as exc:
+        await session.rollback()
+        raise Conflict("username is taken") from exc
+    return Registration(user=user, token=token)
+
+
+async def authenticate(*, session: AsyncSession, token: str) -> CurrentUser | None:
+    user = await repository.user_by_token_hash(session, token_hash=hash_token(token))
+    return None if user is None else CurrentUser(id=user.id, username=user.username)
+
+
+async def get_profile(*, session: AsyncSession, user_id: uuid.UUID) -> User:
+    user = await repository.get_user(session, user_id=user_id)
+    if user is None:
+        raise NotFound("user not found")
+    return user
+
+
+async def update_profile(
+    *,
+    session: AsyncSession,
+    user_id: uuid.UUID,
+    display_name: str | None = None,
+    email: str | None = None,
+) -> User:
+    user = await _lock_user(session, user_id)
+    changed = False
+    if display_name is not None and display_name != user.display_name:
+        user.display_name = display_name
+        changed = True
+    if email is not None and email != user.email:
+        user.email = email
+        changed = True
+    if changed:
+        await _bump_and_stage(session, user)
+    await session.commit()
+    return user
+
+
+# --- devices ------------------------------------------------------------------------------------
+
+
+async def list_devices(*, session: AsyncSession, user_id: uuid.UUID) -> Sequence[Device]:
+    return await repository.devices_of(session, user_id=user_id)
+
+
+async def register_device(
+    *,
+    session: AsyncSession,
+    user_id: uuid.UUID,
+    platform: Platform,
+    token: str,
+    max_devices: int,
+) -> DeviceRegistration:
+    """Register a push token for the user. The same token again returns the existing device; a
+    token that another user registered moves to this user (the phone changed hands or accounts),
+    and both users' snapshots are republished."""
+    token_hash = hash_token(token)
+    for _ in range(_DEVICE_RACE_ATTEMPTS):
+        try:
+            registration = await _register_device_once(
+                session,
+                user_id=user_id,
+                platform=platform,
+                token=token,
+                token_hash=token_hash,
+                max_devices=max_devices,
+            )
+        except IntegrityError:
+            # Another request registered the same token between our read and our insert.
+            await session.rollback()
+            continue
+        if registration is not None:
+            return registration
+    raise Conflict("the device is being registered concurrently; try again")
+
+
+async def _register_device_once(
+    session: AsyncSession,
+    *,
+    user_id: uuid.UUID,
+    platform: Platform,
+    token: str,
+    token_hash: str,
+    max_devices: int,
+) -> DeviceRegistration | None:
+    """One attempt; None when the token changed hands while we were locking."""
+    existing = await repository.device_by_token(
+        session, platform=platform.value, token_hash=token_hash
+    )
+    owners = {user_id} | ({existing.user_id} if existing is not None else set())
+    users = await repository.lock_users(session, user_ids=owners)
+    if user_id not in users:
+        raise NotFound("user not found")
+    existing = await repository.device_by_token(
+        session, platform=platform.value, token_hash=token_hash
+    )
+    if existing is not None and existing.user_id not in users:
+        await session.rollback()
+        return None
+    if existing is not None and existing.user_id == user_id:
+        await session.commit()
+        return DeviceRegistration(device=existing, created=False)
+    if await repository.count_devices(session, user_id=user_id) >= max_devices:
+        raise Conflict(f"at most {max_devices} devices per user; remove one first")
+    if existing is not None:
+        previous_owner = users[existing.user_id]
+        await session.delete(existing)
+        await session.flush()
+        await _bump_and_stage(session, previous_owner)
+    device = Device(user_id=user_id, platform=platform.value, token=token, token_hash=token_hash)
+    await repository.add_device(session, device=device)
+    await _bump_and_stage(session, users[user_id])
+    await session.commit()
+    return DeviceRegistration(device=device, created=True)
+
+
+async def remove_device(*, session: AsyncSession, user_id: uuid.UUID, device_id: uuid.UUID) -> None:
+    if not await _remove_device(session, user_id=user_id, device_id=device_id):
+        raise NotFound("device not found")
+
+
+async def remove_invalidated_device(
+    *, session: AsyncSession, user_id: uuid.UUID, device_id: uuid.UUID
+) -> bool:
+    """The provider said the token is dead. Idempotent: False when the device is already gone
+    (or belongs to someone else now)."""
+    return await _remove_device(session, user_id=user_id, device_id=device_id)
+
+
+async def _remove_device(
+    session: AsyncSession, *, user_id: uuid.UUID, device_id: uuid.UUID
+) -> bool:
+    users = await repository.lock_users(session, user_ids={user_id})
+    user = users.get(user_id)
+    if user is None or not await repository.delete_device(
+        session, user_id=user_id, device_id=device_id
+    ):
+        await session.rollback()
+        return False
+    await _bump_and_stage(session, user)
+    await session.commit()
+    return True
+
+
+# --- preferences --------------------------------------------------------------------------------
+
+
+async def get_preferences(*, session: AsyncSession, user_id: uuid.UUID) -> PreferencesView:
+    preferences = await repository.preferences_of(session, user_id=user_id)
+    muted = await repository.muted_room_ids(session, user_id=user_id)
+    return PreferencesView(
+        push_enabled=preferences.push_enabled,
+        email_enabled=preferences.email_enabled,
+        muted_room_ids=muted,
+    )
+
+
+async def set_preferences(
+    *,
+    session: AsyncSession,
+    user_id: uuid.UUID,
+    push_enabled: bool,
+    email_enabled: bool,
+    muted_room_ids: Sequence[uuid.UUID],
+) -> PreferencesView:
+    """Replace the preferences. Only rooms the user is a member of can be muted."""
+    user = await _lock_user(session, user_id)
+    wanted = sorted(set(muted_room_ids))
+    unknown = set(wanted) - await repository.rooms_of_member(
+        session, user_id=user_id, room_ids=wanted
+    )
+    if unknown:
+        raise Invalid(f"not a room of yours: {', '.join(sorted(map(str, unknown)))}")
+    preferences = await repository.preferences_of(session, user_id=user_id)
+    current_muted = await repository.muted_room_ids(session, user_id=user_id)
+    if (preferences.push_enabled, preferences.email_enabled, sorted(current_muted)) != (
+        push_enabled,
+        email_enabled,
+        wanted,
+    ):
+        preferences.push_enabled = push_enabled
+        preferences.email_enabled = email_enabled
+        await repository.replace_muted_rooms(session, user_id=user_id, room_ids=wanted)
+        await _bump_and_stage(session, user)
+    await session.commit()
+    return PreferencesView(
+        push_enabled=push_enabled, email_enabled=email_enabled, muted_room_ids=wanted
+    )
+
+
+# --- rooms --------------------------------------------------------------------------------------
+
+
+async def create_room(
+    *, session: AsyncSession, creator_id: uuid.UUID, name: str, member_ids: Sequence[uuid.UUID]
+) -> RoomView:
+    members = list(dict.fromkeys([creator_id, *member_ids]))  # creator first, no duplicates
+    if len(members) > MAX_ROOM_MEMBERS:
+        raise Invalid(f"a room has at most {MAX_ROOM_MEMBERS} members")
+    unknown = set(members) - await repository.existing_user_ids(session, user_ids=members)
+    if unknown:
+        raise Invalid(f"unknown user ids: {', '.join(sorted(map(str, unknown)))}")
+    room = Room(name=name, created_by=creator_id)
+    await repository.add_room(session, room=room, member_ids=members)
+    await session.commit()
+    # Members are listed by join time, then id; everyone here joined at the same instant.
+    return RoomView(room=room, member_ids=sorted(members))
+
+
+async def get_room(*, session: AsyncSession, room_id: uuid.UUID, user_id: uuid.UUID) -> RoomView:
+    room = await _room_of_member(session, room_id=room_id, user_id=user_id)
+    return RoomView(room=room, member_ids=await repository.member_ids(session, room_id=room.id))
+
+
+async def add_member(
+    *, session: AsyncSession, room_id: uuid.UUID, actor_id: uuid.UUID, user_id: uuid.UUID
+) -> MembershipChange:
+    """A member adds someone to the room (idempotent: `added` is False if already in)."""
+    room = await _room_of_member(session, room_id=room_id, user_id=actor_id, lock=True)
+    if not await repository.existing_user_ids(session, user_ids={user_id}):
+        raise Invalid(f"unknown user id: {user_id}")
+    members = await repository.member_ids(session, room_id=room.id)
+    added = False
+    if user_id not in members:
+        if len(members) >= MAX_ROOM_MEMBERS:
+            raise Conflict(f"the room already has {MAX_ROOM_MEMBERS} members")
+        added = await repository.add_member(session, room_id=room.id, user_id=user_id)
+        members.append(user_id)
+    await session.commit()
+    return MembershipChange(room=RoomView(room=room, member_ids=members), added=added)
+
+
+async def _room_of_member(
+    session: AsyncSession, *, room_id: uuid.UUID, user_id: uuid.UUID, lock: bool = False
+) -> Room:
+    room = await repository.room_for_member(session, room_id=room_id, user_id=user_id, lock=lock)
+    if room is None:
+        # Never 403: a non-member must not learn that the room exists.
+        raise NotFound("room not found")
+    return room
+
+
+# --- messages -----------------------------------------------------------------------------------
+
+
+async def post_message(
+    *,
+    session: AsyncSession,
+    room_id: uuid.UUID,
+    sender_id: uuid.UUID,
+    content: str,
+    idempotency_key: str | None = None,
+) -> PostedMessage:
+    """Store the message and stage its MessageCreated in one transaction."""
+    room = await _room_of_member(session, room_id=room_id, user_id=sender_id)
+    if idempotency_key is not None:
+        earlier = await repository.message_by_idempotency_key(
+            session, sender_id=sender_id, idempotency_key=idempotency_key
+        )
+        if earlier is not None:
+            await session.commit()
+            return _replay(earlier, room_id=room_id, content=content)
+    try:
+        message = await _store_message(
+            session, room=room, sender_id=sender_id, content=content, key=idempotency_key
+        )
+        await session.commit()
+    except IntegrityError:
+        # A concurrent request with the same key won the race: answer with its message.
+        await session.rollback()
+        earlier = (
+            None
+            if idempotency_key is None
+            else await repository.message_by_idempotency_key(
+                session, sender_id=sender_id, idempotency_key=idempotency_key
+            )
+        )
+        if earlier is None:
+            raise
+        await session.commit()
+        return _replay(earlier, room_id=room_id, content=content)
+    return PostedMessage(message=message, created=True)
+
+
+async def _store_message(
+    session: AsyncSession, *, room: Room, sender_id: uuid.UUID, content: str, key: str | None
+) -> Message:
+    sender = await repository.get_user(session, user_id=sender_id)
+    if sender is None:
+        raise NotFound("user not found")
+    members = await repository.members_with_usernames(session, room_id=room.id)
+    message = Message(room_id=room.id, sender_id=sender_id, content=content, idempotency_key=key)
+    await repository.add_message(session, message=message)
+    recipients = [(user_id, username) for user_id, username in members if user_id != sender_id]
+    event = MessageCreated(
+        occurred_at=message.created_at,
+        message_id=message.id,
+        room_id=room.id,
+        room_name=room.name,
+        sender_id=sender_id,
+        recipient_ids=[user_id for user_id, _ in recipients],
+        message_content=content,
+        sender_info=SenderInfo(
+            user_id=sender.id, username=sender.username, display_name=sender.display_name
+        ),
+        mentions=mentioned(content, recipients),
+        timestamp=message.created_at,
+    )
+    repository.add_outbox_event(session, event=event, event_type=event.type)
+    return message
+
+
+def mentioned(content: str, members: Sequence[tuple[uuid.UUID, str]]) -> list[uuid.UUID]:
+    """Ids of the members whose `@username` appears in the content, in member order."""
+    names = {match.lower() for match in MENTION.findall(content)}
+    return [user_id for user_id, username in members if username in names]
+
+
+def _replay(message: Message, *, room_id: uuid.UUID, content: str) -> PostedMessage:
+    if message.room_id != room_id or message.content != content:
+        raise Invalid("this Idempotency-Key was already used for a different message")
+    return PostedMessage(message=message, created=False)
+
+
+async def list_messages(
+    *,
+    session: AsyncSession,
+    room_id: uuid.UUID,
+    user_id: uuid.UUID,
+    limit: int,
+    before: str | None = None,
+) -> MessagePage:
+    """Newest first; `next_cursor` continues with older messages (None: no more)."""
+    await _room_of_member(session, room_id=room_id, user_id=user_id)
+    limit = max(1, min(limit, MAX_PAGE_SIZE))
+    position = None if before is None else decode_cursor(before)
+    rows = await repository.messages_page(
+        session, room_id=room_id, limit=limit + 1, before=position
+    )
+    items = rows[:limit]
+    next_cursor = encode_cursor(items[-1].created_at, items[-1].id) if len(rows) > limit else None
+    return MessagePage(items=items, next_cursor=next_cursor)
+
+
+def encode_cursor(created_at: datetime, message_id: uuid.UUID) -> str:
+    raw = json.dumps([created_at.isoformat(), str(message_id)], separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created_at, message_id = json.loads(raw)
+        position = datetime.fromisoformat(created_at), uuid.UUID(message_id)
+    except (binascii.Error, ValueError, TypeError, AttributeError) as exc:
+        raise Invalid("invalid cursor") from exc
+    if position[0].tzinfo is None:
+        raise Invalid("invalid cursor")
+    return position
+
+
+# --- user snapshots -----------------------------------------------------------------------------
+
+
+async def _lock_user(session: AsyncSession, user_id: uuid.UUID) -> User:
+    user = (await repository.lock_users(session, user_ids={user_id})).get(user_id)
+    if user is None:
+        raise NotFound("user not found")
+    return user
+
+
+async def _bump_and_stage(session: AsyncSession, user: User) -> None:
+    user.version += 1
+    user.updated_at = utc_now()
+    await session.flush()
+    await _stage_user_updated(session, user)
+
+
+async def _stage_user_updated(session: AsyncSession, user: User) -> None:
+    """Stage the full snapshot of `user` as it is in this transaction."""
+    devices = await repository.devices_of(session, user_id=user.id)
+    preferences = await repository.preferences_of(session, user_id=user.id)
+    muted = await repository.muted_room_ids(session, user_id=user.id)
+    event = UserUpdated(
+        occurred_at=user.updated_at,
+        user_id=user.id,
+        version=user.version,
+        username=user.username,
+        display_name=user.display_name,
+        email=user.email,
+        devices=[
+            DeviceSnapshot(
+                device_id=device.id, platform=Platform(device.platform), token=device.token
+            )
+            for device in devices
+        ],
+        preferences=PreferencesSnapshot(
+            push_enabled=preferences.push_enabled,
+            email_enabled=preferences.email_enabled,
+            muted_room_ids=muted,
+        ),
+    )
+    repository.add_outbox_event(session, event=event, event_type=event.type)

@@ -1,0 +1,136 @@
+"""The API on PostgreSQL with a real broker: every endpoint once, keyset paging on real
+timestamps, and a DeviceInvalidated that arrives over RabbitMQ."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aio_pika
+import pytest
+from fastapi import FastAPI
+
+from herald_shared.events import DeviceInvalidated
+from herald_shared.topology import DEVICE_INVALIDATED, EXCHANGE, RECIPIENT_UPDATES
+from message_service.app import create_app, runtime_of
+from tests.integration.message_service.helpers import drain, nothing_pending, settings_for
+from tests.support.infra import wait_until
+from tests.unit.message_service.helpers import client_for, create_room, register
+
+
+@pytest.fixture
+async def app(pg_url: str, rabbit_url: str) -> AsyncIterator[FastAPI]:
+    app = create_app(settings_for(pg_url, rabbit_url))
+    async with app.router.lifespan_context(app):
+        yield app
+
+
+async def test_every_endpoint_on_postgres(app: FastAPI) -> None:
+    async with client_for(app) as client:
+        alice = await register(client, "alice")
+        bob = await register(client, "bob")
+        carol = await register(client, "carol")
+
+        me = await client.patch("/users/me", json={"display_name": "Al"}, headers=alice.headers)
+        assert me.json()["display_name"] == "Al"
+        assert (await client.get("/users/me", headers=alice.headers)).json()["email"] == (
+            "alice@example.test"
+        )
+
+        device = await client.post(
+            "/users/me/devices", json={"platform": "fcm", "token": "phone"}, headers=alice.headers
+        )
+        moved = await client.post(
+            "/users/me/devices", json={"platform": "fcm", "token": "phone"}, headers=bob.headers
+        )
+        assert (device.status_code, moved.status_code) == (201, 201)
+        assert (await client.get("/users/me/devices", headers=alice.headers)).json() == []
+        deleted = await client.delete(
+            f"/users/me/devices/{moved.json()['id']}", headers=bob.headers
+        )
+        assert deleted.status_code == 204
+
+        room = await create_room(client, alice, [bob])
+        added = await client.post(
+            f"/rooms/{room}/members", json={"user_id": str(carol.id)}, headers=bob.headers
+        )
+        assert added.status_code == 201
+        assert (await client.get(f"/rooms/{room}", headers=carol.headers)).status_code == 200
+
+        preferences = {"push_enabled": False, "email_enabled": True, "muted_room_ids": [str(room)]}
+        put = await client.put("/users/me/preferences", json=preferences, headers=carol.headers)
+        assert put.json() == preferences
+        assert (await client.get("/users/me/preferences", headers=carol.headers)).json() == (
+            preferences
+        )
+
+        sent = []
+        for i in range(7):
+            posted = await client.post(
+                f"/rooms/{room}/messages", json={"content": f"m{i}"}, headers=alice.headers
+            )
+            sent.append(posted.json()["id"])
+        seen: list[str] = []
+        cursor = None
+        while True:
+            params: dict[str, Any] = {"limit": 3, **({"before": cursor} if cursor else {})}
+            page = (
+                await client.get(f"/rooms/{room}/messages", params=params, headers=bob.headers)
+            ).json()
+            seen += [item["id"] for item in page["items"]]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        assert seen == sent[::-1]
+
+        outsider = await register(client, "mallory")
+        assert (await client.get(f"/rooms/{room}", headers=outsider.headers)).status_code == 404
+
+
+async def test_a_device_invalidated_over_rabbitmq_is_removed_and_republished(
+    app: FastAPI, rabbit_url: str
+) -> None:
+    runtime = runtime_of(app)
+    async with client_for(app) as client:
+        alice = await register(client, "alice")
+        device = await client.post(
+            "/users/me/devices", json={"platform": "fcm", "token": "dead"}, headers=alice.headers
+        )
+        device_id = uuid.UUID(device.json()["id"])
+        await wait_until(lambda: nothing_pending(runtime), timeout=10)
+        await drain(rabbit_url, RECIPIENT_UPDATES.name)
+
+        event = DeviceInvalidated(user_id=alice.id, device_id=device_id, reason="UNREGISTERED")
+        connection = await aio_pika.connect(rabbit_url)
+        async with connection:
+            channel = await connection.channel()
+            exchange = await channel.get_exchange(EXCHANGE.name)
+            for _ in range(2):  # a redelivery is a no-op
+                await exchange.publish(
+                    aio_pika.Message(
+                        event.model_dump_json().encode(),
+                        content_type="application/json",
+                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    ),
+                    routing_key=DEVICE_INVALIDATED,
+                )
+
+        async def gone() -> bool:
+            listed = await client.get("/users/me/devices", headers=alice.headers)
+            return not listed.json()
+
+        await wait_until(gone, timeout=10)
+
+        async def republished() -> list[dict[str, Any]]:
+            if not await nothing_pending(runtime):
+                return []
+            return [json.loads(m.body) for m in await drain(rabbit_url, RECIPIENT_UPDATES.name)]
+
+        (snapshot,) = await wait_until(republished, timeout=10)
+    assert (snapshot["user_id"], snapshot["version"], snapshot["devices"]) == (
+        str(alice.id),
+        3,
+        [],
+    )

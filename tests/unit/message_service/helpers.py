@@ -1,0 +1,117 @@
+"""Builders and readers for message-service's tests (imported by tests; never a conftest)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from fastapi import FastAPI
+from faststream.rabbit import TestRabbitBroker
+from sqlmodel import col, select
+
+from herald_shared.broker import RabbitSettings
+from herald_shared.events import EVENT_ADAPTER, MessageCreated, SenderInfo, UserUpdated, utc_now
+from message_service.app import Runtime, create_app, runtime_of
+from message_service.models import OutboxEvent
+from message_service.settings import Settings
+
+# Nothing listens there: the in-memory broker never connects, and a real connection fails fast.
+CLOSED_RABBITMQ_URL = "amqp://guest:secret-password@127.0.0.1:1/"
+
+
+def make_settings(database_url: str, **overrides: Any) -> Settings:
+    rabbitmq = overrides.pop("rabbitmq", None) or RabbitSettings(
+        url=CLOSED_RABBITMQ_URL, publish_timeout=1.0
+    )
+    values: dict[str, Any] = {"outbox_relay_interval": 0.05, "outbox_max_backoff": 0.2}
+    values.update(overrides)
+    return Settings(database_url=database_url, rabbitmq=rabbitmq, **values)
+
+
+@asynccontextmanager
+async def running_app(settings: Settings) -> AsyncIterator[FastAPI]:
+    """The app with its lifespan (migrations, broker, relay) on the in-memory broker."""
+    app = create_app(settings)
+    async with TestRabbitBroker(runtime_of(app).broker), app.router.lifespan_context(app):
+        yield app
+
+
+def client_for(app: FastAPI) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+
+@dataclass(frozen=True)
+class Account:
+    id: uuid.UUID
+    username: str
+    token: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+async def register(
+    client: httpx.AsyncClient, username: str, *, email: str | None = None
+) -> Account:
+    response = await client.post(
+        "/users",
+        json={
+            "username": username,
+            "display_name": username.title(),
+            "email": email or f"{username}@example.test",
+        },
+    )
+    assert response.status_code == 201, response.text
+    body = response.json()
+    return Account(id=uuid.UUID(body["id"]), username=username, token=body["token"])
+
+
+async def create_room(
+    client: httpx.AsyncClient, owner: Account, members: Sequence[Account], name: str = "general"
+) -> uuid.UUID:
+    response = await client.post(
+        "/rooms",
+        json={"name": name, "member_ids": [str(member.id) for member in members]},
+        headers=owner.headers,
+    )
+    assert response.status_code == 201, response.text
+    return uuid.UUID(response.json()["id"])
+
+
+async def outbox_rows(runtime: Runtime) -> list[OutboxEvent]:
+    async with runtime.sessions() as session:
+        statement = select(OutboxEvent).order_by(col(OutboxEvent.seq))
+        return list((await session.exec(statement)).all())
+
+
+async def user_updates(runtime: Runtime, user_id: uuid.UUID) -> list[UserUpdated]:
+    events = [EVENT_ADAPTER.validate_json(row.payload) for row in await outbox_rows(runtime)]
+    return [e for e in events if isinstance(e, UserUpdated) and e.user_id == user_id]
+
+
+async def messages_created(runtime: Runtime) -> list[MessageCreated]:
+    events = [EVENT_ADAPTER.validate_json(row.payload) for row in await outbox_rows(runtime)]
+    return [e for e in events if isinstance(e, MessageCreated)]
+
+
+def published(publisher_mock: Any) -> list[dict[str, Any]]:
+    return [call.args[0] for call in publisher_mock.call_args_list]
+
+
+def message_created(text: str = "hello") -> MessageCreated:
+    """A MessageCreated about nobody in particular, for staging outbox rows directly."""
+    sender = uuid.uuid4()
+    return MessageCreated(
+        message_id=uuid.uuid4(),
+        room_id=uuid.uuid4(),
+        sender_id=sender,
+        recipient_ids=[uuid.uuid4()],
+        message_content=text,
+        sender_info=SenderInfo(user_id=sender, username="alice", display_name="Alice"),
+        timestamp=utc_now(),
+    )

@@ -1,0 +1,396 @@
+"""The outbox relay: in order, at least once, never blocking a request, never dying."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from datetime import timedelta
+from typing import Any, cast
+
+import pytest
+from faststream.rabbit.publisher import RabbitPublisher
+from prometheus_client import CollectorRegistry
+from sqlmodel import col, select
+
+from herald_shared.broker import RabbitSettings
+from herald_shared.database import run_migrations
+from herald_shared.events import (
+    Event,
+    Platform,
+    UserUpdated,
+    utc_now,
+)
+from message_service import repository
+from message_service.app import Runtime, create_app, runtime_of
+from message_service.models import OutboxEvent
+from message_service.outbox import OutboxMetrics, OutboxRelay, session_scope
+from tests.support.infra import wait_until
+from tests.unit.message_service.helpers import (
+    CLOSED_RABBITMQ_URL,
+    client_for,
+    create_room,
+    make_settings,
+    message_created,
+    outbox_rows,
+    published,
+    register,
+    running_app,
+)
+
+
+class FakePublisher:
+    """Records what it publishes; fails while `failing` is set."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.failing = False
+        self.calls = 0
+
+    async def publish(self, message: Event, **kwargs: Any) -> None:
+        self.calls += 1
+        if self.failing:
+            raise ConnectionError("broker unreachable")
+        self.events.append({"event": message, **kwargs})
+
+
+@pytest.fixture
+async def runtime(sqlite_url: str) -> AsyncIterator[Runtime]:
+    """The database of a migrated app, without its lifespan: nothing else publishes."""
+    runtime = runtime_of(create_app(make_settings(sqlite_url)))
+    await run_migrations(
+        runtime.engine, script_location="message_service:migrations", service_name="message-service"
+    )
+    yield runtime
+    await runtime.engine.dispose()
+
+
+@pytest.fixture
+def publisher() -> FakePublisher:
+    return FakePublisher()
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+def make_relay(
+    runtime: Runtime,
+    publisher: FakePublisher,
+    registry: CollectorRegistry,
+    **overrides: Any,
+) -> OutboxRelay:
+    fake = cast(RabbitPublisher, publisher)
+    options: dict[str, Any] = {
+        "publish_timeout": 1.0,
+        "batch_size": 10,
+        "interval": 0.05,
+        "max_backoff": 0.2,
+        **overrides,
+    }
+    return OutboxRelay(
+        sessions=runtime.sessions,
+        publishers={"new_message": fake, "user_updated": fake},
+        metrics=OutboxMetrics(registry),
+        **options,
+    )
+
+
+async def stage(runtime: Runtime, events: Sequence[Event], *, commit: bool = True) -> None:
+    async with runtime.sessions() as session:
+        for event in events:
+            repository.add_outbox_event(
+                session, event=event, event_type=str(event.model_dump()["type"])
+            )
+        if commit:
+            await session.commit()
+        else:
+            await session.rollback()
+
+
+async def pending(runtime: Runtime) -> list[OutboxEvent]:
+    return [row for row in await outbox_rows(runtime) if row.published_at is None]
+
+
+def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    return registry.get_sample_value(name, labels) or 0.0
+
+
+async def test_pending_rows_are_published_in_order_and_marked(
+    runtime: Runtime, publisher: FakePublisher, registry: CollectorRegistry
+) -> None:
+    events = [message_created(f"m{i}") for i in range(3)]
+    await stage(runtime, events)
+    relay = make_relay(runtime, publisher, registry)
+
+    result = await relay.publish_pending()
+
+    assert (result.claimed, result.published, result.failed) == (3, 3, False)
+    assert [e["event"] for e in publisher.events] == events
+    assert [e["message_id"] for e in publisher.events] == [str(e.event_id) for e in events]
+    assert await pending(runtime) == []
+    assert all(row.attempts == 1 for row in await outbox_rows(runtime))
+    assert sample(registry, "herald_message_outbox_published_total", event_type="new_message") == 3
+    assert (await relay.publish_pending()).claimed == 0
+
+
+async def test_a_rolled_back_transaction_publishes_nothing(
+    runtime: Runtime, publisher: FakePublisher, registry: CollectorRegistry
+) -> None:
+    kept, discarded = message_created("kept"), message_created("discarded")
+    await stage(runtime, [discarded], commit=False)
+    await stage(runtime, [kept])
+
+    await make_relay(runtime, publisher, registry).publish_pending()
+
+    assert [e["event"] for e in publisher.events] == [kept]
+
+
+async def test_a_failed_publish_keeps_the_row_and_stops_the_batch(
+    runtime: Runtime, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    events = [message_created(f"private text {i}") for i in range(3)]
+    await stage(runtime, events)
+
+    class FailsSecond(FakePublisher):
+        async def publish(self, message: Event, **kwargs: Any) -> None:
+            self.failing = self.calls == 1
+            await super().publish(message, **kwargs)
+
+    flaky = FailsSecond()
+    with caplog.at_level(logging.WARNING):
+        result = await make_relay(runtime, flaky, registry).publish_pending()
+
+    assert (result.published, result.failed) == (1, True)
+    rows = await outbox_rows(runtime)
+    assert [row.published_at is not None for row in rows] == [True, False, False]
+    assert (rows[1].attempts, rows[2].attempts) == (1, 0)
+    assert rows[1].last_error is not None
+    assert "ConnectionError" in rows[1].last_error
+    assert (
+        sample(registry, "herald_message_outbox_publish_failures_total", event_type="new_message")
+        == 1
+    )
+    assert f"event_id={events[1].event_id}" in caplog.text
+    assert "private text" not in caplog.text
+
+
+async def test_an_unpublishable_row_does_not_block_the_others(
+    runtime: Runtime, publisher: FakePublisher, registry: CollectorRegistry
+) -> None:
+    good = message_created()
+    async with runtime.sessions() as session:
+        session.add(OutboxEvent(event_id=uuid.uuid4(), event_type="new_message", payload="{bad"))
+        session.add(
+            OutboxEvent(event_id=uuid.uuid4(), event_type="mystery", payload=good.model_dump_json())
+        )
+        await session.commit()
+    await stage(runtime, [good])
+
+    result = await make_relay(runtime, publisher, registry).publish_pending()
+
+    assert (result.published, result.failed) == (1, False)
+    assert [e["event"] for e in publisher.events] == [good]
+    broken = await pending(runtime)
+    assert len(broken) == 2
+    assert all(row.attempts == 1 and row.last_error for row in broken)
+
+
+async def test_the_loop_survives_failures_backs_off_and_catches_up(
+    runtime: Runtime, publisher: FakePublisher, registry: CollectorRegistry
+) -> None:
+    event = message_created()
+    await stage(runtime, [event])
+    publisher.failing = True
+    relay = make_relay(runtime, publisher, registry)
+    relay.start()
+    try:
+
+        async def failed_twice() -> bool:
+            return publisher.calls >= 2
+
+        await wait_until(failed_twice, timeout=5)
+        assert (await pending(runtime))[0].attempts >= 2
+        publisher.failing = False
+
+        async def all_published() -> bool:
+            return not await pending(runtime)
+
+        await wait_until(all_published, timeout=5)
+    finally:
+        await relay.stop()
+    assert not relay.running
+    assert [e["event"] for e in publisher.events] == [event]
+
+
+async def test_the_loop_survives_a_broken_database(
+    runtime: Runtime,
+    publisher: FakePublisher,
+    registry: CollectorRegistry,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    claim = repository.claim_pending
+    broken = True
+
+    async def flaky_claim(*args: Any, **kwargs: Any) -> Any:
+        if broken:
+            raise OSError("database is down")
+        return await claim(*args, **kwargs)
+
+    monkeypatch.setattr(repository, "claim_pending", flaky_claim)
+    await stage(runtime, [message_created()])
+    relay = make_relay(runtime, publisher, registry)
+    relay.start()
+    try:
+
+        async def logged() -> bool:
+            return "message_service.outbox.cycle_failed" in caplog.text
+
+        await wait_until(logged, timeout=5)
+        broken = False
+
+        async def delivered() -> bool:
+            return bool(publisher.events)
+
+        await wait_until(delivered, timeout=5)
+        assert relay.running
+    finally:
+        await relay.stop()
+
+
+async def test_a_nudge_wakes_the_relay_long_before_its_interval(
+    runtime: Runtime, publisher: FakePublisher, registry: CollectorRegistry
+) -> None:
+    relay = make_relay(runtime, publisher, registry, interval=60.0)
+    relay.start()
+    try:
+        await asyncio.sleep(0)  # let the first (empty) cycle start and go to sleep
+        async with session_scope(runtime.sessions, relay.nudge) as session:
+            repository.add_outbox_event(session, event=message_created(), event_type="new_message")
+            await session.commit()
+
+        async def delivered() -> bool:
+            return bool(publisher.events)
+
+        await wait_until(delivered, timeout=5)
+    finally:
+        await relay.stop(timeout=5)
+
+
+async def test_session_scope_nudges_only_after_an_outbox_write(runtime: Runtime) -> None:
+    nudges: list[bool] = []
+
+    async with session_scope(runtime.sessions, lambda: nudges.append(True)) as session:
+        await repository.pending_stats(session)
+    assert nudges == []
+
+    async def failing_use_case() -> None:
+        async with session_scope(runtime.sessions, lambda: nudges.append(True)) as session:
+            repository.add_outbox_event(session, event=message_created(), event_type="new_message")
+            raise RuntimeError("use case failed")
+
+    with pytest.raises(RuntimeError):
+        await failing_use_case()
+    assert nudges == []
+    async with session_scope(runtime.sessions, lambda: nudges.append(True)) as session:
+        repository.add_outbox_event(session, event=message_created(), event_type="new_message")
+        await session.commit()
+    assert nudges == [True]
+
+
+async def test_gauges_count_pending_rows_and_purge_drops_only_old_published_ones(
+    runtime: Runtime, publisher: FakePublisher, registry: CollectorRegistry
+) -> None:
+    relay = make_relay(runtime, publisher, registry, retention=3600.0)
+    await stage(runtime, [message_created() for _ in range(3)])
+    await relay.refresh_gauges()
+    assert sample(registry, "herald_message_outbox_pending") == 3
+    assert sample(registry, "herald_message_outbox_oldest_pending_age_seconds") >= 0
+
+    await relay.publish_pending()
+    await stage(runtime, [message_created()])
+    async with runtime.sessions() as session:
+        rows = (await session.exec(select(OutboxEvent).order_by(col(OutboxEvent.seq)))).all()
+        rows[0].published_at = utc_now() - timedelta(hours=2)
+        await session.commit()
+
+    assert await relay.purge() == 1
+    await relay.refresh_gauges()
+    assert len(await outbox_rows(runtime)) == 3
+    assert sample(registry, "herald_message_outbox_pending") == 1
+
+
+async def test_the_app_relay_publishes_through_the_broker(sqlite_url: str) -> None:
+    async with running_app(make_settings(sqlite_url)) as app, client_for(app) as client:
+        runtime = runtime_of(app)
+        alice = await register(client, "alice")
+        bob = await register(client, "bob")
+        room = await create_room(client, alice, [bob])
+        await client.post(
+            "/users/me/devices", json={"platform": "fcm", "token": "tok-b"}, headers=bob.headers
+        )
+        posted = await client.post(
+            f"/rooms/{room}/messages", json={"content": "hi @bob"}, headers=alice.headers
+        )
+        message_mock = runtime.publishers["new_message"].mock
+        user_mock = runtime.publishers["user_updated"].mock
+        assert message_mock is not None
+        assert user_mock is not None
+
+        async def all_published() -> bool:
+            return len(published(message_mock)) == 1 and len(published(user_mock)) == 3
+
+        await wait_until(all_published, timeout=5)
+        assert await pending(runtime) == []
+        (message,) = published(message_mock)
+        updates = [UserUpdated.model_validate(body) for body in published(user_mock)]
+
+    assert message["message_id"] == posted.json()["id"]
+    assert message["recipient_ids"] == [str(bob.id)]
+    assert message["mentions"] == [str(bob.id)]
+    assert sorted((u.username, u.version) for u in updates) == [
+        ("alice", 1),
+        ("bob", 1),
+        ("bob", 2),
+    ]
+    bob_now = next(u for u in updates if (u.username, u.version) == ("bob", 2))
+    assert [(d.platform, d.token) for d in bob_now.devices] == [(Platform.FCM, "tok-b")]
+
+
+async def test_http_requests_never_wait_for_the_broker(sqlite_url: str) -> None:
+    """The relay is stuck on a publish that never confirms: requests still succeed at once (on
+    SQLite too, where an open transaction would hold the whole database)."""
+    rabbitmq = RabbitSettings(url=CLOSED_RABBITMQ_URL, publish_timeout=30.0)
+    settings = make_settings(sqlite_url, rabbitmq=rabbitmq)
+    async with running_app(settings) as app, client_for(app) as client:
+        runtime = runtime_of(app)
+        blocked = asyncio.Event()
+
+        async def hang(*args: Any, **kwargs: Any) -> None:
+            blocked.set()
+            await asyncio.Event().wait()
+
+        for publisher in runtime.publishers.values():
+            publisher.publish = hang  # type: ignore[method-assign]
+        alice = await register(client, "alice")
+        room = await create_room(client, alice, [])
+        await asyncio.wait_for(blocked.wait(), timeout=5)
+
+        responses = [
+            await asyncio.wait_for(
+                client.post(
+                    f"/rooms/{room}/messages", json={"content": f"m{i}"}, headers=alice.headers
+                ),
+                timeout=2,
+            )
+            for i in range(3)
+        ]
+
+        assert [response.status_code for response in responses] == [201] * 3
+        assert [row.event_type for row in await pending(runtime)][-3:] == ["new_message"] * 3
+        # Shutting down does not wait for a publish that never ends.
+        await asyncio.wait_for(runtime.relay.stop(timeout=0.1), timeout=2)
+        assert not runtime.relay.running

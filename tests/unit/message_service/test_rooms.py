@@ -1,0 +1,159 @@
+"""Rooms and membership; a non-member never learns that a room exists."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.unit.message_service.helpers import create_room, register
+
+
+async def test_the_creator_is_a_member_with_the_listed_users(client: httpx.AsyncClient) -> None:
+    alice = await register(client, "alice")
+    bob = await register(client, "bob")
+
+    response = await client.post(
+        "/rooms",
+        json={"name": "general", "member_ids": [str(bob.id), str(bob.id), str(alice.id)]},
+        headers=alice.headers,
+    )
+
+    assert response.status_code == 201
+    body = response.json()
+    assert set(body) == {"id", "name", "member_ids", "created_at"}
+    assert body["name"] == "general"
+    assert sorted(body["member_ids"]) == sorted([str(alice.id), str(bob.id)])
+    fetched = await client.get(f"/rooms/{body['id']}", headers=bob.headers)
+    assert fetched.status_code == 200
+    assert fetched.json() == body
+
+
+async def test_unknown_members_are_422_with_the_reason(client: httpx.AsyncClient) -> None:
+    alice = await register(client, "alice")
+    ghost = uuid.uuid4()
+
+    response = await client.post(
+        "/rooms", json={"name": "r", "member_ids": [str(ghost)]}, headers=alice.headers
+    )
+
+    assert response.status_code == 422
+    assert response.json() == {"detail": f"unknown user ids: {ghost}"}
+
+
+async def test_member_lists_are_capped(client: httpx.AsyncClient) -> None:
+    alice = await register(client, "alice")
+    others = [str(uuid.uuid4()) for _ in range(1000)]
+
+    too_long = await client.post(
+        "/rooms",
+        json={"name": "r", "member_ids": [*others, str(uuid.uuid4())]},
+        headers=alice.headers,
+    )
+    with_creator = await client.post(
+        "/rooms", json={"name": "r", "member_ids": others}, headers=alice.headers
+    )
+
+    assert too_long.status_code == 422
+    assert with_creator.status_code == 422
+    assert with_creator.json() == {"detail": "a room has at most 1000 members"}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"name": "x" * 101, "member_ids": []},
+        {"name": "", "member_ids": []},
+        {"name": "line\nbreak", "member_ids": []},
+        {"name": "tab\there", "member_ids": []},
+        {"member_ids": []},
+        {"name": "r", "member_ids": ["not-a-uuid"]},
+        {"name": "r", "member_ids": [], "created_by": "00000000-0000-0000-0000-000000000001"},
+    ],
+)
+async def test_invalid_rooms_are_422(client: httpx.AsyncClient, body: dict[str, Any]) -> None:
+    alice = await register(client, "alice")
+
+    response = await client.post("/rooms", json=body, headers=alice.headers)
+
+    assert response.status_code == 422
+
+
+async def test_a_non_member_gets_404_exactly_as_for_a_missing_room(
+    client: httpx.AsyncClient,
+) -> None:
+    alice = await register(client, "alice")
+    mallory = await register(client, "mallory")
+    room = await create_room(client, alice, [])
+
+    hidden = await client.get(f"/rooms/{room}", headers=mallory.headers)
+    missing = await client.get(f"/rooms/{uuid.uuid4()}", headers=mallory.headers)
+
+    assert hidden.status_code == missing.status_code == 404
+    assert hidden.json() == missing.json() == {"detail": "room not found"}
+
+
+async def test_a_member_adds_a_user_once(client: httpx.AsyncClient) -> None:
+    alice = await register(client, "alice")
+    bob = await register(client, "bob")
+    carol = await register(client, "carol")
+    room = await create_room(client, alice, [bob])
+
+    added = await client.post(
+        f"/rooms/{room}/members", json={"user_id": str(carol.id)}, headers=bob.headers
+    )
+    again = await client.post(
+        f"/rooms/{room}/members", json={"user_id": str(carol.id)}, headers=alice.headers
+    )
+
+    assert added.status_code == 201
+    assert added.json()["member_ids"][-1] == str(carol.id)
+    assert again.status_code == 200
+    assert again.json()["member_ids"] == added.json()["member_ids"]
+    assert (await client.get(f"/rooms/{room}", headers=carol.headers)).status_code == 200
+
+
+async def test_only_members_add_members(client: httpx.AsyncClient) -> None:
+    alice = await register(client, "alice")
+    mallory = await register(client, "mallory")
+    room = await create_room(client, alice, [])
+
+    response = await client.post(
+        f"/rooms/{room}/members", json={"user_id": str(mallory.id)}, headers=mallory.headers
+    )
+
+    assert response.status_code == 404
+    assert (await client.get(f"/rooms/{room}", headers=mallory.headers)).status_code == 404
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"user_id": str(uuid.uuid4())}, {"user_id": "nope"}, {}, {"user_id": None, "role": "x"}],
+)
+async def test_adding_an_unknown_or_invalid_user_is_422(
+    client: httpx.AsyncClient, body: dict[str, Any]
+) -> None:
+    alice = await register(client, "alice")
+    room = await create_room(client, alice, [])
+
+    response = await client.post(f"/rooms/{room}/members", json=body, headers=alice.headers)
+
+    assert response.status_code == 422
+
+
+async def test_a_full_room_takes_no_one_else(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("message_service.service.MAX_ROOM_MEMBERS", 2)
+    alice = await register(client, "alice")
+    bob = await register(client, "bob")
+    carol = await register(client, "carol")
+    room = await create_room(client, alice, [bob])
+
+    response = await client.post(
+        f"/rooms/{room}/members", json={"user_id": str(carol.id)}, headers=alice.headers
+    )
+
+    assert response.status_code == 409
