@@ -12,7 +12,6 @@ import pytest
 import yaml
 from pydantic_settings import BaseSettings
 
-from herald_shared.broker import RabbitSettings
 from scripts.gen_asyncapi import SERVICES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,16 +24,26 @@ def _settings_class(service: str) -> type[BaseSettings]:
     return settings_class
 
 
-def known_variables(service: str) -> set[str]:
-    settings_class = _settings_class(service)
-    names = {
-        (field.alias or name).upper()
-        for name, field in settings_class.model_fields.items()
-        if name != "rabbitmq"
-    }
-    prefix = str(RabbitSettings.model_config.get("env_prefix", ""))
-    names |= {prefix + name.upper() for name in RabbitSettings.model_fields}
+def _variables(settings_class: type[BaseSettings], prefix: str = "") -> set[str]:
+    """The environment variables a settings class reads, nested settings groups included."""
+    prefix += str(settings_class.model_config.get("env_prefix", ""))
+    names = set()
+    for name, field in settings_class.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseSettings):
+            names |= _variables(field.annotation)
+        else:
+            names.add(prefix + (field.alias or name).upper())
     return names
+
+
+def known_variables(service: str) -> set[str]:
+    return _variables(_settings_class(service))
+
+
+def test_known_variables_include_nested_groups() -> None:
+    variables = known_variables("push-sender")
+    assert {"PORT", "DATABASE_URL", "RABBITMQ_URL", "PUSH_PROVIDER", "FCM_BASE_URL"} <= variables
+    assert "RABBITMQ" not in variables
 
 
 def test_compose_runs_every_service_with_infrastructure() -> None:

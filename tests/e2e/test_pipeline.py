@@ -145,11 +145,23 @@ async def test_a_message_reaches_every_other_member_by_ledger_push_and_email(
         assert text_part is not None
         assert "Hello everyone!" in text_part.get_content()
 
+    # The router's ledger: one row per recipient, and every delivery reported back as delivered.
     connection = await asyncpg.connect(_pg(pipeline.databases["notification-router"]))
     try:
+
+        async def all_reported() -> list[asyncpg.Record]:
+            rows: list[asyncpg.Record] = await connection.fetch(
+                "SELECT channel, status FROM notification_deliveries WHERE message_id = $1",
+                uuid.UUID(message_id),
+            )
+            done = len(rows) == 4 and all(row["status"] == "delivered" for row in rows)
+            return rows if done else []
+
+        deliveries = await infra.wait_until(all_reported, timeout=30)
         ledger = await connection.fetch(
             "SELECT recipient_id FROM notifications WHERE message_id = $1", uuid.UUID(message_id)
         )
     finally:
         await connection.close()
     assert sorted(str(row["recipient_id"]) for row in ledger) == sorted([bob["id"], carol["id"]])
+    assert sorted(row["channel"] for row in deliveries) == ["email", "email", "push", "push"]
