@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import signal
@@ -35,12 +36,39 @@ async def broker_healthy(broker: RabbitBroker, timeout: float = 3.0) -> bool:
         return False
 
 
+async def consumers_ready(broker: RabbitBroker, timeout: float = 3.0) -> bool:
+    """Every subscriber of this process consumes on an open channel, and RabbitMQ agrees that
+    its queue has a consumer.
+
+    After a lost connection aio-pika reconnects and re-creates the consumers; until then (or if
+    the server cancelled a consumer) the process is alive but not doing its work, which is what
+    readiness must say. FastStream 0.7.8 keeps the consumer state on private attributes; the
+    version is pinned and `tests/integration/shared/test_readiness.py` breaks if they move.
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            for subscriber in broker.subscribers:
+                queue: Any = getattr(subscriber, "_queue_obj", None)
+                if queue is None or getattr(subscriber, "_consumer_tag", None) is None:
+                    return False
+                if queue.channel.is_closed:
+                    return False
+                channel = await queue.channel.get_underlay_channel()
+                declared = await channel.queue_declare(queue.name, passive=True)
+                if not declared.consumer_count:
+                    return False
+    except Exception:  # a failed check is an answer: not ready
+        return False
+    return True
+
+
 def health_routes(
     broker: RabbitBroker,
     registry: CollectorRegistry,
     checks: Mapping[str, ReadinessCheck],
 ) -> list[tuple[str, ASGIApp]]:
-    """`/health` (alive), `/health/ready` (RabbitMQ and every named check pass),
+    """`/health` (alive), `/health/ready` (RabbitMQ answers, every consumer is consuming, and
+    every named check passes),
     `/health/rabbitmq` (the specification's), `/metrics` (Prometheus)."""
 
     @get(include_in_schema=False)
@@ -54,7 +82,10 @@ def health_routes(
 
     @get(include_in_schema=False)
     async def readiness(scope: Scope) -> AsgiResponse:
-        results = {"rabbitmq": await broker_healthy(broker)}
+        results = {
+            "rabbitmq": await broker_healthy(broker),
+            "consumers": await consumers_ready(broker),
+        }
         for name, check in checks.items():
             try:
                 results[name] = await check()

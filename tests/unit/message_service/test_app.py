@@ -112,11 +112,20 @@ def _differences(connection: Connection) -> list[Any]:
     return list(compare_metadata(context, metadata))
 
 
-async def test_health_endpoints(client: httpx.AsyncClient) -> None:
+async def test_health_endpoints(client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def up(*args: Any, **kwargs: Any) -> bool:
+        return True
+
+    # The in-memory broker has no real consumers to inspect; tests/integration/shared/
+    # test_readiness.py checks that part on a real RabbitMQ.
+    monkeypatch.setattr(app_module, "consumers_ready", up)
     assert (await client.get("/health")).json() == {"status": "ok"}
     ready = await client.get("/health/ready")
     assert ready.status_code == 200
-    assert ready.json() == {"status": "ready", "checks": {"database": True, "rabbitmq": True}}
+    assert ready.json() == {
+        "status": "ready",
+        "checks": {"database": True, "rabbitmq": True, "consumers": True},
+    }
     assert (await client.get("/health/rabbitmq")).json() == {"status": "healthy"}
 
 
@@ -126,13 +135,17 @@ async def test_readiness_fails_when_a_dependency_is_down(
     async def down(*args: Any, **kwargs: Any) -> bool:
         return False
 
+    async def up(*args: Any, **kwargs: Any) -> bool:
+        return True
+
+    monkeypatch.setattr(app_module, "consumers_ready", up)
     monkeypatch.setattr(app_module, "database_healthy", down)
     not_ready = await client.get("/health/ready")
     monkeypatch.setattr(app_module, "broker_healthy", down)
     rabbitmq = await client.get("/health/rabbitmq")
 
     assert not_ready.status_code == 503
-    assert not_ready.json()["checks"] == {"database": False, "rabbitmq": True}
+    assert not_ready.json()["checks"] == {"database": False, "rabbitmq": True, "consumers": True}
     assert rabbitmq.status_code == 503
     assert rabbitmq.json() == {"status": "unhealthy"}
 
@@ -229,3 +242,11 @@ async def test_a_body_over_the_limit_is_413(small_body_client: httpx.AsyncClient
 
     assert declared.status_code == streamed.status_code == 413
     assert declared.json() == {"detail": "request body too large"}
+
+
+async def test_readiness_fails_while_consumers_are_missing(client: httpx.AsyncClient) -> None:
+    # Under the in-memory broker no consumer exists on a real channel: exactly the state of a
+    # service whose connection was lost and is not recovered yet.
+    not_ready = await client.get("/health/ready")
+    assert not_ready.status_code == 503
+    assert not_ready.json()["checks"]["consumers"] is False

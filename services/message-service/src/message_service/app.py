@@ -24,7 +24,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from herald_shared.broker import make_broker
 from herald_shared.database import database_healthy, make_engine, run_migrations
 from herald_shared.events import MessageCreated, UserUpdated
-from herald_shared.ops import broker_healthy
+from herald_shared.ops import broker_healthy, consumers_ready
 from herald_shared.publishing import event_publisher
 from herald_shared.retry import describe_error
 from herald_shared.topology import MESSAGE_NEW, USER_UPDATED, declare_topology
@@ -247,6 +247,7 @@ def _add_ops_routes(app: FastAPI, runtime: Runtime) -> None:
         checks = {
             "database": await database_healthy(runtime.engine),
             "rabbitmq": await broker_healthy(runtime.broker),
+            "consumers": await consumers_ready(runtime.broker),
         }
         ready = all(checks.values())
         return JSONResponse(
