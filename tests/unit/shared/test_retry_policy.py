@@ -64,3 +64,11 @@ def test_connection_is_named_after_the_service_and_heartbeat_applied() -> None:
     assert url == "amqp://u:p@rabbit:5672/chat?name=push-sender&heartbeat=15"
     overridden = connection_url(RabbitSettings(url="amqp://h/?heartbeat=30"), "x")
     assert "heartbeat=30" in overridden
+
+
+def test_a_factor_scales_every_tier(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RABBITMQ_RETRY_DELAYS", "1,5,25")
+    monkeypatch.setenv("RABBITMQ_RETRY_DELAY_FACTOR", "0.01")
+    settings = RabbitSettings()
+    assert settings.retry_delays == (0.01, 0.05, 0.25)
+    assert settings.retry_policy.delay_for(2) == 0.05
