@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
@@ -17,14 +16,14 @@ from faststream.asgi import AsgiFastStream
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from email_sender import repository
 from email_sender.app import create_app
-from email_sender.repository import Claimed, DeliveryStatus, LedgerEntry
 from email_sender.settings import EmailBackendKind, Settings
+from email_sender.tables import email_deliveries
 from herald_shared import retry
 from herald_shared.broker import RabbitSettings
-from herald_shared.database import make_engine, run_migrations
-from herald_shared.events import DeliveryOutcome, DeliveryReported, EmailRequested, utc_now
+from herald_shared.database import make_engine
+from herald_shared.events import DeliveryOutcome, DeliveryReported, EmailRequested
+from herald_shared.ledger import DeliveryLedger, DeliveryStatus, LedgerEntry
 from herald_shared.topology import (
     EMAIL_DELIVERED,
     EMAIL_FAILED,
@@ -91,7 +90,7 @@ class Service:
         return messages
 
     async def ledger(self, job: EmailRequested) -> LedgerEntry | None:
-        return await repository.get(self.engine, job.notification_id)
+        return await DeliveryLedger(self.engine, email_deliveries).get(job.notification_id)
 
     async def emails_counted(self, outcome: str) -> float:
         transport = httpx.ASGITransport(app=self.app)
@@ -217,23 +216,3 @@ async def test_a_550_is_reported_failed_and_dead_lettered_without_retry(
     entry = await service.ledger(job)
     assert entry is not None
     assert (entry.status, entry.attempts) == (DeliveryStatus.FAILED, 1)
-
-
-async def test_concurrent_claims_on_postgresql_let_exactly_one_worker_send(pg_url: str) -> None:
-    engine = make_engine(pg_url)
-    try:
-        await run_migrations(
-            engine, script_location="email_sender:migrations", service_name="email-sender"
-        )
-        job = email_job()
-        now = utc_now()
-        claims = await asyncio.gather(
-            *(
-                repository.claim(engine, job, backend="smtp", now=now, lease=timedelta(seconds=45))
-                for _ in range(10)
-            )
-        )
-    finally:
-        await engine.dispose()
-
-    assert sum(isinstance(claim, Claimed) for claim in claims) == 1

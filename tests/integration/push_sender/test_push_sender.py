@@ -15,6 +15,7 @@ from faststream import TestApp
 
 from herald_shared.broker import RabbitSettings
 from herald_shared.events import DeliveryReported, DeviceInvalidated, PushRequested
+from herald_shared.ledger import DeliveryStatus
 from herald_shared.retry import ATTEMPT_HEADER, REASON_HEADER
 from herald_shared.topology import (
     DELIVERY_REPORTS,
@@ -25,9 +26,7 @@ from herald_shared.topology import (
     PUSH_NOTIFICATIONS,
     PUSH_SEND,
 )
-from push_sender import repository
 from push_sender.app import PushService, build_service
-from push_sender.repository import DeliveryStatus
 from tests.fakes.fcm import FakeFcm
 from tests.support.infra import wait_until
 from tests.unit.push_sender.support import DEVICE_TOKEN, fcm_settings, push_job
@@ -114,7 +113,7 @@ async def test_a_job_published_twice_is_pushed_once_and_reported_once(
     report = DeliveryReported.model_validate_json(reports[0].body)
     assert (report.notification_id, report.outcome) == (job.notification_id, "delivered")
     assert reports[0].delivery_mode == aio_pika.DeliveryMode.PERSISTENT
-    entry = await repository.get(service.engine, job.notification_id)
+    entry = await service.deps.sender.ledger.get(job.notification_id)
     assert entry is not None
     assert (entry.status, entry.attempts, entry.reported) == (DeliveryStatus.DELIVERED, 1, True)
     for name in (PUSH_NOTIFICATIONS.name, f"{PUSH_NOTIFICATIONS.name}.dlq"):
@@ -133,7 +132,7 @@ async def test_a_token_failing_twice_with_503_is_delivered_after_retries(
     assert counter(service, "retry") == 2
     assert fcm.send_requests == 3
     assert len(fcm.accepted) == 1
-    entry = await repository.get(service.engine, job.notification_id)
+    entry = await service.deps.sender.ledger.get(job.notification_id)
     assert entry is not None
     assert (entry.status, entry.attempts) == (DeliveryStatus.DELIVERED, 3)
     await wait_until(depth_reaches(rabbit_url, DELIVERY_REPORTS.name, 1), timeout=20)

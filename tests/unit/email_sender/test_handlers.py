@@ -7,20 +7,25 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
 from faststream import TestApp
 from faststream.asgi import AsgiFastStream
 from faststream.rabbit import RabbitBroker, RabbitMessage, RabbitQueue, TestRabbitBroker
+from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from email_sender import repository
 from email_sender.app import create_app
 from email_sender.backends import EmailRejected
-from email_sender.repository import DeliveryStatus, LedgerEntry
+from email_sender.tables import Failure, email_deliveries, metadata
 from herald_shared.database import make_engine
 from herald_shared.events import DeliveryOutcome, DeliveryReported, EmailRequested, utc_now
+from herald_shared.ledger import DeliveryLedger, DeliveryStatus, LedgerEntry
+from herald_shared.publishing import publish_event
 from herald_shared.topology import EMAIL_DELIVERED, EMAIL_FAILED, EMAIL_SEND, EXCHANGE
 from tests.unit.email_sender.support import RecordingBackend, email_job, transient, unit_settings
 
@@ -33,13 +38,17 @@ class Harness:
     engine: AsyncEngine
     reports: list[tuple[str, DeliveryReported, str | None]] = field(default_factory=list)
 
+    @property
+    def deliveries(self) -> DeliveryLedger:
+        return DeliveryLedger(self.engine, email_deliveries)
+
     async def publish(self, job: EmailRequested, *, correlation_id: str | None = None) -> None:
         await self.broker.publish(
             job, exchange=EXCHANGE, routing_key=EMAIL_SEND, correlation_id=correlation_id
         )
 
     async def ledger(self, job: EmailRequested) -> LedgerEntry:
-        entry = await repository.get(self.engine, job.notification_id)
+        entry = await self.deliveries.get(job.notification_id)
         assert entry is not None
         return entry
 
@@ -96,8 +105,9 @@ async def test_a_job_is_sent_once_recorded_and_reported_delivered(harness: Harne
     )
     assert (report.channel, report.outcome, report.reason) == ("email", "delivered", None)
     entry = await harness.ledger(job)
-    assert (entry.status, entry.attempts, entry.reported, entry.backend) == (
+    assert (entry.status, entry.failure, entry.attempts, entry.reported, entry.provider) == (
         DeliveryStatus.DELIVERED,
+        None,
         1,
         True,
         "recording",
@@ -133,8 +143,9 @@ async def test_a_bounce_is_recorded_reported_failed_and_dead_lettered(
     assert routing_key == EMAIL_FAILED
     assert (report.outcome, report.reason) == (DeliveryOutcome.FAILED, "smtp 550 5.1.1")
     entry = await harness.ledger(job)
-    assert (entry.status, entry.reason, entry.reported) == (
+    assert (entry.status, entry.failure, entry.reason, entry.reported) == (
         DeliveryStatus.FAILED,
+        Failure.BOUNCED,
         "smtp 550 5.1.1",
         True,
     )
@@ -153,7 +164,8 @@ async def test_an_unbuildable_email_is_a_permanent_failure(
     ((routing_key, report, _),) = harness.reports
     assert routing_key == EMAIL_FAILED
     assert report.reason == "invalid recipient address"
-    assert (await harness.ledger(job)).status is DeliveryStatus.FAILED
+    entry = await harness.ledger(job)
+    assert (entry.status, entry.failure) == (DeliveryStatus.FAILED, Failure.INVALID)
     assert "reason=permanent" in caplog.text
     assert "evil.test" not in caplog.text
 
@@ -188,8 +200,8 @@ async def test_a_job_being_sent_elsewhere_is_retried_later_not_sent(
     harness: Harness, caplog: pytest.LogCaptureFixture
 ) -> None:
     job = email_job()
-    await repository.claim(
-        harness.engine, job, backend="recording", now=utc_now(), lease=timedelta(seconds=45)
+    await harness.deliveries.claim(
+        job, provider="recording", now=utc_now(), lease=timedelta(seconds=45)
     )
 
     await harness.publish(job)
@@ -199,12 +211,53 @@ async def test_a_job_being_sent_elsewhere_is_retried_later_not_sent(
     assert "delivery in progress elsewhere" in caplog.text
 
 
+async def test_a_job_whose_report_is_being_published_elsewhere_is_retried_later(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    job = email_job()
+    now = utc_now()
+    # Another worker sent it and recorded the outcome; it is publishing the report right now.
+    await harness.deliveries.claim(job, provider="recording", now=now, lease=timedelta(seconds=45))
+    await harness.deliveries.finish(
+        job.notification_id, status=DeliveryStatus.DELIVERED, reason=None, now=now
+    )
+
+    await harness.publish(job)
+
+    assert harness.backend.sent == []
+    assert harness.reports == []  # that worker reports it, not this copy as well
+    assert "delivery in progress elsewhere" in caplog.text
+    assert not (await harness.ledger(job)).reported
+
+
+async def test_a_report_that_could_not_be_published_goes_out_with_the_retry(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = email_job()
+
+    async def unreachable(*args: Any, **kwargs: Any) -> None:
+        raise TimeoutError  # publish_event's timeout, a nack, an unroutable key
+
+    monkeypatch.setattr("email_sender.handlers.publish_event", unreachable)
+    await harness.publish(job)
+    entry = await harness.ledger(job)
+    assert (entry.status, entry.reported) == (DeliveryStatus.DELIVERED, False)
+    monkeypatch.setattr("email_sender.handlers.publish_event", publish_event)
+
+    await harness.publish(job)  # the retry: at once, not after the lease
+
+    assert len(harness.backend.sent) == 1
+    ((routing_key, report, _),) = harness.reports
+    assert (routing_key, report.outcome) == (EMAIL_DELIVERED, DeliveryOutcome.DELIVERED)
+    entry = await harness.ledger(job)
+    assert (entry.attempts, entry.reported) == (1, True)
+
+
 async def test_a_claim_whose_lease_ran_out_is_taken_over(harness: Harness) -> None:
     job = email_job()
-    await repository.claim(
-        harness.engine,
+    await harness.deliveries.claim(
         job,
-        backend="recording",
+        provider="recording",
         now=utc_now() - timedelta(hours=1),
         lease=timedelta(seconds=45),
     )
@@ -219,10 +272,11 @@ async def test_an_outcome_recorded_but_not_reported_is_reported_without_sending(
     harness: Harness,
 ) -> None:
     job = email_job()
-    now = utc_now()
-    await repository.claim(harness.engine, job, backend="recording", now=now, lease=timedelta(1))
-    await repository.finish(
-        harness.engine, job.notification_id, status=DeliveryStatus.DELIVERED, reason=None, now=now
+    # As if the worker died after recording the outcome, an hour ago, before reporting it.
+    then = utc_now() - timedelta(hours=1)
+    await harness.deliveries.claim(job, provider="recording", now=then, lease=timedelta(1))
+    await harness.deliveries.finish(
+        job.notification_id, status=DeliveryStatus.DELIVERED, reason=None, now=then
     )
 
     await harness.publish(job)
@@ -259,3 +313,14 @@ async def test_an_unparsable_job_is_dead_lettered_without_its_content(
     assert harness.backend.sent == []
     assert "reason=unparsable" in caplog.text
     assert "carol@example.test" not in caplog.text
+
+
+async def test_migrations_match_the_tables(harness: Harness) -> None:
+    def differences(connection: Connection) -> list[Any]:
+        context = MigrationContext.configure(
+            connection, opts={"version_table": "alembic_version_email_sender"}
+        )
+        return list(compare_metadata(context, metadata))
+
+    async with harness.engine.connect() as connection:
+        assert await connection.run_sync(differences) == []

@@ -11,16 +11,16 @@ import pytest
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
-from email_sender import repository
 from email_sender.backends import EmailRejected, SmtpBackend, SmtpConfigurationError
 from email_sender.backends.smtp import classify_smtp_error
 from email_sender.delivery import EmailDeliveries
 from email_sender.metrics import EmailMetrics
 from email_sender.rendering import EmailRenderer
-from email_sender.repository import DeliveryStatus
 from email_sender.settings import Settings, SmtpConfig, SmtpTls
+from email_sender.tables import Failure
 from herald_shared.database import make_engine, run_migrations
 from herald_shared.events import DeliveryOutcome
+from herald_shared.ledger import DeliveryStatus
 from herald_shared.retry import PermanentError, RetryableError
 from tests.fakes.smtp import FakeSmtp, Stage
 from tests.support.processes import free_port
@@ -110,7 +110,7 @@ async def test_550_records_a_bounce_and_reports_it_failed(
     job = email_job()
     try:
         outcome = await deliveries.deliver(job)
-        entry = await repository.get(engine, job.notification_id)
+        entry = await deliveries.ledger.get(job.notification_id)
     finally:
         await engine.dispose()
 
@@ -120,8 +120,9 @@ async def test_550_records_a_bounce_and_reports_it_failed(
     assert outcome.report.notification_id == job.notification_id
     assert isinstance(outcome.error, PermanentError)
     assert entry is not None
-    assert (entry.status, entry.reason, entry.attempts) == (
+    assert (entry.status, entry.failure, entry.reason, entry.attempts) == (
         DeliveryStatus.FAILED,
+        Failure.BOUNCED,
         "smtp 550 5.1.1",
         1,
     )

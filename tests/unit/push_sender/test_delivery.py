@@ -15,11 +15,12 @@ from herald_shared.events import (
     DeviceInvalidated,
     Event,
 )
+from herald_shared.ledger import AlreadyFinal, Busy, DeliveryStatus
 from herald_shared.retry import PermanentError, RetryableError
 from push_sender.delivery import plan_for_answer, plan_for_claim
 from push_sender.metrics import PushOutcome
 from push_sender.providers import ProviderAnswer, Verdict
-from push_sender.repository import AlreadyFinal, Busy, DeliveryStatus, Failure
+from push_sender.tables import Failure
 from tests.unit.push_sender.support import push_job
 
 NOW = datetime(2026, 3, 14, 9, 26, 53, tzinfo=UTC)

@@ -20,14 +20,13 @@ from faststream.rabbit import TestRabbitBroker
 from sqlalchemy import Connection, update
 
 from herald_shared.events import DeliveryReported, DeviceInvalidated, PushRequested, utc_now
+from herald_shared.ledger import DeliveryStatus
 from herald_shared.retry import PermanentError, RetryableError
 from herald_shared.topology import EXCHANGE, PUSH_SEND
-from push_sender import repository
 from push_sender.app import PushService, build_service, specification
 from push_sender.handlers import send_push
-from push_sender.repository import DeliveryStatus, Failure
 from push_sender.settings import Settings
-from push_sender.tables import metadata, push_deliveries
+from push_sender.tables import Failure, metadata, push_deliveries
 from tests.fakes.fcm import FakeFcm
 from tests.unit.push_sender.support import (
     DEVICE_TOKEN,
@@ -97,7 +96,7 @@ async def test_a_push_is_sent_recorded_and_reported(recording: PushService) -> N
     await publish(recording, job)
 
     assert [sent.notification_id for sent in provider.sent] == [job.notification_id]
-    entry = await repository.get(recording.engine, job.notification_id)
+    entry = await recording.deps.sender.ledger.get(job.notification_id)
     assert entry is not None
     assert (entry.status, entry.failure, entry.attempts, entry.reported) == (
         DeliveryStatus.DELIVERED,
@@ -105,6 +104,7 @@ async def test_a_push_is_sent_recorded_and_reported(recording: PushService) -> N
         1,
         True,
     )
+    assert entry.extra == {"device_id": job.device_id}
     [report] = events_published(recording)["delivered"]
     assert DeliveryReported.model_validate(report).model_dump(
         include={"notification_id", "message_id", "recipient_id", "channel", "outcome", "reason"}
@@ -137,7 +137,7 @@ async def test_a_redelivered_job_does_not_call_the_provider_again(
     assert len(provider.sent) == 1
     assert len(events_published(recording)["delivered"]) == 1
     assert counter(recording, "duplicate") == 1
-    entry = await repository.get(recording.engine, job.notification_id)
+    entry = await recording.deps.sender.ledger.get(job.notification_id)
     assert entry is not None
     assert entry.attempts == 1
 
@@ -162,7 +162,7 @@ async def test_events_that_did_not_go_out_are_published_by_the_next_copy(
     assert len(provider.sent) == 1  # the provider is not asked again
     first, second = events_published(recording)["delivered"]
     assert first["event_id"] == second["event_id"]  # the same report: consumers dedupe
-    entry = await repository.get(recording.engine, job.notification_id)
+    entry = await recording.deps.sender.ledger.get(job.notification_id)
     assert entry is not None
     assert entry.reported
 
@@ -185,7 +185,7 @@ async def test_events_that_could_not_be_published_go_out_with_the_retry(
     with pytest.raises(TimeoutError):
         await send_push(job, broken)
 
-    entry = await repository.get(recording.engine, job.notification_id)
+    entry = await recording.deps.sender.ledger.get(job.notification_id)
     assert entry is not None
     assert (entry.status, entry.reported) == (DeliveryStatus.DELIVERED, False)
 
@@ -193,7 +193,7 @@ async def test_events_that_could_not_be_published_go_out_with_the_retry(
 
     assert len(provider.sent) == 1
     assert len(events_published(recording)["delivered"]) == 1
-    entry = await repository.get(recording.engine, job.notification_id)
+    entry = await recording.deps.sender.ledger.get(job.notification_id)
     assert entry is not None
     assert entry.reported
 
@@ -203,7 +203,9 @@ async def test_a_job_another_worker_is_sending_comes_back_later(recording: PushS
     assert isinstance(provider, RecordingProvider)
     job = push_job()
     lease = recording.deps.sender.lease
-    await repository.claim(recording.engine, job, provider="other", now=utc_now(), lease=lease)
+    await recording.deps.sender.ledger.claim(
+        job, provider="other", now=utc_now(), lease=lease, extra={"device_id": job.device_id}
+    )
 
     with pytest.raises(RetryableError, match="in progress") as raised:
         await send_push(job, recording.deps)
@@ -225,7 +227,7 @@ async def test_a_provider_bug_frees_the_claim_and_raises(recording: PushService)
     with pytest.raises(ZeroDivisionError):
         await send_push(job, recording.deps)
 
-    entry = await repository.get(recording.engine, job.notification_id)
+    entry = await recording.deps.sender.ledger.get(job.notification_id)
     assert entry is not None
     assert (entry.status, entry.reason) == (
         DeliveryStatus.RETRYING,
@@ -249,7 +251,7 @@ async def test_a_dead_token_invalidates_the_device_and_is_acknowledged(
     [report] = events["failed"]
     assert (report["outcome"], report["reason"]) == ("failed", "fcm 404 UNREGISTERED")
     assert events["delivered"] == []
-    entry = await repository.get(with_fcm.engine, job.notification_id)
+    entry = await with_fcm.deps.sender.ledger.get(job.notification_id)
     assert entry is not None
     assert (entry.status, entry.failure, entry.reported) == (
         DeliveryStatus.FAILED,
@@ -287,7 +289,7 @@ async def test_a_refused_push_is_reported_then_dead_lettered(
         ("failed", "fcm 400 INVALID_ARGUMENT")
     ]
     assert events["invalidated"] == []
-    entry = await repository.get(with_fcm.engine, job.notification_id)
+    entry = await with_fcm.deps.sender.ledger.get(job.notification_id)
     assert entry is not None
     assert (entry.status, entry.failure) == (DeliveryStatus.FAILED, Failure.REJECTED)
 
@@ -328,7 +330,7 @@ async def test_transient_answers_raise_retryable_errors(
 
     assert (raised.value.reason, raised.value.retry_after) == (reason, retry_after)
     assert events_published(with_fcm)["failed"] == []
-    entry = await repository.get(with_fcm.engine, job.notification_id)
+    entry = await with_fcm.deps.sender.ledger.get(job.notification_id)
     assert entry is not None
     assert (entry.status, entry.attempts) == (DeliveryStatus.RETRYING, 1)
     if status == 403:
@@ -338,7 +340,7 @@ async def test_transient_answers_raise_retryable_errors(
         )
 
     await send_push(job, with_fcm.deps)  # the retry
-    entry = await repository.get(with_fcm.engine, job.notification_id)
+    entry = await with_fcm.deps.sender.ledger.get(job.notification_id)
     assert entry is not None
     assert (entry.status, entry.attempts) == (DeliveryStatus.DELIVERED, 2)
     assert len(fcm.messages_to(DEVICE_TOKEN)) == (2 if status == 0 else 1)

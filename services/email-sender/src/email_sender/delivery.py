@@ -1,7 +1,8 @@
 """One e-mail job from the ledger's point of view: claim, build, send, record, report.
 
 Plain functions and objects, no broker: the handler calls `EmailDeliveries.deliver`, publishes
-the report it returns, marks it reported and raises the error it returns.
+the report it returns, marks it reported (or, if publishing failed, calls `publishing_failed`) and
+raises the error it returns. The ledger and its lease rule are `herald_shared.ledger`'s.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ from datetime import datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from email_sender import repository
 from email_sender.backends import EmailBackend, EmailRejected
 from email_sender.metrics import EmailMetrics, EmailOutcome
 from email_sender.rendering import EmailRenderer, UnrenderableEmail
-from email_sender.repository import AlreadyFinal, Busy, DeliveryStatus
+from email_sender.tables import Failure, email_deliveries
 from herald_shared.events import Channel, DeliveryOutcome, DeliveryReported, EmailRequested, utc_now
+from herald_shared.ledger import AlreadyFinal, Busy, DeliveryLedger, DeliveryStatus
 from herald_shared.retry import PermanentError, RetryableError
 
 logger = logging.getLogger("email_sender.delivery")
@@ -55,8 +56,9 @@ def report_for(
 class EmailDeliveries:
     """Sends each notification at most once per successful attempt, recorded in the ledger.
 
-    `lease` is how long a claim protects a send in progress; it must exceed the longest send
-    (the SMTP deadline), after which a worker that died mid-send is taken over.
+    `lease` is how long a claim protects a send (and then the publishing of its report) in
+    progress; it must exceed the longest send (the SMTP deadline), after which a worker that died
+    mid-send is taken over.
     """
 
     def __init__(
@@ -70,6 +72,7 @@ class EmailDeliveries:
         clock: Callable[[], datetime] = utc_now,
     ) -> None:
         self.engine = engine
+        self.ledger = DeliveryLedger(engine, email_deliveries)
         self.backend = backend
         self.renderer = renderer
         self.metrics = metrics
@@ -78,9 +81,7 @@ class EmailDeliveries:
 
     async def deliver(self, job: EmailRequested) -> Outcome:
         backend = self.backend.name
-        claim = await repository.claim(
-            self.engine, job, backend=backend, now=self.clock(), lease=self.lease
-        )
+        claim = await self.ledger.claim(job, provider=backend, now=self.clock(), lease=self.lease)
         if isinstance(claim, AlreadyFinal):
             return self._already_final(job, claim)
         if isinstance(claim, Busy):
@@ -91,20 +92,18 @@ class EmailDeliveries:
         try:
             message = self.renderer.render(job)
         except UnrenderableEmail as exc:
-            return await self._failed(job, exc.reason, EmailOutcome.INVALID)
+            return await self._failed(job, exc.reason, EmailOutcome.INVALID, Failure.INVALID)
 
         started = time.perf_counter()
         try:
             await self.backend.send(message, notification_id=job.notification_id)
         except EmailRejected as exc:
-            return await self._failed(job, exc.reason, EmailOutcome.BOUNCED)
+            return await self._failed(job, exc.reason, EmailOutcome.BOUNCED, Failure.BOUNCED)
         except Exception as exc:
             self.metrics.count(backend, EmailOutcome.RETRY)
             reason = exc.reason if isinstance(exc, RetryableError) else type(exc).__name__
             try:
-                await repository.release(
-                    self.engine, job.notification_id, reason=reason, now=self.clock()
-                )
+                await self.ledger.release(job.notification_id, reason=reason, now=self.clock())
             except Exception:
                 # The lease then runs out on its own; the retry waits for it.
                 logger.warning(
@@ -114,8 +113,7 @@ class EmailDeliveries:
         finally:
             self.metrics.send_seconds.labels(backend=backend).observe(time.perf_counter() - started)
 
-        await repository.finish(
-            self.engine,
+        await self.ledger.finish(
             job.notification_id,
             status=DeliveryStatus.DELIVERED,
             reason=None,
@@ -132,13 +130,24 @@ class EmailDeliveries:
         return Outcome(report=report_for(job, DeliveryOutcome.DELIVERED))
 
     async def mark_reported(self, job: EmailRequested) -> None:
-        await repository.mark_reported(self.engine, job.notification_id, now=self.clock())
+        await self.ledger.mark_reported(job.notification_id, now=self.clock())
 
-    async def _failed(self, job: EmailRequested, reason: str, outcome: EmailOutcome) -> Outcome:
-        await repository.finish(
-            self.engine,
+    async def publishing_failed(self, job: EmailRequested) -> None:
+        """Best effort: let the retry publish the report at once (else it waits for the lease)."""
+        try:
+            await self.ledger.unclaim(job.notification_id, now=self.clock())
+        except Exception:
+            logger.warning(
+                "email.unclaim_failed notification_id=%s", job.notification_id, exc_info=True
+            )
+
+    async def _failed(
+        self, job: EmailRequested, reason: str, outcome: EmailOutcome, failure: Failure
+    ) -> Outcome:
+        await self.ledger.finish(
             job.notification_id,
             status=DeliveryStatus.FAILED,
+            failure=failure,
             reason=reason,
             now=self.clock(),
         )

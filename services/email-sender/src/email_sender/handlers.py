@@ -50,12 +50,16 @@ def register_handlers(
     ) -> None:
         outcome = await deliveries.deliver(job)
         if outcome.report is not None:
-            await publish_event(
-                reports[outcome.report.outcome],
-                outcome.report,
-                timeout=publish_timeout,
-                correlation_id=correlation_id,
-            )
+            try:
+                await publish_event(
+                    reports[outcome.report.outcome],
+                    outcome.report,
+                    timeout=publish_timeout,
+                    correlation_id=correlation_id,
+                )
+            except Exception:
+                await deliveries.publishing_failed(job)
+                raise
             await deliveries.mark_reported(job)
         if outcome.error is not None:
             raise outcome.error

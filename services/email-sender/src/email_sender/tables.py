@@ -1,42 +1,25 @@
-"""email-sender's own tables: the delivery ledger (one row per notification_id)."""
+"""email-sender's own tables: the delivery ledger (one row per notification_id).
+
+The ledger's columns and its claim protocol are `herald_shared.ledger`'s; email-sender adds its
+own failure codes. `provider` holds the backend's name (smtp, file).
+"""
 
 from __future__ import annotations
 
-from sqlalchemy import (
-    CheckConstraint,
-    Column,
-    DateTime,
-    Integer,
-    MetaData,
-    String,
-    Table,
-    Uuid,
-)
+from enum import StrEnum
+
+from sqlalchemy import MetaData
+
+from herald_shared.ledger import delivery_ledger_table
 
 metadata = MetaData()
 
-# The idempotency record of every e-mail notification. `status` moves
-# sending → (retrying → sending)* → delivered | failed; delivered and failed are final, and a job
-# whose row is final is acknowledged without sending. `claimed_at` is the lease of the worker
-# that is sending right now; `reported_at` says the delivery report has been published.
-email_deliveries = Table(
-    "email_deliveries",
-    metadata,
-    Column("notification_id", Uuid, primary_key=True),
-    Column("message_id", Uuid, nullable=False),
-    Column("recipient_id", Uuid, nullable=False),
-    Column("status", String(16), nullable=False),
-    Column("backend", String(16), nullable=False),
-    Column("attempts", Integer, nullable=False),
-    # A safe, personal-data-free reason (an SMTP code, "invalid recipient address"…).
-    Column("reason", String(200), nullable=True),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("updated_at", DateTime(timezone=True), nullable=False),
-    Column("claimed_at", DateTime(timezone=True), nullable=True),
-    Column("finished_at", DateTime(timezone=True), nullable=True),
-    Column("reported_at", DateTime(timezone=True), nullable=True),
-    CheckConstraint(
-        "status IN ('sending', 'retrying', 'delivered', 'failed')",
-        name="ck_email_deliveries_status",
-    ),
-)
+
+class Failure(StrEnum):
+    """Why a failed e-mail failed (the ledger's `failure`)."""
+
+    BOUNCED = "bounced"  # refused for good by the provider (SMTP 5xx)
+    INVALID = "invalid"  # the job cannot become an e-mail
+
+
+email_deliveries = delivery_ledger_table("email_deliveries", metadata, failures=Failure)

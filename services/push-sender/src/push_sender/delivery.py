@@ -19,10 +19,11 @@ from herald_shared.events import (
     DeviceInvalidated,
     PushRequested,
 )
+from herald_shared.ledger import AlreadyFinal, Busy, DeliveryStatus
 from herald_shared.retry import PermanentError, RetryableError
 from push_sender.metrics import PushOutcome
 from push_sender.providers.base import ProviderAnswer, Verdict
-from push_sender.repository import AlreadyFinal, Busy, DeliveryStatus, Failure
+from push_sender.tables import Failure
 
 _EVENT_NAMESPACE = uuid.UUID("5c0f3d2e-8a41-4b7e-9c6d-2f1e0a9b8c73")
 
@@ -92,7 +93,7 @@ def plan_for_claim(job: PushRequested, claim: AlreadyFinal | Busy, *, now: datet
     if claim.status is DeliveryStatus.DELIVERED:
         return Plan(PushOutcome.DUPLICATE, report=report_for(job, DeliveryOutcome.DELIVERED))
     reason = claim.reason or "failed"
-    if claim.failure is Failure.TOKEN_INVALID:
+    if claim.failure == Failure.TOKEN_INVALID:
         return Plan(
             PushOutcome.DUPLICATE,
             invalidation=invalidation_for(job, reason),

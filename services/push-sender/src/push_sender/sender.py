@@ -12,11 +12,12 @@ from datetime import datetime, timedelta
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from herald_shared.events import PushRequested, utc_now
-from push_sender import delivery, repository
+from herald_shared.ledger import Claimed, DeliveryLedger
+from push_sender import delivery
 from push_sender.delivery import Plan
 from push_sender.metrics import PushMetrics, PushOutcome
 from push_sender.providers.base import ProviderAnswer, PushProvider
-from push_sender.repository import Claimed
+from push_sender.tables import push_deliveries
 
 logger = logging.getLogger("push_sender.delivery")
 
@@ -36,6 +37,7 @@ class PushSender:
         clock: Callable[[], datetime] = utc_now,
     ) -> None:
         self.engine = engine
+        self.ledger = DeliveryLedger(engine, push_deliveries)
         self.provider = provider
         self.metrics = metrics
         self.clock = clock
@@ -44,8 +46,12 @@ class PushSender:
     async def deliver(self, job: PushRequested) -> Plan:
         """The plan for `job`, its ledger part done (a final outcome is committed)."""
         provider = self.provider.name
-        claim = await repository.claim(
-            self.engine, job, provider=provider, now=self.clock(), lease=self.lease
+        claim = await self.ledger.claim(
+            job,
+            provider=provider,
+            now=self.clock(),
+            lease=self.lease,
+            extra={"device_id": job.device_id},
         )
         if not isinstance(claim, Claimed):
             plan = delivery.plan_for_claim(job, claim, now=self.clock())
@@ -63,8 +69,7 @@ class PushSender:
         answer = await self._send(job)
         plan = delivery.plan_for_answer(job, answer)
         if plan.status is not None:
-            await repository.finish(
-                self.engine,
+            await self.ledger.finish(
                 job.notification_id,
                 status=plan.status,
                 failure=plan.failure,
@@ -78,12 +83,12 @@ class PushSender:
         return plan
 
     async def mark_reported(self, job: PushRequested) -> None:
-        await repository.mark_reported(self.engine, job.notification_id, now=self.clock())
+        await self.ledger.mark_reported(job.notification_id, now=self.clock())
 
     async def publishing_failed(self, job: PushRequested) -> None:
         """Best effort: let the retry publish the events at once (else it waits for the lease)."""
         try:
-            await repository.unclaim(self.engine, job.notification_id, now=self.clock())
+            await self.ledger.unclaim(job.notification_id, now=self.clock())
         except Exception:
             logger.warning(
                 "push.unclaim_failed notification_id=%s", job.notification_id, exc_info=True
@@ -107,9 +112,7 @@ class PushSender:
 
     async def _release(self, job: PushRequested, reason: str) -> None:
         try:
-            await repository.release(
-                self.engine, job.notification_id, reason=reason, now=self.clock()
-            )
+            await self.ledger.release(job.notification_id, reason=reason, now=self.clock())
         except Exception:
             # The lease then runs out on its own; the retry waits for it.
             logger.warning(

@@ -23,7 +23,8 @@ def upgrade() -> None:
         sa.Column("message_id", sa.Uuid(), nullable=False),
         sa.Column("recipient_id", sa.Uuid(), nullable=False),
         sa.Column("status", sa.String(16), nullable=False),
-        sa.Column("backend", sa.String(16), nullable=False),
+        sa.Column("failure", sa.String(16), nullable=True),
+        sa.Column("provider", sa.String(16), nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("reason", sa.String(200), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
@@ -34,6 +35,10 @@ def upgrade() -> None:
         sa.CheckConstraint(
             "status IN ('sending', 'retrying', 'delivered', 'failed')",
             name="ck_email_deliveries_status",
+        ),
+        sa.CheckConstraint(
+            "failure IS NULL OR failure IN ('bounced', 'invalid')",
+            name="ck_email_deliveries_failure",
         ),
     )
 

@@ -1,0 +1,388 @@
+"""The delivery ledger of a sender: one row per notification_id, so that a job is sent once per
+attempt however often it is delivered, and never by two workers at the same time.
+
+Each sender builds its own table with `delivery_ledger_table` (in its own database, with its own
+extra columns) and works on it through a `DeliveryLedger`.
+
+`status` moves sending → (retrying → sending)* → delivered | failed; delivered and failed are
+final. Idempotency comes from the primary key on notification_id and `INSERT … ON CONFLICT DO
+NOTHING`; concurrency (two copies of one job at once, with prefetch > 1 or several replicas) from
+a lease, `claimed_at`: only the worker whose conditional INSERT/UPDATE set it may act on the row
+until `claimed_at + lease`.
+
+The lease rule: whoever holds the lease owns the row until the outcome's events are published.
+`finish` records the outcome and keeps the lease; `mark_reported` (the events are out) ends it,
+`unclaim` (publishing failed) drops it so the retry can publish at once, and `release` (a
+transient failure) hands the row back for the next attempt. A concurrent copy is therefore `Busy`
+while the row is being sent *or* reported, and never publishes the report a second time next to
+the worker that is publishing it. Once the lease is gone without `reported_at` (a worker died or
+failed to publish), the next copy takes the lease again and gets `AlreadyFinal(reported=False)`:
+it publishes the missing events, without calling the provider; copies racing it are `Busy`.
+
+The consequence is at-least-once, never more often than a crash allows: a worker that dies after
+the provider accepted but before `finish` leaves a `sending` row whose lease runs out, and the
+next copy sends again (senders make that harmless with stable provider keys: a collapse id, a
+Message-ID); one that dies after publishing but before `mark_reported` leaves events that the next
+copy publishes again, with the same event ids, so consumers deduplicate them.
+
+Works on PostgreSQL and SQLite (the dialect's `insert`, chosen by `connection.dialect.name`).
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any, Protocol
+
+from sqlalchemy import (
+    CheckConstraint,
+    Column,
+    DateTime,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Uuid,
+    and_,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+
+class DeliveryStatus(StrEnum):
+    SENDING = "sending"  # claimed by a worker until claimed_at + lease
+    RETRYING = "retrying"  # the last attempt failed transiently; free to claim
+    DELIVERED = "delivered"  # final
+    FAILED = "failed"  # final; `failure` says why, in the sender's own short code
+
+
+FINAL_STATUSES = frozenset({DeliveryStatus.DELIVERED, DeliveryStatus.FAILED})
+REASON_LENGTH = 200  # the width of the reason column
+CODE_LENGTH = 16  # the width of the status, failure and provider columns
+
+
+def _key_columns() -> list[Column[Any]]:
+    return [
+        Column("notification_id", Uuid, primary_key=True),
+        Column("message_id", Uuid, nullable=False),
+        Column("recipient_id", Uuid, nullable=False),
+    ]
+
+
+def _state_columns() -> list[Column[Any]]:
+    return [
+        Column("status", String(CODE_LENGTH), nullable=False),
+        Column("failure", String(CODE_LENGTH), nullable=True),
+        # The sender's provider or backend that made the last attempt ("fcm", "smtp", "file"…).
+        Column("provider", String(CODE_LENGTH), nullable=False),
+        Column("attempts", Integer, nullable=False),
+        Column("reason", String(REASON_LENGTH), nullable=True),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Column("updated_at", DateTime(timezone=True), nullable=False),
+        Column("claimed_at", DateTime(timezone=True), nullable=True),  # the lease
+        Column("finished_at", DateTime(timezone=True), nullable=True),
+        Column("reported_at", DateTime(timezone=True), nullable=True),
+    ]
+
+
+_COMMON_COLUMNS = frozenset(column.name for column in (*_key_columns(), *_state_columns()))
+_CODE = re.compile(rf"[a-z][a-z0-9_]{{0,{CODE_LENGTH - 1}}}")
+
+
+def delivery_ledger_table(
+    name: str,
+    metadata: MetaData,
+    *extra_columns: Column[Any],
+    failures: Iterable[str] = (),
+) -> Table:
+    """The ledger table `name` on `metadata`: the common columns, then `extra_columns`.
+
+    `failures` are the codes the sender records in `failure` (a CHECK constraint allows these
+    only); none, and the column takes any short code. The table never stores an address, a token
+    or message text: `reason` is a safe description ("fcm 404 UNREGISTERED", "smtp 550 5.1.1").
+    """
+    codes = [str(code) for code in failures]
+    if not all(_CODE.fullmatch(code) for code in codes):
+        raise ValueError(f"failure codes must be short snake_case words: {codes}")
+    clashes = _COMMON_COLUMNS & {column.name for column in extra_columns}
+    if clashes:
+        raise ValueError(f"extra columns clash with the ledger's own: {sorted(clashes)}")
+    statuses = ", ".join(f"'{status}'" for status in DeliveryStatus)
+    constraints = [CheckConstraint(f"status IN ({statuses})", name=f"ck_{name}_status")]
+    if codes:
+        allowed = ", ".join(f"'{code}'" for code in codes)
+        constraints.append(
+            CheckConstraint(f"failure IS NULL OR failure IN ({allowed})", name=f"ck_{name}_failure")
+        )
+    return Table(
+        name,
+        metadata,
+        *_key_columns(),
+        *extra_columns,
+        *_state_columns(),
+        *constraints,
+    )
+
+
+class DeliveryJob(Protocol):
+    """What the ledger reads from a job (`PushRequested` and `EmailRequested` have it)."""
+
+    @property
+    def notification_id(self) -> uuid.UUID: ...
+
+    @property
+    def message_id(self) -> uuid.UUID: ...
+
+    @property
+    def recipient_id(self) -> uuid.UUID: ...
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """This worker owns the delivery and may call the provider."""
+
+    attempt: int
+
+
+@dataclass(frozen=True)
+class AlreadyFinal:
+    """The delivery ended before. `reported=False`: its events did not go out, and this worker
+    now holds the lease to publish them (then `mark_reported`, or `unclaim` if that fails)."""
+
+    status: DeliveryStatus
+    failure: str | None
+    reason: str | None
+    reported: bool
+
+
+@dataclass(frozen=True)
+class Busy:
+    """Another worker holds a live lease: it is sending this very notification, or publishing
+    its outcome."""
+
+    lease_expires_at: datetime
+
+
+Claim = Claimed | AlreadyFinal | Busy
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    notification_id: uuid.UUID
+    status: DeliveryStatus
+    failure: str | None
+    provider: str
+    attempts: int
+    reason: str | None
+    reported: bool
+    extra: Mapping[str, Any]  # the sender's own columns
+
+
+def _aware(value: datetime) -> datetime:
+    # SQLite hands timestamps back without a zone; everything the ledger stores is UTC.
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def _clip(reason: str | None) -> str | None:
+    return reason[:REASON_LENGTH] if reason is not None else None
+
+
+class DeliveryLedger:
+    """The claim protocol on one ledger table (see the module docstring for the lease rule)."""
+
+    def __init__(self, engine: AsyncEngine, table: Table) -> None:
+        self.engine = engine
+        self.table = table
+
+    def _insert(self, connection: AsyncConnection) -> Any:
+        """The dialect's INSERT with ON CONFLICT support."""
+        if connection.dialect.name == "postgresql":
+            return postgresql.insert(self.table)
+        return sqlite.insert(self.table)
+
+    async def claim(
+        self,
+        job: DeliveryJob,
+        *,
+        provider: str,
+        now: datetime,
+        lease: timedelta,
+        extra: Mapping[str, Any] | None = None,
+    ) -> Claim:
+        """Take the right to send `job`, or say why not: already final (then, if its events are
+        not out, the right to publish them), or in the hands of a worker right now.
+
+        A `sending` row whose lease has expired belongs to a worker that died mid-send: it is
+        taken over, which may send a second time (at-least-once). `extra` fills the sender's own
+        columns when the row is created; pass it on every claim (the INSERT comes first, and the
+        database checks its NOT NULL columns even when the row exists).
+        """
+        t = self.table
+        key = t.c.notification_id == job.notification_id
+        async with self.engine.begin() as connection:
+            inserted = await connection.execute(
+                self._insert(connection)
+                .values(
+                    notification_id=job.notification_id,
+                    message_id=job.message_id,
+                    recipient_id=job.recipient_id,
+                    status=DeliveryStatus.SENDING,
+                    provider=provider,
+                    attempts=1,
+                    created_at=now,
+                    updated_at=now,
+                    claimed_at=now,
+                    **(extra or {}),
+                )
+                .on_conflict_do_nothing(index_elements=[t.c.notification_id])
+                .returning(t.c.attempts)
+            )
+            if (attempts := inserted.scalar_one_or_none()) is not None:
+                return Claimed(attempt=attempts)
+
+            expired = or_(t.c.claimed_at.is_(None), t.c.claimed_at < now - lease)
+            taken = await connection.execute(
+                update(t)
+                .where(
+                    key,
+                    or_(
+                        t.c.status == DeliveryStatus.RETRYING,
+                        and_(t.c.status == DeliveryStatus.SENDING, expired),
+                    ),
+                )
+                .values(
+                    status=DeliveryStatus.SENDING,
+                    provider=provider,
+                    attempts=t.c.attempts + 1,
+                    claimed_at=now,
+                    updated_at=now,
+                )
+                .returning(t.c.attempts)
+            )
+            if (attempts := taken.scalar_one_or_none()) is not None:
+                return Claimed(attempt=attempts)
+
+            # A final row whose events are not out and whose lease is gone: take the lease to
+            # publish them, so that one copy does it rather than every copy at once.
+            unreported = (
+                await connection.execute(
+                    update(t)
+                    .where(key, t.c.status.in_(FINAL_STATUSES), t.c.reported_at.is_(None), expired)
+                    .values(claimed_at=now, updated_at=now)
+                    .returning(t.c.status, t.c.failure, t.c.reason)
+                )
+            ).one_or_none()
+            if unreported is not None:
+                return AlreadyFinal(
+                    status=DeliveryStatus(unreported.status),
+                    failure=unreported.failure,
+                    reason=unreported.reason,
+                    reported=False,
+                )
+
+            row = (
+                await connection.execute(
+                    select(
+                        t.c.status, t.c.failure, t.c.reason, t.c.claimed_at, t.c.reported_at
+                    ).where(key)
+                )
+            ).one()
+        if row.reported_at is not None:
+            return AlreadyFinal(
+                status=DeliveryStatus(row.status),
+                failure=row.failure,
+                reason=row.reason,
+                reported=True,
+            )
+        # Sending or being reported under a live lease (a row without a lease was taken above).
+        lease_expires_at = _aware(row.claimed_at) + lease if row.claimed_at is not None else now
+        return Busy(lease_expires_at=lease_expires_at)
+
+    async def finish(
+        self,
+        notification_id: uuid.UUID,
+        *,
+        status: DeliveryStatus,
+        failure: str | None = None,
+        reason: str | None,
+        now: datetime,
+    ) -> None:
+        """Record the final outcome (committed before any event is published and before the
+        ack). The lease stays until `mark_reported` or `unclaim`."""
+        if status not in FINAL_STATUSES:
+            raise ValueError(f"{status} is not a final status")
+        async with self.engine.begin() as connection:
+            await connection.execute(
+                update(self.table)
+                .where(self.table.c.notification_id == notification_id)
+                .values(
+                    status=status,
+                    failure=failure,
+                    reason=_clip(reason),
+                    finished_at=now,
+                    updated_at=now,
+                )
+            )
+
+    async def release(self, notification_id: uuid.UUID, *, reason: str, now: datetime) -> None:
+        """Give the lease back after a transient failure, so the retry can claim at once."""
+        t = self.table
+        async with self.engine.begin() as connection:
+            await connection.execute(
+                update(t)
+                .where(t.c.notification_id == notification_id, t.c.status == DeliveryStatus.SENDING)
+                .values(
+                    status=DeliveryStatus.RETRYING,
+                    reason=_clip(reason),
+                    claimed_at=None,
+                    updated_at=now,
+                )
+            )
+
+    async def mark_reported(self, notification_id: uuid.UUID, *, now: datetime) -> None:
+        """The outcome's events are out: the job is done, and the lease with it."""
+        async with self.engine.begin() as connection:
+            await connection.execute(
+                update(self.table)
+                .where(self.table.c.notification_id == notification_id)
+                .values(reported_at=now, claimed_at=None, updated_at=now)
+            )
+
+    async def unclaim(self, notification_id: uuid.UUID, *, now: datetime) -> None:
+        """Drop the lease of a final row whose events could not be published, so that the retry
+        publishes them at once instead of waiting for the lease to run out."""
+        t = self.table
+        async with self.engine.begin() as connection:
+            await connection.execute(
+                update(t)
+                .where(t.c.notification_id == notification_id, t.c.status.in_(FINAL_STATUSES))
+                .values(claimed_at=None, updated_at=now)
+            )
+
+    async def get(self, notification_id: uuid.UUID) -> LedgerEntry | None:
+        async with self.engine.connect() as connection:
+            row = (
+                await connection.execute(
+                    select(self.table).where(self.table.c.notification_id == notification_id)
+                )
+            ).one_or_none()
+        if row is None:
+            return None
+        values = row._mapping
+        return LedgerEntry(
+            notification_id=row.notification_id,
+            status=DeliveryStatus(row.status),
+            failure=row.failure,
+            provider=row.provider,
+            attempts=row.attempts,
+            reason=row.reason,
+            reported=row.reported_at is not None,
+            extra={name: values[name] for name in values if name not in _COMMON_COLUMNS},
+        )

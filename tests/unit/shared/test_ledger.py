@@ -1,0 +1,279 @@
+"""The delivery ledger's table and claim protocol, on SQLite (tests/integration/shared runs the
+concurrency on PostgreSQL). The senders' own tests cover what their handlers make of it."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+import pytest
+from sqlalchemy import CheckConstraint, Column, MetaData, String, Uuid, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from herald_shared.database import make_engine
+from herald_shared.events import utc_now
+from herald_shared.ledger import (
+    REASON_LENGTH,
+    AlreadyFinal,
+    Busy,
+    Claim,
+    Claimed,
+    DeliveryLedger,
+    DeliveryStatus,
+    delivery_ledger_table,
+)
+
+LEASE = timedelta(seconds=45)
+
+metadata = MetaData()
+deliveries = delivery_ledger_table(
+    "test_deliveries",
+    metadata,
+    Column("device_id", Uuid, nullable=False),
+    failures=("token_invalid", "rejected"),
+)
+
+
+@dataclass(frozen=True)
+class Job:
+    notification_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    message_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    recipient_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    device_id: uuid.UUID = field(default_factory=uuid.uuid4)
+
+    @property
+    def extra(self) -> dict[str, uuid.UUID]:
+        return {"device_id": self.device_id}
+
+
+async def claim(ledger: DeliveryLedger, job: Job, now: datetime, provider: str = "fcm") -> Claim:
+    return await ledger.claim(job, provider=provider, now=now, lease=LEASE, extra=job.extra)
+
+
+@pytest.fixture
+async def ledger(sqlite_url: str) -> AsyncIterator[DeliveryLedger]:
+    engine = make_engine(sqlite_url)
+    async with engine.begin() as connection:
+        await connection.run_sync(metadata.create_all)
+    yield DeliveryLedger(engine, deliveries)
+    await engine.dispose()
+
+
+def test_the_table_has_the_common_columns_then_the_senders_own() -> None:
+    assert [column.name for column in deliveries.columns] == [
+        "notification_id",
+        "message_id",
+        "recipient_id",
+        "device_id",
+        "status",
+        "failure",
+        "provider",
+        "attempts",
+        "reason",
+        "created_at",
+        "updated_at",
+        "claimed_at",
+        "finished_at",
+        "reported_at",
+    ]
+    assert [column.name for column in deliveries.primary_key] == ["notification_id"]
+    assert isinstance(deliveries.c.reason.type, String)
+    assert deliveries.c.reason.type.length == REASON_LENGTH
+    checks = {
+        constraint.name: str(constraint.sqltext)
+        for constraint in deliveries.constraints
+        if isinstance(constraint, CheckConstraint)
+    }
+    assert checks == {
+        "ck_test_deliveries_status": "status IN ('sending', 'retrying', 'delivered', 'failed')",
+        "ck_test_deliveries_failure": "failure IS NULL OR failure IN ('token_invalid', 'rejected')",
+    }
+
+
+def test_without_failure_codes_there_is_no_failure_check() -> None:
+    table = delivery_ledger_table("plain_deliveries", MetaData())
+    names = {c.name for c in table.constraints if isinstance(c, CheckConstraint)}
+    assert names == {"ck_plain_deliveries_status"}
+
+
+@pytest.mark.parametrize("codes", [("Bounced",), ("x'); DROP TABLE t; --",), ("a" * 17,)])
+def test_failure_codes_are_short_snake_case_words(codes: tuple[str, ...]) -> None:
+    with pytest.raises(ValueError, match="failure codes"):
+        delivery_ledger_table("bad_deliveries", MetaData(), failures=codes)
+
+
+def test_extra_columns_cannot_replace_the_ledgers_own() -> None:
+    with pytest.raises(ValueError, match="clash"):
+        delivery_ledger_table("bad_deliveries", MetaData(), Column("provider", String(30)))
+
+
+async def test_claim_release_finish_report(ledger: DeliveryLedger) -> None:
+    job = Job()
+    now = utc_now()
+
+    assert await claim(ledger, job, now, provider="smtp") == Claimed(1)
+    busy = await claim(ledger, job, now, provider="smtp")
+    assert isinstance(busy, Busy)
+    assert busy.lease_expires_at == now + LEASE
+
+    await ledger.release(job.notification_id, reason="smtp 451", now=now)
+    assert await claim(ledger, job, now, provider="file") == Claimed(2)
+
+    await ledger.finish(job.notification_id, status=DeliveryStatus.DELIVERED, reason=None, now=now)
+    assert await claim(ledger, job, now + timedelta(days=1)) == AlreadyFinal(
+        DeliveryStatus.DELIVERED, None, None, reported=False
+    )
+
+    await ledger.mark_reported(job.notification_id, now=now)
+    assert await claim(ledger, job, now, provider="smtp") == (
+        AlreadyFinal(DeliveryStatus.DELIVERED, None, None, reported=True)
+    )
+    entry = await ledger.get(job.notification_id)
+    assert entry is not None
+    assert (entry.status, entry.failure, entry.provider, entry.attempts, entry.reported) == (
+        DeliveryStatus.DELIVERED,
+        None,
+        "file",  # the provider of the attempt that claimed it last
+        2,
+        True,
+    )
+    assert entry.extra == {"device_id": job.device_id}
+
+
+async def test_an_expired_lease_is_taken_over(ledger: DeliveryLedger) -> None:
+    job = Job()
+    then = utc_now() - LEASE - timedelta(seconds=1)
+    await claim(ledger, job, then, provider="smtp")
+
+    assert await claim(ledger, job, utc_now(), provider="smtp") == Claimed(2)
+
+
+async def test_a_finished_row_stays_leased_until_its_events_are_reported(
+    ledger: DeliveryLedger,
+) -> None:
+    job = Job()
+    now = utc_now()
+    await claim(ledger, job, now)
+    await ledger.finish(job.notification_id, status=DeliveryStatus.DELIVERED, reason=None, now=now)
+
+    # Its worker is publishing the report: a concurrent copy must not publish it as well.
+    assert await claim(ledger, job, now) == Busy(now + LEASE)
+
+    await ledger.mark_reported(job.notification_id, now=now)
+    assert await claim(ledger, job, now) == (
+        AlreadyFinal(DeliveryStatus.DELIVERED, None, None, reported=True)
+    )
+
+
+async def test_unreported_events_are_left_to_one_copy_once_the_lease_is_gone(
+    ledger: DeliveryLedger,
+) -> None:
+    job = Job()
+    then = utc_now() - timedelta(hours=1)
+    await claim(ledger, job, then)
+    await ledger.finish(
+        job.notification_id,
+        status=DeliveryStatus.FAILED,
+        failure="token_invalid",
+        reason="fcm 404 UNREGISTERED",
+        now=then,
+    )
+    now = utc_now()
+
+    # The worker died before publishing: the next copy publishes, under a lease of its own.
+    assert await claim(ledger, job, now) == AlreadyFinal(
+        DeliveryStatus.FAILED, "token_invalid", "fcm 404 UNREGISTERED", reported=False
+    )
+    assert await claim(ledger, job, now) == Busy(now + LEASE)
+    entry = await ledger.get(job.notification_id)
+    assert entry is not None
+    assert entry.attempts == 1  # publishing again is not an attempt
+
+
+async def test_unclaim_lets_the_retry_publish_at_once(ledger: DeliveryLedger) -> None:
+    job = Job()
+    now = utc_now()
+    await claim(ledger, job, now)
+    await ledger.finish(
+        job.notification_id, status=DeliveryStatus.FAILED, failure="rejected", reason="x", now=now
+    )
+
+    await ledger.unclaim(job.notification_id, now=now)  # publishing failed
+
+    assert await claim(ledger, job, now) == (
+        AlreadyFinal(DeliveryStatus.FAILED, "rejected", "x", reported=False)
+    )
+
+
+async def test_unclaim_and_release_leave_other_states_alone(ledger: DeliveryLedger) -> None:
+    sending, final = Job(), Job()
+    now = utc_now()
+    await claim(ledger, sending, now)
+    await claim(ledger, final, now)
+    await ledger.finish(
+        final.notification_id, status=DeliveryStatus.DELIVERED, reason=None, now=now
+    )
+
+    await ledger.unclaim(sending.notification_id, now=now)  # only a final row's lease
+    await ledger.release(final.notification_id, reason="late", now=now)  # only a sending row
+
+    assert isinstance(await claim(ledger, sending, now), Busy)
+    entry = await ledger.get(final.notification_id)
+    assert entry is not None
+    assert (entry.status, entry.reason) == (DeliveryStatus.DELIVERED, None)
+
+
+async def test_reasons_are_clipped_to_the_column(ledger: DeliveryLedger) -> None:
+    retried, failed = Job(), Job()
+    now = utc_now()
+    for job in (retried, failed):
+        await claim(ledger, job, now)
+    await ledger.release(retried.notification_id, reason="r" * 300, now=now)
+    await ledger.finish(
+        failed.notification_id, status=DeliveryStatus.FAILED, reason="f" * 300, now=now
+    )
+
+    for job, letter in ((retried, "r"), (failed, "f")):
+        entry = await ledger.get(job.notification_id)
+        assert entry is not None
+        assert entry.reason == letter * REASON_LENGTH
+
+
+async def test_finish_accepts_only_final_statuses(ledger: DeliveryLedger) -> None:
+    with pytest.raises(ValueError, match="not a final status"):
+        await ledger.finish(
+            Job().notification_id, status=DeliveryStatus.RETRYING, reason=None, now=utc_now()
+        )
+
+
+async def test_the_database_refuses_unknown_codes(ledger: DeliveryLedger) -> None:
+    job = Job()
+    now = utc_now()
+    await claim(ledger, job, now)
+
+    with pytest.raises(IntegrityError):
+        await ledger.finish(
+            job.notification_id,
+            status=DeliveryStatus.FAILED,
+            failure="bounced",
+            reason=None,
+            now=now,
+        )
+    with pytest.raises(IntegrityError):
+        await _set_status(ledger.engine, job, "lost")
+
+
+async def _set_status(engine: AsyncEngine, job: Job, status: str) -> None:
+    async with engine.begin() as connection:
+        await connection.execute(
+            update(deliveries)
+            .where(deliveries.c.notification_id == job.notification_id)
+            .values(status=status)
+        )
+
+
+async def test_unknown_notification(ledger: DeliveryLedger) -> None:
+    assert await ledger.get(Job().notification_id) is None
