@@ -20,6 +20,7 @@ statement's parameters, say) may contain an e-mail address or message text.
 
 from __future__ import annotations
 
+import json
 import logging
 import traceback
 from collections.abc import Awaitable, Callable
@@ -86,6 +87,8 @@ def describe_error(exc: BaseException) -> str:
     """A one-line description of an error that is safe to log and to store."""
     if isinstance(exc, RetryableError | PermanentError):
         text = f"{type(exc).__name__}: {exc.reason}"
+    elif isinstance(exc, json.JSONDecodeError | UnicodeDecodeError):
+        text = f"unparsable event ({type(exc).__name__} at position {_position(exc)})"
     elif isinstance(exc, pydantic.ValidationError):
         problems = "; ".join(
             f"{'.'.join(str(part) for part in error['loc']) or '<body>'}: {error['type']}"
@@ -99,8 +102,21 @@ def describe_error(exc: BaseException) -> str:
     return text[:HEADER_TEXT_LIMIT]
 
 
+# What a body that cannot become an event raises: FastStream's JSON decoding (for a message sent
+# as application/json) fails before pydantic ever sees it.
+UNPARSABLE_ERRORS = (pydantic.ValidationError, json.JSONDecodeError, UnicodeDecodeError)
+
+
+def is_unparsable(exc: BaseException) -> bool:
+    return isinstance(exc, UNPARSABLE_ERRORS)
+
+
+def _position(exc: json.JSONDecodeError | UnicodeDecodeError) -> int:
+    return exc.pos if isinstance(exc, json.JSONDecodeError) else exc.start
+
+
 def is_permanent(exc: BaseException) -> bool:
-    return isinstance(exc, PermanentError | pydantic.ValidationError)
+    return isinstance(exc, PermanentError) or is_unparsable(exc)
 
 
 def attempts_so_far(headers: dict[str, Any]) -> int:
@@ -148,13 +164,12 @@ class OutcomeMiddleware(BaseMiddleware):
             }
         )
         if is_permanent(exc) or attempt > self.policy.max_retries:
-            reason = (
-                "unparsable"
-                if isinstance(exc, pydantic.ValidationError)
-                else "permanent"
-                if isinstance(exc, PermanentError)
-                else "retries-exhausted"
-            )
+            if is_unparsable(exc):
+                reason = "unparsable"
+            elif isinstance(exc, PermanentError):
+                reason = "permanent"
+            else:
+                reason = "retries-exhausted"
             headers[REASON_HEADER] = reason
             logger.error(
                 "herald.message.dead_lettered queue=%s message_id=%s attempt=%d reason=%s error=%s",

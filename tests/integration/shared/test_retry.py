@@ -106,17 +106,30 @@ async def test_permanent_failure_is_dead_lettered_at_once(
 
 
 @pytest.mark.parametrize(
-    "body",
+    ("body", "content_type"),
     [
-        b"{not json",
-        b"\xff\xfe\xfd",
-        json.dumps({"type": "device_invalidated", "user_id": "alice@example.com"}).encode(),
-        json.dumps({"type": "user_updated", "user_id": str(uuid.uuid4())}).encode(),
+        (b"{not json", None),
+        (b"{not json", "application/json"),
+        (b"\xff\xfe\xfd", None),
+        (b"\xff\xfe\xfd", "application/json"),
+        (json.dumps({"type": "device_invalidated", "user_id": "alice@example.com"}).encode(), None),
+        (json.dumps({"type": "user_updated", "user_id": str(uuid.uuid4())}).encode(), None),
     ],
-    ids=["invalid-json", "invalid-utf8", "missing-fields", "wrong-type"],
+    ids=[
+        "invalid-json",
+        "invalid-json-as-json",
+        "invalid-utf8",
+        "invalid-utf8-as-json",
+        "missing-fields",
+        "wrong-type",
+    ],
 )
 async def test_unparsable_input_is_dead_lettered_without_its_values_and_others_keep_flowing(
-    broker: RabbitBroker, rabbit_url: str, body: bytes, caplog: pytest.LogCaptureFixture
+    broker: RabbitBroker,
+    rabbit_url: str,
+    body: bytes,
+    content_type: str | None,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     handled: list[DeviceInvalidated] = []
 
@@ -128,7 +141,9 @@ async def test_unparsable_input_is_dead_lettered_without_its_values_and_others_k
     async with broker:
         await broker.start()
         await declare_topology(broker, retry_delays=DELAYS)
-        await broker.publish(body, exchange=EXCHANGE, routing_key=DEVICE_INVALIDATED)
+        await broker.publish(
+            body, exchange=EXCHANGE, routing_key=DEVICE_INVALIDATED, content_type=content_type
+        )
         await broker.publish(good, exchange=EXCHANGE, routing_key=DEVICE_INVALIDATED)
         (dead,) = await wait_until(lambda: _dead_letters(rabbit_url))
         await wait_until(lambda: _async_value(handled))
