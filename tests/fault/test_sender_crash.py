@@ -1,0 +1,82 @@
+"""push-sender SIGKILLed after FCM accepted a push and before it could record that: at-least-once
+means the push goes out again, once, with the same collapse id, so the phone replaces the first
+notification instead of showing two."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import httpx
+import pytest
+
+from tests.support.faults import (
+    OUTLAST_LEASE,
+    Accepted,
+    Expectation,
+    HeraldFactory,
+    RecordingFcm,
+    Report,
+    elapsed,
+    populated,
+    post_one,
+    push_notification_id,
+    settle,
+)
+from tests.support.infra import wait_until
+
+pytestmark = pytest.mark.e2e
+
+
+async def test_a_sender_killed_between_provider_and_ledger_pushes_again_once_with_one_collapse_id(
+    fault_report: Report, start_herald: HeraldFactory
+) -> None:
+    # The redelivered job waits for the dead attempt's lease (19 s) on the 20 s tier, then sends.
+    herald = await start_herald(overrides=OUTLAST_LEASE)
+    fcm = herald.fcm
+    assert isinstance(fcm, RecordingFcm)
+    rng = random.Random(29)
+    async with httpx.AsyncClient(base_url=herald.api, timeout=30) as client:
+        population = await populated(
+            herald, client, users=2, room_sizes=(2,), rng=rng, max_devices=1
+        )
+        room = population.rooms[0]
+        sender, recipient = (population.member(member) for member in room.member_ids)
+        token = recipient.device_tokens[0]
+        fcm.on_accept(token, lambda: herald.kill("push-sender"))
+        accepted = Accepted()
+        await post_one(client, population, accepted, rng, 0, room=room, sender=sender)
+
+    async def killed() -> bool:
+        return "push-sender" in herald.crashed()
+
+    await wait_until(killed, timeout=30)
+    killed_at = time.monotonic()
+    assert len(fcm.messages_to(token)) == 1  # accepted, and its answer never read
+    await herald.restart("push-sender")
+    result = await settle(herald, Expectation.of(population, accepted), timeout=90)
+    pushes = fcm.messages_to(token)
+    collapse_ids = {
+        (
+            str(push_notification_id(push)),
+            push["message"]["android"]["collapse_key"],
+            push["message"]["apns"]["headers"]["apns-collapse-id"],
+        )
+        for push in pushes
+    }
+    fault_report(
+        **result.fields(),
+        pushes_to_victim=len(pushes),
+        collapse_ids=len(collapse_ids),
+        recover_s=elapsed(killed_at),
+    )
+    assert result.lost == 0
+    assert result.not_delivered_in_ledger == 0
+    # At most one duplicate per crash, and it carries the first push's collapse id everywhere.
+    assert len(pushes) <= 2
+    assert len(collapse_ids) == 1
+    ((tag, collapse_key, apns_collapse_id),) = collapse_ids
+    assert tag == collapse_key == apns_collapse_id
+    assert result.duplicate_emails == 0
+    assert sum(result.dead_letters.values()) == 0, result.dead_letters
+    assert herald.crashed() == {}
