@@ -16,9 +16,7 @@ import pytest
 from tests.fakes.fcm import FakeFcm
 from tests.fakes.smtp import FakeSmtp
 from tests.support import infra
-from tests.support.processes import ServiceProcess, free_port
-
-SERVICES = ("message-service", "notification-router", "push-sender", "email-sender")
+from tests.support.processes import SERVICES, ServiceProcess, free_port, service_env
 
 
 @dataclass
@@ -38,29 +36,14 @@ async def pipeline(
     rabbit_url: str, fcm: FakeFcm, smtp: FakeSmtp, credentials: Path, tmp_path: Path
 ) -> AsyncIterator[Pipeline]:
     databases = {name: await infra.create_database() for name in SERVICES}
-    common = {
-        "RABBITMQ_URL": rabbit_url,
-        "RABBITMQ_RETRY_DELAYS": "0.2,0.5,1",
-        "LOG_LEVEL": "INFO",
-    }
-    extra = {
-        "push-sender": {
-            "PUSH_PROVIDER": "fcm",
-            "FCM_CREDENTIALS_FILE": str(credentials),
-            "FCM_BASE_URL": fcm.base_url,
-        },
-        "email-sender": {
-            "EMAIL_BACKEND": "smtp",
-            "SMTP_HOST": smtp.host,
-            "SMTP_PORT": str(smtp.port),
-            "SMTP_TLS": "none",
-        },
-    }
+    environments = service_env(
+        rabbit_url=rabbit_url, databases=databases, fcm=fcm, credentials=credentials, smtp=smtp
+    )
     services = {
         name: ServiceProcess(
             name=name,
             port=free_port(),
-            env={**common, "DATABASE_URL": databases[name], **extra.get(name, {})},
+            env=environments[name],
             log_path=tmp_path / f"{name}.log",
         )
         for name in SERVICES

@@ -14,7 +14,6 @@ import pytest
 from tests.fakes.fcm import FakeFcm
 from tests.fakes.smtp import FakeSmtp
 from tests.support.faults import (
-    SERVICES,
     Herald,
     HeraldFactory,
     PostgresCluster,
@@ -24,9 +23,8 @@ from tests.support.faults import (
     duration_text,
     emit,
     fault_line,
-    service_env,
 )
-from tests.support.processes import ServiceProcess, free_port
+from tests.support.processes import SERVICES, ServiceProcess, free_port, service_env
 
 
 @pytest.fixture(scope="session")

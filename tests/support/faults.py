@@ -43,10 +43,9 @@ from herald_shared.topology import CONSUMER_QUEUES
 from tests.fakes.fcm import FakeFcm
 from tests.fakes.smtp import FakeSmtp
 from tests.support.infra import wait_until
-from tests.support.processes import ServiceProcess, free_port
+from tests.support.processes import SERVICES, ServiceProcess, free_port
 
 RABBITMQ_BIN = Path(os.environ.get("HERALD_FAULT_RABBITMQ_BIN", "/usr/lib/rabbitmq/bin"))
-SERVICES = ("message-service", "notification-router", "push-sender", "email-sender")
 WORK_QUEUES = tuple(queue.name for queue in CONSUMER_QUEUES)
 DEAD_LETTER_QUEUES = tuple(queue.dead_letter_queue.name for queue in CONSUMER_QUEUES)
 
@@ -630,47 +629,6 @@ OUTLAST_LEASE = {"FCM_TIMEOUT": "1", "SMTP_TIMEOUT": "2", "RABBITMQ_RETRY_DELAYS
 # The fixtures' callables: `start_herald(overrides=…, router_cluster=…)`, `fault_report(**figures)`.
 HeraldFactory = Callable[..., Awaitable[Herald]]
 Report = Callable[..., None]
-
-
-def service_env(
-    *,
-    rabbit_url: str,
-    databases: Mapping[str, str],
-    fcm: FakeFcm,
-    credentials: Path,
-    smtp: FakeSmtp,
-    overrides: Mapping[str, str] | None = None,
-) -> dict[str, dict[str, str]]:
-    """The environment of each service: small retry tiers, a heartbeat that notices a dead peer
-    within seconds, an outbox relay that backs off at most 2 s (default 30 s)."""
-    common = {
-        "RABBITMQ_URL": rabbit_url,
-        "RABBITMQ_RETRY_DELAYS": "0.2,0.5,1",
-        "RABBITMQ_HEARTBEAT": "5",
-        "RABBITMQ_CONNECTION_TIMEOUT": "5",
-        "RABBITMQ_GRACEFUL_TIMEOUT": "5",
-        "OUTBOX_RELAY_INTERVAL": "0.5",
-        "OUTBOX_MAX_BACKOFF": "2",
-        "LOG_LEVEL": "INFO",
-        **(overrides or {}),
-    }
-    extra = {
-        "push-sender": {
-            "PUSH_PROVIDER": "fcm",
-            "FCM_CREDENTIALS_FILE": str(credentials),
-            "FCM_BASE_URL": fcm.base_url,
-        },
-        "email-sender": {
-            "EMAIL_BACKEND": "smtp",
-            "SMTP_HOST": smtp.host,
-            "SMTP_PORT": str(smtp.port),
-            "SMTP_TLS": "none",
-        },
-    }
-    return {
-        name: {**common, "DATABASE_URL": databases[name], **extra.get(name, {})}
-        for name in SERVICES
-    }
 
 
 # --- workload ---------------------------------------------------------------------------------

@@ -8,12 +8,17 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
+from tests.fakes.fcm import FakeFcm
+from tests.fakes.smtp import FakeSmtp
+
 BIN_DIR = Path(sys.executable).parent
+SERVICES = ("message-service", "notification-router", "push-sender", "email-sender")
 
 
 def free_port() -> int:
@@ -70,3 +75,44 @@ class ServiceProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def service_env(
+    *,
+    rabbit_url: str,
+    databases: Mapping[str, str],
+    fcm: FakeFcm,
+    credentials: Path,
+    smtp: FakeSmtp,
+    overrides: Mapping[str, str] | None = None,
+) -> dict[str, dict[str, str]]:
+    """The environment of each service: small retry tiers, a heartbeat that notices a dead peer
+    within seconds, an outbox relay that backs off at most 2 s (default 30 s)."""
+    common = {
+        "RABBITMQ_URL": rabbit_url,
+        "RABBITMQ_RETRY_DELAYS": "0.2,0.5,1",
+        "RABBITMQ_HEARTBEAT": "5",
+        "RABBITMQ_CONNECTION_TIMEOUT": "5",
+        "RABBITMQ_GRACEFUL_TIMEOUT": "5",
+        "OUTBOX_RELAY_INTERVAL": "0.5",
+        "OUTBOX_MAX_BACKOFF": "2",
+        "LOG_LEVEL": "INFO",
+        **(overrides or {}),
+    }
+    extra = {
+        "push-sender": {
+            "PUSH_PROVIDER": "fcm",
+            "FCM_CREDENTIALS_FILE": str(credentials),
+            "FCM_BASE_URL": fcm.base_url,
+        },
+        "email-sender": {
+            "EMAIL_BACKEND": "smtp",
+            "SMTP_HOST": smtp.host,
+            "SMTP_PORT": str(smtp.port),
+            "SMTP_TLS": "none",
+        },
+    }
+    return {
+        name: {**common, "DATABASE_URL": databases[name], **extra.get(name, {})}
+        for name in SERVICES
+    }

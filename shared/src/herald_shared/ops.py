@@ -7,6 +7,7 @@ import json
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import uvicorn
@@ -103,6 +104,14 @@ def health_routes(
         ("/health/rabbitmq", rabbitmq),
         ("/metrics", make_asgi_app(registry)),
     ]
+
+
+def service_version(distribution: str) -> str:
+    """The installed version of a service, for its AsyncAPI document."""
+    try:
+        return version(distribution)
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        return "0.0.0"
 
 
 def asyncapi_spec(broker: RabbitBroker, *, title: str, version: str, description: str) -> AsyncAPI:

@@ -6,7 +6,6 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -24,7 +23,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from herald_shared.broker import make_broker
 from herald_shared.database import database_healthy, make_engine, run_migrations
 from herald_shared.events import MessageCreated, UserUpdated
-from herald_shared.ops import broker_healthy, consumers_ready
+from herald_shared.ops import broker_healthy, consumers_ready, service_version
 from herald_shared.publishing import event_publisher
 from herald_shared.retry import describe_error
 from herald_shared.topology import MESSAGE_NEW, USER_UPDATED, declare_topology
@@ -54,13 +53,6 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 class StartupError(RuntimeError):
     """A dependency the service cannot run without is unavailable (already logged)."""
-
-
-def _version() -> str:
-    try:
-        return version(SERVICE_NAME)
-    except PackageNotFoundError:  # running from a source tree that is not installed
-        return "0.0.0"
 
 
 @dataclass(frozen=True)
@@ -107,7 +99,9 @@ def _broker(
 
 
 def _spec(broker: RabbitBroker) -> AsyncAPI:
-    return AsyncAPI(broker, title=TITLE, version=_version(), description=DESCRIPTION)
+    return AsyncAPI(
+        broker, title=TITLE, version=service_version(SERVICE_NAME), description=DESCRIPTION
+    )
 
 
 def specification(settings: Settings) -> AsyncAPI:
@@ -150,7 +144,10 @@ def create_app(settings: Settings) -> FastAPI:
     )
 
     app = FastAPI(
-        title=TITLE, version=_version(), description=DESCRIPTION, lifespan=_lifespan(runtime)
+        title=TITLE,
+        version=service_version(SERVICE_NAME),
+        description=DESCRIPTION,
+        lifespan=_lifespan(runtime),
     )
     app.state.runtime = runtime
     app.state.api_deps = ApiDeps(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 
 from faststream import AsyncAPI
 from faststream.asgi import AsgiFastStream
@@ -15,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from herald_shared.broker import make_broker
 from herald_shared.database import database_healthy, make_engine, run_migrations
 from herald_shared.events import EmailRequested, PushRequested
-from herald_shared.ops import asyncapi_spec, consumer_app
+from herald_shared.ops import asyncapi_spec, consumer_app, service_version
 from herald_shared.publishing import event_publisher
 from herald_shared.topology import EMAIL_SEND, PUSH_SEND, declare_topology
 from notification_router.handlers import RouterDeps, Subscribers, register_handlers
@@ -29,13 +28,6 @@ DESCRIPTION = (
     "preferences (kept as a projection of user.updated), records every decision in a ledger "
     "and follows the delivery reports."
 )
-
-
-def _version() -> str:
-    try:
-        return version(SERVICE_NAME)
-    except PackageNotFoundError:  # running from a source tree that is not installed
-        return "0.0.0"
 
 
 @dataclass(frozen=True)
@@ -101,7 +93,7 @@ def build_service(settings: Settings) -> RouterService:
     app = consumer_app(
         broker,
         title=TITLE,
-        version=_version(),
+        version=service_version(SERVICE_NAME),
         description=DESCRIPTION,
         registry=registry,
         checks={"database": functools.partial(database_healthy, engine)},
@@ -120,4 +112,6 @@ def specification(settings: Settings) -> AsyncAPI:
     # The document needs the subscribers and publishers only; this engine never connects.
     engine = create_async_engine("sqlite+aiosqlite://")
     broker, _, _ = _wire(settings, engine, CollectorRegistry())
-    return asyncapi_spec(broker, title=TITLE, version=_version(), description=DESCRIPTION)
+    return asyncapi_spec(
+        broker, title=TITLE, version=service_version(SERVICE_NAME), description=DESCRIPTION
+    )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from faststream import AsyncAPI
@@ -16,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from herald_shared.broker import make_broker
 from herald_shared.database import database_healthy, make_engine, run_migrations
-from herald_shared.ops import asyncapi_spec, consumer_app
+from herald_shared.ops import asyncapi_spec, consumer_app, service_version
 from herald_shared.topology import declare_topology
 from push_sender.handlers import PushDeps, make_publishers, register_handlers
 from push_sender.metrics import PushMetrics
@@ -31,13 +30,6 @@ DESCRIPTION = (
     "reports each outcome on `notification.push.delivered` / `notification.push.failed` and "
     "dead device tokens on `device.invalidated`."
 )
-
-
-def _version() -> str:
-    try:
-        return version(SERVICE_NAME)
-    except PackageNotFoundError:  # running from a source tree that is not installed
-        return "0.0.0"
 
 
 @dataclass(frozen=True)
@@ -103,7 +95,7 @@ def build_service(settings: Settings, *, provider: PushProvider | None = None) -
     app = consumer_app(
         broker,
         title=TITLE,
-        version=_version(),
+        version=service_version(SERVICE_NAME),
         description=DESCRIPTION,
         registry=registry,
         checks={"database": functools.partial(database_healthy, engine)},
@@ -122,4 +114,6 @@ def specification(settings: Settings) -> AsyncAPI:
     # The document needs the subscriber and publishers only; neither of these is ever used.
     engine = create_async_engine("sqlite+aiosqlite://")
     broker, _, _ = _wire(settings, engine, CollectorRegistry(), LogProvider(Path(".")))
-    return asyncapi_spec(broker, title=TITLE, version=_version(), description=DESCRIPTION)
+    return asyncapi_spec(
+        broker, title=TITLE, version=service_version(SERVICE_NAME), description=DESCRIPTION
+    )
