@@ -34,7 +34,11 @@ class Channel(StrEnum):
 
 
 class Platform(StrEnum):
-    FCM = "fcm"
+    """Which push provider serves a device."""
+
+    FCM = "fcm"  # Android (and any FCM client): the token is an FCM registration token
+    APNS = "apns"  # iOS: the token is the APNs device token (hex)
+    WEB_PUSH = "webpush"  # a browser: the token is the subscription's endpoint URL
 
 
 class DeliveryOutcome(StrEnum):
@@ -80,15 +84,29 @@ class MessageCreated(Event):
     timestamp: AwareDatetime
 
 
+class WebPushKeys(_Frozen):
+    """A Web Push subscription's keys (RFC 8291), base64url without padding as browsers give
+    them: the user agent's P-256 public key and the shared authentication secret."""
+
+    p256dh: str = Field(min_length=1, max_length=200)
+    auth: str = Field(min_length=1, max_length=100)
+
+
 class DeviceSnapshot(_Frozen):
     device_id: uuid.UUID
     platform: Platform
     token: str
+    # When the client last registered (or refreshed) this token: APNs' 410 rule compares it with
+    # the time Apple says the token became invalid.
+    token_updated_at: AwareDatetime | None = None
+    web_push_keys: WebPushKeys | None = None  # platform webpush only
 
 
 class PreferencesSnapshot(_Frozen):
     push_enabled: bool = True
     email_enabled: bool = True
+    # False: pushes say who wrote where ("New message from Alice in #room"), never the text.
+    push_preview: bool = True
     muted_room_ids: list[uuid.UUID] = Field(default_factory=list)
 
 
@@ -121,6 +139,8 @@ class PushRequested(Event):
     device_id: uuid.UUID
     platform: Platform
     token: str
+    token_updated_at: AwareDatetime | None = None
+    web_push_keys: WebPushKeys | None = None  # platform webpush only
     title: str
     body: str
 
