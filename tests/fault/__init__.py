@@ -43,5 +43,4 @@ then compares with the router's ledger, `FakeFcm.accepted` (by Android tag) and 
 so the figures show in CI's default output; `FAULT harness` lines give the servers' boot times.
 
 The tests are marked `e2e` (they run the services as processes): `-m "not e2e"` leaves them out.
-The `xfail(strict=True)` ones pin product bugs; each says which in its reason.
 """

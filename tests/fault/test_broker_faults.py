@@ -92,15 +92,6 @@ async def test_every_service_reconnects_and_consumes_again_after_its_connections
     assert herald.crashed() == {}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "product bug: a sender's handler cancelled by a lost connection keeps its ledger claim; "
-        "the redelivered job is 'busy', each busy retry counts as a failed attempt on the normal "
-        "tiers, and when the tiers are shorter than the lease the job is dead-lettered "
-        "(retries-exhausted: delivery in progress elsewhere) instead of delivered"
-    ),
-)
 async def test_a_push_in_flight_when_its_connection_is_closed_is_delivered_not_dead_lettered(
     fault_report: Report, start_herald: HeraldFactory
 ) -> None:

@@ -1,6 +1,6 @@
 """The push provider failing transiently, for ever, for one device: that job is tried 1 +
-RABBITMQ_MAX_RETRIES times on the retry tiers, then parked in push_notifications.dlq; everything
-else is delivered."""
+RABBITMQ_MAX_RETRIES times on the retry tiers, then parked in push_notifications.dlq and
+reported failed; everything else is delivered."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from tests.support.faults import (
     post_one,
     settle,
 )
+from tests.support.infra import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -93,4 +94,11 @@ async def test_a_transient_provider_failure_is_retried_on_the_tiers_then_dead_le
     assert {name: count for name, count in result.dead_letters.items() if count} == {
         PUSH_NOTIFICATIONS.dead_letter_queue.name: 1
     }
+
+    # The dead-lettered job was reported failed, so the router's ledger does not keep it pending.
+    async def parked_status() -> str | None:
+        status = (await observe(herald)).delivery_status.get(parked)
+        return status if status == "failed" else None
+
+    assert await wait_until(parked_status, timeout=10) == "failed"
     assert herald.crashed() == {}

@@ -14,7 +14,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from yarl import URL
 
-from herald_shared.retry import RetryPolicy, make_outcome_middleware
+from herald_shared.retry import DeadLetterHooks, RetryPolicy, make_outcome_middleware
 
 
 class RabbitSettings(BaseSettings):
@@ -27,6 +27,9 @@ class RabbitSettings(BaseSettings):
     # The specification's example says 600 s; a dead peer would then go unnoticed for minutes.
     heartbeat: int = Field(default=20, ge=0)
     max_retries: int = Field(default=3, ge=0)
+    # Waits that spend no attempt (a dependency down, another worker busy with the message)
+    # before a message is dead-lettered anyway: 1000 is about seven hours on the default tiers.
+    max_deferrals: int = Field(default=1000, ge=0)
     # Seconds each retry waits, one wait queue per tier; the last tier repeats if there are more
     # retries than tiers.
     retry_delays: Annotated[tuple[float, ...], NoDecode] = (1.0, 5.0, 25.0)
@@ -65,7 +68,11 @@ class RabbitSettings(BaseSettings):
 
     @property
     def retry_policy(self) -> RetryPolicy:
-        return RetryPolicy(delays=self.retry_delays, max_retries=self.max_retries)
+        return RetryPolicy(
+            delays=self.retry_delays,
+            max_retries=self.max_retries,
+            max_deferrals=self.max_deferrals,
+        )
 
 
 def connection_url(settings: RabbitSettings, service_name: str) -> str:
@@ -82,11 +89,13 @@ def make_broker(
     service_name: str,
     registry: CollectorRegistry | None = None,
     description: str | None = None,
+    dead_letter_hooks: DeadLetterHooks | None = None,
 ) -> RabbitBroker:
     """A broker whose publishes are confirmed and fail loudly when nothing is bound, whose
     consumers take a bounded number of messages at a time, and whose handler failures go through
-    Herald's retry and dead-letter mechanism."""
-    middlewares: list[Any] = [make_outcome_middleware(settings.retry_policy)]
+    Herald's retry and dead-letter mechanism (`dead_letter_hooks`: what the service does when
+    one of its messages runs out of retries)."""
+    middlewares: list[Any] = [make_outcome_middleware(settings.retry_policy, dead_letter_hooks)]
     if registry is not None:
         # Outermost, so it records the final outcome of every message.
         middlewares.insert(0, RabbitPrometheusMiddleware(registry=registry, app_name=service_name))

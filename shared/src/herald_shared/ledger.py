@@ -13,11 +13,14 @@ until `claimed_at + lease`.
 The lease rule: whoever holds the lease owns the row until the outcome's events are published.
 `finish` records the outcome and keeps the lease; `mark_reported` (the events are out) ends it,
 `unclaim` (publishing failed) drops it so the retry can publish at once, and `release` (a
-transient failure) hands the row back for the next attempt. A concurrent copy is therefore `Busy`
-while the row is being sent *or* reported, and never publishes the report a second time next to
-the worker that is publishing it. Once the lease is gone without `reported_at` (a worker died or
-failed to publish), the next copy takes the lease again and gets `AlreadyFinal(reported=False)`:
-it publishes the missing events, without calling the provider; copies racing it are `Busy`.
+transient failure) hands the row back for the next attempt; `abandon` (the worker was cancelled:
+its connection was lost, or it is shutting down) drops its own lease whatever the row's state,
+so the redelivered copy need not wait for the lease to run out. A concurrent copy is therefore
+`Busy` while the row is being sent *or* reported, and never publishes the report a second time
+next to the worker that is publishing it. Once the lease is gone without `reported_at` (a worker
+died or failed to publish), the next copy takes the lease again and gets
+`AlreadyFinal(reported=False)`: it publishes the missing events, without calling the provider;
+copies racing it are `Busy`.
 
 The consequence is at-least-once, never more often than a crash allows: a worker that dies after
 the provider accepted but before `finish` leaves a `sending` row whose lease runs out, and the
@@ -48,6 +51,7 @@ from sqlalchemy import (
     Table,
     Uuid,
     and_,
+    case,
     or_,
     select,
     update,
@@ -341,6 +345,27 @@ class DeliveryLedger:
                 .values(
                     status=DeliveryStatus.RETRYING,
                     reason=_clip(reason),
+                    claimed_at=None,
+                    updated_at=now,
+                )
+            )
+
+    async def abandon(
+        self, notification_id: uuid.UUID, *, claimed_at: datetime, reason: str, now: datetime
+    ) -> None:
+        """Drop the lease taken at `claimed_at` (only that one: if it ran out and another worker
+        holds a newer lease, nothing changes). A row being sent becomes `retrying`: the provider
+        may have accepted it meanwhile, and the next copy sends again (at-least-once, with the
+        same provider keys). A final row keeps its outcome; the next copy publishes its events."""
+        t = self.table
+        sending = t.c.status == DeliveryStatus.SENDING
+        async with self.engine.begin() as connection:
+            await connection.execute(
+                update(t)
+                .where(t.c.notification_id == notification_id, t.c.claimed_at == claimed_at)
+                .values(
+                    status=case((sending, DeliveryStatus.RETRYING.value), else_=t.c.status),
+                    reason=case((sending, _clip(reason)), else_=t.c.reason),
                     claimed_at=None,
                     updated_at=now,
                 )

@@ -4,9 +4,17 @@ Handlers only raise. The middleware decides what happens to the delivery:
 
 * it succeeded → ack (FastStream's default);
 * `PermanentError`, or a body that does not parse into the handler's event → dead-letter now;
-* anything else (`RetryableError`, a database that is down, a provider timeout…) → the message
-  waits in the origin queue's wait queue for the current tier, then comes back to that queue
-  alone through its retry routing key; after `max_retries` retries it is dead-lettered.
+* `DeferredError`, or a dependency that cannot be reached (a database or broker connection that
+  is refused, reset or timed out) → the message is fine and only the moment is wrong: it waits as
+  a retry does but spends no attempt, so an outage of any length up to `max_deferrals` waits
+  costs no message its retries;
+* anything else (`RetryableError`, a provider timeout, a bug…) → the message waits in the origin
+  queue's wait queue for the current tier, then comes back to that queue alone through its retry
+  routing key; after `max_retries` retries it is dead-lettered.
+
+A service may register a hook per queue (`DeadLetterHooks`) that runs when a message of that
+queue is dead-lettered for lack of retries, so that, for example, a sender reports the
+notification as failed instead of leaving it pending.
 
 Dead-lettering publishes the original body to `notifications.dlx` with the reason, the last error
 and the attempt history in headers, then acks; if even that publish fails, the delivery is rejected
@@ -20,14 +28,18 @@ statement's parameters, say) may contain an e-mail address or message text.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import socket
 import traceback
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import aiormq.exceptions
 import pydantic
+import sqlalchemy.exc
 from faststream import BaseMiddleware
 from faststream.exceptions import AckMessage, HandlerException, RejectMessage
 from faststream.message import StreamMessage
@@ -37,10 +49,12 @@ from herald_shared.topology import DEAD_LETTER_EXCHANGE, RETRY_EXCHANGE, queue_f
 logger = logging.getLogger("herald.retry")
 
 ATTEMPT_HEADER = "x-herald-attempt"  # deliveries that failed before this one
+DEFERRALS_HEADER = "x-herald-deferrals"  # times it waited without spending an attempt
 ERROR_HEADER = "x-herald-error"  # the last error, described safely
 HISTORY_HEADER = "x-herald-history"  # one safe line per failed attempt
 ORIGIN_HEADER = "x-herald-origin-queue"
-REASON_HEADER = "x-herald-dead-letter-reason"  # permanent | unparsable | retries-exhausted
+# permanent | unparsable | retries-exhausted | deferred-too-long
+REASON_HEADER = "x-herald-dead-letter-reason"
 
 MAX_HISTORY = 10
 HEADER_TEXT_LIMIT = 500
@@ -48,6 +62,19 @@ HEADER_TEXT_LIMIT = 500
 
 class RetryableError(Exception):
     """A transient failure: try the same message again later.
+
+    `reason` must hold no personal data: it is logged and stored in headers.
+    """
+
+    def __init__(self, reason: str, *, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class DeferredError(Exception):
+    """The message is fine but cannot be handled now (another worker holds it, a dependency is
+    down): it waits like a retry, at least `retry_after` seconds, without spending an attempt.
 
     `reason` must hold no personal data: it is logged and stored in headers.
     """
@@ -73,6 +100,9 @@ class PermanentError(Exception):
 class RetryPolicy:
     delays: tuple[float, ...]
     max_retries: int
+    # Waits without an attempt spent (`DeferredError`, unreachable dependency) before a message
+    # is dead-lettered anyway; the default outlasts hours of outage on the default tiers.
+    max_deferrals: int = 1000
 
     def delay_for(self, retry_number: int, retry_after: float | None = None) -> float:
         """The wait before retry `retry_number` (1-based): its tier, or the first tier that is at
@@ -85,7 +115,7 @@ class RetryPolicy:
 
 def describe_error(exc: BaseException) -> str:
     """A one-line description of an error that is safe to log and to store."""
-    if isinstance(exc, RetryableError | PermanentError):
+    if isinstance(exc, RetryableError | PermanentError | DeferredError):
         text = f"{type(exc).__name__}: {exc.reason}"
     elif isinstance(exc, json.JSONDecodeError | UnicodeDecodeError):
         text = f"unparsable event ({type(exc).__name__} at position {_position(exc)})"
@@ -119,17 +149,113 @@ def is_permanent(exc: BaseException) -> bool:
     return isinstance(exc, PermanentError) or is_unparsable(exc)
 
 
-def attempts_so_far(headers: dict[str, Any]) -> int:
+# Connection-level failures: the dependency is not there right now, whatever the message.
+_UNREACHABLE_ERRNOS = frozenset(
+    {
+        errno.ECONNREFUSED,
+        errno.ECONNRESET,
+        errno.ECONNABORTED,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+        errno.ETIMEDOUT,
+        errno.EPIPE,
+    }
+)
+# PostgreSQL SQLSTATEs of a server that is away: class 08 (connection exception), shutting down
+# (57P01 admin, 57P02 crash), starting up (57P03), too many connections (53300).
+_UNAVAILABLE_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "53300"})
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """`exc`, then what caused it (SQLAlchemy keeps the driver's error in `orig`)."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        orig = getattr(current, "orig", None)
+        pending.extend(
+            [
+                current.__cause__,
+                current.__context__,
+                orig if isinstance(orig, BaseException) else None,
+            ]
+        )
+
+
+def _is_unreachable(exc: BaseException) -> bool:
+    if isinstance(exc, ConnectionError | TimeoutError | socket.gaierror):
+        return True
+    if isinstance(exc, OSError) and exc.errno in _UNREACHABLE_ERRNOS:
+        return True
+    if isinstance(exc, sqlalchemy.exc.DisconnectionError | sqlalchemy.exc.TimeoutError):
+        return True
+    if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    if isinstance(
+        exc, aiormq.exceptions.AMQPConnectionError | aiormq.exceptions.ChannelInvalidStateError
+    ):
+        return True
+    sqlstate = getattr(exc, "sqlstate", None)
+    return isinstance(sqlstate, str) and (
+        sqlstate.startswith("08") or sqlstate in _UNAVAILABLE_SQLSTATES
+    )
+
+
+def is_dependency_unavailable(exc: BaseException) -> bool:
+    """Whether `exc` (or what caused it) says a database or the broker cannot be reached now,
+    rather than that this message is wrong."""
+    return any(_is_unreachable(cause) for cause in _causes(exc))
+
+
+def is_deferred(exc: BaseException) -> bool:
+    """Whether the failure waits without spending an attempt. A handler's own `RetryableError`
+    is a verdict on this message (a provider refused it for now) and stays an attempt even when a
+    connection error caused it."""
+    if isinstance(exc, DeferredError):
+        return True
+    return not isinstance(exc, RetryableError) and is_dependency_unavailable(exc)
+
+
+def _count(headers: dict[str, Any], name: str) -> int:
     try:
-        return max(0, int(headers.get(ATTEMPT_HEADER, 0)))
+        return max(0, int(headers.get(name, 0)))
     except (TypeError, ValueError):
         return 0
+
+
+def attempts_so_far(headers: dict[str, Any]) -> int:
+    return _count(headers, ATTEMPT_HEADER)
+
+
+def deferrals_so_far(headers: dict[str, Any]) -> int:
+    return _count(headers, DEFERRALS_HEADER)
+
+
+# Runs when a message of the hook's queue is dead-lettered for lack of retries (retries or
+# deferrals exhausted), with the message and the safe description of its last error.
+DeadLetterHook = Callable[[StreamMessage[Any], str], Awaitable[None]]
+
+
+@dataclass
+class DeadLetterHooks:
+    """The hooks of one broker, by origin queue name. A service registers its hooks once its
+    publishers exist, before the broker starts."""
+
+    by_queue: dict[str, DeadLetterHook] = field(default_factory=dict)
+
+    def register(self, queue: str, hook: DeadLetterHook) -> None:
+        self.by_queue[queue] = hook
 
 
 class OutcomeMiddleware(BaseMiddleware):
     """Turns a handler's failure into a delayed retry or a dead letter (see module docstring)."""
 
     policy: ClassVar[RetryPolicy]
+    hooks: ClassVar[DeadLetterHooks]
 
     async def consume_scope(
         self, call_next: Callable[[Any], Awaitable[Any]], msg: StreamMessage[Any]
@@ -146,54 +272,86 @@ class OutcomeMiddleware(BaseMiddleware):
         routing_key = getattr(msg.raw_message, "routing_key", "") or ""
         origin = queue_for_routing_key(routing_key)
         headers = dict(msg.headers)
-        attempt = attempts_so_far(headers) + 1
         error = describe_error(exc)
-        history = [*_as_list(headers.get(HISTORY_HEADER)), f"{attempt}: {error}"][-MAX_HISTORY:]
         if origin is None:
             logger.error(
                 "herald.message.unroutable_failure routing_key=%s error=%s", routing_key, error
             )
             raise RejectMessage() from exc
+        headers.update({ERROR_HEADER: error, ORIGIN_HEADER: origin.name})
 
-        headers.update(
-            {
-                ATTEMPT_HEADER: attempt,
-                ERROR_HEADER: error,
-                HISTORY_HEADER: history,
-                ORIGIN_HEADER: origin.name,
-            }
-        )
-        if is_permanent(exc) or attempt > self.policy.max_retries:
-            if is_unparsable(exc):
-                reason = "unparsable"
-            elif isinstance(exc, PermanentError):
-                reason = "permanent"
-            else:
-                reason = "retries-exhausted"
-            headers[REASON_HEADER] = reason
-            logger.error(
-                "herald.message.dead_lettered queue=%s message_id=%s attempt=%d reason=%s error=%s",
+        if is_unparsable(exc) or isinstance(exc, PermanentError):
+            reason = "unparsable" if is_unparsable(exc) else "permanent"
+            await self._dead_letter(msg, headers, origin.name, reason, error, exc)
+
+        retry_after = exc.retry_after if isinstance(exc, RetryableError | DeferredError) else None
+        if is_deferred(exc):
+            deferrals = deferrals_so_far(headers) + 1
+            headers[DEFERRALS_HEADER] = deferrals
+            if deferrals > self.policy.max_deferrals:
+                await self._dead_letter(msg, headers, origin.name, "deferred-too-long", error, exc)
+            delay = self.policy.delay_for(deferrals, retry_after)
+            logger.warning(
+                "herald.message.deferred queue=%s message_id=%s deferrals=%d delay=%.3fs error=%s",
+                origin.name,
+                msg.message_id,
+                deferrals,
+                delay,
+                error,
+            )
+        else:
+            attempt = attempts_so_far(headers) + 1
+            history = [*_as_list(headers.get(HISTORY_HEADER)), f"{attempt}: {error}"]
+            headers.update({ATTEMPT_HEADER: attempt, HISTORY_HEADER: history[-MAX_HISTORY:]})
+            if attempt > self.policy.max_retries:
+                await self._dead_letter(msg, headers, origin.name, "retries-exhausted", error, exc)
+            delay = self.policy.delay_for(attempt, retry_after)
+            logger.warning(
+                "herald.message.retry_scheduled queue=%s message_id=%s attempt=%d delay=%.3fs "
+                "error=%s",
                 origin.name,
                 msg.message_id,
                 attempt,
-                reason,
+                delay,
                 error,
             )
-            await self._republish(msg, headers, DEAD_LETTER_EXCHANGE.name, origin.name)
-            raise AckMessage() from exc
+        await self._republish(msg, headers, RETRY_EXCHANGE.name, origin.wait_queue(delay).name)
+        raise AckMessage() from exc
 
-        retry_after = exc.retry_after if isinstance(exc, RetryableError) else None
-        delay = self.policy.delay_for(attempt, retry_after)
-        wait_queue = origin.wait_queue(delay).name
-        logger.warning(
-            "herald.message.retry_scheduled queue=%s message_id=%s attempt=%d delay=%.3fs error=%s",
-            origin.name,
+    async def _dead_letter(
+        self,
+        msg: StreamMessage[Any],
+        headers: dict[str, Any],
+        queue: str,
+        reason: str,
+        error: str,
+        exc: Exception,
+    ) -> None:
+        """Publish `msg` to its queue's dead-letter queue and ack it (raises `AckMessage`)."""
+        headers[REASON_HEADER] = reason
+        logger.error(
+            "herald.message.dead_lettered queue=%s message_id=%s attempt=%d deferrals=%d "
+            "reason=%s error=%s",
+            queue,
             msg.message_id,
-            attempt,
-            delay,
+            attempts_so_far(headers),
+            deferrals_so_far(headers),
+            reason,
             error,
         )
-        await self._republish(msg, headers, RETRY_EXCHANGE.name, wait_queue)
+        hook = self.hooks.by_queue.get(queue)
+        if hook is not None and reason in {"retries-exhausted", "deferred-too-long"}:
+            try:
+                await hook(msg, error)
+            except Exception as hook_error:
+                # The dead letter matters more than the hook's side effect: log and go on.
+                logger.error(
+                    "herald.message.dead_letter_hook_failed queue=%s message_id=%s error=%s",
+                    queue,
+                    msg.message_id,
+                    describe_error(hook_error),
+                )
+        await self._republish(msg, headers, DEAD_LETTER_EXCHANGE.name, queue)
         raise AckMessage() from exc
 
     async def _republish(
@@ -229,6 +387,13 @@ def _as_list(value: Any) -> list[str]:
     return []
 
 
-def make_outcome_middleware(policy: RetryPolicy) -> type[OutcomeMiddleware]:
-    """The middleware class for one retry policy (FastStream instantiates it per message)."""
-    return type("OutcomeMiddleware", (OutcomeMiddleware,), {"policy": policy})
+def make_outcome_middleware(
+    policy: RetryPolicy, hooks: DeadLetterHooks | None = None
+) -> type[OutcomeMiddleware]:
+    """The middleware class for one retry policy and one broker's dead-letter hooks
+    (FastStream instantiates it per message)."""
+    return type(
+        "OutcomeMiddleware",
+        (OutcomeMiddleware,),
+        {"policy": policy, "hooks": hooks if hooks is not None else DeadLetterHooks()},
+    )

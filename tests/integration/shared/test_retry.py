@@ -6,15 +6,17 @@ import itertools
 import json
 import time
 import uuid
+from typing import Any
 
 import aio_pika
 import pytest
-from faststream.rabbit import RabbitBroker
+from faststream.message import StreamMessage
+from faststream.rabbit import RabbitBroker, RabbitMessage
 
 from herald_shared import retry
 from herald_shared.broker import RabbitSettings, make_broker
 from herald_shared.events import DeviceInvalidated
-from herald_shared.retry import PermanentError, RetryableError
+from herald_shared.retry import DeferredError, PermanentError, RetryableError
 from herald_shared.topology import (
     DEVICE_INVALIDATED,
     DEVICE_INVALIDATIONS,
@@ -156,3 +158,97 @@ async def test_unparsable_input_is_dead_lettered_without_its_values_and_others_k
 
 async def _async_value(value: object) -> object:
     return value
+
+
+async def test_an_unreachable_dependency_waits_without_spending_attempts(rabbit_url: str) -> None:
+    """A database or broker that refuses connections says nothing about the message: it waits
+    on the tiers as often as the outage lasts (here 6 times, twice the retry budget), then is
+    handled normally, with its attempt count untouched."""
+    settings = RabbitSettings(url=rabbit_url, retry_delays=DELAYS, max_retries=3)
+    broker = make_broker(settings, service_name="retry-test")
+    outage_left = 6
+    seen_attempt_headers: list[object] = []
+    handled: list[DeviceInvalidated] = []
+
+    @broker.subscriber(DEVICE_INVALIDATIONS.queue, EXCHANGE)
+    async def handler(event: DeviceInvalidated, message: RabbitMessage) -> None:
+        nonlocal outage_left
+        seen_attempt_headers.append(message.headers.get(retry.ATTEMPT_HEADER))
+        if outage_left:
+            outage_left -= 1
+            try:
+                raise ConnectionRefusedError(111, "Connect call failed")
+            except ConnectionRefusedError as refused:
+                # As SQLAlchemy raises it: the driver's error as the cause.
+                raise RuntimeError("could not reach the database") from refused
+        handled.append(event)
+
+    async with broker:
+        await broker.start()
+        await declare_topology(broker, retry_delays=DELAYS)
+        event = _event()
+        await broker.publish(event, exchange=EXCHANGE, routing_key=DEVICE_INVALIDATED)
+        await wait_until(lambda: _async_value(handled), timeout=20)
+
+    assert [handled_event.event_id for handled_event in handled] == [event.event_id]
+    assert seen_attempt_headers == [None] * 7
+    assert await _dead_letters(rabbit_url) == []
+
+
+async def test_a_message_deferred_too_often_is_dead_lettered_and_its_hook_runs(
+    rabbit_url: str,
+) -> None:
+    settings = RabbitSettings(url=rabbit_url, retry_delays=DELAYS, max_retries=3, max_deferrals=2)
+    hooks = retry.DeadLetterHooks()
+    hooked: list[tuple[str, str]] = []
+
+    async def hook(message: StreamMessage[Any], error: str) -> None:
+        hooked.append((json.loads(message.body)["event_id"], error))
+
+    hooks.register(DEVICE_INVALIDATIONS.name, hook)
+    broker = make_broker(settings, service_name="retry-test", dead_letter_hooks=hooks)
+
+    @broker.subscriber(DEVICE_INVALIDATIONS.queue, EXCHANGE)
+    async def handler(event: DeviceInvalidated) -> None:
+        raise DeferredError("held by another worker", retry_after=0.1)
+
+    async with broker:
+        await broker.start()
+        await declare_topology(broker, retry_delays=DELAYS)
+        event = _event()
+        await broker.publish(event, exchange=EXCHANGE, routing_key=DEVICE_INVALIDATED)
+        (dead,) = await wait_until(lambda: _dead_letters(rabbit_url), timeout=15)
+
+    assert dead.headers[retry.REASON_HEADER] == "deferred-too-long"
+    assert dead.headers[retry.DEFERRALS_HEADER] == 3
+    assert retry.ATTEMPT_HEADER not in dead.headers
+    assert hooked == [(str(event.event_id), "DeferredError: held by another worker")]
+
+
+async def test_the_hook_runs_when_retries_run_out_and_a_failing_hook_loses_nothing(
+    rabbit_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = RabbitSettings(url=rabbit_url, retry_delays=DELAYS, max_retries=1)
+    hooks = retry.DeadLetterHooks()
+    hook_calls: list[str] = []
+
+    async def hook(message: StreamMessage[Any], error: str) -> None:
+        hook_calls.append(error)
+        raise ZeroDivisionError
+
+    hooks.register(DEVICE_INVALIDATIONS.name, hook)
+    broker = make_broker(settings, service_name="retry-test", dead_letter_hooks=hooks)
+
+    @broker.subscriber(DEVICE_INVALIDATIONS.queue, EXCHANGE)
+    async def handler(event: DeviceInvalidated) -> None:
+        raise RetryableError("provider down")
+
+    async with broker:
+        await broker.start()
+        await declare_topology(broker, retry_delays=DELAYS)
+        await broker.publish(_event(), exchange=EXCHANGE, routing_key=DEVICE_INVALIDATED)
+        (dead,) = await wait_until(lambda: _dead_letters(rabbit_url), timeout=15)
+
+    assert dead.headers[retry.REASON_HEADER] == "retries-exhausted"
+    assert hook_calls == ["RetryableError: provider down"]
+    assert "herald.message.dead_letter_hook_failed" in caplog.text

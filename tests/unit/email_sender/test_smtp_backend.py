@@ -109,7 +109,7 @@ async def test_550_records_a_bounce_and_reports_it_failed(
     )
     job = email_job()
     try:
-        outcome = await deliveries.deliver(job)
+        outcome = await deliveries.deliver(job, claimed_at=deliveries.clock())
         entry = await deliveries.ledger.get(job.notification_id)
     finally:
         await engine.dispose()

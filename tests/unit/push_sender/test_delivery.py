@@ -16,7 +16,7 @@ from herald_shared.events import (
     Event,
 )
 from herald_shared.ledger import AlreadyFinal, Busy, DeliveryStatus
-from herald_shared.retry import PermanentError, RetryableError
+from herald_shared.retry import DeferredError, PermanentError, RetryableError
 from push_sender.delivery import plan_for_answer, plan_for_claim
 from push_sender.metrics import PushOutcome
 from push_sender.providers import ProviderAnswer, Verdict
@@ -182,9 +182,11 @@ def test_an_unreported_final_job_publishes_its_events_again(
         assert contents(plan.events) == contents(first.events)
 
 
-def test_a_job_in_progress_elsewhere_comes_back_after_the_lease() -> None:
+def test_a_job_in_progress_elsewhere_comes_back_after_the_lease_without_spending_an_attempt() -> (
+    None
+):
     plan = plan_for_claim(push_job(), Busy(NOW + timedelta(seconds=42)), now=NOW)
     assert plan.outcome is PushOutcome.IN_PROGRESS
-    assert isinstance(plan.error, RetryableError)
+    assert isinstance(plan.error, DeferredError)
     assert plan.error.retry_after == 42.0
     assert plan.events == ()

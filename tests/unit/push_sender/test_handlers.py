@@ -4,6 +4,7 @@ middleware's, tested on the real broker.)"""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from collections.abc import AsyncIterator
@@ -21,7 +22,7 @@ from sqlalchemy import Connection, update
 
 from herald_shared.events import DeliveryReported, DeviceInvalidated, PushRequested, utc_now
 from herald_shared.ledger import DeliveryStatus
-from herald_shared.retry import PermanentError, RetryableError
+from herald_shared.retry import DeferredError, PermanentError, RetryableError
 from herald_shared.topology import EXCHANGE, PUSH_SEND
 from push_sender.app import PushService, build_service, specification
 from push_sender.handlers import send_push
@@ -198,7 +199,9 @@ async def test_events_that_could_not_be_published_go_out_with_the_retry(
     assert entry.reported
 
 
-async def test_a_job_another_worker_is_sending_comes_back_later(recording: PushService) -> None:
+async def test_a_job_another_worker_is_sending_comes_back_later_without_spending_an_attempt(
+    recording: PushService,
+) -> None:
     provider = recording.provider
     assert isinstance(provider, RecordingProvider)
     job = push_job()
@@ -207,7 +210,7 @@ async def test_a_job_another_worker_is_sending_comes_back_later(recording: PushS
         job, provider="other", now=utc_now(), lease=lease, extra={"device_id": job.device_id}
     )
 
-    with pytest.raises(RetryableError, match="in progress") as raised:
+    with pytest.raises(DeferredError, match="in progress") as raised:
         await send_push(job, recording.deps)
 
     assert provider.sent == []
@@ -415,3 +418,56 @@ def test_the_specification_documents_the_queue_and_every_report() -> None:
     }
     receives = [op for op in operations.values() if op["action"] == "receive"]
     assert len(receives) == 1
+
+
+async def test_a_handler_cancelled_mid_send_drops_its_lease_so_the_redelivered_job_goes_ahead(
+    recording: PushService,
+) -> None:
+    """As when the broker connection is lost while a push is with the provider: the copy that
+    RabbitMQ redelivers must not be `Busy` until the lease runs out."""
+    calling = asyncio.Event()
+
+    class Hanging(RecordingProvider):
+        async def send(self, job: PushRequested) -> Any:
+            calling.set()
+            await asyncio.Event().wait()  # never answers
+
+    recording.deps.sender.provider = Hanging()
+    job = push_job()
+    handler = asyncio.create_task(send_push(job, recording.deps))
+    await asyncio.wait_for(calling.wait(), timeout=5)
+    handler.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await handler
+
+    entry = await recording.deps.sender.ledger.get(job.notification_id)
+    assert entry is not None
+    assert (entry.status, entry.reason) == (DeliveryStatus.RETRYING, "recording send interrupted")
+    recording.deps.sender.provider = RecordingProvider()
+    await send_push(job, recording.deps)
+    assert [report["outcome"] for report in events_published(recording)["delivered"]] == [
+        "delivered"
+    ]
+
+
+async def test_cancelling_drops_only_its_own_lease(recording: PushService) -> None:
+    """A worker whose lease ran out and was taken over must not free the new owner's lease."""
+    job = push_job()
+    sender = recording.deps.sender
+    first = utc_now() - sender.lease - timedelta(seconds=1)
+    await sender.ledger.claim(
+        job, provider="recording", now=first, lease=sender.lease, extra={"device_id": job.device_id}
+    )
+    second = utc_now()
+    await sender.ledger.claim(
+        job,
+        provider="recording",
+        now=second,
+        lease=sender.lease,
+        extra={"device_id": job.device_id},
+    )
+
+    await sender.abandon(job, claimed_at=first)
+
+    with pytest.raises(DeferredError, match="in progress"):
+        await send_push(job, recording.deps)

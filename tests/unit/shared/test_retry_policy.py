@@ -1,13 +1,16 @@
 from __future__ import annotations
 
 import pytest
+import sqlalchemy.exc
 
 from herald_shared.broker import RabbitSettings, connection_url
 from herald_shared.retry import (
+    DeferredError,
     PermanentError,
     RetryableError,
     RetryPolicy,
     describe_error,
+    is_deferred,
     is_permanent,
 )
 
@@ -72,3 +75,55 @@ def test_a_factor_scales_every_tier(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = RabbitSettings()
     assert settings.retry_delays == (0.01, 0.05, 0.25)
     assert settings.retry_policy.delay_for(2) == 0.05
+
+
+class _AdminShutdown(Exception):
+    """Like asyncpg's AdminShutdownError: the server says why with a SQLSTATE."""
+
+    sqlstate = "57P01"
+
+
+def _raised_from(error: BaseException, cause: BaseException) -> BaseException:
+    try:
+        raise error from cause
+    except BaseException as raised:
+        return raised
+
+
+@pytest.mark.parametrize(
+    ("error", "deferred"),
+    [
+        (ConnectionRefusedError(111, "refused"), True),
+        (_raised_from(RuntimeError("wrapped"), ConnectionResetError()), True),
+        (TimeoutError(), True),
+        (_AdminShutdown(), True),
+        (
+            sqlalchemy.exc.DBAPIError(
+                "SELECT 1", None, _AdminShutdown(), connection_invalidated=True
+            ),
+            True,
+        ),
+        (sqlalchemy.exc.OperationalError("SELECT 1", None, _AdminShutdown()), True),
+        (DeferredError("busy"), True),
+        # A verdict on this message stays an attempt, whatever caused it.
+        (_raised_from(RetryableError("smtp 451"), ConnectionResetError()), False),
+        (FileNotFoundError(2, "No such file"), False),
+        (sqlalchemy.exc.IntegrityError("INSERT", None, ValueError()), False),
+        (ValueError("bug"), False),
+    ],
+    ids=[
+        "refused",
+        "reset-as-cause",
+        "timeout",
+        "sqlstate-57P01",
+        "invalidated",
+        "operational-57P01",
+        "deferred",
+        "retryable-verdict",
+        "missing-file",
+        "integrity",
+        "bug",
+    ],
+)
+def test_what_waits_without_spending_an_attempt(error: BaseException, deferred: bool) -> None:
+    assert is_deferred(error) is deferred

@@ -19,6 +19,7 @@ from email_sender.settings import SERVICE_NAME, Settings
 from herald_shared.broker import make_broker
 from herald_shared.database import database_healthy, make_engine, run_migrations
 from herald_shared.ops import asyncapi_spec, consumer_app
+from herald_shared.retry import DeadLetterHooks
 from herald_shared.topology import declare_topology
 
 VERSION = version("email-sender")
@@ -32,10 +33,17 @@ LEASE_MARGIN = timedelta(seconds=15)
 
 
 def build_broker(settings: Settings, *, registry: CollectorRegistry | None = None) -> RabbitBroker:
+    hooks = DeadLetterHooks()
     broker = make_broker(
-        settings.rabbitmq, service_name=SERVICE_NAME, registry=registry, description=DESCRIPTION
+        settings.rabbitmq,
+        service_name=SERVICE_NAME,
+        registry=registry,
+        description=DESCRIPTION,
+        dead_letter_hooks=hooks,
     )
-    register_handlers(broker, publish_timeout=settings.rabbitmq.publish_timeout)
+    register_handlers(
+        broker, publish_timeout=settings.rabbitmq.publish_timeout, dead_letter_hooks=hooks
+    )
     return broker
 
 

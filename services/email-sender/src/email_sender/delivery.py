@@ -22,7 +22,7 @@ from email_sender.rendering import EmailRenderer, UnrenderableEmail
 from email_sender.tables import Failure, email_deliveries
 from herald_shared.events import Channel, DeliveryOutcome, DeliveryReported, EmailRequested, utc_now
 from herald_shared.ledger import AlreadyFinal, Busy, DeliveryLedger, DeliveryStatus
-from herald_shared.retry import PermanentError, RetryableError
+from herald_shared.retry import DeferredError, PermanentError, RetryableError
 
 logger = logging.getLogger("email_sender.delivery")
 
@@ -79,15 +79,17 @@ class EmailDeliveries:
         self.lease = lease
         self.clock = clock
 
-    async def deliver(self, job: EmailRequested) -> Outcome:
+    async def deliver(self, job: EmailRequested, *, claimed_at: datetime) -> Outcome:
+        """Send `job` unless it is final or being sent elsewhere; a lease this takes is stamped
+        `claimed_at` (what `abandon` needs to drop it)."""
         backend = self.backend.name
-        claim = await self.ledger.claim(job, provider=backend, now=self.clock(), lease=self.lease)
+        claim = await self.ledger.claim(job, provider=backend, now=claimed_at, lease=self.lease)
         if isinstance(claim, AlreadyFinal):
             return self._already_final(job, claim)
         if isinstance(claim, Busy):
             self.metrics.count(backend, EmailOutcome.IN_PROGRESS)
             wait = max((claim.lease_expires_at - self.clock()).total_seconds(), 0.0)
-            raise RetryableError("delivery in progress elsewhere", retry_after=wait)
+            raise DeferredError("delivery in progress elsewhere", retry_after=wait)
 
         try:
             message = self.renderer.render(job)
@@ -128,6 +130,20 @@ class EmailDeliveries:
             claim.attempt,
         )
         return Outcome(report=report_for(job, DeliveryOutcome.DELIVERED))
+
+    async def abandon(self, job: EmailRequested, *, claimed_at: datetime) -> None:
+        """Best effort, for a handler that was cancelled: drop its lease now."""
+        try:
+            await self.ledger.abandon(
+                job.notification_id,
+                claimed_at=claimed_at,
+                reason=f"{self.backend.name} send interrupted",
+                now=self.clock(),
+            )
+        except Exception:
+            logger.warning(
+                "email.abandon_failed notification_id=%s", job.notification_id, exc_info=True
+            )
 
     async def mark_reported(self, job: EmailRequested) -> None:
         await self.ledger.mark_reported(job.notification_id, now=self.clock())

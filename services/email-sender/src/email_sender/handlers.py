@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import asyncio
+import functools
+from typing import Annotated, Any
 
 from faststream import Context
+from faststream.message import StreamMessage
 from faststream.rabbit import RabbitBroker
 from faststream.rabbit.publisher import RabbitPublisher
 
-from email_sender.delivery import EmailDeliveries
+from email_sender.delivery import EmailDeliveries, report_for
 from herald_shared.events import DeliveryOutcome, DeliveryReported, EmailRequested
 from herald_shared.publishing import event_publisher, publish_event
+from herald_shared.retry import DeadLetterHooks
 from herald_shared.topology import EMAIL_DELIVERED, EMAIL_FAILED, EMAIL_NOTIFICATIONS, EXCHANGE
 
 # The app puts its `EmailDeliveries` into the broker's context under this key.
@@ -19,11 +23,14 @@ DELIVERIES_KEY = "email_deliveries"
 Deliveries = Annotated[EmailDeliveries, Context(DELIVERIES_KEY)]
 CorrelationId = Annotated[str, Context("message.correlation_id")]
 
+RETRIES_EXHAUSTED = "retries exhausted"
+
 
 def register_handlers(
-    broker: RabbitBroker, *, publish_timeout: float
+    broker: RabbitBroker, *, publish_timeout: float, dead_letter_hooks: DeadLetterHooks
 ) -> dict[DeliveryOutcome, RabbitPublisher]:
-    """Subscribe to `email_notifications`; return the report publishers by outcome."""
+    """Subscribe to `email_notifications` and register its dead-letter hook; return the report
+    publishers by outcome."""
     reports = {
         DeliveryOutcome.DELIVERED: event_publisher(
             broker,
@@ -48,20 +55,44 @@ def register_handlers(
     async def send_email(
         job: EmailRequested, deliveries: Deliveries, correlation_id: CorrelationId
     ) -> None:
-        outcome = await deliveries.deliver(job)
-        if outcome.report is not None:
-            try:
-                await publish_event(
-                    reports[outcome.report.outcome],
-                    outcome.report,
-                    timeout=publish_timeout,
-                    correlation_id=correlation_id,
-                )
-            except Exception:
-                await deliveries.publishing_failed(job)
-                raise
-            await deliveries.mark_reported(job)
+        claimed_at = deliveries.clock()
+        try:
+            outcome = await deliveries.deliver(job, claimed_at=claimed_at)
+            if outcome.report is not None:
+                try:
+                    await publish_event(
+                        reports[outcome.report.outcome],
+                        outcome.report,
+                        timeout=publish_timeout,
+                        correlation_id=correlation_id,
+                    )
+                except Exception:
+                    await deliveries.publishing_failed(job)
+                    raise
+                await deliveries.mark_reported(job)
+        except asyncio.CancelledError:
+            # Cancelled (connection lost, shutting down): drop the lease on the way out, so the
+            # redelivered job goes ahead at once instead of waiting for the lease to run out.
+            await asyncio.shield(deliveries.abandon(job, claimed_at=claimed_at))
+            raise
         if outcome.error is not None:
             raise outcome.error
 
+    dead_letter_hooks.register(
+        EMAIL_NOTIFICATIONS.name,
+        functools.partial(report_given_up, reports[DeliveryOutcome.FAILED], publish_timeout),
+    )
     return reports
+
+
+async def report_given_up(
+    failed: RabbitPublisher, publish_timeout: float, message: StreamMessage[Any], error: str
+) -> None:
+    """The dead-letter hook of `email_notifications`: a job out of retries is reported failed,
+    so the router's ledger does not keep it pending. Its own ledger row stays `retrying`, so a job
+    replayed from the dead-letter queue is sent (and then reported delivered) as usual."""
+    job = EmailRequested.model_validate_json(message.body)
+    report = report_for(job, DeliveryOutcome.FAILED, RETRIES_EXHAUSTED)
+    await publish_event(
+        failed, report, timeout=publish_timeout, correlation_id=message.correlation_id
+    )

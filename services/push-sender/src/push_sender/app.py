@@ -16,8 +16,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from herald_shared.broker import make_broker
 from herald_shared.database import database_healthy, make_engine, run_migrations
 from herald_shared.ops import asyncapi_spec, consumer_app, service_version
-from herald_shared.topology import declare_topology
-from push_sender.handlers import PushDeps, make_publishers, register_handlers
+from herald_shared.retry import DeadLetterHooks
+from herald_shared.topology import PUSH_NOTIFICATIONS, declare_topology
+from push_sender.handlers import PushDeps, make_publishers, register_handlers, report_given_up
 from push_sender.metrics import PushMetrics
 from push_sender.providers import LogProvider, PushProvider, make_provider
 from push_sender.sender import PushSender
@@ -49,8 +50,13 @@ class PushService:
 def _wire(
     settings: Settings, engine: AsyncEngine, registry: CollectorRegistry, provider: PushProvider
 ) -> tuple[RabbitBroker, PushDeps, RabbitSubscriber]:
+    hooks = DeadLetterHooks()
     broker = make_broker(
-        settings.rabbitmq, service_name=SERVICE_NAME, registry=registry, description=DESCRIPTION
+        settings.rabbitmq,
+        service_name=SERVICE_NAME,
+        registry=registry,
+        description=DESCRIPTION,
+        dead_letter_hooks=hooks,
     )
     delivered, failed, invalidated = make_publishers(broker)
     deps = PushDeps(
@@ -60,6 +66,7 @@ def _wire(
         invalidated=invalidated,
         publish_timeout=settings.rabbitmq.publish_timeout,
     )
+    hooks.register(PUSH_NOTIFICATIONS.name, functools.partial(report_given_up, deps))
     return broker, deps, register_handlers(broker, deps)
 
 

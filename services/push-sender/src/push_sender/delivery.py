@@ -20,7 +20,7 @@ from herald_shared.events import (
     PushRequested,
 )
 from herald_shared.ledger import AlreadyFinal, Busy, DeliveryStatus
-from herald_shared.retry import PermanentError, RetryableError
+from herald_shared.retry import DeferredError, PermanentError, RetryableError
 from push_sender.metrics import PushOutcome
 from push_sender.providers.base import ProviderAnswer, Verdict
 from push_sender.tables import Failure
@@ -43,7 +43,7 @@ class Plan:
     reason: str | None = None
     invalidation: DeviceInvalidated | None = None
     report: DeliveryReported | None = None
-    error: RetryableError | PermanentError | None = None
+    error: RetryableError | DeferredError | PermanentError | None = None
 
     @property
     def events(self) -> tuple[DeviceInvalidated | DeliveryReported, ...]:
@@ -85,7 +85,7 @@ def plan_for_claim(job: PushRequested, claim: AlreadyFinal | Busy, *, now: datet
         wait = max((claim.lease_expires_at - now).total_seconds(), 0.0)
         return Plan(
             PushOutcome.IN_PROGRESS,
-            error=RetryableError("delivery in progress elsewhere", retry_after=wait),
+            error=DeferredError("delivery in progress elsewhere", retry_after=wait),
         )
     if claim.reported:
         return Plan(PushOutcome.DUPLICATE)

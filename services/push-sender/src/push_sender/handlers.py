@@ -6,10 +6,12 @@ letters. Logs carry ids only: never a token, an address or message text.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 from faststream import Context
+from faststream.message import StreamMessage
 from faststream.rabbit import RabbitBroker
 from faststream.rabbit.publisher import RabbitPublisher
 from faststream.rabbit.subscriber import RabbitSubscriber
@@ -29,9 +31,12 @@ from herald_shared.topology import (
     PUSH_FAILED,
     PUSH_NOTIFICATIONS,
 )
+from push_sender.delivery import report_for
 from push_sender.sender import PushSender
 
 CorrelationId = Annotated[str, Context("message.correlation_id")]
+
+RETRIES_EXHAUSTED = "retries exhausted"
 
 
 @dataclass(frozen=True)
@@ -85,24 +90,42 @@ async def send_push(
 
     The ledger is committed before the events are published and the events before the ack. If
     publishing fails, the next copy of the job publishes the same events (with the same ids) at
-    once; after a crash in between, once the dead worker's lease has run out.
+    once; after a crash in between, once the dead worker's lease has run out. A handler that is
+    cancelled (its connection lost, the service stopping) drops its lease on the way out, so the
+    redelivered copy goes ahead at once.
     """
-    plan = await deps.sender.deliver(job)
-    if plan.events:
-        try:
-            for event in plan.events:
-                await publish_event(
-                    deps.publisher_for(event),
-                    event,
-                    timeout=deps.publish_timeout,
-                    correlation_id=correlation_id,
-                )
-        except Exception:
-            await deps.sender.publishing_failed(job)
-            raise
-        await deps.sender.mark_reported(job)
+    claimed_at = deps.sender.clock()
+    try:
+        plan = await deps.sender.deliver(job, claimed_at=claimed_at)
+        if plan.events:
+            try:
+                for event in plan.events:
+                    await publish_event(
+                        deps.publisher_for(event),
+                        event,
+                        timeout=deps.publish_timeout,
+                        correlation_id=correlation_id,
+                    )
+            except Exception:
+                await deps.sender.publishing_failed(job)
+                raise
+            await deps.sender.mark_reported(job)
+    except asyncio.CancelledError:
+        await asyncio.shield(deps.sender.abandon(job, claimed_at=claimed_at))
+        raise
     if plan.error is not None:
         raise plan.error
+
+
+async def report_given_up(deps: PushDeps, message: StreamMessage[Any], error: str) -> None:
+    """The dead-letter hook of `push_notifications`: a job out of retries is reported failed, so
+    the router's ledger does not keep it pending. Its own ledger row stays `retrying`, so a job
+    replayed from the dead-letter queue is sent (and then reported delivered) as usual."""
+    job = PushRequested.model_validate_json(message.body)
+    report = report_for(job, DeliveryOutcome.FAILED, RETRIES_EXHAUSTED)
+    await publish_event(
+        deps.failed, report, timeout=deps.publish_timeout, correlation_id=message.correlation_id
+    )
 
 
 def register_handlers(broker: RabbitBroker, deps: PushDeps) -> RabbitSubscriber:

@@ -43,13 +43,14 @@ class PushSender:
         self.clock = clock
         self.lease = timedelta(seconds=provider.deadline) + LEASE_MARGIN
 
-    async def deliver(self, job: PushRequested) -> Plan:
-        """The plan for `job`, its ledger part done (a final outcome is committed)."""
+    async def deliver(self, job: PushRequested, *, claimed_at: datetime) -> Plan:
+        """The plan for `job`, its ledger part done (a final outcome is committed). A lease this
+        takes is stamped `claimed_at` (what `abandon` needs to drop it)."""
         provider = self.provider.name
         claim = await self.ledger.claim(
             job,
             provider=provider,
-            now=self.clock(),
+            now=claimed_at,
             lease=self.lease,
             extra={"device_id": job.device_id},
         )
@@ -81,6 +82,21 @@ class PushSender:
         self.metrics.count(provider, plan.outcome)
         self._log(job, plan, attempt=claim.attempt)
         return plan
+
+    async def abandon(self, job: PushRequested, *, claimed_at: datetime) -> None:
+        """Best effort, for a handler that was cancelled: drop its lease now, so the redelivered
+        job is not `Busy` until the lease runs out."""
+        try:
+            await self.ledger.abandon(
+                job.notification_id,
+                claimed_at=claimed_at,
+                reason=f"{self.provider.name} send interrupted",
+                now=self.clock(),
+            )
+        except Exception:
+            logger.warning(
+                "push.abandon_failed notification_id=%s", job.notification_id, exc_info=True
+            )
 
     async def mark_reported(self, job: PushRequested) -> None:
         await self.ledger.mark_reported(job.notification_id, now=self.clock())
