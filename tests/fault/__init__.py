@@ -28,7 +28,7 @@ starts servers of its own, on spare loopback ports, from temporary directories i
 `start_herald` (tests/fault/conftest.py) runs the four console scripts as processes
 (`tests.support.processes.ServiceProcess`) on them, against `FakeFcm` (recording every attempt:
 `RecordingFcm`) and `FakeSmtp`, with retry tiers of 0.2, 0.5 and 1 s, a 5 s heartbeat and an outbox
-relay that backs off at most 2 s; `OUTLAST_LEASE` explains the settings of the tests in which a
+relay that backs off at most 2 s; `SHORT_LEASES` explains the settings of the tests in which a
 sender loses a job mid-flight. Everything is stopped and removed in finalisers, and an `atexit`
 hook removes any server still alive if a run is interrupted.
 

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.support.faults import (
-    OUTLAST_LEASE,
+    SHORT_LEASES,
     WORK_QUEUES,
     Accepted,
     Expectation,
@@ -36,7 +36,7 @@ pytestmark = pytest.mark.e2e
 async def test_every_service_reconnects_and_consumes_again_after_its_connections_are_closed(
     fault_report: Report, start_herald: HeraldFactory
 ) -> None:
-    herald = await start_herald(overrides=OUTLAST_LEASE)
+    herald = await start_herald(overrides=SHORT_LEASES)
     router_db = herald.databases["notification-router"]
     rng = random.Random(5)
     async with httpx.AsyncClient(base_url=herald.api, timeout=30) as client:
@@ -84,8 +84,10 @@ async def test_every_service_reconnects_and_consumes_again_after_its_connections
     assert consumers == dict.fromkeys(WORK_QUEUES, 1), consumers
     assert result.lost == 0
     assert result.duplicate_ledger_rows == 0
-    # A handler cancelled by the lost connection may have reached the provider before it could
-    # record it: at-least-once, so one duplicate (same collapse id / Message-ID) at most.
+    # A handler cancelled by the lost connection lets its provider call finish and records it, so
+    # duplicates come only from a process dying mid-send; none dies here, but the guarantee this
+    # test holds the services to is the general one: one duplicate (same collapse id /
+    # Message-ID) at most.
     assert result.most_copies <= 2
     assert result.unexpected == 0
     assert sum(result.dead_letters.values()) == 0, result.dead_letters
@@ -123,14 +125,14 @@ async def test_a_push_in_flight_when_its_connection_is_closed_is_delivered_not_d
     assert sum(result.dead_letters.values()) == 0, reasons
     assert result.not_delivered_in_ledger == 0
     assert result.lost == 0
-    # The cancelled attempt may have reached the provider: one duplicate (same tag) at most.
-    assert result.duplicate_pushes <= 1
+    # The cancelled handler let the provider call finish and recorded it: no second push.
+    assert result.duplicate_pushes == 0
 
 
 async def test_the_api_accepts_messages_while_rabbitmq_is_down_and_delivers_them_after(
     fault_report: Report, start_herald: HeraldFactory
 ) -> None:
-    herald = await start_herald(overrides=OUTLAST_LEASE)
+    herald = await start_herald(overrides=SHORT_LEASES)
     rng = random.Random(7)
     async with httpx.AsyncClient(base_url=herald.api, timeout=30) as client:
         population = await populated(

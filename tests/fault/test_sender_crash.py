@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.support.faults import (
-    OUTLAST_LEASE,
+    SHORT_LEASES,
     Accepted,
     Expectation,
     HeraldFactory,
@@ -31,8 +31,8 @@ pytestmark = pytest.mark.e2e
 async def test_a_sender_killed_between_provider_and_ledger_pushes_again_once_with_one_collapse_id(
     fault_report: Report, start_herald: HeraldFactory
 ) -> None:
-    # The redelivered job waits for the dead attempt's lease (19 s) on the 20 s tier, then sends.
-    herald = await start_herald(overrides=OUTLAST_LEASE)
+    # The redelivered job waits (deferred, no attempt spent) for the dead attempt's 19 s lease.
+    herald = await start_herald(overrides=SHORT_LEASES)
     fcm = herald.fcm
     assert isinstance(fcm, RecordingFcm)
     rng = random.Random(29)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+from datetime import datetime
 from typing import Annotated, Any
 
 from faststream import Context
@@ -56,8 +58,9 @@ def register_handlers(
         job: EmailRequested, deliveries: Deliveries, correlation_id: CorrelationId
     ) -> None:
         claimed_at = deliveries.clock()
+        delivery = asyncio.ensure_future(deliveries.deliver(job, claimed_at=claimed_at))
         try:
-            outcome = await deliveries.deliver(job, claimed_at=claimed_at)
+            outcome = await asyncio.shield(delivery)
             if outcome.report is not None:
                 try:
                     await publish_event(
@@ -71,9 +74,10 @@ def register_handlers(
                     raise
                 await deliveries.mark_reported(job)
         except asyncio.CancelledError:
-            # Cancelled (connection lost, shutting down): drop the lease on the way out, so the
-            # redelivered job goes ahead at once instead of waiting for the lease to run out.
-            await asyncio.shield(deliveries.abandon(job, claimed_at=claimed_at))
+            # Cancelled (connection lost, shutting down) while the mail server may have the
+            # message: let that exchange finish and record its outcome, then drop the lease, so
+            # the redelivered copy reports the outcome instead of sending the e-mail again.
+            await asyncio.shield(_let_finish_then_abandon(deliveries, job, delivery, claimed_at))
             raise
         if outcome.error is not None:
             raise outcome.error
@@ -83,6 +87,18 @@ def register_handlers(
         functools.partial(report_given_up, reports[DeliveryOutcome.FAILED], publish_timeout),
     )
     return reports
+
+
+async def _let_finish_then_abandon(
+    deliveries: EmailDeliveries,
+    job: EmailRequested,
+    delivery: asyncio.Future[Any],
+    claimed_at: datetime,
+) -> None:
+    # The SMTP exchange is bounded by SMTP_TIMEOUT; `deliver` records or releases its outcome.
+    with contextlib.suppress(Exception):
+        await delivery
+    await deliveries.abandon(job, claimed_at=claimed_at)
 
 
 async def report_given_up(

@@ -7,7 +7,9 @@ letters. Logs carry ids only: never a token, an address or message text.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Annotated, Any
 
 from faststream import Context
@@ -90,13 +92,16 @@ async def send_push(
 
     The ledger is committed before the events are published and the events before the ack. If
     publishing fails, the next copy of the job publishes the same events (with the same ids) at
-    once; after a crash in between, once the dead worker's lease has run out. A handler that is
-    cancelled (its connection lost, the service stopping) drops its lease on the way out, so the
-    redelivered copy goes ahead at once.
+    once; after a crash in between, once the dead worker's lease has run out.
+
+    A handler cancelled while the provider has the push (its connection lost, the service
+    stopping) lets that call finish and record its outcome, then drops its lease: the redelivered
+    copy then publishes the recorded outcome instead of sending the push a second time.
     """
     claimed_at = deps.sender.clock()
+    delivery = asyncio.ensure_future(deps.sender.deliver(job, claimed_at=claimed_at))
     try:
-        plan = await deps.sender.deliver(job, claimed_at=claimed_at)
+        plan = await asyncio.shield(delivery)
         if plan.events:
             try:
                 for event in plan.events:
@@ -111,10 +116,20 @@ async def send_push(
                 raise
             await deps.sender.mark_reported(job)
     except asyncio.CancelledError:
-        await asyncio.shield(deps.sender.abandon(job, claimed_at=claimed_at))
+        await asyncio.shield(_let_finish_then_abandon(deps.sender, job, delivery, claimed_at))
         raise
     if plan.error is not None:
         raise plan.error
+
+
+async def _let_finish_then_abandon(
+    sender: PushSender, job: PushRequested, delivery: asyncio.Future[Any], claimed_at: datetime
+) -> None:
+    # The provider call is bounded by its deadline; whatever it ends with is recorded (or the
+    # claim released) by `deliver` itself.
+    with contextlib.suppress(Exception):
+        await delivery
+    await sender.abandon(job, claimed_at=claimed_at)
 
 
 async def report_given_up(deps: PushDeps, message: StreamMessage[Any], error: str) -> None:
