@@ -95,6 +95,7 @@ from yarl import URL
 from herald_shared.broker import RabbitSettings, connection_url
 from herald_shared.retry import (
     ATTEMPT_HEADER,
+    DEFERRALS_HEADER,
     ERROR_HEADER,
     HISTORY_HEADER,
     ORIGIN_HEADER,
@@ -109,11 +110,12 @@ EXIT_OK = 0
 EXIT_NO_MATCH = 1
 EXIT_ERROR = 2
 
-# Reasons a dead letter can carry: Herald's three, then RabbitMQ's own.
+# Reasons a dead letter can carry: Herald's four, then RabbitMQ's own.
 REASONS = (
     "permanent",
     "unparsable",
     "retries-exhausted",
+    "deferred-too-long",
     "rejected",
     "delivery_limit",
     "expired",
@@ -125,6 +127,7 @@ REASONS = (
 _RESET_HEADERS = frozenset(
     {
         ATTEMPT_HEADER,
+        DEFERRALS_HEADER,
         ERROR_HEADER,
         HISTORY_HEADER,
         ORIGIN_HEADER,
