@@ -212,12 +212,14 @@ def is_dependency_unavailable(exc: BaseException) -> bool:
 
 
 def is_deferred(exc: BaseException) -> bool:
-    """Whether the failure waits without spending an attempt. A handler's own `RetryableError`
-    is a verdict on this message (a provider refused it for now) and stays an attempt even when a
-    connection error caused it."""
+    """Whether the failure waits without spending an attempt. A handler's own `RetryableError` or
+    `PermanentError` is a verdict on this message and keeps its meaning even when a connection
+    error caused it."""
     if isinstance(exc, DeferredError):
         return True
-    return not isinstance(exc, RetryableError) and is_dependency_unavailable(exc)
+    if isinstance(exc, RetryableError | PermanentError) or is_unparsable(exc):
+        return False
+    return is_dependency_unavailable(exc)
 
 
 def _count(headers: dict[str, Any], name: str) -> int:
@@ -280,10 +282,6 @@ class OutcomeMiddleware(BaseMiddleware):
             raise RejectMessage() from exc
         headers.update({ERROR_HEADER: error, ORIGIN_HEADER: origin.name})
 
-        if is_unparsable(exc) or isinstance(exc, PermanentError):
-            reason = "unparsable" if is_unparsable(exc) else "permanent"
-            await self._dead_letter(msg, headers, origin.name, reason, error, exc)
-
         retry_after = exc.retry_after if isinstance(exc, RetryableError | DeferredError) else None
         if is_deferred(exc):
             deferrals = deferrals_so_far(headers) + 1
@@ -303,6 +301,9 @@ class OutcomeMiddleware(BaseMiddleware):
             attempt = attempts_so_far(headers) + 1
             history = [*_as_list(headers.get(HISTORY_HEADER)), f"{attempt}: {error}"]
             headers.update({ATTEMPT_HEADER: attempt, HISTORY_HEADER: history[-MAX_HISTORY:]})
+            if is_unparsable(exc) or isinstance(exc, PermanentError):
+                reason = "unparsable" if is_unparsable(exc) else "permanent"
+                await self._dead_letter(msg, headers, origin.name, reason, error, exc)
             if attempt > self.policy.max_retries:
                 await self._dead_letter(msg, headers, origin.name, "retries-exhausted", error, exc)
             delay = self.policy.delay_for(attempt, retry_after)
