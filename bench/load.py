@@ -1,0 +1,246 @@
+"""The benchmark's workload: users, rooms and preferences set up through the public API, then chat
+messages posted over HTTP at a fixed offered rate or as fast as the API takes them."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+SETUP_CONCURRENCY = 8
+
+
+@dataclass(frozen=True)
+class Workload:
+    rooms: int
+    room_size: int  # members per room: room_size - 1 recipients per message
+    email_share: float  # the share of users with e-mail notifications enabled
+
+    @property
+    def users(self) -> int:
+        return self.rooms * self.room_size
+
+    @property
+    def recipients_per_message(self) -> int:
+        return self.room_size - 1
+
+    def gets_email(self, user_index: int) -> bool:
+        """Spread evenly: with 0.1, one member in ten (the same seat in every room of ten)."""
+        every = round(1 / self.email_share) if self.email_share > 0 else 0
+        return every > 0 and user_index % every == 0
+
+
+@dataclass(frozen=True)
+class BenchUser:
+    index: int
+    id: uuid.UUID
+    token: str  # the API token
+    device_id: uuid.UUID
+    device_token: str
+    email: str
+    email_enabled: bool
+
+
+@dataclass(frozen=True)
+class Room:
+    id: uuid.UUID
+    members: tuple[int, ...]  # user indexes
+
+
+@dataclass(frozen=True)
+class Population:
+    users: tuple[BenchUser, ...]
+    rooms: tuple[Room, ...]
+
+    @property
+    def email_users(self) -> int:
+        return sum(user.email_enabled for user in self.users)
+
+
+@dataclass(frozen=True)
+class Posted:
+    """One chat message the API answered 201 to."""
+
+    index: int
+    message_id: uuid.UUID
+    room: int
+    sender: int  # user index
+    accepted_at: float  # time.time() when the 201 arrived
+    request_seconds: float  # the POST's round trip
+
+
+@dataclass
+class LoadResult:
+    posted: list[Posted] = field(default_factory=list)
+    errors: dict[str, int] = field(default_factory=dict)  # "status 500", "ReadTimeout"…
+    started_at: float = 0.0
+    finished_at: float = 0.0
+
+    def error(self, kind: str) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+
+
+async def _checked(response: Awaitable[httpx.Response], what: str) -> Any:
+    answer = await response
+    if answer.status_code not in (200, 201):
+        raise RuntimeError(f"{what}: HTTP {answer.status_code} {answer.text[:200]}")
+    return answer.json()
+
+
+async def _bounded(calls: list[Callable[[], Awaitable[Any]]]) -> list[Any]:
+    semaphore = asyncio.Semaphore(SETUP_CONCURRENCY)
+
+    async def one(call: Callable[[], Awaitable[Any]]) -> Any:
+        async with semaphore:
+            return await call()
+
+    return await asyncio.gather(*(one(call) for call in calls))
+
+
+async def populate(client: httpx.AsyncClient, workload: Workload, run_id: str) -> Population:
+    """Register every user (one push device each; e-mail off for all but `email_share`), then one
+    room per `room_size` consecutive users."""
+
+    async def register(index: int) -> BenchUser:
+        email = f"user{index}@bench-{run_id}.example"
+        user = await _checked(
+            client.post(
+                "/users",
+                json={
+                    "username": f"b{run_id}_{index}",
+                    "display_name": f"Bench User {index}",
+                    "email": email,
+                },
+            ),
+            "register",
+        )
+        auth = {"Authorization": f"Bearer {user['token']}"}
+        device_token = f"bench-{run_id}-{index}-{uuid.uuid4().hex}"
+        device = await _checked(
+            client.post(
+                "/users/me/devices",
+                json={"platform": "fcm", "token": device_token},
+                headers=auth,
+            ),
+            "device",
+        )
+        email_enabled = workload.gets_email(index)
+        if not email_enabled:  # the default is on
+            await _checked(
+                client.put(
+                    "/users/me/preferences",
+                    json={"push_enabled": True, "email_enabled": False, "muted_room_ids": []},
+                    headers=auth,
+                ),
+                "preferences",
+            )
+        return BenchUser(
+            index=index,
+            id=uuid.UUID(user["id"]),
+            token=user["token"],
+            device_id=uuid.UUID(device["id"]),
+            device_token=device_token,
+            email=email,
+            email_enabled=email_enabled,
+        )
+
+    users: list[BenchUser] = await _bounded(
+        [functools.partial(register, index) for index in range(workload.users)]
+    )
+
+    async def create_room(number: int) -> Room:
+        members = tuple(range(number * workload.room_size, (number + 1) * workload.room_size))
+        owner = users[members[0]]
+        room = await _checked(
+            client.post(
+                "/rooms",
+                json={
+                    "name": f"bench room {number}",
+                    "member_ids": [str(users[m].id) for m in members[1:]],
+                },
+                headers={"Authorization": f"Bearer {owner.token}"},
+            ),
+            "room",
+        )
+        return Room(id=uuid.UUID(room["id"]), members=members)
+
+    rooms: list[Room] = await _bounded(
+        [functools.partial(create_room, number) for number in range(workload.rooms)]
+    )
+    return Population(users=tuple(users), rooms=tuple(rooms))
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    count: int  # messages at most
+    duration: float  # seconds of posting at most
+    messages_per_second: float  # 0: as fast as it goes
+    connections: int
+
+
+def seat_of(index: int, rooms: int, room_size: int) -> tuple[int, int]:
+    """(room, member seat) of message `index`: rooms take turns, and within a room its members
+    take turns (starting at a different seat in each room, so that a short run does not have
+    every room's same seat sending), so every member is sender and recipient alike."""
+    room = index % rooms
+    return room, (index // rooms + room) % room_size
+
+
+async def generate(client: httpx.AsyncClient, population: Population, plan: LoadPlan) -> LoadResult:
+    """Post up to `plan.count` messages, message i due at start + i / rate (open loop: a late
+    message is posted at once, never skipped), over `plan.connections` concurrent requests."""
+    result = LoadResult()
+    indexes = iter(range(plan.count))
+    start = time.monotonic()
+    result.started_at = time.time()
+    deadline = start + plan.duration
+    room_members = population.rooms[0].members
+
+    async def worker() -> None:
+        for index in indexes:
+            if plan.messages_per_second > 0:
+                due = start + index / plan.messages_per_second
+                if due > deadline:
+                    return
+                delay = due - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            elif time.monotonic() > deadline:
+                return
+            room_number, seat = seat_of(index, len(population.rooms), len(room_members))
+            room = population.rooms[room_number]
+            sender = population.users[room.members[seat]]
+            sent_at = time.time()
+            try:
+                response = await client.post(
+                    f"/rooms/{room.id}/messages",
+                    json={"content": f"Benchmark message {index}"},
+                    headers={"Authorization": f"Bearer {sender.token}"},
+                )
+            except httpx.HTTPError as exc:
+                result.error(type(exc).__name__)
+                continue
+            accepted_at = time.time()
+            if response.status_code != 201:
+                result.error(f"status {response.status_code}")
+                continue
+            result.posted.append(
+                Posted(
+                    index=index,
+                    message_id=uuid.UUID(response.json()["id"]),
+                    room=room_number,
+                    sender=sender.index,
+                    accepted_at=accepted_at,
+                    request_seconds=accepted_at - sent_at,
+                )
+            )
+
+    await asyncio.gather(*(worker() for _ in range(plan.connections)))
+    result.finished_at = time.time()
+    return result
