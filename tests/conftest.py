@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fakes.apns import FakeApns
 from tests.fakes.fcm import FakeFcm
 from tests.fakes.smtp import FakeSmtp
 from tests.support import infra
@@ -57,6 +58,19 @@ def fcm() -> Iterator[FakeFcm]:
 def credentials(fcm: FakeFcm, tmp_path: Path) -> Path:
     """A service-account file whose key and token_uri the fake FCM server knows."""
     return fcm.write_credentials(tmp_path / "fcm-service-account.json")
+
+
+@pytest.fixture
+def apns() -> Iterator[FakeApns]:
+    """A local server speaking the APNs provider API over HTTP/2, verifying provider tokens."""
+    with FakeApns() as fake:
+        yield fake
+
+
+@pytest.fixture
+def apns_key(apns: FakeApns, tmp_path: Path) -> Path:
+    """A `.p8` signing key whose public half (and key id `apns.key_id`) the fake APNs knows."""
+    return apns.write_key(tmp_path / "AuthKey.p8")
 
 
 @pytest.fixture

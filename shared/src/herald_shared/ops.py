@@ -18,6 +18,9 @@ from faststream.rabbit import RabbitBroker
 from prometheus_client import CollectorRegistry, make_asgi_app
 
 ReadinessCheck = Callable[[], Awaitable[bool]]
+# Something worth seeing in `/health/ready` that never makes the service unready (a degraded
+# part that the service works around): returns a JSON-serialisable value.
+ReadinessDetail = Callable[[], Any]
 
 logger = logging.getLogger("herald.ops")
 
@@ -67,9 +70,10 @@ def health_routes(
     broker: RabbitBroker,
     registry: CollectorRegistry,
     checks: Mapping[str, ReadinessCheck],
+    details: Mapping[str, ReadinessDetail] | None = None,
 ) -> list[tuple[str, ASGIApp]]:
     """`/health` (alive), `/health/ready` (RabbitMQ answers, every consumer is consuming, and
-    every named check passes),
+    every named check passes; `details` are reported beside, never failing it),
     `/health/rabbitmq` (the specification's), `/metrics` (Prometheus)."""
 
     @get(include_in_schema=False)
@@ -93,10 +97,10 @@ def health_routes(
             except Exception:
                 results[name] = False
         ready = all(results.values())
-        return _json(
-            {"status": "ready" if ready else "not ready", "checks": results},
-            200 if ready else 503,
-        )
+        body: dict[str, Any] = {"status": "ready" if ready else "not ready", "checks": results}
+        if details:
+            body["details"] = {name: detail() for name, detail in details.items()}
+        return _json(body, 200 if ready else 503)
 
     return [
         ("/health", liveness),
@@ -126,6 +130,7 @@ def consumer_app(
     description: str,
     registry: CollectorRegistry,
     checks: Mapping[str, ReadinessCheck],
+    details: Mapping[str, ReadinessDetail] | None = None,
     on_startup: Sequence[Callable[..., Any]] = (),
     after_startup: Sequence[Callable[..., Any]] = (),
     after_shutdown: Sequence[Callable[..., Any]] = (),
@@ -136,7 +141,7 @@ def consumer_app(
         broker,
         specification=asyncapi_spec(broker, title=title, version=version, description=description),
         asyncapi_path=AsyncAPIRoute(ASYNCAPI_PATH, try_it_out_path=None),
-        asgi_routes=health_routes(broker, registry, checks),
+        asgi_routes=health_routes(broker, registry, checks, details),
         on_startup=on_startup,
         after_startup=after_startup,
         after_shutdown=after_shutdown,

@@ -12,12 +12,13 @@ from notification_router import routing
 from notification_router.routing import (
     ContentLimits,
     DeliveryStatus,
+    Recipient,
     decide_for,
     plan_notifications,
     recipients_of,
     truncate,
 )
-from tests.support.router_factories import NOW, message_created, recipient
+from tests.support.router_factories import NOW, message_created, recipient, user_updated
 
 ROOM = uuid.UUID("00000000-0000-0000-0000-00000000000a")
 OTHER_ROOM = uuid.UUID("00000000-0000-0000-0000-00000000000b")
@@ -226,6 +227,72 @@ def test_push_title_and_body(
     (job,) = decide_for(event, user, now=NOW, limits=limits).push_jobs
 
     assert (job.title, job.body) == (expected_title, expected_body)
+
+
+@pytest.mark.parametrize(
+    ("room_name", "sender", "content", "expected_title", "expected_body"),
+    [
+        (
+            "general",
+            "Alice",
+            "The secret plan",
+            "Alice in #general",
+            "New message from Alice in #general",
+        ),
+        ("", "Alice", "The secret plan", "Alice", "New message from Alice"),
+        ("#general", "Alice", "x", "Alice in #general", "New message from Alice in #general"),
+        (
+            "  team\nroom ",
+            "Ann\r\nX",
+            "x",
+            "Ann X in #team room",
+            "New message from Ann X in #team room",
+        ),
+        ("general", "   ", "x", "john_doe in #general", "New message from john_doe in #general"),
+        (
+            "r" * 50,
+            "Bob",
+            "x",
+            "Bob in #" + "r" * 50,
+            "New message from Bob in #" + "r" * 34 + "…",
+        ),
+    ],
+    ids=["room", "direct-chat", "room-name-with-hash", "whitespace", "blank-display-name", "long"],
+)
+def test_push_content_without_preview_carries_no_text(
+    room_name: str, sender: str, content: str, expected_title: str, expected_body: str
+) -> None:
+    event = message_created(
+        recipient_ids=[USER], room_name=room_name, sender_display_name=sender, content=content
+    )
+
+    title, body = routing.push_content(
+        event, preview=False, limits=ContentLimits(title_max_chars=60, body_max_chars=60)
+    )
+
+    assert (title, body) == (expected_title, expected_body)
+    assert content not in title + body
+
+
+def test_push_content_with_preview_is_title_and_text() -> None:
+    event = message_created(recipient_ids=[USER], content="The secret plan")
+    assert routing.push_content(event, preview=True) == ("John Doe in general", "The secret plan")
+
+
+def test_the_privacy_setting_reaches_every_push_job() -> None:
+    snapshot = user_updated(user_id=USER, devices=2)
+    private = snapshot.model_copy(
+        update={"preferences": snapshot.preferences.model_copy(update={"push_preview": False})}
+    )
+    event = message_created(recipient_ids=[USER], content="The secret plan")
+
+    jobs = decide_for(event, Recipient.from_snapshot(private), now=NOW).push_jobs
+    previews = decide_for(event, Recipient.from_snapshot(snapshot), now=NOW).push_jobs
+
+    assert [(job.title, job.body) for job in jobs] == [
+        ("John Doe in #general", "New message from John Doe in #general")
+    ] * 2
+    assert {job.body for job in previews} == {"The secret plan"}
 
 
 @pytest.mark.parametrize(

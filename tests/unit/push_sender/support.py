@@ -8,7 +8,9 @@ from typing import Any
 
 from herald_shared.broker import RabbitSettings
 from herald_shared.events import Platform, PushRequested
-from push_sender.providers import ProviderAnswer
+from push_sender.app import PushService
+from push_sender.providers import ProviderAnswer, PushProvider
+from push_sender.registry import make_registry
 from push_sender.settings import FcmSettings, PushProviderKind, Settings
 
 DEVICE_TOKEN = "fcm-device-token-0123456789-abcdefXYZ123"
@@ -75,3 +77,15 @@ class RecordingProvider:
 
     async def aclose(self) -> None:
         self.closed = True
+
+
+def provider_of(service: PushService, platform: Platform = Platform.FCM) -> PushProvider:
+    """The provider that serves `platform` in `service`."""
+    return service.providers.provider_for(platform)
+
+
+def use_provider(service: PushService, provider: PushProvider) -> None:
+    """From now on, `provider` serves every platform (with a fresh bulkhead and breaker)."""
+    service.deps.sender.providers = make_registry(
+        service.settings, dict.fromkeys(Platform, provider)
+    )

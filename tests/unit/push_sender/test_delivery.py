@@ -77,7 +77,7 @@ def contents(events: tuple[Event, ...]) -> list[dict[str, Any]]:
             None,
             False,
             None,
-            RetryableError,
+            DeferredError,  # our configuration: waits without spending an attempt
         ),
     ],
 )
@@ -117,10 +117,25 @@ def test_answers(
 
 
 def test_retry_after_is_passed_on() -> None:
-    for verdict in (Verdict.TRANSIENT, Verdict.MISCONFIGURED):
-        plan = plan_for_answer(push_job(), ProviderAnswer(verdict, "fcm 429 QUOTA", 7.0))
-        assert isinstance(plan.error, RetryableError)
-        assert plan.error.retry_after == 7.0
+    plan = plan_for_answer(push_job(), ProviderAnswer(Verdict.TRANSIENT, "fcm 429 QUOTA", 7.0))
+    assert isinstance(plan.error, RetryableError)
+    assert plan.error.retry_after == 7.0
+    plan = plan_for_answer(push_job(), ProviderAnswer(Verdict.MISCONFIGURED, "fcm 403", 7.0))
+    assert isinstance(plan.error, DeferredError)
+    assert plan.error.retry_after == 7.0
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "breaker_retry_in", "expected"),
+    [(None, None, None), (None, 30.0, 30.0), (7.0, 30.0, 30.0), (60.0, 30.0, 60.0)],
+)
+def test_a_configuration_problem_waits_for_the_breaker(
+    retry_after: float | None, breaker_retry_in: float | None, expected: float | None
+) -> None:
+    answer = ProviderAnswer(Verdict.MISCONFIGURED, "fcm 401 UNAUTHENTICATED", retry_after)
+    plan = plan_for_answer(push_job(), answer, breaker_retry_in=breaker_retry_in)
+    assert isinstance(plan.error, DeferredError)
+    assert plan.error.retry_after == expected
 
 
 def test_event_ids_derive_from_the_notification() -> None:

@@ -199,7 +199,10 @@ async def test_the_message_carries_the_notification_ids_and_collapse_ids(
                     "collapse_key": notification_id,
                     "notification": {"tag": notification_id},
                 },
-                "apns": {"headers": {"apns-collapse-id": notification_id}},
+                "apns": {
+                    "headers": {"apns-collapse-id": notification_id},
+                    "payload": {"aps": {"thread-id": str(job.room_id)}},
+                },
             }
         }
     ]

@@ -57,3 +57,19 @@ def test_access_tokens_never_travel_in_clear_text(
     monkeypatch.setenv("FCM_BASE_URL", url)
     with pytest.raises(ValidationError, match="FCM_BASE_URL"):
         Settings()
+
+
+def test_live_providers_and_their_guards_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PUSH_PROVIDER", "live")
+    monkeypatch.setenv("PUSH_BREAKER_FAILURES", "7")
+    monkeypatch.setenv("PUSH_BREAKER_COOL_DOWN", "12.5")
+    monkeypatch.setenv("PUSH_MAX_IN_FLIGHT_APNS", "4")
+
+    settings = Settings()
+
+    assert settings.push_provider is PushProviderKind.LIVE
+    assert (settings.breaker.failures, settings.breaker.cool_down) == (7, 12.5)
+    assert settings.max_in_flight.apns == 4
+    assert settings.max_in_flight.fcm is None  # the prefetch

@@ -77,6 +77,8 @@ class Recipient:
     devices: tuple[Device, ...] = ()
     push_enabled: bool = True
     email_enabled: bool = True
+    # False: pushes say who wrote where, never what (`push_content`).
+    push_preview: bool = True
     muted_room_ids: frozenset[uuid.UUID] = frozenset()
     time_zone: str = "UTC"
 
@@ -93,6 +95,7 @@ class Recipient:
             ),
             push_enabled=snapshot.preferences.push_enabled,
             email_enabled=snapshot.preferences.email_enabled,
+            push_preview=snapshot.preferences.push_preview,
             muted_room_ids=frozenset(snapshot.preferences.muted_room_ids),
             time_zone=snapshot.time_zone,
         )
@@ -184,8 +187,7 @@ def decide_for(
         push = skipped(SkipReason.NO_DEVICE)
     else:
         push = PENDING
-        title = push_title(event, limits.title_max_chars)
-        body = push_body(event, limits.body_max_chars)
+        title, body = push_content(event, preview=recipient.push_preview, limits=limits)
         push_jobs = tuple(
             _push_job(event, recipient, device, title=title, body=body, now=now)
             for device in recipient.devices
@@ -280,6 +282,23 @@ def push_title(event: MessageCreated, max_chars: int) -> str:
 
 def push_body(event: MessageCreated, max_chars: int) -> str:
     return truncate(one_line(event.message_content), max_chars)
+
+
+def push_content(
+    event: MessageCreated, *, preview: bool, limits: ContentLimits = DEFAULT_LIMITS
+) -> tuple[str, str]:
+    """A push's (title, body). With `preview` the body is the message's text; without it (the
+    recipient's privacy setting) neither carries any text: "Alice in #general" / "New message
+    from Alice in #general", or just "Alice" / "New message from Alice" in a direct chat."""
+    if preview:
+        return push_title(event, limits.title_max_chars), push_body(event, limits.body_max_chars)
+    name = sender_name(event)
+    room = one_line(event.room_name).lstrip("#").strip()
+    where = f"{name} in #{room}" if room else name
+    return (
+        truncate(where, limits.title_max_chars),
+        truncate(f"New message from {where}", limits.body_max_chars),
+    )
 
 
 def one_line(text: str) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,18 +17,22 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from herald_shared.broker import make_broker
 from herald_shared.database import database_healthy, make_engine, run_migrations
+from herald_shared.events import Platform
 from herald_shared.ops import asyncapi_spec, consumer_app, service_version
 from herald_shared.retry import DeadLetterHooks
 from herald_shared.topology import PUSH_NOTIFICATIONS, declare_topology
 from push_sender.handlers import PushDeps, make_publishers, register_handlers, report_given_up
 from push_sender.metrics import PushMetrics
-from push_sender.providers import LogProvider, PushProvider, make_provider
+from push_sender.providers import LogProvider, PushProvider
+from push_sender.registry import ProviderRegistry, make_registry
+from push_sender.resilience import BreakerState, CircuitBreaker
 from push_sender.sender import PushSender
 from push_sender.settings import SERVICE_NAME, Settings
 
 TITLE = SERVICE_NAME
 DESCRIPTION = (
-    "Sends push notifications (FCM HTTP v1, or a JSON-lines file for local runs) for "
+    "Sends push notifications (FCM HTTP v1, APNs and Web Push, chosen by the device's "
+    "platform, or a JSON-lines file for local runs) for "
     "`notification.push.send` jobs, once per notification_id as far as the provider allows; "
     "reports each outcome on `notification.push.delivered` / `notification.push.failed` and "
     "dead device tokens on `device.invalidated`."
@@ -41,14 +47,18 @@ class PushService:
     broker: RabbitBroker
     engine: AsyncEngine
     registry: CollectorRegistry
-    provider: PushProvider
+    providers: ProviderRegistry
     deps: PushDeps
     subscriber: RabbitSubscriber
     app: AsgiFastStream
 
 
 def _wire(
-    settings: Settings, engine: AsyncEngine, registry: CollectorRegistry, provider: PushProvider
+    settings: Settings,
+    engine: AsyncEngine,
+    registry: CollectorRegistry,
+    providers: ProviderRegistry,
+    metrics: PushMetrics,
 ) -> tuple[RabbitBroker, PushDeps, RabbitSubscriber]:
     hooks = DeadLetterHooks()
     broker = make_broker(
@@ -60,7 +70,7 @@ def _wire(
     )
     delivered, failed, invalidated = make_publishers(broker)
     deps = PushDeps(
-        sender=PushSender(engine=engine, provider=provider, metrics=PushMetrics(registry)),
+        sender=PushSender(engine=engine, providers=providers, metrics=metrics),
         delivered=delivered,
         failed=failed,
         invalidated=invalidated,
@@ -70,14 +80,32 @@ def _wire(
     return broker, deps, register_handlers(broker, deps)
 
 
-def build_service(settings: Settings, *, provider: PushProvider | None = None) -> PushService:
-    """The service's parts. `provider` replaces the one `PUSH_PROVIDER` selects (tests); either
-    way the service closes it at shutdown."""
+def build_service(
+    settings: Settings,
+    *,
+    provider: PushProvider | None = None,
+    providers: Mapping[Platform, PushProvider] | None = None,
+    breaker_clock: Callable[[], float] = time.monotonic,
+) -> PushService:
+    """The service's parts. `provider` (one provider for every platform) or `providers` (per
+    platform) replace those the settings select (tests); either way the service closes them at
+    shutdown. `breaker_clock` times the circuit breakers' cool-downs (tests)."""
     registry = CollectorRegistry()
-    provider = provider or make_provider(settings)
+    metrics = PushMetrics(registry)
+
+    def breaker_changed(
+        name: str, old: BreakerState, new: BreakerState, breaker: CircuitBreaker
+    ) -> None:
+        metrics.breaker_state.labels(provider=name).set(int(new))
+
+    if provider is not None:
+        providers = dict.fromkeys(Platform, provider)
+    guarded = make_registry(settings, providers, clock=breaker_clock, on_change=breaker_changed)
+    for guard in guarded.guards:
+        metrics.breaker_state.labels(provider=guard.name).set(int(guard.breaker.state))
     # Every in-flight message may hold a connection; make_engine adds as much overflow again.
     engine = make_engine(settings.database_url, pool_size=settings.rabbitmq.prefetch)
-    broker, deps, subscriber = _wire(settings, engine, registry, provider)
+    broker, deps, subscriber = _wire(settings, engine, registry, guarded, metrics)
 
     async def migrate() -> None:
         await run_migrations(
@@ -93,9 +121,12 @@ def build_service(settings: Settings, *, provider: PushProvider | None = None) -
         await broker.connect()
         await declare_topology(broker, retry_delays=settings.rabbitmq.retry_delays)
 
+    async def announce() -> None:
+        guarded.log_start()
+
     async def close() -> None:
         try:
-            await provider.aclose()
+            await guarded.aclose()
         finally:
             await engine.dispose()
 
@@ -106,10 +137,13 @@ def build_service(settings: Settings, *, provider: PushProvider | None = None) -
         description=DESCRIPTION,
         registry=registry,
         checks={"database": functools.partial(database_healthy, engine)},
-        on_startup=[migrate, declare],
+        # An open breaker degrades one provider; the others (and retries) go on, so it is
+        # reported here without making the service unready.
+        details={"push": guarded.describe},
+        on_startup=[announce, migrate, declare],
         after_shutdown=[close],
     )
-    return PushService(settings, broker, engine, registry, provider, deps, subscriber, app)
+    return PushService(settings, broker, engine, registry, guarded, deps, subscriber, app)
 
 
 def create_app(settings: Settings) -> AsgiFastStream:
@@ -120,7 +154,9 @@ def specification(settings: Settings) -> AsyncAPI:
     """The AsyncAPI document of the service: no database, broker or provider credentials needed."""
     # The document needs the subscriber and publishers only; neither of these is ever used.
     engine = create_async_engine("sqlite+aiosqlite://")
-    broker, _, _ = _wire(settings, engine, CollectorRegistry(), LogProvider(Path(".")))
+    registry = CollectorRegistry()
+    providers = make_registry(settings, dict.fromkeys(Platform, LogProvider(Path("."))))
+    broker, _, _ = _wire(settings, engine, registry, providers, PushMetrics(registry))
     return asyncapi_spec(
         broker, title=TITLE, version=service_version(SERVICE_NAME), description=DESCRIPTION
     )

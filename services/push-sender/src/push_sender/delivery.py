@@ -23,6 +23,7 @@ from herald_shared.ledger import AlreadyFinal, Busy, DeliveryStatus
 from herald_shared.retry import DeferredError, PermanentError, RetryableError
 from push_sender.metrics import PushOutcome
 from push_sender.providers.base import ProviderAnswer, Verdict
+from push_sender.resilience import Refusal, RefusalKind
 from push_sender.tables import Failure
 
 _EVENT_NAMESPACE = uuid.UUID("5c0f3d2e-8a41-4b7e-9c6d-2f1e0a9b8c73")
@@ -106,8 +107,42 @@ def plan_for_claim(job: PushRequested, claim: AlreadyFinal | Busy, *, now: datet
     )
 
 
-def plan_for_answer(job: PushRequested, answer: ProviderAnswer) -> Plan:
-    """The provider's answer → ledger, events and outcome (notes/reliability.md's table)."""
+def plan_for_unsupported(job: PushRequested) -> Plan:
+    """No provider is configured for the device's platform: reported failed and dead-lettered
+    at once (no retry can help), without a ledger row, so that a job replayed from the
+    dead-letter queue once the provider is configured is sent as usual."""
+    reason = f"unsupported platform {job.platform}"
+    return Plan(
+        PushOutcome.UNSUPPORTED,
+        reason=reason,
+        report=report_for(job, DeliveryOutcome.FAILED, reason),
+        error=refused(reason),
+    )
+
+
+def plan_for_refusal(refusal: Refusal) -> Plan:
+    """The provider may not be called now (its breaker is open, its bulkhead full): the job
+    waits in the delayed-retry path without being claimed or spending an attempt."""
+    outcome = (
+        PushOutcome.BREAKER_OPEN
+        if refusal.kind is RefusalKind.BREAKER_OPEN
+        else PushOutcome.BULKHEAD_FULL
+    )
+    return Plan(
+        outcome,
+        reason=refusal.reason,
+        error=DeferredError(refusal.reason, retry_after=refusal.retry_after),
+    )
+
+
+def plan_for_answer(
+    job: PushRequested, answer: ProviderAnswer, *, breaker_retry_in: float | None = None
+) -> Plan:
+    """The provider's answer → ledger, events and outcome (notes/reliability.md's table).
+
+    `breaker_retry_in`: how long the provider's breaker stays open after this answer; a
+    configuration problem waits at least that long (it opened the breaker).
+    """
     reason = answer.reason
     match answer.verdict:
         case Verdict.ACCEPTED:
@@ -136,11 +171,14 @@ def plan_for_answer(job: PushRequested, answer: ProviderAnswer) -> Plan:
                 error=refused(reason),
             )
         case Verdict.MISCONFIGURED:
+            # Our credentials or permissions, not this push: it waits for the fix (deferred,
+            # no attempt spent) instead of burning its retries.
+            waits = [w for w in (answer.retry_after, breaker_retry_in) if w is not None]
             return Plan(
                 PushOutcome.MISCONFIGURED,
                 reason=reason,
-                error=RetryableError(
-                    f"{reason} (provider configuration)", retry_after=answer.retry_after
+                error=DeferredError(
+                    f"{reason} (provider configuration)", retry_after=max(waits, default=None)
                 ),
             )
         case Verdict.TRANSIENT:

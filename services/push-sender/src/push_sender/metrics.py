@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class PushOutcome(StrEnum):
@@ -16,6 +16,11 @@ class PushOutcome(StrEnum):
     MISCONFIGURED = "misconfigured"  # our credentials or permissions; the job comes back
     DUPLICATE = "duplicate"  # already final: acknowledged without calling the provider
     IN_PROGRESS = "in_progress"  # another worker is sending it right now: comes back later
+    # The provider's circuit breaker is open, or its bulkhead full: comes back later, unsent
+    # and without spending an attempt.
+    BREAKER_OPEN = "breaker_open"
+    BULKHEAD_FULL = "bulkhead_full"
+    UNSUPPORTED = "unsupported"  # no provider is configured for the device's platform
 
 
 class PushMetrics:
@@ -32,6 +37,12 @@ class PushMetrics:
             ["provider"],
             registry=registry,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
+        self.breaker_state = Gauge(
+            "herald_push_breaker_state",
+            "Circuit breaker of each push provider: 0 closed, 1 half-open, 2 open",
+            ["provider"],
+            registry=registry,
         )
 
     def count(self, provider: str, outcome: PushOutcome) -> None:

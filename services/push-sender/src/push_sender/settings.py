@@ -15,11 +15,16 @@ from herald_shared.config import LOCAL_STATE_DIR, ServiceSettings, default_sqlit
 SERVICE_NAME = "push-sender"
 
 FCM_DEFAULT_BASE_URL = "https://fcm.googleapis.com"
+APNS_DEFAULT_BASE_URL = "https://api.push.apple.com"
 
 
 class PushProviderKind(StrEnum):
-    LOG = "log"  # zero-setup default: one JSON line per push in PUSH_LOG_FILE
-    FCM = "fcm"  # Firebase Cloud Messaging, HTTP v1 API
+    LOG = "log"  # zero-setup default: every push, whatever its platform, is one JSON line
+    # Each platform through its own provider, for every platform whose settings are given
+    # (FCM_CREDENTIALS_FILE, APNS_KEY_FILE, WEBPUSH_*); a push to a platform without them is
+    # reported failed as "unsupported platform".
+    LIVE = "live"
+    FCM = "fcm"  # `live`, and FCM_CREDENTIALS_FILE is required (the original single provider)
 
 
 def is_loopback(host: str) -> bool:
@@ -64,9 +69,63 @@ class FcmSettings(BaseSettings):
         return check_secure_url(value, what="FCM_BASE_URL").rstrip("/")
 
 
+class ApnsSettings(BaseSettings):
+    """`APNS_*`: Apple Push Notification service, token-based (JWT) authentication."""
+
+    model_config = SettingsConfigDict(env_prefix="APNS_", extra="ignore")
+
+    # The `AuthKey_<key id>.p8` signing key downloaded from the Apple developer account (a secret).
+    key_file: Path | None = None
+    # Apple's identifiers are 10 upper-case letters or digits; a typo here fails at start-up.
+    key_id: str | None = Field(default=None, pattern=r"^[A-Z0-9]{10}$")
+    team_id: str | None = Field(default=None, pattern=r"^[A-Z0-9]{10}$")
+    # The app's bundle id (`apns-topic`).
+    topic: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9.-]*$")
+    # Production; the sandbox is https://api.sandbox.push.apple.com (development builds).
+    base_url: str = APNS_DEFAULT_BASE_URL
+    # Seconds for each HTTP exchange step (connect, write, read, waiting for a pooled connection).
+    timeout: float = Field(default=10.0, gt=0, le=120)
+
+    @field_validator("base_url")
+    @classmethod
+    def _secure_base_url(cls, value: str) -> str:
+        return check_secure_url(value, what="APNS_BASE_URL").rstrip("/")
+
+
+class BreakerSettings(BaseSettings):
+    """`PUSH_BREAKER_*`: the circuit breaker every provider has (see `resilience.py`)."""
+
+    model_config = SettingsConfigDict(env_prefix="PUSH_BREAKER_", extra="ignore")
+
+    # Consecutive transient failures that open a provider's breaker…
+    failures: int = Field(default=5, ge=1)
+    # …or this share of failures over the last `window` seconds, once `min_calls` calls were made.
+    failure_rate: float = Field(default=0.5, gt=0, le=1)
+    window: float = Field(default=60.0, gt=0)
+    min_calls: int = Field(default=20, ge=1)
+    # Seconds an opened breaker waits before one probe; doubled after each failed probe, up to
+    # `max_cool_down`.
+    cool_down: float = Field(default=30.0, gt=0)
+    max_cool_down: float = Field(default=600.0, gt=0)
+
+
+class MaxInFlightSettings(BaseSettings):
+    """`PUSH_MAX_IN_FLIGHT_<PROVIDER>`: each provider's bulkhead, the sends in flight to it at
+    once per process; unset: `RABBITMQ_PREFETCH`. Lower it to keep room for the other providers
+    when one of them hangs (see `resilience.py`)."""
+
+    model_config = SettingsConfigDict(env_prefix="PUSH_MAX_IN_FLIGHT_", extra="ignore")
+
+    fcm: int | None = Field(default=None, ge=1)
+    apns: int | None = Field(default=None, ge=1)
+    webpush: int | None = Field(default=None, ge=1)
+    log: int | None = Field(default=None, ge=1)
+
+
 class Settings(ServiceSettings):
     """`PORT`, `HOST`, `DATABASE_URL`, `LOG_LEVEL` and `RABBITMQ_*` (shared), plus `PUSH_PROVIDER`,
-    `PUSH_LOG_FILE` and `FCM_*`."""
+    `PUSH_LOG_FILE`, `FCM_*` and `APNS_*`, and each provider's guards: `PUSH_BREAKER_*`,
+    `PUSH_MAX_IN_FLIGHT_*`."""
 
     port: int = 8002
     database_url: str = default_sqlite_url(SERVICE_NAME)
@@ -75,6 +134,9 @@ class Settings(ServiceSettings):
     # The log provider's file: one JSON line per push (never the full device token).
     push_log_file: Path = Path(LOCAL_STATE_DIR) / "pushes.jsonl"
     fcm: FcmSettings = Field(default_factory=FcmSettings)
+    apns: ApnsSettings = Field(default_factory=ApnsSettings)
+    breaker: BreakerSettings = Field(default_factory=BreakerSettings)
+    max_in_flight: MaxInFlightSettings = Field(default_factory=MaxInFlightSettings)
 
     @model_validator(mode="after")
     def _provider_is_configured(self) -> Settings:

@@ -5,8 +5,10 @@
   messaging, aud = the file's `token_uri`) is POSTed to `token_uri`; the token is cached until
   shortly before it expires, and refreshed once when FCM answers 401.
 * Sending: `POST {base}/v1/projects/{project}/messages:send` with one message per device token,
-  its notification tagged (Android `notification.tag`, APNs `apns-collapse-id`) with the
-  notification id, so a push sent twice replaces the first one on the device.
+  its notification tagged (Android `notification.tag` and `collapse_key`, APNs
+  `apns-collapse-id`) with the notification id, so a push sent twice replaces the first one on
+  the device; on iOS the room is the thread (`aps.thread-id`), so a room's pushes group together;
+  title and body shortened, at character boundaries, to fit FCM's 4096-byte payload limit.
 * Answers are classified, never retried here (see `classify`).
 
 Nothing here logs or stores a device token, an access token, the assertion or the push text.
@@ -32,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from herald_shared.events import PushRequested, utc_now
 from push_sender.providers.base import ProviderAnswer, Verdict
+from push_sender.providers.payload import fit_title_and_body
 from push_sender.settings import FcmSettings, check_secure_url
 
 logger = logging.getLogger("push_sender.fcm")
@@ -46,6 +49,8 @@ FCM_ERROR_TYPE = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
 BAD_REQUEST_TYPE = "type.googleapis.com/google.rpc.BadRequest"
 TOKEN_FIELD = "message.token"  # noqa: S105 - a field name
 REASON_LIMIT = 200
+# FCM's limit on a message's payload (notification and data).
+PAYLOAD_LIMIT = 4096
 
 
 class FcmConfigurationError(ValueError):
@@ -97,24 +102,39 @@ def load_service_account(path: Path) -> tuple[ServiceAccount, RSAPrivateKey]:
     return account, key
 
 
+def json_text_size(text: str) -> int:
+    """Bytes of `text` inside a JSON string, escaped to ASCII: never less than its UTF-8 size
+    (an escape is 6 or 12 bytes for 2 to 4), so a payload that fits this way fits either way."""
+    return len(json.dumps(text)) - 2
+
+
 def build_message(job: PushRequested) -> dict[str, Any]:
     """The `messages:send` request body for one job."""
     collapse_id = str(job.notification_id)
+    data = {
+        "notification_id": str(job.notification_id),
+        "message_id": str(job.message_id),
+        "room_id": str(job.room_id),
+    }
+    overhead = len(json.dumps({"notification": {"title": "", "body": ""}, "data": data}))
+    title, body = fit_title_and_body(
+        job.title, job.body, budget=PAYLOAD_LIMIT - overhead, size=json_text_size
+    )
     return {
         "message": {
             "token": job.token,
-            "notification": {"title": job.title, "body": job.body},
-            "data": {
-                "notification_id": str(job.notification_id),
-                "message_id": str(job.message_id),
-                "room_id": str(job.room_id),
-            },
+            "notification": {"title": title, "body": body},
+            "data": data,
             "android": {
                 "collapse_key": collapse_id,
                 # A notification with the same tag replaces the one shown.
                 "notification": {"tag": collapse_id},
             },
-            "apns": {"headers": {"apns-collapse-id": collapse_id}},
+            "apns": {
+                "headers": {"apns-collapse-id": collapse_id},
+                # iOS groups the notifications of one thread: one room, one group.
+                "payload": {"aps": {"thread-id": str(job.room_id)}},
+            },
         }
     }
 

@@ -1,0 +1,91 @@
+"""Push text fitted to a provider's byte limit, never splitting a character; FCM's payload ids."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from push_sender.providers.fcm import PAYLOAD_LIMIT, FcmProvider, build_message, json_text_size
+from push_sender.providers.payload import fit_title_and_body, truncate_to_size, utf8_size
+from push_sender.settings import FcmSettings
+from tests.fakes.fcm import FakeFcm
+from tests.unit.push_sender.support import DEVICE_TOKEN, push_job
+
+
+@pytest.mark.parametrize(
+    ("text", "max_size", "expected"),
+    [
+        ("short", 10, "short"),
+        ("abcdefghij", 10, "abcdefghij"),
+        ("abcdefghijk", 10, "abcdefg…"),  # "…" is 3 bytes
+        ("héllo wörld", 9, "héllo…"),
+        ("👋👋👋👋", 12, "👋👋…"),  # 4 bytes each, never half of one
+        ("👍🏽👍🏽👍🏽", 14, "👍🏽…"),  # the skin tone stays with its emoji
+        ("🇫🇷🇩🇪🇮🇹", 14, "🇫🇷…"),  # never half a flag
+        ("e\u0301e\u0301e\u0301", 8, "e\u0301…"),  # the accent stays on its letter
+        ("abc", 2, ""),  # not even the ellipsis fits
+    ],
+)
+def test_truncation_by_size_keeps_characters_whole(text: str, max_size: int, expected: str) -> None:
+    result = truncate_to_size(text, max_size)
+    assert result == expected
+    assert utf8_size(result) <= max_size
+
+
+@pytest.mark.parametrize(
+    ("title", "body", "budget", "expected"),
+    [
+        ("Alice", "hello", 10, ("Alice", "hello")),
+        ("Alice", "hello world", 12, ("Alice", "hell…")),  # the body gives way first
+        ("Alice in general", "hello", 10, ("Alice i…", "")),  # then the title
+    ],
+)
+def test_title_and_body_fit_their_budget(
+    title: str, body: str, budget: int, expected: tuple[str, str]
+) -> None:
+    assert fit_title_and_body(title, body, budget=budget) == expected
+
+
+def test_json_size_is_never_below_utf8_size() -> None:
+    for text in ("plain", 'quote " and \\', "héllo", "👋", "日本語", "\n\t"):
+        assert json_text_size(text) >= utf8_size(text)
+
+
+@pytest.mark.parametrize("body", ["x" * 5000, "👋" * 3000, "日本語" * 2000, '"' * 5000])
+def test_an_fcm_payload_fits_fcms_limit(body: str) -> None:
+    message = build_message(push_job(body=body))["message"]
+    payload = {"notification": message["notification"], "data": message["data"]}
+    assert len(json.dumps(payload).encode()) <= PAYLOAD_LIMIT
+    assert message["notification"]["body"].endswith("…")
+    assert body.startswith(message["notification"]["body"][:-1])
+
+
+def test_a_short_fcm_payload_is_untouched() -> None:
+    job = push_job()
+    message = build_message(job)["message"]
+    assert message["notification"] == {"title": job.title, "body": job.body}
+
+
+async def test_fcm_collapses_on_the_notification_and_threads_on_the_room(
+    fcm: FakeFcm, credentials: Path
+) -> None:
+    provider = FcmProvider.from_settings(
+        FcmSettings(credentials_file=credentials, base_url=fcm.base_url)
+    )
+    job = push_job(body="👋" * 3000)
+    try:
+        answer = await provider.send(job)
+    finally:
+        await provider.aclose()
+
+    assert answer.verdict == "accepted"  # the local FCM server checks the 4096-byte limit
+    [sent] = fcm.messages_to(DEVICE_TOKEN)
+    message = sent["message"]
+    collapse_id = str(job.notification_id)
+    assert message["android"] == {"collapse_key": collapse_id, "notification": {"tag": collapse_id}}
+    assert message["apns"] == {
+        "headers": {"apns-collapse-id": collapse_id},
+        "payload": {"aps": {"thread-id": str(job.room_id)}},
+    }
