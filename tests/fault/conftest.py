@@ -19,6 +19,7 @@ from tests.support.faults import (
     PostgresCluster,
     RabbitNode,
     RecordingFcm,
+    RecordingSmtp,
     Report,
     duration_text,
     emit,
@@ -83,6 +84,13 @@ def router_cluster() -> Iterator[PostgresCluster]:
 def fcm() -> Iterator[FakeFcm]:
     """The shared FakeFcm, recording every send attempt too (`RecordingFcm.attempts`)."""
     with RecordingFcm() as fake:
+        yield fake
+
+
+@pytest.fixture
+def smtp() -> Iterator[FakeSmtp]:
+    """The SMTP server, recording and able to act right after it accepted a message."""
+    with RecordingSmtp() as fake:
         yield fake
 
 

@@ -1,6 +1,6 @@
-"""push-sender SIGKILLed after FCM accepted a push and before it could record that: at-least-once
-means the push goes out again, once, with the same collapse id, so the phone replaces the first
-notification instead of showing two."""
+"""A sender SIGKILLed after its provider accepted and before it could record that: at-least-once
+means the push (or e-mail) goes out again, once, with the same collapse id (or Message-ID), so the
+phone replaces the first notification instead of showing two."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from tests.support.faults import (
     Expectation,
     HeraldFactory,
     RecordingFcm,
+    RecordingSmtp,
     Report,
     elapsed,
     populated,
@@ -78,5 +79,49 @@ async def test_a_sender_killed_between_provider_and_ledger_pushes_again_once_wit
     ((tag, collapse_key, apns_collapse_id),) = collapse_ids
     assert tag == collapse_key == apns_collapse_id
     assert result.duplicate_emails == 0
+    assert sum(result.dead_letters.values()) == 0, result.dead_letters
+    assert herald.crashed() == {}
+
+
+async def test_an_email_sender_killed_after_the_server_accepted_sends_once_more_same_message_id(
+    fault_report: Report, start_herald: HeraldFactory
+) -> None:
+    herald = await start_herald(overrides=SHORT_LEASES)
+    smtp = herald.smtp
+    assert isinstance(smtp, RecordingSmtp)
+    rng = random.Random(31)
+    async with httpx.AsyncClient(base_url=herald.api, timeout=30) as client:
+        population = await populated(
+            herald, client, users=2, room_sizes=(2,), rng=rng, max_devices=1
+        )
+        room = population.rooms[0]
+        sender, recipient = (population.member(member) for member in room.member_ids)
+        smtp.on_accept(recipient.email, lambda: herald.kill("email-sender"))
+        accepted = Accepted()
+        await post_one(client, population, accepted, rng, 0, room=room, sender=sender)
+
+    async def killed() -> bool:
+        return "email-sender" in herald.crashed()
+
+    await wait_until(killed, timeout=30)
+    killed_at = time.monotonic()
+    assert len(smtp.messages_to(recipient.email)) == 1  # accepted, and its 250 never read
+    await herald.restart("email-sender")
+    result = await settle(herald, Expectation.of(population, accepted), timeout=90)
+    emails = smtp.messages_to(recipient.email)
+    message_ids = {str(email["Message-ID"]) for email in emails}
+    fault_report(
+        **result.fields(),
+        emails_to_victim=len(emails),
+        message_ids=len(message_ids),
+        recover_s=elapsed(killed_at),
+    )
+    assert result.lost == 0
+    assert result.not_delivered_in_ledger == 0
+    # At most one duplicate per crash, with the first e-mail's Message-ID (clients thread or
+    # deduplicate on it).
+    assert len(emails) <= 2
+    assert len(message_ids) == 1
+    assert result.duplicate_pushes == 0
     assert sum(result.dead_letters.values()) == 0, result.dead_letters
     assert herald.crashed() == {}

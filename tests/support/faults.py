@@ -27,6 +27,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from email.message import EmailMessage
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote
@@ -541,6 +542,27 @@ class RecordingFcm(FakeFcm):
     def attempts_for(self, device_token: str) -> list[float]:
         with self._lock:
             return [at for at, token in self.attempts if token == device_token]
+
+
+class RecordingSmtp(FakeSmtp):
+    """FakeSmtp that can act right after it accepted a message for an address: once the message
+    is recorded in `received`, before the 250 leaves (to crash the e-mail sender in between)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._on_accept: dict[str, Callable[[], None]] = {}
+
+    def on_accept(self, address: str, action: Callable[[], None]) -> None:
+        with self._lock:
+            self._on_accept[address.lower()] = action
+
+    def _record(self, message: EmailMessage, mail_from: str, recipients: list[str]) -> None:
+        super()._record(message, mail_from, recipients)
+        with self._lock:
+            actions = [self._on_accept.pop(to.lower(), None) for to in recipients]
+        for action in actions:
+            if action is not None:
+                action()
 
 
 @dataclass
