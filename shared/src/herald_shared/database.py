@@ -37,10 +37,23 @@ def make_engine(url: str, *, pool_size: int = 20) -> AsyncEngine:
         def _begin_immediate(connection: Connection) -> None:
             # Take the write lock when a transaction begins: a read-then-write transaction that
             # upgrades later fails at once ("database is locked") if another one wrote meanwhile.
+            # An AUTOCOMMIT connection wants no transaction: each statement commits on its own.
+            if connection.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+                return
             connection.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+    # No pool_pre_ping: it costs a round trip (BEGIN; SELECT 1; ROLLBACK) on every checkout, the
+    # largest single cost of a push in the benchmark. A connection that died with its server
+    # fails its next statement instead; SQLAlchemy invalidates it and the retry middleware
+    # defers the message without spending an attempt (herald_shared.retry).
+    return create_async_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_recycle=1800,
+        hide_parameters=True,
+    )
 
 
 def _upgrade(connection: Connection, script_location: str, version_table: str) -> None:

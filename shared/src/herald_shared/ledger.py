@@ -33,9 +33,10 @@ Works on PostgreSQL and SQLite (the dialect's `insert`, chosen by `connection.di
 
 from __future__ import annotations
 
+import contextlib
 import re
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -205,6 +206,15 @@ class DeliveryLedger:
         self.engine = engine
         self.table = table
 
+    @contextlib.asynccontextmanager
+    async def _statements(self) -> AsyncIterator[AsyncConnection]:
+        """A connection on which each statement commits on its own. Every write of the ledger is
+        one compare-and-set statement (and a claim's later steps re-check what the earlier ones
+        saw), so none needs a transaction around it; leaving out BEGIN and COMMIT saves two of a
+        write's three round trips, on the path every delivery takes several times."""
+        async with self.engine.connect() as connection:
+            yield await connection.execution_options(isolation_level="AUTOCOMMIT")
+
     def _insert(self, connection: AsyncConnection) -> Any:
         """The dialect's INSERT with ON CONFLICT support."""
         if connection.dialect.name == "postgresql":
@@ -230,7 +240,7 @@ class DeliveryLedger:
         """
         t = self.table
         key = t.c.notification_id == job.notification_id
-        async with self.engine.begin() as connection:
+        async with self._statements() as connection:
             inserted = await connection.execute(
                 self._insert(connection)
                 .values(
@@ -322,7 +332,7 @@ class DeliveryLedger:
         ack). The lease stays until `mark_reported` or `unclaim`."""
         if status not in FINAL_STATUSES:
             raise ValueError(f"{status} is not a final status")
-        async with self.engine.begin() as connection:
+        async with self._statements() as connection:
             await connection.execute(
                 update(self.table)
                 .where(self.table.c.notification_id == notification_id)
@@ -338,7 +348,7 @@ class DeliveryLedger:
     async def release(self, notification_id: uuid.UUID, *, reason: str, now: datetime) -> None:
         """Give the lease back after a transient failure, so the retry can claim at once."""
         t = self.table
-        async with self.engine.begin() as connection:
+        async with self._statements() as connection:
             await connection.execute(
                 update(t)
                 .where(t.c.notification_id == notification_id, t.c.status == DeliveryStatus.SENDING)
@@ -359,7 +369,7 @@ class DeliveryLedger:
         same provider keys). A final row keeps its outcome; the next copy publishes its events."""
         t = self.table
         sending = t.c.status == DeliveryStatus.SENDING
-        async with self.engine.begin() as connection:
+        async with self._statements() as connection:
             await connection.execute(
                 update(t)
                 .where(t.c.notification_id == notification_id, t.c.claimed_at == claimed_at)
@@ -373,7 +383,7 @@ class DeliveryLedger:
 
     async def mark_reported(self, notification_id: uuid.UUID, *, now: datetime) -> None:
         """The outcome's events are out: the job is done, and the lease with it."""
-        async with self.engine.begin() as connection:
+        async with self._statements() as connection:
             await connection.execute(
                 update(self.table)
                 .where(self.table.c.notification_id == notification_id)
@@ -384,7 +394,7 @@ class DeliveryLedger:
         """Drop the lease of a final row whose events could not be published, so that the retry
         publishes them at once instead of waiting for the lease to run out."""
         t = self.table
-        async with self.engine.begin() as connection:
+        async with self._statements() as connection:
             await connection.execute(
                 update(t)
                 .where(t.c.notification_id == notification_id, t.c.status.in_(FINAL_STATUSES))
