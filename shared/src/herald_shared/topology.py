@@ -15,11 +15,14 @@ differ between them (which RabbitMQ would refuse with PRECONDITION_FAILED).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from faststream.rabbit import ExchangeType, QueueType, RabbitExchange, RabbitQueue
+from faststream.rabbit.publisher import RabbitPublisher
+from faststream.rabbit.subscriber import RabbitSubscriber
 
 from herald_shared.events import (
     DeliveryReported,
@@ -167,6 +170,28 @@ def routing_key_for(event: Event) -> str:
     raise TypeError(f"no routing key for {type(event).__name__}")
 
 
+_Declarable = TypeVar("_Declarable", RabbitQueue, RabbitExchange)
+
+
+def existing(declarable: _Declarable) -> _Declarable:
+    """The same queue or exchange with FastStream's `declare=False`: a passive declare, which
+    only checks that it exists (and needs no configure permission), and no binding."""
+    passive = copy.copy(declarable)
+    passive.declare = False
+    return passive
+
+
+def use_existing_topology(broker: RabbitBroker) -> None:
+    """Make every subscriber and publisher of `broker` check its queue or exchange instead of
+    creating it (herald_shared.broker.HeraldBroker does this in passive mode, at start)."""
+    for subscriber in broker.subscribers:
+        if isinstance(subscriber, RabbitSubscriber):
+            subscriber.queue = existing(subscriber.queue)
+    for publisher in broker.publishers:
+        if isinstance(publisher, RabbitPublisher) and publisher.exchange.name:
+            publisher.exchange = existing(publisher.exchange)
+
+
 async def declare_topology(
     broker: RabbitBroker,
     *,
@@ -179,18 +204,34 @@ async def declare_topology(
     the broker itself), for the whole topology: a publisher then never finds a routing key
     unbound because its consumer has not started yet, and no consumer takes a message before
     the wait queues and dead-letter queues its failures need exist.
+
+    With a broker in passive mode (RABBITMQ_DECLARE=passive) it only checks that every exchange
+    and queue exists, so a service whose topology an admin step forgot fails at startup
+    (NOT_FOUND) instead of at its first publish or retry.
     """
-    await broker.connect()  # idempotent; broker.start() reuses the connection
-    exchange = await broker.declare_exchange(EXCHANGE)
-    dead_letter_exchange = await broker.declare_exchange(DEAD_LETTER_EXCHANGE)
-    retry_exchange = await broker.declare_exchange(RETRY_EXCHANGE)
-    for consumer_queue in queues:
-        queue = await broker.declare_queue(consumer_queue.queue)
-        for routing_key in consumer_queue.bindings:
+    # Here, not at the top: herald_shared.broker imports this module.
+    from herald_shared.broker import HeraldBroker
+
+    passive = isinstance(broker, HeraldBroker) and broker.declares_passively
+
+    def declarable(item: _Declarable) -> _Declarable:
+        return existing(item) if passive else item
+
+    async def bind(queue: Any, exchange: Any, routing_key: str) -> None:
+        if not passive:  # binding needs permissions a service does not have
             await queue.bind(exchange, routing_key=routing_key)
-        dead_letters = await broker.declare_queue(consumer_queue.dead_letter_queue)
-        await dead_letters.bind(dead_letter_exchange, routing_key=consumer_queue.name)
+
+    await broker.connect()  # idempotent; broker.start() reuses the connection
+    exchange = await broker.declare_exchange(declarable(EXCHANGE))
+    dead_letter_exchange = await broker.declare_exchange(declarable(DEAD_LETTER_EXCHANGE))
+    retry_exchange = await broker.declare_exchange(declarable(RETRY_EXCHANGE))
+    for consumer_queue in queues:
+        queue = await broker.declare_queue(declarable(consumer_queue.queue))
+        for routing_key in consumer_queue.bindings:
+            await bind(queue, exchange, routing_key)
+        dead_letters = await broker.declare_queue(declarable(consumer_queue.dead_letter_queue))
+        await bind(dead_letters, dead_letter_exchange, consumer_queue.name)
         for delay in retry_delays:
             wait_queue = consumer_queue.wait_queue(delay)
-            declared: Any = await broker.declare_queue(wait_queue)
-            await declared.bind(retry_exchange, routing_key=wait_queue.name)
+            declared: Any = await broker.declare_queue(declarable(wait_queue))
+            await bind(declared, retry_exchange, wait_queue.name)
