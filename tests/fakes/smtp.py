@@ -8,8 +8,14 @@ smtp.reply("eve@example.test", 550)            # every RCPT for eve: 550
 smtp.drop("dan@example.test", times=1)         # connection dropped in the middle of DATA
 ...
 smtp.received                             # list[EmailMessage], policy=email.policy.default
+smtp.connections                          # SMTP sessions opened by clients so far
+smtp.noops                                # NOOP commands received
+smtp.close_connections()                  # the server drops every open session (idle timeout)
 smtp.stop()
 ```
+
+A scripted reply is given at RCPT (the default) or at DATA, for one recipient address, `times`
+times or for ever; a 421 at RCPT also closes the connection, as real servers do.
 
 It speaks real SMTP (EHLO, optional AUTH PLAIN/LOGIN, MAIL, RCPT, DATA), so a client sees the
 same replies and errors as from a real server. Used by unit, integration and end-to-end tests; in
@@ -28,7 +34,7 @@ from types import TracebackType
 from typing import Any, Literal
 
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import AuthResult, LoginPassword
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 Stage = Literal["rcpt", "data"]
 
@@ -44,8 +50,32 @@ class _Script:
     remaining: int | None  # None: for ever
 
 
+class _CountingSmtp(SMTP):
+    """aiosmtpd's session, reporting its connection's start and end to the fake."""
+
+    def __init__(self, fake: FakeSmtp, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fake = fake
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.fake._opened(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self.transport is not None:
+            self.fake._closed(self.transport)
+        super().connection_lost(error)
+
+
 class _FreePortController(Controller):
     """aiosmtpd's threaded controller, listening on a port the OS picks (it wants a fixed one)."""
+
+    def __init__(self, fake: FakeSmtp, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fake = fake
+
+    def factory(self) -> SMTP:
+        return _CountingSmtp(self.fake, self.handler, **self.SMTP_kwargs)
 
     def _create_server(self) -> Any:
         async def create() -> asyncio.AbstractServer:
@@ -67,8 +97,17 @@ class _Handler:
     ) -> str:
         script = self.fake._take(address, "rcpt")
         if script is not None:
+            if script.code == 421:  # "closing transmission channel": say it, then close
+                await server.push(f"421 {script.text}")
+                server.transport.close()
+                return "421 closed"  # never reaches the client
             return f"{script.code} {script.text}"
         envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_NOOP(self, server: Any, session: Any, envelope: Any, arg: str) -> str:
+        with self.fake._lock:
+            self.fake.noops += 1
         return "250 OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
@@ -105,8 +144,12 @@ class FakeSmtp:
             if username is not None and password is not None
             else None
         )
+        # SMTP sessions clients opened, and NOOPs received, since `start`.
+        self.connections = 0
+        self.noops = 0
         self._lock = threading.Lock()
         self._scripts: dict[str, list[_Script]] = {}
+        self._open: set[asyncio.BaseTransport] = set()
         self._controller: _FreePortController | None = None
 
     def start(self) -> None:
@@ -115,10 +158,27 @@ class FakeSmtp:
         options: dict[str, Any] = {"enable_SMTPUTF8": True, "server_hostname": "fake-smtp.test"}
         if self._credentials is not None:
             options.update(authenticator=self._authenticate, auth_require_tls=False)
-        controller = _FreePortController(_Handler(self), hostname=self.host, **options)
+        controller = _FreePortController(self, _Handler(self), hostname=self.host, **options)
         controller.start()
         self._controller = controller
         self.port = controller.port
+        with self._lock:  # `start` itself connects once, to check the server answers
+            self.connections = 0
+
+    @property
+    def open_connections(self) -> int:
+        with self._lock:
+            return len(self._open)
+
+    def close_connections(self) -> None:
+        """Drop every open session, as a server does with idle ones."""
+        controller = self._controller
+        if controller is None:
+            return
+        with self._lock:
+            transports = list(self._open)
+        for transport in transports:
+            controller.loop.call_soon_threadsafe(transport.close)
 
     def stop(self) -> None:
         if self._controller is not None:
@@ -179,6 +239,15 @@ class FakeSmtp:
                         del scripts[index]
                 return script
         return None
+
+    def _opened(self, transport: asyncio.BaseTransport) -> None:
+        with self._lock:
+            self.connections += 1
+            self._open.add(transport)
+
+    def _closed(self, transport: asyncio.BaseTransport) -> None:
+        with self._lock:
+            self._open.discard(transport)
 
     def _record(self, message: EmailMessage, mail_from: str, recipients: list[str]) -> None:
         with self._lock:

@@ -35,6 +35,7 @@ from tests.fakes.smtp import FakeSmtp
 from tests.support.infra import wait_until
 
 DELAYS = (0.2, 0.4, 0.8)
+POOL_SIZE = 3
 BOB = "bob@example.test"
 
 
@@ -114,6 +115,8 @@ async def service(rabbit_url: str, pg_url: str, smtp: FakeSmtp) -> AsyncIterator
         smtp_host=smtp.host,
         smtp_port=smtp.port,
         smtp_timeout=5,
+        smtp_pool_size=POOL_SIZE,
+        unsubscribe_secret="integration-unsubscribe-secret-0123456789",
     )
     app = create_app(settings)
     engine = make_engine(pg_url)
@@ -216,3 +219,40 @@ async def test_a_550_is_reported_failed_and_dead_lettered_without_retry(
     entry = await service.ledger(job)
     assert entry is not None
     assert (entry.status, entry.attempts) == (DeliveryStatus.FAILED, 1)
+
+
+async def test_many_jobs_share_a_few_smtp_connections(service: Service, smtp: FakeSmtp) -> None:
+    jobs = [email_job() for _ in range(40)]
+
+    for job in jobs:
+        await service.publish(job)
+
+    async def all_delivered() -> bool:
+        return await service.emails_counted("delivered") == len(jobs)
+
+    await wait_until(all_delivered, timeout=30)
+    assert len(smtp.received) == len(jobs)
+    assert 1 <= smtp.connections <= POOL_SIZE  # reused, not one connection per e-mail
+    for mail in smtp.received:
+        assert mail["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+        assert mail["List-Unsubscribe"].startswith("<http://127.0.0.1:8000/unsubscribe?token=")
+
+
+async def test_an_authentication_refusal_waits_without_spending_attempts(
+    service: Service, smtp: FakeSmtp
+) -> None:
+    """More refusals (4) than retries allowed (3): a recipient-side failure would be
+    dead-lettered; a configuration error only makes the job wait, and it is delivered once the
+    server accepts us again."""
+    smtp.reply(BOB, 530, "5.7.0 Authentication required", times=4)
+    job = email_job()
+
+    await service.publish(job)
+
+    async def reported() -> list[tuple[str, DeliveryReported]]:
+        return await service.collect_reports()
+
+    ((routing_key, report),) = await wait_until(reported, timeout=30)
+    assert (routing_key, report.outcome) == (EMAIL_DELIVERED, DeliveryOutcome.DELIVERED)
+    assert len(smtp.received) == 1
+    assert await service.dead_letters() == []

@@ -3,17 +3,37 @@
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
+from email_sender.rendering import EmailRenderer, UnsubscribeLinks
 from email_sender.settings import Settings
 from herald_shared.events import EmailRequested
 from herald_shared.retry import RetryableError
+from herald_shared.unsubscribe import UnsubscribeTokens
 
 SENDER = "Herald <notifications@herald.localhost>"
 DOMAIN = "herald.localhost"
+# A test secret (never a real one); both sides of a test must use the same.
+UNSUBSCRIBE_SECRET = "test-unsubscribe-secret-0123456789abcdef"
+UNSUBSCRIBE_URL = "http://127.0.0.1:8000/unsubscribe"
+
+
+def unsubscribe_tokens() -> UnsubscribeTokens:
+    return UnsubscribeTokens(UNSUBSCRIBE_SECRET.encode())
+
+
+def renderer() -> EmailRenderer:
+    """The renderer as the app builds it, with the test secret."""
+    return EmailRenderer(
+        sender=SENDER,
+        message_id_domain=DOMAIN,
+        unsubscribe=UnsubscribeLinks(
+            url=UNSUBSCRIBE_URL, tokens=unsubscribe_tokens(), lifetime=timedelta(days=30)
+        ),
+    )
 
 
 def email_job(**overrides: Any) -> EmailRequested:
@@ -37,6 +57,7 @@ def unit_settings(tmp_path: Path, database_url: str, **overrides: Any) -> Settin
     values: dict[str, Any] = {
         "database_url": database_url,
         "email_file_dir": tmp_path / "emails",
+        "unsubscribe_secret": UNSUBSCRIBE_SECRET,
     }
     values.update(overrides)
     return Settings(**values)
@@ -50,11 +71,15 @@ class RecordingBackend:
     def __init__(self, *failures: Exception) -> None:
         self.sent: list[tuple[uuid.UUID, EmailMessage]] = []
         self.failures = list(failures)
+        self.closed = False
 
     async def send(self, message: EmailMessage, *, notification_id: uuid.UUID) -> None:
         if self.failures:
             raise self.failures.pop(0)
         self.sent.append((notification_id, message))
+
+    async def close(self) -> None:
+        self.closed = True
 
 
 def transient() -> RetryableError:

@@ -12,7 +12,8 @@ import pytest
 from email_sender.backends import FileBackend
 from email_sender.rendering import EmailRenderer
 from herald_shared.retry import RetryableError
-from tests.unit.email_sender.support import DOMAIN, SENDER, email_job
+from tests.unit.email_sender import support
+from tests.unit.email_sender.support import DOMAIN, email_job
 
 
 def _names(folder: Path) -> list[str]:
@@ -21,7 +22,7 @@ def _names(folder: Path) -> list[str]:
 
 @pytest.fixture
 def renderer() -> EmailRenderer:
-    return EmailRenderer(sender=SENDER, message_id_domain=DOMAIN)
+    return support.renderer()
 
 
 async def test_writes_one_eml_named_after_the_notification(

@@ -1,7 +1,8 @@
-"""Rendering: golden text and HTML parts, escaping, header injection, Message-ID.
+"""Rendering: golden headers, text and HTML parts, escaping, header injection, Message-ID,
+List-Unsubscribe.
 
-The golden files in `golden/` are the exact text and HTML parts for `email_job()`. After an
-intended template change, regenerate them and review the diff:
+The golden files in `golden/` are the exact header block (MIME boundary blanked) and the text and
+HTML parts for `GOLDEN_JOB`. After an intended change, regenerate them and review the diff:
 
     HERALD_UPDATE_GOLDEN=1 uv run pytest tests/unit/email_sender/test_rendering.py
 """
@@ -9,8 +10,9 @@ intended template change, regenerate them and review the diff:
 from __future__ import annotations
 
 import os
+import re
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email import policy
 from email.message import EmailMessage
 from email.parser import BytesParser
@@ -21,11 +23,20 @@ import pytest
 from email_sender.rendering import (
     EmailRenderer,
     UnrenderableEmail,
+    _headers_as_built,
     body_text,
     header_text,
     template_environment,
 )
-from tests.unit.email_sender.support import DOMAIN, SENDER, email_job
+from herald_shared.unsubscribe import InvalidUnsubscribeToken
+from tests.unit.email_sender import support
+from tests.unit.email_sender.support import (
+    DOMAIN,
+    SENDER,
+    UNSUBSCRIBE_URL,
+    email_job,
+    unsubscribe_tokens,
+)
 
 GOLDEN = Path(__file__).parent / "golden"
 NOW = datetime(2026, 3, 14, 9, 27, 0, tzinfo=UTC)
@@ -39,7 +50,7 @@ GOLDEN_JOB = email_job(
 
 @pytest.fixture
 def renderer() -> EmailRenderer:
-    return EmailRenderer(sender=SENDER, message_id_domain=DOMAIN)
+    return support.renderer()
 
 
 def _parts(message: EmailMessage) -> tuple[str, str]:
@@ -64,6 +75,48 @@ def test_parts_match_the_golden_files(renderer: EmailRenderer, part: int, golden
     if os.environ.get("HERALD_UPDATE_GOLDEN"):
         path.write_text(rendered, encoding="utf-8")
     assert rendered == path.read_text(encoding="utf-8")
+
+
+def _header_block(message: EmailMessage) -> str:
+    """The serialised headers as a server receives them, the random MIME boundary blanked."""
+    head = message.as_bytes().split(b"\n\n", 1)[0].decode("ascii")
+    return re.sub(r'boundary="[^"]*"', 'boundary="BOUNDARY"', head) + "\n"
+
+
+def test_headers_match_the_golden_file(renderer: EmailRenderer) -> None:
+    rendered = _header_block(renderer.render(GOLDEN_JOB, now=NOW))
+    path = GOLDEN / "new_message.headers"
+    if os.environ.get("HERALD_UPDATE_GOLDEN"):
+        path.write_text(rendered, encoding="ascii")
+    assert rendered == path.read_text(encoding="ascii")
+
+
+def test_list_unsubscribe_is_one_click_with_a_signed_link_for_the_recipient(
+    renderer: EmailRenderer,
+) -> None:
+    job = email_job()
+    raw = renderer.render(job, now=NOW).as_bytes()
+    message = _reparsed(renderer.render(job, now=NOW))
+
+    assert message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    value = message["List-Unsubscribe"]
+    assert value.startswith(f"<{UNSUBSCRIBE_URL}?token=")
+    assert value.endswith(">")
+    # Written as one plain line (no RFC 2047 encoded words, which no client reads as a link).
+    assert f"List-Unsubscribe: {value}\n".encode() in raw
+    assert b"=?" not in raw.split(b"\n\n", 1)[0]
+    token = value[len(f"<{UNSUBSCRIBE_URL}?token=") : -1]
+    tokens = unsubscribe_tokens()
+    assert tokens.verify(token, now=NOW + timedelta(days=29)) == job.recipient_id
+    with pytest.raises(InvalidUnsubscribeToken, match="expired"):
+        tokens.verify(token, now=NOW + timedelta(days=30))
+    # The token names the user by id only: no address, no name.
+    assert job.to_address not in token
+    assert "Bob" not in token
+    # The same link is in both parts, for readers whose client shows no unsubscribe button.
+    text, html = _parts(message)
+    assert value[1:-1] in text
+    assert f'href="{value[1:-1]}"' in html
 
 
 def test_message_is_multipart_alternative_text_then_html(renderer: EmailRenderer) -> None:
@@ -125,10 +178,12 @@ def test_html_template_autoescapes_and_text_template_does_not() -> None:
         "sender_name": "<b>",
         "room_name": "",
         "message_content": "&",
+        "unsubscribe_url": "https://x.test/unsubscribe?token=a&b",
     }
     assert "&lt;b&gt;" in html.render(context)
     assert "&amp;" in html.render(context)
     assert "<b> sent" in text.render(context)
+    assert 'href="https://x.test/unsubscribe?token=a&amp;b"' in html.render(context)
 
 
 # Each attempt to smuggle a header (or a second recipient) in through user text, and the
@@ -174,6 +229,39 @@ INJECTIONS = [
         },
         id="address-syntax-in-display-name",
     ),
+    pytest.param(
+        {"room_name": "=?utf-8?q?x=0D=0ABcc=3A_eve=40evil=2Etest?="},
+        {
+            "To": "Bob <bob@example.test>",
+            # An encoded word typed by a user stays literal text; it never decodes into a header.
+            "Subject": "New message from Alice in = ?utf-8?q?x=0D=0ABcc=3A_eve=40evil=2Etest?=",
+        },
+        id="encoded-word-in-room-name",
+    ),
+    pytest.param(
+        {"to_name": "=?utf-8?b?Qm9iDQpCY2M6IGV2ZUBldmlsLnRlc3Q=?="},
+        {
+            "To": "= ?utf-8?b?Qm9iDQpCY2M6IGV2ZUBldmlsLnRlc3Q= ?= <bob@example.test>",
+            "Subject": "New message from Alice in general",
+        },
+        id="encoded-word-in-recipient-name",
+    ),
+    pytest.param(
+        {"room_name": "r" * 5000 + "\r\nBcc: eve@evil.test", "to_name": "B " * 3000},
+        {
+            "To": f"{'B ' * 49}B… <bob@example.test>",
+            "Subject": f"New message from Alice in {'r' * 63}…",
+        },
+        id="very-long-names",
+    ),
+    pytest.param(
+        {"room_name": "Zoë's 👩‍👩‍👧 café", "to_name": "Ærøskøbing Δ", "sender_display_name": "李"},
+        {
+            "To": "Ærøskøbing Δ <bob@example.test>",
+            "Subject": "New message from 李 in Zoë's 👩‍👩‍👧 café",
+        },
+        id="unicode-names",
+    ),
 ]
 
 
@@ -190,13 +278,22 @@ def test_user_text_cannot_add_a_header(
         "Date",
         "Message-ID",
         "Auto-Submitted",
+        "List-Unsubscribe",
+        "List-Unsubscribe-Post",
         "MIME-Version",
         "Content-Type",
     ]
     assert message["To"] == expected["To"]
-    assert message["Subject"] == expected["Subject"]
+    # (Python's folder may break a long subject right after "Subject:"; the parser keeps that.)
+    assert message["Subject"].strip() == expected["Subject"]
     assert [address.addr_spec for address in message["To"].addresses] == ["bob@example.test"]
     assert message.defects == []
+    # RFC 5322: every serialised header line stays within 78 columns, however long the names
+    # (the unsubscribe link is the one exception, written whole and well under 998).
+    head = renderer.render(email_job(**overrides), now=NOW).as_bytes().split(b"\n\n", 1)[0]
+    assert all(
+        len(line) <= 78 for line in head.split(b"\n") if not line.startswith(b"List-Unsubscribe:")
+    )
 
 
 @pytest.mark.parametrize(
@@ -237,6 +334,7 @@ def test_undecodable_content_still_renders(renderer: EmailRenderer) -> None:
         ("\u202eevil\u202c", "evil"),
         ("Zoë 👩‍👩‍👧", "Zoë 👩‍👩‍👧"),  # keeps non-ASCII and zero-width joiners
         ("x" * 70, "x" * 63 + "…"),
+        ("=?utf-8?q?=0D=0A?=", "= ?utf-8?q?=0D=0A?="),  # never an encoded word
     ],
 )
 def test_header_text(value: str, expected: str) -> None:
@@ -245,3 +343,18 @@ def test_header_text(value: str, expected: str) -> None:
 
 def test_body_text_keeps_lines_and_tabs() -> None:
     assert body_text("a\r\nb\rc\n\td\x07") == "a\nb\nc\n\td"
+
+
+def test_a_message_whose_serialised_headers_differ_from_those_set_is_refused(
+    renderer: EmailRenderer,
+) -> None:
+    """The last guard, for tricks the cleaning above does not know: it compares what a server
+    would parse with what was set."""
+    message = renderer.render(email_job(), now=NOW)
+    serialised = message.as_bytes()
+
+    assert _headers_as_built(serialised, message)
+    smuggled = serialised.replace(b"Subject:", b"Bcc: eve@evil.test\nSubject:", 1)
+    assert not _headers_as_built(smuggled, message)
+    second_recipient = serialised.replace(b"<bob@example.test>", b"<bob@example.test>, e@x.y", 1)
+    assert not _headers_as_built(second_recipient, message)

@@ -84,3 +84,30 @@ def test_credentials_are_never_sent_in_clear_to_a_remote_host() -> None:
 def test_username_and_password_go_together() -> None:
     with pytest.raises(ValidationError, match="go together"):
         Settings(smtp_username="u")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://herald.example.com\r\nBcc: eve@evil.test",
+        "https://herald.example.com/a b",
+        "javascript:alert(1)",
+        "herald.example.com",
+        "https://herald.example.com/?x=1",
+        "https://herald.example.com/#top",
+    ],
+)
+def test_the_unsubscribe_base_url_must_be_one_plain_http_url(url: str) -> None:
+    with pytest.raises(ValidationError, match="EMAIL_UNSUBSCRIBE_BASE_URL"):
+        Settings(email_unsubscribe_base_url=url)
+
+
+def test_unsubscribe_links_point_at_message_service() -> None:
+    assert Settings().unsubscribe_url == "http://127.0.0.1:8000/unsubscribe"
+    configured = Settings(email_unsubscribe_base_url="https://herald.example.com/api/")
+    assert configured.unsubscribe_url == "https://herald.example.com/api/unsubscribe"
+
+
+def test_a_short_unsubscribe_secret_is_refused() -> None:
+    with pytest.raises(ValidationError, match="at least 32 characters"):
+        Settings(unsubscribe_secret="too-short")

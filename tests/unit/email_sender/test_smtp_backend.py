@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 import aiosmtplib
 import pytest
@@ -21,21 +24,27 @@ from email_sender.tables import Failure
 from herald_shared.database import make_engine, run_migrations
 from herald_shared.events import DeliveryOutcome
 from herald_shared.ledger import DeliveryStatus
-from herald_shared.retry import PermanentError, RetryableError
+from herald_shared.retry import DeferredError, PermanentError, RetryableError
 from tests.fakes.smtp import FakeSmtp, Stage
 from tests.support.processes import free_port
-from tests.unit.email_sender.support import DOMAIN, SENDER, email_job
+from tests.unit.email_sender import support
+from tests.unit.email_sender.support import DOMAIN, email_job
 
 BOB = "bob@example.test"
 
 
 @pytest.fixture
 def renderer() -> EmailRenderer:
-    return EmailRenderer(sender=SENDER, message_id_domain=DOMAIN)
+    return support.renderer()
 
 
 def backend_for(
-    smtp: FakeSmtp, *, username: str | None = None, password: str | None = None
+    smtp: FakeSmtp,
+    *,
+    username: str | None = None,
+    password: str | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    **pool: Any,
 ) -> SmtpBackend:
     return SmtpBackend(
         SmtpConfig(
@@ -44,7 +53,9 @@ def backend_for(
             timeout=5,
             username=username,
             password=SecretStr(password) if password is not None else None,
-        )
+            **pool,
+        ),
+        clock=clock,
     )
 
 
@@ -147,7 +158,7 @@ async def test_connection_dropped_during_data_is_retryable(
     with pytest.raises(RetryableError) as raised:
         await backend_for(smtp).send(renderer.render(job), notification_id=job.notification_id)
 
-    assert raised.value.reason == "smtp connection lost"
+    assert raised.value.reason == "smtp 451 connection lost during DATA"
     assert smtp.received == []
 
 
@@ -170,19 +181,23 @@ async def test_a_server_that_never_answers_times_out_as_retryable(
     assert raised.value.reason == "smtp timeout"
 
 
-async def test_wrong_credentials_are_a_retryable_configuration_error_logged_without_secrets(
+async def test_wrong_credentials_are_deferred_as_a_configuration_error_logged_without_secrets(
     renderer: EmailRenderer, caplog: pytest.LogCaptureFixture
 ) -> None:
     job = email_job()
     with FakeSmtp(username="herald", password="right-password") as smtp:
         backend = backend_for(smtp, username="herald", password="wrong-password")
-        with pytest.raises(RetryableError) as raised:
+        with pytest.raises(DeferredError) as raised:
             await backend.send(renderer.render(job), notification_id=job.notification_id)
 
         accepted = backend_for(smtp, username="herald", password="right-password")
         await accepted.send(renderer.render(job), notification_id=job.notification_id)
 
+    # Deferred, not retryable: the job waits for a fixed configuration without spending an
+    # attempt (it is not the recipient's fault), at least a minute at a time.
     assert isinstance(raised.value, SmtpConfigurationError)
+    assert not isinstance(raised.value, RetryableError | PermanentError)
+    assert raised.value.retry_after == 60.0
     assert raised.value.reason.startswith("smtp 535")
     errors = [record for record in caplog.records if record.levelno == logging.ERROR]
     assert len(errors) == 1
@@ -252,3 +267,62 @@ def test_default_port_follows_the_tls_mode() -> None:
     assert Settings(smtp_tls=SmtpTls.STARTTLS).smtp.port == 587
     assert Settings(smtp_tls=SmtpTls.TLS).smtp.port == 465
     assert Settings(smtp_tls=SmtpTls.TLS, smtp_port=2465).smtp.port == 2465
+
+
+# Every scripted reply of the provider table, through a real SMTP conversation: what the backend
+# raises and the reason it records (codes only, never the server's text).
+REPLIES = [
+    # (stage, code, server text, outcome, reason)
+    ("rcpt", 421, "4.7.0 too busy, closing", RetryableError, "smtp 421 4.7.0"),
+    ("rcpt", 450, "4.2.1 mailbox busy", RetryableError, "smtp 450 4.2.1"),
+    ("rcpt", 451, "4.3.0 local error", RetryableError, "smtp 451 4.3.0"),
+    ("rcpt", 452, "4.5.3 too many recipients", RetryableError, "smtp 452 4.5.3"),
+    ("data", 421, "4.4.2 timeout", RetryableError, "smtp 421 4.4.2"),
+    ("data", 450, "4.7.1 greylisted", RetryableError, "smtp 450 4.7.1"),
+    ("data", 451, "4.3.0 try later", RetryableError, "smtp 451 4.3.0"),
+    ("data", 452, "4.3.1 insufficient storage", RetryableError, "smtp 452 4.3.1"),
+    ("rcpt", 550, "5.1.1 no such user", EmailRejected, "smtp 550 5.1.1"),
+    ("rcpt", 553, "5.1.3 bad address syntax", EmailRejected, "smtp 553 5.1.3"),
+    ("rcpt", 554, "5.7.1 relay denied", EmailRejected, "smtp 554 5.7.1"),
+    ("data", 550, "5.7.1 policy", EmailRejected, "smtp 550 5.7.1"),
+    ("data", 552, "5.3.4 too big", EmailRejected, "smtp 552 5.3.4"),
+    ("data", 554, "5.7.1 spam", EmailRejected, "smtp 554 5.7.1"),
+    ("rcpt", 530, "5.7.0 authentication required", SmtpConfigurationError, "smtp 530 5.7.0"),
+    ("data", 535, "5.7.8 bad credentials", SmtpConfigurationError, "smtp 535 5.7.8"),
+]
+
+
+@pytest.mark.parametrize(
+    ("stage", "code", "text", "outcome", "reason"),
+    REPLIES,
+    ids=[f"{stage}-{code}" for stage, code, *_ in REPLIES],
+)
+async def test_each_scripted_reply_has_its_outcome(
+    smtp: FakeSmtp,
+    renderer: EmailRenderer,
+    stage: Stage,
+    code: int,
+    text: str,
+    outcome: type[Exception],
+    reason: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    smtp.reply(BOB, code, f"{text} <{BOB}>", stage=stage, times=1)
+    job = email_job()
+    backend = backend_for(smtp)
+
+    with pytest.raises(outcome) as raised:
+        await backend.send(renderer.render(job), notification_id=job.notification_id)
+
+    error = raised.value
+    assert isinstance(error, RetryableError | EmailRejected | DeferredError)
+    assert error.reason.removesuffix(" (authentication)") == reason
+    assert smtp.received == []
+    assert BOB not in caplog.text
+    # Only a configuration error is logged loudly (the operator has to act).
+    assert any(r.levelno == logging.ERROR for r in caplog.records) is (
+        outcome is SmtpConfigurationError
+    )
+    # The script was used once: the next attempt goes through.
+    await backend.send(renderer.render(job), notification_id=job.notification_id)
+    assert len(smtp.received) == 1

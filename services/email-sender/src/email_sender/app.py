@@ -14,13 +14,14 @@ from email_sender.backends import EmailBackend, make_backend
 from email_sender.delivery import EmailDeliveries
 from email_sender.handlers import DELIVERIES_KEY, register_handlers
 from email_sender.metrics import EmailMetrics
-from email_sender.rendering import EmailRenderer
+from email_sender.rendering import EmailRenderer, UnsubscribeLinks
 from email_sender.settings import SERVICE_NAME, Settings
 from herald_shared.broker import make_broker
 from herald_shared.database import database_healthy, make_engine, run_migrations
 from herald_shared.ops import asyncapi_spec, consumer_app
 from herald_shared.retry import DeadLetterHooks
 from herald_shared.topology import declare_topology
+from herald_shared.unsubscribe import unsubscribe_tokens
 
 VERSION = version("email-sender")
 DESCRIPTION = (
@@ -62,14 +63,20 @@ def create_app(settings: Settings, *, backend: EmailBackend | None = None) -> As
     registry = CollectorRegistry()
     broker = build_broker(settings, registry=registry)
     engine = make_engine(settings.database_url, pool_size=settings.rabbitmq.prefetch)
+    backend = backend or make_backend(settings)
     broker.context.set_global(
         DELIVERIES_KEY,
         EmailDeliveries(
             engine=engine,
-            backend=backend or make_backend(settings),
+            backend=backend,
             renderer=EmailRenderer(
                 sender=settings.email_from,
                 message_id_domain=settings.email_message_id_domain,
+                unsubscribe=UnsubscribeLinks(
+                    url=settings.unsubscribe_url,
+                    tokens=unsubscribe_tokens(settings.unsubscribe_secret),
+                    lifetime=timedelta(days=settings.unsubscribe_token_days),
+                ),
             ),
             metrics=EmailMetrics(registry),
             lease=timedelta(seconds=settings.smtp_timeout) + LEASE_MARGIN,
@@ -88,6 +95,7 @@ def create_app(settings: Settings, *, backend: EmailBackend | None = None) -> As
         return await database_healthy(engine)
 
     async def dispose() -> None:
+        await backend.close()  # the SMTP pool's idle connections
         await engine.dispose()
 
     return consumer_app(

@@ -103,7 +103,11 @@ class EmailDeliveries:
             return await self._failed(job, exc.reason, EmailOutcome.BOUNCED, Failure.BOUNCED)
         except Exception as exc:
             self.metrics.count(backend, EmailOutcome.RETRY)
-            reason = exc.reason if isinstance(exc, RetryableError) else type(exc).__name__
+            reason = (
+                exc.reason
+                if isinstance(exc, RetryableError | DeferredError)
+                else type(exc).__name__
+            )
             try:
                 await self.ledger.release(job.notification_id, reason=reason, now=self.clock())
             except Exception:
@@ -122,7 +126,8 @@ class EmailDeliveries:
             now=self.clock(),
         )
         self.metrics.count(backend, EmailOutcome.DELIVERED)
-        logger.info(
+        # One line per e-mail is too many under load: successes are in the metrics.
+        logger.debug(
             "email.delivered notification_id=%s message_id=%s backend=%s attempt=%d",
             job.notification_id,
             job.message_id,

@@ -6,9 +6,8 @@ import asyncio
 import contextlib
 import functools
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Any
 
-from faststream import Context
 from faststream.message import StreamMessage
 from faststream.rabbit import RabbitBroker
 from faststream.rabbit.publisher import RabbitPublisher
@@ -22,8 +21,6 @@ from herald_shared.topology import EMAIL_DELIVERED, EMAIL_FAILED, EMAIL_NOTIFICA
 # The app puts its `EmailDeliveries` into the broker's context under this key.
 DELIVERIES_KEY = "email_deliveries"
 
-Deliveries = Annotated[EmailDeliveries, Context(DELIVERIES_KEY)]
-CorrelationId = Annotated[str, Context("message.correlation_id")]
 
 RETRIES_EXHAUSTED = "retries exhausted"
 
@@ -54,9 +51,10 @@ def register_handlers(
         title=f"{EMAIL_NOTIFICATIONS.name}:consume",
         description="Render and send one e-mail notification, then report the outcome.",
     )
-    async def send_email(
-        job: EmailRequested, deliveries: Deliveries, correlation_id: CorrelationId
-    ) -> None:
+    async def send_email(job: EmailRequested) -> None:
+        # Looked up here rather than injected with `Context(...)`: FastStream resolves those in a
+        # worker thread, a thread hop per message.
+        deliveries: EmailDeliveries = broker.context.get(DELIVERIES_KEY)
         claimed_at = deliveries.clock()
         delivery = asyncio.ensure_future(deliveries.deliver(job, claimed_at=claimed_at))
         try:
@@ -67,7 +65,6 @@ def register_handlers(
                         reports[outcome.report.outcome],
                         outcome.report,
                         timeout=publish_timeout,
-                        correlation_id=correlation_id,
                     )
                 except Exception:
                     await deliveries.publishing_failed(job)

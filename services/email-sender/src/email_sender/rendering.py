@@ -5,23 +5,31 @@ the room name) goes through `header_text`, which turns CR, LF and every other co
 separator character into a space, so no user text can start a new header line; the address itself
 goes through `email.headerregistry.Address`, which refuses anything that is not one addr-spec.
 The HTML template autoescapes; user content is never marked safe.
+
+Every e-mail carries `List-Unsubscribe` (RFC 2369) with a signed, expiring link to
+message-service and `List-Unsubscribe-Post: List-Unsubscribe=One-Click` (RFC 8058), so a mail
+client can turn the recipient's e-mail notifications off with one POST.
 """
 
 from __future__ import annotations
 
+import re
 import unicodedata
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from email import policy
 from email.errors import HeaderParseError
-from email.headerregistry import Address
+from email.headerregistry import Address, BaseHeader, HeaderRegistry, UnstructuredHeader
 from email.message import EmailMessage
+from email.parser import BytesParser
 from email.utils import format_datetime
+from typing import cast
 
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
 from herald_shared.events import EmailRequested, utc_now
+from herald_shared.unsubscribe import UnsubscribeTokens
 
 TEXT_TEMPLATE = "new_message.txt.j2"
 HTML_TEMPLATE = "new_message.html.j2"
@@ -37,6 +45,50 @@ _BIDI_CONTROLS = dict.fromkeys(
 _HEADER_UNSAFE_CATEGORIES = frozenset({"Cc", "Zl", "Zp", "Cs"})
 
 
+ONE_CLICK = "List-Unsubscribe=One-Click"
+# What a List-Unsubscribe value may hold: one <URL> of printable ASCII, no spaces.
+_URL_HEADER_VALUE = re.compile(r"<[!-~]{1,900}>")
+
+
+class UrlHeader(UnstructuredHeader):
+    """A header holding one <URL>, written as is.
+
+    The default policy folds any header at 78 columns, and a URL longer than that, having no space
+    to fold at, becomes RFC 2047 encoded words, which no mail client reads as a link. The value is
+    checked to be one <URL> of printable ASCII (it is ours: a validated base URL and a URL-safe
+    token), so writing it on one line (under RFC 5322's 998 limit) is safe.
+    """
+
+    name: str  # BaseHeader's, which the registry mixes in
+
+    def fold(self, *, policy: policy.Policy) -> str:
+        if not _URL_HEADER_VALUE.fullmatch(str(self)):
+            raise ValueError("not one <URL>")
+        return f"{self.name}: {self}{policy.linesep}"
+
+
+def _message_policy() -> policy.EmailPolicy[EmailMessage]:
+    registry = HeaderRegistry()
+    registry.map_to_type("list-unsubscribe", cast("type[BaseHeader]", UrlHeader))
+    return policy.default.clone(header_factory=registry)
+
+
+MESSAGE_POLICY = _message_policy()
+
+
+@dataclass(frozen=True)
+class UnsubscribeLinks:
+    """Links to message-service's `/unsubscribe` (`url`), each with a token for one user."""
+
+    url: str
+    tokens: UnsubscribeTokens
+    lifetime: timedelta
+
+    def for_user(self, user_id: uuid.UUID, *, now: datetime) -> str:
+        token = self.tokens.issue(user_id, now=now, lifetime=self.lifetime)
+        return f"{self.url}?token={token}"  # the token is URL-safe as it is
+
+
 class UnrenderableEmail(ValueError):
     """The job cannot become an e-mail (a permanent failure). `reason` holds no personal data."""
 
@@ -47,7 +99,8 @@ class UnrenderableEmail(ValueError):
 
 def header_text(value: str, *, limit: int) -> str:
     """`value` as one line fit for a header: control characters and line breaks become spaces,
-    runs of whitespace collapse, and it is cut to `limit` characters."""
+    runs of whitespace collapse, it is cut to `limit` characters, and it cannot be read as an
+    encoded word."""
     cleaned = "".join(
         " " if unicodedata.category(char) in _HEADER_UNSAFE_CATEGORIES else char
         for char in value.translate(_BIDI_CONTROLS)
@@ -55,7 +108,10 @@ def header_text(value: str, *, limit: int) -> str:
     cleaned = " ".join(cleaned.split())
     if len(cleaned) > limit:
         cleaned = cleaned[: limit - 1].rstrip() + "…"
-    return cleaned
+    # "=?" opens an RFC 2047 encoded word, which Python's email package decodes when the header
+    # is set and then writes out decoded: "=?utf-8?q?=0D=0ABcc:…?=" became a real Bcc line
+    # (CPython before 3.11.10 / 3.12.5, CVE-2024-6923). A space keeps it literal text.
+    return cleaned.replace("=?", "= ?")
 
 
 def body_text(value: str) -> str:
@@ -105,34 +161,44 @@ class RenderedParts:
     subject: str
     text: str
     html: str
+    unsubscribe_url: str
 
 
 class EmailRenderer:
     """Builds the e-mail for a job. `sender` is the validated EMAIL_FROM."""
 
     def __init__(
-        self, *, sender: str, message_id_domain: str, environment: Environment | None = None
+        self,
+        *,
+        sender: str,
+        message_id_domain: str,
+        unsubscribe: UnsubscribeLinks,
+        environment: Environment | None = None,
     ) -> None:
         self._sender = sender
         self._message_id_domain = message_id_domain
+        self._unsubscribe = unsubscribe
         self._environment = environment or template_environment()
 
-    def parts(self, job: EmailRequested) -> RenderedParts:
-        """Subject, text and HTML, from the templates."""
+    def parts(self, job: EmailRequested, *, now: datetime) -> RenderedParts:
+        """Subject, text and HTML, from the templates; `now` dates the unsubscribe link."""
         sender_name = header_text(job.sender_display_name, limit=MAX_NAME_LENGTH) or "Someone"
         room_name = header_text(job.room_name, limit=MAX_NAME_LENGTH)
         subject = subject_for(sender_name=sender_name, room_name=room_name)
+        unsubscribe_url = self._unsubscribe.for_user(job.recipient_id, now=now)
         context = {
             "subject": subject,
             "recipient_name": header_text(job.to_name, limit=MAX_DISPLAY_NAME_LENGTH),
             "sender_name": sender_name,
             "room_name": room_name,
             "message_content": body_text(job.message_content),
+            "unsubscribe_url": unsubscribe_url,
         }
         return RenderedParts(
             subject=subject,
             text=self._environment.get_template(TEXT_TEMPLATE).render(context),
             html=self._environment.get_template(HTML_TEMPLATE).render(context),
+            unsubscribe_url=unsubscribe_url,
         )
 
     def render(self, job: EmailRequested, *, now: datetime | None = None) -> EmailMessage:
@@ -147,20 +213,39 @@ class EmailRenderer:
         except (ValueError, IndexError, TypeError, HeaderParseError):
             raise UnrenderableEmail("invalid recipient address") from None
 
+        now = now or utc_now()
         try:
-            parts = self.parts(job)
-            message = EmailMessage(policy=policy.default)
+            parts = self.parts(job, now=now)
+            message = EmailMessage(policy=MESSAGE_POLICY)
             message["From"] = self._sender
             message["To"] = recipient
             message["Subject"] = parts.subject
-            message["Date"] = format_datetime(now or utc_now())
+            message["Date"] = format_datetime(now)
             message["Message-ID"] = message_id_for(job.notification_id, self._message_id_domain)
             # RFC 3834: an automatic message; auto-responders should not answer it.
             message["Auto-Submitted"] = "auto-generated"
+            message["List-Unsubscribe"] = f"<{parts.unsubscribe_url}>"
+            message["List-Unsubscribe-Post"] = ONE_CLICK
             message.set_content(parts.text)
             message.add_alternative(parts.html, subtype="html")
             # Serialise once now, so that anything unencodable fails here and not in a backend.
-            message.as_bytes()
+            serialised = message.as_bytes()
         except (ValueError, IndexError, TypeError, HeaderParseError):
             raise UnrenderableEmail("message could not be built") from None
+        if not _headers_as_built(serialised, message):
+            raise UnrenderableEmail("message headers did not survive serialisation")
         return message
+
+
+def _headers_as_built(serialised: bytes, message: EmailMessage) -> bool:
+    """Defence in depth against header tricks nobody has thought of yet: what a receiving server
+    parses has exactly the headers that were set, one recipient, and the same subject."""
+    received = BytesParser(policy=policy.default).parsebytes(serialised, headersonly=True)
+    recipients: tuple[Address, ...] = getattr(received["To"], "addresses", ())
+    return (
+        received.keys() == message.keys()
+        and len(recipients) == 1
+        and recipients[0].addr_spec == message["To"].addresses[0].addr_spec
+        # A long subject may be folded right after "Subject:"; the parser keeps that space.
+        and str(received["Subject"]).strip() == message["Subject"]
+    )

@@ -13,10 +13,12 @@ from email import policy
 from email.headerregistry import Address
 from enum import StrEnum
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from herald_shared.config import LOCAL_STATE_DIR, ServiceSettings, default_sqlite_url
+from herald_shared.unsubscribe import UnsubscribeSecret
 
 SERVICE_NAME = "email-sender"
 
@@ -48,6 +50,11 @@ class SmtpConfig:
     password: SecretStr | None = None
     tls: SmtpTls = SmtpTls.NONE
     timeout: float = 30.0
+    # The connection pool (see backends/smtp_pool.py).
+    pool_size: int = 3
+    max_messages_per_connection: int = 100
+    max_idle: float = 60.0
+    noop_after_idle: float = 5.0
 
 
 class Settings(ServiceSettings):
@@ -67,8 +74,25 @@ class Settings(ServiceSettings):
     smtp_username: str | None = None
     smtp_password: SecretStr | None = None
     smtp_tls: SmtpTls = SmtpTls.NONE
-    # Seconds for one whole SMTP conversation (connect to QUIT); also bounds every single step.
+    # Seconds for one whole send (connecting if needed, MAIL to the end of DATA); also bounds
+    # every single step.
     smtp_timeout: float = Field(default=30.0, gt=0)
+    # Persistent connections kept open and reused across e-mails; never more than the prefetch
+    # (no more e-mails can be in flight at once). A connection is replaced after this many
+    # messages (servers cap messages per session) or after this many idle seconds (servers
+    # drop idle sessions, RFC 5321 lets them after 5 minutes); one idle longer than
+    # SMTP_POOL_NOOP_AFTER seconds is checked with a NOOP before it is used again.
+    smtp_pool_size: int = Field(default=3, ge=1, le=100)
+    smtp_pool_max_messages: int = Field(default=100, ge=1)
+    smtp_pool_max_idle: float = Field(default=60.0, gt=0)
+    smtp_pool_noop_after: float = Field(default=5.0, ge=0)
+
+    # List-Unsubscribe (RFC 2369, RFC 8058 one-click): links to message-service's
+    # `/unsubscribe?token=…`, signed with UNSUBSCRIBE_SECRET (the same in both services; see
+    # herald_shared.unsubscribe) and valid for UNSUBSCRIBE_TOKEN_DAYS days.
+    email_unsubscribe_base_url: str = "http://127.0.0.1:8000"
+    unsubscribe_secret: UnsubscribeSecret = None
+    unsubscribe_token_days: int = Field(default=30, ge=1, le=365)
 
     @property
     def smtp(self) -> SmtpConfig:
@@ -81,7 +105,16 @@ class Settings(ServiceSettings):
             password=self.smtp_password,
             tls=self.smtp_tls,
             timeout=self.smtp_timeout,
+            pool_size=min(self.smtp_pool_size, self.rabbitmq.prefetch),
+            max_messages_per_connection=self.smtp_pool_max_messages,
+            max_idle=self.smtp_pool_max_idle,
+            noop_after_idle=self.smtp_pool_noop_after,
         )
+
+    @property
+    def unsubscribe_url(self) -> str:
+        """The endpoint the links point at; the token is appended as `?token=…`."""
+        return f"{self.email_unsubscribe_base_url.rstrip('/')}/unsubscribe"
 
     @field_validator("email_from")
     @classmethod
@@ -92,6 +125,23 @@ class Settings(ServiceSettings):
         addresses: tuple[Address, ...] = getattr(header, "addresses", ())
         if header.defects or len(addresses) != 1 or not addresses[0].domain:
             raise ValueError("EMAIL_FROM must be one address, e.g. 'Herald <notify@example.com>'")
+        return value
+
+    @field_validator("email_unsubscribe_base_url")
+    @classmethod
+    def _http_base_url(cls, value: str) -> str:
+        # It ends up in a header: one line, an absolute http(s) URL without query or fragment.
+        parts = urlsplit(value)
+        if (
+            any(char.isspace() or ord(char) < 0x20 for char in value)
+            or parts.scheme not in ("http", "https")
+            or not parts.netloc
+            or parts.query
+            or parts.fragment
+        ):
+            raise ValueError(
+                "EMAIL_UNSUBSCRIBE_BASE_URL must be an http(s) URL, e.g. https://herald.example.com"
+            )
         return value
 
     @field_validator("email_message_id_domain")

@@ -6,7 +6,12 @@ from collections.abc import Sequence
 
 from email_sender.backends.base import EmailBackend, EmailRejected
 from email_sender.backends.file import FileBackend
-from email_sender.backends.smtp import SmtpBackend, SmtpConfigurationError, classify_smtp_error
+from email_sender.backends.smtp import (
+    ConnectionLostDuringData,
+    SmtpBackend,
+    SmtpConfigurationError,
+    classify_smtp_error,
+)
 from email_sender.settings import EmailBackendKind, Settings
 
 
@@ -17,6 +22,7 @@ def make_backend(settings: Settings) -> EmailBackend:
 
 
 __all__: Sequence[str] = (
+    "ConnectionLostDuringData",
     "EmailBackend",
     "EmailRejected",
     "FileBackend",

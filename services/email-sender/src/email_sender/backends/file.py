@@ -32,6 +32,9 @@ class FileBackend:
         except OSError as exc:  # a full disk or a missing permission may well be fixed later
             raise RetryableError(f"cannot write e-mail file ({type(exc).__name__})") from None
 
+    async def close(self) -> None:
+        """Nothing held open."""
+
     def _write(self, target: Path, data: bytes) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         descriptor, temporary = tempfile.mkstemp(

@@ -1,9 +1,9 @@
-"""Delivery over SMTP with aiosmtplib.
+"""Delivery over SMTP with aiosmtplib, on a small pool of persistent connections.
 
-One connection per e-mail for now: simple and robust (no idle connection to keep alive or to find
-dead), at the cost of a handshake (and TLS negotiation) per message. A pool is the next step if
-throughput ever needs it. No retries here: a failure is classified and raised, and the shared
-retry middleware decides.
+No retries here: a failure is classified and raised, and the shared retry middleware decides.
+The one exception is a kept connection that turns out closed before anything of the message was
+sent (the server dropped it while idle): that is the pool's business, not a failed attempt, so the
+message goes once more over a new connection.
 """
 
 from __future__ import annotations
@@ -11,14 +11,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 import uuid
+from collections.abc import Callable
 from email.message import EmailMessage
 
 import aiosmtplib
 
 from email_sender.backends.base import EmailRejected
-from email_sender.settings import SmtpConfig, SmtpTls
-from herald_shared.retry import RetryableError
+from email_sender.backends.smtp_pool import SmtpPool
+from email_sender.settings import SmtpConfig
+from herald_shared.retry import DeferredError, RetryableError
 
 logger = logging.getLogger("email_sender.smtp")
 
@@ -28,12 +31,28 @@ AUTH_CODES = frozenset({530, 534, 535, 538})
 _ENHANCED_STATUS = re.compile(r"^\s*([245]\.\d{1,3}\.\d{1,3})\b")
 
 
-class SmtpConfigurationError(RetryableError):
+# How long a job waits (at least) while the server refuses our credentials.
+CONFIGURATION_RETRY_AFTER = 60.0
+
+
+class SmtpConfigurationError(DeferredError):
     """The server refuses us, not the message (authentication, missing extension).
 
-    Retryable, so that messages wait for a fixed configuration instead of being burnt; logged at
-    ERROR because an operator has to act.
+    Deferred: the job waits in the delayed-retry path without spending an attempt, so messages
+    wait for a fixed configuration instead of being burnt (up to RABBITMQ_MAX_DEFERRALS waits);
+    logged at ERROR because an operator has to act.
     """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, retry_after=CONFIGURATION_RETRY_AFTER)
+
+
+class ConnectionLostDuringData(RetryableError):
+    """The connection broke after DATA began: the server may or may not have the message. Treated
+    as a 451 (transient); the stable Message-ID lets a duplicate be recognised."""
+
+    def __init__(self) -> None:
+        super().__init__("smtp 451 connection lost during DATA")
 
 
 def _code_reason(code: int, server_text: str) -> str:
@@ -43,11 +62,13 @@ def _code_reason(code: int, server_text: str) -> str:
     return f"smtp {code} {enhanced.group(1)}" if enhanced else f"smtp {code}"
 
 
-def classify_smtp_error(exc: BaseException) -> RetryableError | EmailRejected:
+def classify_smtp_error(
+    exc: BaseException,
+) -> RetryableError | EmailRejected | SmtpConfigurationError:
     """The outcome of one failed SMTP conversation (see notes/reliability.md's table):
 
     * 5xx (550, 553, 554…) → `EmailRejected` (permanent, a bounce);
-    * 530/534/535/538 and authentication errors → `SmtpConfigurationError` (retryable);
+    * 530/534/535/538 and authentication errors → `SmtpConfigurationError` (deferred);
     * 4xx (421, 450, 451, 452…), refused or reset connections, timeouts, a connection dropped in
       the middle of DATA → `RetryableError`.
     """
@@ -72,36 +93,42 @@ def classify_smtp_error(exc: BaseException) -> RetryableError | EmailRejected:
     return RetryableError(f"smtp error ({type(exc).__name__})")
 
 
+def _reusable_after(exc: BaseException) -> bool:
+    """After a reply to MAIL, RCPT or DATA, aiosmtplib resets the envelope (RSET) and the session
+    goes on; a 421 means the server is closing it, and anything else leaves it in doubt."""
+    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused) and exc.recipients:
+        exc = exc.recipients[0]
+    return isinstance(exc, aiosmtplib.SMTPResponseException) and exc.code != 421
+
+
 class SmtpBackend:
+    """Sends over pooled connections; `close` (at shutdown) ends the idle ones politely."""
+
     name = "smtp"
 
-    def __init__(self, settings: SmtpConfig) -> None:
+    def __init__(
+        self, settings: SmtpConfig, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.settings = settings
+        self.pool = SmtpPool(settings, clock=clock)
+
+    async def close(self) -> None:
+        await self.pool.close()
 
     async def send(self, message: EmailMessage, *, notification_id: uuid.UUID) -> None:
         settings = self.settings
-        sender = message["From"].addresses[0].addr_spec
-        recipients = [address.addr_spec for address in message["To"].addresses]
+        waiting = True
         try:
-            async with asyncio.timeout(settings.timeout):
-                await aiosmtplib.send(
-                    message,
-                    sender=sender,
-                    recipients=recipients,
-                    hostname=settings.host,
-                    port=settings.port,
-                    username=settings.username,
-                    password=(
-                        settings.password.get_secret_value()
-                        if settings.password is not None
-                        else None
-                    ),
-                    use_tls=settings.tls is SmtpTls.TLS,
-                    # STARTTLS exactly when asked for: required then, never attempted otherwise.
-                    start_tls=settings.tls is SmtpTls.STARTTLS,
-                    timeout=settings.timeout,
-                )
-        except (aiosmtplib.SMTPException, OSError) as exc:  # TimeoutError is an OSError
+            async with asyncio.timeout(settings.timeout), self.pool.slot():
+                waiting = False
+                await self._send(message)
+        except TimeoutError:
+            if waiting:  # every connection busy for the whole deadline: not this message's fault
+                raise DeferredError("smtp connections busy") from None
+            raise RetryableError("smtp timeout") from None
+        except ConnectionLostDuringData:
+            raise
+        except (aiosmtplib.SMTPException, OSError) as exc:
             error = classify_smtp_error(exc)
             if isinstance(error, SmtpConfigurationError):
                 logger.error(
@@ -114,3 +141,30 @@ class SmtpBackend:
                 )
             # Not chained: the original's text may quote the server's reply and the address.
             raise error from None
+
+    async def _send(self, message: EmailMessage) -> None:
+        """One message over a pooled connection (within a slot and the deadline)."""
+        sender = message["From"].addresses[0].addr_spec
+        recipients = [address.addr_spec for address in message["To"].addresses]
+        connection, reused = await self.pool.checkout()
+        while True:
+            try:
+                await connection.send_message(message, sender=sender, recipients=recipients)
+            except aiosmtplib.SMTPServerDisconnected:
+                await self.pool.checkin(connection, reusable=False)
+                if connection.data_started:
+                    raise ConnectionLostDuringData() from None
+                if not reused:
+                    raise
+                # A kept session the server had closed, and nothing of this message sent yet.
+                connection, reused = await self.pool.open(), False
+                continue
+            except BaseException as exc:
+                if connection.data_started and isinstance(exc, OSError):
+                    await self.pool.checkin(connection, reusable=False)
+                    raise ConnectionLostDuringData() from None
+                await self.pool.checkin(connection, reusable=_reusable_after(exc))
+                raise
+            connection.messages += 1
+            await self.pool.checkin(connection, reusable=True)
+            return
