@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+import sys
+from typing import IO, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from herald_shared.broker import RabbitSettings
+from herald_shared.logs import JsonFormatter, QueryFreeAccessLog, TextFormatter
 
 LOCAL_STATE_DIR = ".herald"
 
@@ -26,6 +29,9 @@ class ServiceSettings(BaseSettings):
     port: int
     database_url: str
     log_level: str = "INFO"
+    # json: one JSON object per line, for whatever collects the logs of a container; text: for a
+    # person at a terminal (`./scripts/start` asks for it).
+    log_format: Literal["json", "text"] = "json"
     rabbitmq: RabbitSettings = Field(default_factory=RabbitSettings)
 
     @field_validator("database_url")
@@ -48,13 +54,58 @@ class ServiceSettings(BaseSettings):
             raise ValueError(f"unknown log level {value!r}")
         return value.upper()
 
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lower_format(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
 
-def configure_logging(settings: ServiceSettings, service_name: str) -> None:
-    """One line per record, with the service name; no payloads are ever logged."""
-    logging.basicConfig(
-        level=settings.log_level,
-        format=f"%(asctime)s %(levelname)s {service_name} %(name)s %(message)s",
-        force=True,
+
+def configure_logging(
+    settings: ServiceSettings, service_name: str, *, stream: IO[str] | None = None
+) -> None:
+    """One line per record (`LOG_FORMAT`: JSON or text), with the service name and the ids of
+    the work in progress (`herald_shared.logs`); no payloads are ever logged.
+
+    `stream` (standard error by default) is for tests.
+    """
+    formatter: logging.Formatter = (
+        JsonFormatter(service_name)
+        if settings.log_format == "json"
+        else TextFormatter(service_name)
     )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    logging.basicConfig(level=settings.log_level, handlers=[handler], force=True)
     # aiosqlite logs every statement with its parameters (addresses, tokens) at DEBUG.
     logging.getLogger("aiosqlite").setLevel(max(logging.INFO, logging.getLogger().level))
+    # uvicorn's records reach the root handler (`herald_shared.ops.serve` keeps uvicorn from
+    # installing its own); its access lines would otherwise show links' query strings.
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        # Undo a logging config uvicorn may have installed in this process before (its own
+        # handlers, its own level, no propagation): every line goes through ours.
+        uvicorn_logger = logging.getLogger(name)
+        uvicorn_logger.setLevel(logging.NOTSET)
+        uvicorn_logger.handlers.clear()
+        uvicorn_logger.propagate = True
+        uvicorn_logger.disabled = False
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(existing, QueryFreeAccessLog) for existing in access.filters):
+        access.addFilter(QueryFreeAccessLog())
+    if settings.log_format == "json":
+        _faststream_loggers_write(formatter, stream)
+
+
+def _faststream_loggers_write(formatter: logging.Formatter, stream: IO[str] | None) -> None:
+    """FastStream's loggers do not propagate and bring their own text handlers: `faststream` on
+    standard error, and `faststream.access.rabbit` on standard output, which FastStream creates
+    when a broker starts unless it already has a handler on standard output. Give both ours."""
+    for name, default_stream in (
+        ("faststream", sys.stderr),
+        ("faststream.access.rabbit", sys.stdout),
+    ):
+        logger = logging.getLogger(name)
+        for existing in list(logger.handlers):
+            logger.removeHandler(existing)
+        handler = logging.StreamHandler(stream or default_stream)
+        handler.setFormatter(formatter)
+        logger.addHandler(handler)

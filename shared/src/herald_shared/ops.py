@@ -12,10 +12,13 @@ from typing import Any
 
 import uvicorn
 from faststream import AsyncAPI
-from faststream.asgi import AsgiFastStream, AsgiResponse, AsyncAPIRoute, get
+from faststream.asgi import AsgiFastStream, AsgiResponse, get
 from faststream.asgi.types import ASGIApp, Scope
 from faststream.rabbit import RabbitBroker
-from prometheus_client import CollectorRegistry, make_asgi_app
+from prometheus_client import CollectorRegistry
+
+from herald_shared.asyncapi_docs import asyncapi_routes
+from herald_shared.metrics import metrics_app
 
 ReadinessCheck = Callable[[], Awaitable[bool]]
 # Something worth seeing in `/health/ready` that never makes the service unready (a degraded
@@ -23,8 +26,6 @@ ReadinessCheck = Callable[[], Awaitable[bool]]
 ReadinessDetail = Callable[[], Any]
 
 logger = logging.getLogger("herald.ops")
-
-ASYNCAPI_PATH = "/docs/asyncapi"
 
 
 def _json(payload: Mapping[str, Any], status: int = 200) -> AsgiResponse:
@@ -106,7 +107,8 @@ def health_routes(
         ("/health", liveness),
         ("/health/ready", readiness),
         ("/health/rabbitmq", rabbitmq),
-        ("/metrics", make_asgi_app(registry)),
+        # Refreshes queue depth and consumer gauges from RabbitMQ first.
+        ("/metrics", metrics_app(broker, registry)),
     ]
 
 
@@ -136,12 +138,15 @@ def consumer_app(
     after_shutdown: Sequence[Callable[..., Any]] = (),
 ) -> AsgiFastStream:
     """The ASGI application of a consumer service: its broker plus the operational endpoints and
-    the AsyncAPI page (try-it-out off: it would let anyone publish onto the bus)."""
+    the AsyncAPI page (served with its script and style, no CDN; no try-it-out)."""
+    specification = asyncapi_spec(broker, title=title, version=version, description=description)
     return AsgiFastStream(
         broker,
-        specification=asyncapi_spec(broker, title=title, version=version, description=description),
-        asyncapi_path=AsyncAPIRoute(ASYNCAPI_PATH, try_it_out_path=None),
-        asgi_routes=health_routes(broker, registry, checks, details),
+        specification=specification,
+        asgi_routes=[
+            *health_routes(broker, registry, checks, details),
+            *asyncapi_routes(specification),
+        ],
         on_startup=on_startup,
         after_startup=after_startup,
         after_shutdown=after_shutdown,
@@ -157,4 +162,6 @@ def serve(app: ASGIApp, *, host: str, port: int) -> None:
     """
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: None)
-    uvicorn.run(app, host=host, port=port, log_level="info", lifespan="on")
+    # log_config=None: uvicorn's records go to the handler `configure_logging` set up (JSON or
+    # text, access lines without query strings) instead of uvicorn's own.
+    uvicorn.run(app, host=host, port=port, log_level="info", log_config=None, lifespan="on")

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+from contextvars import ContextVar
 
 from faststream.rabbit import RabbitBroker
 from faststream.rabbit.publisher import RabbitPublisher
 
 from herald_shared.events import Event
 from herald_shared.topology import EXCHANGE
+
+# The correlation id of the message being consumed, set around every handler by the retry
+# middleware, so that what a handler publishes carries it on. (A handler parameter such as
+# `Context("message.correlation_id")` would do the same, but FastStream resolves every `Context`
+# parameter in a worker thread: a thread hop per message, about a tenth of a sender's CPU.)
+consumed_correlation_id: ContextVar[str | None] = ContextVar(
+    "herald_consumed_correlation_id", default=None
+)
 
 
 def event_publisher(
@@ -38,13 +47,14 @@ async def publish_event(
     """Publish and wait for the broker's confirm, for at most `timeout` seconds.
 
     Raises on a nack, on an unroutable message and on timeout. A timed-out publish may still have
-    reached the broker, so every consumer deduplicates on the event's ids.
+    reached the broker, so every consumer deduplicates on the event's ids. The correlation id is
+    `correlation_id`, else that of the message being consumed, else the event's own id.
     """
     async with asyncio.timeout(timeout):
         await publisher.publish(
             event,
             message_id=str(event.event_id),
-            correlation_id=correlation_id or str(event.event_id),
+            correlation_id=correlation_id or consumed_correlation_id.get() or str(event.event_id),
             content_type="application/json",
             timeout=timeout,
         )

@@ -35,7 +35,7 @@ import socket
 import traceback
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import aiormq.exceptions
 import pydantic
@@ -44,6 +44,7 @@ from faststream import BaseMiddleware
 from faststream.exceptions import AckMessage, HandlerException, RejectMessage
 from faststream.message import StreamMessage
 
+from herald_shared.publishing import consumed_correlation_id
 from herald_shared.topology import DEAD_LETTER_EXCHANGE, RETRY_EXCHANGE, queue_for_routing_key
 
 logger = logging.getLogger("herald.retry")
@@ -253,15 +254,27 @@ class DeadLetterHooks:
         self.by_queue[queue] = hook
 
 
+class OutcomeMetrics(Protocol):
+    """What the middleware reports (`herald_shared.metrics.HeraldMetrics`), by origin queue."""
+
+    def retry_scheduled(self, queue: str) -> None: ...
+
+    def deferred(self, queue: str) -> None: ...
+
+    def dead_letter(self, queue: str, reason: str) -> None: ...
+
+
 class OutcomeMiddleware(BaseMiddleware):
     """Turns a handler's failure into a delayed retry or a dead letter (see module docstring)."""
 
     policy: ClassVar[RetryPolicy]
     hooks: ClassVar[DeadLetterHooks]
+    metrics: ClassVar[OutcomeMetrics | None] = None
 
     async def consume_scope(
         self, call_next: Callable[[Any], Awaitable[Any]], msg: StreamMessage[Any]
     ) -> Any:
+        correlation = consumed_correlation_id.set(msg.correlation_id)
         try:
             return await call_next(msg)
         except HandlerException:
@@ -269,6 +282,8 @@ class OutcomeMiddleware(BaseMiddleware):
         except Exception as exc:
             await self._settle_failure(msg, exc)
             raise  # unreachable: _settle_failure always raises an outcome
+        finally:
+            consumed_correlation_id.reset(correlation)
 
     async def _settle_failure(self, msg: StreamMessage[Any], exc: Exception) -> None:
         routing_key = getattr(msg.raw_message, "routing_key", "") or ""
@@ -283,7 +298,8 @@ class OutcomeMiddleware(BaseMiddleware):
         headers.update({ERROR_HEADER: error, ORIGIN_HEADER: origin.name})
 
         retry_after = exc.retry_after if isinstance(exc, RetryableError | DeferredError) else None
-        if is_deferred(exc):
+        deferred = is_deferred(exc)
+        if deferred:
             deferrals = deferrals_so_far(headers) + 1
             headers[DEFERRALS_HEADER] = deferrals
             if deferrals > self.policy.max_deferrals:
@@ -317,6 +333,11 @@ class OutcomeMiddleware(BaseMiddleware):
                 error,
             )
         await self._republish(msg, headers, RETRY_EXCHANGE.name, origin.wait_queue(delay).name)
+        if self.metrics is not None:
+            if deferred:
+                self.metrics.deferred(origin.name)
+            else:
+                self.metrics.retry_scheduled(origin.name)
         raise AckMessage() from exc
 
     async def _dead_letter(
@@ -353,6 +374,8 @@ class OutcomeMiddleware(BaseMiddleware):
                     describe_error(hook_error),
                 )
         await self._republish(msg, headers, DEAD_LETTER_EXCHANGE.name, queue)
+        if self.metrics is not None:
+            self.metrics.dead_letter(queue, reason)
         raise AckMessage() from exc
 
     async def _republish(
@@ -389,12 +412,19 @@ def _as_list(value: Any) -> list[str]:
 
 
 def make_outcome_middleware(
-    policy: RetryPolicy, hooks: DeadLetterHooks | None = None
+    policy: RetryPolicy,
+    hooks: DeadLetterHooks | None = None,
+    metrics: OutcomeMetrics | None = None,
 ) -> type[OutcomeMiddleware]:
-    """The middleware class for one retry policy and one broker's dead-letter hooks
-    (FastStream instantiates it per message)."""
+    """The middleware class for one retry policy and one broker's dead-letter hooks, counting
+    its retries, deferrals and dead letters in `metrics` (FastStream instantiates it per
+    message)."""
     return type(
         "OutcomeMiddleware",
         (OutcomeMiddleware,),
-        {"policy": policy, "hooks": hooks if hooks is not None else DeadLetterHooks()},
+        {
+            "policy": policy,
+            "hooks": hooks if hooks is not None else DeadLetterHooks(),
+            "metrics": metrics,
+        },
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from herald_shared.config import configure_logging
 from herald_shared.ops import serve
+from herald_shared.tracing import configure_tracing
 from message_service.app import create_app
 from message_service.settings import SERVICE_NAME, Settings
 
@@ -11,6 +12,9 @@ from message_service.settings import SERVICE_NAME, Settings
 def main() -> None:
     settings = Settings()
     configure_logging(settings, SERVICE_NAME)
+    # Before the application is built: its broker and HTTP layer trace only if this installed
+    # a provider (OTEL_EXPORTER_OTLP_ENDPOINT set).
+    configure_tracing(SERVICE_NAME)
     # A start-up failure (database or RabbitMQ unavailable) is logged by the lifespan, and
     # uvicorn exits non-zero.
     serve(create_app(settings), host=settings.host, port=settings.port)

@@ -44,12 +44,27 @@ class RouterMetrics:
             ["result"],
             registry=registry,
         )
+        self.end_to_end_latency = Histogram(
+            "herald_end_to_end_latency_seconds",
+            "From MessageCreated.timestamp (message-service's clock) to the moment the sender "
+            "saw the provider accept the notification (the delivered report's occurred_at), per "
+            "notification, once: observed when the ledger applies the first delivered report.",
+            ["channel"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.delivery_reports = Counter(
             "herald_router_delivery_reports",
             "Delivery reports received, by what they did to the ledger.",
             ["channel", "outcome", "result"],
             registry=registry,
         )
+
+    def observe_delivery(
+        self, channel: Channel, created_at: datetime, delivered_at: datetime
+    ) -> None:
+        latency = max(0.0, (delivered_at - created_at).total_seconds())
+        self.end_to_end_latency.labels(channel=channel).observe(latency)
 
     def observe_decisions(
         self,

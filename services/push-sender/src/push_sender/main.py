@@ -6,6 +6,7 @@ import logging
 
 from herald_shared.config import configure_logging
 from herald_shared.ops import serve
+from herald_shared.tracing import configure_tracing
 from push_sender.app import create_app
 from push_sender.settings import SERVICE_NAME, Settings
 
@@ -13,6 +14,9 @@ from push_sender.settings import SERVICE_NAME, Settings
 def main() -> None:
     settings = Settings()
     configure_logging(settings, SERVICE_NAME)
+    # Before the application is built: its broker and HTTP layer trace only if this installed
+    # a provider (OTEL_EXPORTER_OTLP_ENDPOINT set).
+    configure_tracing(SERVICE_NAME)
     # httpx logs every provider request at INFO; the push.* lines already say what happened.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     serve(create_app(settings), host=settings.host, port=settings.port)
