@@ -53,6 +53,8 @@ async def main() -> int:
         return 2
 
     bin_dir = Path(sys.executable).parent
+    # Readable lines in a terminal; containers keep the services' default, JSON.
+    environment = {"LOG_FORMAT": "text", **os.environ}
     children: list[asyncio.subprocess.Process] = []
     pumps = []
     for name, colour in zip(SERVICES, COLOURS, strict=True):
@@ -60,6 +62,7 @@ async def main() -> int:
             str(bin_dir / name),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
+            env=environment,
             start_new_session=True,  # Ctrl-C reaches only us; we stop the children in order
         )
         children.append(child)

@@ -59,7 +59,12 @@ async def test_every_endpoint_on_postgres(app: FastAPI) -> None:
         assert added.status_code == 201
         assert (await client.get(f"/rooms/{room}", headers=carol.headers)).status_code == 200
 
-        preferences = {"push_enabled": False, "email_enabled": True, "muted_room_ids": [str(room)]}
+        preferences = {
+            "push_enabled": False,
+            "email_enabled": True,
+            "push_preview": False,
+            "muted_room_ids": [str(room)],
+        }
         put = await client.put("/users/me/preferences", json=preferences, headers=carol.headers)
         assert put.json() == preferences
         assert (await client.get("/users/me/preferences", headers=carol.headers)).json() == (

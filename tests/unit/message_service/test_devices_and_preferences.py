@@ -52,7 +52,13 @@ async def test_the_same_token_again_returns_the_existing_device(
     assert again.status_code == 200
     assert again.json()["id"] == first.json()["id"]
     assert len((await client.get("/users/me/devices", headers=alice.headers)).json()) == 1
-    assert [u.version for u in await user_updates(runtime, alice.id)] == [1, 2]
+    # Registering again refreshes the token's registration time, which the snapshot carries.
+    updates = await user_updates(runtime, alice.id)
+    assert [u.version for u in updates] == [1, 2, 3]
+    registered, refreshed = (u.devices[0].token_updated_at for u in updates[1:])
+    assert registered is not None
+    assert refreshed is not None
+    assert refreshed >= registered
 
 
 async def test_a_token_registered_by_another_user_moves_to_the_new_user(
@@ -146,7 +152,12 @@ async def test_preferences_default_to_everything_on(client: httpx.AsyncClient) -
 
     response = await client.get("/users/me/preferences", headers=alice.headers)
 
-    assert response.json() == {"push_enabled": True, "email_enabled": True, "muted_room_ids": []}
+    assert response.json() == {
+        "push_enabled": True,
+        "email_enabled": True,
+        "push_preview": True,
+        "muted_room_ids": [],
+    }
 
 
 async def test_preferences_are_replaced_and_published(
@@ -159,13 +170,36 @@ async def test_preferences_are_replaced_and_published(
     response = await client.put("/users/me/preferences", json=body, headers=alice.headers)
     unchanged = await client.put("/users/me/preferences", json=body, headers=alice.headers)
 
-    expected = {"push_enabled": False, "email_enabled": False, "muted_room_ids": [str(room)]}
+    expected = {
+        "push_enabled": False,
+        "email_enabled": False,
+        "push_preview": True,
+        "muted_room_ids": [str(room)],
+    }
     assert response.status_code == unchanged.status_code == 200
     assert response.json() == expected
     assert (await client.get("/users/me/preferences", headers=alice.headers)).json() == expected
     updates = await user_updates(runtime, alice.id)
     assert [u.version for u in updates] == [1, 2]  # the identical second PUT changed nothing
     assert updates[-1].preferences.muted_room_ids == [room]
+
+
+async def test_turning_previews_off_reaches_the_snapshot(
+    client: httpx.AsyncClient, runtime: Runtime
+) -> None:
+    alice = await register(client, "alice")
+    body = {
+        "push_enabled": True,
+        "email_enabled": True,
+        "push_preview": False,
+        "muted_room_ids": [],
+    }
+
+    response = await client.put("/users/me/preferences", json=body, headers=alice.headers)
+
+    assert response.json()["push_preview"] is False
+    updates = await user_updates(runtime, alice.id)
+    assert [u.preferences.push_preview for u in updates] == [True, False]
 
 
 async def test_only_own_rooms_can_be_muted(client: httpx.AsyncClient, runtime: Runtime) -> None:

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import pytest
 
-from herald_shared.events import Channel, DeliveryOutcome, notification_id_for
+from herald_shared.events import (
+    Channel,
+    DeliveryOutcome,
+    DeviceSnapshot,
+    Platform,
+    WebPushKeys,
+    notification_id_for,
+)
 from notification_router import routing
 from notification_router.routing import (
     ContentLimits,
@@ -350,3 +358,33 @@ def test_a_report_never_moves_a_final_status_back(
     current: DeliveryStatus, outcome: DeliveryOutcome, replaced: bool
 ) -> None:
     assert (current in routing.statuses_replaceable_by(outcome)) is replaced
+
+
+def test_a_push_job_carries_the_device_registration_time_and_web_push_keys() -> None:
+    registered = datetime(2026, 1, 20, 8, 30, tzinfo=UTC)
+    keys = WebPushKeys(p256dh="BCVxsr7N_eNgVRqvHtD0zTZsEc6", auth="BTBZMqHH6r4Tts7J_aSIgg")
+    snapshot = user_updated(user_id=USER, devices=0).model_copy(
+        update={
+            "devices": [
+                DeviceSnapshot(
+                    device_id=uuid.uuid4(),
+                    platform=Platform.WEB_PUSH,
+                    token="https://fcm.googleapis.com/fcm/send/abc",
+                    token_updated_at=registered,
+                    web_push_keys=keys,
+                ),
+                DeviceSnapshot(device_id=uuid.uuid4(), platform=Platform.FCM, token="fcm-token"),
+            ]
+        }
+    )
+    event = message_created(recipient_ids=[USER], room_id=ROOM)
+
+    decision = decide_for(event, Recipient.from_snapshot(snapshot), now=NOW)
+
+    browser, phone = decision.push_jobs
+    assert (browser.platform, browser.token) == (
+        Platform.WEB_PUSH,
+        "https://fcm.googleapis.com/fcm/send/abc",
+    )
+    assert (browser.token_updated_at, browser.web_push_keys) == (registered, keys)
+    assert (phone.token_updated_at, phone.web_push_keys) == (None, None)

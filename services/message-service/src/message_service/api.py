@@ -7,6 +7,7 @@ explicitly (no push token, no one else's e-mail address).
 
 from __future__ import annotations
 
+import html
 import re
 import unicodedata
 import uuid
@@ -14,8 +15,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal
+from urllib.parse import parse_qs, urlencode
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response, status
+from fastapi.responses import HTMLResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import (
     AfterValidator,
@@ -29,19 +32,29 @@ from pydantic import (
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from herald_shared.events import MAX_MESSAGE_CONTENT, MAX_RECIPIENTS, Platform
+from herald_shared.events import (
+    MAX_MESSAGE_CONTENT,
+    MAX_RECIPIENTS,
+    Platform,
+    WebPushKeys,
+    utc_now,
+)
+from herald_shared.unsubscribe import InvalidUnsubscribeToken, UnsubscribeTokens, unsubscribe_tokens
 from message_service import service
 from message_service.models import (
     DEVICE_TOKEN_MAX,
     DISPLAY_TEXT_MAX,
     EMAIL_MAX,
     IDEMPOTENCY_KEY_MAX,
+    WEB_PUSH_AUTH_MAX,
+    WEB_PUSH_P256DH_MAX,
     Device,
     Message,
     User,
 )
 from message_service.outbox import Nudge, session_scope
 from message_service.service import CurrentUser, RoomView
+from message_service.settings import Settings
 
 # --- validation ---------------------------------------------------------------------------------
 
@@ -102,6 +115,25 @@ MessageText = Annotated[
 DeviceToken = Annotated[
     str, StringConstraints(min_length=1, max_length=DEVICE_TOKEN_MAX, pattern=_PRINTABLE_ASCII)
 ]
+# An APNs device token: 32 bytes in hex, stored in lower case so one device is one token.
+ApnsToken = Annotated[
+    str,
+    StringConstraints(pattern=r"^[0-9A-Fa-f]{64}$"),
+    AfterValidator(str.lower),
+    Field(examples=["a" * 64]),
+]
+
+
+def _p256dh(value: str) -> str:
+    if not service.is_p256_public_key(service.decode_base64url(value)):
+        raise ValueError("must be the subscription's P-256 public key (65 bytes, base64url)")
+    return value.rstrip("=")
+
+
+def _auth_secret(value: str) -> str:
+    if len(service.decode_base64url(value)) != 16:
+        raise ValueError("must be the subscription's 16-byte auth secret (base64url)")
+    return value.rstrip("=")
 
 
 class RequestBody(BaseModel):
@@ -126,14 +158,46 @@ class UserPatch(RequestBody):
         return self
 
 
-class DeviceCreate(RequestBody):
+class FcmDeviceCreate(RequestBody):
     platform: Literal["fcm"]
     token: DeviceToken
+
+
+class ApnsDeviceCreate(RequestBody):
+    platform: Literal["apns"]
+    token: ApnsToken
+
+
+class WebPushKeysBody(RequestBody):
+    p256dh: Annotated[
+        str, StringConstraints(max_length=WEB_PUSH_P256DH_MAX), AfterValidator(_p256dh)
+    ]
+    auth: Annotated[
+        str, StringConstraints(max_length=WEB_PUSH_AUTH_MAX), AfterValidator(_auth_secret)
+    ]
+
+
+class WebPushDeviceCreate(RequestBody):
+    """A browser's `PushSubscription.toJSON()`, plus `"platform": "webpush"`. The endpoint must
+    be on a known push service (`WEBPUSH_ALLOWED_HOSTS`)."""
+
+    platform: Literal["webpush"]
+    endpoint: DeviceToken
+    keys: WebPushKeysBody
+    # Part of toJSON(); the push service tells us when a subscription ends (404/410).
+    expiration_time: float | None = Field(default=None, alias="expirationTime")
+
+
+DeviceCreate = Annotated[
+    FcmDeviceCreate | ApnsDeviceCreate | WebPushDeviceCreate, Field(discriminator="platform")
+]
 
 
 class PreferencesBody(RequestBody):
     push_enabled: StrictBool
     email_enabled: StrictBool
+    # False: pushes name the sender and the room but never show the message's text.
+    push_preview: StrictBool = True
     muted_room_ids: list[uuid.UUID] = Field(max_length=MAX_RECIPIENTS)
 
 
@@ -188,6 +252,7 @@ class DeviceOut(BaseModel):
 class PreferencesOut(BaseModel):
     push_enabled: bool
     email_enabled: bool
+    push_preview: bool
     muted_room_ids: list[uuid.UUID]
 
     @classmethod
@@ -195,6 +260,7 @@ class PreferencesOut(BaseModel):
         return cls(
             push_enabled=view.push_enabled,
             email_enabled=view.email_enabled,
+            push_preview=view.push_preview,
             muted_room_ids=view.muted_room_ids,
         )
 
@@ -248,6 +314,7 @@ class ApiDeps:
     sessions: async_sessionmaker[AsyncSession]
     nudge: Nudge
     max_devices_per_user: int
+    webpush_allowed_hosts: tuple[str, ...]
 
 
 def _deps(request: Request) -> ApiDeps:
@@ -333,17 +400,29 @@ async def list_devices(me: Me, session: SessionDep) -> list[DeviceOut]:
     "/users/me/devices",
     status_code=201,
     tags=["devices"],
-    responses={200: {"description": "Already registered"}, 409: {"description": "Too many"}},
+    responses={
+        200: {"description": "Already registered (refreshed)"},
+        409: {"description": "Too many"},
+        **_INVALID,
+    },
 )
 async def register_device(
     body: DeviceCreate, me: Me, session: SessionDep, deps: Deps, response: Response
 ) -> DeviceOut:
-    """Register a push token (201); registering the same token again returns the device (200)."""
+    """Register a push token, or a browser's Web Push subscription (201); registering the same
+    one again refreshes it and returns the device (200)."""
+    if isinstance(body, WebPushDeviceCreate):
+        service.check_web_push_endpoint(body.endpoint, allowed_hosts=deps.webpush_allowed_hosts)
+        token = body.endpoint
+        keys: WebPushKeys | None = WebPushKeys(p256dh=body.keys.p256dh, auth=body.keys.auth)
+    else:
+        token, keys = body.token, None
     registration = await service.register_device(
         session=session,
         user_id=me.id,
         platform=Platform(body.platform),
-        token=body.token,
+        token=token,
+        web_push_keys=keys,
         max_devices=deps.max_devices_per_user,
     )
     if not registration.created:
@@ -371,6 +450,7 @@ async def replace_preferences(body: PreferencesBody, me: Me, session: SessionDep
         user_id=me.id,
         push_enabled=body.push_enabled,
         email_enabled=body.email_enabled,
+        push_preview=body.push_preview,
         muted_room_ids=body.muted_room_ids,
     )
     return PreferencesOut.of(view)
@@ -465,4 +545,132 @@ async def list_messages(
     )
     return MessagePageOut(
         items=[MessageOut.of(message) for message in page.items], next_cursor=page.next_cursor
+    )
+
+
+# --- unsubscribe (the link of the e-mails' List-Unsubscribe header) -----------------------------
+#
+# No bearer token here: the signed, expiring token in the link is the credential, and it names
+# the one user whose e-mail notifications it turns off (herald_shared.unsubscribe). GET only
+# shows a confirmation form, because mail scanners and link previews open links; the change is a
+# POST: RFC 8058's one-click request from the mail client, or that form.
+
+UnsubscribeToken = Annotated[
+    str, Query(max_length=200, description="The signed token from the e-mail's link.")
+]
+
+# The page holds a credential in its URL: not cached, not indexed, not leaked as a Referer.
+_PAGE_HEADERS = {
+    "Cache-Control": "no-store",
+    "Referrer-Policy": "no-referrer",
+    "X-Robots-Tag": "noindex",
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'",
+}
+_UNSUBSCRIBE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/html": {}}},
+    400: {"description": "Malformed, forged or expired link", "content": {"text/html": {}}},
+}
+
+
+def _unsubscribe_tokens(request: Request) -> UnsubscribeTokens:
+    """The verifier, built from the settings on first use."""
+    state = request.app.state
+    tokens: UnsubscribeTokens | None = getattr(state, "unsubscribe_tokens", None)
+    if tokens is None:
+        settings: Settings = state.runtime.settings
+        tokens = state.unsubscribe_tokens = unsubscribe_tokens(settings.unsubscribe_secret)
+    return tokens
+
+
+Tokens = Annotated[UnsubscribeTokens, Depends(_unsubscribe_tokens)]
+
+
+def _page(title: str, body: str, *, status_code: int = 200) -> HTMLResponse:
+    document = (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{html.escape(title)}</title></head>"
+        '<body style="font-family: sans-serif; max-width: 32em; margin: 3em auto;">'
+        f"<h1>{html.escape(title)}</h1>{body}</body></html>\n"
+    )
+    return HTMLResponse(document, status_code=status_code, headers=_PAGE_HEADERS)
+
+
+def _refused(error: InvalidUnsubscribeToken) -> HTMLResponse:
+    reason = html.escape(error.reason[:1].upper() + error.reason[1:])
+    return _page(
+        "Link not valid",
+        f"<p>{reason}. Nothing was changed. You can turn e-mail notifications off in your"
+        " Herald settings.</p>",
+        status_code=400,
+    )
+
+
+def is_one_click(content_type: str, body: bytes) -> bool:
+    """Whether a POST body carries RFC 8058's `List-Unsubscribe=One-Click`, form-urlencoded or
+    multipart/form-data (the two encodings the RFC allows)."""
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if media_type == "application/x-www-form-urlencoded":
+        fields = parse_qs(body.decode("latin-1"), keep_blank_values=True)
+        return fields.get("List-Unsubscribe") == ["One-Click"]
+    if media_type == "multipart/form-data":
+        return (
+            re.search(rb'name="List-Unsubscribe"\r?\n(?:[^\r\n]+\r?\n)*\r?\nOne-Click\r?\n', body)
+            is not None
+        )
+    return False
+
+
+@router.get(
+    "/unsubscribe",
+    tags=["unsubscribe"],
+    response_class=HTMLResponse,
+    responses=_UNSUBSCRIBE_RESPONSES,
+)
+async def unsubscribe_page(token: UnsubscribeToken, tokens: Tokens) -> HTMLResponse:
+    """The e-mail's unsubscribe link, opened in a browser: a confirmation form. Changes nothing."""
+    try:
+        tokens.verify(token, now=utc_now())
+    except InvalidUnsubscribeToken as exc:
+        return _refused(exc)
+    action = html.escape(f"unsubscribe?{urlencode({'token': token})}")
+    return _page(
+        "Turn off e-mail notifications?",
+        f'<form method="post" action="{action}">'
+        '<input type="hidden" name="List-Unsubscribe" value="One-Click">'
+        '<button type="submit">Turn off e-mail notifications</button></form>'
+        "<p>Push and in-app notifications stay as they are.</p>",
+    )
+
+
+@router.post(
+    "/unsubscribe",
+    tags=["unsubscribe"],
+    response_class=HTMLResponse,
+    responses=_UNSUBSCRIBE_RESPONSES,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/x-www-form-urlencoded": {"example": "List-Unsubscribe=One-Click"}
+            },
+        }
+    },
+)
+async def unsubscribe(
+    request: Request, token: UnsubscribeToken, tokens: Tokens, session: SessionDep
+) -> HTMLResponse:
+    """RFC 8058 one-click unsubscribe (body `List-Unsubscribe=One-Click`): turns the link's
+    user's e-mail notifications off and publishes `user.updated`. Repeating it changes nothing."""
+    try:
+        user_id = tokens.verify(token, now=utc_now())
+    except InvalidUnsubscribeToken as exc:
+        return _refused(exc)
+    if not is_one_click(request.headers.get("content-type", ""), await request.body()):
+        return _refused(InvalidUnsubscribeToken("the request lacks List-Unsubscribe=One-Click"))
+    await service.turn_email_off(session=session, user_id=user_id)
+    return _page(
+        "E-mail notifications are off",
+        "<p>You will get no more e-mail notifications. You can turn them on again in your"
+        " Herald settings.</p>",
     )

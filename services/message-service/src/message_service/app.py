@@ -6,30 +6,44 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.telemetry import TelemetryConfig
 from faststream import AsyncAPI
 from faststream.rabbit import RabbitBroker
 from faststream.rabbit.publisher import RabbitPublisher
-from faststream.specification.asyncapi.site import get_asyncapi_html
+from opentelemetry.trace import TracerProvider
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from herald_shared.asyncapi_docs import (
+    ASSET_MEDIA_TYPES,
+    ASYNCAPI_JSON_PATH,
+    ASYNCAPI_PATH,
+    asset,
+    asset_headers,
+    asset_url,
+    asyncapi_html,
+)
 from herald_shared.broker import make_broker
 from herald_shared.database import database_healthy, make_engine, run_migrations
 from herald_shared.events import MessageCreated, UserUpdated
+from herald_shared.metrics import herald_metrics, refresh_broker_gauges
 from herald_shared.ops import broker_healthy, consumers_ready, service_version
 from herald_shared.publishing import event_publisher
 from herald_shared.retry import describe_error
 from herald_shared.topology import MESSAGE_NEW, USER_UPDATED, declare_topology
 from message_service.api import ApiDeps, router
+from message_service.docs_index import DOCS_INDEX_PATH, docs_index_html, herald_services
 from message_service.handlers import HandlerDeps, Subscribers, register_handlers
 from message_service.outbox import OutboxMetrics, OutboxRelay
+from message_service.pruning import DevicePruner
 from message_service.service import ServiceError
 from message_service.settings import SERVICE_NAME, Settings
 
@@ -41,8 +55,6 @@ DESCRIPTION = (
     "notification routing needs about a user is published from a transactional outbox; the "
     "service consumes device invalidations from the push provider."
 )
-ASYNCAPI_PATH = "/docs/asyncapi"
-
 # The ASGI interface, as the middleware below uses it.
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -68,6 +80,7 @@ class Runtime:
     subscribers: Subscribers
     relay: OutboxRelay
     specification: AsyncAPI
+    pruner: DevicePruner
 
 
 def runtime_of(app: FastAPI) -> Runtime:
@@ -76,10 +89,14 @@ def runtime_of(app: FastAPI) -> Runtime:
 
 
 def _broker(
-    settings: Settings, registry: CollectorRegistry
+    settings: Settings, registry: CollectorRegistry, tracer_provider: TracerProvider | None = None
 ) -> tuple[RabbitBroker, dict[str, RabbitPublisher]]:
     broker = make_broker(
-        settings.rabbitmq, service_name=SERVICE_NAME, registry=registry, description=DESCRIPTION
+        settings.rabbitmq,
+        service_name=SERVICE_NAME,
+        registry=registry,
+        description=DESCRIPTION,
+        tracer_provider=tracer_provider,
     )
     publishers = {
         "new_message": event_publisher(
@@ -115,11 +132,13 @@ def specification(settings: Settings) -> AsyncAPI:
     return _spec(broker)
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, *, tracer_provider: TracerProvider | None = None) -> FastAPI:
+    """`tracer_provider`: where spans go (tests); by default the global one, which
+    `herald_shared.tracing.configure_tracing` installs when an OTLP endpoint is configured."""
     registry = CollectorRegistry()
     engine = make_engine(settings.database_url, pool_size=settings.rabbitmq.prefetch)
     sessions = async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
-    broker, publishers = _broker(settings, registry)
+    broker, publishers = _broker(settings, registry, tracer_provider)
     relay = OutboxRelay(
         sessions=sessions,
         publishers=publishers,
@@ -141,6 +160,12 @@ def create_app(settings: Settings) -> FastAPI:
         subscribers=subscribers,
         relay=relay,
         specification=_spec(broker),
+        pruner=DevicePruner(
+            sessions=sessions,
+            nudge=relay.nudge,
+            stale_after=timedelta(days=settings.device_stale_after_days),
+            interval=settings.device_prune_interval,
+        ),
     )
 
     app = FastAPI(
@@ -148,10 +173,14 @@ def create_app(settings: Settings) -> FastAPI:
         version=service_version(SERVICE_NAME),
         description=DESCRIPTION,
         lifespan=_lifespan(runtime),
+        telemetry=_telemetry(tracer_provider),
     )
     app.state.runtime = runtime
     app.state.api_deps = ApiDeps(
-        sessions=sessions, nudge=relay.nudge, max_devices_per_user=settings.max_devices_per_user
+        sessions=sessions,
+        nudge=relay.nudge,
+        max_devices_per_user=settings.max_devices_per_user,
+        webpush_allowed_hosts=settings.webpush_allowed_hosts,
     )
     app.include_router(router)
     _add_ops_routes(app, runtime)
@@ -161,6 +190,27 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(SafeErrors)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app
+
+
+def _telemetry(tracer_provider: TracerProvider | None) -> TelemetryConfig:
+    """FastAPI's own OpenTelemetry support: a server span per API request (continuing a caller's
+    `traceparent`), with the global provider unless one is given; nothing when there is none.
+    Spans only: metrics are Prometheus's, and its log records would quote exception messages."""
+    return {
+        "tracer_provider": tracer_provider,
+        "tracing": True,
+        "metrics": False,
+        "logs": False,
+        # The exporter is `configure_tracing`'s, never a second one from FASTAPI_OTEL_* variables.
+        "auto_configure": False,
+        "exclude": _untraced,
+    }
+
+
+def _untraced(scope: MutableMapping[str, Any]) -> bool:
+    """Probes, scrapes and documentation: frequent, and no part of any notification's trace."""
+    path = str(scope.get("path", ""))
+    return path.startswith(("/health", "/metrics", "/docs", "/openapi.json"))
 
 
 def _lifespan(runtime: Runtime) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
@@ -200,11 +250,14 @@ def _lifespan(runtime: Runtime) -> Callable[[FastAPI], AbstractAsyncContextManag
             await runtime.engine.dispose()
             raise StartupError(f"RabbitMQ unreachable at {address}") from None
         runtime.relay.start()
+        runtime.pruner.start()
         logger.info("message_service.started port=%d", settings.port)
         try:
             yield
         finally:
-            # The relay first: it needs the broker to finish the publish in flight.
+            # The pruner, then the relay: the relay needs the broker to finish the publish in
+            # flight, and publishes what the pruner staged.
+            await runtime.pruner.stop()
             await runtime.relay.stop()
             await runtime.broker.stop()
             await runtime.engine.dispose()
@@ -230,11 +283,6 @@ async def _service_error(_request: Request, exc: Exception) -> Response:
 
 
 def _add_ops_routes(app: FastAPI, runtime: Runtime) -> None:
-    # Rendered once, from the channels declared in `create_app`.
-    document = runtime.specification.to_specification()
-    document_json = document.to_jsonable()
-    docs_html: list[str] = []
-
     @app.get("/health", include_in_schema=False)
     async def liveness() -> dict[str, str]:
         return {"status": "ok"}
@@ -261,18 +309,55 @@ def _add_ops_routes(app: FastAPI, runtime: Runtime) -> None:
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
+        # Queue depth and consumer gauges are asked from RabbitMQ at scrape time.
+        await refresh_broker_gauges(runtime.broker, herald_metrics(runtime.registry))
         return Response(generate_latest(runtime.registry), media_type=CONTENT_TYPE_LATEST)
+
+    _add_docs_routes(app, runtime)
+
+
+def _add_docs_routes(app: FastAPI, runtime: Runtime) -> None:
+    """The AsyncAPI page (its script and style served from here: no CDN, no try-it-out), its
+    document, and the index of every service's documentation."""
+    # Rendered once, from the channels declared in `create_app`.
+    document = runtime.specification.to_specification()
+    document_json = document.to_json()
+    page = asyncapi_html(document.title, document_json)
+    settings = runtime.settings
+    index = docs_index_html(
+        herald_services(
+            notification_router_url=settings.notification_router_docs_url,
+            push_sender_url=settings.push_sender_docs_url,
+            email_sender_url=settings.email_sender_docs_url,
+        )
+    )
 
     @app.get(ASYNCAPI_PATH, include_in_schema=False)
     async def asyncapi_page() -> HTMLResponse:
-        if not docs_html:
-            # try-it-out off: it would let anyone publish onto the bus.
-            docs_html.append(get_asyncapi_html(document, try_it_out_path=None))
-        return HTMLResponse(docs_html[0])
+        return HTMLResponse(page)
 
-    @app.get(f"{ASYNCAPI_PATH}.json", include_in_schema=False)
+    @app.get(ASYNCAPI_JSON_PATH, include_in_schema=False)
     async def asyncapi_document() -> Response:
-        return JSONResponse(document_json)
+        return Response(document_json, media_type="application/json")
+
+    @app.get(DOCS_INDEX_PATH, include_in_schema=False)
+    async def docs_index() -> HTMLResponse:
+        return HTMLResponse(index)
+
+    for name in ASSET_MEDIA_TYPES:
+        app.add_api_route(
+            asset_url(name),
+            _asset_endpoint(name),
+            methods=["GET"],
+            include_in_schema=False,
+        )
+
+
+def _asset_endpoint(name: str) -> Callable[[], Awaitable[Response]]:
+    async def serve_asset() -> Response:
+        return Response(asset(name), headers=asset_headers(name))
+
+    return serve_asset
 
 
 # --- ASGI middleware ----------------------------------------------------------------------------

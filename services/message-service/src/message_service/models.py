@@ -28,8 +28,11 @@ USERNAME_MAX = 32
 DISPLAY_TEXT_MAX = 100
 EMAIL_MAX = 254
 DEVICE_TOKEN_MAX = 4096
+WEB_PUSH_P256DH_MAX = 200  # as in herald_shared.events.WebPushKeys
+WEB_PUSH_AUTH_MAX = 100
 IDEMPOTENCY_KEY_MAX = 255
 OUTBOX_ERROR_MAX = 500
+TRACEPARENT_MAX = 128  # herald_shared.tracing.TRACEPARENT_MAX
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -96,7 +99,8 @@ class ApiToken(Table, table=True):
 
 class Device(Table, table=True):
     """A push target. A token belongs to one user at a time (unique by its hash, because a
-    PostgreSQL index cannot hold a 4 KiB value)."""
+    PostgreSQL index cannot hold a 4 KiB value). For Web Push the token is the subscription's
+    endpoint URL and the subscription's keys are stored beside it."""
 
     __tablename__ = "devices"
     __table_args__ = (UniqueConstraint("platform", "token_hash", name="uq_devices_token"),)
@@ -107,6 +111,12 @@ class Device(Table, table=True):
     token: str = Field(sa_type=Text)
     token_hash: str = Field(sa_type=String(64))
     created_at: datetime = Field(default_factory=utc_now, sa_type=UtcDateTime)
+    # When the client last registered this token; devices not refreshed for
+    # DEVICE_STALE_AFTER_DAYS are pruned (indexed for that scan).
+    token_updated_at: datetime = Field(default_factory=utc_now, sa_type=UtcDateTime, index=True)
+    # Web Push only (RFC 8291): the browser's P-256 public key and auth secret, base64url.
+    web_push_p256dh: str | None = Field(default=None, sa_type=String(WEB_PUSH_P256DH_MAX))
+    web_push_auth: str | None = Field(default=None, sa_type=String(WEB_PUSH_AUTH_MAX))
 
 
 class Preferences(Table, table=True):
@@ -115,6 +125,7 @@ class Preferences(Table, table=True):
     user_id: uuid.UUID = Field(foreign_key="users.id", primary_key=True)
     push_enabled: bool = True
     email_enabled: bool = True
+    push_preview: bool = True
 
 
 class MutedRoom(Table, table=True):
@@ -187,3 +198,6 @@ class OutboxEvent(Table, table=True):
     published_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
     attempts: int = Field(default=0, sa_type=Integer)
     last_error: str | None = Field(default=None, sa_type=String(OUTBOX_ERROR_MAX))
+    # The W3C trace context of the request that staged the event, so that the relay, publishing
+    # later from its own task, publishes within that request's trace (None when not tracing).
+    traceparent: str | None = Field(default=None, sa_type=String(TRACEPARENT_MAX))

@@ -28,8 +28,10 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from herald_shared.events import EVENT_ADAPTER, utc_now
+from herald_shared.logs import ids_from_body, log_context
 from herald_shared.publishing import publish_event
 from herald_shared.retry import describe_error
+from herald_shared.tracing import continued_trace
 from message_service import repository
 from message_service.models import OutboxEvent
 
@@ -190,7 +192,12 @@ class OutboxRelay:
                 if self._stopping.is_set():
                     break
                 seq = row.seq or 0  # always set on a stored row
-                failure = await self._publish(row)
+                # Within the trace of the request that staged the row, with its ids in the logs.
+                with (
+                    log_context(**ids_from_body(row.payload.encode()), correlation_id=row.event_id),
+                    continued_trace(row.traceparent),
+                ):
+                    failure = await self._publish(row)
                 if failure is None:
                     published.append(seq)
                     continue

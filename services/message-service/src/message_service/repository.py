@@ -17,6 +17,7 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from herald_shared.events import Event, utc_now
+from herald_shared.tracing import current_traceparent
 from message_service.models import (
     ApiToken,
     Device,
@@ -126,6 +127,37 @@ async def delete_device(session: AsyncSession, *, user_id: uuid.UUID, device_id:
     statement = delete(Device).where(col(Device.id) == device_id, col(Device.user_id) == user_id)
     result = await session.exec(statement)
     return bool(result.rowcount)
+
+
+async def stale_device_owners(
+    session: AsyncSession, *, before: datetime, limit: int
+) -> list[uuid.UUID]:
+    """Up to `limit` users with a device whose token was last registered before `before`."""
+    statement = (
+        select(Device.user_id)
+        .where(col(Device.token_updated_at) < before)
+        .group_by(col(Device.user_id))
+        .order_by(col(Device.user_id))
+        .limit(limit)
+    )
+    return list((await session.exec(statement)).all())
+
+
+async def delete_stale_devices(
+    session: AsyncSession, *, user_ids: Iterable[uuid.UUID], before: datetime
+) -> set[uuid.UUID]:
+    """Delete these users' devices not registered again since `before`, in one statement; the
+    users who lost one."""
+    wanted = set(user_ids)
+    if not wanted:
+        return set()
+    statement = (
+        delete(Device)
+        .where(col(Device.user_id).in_(wanted), col(Device.token_updated_at) < before)
+        .returning(col(Device.user_id))
+    )
+    result = await session.exec(statement)
+    return set(result.scalars().all())
 
 
 # --- preferences --------------------------------------------------------------------------------
@@ -282,6 +314,7 @@ def add_outbox_event(session: AsyncSession, *, event: Event, event_type: str) ->
         event_type=event_type,
         payload=event.model_dump_json(),
         created_at=utc_now(),
+        traceparent=current_traceparent(),
     )
     session.add(row)
     session.info[OUTBOX_WRITTEN] = True

@@ -12,13 +12,15 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import ipaddress
 import json
 import re
 import secrets
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
+from urllib.parse import urlsplit
 
 from sqlalchemy.exc import IntegrityError
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -31,6 +33,7 @@ from herald_shared.events import (
     PreferencesSnapshot,
     SenderInfo,
     UserUpdated,
+    WebPushKeys,
     utc_now,
 )
 from message_service import repository
@@ -91,6 +94,7 @@ class DeviceRegistration:
 class PreferencesView:
     push_enabled: bool
     email_enabled: bool
+    push_preview: bool
     muted_room_ids: list[uuid.UUID]
 
 
@@ -187,10 +191,15 @@ async def register_device(
     platform: Platform,
     token: str,
     max_devices: int,
+    web_push_keys: WebPushKeys | None = None,
+    now: datetime | None = None,
 ) -> DeviceRegistration:
-    """Register a push token for the user. The same token again returns the existing device; a
-    token that another user registered moves to this user (the phone changed hands or accounts),
-    and both users' snapshots are republished."""
+    """Register a push token (for Web Push: the subscription's endpoint and keys) for the user.
+
+    The same token again returns the existing device and refreshes its `token_updated_at` (and
+    keys), which the user's new snapshot carries; a token that another user registered moves to
+    this user (the same device, now signed in as someone else), and both users' snapshots are
+    republished."""
     token_hash = hash_token(token)
     for _ in range(_DEVICE_RACE_ATTEMPTS):
         try:
@@ -201,6 +210,8 @@ async def register_device(
                 token=token,
                 token_hash=token_hash,
                 max_devices=max_devices,
+                web_push_keys=web_push_keys,
+                now=now or utc_now(),
             )
         except IntegrityError:
             # Another request registered the same token between our read and our insert.
@@ -219,6 +230,8 @@ async def _register_device_once(
     token: str,
     token_hash: str,
     max_devices: int,
+    web_push_keys: WebPushKeys | None,
+    now: datetime,
 ) -> DeviceRegistration | None:
     """One attempt; None when the token changed hands while we were locking."""
     existing = await repository.device_by_token(
@@ -234,7 +247,13 @@ async def _register_device_once(
     if existing is not None and existing.user_id not in users:
         await session.rollback()
         return None
+    p256dh, auth = (web_push_keys.p256dh, web_push_keys.auth) if web_push_keys else (None, None)
     if existing is not None and existing.user_id == user_id:
+        # The client still holds this token: it stays fresh (not pruned), and the router learns
+        # when it was registered (APNs' 410 rule compares that with Apple's verdict).
+        existing.token_updated_at = now
+        existing.web_push_p256dh, existing.web_push_auth = p256dh, auth
+        await _bump_and_stage(session, users[user_id])
         await session.commit()
         return DeviceRegistration(device=existing, created=False)
     if await repository.count_devices(session, user_id=user_id) >= max_devices:
@@ -244,7 +263,15 @@ async def _register_device_once(
         await session.delete(existing)
         await session.flush()
         await _bump_and_stage(session, previous_owner)
-    device = Device(user_id=user_id, platform=platform.value, token=token, token_hash=token_hash)
+    device = Device(
+        user_id=user_id,
+        platform=platform.value,
+        token=token,
+        token_hash=token_hash,
+        token_updated_at=now,
+        web_push_p256dh=p256dh,
+        web_push_auth=auth,
+    )
     await repository.add_device(session, device=device)
     await _bump_and_stage(session, users[user_id])
     await session.commit()
@@ -279,6 +306,106 @@ async def _remove_device(
     return True
 
 
+async def prune_stale_devices(
+    *, session: AsyncSession, now: datetime, stale_after: timedelta, batch_size: int = 100
+) -> int:
+    """Remove every device whose client has not registered its token again since
+    `now - stale_after` (an uninstalled app, a browser profile long gone), and publish the new
+    snapshot of each user who lost one. Users are handled a batch at a time, each batch one
+    transaction that locks its users first, like every other change to their devices. Returns
+    how many users lost a device."""
+    before = now - stale_after
+    affected = 0
+    while True:
+        owners = await repository.stale_device_owners(session, before=before, limit=batch_size)
+        if not owners:
+            await session.commit()
+            return affected
+        users = await repository.lock_users(session, user_ids=owners)
+        pruned = await repository.delete_stale_devices(session, user_ids=users, before=before)
+        for user_id in sorted(pruned):
+            await _bump_and_stage(session, users[user_id])
+        await session.commit()
+        affected += len(pruned)
+
+
+# --- push token validation (pure) ---------------------------------------------------------------
+
+# The NIST P-256 curve y² = x³ - 3x + b over GF(p) (FIPS 186-4, D.1.2.3).
+_P256_P = 2**256 - 2**224 + 2**192 + 2**96 - 1
+_P256_B = 0x5AC635D8AA3A93E7B3EBBD55769886BC651D06B0CC53B0F63BCE3C3E27D2604B
+
+
+def decode_base64url(text: str) -> bytes:
+    """base64url, padded or not (browsers give it unpadded); ValueError otherwise."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]+={0,2}", text):
+        raise ValueError("is not base64url")
+    stripped = text.rstrip("=")
+    try:
+        return base64.urlsafe_b64decode(stripped + "=" * (-len(stripped) % 4))
+    except (binascii.Error, ValueError):
+        raise ValueError("is not base64url") from None
+
+
+def is_p256_public_key(raw: bytes) -> bool:
+    """An uncompressed P-256 point (0x04 | x | y) on the curve: what `p256dh` must be."""
+    if len(raw) != 65 or raw[0] != 0x04:
+        return False
+    x, y = int.from_bytes(raw[1:33], "big"), int.from_bytes(raw[33:], "big")
+    if x >= _P256_P or y >= _P256_P:
+        return False
+    return (y * y - (x * x * x - 3 * x + _P256_B)) % _P256_P == 0
+
+
+def _host_allowed(host: str, patterns: Iterable[str]) -> bool:
+    for pattern in patterns:
+        if pattern.startswith("*."):
+            if host.endswith(pattern[1:]) and len(host) > len(pattern) - 1:
+                return True
+        elif host == pattern:
+            return True
+    return False
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def web_push_endpoint_problem(endpoint: str, allowed_hosts: Iterable[str]) -> str | None:
+    """Why a Web Push endpoint is refused, or None: it must be https (plain http only to a
+    loopback host, for local test servers) to a push service of the allowlist, without
+    credentials. push-sender checks it again before every POST: we must never be made to call
+    an arbitrary URL."""
+    if "\\" in endpoint or any(ord(char) <= 0x20 or ord(char) >= 0x7F for char in endpoint):
+        return "endpoint must be a plain https URL"
+    try:
+        parts = urlsplit(endpoint)
+        host = parts.hostname or ""
+        parts.port  # noqa: B018 - raises ValueError for a malformed port
+    except ValueError:
+        return "endpoint must be a plain https URL"
+    if parts.scheme not in {"http", "https"} or not host:
+        return "endpoint must be an https URL"
+    if parts.scheme == "http" and not _is_loopback(host):
+        return "endpoint must be an https URL"
+    if parts.username is not None or parts.password is not None:
+        return "endpoint must not carry credentials"
+    if not _host_allowed(host, allowed_hosts):
+        return "endpoint is not on a known push service"
+    return None
+
+
+def check_web_push_endpoint(endpoint: str, *, allowed_hosts: Iterable[str]) -> None:
+    problem = web_push_endpoint_problem(endpoint, allowed_hosts)
+    if problem is not None:
+        raise Invalid(problem)
+
+
 # --- preferences --------------------------------------------------------------------------------
 
 
@@ -288,6 +415,7 @@ async def get_preferences(*, session: AsyncSession, user_id: uuid.UUID) -> Prefe
     return PreferencesView(
         push_enabled=preferences.push_enabled,
         email_enabled=preferences.email_enabled,
+        push_preview=preferences.push_preview,
         muted_room_ids=muted,
     )
 
@@ -298,6 +426,7 @@ async def set_preferences(
     user_id: uuid.UUID,
     push_enabled: bool,
     email_enabled: bool,
+    push_preview: bool = True,
     muted_room_ids: Sequence[uuid.UUID],
 ) -> PreferencesView:
     """Replace the preferences. Only rooms the user is a member of can be muted."""
@@ -310,19 +439,36 @@ async def set_preferences(
         raise Invalid(f"not a room of yours: {', '.join(sorted(map(str, unknown)))}")
     preferences = await repository.preferences_of(session, user_id=user_id)
     current_muted = await repository.muted_room_ids(session, user_id=user_id)
-    if (preferences.push_enabled, preferences.email_enabled, sorted(current_muted)) != (
-        push_enabled,
-        email_enabled,
-        wanted,
-    ):
+    current = (
+        preferences.push_enabled,
+        preferences.email_enabled,
+        preferences.push_preview,
+        sorted(current_muted),
+    )
+    if current != (push_enabled, email_enabled, push_preview, wanted):
         preferences.push_enabled = push_enabled
         preferences.email_enabled = email_enabled
+        preferences.push_preview = push_preview
         await repository.replace_muted_rooms(session, user_id=user_id, room_ids=wanted)
         await _bump_and_stage(session, user)
     await session.commit()
     return PreferencesView(
-        push_enabled=push_enabled, email_enabled=email_enabled, muted_room_ids=wanted
+        push_enabled=push_enabled,
+        email_enabled=email_enabled,
+        push_preview=push_preview,
+        muted_room_ids=wanted,
     )
+
+
+async def turn_email_off(*, session: AsyncSession, user_id: uuid.UUID) -> None:
+    """One-click unsubscribe: e-mail notifications off, everything else as it was. Like any
+    preference change it publishes `user.updated`, and only if something changed."""
+    user = await _lock_user(session, user_id)
+    preferences = await repository.preferences_of(session, user_id=user_id)
+    if preferences.email_enabled:
+        preferences.email_enabled = False
+        await _bump_and_stage(session, user)
+    await session.commit()
 
 
 # --- rooms --------------------------------------------------------------------------------------
@@ -513,6 +659,21 @@ async def _bump_and_stage(session: AsyncSession, user: User) -> None:
     await _stage_user_updated(session, user)
 
 
+def _device_snapshot(device: Device) -> DeviceSnapshot:
+    keys = (
+        WebPushKeys(p256dh=device.web_push_p256dh, auth=device.web_push_auth)
+        if device.web_push_p256dh is not None and device.web_push_auth is not None
+        else None
+    )
+    return DeviceSnapshot(
+        device_id=device.id,
+        platform=Platform(device.platform),
+        token=device.token,
+        token_updated_at=device.token_updated_at,
+        web_push_keys=keys,
+    )
+
+
 async def _stage_user_updated(session: AsyncSession, user: User) -> None:
     """Stage the full snapshot of `user` as it is in this transaction."""
     devices = await repository.devices_of(session, user_id=user.id)
@@ -525,15 +686,11 @@ async def _stage_user_updated(session: AsyncSession, user: User) -> None:
         username=user.username,
         display_name=user.display_name,
         email=user.email,
-        devices=[
-            DeviceSnapshot(
-                device_id=device.id, platform=Platform(device.platform), token=device.token
-            )
-            for device in devices
-        ],
+        devices=[_device_snapshot(device) for device in devices],
         preferences=PreferencesSnapshot(
             push_enabled=preferences.push_enabled,
             email_enabled=preferences.email_enabled,
+            push_preview=preferences.push_preview,
             muted_room_ids=muted,
         ),
     )

@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Annotated
+from urllib.parse import urlsplit
+
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode
 
 from herald_shared.config import ServiceSettings, default_sqlite_url
+from herald_shared.unsubscribe import UnsubscribeSecret
 
 SERVICE_NAME = "message-service"
+
+# Push services whose Web Push subscription endpoints are accepted: a host as written, or
+# "*.<domain>" for any host under that domain (Chrome, legacy Edge, Firefox, Safari). The same
+# default as push-sender's WEBPUSH_ALLOWED_HOSTS, which re-checks every endpoint before a POST.
+WEBPUSH_DEFAULT_ALLOWED_HOSTS = (
+    "fcm.googleapis.com",
+    "android.googleapis.com",
+    "updates.push.services.mozilla.com",
+    "*.notify.windows.com",
+    "web.push.apple.com",
+)
 
 
 class Settings(ServiceSettings):
@@ -24,6 +40,41 @@ class Settings(ServiceSettings):
     # Published rows hold e-mail addresses and message text: they are deleted after this long.
     outbox_retention: float = Field(default=86400.0, gt=0)
     max_devices_per_user: int = Field(default=20, ge=1, le=1000)
+    # A device whose client has not registered its token again for this many days is removed
+    # (`DEVICE_STALE_AFTER_DAYS`); the pruner looks every `device_prune_interval` seconds.
+    device_stale_after_days: int = Field(default=60, ge=1, le=3650)
+    device_prune_interval: float = Field(default=3600.0, gt=0)
+    # `WEBPUSH_ALLOWED_HOSTS`, comma-separated: where a Web Push subscription's endpoint may
+    # point (https only; plain http to an allowlisted loopback host, for local test servers).
+    webpush_allowed_hosts: Annotated[tuple[str, ...], NoDecode] = WEBPUSH_DEFAULT_ALLOWED_HOSTS
     # Largest request body accepted (413 beyond); the biggest legitimate one, a room of 1000
     # members, is about 40 KiB.
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
+    # Verifies the links of e-mails' List-Unsubscribe headers (`/unsubscribe`); the same secret
+    # as email-sender's. Unset: a machine-local one (see herald_shared.unsubscribe).
+    unsubscribe_secret: UnsubscribeSecret = None
+    # Where a reader's browser reaches the other services, for the links of the documentation
+    # index (/docs/services): `NOTIFICATION_ROUTER_DOCS_URL`, `PUSH_SENDER_DOCS_URL`,
+    # `EMAIL_SENDER_DOCS_URL`. The defaults are each service's default port on this machine.
+    notification_router_docs_url: str = "http://127.0.0.1:8001"
+    push_sender_docs_url: str = "http://127.0.0.1:8002"
+    email_sender_docs_url: str = "http://127.0.0.1:8003"
+
+    @field_validator(
+        "notification_router_docs_url", "push_sender_docs_url", "email_sender_docs_url"
+    )
+    @classmethod
+    def _http_base_url(cls, value: str) -> str:
+        parsed = urlsplit(value)
+        if parsed.scheme not in {"http", "https"} or not parsed.hostname:
+            raise ValueError(f"not an http(s) base URL: {value!r}")
+        return value.rstrip("/")
+
+    @field_validator("webpush_allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.split(",")
+        if isinstance(value, list | tuple):
+            return tuple(str(host).strip().lower() for host in value if str(host).strip())
+        return value

@@ -11,13 +11,13 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from faststream import Context
 from faststream.rabbit import RabbitBroker
 from faststream.rabbit.publisher import RabbitPublisher
 from faststream.rabbit.subscriber import RabbitSubscriber
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from herald_shared.events import (
+    DeliveryOutcome,
     DeliveryReported,
     EmailRequested,
     MessageCreated,
@@ -140,6 +140,13 @@ async def record_delivery(event: DeliveryReported, deps: RouterDeps) -> None:
     deps.metrics.delivery_reports.labels(
         channel=event.channel, outcome=event.outcome, result=result
     ).inc()
+    if result is ReportResult.APPLIED and event.outcome is DeliveryOutcome.DELIVERED:
+        # Once per notification: a redelivered or later report is no longer APPLIED.
+        created_at = await repository.message_created_at(
+            deps.engine, message_id=event.message_id, recipient_id=event.recipient_id
+        )
+        if created_at is not None:
+            deps.metrics.observe_delivery(event.channel, created_at, event.occurred_at)
     if result is ReportResult.UNKNOWN:
         logger.debug("router.report.unknown notification_id=%s", event.notification_id)
     elif result is ReportResult.STALE:
@@ -171,10 +178,8 @@ def register_handlers(broker: RabbitBroker, deps: RouterDeps) -> Subscribers:
     )
 
     @message_created
-    async def on_message_created(
-        event: MessageCreated, correlation_id: str = Context("message.correlation_id")
-    ) -> None:
-        await route_message(event, deps, correlation_id=correlation_id)
+    async def on_message_created(event: MessageCreated) -> None:
+        await route_message(event, deps)
 
     @user_updated
     async def on_user_updated(event: UserUpdated) -> None:

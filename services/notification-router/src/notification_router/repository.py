@@ -10,7 +10,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
@@ -21,11 +21,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from herald_shared.events import Channel as EventChannel
 from herald_shared.events import (
     DeliveryReported,
+    DeviceSnapshot,
     EmailRequested,
     MessageCreated,
     Platform,
     PushRequested,
     UserUpdated,
+    WebPushKeys,
 )
 from notification_router.routing import (
     DeliveryStatus,
@@ -64,16 +66,10 @@ async def upsert_recipient(engine: AsyncEngine, snapshot: UserUpdated, *, now: d
         "username": snapshot.username,
         "display_name": snapshot.display_name,
         "email": snapshot.email,
-        "devices": [
-            {
-                "device_id": str(device.device_id),
-                "platform": str(device.platform),
-                "token": device.token,
-            }
-            for device in snapshot.devices
-        ],
+        "devices": [_device_json(device) for device in snapshot.devices],
         "push_enabled": snapshot.preferences.push_enabled,
         "email_enabled": snapshot.preferences.email_enabled,
+        "push_preview": snapshot.preferences.push_preview,
         "muted_room_ids": [str(room_id) for room_id in snapshot.preferences.muted_room_ids],
         "time_zone": snapshot.time_zone,
         "updated_at": now,
@@ -103,22 +99,42 @@ async def load_recipients(
         return {row.user_id: _recipient(row._mapping) for row in result}
 
 
+def _device_json(device: DeviceSnapshot) -> dict[str, Any]:
+    keys = device.web_push_keys
+    return {
+        "device_id": str(device.device_id),
+        "platform": str(device.platform),
+        "token": device.token,
+        "token_updated_at": (
+            None if device.token_updated_at is None else device.token_updated_at.isoformat()
+        ),
+        "web_push_keys": None if keys is None else {"p256dh": keys.p256dh, "auth": keys.auth},
+    }
+
+
+def _device(device: dict[str, Any]) -> Device:
+    # Rows written before these fields existed lack them: None, as in an older snapshot.
+    updated_at = device.get("token_updated_at")
+    keys = device.get("web_push_keys")
+    return Device(
+        device_id=uuid.UUID(device["device_id"]),
+        platform=Platform(device["platform"]),
+        token=device["token"],
+        token_updated_at=None if updated_at is None else datetime.fromisoformat(updated_at),
+        web_push_keys=None if keys is None else WebPushKeys(**keys),
+    )
+
+
 def _recipient(row: Any) -> Recipient:
     return Recipient(
         user_id=row["user_id"],
         version=row["version"],
         display_name=row["display_name"],
         email=row["email"],
-        devices=tuple(
-            Device(
-                device_id=uuid.UUID(device["device_id"]),
-                platform=Platform(device["platform"]),
-                token=device["token"],
-            )
-            for device in row["devices"]
-        ),
+        devices=tuple(_device(device) for device in row["devices"]),
         push_enabled=row["push_enabled"],
         email_enabled=row["email_enabled"],
+        push_preview=row["push_preview"],
         muted_room_ids=frozenset(uuid.UUID(room_id) for room_id in row["muted_room_ids"]),
         time_zone=row["time_zone"],
     )
@@ -165,6 +181,7 @@ async def record_decisions(
                     "push_decision": decision.push,
                     "email_decision": decision.email,
                     "decided_at": now,
+                    "message_created_at": event.timestamp,
                 }
                 for decision in ordered
             ]
@@ -221,6 +238,25 @@ def _delivery_row(job: PushRequested | EmailRequested, now: datetime) -> dict[st
         "created_at": now,
         "updated_at": now,
     }
+
+
+async def message_created_at(
+    engine: AsyncEngine, *, message_id: uuid.UUID, recipient_id: uuid.UUID
+) -> datetime | None:
+    """When the message of this ledger row was created (`MessageCreated.timestamp`), if known."""
+    async with engine.connect() as connection:
+        value = await connection.scalar(
+            select(notifications.c.message_created_at).where(
+                notifications.c.message_id == message_id,
+                notifications.c.recipient_id == recipient_id,
+            )
+        )
+    return _utc(value) if value is not None else None
+
+
+def _utc(value: datetime) -> datetime:
+    # SQLite hands timestamps back without a zone; everything the ledger stores is UTC.
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 class ReportResult(StrEnum):

@@ -31,6 +31,7 @@ from herald_shared.events import (
     Platform,
     PushRequested,
     UserUpdated,
+    WebPushKeys,
     notification_id_for,
 )
 
@@ -64,6 +65,9 @@ class Device:
     device_id: uuid.UUID
     platform: Platform
     token: str
+    # Passed on to push-sender: APNs' 410 rule needs the registration time, Web Push the keys.
+    token_updated_at: datetime | None = None
+    web_push_keys: WebPushKeys | None = None
 
 
 @dataclass(frozen=True)
@@ -90,7 +94,13 @@ class Recipient:
             display_name=snapshot.display_name,
             email=snapshot.email,
             devices=tuple(
-                Device(device_id=device.device_id, platform=device.platform, token=device.token)
+                Device(
+                    device_id=device.device_id,
+                    platform=device.platform,
+                    token=device.token,
+                    token_updated_at=device.token_updated_at,
+                    web_push_keys=device.web_push_keys,
+                )
                 for device in snapshot.devices
             ),
             push_enabled=snapshot.preferences.push_enabled,
@@ -238,6 +248,8 @@ def _push_job(
         device_id=device.device_id,
         platform=device.platform,
         token=device.token,
+        token_updated_at=device.token_updated_at,
+        web_push_keys=device.web_push_keys,
         title=title,
         body=body,
     )

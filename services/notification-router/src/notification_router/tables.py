@@ -26,6 +26,7 @@ from sqlalchemy import (
     Table,
     Text,
     Uuid,
+    true,
 )
 
 metadata = MetaData(
@@ -45,10 +46,12 @@ recipients = Table(
     Column("username", Text, nullable=False),
     Column("display_name", Text, nullable=False),
     Column("email", Text, nullable=True),
-    # [{"device_id": "...", "platform": "fcm", "token": "..."}]: a snapshot, replaced whole.
+    # [{"device_id", "platform", "token", "token_updated_at", "web_push_keys"}]: a snapshot,
+    # replaced whole.
     Column("devices", JSON, nullable=False),
     Column("push_enabled", Boolean, nullable=False),
     Column("email_enabled", Boolean, nullable=False),
+    Column("push_preview", Boolean, nullable=False, server_default=true()),
     Column("muted_room_ids", JSON, nullable=False),
     Column("time_zone", String(64), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
@@ -64,6 +67,9 @@ notifications = Table(
     Column("push_decision", String(64), nullable=False),
     Column("email_decision", String(64), nullable=False),
     Column("decided_at", DateTime(timezone=True), nullable=False),
+    # MessageCreated.timestamp: a delivery report's end-to-end latency is measured from it.
+    # Null on rows written before revision 0002.
+    Column("message_created_at", DateTime(timezone=True), nullable=True),
     PrimaryKeyConstraint("message_id", "recipient_id"),
 )
 

@@ -10,9 +10,8 @@ import asyncio
 import contextlib
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Any
 
-from faststream import Context
 from faststream.message import StreamMessage
 from faststream.rabbit import RabbitBroker
 from faststream.rabbit.publisher import RabbitPublisher
@@ -35,8 +34,6 @@ from herald_shared.topology import (
 )
 from push_sender.delivery import report_for
 from push_sender.sender import PushSender
-
-CorrelationId = Annotated[str, Context("message.correlation_id")]
 
 RETRIES_EXHAUSTED = "retries exhausted"
 
@@ -152,7 +149,7 @@ def register_handlers(broker: RabbitBroker, deps: PushDeps) -> RabbitSubscriber:
     )
 
     @subscriber
-    async def push_requested(job: PushRequested, correlation_id: CorrelationId) -> None:
-        await send_push(job, deps, correlation_id=correlation_id)
+    async def push_requested(job: PushRequested) -> None:
+        await send_push(job, deps)
 
     return subscriber

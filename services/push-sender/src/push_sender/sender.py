@@ -100,7 +100,7 @@ class PushSender:
         if not isinstance(claim, Claimed):
             plan = delivery.plan_for_claim(job, claim, now=self.clock())
             self.metrics.count(provider, plan.outcome)
-            logger.info(
+            logger.debug(
                 "push.%s notification_id=%s message_id=%s provider=%s republish=%s",
                 plan.outcome,
                 job.notification_id,
@@ -190,7 +190,8 @@ class PushSender:
         self, job: PushRequested, plan: Plan, *, provider: str, attempt: int, probe: bool
     ) -> None:
         level = {
-            PushOutcome.DELIVERED: logging.INFO,
+            # One line per push is thousands a second under load: successes are in the metrics.
+            PushOutcome.DELIVERED: logging.DEBUG,
             PushOutcome.RETRY: logging.WARNING,
             PushOutcome.TOKEN_INVALID: logging.WARNING,
             PushOutcome.REJECTED: logging.WARNING,

@@ -5,10 +5,11 @@ from __future__ import annotations
 import ipaddress
 from enum import StrEnum
 from pathlib import Path
+from typing import Annotated
 
 import httpx
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from herald_shared.config import LOCAL_STATE_DIR, ServiceSettings, default_sqlite_url
 
@@ -92,6 +93,52 @@ class ApnsSettings(BaseSettings):
         return check_secure_url(value, what="APNS_BASE_URL").rstrip("/")
 
 
+# Push services whose subscription endpoints Web Push may POST to: a host as written, or
+# "*.<domain>" for any host under that domain. Chrome, Edge (legacy WNS), Firefox, Safari.
+WEBPUSH_DEFAULT_ALLOWED_HOSTS = (
+    "fcm.googleapis.com",
+    "android.googleapis.com",
+    "updates.push.services.mozilla.com",
+    "*.notify.windows.com",
+    "web.push.apple.com",
+)
+
+
+class WebPushSettings(BaseSettings):
+    """`WEBPUSH_*`: Web Push (RFC 8030) with VAPID (RFC 8292) and aes128gcm payloads (RFC 8291)."""
+
+    model_config = SettingsConfigDict(env_prefix="WEBPUSH_", extra="ignore")
+
+    # The VAPID signing key (a secret): a PEM P-256 private key, or the raw 32-byte key in
+    # base64url as `web-push generate-vapid-keys` prints it. Its public half is the
+    # applicationServerKey the web app subscribes with.
+    vapid_private_key_file: Path | None = None
+    # Who push services contact about our traffic (RFC 8292 `sub`): mailto: or https: URI.
+    vapid_subject: str | None = Field(default=None, pattern=r"^(mailto:|https://)\S+$")
+    # Seconds a push service keeps a push for a browser that is offline (RFC 8030 `TTL`).
+    ttl: int = Field(default=86400, ge=0, le=28 * 86400)
+    # Seconds for each HTTP exchange step (connect, write, read, waiting for a pooled connection).
+    timeout: float = Field(default=10.0, gt=0, le=120)
+    # The push services endpoints may point at (see `providers.webpush.check_endpoint`);
+    # comma-separated in the environment. Tests add a loopback host for their local push service.
+    allowed_hosts: Annotated[tuple[str, ...], NoDecode] = WEBPUSH_DEFAULT_ALLOWED_HOSTS
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.split(",")
+        if isinstance(value, list | tuple):
+            return tuple(str(host).strip().lower() for host in value if str(host).strip())
+        return value
+
+    @model_validator(mode="after")
+    def _subject_with_key(self) -> WebPushSettings:
+        if self.vapid_private_key_file is not None and self.vapid_subject is None:
+            raise ValueError("WEBPUSH_VAPID_SUBJECT (mailto: or https: contact) is required")
+        return self
+
+
 class BreakerSettings(BaseSettings):
     """`PUSH_BREAKER_*`: the circuit breaker every provider has (see `resilience.py`)."""
 
@@ -124,8 +171,8 @@ class MaxInFlightSettings(BaseSettings):
 
 class Settings(ServiceSettings):
     """`PORT`, `HOST`, `DATABASE_URL`, `LOG_LEVEL` and `RABBITMQ_*` (shared), plus `PUSH_PROVIDER`,
-    `PUSH_LOG_FILE`, `FCM_*` and `APNS_*`, and each provider's guards: `PUSH_BREAKER_*`,
-    `PUSH_MAX_IN_FLIGHT_*`."""
+    `PUSH_LOG_FILE`, `FCM_*`, `APNS_*` and `WEBPUSH_*`, and each provider's guards:
+    `PUSH_BREAKER_*`, `PUSH_MAX_IN_FLIGHT_*`."""
 
     port: int = 8002
     database_url: str = default_sqlite_url(SERVICE_NAME)
@@ -135,6 +182,7 @@ class Settings(ServiceSettings):
     push_log_file: Path = Path(LOCAL_STATE_DIR) / "pushes.jsonl"
     fcm: FcmSettings = Field(default_factory=FcmSettings)
     apns: ApnsSettings = Field(default_factory=ApnsSettings)
+    webpush: WebPushSettings = Field(default_factory=WebPushSettings)
     breaker: BreakerSettings = Field(default_factory=BreakerSettings)
     max_in_flight: MaxInFlightSettings = Field(default_factory=MaxInFlightSettings)
 

@@ -3,7 +3,6 @@ for iOS, Web Push for browsers; or `log` (a JSON-lines file) for every platform 
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Sequence
 
 from herald_shared.events import Platform
@@ -11,6 +10,7 @@ from push_sender.providers.apns import ApnsConfigurationError, ApnsProvider
 from push_sender.providers.base import ProviderAnswer, PushProvider, Verdict
 from push_sender.providers.fcm import FcmConfigurationError, FcmProvider
 from push_sender.providers.log import LogProvider
+from push_sender.providers.webpush import WebPushConfigurationError, WebPushProvider
 from push_sender.settings import PushProviderKind, Settings
 
 # The settings to check when a provider says our credentials or permissions are wrong.
@@ -43,16 +43,12 @@ def _apns(settings: Settings) -> PushProvider | None:
 
 
 def _webpush(settings: Settings) -> PushProvider | None:
-    webpush = getattr(settings, "webpush", None)
     # Configured once its VAPID private key is given.
-    if webpush is None or getattr(webpush, "vapid_private_key_file", None) is None:
+    if settings.webpush.vapid_private_key_file is None:
         return None
-    # Imported here: the Web Push provider is being written alongside this registry.
-    module = importlib.import_module("push_sender.providers.webpush")
-    provider: PushProvider = module.WebPushProvider.from_settings(
-        webpush, max_connections=max_in_flight(settings, "webpush")
+    return WebPushProvider.from_settings(
+        settings.webpush, max_connections=max_in_flight(settings, "webpush")
     )
-    return provider
 
 
 _LIVE: dict[Platform, Callable[[Settings], PushProvider | None]] = {
@@ -91,6 +87,8 @@ __all__: Sequence[str] = (
     "ProviderAnswer",
     "PushProvider",
     "Verdict",
+    "WebPushConfigurationError",
+    "WebPushProvider",
     "make_providers",
     "max_in_flight",
 )
