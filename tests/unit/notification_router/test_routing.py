@@ -16,6 +16,7 @@ from herald_shared.events import (
     WebPushKeys,
     notification_id_for,
 )
+from herald_shared.text import truncate
 from notification_router import routing
 from notification_router.routing import (
     ContentLimits,
@@ -24,7 +25,6 @@ from notification_router.routing import (
     decide_for,
     plan_notifications,
     recipients_of,
-    truncate,
 )
 from tests.support.router_factories import NOW, message_created, recipient, user_updated
 

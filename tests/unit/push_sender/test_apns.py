@@ -491,8 +491,10 @@ def test_a_long_body_is_cut_on_a_character_boundary_to_fit(body: str) -> None:
     assert sent.endswith("…")
     kept = sent[: -len("…")]
     assert body.startswith(kept)
-    # As long as fits: one character more would not.
-    payload["aps"]["alert"]["body"] = body[: len(kept) + 1] + "…"
+    # As long as fits: the cut (before trailing whitespace is dropped) plus one more character
+    # would not.
+    cut = len(kept) + len(body[len(kept) :]) - len(body[len(kept) :].lstrip())
+    payload["aps"]["alert"]["body"] = body[: cut + 1] + "…"
     assert encode(payload) != encoded
     assert len(encode(payload)) > MAX_PAYLOAD_BYTES
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from herald_shared.text import fit_title_and_body, truncate_to_size, utf8_size
 from push_sender.providers.fcm import PAYLOAD_LIMIT, FcmProvider, build_message, json_text_size
-from push_sender.providers.payload import fit_title_and_body, truncate_to_size, utf8_size
 from push_sender.settings import FcmSettings
 from tests.fakes.fcm import FakeFcm
 from tests.unit.push_sender.support import DEVICE_TOKEN, push_job

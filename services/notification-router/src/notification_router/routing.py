@@ -16,7 +16,6 @@ Rules, per recipient of a `MessageCreated`:
 
 from __future__ import annotations
 
-import unicodedata
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,9 +33,9 @@ from herald_shared.events import (
     WebPushKeys,
     notification_id_for,
 )
+from herald_shared.text import truncate
 
 PENDING = "pending"
-ELLIPSIS = "…"
 
 
 class SkipReason(StrEnum):
@@ -316,56 +315,6 @@ def push_content(
 def one_line(text: str) -> str:
     """Runs of whitespace (line breaks included) become one space: a preview is one line."""
     return " ".join(text.split())
-
-
-_ZERO_WIDTH_JOINER = "\u200d"
-
-
-def _extends_previous(char: str) -> bool:
-    """Characters that belong to the character before them (combining marks, emoji modifiers,
-    variation selectors, joiners, tag characters)."""
-    code = ord(char)
-    return (
-        unicodedata.category(char) in {"Mn", "Me", "Mc"}
-        or char == _ZERO_WIDTH_JOINER
-        or 0xFE00 <= code <= 0xFE0F  # variation selectors (emoji / text presentation)
-        or 0x1F3FB <= code <= 0x1F3FF  # skin-tone modifiers
-        or 0xE0020 <= code <= 0xE007F  # tag characters (subdivision flags)
-        or 0xE0100 <= code <= 0xE01EF  # variation selectors supplement
-    )
-
-
-def _is_regional_indicator(char: str) -> bool:
-    return 0x1F1E6 <= ord(char) <= 0x1F1FF
-
-
-def is_boundary(text: str, index: int) -> bool:
-    """Whether cutting `text` at `index` keeps every user-visible character whole: no emoji
-    loses its skin tone or its joined parts, no flag is split in halves, no letter its accent.
-    A close approximation of Unicode's extended grapheme cluster rules, without a dependency."""
-    if index <= 0 or index >= len(text):
-        return True
-    before, after = text[index - 1], text[index]
-    if _extends_previous(after) or before == _ZERO_WIDTH_JOINER:
-        return False
-    if before == "\r" and after == "\n":
-        return False
-    if _is_regional_indicator(before) and _is_regional_indicator(after):
-        run = 0
-        while index - run - 1 >= 0 and _is_regional_indicator(text[index - run - 1]):
-            run += 1
-        return run % 2 == 0  # flags are pairs: cut only after a complete one
-    return True
-
-
-def truncate(text: str, max_chars: int) -> str:
-    """At most `max_chars` characters; a cut text ends with "…" and never splits a character."""
-    if len(text) <= max_chars:
-        return text
-    cut = max(0, max_chars - len(ELLIPSIS))
-    while cut > 0 and not is_boundary(text, cut):
-        cut -= 1
-    return text[:cut].rstrip() + ELLIPSIS
 
 
 def statuses_replaceable_by(outcome: DeliveryOutcome) -> frozenset[str]:

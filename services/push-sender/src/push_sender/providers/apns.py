@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1, EllipticCurv
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from herald_shared.events import PushRequested
+from herald_shared.text import truncate_to_size
 from push_sender.providers.base import ProviderAnswer, Verdict
 from push_sender.providers.fcm import parse_retry_after
 from push_sender.settings import ApnsSettings
@@ -47,7 +48,6 @@ PROVIDER_TOKEN_MAX_AGE = 50 * 60.0
 # How long APNs keeps trying to reach a device that is off: a day-old chat notification still
 # tells the user something, an older one hardly does.
 EXPIRATION_SECONDS = 24 * 3600
-ELLIPSIS = "…"
 REASON_LIMIT = 200
 
 # Reasons that say the device token is dead (notes/reliability.md, provider table).
@@ -108,19 +108,6 @@ def _payload(job: PushRequested, *, title: str, body: str) -> dict[str, Any]:
     }
 
 
-def _shorten(text: str, fits: Callable[[str], bool]) -> str:
-    """The longest `text[:n] + "…"` that `fits` (`fits` is monotonic in n). Slicing a `str` cuts
-    between code points, so the UTF-8 encoding is never split inside a character."""
-    low, high = 0, len(text)  # the longest n that fits lies in [low, high]
-    while low < high:
-        middle = (low + high + 1) // 2
-        if fits(text[:middle] + ELLIPSIS):
-            low = middle
-        else:
-            high = middle - 1
-    return text[:low] + ELLIPSIS if low else ""
-
-
 def build_payload(job: PushRequested) -> bytes:
     """The notification's JSON, at most `MAX_PAYLOAD_BYTES`: the body is shortened first (with an
     ellipsis), then the title if even an empty body does not fit."""
@@ -131,10 +118,14 @@ def build_payload(job: PushRequested) -> bytes:
 
     if size(title, body) > MAX_PAYLOAD_BYTES:
         if size(title, "") <= MAX_PAYLOAD_BYTES:
-            body = _shorten(body, lambda candidate: size(title, candidate) <= MAX_PAYLOAD_BYTES)
+            body = truncate_to_size(
+                body, MAX_PAYLOAD_BYTES, size=lambda candidate: size(title, candidate)
+            )
         else:
             body = ""
-            title = _shorten(title, lambda candidate: size(candidate, "") <= MAX_PAYLOAD_BYTES)
+            title = truncate_to_size(
+                title, MAX_PAYLOAD_BYTES, size=lambda candidate: size(candidate, "")
+            )
     return encode(_payload(job, title=title, body=body))
 
 

@@ -33,8 +33,8 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from herald_shared.events import PushRequested, utc_now
+from herald_shared.text import fit_title_and_body
 from push_sender.providers.base import ProviderAnswer, Verdict
-from push_sender.providers.payload import fit_title_and_body
 from push_sender.settings import FcmSettings, check_secure_url
 
 logger = logging.getLogger("push_sender.fcm")

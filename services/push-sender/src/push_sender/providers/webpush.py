@@ -39,9 +39,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from herald_shared.events import PushRequested, WebPushKeys
+from herald_shared.text import truncate_to_size
 from push_sender.providers.base import ProviderAnswer, Verdict
 from push_sender.providers.fcm import parse_retry_after
-from push_sender.providers.payload import truncate_to_size
 from push_sender.settings import WebPushSettings, is_loopback
 
 # What every push service must accept as a message body (RFC 8030 §7.2, RFC 8291 §4).

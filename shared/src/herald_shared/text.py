@@ -1,12 +1,9 @@
-"""Fitting push text into a provider's payload limit without breaking a character.
+"""Cutting user text to a limit without breaking a character a reader sees.
 
-Providers count bytes (FCM 4096, APNs 4096, Web Push about 4 KB of ciphertext); the router cuts
-texts to a number of characters, which is not the same thing: 200 emoji are 800 bytes of UTF-8
-and more once escaped in JSON. So each provider measures its own payload and, if it is too big,
-shortens the body (then the title) here, at a boundary between user-visible characters.
-
-The boundary rule is the router's (`notification_router.routing.is_boundary`): services do not
-import each other, and a second copy is the rule until a third user moves it to `shared`.
+Shared by the router (texts cut to a number of characters: `truncate`) and push-sender (payloads
+cut to a provider's byte limit: `truncate_to_size`, `fit_title_and_body`). 200 emoji are 200
+characters, 800 bytes of UTF-8 and more once escaped in JSON, so each limit is measured in its
+own unit, and every cut lands on a boundary between user-visible characters (`is_boundary`).
 """
 
 from __future__ import annotations
@@ -25,10 +22,10 @@ def _extends_previous(char: str) -> bool:
     return (
         unicodedata.category(char) in {"Mn", "Me", "Mc"}
         or char == _ZERO_WIDTH_JOINER
-        or 0xFE00 <= code <= 0xFE0F
-        or 0x1F3FB <= code <= 0x1F3FF
-        or 0xE0020 <= code <= 0xE007F
-        or 0xE0100 <= code <= 0xE01EF
+        or 0xFE00 <= code <= 0xFE0F  # variation selectors (emoji / text presentation)
+        or 0x1F3FB <= code <= 0x1F3FF  # skin-tone modifiers
+        or 0xE0020 <= code <= 0xE007F  # tag characters (subdivision flags)
+        or 0xE0100 <= code <= 0xE01EF  # variation selectors supplement
     )
 
 
@@ -37,7 +34,9 @@ def _is_regional_indicator(char: str) -> bool:
 
 
 def is_boundary(text: str, index: int) -> bool:
-    """Whether cutting `text` at `index` keeps every user-visible character whole."""
+    """Whether cutting `text` at `index` keeps every user-visible character whole: no emoji
+    loses its skin tone or its joined parts, no flag is split in halves, no letter its accent.
+    A close approximation of Unicode's extended grapheme cluster rules, without a dependency."""
     if index <= 0 or index >= len(text):
         return True
     before, after = text[index - 1], text[index]
@@ -49,8 +48,18 @@ def is_boundary(text: str, index: int) -> bool:
         run = 0
         while index - run - 1 >= 0 and _is_regional_indicator(text[index - run - 1]):
             run += 1
-        return run % 2 == 0
+        return run % 2 == 0  # flags are pairs: cut only after a complete one
     return True
+
+
+def truncate(text: str, max_chars: int) -> str:
+    """At most `max_chars` characters; a cut text ends with "…" and never splits a character."""
+    if len(text) <= max_chars:
+        return text
+    cut = max(0, max_chars - len(ELLIPSIS))
+    while cut > 0 and not is_boundary(text, cut):
+        cut -= 1
+    return text[:cut].rstrip() + ELLIPSIS
 
 
 def utf8_size(text: str) -> int:
