@@ -38,7 +38,6 @@ from faststream.rabbit import RabbitBroker, RabbitExchange, RabbitQueue
 from herald_shared.broker import RabbitSettings
 from herald_shared.topology import (
     CONSUMER_QUEUES,
-    DEAD_LETTER_EXCHANGE,
     EXCHANGE,
     RETRY_EXCHANGE,
     declare_topology,
@@ -89,29 +88,51 @@ def exactly(names: Iterable[str]) -> str:
     return f"^({'|'.join(alternatives)})$" if alternatives else NOTHING
 
 
-def permissions(access: ServiceAccess) -> tuple[dict[str, str], dict[str, str]]:
-    """The vhost permission and the topic permission (on `notifications`) of one service.
+def own_wait_and_dead_letter_queues(queues: Iterable[str]) -> str:
+    """A topic permission pattern matching the wait queues (any tier: RABBITMQ_RETRY_DELAYS is
+    configurable) and the dead-letter queues of these work queues, and nothing else."""
+    alternatives = sorted({re.escape(name) for name in queues})
+    if not alternatives:
+        return NOTHING
+    return rf"^({'|'.join(alternatives)})\.(wait\.[0-9]+ms|dlq)$"
+
+
+# A user's vhost permission, and its topic permissions by exchange name.
+Grant = tuple[dict[str, str], dict[str, dict[str, str]]]
+
+
+def permissions(access: ServiceAccess) -> Grant:
+    """The vhost permission and the topic permissions of one service.
 
     No configure at all: a service only checks the topology passively. Write on `notifications`
     only to publish, and there only its own routing keys (topic permission). A consumer's
-    failures go through the retry and dead-letter exchanges (herald_shared.retry), so a consumer
-    writes those. Read only its own queues. Never amq.default: it reaches any queue by name.
+    failures go through `notifications.delay` (herald_shared.retry), routed by the target
+    queue's name, so a consumer writes that exchange, and there only to its own queues' wait and
+    dead-letter queues (topic permission). Never `notifications.dlx`: only RabbitMQ's own
+    dead-lettering uses it, which needs no permission, and a direct exchange cannot confine a
+    writer to its own queues. Read only its own queues. Never amq.default: it reaches any queue
+    by name.
     """
     exchanges = {EXCHANGE.name} if access.publishes else set()
+    # Topic read is checked when binding to a topic exchange; services never bind.
+    topic_permissions = {EXCHANGE.name: {"write": exactly(access.publishes), "read": NOTHING}}
     if access.consumes:
-        exchanges |= {RETRY_EXCHANGE.name, DEAD_LETTER_EXCHANGE.name}
+        exchanges.add(RETRY_EXCHANGE.name)
+        topic_permissions[RETRY_EXCHANGE.name] = {
+            "write": own_wait_and_dead_letter_queues(access.consumes),
+            "read": NOTHING,
+        }
     vhost_permission = {
         "configure": NOTHING,
         "write": exactly(exchanges),
         "read": exactly(access.consumes),
     }
-    # Topic read is checked when binding to a topic exchange; services never bind.
-    topic_permission = {"write": exactly(access.publishes), "read": NOTHING}
-    return vhost_permission, topic_permission
+    return vhost_permission, topic_permissions
 
 
-def ops_permissions() -> tuple[dict[str, str], dict[str, str]]:
-    """herald-dead-letters reads every DLQ and replays each letter with its queue's retry key."""
+def ops_permissions() -> Grant:
+    """herald-dead-letters reads every DLQ and replays each letter with its queue's retry key
+    on `notifications` (nothing on `notifications.delay`: it never delays nor dead-letters)."""
     vhost_permission = {
         "configure": NOTHING,
         "write": exactly([EXCHANGE.name]),
@@ -121,7 +142,7 @@ def ops_permissions() -> tuple[dict[str, str], dict[str, str]]:
         "write": exactly(queue.retry_routing_key for queue in CONSUMER_QUEUES),
         "read": NOTHING,
     }
-    return vhost_permission, topic_permission
+    return vhost_permission, {EXCHANGE.name: topic_permission}
 
 
 class _RecordedQueue:
@@ -234,8 +255,8 @@ def definitions(
     without it, every user gets its dev placeholder. `user_prefix` and `vhost` let a test
     load the same document next to the real one."""
     salt: Callable[[str], bytes] = _dev_salt if passwords is None else _random_salt
-    grants: dict[str, tuple[dict[str, str], dict[str, str] | None]] = {
-        ADMIN_USER: ({"configure": EVERYTHING, "write": EVERYTHING, "read": EVERYTHING}, None),
+    grants: dict[str, Grant] = {
+        ADMIN_USER: ({"configure": EVERYTHING, "write": EVERYTHING, "read": EVERYTHING}, {}),
         **{service: permissions(service_access(service)) for service in SERVICES},
         OPS_USER: ops_permissions(),
     }
@@ -259,9 +280,9 @@ def definitions(
             for user, (vhost_permission, _) in grants.items()
         ],
         "topic_permissions": [
-            {"user": user_prefix + user, "vhost": vhost, "exchange": EXCHANGE.name, **topic}
-            for user, (_, topic) in grants.items()
-            if topic is not None
+            {"user": user_prefix + user, "vhost": vhost, "exchange": exchange, **topic}
+            for user, (_, topics) in grants.items()
+            for exchange, topic in topics.items()
         ],
         "parameters": [],
         "global_parameters": [],

@@ -9,7 +9,13 @@ import re
 
 import pytest
 
-from herald_shared.topology import CONSUMER_QUEUES, EXCHANGE, MESSAGE_NEW
+from herald_shared.topology import (
+    CONSUMER_QUEUES,
+    DEAD_LETTER_EXCHANGE,
+    EXCHANGE,
+    MESSAGE_NEW,
+    RETRY_EXCHANGE,
+)
 from scripts.gen_asyncapi import SERVICES
 from scripts.gen_definitions import (
     ADMIN_USER,
@@ -33,6 +39,14 @@ def _grant(kind: str, user: str) -> dict[str, str]:
     return next(row for row in DOCUMENT[kind] if row["user"] == user)
 
 
+def _topic_grants(user: str) -> dict[str, dict[str, str]]:
+    """A user's topic permissions by exchange (at most one row per exchange)."""
+    rows = [row for row in DOCUMENT["topic_permissions"] if row["user"] == user]
+    by_exchange = {row["exchange"]: row for row in rows}
+    assert len(by_exchange) == len(rows), f"{user}: two topic rows for one exchange"
+    return by_exchange
+
+
 def _allows(pattern: str, name: str) -> bool:
     # RabbitMQ matches permission patterns like re.search (anchors included in ours).
     return re.search(pattern, name) is not None
@@ -42,17 +56,41 @@ def _allows(pattern: str, name: str) -> bool:
 def test_service_user_is_least_privilege(service: str) -> None:
     access = service_access(service)
     vhost = _grant("permissions", service)
-    topic = _grant("topic_permissions", service)
+    topics = _topic_grants(service)
     assert vhost["configure"] == "^$"
     assert not _allows(vhost["write"], "amq.default")
     assert not _allows(vhost["write"], "")  # the default exchange
+    # RabbitMQ's own dead-lettering needs no permission; a direct exchange would let a writer
+    # reach every queue bound to it.
+    assert not _allows(vhost["write"], DEAD_LETTER_EXCHANGE.name)
+    assert not _allows(vhost["write"], "notifications.retry")  # the former direct one
     for queue in CONSUMER_QUEUES:
         assert _allows(vhost["read"], queue.name) == (queue.name in access.consumes)
         assert not _allows(vhost["read"], queue.dead_letter_queue.name)
     all_keys = {key for queue in CONSUMER_QUEUES for key in queue.bindings}
     for key in all_keys:
-        assert _allows(topic["write"], key) == (key in access.publishes), key
-    assert topic["exchange"] == EXCHANGE.name
+        assert _allows(topics[EXCHANGE.name]["write"], key) == (key in access.publishes), key
+    assert set(topics) == (
+        {EXCHANGE.name, RETRY_EXCHANGE.name} if access.consumes else {EXCHANGE.name}
+    )
+    assert all(topic["read"] == "^$" for topic in topics.values())
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_service_delays_and_dead_letters_into_its_own_queues_only(service: str) -> None:
+    access = service_access(service)
+    assert access.consumes, f"{service} consumes nothing"
+    assert _allows(_grant("permissions", service)["write"], RETRY_EXCHANGE.name)
+    write = _topic_grants(service)[RETRY_EXCHANGE.name]["write"]
+    for queue in CONSUMER_QUEUES:
+        own = queue.name in access.consumes
+        # Any tier: RABBITMQ_RETRY_DELAYS is configurable, the file holds the default ones.
+        for delay in (0.2, 1.0, 5.0, 25.0, 3600.0):
+            assert _allows(write, queue.wait_queue(delay).name) == own, queue.name
+        assert _allows(write, queue.dead_letter_queue.name) == own, queue.name
+        assert not _allows(write, queue.name)
+        for key in queue.bindings:
+            assert not _allows(write, key)
 
 
 def test_only_message_service_may_publish_new_messages() -> None:
@@ -77,7 +115,10 @@ def test_ops_user_reads_dead_letters_only() -> None:
     for queue in CONSUMER_QUEUES:
         assert _allows(grant["read"], queue.dead_letter_queue.name)
         assert not _allows(grant["read"], queue.name)
-    assert not _allows(_grant("topic_permissions", OPS_USER)["write"], MESSAGE_NEW)
+    topics = _topic_grants(OPS_USER)
+    assert set(topics) == {EXCHANGE.name}  # replays through `notifications` only
+    assert not _allows(topics[EXCHANGE.name]["write"], MESSAGE_NEW)
+    assert not _allows(_grant("permissions", OPS_USER)["write"], RETRY_EXCHANGE.name)
 
 
 def test_only_the_admin_may_configure() -> None:

@@ -16,10 +16,12 @@ A service may register a hook per queue (`DeadLetterHooks`) that runs when a mes
 queue is dead-lettered for lack of retries, so that, for example, a sender reports the
 notification as failed instead of leaving it pending.
 
-Dead-lettering publishes the original body to `notifications.dlx` with the reason, the last error
-and the attempt history in headers, then acks; if even that publish fails, the delivery is rejected
-and RabbitMQ's own dead-lettering (the queue's `x-dead-letter-exchange`) takes it. The attempt
-count lives in a header, never in the payload. Nothing is ever requeued in a hot loop.
+Dead-lettering publishes the original body to the origin queue's `<queue>.dlq` (through
+`notifications.delay`, like a retry, so each service may reach only its own queues) with the
+reason, the last error and the attempt history in headers, then acks; if even that publish fails,
+the delivery is rejected and RabbitMQ's own dead-lettering (the queue's `x-dead-letter-exchange`,
+`notifications.dlx`) takes it. The attempt count lives in a header, never in the payload. Nothing
+is ever requeued in a hot loop.
 
 Errors are described without their input: a pydantic error lists locations and error types only,
 and an unknown exception is named by its class and where it was raised, because its text (an SQL
@@ -45,7 +47,7 @@ from faststream.exceptions import AckMessage, HandlerException, RejectMessage
 from faststream.message import StreamMessage
 
 from herald_shared.publishing import consumed_correlation_id
-from herald_shared.topology import DEAD_LETTER_EXCHANGE, RETRY_EXCHANGE, queue_for_routing_key
+from herald_shared.topology import RETRY_EXCHANGE, ConsumerQueue, queue_for_routing_key
 
 logger = logging.getLogger("herald.retry")
 
@@ -303,7 +305,7 @@ class OutcomeMiddleware(BaseMiddleware):
             deferrals = deferrals_so_far(headers) + 1
             headers[DEFERRALS_HEADER] = deferrals
             if deferrals > self.policy.max_deferrals:
-                await self._dead_letter(msg, headers, origin.name, "deferred-too-long", error, exc)
+                await self._dead_letter(msg, headers, origin, "deferred-too-long", error, exc)
             delay = self.policy.delay_for(deferrals, retry_after)
             logger.warning(
                 "herald.message.deferred queue=%s message_id=%s deferrals=%d delay=%.3fs error=%s",
@@ -319,9 +321,9 @@ class OutcomeMiddleware(BaseMiddleware):
             headers.update({ATTEMPT_HEADER: attempt, HISTORY_HEADER: history[-MAX_HISTORY:]})
             if is_unparsable(exc) or isinstance(exc, PermanentError):
                 reason = "unparsable" if is_unparsable(exc) else "permanent"
-                await self._dead_letter(msg, headers, origin.name, reason, error, exc)
+                await self._dead_letter(msg, headers, origin, reason, error, exc)
             if attempt > self.policy.max_retries:
-                await self._dead_letter(msg, headers, origin.name, "retries-exhausted", error, exc)
+                await self._dead_letter(msg, headers, origin, "retries-exhausted", error, exc)
             delay = self.policy.delay_for(attempt, retry_after)
             logger.warning(
                 "herald.message.retry_scheduled queue=%s message_id=%s attempt=%d delay=%.3fs "
@@ -344,12 +346,13 @@ class OutcomeMiddleware(BaseMiddleware):
         self,
         msg: StreamMessage[Any],
         headers: dict[str, Any],
-        queue: str,
+        origin: ConsumerQueue,
         reason: str,
         error: str,
         exc: Exception,
     ) -> None:
         """Publish `msg` to its queue's dead-letter queue and ack it (raises `AckMessage`)."""
+        queue = origin.name
         headers[REASON_HEADER] = reason
         logger.error(
             "herald.message.dead_lettered queue=%s message_id=%s attempt=%d deferrals=%d "
@@ -373,7 +376,10 @@ class OutcomeMiddleware(BaseMiddleware):
                     msg.message_id,
                     describe_error(hook_error),
                 )
-        await self._republish(msg, headers, DEAD_LETTER_EXCHANGE.name, queue)
+        # By the DLQ's own name on the topic exchange, where this service's topic permission
+        # reaches only its own queues (never notifications.dlx, which is direct).
+        dead_letter_queue = origin.dead_letter_queue.name
+        await self._republish(msg, headers, RETRY_EXCHANGE.name, dead_letter_queue)
         if self.metrics is not None:
             self.metrics.dead_letter(queue, reason)
         raise AckMessage() from exc

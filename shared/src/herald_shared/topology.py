@@ -6,8 +6,15 @@ bound to exactly the routing keys it needs plus its own retry key. Around each c
 * wait queues `<queue>.wait.<ms>ms` (one per delay tier) that hold a message for a fixed TTL and
   then dead-letter it back to the main exchange with the queue's retry key, so only that queue
   sees the retry;
-* a dead-letter queue `<queue>.dlq`, reached through the `notifications.dlx` exchange, holding
-  what could not be processed, for inspection and replay.
+* a dead-letter queue `<queue>.dlq` holding what could not be processed, for inspection and
+  replay.
+
+A consumer's own failures go through `notifications.delay`, a topic exchange, with the target
+queue's name as routing key (a wait queue for a retry, the dead-letter queue for a dead letter):
+RabbitMQ checks topic permissions on topic exchanges only, so each service's user may reach its
+own wait and dead-letter queues there and nobody else's. What RabbitMQ dead-letters by itself
+(a reject, the delivery limit) goes through the work queue's `x-dead-letter-exchange`,
+`notifications.dlx` (direct, by the origin queue's name), which needs no user permission.
 
 Publisher and consumers import the same objects, so a name, a flag or an `x-` argument can never
 differ between them (which RabbitMQ would refuse with PRECONDITION_FAILED).
@@ -55,11 +62,17 @@ DEVICE_INVALIDATED = "device.invalidated"
 DEVICE_RETRY = "device.invalidated.retry"
 
 EXCHANGE = RabbitExchange("notifications", type=ExchangeType.TOPIC, durable=True)
-# Where consumers park what they cannot process; routed by the origin queue's name.
+# RabbitMQ's own dead-lettering (rejects, the delivery limit), named by every work queue's
+# `x-dead-letter-exchange`; routed by the origin queue's name. No service publishes to it.
 DEAD_LETTER_EXCHANGE = RabbitExchange("notifications.dlx", type=ExchangeType.DIRECT, durable=True)
-# Where consumers put a message to wait before its next attempt; routed by the wait queue's name.
-# A dedicated exchange rather than the default one, so no service needs write access to amq.default.
-RETRY_EXCHANGE = RabbitExchange("notifications.retry", type=ExchangeType.DIRECT, durable=True)
+# Where consumers put a message to wait before its next attempt, or park what they cannot
+# process; routed by the target queue's name (`<queue>.wait.<ms>ms` or `<queue>.dlq`). A topic
+# exchange so that per-service topic permissions confine each service to its own queues (a
+# direct one would let any writer reach every queue bound to it), and a dedicated one rather than
+# the default exchange, so no service needs write access to amq.default. Not the former direct
+# `notifications.retry`: re-declaring that name as a topic exchange would fail
+# (PRECONDITION_FAILED) on a vhost that still has it.
+RETRY_EXCHANGE = RabbitExchange("notifications.delay", type=ExchangeType.TOPIC, durable=True)
 
 # Backstop for a message that kills its consumer before any outcome is recorded: after this many
 # deliveries RabbitMQ dead-letters it with reason `delivery_limit`.
@@ -231,6 +244,7 @@ async def declare_topology(
             await bind(queue, exchange, routing_key)
         dead_letters = await broker.declare_queue(declarable(consumer_queue.dead_letter_queue))
         await bind(dead_letters, dead_letter_exchange, consumer_queue.name)
+        await bind(dead_letters, retry_exchange, consumer_queue.dead_letter_queue.name)
         for delay in retry_delays:
             wait_queue = consumer_queue.wait_queue(delay)
             declared: Any = await broker.declare_queue(declarable(wait_queue))

@@ -229,34 +229,57 @@ async def test_ops_user_reads_dead_letters_and_replays_with_retry_keys_only(
             await work.get(fail=False, timeout=5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "known gap: notifications.retry is one direct exchange shared by every service, and "
-        "topic permissions only apply to topic exchanges, so push-sender may put a message "
-        "into message_notifications' wait queue, which dead-letters it into "
-        "message_notifications with notification.message.retry; fix: a retry exchange per "
-        "service, or a topic retry exchange with per-service topic permissions"
-    ),
-)
 async def test_push_sender_cannot_reach_another_queue_through_its_wait_queue(
     imported: Imported, admin: aio_pika.abc.AbstractChannel
 ) -> None:
-    wait_queue = MESSAGE_NOTIFICATIONS.wait_queue(default_retry_delays()[0]).name
-    try:
-        await _publish(imported.url("push-sender"), RETRY_EXCHANGE.name, wait_queue)
-    except aiormq.exceptions.ChannelAccessRefused:
-        return
+    """notifications.delay is a topic exchange, so push-sender's topic permission confines it
+    to its own wait and dead-letter queues (a direct exchange would not be checked at all, and
+    message_notifications' wait queue would dead-letter the forgery into message_notifications
+    with notification.message.retry)."""
+    wait_queue = MESSAGE_NOTIFICATIONS.wait_queue(1.0).name
+    assert wait_queue == "message_notifications.wait.1000ms"
+    for target in (wait_queue, MESSAGE_NOTIFICATIONS.dead_letter_queue.name):
+        with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
+            await _publish(imported.url("push-sender"), RETRY_EXCHANGE.name, target)
+    # Nor through the exchange RabbitMQ dead-letters with: no service may write it.
+    with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
+        await _publish(
+            imported.url("push-sender"),
+            DEAD_LETTER_EXCHANGE.name,
+            MESSAGE_NOTIFICATIONS.name,
+        )
+    for queue in (wait_queue, MESSAGE_NOTIFICATIONS.dead_letter_queue.name):
+        assert await _depth(admin, queue) == 0
+    assert await _depth(admin, MESSAGE_NOTIFICATIONS.name) == 0
 
-    async def arrived() -> bool:
-        return await _depth(admin, MESSAGE_NOTIFICATIONS.name) > 0
 
-    # The wait queue's TTL is 1 s: 5 s leave ample time for the dead-lettering.
-    try:
-        await wait_until(arrived, timeout=5)
-    except TimeoutError:
-        return
-    pytest.fail("a forged message reached message_notifications through a wait queue")
+async def test_push_sender_delays_and_dead_letters_into_its_own_queues(
+    imported: Imported, admin: aio_pika.abc.AbstractChannel
+) -> None:
+    wait_queue = PUSH_NOTIFICATIONS.wait_queue(1.0).name
+    dead_letter_queue = PUSH_NOTIFICATIONS.dead_letter_queue.name
+    assert (wait_queue, dead_letter_queue) == (
+        "push_notifications.wait.1000ms",
+        "push_notifications.dlq",
+    )
+    await _publish(imported.url("push-sender"), RETRY_EXCHANGE.name, dead_letter_queue)
+    dead_letters = await admin.declare_queue(dead_letter_queue, passive=True)
+    message = await dead_letters.get(no_ack=True, fail=False, timeout=5)
+    assert message is not None
+    assert message.routing_key == dead_letter_queue
+
+    # Confirmed and mandatory: it reached the wait queue (whose TTL then returns it to
+    # push_notifications with its retry key).
+    await _publish(imported.url("push-sender"), RETRY_EXCHANGE.name, wait_queue)
+    work = await admin.declare_queue(PUSH_NOTIFICATIONS.name, passive=True)
+
+    async def returned() -> bool:
+        return await _depth(admin, PUSH_NOTIFICATIONS.name) > 0
+
+    await wait_until(returned, timeout=10)
+    message = await work.get(no_ack=True, fail=False, timeout=5)
+    assert message is not None
+    assert message.routing_key == PUSH_NOTIFICATIONS.retry_routing_key
 
 
 @pytest.mark.parametrize("service", SERVICES)

@@ -53,7 +53,9 @@ async def test_declared_topology(rabbit_url: str) -> None:
     assert exchanges["notifications"]["type"] == "topic"
     assert exchanges["notifications"]["durable"] is True
     assert exchanges["notifications.dlx"]["type"] == "direct"
-    assert exchanges["notifications.retry"]["type"] == "direct"
+    assert exchanges["notifications.delay"]["type"] == "topic"
+    assert exchanges["notifications.delay"]["durable"] is True
+    assert "notifications.retry" not in exchanges  # the former direct one is no longer declared
 
     queues = {
         row["name"]: row for row in _list(vhost, "list_queues", "name", "durable", "arguments")
@@ -72,10 +74,11 @@ async def test_declared_topology(rabbit_url: str) -> None:
             assert ("notifications", consumer_queue.name, key) in bindings
         dlq = consumer_queue.dead_letter_queue.name
         assert ("notifications.dlx", dlq, consumer_queue.name) in bindings
+        assert ("notifications.delay", dlq, dlq) in bindings
         for delay in DELAYS:
             wait = consumer_queue.wait_queue(delay).name
             assert queues[wait]["arguments"]["x-message-ttl"] == round(delay * 1000)
-            assert ("notifications.retry", wait, wait) in bindings
+            assert ("notifications.delay", wait, wait) in bindings
 
 
 async def test_published_events_are_persistent_and_carry_their_id(rabbit_url: str) -> None:

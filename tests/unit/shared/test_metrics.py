@@ -25,7 +25,6 @@ from herald_shared.events import (
 from herald_shared.metrics import herald_metrics, refresh_broker_gauges
 from herald_shared.retry import PermanentError
 from herald_shared.topology import (
-    DEAD_LETTER_EXCHANGE,
     EXCHANGE,
     MESSAGE_NOTIFICATIONS,
     RETRY_EXCHANGE,
@@ -76,9 +75,10 @@ def park_retries_and_dead_letters(broker: RabbitBroker) -> dict[str, list[Any]]:
     async def waiting(body: Any) -> None:
         parked["wait"].append(body)
 
+    dead_letter_queue = MESSAGE_NOTIFICATIONS.dead_letter_queue.name
+
     @broker.subscriber(
-        RabbitQueue("message_notifications.dlq", routing_key=MESSAGE_NOTIFICATIONS.name),
-        DEAD_LETTER_EXCHANGE,
+        RabbitQueue(dead_letter_queue, routing_key=dead_letter_queue), RETRY_EXCHANGE
     )
     async def dead(body: Any) -> None:
         parked["dlq"].append(body)

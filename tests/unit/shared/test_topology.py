@@ -3,6 +3,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from faststream.rabbit import ExchangeType
 
 from herald_shared import topology
 from herald_shared.events import (
@@ -43,6 +44,20 @@ def test_work_queues_are_durable_quorum_queues_with_dead_lettering(
     assert queue.arguments["x-dead-letter-exchange"] == topology.DEAD_LETTER_EXCHANGE.name
     assert queue.arguments["x-dead-letter-routing-key"] == consumer_queue.name
     assert queue.arguments["x-delivery-limit"] == topology.DELIVERY_LIMIT
+
+
+def test_retries_and_dead_letters_go_through_a_topic_exchange_by_queue_name() -> None:
+    # Topic, so RabbitMQ's topic permissions confine each service to its own queues there; a
+    # new name, since re-declaring the former direct `notifications.retry` as topic would fail.
+    assert topology.RETRY_EXCHANGE.name == "notifications.delay"
+    assert topology.RETRY_EXCHANGE.type == ExchangeType.TOPIC
+    # RabbitMQ's own dead-lettering keeps the exchange the work queues' arguments name.
+    assert topology.DEAD_LETTER_EXCHANGE.name == "notifications.dlx"
+    assert topology.DEAD_LETTER_EXCHANGE.type == ExchangeType.DIRECT
+    for consumer_queue in topology.CONSUMER_QUEUES:
+        names = [consumer_queue.dead_letter_queue.name, consumer_queue.wait_queue(1.0).name]
+        # Bound by their own name: no topic wildcard may make a binding match other keys.
+        assert not any(wildcard in name for name in names for wildcard in "*#")
 
 
 def test_wait_queues_return_to_their_own_queue_only() -> None:
