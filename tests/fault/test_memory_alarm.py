@@ -56,7 +56,9 @@ async def test_the_api_answers_at_once_during_a_memory_alarm_and_everything_is_d
             # The alarm is real once the broker blocks a publisher (the relay's next publish).
             blocked = await wait_until(blocked_connections, timeout=30, interval=0.2)
             during_from = len(accepted.answers)
-            await wait_until(lambda: posted(during_from + 40), timeout=30)
+            # ~25 s at 8 posts a second: longer than a handler's publish timeout (5 s) plus the
+            # retry middleware's own republish timeout (10 s) together.
+            await wait_until(lambda: posted(during_from + 200), timeout=60)
             during = accepted.answers[during_from:]
             during_seconds = accepted.seconds[during_from:]
             await asyncio.to_thread(node.ctl, "set_vm_memory_high_watermark", "0.4")
