@@ -12,9 +12,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
-import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +20,6 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-import uvicorn
 from playwright.sync_api import Browser, Page, Request, sync_playwright
 
 from email_sender.app import create_app as create_email_app
@@ -37,6 +33,7 @@ from notification_router.app import create_app as create_router_app
 from notification_router.settings import Settings as RouterSettings
 from push_sender.app import create_app as create_push_app
 from push_sender.settings import Settings as PushSettings
+from tests.fakes.served import ServedApp
 
 pytestmark = pytest.mark.browser
 
@@ -80,38 +77,6 @@ def chromium_path() -> str:
 
 
 # --- the services, served on loopback -----------------------------------------------------------
-
-
-class ServedApp:
-    """An ASGI app behind uvicorn in a thread, on a free loopback port, lifespan off."""
-
-    def __init__(self, app: Any, name: str) -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((LOOPBACK, 0))
-        self.base_url = f"http://{LOOPBACK}:{sock.getsockname()[1]}"
-        config = uvicorn.Config(
-            app,
-            log_config=None,  # leave the test process's logging alone
-            log_level="warning",
-            access_log=False,
-            lifespan="off",
-            timeout_graceful_shutdown=2,
-        )
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [sock]}, name=name, daemon=True
-        )
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"{name} did not start")
-            time.sleep(0.01)
-
-    def stop(self) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout=10)
 
 
 def _rabbitmq() -> RabbitSettings:

@@ -40,7 +40,6 @@ import asyncio
 import itertools
 import json
 import secrets
-import socket
 import threading
 import time
 from collections.abc import Sequence
@@ -51,13 +50,14 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import jwt
-import uvicorn
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from tests.fakes.served import ServedApp
 
 SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
 JWT_BEARER_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
@@ -242,48 +242,25 @@ class FakeFcm:
         self._scripts: dict[str, list[_Script]] = {}
         self._ids = itertools.count(1)
         self._stopping = threading.Event()
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
+        self._served: ServedApp | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._server is not None:
+        if self._served is not None:
             raise RuntimeError("FakeFcm already started")
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, 0))
-        self.port = sock.getsockname()[1]
-        self.base_url = f"http://{self.host}:{self.port}"
-        self.token_uri = f"{self.base_url}/token"
-        config = uvicorn.Config(
-            self._app(),
-            log_config=None,  # leave the test process's logging alone
-            log_level="warning",
-            access_log=False,
-            lifespan="off",
-            timeout_graceful_shutdown=2,
-        )
-        server = uvicorn.Server(config)
-        thread = threading.Thread(
-            target=server.run, kwargs={"sockets": [sock]}, name="fake-fcm", daemon=True
-        )
         self._stopping.clear()
-        self._server, self._thread = server, thread
-        thread.start()
-        deadline = time.monotonic() + 10
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("FakeFcm did not start")
-            time.sleep(0.01)
+        self._served = ServedApp(self._app(), "fake-fcm", host=self.host)
+        self.port = self._served.port
+        self.base_url = self._served.base_url
+        self.token_uri = f"{self.base_url}/token"
 
     def stop(self) -> None:
-        if self._server is None or self._thread is None:
+        if self._served is None:
             return
         self._stopping.set()  # ends stalls at once
-        self._server.should_exit = True
-        self._thread.join(timeout=10)
-        self._server = self._thread = None
+        self._served.stop()
+        self._served = None
 
     def __enter__(self) -> FakeFcm:
         self.start()

@@ -35,7 +35,6 @@ import itertools
 import json
 import re
 import secrets
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -43,7 +42,6 @@ from types import TracebackType
 from typing import Any
 
 import jwt
-import uvicorn
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -53,6 +51,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+
+from tests.fakes.served import ServedApp
 
 MAX_BODY_BYTES = 4096
 MAX_JWT_LIFETIME = 24 * 3600
@@ -179,47 +179,25 @@ class FakeWebPush:
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._stopping = threading.Event()
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
+        self._served: ServedApp | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._server is not None:
+        if self._served is not None:
             raise RuntimeError("FakeWebPush already started")
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, 0))
-        self.port = sock.getsockname()[1]
-        self.origin = f"http://{self.host}:{self.port}"
-        config = uvicorn.Config(
-            Starlette(routes=[Route("/push/{subscription_id}", self._push, methods=["POST"])]),
-            log_config=None,  # leave the test process's logging alone
-            log_level="warning",
-            access_log=False,
-            lifespan="off",
-            timeout_graceful_shutdown=2,
-        )
-        server = uvicorn.Server(config)
-        thread = threading.Thread(
-            target=server.run, kwargs={"sockets": [sock]}, name="fake-webpush", daemon=True
-        )
         self._stopping.clear()
-        self._server, self._thread = server, thread
-        thread.start()
-        deadline = time.monotonic() + 10
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("FakeWebPush did not start")
-            time.sleep(0.01)
+        app = Starlette(routes=[Route("/push/{subscription_id}", self._push, methods=["POST"])])
+        self._served = ServedApp(app, "fake-webpush", host=self.host)
+        self.port = self._served.port
+        self.origin = self._served.base_url
 
     def stop(self) -> None:
-        if self._server is None or self._thread is None:
+        if self._served is None:
             return
         self._stopping.set()  # ends stalls at once
-        self._server.should_exit = True
-        self._thread.join(timeout=10)
-        self._server = self._thread = None
+        self._served.stop()
+        self._served = None
 
     def __enter__(self) -> FakeWebPush:
         self.start()
