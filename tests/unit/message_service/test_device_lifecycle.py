@@ -326,10 +326,17 @@ def pruner_at(runtime: Runtime, now: datetime, *, interval: float = 3600.0) -> D
     )
 
 
+def _now() -> datetime:
+    """The tests' registrations are stamped from now: the app's own pruner runs at start-up with
+    the real clock, and a device stamped months ago could be pruned by it first (a race the
+    tests' own pruner, with its injected clock, would then lose)."""
+    return datetime.now(UTC)
+
+
 async def test_devices_not_refreshed_for_the_stale_period_are_pruned(
     client: httpx.AsyncClient, runtime: Runtime
 ) -> None:
-    start = datetime(2026, 1, 1, tzinfo=UTC)
+    start = _now()
     alice = await register(client, "alice")
     bob = await register(client, "bob")
     carol = await register(client, "carol")
@@ -357,7 +364,7 @@ async def test_devices_not_refreshed_for_the_stale_period_are_pruned(
 
 
 async def test_pruning_again_changes_nothing(client: httpx.AsyncClient, runtime: Runtime) -> None:
-    start = datetime(2026, 1, 1, tzinfo=UTC)
+    start = _now()
     alice = await register(client, "alice")
     await register_at(runtime, alice.id, "old", start)
     pruner = pruner_at(runtime, start + timedelta(days=60, seconds=1))
@@ -370,7 +377,7 @@ async def test_pruning_again_changes_nothing(client: httpx.AsyncClient, runtime:
 async def test_a_device_exactly_at_the_limit_is_kept(
     client: httpx.AsyncClient, runtime: Runtime
 ) -> None:
-    start = datetime(2026, 1, 1, tzinfo=UTC)
+    start = _now()
     alice = await register(client, "alice")
     await register_at(runtime, alice.id, "edge", start)
 
@@ -380,7 +387,7 @@ async def test_a_device_exactly_at_the_limit_is_kept(
 async def test_the_pruner_runs_periodically_until_stopped(
     client: httpx.AsyncClient, runtime: Runtime
 ) -> None:
-    start = datetime(2026, 1, 1, tzinfo=UTC)
+    start = _now()
     alice = await register(client, "alice")
     now = [start]
     pruner = DevicePruner(
