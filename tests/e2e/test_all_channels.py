@@ -6,7 +6,6 @@ VAPID verified; SMTP)."""
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from tests.fakes.fcm import FakeFcm
 from tests.fakes.smtp import FakeSmtp
 from tests.fakes.webpush import FakeWebPush
 from tests.support import infra
-from tests.support.processes import SERVICES, ServiceProcess, free_port, service_env
+from tests.support.processes import SERVICES, running_services, service_env
 
 TEXT = "Ship it on Friday? 🚀"
 
@@ -70,37 +69,23 @@ async def test_a_message_reaches_fcm_apns_web_push_and_email_of_one_user(
                 "WEBPUSH_VAPID_SUBJECT": "mailto:ops@herald.example",
             }
         )
-        services = {
-            name: ServiceProcess(
-                name=name,
-                port=free_port(),
-                env=environments[name],
-                log_path=tmp_path / f"{name}.log",
-            )
-            for name in SERVICES
-        }
         try:
-            for service in services.values():
-                service.start()
-            for service in services.values():
-                await asyncio.to_thread(service.wait_ready)
-            message_id = await _post_to_bob_on_every_channel(
-                services["message-service"].base_url, webpush
-            )
+            async with running_services(environments, tmp_path) as services:
+                message_id = await _post_to_bob_on_every_channel(
+                    services["message-service"].base_url, webpush
+                )
 
-            async def everything_arrived() -> bool:
-                return bool(fcm.accepted and apns.accepted and webpush.received and smtp.received)
+                async def everything_arrived() -> bool:
+                    return bool(
+                        fcm.accepted and apns.accepted and webpush.received and smtp.received
+                    )
 
-            await infra.wait_until(everything_arrived, timeout=60)
-            deliveries = await _reported(databases["notification-router"], message_id)
+                await infra.wait_until(everything_arrived, timeout=60)
+                deliveries = await _reported(databases["notification-router"], message_id)
         finally:
-            exit_codes = {name: service.stop() for name, service in services.items()}
             for url in databases.values():
                 await infra.drop_database(url)
 
-    assert exit_codes == dict.fromkeys(SERVICES, 0), {
-        name: services[name].log()[-3000:] for name, code in exit_codes.items() if code != 0
-    }
     (android,) = fcm.accepted
     assert android["message"]["notification"]["body"] == TEXT
     (ios,) = apns.accepted

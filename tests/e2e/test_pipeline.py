@@ -3,7 +3,6 @@ over HTTP reaches every other room member as a ledger row, an FCM push and an e-
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ import pytest
 from tests.fakes.fcm import FakeFcm
 from tests.fakes.smtp import FakeSmtp
 from tests.support import infra
-from tests.support.processes import SERVICES, ServiceProcess, free_port, service_env
+from tests.support.processes import SERVICES, ServiceProcess, running_services, service_env
 
 
 @dataclass
@@ -39,29 +38,13 @@ async def pipeline(
     environments = service_env(
         rabbit_url=rabbit_url, databases=databases, fcm=fcm, credentials=credentials, smtp=smtp
     )
-    services = {
-        name: ServiceProcess(
-            name=name,
-            port=free_port(),
-            env=environments[name],
-            log_path=tmp_path / f"{name}.log",
-        )
-        for name in SERVICES
-    }
     try:
-        for service in services.values():
-            service.start()
-        for service in services.values():
-            await asyncio.to_thread(service.wait_ready)
-        yield Pipeline(services, databases, fcm, smtp)
+        # Leaving the block stops every service and asserts a clean exit (a graceful drain).
+        async with running_services(environments, tmp_path) as services:
+            yield Pipeline(services, databases, fcm, smtp)
     finally:
-        exit_codes = {name: service.stop() for name, service in services.items()}
         for url in databases.values():
             await infra.drop_database(url)
-    # Graceful shutdown: every service drains and exits cleanly on SIGTERM.
-    assert exit_codes == dict.fromkeys(SERVICES, 0), {
-        name: services[name].log()[-3000:] for name, code in exit_codes.items() if code != 0
-    }
 
 
 async def _register(client: httpx.AsyncClient, username: str, device_token: str) -> dict[str, str]:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,4 +117,29 @@ def service_env(
     return {
         name: {**common, "DATABASE_URL": databases[name], **extra.get(name, {})}
         for name in SERVICES
+    }
+
+
+@contextlib.asynccontextmanager
+async def running_services(
+    environments: Mapping[str, dict[str, str]], log_dir: Path
+) -> AsyncIterator[dict[str, ServiceProcess]]:
+    """The four console scripts as processes, each ready, with logs in `log_dir`. On the way out
+    each gets SIGTERM and must drain and exit 0 (asserted, with the failing services' logs)."""
+    services = {
+        name: ServiceProcess(
+            name=name, port=free_port(), env=environments[name], log_path=log_dir / f"{name}.log"
+        )
+        for name in SERVICES
+    }
+    try:
+        for service in services.values():
+            service.start()
+        for service in services.values():
+            await asyncio.to_thread(service.wait_ready)
+        yield services
+    finally:
+        exit_codes = {name: service.stop() for name, service in services.items()}
+    assert exit_codes == dict.fromkeys(SERVICES, 0), {
+        name: services[name].log()[-3000:] for name, code in exit_codes.items() if code != 0
     }
