@@ -9,11 +9,12 @@ reaches a log line through an exception).
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 SCHEMA_VERSION = 1
 
@@ -22,6 +23,9 @@ NOTIFICATION_NAMESPACE = uuid.UUID("6f1c3a52-2f4e-4d1b-9a57-0b4c4f1e8d21")
 
 MAX_MESSAGE_CONTENT = 4000
 MAX_RECIPIENTS = 1000
+# Jobs (or reports) in one batch event: a room of 1,000 members makes ten push batches, each a
+# few hundred kB, and a batch that has to wait for a retry holds back at most this many.
+MAX_BATCH_SIZE = 100
 
 
 def utc_now() -> datetime:
@@ -173,6 +177,77 @@ class DeliveryReported(Event):
     reason: str | None = None
 
 
+class _Batch(Event):
+    """Many jobs or reports of one message and channel in one broker message.
+
+    What the router and the senders exchange at volume: one broker message (a consume, a
+    publish, a confirm) and one ledger statement per batch instead of per notification. Each item
+    keeps its own ids, so an item of a batch is handled exactly as it would be on its own; a batch
+    is retried or dead-lettered as a whole, and the items it had already finished are no-ops then.
+    """
+
+    message_id: uuid.UUID
+
+    def _check_items(
+        self, items: Sequence[PushRequested | EmailRequested | DeliveryReported]
+    ) -> None:
+        if any(item.message_id != self.message_id for item in items):
+            raise ValueError("every item of a batch belongs to the batch's message")
+        ids = [item.notification_id for item in items]
+        if len(set(ids)) != len(ids):
+            raise ValueError("a notification appears twice in one batch")
+
+
+class PushBatchRequested(_Batch):
+    """Deliver the push notifications of one message to the devices of one platform
+    (`notification.push.send`): the router's job at volume; `PushRequested` stays accepted."""
+
+    type: Literal["push_batch_requested"] = "push_batch_requested"
+    platform: Platform
+    jobs: list[PushRequested] = Field(min_length=1, max_length=MAX_BATCH_SIZE)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PushBatchRequested:
+        self._check_items(self.jobs)
+        if any(job.platform is not self.platform for job in self.jobs):
+            raise ValueError("every job of a push batch is for the batch's platform")
+        return self
+
+
+class EmailBatchRequested(_Batch):
+    """Deliver the e-mail notifications of one message (`notification.email.send`): the
+    router's job at volume; `EmailRequested` stays accepted."""
+
+    type: Literal["email_batch_requested"] = "email_batch_requested"
+    jobs: list[EmailRequested] = Field(min_length=1, max_length=MAX_BATCH_SIZE)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EmailBatchRequested:
+        self._check_items(self.jobs)
+        return self
+
+
+class DeliveryBatchReported(_Batch):
+    """One outcome of many notifications of one message on one channel
+    (`notification.<channel>.<outcome>`): the senders' report at volume; `DeliveryReported`
+    stays accepted."""
+
+    type: Literal["delivery_batch_reported"] = "delivery_batch_reported"
+    channel: Channel
+    outcome: DeliveryOutcome
+    reports: list[DeliveryReported] = Field(min_length=1, max_length=MAX_BATCH_SIZE)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DeliveryBatchReported:
+        self._check_items(self.reports)
+        if any(
+            report.channel is not self.channel or report.outcome is not self.outcome
+            for report in self.reports
+        ):
+            raise ValueError("every report of a batch has the batch's channel and outcome")
+        return self
+
+
 class DeviceInvalidated(Event):
     """The provider says a push token is dead; message-service removes the device
     (`device.invalidated`)."""
@@ -189,9 +264,18 @@ AnyEvent = Annotated[
     | PushRequested
     | EmailRequested
     | DeliveryReported
-    | DeviceInvalidated,
+    | DeviceInvalidated
+    | PushBatchRequested
+    | EmailBatchRequested
+    | DeliveryBatchReported,
     Field(discriminator="type"),
 ]
+
+# What each sender's queue and the router's report queue carry: the batch, or (from a router of
+# an earlier version, or replayed from a dead-letter queue) a single job or report.
+AnyPushJob = Annotated[PushRequested | PushBatchRequested, Field(discriminator="type")]
+AnyEmailJob = Annotated[EmailRequested | EmailBatchRequested, Field(discriminator="type")]
+AnyDeliveryReport = Annotated[DeliveryReported | DeliveryBatchReported, Field(discriminator="type")]
 
 EVENT_ADAPTER: TypeAdapter[AnyEvent] = TypeAdapter(AnyEvent)
 
@@ -202,6 +286,9 @@ EVENT_MODELS: tuple[type[Event], ...] = (
     EmailRequested,
     DeliveryReported,
     DeviceInvalidated,
+    PushBatchRequested,
+    EmailBatchRequested,
+    DeliveryBatchReported,
 )
 
 

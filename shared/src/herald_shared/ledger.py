@@ -36,7 +36,7 @@ from __future__ import annotations
 import contextlib
 import re
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -319,6 +319,61 @@ class DeliveryLedger:
         lease_expires_at = _aware(row.claimed_at) + lease if row.claimed_at is not None else now
         return Busy(lease_expires_at=lease_expires_at)
 
+    async def claim_many(
+        self,
+        jobs: Sequence[DeliveryJob],
+        *,
+        provider: str,
+        now: datetime,
+        lease: timedelta,
+        extra: Callable[[Any], Mapping[str, Any]] | None = None,
+    ) -> dict[uuid.UUID, Claim]:
+        """`claim` for every job of a batch, by notification_id.
+
+        A batch's first delivery inserts all its rows in one statement; only the jobs whose row
+        exists already (a retry, a redelivered copy) take `claim`'s path one by one. `extra(job)`
+        fills the sender's own columns.
+        """
+        if not jobs:
+            return {}
+        t = self.table
+        # One order for every statement, so that two copies of a batch never deadlock.
+        ordered = sorted(jobs, key=lambda job: job.notification_id)
+        rows = [
+            {
+                "notification_id": job.notification_id,
+                "message_id": job.message_id,
+                "recipient_id": job.recipient_id,
+                "status": DeliveryStatus.SENDING,
+                "provider": provider,
+                "attempts": 1,
+                "created_at": now,
+                "updated_at": now,
+                "claimed_at": now,
+                **(extra(job) if extra is not None else {}),
+            }
+            for job in ordered
+        ]
+        async with self._statements() as connection:
+            inserted = await connection.execute(
+                self._insert(connection)
+                .values(rows)
+                .on_conflict_do_nothing(index_elements=[t.c.notification_id])
+                .returning(t.c.notification_id)
+            )
+            new = set(inserted.scalars())
+        claims: dict[uuid.UUID, Claim] = {id_: Claimed(attempt=1) for id_ in new}
+        for job in ordered:
+            if job.notification_id not in new:
+                claims[job.notification_id] = await self.claim(
+                    job,
+                    provider=provider,
+                    now=now,
+                    lease=lease,
+                    extra=extra(job) if extra is not None else None,
+                )
+        return claims
+
     async def finish(
         self,
         notification_id: uuid.UUID,
@@ -330,12 +385,28 @@ class DeliveryLedger:
     ) -> None:
         """Record the final outcome (committed before any event is published and before the
         ack). The lease stays until `mark_reported` or `unclaim`."""
+        await self.finish_many(
+            [notification_id], status=status, failure=failure, reason=reason, now=now
+        )
+
+    async def finish_many(
+        self,
+        notification_ids: Collection[uuid.UUID],
+        *,
+        status: DeliveryStatus,
+        failure: str | None = None,
+        reason: str | None,
+        now: datetime,
+    ) -> None:
+        """`finish` for notifications with the same outcome, in one statement."""
         if status not in FINAL_STATUSES:
             raise ValueError(f"{status} is not a final status")
+        if not notification_ids:
+            return
         async with self._statements() as connection:
             await connection.execute(
                 update(self.table)
-                .where(self.table.c.notification_id == notification_id)
+                .where(self.table.c.notification_id.in_(sorted(notification_ids)))
                 .values(
                     status=status,
                     failure=failure,
@@ -367,12 +438,28 @@ class DeliveryLedger:
         holds a newer lease, nothing changes). A row being sent becomes `retrying`: the provider
         may have accepted it meanwhile, and the next copy sends again (at-least-once, with the
         same provider keys). A final row keeps its outcome; the next copy publishes its events."""
+        await self.abandon_many([notification_id], claimed_at=claimed_at, reason=reason, now=now)
+
+    async def abandon_many(
+        self,
+        notification_ids: Collection[uuid.UUID],
+        *,
+        claimed_at: datetime,
+        reason: str,
+        now: datetime,
+    ) -> None:
+        """`abandon` for the notifications of a batch claimed together, in one statement."""
+        if not notification_ids:
+            return
         t = self.table
         sending = t.c.status == DeliveryStatus.SENDING
         async with self._statements() as connection:
             await connection.execute(
                 update(t)
-                .where(t.c.notification_id == notification_id, t.c.claimed_at == claimed_at)
+                .where(
+                    t.c.notification_id.in_(sorted(notification_ids)),
+                    t.c.claimed_at == claimed_at,
+                )
                 .values(
                     status=case((sending, DeliveryStatus.RETRYING.value), else_=t.c.status),
                     reason=case((sending, _clip(reason)), else_=t.c.reason),
@@ -383,21 +470,38 @@ class DeliveryLedger:
 
     async def mark_reported(self, notification_id: uuid.UUID, *, now: datetime) -> None:
         """The outcome's events are out: the job is done, and the lease with it."""
+        await self.mark_reported_many([notification_id], now=now)
+
+    async def mark_reported_many(
+        self, notification_ids: Collection[uuid.UUID], *, now: datetime
+    ) -> None:
+        """`mark_reported` for many notifications, in one statement."""
+        if not notification_ids:
+            return
         async with self._statements() as connection:
             await connection.execute(
                 update(self.table)
-                .where(self.table.c.notification_id == notification_id)
+                .where(self.table.c.notification_id.in_(sorted(notification_ids)))
                 .values(reported_at=now, claimed_at=None, updated_at=now)
             )
 
     async def unclaim(self, notification_id: uuid.UUID, *, now: datetime) -> None:
         """Drop the lease of a final row whose events could not be published, so that the retry
         publishes them at once instead of waiting for the lease to run out."""
+        await self.unclaim_many([notification_id], now=now)
+
+    async def unclaim_many(self, notification_ids: Collection[uuid.UUID], *, now: datetime) -> None:
+        """`unclaim` for many notifications, in one statement."""
+        if not notification_ids:
+            return
         t = self.table
         async with self._statements() as connection:
             await connection.execute(
                 update(t)
-                .where(t.c.notification_id == notification_id, t.c.status.in_(FINAL_STATUSES))
+                .where(
+                    t.c.notification_id.in_(sorted(notification_ids)),
+                    t.c.status.in_(FINAL_STATUSES),
+                )
                 .values(claimed_at=None, updated_at=now)
             )
 

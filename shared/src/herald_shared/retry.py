@@ -35,7 +35,7 @@ import json
 import logging
 import socket
 import traceback
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -97,6 +97,39 @@ class PermanentError(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+ItemError = RetryableError | DeferredError | PermanentError
+
+
+def batch_error(errors: Iterable[ItemError | None]) -> ItemError | None:
+    """How a batch ends whose items ended with `errors` (`None`: that item is done).
+
+    A batch is retried or dead-lettered as a whole, and the items it finished are no-ops when it
+    comes back, so the item that still needs something decides: a retry (an attempt is spent)
+    before a deferral (waits without spending one) before a dead letter (an item refused for
+    good is final in the ledger and reported already; it only goes to the dead-letter queue for
+    the operator when nothing else in the batch has to come back). The reason is the first such
+    item's, with how many there are; the wait is the longest any of them asked for.
+    """
+    failed = [error for error in errors if error is not None]
+    retries = [error for error in failed if isinstance(error, RetryableError)]
+    if retries:
+        return RetryableError(_batch_reason(retries), retry_after=_longest_wait(retries))
+    deferrals = [error for error in failed if isinstance(error, DeferredError)]
+    if deferrals:
+        return DeferredError(_batch_reason(deferrals), retry_after=_longest_wait(deferrals))
+    refusals = [error for error in failed if isinstance(error, PermanentError)]
+    return PermanentError(_batch_reason(refusals)) if refusals else None
+
+
+def _batch_reason(errors: Sequence[ItemError]) -> str:
+    first = errors[0].reason
+    return first if len(errors) == 1 else f"{first} (and {len(errors) - 1} more)"
+
+
+def _longest_wait(errors: Sequence[RetryableError | DeferredError]) -> float | None:
+    return max((e.retry_after for e in errors if e.retry_after is not None), default=None)
 
 
 @dataclass(frozen=True)

@@ -32,11 +32,14 @@ from faststream.rabbit.publisher import RabbitPublisher
 from faststream.rabbit.subscriber import RabbitSubscriber
 
 from herald_shared.events import (
+    DeliveryBatchReported,
     DeliveryReported,
     DeviceInvalidated,
+    EmailBatchRequested,
     EmailRequested,
     Event,
     MessageCreated,
+    PushBatchRequested,
     PushRequested,
     UserUpdated,
 )
@@ -172,11 +175,11 @@ def routing_key_for(event: Event) -> str:
             return MESSAGE_NEW
         case UserUpdated():
             return USER_UPDATED
-        case PushRequested():
+        case PushRequested() | PushBatchRequested():
             return PUSH_SEND
-        case EmailRequested():
+        case EmailRequested() | EmailBatchRequested():
             return EMAIL_SEND
-        case DeliveryReported():
+        case DeliveryReported() | DeliveryBatchReported():
             return f"notification.{event.channel}.{event.outcome}"
         case DeviceInvalidated():
             return DEVICE_INVALIDATED

@@ -108,3 +108,25 @@ async def test_a_lease_read_back_from_postgresql_keeps_its_zone(ledger: Delivery
     await ledger.claim(job, provider="smtp", now=now, lease=LEASE)
 
     assert await ledger.claim(job, provider="smtp", now=now, lease=LEASE) == Busy(now + LEASE)
+
+
+async def test_concurrent_copies_of_a_batch_give_each_job_to_exactly_one_worker(
+    ledger: DeliveryLedger,
+) -> None:
+    # Overlapping batches (a redelivered batch next to its original, a republished one with a
+    # different composition), claimed at the same moment: each job is Claimed exactly once, and
+    # the sorted multi-row inserts do not deadlock.
+    jobs = [Job() for _ in range(30)]
+    batches = [jobs, list(reversed(jobs)), jobs[::2], jobs[5:25]]
+    now = utc_now()
+
+    results = await asyncio.gather(
+        *(ledger.claim_many(batch, provider="smtp", now=now, lease=LEASE) for batch in batches)
+    )
+
+    for job in jobs:
+        claims = [
+            claims[job.notification_id] for claims in results if job.notification_id in claims
+        ]
+        assert claims.count(Claimed(1)) == 1
+        assert all(isinstance(claim, Busy) for claim in claims if claim != Claimed(1))

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import pydantic
@@ -9,9 +10,14 @@ import pytest
 from herald_shared.events import (
     EVENT_ADAPTER,
     Channel,
+    DeliveryBatchReported,
     DeliveryOutcome,
     DeliveryReported,
+    EmailBatchRequested,
     MessageCreated,
+    Platform,
+    PushBatchRequested,
+    PushRequested,
     SenderInfo,
     notification_id_for,
 )
@@ -119,3 +125,80 @@ def test_delivery_report_values() -> None:
         reason="smtp 550",
     )
     assert EVENT_ADAPTER.validate_json(report.model_dump_json()) == report
+
+
+def _push(message_id: uuid.UUID, platform: Platform = Platform.FCM) -> PushRequested:
+    someone = uuid.uuid4()
+    return PushRequested(
+        notification_id=uuid.uuid4(),
+        message_id=message_id,
+        room_id=someone,
+        recipient_id=someone,
+        device_id=uuid.uuid4(),
+        platform=platform,
+        token="token",
+        title="Alice",
+        body="Hi",
+    )
+
+
+def _report(message_id: uuid.UUID, outcome: DeliveryOutcome) -> DeliveryReported:
+    return DeliveryReported(
+        notification_id=uuid.uuid4(),
+        message_id=message_id,
+        recipient_id=uuid.uuid4(),
+        channel=Channel.PUSH,
+        outcome=outcome,
+    )
+
+
+def test_a_batch_round_trips_through_the_event_family() -> None:
+    message_id = uuid.uuid4()
+    batch = PushBatchRequested(
+        message_id=message_id, platform=Platform.FCM, jobs=[_push(message_id), _push(message_id)]
+    )
+
+    assert EVENT_ADAPTER.validate_json(batch.model_dump_json()) == batch
+
+
+@pytest.mark.parametrize(
+    ("build", "error"),
+    [
+        (
+            lambda m: PushBatchRequested(message_id=m, platform="fcm", jobs=[_push(uuid.uuid4())]),
+            "belongs to the batch's message",
+        ),
+        (
+            lambda m: PushBatchRequested(
+                message_id=m, platform="fcm", jobs=[_push(m, Platform.APNS)]
+            ),
+            "for the batch's platform",
+        ),
+        (
+            lambda m: PushBatchRequested(message_id=m, platform="fcm", jobs=[_push(m)] * 2),
+            "appears twice",
+        ),
+        (lambda m: PushBatchRequested(message_id=m, platform="fcm", jobs=[]), "at least 1"),
+        (
+            lambda m: PushBatchRequested(
+                message_id=m, platform="fcm", jobs=[_push(m) for _ in range(101)]
+            ),
+            "at most 100",
+        ),
+        (lambda m: EmailBatchRequested(message_id=m, jobs=[]), "at least 1"),
+        (
+            lambda m: DeliveryBatchReported(
+                message_id=m,
+                channel="push",
+                outcome="delivered",
+                reports=[_report(m, DeliveryOutcome.FAILED)],
+            ),
+            "the batch's channel and outcome",
+        ),
+    ],
+)
+def test_a_batch_refuses_items_that_do_not_belong_to_it(
+    build: Callable[[uuid.UUID], object], error: str
+) -> None:
+    with pytest.raises(pydantic.ValidationError, match=error):
+        build(uuid.uuid4())

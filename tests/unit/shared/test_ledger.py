@@ -277,3 +277,111 @@ async def _set_status(engine: AsyncEngine, job: Job, status: str) -> None:
 
 async def test_unknown_notification(ledger: DeliveryLedger) -> None:
     assert await ledger.get(Job().notification_id) is None
+
+
+async def claim_batch(
+    ledger: DeliveryLedger, jobs: list[Job], now: datetime
+) -> dict[uuid.UUID, Claim]:
+    return await ledger.claim_many(
+        jobs, provider="fcm", now=now, lease=LEASE, extra=lambda job: job.extra
+    )
+
+
+async def test_a_batch_is_claimed_finished_and_reported_together(ledger: DeliveryLedger) -> None:
+    jobs = [Job() for _ in range(5)]
+    now = utc_now()
+
+    claims = await claim_batch(ledger, jobs, now)
+    assert claims == {job.notification_id: Claimed(1) for job in jobs}
+
+    ids = [job.notification_id for job in jobs]
+    await ledger.finish_many(ids[:3], status=DeliveryStatus.DELIVERED, reason=None, now=now)
+    await ledger.finish_many(
+        ids[3:], status=DeliveryStatus.FAILED, failure="rejected", reason="fcm 400", now=now
+    )
+    await ledger.mark_reported_many(ids, now=now)
+
+    again = await claim_batch(ledger, jobs, now)
+    assert [again[id_] for id_ in ids] == [
+        *[AlreadyFinal(DeliveryStatus.DELIVERED, None, None, reported=True)] * 3,
+        *[AlreadyFinal(DeliveryStatus.FAILED, "rejected", "fcm 400", reported=True)] * 2,
+    ]
+    entry = await ledger.get(ids[0])
+    assert entry is not None
+    assert entry.extra == {"device_id": jobs[0].device_id}
+
+
+async def test_a_retried_batch_claims_only_what_is_not_final(ledger: DeliveryLedger) -> None:
+    delivered, transient, busy, new = Job(), Job(), Job(), Job()
+    now = utc_now()
+    await claim_batch(ledger, [delivered, transient, busy], now)
+    await ledger.finish(
+        delivered.notification_id, status=DeliveryStatus.DELIVERED, reason=None, now=now
+    )
+    await ledger.mark_reported(delivered.notification_id, now=now)
+    await ledger.release(transient.notification_id, reason="fcm 503", now=now)
+
+    claims = await claim_batch(ledger, [delivered, transient, busy, new], now)
+
+    assert claims == {
+        delivered.notification_id: AlreadyFinal(
+            DeliveryStatus.DELIVERED, None, None, reported=True
+        ),
+        transient.notification_id: Claimed(2),
+        busy.notification_id: Busy(now + LEASE),
+        new.notification_id: Claimed(1),
+    }
+
+
+async def test_abandon_many_drops_only_the_leases_of_that_claim(ledger: DeliveryLedger) -> None:
+    mine, finished, theirs = Job(), Job(), Job()
+    then = utc_now() - LEASE - timedelta(seconds=1)
+    await claim_batch(ledger, [mine, finished, theirs], then)
+    await ledger.finish(
+        finished.notification_id, status=DeliveryStatus.DELIVERED, reason=None, now=then
+    )
+    now = utc_now()
+    assert await claim(ledger, theirs, now) == Claimed(2)  # my lease ran out; another took it
+
+    await ledger.abandon_many(
+        [mine.notification_id, finished.notification_id, theirs.notification_id],
+        claimed_at=then,
+        reason="fcm send interrupted",
+        now=now,
+    )
+
+    assert await claim(ledger, mine, now) == Claimed(2)  # sending → retrying, free at once
+    assert await claim(ledger, finished, now) == (
+        AlreadyFinal(DeliveryStatus.DELIVERED, None, None, reported=False)
+    )
+    assert isinstance(await claim(ledger, theirs, now), Busy)
+
+
+async def test_unclaim_many_lets_a_retry_publish_a_whole_batch_at_once(
+    ledger: DeliveryLedger,
+) -> None:
+    jobs = [Job(), Job()]
+    now = utc_now()
+    await claim_batch(ledger, jobs, now)
+    ids = [job.notification_id for job in jobs]
+    await ledger.finish_many(ids, status=DeliveryStatus.DELIVERED, reason=None, now=now)
+
+    await ledger.unclaim_many(ids, now=now)  # publishing the batch report failed
+
+    claims = await claim_batch(ledger, jobs, now)
+    assert set(claims.values()) == {
+        AlreadyFinal(DeliveryStatus.DELIVERED, None, None, reported=False)
+    }
+
+
+async def test_batch_writes_of_nothing_do_nothing(ledger: DeliveryLedger) -> None:
+    now = utc_now()
+    assert await claim_batch(ledger, [], now) == {}
+    await ledger.finish_many([], status=DeliveryStatus.DELIVERED, reason=None, now=now)
+    await ledger.mark_reported_many([], now=now)
+    await ledger.unclaim_many([], now=now)
+    await ledger.abandon_many([], claimed_at=now, reason="x", now=now)
+    with pytest.raises(ValueError, match="not a final status"):
+        await ledger.finish_many(
+            [uuid.uuid4()], status=DeliveryStatus.SENDING, reason=None, now=now
+        )

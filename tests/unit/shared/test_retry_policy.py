@@ -9,6 +9,7 @@ from herald_shared.retry import (
     PermanentError,
     RetryableError,
     RetryPolicy,
+    batch_error,
     describe_error,
     is_deferred,
     is_permanent,
@@ -127,3 +128,43 @@ def _raised_from(error: BaseException, cause: BaseException) -> BaseException:
 )
 def test_what_waits_without_spending_an_attempt(error: BaseException, deferred: bool) -> None:
     assert is_deferred(error) is deferred
+
+
+@pytest.mark.parametrize(
+    ("errors", "expected"),
+    [
+        ([None, None], None),
+        ([], None),
+        ([None, PermanentError("fcm 400")], PermanentError("fcm 400")),
+        (
+            [PermanentError("fcm 400"), DeferredError("busy", retry_after=3.0), None],
+            DeferredError("busy", retry_after=3.0),
+        ),
+        (
+            [
+                DeferredError("busy", retry_after=3.0),
+                RetryableError("fcm 503"),
+                RetryableError("fcm 429", retry_after=20.0),
+                PermanentError("fcm 400"),
+            ],
+            RetryableError("fcm 503 (and 1 more)", retry_after=20.0),
+        ),
+        (
+            [DeferredError("breaker open"), DeferredError("busy", retry_after=3.0)],
+            DeferredError("breaker open (and 1 more)", retry_after=3.0),
+        ),
+    ],
+)
+def test_a_batch_ends_as_the_item_that_needs_most(
+    errors: list[RetryableError | DeferredError | PermanentError | None],
+    expected: RetryableError | DeferredError | PermanentError | None,
+) -> None:
+    result = batch_error(errors)
+
+    if expected is None:
+        assert result is None
+        return
+    assert type(result) is type(expected)
+    assert result is not None
+    assert result.reason == expected.reason
+    assert getattr(result, "retry_after", None) == getattr(expected, "retry_after", None)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 
 import pytest
 from faststream.rabbit import ExchangeType
@@ -8,11 +9,16 @@ from faststream.rabbit import ExchangeType
 from herald_shared import topology
 from herald_shared.events import (
     Channel,
+    DeliveryBatchReported,
     DeliveryOutcome,
     DeliveryReported,
     DeviceInvalidated,
+    EmailBatchRequested,
+    EmailRequested,
     Event,
 )
+
+MESSAGE_ID = uuid.uuid4()
 
 
 def test_every_routing_key_is_bound_by_exactly_one_queue() -> None:
@@ -96,6 +102,43 @@ def test_wait_queues_return_to_their_own_queue_only() -> None:
         (
             DeviceInvalidated(user_id=uuid.uuid4(), device_id=uuid.uuid4(), reason="gone"),
             "device.invalidated",
+        ),
+        (
+            EmailBatchRequested(
+                message_id=MESSAGE_ID,
+                jobs=[
+                    EmailRequested(
+                        notification_id=uuid.uuid4(),
+                        message_id=MESSAGE_ID,
+                        room_id=uuid.uuid4(),
+                        room_name="general",
+                        recipient_id=uuid.uuid4(),
+                        to_address="bob@example.test",
+                        to_name="Bob",
+                        sender_display_name="Alice",
+                        message_content="Hi",
+                        sent_at=datetime(2026, 1, 1, tzinfo=UTC),
+                    )
+                ],
+            ),
+            "notification.email.send",
+        ),
+        (
+            DeliveryBatchReported(
+                message_id=MESSAGE_ID,
+                channel=Channel.PUSH,
+                outcome=DeliveryOutcome.FAILED,
+                reports=[
+                    DeliveryReported(
+                        notification_id=uuid.uuid4(),
+                        message_id=MESSAGE_ID,
+                        recipient_id=uuid.uuid4(),
+                        channel=Channel.PUSH,
+                        outcome=DeliveryOutcome.FAILED,
+                    )
+                ],
+            ),
+            "notification.push.failed",
         ),
     ],
 )
