@@ -1,12 +1,13 @@
 """The push provider failing transiently, for ever, for one device: that job is tried 1 +
-RABBITMQ_MAX_RETRIES times on the retry tiers, then parked in push_notifications.dlq and
-reported failed; everything else is delivered."""
+RABBITMQ_MAX_RETRIES times on the retry tiers, then parked (in its message's batch) in
+push_notifications.dlq and reported failed; everything else is delivered, once."""
 
 from __future__ import annotations
 
 import itertools
 import json
 import random
+import uuid
 
 import httpx
 import pytest
@@ -86,7 +87,12 @@ async def test_a_transient_provider_failure_is_retried_on_the_tiers_then_dead_le
     headers = dead[0].headers or {}
     assert headers[REASON_HEADER] == "retries-exhausted"
     assert headers[ATTEMPT_HEADER] == 1 + MAX_RETRIES
-    assert json.loads(dead[0].body)["notification_id"] == str(parked)
+    # The whole batch of the message's pushes was dead-lettered with it: its other jobs had been
+    # delivered on the first attempt and were no-ops on every retry.
+    dead_batch = json.loads(dead[0].body)
+    assert dead_batch["type"] == "push_batch_requested"
+    batch_ids = {job["notification_id"] for job in dead_batch["jobs"]}
+    assert str(parked) in batch_ids
     # Every other target was delivered, once; nothing else was dead-lettered.
     assert result.lost == 0
     assert result.duplicates == 0
@@ -101,4 +107,7 @@ async def test_a_transient_provider_failure_is_retried_on_the_tiers_then_dead_le
         return status if status == "failed" else None
 
     assert await wait_until(parked_status, timeout=10) == "failed"
+    # ... and the hook's "failed" report for the whole batch left its delivered jobs delivered.
+    statuses = (await observe(herald)).delivery_status
+    assert {statuses.get(uuid.UUID(id_)) for id_ in batch_ids - {str(parked)}} == {"delivered"}
     assert herald.crashed() == {}

@@ -22,7 +22,13 @@ from email_sender.tables import email_deliveries
 from herald_shared import retry
 from herald_shared.broker import RabbitSettings
 from herald_shared.database import make_engine
-from herald_shared.events import DeliveryOutcome, DeliveryReported, EmailRequested
+from herald_shared.events import (
+    DeliveryBatchReported,
+    DeliveryOutcome,
+    DeliveryReported,
+    EmailBatchRequested,
+    EmailRequested,
+)
 from herald_shared.ledger import DeliveryLedger, DeliveryStatus, LedgerEntry
 from herald_shared.topology import (
     EMAIL_DELIVERED,
@@ -56,15 +62,24 @@ def email_job(**overrides: Any) -> EmailRequested:
     return EmailRequested(**fields)
 
 
+def email_batch(*addresses: str) -> EmailBatchRequested:
+    """One message's jobs, one per address, as the router sends them."""
+    message_id = uuid.uuid4()
+    return EmailBatchRequested(
+        message_id=message_id,
+        jobs=[email_job(message_id=message_id, to_address=address) for address in addresses],
+    )
+
+
 @dataclass
 class Service:
     app: AsgiFastStream
     engine: AsyncEngine
     channel: aio_pika.abc.AbstractChannel
     reports_queue: aio_pika.abc.AbstractQueue
-    reports: list[tuple[str, DeliveryReported]] = field(default_factory=list)
+    reports: list[tuple[str, DeliveryBatchReported]] = field(default_factory=list)
 
-    async def publish(self, job: EmailRequested) -> None:
+    async def publish(self, job: EmailRequested | EmailBatchRequested) -> None:
         """As notification-router does: persistent, on the exchange, with the job's routing key."""
         exchange = await self.channel.get_exchange(EXCHANGE.name)
         await exchange.publish(
@@ -77,11 +92,19 @@ class Service:
             routing_key=EMAIL_SEND,
         )
 
-    async def collect_reports(self) -> list[tuple[str, DeliveryReported]]:
+    async def collect_reports(self) -> list[tuple[str, DeliveryBatchReported]]:
         while (message := await self.reports_queue.get(no_ack=True, fail=False)) is not None:
-            report = DeliveryReported.model_validate_json(message.body)
+            report = DeliveryBatchReported.model_validate_json(message.body)
             self.reports.append((message.routing_key or "", report))
         return self.reports
+
+    async def reported(self) -> list[tuple[str, DeliveryReported]]:
+        """Every single report so far, with the routing key of the batch that carried it."""
+        return [
+            (routing_key, report)
+            for routing_key, batch in await self.collect_reports()
+            for report in batch.reports
+        ]
 
     async def dead_letters(self) -> list[aio_pika.abc.AbstractIncomingMessage]:
         queue = await self.channel.get_queue(EMAIL_NOTIFICATIONS.dead_letter_queue.name)
@@ -133,17 +156,14 @@ async def service(rabbit_url: str, pg_url: str, smtp: FakeSmtp) -> AsyncIterator
         await engine.dispose()
 
 
-async def test_a_job_arrives_once_at_the_smtp_server_and_is_reported_delivered(
+async def test_a_single_job_is_still_accepted_sent_once_and_reported_delivered(
     service: Service, smtp: FakeSmtp
 ) -> None:
     job = email_job()
 
     await service.publish(job)
 
-    async def reported() -> list[tuple[str, DeliveryReported]]:
-        return await service.collect_reports()
-
-    ((routing_key, report),) = await wait_until(reported)
+    ((routing_key, report),) = await wait_until(service.reported)
     assert routing_key == EMAIL_DELIVERED
     assert (report.notification_id, report.outcome) == (
         job.notification_id,
@@ -158,36 +178,63 @@ async def test_a_job_arrives_once_at_the_smtp_server_and_is_reported_delivered(
     assert (entry.status, entry.attempts, entry.reported) == (DeliveryStatus.DELIVERED, 1, True)
 
 
-async def test_the_same_job_published_twice_gives_exactly_one_email(
+async def test_a_batch_arrives_once_per_email_and_is_reported_in_one_event(
     service: Service, smtp: FakeSmtp
 ) -> None:
-    job = email_job()
+    batch = email_batch(*(f"user{number}@example.test" for number in range(5)))
 
-    await service.publish(job)
-    await service.publish(job)
+    await service.publish(batch)
+
+    async def all_reported() -> bool:
+        entries = [await service.ledger(job) for job in batch.jobs]
+        return all(entry is not None and entry.reported for entry in entries)
+
+    await wait_until(all_reported)
+    ((routing_key, report),) = await service.collect_reports()
+    assert (routing_key, report.message_id, report.outcome) == (
+        EMAIL_DELIVERED,
+        batch.message_id,
+        DeliveryOutcome.DELIVERED,
+    )
+    assert {item.notification_id for item in report.reports} == {
+        job.notification_id for job in batch.jobs
+    }
+    assert sorted(mail["Message-ID"] for mail in smtp.received) == sorted(
+        f"<{job.notification_id}@herald.localhost>" for job in batch.jobs
+    )
+    for job in batch.jobs:
+        entry = await service.ledger(job)
+        assert entry is not None
+        assert (entry.status, entry.attempts) == (DeliveryStatus.DELIVERED, 1)
+
+
+async def test_the_same_batch_published_twice_gives_exactly_one_email_each(
+    service: Service, smtp: FakeSmtp
+) -> None:
+    batch = email_batch(BOB, "carol@example.test")
+
+    await service.publish(batch)
+    await service.publish(batch)
 
     async def both_handled() -> bool:
         delivered = await service.emails_counted("delivered")
-        return delivered == 1 and await service.emails_counted("duplicate") == 1
+        return delivered == 2 and await service.emails_counted("duplicate") == 2
 
     await wait_until(both_handled)
-    assert len(smtp.received) == 1
+    assert len(smtp.received) == 2
     assert len(await service.collect_reports()) == 1
 
 
 async def test_a_451_is_retried_and_then_delivered(service: Service, smtp: FakeSmtp) -> None:
     smtp.reply(BOB, 451, "4.3.0 try again later", times=1)
-    job = email_job()
+    batch = email_batch(BOB)
 
-    await service.publish(job)
+    await service.publish(batch)
 
-    async def reported() -> list[tuple[str, DeliveryReported]]:
-        return await service.collect_reports()
-
-    ((routing_key, report),) = await wait_until(reported)
+    ((routing_key, report),) = await wait_until(service.reported)
     assert (routing_key, report.outcome) == (EMAIL_DELIVERED, DeliveryOutcome.DELIVERED)
     assert len(smtp.received) == 1
-    entry = await service.ledger(job)
+    entry = await service.ledger(batch.jobs[0])
     assert entry is not None
     assert (entry.status, entry.attempts) == (DeliveryStatus.DELIVERED, 2)
     assert await service.emails_counted("retry") == 1
@@ -198,40 +245,79 @@ async def test_a_550_is_reported_failed_and_dead_lettered_without_retry(
     service: Service, smtp: FakeSmtp
 ) -> None:
     smtp.reply(BOB, 550, "5.1.1 <bob@example.test>: Recipient address rejected")
-    job = email_job()
+    batch = email_batch(BOB)
 
-    await service.publish(job)
+    await service.publish(batch)
 
-    async def dead_lettered() -> list[aio_pika.abc.AbstractIncomingMessage]:
-        return await service.dead_letters()
-
-    (dead,) = await wait_until(dead_lettered)
+    (dead,) = await wait_until(service.dead_letters)
     assert dead.headers[retry.REASON_HEADER] == "permanent"
     assert dead.headers[retry.ATTEMPT_HEADER] == 1
     assert BOB not in str(dead.headers)
-    ((routing_key, report),) = await service.collect_reports()
+    ((routing_key, report),) = await service.reported()
     assert (routing_key, report.outcome, report.reason) == (
         EMAIL_FAILED,
         DeliveryOutcome.FAILED,
         "smtp 550 5.1.1",
     )
     assert smtp.received == []
-    entry = await service.ledger(job)
+    entry = await service.ledger(batch.jobs[0])
     assert entry is not None
     assert (entry.status, entry.attempts) == (DeliveryStatus.FAILED, 1)
 
 
-async def test_many_jobs_share_a_few_smtp_connections(service: Service, smtp: FakeSmtp) -> None:
-    jobs = [email_job() for _ in range(40)]
+async def test_mixed_outcomes_are_reported_per_outcome_and_only_the_transient_one_is_retried(
+    service: Service, smtp: FakeSmtp
+) -> None:
+    carol, eve, dan = "carol@example.test", "eve@example.test", "dan@example.test"
+    smtp.reply(eve, 550, "5.1.1 no such user")
+    smtp.reply(dan, 451, "4.3.0 try again later", times=1)
+    batch = email_batch(carol, eve, dan)
+    delivered, bounced, retried = batch.jobs
 
-    for job in jobs:
-        await service.publish(job)
+    await service.publish(batch)
+
+    async def all_reported() -> bool:
+        entries = [await service.ledger(job) for job in batch.jobs]
+        return len(await service.reported()) == 3 and all(
+            entry is not None and entry.reported for entry in entries
+        )
+
+    await wait_until(all_reported)
+    batches = await service.collect_reports()
+    assert [(key, [item.notification_id for item in b.reports]) for key, b in batches] == [
+        (EMAIL_DELIVERED, [delivered.notification_id]),
+        (EMAIL_FAILED, [bounced.notification_id]),
+        (EMAIL_DELIVERED, [retried.notification_id]),  # from the batch's retry
+    ]
+    assert batches[1][1].reports[0].reason == "smtp 550 5.1.1"
+    # The retry sent only the transient one; the bounced one never reached the server.
+    assert sorted(str(mail["To"]) for mail in smtp.received) == [f"Bob <{carol}>", f"Bob <{dan}>"]
+    for job, status, attempts in [
+        (delivered, DeliveryStatus.DELIVERED, 1),
+        (bounced, DeliveryStatus.FAILED, 1),
+        (retried, DeliveryStatus.DELIVERED, 2),
+    ]:
+        entry = await service.ledger(job)
+        assert entry is not None
+        assert (entry.status, entry.attempts) == (status, attempts)
+    assert await service.dead_letters() == []  # the retry left nothing to come back
+    assert await service.emails_counted("duplicate") == 2  # the retry's no-ops
+
+
+async def test_many_jobs_share_a_few_smtp_connections(service: Service, smtp: FakeSmtp) -> None:
+    batches = [
+        email_batch(*(f"user{batch}.{number}@example.test" for number in range(10)))
+        for batch in range(4)
+    ]
+
+    for batch in batches:
+        await service.publish(batch)
 
     async def all_delivered() -> bool:
-        return await service.emails_counted("delivered") == len(jobs)
+        return await service.emails_counted("delivered") == 40
 
     await wait_until(all_delivered, timeout=30)
-    assert len(smtp.received) == len(jobs)
+    assert len(smtp.received) == 40
     assert 1 <= smtp.connections <= POOL_SIZE  # reused, not one connection per e-mail
     for mail in smtp.received:
         assert mail["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
@@ -242,17 +328,40 @@ async def test_an_authentication_refusal_waits_without_spending_attempts(
     service: Service, smtp: FakeSmtp
 ) -> None:
     """More refusals (4) than retries allowed (3): a recipient-side failure would be
-    dead-lettered; a configuration error only makes the job wait, and it is delivered once the
+    dead-lettered; a configuration error only makes the batch wait, and it is delivered once the
     server accepts us again."""
     smtp.reply(BOB, 530, "5.7.0 Authentication required", times=4)
-    job = email_job()
+    batch = email_batch(BOB)
 
-    await service.publish(job)
+    await service.publish(batch)
 
-    async def reported() -> list[tuple[str, DeliveryReported]]:
-        return await service.collect_reports()
-
-    ((routing_key, report),) = await wait_until(reported, timeout=30)
+    ((routing_key, report),) = await wait_until(service.reported, timeout=30)
     assert (routing_key, report.outcome) == (EMAIL_DELIVERED, DeliveryOutcome.DELIVERED)
     assert len(smtp.received) == 1
     assert await service.dead_letters() == []
+
+
+async def test_a_batch_out_of_retries_is_dead_lettered_and_reported_failed_in_one_event(
+    service: Service, smtp: FakeSmtp
+) -> None:
+    dan = "dan@example.test"
+    smtp.reply(dan, 451, "4.3.0 try again later")  # for ever
+    batch = email_batch(BOB, dan)
+
+    await service.publish(batch)
+
+    (dead,) = await wait_until(service.dead_letters, timeout=30)
+    assert dead.headers[retry.REASON_HEADER] == "retries-exhausted"
+
+    async def given_up() -> list[tuple[str, DeliveryBatchReported]]:
+        return [(key, b) for key, b in await service.collect_reports() if key == EMAIL_FAILED]
+
+    ((_, failed),) = await wait_until(given_up)
+    assert [(item.notification_id, item.reason) for item in failed.reports] == [
+        (job.notification_id, "retries exhausted") for job in batch.jobs
+    ]
+    # Bob's e-mail went out with the first attempt and was reported then; the router keeps a
+    # delivery over a later failure.
+    (delivered,) = [b for key, b in service.reports if key == EMAIL_DELIVERED]
+    assert [item.notification_id for item in delivered.reports] == [batch.jobs[0].notification_id]
+    assert len(smtp.received) == 1

@@ -20,10 +20,13 @@ from herald_shared.broker import RabbitSettings
 from herald_shared.database import run_migrations
 from herald_shared.events import (
     Channel,
+    DeliveryBatchReported,
     DeliveryOutcome,
     DeliveryReported,
+    EmailBatchRequested,
     EmailRequested,
     Event,
+    PushBatchRequested,
     PushRequested,
     notification_id_for,
 )
@@ -104,6 +107,53 @@ async def drain(rabbit_url: str, queue_name: str) -> list[aio_pika.abc.AbstractI
         return messages
 
 
+async def push_jobs(rabbit_url: str) -> list[PushRequested]:
+    """Take the push batches waiting for push-sender off its queue: their jobs, in order."""
+    batches = [
+        PushBatchRequested.model_validate_json(message.body)
+        for message in await drain(rabbit_url, PUSH_NOTIFICATIONS.name)
+    ]
+    return [job for batch in batches for job in batch.jobs]
+
+
+async def email_jobs(rabbit_url: str) -> list[EmailRequested]:
+    batches = [
+        EmailBatchRequested.model_validate_json(message.body)
+        for message in await drain(rabbit_url, EMAIL_NOTIFICATIONS.name)
+    ]
+    return [job for batch in batches for job in batch.jobs]
+
+
+def reports_counted(service: RouterService, count: int) -> Callable[[], Awaitable[bool]]:
+    """A `wait_until` condition: `count` delivery reports were handled, whatever their labels."""
+
+    async def condition() -> bool:
+        family = "herald_router_delivery_reports_total"
+        total = sum(
+            sample.value
+            for metric in service.registry.collect()
+            for sample in metric.samples
+            if sample.name == family
+        )
+        return total >= count
+
+    return condition
+
+
+async def delivery_statuses(service: RouterService) -> dict[uuid.UUID, str]:
+    async with service.engine.connect() as connection:
+        rows = await connection.execute(
+            select(notification_deliveries.c.notification_id, notification_deliveries.c.status)
+        )
+        return {notification_id: status for notification_id, status in rows}
+
+
+def email_id(message_id: uuid.UUID, recipient_id: uuid.UUID) -> uuid.UUID:
+    return notification_id_for(
+        message_id=message_id, recipient_id=recipient_id, channel=Channel.EMAIL
+    )
+
+
 async def test_concurrent_duplicate_deliveries_leave_one_ledger_row_per_recipient(
     service: RouterService, rabbit_url: str
 ) -> None:
@@ -145,10 +195,13 @@ async def test_concurrent_duplicate_deliveries_leave_one_ledger_row_per_recipien
         reason="",
     )
     assert decided == 3  # each recipient counted once, whichever copy won
-    # Every copy republished the same jobs: the senders see duplicates of 9 notification ids.
-    pushes = await drain(rabbit_url, PUSH_NOTIFICATIONS.name)
-    assert len(pushes) == 30
-    assert len({json.loads(m.body)["notification_id"] for m in pushes}) == 6
+    # Every copy republished the same jobs, in one batch each: the senders see duplicates of 6
+    # push notification ids.
+    batches = await drain(rabbit_url, PUSH_NOTIFICATIONS.name)
+    assert len(batches) == 5
+    jobs = [job for message in batches for job in json.loads(message.body)["jobs"]]
+    assert len(jobs) == 30
+    assert len({job["notification_id"] for job in jobs}) == 6
 
 
 async def test_projection_converges_on_the_highest_version_whatever_the_order(
@@ -193,8 +246,10 @@ async def test_jobs_arrive_on_the_sender_queues_as_persistent_messages(
     for message in (push, email):
         assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
         assert message.content_type == "application/json"
-    push_job = PushRequested.model_validate_json(push.body)
-    email_job = EmailRequested.model_validate_json(email.body)
+    push_batch = PushBatchRequested.model_validate_json(push.body)
+    email_batch = EmailBatchRequested.model_validate_json(email.body)
+    (push_job,) = push_batch.jobs
+    (email_job,) = email_batch.jobs
     assert push_job.notification_id == notification_id_for(
         message_id=event.message_id,
         recipient_id=alice.user_id,
@@ -204,7 +259,8 @@ async def test_jobs_arrive_on_the_sender_queues_as_persistent_messages(
     assert email_job.notification_id == notification_id_for(
         message_id=event.message_id, recipient_id=alice.user_id, channel=Channel.EMAIL
     )
-    assert push.message_id == str(push_job.event_id)
+    assert push.message_id == str(push_batch.event_id)
+    assert email.message_id == str(email_batch.event_id)
     assert push.routing_key == "notification.push.send"
     assert email.routing_key == "notification.email.send"
 
@@ -237,10 +293,7 @@ async def test_a_recipient_projected_late_is_notified_by_the_retry(
         return await decided() == {early.user_id, late.user_id}
 
     await wait_until(both_decided)
-    emails = [
-        EmailRequested.model_validate_json(m.body)
-        for m in await drain(rabbit_url, EMAIL_NOTIFICATIONS.name)
-    ]
+    emails = await email_jobs(rabbit_url)
     assert {e.recipient_id for e in emails} == {early.user_id, late.user_id}
     assert await queue_depth(rabbit_url, "message_notifications.dlq") == 0
 
@@ -284,23 +337,108 @@ async def test_delivery_reports_on_every_report_key_update_the_ledger(
             ),
         )
 
-    async def all_reported() -> bool:
-        family = "herald_router_delivery_reports_total"
-        total = sum(
-            sample.value
-            for metric in service.registry.collect()
-            for sample in metric.samples
-            if sample.name == family
-        )
-        return total == len(reports)
+    await wait_until(reports_counted(service, len(reports)))
+    assert await delivery_statuses(service) == {
+        first: "delivered",
+        second: "failed",
+        email: "failed",
+    }
 
-    await wait_until(all_reported)
-    async with service.engine.connect() as connection:
-        rows = await connection.execute(
-            select(notification_deliveries.c.notification_id, notification_deliveries.c.status)
+
+async def test_a_batch_report_applies_pending_keeps_delivered_and_ignores_unknown(
+    service: RouterService, rabbit_url: str
+) -> None:
+    alice = user_updated(devices=3)
+    await publish(service, alice)
+    await wait_until(projected(service))
+    event = message_created(recipient_ids=[alice.user_id])
+    await publish(service, event)
+    await wait_until(reaches(service, "herald_router_jobs_published_total", 3, channel="push"))
+    delivered, pending, other = await push_jobs(rabbit_url)
+
+    def report(job: PushRequested, outcome: DeliveryOutcome) -> DeliveryReported:
+        return DeliveryReported(
+            notification_id=job.notification_id,
+            message_id=job.message_id,
+            recipient_id=job.recipient_id,
+            channel=Channel.PUSH,
+            outcome=outcome,
+            reason=None if outcome is DeliveryOutcome.DELIVERED else "retries exhausted",
         )
-        statuses = {notification_id: status for notification_id, status in rows}
-    assert statuses == {first: "delivered", second: "failed", email: "failed"}
+
+    await publish(service, report(delivered, DeliveryOutcome.DELIVERED))
+    await wait_until(reports_counted(service, 1))
+    unknown = report(pending, DeliveryOutcome.FAILED).model_copy(
+        update={"notification_id": uuid.uuid4()}
+    )
+    # What push-sender's dead-letter hook sends for a batch out of retries: every job failed,
+    # the one it had delivered included.
+    failed = [report(job, DeliveryOutcome.FAILED) for job in (delivered, pending, other)]
+    await publish(
+        service,
+        DeliveryBatchReported(
+            message_id=event.message_id,
+            channel=Channel.PUSH,
+            outcome=DeliveryOutcome.FAILED,
+            reports=[*failed, unknown],
+        ),
+    )
+
+    await wait_until(reports_counted(service, 5))
+    assert await delivery_statuses(service) == {
+        delivered.notification_id: "delivered",
+        pending.notification_id: "failed",
+        other.notification_id: "failed",
+        email_id(event.message_id, alice.user_id): "pending",
+    }
+    labels = {"channel": "push", "outcome": "failed"}
+    family = "herald_router_delivery_reports_total"
+    assert counter(service, family, **labels, result="applied") == 2
+    assert counter(service, family, **labels, result="stale") == 1
+    assert counter(service, family, **labels, result="unknown") == 1
+    assert counter(service, "herald_end_to_end_latency_seconds_count", channel="push") == 1
+
+
+async def test_a_redelivered_message_republishes_only_the_jobs_still_pending(
+    service: RouterService, rabbit_url: str
+) -> None:
+    alice = user_updated(devices=2)
+    await publish(service, alice)
+    await wait_until(projected(service))
+    event = message_created(recipient_ids=[alice.user_id])
+    await publish(service, event)
+    await wait_until(reaches(service, "herald_router_jobs_published_total", 1, channel="email"))
+    done, still_pending = await push_jobs(rabbit_url)
+    await email_jobs(rabbit_url)
+    await publish(
+        service,
+        DeliveryBatchReported(
+            message_id=event.message_id,
+            channel=Channel.PUSH,
+            outcome=DeliveryOutcome.DELIVERED,
+            reports=[
+                DeliveryReported(
+                    notification_id=done.notification_id,
+                    message_id=event.message_id,
+                    recipient_id=alice.user_id,
+                    channel=Channel.PUSH,
+                    outcome=DeliveryOutcome.DELIVERED,
+                )
+            ],
+        ),
+    )
+    await wait_until(reports_counted(service, 1))
+
+    await publish(service, event)  # the copy RabbitMQ redelivers after a crash
+
+    await wait_until(reaches(service, "herald_router_jobs_published_total", 2, channel="email"))
+    await wait_until(reaches(service, "herald_router_jobs_published_total", 3, channel="push"))
+    assert [job.notification_id for job in await push_jobs(rabbit_url)] == [
+        still_pending.notification_id
+    ]
+    assert [job.notification_id for job in await email_jobs(rabbit_url)] == [
+        email_id(event.message_id, alice.user_id)
+    ]
 
 
 async def test_migrations_on_postgresql_match_the_tables_and_rerun_cleanly(

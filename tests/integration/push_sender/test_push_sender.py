@@ -1,11 +1,13 @@
 """push-sender on the machine's real RabbitMQ and PostgreSQL, pushing to the fake FCM server:
-exactly-once delivery of duplicated jobs, reports on their routing keys, retries with backoff
-and dead letters, which the in-memory broker cannot show."""
+exactly-once delivery of duplicated jobs and batches, batch reports on their routing keys,
+retries of a batch with backoff (only its unfinished jobs sent again) and dead letters, which the
+in-memory broker cannot show."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -14,7 +16,13 @@ import pytest
 from faststream import TestApp
 
 from herald_shared.broker import RabbitSettings
-from herald_shared.events import DeliveryReported, DeviceInvalidated, PushRequested
+from herald_shared.events import (
+    DeliveryBatchReported,
+    DeviceInvalidated,
+    Event,
+    PushBatchRequested,
+    PushRequested,
+)
 from herald_shared.ledger import DeliveryStatus
 from herald_shared.retry import ATTEMPT_HEADER, REASON_HEADER
 from herald_shared.topology import (
@@ -29,7 +37,7 @@ from herald_shared.topology import (
 from push_sender.app import PushService, build_service
 from tests.fakes.fcm import FakeFcm
 from tests.support.infra import wait_until
-from tests.unit.push_sender.support import DEVICE_TOKEN, fcm_settings, push_job
+from tests.unit.push_sender.support import DEVICE_TOKEN, batch_of, fcm_settings, push_job, push_jobs
 
 RETRY_DELAYS = (0.2, 0.4, 0.8)
 
@@ -51,10 +59,20 @@ async def service(
         yield service
 
 
-async def publish(service: PushService, job: PushRequested) -> None:
+async def publish(service: PushService, job: Event) -> None:
     await service.broker.publish(
         job, exchange=EXCHANGE, routing_key=PUSH_SEND, persist=True, message_id=str(job.event_id)
     )
+
+
+def notifications(message: aio_pika.abc.AbstractIncomingMessage) -> set[uuid.UUID]:
+    """The notifications a batch report on the broker reports."""
+    report = DeliveryBatchReported.model_validate_json(message.body)
+    return {item.notification_id for item in report.reports}
+
+
+def ids(*jobs: PushRequested) -> set[uuid.UUID]:
+    return {job.notification_id for job in jobs}
 
 
 def counter(service: PushService, outcome: str) -> float:
@@ -110,8 +128,9 @@ async def test_a_job_published_twice_is_pushed_once_and_reported_once(
     assert fcm.accepted[0]["message"]["data"]["notification_id"] == str(job.notification_id)
     reports = await drain(rabbit_url, DELIVERY_REPORTS.name)
     assert [message.routing_key for message in reports] == [PUSH_DELIVERED]
-    report = DeliveryReported.model_validate_json(reports[0].body)
-    assert (report.notification_id, report.outcome) == (job.notification_id, "delivered")
+    report = DeliveryBatchReported.model_validate_json(reports[0].body)
+    assert report.outcome == "delivered"
+    assert notifications(reports[0]) == ids(job)
     assert reports[0].delivery_mode == aio_pika.DeliveryMode.PERSISTENT
     entry = await service.deps.sender.ledger.get(job.notification_id)
     assert entry is not None
@@ -177,5 +196,87 @@ async def test_a_refused_push_is_reported_and_dead_lettered(
     assert parked.headers[ATTEMPT_HEADER] == 1
     [report] = await drain(rabbit_url, DELIVERY_REPORTS.name)
     assert report.routing_key == PUSH_FAILED
-    assert DeliveryReported.model_validate_json(report.body).reason == "fcm 400 INVALID_ARGUMENT"
+    [item] = DeliveryBatchReported.model_validate_json(report.body).reports
+    assert item.reason == "fcm 400 INVALID_ARGUMENT"
     assert fcm.send_requests == 1
+
+
+async def test_a_batch_published_twice_at_once_is_pushed_once_and_reported_once(
+    service: PushService, fcm: FakeFcm, rabbit_url: str
+) -> None:
+    jobs = push_jobs(5)
+    batch = batch_of(*jobs)
+
+    await asyncio.gather(publish(service, batch), publish(service, batch))
+
+    await wait_until(reaches(service, "delivered", 5), timeout=20)
+    # The copy that lost the race waits (`Busy`), then finds every job final and reported.
+    await wait_until(reaches(service, "duplicate", 5), timeout=20)
+    assert len(fcm.accepted) == 5
+    reports = await drain(rabbit_url, DELIVERY_REPORTS.name)
+    assert {message.routing_key for message in reports} == {PUSH_DELIVERED}
+    reported = [notifications(message) for message in reports]
+    assert sorted(id_ for batch_ids in reported for id_ in batch_ids) == sorted(ids(*jobs))
+    for job in jobs:
+        entry = await service.deps.sender.ledger.get(job.notification_id)
+        assert entry is not None
+        assert (entry.status, entry.attempts, entry.reported) == (DeliveryStatus.DELIVERED, 1, True)
+    assert await queue_depth(rabbit_url, f"{PUSH_NOTIFICATIONS.name}.dlq") == 0
+
+
+async def test_a_batch_with_mixed_outcomes_is_retried_for_its_transient_job_only(
+    service: PushService, fcm: FakeFcm, rabbit_url: str
+) -> None:
+    message = uuid.uuid4()
+    accepted = push_job(message_id=message, token=f"{DEVICE_TOKEN}-accepted")
+    dead = push_job(message_id=message, token=f"{DEVICE_TOKEN}-dead")
+    flaky = push_job(message_id=message, token=f"{DEVICE_TOKEN}-flaky")
+    fcm.fail(dead.token, 404, "UNREGISTERED")
+    fcm.fail(flaky.token, 503, "UNAVAILABLE", times=1)
+
+    await publish(service, batch_of(accepted, dead, flaky))
+
+    await wait_until(reaches(service, "delivered", 2), timeout=20)
+    await wait_until(depth_reaches(rabbit_url, DELIVERY_REPORTS.name, 3), timeout=20)
+    reports = await drain(rabbit_url, DELIVERY_REPORTS.name)
+    by_key = [(message.routing_key, notifications(message)) for message in reports]
+    assert by_key == [
+        (PUSH_DELIVERED, ids(accepted)),
+        (PUSH_FAILED, ids(dead)),
+        (PUSH_DELIVERED, ids(flaky)),  # after the batch's retry
+    ]
+    [invalidation] = await drain(rabbit_url, DEVICE_INVALIDATIONS.name)
+    assert DeviceInvalidated.model_validate_json(invalidation.body).device_id == dead.device_id
+    assert fcm.send_requests == 4  # three, then the flaky one alone
+    assert [len(fcm.messages_to(job.token)) for job in (accepted, dead, flaky)] == [1, 0, 1]
+    entry = await service.deps.sender.ledger.get(flaky.notification_id)
+    assert entry is not None
+    assert (entry.status, entry.attempts) == (DeliveryStatus.DELIVERED, 2)
+    assert counter(service, "retry") == 1
+    assert await queue_depth(rabbit_url, f"{PUSH_NOTIFICATIONS.name}.dlq") == 0
+
+
+async def test_a_batch_out_of_retries_is_dead_lettered_and_reported_failed_in_one_event(
+    service: PushService, fcm: FakeFcm, rabbit_url: str
+) -> None:
+    message = uuid.uuid4()
+    accepted = push_job(message_id=message, token=f"{DEVICE_TOKEN}-accepted")
+    down = push_job(message_id=message, token=f"{DEVICE_TOKEN}-down")
+    fcm.fail(down.token, 503, "UNAVAILABLE")  # for ever
+
+    await publish(service, batch_of(accepted, down))
+
+    dead_letters = f"{PUSH_NOTIFICATIONS.name}.dlq"
+    await wait_until(depth_reaches(rabbit_url, dead_letters, 1), timeout=30)
+    await wait_until(depth_reaches(rabbit_url, DELIVERY_REPORTS.name, 2), timeout=20)
+    [parked] = await drain(rabbit_url, dead_letters)
+    assert parked.headers[REASON_HEADER] == "retries-exhausted"
+    assert PushBatchRequested.model_validate_json(parked.body).jobs == [accepted, down]
+    delivered, failed = await drain(rabbit_url, DELIVERY_REPORTS.name)
+    assert (delivered.routing_key, notifications(delivered)) == (PUSH_DELIVERED, ids(accepted))
+    # Every job of the batch: the router keeps the delivered one delivered.
+    assert (failed.routing_key, notifications(failed)) == (PUSH_FAILED, ids(accepted, down))
+    report = DeliveryBatchReported.model_validate_json(failed.body)
+    assert {item.reason for item in report.reports} == {"retries exhausted"}
+    assert len(fcm.messages_to(accepted.token)) == 1
+    assert fcm.send_requests == 2 + 3  # both, then the one that keeps failing on each retry

@@ -10,7 +10,7 @@ from typing import Any
 
 from email_sender.rendering import EmailRenderer, UnsubscribeLinks
 from email_sender.settings import Settings
-from herald_shared.events import EmailRequested
+from herald_shared.events import EmailBatchRequested, EmailRequested
 from herald_shared.retry import RetryableError
 from herald_shared.unsubscribe import UnsubscribeTokens
 
@@ -53,6 +53,21 @@ def email_job(**overrides: Any) -> EmailRequested:
     return EmailRequested(**fields)
 
 
+def email_batch(*jobs: EmailRequested) -> EmailBatchRequested:
+    """The jobs (of one message) as the router sends them."""
+    return EmailBatchRequested(message_id=jobs[0].message_id, jobs=list(jobs))
+
+
+def other_recipient(number: int) -> EmailRequested:
+    """A job of `email_job`'s message for another recipient (`number` tells them apart)."""
+    return email_job(
+        notification_id=uuid.uuid5(uuid.NAMESPACE_URL, f"notification-{number}"),
+        recipient_id=uuid.uuid5(uuid.NAMESPACE_URL, f"recipient-{number}"),
+        to_address=f"user{number}@example.test",
+        to_name=f"User {number}",
+    )
+
+
 def unit_settings(tmp_path: Path, database_url: str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "database_url": database_url,
@@ -64,19 +79,33 @@ def unit_settings(tmp_path: Path, database_url: str, **overrides: Any) -> Settin
 
 
 class RecordingBackend:
-    """Records what it is asked to send; `failures` are raised first, one per send."""
+    """Records what it is asked to send. `failures` are raised first, one per send, whatever the
+    notification; `fail` scripts failures for one notification (raised before those)."""
 
     name = "recording"
 
     def __init__(self, *failures: Exception) -> None:
         self.sent: list[tuple[uuid.UUID, EmailMessage]] = []
+        self.attempted: list[uuid.UUID] = []  # every send, failed or not
         self.failures = list(failures)
+        self.failures_for: dict[uuid.UUID, list[Exception]] = {}
         self.closed = False
 
+    def fail(self, notification_id: uuid.UUID, *failures: Exception) -> None:
+        self.failures_for.setdefault(notification_id, []).extend(failures)
+
     async def send(self, message: EmailMessage, *, notification_id: uuid.UUID) -> None:
+        self.attempted.append(notification_id)
+        scripted = self.failures_for.get(notification_id)
+        if scripted:
+            raise scripted.pop(0)
         if self.failures:
             raise self.failures.pop(0)
         self.sent.append((notification_id, message))
+
+    @property
+    def sent_ids(self) -> list[uuid.UUID]:
+        return [notification_id for notification_id, _ in self.sent]
 
     async def close(self) -> None:
         self.closed = True

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -105,7 +106,7 @@ async def test_550_is_permanent_without_the_servers_text(
     assert raised.value.__suppress_context__
 
 
-async def test_550_records_a_bounce_and_reports_it_failed(
+async def test_550_records_a_bounce_and_reports_it_failed_next_to_a_delivered_email(
     smtp: FakeSmtp, renderer: EmailRenderer, sqlite_url: str
 ) -> None:
     smtp.reply(BOB, 550, "5.1.1 no such user")
@@ -118,18 +119,23 @@ async def test_550_records_a_bounce_and_reports_it_failed(
         metrics=EmailMetrics(CollectorRegistry()),
         lease=timedelta(seconds=30),
     )
-    job = email_job()
+    bounced = email_job()
+    accepted = email_job(notification_id=uuid.uuid4(), to_address="carol@example.test")
     try:
-        outcome = await deliveries.deliver(job, claimed_at=deliveries.clock())
-        entry = await deliveries.ledger.get(job.notification_id)
+        outcomes = await deliveries.deliver_batch(
+            [bounced, accepted], claimed_at=deliveries.clock()
+        )
+        entry = await deliveries.ledger.get(bounced.notification_id)
+        other = await deliveries.ledger.get(accepted.notification_id)
     finally:
         await engine.dispose()
 
-    assert outcome.report is not None
-    assert outcome.report.outcome is DeliveryOutcome.FAILED
-    assert outcome.report.reason == "smtp 550 5.1.1"
-    assert outcome.report.notification_id == job.notification_id
-    assert isinstance(outcome.error, PermanentError)
+    failed, delivered = outcomes
+    assert failed.report is not None
+    assert failed.report.outcome is DeliveryOutcome.FAILED
+    assert failed.report.reason == "smtp 550 5.1.1"
+    assert failed.report.notification_id == bounced.notification_id
+    assert isinstance(failed.error, PermanentError)
     assert entry is not None
     assert (entry.status, entry.failure, entry.reason, entry.attempts) == (
         DeliveryStatus.FAILED,
@@ -137,6 +143,15 @@ async def test_550_records_a_bounce_and_reports_it_failed(
         "smtp 550 5.1.1",
         1,
     )
+    assert delivered.report is not None
+    assert (delivered.report.notification_id, delivered.report.outcome) == (
+        accepted.notification_id,
+        DeliveryOutcome.DELIVERED,
+    )
+    assert delivered.error is None
+    assert other is not None
+    assert other.status is DeliveryStatus.DELIVERED
+    assert [mail["To"] for mail in smtp.received] == ["Bob <carol@example.test>"]
 
 
 async def test_connection_refused_is_retryable(renderer: EmailRenderer) -> None:

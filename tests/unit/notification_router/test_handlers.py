@@ -18,18 +18,26 @@ from sqlalchemy import Connection, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from herald_shared.events import (
+    MAX_BATCH_SIZE,
     Channel,
+    DeliveryBatchReported,
     DeliveryOutcome,
     DeliveryReported,
+    DeviceSnapshot,
+    EmailBatchRequested,
     EmailRequested,
     Event,
+    Platform,
+    PushBatchRequested,
     PushRequested,
+    UserUpdated,
 )
 from herald_shared.retry import RetryableError
 from herald_shared.topology import EXCHANGE, routing_key_for
 from notification_router import repository
 from notification_router.app import RouterService, build_service, specification
-from notification_router.handlers import record_delivery, route_message
+from notification_router.handlers import record_deliveries, route_message
+from notification_router.repository import ReportResult
 from notification_router.settings import Settings
 from notification_router.tables import metadata, notification_deliveries, notifications
 from tests.support.router_factories import message_created, user_updated
@@ -49,6 +57,63 @@ async def publish(broker: RabbitBroker, event: Event) -> None:
 
 def published(publisher_mock: Any) -> list[dict[str, Any]]:
     return [call.args[0] for call in publisher_mock.call_args_list]
+
+
+def push_batches(service: RouterService) -> list[PushBatchRequested]:
+    return [
+        PushBatchRequested.model_validate(body)
+        for body in published(service.deps.push_publisher.mock)
+    ]
+
+
+def email_batches(service: RouterService) -> list[EmailBatchRequested]:
+    return [
+        EmailBatchRequested.model_validate(body)
+        for body in published(service.deps.email_publisher.mock)
+    ]
+
+
+def pushes(service: RouterService) -> list[PushRequested]:
+    """Every push job published so far, batch after batch."""
+    return [job for batch in push_batches(service) for job in batch.jobs]
+
+
+def emails(service: RouterService) -> list[EmailRequested]:
+    return [job for batch in email_batches(service) for job in batch.jobs]
+
+
+def with_devices(user: UserUpdated, *platforms: Platform) -> UserUpdated:
+    """The snapshot with one device per platform listed instead of its own."""
+    devices = [
+        DeviceSnapshot(device_id=uuid.uuid4(), platform=platform, token="secret-token")
+        for platform in platforms
+    ]
+    return user.model_copy(update={"devices": devices})
+
+
+def report(
+    job: PushRequested | EmailRequested, outcome: DeliveryOutcome, reason: str | None = None
+) -> DeliveryReported:
+    return DeliveryReported(
+        notification_id=job.notification_id,
+        message_id=job.message_id,
+        recipient_id=job.recipient_id,
+        channel=Channel.PUSH if isinstance(job, PushRequested) else Channel.EMAIL,
+        outcome=outcome,
+        reason=reason,
+    )
+
+
+def batch_report(reports: list[DeliveryReported]) -> DeliveryBatchReported:
+    first = reports[0]
+    return DeliveryBatchReported(
+        message_id=first.message_id, channel=first.channel, outcome=first.outcome, reports=reports
+    )
+
+
+def report_count(service: RouterService, channel: str, outcome: str, result: str) -> float:
+    labels = {"channel": channel, "outcome": outcome, "result": result}
+    return service.registry.get_sample_value("herald_router_delivery_reports_total", labels) or 0
 
 
 async def ledger(engine: AsyncEngine, message_id: uuid.UUID) -> dict[uuid.UUID, tuple[str, str]]:
@@ -111,27 +176,82 @@ async def test_message_created_writes_the_ledger_and_publishes_the_jobs(
         bob.user_id: ("skipped:push_disabled", "pending"),
         carol.user_id: ("skipped:muted", "skipped:muted"),
     }
-    pushes = [
-        PushRequested.model_validate(body) for body in published(service.deps.push_publisher.mock)
-    ]
-    emails = [
-        EmailRequested.model_validate(body) for body in published(service.deps.email_publisher.mock)
-    ]
-    assert sorted(p.device_id for p in pushes) == sorted(d.device_id for d in alice.devices)
-    assert {p.recipient_id for p in pushes} == {alice.user_id}
-    assert {(e.recipient_id, e.to_address) for e in emails} == {
+    (push_batch,) = push_batches(service)
+    (email_batch,) = email_batches(service)
+    assert (push_batch.message_id, push_batch.platform) == (event.message_id, Platform.FCM)
+    assert email_batch.message_id == event.message_id
+    assert sorted(p.device_id for p in push_batch.jobs) == sorted(
+        d.device_id for d in alice.devices
+    )
+    assert {p.recipient_id for p in push_batch.jobs} == {alice.user_id}
+    assert {(e.recipient_id, e.to_address) for e in email_batch.jobs} == {
         (alice.user_id, "alice@example.com"),
         (bob.user_id, "bob@example.com"),
     }
-    jobs: list[PushRequested | EmailRequested] = [*pushes, *emails]
+    jobs: list[PushRequested | EmailRequested] = [*push_batch.jobs, *email_batch.jobs]
     assert sender_id not in {job.recipient_id for job in jobs}
-    assert all(p.title == "John Doe in general" for p in pushes)
+    assert all(p.title == "John Doe in general" for p in push_batch.jobs)
     stored = await statuses(service.engine)
     assert set(stored) == {job.notification_id for job in jobs}
     assert {status for _, _, status in stored.values()} == {"pending"}
     assert sorted(target for channel, target, _ in stored.values() if channel == "push") == sorted(
         str(d.device_id) for d in alice.devices
     )
+
+
+async def test_each_platform_gets_one_push_batch_and_the_e_mails_one_batch(
+    service: RouterService,
+) -> None:
+    fcm, apns = Platform.FCM, Platform.APNS
+    room_id = uuid.uuid4()
+    users = [
+        *(with_devices(user_updated(), fcm) for _ in range(3)),
+        *(with_devices(user_updated(email=None), apns) for _ in range(2)),
+        with_devices(user_updated(), fcm, apns),
+        user_updated(devices=0),
+        with_devices(user_updated(push_enabled=False), apns),
+        user_updated(muted_room_ids=[room_id]),
+    ]
+    for user in users:
+        await publish(service.broker, user)
+    event = message_created(recipient_ids=[user.user_id for user in users], room_id=room_id)
+
+    await publish(service.broker, event)
+
+    assert sorted((batch.platform, len(batch.jobs)) for batch in push_batches(service)) == [
+        (apns, 3),
+        (fcm, 4),
+    ]
+    (email_batch,) = email_batches(service)
+    assert len(email_batch.jobs) == 6
+    jobs: list[PushRequested | EmailRequested] = [*pushes(service), *emails(service)]
+    published_ids = [job.notification_id for job in jobs]
+    stored = await statuses(service.engine)
+    assert sorted(published_ids) == sorted(stored)  # every pending notification, once
+    assert {status for _, _, status in stored.values()} == {"pending"}
+
+
+async def test_a_room_above_the_batch_size_is_published_in_full_batches_and_the_rest(
+    service: RouterService,
+) -> None:
+    count = MAX_BATCH_SIZE + MAX_BATCH_SIZE // 2
+    users = [user_updated(devices=1) for _ in range(count)]
+    for user in users:
+        await publish(service.broker, user)
+    event = message_created(recipient_ids=[user.user_id for user in users])
+
+    await publish(service.broker, event)
+
+    sizes = [MAX_BATCH_SIZE, MAX_BATCH_SIZE // 2]
+    assert [len(batch.jobs) for batch in push_batches(service)] == sizes
+    assert [len(batch.jobs) for batch in email_batches(service)] == sizes
+    jobs: list[PushRequested | EmailRequested] = [*pushes(service), *emails(service)]
+    assert sorted(job.notification_id for job in jobs) == sorted(await statuses(service.engine))
+    for channel in ("push", "email"):
+        published_jobs = service.registry.get_sample_value(
+            "herald_router_jobs_published_total", {"channel": channel}
+        )
+        assert published_jobs == count
 
 
 async def test_redelivery_adds_no_ledger_row_and_republishes_the_same_jobs(
@@ -142,7 +262,7 @@ async def test_redelivery_adds_no_ledger_row_and_republishes_the_same_jobs(
     event = message_created(recipient_ids=[alice.user_id])
 
     await publish(service.broker, event)
-    first_push = published(service.deps.push_publisher.mock)
+    (first_push,) = pushes(service)
     # A device is added before the redelivery: the ledger keeps the first decision.
     devices = [alice.devices[0].device_id, uuid.uuid4()]
     await publish(service.broker, user_updated(user_id=alice.user_id, version=2, devices=devices))
@@ -154,12 +274,37 @@ async def test_redelivery_adds_no_ledger_row_and_republishes_the_same_jobs(
             select(func.count()).select_from(notification_deliveries)
         )
     assert (ledger_rows, delivery_rows) == (1, 2)
-    pushes = published(service.deps.push_publisher.mock)
-    assert len(first_push) == 1
-    assert [p["notification_id"] for p in pushes] == [first_push[0]["notification_id"]] * 2
-    emails = published(service.deps.email_publisher.mock)
-    assert len(emails) == 2
-    assert emails[0]["notification_id"] == emails[1]["notification_id"]
+    assert [len(batch.jobs) for batch in push_batches(service)] == [1, 1]
+    assert [p.notification_id for p in pushes(service)] == [first_push.notification_id] * 2
+    first_email, again = emails(service)
+    assert first_email.notification_id == again.notification_id
+    # The same jobs make the same batch: a republished batch is the same event.
+    first_batch, republished = push_batches(service)
+    assert first_batch.event_id == republished.event_id
+
+
+async def test_a_redelivery_republishes_only_the_jobs_still_pending(
+    service: RouterService,
+) -> None:
+    alice = user_updated(devices=2)
+    bob = user_updated(email="bob@example.com", devices=0)
+    for user in (alice, bob):
+        await publish(service.broker, user)
+    event = message_created(recipient_ids=[alice.user_id, bob.user_id])
+    await publish(service.broker, event)
+    delivered_push, pending_push = pushes(service)
+    by_recipient = {job.recipient_id: job for job in emails(service)}
+    await record_deliveries(report(delivered_push, DeliveryOutcome.DELIVERED), service.deps)
+    await record_deliveries(report(by_recipient[bob.user_id], DeliveryOutcome.FAILED), service.deps)
+    service.deps.push_publisher.mock.reset_mock()
+    service.deps.email_publisher.mock.reset_mock()
+
+    await publish(service.broker, event)  # the redelivery after a crash
+
+    assert [job.notification_id for job in pushes(service)] == [pending_push.notification_id]
+    assert [job.notification_id for job in emails(service)] == [
+        by_recipient[alice.user_id].notification_id
+    ]
 
 
 class BrokenPublisher:
@@ -183,7 +328,7 @@ async def test_a_publish_failure_after_commit_is_repaired_by_the_redelivery(
     assert set(await ledger(service.engine, event.message_id)) == {alice.user_id}
     assert published(service.deps.push_publisher.mock) == []
     await publish(service.broker, event)  # the redelivery
-    assert len(published(service.deps.push_publisher.mock)) == 2
+    assert [len(batch.jobs) for batch in push_batches(service)] == [2]
     assert len(await statuses(service.engine)) == 3
 
 
@@ -202,17 +347,17 @@ async def test_unknown_recipient_is_retried_while_known_ones_are_done(
 
     assert str(late_id) not in raised.value.reason
     assert set(await ledger(service.engine, event.message_id)) == {known.user_id}
-    assert len(published(service.deps.push_publisher.mock)) == 1
+    assert len(pushes(service)) == 1
 
     await publish(service.broker, user_updated(user_id=late_id, email="late@example.com"))
     await route_message(event, service.deps)  # the retry
 
     assert set(await ledger(service.engine, event.message_id)) == {known.user_id, late_id}
-    emails = published(service.deps.email_publisher.mock)
     # The known recipient's pending jobs are published again (the senders dedupe), once each.
-    assert sorted(str(e["recipient_id"]) for e in emails) == sorted(
-        [str(known.user_id), str(known.user_id), str(late_id)]
-    )
+    assert [sorted(e.recipient_id for e in batch.jobs) for batch in email_batches(service)] == [
+        [known.user_id],
+        sorted([known.user_id, late_id]),
+    ]
 
 
 async def test_delivery_reports_update_status_and_never_move_delivered_back(
@@ -222,36 +367,22 @@ async def test_delivery_reports_update_status_and_never_move_delivered_back(
     await publish(service.broker, alice)
     event = message_created(recipient_ids=[alice.user_id])
     await publish(service.broker, event)
-    first_push, second_push = (
-        PushRequested.model_validate(b) for b in published(service.deps.push_publisher.mock)
-    )
-    (email,) = (
-        EmailRequested.model_validate(b) for b in published(service.deps.email_publisher.mock)
-    )
+    first_push, second_push = pushes(service)
+    (email,) = emails(service)
+    delivered, failed = DeliveryOutcome.DELIVERED, DeliveryOutcome.FAILED
 
-    def report(job: PushRequested | EmailRequested, outcome: DeliveryOutcome) -> DeliveryReported:
-        channel = Channel.PUSH if isinstance(job, PushRequested) else Channel.EMAIL
-        return DeliveryReported(
-            notification_id=job.notification_id,
-            message_id=job.message_id,
-            recipient_id=job.recipient_id,
-            channel=channel,
-            outcome=outcome,
-            reason=None if outcome is DeliveryOutcome.DELIVERED else "UNAVAILABLE",
-        )
-
-    # notification.push.delivered is the key the subscriber binds in the in-memory broker; the
-    # other report keys are bound by declare_topology on a real broker (integration tests).
-    await publish(service.broker, report(first_push, DeliveryOutcome.DELIVERED))
-    await record_delivery(report(first_push, DeliveryOutcome.FAILED), service.deps)  # late
-    await record_delivery(report(second_push, DeliveryOutcome.FAILED), service.deps)
-    await record_delivery(report(email, DeliveryOutcome.FAILED), service.deps)
-    await record_delivery(report(email, DeliveryOutcome.DELIVERED), service.deps)
-    unknown = report(first_push, DeliveryOutcome.DELIVERED).model_copy(
-        update={"notification_id": uuid.uuid4()}
-    )
+    # A single DeliveryReported (a sender of an earlier version, a replayed dead letter) is
+    # still accepted. notification.push.delivered is the key the subscriber binds in the
+    # in-memory broker; the other report keys are bound by declare_topology on a real broker
+    # (integration tests).
+    await publish(service.broker, report(first_push, delivered))
+    await record_deliveries(report(first_push, failed, "UNAVAILABLE"), service.deps)  # late
+    await record_deliveries(report(second_push, failed, "UNAVAILABLE"), service.deps)
+    await record_deliveries(batch_report([report(email, failed, "UNAVAILABLE")]), service.deps)
+    await record_deliveries(batch_report([report(email, delivered)]), service.deps)
+    unknown = report(first_push, delivered).model_copy(update={"notification_id": uuid.uuid4()})
     with caplog.at_level(logging.DEBUG, logger="notification_router"):
-        await record_delivery(unknown, service.deps)
+        await record_deliveries(unknown, service.deps)
 
     stored = await statuses(service.engine)
     assert stored[first_push.notification_id][2] == "delivered"
@@ -259,10 +390,138 @@ async def test_delivery_reports_update_status_and_never_move_delivered_back(
     assert stored[email.notification_id][2] == "delivered"
     assert unknown.notification_id not in stored
     assert f"router.report.unknown notification_id={unknown.notification_id}" in caplog.text
-    sample = service.registry.get_sample_value
-    labels = {"channel": "push", "outcome": "failed"}
-    assert sample("herald_router_delivery_reports_total", {**labels, "result": "stale"}) == 1
-    assert sample("herald_router_delivery_reports_total", {**labels, "result": "applied"}) == 1
+    assert report_count(service, "push", "failed", "stale") == 1
+    assert report_count(service, "push", "failed", "applied") == 1
+    assert report_count(service, "email", "delivered", "applied") == 1
+
+
+async def test_a_batch_report_is_applied_per_notification(
+    service: RouterService, caplog: pytest.LogCaptureFixture
+) -> None:
+    alice = user_updated(devices=3)
+    await publish(service.broker, alice)
+    event = message_created(recipient_ids=[alice.user_id])
+    await publish(service.broker, event)
+    delivered_push, pending_push, other_push = pushes(service)
+    await record_deliveries(report(delivered_push, DeliveryOutcome.DELIVERED), service.deps)
+    unknown = report(pending_push, DeliveryOutcome.FAILED).model_copy(
+        update={"notification_id": uuid.uuid4()}
+    )
+    failures = batch_report(
+        [
+            report(delivered_push, DeliveryOutcome.FAILED, "retries exhausted"),
+            report(pending_push, DeliveryOutcome.FAILED, "retries exhausted"),
+            report(other_push, DeliveryOutcome.FAILED, "UNREGISTERED"),
+            unknown,
+        ]
+    )
+
+    with caplog.at_level(logging.DEBUG, logger="notification_router"):
+        await record_deliveries(failures, service.deps)
+
+    stored = await statuses(service.engine)
+    assert stored[delivered_push.notification_id][2] == "delivered"  # never overwritten
+    assert stored[pending_push.notification_id][2] == "failed"
+    assert stored[other_push.notification_id][2] == "failed"
+    assert unknown.notification_id not in stored
+    assert report_count(service, "push", "failed", "applied") == 2
+    assert report_count(service, "push", "failed", "stale") == 1
+    assert report_count(service, "push", "failed", "unknown") == 1
+    assert f"router.report.stale notification_id={delivered_push.notification_id}" in caplog.text
+    assert f"router.report.unknown notification_id={unknown.notification_id}" in caplog.text
+
+
+async def test_apply_delivery_reports_says_what_each_report_did(service: RouterService) -> None:
+    alice = user_updated(devices=2)
+    await publish(service.broker, alice)
+    event = message_created(recipient_ids=[alice.user_id])
+    await publish(service.broker, event)
+    delivered_push, pending_push = pushes(service)
+    (email,) = emails(service)
+    now = event.timestamp
+    await repository.apply_delivery_reports(
+        service.engine, [report(delivered_push, DeliveryOutcome.DELIVERED)], now=now
+    )
+    unknown = report(pending_push, DeliveryOutcome.FAILED).model_copy(
+        update={"notification_id": uuid.uuid4()}
+    )
+    on_the_wrong_channel = report(email, DeliveryOutcome.FAILED).model_copy(
+        update={"channel": Channel.PUSH}
+    )
+
+    results = await repository.apply_delivery_reports(
+        service.engine,
+        [
+            report(delivered_push, DeliveryOutcome.FAILED, "retries exhausted"),
+            report(pending_push, DeliveryOutcome.FAILED, "x" * 500),
+            unknown,
+            on_the_wrong_channel,
+        ],
+        now=now,
+    )
+
+    assert results == {
+        delivered_push.notification_id: ReportResult.STALE,
+        pending_push.notification_id: ReportResult.APPLIED,
+        unknown.notification_id: ReportResult.UNKNOWN,
+        email.notification_id: ReportResult.UNKNOWN,
+    }
+    async with service.engine.connect() as connection:
+        rows = await connection.execute(
+            select(
+                notification_deliveries.c.notification_id,
+                notification_deliveries.c.status,
+                notification_deliveries.c.reason,
+            )
+        )
+        stored = {notification_id: (status, reason) for notification_id, status, reason in rows}
+    assert stored == {
+        delivered_push.notification_id: ("delivered", None),
+        pending_push.notification_id: ("failed", "x" * repository.REASON_MAX_CHARS),
+        email.notification_id: ("pending", None),
+    }
+    assert await repository.apply_delivery_reports(service.engine, [], now=now) == {}
+
+
+async def test_latency_is_observed_once_per_applied_delivered_report(
+    service: RouterService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alice = user_updated(devices=3)
+    await publish(service.broker, alice)
+    event = message_created(recipient_ids=[alice.user_id])
+    await publish(service.broker, event)
+    first, second, third = pushes(service)
+    looked_up: list[set[uuid.UUID]] = []
+    read_created_at = repository.messages_created_at
+
+    async def spy(engine: AsyncEngine, message_ids: set[uuid.UUID]) -> dict[uuid.UUID, Any]:
+        looked_up.append(set(message_ids))
+        return await read_created_at(engine, message_ids)
+
+    monkeypatch.setattr(repository, "messages_created_at", spy)
+    delivered, failed = DeliveryOutcome.DELIVERED, DeliveryOutcome.FAILED
+
+    def observed() -> float | None:
+        return service.registry.get_sample_value(
+            "herald_end_to_end_latency_seconds_count", {"channel": "push"}
+        )
+
+    await record_deliveries(report(first, delivered), service.deps)
+    await record_deliveries(report(second, failed, "UNAVAILABLE"), service.deps)
+    assert (observed(), looked_up) == (1, [{event.message_id}])
+
+    # first: already delivered (stale); second: failed before, delivered now; third: pending.
+    await publish(
+        service.broker, batch_report([report(job, delivered) for job in (first, second, third)])
+    )
+
+    assert observed() == 3
+    assert looked_up == [{event.message_id}] * 2  # once per batch, not once per report
+    latency = service.registry.get_sample_value(
+        "herald_end_to_end_latency_seconds_sum", {"channel": "push"}
+    )
+    assert latency is not None
+    assert latency > 0  # the factory's message was sent long before the reports
 
 
 async def test_metrics_count_each_decision_once_and_observe_latency(
@@ -341,5 +600,13 @@ def test_specification_documents_the_queues_and_the_jobs() -> None:
         "notification.email.send:publish",
     }
     schemas = document["components"]["schemas"]
-    assert {"MessageCreated", "UserUpdated", "DeliveryReported"} <= set(schemas)
-    assert {"PushRequested", "EmailRequested"} <= set(schemas)
+    assert {"MessageCreated", "UserUpdated", "DeliveryReported", "DeliveryBatchReported"} <= set(
+        schemas
+    )
+    assert {"PushBatchRequested", "EmailBatchRequested"} <= set(schemas)
+    payloads = {
+        name: message["payload"]["$ref"].rsplit("/", 1)[1]
+        for name, message in document["components"]["messages"].items()
+    }
+    assert payloads["notification.push.send:publish:Message"] == "PushBatchRequested"
+    assert payloads["notification.email.send:publish:Message"] == "EmailBatchRequested"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -9,10 +10,16 @@ from datetime import UTC, datetime
 import pytest
 
 from herald_shared.events import (
+    MAX_BATCH_SIZE,
     Channel,
     DeliveryOutcome,
     DeviceSnapshot,
+    EmailBatchRequested,
+    EmailRequested,
+    MessageCreated,
     Platform,
+    PushBatchRequested,
+    PushRequested,
     WebPushKeys,
     notification_id_for,
 )
@@ -21,7 +28,9 @@ from notification_router import routing
 from notification_router.routing import (
     ContentLimits,
     DeliveryStatus,
+    Device,
     Recipient,
+    batch_jobs,
     decide_for,
     plan_notifications,
     recipients_of,
@@ -388,3 +397,125 @@ def test_a_push_job_carries_the_device_registration_time_and_web_push_keys() -> 
     )
     assert (browser.token_updated_at, browser.web_push_keys) == (registered, keys)
     assert (phone.token_updated_at, phone.web_push_keys) == (None, None)
+
+
+def jobs_of(
+    event: MessageCreated, *, pushes: dict[Platform, int] | None = None, emails: int = 0
+) -> list[PushRequested | EmailRequested]:
+    """The jobs for recipients with one device each (`pushes`: how many per platform) and for
+    `emails` recipients with an address and no device."""
+    with_device = [
+        Recipient(
+            user_id=uuid.uuid4(),
+            version=1,
+            display_name="Someone",
+            email=None,
+            devices=(Device(device_id=uuid.uuid4(), platform=platform, token="secret-token"),),
+        )
+        for platform, count in (pushes or {}).items()
+        for _ in range(count)
+    ]
+    with_address = [
+        Recipient(user_id=uuid.uuid4(), version=1, display_name="Someone", email="s@example.com")
+        for _ in range(emails)
+    ]
+    return [
+        job
+        for someone in (*with_device, *with_address)
+        for job in decide_for(event, someone, now=NOW).jobs
+    ]
+
+
+def kind(batch: PushBatchRequested | EmailBatchRequested) -> str:
+    return str(batch.platform) if isinstance(batch, PushBatchRequested) else "email"
+
+
+FULL = MAX_BATCH_SIZE
+HALF = MAX_BATCH_SIZE // 2
+FCM, APNS, WEB = Platform.FCM, Platform.APNS, Platform.WEB_PUSH
+
+# (push devices per platform, e-mail recipients) -> [(platform or "email", jobs)] in order
+BATCH_CASES: dict[str, tuple[dict[Platform, int], int, list[tuple[str, int]]]] = {
+    "nothing to send": ({}, 0, []),
+    "one push": ({FCM: 1}, 0, [("fcm", 1)]),
+    "one e-mail": ({}, 1, [("email", 1)]),
+    "one batch per platform, then the e-mails": (
+        {WEB: 1, FCM: 3, APNS: 2},
+        4,
+        [("apns", 2), ("fcm", 3), ("webpush", 1), ("email", 4)],
+    ),
+    "exactly full batches": ({FCM: FULL}, FULL, [("fcm", FULL), ("email", FULL)]),
+    "one over a full batch": (
+        {FCM: FULL + 1},
+        FULL + 1,
+        [("fcm", FULL), ("fcm", 1), ("email", FULL), ("email", 1)],
+    ),
+    "chunked per platform": (
+        {FCM: 2 * FULL + 1, APNS: FULL + HALF},
+        2 * FULL + HALF,
+        [
+            ("apns", FULL),
+            ("apns", HALF),
+            ("fcm", FULL),
+            ("fcm", FULL),
+            ("fcm", 1),
+            ("email", FULL),
+            ("email", FULL),
+            ("email", HALF),
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("pushes", "emails", "expected"), BATCH_CASES.values(), ids=BATCH_CASES.keys()
+)
+def test_jobs_are_batched_per_message_and_platform_in_chunks(
+    pushes: dict[Platform, int], emails: int, expected: list[tuple[str, int]]
+) -> None:
+    event = message_created(recipient_ids=[])
+    jobs = jobs_of(event, pushes=pushes, emails=emails)
+
+    batches = batch_jobs(jobs, now=NOW)
+
+    assert [(kind(batch), len(batch.jobs)) for batch in batches] == expected
+    batched = [job.notification_id for batch in batches for job in batch.jobs]
+    assert sorted(batched) == sorted(job.notification_id for job in jobs)  # each once
+    for batch in batches:
+        assert (batch.message_id, batch.occurred_at) == (event.message_id, NOW)
+        ids = [job.notification_id for job in batch.jobs]
+        assert ids == sorted(ids)
+
+
+def test_batches_depend_on_the_set_of_jobs_not_their_order() -> None:
+    event = message_created(recipient_ids=[])
+    jobs = jobs_of(event, pushes={FCM: FULL + 3, APNS: 2}, emails=5)
+
+    batches = batch_jobs(jobs, now=NOW)
+
+    assert batch_jobs(random.sample(jobs, len(jobs)), now=NOW) == batches
+    assert batch_jobs([*jobs, *jobs], now=NOW) == batches  # a job listed twice, batched once
+    # The event id names the batch's jobs: the same jobs, the same id; others, another one.
+    assert len({batch.event_id for batch in batches}) == len(batches)
+    *pushes, emails = batches
+    *same_pushes, fewer_emails = batch_jobs(jobs[:-1], now=NOW)  # one e-mail less
+    assert [batch.event_id for batch in same_pushes] == [batch.event_id for batch in pushes]
+    assert fewer_emails.event_id != emails.event_id
+
+
+def test_jobs_of_two_messages_never_share_a_batch() -> None:
+    first, second = message_created(recipient_ids=[]), message_created(recipient_ids=[])
+    jobs = [
+        *jobs_of(first, pushes={FCM: 2}, emails=1),
+        *jobs_of(second, pushes={FCM: 1}, emails=2),
+    ]
+
+    batches = batch_jobs(jobs, now=NOW)
+
+    by_message = sorted([first, second], key=lambda event: event.message_id)
+    assert [(batch.message_id, kind(batch)) for batch in batches] == [
+        (by_message[0].message_id, "fcm"),
+        (by_message[1].message_id, "fcm"),
+        (by_message[0].message_id, "email"),
+        (by_message[1].message_id, "email"),
+    ]

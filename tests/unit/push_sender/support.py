@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from herald_shared.broker import RabbitSettings
-from herald_shared.events import Platform, PushRequested
+from herald_shared.events import Platform, PushBatchRequested, PushRequested
 from push_sender.app import PushService
+from push_sender.handlers import PushDeps, send_batch
 from push_sender.providers import ProviderAnswer, PushProvider
 from push_sender.registry import make_registry
 from push_sender.settings import FcmSettings, PushProviderKind, Settings
@@ -30,6 +31,24 @@ def push_job(**overrides: Any) -> PushRequested:
     }
     fields.update(overrides)
     return PushRequested(**fields)
+
+
+def push_jobs(count: int, **overrides: Any) -> list[PushRequested]:
+    """`count` jobs of one message, each to its own device."""
+    overrides.setdefault("message_id", uuid.uuid4())
+    return [push_job(**overrides) for _ in range(count)]
+
+
+def batch_of(*jobs: PushRequested) -> PushBatchRequested:
+    """`jobs` (of one message and platform) as the router batches them."""
+    return PushBatchRequested(
+        message_id=jobs[0].message_id, platform=jobs[0].platform, jobs=list(jobs)
+    )
+
+
+async def send(deps: PushDeps, *jobs: PushRequested) -> None:
+    """Hand `jobs` to the handler as one batch, as the subscriber does with a delivery."""
+    await send_batch(batch_of(*jobs), deps)
 
 
 def unit_settings(tmp_path: Path, database_url: str, **overrides: Any) -> Settings:

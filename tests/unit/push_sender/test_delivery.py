@@ -17,11 +17,11 @@ from herald_shared.events import (
 )
 from herald_shared.ledger import AlreadyFinal, Busy, DeliveryStatus
 from herald_shared.retry import DeferredError, PermanentError, RetryableError
-from push_sender.delivery import plan_for_answer, plan_for_claim
+from push_sender.delivery import batch_reports, plan_for_answer, plan_for_claim, report_for
 from push_sender.metrics import PushOutcome
 from push_sender.providers import ProviderAnswer, Verdict
 from push_sender.tables import Failure
-from tests.unit.push_sender.support import push_job
+from tests.unit.push_sender.support import push_job, push_jobs
 
 NOW = datetime(2026, 3, 14, 9, 26, 53, tzinfo=UTC)
 
@@ -205,3 +205,37 @@ def test_a_job_in_progress_elsewhere_comes_back_after_the_lease_without_spending
     assert isinstance(plan.error, DeferredError)
     assert plan.error.retry_after == 42.0
     assert plan.events == ()
+
+
+def test_reports_are_batched_by_outcome_with_ids_that_derive_from_their_contents() -> None:
+    delivered, failed, also_delivered = push_jobs(3)
+    reports = [
+        report_for(delivered, DeliveryOutcome.DELIVERED),
+        report_for(failed, DeliveryOutcome.FAILED, "fcm 404 UNREGISTERED"),
+        report_for(also_delivered, DeliveryOutcome.DELIVERED),
+    ]
+
+    batches = batch_reports(reports)
+
+    assert [(batch.outcome, batch.channel, batch.message_id) for batch in batches] == [
+        (DeliveryOutcome.DELIVERED, Channel.PUSH, delivered.message_id),
+        (DeliveryOutcome.FAILED, Channel.PUSH, delivered.message_id),
+    ]
+    assert [[r.notification_id for r in batch.reports] for batch in batches] == [
+        [delivered.notification_id, also_delivered.notification_id],
+        [failed.notification_id],
+    ]
+    # Published again, in any order: the same ids, so consumers deduplicate.
+    again = batch_reports(reversed(reports))
+    assert [batch.event_id for batch in again] == [batch.event_id for batch in batches]
+    # Other reports, or the same notifications with another outcome: other ids.
+    fewer = batch_reports(reports[:1])
+    as_failed = batch_reports(
+        report_for(job, DeliveryOutcome.FAILED, "x") for job in (delivered, also_delivered)
+    )
+    ids = {batch.event_id for batch in (*batches, *fewer, *as_failed)}
+    assert len(ids) == 4
+
+
+def test_no_reports_make_no_batch() -> None:
+    assert batch_reports([]) == []

@@ -1,14 +1,15 @@
 """The handler's wiring with the in-memory broker and SQLite: the ledger, the published events,
-and how each provider answer ends the job. (Retries and dead letters themselves are the shared
-middleware's, tested on the real broker.)"""
+and how each provider answer ends its job and the job's batch. (Retries and dead letters
+themselves are the shared middleware's, tested on the real broker.)"""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import logging
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, cast
@@ -17,25 +18,36 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from faststream import TestApp
+from faststream.message import StreamMessage
 from faststream.rabbit import TestRabbitBroker
-from sqlalchemy import Connection, update
+from sqlalchemy import Connection, event, update
 
-from herald_shared.events import DeliveryReported, DeviceInvalidated, PushRequested, utc_now
+from herald_shared.events import (
+    DeliveryBatchReported,
+    DeviceInvalidated,
+    Event,
+    PushRequested,
+    utc_now,
+)
 from herald_shared.ledger import DeliveryStatus
 from herald_shared.retry import DeferredError, PermanentError, RetryableError
 from herald_shared.topology import EXCHANGE, PUSH_SEND
 from push_sender.app import PushService, build_service, specification
-from push_sender.handlers import send_push
+from push_sender.handlers import report_given_up
 from push_sender.providers.base import ProviderAnswer
+from push_sender.sender import lease_for
 from push_sender.settings import Settings
 from push_sender.tables import Failure, metadata, push_deliveries
 from tests.fakes.fcm import FakeFcm
 from tests.unit.push_sender.support import (
     DEVICE_TOKEN,
     RecordingProvider,
+    batch_of,
     fcm_settings,
     provider_of,
     push_job,
+    push_jobs,
+    send,
     unit_settings,
     use_provider,
 )
@@ -71,7 +83,7 @@ async def with_fcm(
     return await start(stack, build_service(settings))
 
 
-async def publish(service: PushService, job: PushRequested) -> None:
+async def publish(service: PushService, job: Event) -> None:
     await service.broker.publish(job, exchange=EXCHANGE, routing_key=PUSH_SEND)
 
 
@@ -87,12 +99,46 @@ def events_published(service: PushService) -> dict[str, list[dict[str, Any]]]:
     }
 
 
+def reports(service: PushService, outcome: str) -> list[DeliveryBatchReported]:
+    """The batch reports published on `notification.push.<outcome>`, in order."""
+    return [
+        DeliveryBatchReported.model_validate(body) for body in events_published(service)[outcome]
+    ]
+
+
+def notifications(report: DeliveryBatchReported) -> set[uuid.UUID]:
+    return {item.notification_id for item in report.reports}
+
+
+def ids(*jobs: PushRequested) -> set[uuid.UUID]:
+    return {job.notification_id for job in jobs}
+
+
 def counter(service: PushService, outcome: str) -> float:
     labels = {"provider": provider_of(service).name, "outcome": outcome}
     return service.registry.get_sample_value("herald_pushes_total", labels) or 0.0
 
 
-async def test_a_push_is_sent_recorded_and_reported(recording: PushService) -> None:
+@contextmanager
+def ledger_statements(service: PushService) -> Iterator[list[str]]:
+    """The verbs (INSERT, UPDATE, SELECT) of the statements run on the ledger table meanwhile."""
+    statements: list[str] = []
+
+    def executed(connection: Any, cursor: Any, statement: str, *context: Any) -> None:
+        if push_deliveries.name in statement:
+            statements.append(statement.split(None, 1)[0].upper())
+
+    engine = service.engine.sync_engine
+    event.listen(engine, "before_cursor_execute", executed)
+    try:
+        yield statements
+    finally:
+        event.remove(engine, "before_cursor_execute", executed)
+
+
+async def test_a_single_push_is_sent_recorded_and_reported(recording: PushService) -> None:
+    """A `PushRequested` (a router of an earlier version, a dead letter replayed) is still
+    accepted: handled as a batch of one."""
     provider = provider_of(recording)
     assert isinstance(provider, RecordingProvider)
     job = push_job()
@@ -109,23 +155,65 @@ async def test_a_push_is_sent_recorded_and_reported(recording: PushService) -> N
         True,
     )
     assert entry.extra == {"device_id": job.device_id}
-    [report] = events_published(recording)["delivered"]
-    assert DeliveryReported.model_validate(report).model_dump(
-        include={"notification_id", "message_id", "recipient_id", "channel", "outcome", "reason"}
-    ) == {
-        "notification_id": job.notification_id,
-        "message_id": job.message_id,
-        "recipient_id": job.recipient_id,
-        "channel": "push",
-        "outcome": "delivered",
-        "reason": None,
-    }
+    [report] = reports(recording, "delivered")
+    assert (report.message_id, report.channel, report.outcome) == (
+        job.message_id,
+        "push",
+        "delivered",
+    )
+    assert [
+        item.model_dump(
+            include={
+                "notification_id",
+                "message_id",
+                "recipient_id",
+                "channel",
+                "outcome",
+                "reason",
+            }
+        )
+        for item in report.reports
+    ] == [
+        {
+            "notification_id": job.notification_id,
+            "message_id": job.message_id,
+            "recipient_id": job.recipient_id,
+            "channel": "push",
+            "outcome": "delivered",
+            "reason": None,
+        }
+    ]
     assert events_published(recording)["failed"] == []
     assert counter(recording, "delivered") == 1
     histogram = recording.registry.get_sample_value(
         "herald_push_provider_duration_seconds_count", {"provider": "recording"}
     )
     assert histogram == 1
+
+
+async def test_a_batch_takes_one_statement_per_ledger_step_and_one_report(
+    recording: PushService,
+) -> None:
+    provider = provider_of(recording)
+    assert isinstance(provider, RecordingProvider)
+    jobs = push_jobs(5)
+
+    with ledger_statements(recording) as statements:
+        await publish(recording, batch_of(*jobs))
+
+    assert sorted(sent.notification_id for sent in provider.sent) == sorted(ids(*jobs))
+    # Claim, record the outcome, record that it was reported: for the five jobs at once.
+    assert statements == ["INSERT", "UPDATE", "UPDATE"]
+    [report] = reports(recording, "delivered")
+    assert (report.message_id, report.outcome) == (jobs[0].message_id, "delivered")
+    assert notifications(report) == ids(*jobs)
+    assert events_published(recording)["failed"] == []
+    for job in jobs:
+        entry = await recording.deps.sender.ledger.get(job.notification_id)
+        assert entry is not None
+        assert (entry.status, entry.attempts, entry.reported) == (DeliveryStatus.DELIVERED, 1, True)
+        assert entry.extra == {"device_id": job.device_id}
+    assert counter(recording, "delivered") == 5
 
 
 async def test_a_redelivered_job_does_not_call_the_provider_again(
@@ -151,9 +239,9 @@ async def test_events_that_did_not_go_out_are_published_by_the_next_copy(
 ) -> None:
     provider = provider_of(recording)
     assert isinstance(provider, RecordingProvider)
-    job = push_job()
-    await publish(recording, job)
-    # As if the worker died after committing the outcome, before publishing the report.
+    jobs = push_jobs(2)
+    await publish(recording, batch_of(*jobs))
+    # As if the worker died after committing the outcomes, before publishing the report.
     async with recording.engine.begin() as connection:
         await connection.execute(
             update(push_deliveries).values(
@@ -161,14 +249,16 @@ async def test_events_that_did_not_go_out_are_published_by_the_next_copy(
             )
         )
 
-    await publish(recording, job)
+    await publish(recording, batch_of(*jobs))
 
-    assert len(provider.sent) == 1  # the provider is not asked again
-    first, second = events_published(recording)["delivered"]
-    assert first["event_id"] == second["event_id"]  # the same report: consumers dedupe
-    entry = await recording.deps.sender.ledger.get(job.notification_id)
-    assert entry is not None
-    assert entry.reported
+    assert len(provider.sent) == 2  # the provider is not asked again
+    first, second = reports(recording, "delivered")
+    assert first.event_id == second.event_id  # the same report: consumers dedupe
+    assert notifications(second) == ids(*jobs)
+    for job in jobs:
+        entry = await recording.deps.sender.ledger.get(job.notification_id)
+        assert entry is not None
+        assert entry.reported
 
 
 class UnreachableBroker:
@@ -183,23 +273,26 @@ async def test_events_that_could_not_be_published_go_out_with_the_retry(
 ) -> None:
     provider = provider_of(recording)
     assert isinstance(provider, RecordingProvider)
-    job = push_job()
+    jobs = push_jobs(2)
     broken = dataclasses.replace(recording.deps, delivered=cast(Any, UnreachableBroker()))
 
     with pytest.raises(TimeoutError):
-        await send_push(job, broken)
+        await send(broken, *jobs)
 
-    entry = await recording.deps.sender.ledger.get(job.notification_id)
-    assert entry is not None
-    assert (entry.status, entry.reported) == (DeliveryStatus.DELIVERED, False)
+    for job in jobs:
+        entry = await recording.deps.sender.ledger.get(job.notification_id)
+        assert entry is not None
+        assert (entry.status, entry.reported) == (DeliveryStatus.DELIVERED, False)
 
-    await send_push(job, recording.deps)  # the retry: at once, not after the lease
+    await send(recording.deps, *jobs)  # the retry: at once, not `Busy` until the leases run out
 
-    assert len(provider.sent) == 1
-    assert len(events_published(recording)["delivered"]) == 1
-    entry = await recording.deps.sender.ledger.get(job.notification_id)
-    assert entry is not None
-    assert entry.reported
+    assert len(provider.sent) == 2
+    [report] = reports(recording, "delivered")
+    assert notifications(report) == ids(*jobs)
+    for job in jobs:
+        entry = await recording.deps.sender.ledger.get(job.notification_id)
+        assert entry is not None
+        assert entry.reported
 
 
 async def test_a_job_another_worker_is_sending_comes_back_later_without_spending_an_attempt(
@@ -207,38 +300,96 @@ async def test_a_job_another_worker_is_sending_comes_back_later_without_spending
 ) -> None:
     provider = provider_of(recording)
     assert isinstance(provider, RecordingProvider)
-    job = push_job()
-    lease = recording.deps.sender.lease_for(job)
+    busy, free = push_jobs(2)
+    lease = lease_for(provider)
     await recording.deps.sender.ledger.claim(
-        job, provider="other", now=utc_now(), lease=lease, extra={"device_id": job.device_id}
+        busy, provider="other", now=utc_now(), lease=lease, extra={"device_id": busy.device_id}
     )
 
     with pytest.raises(DeferredError, match="in progress") as raised:
-        await send_push(job, recording.deps)
+        await send(recording.deps, busy, free)
 
-    assert provider.sent == []
+    assert [sent.notification_id for sent in provider.sent] == [free.notification_id]
     assert raised.value.retry_after is not None
     assert 0 < raised.value.retry_after <= lease.total_seconds()
     assert counter(recording, "in_progress") == 1
+    [report] = reports(recording, "delivered")
+    assert notifications(report) == ids(free)
 
 
-async def test_a_provider_bug_frees_the_claim_and_raises(recording: PushService) -> None:
+async def test_a_provider_bug_on_one_job_loses_none_of_the_others_outcomes(
+    recording: PushService, caplog: pytest.LogCaptureFixture
+) -> None:
+    jobs = push_jobs(3)
+    buggy = jobs[1]
+
     class Broken(RecordingProvider):
-        async def send(self, job: PushRequested) -> Any:
-            raise ZeroDivisionError
+        async def send(self, job: PushRequested) -> ProviderAnswer:
+            if job.notification_id == buggy.notification_id:
+                raise ZeroDivisionError
+            return await super().send(job)
 
     use_provider(recording, Broken())
-    job = push_job()
 
-    with pytest.raises(ZeroDivisionError):
-        await send_push(job, recording.deps)
+    with pytest.raises(RetryableError, match=r"recording error \(ZeroDivisionError\)"):
+        await send(recording.deps, *jobs)
 
-    entry = await recording.deps.sender.ledger.get(job.notification_id)
+    [report] = reports(recording, "delivered")
+    assert notifications(report) == ids(jobs[0], jobs[2])
+    entry = await recording.deps.sender.ledger.get(buggy.notification_id)
     assert entry is not None
     assert (entry.status, entry.reason) == (
         DeliveryStatus.RETRYING,
         "recording error (ZeroDivisionError)",
     )
+    [logged] = [r for r in caplog.records if "push.provider_error" in r.getMessage()]
+    assert logged.levelno == logging.ERROR
+    assert str(buggy.notification_id) in logged.getMessage()
+    assert "ZeroDivisionError" in logged.getMessage()
+
+    healthy = RecordingProvider()
+    use_provider(recording, healthy)
+    await send(recording.deps, *jobs)  # the retry sends the one job that is not final
+
+    assert [sent.notification_id for sent in healthy.sent] == [buggy.notification_id]
+    assert notifications(reports(recording, "delivered")[-1]) == ids(buggy)
+
+
+async def test_a_batch_with_mixed_outcomes_reports_each_and_retries_only_what_needs_it(
+    with_fcm: PushService, fcm: FakeFcm
+) -> None:
+    message = uuid.uuid4()
+    accepted = push_job(message_id=message, token=f"{DEVICE_TOKEN}-accepted")
+    dead = push_job(message_id=message, token=f"{DEVICE_TOKEN}-dead")
+    flaky = push_job(message_id=message, token=f"{DEVICE_TOKEN}-flaky")
+    fcm.fail(dead.token, 404, "UNREGISTERED")
+    fcm.fail(flaky.token, 503, "UNAVAILABLE", times=1)
+    batch = (accepted, dead, flaky)
+
+    with pytest.raises(RetryableError, match="fcm 503 UNAVAILABLE"):
+        await send(with_fcm.deps, *batch)
+
+    [delivered] = reports(with_fcm, "delivered")
+    assert notifications(delivered) == ids(accepted)
+    [failed] = reports(with_fcm, "failed")
+    assert notifications(failed) == ids(dead)
+    assert [item.reason for item in failed.reports] == ["fcm 404 UNREGISTERED"]
+    [invalidation] = events_published(with_fcm)["invalidated"]
+    assert DeviceInvalidated.model_validate(invalidation).device_id == dead.device_id
+    entry = await with_fcm.deps.sender.ledger.get(flaky.notification_id)
+    assert entry is not None
+    assert (entry.status, entry.attempts) == (DeliveryStatus.RETRYING, 1)
+
+    await send(with_fcm.deps, *batch)  # the whole batch comes back
+
+    assert fcm.send_requests == 4  # three, then the flaky one again
+    assert [len(fcm.messages_to(job.token)) for job in batch] == [1, 0, 1]
+    assert [notifications(report) for report in reports(with_fcm, "delivered")] == [
+        ids(accepted),
+        ids(flaky),
+    ]
+    assert len(events_published(with_fcm)["failed"]) == 1
+    assert len(events_published(with_fcm)["invalidated"]) == 1
 
 
 async def test_a_dead_token_invalidates_the_device_and_is_acknowledged(
@@ -247,15 +398,17 @@ async def test_a_dead_token_invalidates_the_device_and_is_acknowledged(
     fcm.fail(DEVICE_TOKEN, 404, "UNREGISTERED")
     job = push_job()
 
-    await send_push(job, with_fcm.deps)  # no exception: acknowledged, never retried
+    await send(with_fcm.deps, job)  # no exception: acknowledged, never retried
 
     events = events_published(with_fcm)
     [invalidation] = events["invalidated"]
     assert DeviceInvalidated.model_validate(invalidation).model_dump(
         include={"user_id", "device_id", "reason"}
     ) == {"user_id": job.recipient_id, "device_id": job.device_id, "reason": "fcm 404 UNREGISTERED"}
-    [report] = events["failed"]
-    assert (report["outcome"], report["reason"]) == ("failed", "fcm 404 UNREGISTERED")
+    [report] = reports(with_fcm, "failed")
+    assert [(item.outcome, item.reason) for item in report.reports] == [
+        ("failed", "fcm 404 UNREGISTERED")
+    ]
     assert events["delivered"] == []
     entry = await with_fcm.deps.sender.ledger.get(job.notification_id)
     assert entry is not None
@@ -265,7 +418,7 @@ async def test_a_dead_token_invalidates_the_device_and_is_acknowledged(
         True,
     )
 
-    await send_push(job, with_fcm.deps)  # a copy: nothing more
+    await send(with_fcm.deps, job)  # a copy: nothing more
     assert fcm.send_requests == 1
     assert len(events_published(with_fcm)["invalidated"]) == 1
 
@@ -275,7 +428,7 @@ async def test_an_invalid_token_argument_invalidates_the_device(
 ) -> None:
     fcm.fail(DEVICE_TOKEN, 400, "INVALID_ARGUMENT", field="message.token")
 
-    await send_push(push_job(), with_fcm.deps)
+    await send(with_fcm.deps, push_job())
 
     assert len(events_published(with_fcm)["invalidated"]) == 1
     assert len(events_published(with_fcm)["failed"]) == 1
@@ -288,19 +441,19 @@ async def test_a_refused_push_is_reported_then_dead_lettered(
     job = push_job()
 
     with pytest.raises(PermanentError, match="fcm 400 INVALID_ARGUMENT"):
-        await send_push(job, with_fcm.deps)
+        await send(with_fcm.deps, job)
 
-    events = events_published(with_fcm)
-    assert [(r["outcome"], r["reason"]) for r in events["failed"]] == [
+    [report] = reports(with_fcm, "failed")
+    assert [(item.outcome, item.reason) for item in report.reports] == [
         ("failed", "fcm 400 INVALID_ARGUMENT")
     ]
-    assert events["invalidated"] == []
+    assert events_published(with_fcm)["invalidated"] == []
     entry = await with_fcm.deps.sender.ledger.get(job.notification_id)
     assert entry is not None
     assert (entry.status, entry.failure) == (DeliveryStatus.FAILED, Failure.REJECTED)
 
     # Replayed from the dead-letter queue later: acknowledged, the provider is not asked again.
-    await send_push(job, with_fcm.deps)
+    await send(with_fcm.deps, job)
     assert fcm.send_requests == 1
 
 
@@ -316,7 +469,6 @@ async def test_a_refused_push_is_reported_then_dead_lettered(
 async def test_transient_answers_raise_retryable_errors(
     with_fcm: PushService,
     fcm: FakeFcm,
-    caplog: pytest.LogCaptureFixture,
     status: int,
     error_code: str,
     options: dict[str, Any],
@@ -324,14 +476,14 @@ async def test_transient_answers_raise_retryable_errors(
     retry_after: float | None,
 ) -> None:
     if status == 0:
-        await send_push(push_job(), with_fcm.deps)  # the access token, fetched in time
+        await send(with_fcm.deps, push_job())  # the access token, fetched in time
         fcm.stall(DEVICE_TOKEN, 3.0, times=1)
     else:
         fcm.fail(DEVICE_TOKEN, status, error_code, times=1, **options)
     job = push_job()
 
     with pytest.raises(RetryableError) as raised:
-        await send_push(job, with_fcm.deps)
+        await send(with_fcm.deps, job)
 
     assert (raised.value.reason, raised.value.retry_after) == (reason, retry_after)
     assert events_published(with_fcm)["failed"] == []
@@ -340,11 +492,41 @@ async def test_transient_answers_raise_retryable_errors(
     assert (entry.status, entry.attempts) == (DeliveryStatus.RETRYING, 1)
     # (A 403, our configuration, is deferred instead: test_provider_resilience.py.)
 
-    await send_push(job, with_fcm.deps)  # the retry
+    await send(with_fcm.deps, job)  # the retry
     entry = await with_fcm.deps.sender.ledger.get(job.notification_id)
     assert entry is not None
     assert (entry.status, entry.attempts) == (DeliveryStatus.DELIVERED, 2)
     assert len(fcm.messages_to(DEVICE_TOKEN)) == (2 if status == 0 else 1)
+
+
+async def test_a_batch_out_of_retries_is_reported_failed_in_one_event(
+    recording: PushService,
+) -> None:
+    """The dead-letter hook: every job of the batch, delivered or not (the router keeps a
+    delivery), in one report that carries the same id each time."""
+    jobs = push_jobs(3)
+    body = batch_of(*jobs).model_dump_json().encode()
+
+    for _ in range(2):
+        message: StreamMessage[Any] = StreamMessage(None, body, correlation_id="c-1")
+        await report_given_up(recording.deps, message, "RetryableError: fcm 503 UNAVAILABLE")
+
+    first, again = reports(recording, "failed")
+    assert (first.message_id, first.outcome) == (jobs[0].message_id, "failed")
+    assert notifications(first) == ids(*jobs)
+    assert {item.reason for item in first.reports} == {"retries exhausted"}
+    assert again.event_id == first.event_id
+    assert events_published(recording)["delivered"] == []
+
+
+async def test_a_single_job_out_of_retries_is_reported_failed(recording: PushService) -> None:
+    job = push_job()
+    message: StreamMessage[Any] = StreamMessage(None, job.model_dump_json().encode())
+
+    await report_given_up(recording.deps, message, "RetryableError: fcm 503 UNAVAILABLE")
+
+    [report] = reports(recording, "failed")
+    assert notifications(report) == ids(job)
 
 
 async def test_logs_carry_ids_only(
@@ -357,7 +539,7 @@ async def test_logs_carry_ids_only(
     fcm.fail(DEVICE_TOKEN, 503, "UNAVAILABLE", times=1)
     await publish(with_fcm, push_job())
     fcm.fail(DEVICE_TOKEN, 404, "UNREGISTERED", times=1)
-    await publish(with_fcm, push_job())
+    await publish(with_fcm, batch_of(*push_jobs(2)))
 
     # aiosqlite logs statements with their parameters at DEBUG (the ledger holds ids only).
     text = "\n".join(record.getMessage() for record in caplog.records)
@@ -402,55 +584,77 @@ async def test_migrations_match_the_tables(recording: PushService) -> None:
 
 def test_the_specification_documents_the_queue_and_every_report() -> None:
     document = specification(Settings()).to_specification().to_jsonable()
-    operations = document["operations"]
+
+    def resolved(node: dict[str, Any]) -> dict[str, Any]:
+        """`node`, its `$ref`s followed."""
+        while "$ref" in node:
+            pointer = str(node["$ref"]).removeprefix("#/")
+            node = document
+            for part in pointer.split("/"):
+                node = node[part]
+        return node
+
+    def payload(operation: dict[str, Any]) -> str:
+        [message] = operation["messages"]
+        return str(resolved(message)["payload"]["$ref"]).rsplit("/", 1)[-1]
+
+    operations = document["operations"].values()
     sends = {
-        key
-        for operation in operations.values()
+        key: payload(operation)
+        for operation in operations
         if operation["action"] == "send"
         for key in operation["bindings"]["amqp"]["cc"]
     }
     assert sends == {
-        "notification.push.delivered",
-        "notification.push.failed",
-        "device.invalidated",
+        "notification.push.delivered": "DeliveryBatchReported",
+        "notification.push.failed": "DeliveryBatchReported",
+        "device.invalidated": "DeviceInvalidated",
     }
-    receives = [op for op in operations.values() if op["action"] == "receive"]
-    assert len(receives) == 1
+    [receive] = [operation for operation in operations if operation["action"] == "receive"]
+    accepted = document["components"]["schemas"][payload(receive)]["oneOf"]
+    assert {schema["$ref"].rsplit("/", 1)[-1] for schema in accepted} == {
+        "PushRequested",
+        "PushBatchRequested",
+    }
 
 
-async def test_a_handler_cancelled_mid_send_records_the_answer_so_the_redelivered_job_only_reports(
+async def test_a_handler_cancelled_mid_send_records_the_answers_for_the_redelivered_batch(
     recording: PushService,
 ) -> None:
-    """As when the broker connection is lost while a push is with the provider: the provider's
-    answer is still recorded, and the copy that RabbitMQ redelivers publishes it at once (not
-    `Busy` until the lease runs out) without sending the push a second time."""
+    """As when the broker connection is lost while the pushes are with the provider: the
+    provider's answers are still recorded, and the copy that RabbitMQ redelivers publishes them
+    at once (not `Busy` until the leases run out) without sending the pushes a second time."""
     calling, answer = asyncio.Event(), asyncio.Event()
 
     class Slow(RecordingProvider):
-        async def send(self, job: PushRequested) -> Any:
+        async def send(self, job: PushRequested) -> ProviderAnswer:
             self.sent.append(job)
-            calling.set()
+            if len(self.sent) == 2:
+                calling.set()
             await answer.wait()
             return ProviderAnswer.accepted()
 
     provider = Slow()
     use_provider(recording, provider)
-    job = push_job()
-    handler = asyncio.create_task(send_push(job, recording.deps))
-    await asyncio.wait_for(calling.wait(), timeout=5)
-    handler.cancel()
-    answer.set()
-    with pytest.raises(asyncio.CancelledError):
-        await handler
+    jobs = push_jobs(2)
+    with ledger_statements(recording) as statements:
+        handler = asyncio.create_task(send(recording.deps, *jobs))
+        await asyncio.wait_for(calling.wait(), timeout=5)
+        handler.cancel()
+        answer.set()
+        with pytest.raises(asyncio.CancelledError):
+            await handler
 
-    entry = await recording.deps.sender.ledger.get(job.notification_id)
-    assert entry is not None
-    assert (entry.status, entry.reported) == (DeliveryStatus.DELIVERED, False)
-    await send_push(job, recording.deps)
-    assert len(provider.sent) == 1
-    assert [report["outcome"] for report in events_published(recording)["delivered"]] == [
-        "delivered"
-    ]
+    # Claimed, recorded, then both leases dropped: one statement each.
+    assert statements == ["INSERT", "UPDATE", "UPDATE"]
+    for job in jobs:
+        entry = await recording.deps.sender.ledger.get(job.notification_id)
+        assert entry is not None
+        assert (entry.status, entry.reported) == (DeliveryStatus.DELIVERED, False)
+    await send(recording.deps, *jobs)
+    assert len(provider.sent) == 2
+    [report] = reports(recording, "delivered")
+    assert notifications(report) == ids(*jobs)
 
 
 async def test_a_handler_cancelled_while_the_provider_fails_frees_the_job_for_its_copy(
@@ -461,13 +665,14 @@ async def test_a_handler_cancelled_while_the_provider_fails_frees_the_job_for_it
     class Hanging(RecordingProvider):
         deadline = 0.2
 
-        async def send(self, job: PushRequested) -> Any:
+        async def send(self, job: PushRequested) -> ProviderAnswer:
             calling.set()
             await asyncio.Event().wait()  # never answers: the deadline ends it
+            raise AssertionError("unreachable")
 
     use_provider(recording, Hanging())
     job = push_job()
-    handler = asyncio.create_task(send_push(job, recording.deps))
+    handler = asyncio.create_task(send(recording.deps, job))
     await asyncio.wait_for(calling.wait(), timeout=5)
     handler.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -477,34 +682,23 @@ async def test_a_handler_cancelled_while_the_provider_fails_frees_the_job_for_it
     assert entry is not None
     assert (entry.status, entry.reason) == (DeliveryStatus.RETRYING, "recording deadline exceeded")
     use_provider(recording, RecordingProvider())
-    await send_push(job, recording.deps)
-    assert [report["outcome"] for report in events_published(recording)["delivered"]] == [
-        "delivered"
-    ]
+    await send(recording.deps, job)
+    [report] = reports(recording, "delivered")
+    assert notifications(report) == ids(job)
 
 
 async def test_cancelling_drops_only_its_own_lease(recording: PushService) -> None:
     """A worker whose lease ran out and was taken over must not free the new owner's lease."""
     job = push_job()
     sender = recording.deps.sender
-    first = utc_now() - sender.lease_for(job) - timedelta(seconds=1)
-    await sender.ledger.claim(
-        job,
-        provider="recording",
-        now=first,
-        lease=sender.lease_for(job),
-        extra={"device_id": job.device_id},
-    )
+    lease = lease_for(provider_of(recording))
+    first = utc_now() - lease - timedelta(seconds=1)
+    extra = {"device_id": job.device_id}
+    await sender.ledger.claim(job, provider="recording", now=first, lease=lease, extra=extra)
     second = utc_now()
-    await sender.ledger.claim(
-        job,
-        provider="recording",
-        now=second,
-        lease=sender.lease_for(job),
-        extra={"device_id": job.device_id},
-    )
+    await sender.ledger.claim(job, provider="recording", now=second, lease=lease, extra=extra)
 
-    await sender.abandon(job, claimed_at=first)
+    await sender.abandon(job.platform, [job], claimed_at=first)
 
     with pytest.raises(DeferredError, match="in progress"):
-        await send_push(job, recording.deps)
+        await send(recording.deps, job)

@@ -16,11 +16,10 @@ import pytest
 from faststream import TestApp
 from faststream.rabbit import TestRabbitBroker
 
-from herald_shared.events import Platform, PushRequested
+from herald_shared.events import DeliveryBatchReported, Platform, PushRequested
 from herald_shared.ledger import DeliveryStatus
 from herald_shared.retry import DeferredError, PermanentError, RetryableError
 from push_sender.app import PushService, build_service
-from push_sender.handlers import send_push
 from push_sender.providers import FcmProvider, LogProvider, ProviderAnswer, make_providers
 from push_sender.settings import BreakerSettings, MaxInFlightSettings, PushProviderKind
 from tests.fakes.fcm import FakeFcm
@@ -29,6 +28,8 @@ from tests.unit.push_sender.support import (
     RecordingProvider,
     fcm_settings,
     push_job,
+    push_jobs,
+    send,
     unit_settings,
 )
 
@@ -110,8 +111,8 @@ async def test_each_platform_has_its_provider(two_providers: PushService, fcm: F
     assert isinstance(apns, ApnsRecorder)
     assert isinstance(two_providers.providers.provider_for(Platform.FCM), FcmProvider)
 
-    await send_push(android(), two_providers.deps)
-    await send_push(iphone(), two_providers.deps)
+    await send(two_providers.deps, android())
+    await send(two_providers.deps, iphone())
 
     assert fcm.send_requests == 1
     assert [job.platform for job in apns.sent] == [Platform.APNS]
@@ -129,8 +130,8 @@ async def test_one_provider_down_while_the_other_keeps_delivering(
 
     for _ in range(3):
         with pytest.raises(RetryableError, match="fcm 503 UNAVAILABLE"):
-            await send_push(android(), deps)
-        await send_push(iphone(), deps)
+            await send(deps, android())
+        await send(deps, iphone())
     assert fcm.send_requests == 3
     assert gauge(two_providers, "fcm") == 2
     assert gauge(two_providers, "apns") == 0
@@ -140,10 +141,10 @@ async def test_one_provider_down_while_the_other_keeps_delivering(
     waiting = [android() for _ in range(5)]
     for job in waiting:
         with pytest.raises(DeferredError, match="fcm circuit open") as deferred:
-            await send_push(job, deps)
+            await send(deps, job)
         assert deferred.value.retry_after == pytest.approx(COOL_DOWN - 10)
         assert await deps.sender.ledger.get(job.notification_id) is None  # nothing leased
-        await send_push(iphone(), deps)
+        await send(deps, iphone())
     assert fcm.send_requests == 3
     assert len(apns.sent) == 8
     assert pushes(two_providers, "fcm", "breaker_open") == 5
@@ -156,16 +157,16 @@ async def test_one_provider_down_while_the_other_keeps_delivering(
     # After the cool-down one probe goes through; FCM is still down: open again, for longer.
     clock.now += 20
     with pytest.raises(RetryableError):
-        await send_push(waiting[0], deps)
+        await send(deps, waiting[0])
     assert fcm.send_requests == 4
     with pytest.raises(DeferredError) as deferred:
-        await send_push(waiting[1], deps)
+        await send(deps, waiting[1])
     assert deferred.value.retry_after == pytest.approx(2 * COOL_DOWN)
 
     # FCM is back: the next probe closes the breaker, and every waiting job is delivered once.
     clock.now += 2 * COOL_DOWN
     for job in waiting:
-        await send_push(job, deps)
+        await send(deps, job)
     assert gauge(two_providers, "fcm") == 0
     assert len(fcm.messages_to(DEVICE_TOKEN)) == 5
     for job in waiting[1:]:  # deferred four times, never claimed: this was their first attempt
@@ -182,7 +183,7 @@ async def test_a_configuration_error_opens_the_breaker_at_once_and_burns_no_retr
     job = android()
 
     with pytest.raises(DeferredError, match="provider configuration") as deferred:
-        await send_push(job, deps)
+        await send(deps, job)
 
     assert deferred.value.retry_after == pytest.approx(COOL_DOWN)
     assert gauge(two_providers, "fcm") == 2
@@ -194,9 +195,9 @@ async def test_a_configuration_error_opens_the_breaker_at_once_and_burns_no_retr
     assert "FCM_CREDENTIALS_FILE" in loud.getMessage()
 
     with pytest.raises(DeferredError, match="circuit open"):
-        await send_push(android(), deps)
+        await send(deps, android())
     assert fcm.send_requests == 1
-    await send_push(iphone(), deps)
+    await send(deps, iphone())
 
 
 async def test_dead_tokens_and_refused_pushes_never_open_the_breaker(
@@ -204,14 +205,14 @@ async def test_dead_tokens_and_refused_pushes_never_open_the_breaker(
 ) -> None:
     fcm.fail(DEVICE_TOKEN, 404, "UNREGISTERED", times=5)
     for _ in range(5):
-        await send_push(android(), two_providers.deps)
+        await send(two_providers.deps, android())
     fcm.fail(DEVICE_TOKEN, 400, "INVALID_ARGUMENT", times=5)
     for _ in range(5):
         with pytest.raises(PermanentError):
-            await send_push(android(), two_providers.deps)
+            await send(two_providers.deps, android())
 
     assert gauge(two_providers, "fcm") == 0
-    await send_push(android(), two_providers.deps)
+    await send(two_providers.deps, android())
     assert len(fcm.accepted) == 1
 
 
@@ -239,19 +240,79 @@ async def test_a_full_bulkhead_defers_at_once_and_leaves_room_for_the_others(
         stack,
         build_service(settings, providers={Platform.FCM: log, Platform.APNS: stuck}),
     )
-    first = asyncio.create_task(send_push(iphone(), service.deps))
+    first = asyncio.create_task(send(service.deps, iphone()))
     await asyncio.wait_for(calling.wait(), timeout=5)
 
     second = iphone()
     with pytest.raises(DeferredError, match="apns at its concurrency limit"):
-        await send_push(second, service.deps)
+        await send(service.deps, second)
     assert await service.deps.sender.ledger.get(second.notification_id) is None
-    await send_push(android(), service.deps)  # FCM does not wait for APNs
+    await send(service.deps, android())  # FCM does not wait for APNs
 
     answer.set()
     await asyncio.wait_for(first, timeout=5)
-    await send_push(second, service.deps)
+    await send(service.deps, second)
     assert len(stuck.sent) == 2
+    assert pushes(service, "apns", "bulkhead_full") == 1
+
+
+async def test_a_half_open_breaker_lets_one_probe_of_a_batch_through(
+    two_providers: PushService, fcm: FakeFcm, clock: FakeClock
+) -> None:
+    deps = two_providers.deps
+    done, probe, *deferred_jobs = batch = push_jobs(4)
+    await send(deps, done)  # delivered before the outage
+    fcm.fail(DEVICE_TOKEN, 503, "UNAVAILABLE", times=3)
+    with pytest.raises(RetryableError, match="fcm 503 UNAVAILABLE"):
+        await send(deps, *push_jobs(3))  # three failures at once: the breaker opens
+    assert gauge(two_providers, "fcm") == 2
+
+    clock.now += COOL_DOWN
+    with pytest.raises(DeferredError, match="fcm circuit open") as deferred:
+        await send(deps, *batch)
+
+    # The job delivered before took the probe's turn first, and gave it to the next one.
+    assert deferred.value.retry_after == pytest.approx(COOL_DOWN)
+    assert [m["message"]["data"]["notification_id"] for m in fcm.accepted] == [
+        str(done.notification_id),
+        str(probe.notification_id),
+    ]
+    assert gauge(two_providers, "fcm") == 0  # the probe closed it
+    for job in deferred_jobs:  # neither sent nor claimed
+        assert await deps.sender.ledger.get(job.notification_id) is None
+    assert pushes(two_providers, "fcm", "breaker_open") == 2
+
+    await send(deps, *batch)  # the deferred batch comes back
+    assert len(fcm.accepted) == 4
+    for job in batch:
+        entry = await deps.sender.ledger.get(job.notification_id)
+        assert entry is not None
+        assert (entry.status, entry.attempts) == (DeliveryStatus.DELIVERED, 1)
+
+
+async def test_a_batch_larger_than_the_bulkhead_goes_out_in_parts(
+    sqlite_url: str, tmp_path: Path, stack: AsyncExitStack
+) -> None:
+    settings = unit_settings(
+        tmp_path,
+        sqlite_url,
+        push_provider=PushProviderKind.LIVE,
+        max_in_flight=MaxInFlightSettings(apns=2),
+    )
+    apns = ApnsRecorder()
+    service = await start(stack, build_service(settings, providers={Platform.APNS: apns}))
+    batch = push_jobs(3, platform=Platform.APNS, token="ab" * 32)
+
+    with pytest.raises(DeferredError, match="apns at its concurrency limit"):
+        await send(service.deps, *batch)
+
+    assert [job.notification_id for job in apns.sent] == [job.notification_id for job in batch[:2]]
+    assert await service.deps.sender.ledger.get(batch[2].notification_id) is None
+    assert service.providers.describe()["providers"]["apns"]["in_flight"] == 0  # places back
+
+    # Its retry: the jobs sent before give their places back to the one still waiting.
+    await send(service.deps, *batch)
+    assert [job.notification_id for job in apns.sent] == [job.notification_id for job in batch]
     assert pushes(service, "apns", "bulkhead_full") == 1
 
 
@@ -271,17 +332,24 @@ async def test_a_platform_without_a_provider_is_reported_unsupported(
         "push.providers live=fcm=fcm unsupported=apns, webpush" in r.getMessage()
         for r in caplog.records
     )
-    job = iphone()
+    jobs = push_jobs(2, platform=Platform.APNS, token="ab" * 32)
 
     with pytest.raises(PermanentError, match="unsupported platform apns"):
-        await send_push(job, service.deps)
+        await send(service.deps, *jobs)
 
-    [report] = [call.args[0] for call in service.deps.failed.mock.call_args_list]
-    assert (report["outcome"], report["reason"]) == ("failed", "unsupported platform apns")
-    # No ledger row: replayed from the dead-letter queue once APNs is configured, it is sent.
-    assert await service.deps.sender.ledger.get(job.notification_id) is None
-    assert service.registry.get_sample_value(
-        "herald_pushes_total", {"provider": "none", "outcome": "unsupported"}
+    [body] = [call.args[0] for call in service.deps.failed.mock.call_args_list]
+    report = DeliveryBatchReported.model_validate(body)
+    assert [(item.notification_id, item.outcome, item.reason) for item in report.reports] == [
+        (job.notification_id, "failed", "unsupported platform apns") for job in jobs
+    ]
+    # No ledger rows: replayed from the dead-letter queue once APNs is configured, they are sent.
+    for job in jobs:
+        assert await service.deps.sender.ledger.get(job.notification_id) is None
+    assert (
+        service.registry.get_sample_value(
+            "herald_pushes_total", {"provider": "none", "outcome": "unsupported"}
+        )
+        == 2
     )
     assert service.providers.describe()["unsupported_platforms"] == ["apns", "webpush"]
 
@@ -293,7 +361,7 @@ async def test_the_log_provider_takes_every_platform(
     jobs = [push_job(platform=platform) for platform in Platform]
 
     for job in jobs:
-        await send_push(job, service.deps)
+        await send(service.deps, job)
 
     log = (tmp_path / "pushes.jsonl").read_text()
     assert all(str(job.notification_id) in log for job in jobs)

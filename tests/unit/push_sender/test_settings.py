@@ -7,7 +7,10 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from push_sender.settings import PushProviderKind, Settings
+from herald_shared.broker import RabbitSettings
+from herald_shared.events import MAX_BATCH_SIZE
+from push_sender.providers import max_in_flight
+from push_sender.settings import MaxInFlightSettings, PushProviderKind, Settings
 
 
 def test_defaults_need_no_setup(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -72,4 +75,14 @@ def test_live_providers_and_their_guards_from_the_environment(
     assert settings.push_provider is PushProviderKind.LIVE
     assert (settings.breaker.failures, settings.breaker.cool_down) == (7, 12.5)
     assert settings.max_in_flight.apns == 4
-    assert settings.max_in_flight.fcm is None  # the prefetch
+    assert settings.max_in_flight.fcm is None  # the default
+
+
+def test_a_bulkhead_defaults_to_all_a_consumer_can_have_in_flight() -> None:
+    """Every job of every batch the prefetch lets in: one consumer can never fill it."""
+    settings = Settings(
+        rabbitmq=RabbitSettings(prefetch=7), max_in_flight=MaxInFlightSettings(apns=4)
+    )
+
+    assert max_in_flight(settings, "fcm") == 7 * MAX_BATCH_SIZE
+    assert max_in_flight(settings, "apns") == 4

@@ -19,7 +19,7 @@ from herald_shared.events import (
     DeliveryOutcome,
     DeliveryReported,
     Event,
-    PushRequested,
+    PushBatchRequested,
     utc_now,
 )
 from herald_shared.metrics import herald_metrics, refresh_broker_gauges
@@ -168,7 +168,9 @@ async def test_the_first_delivered_report_observes_end_to_end_latency_once(
     await publish(service.broker, alice)
     event = message_created(recipient_ids=[alice.user_id])
     await publish(service.broker, event)
-    job = PushRequested.model_validate(service.deps.push_publisher.mock.call_args.args[0])
+    job = PushBatchRequested.model_validate(
+        service.deps.push_publisher.mock.call_args.args[0]
+    ).jobs[0]
     report = DeliveryReported(
         notification_id=job.notification_id,
         message_id=job.message_id,

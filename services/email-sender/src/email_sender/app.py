@@ -25,9 +25,10 @@ from herald_shared.unsubscribe import unsubscribe_tokens
 
 VERSION = version("email-sender")
 DESCRIPTION = (
-    "Sends the e-mail notifications of `notification.email.send` jobs (SMTP, or .eml files for"
-    " local runs), once per notification_id: a redelivered job is acknowledged without sending."
-    " Reports each outcome on `notification.email.delivered` / `notification.email.failed`."
+    "Sends the e-mail notifications of `notification.email.send` batches, one message's jobs each"
+    " (SMTP, or .eml files for local runs), once per notification_id: a redelivered job is"
+    " acknowledged without sending. Reports each batch's outcomes, one event per outcome, on"
+    " `notification.email.delivered` / `notification.email.failed`."
 )
 # How long a claim outlives the SMTP deadline before another worker may take the send over.
 LEASE_MARGIN = timedelta(seconds=15)

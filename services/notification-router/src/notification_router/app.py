@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from herald_shared.broker import make_broker
 from herald_shared.database import database_healthy, make_engine, run_migrations
-from herald_shared.events import EmailRequested, PushRequested
+from herald_shared.events import MAX_BATCH_SIZE, EmailBatchRequested, PushBatchRequested
 from herald_shared.ops import asyncapi_spec, consumer_app, service_version
 from herald_shared.publishing import event_publisher
 from herald_shared.topology import EMAIL_SEND, PUSH_SEND, declare_topology
@@ -53,15 +53,21 @@ def _wire(
         engine=engine,
         push_publisher=event_publisher(
             broker,
-            PushRequested,
+            PushBatchRequested,
             PUSH_SEND,
-            description="One push notification for one device of one recipient.",
+            description=(
+                "The push notifications of one message for the devices of one platform, up to "
+                f"{MAX_BATCH_SIZE} per batch, one per device."
+            ),
         ),
         email_publisher=event_publisher(
             broker,
-            EmailRequested,
+            EmailBatchRequested,
             EMAIL_SEND,
-            description="One e-mail notification for one recipient.",
+            description=(
+                f"The e-mail notifications of one message, up to {MAX_BATCH_SIZE} per batch, one "
+                "per recipient."
+            ),
         ),
         metrics=RouterMetrics(registry),
         publish_timeout=settings.rabbitmq.publish_timeout,

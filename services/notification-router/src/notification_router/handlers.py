@@ -1,5 +1,5 @@
 """One subscriber per queue, each a few lines: parse (FastStream does it from the annotation),
-call the repository and the pure routing rules, publish the jobs.
+call the repository and the pure routing rules, publish the jobs in batches.
 
 Failures only raise; `herald_shared.retry`'s middleware turns them into delayed retries or dead
 letters. Logs carry ids only: never an address, a token or message text.
@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from faststream.rabbit import RabbitBroker
@@ -17,11 +20,12 @@ from faststream.rabbit.subscriber import RabbitSubscriber
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from herald_shared.events import (
+    AnyDeliveryReport,
+    DeliveryBatchReported,
     DeliveryOutcome,
     DeliveryReported,
-    EmailRequested,
     MessageCreated,
-    PushRequested,
+    PushBatchRequested,
     UserUpdated,
     utc_now,
 )
@@ -39,7 +43,7 @@ from notification_router.repository import ReportResult
 
 logger = logging.getLogger("notification_router")
 
-# Jobs published at once (each waits for its broker confirm); bounds the tasks of a big room.
+# Batches published at once (each waits for its broker confirm); bounds the tasks of a big room.
 PUBLISH_CONCURRENCY = 50
 
 
@@ -65,11 +69,13 @@ class Subscribers:
 async def route_message(
     event: MessageCreated, deps: RouterDeps, *, correlation_id: str | None = None
 ) -> None:
-    """Decide for every known recipient, commit the ledger, then publish the pending jobs.
+    """Decide for every known recipient, commit the ledger, then publish the pending jobs in
+    batches (`routing.batch_jobs`).
 
     Committing before publishing makes a crash in between harmless: the redelivered message
-    finds its ledger rows (the insert is a no-op) and publishes the same jobs again, with the
-    same notification ids, which the senders dedupe. Recipients without a projection yet are
+    finds its ledger rows (the insert is a no-op) and publishes the jobs still pending again,
+    with the same notification ids, which the senders dedupe (the batches may be cut
+    differently: fewer jobs may be pending by then). Recipients without a projection yet are
     left for a retry of the whole message, on which the recipients handled now are no-ops.
     """
     now = utc_now()
@@ -78,22 +84,26 @@ async def route_message(
     recorded = await repository.record_decisions(deps.engine, event, plan.decisions, now=now)
     deps.metrics.observe_decisions(event, plan.decisions, recorded.new_recipient_ids, now=now)
 
-    jobs = [
-        job
-        for decision in plan.decisions
-        for job in decision.jobs
-        if job.notification_id in recorded.pending_notification_ids
-    ]
-    await _publish_jobs(jobs, deps, correlation_id)
+    batches = routing.batch_jobs(
+        (
+            job
+            for decision in plan.decisions
+            for job in decision.jobs
+            if job.notification_id in recorded.pending_notification_ids
+        ),
+        now=now,
+    )
+    await _publish_batches(batches, deps, correlation_id)
 
     # DEBUG like FastStream's own per-message lines: at thousands of messages a second, the
     # metrics tell the story and retries / dead letters are logged louder by the middleware.
     logger.debug(
-        "router.message.routed message_id=%s decided=%d new=%d published=%d missing=%d",
+        "router.message.routed message_id=%s decided=%d new=%d published=%d batches=%d missing=%d",
         event.message_id,
         len(plan.decisions),
         len(recorded.new_recipient_ids),
-        len(jobs),
+        sum(len(batch.jobs) for batch in batches),
+        len(batches),
         len(plan.missing_recipient_ids),
     )
     if plan.missing_recipient_ids:
@@ -102,26 +112,28 @@ async def route_message(
         )
 
 
-async def _publish_jobs(
-    jobs: list[PushRequested | EmailRequested], deps: RouterDeps, correlation_id: str | None
+async def _publish_batches(
+    batches: Sequence[routing.JobBatch], deps: RouterDeps, correlation_id: str | None
 ) -> None:
-    for start in range(0, len(jobs), PUBLISH_CONCURRENCY):
+    for start in range(0, len(batches), PUBLISH_CONCURRENCY):
         try:
             async with asyncio.TaskGroup() as group:
-                for job in jobs[start : start + PUBLISH_CONCURRENCY]:
-                    group.create_task(_publish_job(job, deps, correlation_id))
+                for batch in batches[start : start + PUBLISH_CONCURRENCY]:
+                    group.create_task(_publish_batch(batch, deps, correlation_id))
         except ExceptionGroup as failures:
             # The first failure decides the outcome (a retry); the group would hide its type.
             raise failures.exceptions[0] from failures
 
 
-async def _publish_job(
-    job: PushRequested | EmailRequested, deps: RouterDeps, correlation_id: str | None
+async def _publish_batch(
+    batch: routing.JobBatch, deps: RouterDeps, correlation_id: str | None
 ) -> None:
-    is_push = isinstance(job, PushRequested)
+    is_push = isinstance(batch, PushBatchRequested)
     publisher = deps.push_publisher if is_push else deps.email_publisher
-    await publish_event(publisher, job, timeout=deps.publish_timeout, correlation_id=correlation_id)
-    deps.metrics.jobs_published.labels(channel="push" if is_push else "email").inc()
+    await publish_event(
+        publisher, batch, timeout=deps.publish_timeout, correlation_id=correlation_id
+    )
+    deps.metrics.jobs_published.labels(channel="push" if is_push else "email").inc(len(batch.jobs))
 
 
 async def project_recipient(event: UserUpdated, deps: RouterDeps) -> None:
@@ -135,26 +147,66 @@ async def project_recipient(event: UserUpdated, deps: RouterDeps) -> None:
     )
 
 
-async def record_delivery(event: DeliveryReported, deps: RouterDeps) -> None:
-    result = await repository.apply_delivery_report(deps.engine, event, now=utc_now())
-    deps.metrics.delivery_reports.labels(
-        channel=event.channel, outcome=event.outcome, result=result
-    ).inc()
-    if result is ReportResult.APPLIED and event.outcome is DeliveryOutcome.DELIVERED:
-        # Once per notification: a redelivered or later report is no longer APPLIED.
-        created_at = await repository.message_created_at(
-            deps.engine, message_id=event.message_id, recipient_id=event.recipient_id
-        )
-        if created_at is not None:
-            deps.metrics.observe_delivery(event.channel, created_at, event.occurred_at)
-    if result is ReportResult.UNKNOWN:
-        logger.debug("router.report.unknown notification_id=%s", event.notification_id)
-    elif result is ReportResult.STALE:
-        logger.debug(
-            "router.report.stale notification_id=%s outcome=%s",
-            event.notification_id,
-            event.outcome,
-        )
+async def record_deliveries(event: AnyDeliveryReport, deps: RouterDeps) -> None:
+    """Apply what the senders reported: a batch, or a single report (from a sender of an
+    earlier version, or replayed from a dead-letter queue), which is a batch of one here."""
+    reports = event.reports if isinstance(event, DeliveryBatchReported) else [event]
+    results = await repository.apply_delivery_reports(deps.engine, reports, now=utc_now())
+    _count_reports(reports, results, deps.metrics)
+    await _observe_delivery_latency(reports, results, deps)
+    _log_unapplied(reports, results)
+
+
+def _count_reports(
+    reports: Sequence[DeliveryReported],
+    results: Mapping[uuid.UUID, ReportResult],
+    metrics: RouterMetrics,
+) -> None:
+    """One count per report, added up per label set (a batch's are mostly all the same)."""
+    counts = Counter(
+        (report.channel, report.outcome, results[report.notification_id]) for report in reports
+    )
+    for (channel, outcome, result), count in counts.items():
+        metrics.delivery_reports.labels(channel=channel, outcome=outcome, result=result).inc(count)
+
+
+async def _observe_delivery_latency(
+    reports: Sequence[DeliveryReported],
+    results: Mapping[uuid.UUID, ReportResult],
+    deps: RouterDeps,
+) -> None:
+    # Once per notification: a redelivered or later report is no longer APPLIED.
+    delivered = [
+        report
+        for report in reports
+        if report.outcome is DeliveryOutcome.DELIVERED
+        and results[report.notification_id] is ReportResult.APPLIED
+    ]
+    if not delivered:
+        return
+    created_at = await repository.messages_created_at(
+        deps.engine, {report.message_id for report in delivered}
+    )
+    for report in delivered:
+        if report.message_id in created_at:
+            deps.metrics.observe_delivery(
+                report.channel, created_at[report.message_id], report.occurred_at
+            )
+
+
+def _log_unapplied(
+    reports: Sequence[DeliveryReported], results: Mapping[uuid.UUID, ReportResult]
+) -> None:
+    for report in reports:
+        result = results[report.notification_id]
+        if result is ReportResult.UNKNOWN:
+            logger.debug("router.report.unknown notification_id=%s", report.notification_id)
+        elif result is ReportResult.STALE:
+            logger.debug(
+                "router.report.stale notification_id=%s outcome=%s",
+                report.notification_id,
+                report.outcome,
+            )
 
 
 def register_handlers(broker: RabbitBroker, deps: RouterDeps) -> Subscribers:
@@ -162,7 +214,10 @@ def register_handlers(broker: RabbitBroker, deps: RouterDeps) -> Subscribers:
         MESSAGE_NOTIFICATIONS.queue,
         EXCHANGE,
         title=f"{MESSAGE_NOTIFICATIONS.name}:consume",
-        description="New chat messages (and their retries): decide and request notifications.",
+        description=(
+            "New chat messages (and their retries): decide, and request the notifications in "
+            "batches per message and channel."
+        ),
     )
     user_updated = broker.subscriber(
         RECIPIENT_UPDATES.queue,
@@ -174,7 +229,10 @@ def register_handlers(broker: RabbitBroker, deps: RouterDeps) -> Subscribers:
         DELIVERY_REPORTS.queue,
         EXCHANGE,
         title=f"{DELIVERY_REPORTS.name}:consume",
-        description="What the senders' providers said: update each notification's status.",
+        description=(
+            "What the senders' providers said, single or in batches: update each "
+            "notification's status."
+        ),
     )
 
     @message_created
@@ -186,7 +244,7 @@ def register_handlers(broker: RabbitBroker, deps: RouterDeps) -> Subscribers:
         await project_recipient(event, deps)
 
     @delivery_reported
-    async def on_delivery_reported(event: DeliveryReported) -> None:
-        await record_delivery(event, deps)
+    async def on_delivery_reported(event: AnyDeliveryReport) -> None:
+        await record_deliveries(event, deps)
 
     return Subscribers(message_created, user_updated, delivery_reported)

@@ -26,7 +26,8 @@ class RouterMetrics:
         )
         self.jobs_published = Counter(
             "herald_router_jobs_published",
-            "PushRequested / EmailRequested published (republished ones included).",
+            "Jobs published (one per push device or e-mail, counted inside their batches; "
+            "republished ones included).",
             ["channel"],
             registry=registry,
         )

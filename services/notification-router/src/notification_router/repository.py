@@ -8,18 +8,20 @@ delivery report only moves a status forward. Works on PostgreSQL and SQLite.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Sequence
+from collections import defaultdict
+from collections.abc import Collection, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Table, select, update
+from sqlalchemy import Table, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from herald_shared.events import Channel as EventChannel
 from herald_shared.events import (
+    DeliveryOutcome,
     DeliveryReported,
     DeviceSnapshot,
     EmailRequested,
@@ -240,18 +242,24 @@ def _delivery_row(job: PushRequested | EmailRequested, now: datetime) -> dict[st
     }
 
 
-async def message_created_at(
-    engine: AsyncEngine, *, message_id: uuid.UUID, recipient_id: uuid.UUID
-) -> datetime | None:
-    """When the message of this ledger row was created (`MessageCreated.timestamp`), if known."""
+async def messages_created_at(
+    engine: AsyncEngine, message_ids: Collection[uuid.UUID]
+) -> dict[uuid.UUID, datetime]:
+    """When each of these messages was created (`MessageCreated.timestamp`), where the ledger
+    knows it; one query for them all."""
+    if not message_ids:
+        return {}
+    # Every ledger row of a message holds the same timestamp; MAX skips the rows written before
+    # the column existed (revision 0002), which hold NULL.
+    created_at = func.max(notifications.c.message_created_at)
     async with engine.connect() as connection:
-        value = await connection.scalar(
-            select(notifications.c.message_created_at).where(
-                notifications.c.message_id == message_id,
-                notifications.c.recipient_id == recipient_id,
-            )
+        rows = await connection.execute(
+            select(notifications.c.message_id, created_at)
+            .where(notifications.c.message_id.in_(sorted(message_ids)))
+            .group_by(notifications.c.message_id)
+            .having(created_at.is_not(None))
         )
-    return _utc(value) if value is not None else None
+        return {message_id: _utc(value) for message_id, value in rows}
 
 
 def _utc(value: datetime) -> datetime:
@@ -262,33 +270,61 @@ def _utc(value: datetime) -> datetime:
 class ReportResult(StrEnum):
     APPLIED = "applied"
     STALE = "stale"  # the stored status is final or further along
-    UNKNOWN = "unknown"  # no such notification in the ledger
+    UNKNOWN = "unknown"  # no such notification in the ledger (on the report's channel)
 
 
-async def apply_delivery_report(
-    engine: AsyncEngine, report: DeliveryReported, *, now: datetime
-) -> ReportResult:
-    """Move the notification's status to the reported outcome, if the rules allow it
-    (`routing.statuses_replaceable_by`: `delivered` is never overwritten)."""
-    reason = report.reason[:REASON_MAX_CHARS] if report.reason else None
+async def apply_delivery_reports(
+    engine: AsyncEngine, reports: Sequence[DeliveryReported], *, now: datetime
+) -> dict[uuid.UUID, ReportResult]:
+    """Move each reported notification's status to its outcome, where the rules allow it
+    (`routing.statuses_replaceable_by`: `delivered` is never overwritten), and say per
+    notification what the report did.
+
+    One transaction: one UPDATE per (channel, outcome, reason) group of reports (a batch report
+    is one group unless its failures differ in reason), then one SELECT that tells the reports
+    it did not apply apart: STALE if the notification is known on that channel, else UNKNOWN.
+    """
+    if not reports:
+        return {}
+    groups: defaultdict[tuple[EventChannel, DeliveryOutcome, str | None], list[uuid.UUID]] = (
+        defaultdict(list)
+    )
+    for report in reports:
+        reason = report.reason[:REASON_MAX_CHARS] if report.reason else None
+        groups[report.channel, report.outcome, reason].append(report.notification_id)
+    deliveries = notification_deliveries.c
     async with engine.begin() as connection:
-        result = await connection.execute(
-            update(notification_deliveries)
-            .where(
-                notification_deliveries.c.notification_id == report.notification_id,
-                notification_deliveries.c.channel == str(report.channel),
-                notification_deliveries.c.status.in_(
-                    sorted(str(status) for status in statuses_replaceable_by(report.outcome))
-                ),
+        applied: set[uuid.UUID] = set()
+        for (channel, outcome, reason), notification_ids in groups.items():
+            replaceable = sorted(str(status) for status in statuses_replaceable_by(outcome))
+            updated = await connection.execute(
+                update(notification_deliveries)
+                .where(
+                    deliveries.notification_id.in_(sorted(notification_ids)),
+                    deliveries.channel == str(channel),
+                    deliveries.status.in_(replaceable),
+                )
+                .values(status=str(outcome), reason=reason, updated_at=now)
+                .returning(deliveries.notification_id)
             )
-            .values(status=str(report.outcome), reason=reason, updated_at=now)
-        )
-        if result.rowcount:
-            return ReportResult.APPLIED
-        current = await connection.scalar(
-            select(notification_deliveries.c.status).where(
-                notification_deliveries.c.notification_id == report.notification_id,
-                notification_deliveries.c.channel == str(report.channel),
+            applied.update(updated.scalars())
+        rest = {report.notification_id for report in reports} - applied
+        known: dict[uuid.UUID, str] = {}
+        if rest:
+            rows = await connection.execute(
+                select(deliveries.notification_id, deliveries.channel).where(
+                    deliveries.notification_id.in_(sorted(rest))
+                )
             )
-        )
-    return ReportResult.UNKNOWN if current is None else ReportResult.STALE
+            known = {notification_id: channel for notification_id, channel in rows}
+    return {report.notification_id: _result(report, applied, known) for report in reports}
+
+
+def _result(
+    report: DeliveryReported, applied: Set[uuid.UUID], known: Mapping[uuid.UUID, str]
+) -> ReportResult:
+    if report.notification_id in applied:
+        return ReportResult.APPLIED
+    if known.get(report.notification_id) == str(report.channel):
+        return ReportResult.STALE
+    return ReportResult.UNKNOWN

@@ -1,9 +1,9 @@
 """Who gets what, on which channel: the router's decisions as pure functions.
 
 No I/O and no framework here (neither faststream, httpx nor sqlalchemy): the handlers load the
-recipients, call `plan_notifications`, record the plan and publish its jobs. Everything below is
-deterministic in its inputs (`now` included), so a redelivered message yields the same
-notification ids and the same jobs.
+recipients, call `plan_notifications`, record the plan and publish its pending jobs in the
+batches of `batch_jobs`. Everything below is deterministic in its inputs (`now` included), so a
+redelivered message yields the same notification ids and the same jobs.
 
 Rules, per recipient of a `MessageCreated`:
 
@@ -17,17 +17,23 @@ Rules, per recipient of a `MessageCreated`:
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
+from typing import TypeVar
 
 from herald_shared.events import (
+    MAX_BATCH_SIZE,
+    NOTIFICATION_NAMESPACE,
     Channel,
     DeliveryOutcome,
+    EmailBatchRequested,
     EmailRequested,
     MessageCreated,
     Platform,
+    PushBatchRequested,
     PushRequested,
     UserUpdated,
     WebPushKeys,
@@ -273,6 +279,64 @@ def _email_job(
         sender_display_name=sender_name(event),
         message_content=event.message_content,
         sent_at=event.timestamp,
+    )
+
+
+Job = TypeVar("Job", PushRequested, EmailRequested)
+JobBatch = PushBatchRequested | EmailBatchRequested
+
+
+def batch_jobs(
+    jobs: Iterable[PushRequested | EmailRequested], *, now: datetime
+) -> tuple[JobBatch, ...]:
+    """The jobs as the senders take them: one `PushBatchRequested` per message and platform,
+    one `EmailBatchRequested` per message, each cut into chunks of at most `MAX_BATCH_SIZE`.
+
+    The order depends on the set of jobs only, not on the order they come in: push batches
+    (by message, then platform) before e-mail batches (by message), and within each the jobs by
+    notification id. A job listed twice is batched once (a batch may not carry a notification
+    twice, and the second copy would only be deduped by the sender).
+    """
+    unique = {job.notification_id: job for job in jobs}
+    pushes: defaultdict[tuple[uuid.UUID, Platform], list[PushRequested]] = defaultdict(list)
+    emails: defaultdict[uuid.UUID, list[EmailRequested]] = defaultdict(list)
+    for job in sorted(unique.values(), key=lambda job: job.notification_id):
+        if isinstance(job, PushRequested):
+            pushes[job.message_id, job.platform].append(job)
+        else:
+            emails[job.message_id].append(job)
+
+    batches: list[JobBatch] = []
+    for message_id, platform in sorted(pushes):
+        batches.extend(
+            PushBatchRequested(
+                event_id=_batch_event_id(chunk),
+                occurred_at=now,
+                message_id=message_id,
+                platform=platform,
+                jobs=chunk,
+            )
+            for chunk in _chunks(pushes[message_id, platform])
+        )
+    for message_id in sorted(emails):
+        batches.extend(
+            EmailBatchRequested(
+                event_id=_batch_event_id(chunk), occurred_at=now, message_id=message_id, jobs=chunk
+            )
+            for chunk in _chunks(emails[message_id])
+        )
+    return tuple(batches)
+
+
+def _chunks(jobs: Sequence[Job]) -> list[list[Job]]:
+    return [list(jobs[i : i + MAX_BATCH_SIZE]) for i in range(0, len(jobs), MAX_BATCH_SIZE)]
+
+
+def _batch_event_id(jobs: Sequence[PushRequested | EmailRequested]) -> uuid.UUID:
+    # Like a job's (its notification id), a batch's event id names its content: a batch
+    # republished with the same jobs is the same event, a differently composed one is not.
+    return uuid.uuid5(
+        NOTIFICATION_NAMESPACE, "batch:" + ",".join(str(job.notification_id) for job in jobs)
     )
 
 

@@ -33,9 +33,10 @@ TITLE = SERVICE_NAME
 DESCRIPTION = (
     "Sends push notifications (FCM HTTP v1, APNs and Web Push, chosen by the device's "
     "platform, or a JSON-lines file for local runs) for "
-    "`notification.push.send` jobs, once per notification_id as far as the provider allows; "
-    "reports each outcome on `notification.push.delivered` / `notification.push.failed` and "
-    "dead device tokens on `device.invalidated`."
+    "`notification.push.send` jobs (a batch of one message's pushes to one platform, or a single "
+    "push), once per notification_id as far as the provider allows; reports the outcomes, one "
+    "batch per outcome, on `notification.push.delivered` / `notification.push.failed` and dead "
+    "device tokens on `device.invalidated`."
 )
 
 

@@ -2,18 +2,21 @@
 a job, or what the provider answered, what to record, what to publish and how the job ends.
 
 `sender.PushSender` performs a `Plan`'s ledger part; the handler publishes its events and raises
-its error. Event ids derive from the notification, so events published again (after a crash
-between publishing and recording that they went out) carry the same ids and deduplicate.
+its error. Event ids derive from the notification (a batch report's from its outcome and its
+notifications), so events published again (after a crash between publishing and recording that
+they went out) carry the same ids and deduplicate.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 from herald_shared.events import (
     Channel,
+    DeliveryBatchReported,
     DeliveryOutcome,
     DeliveryReported,
     DeviceInvalidated,
@@ -63,6 +66,30 @@ def report_for(
         outcome=outcome,
         reason=reason,
     )
+
+
+def batch_report(reports: Sequence[DeliveryReported]) -> DeliveryBatchReported:
+    """`reports` (of one message, with one outcome) as one event. Its id derives from the outcome
+    and the notifications, so the same reports published again carry the same id."""
+    outcome = reports[0].outcome
+    notifications = ",".join(sorted(str(report.notification_id) for report in reports))
+    return DeliveryBatchReported(
+        event_id=uuid.uuid5(_EVENT_NAMESPACE, f"batch-report:{outcome}:{notifications}"),
+        message_id=reports[0].message_id,
+        channel=Channel.PUSH,
+        outcome=outcome,
+        reports=list(reports),
+    )
+
+
+def batch_reports(reports: Iterable[DeliveryReported]) -> list[DeliveryBatchReported]:
+    """The reports of one message's batch, one event per outcome present (delivered first)."""
+    by_outcome: dict[DeliveryOutcome, list[DeliveryReported]] = {}
+    for report in reports:
+        by_outcome.setdefault(report.outcome, []).append(report)
+    return [
+        batch_report(by_outcome[outcome]) for outcome in DeliveryOutcome if outcome in by_outcome
+    ]
 
 
 def invalidation_for(job: PushRequested, reason: str) -> DeviceInvalidated:

@@ -2,15 +2,17 @@
 never holds up the others.
 
 Why both, with one consumer per process: in-flight handlers = the channel's prefetch (every
-delivery is its own task), and every handler holds one of those slots until it acks. Without a
-limit per provider, a provider that hangs (each send waiting for its deadline) ends up holding
-every slot, and FCM jobs queue behind stuck APNs jobs although FCM is fine.
+delivery, a batch of up to `MAX_BATCH_SIZE` jobs of one platform, is its own task and sends its
+jobs at once), and every handler holds one of those slots until it acks. Without a limit per
+provider, a provider that hangs (each send waiting for its deadline) ends up holding every slot,
+and FCM batches queue behind stuck APNs batches although FCM is fine.
 
 * The **bulkhead** bounds the sends in flight to one provider (and with it the provider's
   connections). It never makes a job wait for a free place: a job that finds its provider's
-  bulkhead full is deferred at once (`DeferredError`, no attempt spent), which frees its prefetch
-  slot for the next delivery, perhaps for another provider. With its default (the prefetch) a
-  single consumer can never fill it; set it lower per provider to reserve room for the others.
+  bulkhead full is deferred at once (`DeferredError`, no attempt spent): the rest of its batch is
+  sent and the batch comes back for it later, so its prefetch slot is free for the next delivery,
+  perhaps for another provider. With its default (the prefetch times `MAX_BATCH_SIZE`) a single
+  consumer can never fill it; set it lower per provider to reserve room for the others.
 * The **circuit breaker** stops calling a provider that keeps failing: while it is open, jobs
   for that provider are deferred without being sent or claimed, for the rest of the cool-down,
   instead of each one waiting for a timeout and burning an attempt. After the cool-down one

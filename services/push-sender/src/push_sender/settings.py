@@ -158,8 +158,10 @@ class BreakerSettings(BaseSettings):
 
 class MaxInFlightSettings(BaseSettings):
     """`PUSH_MAX_IN_FLIGHT_<PROVIDER>`: each provider's bulkhead, the sends in flight to it at
-    once per process; unset: `RABBITMQ_PREFETCH`. Lower it to keep room for the other providers
-    when one of them hangs (see `resilience.py`)."""
+    once per process; unset: `RABBITMQ_PREFETCH` times 100 (the most jobs a batch has), all the
+    sends one consumer can have in flight, so it never fills. Lower it to keep room for the other
+    providers when one of them hangs (see `resilience.py`); below 100, a large batch goes out in
+    parts, a deferral apart."""
 
     model_config = SettingsConfigDict(env_prefix="PUSH_MAX_IN_FLIGHT_", extra="ignore")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from herald_shared.events import Platform
+from herald_shared.events import MAX_BATCH_SIZE, Platform
 from push_sender.providers.apns import ApnsConfigurationError, ApnsProvider
 from push_sender.providers.base import ProviderAnswer, PushProvider, Verdict
 from push_sender.providers.fcm import FcmConfigurationError, FcmProvider
@@ -22,10 +22,11 @@ SETTINGS_HINTS = {
 
 
 def max_in_flight(settings: Settings, provider: str) -> int:
-    """The provider's bulkhead: `PUSH_MAX_IN_FLIGHT_<PROVIDER>`, else the prefetch (all a
-    consumer can have in flight)."""
+    """The provider's bulkhead: `PUSH_MAX_IN_FLIGHT_<PROVIDER>`, else all the sends a consumer
+    can have in flight (the prefetch times `MAX_BATCH_SIZE`: every job of every batch it holds).
+    Its HTTP client's connection pool is as large, so that no send waits for a connection."""
     limit = getattr(settings.max_in_flight, provider, None)
-    return limit if isinstance(limit, int) else settings.rabbitmq.prefetch
+    return limit if isinstance(limit, int) else settings.rabbitmq.prefetch * MAX_BATCH_SIZE
 
 
 def _fcm(settings: Settings) -> PushProvider | None:

@@ -45,7 +45,7 @@ class PushProvider(Protocol):
 
     It never retries by itself (except one access-token refresh) and never raises for an answer
     of the provider: timeouts and connection errors are `TRANSIENT` answers too. An exception
-    means a bug, which the shared retry middleware treats as transient.
+    means a bug, which the sender logs and treats as a `TRANSIENT` answer.
     """
 
     @property
