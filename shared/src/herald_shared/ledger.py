@@ -33,10 +33,9 @@ Works on PostgreSQL and SQLite (the dialect's `insert`, chosen by `connection.di
 
 from __future__ import annotations
 
-import contextlib
 import re
 import uuid
-from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -59,6 +58,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from herald_shared.database import autocommit
 
 
 class DeliveryStatus(StrEnum):
@@ -200,20 +201,15 @@ def _clip(reason: str | None) -> str | None:
 
 
 class DeliveryLedger:
-    """The claim protocol on one ledger table (see the module docstring for the lease rule)."""
+    """The claim protocol on one ledger table (see the module docstring for the lease rule).
+
+    Every write is one compare-and-set statement, and a claim's later steps re-check what the
+    earlier ones saw, so none needs a transaction around it: all run in autocommit.
+    """
 
     def __init__(self, engine: AsyncEngine, table: Table) -> None:
         self.engine = engine
         self.table = table
-
-    @contextlib.asynccontextmanager
-    async def _statements(self) -> AsyncIterator[AsyncConnection]:
-        """A connection on which each statement commits on its own. Every write of the ledger is
-        one compare-and-set statement (and a claim's later steps re-check what the earlier ones
-        saw), so none needs a transaction around it; leaving out BEGIN and COMMIT saves two of a
-        write's three round trips, on the path every delivery takes several times."""
-        async with self.engine.connect() as connection:
-            yield await connection.execution_options(isolation_level="AUTOCOMMIT")
 
     def _insert(self, connection: AsyncConnection) -> Any:
         """The dialect's INSERT with ON CONFLICT support."""
@@ -240,7 +236,7 @@ class DeliveryLedger:
         """
         t = self.table
         key = t.c.notification_id == job.notification_id
-        async with self._statements() as connection:
+        async with autocommit(self.engine) as connection:
             inserted = await connection.execute(
                 self._insert(connection)
                 .values(
@@ -354,7 +350,7 @@ class DeliveryLedger:
             }
             for job in ordered
         ]
-        async with self._statements() as connection:
+        async with autocommit(self.engine) as connection:
             inserted = await connection.execute(
                 self._insert(connection)
                 .values(rows)
@@ -403,7 +399,7 @@ class DeliveryLedger:
             raise ValueError(f"{status} is not a final status")
         if not notification_ids:
             return
-        async with self._statements() as connection:
+        async with autocommit(self.engine) as connection:
             await connection.execute(
                 update(self.table)
                 .where(self.table.c.notification_id.in_(sorted(notification_ids)))
@@ -419,7 +415,7 @@ class DeliveryLedger:
     async def release(self, notification_id: uuid.UUID, *, reason: str, now: datetime) -> None:
         """Give the lease back after a transient failure, so the retry can claim at once."""
         t = self.table
-        async with self._statements() as connection:
+        async with autocommit(self.engine) as connection:
             await connection.execute(
                 update(t)
                 .where(t.c.notification_id == notification_id, t.c.status == DeliveryStatus.SENDING)
@@ -453,7 +449,7 @@ class DeliveryLedger:
             return
         t = self.table
         sending = t.c.status == DeliveryStatus.SENDING
-        async with self._statements() as connection:
+        async with autocommit(self.engine) as connection:
             await connection.execute(
                 update(t)
                 .where(
@@ -478,7 +474,7 @@ class DeliveryLedger:
         """`mark_reported` for many notifications, in one statement."""
         if not notification_ids:
             return
-        async with self._statements() as connection:
+        async with autocommit(self.engine) as connection:
             await connection.execute(
                 update(self.table)
                 .where(self.table.c.notification_id.in_(sorted(notification_ids)))
@@ -495,7 +491,7 @@ class DeliveryLedger:
         if not notification_ids:
             return
         t = self.table
-        async with self._statements() as connection:
+        async with autocommit(self.engine) as connection:
             await connection.execute(
                 update(t)
                 .where(

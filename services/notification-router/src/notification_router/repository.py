@@ -19,6 +19,7 @@ from sqlalchemy import Table, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from herald_shared.database import autocommit
 from herald_shared.events import Channel as EventChannel
 from herald_shared.events import (
     DeliveryOutcome,
@@ -94,7 +95,7 @@ async def load_recipients(
     wanted = list(user_ids)
     if not wanted:
         return {}
-    async with engine.connect() as connection:
+    async with autocommit(engine) as connection:
         result = await connection.execute(
             select(recipients).where(recipients.c.user_id.in_(wanted))
         )
@@ -252,7 +253,7 @@ async def messages_created_at(
     # Every ledger row of a message holds the same timestamp; MAX skips the rows written before
     # the column existed (revision 0002), which hold NULL.
     created_at = func.max(notifications.c.message_created_at)
-    async with engine.connect() as connection:
+    async with autocommit(engine) as connection:
         rows = await connection.execute(
             select(notifications.c.message_id, created_at)
             .where(notifications.c.message_id.in_(sorted(message_ids)))
@@ -280,7 +281,7 @@ async def apply_delivery_reports(
     (`routing.statuses_replaceable_by`: `delivered` is never overwritten), and say per
     notification what the report did.
 
-    One transaction: one UPDATE per (channel, outcome, reason) group of reports (a batch report
+    One UPDATE per (channel, outcome, reason) group of reports (a batch report
     is one group unless its failures differ in reason), then one SELECT that tells the reports
     it did not apply apart: STALE if the notification is known on that channel, else UNKNOWN.
     """
@@ -293,7 +294,9 @@ async def apply_delivery_reports(
         reason = report.reason[:REASON_MAX_CHARS] if report.reason else None
         groups[report.channel, report.outcome, reason].append(report.notification_id)
     deliveries = notification_deliveries.c
-    async with engine.begin() as connection:
+    # Autocommit: each UPDATE is a compare-and-set that stands alone (a report applied twice is
+    # a no-op the second time), and the SELECT only classifies; no transaction is needed.
+    async with autocommit(engine) as connection:
         applied: set[uuid.UUID] = set()
         for (channel, outcome, reason), notification_ids in groups.items():
             replaceable = sorted(str(status) for status in statuses_replaceable_by(outcome))
