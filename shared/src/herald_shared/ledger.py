@@ -351,11 +351,14 @@ class DeliveryLedger:
             for job in ordered
         ]
         async with autocommit(self.engine) as connection:
+            # Rows as parameters rather than `.values(rows)`: one cached statement whatever the
+            # batch (SQLAlchemy sends it as one multi-row INSERT), instead of a statement
+            # compiled again for every batch.
             inserted = await connection.execute(
                 self._insert(connection)
-                .values(rows)
                 .on_conflict_do_nothing(index_elements=[t.c.notification_id])
-                .returning(t.c.notification_id)
+                .returning(t.c.notification_id),
+                rows,
             )
             new = set(inserted.scalars())
         claims: dict[uuid.UUID, Claim] = {id_: Claimed(attempt=1) for id_ in new}

@@ -174,7 +174,18 @@ async def record_decisions(
     # One order for every transaction, so concurrent duplicates never deadlock.
     ordered = sorted(decisions, key=lambda decision: decision.recipient_id)
     async with engine.begin() as connection:
-        ledger = _insert(connection, notifications).values(
+        # Rows as parameters rather than `.values(rows)`: one cached statement whatever the
+        # message (SQLAlchemy sends it as one multi-row INSERT), instead of a statement compiled
+        # again for every message.
+        ledger = (
+            _insert(connection, notifications)
+            .on_conflict_do_nothing(
+                index_elements=[notifications.c.message_id, notifications.c.recipient_id]
+            )
+            .returning(notifications.c.recipient_id)
+        )
+        inserted = await connection.execute(
+            ledger,
             [
                 {
                     "message_id": event.message_id,
@@ -187,12 +198,8 @@ async def record_decisions(
                     "message_created_at": event.timestamp,
                 }
                 for decision in ordered
-            ]
+            ],
         )
-        ledger = ledger.on_conflict_do_nothing(
-            index_elements=[notifications.c.message_id, notifications.c.recipient_id]
-        )
-        inserted = await connection.execute(ledger.returning(notifications.c.recipient_id))
         new_recipient_ids = frozenset(row.recipient_id for row in inserted)
 
         deliveries = sorted(
@@ -205,12 +212,10 @@ async def record_decisions(
             key=lambda row: row["notification_id"],
         )
         if deliveries:
-            statement = _insert(connection, notification_deliveries).values(deliveries)
-            await connection.execute(
-                statement.on_conflict_do_nothing(
-                    index_elements=[notification_deliveries.c.notification_id]
-                )
+            statement = _insert(connection, notification_deliveries).on_conflict_do_nothing(
+                index_elements=[notification_deliveries.c.notification_id]
             )
+            await connection.execute(statement, deliveries)
 
         notification_ids = [job.notification_id for decision in ordered for job in decision.jobs]
         pending: frozenset[uuid.UUID] = frozenset()
