@@ -1,24 +1,33 @@
 """The FCM HTTP v1 adapter against the fake FCM server, which speaks the real protocol: the
 JWT-bearer token exchange (signature and claims verified), the access-token cache, the message
-body, and every row of the provider error → action table."""
+body, and every row of the provider error → action table; and against bare TCP servers that
+misbehave (hang, hang up, send an endless body)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
+import aiohttp
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from multidict import CIMultiDict
 
 from push_sender.providers import FcmConfigurationError, FcmProvider, ProviderAnswer, Verdict
-from push_sender.providers.fcm import SCOPE, classify, load_service_account, parse_retry_after
+from push_sender.providers.fcm import (
+    BODY_LIMIT,
+    SCOPE,
+    classify,
+    load_service_account,
+    parse_retry_after,
+)
 from push_sender.settings import FcmSettings
 from tests.fakes.fcm import FakeFcm
 from tests.support.infra import wait_until
@@ -44,6 +53,55 @@ def replace_private_key(path: Path) -> None:
         .decode()
     )
     path.write_text(json.dumps(document))
+
+
+class RawServer:
+    """A bare TCP server on 127.0.0.1: on each connection it reads the request head, writes
+    `reply` (nothing if None), then hangs up (`hang_up`) or holds the connection until the client
+    closes it, which it counts in `closed_by_client`."""
+
+    def __init__(self, reply: bytes | None = None, *, hang_up: bool = False) -> None:
+        self.reply = reply
+        self.hang_up = hang_up
+        self.closed_by_client = 0
+        self.url = ""
+        self._handlers: set[asyncio.Task[Any]] = set()
+
+    async def __aenter__(self) -> RawServer:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._server.close()
+        for handler in self._handlers:
+            handler.cancel()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+        await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handler = asyncio.current_task()
+        assert handler is not None
+        self._handlers.add(handler)
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            if self.reply is not None:
+                writer.write(self.reply)
+            if not self.hang_up:
+                # The request body, then EOF, or a reset when the client closed with some of
+                # the reply unread.
+                with contextlib.suppress(ConnectionError):
+                    await reader.read()
+                self.closed_by_client += 1
+        finally:
+            writer.close()
+
+
+def http_reply(status: str, body: bytes, *, content_length: int | None = None) -> bytes:
+    length = len(body) if content_length is None else content_length
+    head = f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {length}"
+    return f"{head}\r\n\r\n".encode() + body
 
 
 @pytest.fixture
@@ -287,14 +345,16 @@ async def test_provider_errors(
 async def test_a_malformed_message_is_refused_for_good(provider: FcmProvider, fcm: FakeFcm) -> None:
     # The fake validates the body like FCM: a data value that is not a string is refused.
     token = await provider.tokens.get()
-    async with httpx.AsyncClient() as client:
-        response = await client.post(
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
             provider.send_url,
             json={"message": {"token": DEVICE_TOKEN, "data": {"n": 1}}},
             headers={"authorization": f"Bearer {token}"},
-        )
+        ) as response,
+    ):
+        answer = classify(response.status, await response.json(), response.headers)
 
-    answer = classify(response.status_code, response.json(), response.headers)
     assert answer == ProviderAnswer(Verdict.REJECTED, "fcm 400 INVALID_ARGUMENT")
     assert fcm.accepted == []
 
@@ -317,7 +377,7 @@ async def test_a_refused_connection_is_transient(
 
     answer = await provider.send(push_job())
 
-    assert answer == ProviderAnswer.transient("fcm connection failed (ConnectError)")
+    assert answer == ProviderAnswer.transient("fcm connection failed (ClientConnectorError)")
 
 
 async def test_an_unreachable_token_endpoint_is_transient(fcm: FakeFcm, tmp_path: Path) -> None:
@@ -332,8 +392,140 @@ async def test_an_unreachable_token_endpoint_is_transient(fcm: FakeFcm, tmp_path
     finally:
         await provider.aclose()
 
-    assert answer == ProviderAnswer.transient("oauth connection failed (ConnectError)")
+    assert answer == ProviderAnswer.transient("oauth connection failed (ClientConnectorError)")
     assert fcm.send_requests == 0
+
+
+async def test_a_hanging_server_is_a_timeout(make_provider: Callable[..., FcmProvider]) -> None:
+    async with RawServer() as server:
+        provider = make_provider(base_url=server.url, timeout=0.3)
+        await provider.tokens.get()  # the token endpoint answers; FCM accepts and says nothing
+
+        answer = await provider.send(push_job())
+
+        assert answer == ProviderAnswer.transient("fcm timeout")
+
+
+async def test_a_hanging_token_endpoint_is_a_timeout(fcm: FakeFcm, tmp_path: Path) -> None:
+    async with RawServer() as server:
+        path = fcm.write_credentials(tmp_path / "hanging.json", token_uri=f"{server.url}/token")
+        provider = FcmProvider.from_settings(
+            FcmSettings(credentials_file=path, base_url=fcm.base_url, timeout=0.3)
+        )
+        try:
+            answer = await provider.send(push_job())
+        finally:
+            await provider.aclose()
+
+    assert answer == ProviderAnswer.transient("oauth timeout")
+    assert fcm.send_requests == 0
+
+
+async def test_a_connection_closed_before_the_answer_is_transient(
+    make_provider: Callable[..., FcmProvider],
+) -> None:
+    async with RawServer(hang_up=True) as server:
+        provider = make_provider(base_url=server.url)
+        await provider.tokens.get()
+
+        answer = await provider.send(push_job())
+
+    assert answer == ProviderAnswer.transient("fcm connection failed (ServerDisconnectedError)")
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [
+        (BODY_LIMIT, ProviderAnswer(Verdict.TOKEN_INVALID, "fcm 404 UNREGISTERED")),
+        # One byte more: not read as JSON, so no UNREGISTERED, so no device is invalidated.
+        (BODY_LIMIT + 1, ProviderAnswer(Verdict.MISCONFIGURED, "fcm 404")),
+    ],
+)
+async def test_an_error_body_is_read_up_to_the_limit(
+    make_provider: Callable[..., FcmProvider], size: int, expected: ProviderAnswer
+) -> None:
+    error = json.dumps(
+        {
+            "error": {
+                "status": "NOT_FOUND",
+                "details": [
+                    {
+                        "@type": "type.googleapis.com/google.firebase.fcm.v1.FcmError",
+                        "errorCode": "UNREGISTERED",
+                    }
+                ],
+            }
+        }
+    ).encode()
+    body = error.ljust(size)  # trailing spaces: still JSON
+    async with RawServer(http_reply("404 Not Found", body)) as server:
+        provider = make_provider(base_url=server.url)
+        await provider.tokens.get()
+
+        assert await provider.send(push_job()) == expected
+
+
+async def test_an_endless_error_body_is_not_read_beyond_the_limit(
+    make_provider: Callable[..., FcmProvider],
+) -> None:
+    # It announces 100 MB and sends twice the limit, then nothing: reading it all would wait
+    # for the read timeout and buffer whatever came.
+    reply = http_reply("500 Internal Server Error", b" " * (2 * BODY_LIMIT), content_length=10**8)
+    async with RawServer(reply) as server:
+        provider = make_provider(base_url=server.url, timeout=5.0)
+        await provider.tokens.get()
+
+        answer = await provider.send(push_job())
+
+        assert answer == ProviderAnswer.transient("fcm 500")
+
+        # The rest is not drained: the connection is closed rather than reused.
+        async def closed() -> bool:
+            return server.closed_by_client == 1
+
+        await wait_until(closed, timeout=5)
+
+
+async def test_aclose_closes_the_connections(make_provider: Callable[..., FcmProvider]) -> None:
+    async with RawServer(http_reply("200 OK", b'{"name": "projects/p/messages/1"}')) as server:
+        provider = make_provider(base_url=server.url)
+        assert await provider.send(push_job()) == ProviderAnswer.accepted()
+        assert server.closed_by_client == 0  # kept alive for the next send
+
+        await provider.aclose()
+
+        async def closed() -> bool:
+            return server.closed_by_client == 1
+
+        await wait_until(closed, timeout=5)
+
+
+async def test_a_provider_closed_before_its_first_send_makes_no_session(
+    provider: FcmProvider, fcm: FakeFcm
+) -> None:
+    await provider.aclose()
+
+    # Its session would be made now and never closed: a send after shutdown is a bug.
+    with pytest.raises(RuntimeError, match="closed"):
+        await provider.send(push_job())
+    assert fcm.token_requests == 0
+
+
+def test_a_provider_built_before_the_event_loop_runs_can_send(
+    fcm: FakeFcm, credentials: Path
+) -> None:
+    # As at start-up: the service builds its providers before its event loop runs.
+    provider = FcmProvider.from_settings(
+        FcmSettings(credentials_file=credentials, base_url=fcm.base_url, timeout=2.0)
+    )
+
+    async def send_once() -> ProviderAnswer:
+        try:
+            return await provider.send(push_job())
+        finally:
+            await provider.aclose()
+
+    assert asyncio.run(send_once()) == ProviderAnswer.accepted()
 
 
 async def test_a_key_the_token_endpoint_refuses_is_a_configuration_problem(
@@ -389,7 +581,7 @@ def test_unusable_credentials_stop_the_start_without_showing_the_key(
     [
         (200, {"name": "projects/p/messages/1"}, {}, ProviderAnswer.accepted()),
         (502, None, {}, ProviderAnswer.transient("fcm 502")),  # an HTML page from a proxy
-        (504, None, {"retry-after": "3"}, ProviderAnswer.transient("fcm 504", 3.0)),
+        (504, None, {"Retry-After": "3"}, ProviderAnswer.transient("fcm 504", 3.0)),
         (413, None, {}, ProviderAnswer(Verdict.REJECTED, "fcm 413")),
         (
             400,
@@ -415,7 +607,7 @@ def test_unusable_credentials_stop_the_start_without_showing_the_key(
 def test_classify(
     status: int, payload: object, headers: dict[str, str], expected: ProviderAnswer
 ) -> None:
-    assert classify(status, payload, httpx.Headers(headers)) == expected
+    assert classify(status, payload, CIMultiDict(headers)) == expected
 
 
 def test_retry_after_forms() -> None:
@@ -438,6 +630,7 @@ async def test_no_token_and_no_push_text_reaches_the_logs(
     await provider.send(job)
 
     text = "\n".join(record.getMessage() for record in caplog.records)
-    assert "messages:send" in text  # httpx did log the requests
+    assert "fcm.access_token_fetched why=first expires_in=3600" in text
+    assert "fcm.access_token_fetched why=refused expires_in=3600" in text
     for secret in (DEVICE_TOKEN, "ya29.", "eyJ", job.title, job.body, "PRIVATE KEY"):
         assert secret not in text

@@ -10,6 +10,10 @@
   the device; on iOS the room is the thread (`aps.thread-id`), so a room's pushes group together;
   title and body shortened, at character boundaries, to fit FCM's 4096-byte payload limit.
 * Answers are classified, never retried here (see `classify`).
+* Transport: one shared `aiohttp.ClientSession` (HTTP/1.1, a keep-alive pool) for the token
+  endpoint and FCM: per request it costs a tenth of httpx's CPU, and push-sender spends most of
+  its CPU here under load. No redirect is followed, no proxy or netrc is read from the
+  environment, and no answer body is read beyond `BODY_LIMIT`.
 
 Nothing here logs or stores a device token, an access token, the assertion or the push text.
 """
@@ -20,13 +24,14 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import httpx
+import aiohttp
 import jwt
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
@@ -51,6 +56,11 @@ TOKEN_FIELD = "message.token"  # noqa: S105 - a field name
 REASON_LIMIT = 200
 # FCM's limit on a message's payload (notification and data).
 PAYLOAD_LIMIT = 4096
+# The most of an answer's body that is read: FCM's and Google's OAuth2 answers are a few hundred
+# bytes, and a misbehaving or hostile endpoint must not make us buffer more. A longer body counts
+# as no JSON body; its rest is never read, and its connection is closed instead of reused.
+BODY_LIMIT = 64 * 1024
+USER_AGENT = "herald-push-sender"
 
 
 class FcmConfigurationError(ValueError):
@@ -204,8 +214,9 @@ def _code_word(value: Any) -> str:
     return ""
 
 
-def classify(status_code: int, payload: Any, headers: httpx.Headers) -> ProviderAnswer:
-    """One FCM answer → what to do (notes/reliability.md, provider error → action table):
+def classify(status_code: int, payload: Any, headers: Mapping[str, str]) -> ProviderAnswer:
+    """One FCM answer (`headers` looked up case-insensitively, as aiohttp's are) → what to do
+    (notes/reliability.md, provider error → action table):
 
     * 2xx → accepted;
     * `UNREGISTERED` (404), or 400 `INVALID_ARGUMENT` about `message.token` → the token is dead;
@@ -236,6 +247,76 @@ def classify(status_code: int, payload: Any, headers: httpx.Headers) -> Provider
     return ProviderAnswer.transient(f"fcm unexpected status {status_code}")
 
 
+@dataclass(frozen=True)
+class HttpReply:
+    """An answer as far as it was read, its connection already back in the pool (or closed)."""
+
+    status: int
+    headers: Mapping[str, str]  # case-insensitive (aiohttp's CIMultiDictProxy)
+    payload: Any  # the JSON body; None when it is empty, not JSON or longer than BODY_LIMIT
+
+
+class HttpClient:
+    """The one `aiohttp.ClientSession` of a provider, for the token endpoint and FCM alike.
+
+    The session is made on first use: aiohttp binds it to the running event loop, and providers
+    are built at start-up, before the service's loop runs. `aclose` closes it for good.
+    """
+
+    def __init__(self, *, timeout: float, max_connections: int) -> None:
+        # `timeout` bounds getting a connection (a wait for the pool included) and each read.
+        self._timeout = aiohttp.ClientTimeout(connect=timeout, sock_read=timeout)
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+        self._closed = False
+
+    async def post(
+        self, url: str, *, data: bytes | Mapping[str, str], headers: Mapping[str, str]
+    ) -> HttpReply:
+        """POST `data` (bytes as they are, a mapping as a form); raises `TimeoutError` or
+        `aiohttp.ClientError` when no whole answer came."""
+        async with self._get().post(
+            url, data=data, headers=headers, allow_redirects=False
+        ) as response:
+            payload = await read_json(response.content)
+            return HttpReply(response.status, response.headers, payload)
+
+    def _get(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            if self._closed:
+                raise RuntimeError("the FCM provider is closed")
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self._max_connections),
+                timeout=self._timeout,
+                headers={"user-agent": USER_AGENT},
+            )
+        return self._session
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._session is not None:
+            await self._session.close()
+
+
+async def read_json(body: aiohttp.StreamReader) -> Any:
+    """The JSON document of an answer's body, or None: empty, not JSON, or longer than
+    `BODY_LIMIT`, in which case no more than `BODY_LIMIT` + 1 bytes of it are read."""
+    data = bytearray()
+    while len(data) <= BODY_LIMIT and not body.at_eof():
+        data += await body.read(BODY_LIMIT + 1 - len(data))
+    if len(data) > BODY_LIMIT:
+        return None
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def json_bytes(document: Any) -> bytes:
+    """`document` as compact UTF-8 JSON (what httpx sent before: no spaces, no escapes)."""
+    return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
+
+
 class TokenUnavailable(Exception):
     """No access token could be had; `answer` says whether waiting or an operator will fix it."""
 
@@ -248,9 +329,7 @@ class AccessTokens:
     """The OAuth2 access token of one service account: fetched on first use, shared by all
     concurrent sends, replaced shortly before it expires or when FCM refuses it."""
 
-    def __init__(
-        self, account: ServiceAccount, key: RSAPrivateKey, client: httpx.AsyncClient
-    ) -> None:
+    def __init__(self, account: ServiceAccount, key: RSAPrivateKey, client: HttpClient) -> None:
         self.account = account
         self._key = key
         self._client = client
@@ -262,13 +341,13 @@ class AccessTokens:
         token = self._token
         if token is not None and time.monotonic() < self._refresh_at:
             return token
-        return await self._fetch(stale=token)
+        return await self._fetch(stale=token, why="age" if token is not None else "first")
 
     async def refresh(self, stale: str) -> str:
         """A new token, unless another send has already replaced `stale`."""
-        return await self._fetch(stale=stale)
+        return await self._fetch(stale=stale, why="refused")
 
-    async def _fetch(self, *, stale: str | None) -> str:
+    async def _fetch(self, *, stale: str | None, why: str) -> str:
         async with self._lock:
             # Whoever waited on the lock finds the token the first one fetched.
             if self._token is not None and self._token != stale:
@@ -276,6 +355,7 @@ class AccessTokens:
             token, lifetime = await self._request()
             self._token = token
             self._refresh_at = time.monotonic() + lifetime - min(REFRESH_MARGIN, lifetime / 2)
+            logger.info("fcm.access_token_fetched why=%s expires_in=%d", why, lifetime)
             return token
 
     def assertion(self) -> str:
@@ -291,29 +371,27 @@ class AccessTokens:
         return jwt.encode(claims, self._key, algorithm="RS256", headers=headers)
 
     async def _request(self) -> tuple[str, float]:
+        form = {"grant_type": JWT_BEARER_GRANT, "assertion": self.assertion()}
         try:
-            response = await self._client.post(
-                self.account.token_uri,
-                data={"grant_type": JWT_BEARER_GRANT, "assertion": self.assertion()},
-                headers={"accept": "application/json"},
+            reply = await self._client.post(
+                self.account.token_uri, data=form, headers={"accept": "application/json"}
             )
-        except httpx.TimeoutException:
+        except TimeoutError:
             raise TokenUnavailable(ProviderAnswer.transient("oauth timeout")) from None
-        except httpx.HTTPError as exc:
+        except aiohttp.ClientError as exc:
             raise TokenUnavailable(
                 ProviderAnswer.transient(f"oauth connection failed ({type(exc).__name__})")
             ) from None
-        payload = _json_or_none(response)
-        if response.status_code != 200:
-            error = payload.get("error") if isinstance(payload, dict) else None
-            reason = f"oauth {response.status_code} {_oauth_code(error)}".strip()
-            if response.status_code == 429 or response.status_code >= 500:
-                retry_after = parse_retry_after(response.headers.get("retry-after"))
+        if reply.status != 200:
+            error = reply.payload.get("error") if isinstance(reply.payload, dict) else None
+            reason = f"oauth {reply.status} {_oauth_code(error)}".strip()
+            if reply.status == 429 or reply.status >= 500:
+                retry_after = parse_retry_after(reply.headers.get("retry-after"))
                 raise TokenUnavailable(ProviderAnswer.transient(reason, retry_after))
             # invalid_grant (a revoked key, a clock far off), invalid_client, invalid_scope…
             raise TokenUnavailable(ProviderAnswer(Verdict.MISCONFIGURED, reason))
         try:
-            answer = _TokenResponse.model_validate(payload)
+            answer = _TokenResponse.model_validate(reply.payload)
         except ValidationError:
             raise TokenUnavailable(ProviderAnswer.transient("oauth malformed answer")) from None
         return answer.access_token, float(answer.expires_in)
@@ -333,15 +411,8 @@ def _oauth_code(error: Any) -> str:
     return ""
 
 
-def _json_or_none(response: httpx.Response) -> Any:
-    try:
-        return response.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-
-
 class FcmProvider:
-    """Sends through one shared `httpx.AsyncClient` (closed by `aclose`)."""
+    """Sends through one shared `aiohttp.ClientSession` (see `HttpClient`; closed by `aclose`)."""
 
     name = "fcm"
 
@@ -360,14 +431,7 @@ class FcmProvider:
         self.send_url = f"{base_url.rstrip('/')}/v1/projects/{project}/messages:send"
         # Token, send, token again after a 401, send again: the backstop for one whole send.
         self.deadline = 4 * timeout
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout),
-            limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections
-            ),
-            headers={"user-agent": "herald-push-sender"},
-            follow_redirects=False,
-        )
+        self._client = HttpClient(timeout=timeout, max_connections=max_connections)
         self.tokens = AccessTokens(account, key, self._client)
 
     @classmethod
@@ -385,26 +449,29 @@ class FcmProvider:
         )
 
     async def send(self, job: PushRequested) -> ProviderAnswer:
-        body = build_message(job)
+        body = json_bytes(build_message(job))
         try:
             token = await self.tokens.get()
-            response = await self._post(body, token)
-            if response.status_code == 401:
+            reply = await self._post(body, token)
+            if reply.status == 401:
                 # An access token revoked or expired early: one fresh token, one more try.
                 token = await self.tokens.refresh(stale=token)
-                response = await self._post(body, token)
+                reply = await self._post(body, token)
         except TokenUnavailable as exc:
             return exc.answer
-        except httpx.TimeoutException:
+        # Before ClientError: aiohttp's own timeouts are both.
+        except TimeoutError:
             return ProviderAnswer.transient("fcm timeout")
-        except httpx.HTTPError as exc:
+        except aiohttp.ClientError as exc:
             return ProviderAnswer.transient(f"fcm connection failed ({type(exc).__name__})")
-        answer = classify(response.status_code, _json_or_none(response), response.headers)
+        answer = classify(reply.status, reply.payload, reply.headers)
         return ProviderAnswer(answer.verdict, answer.reason[:REASON_LIMIT], answer.retry_after)
 
-    async def _post(self, body: dict[str, Any], token: str) -> httpx.Response:
+    async def _post(self, body: bytes, token: str) -> HttpReply:
         return await self._client.post(
-            self.send_url, json=body, headers={"authorization": f"Bearer {token}"}
+            self.send_url,
+            data=body,
+            headers={"authorization": f"Bearer {token}", "content-type": "application/json"},
         )
 
     async def aclose(self) -> None:
