@@ -130,6 +130,33 @@ def test_failures_older_than_the_window_are_forgotten() -> None:
     assert subject.state is CLOSED
 
 
+def test_the_failure_rate_counts_every_call_of_a_busy_second() -> None:
+    subject, clock, _ = breaker()
+    clock.now = 100.25
+    for result in (OK, OK, FAIL) * 3 + (FAIL, OK) * 3:  # 15 calls in one second, 6 failed
+        call(subject, result)
+    assert subject.state is CLOSED
+    for result in (FAIL, OK, FAIL, FAIL, OK, FAIL):  # never three in a row
+        call(subject, result)
+    assert subject.state is CLOSED  # 10 of 21
+    call(subject, FAIL)  # 11 of 22: half of every call of that second failed
+    assert subject.state is OPEN
+
+
+@pytest.mark.parametrize(("later", "state"), [(9.25, OPEN), (10.25, CLOSED)])
+def test_a_second_leaves_the_window_once_the_window_has_passed_it(
+    later: float, state: BreakerState
+) -> None:
+    subject, clock, _ = breaker()
+    clock.now = 100.25
+    for result in (FAIL, OK, FAIL, OK, OK):  # 2 of 5: below the 6 calls the rate needs
+        call(subject, result)
+    clock.now += later
+    for result in (OK, FAIL, FAIL):  # with second 100 still in the window: 4 of 8 failed
+        call(subject, result)
+    assert subject.state is state
+
+
 def test_open_refuses_until_the_cool_down_then_lets_one_probe_through() -> None:
     subject, clock, transitions = breaker()
     for _ in range(3):

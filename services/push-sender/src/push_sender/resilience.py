@@ -26,6 +26,7 @@ with a table and a fake clock.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -85,6 +86,15 @@ class BreakerPolicy:
     growth: float = 2.0
 
 
+@dataclass
+class _Second:
+    """The calls a breaker saw in one second of its clock, and how many of them failed."""
+
+    second: int
+    calls: int = 0
+    failures: int = 0
+
+
 @dataclass(frozen=True)
 class Admitted:
     """A call may go ahead. `probe`: it is the one call of a half-open breaker."""
@@ -125,7 +135,12 @@ class CircuitBreaker:
         self._cool_down = policy.cool_down
         self._open_until = 0.0
         self._consecutive = 0
-        self._recent: deque[tuple[float, bool]] = deque()  # (when, failed), closed only
+        # The calls of the last `window` seconds (closed only), counted per second of the clock:
+        # memory and time per call stay constant whatever the rate (thousands of pushes a
+        # second would otherwise be a deque of every call, summed on every answer).
+        self._recent: deque[_Second] = deque()
+        self._recent_calls = 0
+        self._recent_failures = 0
         self._probing = False
 
     @property
@@ -175,19 +190,36 @@ class CircuitBreaker:
             return
         failed = result is not CallResult.SUCCESS
         self._consecutive = self._consecutive + 1 if failed else 0
-        self._recent.append((now, failed))
-        while self._recent and self._recent[0][0] <= now - self.policy.window:
-            self._recent.popleft()
-        failures = sum(1 for _, bad in self._recent if bad)
+        self._count(now, failed=failed)
         if (
             result is CallResult.MISCONFIGURED
             or self._consecutive >= self.policy.failures
             or (
-                len(self._recent) >= self.policy.min_calls
-                and failures >= self.policy.failure_rate * len(self._recent)
+                self._recent_calls >= self.policy.min_calls
+                and self._recent_failures >= self.policy.failure_rate * self._recent_calls
             )
         ):
             self._open(now, self.policy.cool_down)
+
+    def _count(self, now: float, *, failed: bool) -> None:
+        """Add a call to the window and drop the seconds that left it."""
+        while self._recent and self._recent[0].second <= now - self.policy.window:
+            gone = self._recent.popleft()
+            self._recent_calls -= gone.calls
+            self._recent_failures -= gone.failures
+        second = math.floor(now)
+        if not self._recent or self._recent[-1].second != second:
+            self._recent.append(_Second(second))
+        self._recent[-1].calls += 1
+        self._recent_calls += 1
+        if failed:
+            self._recent[-1].failures += 1
+            self._recent_failures += 1
+
+    def _forget_recent(self) -> None:
+        self._recent.clear()
+        self._recent_calls = 0
+        self._recent_failures = 0
 
     def abandon(self, admitted: Admitted) -> None:
         """A call that `admit` let through ended without an answer (cancelled, or not sent
@@ -199,13 +231,13 @@ class CircuitBreaker:
         self._cool_down = cool_down
         self._open_until = now + cool_down
         self._consecutive = 0
-        self._recent.clear()
+        self._forget_recent()
         self._set_state(BreakerState.OPEN)
 
     def _close(self) -> None:
         self._cool_down = self.policy.cool_down
         self._consecutive = 0
-        self._recent.clear()
+        self._forget_recent()
         self._set_state(BreakerState.CLOSED)
 
     def _set_state(self, state: BreakerState) -> None:
