@@ -47,6 +47,10 @@ async def record(pid: int, seconds: int, output: Path) -> asyncio.subprocess.Pro
         "--rate",
         "100",
         "--nonblocking",
+        # Only samples that hold the GIL: where the process spends CPU. Without it, the time a
+        # process waits to be scheduled on a saturated machine shows up in whatever it was doing
+        # (mostly socket writes), which says nothing about its own cost.
+        "--gil",
         "--format",
         "raw",
         "--output",
