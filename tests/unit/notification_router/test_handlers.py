@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any, cast
 
 import pytest
@@ -36,7 +37,7 @@ from herald_shared.retry import RetryableError
 from herald_shared.topology import EXCHANGE, routing_key_for
 from notification_router import repository
 from notification_router.app import RouterService, build_service, specification
-from notification_router.handlers import record_deliveries, route_message
+from notification_router.handlers import MessageTimes, record_deliveries, route_message
 from notification_router.repository import ReportResult
 from notification_router.settings import Settings
 from notification_router.tables import metadata, notification_deliveries, notifications
@@ -508,20 +509,46 @@ async def test_latency_is_observed_once_per_applied_delivered_report(
 
     await record_deliveries(report(first, delivered), service.deps)
     await record_deliveries(report(second, failed, "UNAVAILABLE"), service.deps)
-    assert (observed(), looked_up) == (1, [{event.message_id}])
+    # The router routed that message itself: it knows when it was created without a read.
+    assert (observed(), looked_up) == (1, [])
 
-    # first: already delivered (stale); second: failed before, delivered now; third: pending.
-    await publish(
-        service.broker, batch_report([report(job, delivered) for job in (first, second, third)])
+    # After a restart (or on another replica) the creation time comes from the ledger, read
+    # once per batch. first: already delivered (stale); second: failed before, delivered now;
+    # third: pending.
+    restarted = dataclasses.replace(service.deps, message_times=MessageTimes())
+    await record_deliveries(
+        batch_report([report(job, delivered) for job in (first, second, third)]), restarted
     )
 
     assert observed() == 3
-    assert looked_up == [{event.message_id}] * 2  # once per batch, not once per report
+    assert looked_up == [{event.message_id}]  # once per batch, not once per report
     latency = service.registry.get_sample_value(
         "herald_end_to_end_latency_seconds_sum", {"channel": "push"}
     )
     assert latency is not None
     assert latency > 0  # the factory's message was sent long before the reports
+
+
+async def test_message_times_forget_the_oldest_beyond_their_capacity(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    read: list[set[uuid.UUID]] = []
+
+    async def from_ledger(_: AsyncEngine, message_ids: set[uuid.UUID]) -> dict[uuid.UUID, Any]:
+        read.append(set(message_ids))
+        return {}
+
+    monkeypatch.setattr(repository, "messages_created_at", from_ledger)
+    times = MessageTimes(capacity=2)
+    first, second, third = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    created_at = datetime(2026, 1, 1, tzinfo=UTC)
+    for message_id in (first, second, third):
+        times.remember(message_id, created_at)
+
+    known = await times.of(cast(AsyncEngine, None), {first, second, third})
+
+    assert known == {second: created_at, third: created_at}
+    assert read == [{first}]
 
 
 async def test_metrics_count_each_decision_once_and_observe_latency(

@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 
 from faststream.rabbit import RabbitBroker
 from faststream.rabbit.publisher import RabbitPublisher
@@ -45,6 +46,33 @@ logger = logging.getLogger("notification_router")
 
 # Batches published at once (each waits for its broker confirm); bounds the tasks of a big room.
 PUBLISH_CONCURRENCY = 50
+# Messages whose creation time the router remembers for the latency metric: the reports of a
+# message arrive within seconds of its routing, so a few minutes' worth of messages is plenty.
+REMEMBERED_MESSAGES = 50_000
+
+
+class MessageTimes:
+    """When recently routed messages were created, so that the reports that follow need no
+    database read for the latency metric. Bounded (oldest forgotten first); a message it does
+    not know (routed by another replica, or before a restart) is read from the ledger."""
+
+    def __init__(self, capacity: int = REMEMBERED_MESSAGES) -> None:
+        self._capacity = capacity
+        self._times: OrderedDict[uuid.UUID, datetime] = OrderedDict()
+
+    def remember(self, message_id: uuid.UUID, created_at: datetime) -> None:
+        self._times[message_id] = created_at
+        if len(self._times) > self._capacity:
+            self._times.popitem(last=False)
+
+    async def of(
+        self, engine: AsyncEngine, message_ids: set[uuid.UUID]
+    ) -> dict[uuid.UUID, datetime]:
+        known = {id_: self._times[id_] for id_ in message_ids if id_ in self._times}
+        unknown = message_ids - known.keys()
+        if unknown:
+            known.update(await repository.messages_created_at(engine, unknown))
+        return known
 
 
 @dataclass(frozen=True)
@@ -56,6 +84,7 @@ class RouterDeps:
     email_publisher: RabbitPublisher
     metrics: RouterMetrics
     publish_timeout: float
+    message_times: MessageTimes = field(default_factory=MessageTimes)
     limits: routing.ContentLimits = routing.DEFAULT_LIMITS
 
 
@@ -82,6 +111,7 @@ async def route_message(
     known = await repository.load_recipients(deps.engine, routing.recipients_of(event))
     plan = routing.plan_notifications(event, known, now=now, limits=deps.limits)
     recorded = await repository.record_decisions(deps.engine, event, plan.decisions, now=now)
+    deps.message_times.remember(event.message_id, event.timestamp)
     deps.metrics.observe_decisions(event, plan.decisions, recorded.new_recipient_ids, now=now)
 
     batches = routing.batch_jobs(
@@ -184,7 +214,7 @@ async def _observe_delivery_latency(
     ]
     if not delivered:
         return
-    created_at = await repository.messages_created_at(
+    created_at = await deps.message_times.of(
         deps.engine, {report.message_id for report in delivered}
     )
     for report in delivered:

@@ -217,17 +217,29 @@ async def record_decisions(
             )
             await connection.execute(statement, deliveries)
 
-        notification_ids = [job.notification_id for decision in ordered for job in decision.jobs]
-        pending: frozenset[uuid.UUID] = frozenset()
-        if notification_ids:
+        # The jobs of the recipients inserted now are pending: their rows were written just now,
+        # in this transaction. Only the earlier recipients of a redelivered message need a look.
+        pending = {
+            job.notification_id
+            for decision in ordered
+            if decision.recipient_id in new_recipient_ids
+            for job in decision.jobs
+        }
+        earlier = [
+            job.notification_id
+            for decision in ordered
+            if decision.recipient_id not in new_recipient_ids
+            for job in decision.jobs
+        ]
+        if earlier:
             result = await connection.execute(
                 select(notification_deliveries.c.notification_id).where(
-                    notification_deliveries.c.notification_id.in_(notification_ids),
+                    notification_deliveries.c.notification_id.in_(earlier),
                     notification_deliveries.c.status == str(DeliveryStatus.PENDING),
                 )
             )
-            pending = frozenset(result.scalars())
-    return Recorded(new_recipient_ids, pending)
+            pending.update(result.scalars())
+    return Recorded(new_recipient_ids, frozenset(pending))
 
 
 def _delivery_row(job: PushRequested | EmailRequested, now: datetime) -> dict[str, Any]:
