@@ -9,7 +9,7 @@ reaches a log line through an exception).
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Literal
@@ -20,6 +20,8 @@ SCHEMA_VERSION = 1
 
 # Fixed namespace for deterministic notification ids: never change it, ids are idempotency keys.
 NOTIFICATION_NAMESPACE = uuid.UUID("6f1c3a52-2f4e-4d1b-9a57-0b4c4f1e8d21")
+# Fixed namespace of batch report ids (`batch_report`).
+BATCH_REPORT_NAMESPACE = uuid.UUID("a9e7a1c5-9684-4797-88b9-d99cbfa08c65")
 
 MAX_MESSAGE_CONTENT = 4000
 MAX_RECIPIENTS = 1000
@@ -246,6 +248,34 @@ class DeliveryBatchReported(_Batch):
         ):
             raise ValueError("every report of a batch has the batch's channel and outcome")
         return self
+
+
+def batch_report(reports: Sequence[DeliveryReported]) -> DeliveryBatchReported:
+    """`reports` (of one message and channel, with one outcome) as one event. Its id derives
+    from the outcome and the notifications, so the same reports published again (after a crash
+    between publishing and recording it) carry the same id."""
+    first = reports[0]
+    notifications = ",".join(sorted(str(report.notification_id) for report in reports))
+    return DeliveryBatchReported(
+        event_id=uuid.uuid5(
+            BATCH_REPORT_NAMESPACE, f"{first.channel}:{first.outcome}:{notifications}"
+        ),
+        message_id=first.message_id,
+        channel=first.channel,
+        outcome=first.outcome,
+        reports=list(reports),
+    )
+
+
+def batch_reports(reports: Iterable[DeliveryReported]) -> list[DeliveryBatchReported]:
+    """The reports of one message and channel as one event per outcome present (delivered
+    first)."""
+    by_outcome: dict[DeliveryOutcome, list[DeliveryReported]] = {}
+    for report in reports:
+        by_outcome.setdefault(report.outcome, []).append(report)
+    return [
+        batch_report(by_outcome[outcome]) for outcome in DeliveryOutcome if outcome in by_outcome
+    ]
 
 
 class DeviceInvalidated(Event):

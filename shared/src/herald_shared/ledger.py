@@ -196,6 +196,20 @@ def _aware(value: datetime) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
+def _settled_or_busy(row: Any, *, now: datetime, lease: timedelta) -> AlreadyFinal | Busy:
+    """A row no claim step could take: final with its events out, or held under a live lease
+    (sending, or publishing its events; a row without a lease was taken by then)."""
+    if row.reported_at is not None:
+        return AlreadyFinal(
+            status=DeliveryStatus(row.status),
+            failure=row.failure,
+            reason=row.reason,
+            reported=True,
+        )
+    lease_expires_at = _aware(row.claimed_at) + lease if row.claimed_at is not None else now
+    return Busy(lease_expires_at=lease_expires_at)
+
+
 def _clip(reason: str | None) -> str | None:
     return reason[:REASON_LENGTH] if reason is not None else None
 
@@ -234,86 +248,14 @@ class DeliveryLedger:
         columns when the row is created; pass it on every claim (the INSERT comes first, and the
         database checks its NOT NULL columns even when the row exists).
         """
-        t = self.table
-        key = t.c.notification_id == job.notification_id
-        async with autocommit(self.engine) as connection:
-            inserted = await connection.execute(
-                self._insert(connection)
-                .values(
-                    notification_id=job.notification_id,
-                    message_id=job.message_id,
-                    recipient_id=job.recipient_id,
-                    status=DeliveryStatus.SENDING,
-                    provider=provider,
-                    attempts=1,
-                    created_at=now,
-                    updated_at=now,
-                    claimed_at=now,
-                    **(extra or {}),
-                )
-                .on_conflict_do_nothing(index_elements=[t.c.notification_id])
-                .returning(t.c.attempts)
-            )
-            if (attempts := inserted.scalar_one_or_none()) is not None:
-                return Claimed(attempt=attempts)
-
-            expired = or_(t.c.claimed_at.is_(None), t.c.claimed_at < now - lease)
-            taken = await connection.execute(
-                update(t)
-                .where(
-                    key,
-                    or_(
-                        t.c.status == DeliveryStatus.RETRYING,
-                        and_(t.c.status == DeliveryStatus.SENDING, expired),
-                    ),
-                )
-                .values(
-                    status=DeliveryStatus.SENDING,
-                    provider=provider,
-                    attempts=t.c.attempts + 1,
-                    claimed_at=now,
-                    updated_at=now,
-                )
-                .returning(t.c.attempts)
-            )
-            if (attempts := taken.scalar_one_or_none()) is not None:
-                return Claimed(attempt=attempts)
-
-            # A final row whose events are not out and whose lease is gone: take the lease to
-            # publish them, so that one copy does it rather than every copy at once.
-            unreported = (
-                await connection.execute(
-                    update(t)
-                    .where(key, t.c.status.in_(FINAL_STATUSES), t.c.reported_at.is_(None), expired)
-                    .values(claimed_at=now, updated_at=now)
-                    .returning(t.c.status, t.c.failure, t.c.reason)
-                )
-            ).one_or_none()
-            if unreported is not None:
-                return AlreadyFinal(
-                    status=DeliveryStatus(unreported.status),
-                    failure=unreported.failure,
-                    reason=unreported.reason,
-                    reported=False,
-                )
-
-            row = (
-                await connection.execute(
-                    select(
-                        t.c.status, t.c.failure, t.c.reason, t.c.claimed_at, t.c.reported_at
-                    ).where(key)
-                )
-            ).one()
-        if row.reported_at is not None:
-            return AlreadyFinal(
-                status=DeliveryStatus(row.status),
-                failure=row.failure,
-                reason=row.reason,
-                reported=True,
-            )
-        # Sending or being reported under a live lease (a row without a lease was taken above).
-        lease_expires_at = _aware(row.claimed_at) + lease if row.claimed_at is not None else now
-        return Busy(lease_expires_at=lease_expires_at)
+        claims = await self.claim_many(
+            [job],
+            provider=provider,
+            now=now,
+            lease=lease,
+            extra=None if extra is None else lambda _: extra,
+        )
+        return claims[job.notification_id]
 
     async def claim_many(
         self,
@@ -324,11 +266,12 @@ class DeliveryLedger:
         lease: timedelta,
         extra: Callable[[Any], Mapping[str, Any]] | None = None,
     ) -> dict[uuid.UUID, Claim]:
-        """`claim` for every job of a batch, by notification_id.
+        """`claim` for every job of a batch, by notification_id, in at most four statements
+        whatever the batch's size: each step below handles the jobs the steps before left.
 
-        A batch's first delivery inserts all its rows in one statement; only the jobs whose row
-        exists already (a retry, a redelivered copy) take `claim`'s path one by one. `extra(job)`
-        fills the sender's own columns.
+        A batch's first delivery is one INSERT; a retried or redelivered batch then takes back
+        the rows free to send, then the final rows whose events are not out, and reads the rest.
+        `extra(job)` fills the sender's own columns.
         """
         if not jobs:
             return {}
@@ -350,6 +293,12 @@ class DeliveryLedger:
             }
             for job in ordered
         ]
+        expired = or_(t.c.claimed_at.is_(None), t.c.claimed_at < now - lease)
+        claims: dict[uuid.UUID, Claim] = {}
+
+        def unclaimed() -> list[uuid.UUID]:
+            return [job.notification_id for job in ordered if job.notification_id not in claims]
+
         async with autocommit(self.engine) as connection:
             # Rows as parameters rather than `.values(rows)`: one cached statement whatever the
             # batch (SQLAlchemy sends it as one multi-row INSERT), instead of a statement
@@ -360,17 +309,65 @@ class DeliveryLedger:
                 .returning(t.c.notification_id),
                 rows,
             )
-            new = set(inserted.scalars())
-        claims: dict[uuid.UUID, Claim] = {id_: Claimed(attempt=1) for id_ in new}
-        for job in ordered:
-            if job.notification_id not in new:
-                claims[job.notification_id] = await self.claim(
-                    job,
-                    provider=provider,
-                    now=now,
-                    lease=lease,
-                    extra=extra(job) if extra is not None else None,
+            claims.update({notification_id: Claimed(1) for notification_id in inserted.scalars()})
+
+            if rest := unclaimed():
+                # Retrying, or sending under a lease that ran out (its worker died): ours now.
+                taken = await connection.execute(
+                    update(t)
+                    .where(
+                        t.c.notification_id.in_(rest),
+                        or_(
+                            t.c.status == DeliveryStatus.RETRYING,
+                            and_(t.c.status == DeliveryStatus.SENDING, expired),
+                        ),
+                    )
+                    .values(
+                        status=DeliveryStatus.SENDING,
+                        provider=provider,
+                        attempts=t.c.attempts + 1,
+                        claimed_at=now,
+                        updated_at=now,
+                    )
+                    .returning(t.c.notification_id, t.c.attempts)
                 )
+                claims.update({row.notification_id: Claimed(row.attempts) for row in taken})
+
+            if rest := unclaimed():
+                # Final rows whose events are not out and whose lease is gone: take the lease to
+                # publish them, so that one copy does it rather than every copy at once.
+                unreported = await connection.execute(
+                    update(t)
+                    .where(
+                        t.c.notification_id.in_(rest),
+                        t.c.status.in_(FINAL_STATUSES),
+                        t.c.reported_at.is_(None),
+                        expired,
+                    )
+                    .values(claimed_at=now, updated_at=now)
+                    .returning(t.c.notification_id, t.c.status, t.c.failure, t.c.reason)
+                )
+                for row in unreported:
+                    claims[row.notification_id] = AlreadyFinal(
+                        status=DeliveryStatus(row.status),
+                        failure=row.failure,
+                        reason=row.reason,
+                        reported=False,
+                    )
+
+            if rest := unclaimed():
+                found = await connection.execute(
+                    select(
+                        t.c.notification_id,
+                        t.c.status,
+                        t.c.failure,
+                        t.c.reason,
+                        t.c.claimed_at,
+                        t.c.reported_at,
+                    ).where(t.c.notification_id.in_(rest))
+                )
+                for row in found:
+                    claims[row.notification_id] = _settled_or_busy(row, now=now, lease=lease)
         return claims
 
     async def finish(

@@ -14,10 +14,11 @@ from herald_shared.events import (
     DeliveryReported,
     DeviceInvalidated,
     Event,
+    batch_reports,
 )
 from herald_shared.ledger import AlreadyFinal, Busy, DeliveryStatus
 from herald_shared.retry import DeferredError, PermanentError, RetryableError
-from push_sender.delivery import batch_reports, plan_for_answer, plan_for_claim, report_for
+from push_sender.delivery import plan_for_answer, plan_for_claim, report_for
 from push_sender.metrics import PushOutcome
 from push_sender.providers import ProviderAnswer, Verdict
 from push_sender.tables import Failure

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import pytest
-from sqlalchemy import CheckConstraint, Column, MetaData, String, Uuid, update
+from sqlalchemy import CheckConstraint, Column, MetaData, String, Uuid, event, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -385,3 +385,30 @@ async def test_batch_writes_of_nothing_do_nothing(ledger: DeliveryLedger) -> Non
         await ledger.finish_many(
             [uuid.uuid4()], status=DeliveryStatus.SENDING, reason=None, now=now
         )
+
+
+async def test_a_retried_batch_takes_at_most_four_statements_whatever_its_size(
+    ledger: DeliveryLedger,
+) -> None:
+    jobs = [Job() for _ in range(20)]
+    now = utc_now()
+    await claim_batch(ledger, jobs, now)
+    ids = [job.notification_id for job in jobs]
+    await ledger.finish_many(ids[:10], status=DeliveryStatus.DELIVERED, reason=None, now=now)
+    await ledger.mark_reported_many(ids[:10], now=now)
+    statements: list[str] = []
+
+    def count(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        statements.append(statement.split(None, 1)[0].upper())
+
+    event.listen(ledger.engine.sync_engine, "before_cursor_execute", count)
+    try:
+        claims = await claim_batch(ledger, jobs, now)
+    finally:
+        event.remove(ledger.engine.sync_engine, "before_cursor_execute", count)
+
+    assert statements == ["INSERT", "UPDATE", "UPDATE", "SELECT"]
+    assert [claims[id_] for id_ in ids] == [
+        *[AlreadyFinal(DeliveryStatus.DELIVERED, None, None, reported=True)] * 10,
+        *[Busy(now + LEASE)] * 10,
+    ]

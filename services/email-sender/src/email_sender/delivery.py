@@ -1,10 +1,10 @@
 """A batch of e-mail jobs from the ledger's point of view: claim, build, send, record, report.
 
 Plain functions and objects, no broker: the handler calls `EmailDeliveries.deliver_batch`,
-publishes the reports it returns (`batch_reports`), marks them reported (or, if publishing failed,
-calls `publishing_failed`) and raises the batch's error (`herald_shared.retry.batch_error` of the
-jobs' errors). The ledger and its lease rule are `herald_shared.ledger`'s; this module makes a few
-ledger statements per batch rather than per job.
+publishes the reports it returns (`herald_shared.events.batch_reports`), marks them reported (or,
+if publishing failed, calls `publishing_failed`) and raises the batch's error
+(`herald_shared.retry.batch_error` of the jobs' errors). The ledger and its lease rule are
+`herald_shared.ledger`'s; this module makes a few ledger statements per batch rather than per job.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -25,7 +25,6 @@ from email_sender.rendering import EmailRenderer, UnrenderableEmail
 from email_sender.tables import Failure, email_deliveries
 from herald_shared.events import (
     Channel,
-    DeliveryBatchReported,
     DeliveryOutcome,
     DeliveryReported,
     EmailBatchRequested,
@@ -76,30 +75,6 @@ def report_for(
         outcome=outcome,
         reason=reason,
     )
-
-
-def batch_report(reports: Sequence[DeliveryReported]) -> DeliveryBatchReported:
-    """`reports` (of one message, all with one outcome) as one event, whose id derives from the
-    outcome and the notifications: the same reports published again carry the same id."""
-    outcome = reports[0].outcome
-    notifications = ",".join(sorted(str(report.notification_id) for report in reports))
-    return DeliveryBatchReported(
-        event_id=uuid.uuid5(_REPORT_NAMESPACE, f"batch:{outcome}:{notifications}"),
-        message_id=reports[0].message_id,
-        channel=Channel.EMAIL,
-        outcome=outcome,
-        reports=list(reports),
-    )
-
-
-def batch_reports(reports: Iterable[DeliveryReported]) -> list[DeliveryBatchReported]:
-    """The reports of one batch as one event per outcome present (delivered first)."""
-    by_outcome: dict[DeliveryOutcome, list[DeliveryReported]] = {}
-    for report in reports:
-        by_outcome.setdefault(report.outcome, []).append(report)
-    return [
-        batch_report(by_outcome[outcome]) for outcome in DeliveryOutcome if outcome in by_outcome
-    ]
 
 
 @dataclass(frozen=True)

@@ -23,12 +23,17 @@ from pydantic import TypeAdapter
 from email_sender.delivery import (
     EmailDeliveries,
     Outcome,
-    batch_report,
-    batch_reports,
     jobs_of,
     report_for,
 )
-from herald_shared.events import AnyEmailJob, DeliveryBatchReported, DeliveryOutcome, EmailRequested
+from herald_shared.events import (
+    AnyEmailJob,
+    DeliveryBatchReported,
+    DeliveryOutcome,
+    EmailRequested,
+    batch_report,
+    batch_reports,
+)
 from herald_shared.publishing import event_publisher, publish_event
 from herald_shared.retry import DeadLetterHooks, batch_error
 from herald_shared.topology import EMAIL_DELIVERED, EMAIL_FAILED, EMAIL_NOTIFICATIONS, EXCHANGE

@@ -10,13 +10,11 @@ they went out) carry the same ids and deduplicate.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 from herald_shared.events import (
     Channel,
-    DeliveryBatchReported,
     DeliveryOutcome,
     DeliveryReported,
     DeviceInvalidated,
@@ -66,30 +64,6 @@ def report_for(
         outcome=outcome,
         reason=reason,
     )
-
-
-def batch_report(reports: Sequence[DeliveryReported]) -> DeliveryBatchReported:
-    """`reports` (of one message, with one outcome) as one event. Its id derives from the outcome
-    and the notifications, so the same reports published again carry the same id."""
-    outcome = reports[0].outcome
-    notifications = ",".join(sorted(str(report.notification_id) for report in reports))
-    return DeliveryBatchReported(
-        event_id=uuid.uuid5(_EVENT_NAMESPACE, f"batch-report:{outcome}:{notifications}"),
-        message_id=reports[0].message_id,
-        channel=Channel.PUSH,
-        outcome=outcome,
-        reports=list(reports),
-    )
-
-
-def batch_reports(reports: Iterable[DeliveryReported]) -> list[DeliveryBatchReported]:
-    """The reports of one message's batch, one event per outcome present (delivered first)."""
-    by_outcome: dict[DeliveryOutcome, list[DeliveryReported]] = {}
-    for report in reports:
-        by_outcome.setdefault(report.outcome, []).append(report)
-    return [
-        batch_report(by_outcome[outcome]) for outcome in DeliveryOutcome if outcome in by_outcome
-    ]
 
 
 def invalidation_for(job: PushRequested, reason: str) -> DeviceInvalidated:

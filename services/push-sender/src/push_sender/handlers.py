@@ -28,6 +28,8 @@ from herald_shared.events import (
     DeviceInvalidated,
     PushBatchRequested,
     PushRequested,
+    batch_report,
+    batch_reports,
 )
 from herald_shared.publishing import event_publisher, publish_event
 from herald_shared.retry import batch_error
@@ -38,7 +40,7 @@ from herald_shared.topology import (
     PUSH_FAILED,
     PUSH_NOTIFICATIONS,
 )
-from push_sender.delivery import Plan, batch_report, batch_reports, report_for
+from push_sender.delivery import Plan, report_for
 from push_sender.sender import PushSender
 
 RETRIES_EXHAUSTED = "retries exhausted"
