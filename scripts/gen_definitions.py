@@ -13,7 +13,7 @@ repository and hand it to the broker as a secret (deploy/rabbitmq/README.md).
 Nothing here is typed twice: the topology is what `herald_shared.topology.declare_topology`
 declares (recorded, not re-described), what each service publishes and consumes is read from its
 AsyncAPI document (which FastStream derives from the service's subscribers and publishers), and
-the permissions follow from those (../shared/notes/reliability.md, "Broker").
+the permissions follow from those (docs/design.md, "Broker permissions").
 """
 
 from __future__ import annotations

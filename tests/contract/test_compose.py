@@ -22,7 +22,8 @@ from scripts.gen_definitions import VHOST, dev_password
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((ROOT / "compose.yaml").read_text())
-# A copy of ../shared/schemas/compose-spec.json (provenance in compose_spec/README.md).
+# The Compose Specification's published JSON Schema, checked in unchanged (where it comes from:
+# compose_spec/README.md).
 COMPOSE_SCHEMA = Path(__file__).parent / "compose_spec" / "compose-spec.json"
 OBSERVABILITY = {"prometheus", "grafana"}
 

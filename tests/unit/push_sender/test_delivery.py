@@ -1,5 +1,5 @@
 """The decisions, without I/O: the provider's answer or the ledger's state → what is recorded,
-what is published and how the job ends (notes/reliability.md, provider error → action table)."""
+what is published and how the job ends (docs/providers.md)."""
 
 from __future__ import annotations
 

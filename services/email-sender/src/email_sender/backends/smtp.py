@@ -65,7 +65,7 @@ def _code_reason(code: int, server_text: str) -> str:
 def classify_smtp_error(
     exc: BaseException,
 ) -> RetryableError | EmailRejected | SmtpConfigurationError:
-    """The outcome of one failed SMTP conversation (see notes/reliability.md's table):
+    """The outcome of one failed SMTP conversation (docs/providers.md, "SMTP"):
 
     * 5xx (550, 553, 554…) → `EmailRejected` (permanent, a bounce);
     * 530/534/535/538 and authentication errors → `SmtpConfigurationError` (deferred);

@@ -50,7 +50,7 @@ PROVIDER_TOKEN_MAX_AGE = 50 * 60.0
 EXPIRATION_SECONDS = 24 * 3600
 REASON_LIMIT = 200
 
-# Reasons that say the device token is dead (notes/reliability.md, provider table).
+# Reasons that say the device token is dead (docs/providers.md, "APNs").
 DEAD_TOKEN_REASONS = frozenset({"BadDeviceToken", "DeviceTokenNotForTopic"})
 # Reasons that say our topic (APNS_TOPIC) is wrong: every push would fail the same way, so it is
 # configuration, not this message (the jobs wait for a fix instead of being dead-lettered).
@@ -149,7 +149,7 @@ def classify(
     *,
     token_updated_at: datetime | None,
 ) -> ProviderAnswer:
-    """One APNs answer → what to do (notes/reliability.md, provider error → action table):
+    """One APNs answer → what to do (docs/providers.md, "APNs"):
 
     * 200 → accepted;
     * 400 `BadDeviceToken` / `DeviceTokenNotForTopic` → the token is dead;

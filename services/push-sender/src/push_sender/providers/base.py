@@ -11,7 +11,7 @@ from herald_shared.events import PushRequested
 
 class Verdict(StrEnum):
     """The provider's answer, reduced to what push-sender does about it
-    (see notes/reliability.md, "Provider error → action table")."""
+    (see docs/providers.md, "Push: the five verdicts")."""
 
     ACCEPTED = "accepted"  # delivered to the provider: record delivered, report
     # The device's token is dead: invalidate it, report, no retry.

@@ -216,7 +216,7 @@ def _code_word(value: Any) -> str:
 
 def classify(status_code: int, payload: Any, headers: Mapping[str, str]) -> ProviderAnswer:
     """One FCM answer (`headers` looked up case-insensitively, as aiohttp's are) → what to do
-    (notes/reliability.md, provider error → action table):
+    (docs/providers.md, "FCM"):
 
     * 2xx → accepted;
     * `UNREGISTERED` (404), or 400 `INVALID_ARGUMENT` about `message.token` → the token is dead;
