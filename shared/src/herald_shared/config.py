@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from datetime import timedelta
 from typing import IO, Literal
 
 from pydantic import Field, field_validator
@@ -11,6 +12,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from herald_shared.broker import RabbitSettings
 from herald_shared.logs import JsonFormatter, QueryFreeAccessLog, TextFormatter
+from herald_shared.sending import SenderTuning
 
 LOCAL_STATE_DIR = ".herald"
 
@@ -18,6 +20,20 @@ LOCAL_STATE_DIR = ".herald"
 def default_sqlite_url(service_name: str) -> str:
     """The zero-setup database: one SQLite file per service under ./.herald/."""
     return f"sqlite+aiosqlite:///{LOCAL_STATE_DIR}/{service_name}.db"
+
+
+class BatchSettings(BaseSettings):
+    """`BATCH_*`: how a consumer handles its deliveries together (`herald_shared.batching`)."""
+
+    model_config = SettingsConfigDict(env_prefix="BATCH_", extra="ignore")
+
+    # The most items (jobs, reports, messages) one batch takes: its statements stay bounded.
+    max_items: int = Field(default=1000, ge=1)
+    # Batches in progress at once per stage: one is built while another waits for its I/O.
+    concurrency: int = Field(default=2, ge=1)
+    # Seconds a batch that could start at once waits for company: at moderate rates, a little
+    # latency for fewer, larger batches (under load they fill up by themselves).
+    linger: float = Field(default=0.002, ge=0, le=1)
 
 
 class ServiceSettings(BaseSettings):
@@ -33,6 +49,7 @@ class ServiceSettings(BaseSettings):
     # person at a terminal (`./scripts/start` asks for it).
     log_format: Literal["json", "text"] = "json"
     rabbitmq: RabbitSettings = Field(default_factory=RabbitSettings)
+    batch: BatchSettings = Field(default_factory=BatchSettings)
 
     @field_validator("database_url")
     @classmethod
@@ -58,6 +75,23 @@ class ServiceSettings(BaseSettings):
     @classmethod
     def _lower_format(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value
+
+
+class SenderSettings(ServiceSettings):
+    """What both senders have besides: the lease of a job in the delivery ledger."""
+
+    # Seconds a claimed job stays this worker's without a renewal (renewed every third of it
+    # while its send waits or runs): how long a job of a worker that died waits before another
+    # worker takes it over.
+    delivery_lease: float = Field(default=15.0, ge=1)
+
+    def sender_tuning(self) -> SenderTuning:
+        return SenderTuning(
+            max_jobs_per_batch=self.batch.max_items,
+            concurrent_batches=self.batch.concurrency,
+            linger=self.batch.linger,
+            lease=timedelta(seconds=self.delivery_lease),
+        )
 
 
 def configure_logging(

@@ -12,22 +12,26 @@ import uuid
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 SCHEMA_VERSION = 1
 
+T = TypeVar("T")
+
 # Fixed namespace for deterministic notification ids: never change it, ids are idempotency keys.
 NOTIFICATION_NAMESPACE = uuid.UUID("6f1c3a52-2f4e-4d1b-9a57-0b4c4f1e8d21")
-# Fixed namespace of batch report ids (`batch_report`).
+# Fixed namespace of report event ids (`reports_events`).
 BATCH_REPORT_NAMESPACE = uuid.UUID("a9e7a1c5-9684-4797-88b9-d99cbfa08c65")
 
 MAX_MESSAGE_CONTENT = 4000
 MAX_RECIPIENTS = 1000
-# Jobs (or reports) in one batch event: a room of 1,000 members makes ten push batches, each a
-# few hundred kB, and a batch that has to wait for a retry holds back at most this many.
+# Jobs (or reports) in one `_Batch` event (one message's; no longer published, still accepted).
 MAX_BATCH_SIZE = 100
+# Jobs (or reports) in one event of the kinds that span messages: a few hundred kB at most, and a
+# delivery that has to wait for a retry holds back at most this many.
+MAX_ITEMS_PER_EVENT = 500
 
 
 def utc_now() -> datetime:
@@ -182,10 +186,11 @@ class DeliveryReported(Event):
 class _Batch(Event):
     """Many jobs or reports of one message and channel in one broker message.
 
-    What the router and the senders exchange at volume: one broker message (a consume, a
-    publish, a confirm) and one ledger statement per batch instead of per notification. Each item
-    keeps its own ids, so an item of a batch is handled exactly as it would be on its own; a batch
-    is retried or dead-lettered as a whole, and the items it had already finished are no-ops then.
+    What the router and the senders exchanged before the kinds that span messages (`_Jobs`);
+    still accepted (from a service of that version, or replayed from a dead-letter queue). Each
+    item keeps its own ids, so an item of a batch is handled exactly as it would be on its own; a
+    batch is retried or dead-lettered as a whole, and the items it had already finished are
+    no-ops then.
     """
 
     message_id: uuid.UUID
@@ -250,32 +255,100 @@ class DeliveryBatchReported(_Batch):
         return self
 
 
-def batch_report(reports: Sequence[DeliveryReported]) -> DeliveryBatchReported:
-    """`reports` (of one message and channel, with one outcome) as one event. Its id derives
-    from the outcome and the notifications, so the same reports published again (after a crash
-    between publishing and recording it) carry the same id."""
-    first = reports[0]
-    notifications = ",".join(sorted(str(report.notification_id) for report in reports))
-    return DeliveryBatchReported(
-        event_id=uuid.uuid5(
-            BATCH_REPORT_NAMESPACE, f"{first.channel}:{first.outcome}:{notifications}"
-        ),
-        message_id=first.message_id,
-        channel=first.channel,
-        outcome=first.outcome,
-        reports=list(reports),
-    )
+class _Jobs(Event):
+    """Many jobs or reports of any messages in one broker message: what the router publishes
+    for everything it decided in one go, and what a sender reports for everything it settled in
+    one go. Like a `_Batch`, it is retried or dead-lettered as a whole, and each item keeps its
+    own ids, so the items it had already finished are no-ops when it comes back."""
+
+    @staticmethod
+    def _unique(ids: Sequence[uuid.UUID]) -> None:
+        if len(set(ids)) != len(ids):
+            raise ValueError("a notification appears twice in one event")
 
 
-def batch_reports(reports: Iterable[DeliveryReported]) -> list[DeliveryBatchReported]:
-    """The reports of one message and channel as one event per outcome present (delivered
-    first)."""
-    by_outcome: dict[DeliveryOutcome, list[DeliveryReported]] = {}
+class PushJobsRequested(_Jobs):
+    """Deliver push notifications, of one or more messages, to devices of one platform
+    (`notification.push.send`). Supersedes `PushBatchRequested` (one message), which stays
+    accepted."""
+
+    type: Literal["push_jobs_requested"] = "push_jobs_requested"
+    platform: Platform
+    jobs: list[PushRequested] = Field(min_length=1, max_length=MAX_ITEMS_PER_EVENT)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PushJobsRequested:
+        self._unique([job.notification_id for job in self.jobs])
+        if any(job.platform is not self.platform for job in self.jobs):
+            raise ValueError("every job is for the event's platform")
+        return self
+
+
+class EmailJobsRequested(_Jobs):
+    """Deliver e-mail notifications of one or more messages (`notification.email.send`).
+    Supersedes `EmailBatchRequested` (one message), which stays accepted."""
+
+    type: Literal["email_jobs_requested"] = "email_jobs_requested"
+    jobs: list[EmailRequested] = Field(min_length=1, max_length=MAX_ITEMS_PER_EVENT)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EmailJobsRequested:
+        self._unique([job.notification_id for job in self.jobs])
+        return self
+
+
+class DeliveriesReported(_Jobs):
+    """One outcome of notifications of one or more messages on one channel
+    (`notification.<channel>.<outcome>`). Supersedes `DeliveryBatchReported` (one message),
+    which stays accepted."""
+
+    type: Literal["deliveries_reported"] = "deliveries_reported"
+    channel: Channel
+    outcome: DeliveryOutcome
+    reports: list[DeliveryReported] = Field(min_length=1, max_length=MAX_ITEMS_PER_EVENT)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DeliveriesReported:
+        self._unique([report.notification_id for report in self.reports])
+        if any(
+            report.channel is not self.channel or report.outcome is not self.outcome
+            for report in self.reports
+        ):
+            raise ValueError("every report has the event's channel and outcome")
+        return self
+
+
+def chunks(items: Sequence[T], size: int = MAX_ITEMS_PER_EVENT) -> list[Sequence[T]]:
+    """`items` cut into runs of at most `size`, in order."""
+    return [items[start : start + size] for start in range(0, len(items), size)]
+
+
+def reports_events(reports: Iterable[DeliveryReported]) -> list[DeliveriesReported]:
+    """Reports as the fewest events: one per channel and outcome (delivered first), cut at
+    `MAX_ITEMS_PER_EVENT`. Each event's id derives from its outcome and notifications, so the
+    same reports published again (after a crash between publishing and recording that they went
+    out) carry the same id."""
+    grouped: dict[tuple[Channel, DeliveryOutcome], dict[uuid.UUID, DeliveryReported]] = {}
     for report in reports:
-        by_outcome.setdefault(report.outcome, []).append(report)
-    return [
-        batch_report(by_outcome[outcome]) for outcome in DeliveryOutcome if outcome in by_outcome
-    ]
+        grouped.setdefault((report.channel, report.outcome), {})[report.notification_id] = report
+    events = []
+    for channel in Channel:
+        for outcome in DeliveryOutcome:
+            by_id = grouped.get((channel, outcome))
+            if not by_id:
+                continue
+            ordered = [by_id[key] for key in sorted(by_id)]
+            for part in chunks(ordered):
+                key = ",".join(str(report.notification_id) for report in part)
+                events.append(
+                    DeliveriesReported(
+                        event_id=uuid.uuid5(BATCH_REPORT_NAMESPACE, f"{channel}:{outcome}:{key}"),
+                        channel=channel,
+                        outcome=outcome,
+                        reports=list(part),
+                    )
+                )
+    return events
 
 
 class DeviceInvalidated(Event):
@@ -297,15 +370,45 @@ AnyEvent = Annotated[
     | DeviceInvalidated
     | PushBatchRequested
     | EmailBatchRequested
-    | DeliveryBatchReported,
+    | DeliveryBatchReported
+    | PushJobsRequested
+    | EmailJobsRequested
+    | DeliveriesReported,
     Field(discriminator="type"),
 ]
 
-# What each sender's queue and the router's report queue carry: the batch, or (from a router of
-# an earlier version, or replayed from a dead-letter queue) a single job or report.
-AnyPushJob = Annotated[PushRequested | PushBatchRequested, Field(discriminator="type")]
-AnyEmailJob = Annotated[EmailRequested | EmailBatchRequested, Field(discriminator="type")]
-AnyDeliveryReport = Annotated[DeliveryReported | DeliveryBatchReported, Field(discriminator="type")]
+# What each sender's queue and the router's report queue carry: the events that span messages,
+# or (from a service of an earlier version, or replayed from a dead-letter queue) one message's
+# batch, or a single job or report.
+AnyPushJob = Annotated[
+    PushRequested | PushBatchRequested | PushJobsRequested, Field(discriminator="type")
+]
+AnyEmailJob = Annotated[
+    EmailRequested | EmailBatchRequested | EmailJobsRequested, Field(discriminator="type")
+]
+AnyDeliveryReport = Annotated[
+    DeliveryReported | DeliveryBatchReported | DeliveriesReported, Field(discriminator="type")
+]
+
+
+def push_jobs(event: PushRequested | PushBatchRequested | PushJobsRequested) -> list[PushRequested]:
+    """The jobs an event of the push queue carries, whatever its kind."""
+    return [event] if isinstance(event, PushRequested) else list(event.jobs)
+
+
+def email_jobs(
+    event: EmailRequested | EmailBatchRequested | EmailJobsRequested,
+) -> list[EmailRequested]:
+    """The jobs an event of the e-mail queue carries, whatever its kind."""
+    return [event] if isinstance(event, EmailRequested) else list(event.jobs)
+
+
+def delivery_reports(
+    event: DeliveryReported | DeliveryBatchReported | DeliveriesReported,
+) -> list[DeliveryReported]:
+    """The reports an event of the report queue carries, whatever its kind."""
+    return [event] if isinstance(event, DeliveryReported) else list(event.reports)
+
 
 EVENT_ADAPTER: TypeAdapter[AnyEvent] = TypeAdapter(AnyEvent)
 
@@ -319,6 +422,9 @@ EVENT_MODELS: tuple[type[Event], ...] = (
     PushBatchRequested,
     EmailBatchRequested,
     DeliveryBatchReported,
+    PushJobsRequested,
+    EmailJobsRequested,
+    DeliveriesReported,
 )
 
 

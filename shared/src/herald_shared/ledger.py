@@ -414,17 +414,47 @@ class DeliveryLedger:
 
     async def release(self, notification_id: uuid.UUID, *, reason: str, now: datetime) -> None:
         """Give the lease back after a transient failure, so the retry can claim at once."""
+        await self.release_many([notification_id], reason=reason, now=now)
+
+    async def release_many(
+        self, notification_ids: Collection[uuid.UUID], *, reason: str, now: datetime
+    ) -> None:
+        """`release` for notifications that failed for the same reason, in one statement."""
+        if not notification_ids:
+            return
         t = self.table
         async with autocommit(self.engine) as connection:
             await connection.execute(
                 update(t)
-                .where(t.c.notification_id == notification_id, t.c.status == DeliveryStatus.SENDING)
+                .where(
+                    t.c.notification_id.in_(sorted(notification_ids)),
+                    t.c.status == DeliveryStatus.SENDING,
+                )
                 .values(
                     status=DeliveryStatus.RETRYING,
                     reason=_clip(reason),
                     claimed_at=None,
                     updated_at=now,
                 )
+            )
+
+    async def renew_many(
+        self, notification_ids: Collection[uuid.UUID], *, claimed_at: datetime, now: datetime
+    ) -> None:
+        """Move the leases taken (or last renewed) at `claimed_at` to `now`, for a worker that
+        still holds them (a provider call or a wait for one takes longer than a lease): a lease
+        that ran out and was taken over, or was given back, is left alone."""
+        if not notification_ids:
+            return
+        t = self.table
+        async with autocommit(self.engine) as connection:
+            await connection.execute(
+                update(t)
+                .where(
+                    t.c.notification_id.in_(sorted(notification_ids)),
+                    t.c.claimed_at == claimed_at,
+                )
+                .values(claimed_at=now, updated_at=now)
             )
 
     async def abandon(

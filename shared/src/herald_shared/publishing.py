@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
 
 from faststream.rabbit import RabbitBroker
 from faststream.rabbit.publisher import RabbitPublisher
 
 from herald_shared.events import Event
-from herald_shared.topology import EXCHANGE
+from herald_shared.topology import EXCHANGE, routing_key_for
 
 # The correlation id of the message being consumed, set around every handler by the retry
 # middleware, so that what a handler publishes carries it on. (A handler parameter such as
@@ -58,3 +59,40 @@ async def publish_event(
             content_type="application/json",
             timeout=timeout,
         )
+
+
+async def publish_events(
+    events: Sequence[Event],
+    publishers: Mapping[str, RabbitPublisher],
+    *,
+    timeout: float,
+    correlation_id: str | None = None,
+) -> None:
+    """Publish `events` at once, each with the publisher of its routing key, and wait for every
+    confirm (at most `timeout` seconds each); raise the first failure."""
+    if not events:
+        return
+    if len(events) == 1:
+        event = events[0]
+        await publish_event(
+            publishers[routing_key_for(event)],
+            event,
+            timeout=timeout,
+            correlation_id=correlation_id,
+        )
+        return
+    try:
+        async with asyncio.TaskGroup() as group:
+            for event in events:
+                group.create_task(
+                    publish_event(
+                        publishers[routing_key_for(event)],
+                        event,
+                        timeout=timeout,
+                        correlation_id=correlation_id,
+                    )
+                )
+    except ExceptionGroup as failures:
+        # The first failure decides what happens next (a retry, a deferral); a group would hide
+        # its type from the retry middleware.
+        raise failures.exceptions[0] from failures

@@ -32,14 +32,17 @@ from faststream.rabbit.publisher import RabbitPublisher
 from faststream.rabbit.subscriber import RabbitSubscriber
 
 from herald_shared.events import (
+    DeliveriesReported,
     DeliveryBatchReported,
     DeliveryReported,
     DeviceInvalidated,
     EmailBatchRequested,
+    EmailJobsRequested,
     EmailRequested,
     Event,
     MessageCreated,
     PushBatchRequested,
+    PushJobsRequested,
     PushRequested,
     UserUpdated,
 )
@@ -175,11 +178,11 @@ def routing_key_for(event: Event) -> str:
             return MESSAGE_NEW
         case UserUpdated():
             return USER_UPDATED
-        case PushRequested() | PushBatchRequested():
+        case PushRequested() | PushBatchRequested() | PushJobsRequested():
             return PUSH_SEND
-        case EmailRequested() | EmailBatchRequested():
+        case EmailRequested() | EmailBatchRequested() | EmailJobsRequested():
             return EMAIL_SEND
-        case DeliveryReported() | DeliveryBatchReported():
+        case DeliveryReported() | DeliveryBatchReported() | DeliveriesReported():
             return f"notification.{event.channel}.{event.outcome}"
         case DeviceInvalidated():
             return DEVICE_INVALIDATED

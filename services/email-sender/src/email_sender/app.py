@@ -1,40 +1,80 @@
-"""email-sender's FastStream application."""
+"""Assembly: settings in, a runnable ASGI FastStream application out."""
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from datetime import timedelta
-from importlib.metadata import version
 
 from faststream import AsyncAPI
 from faststream.asgi import AsgiFastStream
 from faststream.rabbit import RabbitBroker
+from faststream.rabbit.publisher import RabbitPublisher
+from faststream.rabbit.subscriber import RabbitSubscriber
 from prometheus_client import CollectorRegistry
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from email_sender.backends import EmailBackend, make_backend
-from email_sender.delivery import EmailDeliveries
-from email_sender.handlers import DELIVERIES_KEY, register_handlers
+from email_sender.backends import EmailBackend, FileBackend, make_backend
+from email_sender.channel import EmailChannel, EmailSending
+from email_sender.handlers import make_publishers, register_handlers
 from email_sender.metrics import EmailMetrics
 from email_sender.rendering import EmailRenderer, UnsubscribeLinks
 from email_sender.settings import SERVICE_NAME, Settings
+from email_sender.tables import email_deliveries
 from herald_shared.broker import make_broker
 from herald_shared.database import database_healthy, make_engine, run_migrations
-from herald_shared.ops import asyncapi_spec, consumer_app
+from herald_shared.events import EmailRequested
+from herald_shared.ledger import DeliveryLedger
+from herald_shared.ops import asyncapi_spec, consumer_app, service_version
 from herald_shared.retry import DeadLetterHooks
+from herald_shared.sending import Sender
 from herald_shared.topology import declare_topology
 from herald_shared.unsubscribe import unsubscribe_tokens
 
-VERSION = version("email-sender")
+TITLE = SERVICE_NAME
 DESCRIPTION = (
-    "Sends the e-mail notifications of `notification.email.send` batches, one message's jobs each"
-    " (SMTP, or .eml files for local runs), once per notification_id: a redelivered job is"
-    " acknowledged without sending. Reports each batch's outcomes, one event per outcome, on"
-    " `notification.email.delivered` / `notification.email.failed`."
+    "Sends the e-mail notifications of `notification.email.send` jobs (of one or more messages;"
+    " SMTP, or .eml files for local runs), once per notification_id: a redelivered job is"
+    " acknowledged without sending. Reports the outcomes, one event per outcome for many jobs at"
+    " once, on `notification.email.delivered` / `notification.email.failed`."
 )
-# How long a claim outlives the SMTP deadline before another worker may take the send over.
-LEASE_MARGIN = timedelta(seconds=15)
+# E-mails written at once by the file backend (it has no connections to share).
+FILE_BACKEND_IN_FLIGHT = 16
 
 
-def build_broker(settings: Settings, *, registry: CollectorRegistry | None = None) -> RabbitBroker:
+@dataclass(frozen=True)
+class EmailService:
+    """Everything `create_app` wires together, for tests and tools that need the parts."""
+
+    settings: Settings
+    broker: RabbitBroker
+    engine: AsyncEngine
+    registry: CollectorRegistry
+    backend: EmailBackend
+    publishers: dict[str, RabbitPublisher]
+    sender: Sender[EmailRequested]
+    subscriber: RabbitSubscriber
+    app: AsgiFastStream
+
+
+def renderer_for(settings: Settings) -> EmailRenderer:
+    return EmailRenderer(
+        sender=settings.email_from,
+        message_id_domain=settings.email_message_id_domain,
+        unsubscribe=UnsubscribeLinks(
+            url=settings.unsubscribe_url,
+            tokens=unsubscribe_tokens(settings.unsubscribe_secret),
+            lifetime=timedelta(days=settings.unsubscribe_token_days),
+        ),
+    )
+
+
+def _wire(
+    settings: Settings,
+    engine: AsyncEngine,
+    registry: CollectorRegistry,
+    backend: EmailBackend,
+) -> tuple[RabbitBroker, dict[str, RabbitPublisher], Sender[EmailRequested], RabbitSubscriber]:
     hooks = DeadLetterHooks()
     broker = make_broker(
         settings.rabbitmq,
@@ -43,46 +83,29 @@ def build_broker(settings: Settings, *, registry: CollectorRegistry | None = Non
         description=DESCRIPTION,
         dead_letter_hooks=hooks,
     )
-    register_handlers(
-        broker, publish_timeout=settings.rabbitmq.publish_timeout, dead_letter_hooks=hooks
+    publishers = make_publishers(broker)
+    in_flight = (
+        FILE_BACKEND_IN_FLIGHT if isinstance(backend, FileBackend) else settings.smtp.pool_size
     )
-    return broker
-
-
-def specification(settings: Settings) -> AsyncAPI:
-    """The AsyncAPI document of the service (no connection, no database, no side effects)."""
-    return asyncapi_spec(
-        build_broker(settings), title=SERVICE_NAME, version=VERSION, description=DESCRIPTION
+    sending = EmailSending(backend, renderer_for(settings), timeout=settings.smtp_timeout)
+    sender = Sender(
+        spec=EmailChannel(sending, max_in_flight=in_flight),
+        ledger=DeliveryLedger(engine, email_deliveries),
+        publishers=publishers,
+        publish_timeout=settings.rabbitmq.publish_timeout,
+        metrics=EmailMetrics(registry),
+        tuning=settings.sender_tuning(),
     )
+    return broker, publishers, sender, register_handlers(broker, sender, hooks)
 
 
-def create_app(settings: Settings, *, backend: EmailBackend | None = None) -> AsgiFastStream:
-    """The service: broker, subscriber, publishers, ledger, backend and ops endpoints.
-
-    `backend` replaces the one `EMAIL_BACKEND` selects (tests).
-    """
+def build_service(settings: Settings, *, backend: EmailBackend | None = None) -> EmailService:
+    """The service's parts. `backend` replaces the one `EMAIL_BACKEND` selects (tests)."""
     registry = CollectorRegistry()
-    broker = build_broker(settings, registry=registry)
+    # Every in-flight message may hold a connection; make_engine adds as much overflow again.
     engine = make_engine(settings.database_url, pool_size=settings.rabbitmq.prefetch)
     backend = backend or make_backend(settings)
-    broker.context.set_global(
-        DELIVERIES_KEY,
-        EmailDeliveries(
-            engine=engine,
-            backend=backend,
-            renderer=EmailRenderer(
-                sender=settings.email_from,
-                message_id_domain=settings.email_message_id_domain,
-                unsubscribe=UnsubscribeLinks(
-                    url=settings.unsubscribe_url,
-                    tokens=unsubscribe_tokens(settings.unsubscribe_secret),
-                    lifetime=timedelta(days=settings.unsubscribe_token_days),
-                ),
-            ),
-            metrics=EmailMetrics(registry),
-            lease=timedelta(seconds=settings.smtp_timeout) + LEASE_MARGIN,
-        ),
-    )
+    broker, publishers, sender, subscriber = _wire(settings, engine, registry, backend)
 
     async def migrate() -> None:
         await run_migrations(
@@ -92,20 +115,38 @@ def create_app(settings: Settings, *, backend: EmailBackend | None = None) -> As
     async def declare() -> None:
         await declare_topology(broker, retry_delays=settings.rabbitmq.retry_delays)
 
-    async def database_ready() -> bool:
-        return await database_healthy(engine)
+    async def close() -> None:
+        try:
+            await sender.aclose(timeout=settings.rabbitmq.graceful_timeout)
+            await backend.close()  # the SMTP pool's idle connections
+        finally:
+            await engine.dispose()
 
-    async def dispose() -> None:
-        await backend.close()  # the SMTP pool's idle connections
-        await engine.dispose()
-
-    return consumer_app(
+    app = consumer_app(
         broker,
-        title=SERVICE_NAME,
-        version=VERSION,
+        title=TITLE,
+        version=service_version(SERVICE_NAME),
         description=DESCRIPTION,
         registry=registry,
-        checks={"database": database_ready},
+        checks={"database": functools.partial(database_healthy, engine)},
         on_startup=[migrate, declare],
-        after_shutdown=[dispose],
+        after_shutdown=[close],
+    )
+    return EmailService(
+        settings, broker, engine, registry, backend, publishers, sender, subscriber, app
+    )
+
+
+def create_app(settings: Settings, *, backend: EmailBackend | None = None) -> AsgiFastStream:
+    return build_service(settings, backend=backend).app
+
+
+def specification(settings: Settings) -> AsyncAPI:
+    """The AsyncAPI document of the service (no connection, no database, no side effects)."""
+    # The document needs the subscriber and publishers only; this engine never connects.
+    engine = create_async_engine("sqlite+aiosqlite://")
+    backend = FileBackend(settings.email_file_dir)
+    broker, _, _, _ = _wire(settings, engine, CollectorRegistry(), backend)
+    return asyncapi_spec(
+        broker, title=TITLE, version=service_version(SERVICE_NAME), description=DESCRIPTION
     )

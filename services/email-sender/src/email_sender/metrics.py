@@ -12,6 +12,8 @@ class EmailOutcome(StrEnum):
     BOUNCED = "bounced"  # refused for good by the provider (SMTP 5xx)
     INVALID = "invalid"  # the job cannot become an e-mail
     RETRY = "retry"  # a transient failure; the job will come back
+    MISCONFIGURED = "misconfigured"  # the server refuses our credentials: comes back later
+    DEFERRED = "deferred"  # not now and not the e-mail's fault (connections busy): comes back
     DUPLICATE = "duplicate"  # already final: acknowledged without sending
     IN_PROGRESS = "in_progress"  # another worker is sending it right now: comes back later
 
@@ -32,5 +34,10 @@ class EmailMetrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
         )
 
-    def count(self, backend: str, outcome: EmailOutcome) -> None:
-        self.emails.labels(backend=backend, outcome=outcome).inc()
+    def count(self, provider: str, outcome: str) -> None:
+        """`outcome`: an `EmailOutcome` (the sender workflow's outcome labels); `provider`: the
+        backend."""
+        self.emails.labels(backend=provider, outcome=outcome).inc()
+
+    def observe_send(self, provider: str, seconds: float) -> None:
+        self.send_seconds.labels(backend=provider).observe(seconds)

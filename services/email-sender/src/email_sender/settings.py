@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from herald_shared.config import LOCAL_STATE_DIR, ServiceSettings, default_sqlite_url
+from herald_shared.config import LOCAL_STATE_DIR, SenderSettings, default_sqlite_url
 from herald_shared.unsubscribe import UnsubscribeSecret
 
 SERVICE_NAME = "email-sender"
@@ -57,7 +57,7 @@ class SmtpConfig:
     noop_after_idle: float = 5.0
 
 
-class Settings(ServiceSettings):
+class Settings(SenderSettings):
     port: int = 8003
     database_url: str = default_sqlite_url(SERVICE_NAME)
 
@@ -77,8 +77,9 @@ class Settings(ServiceSettings):
     # Seconds for one whole send (connecting if needed, MAIL to the end of DATA); also bounds
     # every single step.
     smtp_timeout: float = Field(default=30.0, gt=0)
-    # Persistent connections kept open and reused across e-mails; never more than the prefetch
-    # (no more e-mails can be in flight at once). A connection is replaced after this many
+    # Persistent connections kept open and reused across e-mails, and so the e-mails in flight at
+    # once (the others wait for a connection before their deadline starts). A connection is
+    # replaced after this many
     # messages (servers cap messages per session) or after this many idle seconds (servers
     # drop idle sessions, RFC 5321 lets them after 5 minutes); one idle longer than
     # SMTP_POOL_NOOP_AFTER seconds is checked with a NOOP before it is used again.
@@ -105,7 +106,7 @@ class Settings(ServiceSettings):
             password=self.smtp_password,
             tls=self.smtp_tls,
             timeout=self.smtp_timeout,
-            pool_size=min(self.smtp_pool_size, self.rabbitmq.prefetch),
+            pool_size=self.smtp_pool_size,
             max_messages_per_connection=self.smtp_pool_max_messages,
             max_idle=self.smtp_pool_max_idle,
             noop_after_idle=self.smtp_pool_noop_after,

@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from herald_shared.broker import make_broker
 from herald_shared.database import database_healthy, make_engine, run_migrations
-from herald_shared.events import MAX_BATCH_SIZE, EmailBatchRequested, PushBatchRequested
+from herald_shared.events import MAX_ITEMS_PER_EVENT, EmailJobsRequested, PushJobsRequested
 from herald_shared.ops import asyncapi_spec, consumer_app, service_version
 from herald_shared.publishing import event_publisher
 from herald_shared.topology import EMAIL_SEND, PUSH_SEND, declare_topology
@@ -51,24 +51,26 @@ def _wire(
     )
     deps = RouterDeps(
         engine=engine,
-        push_publisher=event_publisher(
-            broker,
-            PushBatchRequested,
-            PUSH_SEND,
-            description=(
-                "The push notifications of one message for the devices of one platform, up to "
-                f"{MAX_BATCH_SIZE} per batch, one per device."
+        publishers={
+            PUSH_SEND: event_publisher(
+                broker,
+                PushJobsRequested,
+                PUSH_SEND,
+                description=(
+                    "Push notifications for the devices of one platform, one per device, of one "
+                    f"or more messages: up to {MAX_ITEMS_PER_EVENT} per event."
+                ),
             ),
-        ),
-        email_publisher=event_publisher(
-            broker,
-            EmailBatchRequested,
-            EMAIL_SEND,
-            description=(
-                f"The e-mail notifications of one message, up to {MAX_BATCH_SIZE} per batch, one "
-                "per recipient."
+            EMAIL_SEND: event_publisher(
+                broker,
+                EmailJobsRequested,
+                EMAIL_SEND,
+                description=(
+                    "E-mail notifications, one per recipient, of one or more messages: up to "
+                    f"{MAX_ITEMS_PER_EVENT} per event."
+                ),
             ),
-        ),
+        },
         metrics=RouterMetrics(registry),
         publish_timeout=settings.rabbitmq.publish_timeout,
         limits=ContentLimits(
@@ -76,7 +78,7 @@ def _wire(
             body_max_chars=settings.push_body_max_chars,
         ),
     )
-    return broker, deps, register_handlers(broker, deps)
+    return broker, deps, register_handlers(broker, deps, settings.batch)
 
 
 def build_service(settings: Settings) -> RouterService:

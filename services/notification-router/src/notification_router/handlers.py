@@ -1,5 +1,6 @@
 """One subscriber per queue, each a few lines: parse (FastStream does it from the annotation),
-call the repository and the pure routing rules, publish the jobs in batches.
+hand the event to its queue's batcher; each batch calls the repository and the pure routing rules
+once for all its messages and publishes their jobs in as few events as they fit.
 
 Failures only raise; `herald_shared.retry`'s middleware turns them into delayed retries or dead
 letters. Logs carry ids only: never an address, a token or message text.
@@ -7,7 +8,7 @@ letters. Logs carry ids only: never an address, a token or message text.
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import logging
 import uuid
 from collections import Counter, OrderedDict
@@ -20,17 +21,19 @@ from faststream.rabbit.publisher import RabbitPublisher
 from faststream.rabbit.subscriber import RabbitSubscriber
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from herald_shared.batching import MicroBatcher
+from herald_shared.config import BatchSettings
 from herald_shared.events import (
     AnyDeliveryReport,
-    DeliveryBatchReported,
     DeliveryOutcome,
     DeliveryReported,
     MessageCreated,
-    PushBatchRequested,
+    PushJobsRequested,
     UserUpdated,
+    delivery_reports,
     utc_now,
 )
-from herald_shared.publishing import publish_event
+from herald_shared.publishing import publish_events
 from herald_shared.retry import RetryableError
 from herald_shared.topology import (
     DELIVERY_REPORTS,
@@ -44,8 +47,6 @@ from notification_router.repository import ReportResult
 
 logger = logging.getLogger("notification_router")
 
-# Batches published at once (each waits for its broker confirm); bounds the tasks of a big room.
-PUBLISH_CONCURRENCY = 50
 # Messages whose creation time the router remembers for the latency metric: the reports of a
 # message arrive within seconds of its routing, so a few minutes' worth of messages is plenty.
 REMEMBERED_MESSAGES = 50_000
@@ -80,8 +81,8 @@ class RouterDeps:
     """What the handlers need, built once by `app.build_service` and handed down."""
 
     engine: AsyncEngine
-    push_publisher: RabbitPublisher
-    email_publisher: RabbitPublisher
+    # By routing key: the push and the e-mail jobs.
+    publishers: Mapping[str, RabbitPublisher]
     metrics: RouterMetrics
     publish_timeout: float
     message_times: MessageTimes = field(default_factory=MessageTimes)
@@ -95,75 +96,76 @@ class Subscribers:
     delivery_reported: RabbitSubscriber
 
 
-async def route_message(
-    event: MessageCreated, deps: RouterDeps, *, correlation_id: str | None = None
-) -> None:
-    """Decide for every known recipient, commit the ledger, then publish the pending jobs in
-    batches (`routing.batch_jobs`).
+async def route_messages(
+    events: Sequence[MessageCreated], deps: RouterDeps
+) -> list[RetryableError | None]:
+    """Decide for every known recipient of every message, commit the ledger, then publish the
+    pending jobs in as few events as they fit (`routing.batch_jobs`); say per message whether
+    it must come back.
 
-    Committing before publishing makes a crash in between harmless: the redelivered message
-    finds its ledger rows (the insert is a no-op) and publishes the jobs still pending again,
-    with the same notification ids, which the senders dedupe (the batches may be cut
-    differently: fewer jobs may be pending by then). Recipients without a projection yet are
-    left for a retry of the whole message, on which the recipients handled now are no-ops.
+    One read of the recipients, one transaction and one publish per event type, whatever the
+    number of messages. Committing before publishing makes a crash in between harmless: the
+    redelivered message finds its ledger rows (the insert is a no-op) and publishes the jobs
+    still pending again, with the same notification ids, which the senders dedupe. Recipients
+    without a projection yet are left for a retry of their message, on which the recipients
+    handled now are no-ops.
     """
     now = utc_now()
-    known = await repository.load_recipients(deps.engine, routing.recipients_of(event))
-    plan = routing.plan_notifications(event, known, now=now, limits=deps.limits)
-    recorded = await repository.record_decisions(deps.engine, event, plan.decisions, now=now)
-    deps.message_times.remember(event.message_id, event.timestamp)
-    deps.metrics.observe_decisions(event, plan.decisions, recorded.new_recipient_ids, now=now)
+    unique = list({event.message_id: event for event in events}.values())
+    wanted = {user_id for event in unique for user_id in routing.recipients_of(event)}
+    known = await repository.load_recipients(deps.engine, wanted)
+    plans = {
+        event.message_id: routing.plan_notifications(event, known, now=now, limits=deps.limits)
+        for event in unique
+    }
+    recorded = await repository.record_decisions(
+        deps.engine, [(event, plans[event.message_id].decisions) for event in unique], now=now
+    )
+    new = recorded.new_recipient_ids()
+    for event in unique:
+        deps.message_times.remember(event.message_id, event.timestamp)
+        deps.metrics.observe_decisions(
+            event, plans[event.message_id].decisions, new.get(event.message_id, set()), now=now
+        )
 
     batches = routing.batch_jobs(
         (
             job
+            for plan in plans.values()
             for decision in plan.decisions
             for job in decision.jobs
             if job.notification_id in recorded.pending_notification_ids
         ),
         now=now,
     )
-    await _publish_batches(batches, deps, correlation_id)
+    await publish_events(batches, deps.publishers, timeout=deps.publish_timeout)
+    for batch in batches:
+        channel = "push" if isinstance(batch, PushJobsRequested) else "email"
+        deps.metrics.jobs_published.labels(channel=channel).inc(len(batch.jobs))
 
     # DEBUG like FastStream's own per-message lines: at thousands of messages a second, the
     # metrics tell the story and retries / dead letters are logged louder by the middleware.
     logger.debug(
-        "router.message.routed message_id=%s decided=%d new=%d published=%d batches=%d missing=%d",
-        event.message_id,
-        len(plan.decisions),
-        len(recorded.new_recipient_ids),
+        "router.messages.routed messages=%d new=%d published=%d events=%d",
+        len(unique),
+        len(recorded.new),
         sum(len(batch.jobs) for batch in batches),
         len(batches),
-        len(plan.missing_recipient_ids),
     )
-    if plan.missing_recipient_ids:
-        raise RetryableError(
-            f"{len(plan.missing_recipient_ids)} recipient(s) have no projection yet"
-        )
+    return [_missing(plans[event.message_id]) for event in events]
 
 
-async def _publish_batches(
-    batches: Sequence[routing.JobBatch], deps: RouterDeps, correlation_id: str | None
-) -> None:
-    for start in range(0, len(batches), PUBLISH_CONCURRENCY):
-        try:
-            async with asyncio.TaskGroup() as group:
-                for batch in batches[start : start + PUBLISH_CONCURRENCY]:
-                    group.create_task(_publish_batch(batch, deps, correlation_id))
-        except ExceptionGroup as failures:
-            # The first failure decides the outcome (a retry); the group would hide its type.
-            raise failures.exceptions[0] from failures
+def _missing(plan: routing.RoutingPlan) -> RetryableError | None:
+    if not plan.missing_recipient_ids:
+        return None
+    return RetryableError(f"{len(plan.missing_recipient_ids)} recipient(s) have no projection yet")
 
 
-async def _publish_batch(
-    batch: routing.JobBatch, deps: RouterDeps, correlation_id: str | None
-) -> None:
-    is_push = isinstance(batch, PushBatchRequested)
-    publisher = deps.push_publisher if is_push else deps.email_publisher
-    await publish_event(
-        publisher, batch, timeout=deps.publish_timeout, correlation_id=correlation_id
-    )
-    deps.metrics.jobs_published.labels(channel="push" if is_push else "email").inc(len(batch.jobs))
+async def route_message(event: MessageCreated, deps: RouterDeps) -> None:
+    """`route_messages` for one message, raising how it ends."""
+    (error,) = await route_messages([event], deps)
+    if error is not None:
+        raise error
 
 
 async def project_recipient(event: UserUpdated, deps: RouterDeps) -> None:
@@ -178,13 +180,24 @@ async def project_recipient(event: UserUpdated, deps: RouterDeps) -> None:
 
 
 async def record_deliveries(event: AnyDeliveryReport, deps: RouterDeps) -> None:
-    """Apply what the senders reported: a batch, or a single report (from a sender of an
-    earlier version, or replayed from a dead-letter queue), which is a batch of one here."""
-    reports = event.reports if isinstance(event, DeliveryBatchReported) else [event]
+    """Apply what the senders reported in one event (of any kind)."""
+    await record_reports([event], deps)
+
+
+async def record_reports(events: Sequence[AnyDeliveryReport], deps: RouterDeps) -> list[None]:
+    """Apply the reports of many events at once: one UPDATE per outcome group."""
+    reports = list(
+        {
+            (report.notification_id, report.outcome): report
+            for event in events
+            for report in delivery_reports(event)
+        }.values()
+    )
     results = await repository.apply_delivery_reports(deps.engine, reports, now=utc_now())
     _count_reports(reports, results, deps.metrics)
     await _observe_delivery_latency(reports, results, deps)
     _log_unapplied(reports, results)
+    return [None for _ in events]
 
 
 def _count_reports(
@@ -239,14 +252,14 @@ def _log_unapplied(
             )
 
 
-def register_handlers(broker: RabbitBroker, deps: RouterDeps) -> Subscribers:
+def register_handlers(broker: RabbitBroker, deps: RouterDeps, batch: BatchSettings) -> Subscribers:
     message_created = broker.subscriber(
         MESSAGE_NOTIFICATIONS.queue,
         EXCHANGE,
         title=f"{MESSAGE_NOTIFICATIONS.name}:consume",
         description=(
-            "New chat messages (and their retries): decide, and request the notifications in "
-            "batches per message and channel."
+            "New chat messages (and their retries): decide, and request the notifications, many "
+            "messages' jobs per event."
         ),
     )
     user_updated = broker.subscriber(
@@ -260,14 +273,34 @@ def register_handlers(broker: RabbitBroker, deps: RouterDeps) -> Subscribers:
         EXCHANGE,
         title=f"{DELIVERY_REPORTS.name}:consume",
         description=(
-            "What the senders' providers said, single or in batches: update each "
+            "What the senders' providers said, in events of any size: update each "
             "notification's status."
         ),
+    )
+    # The deliveries a consumer holds at once are handled together (`herald_shared.batching`):
+    # one read, one transaction and one publish per batch rather than per message.
+    messages: MicroBatcher[MessageCreated, RetryableError | None] = MicroBatcher(
+        functools.partial(route_messages, deps=deps),
+        name="router-messages",
+        max_size=batch.max_items,
+        max_concurrent=batch.concurrency,
+        linger=batch.linger,
+        size=lambda event: len(event.recipient_ids) or 1,
+    )
+    reports: MicroBatcher[AnyDeliveryReport, None] = MicroBatcher(
+        functools.partial(record_reports, deps=deps),
+        name="router-reports",
+        max_size=batch.max_items,
+        max_concurrent=batch.concurrency,
+        linger=batch.linger,
+        size=lambda event: len(delivery_reports(event)),
     )
 
     @message_created
     async def on_message_created(event: MessageCreated) -> None:
-        await route_message(event, deps)
+        error = await messages.submit(event)
+        if error is not None:
+            raise error
 
     @user_updated
     async def on_user_updated(event: UserUpdated) -> None:
@@ -275,6 +308,6 @@ def register_handlers(broker: RabbitBroker, deps: RouterDeps) -> Subscribers:
 
     @delivery_reported
     async def on_delivery_reported(event: AnyDeliveryReport) -> None:
-        await record_deliveries(event, deps)
+        await reports.submit(event)
 
     return Subscribers(message_created, user_updated, delivery_reported)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 from datetime import datetime
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -71,7 +72,7 @@ class RouterMetrics:
         self,
         event: MessageCreated,
         decisions: Iterable[RecipientDecision],
-        new_recipient_ids: frozenset[uuid.UUID],
+        new_recipient_ids: AbstractSet[uuid.UUID],
         *,
         now: datetime,
     ) -> None:

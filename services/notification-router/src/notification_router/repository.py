@@ -148,41 +148,53 @@ def _recipient(row: Any) -> Recipient:
 
 @dataclass(frozen=True)
 class Recorded:
-    """What `record_decisions` found: recipients decided for the first time now, and the
-    notifications (of this plan) still waiting for their sender."""
+    """What `record_decisions` found: the (message, recipient) pairs decided for the first time
+    now, and the notifications (of these plans) still waiting for their sender."""
 
-    new_recipient_ids: frozenset[uuid.UUID]
+    new: frozenset[tuple[uuid.UUID, uuid.UUID]]
     pending_notification_ids: frozenset[uuid.UUID]
+
+    def new_recipient_ids(self) -> dict[uuid.UUID, set[uuid.UUID]]:
+        """The recipients decided for the first time now, by message."""
+        by_message: dict[uuid.UUID, set[uuid.UUID]] = defaultdict(set)
+        for message_id, recipient_id in self.new:
+            by_message[message_id].add(recipient_id)
+        return by_message
+
+
+Plan = tuple[MessageCreated, Sequence[RecipientDecision]]
 
 
 async def record_decisions(
-    engine: AsyncEngine,
-    event: MessageCreated,
-    decisions: Sequence[RecipientDecision],
-    *,
-    now: datetime,
+    engine: AsyncEngine, plans: Sequence[Plan], *, now: datetime
 ) -> Recorded:
-    """Write one ledger row per recipient, and one delivery row per job, in one transaction.
+    """Write one ledger row per message and recipient, and one delivery row per job, for every
+    plan at once, in one transaction (three statements at most, whatever the number of
+    messages).
 
-    A recipient already in the ledger (a redelivery, a retry, a concurrent duplicate) keeps its
-    first decision: neither its row nor its deliveries change, even if the projection changed
-    since. Returned as pending are the notifications of `decisions` whose delivery row is still
-    `pending`, i.e. the jobs to (re)publish — the senders dedupe on `notification_id`.
+    A recipient already in the ledger for that message (a redelivery, a retry, a concurrent
+    duplicate) keeps its first decision: neither its row nor its deliveries change, even if the
+    projection changed since. Returned as pending are the notifications of the plans whose
+    delivery row is still `pending`, i.e. the jobs to (re)publish — the senders dedupe on
+    `notification_id`.
     """
-    if not decisions:
-        return Recorded(frozenset(), frozenset())
     # One order for every transaction, so concurrent duplicates never deadlock.
-    ordered = sorted(decisions, key=lambda decision: decision.recipient_id)
+    ordered = sorted(
+        ((event, decision) for event, decisions in plans for decision in decisions),
+        key=lambda pair: (pair[0].message_id, pair[1].recipient_id),
+    )
+    if not ordered:
+        return Recorded(frozenset(), frozenset())
     async with engine.begin() as connection:
         # Rows as parameters rather than `.values(rows)`: one cached statement whatever the
-        # message (SQLAlchemy sends it as one multi-row INSERT), instead of a statement compiled
-        # again for every message.
+        # batch (SQLAlchemy sends it as multi-row INSERTs), instead of a statement compiled
+        # again for every batch.
         ledger = (
             _insert(connection, notifications)
             .on_conflict_do_nothing(
                 index_elements=[notifications.c.message_id, notifications.c.recipient_id]
             )
-            .returning(notifications.c.recipient_id)
+            .returning(notifications.c.message_id, notifications.c.recipient_id)
         )
         inserted = await connection.execute(
             ledger,
@@ -197,16 +209,19 @@ async def record_decisions(
                     "decided_at": now,
                     "message_created_at": event.timestamp,
                 }
-                for decision in ordered
+                for event, decision in ordered
             ],
         )
-        new_recipient_ids = frozenset(row.recipient_id for row in inserted)
+        new = frozenset((row.message_id, row.recipient_id) for row in inserted)
+
+        def is_new(event: MessageCreated, decision: RecipientDecision) -> bool:
+            return (event.message_id, decision.recipient_id) in new
 
         deliveries = sorted(
             (
                 _delivery_row(job, now)
-                for decision in ordered
-                if decision.recipient_id in new_recipient_ids
+                for event, decision in ordered
+                if is_new(event, decision)
                 for job in decision.jobs
             ),
             key=lambda row: row["notification_id"],
@@ -221,14 +236,14 @@ async def record_decisions(
         # in this transaction. Only the earlier recipients of a redelivered message need a look.
         pending = {
             job.notification_id
-            for decision in ordered
-            if decision.recipient_id in new_recipient_ids
+            for event, decision in ordered
+            if is_new(event, decision)
             for job in decision.jobs
         }
         earlier = [
             job.notification_id
-            for decision in ordered
-            if decision.recipient_id not in new_recipient_ids
+            for event, decision in ordered
+            if not is_new(event, decision)
             for job in decision.jobs
         ]
         if earlier:
@@ -239,7 +254,7 @@ async def record_decisions(
                 )
             )
             pending.update(result.scalars())
-    return Recorded(new_recipient_ids, frozenset(pending))
+    return Recorded(new, frozenset(pending))
 
 
 def _delivery_row(job: PushRequested | EmailRequested, now: datetime) -> dict[str, Any]:

@@ -22,21 +22,20 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import TypeVar
 
 from herald_shared.events import (
-    MAX_BATCH_SIZE,
     NOTIFICATION_NAMESPACE,
     Channel,
     DeliveryOutcome,
-    EmailBatchRequested,
+    EmailJobsRequested,
     EmailRequested,
     MessageCreated,
     Platform,
-    PushBatchRequested,
+    PushJobsRequested,
     PushRequested,
     UserUpdated,
     WebPushKeys,
+    chunks,
     notification_id_for,
 )
 from herald_shared.text import truncate
@@ -282,54 +281,46 @@ def _email_job(
     )
 
 
-Job = TypeVar("Job", PushRequested, EmailRequested)
-JobBatch = PushBatchRequested | EmailBatchRequested
+JobBatch = PushJobsRequested | EmailJobsRequested
 
 
 def batch_jobs(
     jobs: Iterable[PushRequested | EmailRequested], *, now: datetime
 ) -> tuple[JobBatch, ...]:
-    """The jobs as the senders take them: one `PushBatchRequested` per message and platform,
-    one `EmailBatchRequested` per message, each cut into chunks of at most `MAX_BATCH_SIZE`.
+    """The jobs as the senders take them, in as few events as they fit: one
+    `PushJobsRequested` per platform and one `EmailJobsRequested`, whatever messages the jobs
+    are of, each cut into chunks of at most `MAX_ITEMS_PER_EVENT`.
 
-    The order depends on the set of jobs only, not on the order they come in: push batches
-    (by message, then platform) before e-mail batches (by message), and within each the jobs by
-    notification id. A job listed twice is batched once (a batch may not carry a notification
-    twice, and the second copy would only be deduped by the sender).
+    The events depend on the set of jobs only, not on the order they come in: push events (by
+    platform) before e-mail events, and within each the jobs by notification id. A job listed
+    twice goes out once (an event may not carry a notification twice, and the second copy would
+    only be deduped by the sender).
     """
     unique = {job.notification_id: job for job in jobs}
-    pushes: defaultdict[tuple[uuid.UUID, Platform], list[PushRequested]] = defaultdict(list)
-    emails: defaultdict[uuid.UUID, list[EmailRequested]] = defaultdict(list)
+    pushes: defaultdict[Platform, list[PushRequested]] = defaultdict(list)
+    emails: list[EmailRequested] = []
     for job in sorted(unique.values(), key=lambda job: job.notification_id):
         if isinstance(job, PushRequested):
-            pushes[job.message_id, job.platform].append(job)
+            pushes[job.platform].append(job)
         else:
-            emails[job.message_id].append(job)
+            emails.append(job)
 
     batches: list[JobBatch] = []
-    for message_id, platform in sorted(pushes):
+    for platform in sorted(pushes):
         batches.extend(
-            PushBatchRequested(
+            PushJobsRequested(
                 event_id=_batch_event_id(chunk),
                 occurred_at=now,
-                message_id=message_id,
                 platform=platform,
-                jobs=chunk,
+                jobs=list(chunk),
             )
-            for chunk in _chunks(pushes[message_id, platform])
+            for chunk in chunks(pushes[platform])
         )
-    for message_id in sorted(emails):
-        batches.extend(
-            EmailBatchRequested(
-                event_id=_batch_event_id(chunk), occurred_at=now, message_id=message_id, jobs=chunk
-            )
-            for chunk in _chunks(emails[message_id])
-        )
+    batches.extend(
+        EmailJobsRequested(event_id=_batch_event_id(chunk), occurred_at=now, jobs=list(chunk))
+        for chunk in chunks(emails)
+    )
     return tuple(batches)
-
-
-def _chunks(jobs: Sequence[Job]) -> list[list[Job]]:
-    return [list(jobs[i : i + MAX_BATCH_SIZE]) for i in range(0, len(jobs), MAX_BATCH_SIZE)]
 
 
 def _batch_event_id(jobs: Sequence[PushRequested | EmailRequested]) -> uuid.UUID:

@@ -11,32 +11,36 @@ from pathlib import Path
 from faststream import AsyncAPI
 from faststream.asgi import AsgiFastStream
 from faststream.rabbit import RabbitBroker
+from faststream.rabbit.publisher import RabbitPublisher
 from faststream.rabbit.subscriber import RabbitSubscriber
 from prometheus_client import CollectorRegistry
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from herald_shared.broker import make_broker
 from herald_shared.database import database_healthy, make_engine, run_migrations
-from herald_shared.events import Platform
+from herald_shared.events import Platform, PushRequested
+from herald_shared.ledger import DeliveryLedger
 from herald_shared.ops import asyncapi_spec, consumer_app, service_version
+from herald_shared.resilience import BreakerState, CircuitBreaker
 from herald_shared.retry import DeadLetterHooks
-from herald_shared.topology import PUSH_NOTIFICATIONS, declare_topology
-from push_sender.handlers import PushDeps, make_publishers, register_handlers, report_given_up
+from herald_shared.sending import Sender
+from herald_shared.topology import declare_topology
+from push_sender.channel import PushChannel
+from push_sender.handlers import make_publishers, register_handlers
 from push_sender.metrics import PushMetrics
 from push_sender.providers import LogProvider, PushProvider
 from push_sender.registry import ProviderRegistry, make_registry
-from push_sender.resilience import BreakerState, CircuitBreaker
-from push_sender.sender import PushSender
 from push_sender.settings import SERVICE_NAME, Settings
+from push_sender.tables import push_deliveries
 
 TITLE = SERVICE_NAME
 DESCRIPTION = (
     "Sends push notifications (FCM HTTP v1, APNs and Web Push, chosen by the device's "
     "platform, or a JSON-lines file for local runs) for "
-    "`notification.push.send` jobs (a batch of one message's pushes to one platform, or a single "
-    "push), once per notification_id as far as the provider allows; reports the outcomes, one "
-    "batch per outcome, on `notification.push.delivered` / `notification.push.failed` and dead "
-    "device tokens on `device.invalidated`."
+    "`notification.push.send` jobs (pushes of one or more messages to one platform's devices), "
+    "once per notification_id as far as the provider allows; reports the outcomes, one event per "
+    "outcome for many jobs at once, on `notification.push.delivered` / "
+    "`notification.push.failed` and dead device tokens on `device.invalidated`."
 )
 
 
@@ -49,7 +53,8 @@ class PushService:
     engine: AsyncEngine
     registry: CollectorRegistry
     providers: ProviderRegistry
-    deps: PushDeps
+    publishers: dict[str, RabbitPublisher]
+    sender: Sender[PushRequested]
     subscriber: RabbitSubscriber
     app: AsgiFastStream
 
@@ -60,7 +65,7 @@ def _wire(
     registry: CollectorRegistry,
     providers: ProviderRegistry,
     metrics: PushMetrics,
-) -> tuple[RabbitBroker, PushDeps, RabbitSubscriber]:
+) -> tuple[RabbitBroker, dict[str, RabbitPublisher], Sender[PushRequested], RabbitSubscriber]:
     hooks = DeadLetterHooks()
     broker = make_broker(
         settings.rabbitmq,
@@ -69,16 +74,16 @@ def _wire(
         description=DESCRIPTION,
         dead_letter_hooks=hooks,
     )
-    delivered, failed, invalidated = make_publishers(broker)
-    deps = PushDeps(
-        sender=PushSender(engine=engine, providers=providers, metrics=metrics),
-        delivered=delivered,
-        failed=failed,
-        invalidated=invalidated,
+    publishers = make_publishers(broker)
+    sender = Sender(
+        spec=PushChannel(providers),
+        ledger=DeliveryLedger(engine, push_deliveries),
+        publishers=publishers,
         publish_timeout=settings.rabbitmq.publish_timeout,
+        metrics=metrics,
+        tuning=settings.sender_tuning(),
     )
-    hooks.register(PUSH_NOTIFICATIONS.name, functools.partial(report_given_up, deps))
-    return broker, deps, register_handlers(broker, deps)
+    return broker, publishers, sender, register_handlers(broker, sender, hooks)
 
 
 def build_service(
@@ -102,11 +107,12 @@ def build_service(
     if provider is not None:
         providers = dict.fromkeys(Platform, provider)
     guarded = make_registry(settings, providers, clock=breaker_clock, on_change=breaker_changed)
-    for guard in guarded.guards:
-        metrics.breaker_state.labels(provider=guard.name).set(int(guard.breaker.state))
+    for gate in guarded.gates:
+        if gate.breaker is not None:
+            metrics.breaker_state.labels(provider=gate.name).set(int(gate.breaker.state))
     # Every in-flight message may hold a connection; make_engine adds as much overflow again.
     engine = make_engine(settings.database_url, pool_size=settings.rabbitmq.prefetch)
-    broker, deps, subscriber = _wire(settings, engine, registry, guarded, metrics)
+    broker, publishers, sender, subscriber = _wire(settings, engine, registry, guarded, metrics)
 
     async def migrate() -> None:
         await run_migrations(
@@ -127,6 +133,7 @@ def build_service(
 
     async def close() -> None:
         try:
+            await sender.aclose(timeout=settings.rabbitmq.graceful_timeout)
             await guarded.aclose()
         finally:
             await engine.dispose()
@@ -144,7 +151,9 @@ def build_service(
         on_startup=[announce, migrate, declare],
         after_shutdown=[close],
     )
-    return PushService(settings, broker, engine, registry, guarded, deps, subscriber, app)
+    return PushService(
+        settings, broker, engine, registry, guarded, publishers, sender, subscriber, app
+    )
 
 
 def create_app(settings: Settings) -> AsgiFastStream:
@@ -157,7 +166,7 @@ def specification(settings: Settings) -> AsyncAPI:
     engine = create_async_engine("sqlite+aiosqlite://")
     registry = CollectorRegistry()
     providers = make_registry(settings, dict.fromkeys(Platform, LogProvider(Path("."))))
-    broker, _, _ = _wire(settings, engine, registry, providers, PushMetrics(registry))
+    broker, _, _, _ = _wire(settings, engine, registry, providers, PushMetrics(registry))
     return asyncapi_spec(
         broker, title=TITLE, version=service_version(SERVICE_NAME), description=DESCRIPTION
     )

@@ -16,10 +16,10 @@ class PushOutcome(StrEnum):
     MISCONFIGURED = "misconfigured"  # our credentials or permissions; the job comes back
     DUPLICATE = "duplicate"  # already final: acknowledged without calling the provider
     IN_PROGRESS = "in_progress"  # another worker is sending it right now: comes back later
-    # The provider's circuit breaker is open, or its bulkhead full: comes back later, unsent
-    # and without spending an attempt.
+    # The provider's circuit breaker is open: comes back later, unsent and without spending an
+    # attempt.
     BREAKER_OPEN = "breaker_open"
-    BULKHEAD_FULL = "bulkhead_full"
+    DEFERRED = "deferred"  # not now and not the push's fault (a dependency down): comes back
     UNSUPPORTED = "unsupported"  # no provider is configured for the device's platform
 
 
@@ -45,5 +45,9 @@ class PushMetrics:
             registry=registry,
         )
 
-    def count(self, provider: str, outcome: PushOutcome) -> None:
+    def count(self, provider: str, outcome: str) -> None:
+        """`outcome`: a `PushOutcome` (the sender workflow's outcome labels)."""
         self.pushes.labels(provider=provider, outcome=outcome).inc()
+
+    def observe_send(self, provider: str, seconds: float) -> None:
+        self.provider_seconds.labels(provider=provider).observe(seconds)

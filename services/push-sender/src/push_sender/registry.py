@@ -1,5 +1,5 @@
 """Which provider serves a push: the device's platform selects it, each provider behind its own
-bulkhead and circuit breaker (`resilience`)."""
+gate (`herald_shared.sending.Gate`: a fair concurrency limit and a circuit breaker)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,14 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from herald_shared.events import Platform
+from herald_shared.events import Platform, PushRequested
+from herald_shared.resilience import BreakerPolicy, BreakerState, CircuitBreaker, FairLimiter
+from herald_shared.sending import Answer, Gate, Verdict
 from push_sender.providers import SETTINGS_HINTS, PushProvider, make_providers, max_in_flight
-from push_sender.resilience import (
-    BreakerPolicy,
-    BreakerState,
-    Bulkhead,
-    CircuitBreaker,
-    GuardedProvider,
-)
+from push_sender.providers.base import ProviderAnswer
+from push_sender.providers.base import Verdict as PushVerdict
 from push_sender.settings import BreakerSettings, Settings
+from push_sender.tables import Failure
 
 logger = logging.getLogger("push_sender.providers")
 
@@ -42,11 +40,47 @@ def log_transition(
         logger.info("push.breaker_closed provider=%s", name)
 
 
-class ProviderRegistry:
-    """Platform → guarded provider. A provider serving several platforms (the log provider)
-    has one bulkhead and one breaker for all of them."""
+def answer_of(answer: ProviderAnswer) -> Answer:
+    """A push provider's classified answer, as the sender workflow takes it."""
+    match answer.verdict:
+        case PushVerdict.ACCEPTED:
+            return Answer(Verdict.ACCEPTED, answer.reason)
+        case PushVerdict.TOKEN_INVALID:
+            return Answer(Verdict.GONE, answer.reason, failure=Failure.TOKEN_INVALID)
+        case PushVerdict.REJECTED:
+            return Answer(Verdict.REJECTED, answer.reason, failure=Failure.REJECTED)
+        case PushVerdict.MISCONFIGURED:
+            return Answer(Verdict.MISCONFIGURED, answer.reason, retry_after=answer.retry_after)
+        case PushVerdict.TRANSIENT:
+            return Answer(Verdict.TRANSIENT, answer.reason, retry_after=answer.retry_after)
 
-    def __init__(self, routes: Mapping[Platform, GuardedProvider]) -> None:
+
+class Answering:
+    """A push provider as the sender workflow calls it (`herald_shared.sending.Provider`)."""
+
+    def __init__(self, provider: PushProvider) -> None:
+        self.provider = provider
+
+    @property
+    def name(self) -> str:
+        return self.provider.name
+
+    @property
+    def deadline(self) -> float:
+        return self.provider.deadline
+
+    async def send(self, job: PushRequested) -> Answer:
+        return answer_of(await self.provider.send(job))
+
+
+PushGate = Gate[PushRequested]
+
+
+class ProviderRegistry:
+    """Platform → gated provider. A provider serving several platforms (the log provider)
+    has one gate for all of them."""
+
+    def __init__(self, routes: Mapping[Platform, PushGate]) -> None:
         self._routes = dict(routes)
 
     @classmethod
@@ -59,34 +93,34 @@ class ProviderRegistry:
         clock: Callable[[], float] = time.monotonic,
         on_change: BreakerListener | None = None,
     ) -> ProviderRegistry:
-        guards: dict[int, GuardedProvider] = {}
-        routes: dict[Platform, GuardedProvider] = {}
+        gates: dict[int, PushGate] = {}
+        routes: dict[Platform, PushGate] = {}
         for platform, provider in providers.items():
-            guard = guards.get(id(provider))
-            if guard is None:
-                guard = guards[id(provider)] = GuardedProvider(
-                    provider,
-                    Bulkhead(limit_for(provider.name)),
+            gate = gates.get(id(provider))
+            if gate is None:
+                gate = gates[id(provider)] = Gate(
+                    Answering(provider),
+                    FairLimiter(limit_for(provider.name)),
                     CircuitBreaker(
                         policy, clock=clock, on_change=_listener(provider.name, on_change)
                     ),
                 )
-            routes[platform] = guard
+            routes[platform] = gate
         return cls(routes)
 
-    def for_platform(self, platform: Platform) -> GuardedProvider | None:
+    def for_platform(self, platform: Platform) -> PushGate | None:
         return self._routes.get(platform)
 
     def provider_for(self, platform: Platform) -> PushProvider:
-        guard = self._routes.get(platform)
-        if guard is None:
+        gate = self._routes.get(platform)
+        if gate is None:
             raise LookupError(f"no provider for platform {platform}")
-        return guard.provider
+        return _push_provider(gate)
 
     @property
-    def guards(self) -> tuple[GuardedProvider, ...]:
+    def gates(self) -> tuple[PushGate, ...]:
         """Each provider once."""
-        return tuple({id(guard): guard for guard in self._routes.values()}.values())
+        return tuple({id(gate): gate for gate in self._routes.values()}.values())
 
     @property
     def live_platforms(self) -> tuple[Platform, ...]:
@@ -100,12 +134,16 @@ class ProviderRegistry:
         """For `/health/ready`: each provider's breaker, and the platforms nobody serves. An
         open breaker is a degraded provider, not an unready service: the others still send."""
         breakers: dict[str, Any] = {}
-        for guard in self.guards:
-            state = guard.breaker.state
-            entry: dict[str, Any] = {"state": state.label, "in_flight": guard.bulkhead.in_flight}
-            if state is BreakerState.OPEN:
-                entry["retry_in"] = round(guard.breaker.retry_in(), 1)
-            breakers[guard.name] = entry
+        for gate in self.gates:
+            breaker = _breaker(gate)
+            entry: dict[str, Any] = {
+                "state": breaker.state.label,
+                "in_flight": gate.limiter.in_use,
+                "waiting": gate.limiter.waiting,
+            }
+            if breaker.state is BreakerState.OPEN:
+                entry["retry_in"] = round(breaker.retry_in(), 1)
+            breakers[gate.name] = entry
         degraded = sorted(
             name for name, entry in breakers.items() if entry["state"] != BreakerState.CLOSED.label
         )
@@ -130,13 +168,26 @@ class ProviderRegistry:
 
     async def aclose(self) -> None:
         errors: list[BaseException] = []
-        for guard in self.guards:
+        for gate in self.gates:
             try:
-                await guard.provider.aclose()
+                await _push_provider(gate).aclose()
             except Exception as exc:  # close the others anyway
                 errors.append(exc)
         if errors:
             raise errors[0]
+
+
+def _push_provider(gate: PushGate) -> PushProvider:
+    answering = gate.provider
+    if not isinstance(answering, Answering):
+        raise TypeError("a push gate holds an Answering provider")
+    return answering.provider
+
+
+def _breaker(gate: PushGate) -> CircuitBreaker:
+    if gate.breaker is None:
+        raise TypeError("every push provider has a breaker")
+    return gate.breaker
 
 
 def settings_hint(provider: str) -> str:
@@ -173,7 +224,7 @@ def make_registry(
     on_change: BreakerListener | None = None,
 ) -> ProviderRegistry:
     """The registry of the providers `settings` select (or of `providers`, for tests), each
-    guarded as `PUSH_BREAKER_*` and `PUSH_MAX_IN_FLIGHT_*` say."""
+    gated as `PUSH_BREAKER_*` and `PUSH_MAX_IN_FLIGHT_*` say."""
     return ProviderRegistry.build(
         make_providers(settings) if providers is None else providers,
         policy=breaker_policy(settings.breaker),

@@ -11,7 +11,7 @@ import httpx
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from herald_shared.config import LOCAL_STATE_DIR, ServiceSettings, default_sqlite_url
+from herald_shared.config import LOCAL_STATE_DIR, SenderSettings, default_sqlite_url
 
 SERVICE_NAME = "push-sender"
 
@@ -140,7 +140,7 @@ class WebPushSettings(BaseSettings):
 
 
 class BreakerSettings(BaseSettings):
-    """`PUSH_BREAKER_*`: the circuit breaker every provider has (see `resilience.py`)."""
+    """`PUSH_BREAKER_*`: the circuit breaker every provider has (`herald_shared.resilience`)."""
 
     model_config = SettingsConfigDict(env_prefix="PUSH_BREAKER_", extra="ignore")
 
@@ -157,11 +157,9 @@ class BreakerSettings(BaseSettings):
 
 
 class MaxInFlightSettings(BaseSettings):
-    """`PUSH_MAX_IN_FLIGHT_<PROVIDER>`: each provider's bulkhead, the sends in flight to it at
-    once per process; unset: `RABBITMQ_PREFETCH` times 100 (the most jobs a batch has), all the
-    sends one consumer can have in flight, so it never fills. Lower it to keep room for the other
-    providers when one of them hangs (see `resilience.py`); below 100, a large batch goes out in
-    parts, a deferral apart."""
+    """`PUSH_MAX_IN_FLIGHT_<PROVIDER>`: each provider's concurrency limit, the sends in flight to
+    it at once per process (unset: 100). Jobs beyond it wait for a place, in turn per message,
+    before their deadline starts (`herald_shared.resilience.FairLimiter`)."""
 
     model_config = SettingsConfigDict(env_prefix="PUSH_MAX_IN_FLIGHT_", extra="ignore")
 
@@ -171,7 +169,7 @@ class MaxInFlightSettings(BaseSettings):
     log: int | None = Field(default=None, ge=1)
 
 
-class Settings(ServiceSettings):
+class Settings(SenderSettings):
     """`PORT`, `HOST`, `DATABASE_URL`, `LOG_LEVEL` and `RABBITMQ_*` (shared), plus `PUSH_PROVIDER`,
     `PUSH_LOG_FILE`, `FCM_*`, `APNS_*` and `WEBPUSH_*`, and each provider's guards:
     `PUSH_BREAKER_*`, `PUSH_MAX_IN_FLIGHT_*`."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from herald_shared.events import MAX_BATCH_SIZE, Platform
+from herald_shared.events import Platform
 from push_sender.providers.apns import ApnsConfigurationError, ApnsProvider
 from push_sender.providers.base import ProviderAnswer, PushProvider, Verdict
 from push_sender.providers.fcm import FcmConfigurationError, FcmProvider
@@ -21,12 +21,17 @@ SETTINGS_HINTS = {
 }
 
 
+# Sends in flight to one provider at once, per process, unless PUSH_MAX_IN_FLIGHT_<PROVIDER> says
+# otherwise: what one HTTP/1.1 connection pool of a busy client typically keeps open.
+DEFAULT_MAX_IN_FLIGHT = 100
+
+
 def max_in_flight(settings: Settings, provider: str) -> int:
-    """The provider's bulkhead: `PUSH_MAX_IN_FLIGHT_<PROVIDER>`, else all the sends a consumer
-    can have in flight (the prefetch times `MAX_BATCH_SIZE`: every job of every batch it holds).
-    Its HTTP client's connection pool is as large, so that no send waits for a connection."""
+    """The provider's concurrency limit: `PUSH_MAX_IN_FLIGHT_<PROVIDER>`, else
+    `DEFAULT_MAX_IN_FLIGHT`. Its HTTP client's connection pool is as large, so that a send that
+    has its place never waits for a connection (its deadline starts with its place)."""
     limit = getattr(settings.max_in_flight, provider, None)
-    return limit if isinstance(limit, int) else settings.rabbitmq.prefetch * MAX_BATCH_SIZE
+    return limit if isinstance(limit, int) else DEFAULT_MAX_IN_FLIGHT
 
 
 def _fcm(settings: Settings) -> PushProvider | None:

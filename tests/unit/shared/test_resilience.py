@@ -1,28 +1,23 @@
-"""The circuit breaker and the bulkhead as plain objects on a fake clock: each row of a table is a
-script of calls and their results, and what the breaker must say after each step."""
+"""The circuit breaker as a plain object on a fake clock (each row of a table is a script of
+calls and their results, and what the breaker must say after each step), and the fair limiter."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 import pytest
 
-from push_sender.providers import Verdict
-from push_sender.resilience import (
+from herald_shared.resilience import (
     Admitted,
     BreakerPolicy,
     BreakerState,
-    Bulkhead,
     CallResult,
     CircuitBreaker,
-    GuardedProvider,
-    Pass,
-    Refusal,
-    RefusalKind,
+    FairLimiter,
     Refused,
-    call_result,
 )
-from tests.unit.push_sender.support import RecordingProvider
+from herald_shared.sending import Answer, Verdict
 
 OK, FAIL, MISCONFIGURED = CallResult.SUCCESS, CallResult.FAILURE, CallResult.MISCONFIGURED
 CLOSED, HALF_OPEN, OPEN = BreakerState.CLOSED, BreakerState.HALF_OPEN, BreakerState.OPEN
@@ -64,14 +59,15 @@ def call(subject: CircuitBreaker, result: CallResult) -> Admitted:
     ("verdict", "result"),
     [
         (Verdict.ACCEPTED, OK),
-        (Verdict.TOKEN_INVALID, OK),  # the recipient's fault: the provider works
+        (Verdict.GONE, OK),  # the recipient's fault: the provider works
         (Verdict.REJECTED, OK),  # the message's fault: the provider works
         (Verdict.TRANSIENT, FAIL),
+        (Verdict.DEFERRED, FAIL),
         (Verdict.MISCONFIGURED, MISCONFIGURED),
     ],
 )
 def test_what_an_answer_says_about_the_provider(verdict: Verdict, result: CallResult) -> None:
-    assert call_result(verdict) is result
+    assert Answer(verdict, "reason").health is result
 
 
 @dataclass(frozen=True)
@@ -234,50 +230,65 @@ def test_an_abandoned_probe_hands_its_turn_to_the_next_call() -> None:
     assert subject.admit() == Admitted(probe=True)
 
 
-def test_the_bulkhead_never_waits() -> None:
-    bulkhead = Bulkhead(2)
-    assert bulkhead.try_enter()
-    assert bulkhead.try_enter()
-    assert not bulkhead.try_enter()
-    bulkhead.leave()
-    assert bulkhead.try_enter()
-    assert bulkhead.in_flight == 2
+async def test_the_limiter_lets_limit_holders_in_and_the_next_when_one_leaves() -> None:
+    limiter = FairLimiter(2)
+    await limiter.acquire("a")
+    await limiter.acquire("a")
+    third = asyncio.create_task(limiter.acquire("a"))
+    await asyncio.sleep(0)
+    assert not third.done()
+    assert (limiter.in_use, limiter.waiting) == (2, 1)
+
+    limiter.release()
+    await third
+    assert (limiter.in_use, limiter.waiting) == (2, 0)
+    limiter.release()
+    limiter.release()
+    assert limiter.in_use == 0
     with pytest.raises(ValueError, match="at least one"):
-        Bulkhead(0)
+        FairLimiter(0)
 
 
-def test_a_guarded_provider_refuses_while_open_or_full_and_frees_its_place() -> None:
-    subject, clock, _ = breaker()
-    guard = GuardedProvider(RecordingProvider(), Bulkhead(1), subject)
+async def test_places_go_round_robin_by_key_and_in_order_within_a_key() -> None:
+    limiter = FairLimiter(1)
+    await limiter.acquire("first")
+    order: list[str] = []
 
-    first = guard.enter()
-    assert isinstance(first, Pass)
-    full = guard.enter()
-    assert isinstance(full, Refusal)
-    assert (full.kind, full.retry_after) == (RefusalKind.BULKHEAD_FULL, None)
-    first.record(MISCONFIGURED)
-    first.leave()
-    first.leave()  # once only
-    assert guard.bulkhead.in_flight == 0
+    async def take(key: str, name: str) -> None:
+        await limiter.acquire(key)
+        order.append(name)
+        limiter.release()
 
-    refused = guard.enter()
-    assert isinstance(refused, Refusal)
-    assert (refused.kind, refused.retry_after) == (RefusalKind.BREAKER_OPEN, 5.0)
-    assert guard.bulkhead.in_flight == 0  # an open breaker takes no place
+    # A big fan-out queues first, then a message of one recipient: it does not wait for all of
+    # the big one's places.
+    tasks = [asyncio.create_task(take("big", f"big{i}")) for i in range(4)]
+    await asyncio.sleep(0)
+    tasks.append(asyncio.create_task(take("dm", "dm")))
+    await asyncio.sleep(0)
+    limiter.release()
+    await asyncio.gather(*tasks)
 
-    clock.now += 5
-    probe = guard.enter()
-    assert isinstance(probe, Pass)
-    assert probe.probe
-    behind = guard.enter()
-    assert isinstance(behind, Refusal)
-    assert behind.kind is RefusalKind.BREAKER_OPEN
-    assert guard.bulkhead.in_flight == 1
-    probe.leave()  # no answer (cancelled, or a copy already done): the next call probes
-    assert guard.breaker.state is HALF_OPEN
-    again = guard.enter()
-    assert isinstance(again, Pass)
-    assert again.probe
-    again.record(OK)
-    again.leave()
-    assert guard.breaker.state is CLOSED
+    assert order == ["big0", "dm", "big1", "big2", "big3"]
+    assert limiter.in_use == 0
+
+
+async def test_a_cancelled_waiter_gives_up_its_turn_and_a_granted_one_passes_it_on() -> None:
+    limiter = FairLimiter(1)
+    await limiter.acquire("a")
+    waiting = asyncio.create_task(limiter.acquire("b"))
+    behind = asyncio.create_task(limiter.acquire("c"))
+    await asyncio.sleep(0)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert limiter.waiting == 1
+
+    limiter.release()  # to "c"
+    await behind
+    granted_then_cancelled = asyncio.create_task(limiter.acquire("d"))
+    await asyncio.sleep(0)
+    limiter.release()  # the place moves to "d"…
+    granted_then_cancelled.cancel()  # …which is cancelled before it runs: passed on, not lost
+    with pytest.raises(asyncio.CancelledError):
+        await granted_then_cancelled
+    assert limiter.in_use == 0

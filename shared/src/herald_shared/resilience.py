@@ -1,45 +1,36 @@
-"""Bulkheads and circuit breakers: one of each per push provider, so that one provider's trouble
-never holds up the others.
+"""What keeps one provider's trouble from becoming everybody's: a circuit breaker and a fair
+concurrency limit per provider (`herald_shared.sending` puts each provider behind both).
 
-Why both, with one consumer per process: in-flight handlers = the channel's prefetch (every
-delivery, a batch of up to `MAX_BATCH_SIZE` jobs of one platform, is its own task and sends its
-jobs at once), and every handler holds one of those slots until it acks. Without a limit per
-provider, a provider that hangs (each send waiting for its deadline) ends up holding every slot,
-and FCM batches queue behind stuck APNs batches although FCM is fine.
+* The **concurrency limit** (`FairLimiter`) bounds the calls in flight to one provider, and with
+  them its connections. A job waits for a place before its deadline starts, so a provider that is
+  merely busy makes jobs wait, never time out and be sent again. Places go round-robin by key (the
+  message): a message to a thousand members takes turns with a direct message instead of holding
+  every place until its fan-out is done.
+* The **circuit breaker** stops calling a provider that keeps failing: while it is open, jobs for
+  that provider are deferred without being sent, for the rest of the cool-down, instead of each
+  one waiting for a timeout and burning an attempt. After the cool-down one probe goes through;
+  its answer closes the breaker or opens it again for longer.
 
-* The **bulkhead** bounds the sends in flight to one provider (and with it the provider's
-  connections). It never makes a job wait for a free place: a job that finds its provider's
-  bulkhead full is deferred at once (`DeferredError`, no attempt spent): the rest of its batch is
-  sent and the batch comes back for it later, so its prefetch slot is free for the next delivery,
-  perhaps for another provider. With its default (the prefetch times `MAX_BATCH_SIZE`) a single
-  consumer can never fill it; set it lower per provider to reserve room for the others.
-* The **circuit breaker** stops calling a provider that keeps failing: while it is open, jobs
-  for that provider are deferred without being sent or claimed, for the rest of the cool-down,
-  instead of each one waiting for a timeout and burning an attempt. After the cool-down one
-  probe goes through; its answer closes the breaker or opens it again for longer.
-
-Both are plain objects on an injected clock (no I/O, no asyncio): handlers of one process run on
-one event loop, so a counter is all a bulkhead needs, and the breaker's decisions are testable
-with a table and a fake clock.
+Both are plain objects on one event loop (the breaker on an injected clock, so its decisions are
+testable with a table and a fake clock).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
-from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections import OrderedDict, deque
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 
-from push_sender.providers.base import PushProvider, Verdict
-
-logger = logging.getLogger("push_sender.resilience")
+logger = logging.getLogger("herald.resilience")
 
 
 class BreakerState(IntEnum):
-    """The values of the `herald_push_breaker_state` gauge."""
+    """The values of a breaker-state gauge (push-sender's `herald_push_breaker_state`)."""
 
     CLOSED = 0  # calls go through
     HALF_OPEN = 1  # one probe is allowed through; its answer decides
@@ -58,16 +49,6 @@ class CallResult(StrEnum):
     SUCCESS = "success"
     FAILURE = "failure"  # unreachable, overloaded, throttling, timed out
     MISCONFIGURED = "misconfigured"  # our credentials or permissions: no call can succeed
-
-
-def call_result(verdict: Verdict) -> CallResult:
-    match verdict:
-        case Verdict.TRANSIENT:
-            return CallResult.FAILURE
-        case Verdict.MISCONFIGURED:
-            return CallResult.MISCONFIGURED
-        case Verdict.ACCEPTED | Verdict.TOKEN_INVALID | Verdict.REJECTED:
-            return CallResult.SUCCESS
 
 
 @dataclass(frozen=True)
@@ -246,90 +227,63 @@ class CircuitBreaker:
             self._on_change(self, old, state)
 
 
-class Bulkhead:
-    """At most `limit` sends in flight to one provider. `try_enter` never waits (see the module
-    docstring for why a job that finds it full is deferred instead)."""
+class FairLimiter:
+    """At most `limit` holders at once. A caller that finds no place waits; places go to the
+    waiting keys in turn (one caller of each key, then the next key), and to the callers of one
+    key in the order they came."""
 
     def __init__(self, limit: int) -> None:
         if limit < 1:
-            raise ValueError("a bulkhead needs room for at least one send")
+            raise ValueError("a limiter needs room for at least one holder")
         self.limit = limit
-        self.in_flight = 0
-
-    def try_enter(self) -> bool:
-        if self.in_flight >= self.limit:
-            return False
-        self.in_flight += 1
-        return True
-
-    def leave(self) -> None:
-        self.in_flight = max(self.in_flight - 1, 0)
-
-
-class RefusalKind(StrEnum):
-    BREAKER_OPEN = "breaker_open"
-    BULKHEAD_FULL = "bulkhead_full"
-
-
-@dataclass(frozen=True)
-class Refusal:
-    """Why a job may not be sent to its provider now, and when to try again (None: the retry
-    mechanism's own delay)."""
-
-    kind: RefusalKind
-    reason: str
-    retry_after: float | None
-
-
-@dataclass
-class Pass:
-    """A place in a provider's bulkhead and the breaker's leave to call; `leave` gives both back
-    (once), telling the breaker the call's result if `record` was called."""
-
-    guard: GuardedProvider
-    admitted: Admitted
-    _recorded: bool = field(default=False, init=False)
-    _left: bool = field(default=False, init=False)
+        self.in_use = 0
+        self._waiting: OrderedDict[Hashable, deque[asyncio.Future[None]]] = OrderedDict()
+        self._waiters = 0
+        self._last_key: Hashable = None  # the key that got a place last
 
     @property
-    def probe(self) -> bool:
-        return self.admitted.probe
+    def waiting(self) -> int:
+        return self._waiters
 
-    def record(self, result: CallResult) -> None:
-        if self._recorded or self._left:
+    async def acquire(self, key: Hashable) -> None:
+        if self.in_use < self.limit and not self._waiters:
+            self.in_use += 1
+            self._last_key = key
             return
-        self._recorded = True
-        self.guard.breaker.record(self.admitted, result)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(key, deque()).append(future)
+        self._waiters += 1
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self.release()  # the place came with the cancellation: pass it on
+            else:
+                self._forget(key, future)
+            raise
 
-    def leave(self) -> None:
-        if self._left:
-            return
-        self._left = True
-        if not self._recorded:
-            self.guard.breaker.abandon(self.admitted)
-        self.guard.bulkhead.leave()
+    def release(self) -> None:
+        """Give a place back (once per `acquire` that returned)."""
+        while self._waiting:
+            if len(self._waiting) > 1 and next(iter(self._waiting)) == self._last_key:
+                self._waiting.move_to_end(self._last_key)  # another key's turn first
+            key, queue = next(iter(self._waiting.items()))
+            future = queue.popleft()
+            self._waiters -= 1
+            if queue:
+                self._waiting.move_to_end(key)  # the next waiter of this key queues behind others
+            else:
+                del self._waiting[key]
+            if not future.done():
+                future.set_result(None)  # the place moves to it: in_use stays
+                self._last_key = key
+                return
+        self.in_use = max(self.in_use - 1, 0)
 
-
-@dataclass
-class GuardedProvider:
-    """One provider behind its own bulkhead and circuit breaker."""
-
-    provider: PushProvider
-    bulkhead: Bulkhead
-    breaker: CircuitBreaker
-
-    @property
-    def name(self) -> str:
-        return self.provider.name
-
-    def enter(self) -> Pass | Refusal:
-        # The breaker first: while it refuses, a job takes no place in the bulkhead.
-        admission = self.breaker.admit()
-        if isinstance(admission, Refused):
-            return Refusal(
-                RefusalKind.BREAKER_OPEN, f"{self.name} circuit open", admission.retry_after
-            )
-        if not self.bulkhead.try_enter():
-            self.breaker.abandon(admission)  # a probe's turn goes to the next job
-            return Refusal(RefusalKind.BULKHEAD_FULL, f"{self.name} at its concurrency limit", None)
-        return Pass(self, admission)
+    def _forget(self, key: Hashable, future: asyncio.Future[None]) -> None:
+        queue = self._waiting.get(key)
+        if queue is not None and future in queue:
+            queue.remove(future)
+            self._waiters -= 1
+            if not queue:
+                del self._waiting[key]

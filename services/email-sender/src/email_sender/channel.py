@@ -1,0 +1,79 @@
+"""What makes the shared sender workflow (`herald_shared.sending`) an e-mail sender: one
+backend (SMTP, or files for local runs) behind one gate, and each job rendered into its e-mail
+right before it is sent."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from email_sender.backends import EmailBackend, EmailRejected, SmtpConfigurationError
+from email_sender.rendering import EmailRenderer, UnrenderableEmail
+from email_sender.tables import Failure
+from herald_shared.events import Channel, EmailRequested, Event
+from herald_shared.resilience import FairLimiter
+from herald_shared.retry import DeferredError, RetryableError
+from herald_shared.sending import Answer, Gate, Verdict
+
+# The backend's own timeout bounds a send; the workflow's deadline is only the backstop.
+DEADLINE_MARGIN = 1.0
+
+
+class EmailSending:
+    """Render and send one job (`herald_shared.sending.Provider`), the backend's outcome
+    classified (the SMTP table in docs/providers.md)."""
+
+    def __init__(self, backend: EmailBackend, renderer: EmailRenderer, *, timeout: float) -> None:
+        self.backend = backend
+        self.renderer = renderer
+        self.deadline = timeout + DEADLINE_MARGIN
+
+    @property
+    def name(self) -> str:
+        return self.backend.name
+
+    async def send(self, job: EmailRequested) -> Answer:
+        try:
+            message = self.renderer.render(job)
+        except UnrenderableEmail as exc:
+            return Answer(Verdict.REJECTED, exc.reason, failure=Failure.INVALID)
+        try:
+            await self.backend.send(message, notification_id=job.notification_id)
+        except EmailRejected as exc:
+            return Answer(Verdict.REJECTED, exc.reason, failure=Failure.BOUNCED)
+        except SmtpConfigurationError as exc:
+            return Answer(Verdict.MISCONFIGURED, exc.reason, retry_after=exc.retry_after)
+        except DeferredError as exc:
+            return Answer(Verdict.DEFERRED, exc.reason, retry_after=exc.retry_after)
+        except RetryableError as exc:
+            return Answer(Verdict.TRANSIENT, exc.reason, retry_after=exc.retry_after)
+        return Answer(Verdict.ACCEPTED, "accepted")
+
+
+class EmailChannel:
+    """`herald_shared.sending.ChannelSpec` for e-mails."""
+
+    channel = Channel.EMAIL
+
+    def __init__(self, sending: EmailSending, *, max_in_flight: int) -> None:
+        self.gate: Gate[EmailRequested] = Gate(sending, FairLimiter(max_in_flight))
+
+    def gate_for(self, job: EmailRequested) -> Gate[EmailRequested]:
+        return self.gate
+
+    def unsupported(self, job: EmailRequested) -> str:
+        return "no e-mail backend"  # never: every job has the backend
+
+    def ledger_columns(self, job: EmailRequested) -> Mapping[str, Any]:
+        return {}
+
+    def gone_failures(self) -> frozenset[str]:
+        return frozenset()
+
+    def events_for_failure(
+        self, job: EmailRequested, failure: str, reason: str
+    ) -> tuple[Event, ...]:
+        return ()
+
+    def settings_hint(self, provider: str) -> str:
+        return "SMTP_USERNAME, SMTP_PASSWORD and SMTP_TLS"

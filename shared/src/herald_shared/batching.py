@@ -1,0 +1,167 @@
+"""Micro-batching: many concurrent callers, one piece of work for all of them.
+
+A consumer holds up to `RABBITMQ_PREFETCH` deliveries at once, each handled by its own task. Done
+one by one, each pays a database round trip, a statement and a publish of its own; done
+together, a hundred deliveries cost about what one does. `MicroBatcher.submit` hands an item to
+the batcher and waits for the result of the batch that took it; the batcher starts a batch as
+soon as it has room for one, with everything submitted by then (up to `max_size`), so batches
+stay small (one item, no added latency) while the work keeps up, and grow by themselves when it
+does not: the busier the process, the cheaper each item.
+
+Each caller still gets its own result, so a delivery is still acked (or retried, or
+dead-lettered) on its own, and only after the batch that took it has finished: ack after commit,
+as before. A caller that is cancelled (its channel closed) stops waiting, but its item stays in
+the batch: the work is done once and recorded, and the redelivered copy finds it done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+logger = logging.getLogger("herald.batching")
+
+In = TypeVar("In")
+Out = TypeVar("Out")
+
+
+def _new_future() -> asyncio.Future[Any]:
+    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    # A caller that stopped waiting never reads its result; nor should asyncio complain of it.
+    future.add_done_callback(lambda done: done.cancelled() or done.exception())
+    return future
+
+
+@dataclass
+class _Pending(Generic[In, Out]):
+    item: In
+    size: int
+    future: asyncio.Future[Out] = field(default_factory=_new_future)
+
+
+class MicroBatcher(Generic[In, Out]):
+    """Runs `process` on batches of submitted items; `process` returns one result per item, in
+    order (an exception fails every item of its batch).
+
+    * `max_size`: the most a batch holds, counted with `size(item)` (e.g. the jobs a delivery
+      carries, so that a batch's statements stay bounded however the items are cut);
+    * `max_concurrent`: batches in progress at once (more than one lets a batch wait for its
+      I/O while the next is built);
+    * `linger`: seconds a batch waits for company when it could start at once: a little latency
+      for fewer, larger batches at moderate rates.
+    """
+
+    def __init__(
+        self,
+        process: Callable[[list[In]], Awaitable[Sequence[Out]]],
+        *,
+        name: str,
+        max_size: int,
+        max_concurrent: int = 1,
+        linger: float = 0.0,
+        size: Callable[[In], int] = lambda _: 1,
+    ) -> None:
+        if max_size < 1 or max_concurrent < 1 or linger < 0:
+            raise ValueError("a batcher needs max_size >= 1, max_concurrent >= 1, linger >= 0")
+        self._process = process
+        self.name = name
+        self.max_size = max_size
+        self.max_concurrent = max_concurrent
+        self.linger = linger
+        self._size = size
+        self._pending: deque[_Pending[In, Out]] = deque()
+        self._pending_size = 0
+        self._running: set[asyncio.Task[None]] = set()
+        self._wake: asyncio.TimerHandle | asyncio.Handle | None = None
+
+    @property
+    def in_progress(self) -> int:
+        """Batches running now."""
+        return len(self._running)
+
+    @property
+    def waiting(self) -> int:
+        """Items submitted and not yet taken by a batch."""
+        return len(self._pending)
+
+    async def submit(self, item: In) -> Out:
+        """The result of `item`, once the batch that took it has finished."""
+        pending: _Pending[In, Out] = _Pending(item, max(1, self._size(item)))
+        self._pending.append(pending)
+        self._pending_size += pending.size
+        self._schedule()
+        # Shielded: a caller that stops waiting leaves its item in the batch.
+        return await asyncio.shield(pending.future)
+
+    async def drain(self) -> None:
+        """Wait until every item submitted so far has been processed (at shutdown)."""
+        while self._pending or self._running:
+            if self._running:
+                await asyncio.wait(set(self._running))
+            else:
+                self._start_batches()
+                await asyncio.sleep(0)
+
+    def _schedule(self) -> None:
+        if len(self._running) >= self.max_concurrent:
+            return  # a batch that ends starts the next one
+        if self._pending_size >= self.max_size:
+            self._cancel_wake()
+            self._start_batches()
+        elif self._wake is None:
+            # Not at once: the deliveries that arrived with this one are being dispatched in the
+            # same turn of the event loop, and should join it.
+            loop = asyncio.get_running_loop()
+            if self.linger:
+                self._wake = loop.call_later(self.linger, self._woken)
+            else:
+                self._wake = loop.call_soon(self._woken)
+
+    def _woken(self) -> None:
+        self._wake = None
+        self._start_batches()
+
+    def _cancel_wake(self) -> None:
+        if self._wake is not None:
+            self._wake.cancel()
+            self._wake = None
+
+    def _start_batches(self) -> None:
+        while self._pending and len(self._running) < self.max_concurrent:
+            batch: list[_Pending[In, Out]] = []
+            taken = 0
+            while self._pending and (not batch or taken + self._pending[0].size <= self.max_size):
+                pending = self._pending.popleft()
+                taken += pending.size
+                batch.append(pending)
+            self._pending_size -= taken
+            task = asyncio.get_running_loop().create_task(self._run(batch), name=self.name)
+            self._running.add(task)
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        if self._pending:
+            self._schedule()
+
+    async def _run(self, batch: list[_Pending[In, Out]]) -> None:
+        try:
+            results = await self._process([pending.item for pending in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(
+                    f"{self.name}: {len(results)} results for a batch of {len(batch)}"
+                )
+        except BaseException as exc:
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for pending, result in zip(batch, results, strict=True):
+            if not pending.future.done():
+                pending.future.set_result(result)
