@@ -16,20 +16,28 @@ They still speak the real protocols, enough for the real clients to be unable to
   `{"name": ...}` or an FCM v1 error.
 * SMTP: EHLO/HELO, MAIL, RCPT, DATA, RSET, NOOP, QUIT (no AUTH, no STARTTLS).
 
+`--fcm-latency SECONDS` and `--fcm-concurrency N` make FCM behave like a provider under load: each
+`messages:send` takes that long, at most N are processed at once, and further ones wait at the
+server, in arrival order, for a free place (requests on one connection are answered in order, as
+HTTP/1.1 wants). Without them every request is answered at once, with no task per request.
+
 Each accepted delivery is one line in a record file (`push.tsv`, `email.tsv`), flushed every
-100 ms, so the benchmark can follow progress while the run goes on:
+100 ms, so the benchmark can follow progress while the run goes on (a push is recorded when its
+answer is written, after any latency):
 
     push.tsv    accepted_at <TAB> notification_id <TAB> message_id <TAB> device_token
     email.tsv   accepted_at <TAB> Message-ID <TAB> recipient[,recipient…]
 
 `python -m bench.fakes --dir DIR` prints one JSON line (ports, credentials file) once it listens,
-and stops cleanly on SIGTERM.
+and stops cleanly on SIGTERM, leaving `stats.json` (requests, connections, the most requests in
+progress and waiting at once) in DIR.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import itertools
 import json
@@ -37,7 +45,7 @@ import secrets
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any, cast
 from urllib.parse import parse_qs
@@ -55,6 +63,7 @@ MAX_REQUEST_BYTES = 1 << 20
 MAX_DATA_BYTES = 10 << 20
 SEND_PATH = f"/v1/projects/{PROJECT_ID}/messages:send"
 REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found"}
+NOT_FOUND = {"error": {"code": 404, "message": "Not found", "status": "NOT_FOUND"}}
 
 
 @dataclass(frozen=True)
@@ -91,9 +100,27 @@ class RecordFile:
 # --- FCM ----------------------------------------------------------------------------------------
 
 
+@dataclass
+class FcmStats:
+    """What the FCM server saw, for the report (`stats.json`)."""
+
+    latency_seconds: float = 0.0
+    concurrency: int = 0  # 0: unbounded
+    connections: int = 0
+    send_requests: int = 0
+    token_requests: int = 0
+    max_in_progress: int = 0
+    max_waiting: int = 0
+
+
 class FcmState:
-    def __init__(self, records: RecordFile) -> None:
+    def __init__(self, records: RecordFile, latency: float = 0.0, concurrency: int = 0) -> None:
         self.records = records
+        self.latency = latency
+        self.slots = asyncio.Semaphore(concurrency) if concurrency > 0 else None
+        self.stats = FcmStats(latency_seconds=latency, concurrency=concurrency)
+        self.in_progress = 0
+        self.waiting = 0
         # Set once the port is known (the credentials file names the token endpoint).
         self.public_key: rsa.RSAPublicKey | None = None
         self.client_email = ""
@@ -101,15 +128,41 @@ class FcmState:
         self.issued: set[str] = set()
         self.ids = itertools.count(1)
 
+    @property
+    def slow(self) -> bool:
+        """Whether sends take time (and so a task each) rather than being answered at once."""
+        return self.latency > 0 or self.slots is not None
+
     def handle(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Any:
         """(status, JSON document) for one request."""
         if method != "POST":
-            return 404, {"error": {"code": 404, "message": "Not found", "status": "NOT_FOUND"}}
+            return 404, NOT_FOUND
         if path == "/token":
+            self.stats.token_requests += 1
             return self._token(body)
         if path == SEND_PATH:
+            self.stats.send_requests += 1
             return self._send(headers, body)
-        return 404, {"error": {"code": 404, "message": "Not found", "status": "NOT_FOUND"}}
+        return 404, NOT_FOUND
+
+    async def handle_slowly(
+        self, method: str, path: str, headers: dict[str, str], body: bytes
+    ) -> Any:
+        """`handle`, a send after waiting for a free place and then `latency` seconds."""
+        if path != SEND_PATH:
+            return self.handle(method, path, headers, body)
+        self.waiting += 1
+        self.stats.max_waiting = max(self.stats.max_waiting, self.waiting)
+        async with self.slots or contextlib.nullcontext():
+            self.waiting -= 1
+            self.in_progress += 1
+            self.stats.max_in_progress = max(self.stats.max_in_progress, self.in_progress)
+            try:
+                if self.latency > 0:
+                    await asyncio.sleep(self.latency)
+                return self.handle(method, path, headers, body)
+            finally:
+                self.in_progress -= 1
 
     def _token(self, body: bytes) -> tuple[int, dict[str, Any]]:
         form = parse_qs(body.decode(errors="replace"))
@@ -134,7 +187,7 @@ class FcmState:
         self.issued.add(token)
         return 200, {"access_token": token, "expires_in": 3600, "token_type": "Bearer"}
 
-    def _send(self, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, Any]]:
+    def _send(self, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, Any] | bytes]:
         scheme, _, token = headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or token not in self.issued:
             return 401, _fcm_error(401, "UNAUTHENTICATED", "Request had invalid credentials.")
@@ -155,7 +208,8 @@ class FcmState:
             data.get("message_id", ""),
             message.get("token", ""),
         )
-        return 200, {"name": f"projects/{PROJECT_ID}/messages/{next(self.ids)}"}
+        # The answer's JSON, written out: the one answer of nearly every request.
+        return 200, b'{"name": "projects/%s/messages/%d"}' % (PROJECT_ID.encode(), next(self.ids))
 
 
 def _fcm_error(code: int, status: str, message: str) -> dict[str, Any]:
@@ -163,15 +217,19 @@ def _fcm_error(code: int, status: str, message: str) -> dict[str, Any]:
 
 
 class HttpProtocol(asyncio.Protocol):
-    """HTTP/1.1 with keep-alive and Content-Length bodies: what httpx sends."""
+    """HTTP/1.1 with keep-alive and Content-Length bodies: what aiohttp and httpx send."""
 
     def __init__(self, state: FcmState) -> None:
         self.state = state
         self.buffer = bytearray()
         self.transport: asyncio.Transport | None = None
+        # Slow mode: requests of this connection waiting for their turn, and who answers them.
+        self.queue: collections.deque[tuple[str, str, dict[str, str], bytes]] = collections.deque()
+        self.worker: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # a TCP server's transport
+        self.state.stats.connections += 1
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -196,21 +254,45 @@ class HttpProtocol(asyncio.Protocol):
                 return
             body = bytes(self.buffer[head_end + 4 : end])
             del self.buffer[:end]
-            status, document = self.state.handle(method, target.split("?", 1)[0], headers, body)
-            payload = json.dumps(document).encode()
-            close = headers.get("connection", "").lower() == "close"
-            self.transport.write(
-                f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\n"
-                "content-type: application/json; charset=UTF-8\r\n"
-                f"content-length: {len(payload)}\r\n"
-                f"{'connection: close' if close else 'connection: keep-alive'}\r\n\r\n".encode()
-                + payload
+            path = target.split("?", 1)[0]
+            if self.state.slow:
+                self.queue.append((method, path, headers, body))
+                if self.worker is None:
+                    self.worker = asyncio.get_running_loop().create_task(self._answer_in_turn())
+            else:
+                status, document = self.state.handle(method, path, headers, body)
+                self._respond(status, document, headers)
+
+    async def _answer_in_turn(self) -> None:
+        while self.queue and self.transport is not None:
+            method, path, headers, body = self.queue.popleft()
+            status, document = await self.state.handle_slowly(method, path, headers, body)
+            self._respond(status, document, headers)
+        self.worker = None
+
+    def _respond(self, status: int, document: Any, headers: dict[str, str]) -> None:
+        """`document`: a JSON-able value, or its JSON already encoded (bytes)."""
+        if self.transport is None:
+            return
+        payload = document if isinstance(document, bytes) else json.dumps(document).encode()
+        close = headers.get("connection", "").lower() == "close"
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\ncontent-type: application/json; charset=UTF-8\r\n"
+            b"content-length: %d\r\nconnection: %s\r\n\r\n%s"
+            % (
+                status,
+                REASONS.get(status, "Error").encode(),
+                len(payload),
+                b"close" if close else b"keep-alive",
+                payload,
             )
-            if close:
-                self.transport.close()
+        )
+        if close:
+            self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self.queue.clear()
 
 
 # --- SMTP ---------------------------------------------------------------------------------------
@@ -327,11 +409,11 @@ def write_credentials(path: Path, token_uri: str) -> tuple[rsa.RSAPublicKey, str
     return key.public_key(), email
 
 
-async def serve(directory: Path) -> None:
+async def serve(directory: Path, *, fcm_latency: float = 0.0, fcm_concurrency: int = 0) -> None:
     push_records = RecordFile(directory / "push.tsv")
     email_records = RecordFile(directory / "email.tsv")
     credentials = directory / "fcm-service-account.json"
-    fcm = FcmState(push_records)
+    fcm = FcmState(push_records, latency=fcm_latency, concurrency=fcm_concurrency)
 
     loop = asyncio.get_running_loop()
     http_server = await loop.create_server(lambda: HttpProtocol(fcm), HOST, 0)
@@ -356,14 +438,27 @@ async def serve(directory: Path) -> None:
     smtp_server.close()
     push_records.close()
     email_records.close()
+    (directory / "stats.json").write_text(json.dumps({"fcm": asdict(fcm.stats)}) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
     parser.add_argument("--dir", type=Path, required=True, help="where the record files go")
-    directory: Path = parser.parse_args().dir
+    parser.add_argument(
+        "--fcm-latency", type=float, default=0.0, help="seconds each FCM send takes (default 0)"
+    )
+    parser.add_argument(
+        "--fcm-concurrency",
+        type=int,
+        default=0,
+        help="FCM sends processed at once at most, further ones wait (default 0: unbounded)",
+    )
+    args = parser.parse_args()
+    directory: Path = args.dir
     directory.mkdir(parents=True, exist_ok=True)
-    asyncio.run(serve(directory))
+    asyncio.run(
+        serve(directory, fcm_latency=args.fcm_latency, fcm_concurrency=args.fcm_concurrency)
+    )
 
 
 if __name__ == "__main__":
