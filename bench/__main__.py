@@ -7,7 +7,69 @@ import asyncio
 import sys
 from pathlib import Path
 
-from bench.run import Options, run
+from bench.run import SCENARIOS, Options, run
+
+EPILOG = """\
+figures:
+  A notification is one recipient of one message. It is COMPLETE when the router's ledger has
+  its row and every delivery it is owed was accepted by the local provider (its push, and its
+  e-mail if the recipient has e-mail on). After posting, the benchmark drains: it waits while
+  deliveries keep coming, until every owed delivery was accepted and the pipeline SETTLED (no
+  message in any queue of the run's vhost, ready or unacknowledged, dead-letter queues aside, no
+  unpublished outbox row, and, while deliveries are missing, none accepted for 5 s), or no
+  delivery came for --stall-timeout seconds, or --drain-timeout seconds passed. A notification
+  still missing then is
+    LOST         if it can never arrive: the pipeline had settled (nothing left anywhere to bring
+                 it), or the router's ledger has its delivery as failed;
+    NOT DRAINED  otherwise: still on its way (a backlog, not a loss).
+  Duplicates: a delivery (same notification id, so the same collapse id / Message-ID) accepted
+  more than once, or a second ledger row. Unexpected: a delivery nobody was owed.
+  CPU per notification: each process's CPU from the start of the load to the last delivery (or
+  the end of the drain) divided by the notifications completed; RabbitMQ is the whole node
+  (other users of the broker included), PostgreSQL the run's own backends.
+  Calibration: a fixed pure-Python loop (CPU ms, best of 3) and a raw aio-pika loop on the same
+  broker (persistent messages, each publish awaiting its confirm, a quorum queue in the run's
+  vhost, consumed meanwhile; messages/s), so that figures of different machines compare.
+
+scenarios:
+  default   rooms of --room-size members, messages posted in turn by every member; every
+            recipient has one FCM device, --email-share of them e-mail on.
+  big-room  one message to one room of the most members the API allows (1,000), every member
+            with an FCM device and e-mail on, against an FCM fake that takes --fcm-latency-ms
+            per request and processes at most --fcm-concurrency at once (default 50 ms, 50);
+            reports pushes, repeats, e-mails and the last push's time after the 201 next to the
+            bound devices / concurrency x latency + 1 s.
+
+exit status: 0 every notification complete once; 1 lost, duplicated or unexpected ones;
+2 some not drained (and nothing worse).
+"""
+
+# Per scenario, the defaults of the workload options left unset.
+DEFAULTS: dict[str, dict[str, float | int]] = {
+    "default": {
+        "count": 1000,
+        "rooms": 50,
+        "room_size": 10,
+        "email_share": 0.1,
+        "fcm_latency_ms": 0,
+        "fcm_concurrency": 0,
+    },
+    "big-room": {
+        "count": 1,
+        "rooms": 1,
+        "room_size": 0,  # the API's maximum, looked up
+        "email_share": 1.0,
+        "fcm_latency_ms": 50,
+        "fcm_concurrency": 50,
+    },
+}
+
+
+def max_room_members() -> int:
+    """The message-service's limit on members per room (creator included)."""
+    from message_service.service import MAX_ROOM_MEMBERS
+
+    return MAX_ROOM_MEMBERS
 
 
 def parse(argv: list[str]) -> Options:
@@ -15,10 +77,18 @@ def parse(argv: list[str]) -> Options:
         prog="scripts/bench",
         description="Run the four Herald services as processes on this machine's RabbitMQ and "
         "PostgreSQL (a private vhost and databases, removed afterwards) with local FCM and SMTP "
-        "servers, post chat messages over HTTP and report throughput, latency, CPU, queue depths "
-        "and lost/duplicate notifications. A notification is one recipient of one message.",
+        "servers, post chat messages over HTTP and report throughput, latency, CPU (per "
+        "notification too), memory, queue depths, the run's calibration and lost / not drained "
+        "/ duplicate notifications.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--count", type=int, default=1000, help="messages to post at most")
+    parser.add_argument(
+        "--scenario", choices=SCENARIOS, default="default", help="workload (default: default)"
+    )
+    parser.add_argument(
+        "--count", type=int, help="messages to post at most (default 1000; big-room: 1)"
+    )
     parser.add_argument(
         "--duration", type=float, default=60, help="seconds of posting at most (default 60)"
     )
@@ -29,10 +99,16 @@ def parse(argv: list[str]) -> Options:
         help="offered NOTIFICATIONS per second (messages/s = rate / recipients per message); "
         "0 = as fast as the API takes them (default)",
     )
-    parser.add_argument("--rooms", type=int, default=50, help="rooms (default 50)")
-    parser.add_argument("--room-size", type=int, default=10, help="members per room (default 10)")
+    parser.add_argument("--rooms", type=int, help="rooms (default 50; big-room: 1)")
     parser.add_argument(
-        "--email-share", type=float, default=0.1, help="share of users with e-mail (default 0.1)"
+        "--room-size",
+        type=int,
+        help="members per room (default 10; big-room: the API's maximum, 1000)",
+    )
+    parser.add_argument(
+        "--email-share",
+        type=float,
+        help="share of users with e-mail (default 0.1; big-room: 1)",
     )
     parser.add_argument(
         "--connections", type=int, default=16, help="concurrent HTTP requests (default 16)"
@@ -40,8 +116,45 @@ def parse(argv: list[str]) -> Options:
     parser.add_argument(
         "--drain-timeout",
         type=float,
-        default=90,
-        help="seconds to wait for deliveries after the last post (default 90)",
+        default=900,
+        help="after the last post, seconds to drain at most (default 900); the drain ends "
+        "sooner when everything arrived or nothing arrives any more",
+    )
+    parser.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=120,
+        help="end the drain when no delivery came for this long (default 120, above the "
+        "longest retry tier of 25 s)",
+    )
+    parser.add_argument(
+        "--fcm-latency-ms",
+        type=float,
+        help="milliseconds the FCM fake takes per send (default 0; big-room: 50)",
+    )
+    parser.add_argument(
+        "--fcm-concurrency",
+        type=int,
+        help="FCM sends the fake processes at once, further ones wait (default 0 = unbounded; "
+        "big-room: 50)",
+    )
+    parser.add_argument(
+        "--no-calibration",
+        action="store_true",
+        help="skip the calibration (about 3 s before the services start)",
+    )
+    parser.add_argument(
+        "--compare",
+        metavar="GIT_REF",
+        help="run GIT_REF's services and the working tree's back to back (a temporary git "
+        "worktree with its own .venv, removed afterwards) and print both figures and new/old",
+    )
+    parser.add_argument(
+        "--compare-runs",
+        type=int,
+        default=2,
+        metavar="N",
+        help="with --compare: runs of each side, interleaved old, new, old, new… (default 2)",
     )
     parser.add_argument(
         "--out", type=Path, default=Path(".herald/bench"), help="where JSON and PNG go"
@@ -62,10 +175,20 @@ def parse(argv: list[str]) -> Options:
         "(needs py-spy on PATH: `uv run --with py-spy==0.4.3 python -m bench ...`)",
     )
     args = parser.parse_args(argv)
+    defaults = DEFAULTS[args.scenario]
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.room_size == 0:
+        args.room_size = max_room_members()
     if args.room_size < 2 or args.rooms < 1 or args.count < 1 or args.connections < 1:
         parser.error("--rooms, --count and --connections must be ≥ 1 and --room-size ≥ 2")
     if not 0 <= args.email_share <= 1:
         parser.error("--email-share must be between 0 and 1")
+    if args.fcm_latency_ms < 0 or args.fcm_concurrency < 0:
+        parser.error("--fcm-latency-ms and --fcm-concurrency must be ≥ 0")
+    if args.drain_timeout <= 0 or args.stall_timeout <= 0 or args.compare_runs < 1:
+        parser.error("--drain-timeout, --stall-timeout and --compare-runs must be > 0")
     env = {}
     for item in args.env:
         key, sep, value = item.partition("=")
@@ -81,10 +204,17 @@ def parse(argv: list[str]) -> Options:
         email_share=args.email_share,
         connections=args.connections,
         drain_timeout=args.drain_timeout,
+        stall_timeout=args.stall_timeout,
         out=args.out,
         env=env,
         profile_seconds=args.profile,
         command=" ".join(["scripts/bench", *argv]),
+        scenario=args.scenario,
+        fcm_latency=args.fcm_latency_ms / 1000,
+        fcm_concurrency=args.fcm_concurrency,
+        calibrate=not args.no_calibration,
+        compare=args.compare,
+        compare_runs=args.compare_runs,
     )
 
 

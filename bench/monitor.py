@@ -1,20 +1,28 @@
-"""What the benchmark samples while it runs: CPU time per process (from /proc, no extra
-dependency) and the depth of every consumer queue (a passive declare through aio-pika, which
-answers with the queue's ready-message count: cheaper than running rabbitmqctl)."""
+"""What the benchmark samples while it runs: CPU time and resident memory per process (from /proc,
+no extra dependency), the depth of every consumer queue (a passive declare through aio-pika, which
+answers with the queue's ready-message count: cheaper than running rabbitmqctl), and, when the
+drain asks whether the pipeline has settled, every queue of the run's vhost with its unacknowledged
+messages (rabbitmqctl, which only it can tell)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import unquote
 
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
+from tests.support.infra import RABBITMQCTL
+
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+RABBITMQCTL_TIMEOUT = 60.0
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -26,6 +34,14 @@ def cpu_seconds(pid: int) -> float | None:
     # The command name (field 2) may hold spaces; the fields after it are fixed.
     fields = stat.rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def rss_bytes(pid: int) -> int | None:
+    """Resident set size of a process, or None if it is gone."""
+    try:
+        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE_SIZE
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def machine_cpu() -> tuple[float, float]:
@@ -45,6 +61,19 @@ def pids_named(command: str) -> list[int]:
                 if (entry / "comm").read_text().strip() == command:
                     found.append(int(entry.name))
     return found
+
+
+def rabbitmq_node_pids() -> list[int]:
+    """The RabbitMQ node's `beam.smp`, not a `rabbitmqctl` that happens to run (also a beam.smp,
+    with a CLI's start-up cost that is no part of the broker's)."""
+    beams = pids_named("beam.smp")
+    nodes = []
+    for pid in beams:
+        with contextlib.suppress(OSError):
+            arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if b"rabbit" in arguments and b"boot" in arguments:
+                nodes.append(pid)
+    return nodes or beams
 
 
 @dataclass
@@ -67,11 +96,31 @@ class CpuAccount:
         return sum(self.last[pid] - self.first[pid] for pid in self.last)
 
 
-class CpuMonitor:
-    """Groups of pids sampled together; `groups` is called at each sample (pids may change)."""
+@dataclass
+class RssAccount:
+    """Resident memory of a group of processes (summed over its pids at each sample)."""
 
-    def __init__(self) -> None:
+    first: int = 0
+    last: int = 0
+    max: int = 0
+
+    def sample(self, pids: list[int]) -> None:
+        sizes = [size for size in map(rss_bytes, pids) if size is not None]
+        if not sizes:
+            return
+        total = sum(sizes)
+        self.first = self.first or total
+        self.last = total
+        self.max = max(self.max, total)
+
+
+class CpuMonitor:
+    """Groups of pids sampled together; `groups` is called at each sample (pids may change).
+    Also the resident memory of the groups named in `rss_groups`."""
+
+    def __init__(self, rss_groups: tuple[str, ...] = ()) -> None:
         self.accounts: dict[str, CpuAccount] = {}
+        self.rss: dict[str, RssAccount] = {name: RssAccount() for name in rss_groups}
         self.machine_start = machine_cpu()
         self.machine_end = self.machine_start
         self.started = time.monotonic()
@@ -80,6 +129,8 @@ class CpuMonitor:
     def sample(self, groups: dict[str, list[int]]) -> None:
         for name, pids in groups.items():
             self.accounts.setdefault(name, CpuAccount()).sample(pids)
+            if name in self.rss:
+                self.rss[name].sample(pids)
         self.machine_end = machine_cpu()
         self.ended = time.monotonic()
 
@@ -133,3 +184,48 @@ class QueueMonitor:
         if self._connection is not None:
             with contextlib.suppress(Exception):
                 await self._connection.close()
+
+
+@dataclass(frozen=True)
+class VhostQueue:
+    name: str
+    ready: int
+    unacknowledged: int
+
+    @property
+    def dead_letter(self) -> bool:
+        return self.name.endswith(".dlq")
+
+
+async def vhost_queues(amqp_url: str) -> list[VhostQueue]:
+    """Every queue of the vhost of `amqp_url`, ready and unacknowledged messages included (the
+    AMQP passive declare tells ready messages only). About a second of a CLI's CPU: call it
+    rarely."""
+    vhost = unquote(amqp_url.rsplit("/", 1)[1]) or "/"
+    process = await asyncio.create_subprocess_exec(
+        RABBITMQCTL,
+        "-q",
+        "list_queues",
+        "--vhost",
+        vhost,
+        "--no-table-headers",
+        "name",
+        "messages_ready",
+        "messages_unacknowledged",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), RABBITMQCTL_TIMEOUT)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    if process.returncode != 0:
+        raise RuntimeError(f"rabbitmqctl list_queues: {err.decode(errors='replace')[:300]}")
+    queues = []
+    for line in out.decode().splitlines():
+        parts = line.split("\t")
+        if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+            queues.append(VhostQueue(parts[0], int(parts[1]), int(parts[2])))
+    return queues

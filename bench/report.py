@@ -1,16 +1,19 @@
-"""The benchmark's figures: summary statistics, per-second series, the printed table, the JSON
-document and the PNG chart."""
+"""The benchmark's figures: summary statistics, per-second series, CPU per notification, the
+big-room summary, the printed table, the JSON document and the PNG chart."""
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.calibrate import describe as describe_calibration
 from bench.checker import CheckResult
 from bench.monitor import QueueDepths
+
+TOTAL = "total"
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:
@@ -48,13 +51,71 @@ def per_second(times: Iterable[float], start: float, weight: int = 1) -> list[in
     return buckets
 
 
+def cpu_per_notification(
+    seconds_by_process: Mapping[str, float], notifications: int
+) -> dict[str, float]:
+    """Milliseconds of CPU per notification of each process (group) and of all of them together
+    (`total`): the CPU it used from the start of the load to the end of the drain, divided by the
+    notifications completed. Empty when none completed."""
+    if notifications <= 0:
+        return {}
+    figures = {
+        name: round(seconds * 1000 / notifications, 3)
+        for name, seconds in seconds_by_process.items()
+    }
+    figures[TOTAL] = round(sum(seconds_by_process.values()) * 1000 / notifications, 3)
+    return figures
+
+
+def big_room_summary(
+    *,
+    devices: int,
+    emails_owed: int,
+    pushes_received: int,
+    devices_reached: int,
+    emails_received: int,
+    emails_distinct: int,
+    first_push_after_201: float | None,
+    last_push_after_201: float | None,
+    last_email_after_201: float | None,
+    provider_latency: float,
+    provider_concurrency: int,
+) -> dict[str, Any]:
+    """What one message to a big room did: pushes and repeats (the same notification, so the same
+    collapse id, received more than once), e-mails, and the last push's time after the 201 next to
+    the bound devices / provider concurrency * latency + 1 s (an unbounded provider: latency + 1 s).
+    """
+    rounds = devices / provider_concurrency if provider_concurrency > 0 else 1.0
+    bound = rounds * provider_latency + 1.0
+    return {
+        "devices": devices,
+        "pushes_received": pushes_received,
+        "devices_reached": devices_reached,
+        "push_repeats": pushes_received - devices_reached,
+        "emails_owed": emails_owed,
+        "emails_received": emails_received,
+        "email_repeats": emails_received - emails_distinct,
+        "first_push_after_201_s": _round(first_push_after_201),
+        "last_push_after_201_s": _round(last_push_after_201),
+        "last_email_after_201_s": _round(last_email_after_201),
+        "provider_latency_ms": round(provider_latency * 1000, 1),
+        "provider_concurrency": provider_concurrency,
+        "bound_s": round(bound, 3),
+        "within_bound": last_push_after_201 is not None and last_push_after_201 <= bound,
+    }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
 def latency_per_second(
-    samples: Iterable[tuple[float, float]], start: float, fraction: float
+    accepted_at: Sequence[float], latencies: Sequence[float], start: float, fraction: float
 ) -> list[float | None]:
     """The `fraction` percentile (ms) of the latencies of deliveries accepted in each second."""
     by_second: dict[int, list[float]] = {}
-    for accepted_at, latency in samples:
-        by_second.setdefault(max(0, int(accepted_at - start)), []).append(latency)
+    for accepted, latency in zip(accepted_at, latencies, strict=True):
+        by_second.setdefault(max(0, int(accepted - start)), []).append(latency)
     if not by_second:
         return []
     return [
@@ -93,19 +154,28 @@ def series(
         "offered_notifications_per_s": per_second(accepted_at, start, recipients_per_message),
         "completed_notifications_per_s": per_second(check.completed_at, start),
         "in_flight_notifications": in_flight(accepted_at, recipients_per_message, check, start),
-        "push_latency_p50_ms": latency_per_second(check.push_latency, start, 0.50),
-        "push_latency_p99_ms": latency_per_second(check.push_latency, start, 0.99),
-        "email_latency_p99_ms": latency_per_second(check.email_latency, start, 0.99),
+        "push_latency_p50_ms": latency_per_second(
+            check.push_accepted_at, check.push_latency, start, 0.50
+        ),
+        "push_latency_p99_ms": latency_per_second(
+            check.push_accepted_at, check.push_latency, start, 0.99
+        ),
+        "email_latency_p99_ms": latency_per_second(
+            check.email_accepted_at, check.email_latency, start, 0.99
+        ),
         "queue_depths": [
             {"t": round(moment - start, 2), **depths} for moment, depths in queues.samples
         ],
     }
 
 
-def print_table(document: dict[str, Any]) -> None:
+def table_rows(document: dict[str, Any]) -> list[tuple[str, str]]:
     notifications = document["notifications"]
     checker = document["checker"]
-    rows: list[tuple[str, str]] = [
+    rows: list[tuple[str, str]] = []
+    if document.get("services", {}).get("label"):
+        rows.append(("services", document["services"]["label"]))
+    rows += [
         ("messages posted (HTTP 201)", f"{document['messages']['posted']}"),
         ("HTTP errors", f"{sum(document['messages']['http_errors'].values())}"),
         ("notifications expected", f"{notifications['expected']}"),
@@ -125,10 +195,28 @@ def print_table(document: dict[str, Any]) -> None:
                 f"max {latency['max']}  (n={latency['count']})",
             )
         )
-    cpu = document["cpu"]
-    for name, figures in cpu["processes"].items():
+    behind = document["latency_ms"].get("post_behind_schedule")
+    if behind is not None and notifications["target_offered_per_s"]:
         rows.append(
-            (f"CPU {name}", f"{figures['seconds']:.1f} s  {figures['percent_of_one_core']:.0f} %")
+            (
+                "POST start behind schedule (ms)",
+                f"p50 {behind['p50']}  p99 {behind['p99']}  max {behind['max']}",
+            )
+        )
+    cpu = document["cpu"]
+    per_notification = cpu.get("per_notification_ms", {})
+    for name, figures in cpu["processes"].items():
+        value = f"{figures['seconds']:.1f} s  {figures['percent_of_one_core']:.0f} %"
+        if name in per_notification:
+            value += f"  {per_notification[name]:.3f} ms/notification"
+        rows.append((f"CPU {name}", value))
+    if TOTAL in per_notification:
+        rows.append(
+            (
+                "CPU all of the above",
+                f"{sum(f['seconds'] for f in cpu['processes'].values()):.1f} s  "
+                f"{per_notification[TOTAL]:.3f} ms/notification",
+            )
         )
     rows.append(
         (
@@ -136,15 +224,99 @@ def print_table(document: dict[str, Any]) -> None:
             f"{cpu['machine_busy_percent']:.0f} %  (others: {cpu['others_percent']:.0f} %)",
         )
     )
+    rss = document.get("rss_mb", {})
+    if rss:
+        rows.append(
+            (
+                "RSS max (MB; start → max)",
+                "  ".join(
+                    f"{name} {figures['first']:.0f} → {figures['max']:.0f}"
+                    for name, figures in rss.items()
+                ),
+            )
+        )
     depths = "  ".join(f"{q} {n}" for q, n in document["queues"]["max_ready"].items() if n)
     rows.append(("max queue depth (ready)", depths or "0"))
+    drain = document.get("drain")
+    if drain:
+        rows.append(("drain", describe_drain(drain)))
     rows.append(
         (
             "checker",
-            f"lost {checker['lost']}  duplicates {checker['duplicates']}  "
-            f"unexpected {checker['unexpected']}",
+            f"lost {checker['lost']}  not drained {checker.get('not_drained', 0)}  "
+            f"duplicates {checker['duplicates']}  unexpected {checker['unexpected']}",
         )
     )
+    dead = checker.get("dead_letters")
+    if dead:
+        rows.append(("dead letters", "  ".join(f"{q} {n}" for q, n in dead.items())))
+    calibration = document.get("calibration")
+    if calibration:
+        rows += list(describe_calibration(calibration))
+    return rows
+
+
+def describe_drain(drain: dict[str, Any]) -> str:
+    text = {
+        "all delivered": "every owed delivery accepted",
+        "settled": "pipeline settled (nothing in any queue or outbox) with deliveries missing",
+        "stalled": f"no delivery for {drain['stall_seconds']:g} s while work was still queued",
+        "bound": f"drain bound of {drain['bound_seconds']:g} s reached",
+    }.get(drain["reason"], drain["reason"])
+    settled = "settled" if drain["settled"] else "not settled"
+    return f"{text}; {drain['seconds']:.1f} s after the last post ({settled})"
+
+
+def big_room_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    latency = summary["provider_latency_ms"]
+    concurrency = summary["provider_concurrency"] or "unbounded"
+    first_push = summary["first_push_after_201_s"]
+    last_push = summary["last_push_after_201_s"]
+    last_email = summary["last_email_after_201_s"]
+    return [
+        (
+            "big room: provider fake",
+            f"{latency:g} ms per FCM request, at most {concurrency} at once (others wait)",
+        ),
+        (
+            "big room: pushes received",
+            f"{summary['pushes_received']} for {summary['devices']} devices  "
+            f"(devices reached {summary['devices_reached']}; repeats {summary['push_repeats']}, "
+            "i.e. pushes of a collapse id already received)",
+        ),
+        (
+            "big room: e-mails received",
+            f"{summary['emails_received']} for {summary['emails_owed']}  "
+            f"(repeats {summary['email_repeats']})",
+        ),
+        (
+            "big room: last push after the 201",
+            ("none" if last_push is None else f"{last_push:.2f} s")
+            + ("" if first_push is None else f" (first {first_push:.2f} s)")
+            + f"  bound {summary['bound_s']:.2f} s (devices / concurrency * latency + 1 s): "
+            + ("within" if summary["within_bound"] else "NOT within"),
+        ),
+        (
+            "big room: last e-mail after the 201",
+            "none" if last_email is None else f"{last_email:.2f} s",
+        ),
+    ]
+
+
+def print_table(document: dict[str, Any]) -> None:
+    rows = table_rows(document)
+    if document.get("big_room"):
+        rows += big_room_rows(document["big_room"])
+        stats = document.get("provider_stats", {}).get("fcm")
+        if stats:
+            rows.append(
+                (
+                    "big room: at the FCM fake",
+                    f"{stats['send_requests']} sends over {stats['connections']} connections, "
+                    f"at most {stats['max_in_progress']} in progress and "
+                    f"{stats['max_waiting']} waiting at once",
+                )
+            )
     width = max(len(label) for label, _ in rows)
     print()
     for label, value in rows:

@@ -1,14 +1,18 @@
 """One benchmark run, start to finish:
 
 1. a private RabbitMQ vhost and one PostgreSQL database per service on the machine's servers;
-2. the lean FCM + SMTP servers (`bench.fakes`) in a process of their own;
-3. the four services as processes (their production defaults, plus `--env`), PUSH_PROVIDER=fcm
-   and EMAIL_BACKEND=smtp pointed at those servers;
-4. users, devices, preferences and rooms through the API, then a wait until the router's
+2. the calibration (a fixed Python loop, a raw aio-pika loop in that vhost: `bench.calibrate`);
+3. the lean FCM + SMTP servers (`bench.fakes`) in a process of their own;
+4. the four services as processes (their production defaults, plus `--env`), PUSH_PROVIDER=fcm
+   and EMAIL_BACKEND=smtp pointed at those servers, from the working tree's console scripts or,
+   for `--compare`, another checkout's (`bench.compare`);
+5. users, devices, preferences and rooms through the API, then a wait until the router's
    recipient projection has them all;
-5. the load (`bench.load.generate`) while CPU, queue depths and deliveries are sampled;
-6. a drain until every owed delivery was accepted (or `--drain-timeout`), the checker, the report;
-7. everything stopped and removed, whatever happened.
+6. the load (`bench.load.generate`) while CPU, memory, queue depths and deliveries are followed;
+7. the drain (`follow`): until every owed delivery was accepted and the pipeline settled, or no
+   delivery came for `--stall-timeout` seconds, or `--drain-timeout` passed; the checker, the
+   report;
+8. everything stopped and removed, whatever happened.
 """
 
 from __future__ import annotations
@@ -22,36 +26,65 @@ import secrets
 import signal
 import sys
 import time
-import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import asyncpg
-import httpx
 
 from bench import profile
-from bench.checker import (
-    EmailRecord,
-    PushRecord,
-    check,
-    read_email_records,
-    read_push_records,
-)
+from bench.calibrate import calibrate
+from bench.checker import CheckResult, Tally, read_email_records, read_push_records
 from bench.fakes import Endpoints
-from bench.load import LoadPlan, LoadResult, Population, Workload, generate, populate
-from bench.monitor import CpuMonitor, QueueMonitor, pids_named
-from bench.report import latency_summary, print_table, rate, series, write_chart, write_json
+from bench.load import (
+    LoadPlan,
+    LoadResult,
+    Population,
+    Workload,
+    api_session,
+    generate,
+    populate,
+)
+from bench.monitor import (
+    CpuMonitor,
+    QueueMonitor,
+    VhostQueue,
+    rabbitmq_node_pids,
+    vhost_queues,
+)
+from bench.report import (
+    big_room_summary,
+    cpu_per_notification,
+    latency_summary,
+    print_table,
+    rate,
+    series,
+    write_chart,
+    write_json,
+)
+from bench.services import OWN_BIN_DIR, SERVICES, ServiceProcess, free_port
 from herald_shared.events import Channel, notification_id_for
-from herald_shared.topology import CONSUMER_QUEUES
+from herald_shared.topology import CONSUMER_QUEUES, RECIPIENT_UPDATES
 from tests.support import infra
-from tests.support.processes import SERVICES, ServiceProcess, free_port
 
 SAMPLE_INTERVAL = 0.5
+QUEUE_SAMPLE_EVERY = 2  # CPU samples per queue-depth sample (six passive declares: ~3 ms of CPU)
 PROGRESS_INTERVAL = 5.0
-PROJECTION_TIMEOUT = 120.0
+PROJECTION_TIMEOUT = 300.0
+# The drain asks rabbitmqctl whether the pipeline settled once no delivery came for this long (or
+# once everything arrived), then at most every PROBE_INTERVAL.
+QUIET_SECONDS = 5.0
+PROBE_INTERVAL = 5.0
+PROBE_INTERVAL_DELIVERED = 1.0
+LEDGER_PREFETCH = 5000
 PROFILED = ("notification-router", "push-sender", "email-sender", "message-service")
+FAKES_GROUP = "providers (bench.fakes)"
+LOAD_GROUP = "load generator (bench)"
+RABBIT_GROUP = "rabbitmq (whole node, shared)"
+POSTGRES_GROUP = "postgres (our backends)"
+SCENARIOS = ("default", "big-room")
 
 
 @dataclass(frozen=True)
@@ -63,11 +96,18 @@ class Options:
     room_size: int
     email_share: float
     connections: int
-    drain_timeout: float
+    drain_timeout: float  # the drain's upper bound
     out: Path
     env: dict[str, str] = field(default_factory=dict)
     profile_seconds: int = 0
     command: str = "scripts/bench"
+    stall_timeout: float = 120.0
+    scenario: str = "default"
+    fcm_latency: float = 0.0  # seconds per FCM send at the fake
+    fcm_concurrency: int = 0  # FCM sends at once at the fake; 0: unbounded
+    calibrate: bool = True
+    compare: str | None = None  # a git ref
+    compare_runs: int = 2  # runs of each side
 
 
 def _pg(url: str) -> str:
@@ -109,11 +149,11 @@ def service_environments(
 
 @dataclass
 class Deliveries:
-    """The providers' record files, followed while the run goes on."""
+    """The providers' record files, followed while the run goes on, fed to the tally as they grow
+    (no record is kept: the tally keeps one slot per notification)."""
 
     directory: Path
-    pushes: list[PushRecord] = field(default_factory=list)
-    emails: list[EmailRecord] = field(default_factory=list)
+    tally: Tally
     _push_offset: int = 0
     _email_offset: int = 0
 
@@ -124,8 +164,10 @@ class Deliveries:
         emails, self._email_offset = read_email_records(
             self.directory / "email.tsv", self._email_offset
         )
-        self.pushes += pushes
-        self.emails += emails
+        for push in pushes:
+            self.tally.push(push)
+        for email in emails:
+            self.tally.email(email)
 
 
 @dataclass
@@ -133,18 +175,23 @@ class Stack:
     """Everything a run starts, so that `teardown` can stop and remove all of it."""
 
     directory: Path
+    bin_dir: Path = OWN_BIN_DIR
     rabbit_url: str = ""
     databases: dict[str, str] = field(default_factory=dict)
     fakes: asyncio.subprocess.Process | None = None
     services: dict[str, ServiceProcess] = field(default_factory=dict)
 
-    async def start_fakes(self) -> Endpoints:
+    async def start_fakes(self, *, fcm_latency: float, fcm_concurrency: int) -> Endpoints:
         self.fakes = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "bench.fakes",
             "--dir",
             str(self.directory / "providers"),
+            "--fcm-latency",
+            str(fcm_latency),
+            "--fcm-concurrency",
+            str(fcm_concurrency),
             stdout=asyncio.subprocess.PIPE,
             start_new_session=True,  # Ctrl-C reaches only us; we stop it in order
         )
@@ -153,15 +200,18 @@ class Stack:
         line = await asyncio.wait_for(self.fakes.stdout.readline(), 30)
         if not line:
             raise RuntimeError("the local provider servers did not start")
-        endpoints = Endpoints(**json.loads(line))
-        return endpoints
+        return Endpoints(**json.loads(line))
 
     async def start_services(self, environments: dict[str, dict[str, str]]) -> None:
         logs = self.directory / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         for name in SERVICES:
             self.services[name] = ServiceProcess(
-                name=name, port=free_port(), env=environments[name], log_path=logs / f"{name}.log"
+                name=name,
+                port=free_port(),
+                env=environments[name],
+                log_path=logs / f"{name}.log",
+                bin_dir=self.bin_dir,
             )
             self.services[name].start()
         await asyncio.gather(
@@ -175,10 +225,7 @@ class Stack:
             if service.process is not None
         }
 
-    async def teardown(self) -> dict[str, int]:
-        exit_codes = {}
-        for name, service in self.services.items():
-            exit_codes[name] = await asyncio.to_thread(service.stop)
+    async def stop_fakes(self) -> None:
         if self.fakes is not None and self.fakes.returncode is None:
             self.fakes.send_signal(signal.SIGTERM)
             try:
@@ -186,6 +233,12 @@ class Stack:
             except TimeoutError:
                 self.fakes.kill()
                 await self.fakes.wait()
+
+    async def teardown(self) -> dict[str, int]:
+        exit_codes = {}
+        for name, service in self.services.items():
+            exit_codes[name] = await asyncio.to_thread(service.stop)
+        await self.stop_fakes()
         for url in self.databases.values():
             with contextlib.suppress(Exception):
                 await infra.drop_database(url)
@@ -195,10 +248,73 @@ class Stack:
         return exit_codes
 
 
-async def wait_for_projection(router_db: str, population: Population) -> None:
+async def outbox_pending(message_db: str) -> int | None:
+    """Unpublished outbox rows of the message-service, or None if they cannot be read."""
+    try:
+        connection = await asyncpg.connect(_pg(message_db))
+    except (OSError, asyncpg.PostgresError):
+        return None
+    try:
+        count = await connection.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+        return int(count)
+    except asyncpg.PostgresError:  # the table is the message-service's to change
+        return None
+    finally:
+        await connection.close()
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Whether the pipeline still holds work: every queue of the vhost (dead-letter queues aside,
+    which hold what will never come by itself) and the outbox."""
+
+    queues: tuple[VhostQueue, ...]
+    outbox_pending: int | None  # None: not readable
+    queues_known: bool = True  # False: rabbitmqctl failed, nothing can be proven
+
+    @property
+    def settled(self) -> bool:
+        return (
+            self.queues_known
+            and self.outbox_pending == 0
+            and all(
+                queue.ready == 0 and queue.unacknowledged == 0
+                for queue in self.queues
+                if not queue.dead_letter
+            )
+        )
+
+    def dead_letters(self) -> dict[str, int]:
+        return {
+            queue.name: queue.ready + queue.unacknowledged
+            for queue in self.queues
+            if queue.dead_letter and queue.ready + queue.unacknowledged
+        }
+
+    def holding(self) -> dict[str, list[int]]:
+        return {
+            queue.name: [queue.ready, queue.unacknowledged]
+            for queue in self.queues
+            if not queue.dead_letter and queue.ready + queue.unacknowledged
+        }
+
+
+async def probe(stack: Stack) -> Probe:
+    outbox = await outbox_pending(stack.databases["message-service"])
+    try:
+        queues = await vhost_queues(stack.rabbit_url)
+    except (RuntimeError, OSError, TimeoutError) as exc:
+        _say(f"listing the vhost's queues failed ({type(exc).__name__}): not settled")
+        return Probe((), outbox, queues_known=False)
+    return Probe(tuple(queues), outbox)
+
+
+async def wait_for_projection(stack: Stack, population: Population) -> None:
     """The router learns users from `user.updated`: wait until it knows every device and every
-    e-mail preference, or the first messages would be routed on a partial projection."""
-    connection = await asyncpg.connect(_pg(router_db))
+    e-mail preference, or the first messages would be routed on a partial projection. Reads the
+    router's `recipients` table; if that is not readable (the router's to change), waits until the
+    outbox and the router's `user.updated` queue are empty instead."""
+    connection = await asyncpg.connect(_pg(stack.databases["notification-router"]))
     try:
 
         async def complete() -> bool:
@@ -212,20 +328,25 @@ async def wait_for_projection(router_db: str, population: Population) -> None:
                 and row["emails"] == population.email_users
             )
 
-        await infra.wait_until(complete, timeout=PROJECTION_TIMEOUT, interval=0.5)
+        try:
+            await infra.wait_until(complete, timeout=PROJECTION_TIMEOUT, interval=0.5)
+            return
+        except asyncpg.PostgresError as exc:
+            _say(f"router projection not readable ({type(exc).__name__}): waiting for its queue")
     finally:
         await connection.close()
 
+    async def drained() -> bool:
+        if await outbox_pending(stack.databases["message-service"]) != 0:
+            return False
+        queues = await vhost_queues(stack.rabbit_url)
+        return all(
+            queue.ready == 0 and queue.unacknowledged == 0
+            for queue in queues
+            if queue.name == RECIPIENT_UPDATES.name
+        )
 
-def owed(population: Population, load: LoadResult) -> tuple[int, int]:
-    """(pushes, e-mails) the posted messages are owed."""
-    pushes = emails = 0
-    for message in load.posted:
-        for member in population.rooms[message.room].members:
-            if member != message.sender:
-                pushes += 1
-                emails += population.users[member].email_enabled
-    return pushes, emails
+    await infra.wait_until(drained, timeout=PROJECTION_TIMEOUT, interval=2)
 
 
 async def sample_loop(
@@ -236,63 +357,233 @@ async def sample_loop(
     pg_admin: asyncpg.Connection,
     databases: list[str],
 ) -> None:
-    while not stop.is_set():
+    """CPU and memory every SAMPLE_INTERVAL, and once more when `stop` is set; queue depths every
+    QUEUE_SAMPLE_EVERY of those."""
+    tick = 0
+    while True:
         backends = await pg_admin.fetch(
             "SELECT pid FROM pg_stat_activity WHERE datname = ANY($1::text[])", databases
         )
-        cpu.sample({**groups, "postgres (our backends)": [row["pid"] for row in backends]})
-        try:
-            await queues.sample()
-        except Exception as exc:  # a sample lost is not a run lost
-            _say(f"queue sample failed: {type(exc).__name__}")
+        cpu.sample({**groups, POSTGRES_GROUP: [row["pid"] for row in backends]})
+        if stop.is_set():
+            return
+        if tick % QUEUE_SAMPLE_EVERY == 0:
+            try:
+                await queues.sample()
+            except Exception as exc:  # a sample lost is not a run lost
+                _say(f"queue sample failed: {type(exc).__name__}")
+        tick += 1
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), SAMPLE_INTERVAL)
 
 
-async def run(options: Options) -> int:
+@dataclass
+class Drain:
+    """How the drain ended. `reason`: "all delivered", "settled" (deliveries missing, nothing left
+    anywhere to bring them), "stalled" (no delivery for `stall_seconds` while work was still
+    queued) or "bound" (`bound_seconds` after the last post)."""
+
+    reason: str
+    seconds: float  # from the end of posting
+    bound_seconds: float
+    stall_seconds: float
+    last_probe: Probe | None = None
+
+    @property
+    def settled(self) -> bool:
+        return self.last_probe is not None and self.last_probe.settled
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "reason": self.reason,
+            "seconds": round(self.seconds, 2),
+            "settled": self.settled,
+            "bound_seconds": self.bound_seconds,
+            "stall_seconds": self.stall_seconds,
+            "queues_holding_at_end": self.last_probe.holding() if self.last_probe else None,
+            "outbox_pending_at_end": self.last_probe.outbox_pending if self.last_probe else None,
+        }
+
+
+async def follow(
+    *,
+    load_task: asyncio.Task[LoadResult],
+    load: LoadResult,
+    tally: Tally,
+    deliveries: Deliveries,
+    stack: Stack,
+    options: Options,
+    on_delivered: Callable[[], None],
+) -> Drain:
+    """Feed the tally while posting, then drain: until every owed delivery was accepted and the
+    pipeline settled (so that late repeats are seen too), or the pipeline settled with deliveries
+    missing (they are lost), or no delivery came for `stall_timeout` s, or `drain_timeout` s
+    passed (what is missing then is not drained, unless the pipeline had settled)."""
+    start = time.monotonic()
+    last_report = start
+    registered = 0
+    last_count = -1
+    last_progress = start
+    drain_started: float | None = None
+    delivered_signalled = False
+    next_probe = probed_at = 0.0
+    last_probe: Probe | None = None
+
+    def ended(reason: str) -> Drain:
+        return Drain(
+            reason=reason,
+            seconds=time.monotonic() - (drain_started or start),
+            bound_seconds=options.drain_timeout,
+            stall_seconds=options.stall_timeout,
+            last_probe=last_probe,
+        )
+
+    while True:
+        if load_task.done():
+            await asyncio.sleep(SAMPLE_INTERVAL)
+        else:
+            await asyncio.wait({load_task}, timeout=SAMPLE_INTERVAL)
+        for message in load.posted[registered:]:
+            tally.register(message)
+        registered = len(load.posted)
+        deliveries.poll()
+        now = time.monotonic()
+        count = tally.push_records + tally.email_records + tally.unexpected
+        if count != last_count:
+            last_count, last_progress = count, now
+        if load_task.done():
+            load_task.result()  # a failed load fails the run
+            if drain_started is None:
+                drain_started = now
+                _say(
+                    f"posted {len(load.posted)} messages; draining (while deliveries progress, "
+                    f"at most {options.drain_timeout:g} s)"
+                )
+            delivered = tally.all_delivered
+            if delivered and not delivered_signalled:
+                delivered_signalled = True
+                on_delivered()
+            quiet = now - last_progress
+            if (delivered or quiet >= QUIET_SECONDS) and now >= next_probe:
+                last_probe = await probe(stack)
+                now = probed_at = time.monotonic()
+                next_probe = now + (PROBE_INTERVAL_DELIVERED if delivered else PROBE_INTERVAL)
+                if last_probe.settled:
+                    return ended("all delivered" if delivered else "settled")
+            stalled = quiet >= options.stall_timeout
+            if stalled or now - drain_started > options.drain_timeout:
+                if now - probed_at > PROBE_INTERVAL_DELIVERED:  # the state at the end, to judge
+                    last_probe = await probe(stack)
+                if delivered:
+                    return ended("all delivered")
+                if last_probe is not None and last_probe.settled:
+                    return ended("settled")
+                return ended("stalled" if stalled else "bound")
+        if now - last_report >= PROGRESS_INTERVAL:
+            last_report = now
+            _say(
+                f"t={now - start:5.1f} s  pushes accepted {tally.pushes_accepted}/"
+                f"{tally.owed_pushes}  e-mails accepted {tally.emails_accepted}/"
+                f"{tally.owed_emails}"
+            )
+
+
+async def read_ledger(router_db: str, tally: Tally) -> dict[str, int]:
+    """Feed every (message_id, recipient_id) of the router's ledger to the tally (streamed, not
+    held), and the deliveries the ledger marks failed; its deliveries counted by status. Tables
+    the router no longer has are skipped (the tally then does not check the ledger)."""
+    connection = await asyncpg.connect(_pg(router_db))
+    try:
+        try:
+            async with connection.transaction():
+                async for row in connection.cursor(
+                    "SELECT message_id, recipient_id FROM notifications", prefetch=LEDGER_PREFETCH
+                ):
+                    tally.ledger_row(row[0], row[1])
+        except asyncpg.PostgresError as exc:  # the table is the router's to change
+            _say(f"router ledger not readable ({type(exc).__name__}): not checked")
+        try:
+            failed = await connection.fetch(
+                "SELECT message_id, recipient_id, channel FROM notification_deliveries"
+                " WHERE status = 'failed'"
+            )
+            for row in failed:
+                tally.delivery_failed(row[0], row[1], row[2])
+            statuses = await connection.fetch(
+                "SELECT channel || ':' || status AS key, count(*) AS n"
+                " FROM notification_deliveries GROUP BY 1"
+            )
+        except asyncpg.PostgresError:
+            statuses = []
+    finally:
+        await connection.close()
+    return {row["key"]: row["n"] for row in statuses}
+
+
+def workload_of(options: Options) -> Workload:
+    return Workload(options.rooms, options.room_size, options.email_share)
+
+
+async def run_once(
+    options: Options, *, bin_dir: Path = OWN_BIN_DIR, label: str = ""
+) -> tuple[dict[str, Any], int]:
+    """One run with the services of `bin_dir`: its document (also written as JSON and PNG, and
+    printed as a table) and its exit status (0 ok, 1 lost/duplicated/unexpected, 2 not drained)."""
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     run_id = secrets.token_hex(3)
     directory = (options.out / f"{stamp}-{run_id}").resolve()
     directory.mkdir(parents=True, exist_ok=True)
-    workload = Workload(options.rooms, options.room_size, options.email_share)
+    workload = workload_of(options)
     messages_per_second = options.rate / workload.recipients_per_message
-    stack = Stack(directory)
+    stack = Stack(directory, bin_dir=bin_dir)
     exit_codes: dict[str, int] = {}
     try:
         stack.rabbit_url = await asyncio.to_thread(infra.create_vhost)
         for name in SERVICES:
             stack.databases[name] = await infra.create_database()
-        endpoints = await stack.start_fakes()
+        calibration: dict[str, Any] = {}
+        if options.calibrate:
+            _say("calibrating (a fixed Python loop, then aio-pika on this vhost)")
+            calibration = (await calibrate(stack.rabbit_url)).as_dict()
+        endpoints = await stack.start_fakes(
+            fcm_latency=options.fcm_latency, fcm_concurrency=options.fcm_concurrency
+        )
         environments = service_environments(
             rabbit_url=stack.rabbit_url,
             databases=stack.databases,
             endpoints=endpoints,
             extra=options.env,
         )
-        _say(f"starting the four services (logs in {directory / 'logs'})")
+        _say(
+            f"starting the four services of {label or 'the working tree'} "
+            f"(logs in {directory / 'logs'})"
+        )
         await stack.start_services(environments)
         pids = stack.pids()
         _say("pids: " + ", ".join(f"{name} {pid}" for name, pid in pids.items()))
         api = stack.services["message-service"].base_url
-        limits = httpx.Limits(
-            max_connections=options.connections, max_keepalive_connections=options.connections
-        )
-        async with httpx.AsyncClient(base_url=api, timeout=30, limits=limits) as client:
+        async with api_session(api, options.connections) as session:
             _say(f"setting up {workload.users} users in {workload.rooms} rooms")
-            population = await populate(client, workload, run_id)
-            await wait_for_projection(stack.databases["notification-router"], population)
+            population = await populate(session, workload, run_id)
+            await wait_for_projection(stack, population)
 
-            deliveries = Deliveries(directory / "providers")
+            tally = Tally(
+                population,
+                email_notification_id=lambda message_id, recipient_id: notification_id_for(
+                    message_id=message_id, recipient_id=recipient_id, channel=Channel.EMAIL
+                ),
+            )
+            deliveries = Deliveries(directory / "providers", tally)
             deliveries.poll()  # nothing yet: setup sends no notification
-            cpu = CpuMonitor()
-            queues = QueueMonitor(stack.rabbit_url, tuple(q.name for q in CONSUMER_QUEUES))
             fakes_pid = stack.fakes.pid if stack.fakes is not None else 0
             groups = {
                 **{name: [pid] for name, pid in pids.items()},
-                "providers (bench.fakes)": [fakes_pid],
-                "load generator (bench)": [os.getpid()],
-                "rabbitmq (whole node, shared)": pids_named("beam.smp"),
+                FAKES_GROUP: [fakes_pid],
+                LOAD_GROUP: [os.getpid()],
+                RABBIT_GROUP: rabbitmq_node_pids(),
             }
+            cpu = CpuMonitor(rss_groups=(*SERVICES, FAKES_GROUP, LOAD_GROUP, RABBIT_GROUP))
+            queues = QueueMonitor(stack.rabbit_url, tuple(q.name for q in CONSUMER_QUEUES))
             pg_admin = await asyncpg.connect(infra.PG_ADMIN_URL)
             stop_sampling = asyncio.Event()
             sampler = asyncio.create_task(
@@ -316,111 +607,48 @@ async def run(options: Options) -> int:
                 f"posting up to {plan.count} messages for at most {plan.duration:g} s at "
                 + (f"{options.rate:g} notifications/s" if options.rate else "full speed")
             )
-            load_task = asyncio.create_task(generate(client, population, plan))
-            await follow(load_task, deliveries, population, options.drain_timeout)
-            load = load_task.result()
-            await settle_ledger(stack.databases["notification-router"], load, workload)
+            load = LoadResult()
+            load_task = asyncio.create_task(generate(session, population, plan, load))
+            drain = await follow(
+                load_task=load_task,
+                load=load,
+                tally=tally,
+                deliveries=deliveries,
+                stack=stack,
+                options=options,
+                # CPU and memory up to the last delivery, not while the drain makes sure nothing
+                # else comes
+                on_delivered=stop_sampling.set,
+            )
             stop_sampling.set()
             await sampler
             await queues.close()
             await pg_admin.close()
             profiles = await profiling
             deliveries.poll()
-            ledger_keys, delivery_status = await read_ledger(stack.databases["notification-router"])
+            delivery_status = await read_ledger(stack.databases["notification-router"], tally)
+        await stack.stop_fakes()  # writes its stats
+        provider_stats = _read_json(directory / "providers" / "stats.json")
 
-        result = check(
+        result = tally.result(settled=drain.settled)
+        document = build_document(
+            options=options,
+            stamp=stamp,
+            label=label,
+            bin_dir=bin_dir,
+            workload=workload,
             population=population,
-            posted=load.posted,
-            pushes=deliveries.pushes,
-            emails=deliveries.emails,
-            ledger_keys=ledger_keys,
-            email_notification_id=lambda message_id, recipient_id: notification_id_for(
-                message_id=message_id, recipient_id=recipient_id, channel=Channel.EMAIL
-            ),
+            load=load,
+            tally=tally,
+            result=result,
+            cpu=cpu,
+            queues=queues,
+            drain=drain,
+            calibration=calibration,
+            profiles=profiles,
+            delivery_status=delivery_status,
+            provider_stats=provider_stats,
         )
-        accepted = [message.accepted_at for message in load.posted]
-        first_accept = min(accepted, default=load.started_at)
-        ours = sum(account.seconds for account in cpu.accounts.values())
-        wall = max(cpu.wall, 1e-9)
-        document: dict[str, Any] = {
-            "title": f"{options.command}  ({stamp})",
-            "command": options.command,
-            "started_at": stamp,
-            "machine": {
-                "cpus": os.cpu_count(),
-                "processor": _processor(),
-                "python": platform.python_version(),
-                "load_average_at_start": list(os.getloadavg()),
-            },
-            "config": {
-                "count": options.count,
-                "duration": options.duration,
-                "rate_notifications_per_s": options.rate,
-                "rate_messages_per_s": round(messages_per_second, 2),
-                "rooms": options.rooms,
-                "room_size": options.room_size,
-                "recipients_per_message": workload.recipients_per_message,
-                "users": workload.users,
-                "email_users": population.email_users,
-                "connections": options.connections,
-                "service_env": options.env,
-            },
-            "messages": {
-                "posted": len(load.posted),
-                "http_errors": load.errors,
-                "posting_seconds": round(load.finished_at - load.started_at, 2),
-            },
-            "notifications": {
-                "expected": result.notifications_expected,
-                "completed": result.completed,
-                "target_offered_per_s": options.rate,
-                "offered_per_s": rate(
-                    len(accepted) * workload.recipients_per_message,
-                    first_accept,
-                    max(accepted, default=first_accept),
-                ),
-                "sustained_per_s": rate(
-                    result.completed, first_accept, max(result.completed_at, default=first_accept)
-                ),
-            },
-            "latency_ms": {
-                "http_post": latency_summary(message.request_seconds for message in load.posted),
-                "push": latency_summary(latency for _, latency in result.push_latency),
-                "email": latency_summary(latency for _, latency in result.email_latency),
-            },
-            "cpu": {
-                "wall_seconds": round(wall, 2),
-                "processes": {
-                    name: {
-                        "seconds": round(account.seconds, 2),
-                        "percent_of_one_core": round(100 * account.seconds / wall, 1),
-                    }
-                    for name, account in cpu.accounts.items()
-                },
-                "machine_busy_percent": round(100 * cpu.machine_busy / wall, 1),
-                "others_percent": round(100 * max(0.0, cpu.machine_busy - ours) / wall, 1),
-            },
-            "queues": {
-                "max_ready": queues.depths.max(),
-            },
-            "checker": {
-                "lost": result.lost,
-                "duplicates": result.duplicates,
-                "duplicates_by_kind": dict(result.duplicates_by_kind),
-                "unexpected": result.unexpected,
-                "lost_by_part": dict(result.lost_by_part),
-                "lost_message_ids": result.lost_message_ids,
-                "router_delivery_status": delivery_status,
-            },
-            "profile": profiles,
-            "series": series(
-                start=load.started_at,
-                accepted_at=accepted,
-                recipients_per_message=workload.recipients_per_message,
-                check=result,
-                queues=queues.depths,
-            ),
-        }
     finally:
         _say("stopping the services and removing the vhost and databases")
         exit_codes = await stack.teardown()
@@ -432,86 +660,184 @@ async def run(options: Options) -> int:
     write_chart(document, chart_path)
     print_table(document)
     _say(f"JSON: {json_path}   chart: {chart_path}   logs: {directory / 'logs'}")
-    ok = result.lost == 0 and result.duplicates == 0 and result.unexpected == 0
-    if not ok:
+    if result.lost or result.duplicates or result.unexpected:
         _say("FAILED: the checker found lost, duplicated or unexpected notifications")
-    return 0 if ok else 1
+        return document, 1
+    if result.not_drained:
+        _say(
+            f"INCOMPLETE: {result.not_drained} notifications not drained (still on their way when "
+            "the drain ended; not lost): a longer --drain-timeout or --stall-timeout would wait"
+        )
+        return document, 2
+    return document, 0
 
 
-async def follow(
-    load_task: asyncio.Task[LoadResult],
-    deliveries: Deliveries,
+def build_document(
+    *,
+    options: Options,
+    stamp: str,
+    label: str,
+    bin_dir: Path,
+    workload: Workload,
     population: Population,
-    drain_timeout: float,
-) -> None:
-    """Report progress while posting; then wait until every owed delivery was accepted, or the
-    drain timeout passes (the checker then counts what is missing as lost)."""
-    start = time.monotonic()
-    last_report = start
-    drain_deadline: float | None = None
-    while True:
-        if load_task.done():
-            await asyncio.sleep(SAMPLE_INTERVAL)
-        else:
-            await asyncio.wait({load_task}, timeout=SAMPLE_INTERVAL)
-        deliveries.poll()
-        now = time.monotonic()
-        if load_task.done():
-            load = load_task.result()
-            pushes, emails = owed(population, load)
-            if drain_deadline is None:
-                drain_deadline = now + drain_timeout
-                _say(f"posted {len(load.posted)} messages; draining")
-            if len(deliveries.pushes) >= pushes and len(deliveries.emails) >= emails:
-                return
-            if now > drain_deadline:
-                _say("drain timeout: what is missing now counts as lost")
-                return
-        if now - last_report >= PROGRESS_INTERVAL:
-            last_report = now
-            _say(
-                f"t={now - start:5.1f} s  pushes accepted {len(deliveries.pushes)}  "
-                f"e-mails accepted {len(deliveries.emails)}"
-            )
+    load: LoadResult,
+    tally: Tally,
+    result: CheckResult,
+    cpu: CpuMonitor,
+    queues: QueueMonitor,
+    drain: Drain,
+    calibration: dict[str, Any],
+    profiles: dict[str, Any],
+    delivery_status: dict[str, int],
+    provider_stats: dict[str, Any],
+) -> dict[str, Any]:
+    accepted = [message.accepted_at for message in load.posted]
+    first_accept = min(accepted, default=load.started_at)
+    ours = sum(account.seconds for account in cpu.accounts.values())
+    wall = max(cpu.wall, 1e-9)
+    seconds = {name: account.seconds for name, account in cpu.accounts.items()}
+    document: dict[str, Any] = {
+        "title": f"{options.command}  ({stamp})" + (f"  [{label}]" if label else ""),
+        "command": options.command,
+        "scenario": options.scenario,
+        "started_at": stamp,
+        "services": {"label": label, "bin_dir": str(bin_dir)},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "processor": _processor(),
+            "python": platform.python_version(),
+            "load_average_at_start": list(os.getloadavg()),
+        },
+        "calibration": calibration,
+        "config": {
+            "count": options.count,
+            "duration": options.duration,
+            "rate_notifications_per_s": options.rate,
+            "rate_messages_per_s": round(options.rate / workload.recipients_per_message, 2),
+            "rooms": options.rooms,
+            "room_size": options.room_size,
+            "recipients_per_message": workload.recipients_per_message,
+            "users": workload.users,
+            "email_users": population.email_users,
+            "connections": options.connections,
+            "drain_timeout": options.drain_timeout,
+            "stall_timeout": options.stall_timeout,
+            "fcm_latency_s": options.fcm_latency,
+            "fcm_concurrency": options.fcm_concurrency,
+            "service_env": options.env,
+        },
+        "messages": {
+            "posted": len(load.posted),
+            "http_errors": load.errors,
+            "posting_seconds": round(load.finished_at - load.started_at, 2),
+        },
+        "notifications": {
+            "expected": result.notifications_expected,
+            "completed": result.completed,
+            "target_offered_per_s": options.rate,
+            "offered_per_s": rate(
+                len(accepted) * workload.recipients_per_message,
+                first_accept,
+                max(accepted, default=first_accept),
+            ),
+            "sustained_per_s": rate(
+                result.completed, first_accept, max(result.completed_at, default=first_accept)
+            ),
+        },
+        "latency_ms": {
+            "http_post": latency_summary(message.request_seconds for message in load.posted),
+            "post_behind_schedule": latency_summary(
+                message.behind_seconds for message in load.posted
+            ),
+            "push": latency_summary(result.push_latency),
+            "email": latency_summary(result.email_latency),
+        },
+        "cpu": {
+            "wall_seconds": round(wall, 2),
+            "processes": {
+                name: {
+                    "seconds": round(account.seconds, 2),
+                    "percent_of_one_core": round(100 * account.seconds / wall, 1),
+                }
+                for name, account in cpu.accounts.items()
+            },
+            # CPU from the start of the load to the last delivery (or the end of the drain)
+            # divided by the notifications completed.
+            "per_notification_ms": cpu_per_notification(seconds, result.completed),
+            "machine_busy_percent": round(100 * cpu.machine_busy / wall, 1),
+            "others_percent": round(100 * max(0.0, cpu.machine_busy - ours) / wall, 1),
+        },
+        "rss_mb": {
+            name: {
+                "first": round(account.first / 2**20, 1),
+                "max": round(account.max / 2**20, 1),
+                "last": round(account.last / 2**20, 1),
+            }
+            for name, account in cpu.rss.items()
+            if account.max
+        },
+        "queues": {
+            "max_ready": queues.depths.max(),
+        },
+        "drain": drain.as_dict(),
+        "checker": {
+            "lost": result.lost,
+            "not_drained": result.not_drained,
+            "settled": result.settled,
+            "duplicates": result.duplicates,
+            "duplicates_by_kind": dict(result.duplicates_by_kind),
+            "unexpected": result.unexpected,
+            "lost_by_part": dict(result.lost_by_part),
+            "not_drained_by_part": dict(result.not_drained_by_part),
+            "lost_message_ids": result.lost_message_ids,
+            "not_drained_message_ids": result.not_drained_message_ids,
+            "ledger_checked": tally.ledger_read,
+            "router_delivery_status": delivery_status,
+            "dead_letters": drain.last_probe.dead_letters() if drain.last_probe else None,
+        },
+        "provider_stats": provider_stats,
+        "profile": profiles,
+        "series": series(
+            start=load.started_at,
+            accepted_at=accepted,
+            recipients_per_message=workload.recipients_per_message,
+            check=result,
+            queues=queues.depths,
+        ),
+    }
+    if options.scenario == "big-room":
+        first = tally.messages[0] if tally.messages else None
+        document["big_room"] = big_room_summary(
+            devices=tally.owed_pushes,
+            emails_owed=tally.owed_emails,
+            pushes_received=tally.push_records,
+            devices_reached=tally.pushes_accepted,
+            emails_received=tally.email_records,
+            emails_distinct=tally.emails_accepted,
+            first_push_after_201=(
+                min(result.push_accepted_at) - first.accepted_at
+                if first and result.push_accepted_at
+                else None
+            ),
+            last_push_after_201=(
+                tally.last_push_at - first.accepted_at if first and tally.last_push_at else None
+            ),
+            last_email_after_201=(
+                tally.last_email_at - first.accepted_at if first and tally.last_email_at else None
+            ),
+            provider_latency=options.fcm_latency,
+            provider_concurrency=options.fcm_concurrency,
+        )
+    return document
 
 
-async def settle_ledger(router_db: str, load: LoadResult, workload: Workload) -> None:
-    """The ledger row is written before the jobs are published, so it is there by now; a short
-    wait covers a router that commits rows and publishes jobs in a different order."""
-    expected = len(load.posted) * workload.recipients_per_message
-    connection = await asyncpg.connect(_pg(router_db))
-    try:
+async def run(options: Options) -> int:
+    if options.compare:
+        from bench.compare import run_compare
 
-        async def complete() -> bool:
-            count = await connection.fetchval("SELECT count(*) FROM notifications")
-            return bool(count >= expected)
-
-        with contextlib.suppress(TimeoutError):
-            await infra.wait_until(complete, timeout=15, interval=0.2)
-    finally:
-        await connection.close()
-
-
-async def read_ledger(
-    router_db: str,
-) -> tuple[list[tuple[uuid.UUID, uuid.UUID]], dict[str, int]]:
-    """Every (message_id, recipient_id) of the ledger, and its deliveries counted by status."""
-    connection = await asyncpg.connect(_pg(router_db))
-    try:
-        rows = await connection.fetch("SELECT message_id, recipient_id FROM notifications")
-        try:
-            statuses = await connection.fetch(
-                "SELECT channel || ':' || status AS key, count(*) AS n"
-                " FROM notification_deliveries GROUP BY 1"
-            )
-        except asyncpg.PostgresError:  # the table is the router's to change
-            statuses = []
-    finally:
-        await connection.close()
-    return (
-        [(row["message_id"], row["recipient_id"]) for row in rows],
-        {row["key"]: row["n"] for row in statuses},
-    )
+        return await run_compare(options)
+    _, status = await run_once(options)
+    return status
 
 
 async def start_profiles(options: Options, pids: dict[str, int], directory: Path) -> dict[str, Any]:
@@ -531,6 +857,13 @@ async def start_profiles(options: Options, pids: dict[str, int], directory: Path
             summary = profile.summarise(path.read_text())
             summaries[name] = {"file": str(path), **summary.__dict__}
     return summaries
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    with contextlib.suppress(OSError, ValueError):
+        document: dict[str, Any] = json.loads(path.read_text())
+        return document
+    return {}
 
 
 def _processor() -> str:

@@ -1,6 +1,7 @@
-"""A short run of the benchmark command, so that it keeps working: it starts the four services on
-a private vhost and databases, posts a few messages and checks every notification arrived once.
-The figures it measures are not asserted (timed assertions would be flaky on shared CI)."""
+"""A short run of the benchmark command, so that it keeps working: it calibrates, starts the four
+services on a private vhost and databases, posts a few messages and checks every notification
+arrived once and the pipeline settled. The figures it measures are not asserted (timed assertions
+would be flaky on shared CI), only that they are there."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def test_a_small_benchmark_run_completes_with_nothing_lost_or_duplicated(tmp_pat
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=110,
+        timeout=150,
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
 
@@ -52,20 +53,27 @@ def test_a_small_benchmark_run_completes_with_nothing_lost_or_duplicated(tmp_pat
         "checker",
         "series",
         "chart",
+        "calibration",
+        "rss_mb",
+        "drain",
     } <= report.keys()
     assert report["messages"]["posted"] == 20
     assert report["notifications"]["expected"] == 20 * 9
     assert report["notifications"]["completed"] == 20 * 9
     assert report["checker"]["lost"] == 0
+    assert report["checker"]["not_drained"] == 0
     assert report["checker"]["duplicates"] == 0
     assert report["checker"]["unexpected"] == 0
     assert report["latency_ms"]["push"]["count"] == 20 * 9
-    assert set(report["cpu"]["processes"]) >= {
-        "message-service",
-        "notification-router",
-        "push-sender",
-        "email-sender",
-    }
+    services = {"message-service", "notification-router", "push-sender", "email-sender"}
+    assert set(report["cpu"]["processes"]) >= services
+    assert set(report["cpu"]["per_notification_ms"]) >= {*services, "total"}
+    assert set(report["rss_mb"]) >= services
+    assert (report["drain"]["reason"], report["drain"]["settled"]) == ("all delivered", True)
+    assert report["calibration"]["python_loop_ms"] > 0
+    assert report["calibration"]["amqp_messages_per_s"] > 0
+    assert "ms/notification" in completed.stdout
+    assert "calibration: aio-pika loop" in completed.stdout
     assert Path(report["chart"]).stat().st_size > 0
     assert report["service_exit_codes"] == dict.fromkeys(
         ["message-service", "notification-router", "push-sender", "email-sender"], 0

@@ -1,0 +1,137 @@
+"""The benchmark's arithmetic: CPU per notification, the big-room bound, the comparison."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from bench.compare import comparison
+from bench.monitor import VhostQueue
+from bench.report import TOTAL, big_room_rows, big_room_summary, cpu_per_notification, table_rows
+from bench.run import Probe
+
+
+def test_cpu_per_notification_is_each_process_and_the_total_in_ms() -> None:
+    figures = cpu_per_notification({"router": 2.0, "push-sender": 1.0, "rabbitmq": 0.5}, 1000)
+    assert figures == {"router": 2.0, "push-sender": 1.0, "rabbitmq": 0.5, TOTAL: 3.5}
+    assert cpu_per_notification({"router": 1.0}, 0) == {}
+
+
+def summary(**changes: Any) -> dict[str, Any]:
+    arguments: dict[str, Any] = {
+        "devices": 999,
+        "emails_owed": 999,
+        "pushes_received": 999,
+        "devices_reached": 999,
+        "emails_received": 999,
+        "emails_distinct": 999,
+        "first_push_after_201": 0.4,
+        "last_push_after_201": 1.9,
+        "last_email_after_201": 20.0,
+        "provider_latency": 0.05,
+        "provider_concurrency": 50,
+        **changes,
+    }
+    return big_room_summary(**arguments)
+
+
+def test_big_room_bound_is_devices_over_concurrency_times_latency_plus_one_second() -> None:
+    within = summary()
+    assert within["bound_s"] == pytest.approx(999 / 50 * 0.05 + 1)
+    assert within["within_bound"]
+    assert (within["push_repeats"], within["email_repeats"]) == (0, 0)
+
+    late = summary(pushes_received=1121, last_push_after_201=78.0, emails_received=1000)
+    assert not late["within_bound"]
+    assert (late["push_repeats"], late["email_repeats"]) == (122, 1)
+    assert summary(provider_concurrency=0)["bound_s"] == pytest.approx(1.05)
+    assert not summary(last_push_after_201=None)["within_bound"]
+
+
+def run_document(sustained: float, cpu_total: float) -> dict[str, Any]:
+    return {
+        "notifications": {"sustained_per_s": sustained},
+        "cpu": {"per_notification_ms": {TOTAL: cpu_total}},
+    }
+
+
+def test_comparison_takes_medians_per_side_and_the_ratio_new_over_old() -> None:
+    rows = {
+        row["figure"]: row
+        for row in comparison(
+            [run_document(100, 10.0), run_document(120, 12.0)],
+            [run_document(500, 2.0), run_document(540, 2.2)],
+        )
+    }
+    sustained = rows["sustained notifications/s"]
+    assert (sustained["old_median"], sustained["new_median"]) == (110, 520)
+    assert sustained["ratio_new_over_old"] == pytest.approx(520 / 110, abs=1e-3)
+    cpu = rows["CPU per notification, all (ms)"]
+    assert cpu["ratio_new_over_old"] == pytest.approx(0.191, abs=1e-3)
+    assert rows["calibration: Python loop (ms)"]["ratio_new_over_old"] is None
+
+
+def test_the_pipeline_settled_only_with_nothing_queued_unacked_or_in_the_outbox() -> None:
+    empty = (VhostQueue("push_notifications", 0, 0), VhostQueue("push_notifications.dlq", 3, 0))
+    assert Probe(empty, outbox_pending=0).settled  # dead letters do not come back by themselves
+    assert Probe(empty, outbox_pending=0).dead_letters() == {"push_notifications.dlq": 3}
+    assert not Probe(empty, outbox_pending=1).settled
+    assert not Probe(empty, outbox_pending=None).settled  # unknown: cannot prove anything
+    unacked = (VhostQueue("delivery_reports", 0, 4),)
+    assert not Probe(unacked, outbox_pending=0).settled
+    waiting = (VhostQueue("push_notifications.wait.25000ms", 1, 0),)
+    assert not Probe(waiting, outbox_pending=0).settled
+    assert not Probe((), outbox_pending=0, queues_known=False).settled
+
+
+def test_the_table_says_not_drained_apart_from_lost_and_cpu_per_notification() -> None:
+    latency = {"count": 1, "p50": 1.0, "p95": 1.0, "p99": 1.0, "max": 1.0}
+    document: dict[str, Any] = {
+        "messages": {"posted": 10, "http_errors": {}},
+        "notifications": {
+            "expected": 90,
+            "completed": 60,
+            "target_offered_per_s": 0,
+            "offered_per_s": 100.0,
+            "sustained_per_s": 50.0,
+        },
+        "latency_ms": {"http_post": latency, "push": latency, "email": latency},
+        "cpu": {
+            "processes": {"router": {"seconds": 0.6, "percent_of_one_core": 30.0}},
+            "per_notification_ms": cpu_per_notification({"router": 0.6}, 60),
+            "machine_busy_percent": 150.0,
+            "others_percent": 10.0,
+        },
+        "rss_mb": {"router": {"first": 90.0, "max": 95.0, "last": 94.0}},
+        "queues": {"max_ready": {"push_notifications": 0}},
+        "drain": {
+            "reason": "bound",
+            "seconds": 900.0,
+            "settled": False,
+            "bound_seconds": 900.0,
+            "stall_seconds": 120.0,
+        },
+        "checker": {
+            "lost": 0,
+            "not_drained": 30,
+            "duplicates": 0,
+            "unexpected": 0,
+            "dead_letters": {},
+        },
+        "calibration": {
+            "python_loop_ms": 150.0,
+            "amqp_messages_per_s": 900.0,
+            "amqp_messages": 1800,
+        },
+        "big_room": summary(),
+    }
+    rows = dict(table_rows(document))
+    assert rows["checker"] == "lost 0  not drained 30  duplicates 0  unexpected 0"
+    assert rows["CPU router"].endswith("10.000 ms/notification")
+    assert rows["CPU all of the above"] == "0.6 s  10.000 ms/notification"
+    assert rows["drain"].startswith("drain bound of 900 s reached")
+    assert rows["RSS max (MB; start → max)"] == "router 90 → 95"
+    assert rows["calibration: aio-pika loop"].startswith("900 messages/s")
+    big_room = dict(big_room_rows(document["big_room"]))
+    assert "within" in big_room["big room: last push after the 201"]
