@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from herald_shared.broker import RabbitSettings
-from herald_shared.events import Platform, PushBatchRequested, PushRequested
+from herald_shared.events import Platform, PushBatchRequested, PushJobsRequested, PushRequested
 from push_sender.app import PushService
-from push_sender.handlers import PushDeps, send_batch
+from push_sender.channel import PushChannel
 from push_sender.providers import ProviderAnswer, PushProvider
 from push_sender.registry import make_registry
 from push_sender.settings import FcmSettings, PushProviderKind, Settings
@@ -39,16 +39,23 @@ def push_jobs(count: int, **overrides: Any) -> list[PushRequested]:
     return [push_job(**overrides) for _ in range(count)]
 
 
+def jobs_event(*jobs: PushRequested) -> PushJobsRequested:
+    """`jobs` (of one platform, of any messages) as the router publishes them."""
+    return PushJobsRequested(platform=jobs[0].platform, jobs=list(jobs))
+
+
 def batch_of(*jobs: PushRequested) -> PushBatchRequested:
-    """`jobs` (of one message and platform) as the router batches them."""
+    """`jobs` (of one message and platform) as a router of the previous version batched them:
+    still accepted."""
     return PushBatchRequested(
         message_id=jobs[0].message_id, platform=jobs[0].platform, jobs=list(jobs)
     )
 
 
-async def send(deps: PushDeps, *jobs: PushRequested) -> None:
-    """Hand `jobs` to the handler as one batch, as the subscriber does with a delivery."""
-    await send_batch(batch_of(*jobs), deps)
+async def send(service: PushService, *jobs: PushRequested) -> None:
+    """Hand `jobs` to the sender as one delivery, as the subscriber does, and raise how the
+    delivery ends."""
+    await service.sender.deliver(jobs)
 
 
 def unit_settings(tmp_path: Path, database_url: str, **overrides: Any) -> Settings:
@@ -98,13 +105,20 @@ class RecordingProvider:
         self.closed = True
 
 
+def channel_of(service: PushService) -> PushChannel:
+    """The sender's push channel (which provider serves which platform)."""
+    spec = service.sender.spec
+    assert isinstance(spec, PushChannel)
+    return spec
+
+
 def provider_of(service: PushService, platform: Platform = Platform.FCM) -> PushProvider:
-    """The provider that serves `platform` in `service`."""
-    return service.providers.provider_for(platform)
+    """The provider that serves `platform` in `service` now."""
+    return channel_of(service).providers.provider_for(platform)
 
 
 def use_provider(service: PushService, provider: PushProvider) -> None:
-    """From now on, `provider` serves every platform (with a fresh bulkhead and breaker)."""
-    service.deps.sender.providers = make_registry(
+    """From now on, `provider` serves every platform (with a fresh limit and breaker)."""
+    channel_of(service).providers = make_registry(
         service.settings, dict.fromkeys(Platform, provider)
     )

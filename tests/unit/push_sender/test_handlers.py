@@ -1,49 +1,54 @@
-"""The handler's wiring with the in-memory broker and SQLite: the ledger, the published events,
-and how each provider answer ends its job and the job's batch. (Retries and dead letters
-themselves are the shared middleware's, tested on the real broker.)"""
+"""The subscriber and the sender workflow wired as in production, with the in-memory broker and
+SQLite: the ledger, the published events, and how each provider answer ends its job and the job's
+delivery. (Retries and dead letters themselves are the shared middleware's, tested on the real
+broker.)"""
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from faststream import TestApp
-from faststream.message import StreamMessage
 from faststream.rabbit import TestRabbitBroker
 from sqlalchemy import Connection, event, update
 
 from herald_shared.events import (
-    DeliveryBatchReported,
+    DeliveriesReported,
     DeviceInvalidated,
     Event,
     PushRequested,
     utc_now,
 )
-from herald_shared.ledger import DeliveryStatus
-from herald_shared.retry import DeferredError, PermanentError, RetryableError
-from herald_shared.topology import EXCHANGE, PUSH_SEND
+from herald_shared.ledger import Claimed, DeliveryStatus
+from herald_shared.retry import ATTEMPT_HEADER, DeferredError, PermanentError, RetryableError
+from herald_shared.topology import (
+    DEVICE_INVALIDATED,
+    EXCHANGE,
+    PUSH_DELIVERED,
+    PUSH_FAILED,
+    PUSH_SEND,
+)
 from push_sender.app import PushService, build_service, specification
-from push_sender.handlers import report_given_up
 from push_sender.providers.base import ProviderAnswer
-from push_sender.sender import lease_for
 from push_sender.settings import Settings
 from push_sender.tables import Failure, metadata, push_deliveries
 from tests.fakes.fcm import FakeFcm
+from tests.support.infra import wait_until
 from tests.unit.push_sender.support import (
     DEVICE_TOKEN,
     RecordingProvider,
     batch_of,
     fcm_settings,
+    jobs_event,
     provider_of,
     push_job,
     push_jobs,
@@ -51,6 +56,8 @@ from tests.unit.push_sender.support import (
     unit_settings,
     use_provider,
 )
+
+KEYS = {"delivered": PUSH_DELIVERED, "failed": PUSH_FAILED, "invalidated": DEVICE_INVALIDATED}
 
 
 @pytest.fixture
@@ -83,8 +90,8 @@ async def with_fcm(
     return await start(stack, build_service(settings))
 
 
-async def publish(service: PushService, job: Event) -> None:
-    await service.broker.publish(job, exchange=EXCHANGE, routing_key=PUSH_SEND)
+async def publish(service: PushService, job: Event, **options: Any) -> None:
+    await service.broker.publish(job, exchange=EXCHANGE, routing_key=PUSH_SEND, **options)
 
 
 def published(publisher_mock: Any) -> list[dict[str, Any]]:
@@ -92,21 +99,15 @@ def published(publisher_mock: Any) -> list[dict[str, Any]]:
 
 
 def events_published(service: PushService) -> dict[str, list[dict[str, Any]]]:
-    return {
-        "delivered": published(service.deps.delivered.mock),
-        "failed": published(service.deps.failed.mock),
-        "invalidated": published(service.deps.invalidated.mock),
-    }
+    return {name: published(service.publishers[key].mock) for name, key in KEYS.items()}
 
 
-def reports(service: PushService, outcome: str) -> list[DeliveryBatchReported]:
-    """The batch reports published on `notification.push.<outcome>`, in order."""
-    return [
-        DeliveryBatchReported.model_validate(body) for body in events_published(service)[outcome]
-    ]
+def reports(service: PushService, outcome: str) -> list[DeliveriesReported]:
+    """The report events published on `notification.push.<outcome>`, in order."""
+    return [DeliveriesReported.model_validate(body) for body in events_published(service)[outcome]]
 
 
-def notifications(report: DeliveryBatchReported) -> set[uuid.UUID]:
+def notifications(report: DeliveriesReported) -> set[uuid.UUID]:
     return {item.notification_id for item in report.reports}
 
 
@@ -138,7 +139,7 @@ def ledger_statements(service: PushService) -> Iterator[list[str]]:
 
 async def test_a_single_push_is_sent_recorded_and_reported(recording: PushService) -> None:
     """A `PushRequested` (a router of an earlier version, a dead letter replayed) is still
-    accepted: handled as a batch of one."""
+    accepted: handled as a delivery of one job."""
     provider = provider_of(recording)
     assert isinstance(provider, RecordingProvider)
     job = push_job()
@@ -146,7 +147,7 @@ async def test_a_single_push_is_sent_recorded_and_reported(recording: PushServic
     await publish(recording, job)
 
     assert [sent.notification_id for sent in provider.sent] == [job.notification_id]
-    entry = await recording.deps.sender.ledger.get(job.notification_id)
+    entry = await recording.sender.ledger.get(job.notification_id)
     assert entry is not None
     assert (entry.status, entry.failure, entry.attempts, entry.reported) == (
         DeliveryStatus.DELIVERED,
@@ -156,11 +157,7 @@ async def test_a_single_push_is_sent_recorded_and_reported(recording: PushServic
     )
     assert entry.extra == {"device_id": job.device_id}
     [report] = reports(recording, "delivered")
-    assert (report.message_id, report.channel, report.outcome) == (
-        job.message_id,
-        "push",
-        "delivered",
-    )
+    assert (report.channel, report.outcome) == ("push", "delivered")
     assert [
         item.model_dump(
             include={
@@ -191,29 +188,47 @@ async def test_a_single_push_is_sent_recorded_and_reported(recording: PushServic
     assert histogram == 1
 
 
-async def test_a_batch_takes_one_statement_per_ledger_step_and_one_report(
+async def test_jobs_of_several_messages_take_one_statement_per_ledger_step_and_one_report(
     recording: PushService,
 ) -> None:
     provider = provider_of(recording)
     assert isinstance(provider, RecordingProvider)
-    jobs = push_jobs(5)
+    first, second = push_jobs(3), push_jobs(2)
+    jobs = [*first, *second]
 
     with ledger_statements(recording) as statements:
-        await publish(recording, batch_of(*jobs))
+        await publish(recording, jobs_event(*jobs))
 
     assert sorted(sent.notification_id for sent in provider.sent) == sorted(ids(*jobs))
     # Claim, record the outcome, record that it was reported: for the five jobs at once.
     assert statements == ["INSERT", "UPDATE", "UPDATE"]
     [report] = reports(recording, "delivered")
-    assert (report.message_id, report.outcome) == (jobs[0].message_id, "delivered")
+    assert report.outcome == "delivered"
     assert notifications(report) == ids(*jobs)
+    assert {item.message_id for item in report.reports} == {
+        first[0].message_id,
+        second[0].message_id,
+    }
     assert events_published(recording)["failed"] == []
     for job in jobs:
-        entry = await recording.deps.sender.ledger.get(job.notification_id)
+        entry = await recording.sender.ledger.get(job.notification_id)
         assert entry is not None
         assert (entry.status, entry.attempts, entry.reported) == (DeliveryStatus.DELIVERED, 1, True)
         assert entry.extra == {"device_id": job.device_id}
     assert counter(recording, "delivered") == 5
+
+
+async def test_a_batch_of_one_message_is_still_accepted(recording: PushService) -> None:
+    """`PushBatchRequested`, what a router of the previous version publishes."""
+    provider = provider_of(recording)
+    assert isinstance(provider, RecordingProvider)
+    jobs = push_jobs(3)
+
+    await publish(recording, batch_of(*jobs))
+
+    assert sorted(sent.notification_id for sent in provider.sent) == sorted(ids(*jobs))
+    [report] = reports(recording, "delivered")
+    assert notifications(report) == ids(*jobs)
 
 
 async def test_a_redelivered_job_does_not_call_the_provider_again(
@@ -224,12 +239,12 @@ async def test_a_redelivered_job_does_not_call_the_provider_again(
     job = push_job()
 
     await publish(recording, job)
-    await publish(recording, job)  # a redelivery, or the router publishing the job again
+    await publish(recording, jobs_event(job))  # a redelivery, or the router publishing it again
 
     assert len(provider.sent) == 1
     assert len(events_published(recording)["delivered"]) == 1
     assert counter(recording, "duplicate") == 1
-    entry = await recording.deps.sender.ledger.get(job.notification_id)
+    entry = await recording.sender.ledger.get(job.notification_id)
     assert entry is not None
     assert entry.attempts == 1
 
@@ -240,7 +255,7 @@ async def test_events_that_did_not_go_out_are_published_by_the_next_copy(
     provider = provider_of(recording)
     assert isinstance(provider, RecordingProvider)
     jobs = push_jobs(2)
-    await publish(recording, batch_of(*jobs))
+    await publish(recording, jobs_event(*jobs))
     # As if the worker died after committing the outcomes, before publishing the report.
     async with recording.engine.begin() as connection:
         await connection.execute(
@@ -249,14 +264,14 @@ async def test_events_that_did_not_go_out_are_published_by_the_next_copy(
             )
         )
 
-    await publish(recording, batch_of(*jobs))
+    await publish(recording, jobs_event(*jobs))
 
     assert len(provider.sent) == 2  # the provider is not asked again
     first, second = reports(recording, "delivered")
     assert first.event_id == second.event_id  # the same report: consumers dedupe
     assert notifications(second) == ids(*jobs)
     for job in jobs:
-        entry = await recording.deps.sender.ledger.get(job.notification_id)
+        entry = await recording.sender.ledger.get(job.notification_id)
         assert entry is not None
         assert entry.reported
 
@@ -274,23 +289,25 @@ async def test_events_that_could_not_be_published_go_out_with_the_retry(
     provider = provider_of(recording)
     assert isinstance(provider, RecordingProvider)
     jobs = push_jobs(2)
-    broken = dataclasses.replace(recording.deps, delivered=cast(Any, UnreachableBroker()))
+    publishers = recording.sender.publishers
+    recording.sender.publishers = {**publishers, PUSH_DELIVERED: UnreachableBroker()}  # type: ignore[dict-item]
 
     with pytest.raises(TimeoutError):
-        await send(broken, *jobs)
+        await send(recording, *jobs)
 
     for job in jobs:
-        entry = await recording.deps.sender.ledger.get(job.notification_id)
+        entry = await recording.sender.ledger.get(job.notification_id)
         assert entry is not None
         assert (entry.status, entry.reported) == (DeliveryStatus.DELIVERED, False)
 
-    await send(recording.deps, *jobs)  # the retry: at once, not `Busy` until the leases run out
+    recording.sender.publishers = publishers
+    await send(recording, *jobs)  # the retry: at once, not `Busy` until the leases run out
 
     assert len(provider.sent) == 2
     [report] = reports(recording, "delivered")
     assert notifications(report) == ids(*jobs)
     for job in jobs:
-        entry = await recording.deps.sender.ledger.get(job.notification_id)
+        entry = await recording.sender.ledger.get(job.notification_id)
         assert entry is not None
         assert entry.reported
 
@@ -301,13 +318,13 @@ async def test_a_job_another_worker_is_sending_comes_back_later_without_spending
     provider = provider_of(recording)
     assert isinstance(provider, RecordingProvider)
     busy, free = push_jobs(2)
-    lease = lease_for(provider)
-    await recording.deps.sender.ledger.claim(
+    lease = recording.sender.tuning.lease
+    await recording.sender.ledger.claim(
         busy, provider="other", now=utc_now(), lease=lease, extra={"device_id": busy.device_id}
     )
 
     with pytest.raises(DeferredError, match="in progress") as raised:
-        await send(recording.deps, busy, free)
+        await send(recording, busy, free)
 
     assert [sent.notification_id for sent in provider.sent] == [free.notification_id]
     assert raised.value.retry_after is not None
@@ -332,11 +349,11 @@ async def test_a_provider_bug_on_one_job_loses_none_of_the_others_outcomes(
     use_provider(recording, Broken())
 
     with pytest.raises(RetryableError, match=r"recording error \(ZeroDivisionError\)"):
-        await send(recording.deps, *jobs)
+        await send(recording, *jobs)
 
     [report] = reports(recording, "delivered")
     assert notifications(report) == ids(jobs[0], jobs[2])
-    entry = await recording.deps.sender.ledger.get(buggy.notification_id)
+    entry = await recording.sender.ledger.get(buggy.notification_id)
     assert entry is not None
     assert (entry.status, entry.reason) == (
         DeliveryStatus.RETRYING,
@@ -349,13 +366,13 @@ async def test_a_provider_bug_on_one_job_loses_none_of_the_others_outcomes(
 
     healthy = RecordingProvider()
     use_provider(recording, healthy)
-    await send(recording.deps, *jobs)  # the retry sends the one job that is not final
+    await send(recording, *jobs)  # the retry sends the one job that is not final
 
     assert [sent.notification_id for sent in healthy.sent] == [buggy.notification_id]
     assert notifications(reports(recording, "delivered")[-1]) == ids(buggy)
 
 
-async def test_a_batch_with_mixed_outcomes_reports_each_and_retries_only_what_needs_it(
+async def test_a_delivery_with_mixed_outcomes_reports_each_and_retries_only_what_needs_it(
     with_fcm: PushService, fcm: FakeFcm
 ) -> None:
     message = uuid.uuid4()
@@ -367,7 +384,7 @@ async def test_a_batch_with_mixed_outcomes_reports_each_and_retries_only_what_ne
     batch = (accepted, dead, flaky)
 
     with pytest.raises(RetryableError, match="fcm 503 UNAVAILABLE"):
-        await send(with_fcm.deps, *batch)
+        await send(with_fcm, *batch)
 
     [delivered] = reports(with_fcm, "delivered")
     assert notifications(delivered) == ids(accepted)
@@ -376,11 +393,11 @@ async def test_a_batch_with_mixed_outcomes_reports_each_and_retries_only_what_ne
     assert [item.reason for item in failed.reports] == ["fcm 404 UNREGISTERED"]
     [invalidation] = events_published(with_fcm)["invalidated"]
     assert DeviceInvalidated.model_validate(invalidation).device_id == dead.device_id
-    entry = await with_fcm.deps.sender.ledger.get(flaky.notification_id)
+    entry = await with_fcm.sender.ledger.get(flaky.notification_id)
     assert entry is not None
     assert (entry.status, entry.attempts) == (DeliveryStatus.RETRYING, 1)
 
-    await send(with_fcm.deps, *batch)  # the whole batch comes back
+    await send(with_fcm, *batch)  # the whole delivery comes back
 
     assert fcm.send_requests == 4  # three, then the flaky one again
     assert [len(fcm.messages_to(job.token)) for job in batch] == [1, 0, 1]
@@ -398,7 +415,7 @@ async def test_a_dead_token_invalidates_the_device_and_is_acknowledged(
     fcm.fail(DEVICE_TOKEN, 404, "UNREGISTERED")
     job = push_job()
 
-    await send(with_fcm.deps, job)  # no exception: acknowledged, never retried
+    await send(with_fcm, job)  # no exception: acknowledged, never retried
 
     events = events_published(with_fcm)
     [invalidation] = events["invalidated"]
@@ -410,15 +427,16 @@ async def test_a_dead_token_invalidates_the_device_and_is_acknowledged(
         ("failed", "fcm 404 UNREGISTERED")
     ]
     assert events["delivered"] == []
-    entry = await with_fcm.deps.sender.ledger.get(job.notification_id)
+    entry = await with_fcm.sender.ledger.get(job.notification_id)
     assert entry is not None
     assert (entry.status, entry.failure, entry.reported) == (
         DeliveryStatus.FAILED,
         Failure.TOKEN_INVALID,
         True,
     )
+    assert counter(with_fcm, "token_invalid") == 1
 
-    await send(with_fcm.deps, job)  # a copy: nothing more
+    await send(with_fcm, job)  # a copy: nothing more
     assert fcm.send_requests == 1
     assert len(events_published(with_fcm)["invalidated"]) == 1
 
@@ -428,7 +446,7 @@ async def test_an_invalid_token_argument_invalidates_the_device(
 ) -> None:
     fcm.fail(DEVICE_TOKEN, 400, "INVALID_ARGUMENT", field="message.token")
 
-    await send(with_fcm.deps, push_job())
+    await send(with_fcm, push_job())
 
     assert len(events_published(with_fcm)["invalidated"]) == 1
     assert len(events_published(with_fcm)["failed"]) == 1
@@ -441,19 +459,20 @@ async def test_a_refused_push_is_reported_then_dead_lettered(
     job = push_job()
 
     with pytest.raises(PermanentError, match="fcm 400 INVALID_ARGUMENT"):
-        await send(with_fcm.deps, job)
+        await send(with_fcm, job)
 
     [report] = reports(with_fcm, "failed")
     assert [(item.outcome, item.reason) for item in report.reports] == [
         ("failed", "fcm 400 INVALID_ARGUMENT")
     ]
     assert events_published(with_fcm)["invalidated"] == []
-    entry = await with_fcm.deps.sender.ledger.get(job.notification_id)
+    entry = await with_fcm.sender.ledger.get(job.notification_id)
     assert entry is not None
     assert (entry.status, entry.failure) == (DeliveryStatus.FAILED, Failure.REJECTED)
+    assert counter(with_fcm, "rejected") == 1
 
     # Replayed from the dead-letter queue later: acknowledged, the provider is not asked again.
-    await send(with_fcm.deps, job)
+    await send(with_fcm, job)
     assert fcm.send_requests == 1
 
 
@@ -476,43 +495,55 @@ async def test_transient_answers_raise_retryable_errors(
     retry_after: float | None,
 ) -> None:
     if status == 0:
-        await send(with_fcm.deps, push_job())  # the access token, fetched in time
+        await send(with_fcm, push_job())  # the access token, fetched in time
         fcm.stall(DEVICE_TOKEN, 3.0, times=1)
     else:
         fcm.fail(DEVICE_TOKEN, status, error_code, times=1, **options)
     job = push_job()
 
     with pytest.raises(RetryableError) as raised:
-        await send(with_fcm.deps, job)
+        await send(with_fcm, job)
 
     assert (raised.value.reason, raised.value.retry_after) == (reason, retry_after)
     assert events_published(with_fcm)["failed"] == []
-    entry = await with_fcm.deps.sender.ledger.get(job.notification_id)
+    entry = await with_fcm.sender.ledger.get(job.notification_id)
     assert entry is not None
     assert (entry.status, entry.attempts) == (DeliveryStatus.RETRYING, 1)
+    assert counter(with_fcm, "retry") == 1
     # (A 403, our configuration, is deferred instead: test_provider_resilience.py.)
 
-    await send(with_fcm.deps, job)  # the retry
-    entry = await with_fcm.deps.sender.ledger.get(job.notification_id)
+    await send(with_fcm, job)  # the retry
+    entry = await with_fcm.sender.ledger.get(job.notification_id)
     assert entry is not None
     assert (entry.status, entry.attempts) == (DeliveryStatus.DELIVERED, 2)
     assert len(fcm.messages_to(DEVICE_TOKEN)) == (2 if status == 0 else 1)
 
 
-async def test_a_batch_out_of_retries_is_reported_failed_in_one_event(
-    recording: PushService,
+class Failing(RecordingProvider):
+    """Answers every push with a 503."""
+
+    async def send(self, job: PushRequested) -> ProviderAnswer:
+        self.sent.append(job)
+        return ProviderAnswer.transient("recording 503")
+
+
+@pytest.mark.parametrize("kind", ["jobs", "batch"])
+async def test_a_delivery_out_of_retries_is_reported_failed_in_one_event(
+    recording: PushService, kind: str
 ) -> None:
-    """The dead-letter hook: every job of the batch, delivered or not (the router keeps a
-    delivery), in one report that carries the same id each time."""
-    jobs = push_jobs(3)
-    body = batch_of(*jobs).model_dump_json().encode()
+    """The dead-letter hook, as the retry middleware calls it after the last retry: every job
+    of the delivery, delivered or not (the router keeps a delivery), in one report that carries
+    the same id each time."""
+    use_provider(recording, Failing())
+    jobs = [*push_jobs(2), *push_jobs(1)] if kind == "jobs" else push_jobs(3)
+    delivery = jobs_event(*jobs) if kind == "jobs" else batch_of(*jobs)
+    last_attempt = {ATTEMPT_HEADER: recording.settings.rabbitmq.max_retries}
 
     for _ in range(2):
-        message: StreamMessage[Any] = StreamMessage(None, body, correlation_id="c-1")
-        await report_given_up(recording.deps, message, "RetryableError: fcm 503 UNAVAILABLE")
+        await publish(recording, delivery, headers=last_attempt)
 
     first, again = reports(recording, "failed")
-    assert (first.message_id, first.outcome) == (jobs[0].message_id, "failed")
+    assert first.outcome == "failed"
     assert notifications(first) == ids(*jobs)
     assert {item.reason for item in first.reports} == {"retries exhausted"}
     assert again.event_id == first.event_id
@@ -520,13 +551,14 @@ async def test_a_batch_out_of_retries_is_reported_failed_in_one_event(
 
 
 async def test_a_single_job_out_of_retries_is_reported_failed(recording: PushService) -> None:
+    use_provider(recording, Failing())
     job = push_job()
-    message: StreamMessage[Any] = StreamMessage(None, job.model_dump_json().encode())
 
-    await report_given_up(recording.deps, message, "RetryableError: fcm 503 UNAVAILABLE")
+    await publish(recording, job, headers={ATTEMPT_HEADER: recording.settings.rabbitmq.max_retries})
 
     [report] = reports(recording, "failed")
     assert notifications(report) == ids(job)
+    assert [item.reason for item in report.reports] == ["retries exhausted"]
 
 
 async def test_logs_carry_ids_only(
@@ -539,11 +571,13 @@ async def test_logs_carry_ids_only(
     fcm.fail(DEVICE_TOKEN, 503, "UNAVAILABLE", times=1)
     await publish(with_fcm, push_job())
     fcm.fail(DEVICE_TOKEN, 404, "UNREGISTERED", times=1)
-    await publish(with_fcm, batch_of(*push_jobs(2)))
+    await publish(with_fcm, jobs_event(*push_jobs(2)))
 
     # aiosqlite logs statements with their parameters at DEBUG (the ledger holds ids only).
     text = "\n".join(record.getMessage() for record in caplog.records)
     assert str(job.notification_id) in text
+    assert "push.token_invalid notification_id=" in text
+    assert "push.retry notification_id=" in text
     for secret in (DEVICE_TOKEN, job.title, job.body, "ya29.", "eyJ", "PRIVATE KEY"):
         assert secret not in text
 
@@ -606,8 +640,8 @@ def test_the_specification_documents_the_queue_and_every_report() -> None:
         for key in operation["bindings"]["amqp"]["cc"]
     }
     assert sends == {
-        "notification.push.delivered": "DeliveryBatchReported",
-        "notification.push.failed": "DeliveryBatchReported",
+        "notification.push.delivered": "DeliveriesReported",
+        "notification.push.failed": "DeliveriesReported",
         "device.invalidated": "DeviceInvalidated",
     }
     [receive] = [operation for operation in operations if operation["action"] == "receive"]
@@ -615,15 +649,16 @@ def test_the_specification_documents_the_queue_and_every_report() -> None:
     assert {schema["$ref"].rsplit("/", 1)[-1] for schema in accepted} == {
         "PushRequested",
         "PushBatchRequested",
+        "PushJobsRequested",
     }
 
 
-async def test_a_handler_cancelled_mid_send_records_the_answers_for_the_redelivered_batch(
+async def test_a_handler_cancelled_mid_send_lets_the_sends_finish_and_their_outcomes_go_out(
     recording: PushService,
 ) -> None:
     """As when the broker connection is lost while the pushes are with the provider: the
-    provider's answers are still recorded, and the copy that RabbitMQ redelivers publishes them
-    at once (not `Busy` until the leases run out) without sending the pushes a second time."""
+    provider's answers are still recorded and reported, and the copy that RabbitMQ redelivers
+    finds them done instead of sending the pushes a second time."""
     calling, answer = asyncio.Event(), asyncio.Event()
 
     class Slow(RecordingProvider):
@@ -637,24 +672,31 @@ async def test_a_handler_cancelled_mid_send_records_the_answers_for_the_redelive
     provider = Slow()
     use_provider(recording, provider)
     jobs = push_jobs(2)
+
+    async def settled() -> bool:  # counted once recorded and reported (no ledger read)
+        return counter(recording, "delivered") == 2
+
     with ledger_statements(recording) as statements:
-        handler = asyncio.create_task(send(recording.deps, *jobs))
+        handler = asyncio.create_task(send(recording, *jobs))
         await asyncio.wait_for(calling.wait(), timeout=5)
         handler.cancel()
-        answer.set()
         with pytest.raises(asyncio.CancelledError):
             await handler
+        answer.set()
+        await wait_until(settled)
 
-    # Claimed, recorded, then both leases dropped: one statement each.
+    # Claimed, recorded, reported: one statement each, as if nothing had happened.
     assert statements == ["INSERT", "UPDATE", "UPDATE"]
-    for job in jobs:
-        entry = await recording.deps.sender.ledger.get(job.notification_id)
-        assert entry is not None
-        assert (entry.status, entry.reported) == (DeliveryStatus.DELIVERED, False)
-    await send(recording.deps, *jobs)
-    assert len(provider.sent) == 2
     [report] = reports(recording, "delivered")
     assert notifications(report) == ids(*jobs)
+    for job in jobs:
+        entry = await recording.sender.ledger.get(job.notification_id)
+        assert entry is not None
+        assert (entry.status, entry.reported) == (DeliveryStatus.DELIVERED, True)
+
+    await send(recording, *jobs)  # the redelivered copy
+    assert len(provider.sent) == 2
+    assert len(reports(recording, "delivered")) == 1
 
 
 async def test_a_handler_cancelled_while_the_provider_fails_frees_the_job_for_its_copy(
@@ -672,33 +714,62 @@ async def test_a_handler_cancelled_while_the_provider_fails_frees_the_job_for_it
 
     use_provider(recording, Hanging())
     job = push_job()
-    handler = asyncio.create_task(send(recording.deps, job))
+    handler = asyncio.create_task(send(recording, job))
     await asyncio.wait_for(calling.wait(), timeout=5)
     handler.cancel()
     with pytest.raises(asyncio.CancelledError):
         await handler
 
-    entry = await recording.deps.sender.ledger.get(job.notification_id)
+    async def released() -> bool:
+        entry = await recording.sender.ledger.get(job.notification_id)
+        return entry is not None and entry.status is DeliveryStatus.RETRYING
+
+    await wait_until(released)
+    entry = await recording.sender.ledger.get(job.notification_id)
     assert entry is not None
-    assert (entry.status, entry.reason) == (DeliveryStatus.RETRYING, "recording deadline exceeded")
+    assert entry.reason == "recording deadline exceeded"
     use_provider(recording, RecordingProvider())
-    await send(recording.deps, job)
+    await send(recording, job)
     [report] = reports(recording, "delivered")
     assert notifications(report) == ids(job)
 
 
-async def test_cancelling_drops_only_its_own_lease(recording: PushService) -> None:
-    """A worker whose lease ran out and was taken over must not free the new owner's lease."""
+async def test_closing_drops_only_the_leases_it_still_holds(recording: PushService) -> None:
+    """A worker whose lease ran out and was taken over must not free the new owner's lease when
+    it shuts down."""
+    calling, answer = asyncio.Event(), asyncio.Event()
+
+    class Stuck(RecordingProvider):
+        async def send(self, job: PushRequested) -> ProviderAnswer:
+            calling.set()
+            await answer.wait()
+            return ProviderAnswer.accepted()
+
+    use_provider(recording, Stuck())
     job = push_job()
-    sender = recording.deps.sender
-    lease = lease_for(provider_of(recording))
-    first = utc_now() - lease - timedelta(seconds=1)
-    extra = {"device_id": job.device_id}
-    await sender.ledger.claim(job, provider="recording", now=first, lease=lease, extra=extra)
-    second = utc_now()
-    await sender.ledger.claim(job, provider="recording", now=second, lease=lease, extra=extra)
+    sender = recording.sender
+    handler = asyncio.create_task(send(recording, job))
+    await asyncio.wait_for(calling.wait(), timeout=5)
+    # The lease runs out (as if this worker had hung), and another worker takes the job over.
+    async with recording.engine.begin() as connection:
+        await connection.execute(
+            update(push_deliveries).values(claimed_at=utc_now() - timedelta(hours=1))
+        )
+    taken_over = await sender.ledger.claim(
+        job,
+        provider="recording",
+        now=utc_now(),
+        lease=sender.tuning.lease,
+        extra={"device_id": job.device_id},
+    )
+    assert isinstance(taken_over, Claimed)
 
-    await sender.abandon(job.platform, [job], claimed_at=first)
+    await sender.aclose(timeout=0.05)  # shutting down: the send still hangs
 
-    with pytest.raises(DeferredError, match="in progress"):
-        await send(recording.deps, job)
+    entry = await sender.ledger.get(job.notification_id)
+    assert entry is not None
+    assert (entry.status, entry.attempts) == (DeliveryStatus.SENDING, 2)
+    with pytest.raises(DeferredError, match="in progress"):  # the new owner's lease holds
+        await send(recording, job)
+    answer.set()
+    await handler

@@ -1,7 +1,8 @@
-"""Provider per platform, bulkheads and circuit breakers, wired in the service: the local FCM
-server (its real protocol) goes down while a second provider keeps delivering; jobs for the down
-provider wait without being sent, claimed or spending an attempt; one probe after the cool-down
-brings it back."""
+"""Provider per platform, concurrency limits and circuit breakers, wired in the service: the local
+FCM server (its real protocol) goes down while a second provider keeps delivering; jobs for the
+down provider wait without being sent, claimed or spending an attempt; one probe after the
+cool-down brings it back. A busy provider makes its jobs wait for a place, never time out or be
+deferred for it, while the other providers go on."""
 
 from __future__ import annotations
 
@@ -16,13 +17,15 @@ import pytest
 from faststream import TestApp
 from faststream.rabbit import TestRabbitBroker
 
-from herald_shared.events import DeliveryBatchReported, Platform, PushRequested
+from herald_shared.events import DeliveriesReported, Platform, PushRequested
 from herald_shared.ledger import DeliveryStatus
 from herald_shared.retry import DeferredError, PermanentError, RetryableError
+from herald_shared.topology import PUSH_FAILED
 from push_sender.app import PushService, build_service
 from push_sender.providers import FcmProvider, LogProvider, ProviderAnswer, make_providers
 from push_sender.settings import BreakerSettings, MaxInFlightSettings, PushProviderKind
 from tests.fakes.fcm import FakeFcm
+from tests.support.infra import wait_until
 from tests.unit.push_sender.support import (
     DEVICE_TOKEN,
     RecordingProvider,
@@ -111,8 +114,8 @@ async def test_each_platform_has_its_provider(two_providers: PushService, fcm: F
     assert isinstance(apns, ApnsRecorder)
     assert isinstance(two_providers.providers.provider_for(Platform.FCM), FcmProvider)
 
-    await send(two_providers.deps, android())
-    await send(two_providers.deps, iphone())
+    await send(two_providers, android())
+    await send(two_providers, iphone())
 
     assert fcm.send_requests == 1
     assert [job.platform for job in apns.sent] == [Platform.APNS]
@@ -121,7 +124,6 @@ async def test_each_platform_has_its_provider(two_providers: PushService, fcm: F
 async def test_one_provider_down_while_the_other_keeps_delivering(
     two_providers: PushService, fcm: FakeFcm, clock: FakeClock
 ) -> None:
-    deps = two_providers.deps
     apns = two_providers.providers.provider_for(Platform.APNS)
     assert isinstance(apns, RecordingProvider)
     # FCM answers 503 to every request: 3 sends open the breaker, then its first probe fails.
@@ -130,8 +132,8 @@ async def test_one_provider_down_while_the_other_keeps_delivering(
 
     for _ in range(3):
         with pytest.raises(RetryableError, match="fcm 503 UNAVAILABLE"):
-            await send(deps, android())
-        await send(deps, iphone())
+            await send(two_providers, android())
+        await send(two_providers, iphone())
     assert fcm.send_requests == 3
     assert gauge(two_providers, "fcm") == 2
     assert gauge(two_providers, "apns") == 0
@@ -141,36 +143,41 @@ async def test_one_provider_down_while_the_other_keeps_delivering(
     waiting = [android() for _ in range(5)]
     for job in waiting:
         with pytest.raises(DeferredError, match="fcm circuit open") as deferred:
-            await send(deps, job)
+            await send(two_providers, job)
         assert deferred.value.retry_after == pytest.approx(COOL_DOWN - 10)
-        assert await deps.sender.ledger.get(job.notification_id) is None  # nothing leased
-        await send(deps, iphone())
+        assert await two_providers.sender.ledger.get(job.notification_id) is None  # nothing leased
+        await send(two_providers, iphone())
     assert fcm.send_requests == 3
     assert len(apns.sent) == 8
     assert pushes(two_providers, "fcm", "breaker_open") == 5
     assert pushes(two_providers, "apns", "delivered") == 8
     readiness = two_providers.providers.describe()
-    assert readiness["providers"]["fcm"] == {"state": "open", "in_flight": 0, "retry_in": 20.0}
+    assert readiness["providers"]["fcm"] == {
+        "state": "open",
+        "in_flight": 0,
+        "waiting": 0,
+        "retry_in": 20.0,
+    }
     assert readiness["providers"]["apns"]["state"] == "closed"
     assert readiness["degraded"] == ["fcm"]
 
     # After the cool-down one probe goes through; FCM is still down: open again, for longer.
     clock.now += 20
     with pytest.raises(RetryableError):
-        await send(deps, waiting[0])
+        await send(two_providers, waiting[0])
     assert fcm.send_requests == 4
     with pytest.raises(DeferredError) as deferred:
-        await send(deps, waiting[1])
+        await send(two_providers, waiting[1])
     assert deferred.value.retry_after == pytest.approx(2 * COOL_DOWN)
 
     # FCM is back: the next probe closes the breaker, and every waiting job is delivered once.
     clock.now += 2 * COOL_DOWN
     for job in waiting:
-        await send(deps, job)
+        await send(two_providers, job)
     assert gauge(two_providers, "fcm") == 0
     assert len(fcm.messages_to(DEVICE_TOKEN)) == 5
     for job in waiting[1:]:  # deferred four times, never claimed: this was their first attempt
-        entry = await deps.sender.ledger.get(job.notification_id)
+        entry = await two_providers.sender.ledger.get(job.notification_id)
         assert entry is not None
         assert (entry.status, entry.attempts) == (DeliveryStatus.DELIVERED, 1)
 
@@ -178,16 +185,15 @@ async def test_one_provider_down_while_the_other_keeps_delivering(
 async def test_a_configuration_error_opens_the_breaker_at_once_and_burns_no_retry(
     two_providers: PushService, fcm: FakeFcm, caplog: pytest.LogCaptureFixture
 ) -> None:
-    deps = two_providers.deps
     fcm.fail(DEVICE_TOKEN, 403, "PERMISSION_DENIED", times=1)
     job = android()
 
     with pytest.raises(DeferredError, match="provider configuration") as deferred:
-        await send(deps, job)
+        await send(two_providers, job)
 
     assert deferred.value.retry_after == pytest.approx(COOL_DOWN)
     assert gauge(two_providers, "fcm") == 2
-    entry = await deps.sender.ledger.get(job.notification_id)
+    entry = await two_providers.sender.ledger.get(job.notification_id)
     assert entry is not None
     assert entry.status is DeliveryStatus.RETRYING  # released: nothing stays leased
     [loud] = [r for r in caplog.records if "push.misconfigured" in r.getMessage()]
@@ -195,9 +201,9 @@ async def test_a_configuration_error_opens_the_breaker_at_once_and_burns_no_retr
     assert "FCM_CREDENTIALS_FILE" in loud.getMessage()
 
     with pytest.raises(DeferredError, match="circuit open"):
-        await send(deps, android())
+        await send(two_providers, android())
     assert fcm.send_requests == 1
-    await send(deps, iphone())
+    await send(two_providers, iphone())
 
 
 async def test_dead_tokens_and_refused_pushes_never_open_the_breaker(
@@ -205,18 +211,18 @@ async def test_dead_tokens_and_refused_pushes_never_open_the_breaker(
 ) -> None:
     fcm.fail(DEVICE_TOKEN, 404, "UNREGISTERED", times=5)
     for _ in range(5):
-        await send(two_providers.deps, android())
+        await send(two_providers, android())
     fcm.fail(DEVICE_TOKEN, 400, "INVALID_ARGUMENT", times=5)
     for _ in range(5):
         with pytest.raises(PermanentError):
-            await send(two_providers.deps, android())
+            await send(two_providers, android())
 
     assert gauge(two_providers, "fcm") == 0
-    await send(two_providers.deps, android())
+    await send(two_providers, android())
     assert len(fcm.accepted) == 1
 
 
-async def test_a_full_bulkhead_defers_at_once_and_leaves_room_for_the_others(
+async def test_a_busy_provider_makes_its_jobs_wait_for_a_place_while_the_others_go_on(
     sqlite_url: str, tmp_path: Path, stack: AsyncExitStack
 ) -> None:
     calling, answer = asyncio.Event(), asyncio.Event()
@@ -240,80 +246,128 @@ async def test_a_full_bulkhead_defers_at_once_and_leaves_room_for_the_others(
         stack,
         build_service(settings, providers={Platform.FCM: log, Platform.APNS: stuck}),
     )
-    first = asyncio.create_task(send(service.deps, iphone()))
+    first = asyncio.create_task(send(service, iphone()))
     await asyncio.wait_for(calling.wait(), timeout=5)
 
-    second = iphone()
-    with pytest.raises(DeferredError, match="apns at its concurrency limit"):
-        await send(service.deps, second)
-    assert await service.deps.sender.ledger.get(second.notification_id) is None
-    await send(service.deps, android())  # FCM does not wait for APNs
+    waiting_job = iphone()
+    waiting = asyncio.create_task(send(service, waiting_job))
+
+    async def queued() -> bool:
+        return bool(service.providers.describe()["providers"]["apns"]["waiting"] == 1)
+
+    await wait_until(queued)
+    # Claimed and waiting for the place (neither deferred nor sent)…
+    entry = await service.sender.ledger.get(waiting_job.notification_id)
+    assert entry is not None
+    assert entry.status is DeliveryStatus.SENDING
+    assert len(stuck.sent) == 1
+    assert service.providers.describe()["providers"]["apns"]["in_flight"] == 1
+    await send(service, android())  # …while FCM does not wait for APNs
 
     answer.set()
-    await asyncio.wait_for(first, timeout=5)
-    await send(service.deps, second)
-    assert len(stuck.sent) == 2
-    assert pushes(service, "apns", "bulkhead_full") == 1
+    await asyncio.wait_for(asyncio.gather(first, waiting), timeout=5)
+    assert [job.notification_id for job in stuck.sent][1] == waiting_job.notification_id
+    assert pushes(service, "apns", "delivered") == 2
+    for outcome in ("deferred", "retry", "breaker_open", "in_progress"):
+        assert pushes(service, "apns", outcome) == 0
+    assert service.providers.describe()["providers"]["apns"] == {
+        "state": "closed",
+        "in_flight": 0,
+        "waiting": 0,
+    }
 
 
-async def test_a_half_open_breaker_lets_one_probe_of_a_batch_through(
+async def test_a_jobs_deadline_starts_once_it_has_its_place(
+    sqlite_url: str, tmp_path: Path, stack: AsyncExitStack
+) -> None:
+    """PUSH_MAX_IN_FLIGHT_FCM=1 and a provider that takes a third of its deadline per push:
+    the deliveries wait far longer than the deadline in all, yet no push times out, is deferred
+    or is sent twice."""
+
+    class SlowFcm(RecordingProvider):
+        name = "fcm"
+        deadline = 0.6
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.in_flight = 0
+            self.most_in_flight = 0
+
+        async def send(self, job: PushRequested) -> ProviderAnswer:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+            try:
+                await asyncio.sleep(self.deadline / 3)  # the provider's latency
+                return await super().send(job)
+            finally:
+                self.in_flight -= 1
+
+    settings = unit_settings(
+        tmp_path,
+        sqlite_url,
+        push_provider=PushProviderKind.LIVE,
+        max_in_flight=MaxInFlightSettings(fcm=1),
+    )
+    slow = SlowFcm()
+    service = await start(stack, build_service(settings, providers={Platform.FCM: slow}))
+    fan_out, direct = push_jobs(5), push_jobs(1)
+
+    await asyncio.wait_for(
+        asyncio.gather(send(service, *fan_out), send(service, *direct)), timeout=10
+    )
+
+    assert sorted(job.notification_id for job in slow.sent) == sorted(
+        job.notification_id for job in (*fan_out, *direct)
+    )
+    assert slow.most_in_flight == 1
+    assert pushes(service, "fcm", "delivered") == 6
+    for outcome in ("retry", "deferred", "breaker_open", "in_progress"):
+        assert pushes(service, "fcm", outcome) == 0
+    for job in (*fan_out, *direct):
+        entry = await service.sender.ledger.get(job.notification_id)
+        assert entry is not None
+        assert (entry.status, entry.attempts) == (DeliveryStatus.DELIVERED, 1)
+    # The direct message took its turn among the fan-out's pushes, not after all of them.
+    sent = [job.notification_id for job in slow.sent]
+    assert sent.index(direct[0].notification_id) <= 2
+    assert service.providers.describe()["providers"]["fcm"]["in_flight"] == 0
+
+
+async def test_a_half_open_breaker_lets_one_probe_of_a_delivery_through(
     two_providers: PushService, fcm: FakeFcm, clock: FakeClock
 ) -> None:
-    deps = two_providers.deps
     done, probe, *deferred_jobs = batch = push_jobs(4)
-    await send(deps, done)  # delivered before the outage
+    await send(two_providers, done)  # delivered before the outage
     fcm.fail(DEVICE_TOKEN, 503, "UNAVAILABLE", times=3)
     with pytest.raises(RetryableError, match="fcm 503 UNAVAILABLE"):
-        await send(deps, *push_jobs(3))  # three failures at once: the breaker opens
+        await send(two_providers, *push_jobs(3))  # three failures at once: the breaker opens
     assert gauge(two_providers, "fcm") == 2
 
     clock.now += COOL_DOWN
     with pytest.raises(DeferredError, match="fcm circuit open") as deferred:
-        await send(deps, *batch)
+        await send(two_providers, *batch)
 
-    # The job delivered before took the probe's turn first, and gave it to the next one.
+    # The job delivered before is a no-op (it takes no turn); the first job to send is the
+    # probe, and the others wait for its answer.
     assert deferred.value.retry_after == pytest.approx(COOL_DOWN)
     assert [m["message"]["data"]["notification_id"] for m in fcm.accepted] == [
         str(done.notification_id),
         str(probe.notification_id),
     ]
     assert gauge(two_providers, "fcm") == 0  # the probe closed it
-    for job in deferred_jobs:  # neither sent nor claimed
-        assert await deps.sender.ledger.get(job.notification_id) is None
+    for job in deferred_jobs:  # not sent, and handed back at once for the retry
+        entry = await two_providers.sender.ledger.get(job.notification_id)
+        assert entry is not None
+        assert (entry.status, entry.reason) == (DeliveryStatus.RETRYING, "fcm circuit open")
     assert pushes(two_providers, "fcm", "breaker_open") == 2
 
-    await send(deps, *batch)  # the deferred batch comes back
+    await send(two_providers, *batch)  # the deferred delivery comes back
     assert len(fcm.accepted) == 4
     for job in batch:
-        entry = await deps.sender.ledger.get(job.notification_id)
+        entry = await two_providers.sender.ledger.get(job.notification_id)
         assert entry is not None
-        assert (entry.status, entry.attempts) == (DeliveryStatus.DELIVERED, 1)
-
-
-async def test_a_batch_larger_than_the_bulkhead_goes_out_in_parts(
-    sqlite_url: str, tmp_path: Path, stack: AsyncExitStack
-) -> None:
-    settings = unit_settings(
-        tmp_path,
-        sqlite_url,
-        push_provider=PushProviderKind.LIVE,
-        max_in_flight=MaxInFlightSettings(apns=2),
-    )
-    apns = ApnsRecorder()
-    service = await start(stack, build_service(settings, providers={Platform.APNS: apns}))
-    batch = push_jobs(3, platform=Platform.APNS, token="ab" * 32)
-
-    with pytest.raises(DeferredError, match="apns at its concurrency limit"):
-        await send(service.deps, *batch)
-
-    assert [job.notification_id for job in apns.sent] == [job.notification_id for job in batch[:2]]
-    assert await service.deps.sender.ledger.get(batch[2].notification_id) is None
-    assert service.providers.describe()["providers"]["apns"]["in_flight"] == 0  # places back
-
-    # Its retry: the jobs sent before give their places back to the one still waiting.
-    await send(service.deps, *batch)
-    assert [job.notification_id for job in apns.sent] == [job.notification_id for job in batch]
-    assert pushes(service, "apns", "bulkhead_full") == 1
+        assert entry.status is DeliveryStatus.DELIVERED
+    assert len(fcm.messages_to(DEVICE_TOKEN)) == 4  # each once
 
 
 async def test_a_platform_without_a_provider_is_reported_unsupported(
@@ -335,16 +389,16 @@ async def test_a_platform_without_a_provider_is_reported_unsupported(
     jobs = push_jobs(2, platform=Platform.APNS, token="ab" * 32)
 
     with pytest.raises(PermanentError, match="unsupported platform apns"):
-        await send(service.deps, *jobs)
+        await send(service, *jobs)
 
-    [body] = [call.args[0] for call in service.deps.failed.mock.call_args_list]
-    report = DeliveryBatchReported.model_validate(body)
-    assert [(item.notification_id, item.outcome, item.reason) for item in report.reports] == [
-        (job.notification_id, "failed", "unsupported platform apns") for job in jobs
-    ]
+    [body] = [call.args[0] for call in service.publishers[PUSH_FAILED].mock.call_args_list]
+    report = DeliveriesReported.model_validate(body)
+    assert sorted((item.notification_id, item.outcome, item.reason) for item in report.reports) == (
+        sorted((job.notification_id, "failed", "unsupported platform apns") for job in jobs)
+    )
     # No ledger rows: replayed from the dead-letter queue once APNs is configured, they are sent.
     for job in jobs:
-        assert await service.deps.sender.ledger.get(job.notification_id) is None
+        assert await service.sender.ledger.get(job.notification_id) is None
     assert (
         service.registry.get_sample_value(
             "herald_pushes_total", {"provider": "none", "outcome": "unsupported"}
@@ -361,9 +415,9 @@ async def test_the_log_provider_takes_every_platform(
     jobs = [push_job(platform=platform) for platform in Platform]
 
     for job in jobs:
-        await send(service.deps, job)
+        await send(service, job)
 
     log = (tmp_path / "pushes.jsonl").read_text()
     assert all(str(job.notification_id) in log for job in jobs)
-    assert len(service.providers.guards) == 1
+    assert len(service.providers.gates) == 1
     assert service.providers.unsupported_platforms == ()

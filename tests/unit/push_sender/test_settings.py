@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
 from herald_shared.broker import RabbitSettings
-from herald_shared.events import MAX_BATCH_SIZE
-from push_sender.providers import max_in_flight
+from herald_shared.sending import SenderTuning
+from push_sender.providers import DEFAULT_MAX_IN_FLIGHT, max_in_flight
 from push_sender.settings import MaxInFlightSettings, PushProviderKind, Settings
 
 
@@ -78,11 +79,52 @@ def test_live_providers_and_their_guards_from_the_environment(
     assert settings.max_in_flight.fcm is None  # the default
 
 
-def test_a_bulkhead_defaults_to_all_a_consumer_can_have_in_flight() -> None:
-    """Every job of every batch the prefetch lets in: one consumer can never fill it."""
+def test_a_providers_concurrency_limit_defaults_to_a_connection_pool_whatever_the_prefetch() -> (
+    None
+):
+    """A limit that waits, not a bulkhead that refuses: it no longer grows with the prefetch."""
     settings = Settings(
         rabbitmq=RabbitSettings(prefetch=7), max_in_flight=MaxInFlightSettings(apns=4)
     )
 
-    assert max_in_flight(settings, "fcm") == 7 * MAX_BATCH_SIZE
+    assert max_in_flight(settings, "fcm") == DEFAULT_MAX_IN_FLIGHT == 100
     assert max_in_flight(settings, "apns") == 4
+    assert max_in_flight(Settings(rabbitmq=RabbitSettings(prefetch=70)), "fcm") == 100
+
+
+def test_batching_and_the_delivery_lease_tune_the_sender(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().sender_tuning() == SenderTuning(
+        max_jobs_per_batch=1000,
+        concurrent_batches=2,
+        linger=0.002,
+        lease=timedelta(seconds=15),
+    )
+    monkeypatch.setenv("BATCH_MAX_ITEMS", "50")
+    monkeypatch.setenv("BATCH_CONCURRENCY", "3")
+    monkeypatch.setenv("BATCH_LINGER", "0")
+    monkeypatch.setenv("DELIVERY_LEASE", "30")
+
+    tuning = Settings().sender_tuning()
+
+    assert tuning == SenderTuning(
+        max_jobs_per_batch=50, concurrent_batches=3, linger=0.0, lease=timedelta(seconds=30)
+    )
+    assert tuning.renew_every == 10.0
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("BATCH_MAX_ITEMS", "0"),
+        ("BATCH_CONCURRENCY", "0"),
+        ("BATCH_LINGER", "-1"),
+        ("BATCH_LINGER", "2"),
+        ("DELIVERY_LEASE", "0.5"),
+    ],
+)
+def test_batching_and_lease_settings_out_of_range_are_refused(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError):
+        Settings()
