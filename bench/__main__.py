@@ -38,7 +38,12 @@ scenarios:
             with an FCM device and e-mail on, against an FCM fake that takes --fcm-latency-ms
             per request and processes at most --fcm-concurrency at once (default 50 ms, 50);
             reports pushes, repeats, e-mails and the last push's time after the 201 next to the
-            bound devices / concurrency x latency + 1 s.
+            bound devices / concurrency x latency + 1 s. A harsher provider, e.g.
+            --fcm-latency-ms 1000 --fcm-concurrency 10, keeps requests waiting longer than the
+            push-sender's FCM timeout (FCM_TIMEOUT, 10 s).
+
+long runs: --duration caps the posting (60 s by default), so a run of 30,000 messages wants e.g.
+--count 30000 --duration 1800; its CPU per notification and RSS compare with a short run's.
 
 exit status: 0 every notification complete once; 1 lost, duplicated or unexpected ones;
 2 some not drained (and nothing worse).

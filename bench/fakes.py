@@ -19,7 +19,10 @@ They still speak the real protocols, enough for the real clients to be unable to
 `--fcm-latency SECONDS` and `--fcm-concurrency N` make FCM behave like a provider under load: each
 `messages:send` takes that long, at most N are processed at once, and further ones wait at the
 server, in arrival order, for a free place (requests on one connection are answered in order, as
-HTTP/1.1 wants). Without them every request is answered at once, with no task per request.
+HTTP/1.1 wants). A request received whole is sent even if its client gives up waiting and closes
+the connection (as a provider would: the client cannot take it back), so a client-side timeout
+followed by a retry shows as a repeat. Without them every request is answered at once, with no
+task per request.
 
 Each accepted delivery is one line in a record file (`push.tsv`, `email.tsv`), flushed every
 100 ms, so the benchmark can follow progress while the run goes on (a push is recorded when its
