@@ -16,11 +16,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from herald_shared.events import DeviceInvalidated, Platform, WebPushKeys
 from herald_shared.topology import DEVICE_INVALIDATED, EXCHANGE
+from herald_shared.webpush import DEFAULT_ALLOWED_HOSTS
 from message_service import service
 from message_service.app import Runtime
 from message_service.outbox import session_scope
 from message_service.pruning import DevicePruner
-from message_service.settings import WEBPUSH_DEFAULT_ALLOWED_HOSTS, Settings
+from message_service.settings import Settings
 from tests.support.infra import wait_until
 from tests.unit.message_service.helpers import (
     client_for,
@@ -184,7 +185,7 @@ async def test_the_real_push_services_are_allowed_by_default(
 
 async def test_a_loopback_push_service_is_allowed_only_when_configured(sqlite_url: str) -> None:
     settings = make_settings(
-        sqlite_url, webpush_allowed_hosts=(*WEBPUSH_DEFAULT_ALLOWED_HOSTS, "127.0.0.1")
+        sqlite_url, webpush_allowed_hosts=(*DEFAULT_ALLOWED_HOSTS, "127.0.0.1")
     )
     async with running_app(settings) as app, client_for(app) as client:
         alice = await register(client, "alice")
@@ -216,7 +217,7 @@ def test_defaults_are_sixty_days_and_the_real_push_services(
     settings = Settings()
 
     assert settings.device_stale_after_days == 60
-    assert settings.webpush_allowed_hosts == WEBPUSH_DEFAULT_ALLOWED_HOSTS
+    assert settings.webpush_allowed_hosts == DEFAULT_ALLOWED_HOSTS
 
 
 def test_the_p256_check_accepts_real_keys_only() -> None:

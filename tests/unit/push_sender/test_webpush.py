@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pydantic import ValidationError
 
 from herald_shared.events import Platform, PushRequested, WebPushKeys
+from herald_shared.webpush import DEFAULT_ALLOWED_HOSTS
 from push_sender.providers import (
     ProviderAnswer,
     Verdict,
@@ -30,24 +31,18 @@ from push_sender.providers.webpush import (
     MAX_BODY_BYTES,
     b64url_decode,
     b64url_encode,
-    check_endpoint,
     classify,
     encrypt,
     load_vapid_key,
     topic,
 )
-from push_sender.settings import (
-    WEBPUSH_DEFAULT_ALLOWED_HOSTS,
-    PushProviderKind,
-    Settings,
-    WebPushSettings,
-)
+from push_sender.settings import PushProviderKind, Settings, WebPushSettings
 from tests.fakes.webpush import FakeWebPush, Subscription, decrypt
 from tests.support.processes import free_port
 from tests.unit.push_sender.support import push_job
 
 SUBJECT = "mailto:push-admin@herald.test"
-LOOPBACK_HOSTS = (*WEBPUSH_DEFAULT_ALLOWED_HOSTS, "127.0.0.1")
+LOOPBACK_HOSTS = (*DEFAULT_ALLOWED_HOSTS, "127.0.0.1")
 
 
 def webpush_job(subscription: Subscription, **overrides: Any) -> PushRequested:
@@ -413,26 +408,6 @@ async def test_an_endpoint_off_the_allowlist_is_rejected_without_a_request(
     assert requests == []
 
 
-@pytest.mark.parametrize(
-    "endpoint",
-    [
-        "https://fcm.googleapis.com/fcm/send/abc:APA91b",
-        "https://updates.push.services.mozilla.com/wpush/v2/gAAAA",
-        "https://wns2-by3p.notify.windows.com/w/?token=BQYAAA",
-        "https://web.push.apple.com/QGuQyavXutnMH",
-        "http://127.0.0.1:8080/push/1",
-    ],
-)
-def test_known_push_services_are_allowed(endpoint: str) -> None:
-    assert check_endpoint(endpoint, LOOPBACK_HOSTS) is None
-
-
-def test_loopback_is_refused_by_default() -> None:
-    assert check_endpoint("http://127.0.0.1:8080/push/1", WEBPUSH_DEFAULT_ALLOWED_HOSTS) == (
-        "endpoint host is not an allowed push service"
-    )
-
-
 async def test_a_push_without_subscription_keys_is_rejected(
     push: FakeWebPush, make_provider: Callable[..., WebPushProvider]
 ) -> None:
@@ -525,8 +500,8 @@ def test_settings_read_the_environment(
 
 
 def test_the_default_allowlist_is_the_real_push_services() -> None:
-    assert WebPushSettings().allowed_hosts == WEBPUSH_DEFAULT_ALLOWED_HOSTS
-    assert "127.0.0.1" not in WEBPUSH_DEFAULT_ALLOWED_HOSTS
+    assert WebPushSettings().allowed_hosts == DEFAULT_ALLOWED_HOSTS
+    assert "127.0.0.1" not in DEFAULT_ALLOWED_HOSTS
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import ipaddress
 import json
 import re
 import secrets
@@ -20,7 +19,6 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from urllib.parse import urlsplit
 
 from sqlalchemy.exc import IntegrityError
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -36,6 +34,7 @@ from herald_shared.events import (
     WebPushKeys,
     utc_now,
 )
+from herald_shared.webpush import endpoint_problem
 from message_service import repository
 from message_service.models import Device, Message, Room, User
 
@@ -357,51 +356,9 @@ def is_p256_public_key(raw: bytes) -> bool:
     return (y * y - (x * x * x - 3 * x + _P256_B)) % _P256_P == 0
 
 
-def _host_allowed(host: str, patterns: Iterable[str]) -> bool:
-    for pattern in patterns:
-        if pattern.startswith("*."):
-            if host.endswith(pattern[1:]) and len(host) > len(pattern) - 1:
-                return True
-        elif host == pattern:
-            return True
-    return False
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def web_push_endpoint_problem(endpoint: str, allowed_hosts: Iterable[str]) -> str | None:
-    """Why a Web Push endpoint is refused, or None: it must be https (plain http only to a
-    loopback host, for local test servers) to a push service of the allowlist, without
-    credentials. push-sender checks it again before every POST: we must never be made to call
-    an arbitrary URL."""
-    if "\\" in endpoint or any(ord(char) <= 0x20 or ord(char) >= 0x7F for char in endpoint):
-        return "endpoint must be a plain https URL"
-    try:
-        parts = urlsplit(endpoint)
-        host = parts.hostname or ""
-        parts.port  # noqa: B018 - raises ValueError for a malformed port
-    except ValueError:
-        return "endpoint must be a plain https URL"
-    if parts.scheme not in {"http", "https"} or not host:
-        return "endpoint must be an https URL"
-    if parts.scheme == "http" and not _is_loopback(host):
-        return "endpoint must be an https URL"
-    if parts.username is not None or parts.password is not None:
-        return "endpoint must not carry credentials"
-    if not _host_allowed(host, allowed_hosts):
-        return "endpoint is not on a known push service"
-    return None
-
-
 def check_web_push_endpoint(endpoint: str, *, allowed_hosts: Iterable[str]) -> None:
-    problem = web_push_endpoint_problem(endpoint, allowed_hosts)
+    """Refuse a subscription push-sender would never POST to (`herald_shared.webpush`)."""
+    problem = endpoint_problem(endpoint, allowed_hosts)
     if problem is not None:
         raise Invalid(problem)
 

@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
-from pydantic_settings import NoDecode
 
 from herald_shared.config import ServiceSettings, default_sqlite_url
 from herald_shared.unsubscribe import UnsubscribeSecret
+from herald_shared.webpush import DEFAULT_ALLOWED_HOSTS, AllowedHosts
 
 SERVICE_NAME = "message-service"
-
-# Push services whose Web Push subscription endpoints are accepted: a host as written, or
-# "*.<domain>" for any host under that domain (Chrome, legacy Edge, Firefox, Safari). The same
-# default as push-sender's WEBPUSH_ALLOWED_HOSTS, which re-checks every endpoint before a POST.
-WEBPUSH_DEFAULT_ALLOWED_HOSTS = (
-    "fcm.googleapis.com",
-    "android.googleapis.com",
-    "updates.push.services.mozilla.com",
-    "*.notify.windows.com",
-    "web.push.apple.com",
-)
 
 
 class Settings(ServiceSettings):
@@ -46,7 +34,8 @@ class Settings(ServiceSettings):
     device_prune_interval: float = Field(default=3600.0, gt=0)
     # `WEBPUSH_ALLOWED_HOSTS`, comma-separated: where a Web Push subscription's endpoint may
     # point (https only; plain http to an allowlisted loopback host, for local test servers).
-    webpush_allowed_hosts: Annotated[tuple[str, ...], NoDecode] = WEBPUSH_DEFAULT_ALLOWED_HOSTS
+    # push-sender reads the same variable and re-checks every endpoint before a POST.
+    webpush_allowed_hosts: AllowedHosts = DEFAULT_ALLOWED_HOSTS
     # Largest request body accepted (413 beyond); the biggest legitimate one, a room of 1000
     # members, is about 40 KiB.
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
@@ -69,12 +58,3 @@ class Settings(ServiceSettings):
         if parsed.scheme not in {"http", "https"} or not parsed.hostname:
             raise ValueError(f"not an http(s) base URL: {value!r}")
         return value.rstrip("/")
-
-    @field_validator("webpush_allowed_hosts", mode="before")
-    @classmethod
-    def _split_hosts(cls, value: object) -> object:
-        if isinstance(value, str):
-            value = value.split(",")
-        if isinstance(value, list | tuple):
-            return tuple(str(host).strip().lower() for host in value if str(host).strip())
-        return value

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import ipaddress
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
 
 import httpx
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from herald_shared.config import LOCAL_STATE_DIR, SenderSettings, default_sqlite_url
+from herald_shared.webpush import DEFAULT_ALLOWED_HOSTS, AllowedHosts, is_loopback
 
 SERVICE_NAME = "push-sender"
 
@@ -26,15 +25,6 @@ class PushProviderKind(StrEnum):
     # reported failed as "unsupported platform".
     LIVE = "live"
     FCM = "fcm"  # `live`, and FCM_CREDENTIALS_FILE is required (the original single provider)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def check_secure_url(value: str, *, what: str) -> str:
@@ -93,17 +83,6 @@ class ApnsSettings(BaseSettings):
         return check_secure_url(value, what="APNS_BASE_URL").rstrip("/")
 
 
-# Push services whose subscription endpoints Web Push may POST to: a host as written, or
-# "*.<domain>" for any host under that domain. Chrome, Edge (legacy WNS), Firefox, Safari.
-WEBPUSH_DEFAULT_ALLOWED_HOSTS = (
-    "fcm.googleapis.com",
-    "android.googleapis.com",
-    "updates.push.services.mozilla.com",
-    "*.notify.windows.com",
-    "web.push.apple.com",
-)
-
-
 class WebPushSettings(BaseSettings):
     """`WEBPUSH_*`: Web Push (RFC 8030) with VAPID (RFC 8292) and aes128gcm payloads (RFC 8291)."""
 
@@ -119,18 +98,10 @@ class WebPushSettings(BaseSettings):
     ttl: int = Field(default=86400, ge=0, le=28 * 86400)
     # Seconds for each HTTP exchange step (connect, write, read, waiting for a pooled connection).
     timeout: float = Field(default=10.0, gt=0, le=120)
-    # The push services endpoints may point at (see `providers.webpush.check_endpoint`);
-    # comma-separated in the environment. Tests add a loopback host for their local push service.
-    allowed_hosts: Annotated[tuple[str, ...], NoDecode] = WEBPUSH_DEFAULT_ALLOWED_HOSTS
-
-    @field_validator("allowed_hosts", mode="before")
-    @classmethod
-    def _split_hosts(cls, value: object) -> object:
-        if isinstance(value, str):
-            value = value.split(",")
-        if isinstance(value, list | tuple):
-            return tuple(str(host).strip().lower() for host in value if str(host).strip())
-        return value
+    # The push services endpoints may point at (`herald_shared.webpush`, the rule message-service
+    # applies too); comma-separated in the environment. Tests add a loopback host for their local
+    # push service.
+    allowed_hosts: AllowedHosts = DEFAULT_ALLOWED_HOSTS
 
     @model_validator(mode="after")
     def _subject_with_key(self) -> WebPushSettings:

@@ -12,8 +12,9 @@
   JWT's `aud` is the endpoint's origin, `exp` at most 24 hours away, `sub` our contact. One JWT
   per origin is reused until it is half-way to expiry.
 * The endpoint is a URL a client gave us: it is checked against the allowlist of push-service
-  hosts (`WEBPUSH_ALLOWED_HOSTS`) before any request, redirects are never followed, and no reason
-  ever quotes it (an endpoint is a capability: whoever has it can push to that browser).
+  hosts (`WEBPUSH_ALLOWED_HOSTS`; the rule is `herald_shared.webpush`, which message-service
+  applies too) before any request, redirects are never followed, and no reason ever quotes it
+  (an endpoint is a capability: whoever has it can push to that browser).
 * Answers are classified, never retried here (see `classify`).
 
 Nothing here logs or stores an endpoint, a key, a JWT or the push text.
@@ -40,9 +41,10 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from herald_shared.events import PushRequested, WebPushKeys
 from herald_shared.text import truncate_to_size
+from herald_shared.webpush import endpoint_problem
 from push_sender.providers.base import ProviderAnswer, Verdict
 from push_sender.providers.fcm import parse_retry_after
-from push_sender.settings import WebPushSettings, is_loopback
+from push_sender.settings import WebPushSettings
 
 # What every push service must accept as a message body (RFC 8030 §7.2, RFC 8291 §4).
 MAX_BODY_BYTES = 4096
@@ -102,39 +104,7 @@ def public_key_bytes(key: ec.EllipticCurvePublicKey) -> bytes:
     )
 
 
-# --- the endpoint allowlist ---------------------------------------------------------------------
-
-
-def host_allowed(host: str, patterns: Iterable[str]) -> bool:
-    """Whether `host` (lower case) matches a pattern: the host itself, or `*.<domain>` for any
-    host under that domain (never the domain alone, never a host that merely ends like it)."""
-    for pattern in patterns:
-        if pattern.startswith("*."):
-            suffix = pattern[1:]
-            if host.endswith(suffix) and len(host) > len(suffix):
-                return True
-        elif host == pattern:
-            return True
-    return False
-
-
-def check_endpoint(endpoint: str, allowed_hosts: Iterable[str]) -> str | None:
-    """Why we must not POST to `endpoint`, or None when we may: https to an allowlisted host
-    (plain http only to an allowlisted loopback host, for a local test server), no credentials
-    in the URL. The reason never quotes the endpoint."""
-    try:
-        url = httpx.URL(endpoint)
-    except (httpx.InvalidURL, TypeError):
-        return "endpoint is not a URL"
-    if url.scheme not in {"http", "https"} or not url.host:
-        return "endpoint is not an https URL"
-    if url.scheme == "http" and not is_loopback(url.host):
-        return "endpoint is not an https URL"
-    if url.userinfo:
-        return "endpoint carries credentials"
-    if not host_allowed(url.host.lower(), allowed_hosts):
-        return "endpoint host is not an allowed push service"
-    return None
+# --- the endpoint --------------------------------------------------------------------------------
 
 
 def origin_of(endpoint: str) -> str:
@@ -286,7 +256,7 @@ def topic(job: PushRequested) -> str:
 
 
 def classify(status_code: int, headers: httpx.Headers) -> ProviderAnswer:
-    """One push service answer → what to do (notes/reliability.md, provider error → action):
+    """One push service answer → what to do (docs/providers.md, "Web Push"):
 
     * 201 Created (202 Accepted with `Prefer: respond-async`), any 2xx → accepted;
     * 404 Not Found, 410 Gone → the subscription expired or was unsubscribed: the device is dead;
@@ -407,7 +377,9 @@ class WebPushProvider:
 
     async def send(self, job: PushRequested) -> ProviderAnswer:
         endpoint = job.token
-        problem = check_endpoint(endpoint, self.allowed_hosts)
+        # Again before every POST, whatever message-service accepted: the allowlist may have
+        # changed since, and a job is a message anyone with access to the broker could write.
+        problem = endpoint_problem(endpoint, self.allowed_hosts)
         if problem is not None:
             return ProviderAnswer(Verdict.REJECTED, f"webpush {problem}")
         if job.web_push_keys is None:
