@@ -22,6 +22,7 @@ from message_service.app import Runtime
 from message_service.outbox import session_scope
 from message_service.pruning import DevicePruner
 from message_service.settings import Settings
+from message_service.webpush_keys import decode_base64url, is_p256_public_key
 from tests.support.infra import wait_until
 from tests.unit.message_service.helpers import (
     client_for,
@@ -222,11 +223,11 @@ def test_defaults_are_sixty_days_and_the_real_push_services(
 
 def test_the_p256_check_accepts_real_keys_only() -> None:
     for _ in range(20):
-        raw = service.decode_base64url(browser_keys()["p256dh"])
-        assert service.is_p256_public_key(raw)
+        raw = decode_base64url(browser_keys()["p256dh"])
+        assert is_p256_public_key(raw)
         tampered = raw[:-1] + bytes([raw[-1] ^ 1])
-        assert not service.is_p256_public_key(tampered)
-    assert not service.is_p256_public_key(b"\x02" + bytes(64))
+        assert not is_p256_public_key(tampered)
+    assert not is_p256_public_key(b"\x02" + bytes(64))
 
 
 # --- refresh and moves --------------------------------------------------------------------------

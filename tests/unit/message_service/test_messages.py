@@ -14,8 +14,9 @@ import pytest
 from sqlmodel import select
 
 from herald_shared.events import utc_now
-from message_service import repository, service
+from message_service import repository
 from message_service.app import Runtime
+from message_service.cursor import decode_cursor, encode_cursor
 from message_service.models import Message
 from tests.unit.message_service.helpers import (
     Account,
@@ -328,7 +329,7 @@ async def test_the_page_size_is_capped_at_100(client: httpx.AsyncClient, runtime
         {"limit": -1},
         {"limit": "many"},
         {"before": "not-a-cursor"},
-        {"before": service.encode_cursor(utc_now(), uuid.uuid4())[:-4] + "!!!!"},
+        {"before": encode_cursor(utc_now(), uuid.uuid4())[:-4] + "!!!!"},
         {"before": "W10"},  # valid base64 of "[]"
         {"before": NAIVE_CURSOR},
         {"before": "x" * 201},
@@ -346,7 +347,7 @@ async def test_invalid_paging_is_422(client: httpx.AsyncClient, params: dict[str
 def test_cursors_round_trip() -> None:
     instant, message_id = utc_now(), uuid.uuid4()
 
-    assert service.decode_cursor(service.encode_cursor(instant, message_id)) == (
+    assert decode_cursor(encode_cursor(instant, message_id)) == (
         instant,
         message_id,
     )

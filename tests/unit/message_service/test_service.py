@@ -14,6 +14,7 @@ from herald_shared.database import run_migrations
 from herald_shared.events import Platform
 from message_service import repository, service
 from message_service.app import BodySizeLimit, Runtime, SafeErrors, create_app, runtime_of
+from message_service.cursor import decode_cursor
 from message_service.models import Device
 from tests.unit.message_service.helpers import make_settings, user_updates
 
@@ -130,8 +131,8 @@ def test_mentions_follow_member_order_and_ignore_addresses() -> None:
 
 @pytest.mark.parametrize("cursor", ["", "%%%", "bm90IGpzb24", "WyJ4IiwieSJd"])
 def test_bad_cursors_are_invalid(cursor: str) -> None:
-    with pytest.raises(service.Invalid):
-        service.decode_cursor(cursor)
+    with pytest.raises(ValueError, match="invalid cursor"):
+        decode_cursor(cursor)
 
 
 Message = MutableMapping[str, Any]

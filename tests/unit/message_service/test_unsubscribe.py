@@ -15,7 +15,7 @@ from fastapi import FastAPI
 
 from herald_shared.events import utc_now
 from herald_shared.unsubscribe import UnsubscribeTokens
-from message_service.api import is_one_click
+from message_service.api.routes.unsubscribe import is_one_click
 from message_service.app import Runtime, runtime_of
 from tests.unit.message_service.helpers import (
     Account,

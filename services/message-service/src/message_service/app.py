@@ -39,7 +39,8 @@ from herald_shared.ops import broker_healthy, consumers_ready, service_version
 from herald_shared.publishing import event_publisher
 from herald_shared.retry import describe_error
 from herald_shared.topology import MESSAGE_NEW, USER_UPDATED, declare_topology
-from message_service.api import ApiDeps, router
+from message_service.api import router
+from message_service.api.deps import ApiDeps
 from message_service.docs_index import DOCS_INDEX_PATH, docs_index_html, herald_services
 from message_service.handlers import HandlerDeps, Subscribers, register_handlers
 from message_service.outbox import OutboxMetrics, OutboxRelay

@@ -1,5 +1,5 @@
 """message-service's tables, as SQLModel models. No event contract lives here (see
-`herald_shared.events`); request and response bodies live in `api.py`."""
+`herald_shared.events`); request and response bodies live in `api/schemas.py`."""
 
 from __future__ import annotations
 

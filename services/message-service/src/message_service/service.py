@@ -9,10 +9,7 @@ commit, so an event exists if and only if its change was committed.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
-import json
 import re
 import secrets
 import uuid
@@ -36,6 +33,7 @@ from herald_shared.events import (
 )
 from herald_shared.webpush import endpoint_problem
 from message_service import repository
+from message_service.cursor import decode_cursor, encode_cursor
 from message_service.models import Device, Message, Room, User
 
 MAX_ROOM_MEMBERS = MAX_RECIPIENTS
@@ -328,34 +326,6 @@ async def prune_stale_devices(
         affected += len(pruned)
 
 
-# --- push token validation (pure) ---------------------------------------------------------------
-
-# The NIST P-256 curve y² = x³ - 3x + b over GF(p) (FIPS 186-4, D.1.2.3).
-_P256_P = 2**256 - 2**224 + 2**192 + 2**96 - 1
-_P256_B = 0x5AC635D8AA3A93E7B3EBBD55769886BC651D06B0CC53B0F63BCE3C3E27D2604B
-
-
-def decode_base64url(text: str) -> bytes:
-    """base64url, padded or not (browsers give it unpadded); ValueError otherwise."""
-    if not re.fullmatch(r"[A-Za-z0-9_-]+={0,2}", text):
-        raise ValueError("is not base64url")
-    stripped = text.rstrip("=")
-    try:
-        return base64.urlsafe_b64decode(stripped + "=" * (-len(stripped) % 4))
-    except (binascii.Error, ValueError):
-        raise ValueError("is not base64url") from None
-
-
-def is_p256_public_key(raw: bytes) -> bool:
-    """An uncompressed P-256 point (0x04 | x | y) on the curve: what `p256dh` must be."""
-    if len(raw) != 65 or raw[0] != 0x04:
-        return False
-    x, y = int.from_bytes(raw[1:33], "big"), int.from_bytes(raw[33:], "big")
-    if x >= _P256_P or y >= _P256_P:
-        return False
-    return (y * y - (x * x * x - 3 * x + _P256_B)) % _P256_P == 0
-
-
 def check_web_push_endpoint(endpoint: str, *, allowed_hosts: Iterable[str]) -> None:
     """Refuse a subscription push-sender would never POST to (`herald_shared.webpush`)."""
     problem = endpoint_problem(endpoint, allowed_hosts)
@@ -573,30 +543,16 @@ async def list_messages(
     """Newest first; `next_cursor` continues with older messages (None: no more)."""
     await _room_of_member(session, room_id=room_id, user_id=user_id)
     limit = max(1, min(limit, MAX_PAGE_SIZE))
-    position = None if before is None else decode_cursor(before)
+    try:
+        position = None if before is None else decode_cursor(before)
+    except ValueError as exc:
+        raise Invalid("invalid cursor") from exc
     rows = await repository.messages_page(
         session, room_id=room_id, limit=limit + 1, before=position
     )
     items = rows[:limit]
     next_cursor = encode_cursor(items[-1].created_at, items[-1].id) if len(rows) > limit else None
     return MessagePage(items=items, next_cursor=next_cursor)
-
-
-def encode_cursor(created_at: datetime, message_id: uuid.UUID) -> str:
-    raw = json.dumps([created_at.isoformat(), str(message_id)], separators=(",", ":"))
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        created_at, message_id = json.loads(raw)
-        position = datetime.fromisoformat(created_at), uuid.UUID(message_id)
-    except (binascii.Error, ValueError, TypeError, AttributeError) as exc:
-        raise Invalid("invalid cursor") from exc
-    if position[0].tzinfo is None:
-        raise Invalid("invalid cursor")
-    return position
 
 
 # --- user snapshots -----------------------------------------------------------------------------

@@ -1,0 +1,16 @@
+"""The HTTP API: thin routes over `service.py`, one module per domain (`routes/`), their request
+and response models (`schemas.py`) and dependencies (`deps.py`).
+
+Every route but registration and the unsubscribe link needs `Authorization: Bearer <token>`; the
+acting user always comes from the token.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from message_service.api.routes import devices, messages, preferences, rooms, unsubscribe, users
+
+router = APIRouter()
+for routes in (users, devices, preferences, rooms, messages, unsubscribe):
+    router.include_router(routes.router)

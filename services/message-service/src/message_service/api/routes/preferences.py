@@ -1,0 +1,31 @@
+"""The caller's notification preferences."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from message_service import service
+from message_service.api.deps import Me, SessionDep
+from message_service.api.responses import INVALID
+from message_service.api.schemas import PreferencesBody, PreferencesOut
+
+router = APIRouter(tags=["preferences"])
+
+
+@router.get("/users/me/preferences")
+async def read_preferences(me: Me, session: SessionDep) -> PreferencesOut:
+    return PreferencesOut.of(await service.get_preferences(session=session, user_id=me.id))
+
+
+@router.put("/users/me/preferences", responses=INVALID)
+async def replace_preferences(body: PreferencesBody, me: Me, session: SessionDep) -> PreferencesOut:
+    """Replace all preferences; only rooms you are a member of can be muted."""
+    view = await service.set_preferences(
+        session=session,
+        user_id=me.id,
+        push_enabled=body.push_enabled,
+        email_enabled=body.email_enabled,
+        push_preview=body.push_preview,
+        muted_room_ids=body.muted_room_ids,
+    )
+    return PreferencesOut.of(view)

@@ -1,0 +1,291 @@
+"""What the HTTP API reads and writes: request bodies with their validation, and response models.
+
+Request models forbid unknown fields; response models list their fields explicitly (no push
+token, no one else's e-mail address).
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+import uuid
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StringConstraints,
+    model_validator,
+)
+
+from herald_shared.events import MAX_MESSAGE_CONTENT, MAX_RECIPIENTS, Platform
+from message_service.models import (
+    DEVICE_TOKEN_MAX,
+    DISPLAY_TEXT_MAX,
+    EMAIL_MAX,
+    WEB_PUSH_AUTH_MAX,
+    WEB_PUSH_P256DH_MAX,
+    Device,
+    Message,
+    User,
+)
+from message_service.service import PreferencesView, RoomView
+from message_service.webpush_keys import AUTH_SECRET_BYTES, decode_base64url, is_p256_public_key
+
+# --- validation ---------------------------------------------------------------------------------
+
+# Bidirectional overrides and isolates: invisible, and used to disguise names.
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+# The WHATWG HTML definition of a valid e-mail address (what browsers accept), with a dotted domain.
+_EMAIL = re.compile(
+    r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}"
+    r"@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$"
+)
+PRINTABLE_ASCII = r"^[\x21-\x7e]+$"
+
+
+def _single_line(value: str) -> str:
+    """Names end up in push titles and e-mail headers: no control characters, no line breaks."""
+    for char in value:
+        if unicodedata.category(char) in {"Cc", "Zl", "Zp"} or char in _BIDI_CONTROLS:
+            raise ValueError("must not contain control characters or line breaks")
+    return value
+
+
+def _message_text(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be blank")
+    for char in value:
+        if unicodedata.category(char) == "Cc" and char not in "\t\n\r":
+            raise ValueError("must not contain control characters")
+    return value
+
+
+def _email(value: str) -> str:
+    if not _EMAIL.match(value):
+        raise ValueError("is not a valid e-mail address")
+    local, domain = value.rsplit("@", 1)
+    return f"{local}@{domain.lower()}"
+
+
+def _p256dh(value: str) -> str:
+    if not is_p256_public_key(decode_base64url(value)):
+        raise ValueError("must be the subscription's P-256 public key (65 bytes, base64url)")
+    return value.rstrip("=")
+
+
+def _auth_secret(value: str) -> str:
+    if len(decode_base64url(value)) != AUTH_SECRET_BYTES:
+        raise ValueError("must be the subscription's 16-byte auth secret (base64url)")
+    return value.rstrip("=")
+
+
+Username = Annotated[
+    str, StringConstraints(pattern=r"^[a-z0-9_]{3,32}$"), Field(examples=["alice_01"])
+]
+DisplayText = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=DISPLAY_TEXT_MAX),
+    AfterValidator(_single_line),
+]
+Email = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, max_length=EMAIL_MAX),
+    AfterValidator(_email),
+    Field(examples=["alice@example.com"]),
+]
+MessageText = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=MAX_MESSAGE_CONTENT),
+    AfterValidator(_message_text),
+]
+DeviceToken = Annotated[
+    str, StringConstraints(min_length=1, max_length=DEVICE_TOKEN_MAX, pattern=PRINTABLE_ASCII)
+]
+# An APNs device token: 32 bytes in hex, stored in lower case so one device is one token.
+ApnsToken = Annotated[
+    str,
+    StringConstraints(pattern=r"^[0-9A-Fa-f]{64}$"),
+    AfterValidator(str.lower),
+    Field(examples=["a" * 64]),
+]
+
+# --- requests -----------------------------------------------------------------------------------
+
+
+class RequestBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class UserCreate(RequestBody):
+    username: Username
+    display_name: DisplayText
+    email: Email
+
+
+class UserPatch(RequestBody):
+    display_name: DisplayText | None = None
+    email: Email | None = None
+
+    @model_validator(mode="after")
+    def _no_nulls(self) -> UserPatch:
+        for name in self.model_fields_set:
+            if getattr(self, name) is None:
+                raise ValueError(f"{name} cannot be null")
+        return self
+
+
+class FcmDeviceCreate(RequestBody):
+    platform: Literal["fcm"]
+    token: DeviceToken
+
+
+class ApnsDeviceCreate(RequestBody):
+    platform: Literal["apns"]
+    token: ApnsToken
+
+
+class WebPushKeysBody(RequestBody):
+    p256dh: Annotated[
+        str, StringConstraints(max_length=WEB_PUSH_P256DH_MAX), AfterValidator(_p256dh)
+    ]
+    auth: Annotated[
+        str, StringConstraints(max_length=WEB_PUSH_AUTH_MAX), AfterValidator(_auth_secret)
+    ]
+
+
+class WebPushDeviceCreate(RequestBody):
+    """A browser's `PushSubscription.toJSON()`, plus `"platform": "webpush"`. The endpoint must
+    be on a known push service (`WEBPUSH_ALLOWED_HOSTS`)."""
+
+    platform: Literal["webpush"]
+    endpoint: DeviceToken
+    keys: WebPushKeysBody
+    # Part of toJSON(); the push service tells us when a subscription ends (404/410).
+    expiration_time: float | None = Field(default=None, alias="expirationTime")
+
+
+DeviceCreate = Annotated[
+    FcmDeviceCreate | ApnsDeviceCreate | WebPushDeviceCreate, Field(discriminator="platform")
+]
+
+
+class PreferencesBody(RequestBody):
+    push_enabled: StrictBool
+    email_enabled: StrictBool
+    # False: pushes name the sender and the room but never show the message's text.
+    push_preview: StrictBool = True
+    muted_room_ids: list[uuid.UUID] = Field(max_length=MAX_RECIPIENTS)
+
+
+class RoomCreate(RequestBody):
+    name: DisplayText
+    member_ids: list[uuid.UUID] = Field(default_factory=list, max_length=MAX_RECIPIENTS)
+
+
+class MemberAdd(RequestBody):
+    user_id: uuid.UUID
+
+
+class MessageCreate(RequestBody):
+    content: MessageText
+
+
+# --- responses ----------------------------------------------------------------------------------
+
+
+class Registered(BaseModel):
+    id: uuid.UUID
+    username: str
+    display_name: str
+    token: str = Field(description="The API token. Shown once: only its hash is stored.")
+
+
+class UserOut(BaseModel):
+    id: uuid.UUID
+    username: str
+    display_name: str
+    email: str
+    created_at: datetime
+
+    @classmethod
+    def of(cls, user: User) -> UserOut:
+        return cls(
+            id=user.id,
+            username=user.username,
+            display_name=user.display_name,
+            email=user.email,
+            created_at=user.created_at,
+        )
+
+
+class DeviceOut(BaseModel):
+    id: uuid.UUID
+    platform: Platform
+    created_at: datetime
+
+    @classmethod
+    def of(cls, device: Device) -> DeviceOut:
+        return cls(id=device.id, platform=Platform(device.platform), created_at=device.created_at)
+
+
+class PreferencesOut(BaseModel):
+    push_enabled: bool
+    email_enabled: bool
+    push_preview: bool
+    muted_room_ids: list[uuid.UUID]
+
+    @classmethod
+    def of(cls, view: PreferencesView) -> PreferencesOut:
+        return cls(
+            push_enabled=view.push_enabled,
+            email_enabled=view.email_enabled,
+            push_preview=view.push_preview,
+            muted_room_ids=view.muted_room_ids,
+        )
+
+
+class RoomOut(BaseModel):
+    id: uuid.UUID
+    name: str
+    member_ids: list[uuid.UUID]
+    created_at: datetime
+
+    @classmethod
+    def of(cls, view: RoomView) -> RoomOut:
+        return cls(
+            id=view.room.id,
+            name=view.room.name,
+            member_ids=view.member_ids,
+            created_at=view.room.created_at,
+        )
+
+
+class MessageOut(BaseModel):
+    id: uuid.UUID
+    room_id: uuid.UUID
+    sender_id: uuid.UUID
+    content: str
+    created_at: datetime
+
+    @classmethod
+    def of(cls, message: Message) -> MessageOut:
+        return cls(
+            id=message.id,
+            room_id=message.room_id,
+            sender_id=message.sender_id,
+            content=message.content,
+            created_at=message.created_at,
+        )
+
+
+class MessagePageOut(BaseModel):
+    items: list[MessageOut]
+    next_cursor: str | None = Field(
+        description="Pass as `before` to get the next (older) page; null when there is none."
+    )
