@@ -19,7 +19,7 @@ import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from faststream.exceptions import RejectMessage
 
-from herald_shared import dead_letters as tool
+from herald_dead_letters import cli as tool
 from herald_shared import retry
 from herald_shared.broker import RabbitSettings, make_broker
 from herald_shared.events import DeviceInvalidated
