@@ -180,9 +180,4 @@ def make_broker(
     return broker
 
 
-def persistent_publisher_kwargs() -> dict[str, Any]:
-    """Keyword arguments every publisher of the project uses (shared so none forgets `persist`)."""
-    return {"persist": True}
-
-
 __all__: Sequence[str] = ("RabbitSettings", "connection_url", "make_broker")

@@ -36,7 +36,6 @@ from herald_shared.config import LOCAL_STATE_DIR
 logger = logging.getLogger("herald.unsubscribe")
 
 MIN_SECRET_LENGTH = 32
-DEFAULT_TOKEN_LIFETIME = timedelta(days=30)
 LOCAL_SECRET_FILE = Path(LOCAL_STATE_DIR) / "unsubscribe-secret"
 
 # Domain separation: a MAC made with the same secret for anything else never verifies here.

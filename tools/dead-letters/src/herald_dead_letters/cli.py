@@ -370,17 +370,6 @@ async def read_all_dead_letters(
     return result
 
 
-async def select_dead_letters(
-    connection: AbstractConnection, consumer_queue: ConsumerQueue, selection: Selection
-) -> list[DeadLetter]:
-    """The matching dead letters, in order; the queue is left as it was."""
-    return [
-        letter
-        for letter in await read_dead_letters(connection, consumer_queue)
-        if selection.matches(letter)
-    ]
-
-
 @dataclass
 class Outcome:
     """What `replay` or `purge` did: `matched` in queue order, `done` the subset acted on (the
