@@ -10,7 +10,7 @@ from typing import Any
 
 from email_sender.rendering import EmailRenderer, UnsubscribeLinks
 from email_sender.settings import Settings
-from herald_shared.events import EmailBatchRequested, EmailRequested
+from herald_shared.events import EmailBatchRequested, EmailJobsRequested, EmailRequested
 from herald_shared.retry import RetryableError
 from herald_shared.unsubscribe import UnsubscribeTokens
 
@@ -53,8 +53,14 @@ def email_job(**overrides: Any) -> EmailRequested:
     return EmailRequested(**fields)
 
 
+def email_jobs(*jobs: EmailRequested) -> EmailJobsRequested:
+    """The jobs (of any messages) as the router publishes them."""
+    return EmailJobsRequested(jobs=list(jobs))
+
+
 def email_batch(*jobs: EmailRequested) -> EmailBatchRequested:
-    """The jobs (of one message) as the router sends them."""
+    """The jobs (of one message) as a router of the previous version batched them: still
+    accepted."""
     return EmailBatchRequested(message_id=jobs[0].message_id, jobs=list(jobs))
 
 

@@ -1,4 +1,5 @@
-"""The subscriber wired as in production, on the in-memory broker and an SQLite ledger."""
+"""The subscriber and the shared sender workflow wired as in production, on the in-memory broker
+and an SQLite ledger."""
 
 from __future__ import annotations
 
@@ -22,28 +23,28 @@ from faststream.rabbit import RabbitBroker, RabbitMessage, RabbitQueue, TestRabb
 from sqlalchemy import Connection, event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from email_sender.app import create_app
+from email_sender.app import EmailService, build_service, specification
 from email_sender.backends import EmailRejected
-from email_sender.delivery import EmailDeliveries
-from email_sender.handlers import DELIVERIES_KEY
+from email_sender.settings import Settings
 from email_sender.tables import Failure, email_deliveries, metadata
-from herald_shared.database import make_engine
 from herald_shared.events import (
-    DeliveryBatchReported,
+    DeliveriesReported,
     DeliveryOutcome,
     DeliveryReported,
     EmailBatchRequested,
+    EmailJobsRequested,
     EmailRequested,
     utc_now,
 )
-from herald_shared.ledger import DeliveryLedger, DeliveryStatus, LedgerEntry
-from herald_shared.publishing import publish_event
-from herald_shared.retry import ATTEMPT_HEADER
+from herald_shared.ledger import Claimed, DeliveryLedger, DeliveryStatus, LedgerEntry
+from herald_shared.retry import ATTEMPT_HEADER, DeferredError
 from herald_shared.topology import EMAIL_DELIVERED, EMAIL_FAILED, EMAIL_SEND, EXCHANGE
+from tests.support.infra import wait_until
 from tests.unit.email_sender.support import (
     RecordingBackend,
     email_batch,
     email_job,
+    email_jobs,
     other_recipient,
     transient,
     unit_settings,
@@ -52,12 +53,25 @@ from tests.unit.email_sender.support import (
 
 @dataclass
 class Harness:
-    app: AsgiFastStream
-    broker: RabbitBroker
+    service: EmailService
     backend: RecordingBackend
-    engine: AsyncEngine
-    max_retries: int
-    reports: list[tuple[str, DeliveryBatchReported, str | None]] = field(default_factory=list)
+    reports: list[tuple[str, DeliveriesReported, str | None]] = field(default_factory=list)
+
+    @property
+    def app(self) -> AsgiFastStream:
+        return self.service.app
+
+    @property
+    def broker(self) -> RabbitBroker:
+        return self.service.broker
+
+    @property
+    def engine(self) -> AsyncEngine:
+        return self.service.engine
+
+    @property
+    def max_retries(self) -> int:
+        return self.service.settings.rabbitmq.max_retries
 
     @property
     def deliveries(self) -> DeliveryLedger:
@@ -65,7 +79,7 @@ class Harness:
 
     async def publish(
         self,
-        job: EmailRequested | EmailBatchRequested,
+        job: EmailRequested | EmailBatchRequested | EmailJobsRequested,
         *,
         correlation_id: str | None = None,
         headers: dict[str, Any] | None = None,
@@ -110,20 +124,11 @@ async def running(
     tmp_path: Path, sqlite_url: str, backend: RecordingBackend
 ) -> AsyncIterator[Harness]:
     """The app started on the in-memory broker, its reports collected."""
-    settings = unit_settings(tmp_path, sqlite_url)
-    app = create_app(settings, backend=backend)
-    broker = app.broker
-    assert isinstance(broker, RabbitBroker)
-    engine = make_engine(sqlite_url)
-    harness = Harness(
-        app=app,
-        broker=broker,
-        backend=backend,
-        engine=engine,
-        max_retries=settings.rabbitmq.max_retries,
-    )
+    service = build_service(unit_settings(tmp_path, sqlite_url), backend=backend)
+    broker = service.broker
+    harness = Harness(service=service, backend=backend)
 
-    async def collect(report: DeliveryBatchReported, message: RabbitMessage) -> None:
+    async def collect(report: DeliveriesReported, message: RabbitMessage) -> None:
         routing_key = message.raw_message.routing_key or ""
         harness.reports.append((routing_key, report, message.correlation_id))
 
@@ -132,9 +137,8 @@ async def running(
         queue = RabbitQueue(f"test.{routing_key}", routing_key=routing_key)
         broker.subscriber(queue, EXCHANGE)(collect)
 
-    async with TestRabbitBroker(broker), TestApp(app):
+    async with TestRabbitBroker(broker), TestApp(service.app):
         yield harness
-    await engine.dispose()
 
 
 @pytest.fixture
@@ -149,7 +153,7 @@ async def test_a_single_job_is_still_accepted_sent_once_recorded_and_reported_de
     harness: Harness,
 ) -> None:
     """`EmailRequested` (from a router of an earlier version, or replayed from the dead-letter
-    queue) is handled as a batch of one."""
+    queue) is handled as a delivery of one job."""
     job = email_job()
 
     await harness.publish(job, correlation_id="corr-42")
@@ -157,15 +161,11 @@ async def test_a_single_job_is_still_accepted_sent_once_recorded_and_reported_de
     ((notification_id, message),) = harness.backend.sent
     assert notification_id == job.notification_id
     assert message["Message-ID"] == f"<{job.notification_id}@herald.localhost>"
-    ((routing_key, batch, correlation_id),) = harness.reports
+    ((routing_key, event, correlation_id),) = harness.reports
     assert routing_key == EMAIL_DELIVERED
     assert correlation_id == "corr-42"
-    assert (batch.message_id, batch.channel, batch.outcome) == (
-        job.message_id,
-        "email",
-        "delivered",
-    )
-    (report,) = batch.reports
+    assert (event.channel, event.outcome) == ("email", "delivered")
+    (report,) = event.reports
     assert (report.notification_id, report.message_id, report.recipient_id) == (
         job.notification_id,
         job.message_id,
@@ -182,20 +182,26 @@ async def test_a_single_job_is_still_accepted_sent_once_recorded_and_reported_de
     )
 
 
-async def test_a_batch_sends_each_email_once_and_reports_them_in_one_event(
-    harness: Harness,
+@pytest.mark.parametrize("kind", ["jobs", "batch"])
+async def test_a_delivery_sends_each_email_once_and_reports_them_in_one_event(
+    harness: Harness, kind: str
 ) -> None:
+    """`EmailJobsRequested` (of any messages: here two) as the router publishes it, and
+    `EmailBatchRequested` (one message's) as a router of the previous version did."""
     jobs = [other_recipient(number) for number in range(5)]
+    if kind == "jobs":
+        jobs[3:] = [job.model_copy(update={"message_id": uuid.uuid4()}) for job in jobs[3:]]
+    delivery = email_jobs(*jobs) if kind == "jobs" else email_batch(*jobs)
 
-    await harness.publish(email_batch(*jobs), correlation_id="corr-7")
+    await harness.publish(delivery, correlation_id="corr-7")
 
     assert sorted(harness.backend.sent_ids) == sorted(job.notification_id for job in jobs)
-    ((routing_key, batch, correlation_id),) = harness.reports
+    ((routing_key, event, correlation_id),) = harness.reports
     assert (routing_key, correlation_id) == (EMAIL_DELIVERED, "corr-7")
-    assert batch.outcome is DeliveryOutcome.DELIVERED
-    assert [report.notification_id for report in batch.reports] == [
-        job.notification_id for job in jobs
-    ]
+    assert event.outcome is DeliveryOutcome.DELIVERED
+    assert sorted((report.notification_id, report.message_id) for report in event.reports) == (
+        sorted((job.notification_id, job.message_id) for job in jobs)
+    )
     for job in jobs:
         entry = await harness.ledger(job)
         assert (entry.status, entry.attempts, entry.reported) == (DeliveryStatus.DELIVERED, 1, True)
@@ -205,31 +211,63 @@ async def test_a_batch_sends_each_email_once_and_reports_them_in_one_event(
 
 
 async def test_a_delivered_batch_costs_three_ledger_statements(harness: Harness) -> None:
-    """Claim, record, mark reported: one statement each for the whole batch."""
-    deliveries: EmailDeliveries = harness.broker.context.get(DELIVERIES_KEY)
+    """Claim, record, mark reported: one statement each for the whole delivery."""
     statements: list[str] = []
 
     def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
         statements.append(statement.split(None, 1)[0].upper())
 
-    event.listen(deliveries.engine.sync_engine, "before_cursor_execute", record)
+    engine = harness.engine.sync_engine
+    event.listen(engine, "before_cursor_execute", record)
     try:
-        await harness.publish(email_batch(*(other_recipient(number) for number in range(10))))
+        await harness.publish(email_jobs(*(other_recipient(number) for number in range(10))))
     finally:
-        event.remove(deliveries.engine.sync_engine, "before_cursor_execute", record)
+        event.remove(engine, "before_cursor_execute", record)
 
     assert len(harness.backend.sent) == 10
     assert statements == ["INSERT", "UPDATE", "UPDATE"]
 
 
+async def test_deliveries_handled_together_share_their_statements_and_their_report(
+    harness: Harness,
+) -> None:
+    """Deliveries the consumer holds at once go through the ledger and out as one batch, each
+    still ending on its own."""
+    first = [other_recipient(1), other_recipient(2)]
+    second = [email_job(), other_recipient(3).model_copy(update={"message_id": uuid.uuid4()})]
+    statements: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement.split(None, 1)[0].upper())
+
+    engine = harness.engine.sync_engine
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        outcomes = await asyncio.gather(
+            harness.service.sender.deliver(first), harness.service.sender.deliver(second)
+        )
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+
+    assert list(outcomes) == [None, None]
+    jobs = [*first, *second]
+    assert sorted(harness.backend.sent_ids) == sorted(job.notification_id for job in jobs)
+    assert statements == ["INSERT", "UPDATE", "UPDATE"]
+    ((routing_key, event_, _),) = harness.reports
+    assert routing_key == EMAIL_DELIVERED
+    assert sorted(report.notification_id for report in event_.reports) == sorted(
+        job.notification_id for job in jobs
+    )
+
+
 async def test_a_redelivered_batch_is_acknowledged_without_sending_again(
     harness: Harness,
 ) -> None:
-    batch = email_batch(email_job(), other_recipient(1))
+    jobs = (email_job(), other_recipient(1))
 
-    await harness.publish(batch)
-    await harness.publish(batch)
-    await harness.publish(batch)
+    await harness.publish(email_jobs(*jobs))
+    await harness.publish(email_jobs(*jobs))
+    await harness.publish(email_batch(*jobs))  # the same jobs, as an older router sent them
 
     assert len(harness.backend.sent) == 2
     assert len(harness.reports) == 1
@@ -245,8 +283,8 @@ async def test_a_bounce_is_recorded_reported_failed_and_dead_lettered(
 ) -> None:
     job = email_job()
 
-    await harness.publish(email_batch(job))
-    await harness.publish(email_batch(job))  # a replay changes nothing
+    await harness.publish(email_jobs(job))
+    await harness.publish(email_jobs(job))  # a replay changes nothing
 
     assert harness.backend.sent == []
     ((routing_key, batch, _),) = harness.reports
@@ -261,7 +299,10 @@ async def test_a_bounce_is_recorded_reported_failed_and_dead_lettered(
         True,
     )
     assert "reason=permanent" in caplog.text
+    assert f"email.bounced notification_id={job.notification_id}" in caplog.text
     assert "bob@example.test" not in caplog.text
+    metrics = await harness.metrics()
+    assert 'herald_emails_total{backend="recording",outcome="bounced"} 1.0' in metrics
 
 
 async def test_an_unbuildable_email_is_a_permanent_failure(
@@ -269,7 +310,7 @@ async def test_an_unbuildable_email_is_a_permanent_failure(
 ) -> None:
     job = email_job(to_address="bob@example.test\r\nBcc: eve@evil.test")
 
-    await harness.publish(email_batch(job))
+    await harness.publish(email_jobs(job))
 
     assert harness.backend.sent == []
     ((routing_key, batch, _),) = harness.reports
@@ -280,6 +321,8 @@ async def test_an_unbuildable_email_is_a_permanent_failure(
     assert (entry.status, entry.failure) == (DeliveryStatus.FAILED, Failure.INVALID)
     assert "reason=permanent" in caplog.text
     assert "evil.test" not in caplog.text
+    metrics = await harness.metrics()
+    assert 'herald_emails_total{backend="recording",outcome="invalid"} 1.0' in metrics
 
 
 @pytest.mark.parametrize("backend", [(transient(),)], indirect=True)
@@ -288,7 +331,7 @@ async def test_a_transient_failure_releases_the_claim_for_the_retry(
 ) -> None:
     job = email_job()
 
-    await harness.publish(email_batch(job))
+    await harness.publish(email_jobs(job))
 
     assert harness.backend.sent == []
     assert harness.reports == []
@@ -300,7 +343,7 @@ async def test_a_transient_failure_releases_the_claim_for_the_retry(
     )
     assert "herald.message.retry_scheduled" in caplog.text
 
-    await harness.publish(email_batch(job))  # what the retry delivers
+    await harness.publish(email_jobs(job))  # what the retry delivers
 
     assert len(harness.backend.sent) == 1
     ((_, batch, _),) = harness.reports
@@ -314,19 +357,21 @@ async def test_mixed_outcomes_are_reported_per_outcome_and_the_retry_sends_only_
     delivered, bounced, deferred = other_recipient(1), other_recipient(2), other_recipient(3)
     harness.backend.fail(bounced.notification_id, EmailRejected("smtp 550 5.1.1"))
     harness.backend.fail(deferred.notification_id, transient())
-    batch = email_batch(delivered, bounced, deferred)
+    batch = email_jobs(delivered, bounced, deferred)
 
     await harness.publish(batch)
 
     assert harness.backend.sent_ids == [delivered.notification_id]
-    assert [
+    assert sorted(
         (key, report.notification_id) for key, b, _ in harness.reports for report in b.reports
-    ] == [
-        (EMAIL_DELIVERED, delivered.notification_id),
-        (EMAIL_FAILED, bounced.notification_id),
-    ]
+    ) == sorted(
+        [
+            (EMAIL_DELIVERED, delivered.notification_id),
+            (EMAIL_FAILED, bounced.notification_id),
+        ]
+    )
     assert harness.reported(EMAIL_FAILED)[0].reason == "smtp 550 5.1.1"
-    # The transient one decides: the whole batch is retried, not dead-lettered.
+    # The transient one decides: the whole delivery is retried, not dead-lettered.
     assert "herald.message.retry_scheduled" in caplog.text
     assert "herald.message.dead_lettered" not in caplog.text
     assert (await harness.ledger(delivered)).status is DeliveryStatus.DELIVERED
@@ -351,23 +396,23 @@ async def test_a_failing_send_does_not_take_the_batchs_other_outcomes_with_it(
     harness: Harness, caplog: pytest.LogCaptureFixture
 ) -> None:
     """An exception the backend should not raise (a bug) is that job's transient failure: the
-    others are recorded and reported at once, and the batch's retry sends it again."""
+    others are recorded and reported at once, and the delivery's retry sends it again."""
     sent, broken = other_recipient(1), other_recipient(2)
     harness.backend.fail(broken.notification_id, KeyError("bob@example.test"))
 
-    await harness.publish(email_batch(sent, broken))
+    await harness.publish(email_jobs(sent, broken))
 
     assert [report.notification_id for report in harness.reported(EMAIL_DELIVERED)] == [
         sent.notification_id
     ]
     assert (await harness.ledger(sent)).reported
     entry = await harness.ledger(broken)
-    assert (entry.status, entry.reason) == (DeliveryStatus.RETRYING, "KeyError")
-    assert "email.backend_error" in caplog.text
+    assert (entry.status, entry.reason) == (DeliveryStatus.RETRYING, "recording error (KeyError)")
+    assert f"email.provider_error notification_id={broken.notification_id}" in caplog.text
     assert "herald.message.retry_scheduled" in caplog.text
     assert "bob@example.test" not in caplog.text
 
-    await harness.publish(email_batch(sent, broken))
+    await harness.publish(email_jobs(sent, broken))
 
     assert sorted(harness.backend.sent_ids) == sorted(
         [sent.notification_id, broken.notification_id]
@@ -382,7 +427,7 @@ async def test_a_job_being_sent_elsewhere_is_deferred_while_the_others_are_sent(
         busy, provider="recording", now=utc_now(), lease=timedelta(seconds=45)
     )
 
-    await harness.publish(email_batch(busy, free))
+    await harness.publish(email_jobs(busy, free))
 
     assert harness.backend.sent_ids == [free.notification_id]
     assert [report.notification_id for report in harness.reported(EMAIL_DELIVERED)] == [
@@ -405,7 +450,7 @@ async def test_a_job_whose_report_is_being_published_elsewhere_is_retried_later(
         job.notification_id, status=DeliveryStatus.DELIVERED, reason=None, now=now
     )
 
-    await harness.publish(email_batch(job))
+    await harness.publish(email_jobs(job))
 
     assert harness.backend.sent == []
     assert harness.reports == []  # that worker reports it, not this copy as well
@@ -413,21 +458,27 @@ async def test_a_job_whose_report_is_being_published_elsewhere_is_retried_later(
     assert not (await harness.ledger(job)).reported
 
 
+class UnreachableBroker:
+    """A publisher whose broker is gone (publish_event's timeout, a nack, an unroutable key)."""
+
+    async def publish(self, *args: Any, **kwargs: Any) -> None:
+        raise TimeoutError
+
+
 async def test_reports_that_could_not_be_published_go_out_with_the_retry(
-    harness: Harness, monkeypatch: pytest.MonkeyPatch
+    harness: Harness,
 ) -> None:
     delivered, bounced = email_job(), other_recipient(1)
     harness.backend.fail(bounced.notification_id, EmailRejected("smtp 550 5.1.1"))
-    batch = email_batch(delivered, bounced)
+    batch = email_jobs(delivered, bounced)
+    sender = harness.service.sender
+    publishers = sender.publishers
 
-    async def unreachable(*args: Any, **kwargs: Any) -> None:
-        raise TimeoutError  # publish_event's timeout, a nack, an unroutable key
-
-    monkeypatch.setattr("email_sender.handlers.publish_event", unreachable)
+    sender.publishers = dict.fromkeys(publishers, UnreachableBroker())  # type: ignore[arg-type]
     await harness.publish(batch)
     for job in (delivered, bounced):
         assert not (await harness.ledger(job)).reported
-    monkeypatch.setattr("email_sender.handlers.publish_event", publish_event)
+    sender.publishers = publishers
 
     await harness.publish(batch)  # the retry: at once, not after the leases
 
@@ -452,7 +503,7 @@ async def test_a_claim_whose_lease_ran_out_is_taken_over(harness: Harness) -> No
         lease=timedelta(seconds=45),
     )
 
-    await harness.publish(email_batch(job))
+    await harness.publish(email_jobs(job))
 
     assert len(harness.backend.sent) == 1
     assert (await harness.ledger(job)).attempts == 2
@@ -469,22 +520,21 @@ async def test_an_outcome_recorded_but_not_reported_is_reported_without_sending(
         recorded.notification_id, status=DeliveryStatus.DELIVERED, reason=None, now=then
     )
 
-    await harness.publish(email_batch(recorded, new))
+    await harness.publish(email_jobs(recorded, new))
 
     assert harness.backend.sent_ids == [new.notification_id]
     ((routing_key, batch, _),) = harness.reports
     assert routing_key == EMAIL_DELIVERED
-    assert [report.notification_id for report in batch.reports] == [
-        recorded.notification_id,
-        new.notification_id,
-    ]
+    assert sorted(report.notification_id for report in batch.reports) == sorted(
+        [recorded.notification_id, new.notification_id]
+    )
     assert (await harness.ledger(recorded)).reported
 
 
 async def test_a_report_has_the_same_event_ids_however_often_it_is_published(
     harness: Harness,
 ) -> None:
-    batch = email_batch(email_job(), other_recipient(1))
+    batch = email_jobs(email_job(), other_recipient(1))
     await harness.publish(batch)
     async with harness.engine.begin() as connection:
         await connection.exec_driver_sql("UPDATE email_deliveries SET reported_at = NULL")
@@ -499,22 +549,30 @@ async def test_a_report_has_the_same_event_ids_however_often_it_is_published(
     assert len(harness.backend.sent) == 2
 
 
-async def test_a_batch_out_of_retries_is_reported_failed_in_one_event(
-    harness: Harness, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("kind", ["jobs", "batch"])
+async def test_a_delivery_out_of_retries_is_reported_failed_in_one_event(
+    harness: Harness, caplog: pytest.LogCaptureFixture, kind: str
 ) -> None:
     jobs = [email_job(), other_recipient(1), other_recipient(2)]
     for job in jobs:
         harness.backend.fail(job.notification_id, transient())
+    delivery = email_jobs(*jobs) if kind == "jobs" else email_batch(*jobs)
 
     # The last attempt the policy allows, as the retry middleware delivers it.
-    await harness.publish(email_batch(*jobs), headers={ATTEMPT_HEADER: harness.max_retries})
+    await harness.publish(
+        delivery, headers={ATTEMPT_HEADER: harness.max_retries}, correlation_id="corr-9"
+    )
 
     assert "reason=retries-exhausted" in caplog.text
-    ((routing_key, batch, _),) = harness.reports
-    assert (routing_key, batch.outcome) == (EMAIL_FAILED, DeliveryOutcome.FAILED)
-    assert [(report.notification_id, report.reason) for report in batch.reports] == [
+    ((routing_key, batch, correlation_id),) = harness.reports
+    assert (routing_key, batch.outcome, correlation_id) == (
+        EMAIL_FAILED,
+        DeliveryOutcome.FAILED,
+        "corr-9",
+    )
+    assert sorted((report.notification_id, report.reason) for report in batch.reports) == sorted(
         (job.notification_id, "retries exhausted") for job in jobs
-    ]
+    )
 
 
 async def test_a_single_job_out_of_retries_is_reported_failed(harness: Harness) -> None:
@@ -545,33 +603,39 @@ class GatedBackend(RecordingBackend):
 
 
 @pytest.mark.parametrize("fails", [False, True], ids=["accepted", "transient"])
-async def test_a_handler_cancelled_mid_send_lets_the_send_finish_records_it_and_drops_its_leases(
+async def test_a_handler_cancelled_mid_send_lets_the_send_finish_and_its_outcome_go_out(
     tmp_path: Path, sqlite_url: str, fails: bool
 ) -> None:
     """As when the broker connection is lost while the mail server has an e-mail: its answer is
-    still recorded, and the copy that RabbitMQ redelivers reports the batch at once (not `Busy`
-    until the leases run out) without sending any accepted e-mail a second time."""
+    still recorded and reported, and the copy that RabbitMQ redelivers finds it done (or, after a
+    transient failure, free to send at once) without sending any accepted e-mail a second
+    time."""
     quick, slow = email_job(), other_recipient(1)
     backend = GatedBackend(slow.notification_id)
     if fails:
         backend.fail(slow.notification_id, transient())
     async with running(tmp_path, sqlite_url, backend) as harness:
-        handler = asyncio.create_task(harness.publish(email_batch(quick, slow)))
+        handler = asyncio.create_task(harness.publish(email_jobs(quick, slow)))
         await asyncio.wait_for(backend.holding.wait(), timeout=5)
         handler.cancel()
-        backend.release.set()
         with pytest.raises(asyncio.CancelledError):
             await handler
+        backend.release.set()
 
-        assert harness.reports == []
-        entry = await harness.ledger(quick)
-        assert (entry.status, entry.reported) == (DeliveryStatus.DELIVERED, False)
-        entry = await harness.ledger(slow)
-        expected = DeliveryStatus.RETRYING if fails else DeliveryStatus.DELIVERED
-        assert (entry.status, entry.reported) == (expected, False)
+        async def settled() -> bool:
+            quick_entry, slow_entry = [await harness.ledger(job) for job in (quick, slow)]
+            if fails:
+                return quick_entry.reported and slow_entry.status is DeliveryStatus.RETRYING
+            return quick_entry.reported and slow_entry.reported
+
+        await wait_until(settled)
+        delivered = [quick] if fails else [quick, slow]
+        assert sorted(report.notification_id for report in harness.reported(EMAIL_DELIVERED)) == (
+            sorted(job.notification_id for job in delivered)
+        )
         backend.attempted.clear()
 
-        await harness.publish(email_batch(quick, slow))  # the redelivered copy
+        await harness.publish(email_jobs(quick, slow))  # the redelivered copy
 
         assert backend.attempted == ([slow.notification_id] if fails else [])
         assert sorted(report.notification_id for report in harness.reported(EMAIL_DELIVERED)) == (
@@ -579,18 +643,36 @@ async def test_a_handler_cancelled_mid_send_lets_the_send_finish_records_it_and_
         )
 
 
-async def test_cancelling_drops_only_its_own_leases(harness: Harness) -> None:
-    """A worker whose leases ran out and were taken over must not free the new owner's."""
+async def test_closing_drops_only_the_leases_it_still_holds(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """A worker whose leases ran out and were taken over must not free the new owner's when it
+    shuts down."""
     job = email_job()
-    deliveries: EmailDeliveries = harness.broker.context.get(DELIVERIES_KEY)
-    first = utc_now() - deliveries.lease - timedelta(seconds=1)
-    await harness.deliveries.claim(job, provider="recording", now=first, lease=deliveries.lease)
-    await harness.deliveries.claim(job, provider="recording", now=utc_now(), lease=deliveries.lease)
+    backend = GatedBackend(job.notification_id)
+    async with running(tmp_path, sqlite_url, backend) as harness:
+        sender = harness.service.sender
+        handler = asyncio.create_task(sender.deliver([job]))
+        await asyncio.wait_for(backend.holding.wait(), timeout=5)
+        # The lease runs out (as if this worker had hung), and another worker takes it over.
+        async with harness.engine.begin() as connection:
+            await connection.exec_driver_sql(
+                "UPDATE email_deliveries SET claimed_at = ?",
+                (utc_now() - timedelta(hours=1),),
+            )
+        taken_over = await harness.deliveries.claim(
+            job, provider="recording", now=utc_now(), lease=sender.tuning.lease
+        )
+        assert isinstance(taken_over, Claimed)
 
-    await deliveries.abandon([job], claimed_at=first)
-    await harness.publish(email_batch(job))
+        await sender.aclose(timeout=0.05)  # shutting down: the send still hangs
 
-    assert harness.backend.sent == []  # still `Busy`: the second claim's lease holds
+        entry = await harness.ledger(job)
+        assert (entry.status, entry.attempts) == (DeliveryStatus.SENDING, 2)
+        with pytest.raises(DeferredError, match="in progress"):  # the new owner's lease holds
+            await sender.deliver([job])
+        backend.release.set()
+        await handler
 
 
 async def test_an_unparsable_job_is_dead_lettered_without_its_content(
@@ -606,15 +688,22 @@ async def test_an_unparsable_job_is_dead_lettered_without_its_content(
     assert "carol@example.test" not in caplog.text
 
 
-async def test_a_batch_mixing_messages_is_dead_lettered_as_unparsable(
-    harness: Harness, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("kind", ["email_batch_requested", "email_jobs_requested"])
+async def test_a_delivery_carrying_a_notification_twice_or_mixing_messages_is_unparsable(
+    harness: Harness, caplog: pytest.LogCaptureFixture, kind: str
 ) -> None:
-    job, stranger = email_job(), other_recipient(1).model_copy(update={"message_id": uuid.uuid4()})
-    body = {
-        "type": "email_batch_requested",
-        "message_id": str(job.message_id),
-        "jobs": [job.model_dump(mode="json"), stranger.model_dump(mode="json")],
-    }
+    """One message's batch carries that message's jobs only; neither kind carries a
+    notification twice."""
+    job = email_job()
+    if kind == "email_batch_requested":
+        other = other_recipient(1).model_copy(update={"message_id": uuid.uuid4()})
+        body = {
+            "type": kind,
+            "message_id": str(job.message_id),
+            "jobs": [job.model_dump(mode="json"), other.model_dump(mode="json")],
+        }
+    else:
+        body = {"type": kind, "jobs": [job.model_dump(mode="json")] * 2}
 
     await harness.broker.publish(body, exchange=EXCHANGE, routing_key=EMAIL_SEND)
 
@@ -632,3 +721,26 @@ async def test_migrations_match_the_tables(harness: Harness) -> None:
 
     async with harness.engine.connect() as connection:
         assert await connection.run_sync(differences) == []
+
+
+def test_the_specification_documents_what_is_accepted_and_what_is_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    document = specification(Settings()).to_specification().to_jsonable()
+
+    schemas = document["components"]["schemas"]
+    payloads = {
+        name: message["payload"]["$ref"].rsplit("/", 1)[1]
+        for name, message in document["components"]["messages"].items()
+    }
+    assert payloads["notification.email.delivered:publish:Message"] == "DeliveriesReported"
+    assert payloads["notification.email.failed:publish:Message"] == "DeliveriesReported"
+    [received] = [
+        payload for name, payload in payloads.items() if name.startswith("email_notifications")
+    ]
+    assert {ref["$ref"].rsplit("/", 1)[1] for ref in schemas[received]["oneOf"]} == {
+        "EmailRequested",
+        "EmailBatchRequested",
+        "EmailJobsRequested",
+    }

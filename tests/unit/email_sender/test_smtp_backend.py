@@ -7,8 +7,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 import aiosmtplib
 import pytest
@@ -17,15 +16,17 @@ from pydantic import SecretStr
 
 from email_sender.backends import EmailRejected, SmtpBackend, SmtpConfigurationError
 from email_sender.backends.smtp import classify_smtp_error
-from email_sender.delivery import EmailDeliveries
+from email_sender.channel import EmailChannel, EmailSending
 from email_sender.metrics import EmailMetrics
 from email_sender.rendering import EmailRenderer
 from email_sender.settings import Settings, SmtpConfig, SmtpTls
-from email_sender.tables import Failure
+from email_sender.tables import Failure, email_deliveries
 from herald_shared.database import make_engine, run_migrations
-from herald_shared.events import DeliveryOutcome
-from herald_shared.ledger import DeliveryStatus
+from herald_shared.events import DeliveriesReported, DeliveryOutcome
+from herald_shared.ledger import DeliveryLedger, DeliveryStatus
 from herald_shared.retry import DeferredError, PermanentError, RetryableError
+from herald_shared.sending import Sender
+from herald_shared.topology import EMAIL_DELIVERED, EMAIL_FAILED
 from tests.fakes.smtp import FakeSmtp, Stage
 from tests.support.processes import free_port
 from tests.unit.email_sender import support
@@ -106,36 +107,42 @@ async def test_550_is_permanent_without_the_servers_text(
     assert raised.value.__suppress_context__
 
 
+class RecordingPublisher:
+    def __init__(self) -> None:
+        self.events: list[DeliveriesReported] = []
+
+    async def publish(self, event: DeliveriesReported, **_: Any) -> None:
+        self.events.append(event)
+
+
 async def test_550_records_a_bounce_and_reports_it_failed_next_to_a_delivered_email(
     smtp: FakeSmtp, renderer: EmailRenderer, sqlite_url: str
 ) -> None:
     smtp.reply(BOB, 550, "5.1.1 no such user")
     engine = make_engine(sqlite_url)
     await run_migrations(engine, script_location="email_sender:migrations", service_name="es")
-    deliveries = EmailDeliveries(
-        engine=engine,
-        backend=backend_for(smtp),
-        renderer=renderer,
+    publisher = RecordingPublisher()
+    sender = Sender(
+        spec=EmailChannel(EmailSending(backend_for(smtp), renderer, timeout=5), max_in_flight=2),
+        ledger=DeliveryLedger(engine, email_deliveries),
+        publishers=dict.fromkeys((EMAIL_DELIVERED, EMAIL_FAILED), cast(Any, publisher)),
+        publish_timeout=5,
         metrics=EmailMetrics(CollectorRegistry()),
-        lease=timedelta(seconds=30),
     )
     bounced = email_job()
     accepted = email_job(notification_id=uuid.uuid4(), to_address="carol@example.test")
     try:
-        outcomes = await deliveries.deliver_batch(
-            [bounced, accepted], claimed_at=deliveries.clock()
-        )
-        entry = await deliveries.ledger.get(bounced.notification_id)
-        other = await deliveries.ledger.get(accepted.notification_id)
+        with pytest.raises(PermanentError, match=r"smtp 550 5\.1\.1"):
+            await sender.deliver([bounced, accepted])
+        entry = await sender.ledger.get(bounced.notification_id)
+        other = await sender.ledger.get(accepted.notification_id)
     finally:
+        await sender.aclose()
         await engine.dispose()
 
-    failed, delivered = outcomes
-    assert failed.report is not None
-    assert failed.report.outcome is DeliveryOutcome.FAILED
-    assert failed.report.reason == "smtp 550 5.1.1"
-    assert failed.report.notification_id == bounced.notification_id
-    assert isinstance(failed.error, PermanentError)
+    reports = {event.outcome: event.reports for event in publisher.events}
+    [failed] = reports[DeliveryOutcome.FAILED]
+    assert (failed.notification_id, failed.reason) == (bounced.notification_id, "smtp 550 5.1.1")
     assert entry is not None
     assert (entry.status, entry.failure, entry.reason, entry.attempts) == (
         DeliveryStatus.FAILED,
@@ -143,12 +150,8 @@ async def test_550_records_a_bounce_and_reports_it_failed_next_to_a_delivered_em
         "smtp 550 5.1.1",
         1,
     )
-    assert delivered.report is not None
-    assert (delivered.report.notification_id, delivered.report.outcome) == (
-        accepted.notification_id,
-        DeliveryOutcome.DELIVERED,
-    )
-    assert delivered.error is None
+    [delivered] = reports[DeliveryOutcome.DELIVERED]
+    assert delivered.notification_id == accepted.notification_id
     assert other is not None
     assert other.status is DeliveryStatus.DELIVERED
     assert [mail["To"] for mail in smtp.received] == ["Bob <carol@example.test>"]

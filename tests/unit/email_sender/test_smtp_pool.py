@@ -13,9 +13,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from email_sender.app import build_service
 from email_sender.backends import SmtpBackend
+from email_sender.channel import EmailChannel
 from email_sender.rendering import EmailRenderer
-from email_sender.settings import Settings, SmtpConfig
+from email_sender.settings import EmailBackendKind, Settings, SmtpConfig
 from herald_shared.broker import RabbitSettings
 from herald_shared.retry import DeferredError, RetryableError
 from tests.fakes.smtp import FakeSmtp
@@ -229,7 +231,19 @@ async def test_close_says_goodbye_to_idle_connections(
     await wait_until(lambda: all_closed(smtp), timeout=5)
 
 
-def test_the_pool_is_never_larger_than_the_prefetch() -> None:
+def test_the_pool_size_is_the_e_mails_in_flight_whatever_the_prefetch() -> None:
+    """A delivery carries many e-mails: the sends beyond the pool wait for a connection (before
+    their deadline starts), so the pool no longer follows the prefetch."""
     assert Settings().smtp.pool_size == 3
-    assert Settings(smtp_pool_size=10, rabbitmq=RabbitSettings(prefetch=4)).smtp.pool_size == 4
+    settings = Settings(
+        smtp_pool_size=10,
+        rabbitmq=RabbitSettings(prefetch=4),
+        email_backend=EmailBackendKind.SMTP,
+        unsubscribe_secret=support.UNSUBSCRIBE_SECRET,
+    )
+    assert settings.smtp.pool_size == 10
     assert Settings(smtp_pool_size=2, rabbitmq=RabbitSettings(prefetch=4)).smtp.pool_size == 2
+
+    channel = build_service(settings).sender.spec
+    assert isinstance(channel, EmailChannel)
+    assert channel.gate.limiter.limit == 10
