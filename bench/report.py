@@ -257,14 +257,16 @@ def table_rows(document: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def describe_drain(drain: dict[str, Any]) -> str:
+    delivered = drain.get("delivered_seconds")
     text = {
-        "all delivered": "every owed delivery accepted",
+        "all delivered": "every owed delivery accepted"
+        + ("" if delivered is None else f" {delivered:.1f} s after the last post"),
         "settled": "pipeline settled (nothing in any queue or outbox) with deliveries missing",
         "stalled": f"no delivery for {drain['stall_seconds']:g} s while work was still queued",
         "bound": f"drain bound of {drain['bound_seconds']:g} s reached",
     }.get(drain["reason"], drain["reason"])
     settled = "settled" if drain["settled"] else "not settled"
-    return f"{text}; {drain['seconds']:.1f} s after the last post ({settled})"
+    return f"{text}; drain ended {drain['seconds']:.1f} s after the last post, {settled}"
 
 
 def big_room_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
@@ -327,6 +329,14 @@ def print_table(document: dict[str, Any]) -> None:
 def write_json(document: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(document, indent=2) + "\n")
+
+
+def prepare_chart() -> None:
+    """Import matplotlib (several seconds on a busy machine) ahead of `write_chart`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot
 
 
 def write_chart(document: dict[str, Any], path: Path) -> None:
