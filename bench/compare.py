@@ -4,7 +4,8 @@ that matter.
 
 The ref is checked out with `git worktree add --detach` in a temporary directory and installed
 there with `uv sync --all-packages --no-dev` into its own `.venv` (the working tree's `uv.lock` is
-copied in first when the ref has none, so the same pinned versions are used); the harness (load
+copied in first when the ref has none, so the same pinned versions are used, from uv's cache when
+it has them all); the harness (load
 generator, fakes, checker) is the working tree's for both, only the four services' console scripts
 differ. The worktree is removed afterwards, whatever happened.
 """
@@ -69,7 +70,10 @@ def _uv() -> str:
 @contextlib.contextmanager
 def checked_out(ref: str) -> Iterator[tuple[Path, str]]:
     """(the directory of the ref's console scripts, its short commit) while inside."""
-    commit = _git("rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}")
+    try:
+        commit = _git("rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}")
+    except subprocess.CalledProcessError:
+        raise SystemExit(f"--compare: {ref!r} is not a commit of this repository") from None
     short = _git("rev-parse", "--short", commit)
     parent = Path(tempfile.mkdtemp(prefix="herald-bench-compare-"))
     tree = parent / "tree"
@@ -85,13 +89,13 @@ def checked_out(ref: str) -> Iterator[tuple[Path, str]]:
             if key not in {"VIRTUAL_ENV", "UV_PROJECT_ENVIRONMENT"}
         }
         _say(f"compare: installing {short}'s services (uv sync --all-packages --no-dev)")
-        subprocess.run(
-            [_uv(), "sync", "--quiet", "--all-packages", "--no-dev"],
-            cwd=tree,
-            env=env,
-            check=True,
-            timeout=SYNC_TIMEOUT,
+        sync = [_uv(), "sync", "--quiet", "--all-packages", "--no-dev"]
+        # From uv's cache when it can (the same pins as this tree's); from the index otherwise.
+        offline = subprocess.run(
+            [*sync, "--offline"], cwd=tree, env=env, capture_output=True, timeout=SYNC_TIMEOUT
         )
+        if offline.returncode != 0:
+            subprocess.run(sync, cwd=tree, env=env, check=True, timeout=SYNC_TIMEOUT)
         bin_dir = tree / ".venv" / "bin"
         missing = [name for name in SERVICES if not (bin_dir / name).exists()]
         if missing:
