@@ -3,8 +3,10 @@ the ledger, and what is published."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
+import re
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -15,29 +17,38 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from faststream import TestApp
 from faststream.rabbit import RabbitBroker, TestRabbitBroker
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, event, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from herald_shared.events import (
-    MAX_BATCH_SIZE,
+    MAX_ITEMS_PER_EVENT,
     Channel,
+    DeliveriesReported,
     DeliveryBatchReported,
     DeliveryOutcome,
     DeliveryReported,
     DeviceSnapshot,
-    EmailBatchRequested,
+    EmailJobsRequested,
     EmailRequested,
     Event,
     Platform,
-    PushBatchRequested,
+    PushJobsRequested,
     PushRequested,
     UserUpdated,
+    reports_events,
+    utc_now,
 )
 from herald_shared.retry import RetryableError
-from herald_shared.topology import EXCHANGE, routing_key_for
+from herald_shared.topology import EMAIL_SEND, EXCHANGE, PUSH_SEND, routing_key_for
 from notification_router import repository
 from notification_router.app import RouterService, build_service, specification
-from notification_router.handlers import MessageTimes, record_deliveries, route_message
+from notification_router.handlers import (
+    MessageTimes,
+    record_deliveries,
+    record_reports,
+    route_message,
+    route_messages,
+)
 from notification_router.repository import ReportResult
 from notification_router.settings import Settings
 from notification_router.tables import metadata, notification_deliveries, notifications
@@ -60,22 +71,27 @@ def published(publisher_mock: Any) -> list[dict[str, Any]]:
     return [call.args[0] for call in publisher_mock.call_args_list]
 
 
-def push_batches(service: RouterService) -> list[PushBatchRequested]:
+def push_batches(service: RouterService) -> list[PushJobsRequested]:
     return [
-        PushBatchRequested.model_validate(body)
-        for body in published(service.deps.push_publisher.mock)
+        PushJobsRequested.model_validate(body)
+        for body in published(service.deps.publishers[PUSH_SEND].mock)
     ]
 
 
-def email_batches(service: RouterService) -> list[EmailBatchRequested]:
+def email_batches(service: RouterService) -> list[EmailJobsRequested]:
     return [
-        EmailBatchRequested.model_validate(body)
-        for body in published(service.deps.email_publisher.mock)
+        EmailJobsRequested.model_validate(body)
+        for body in published(service.deps.publishers[EMAIL_SEND].mock)
     ]
+
+
+def reset_publishers(service: RouterService) -> None:
+    for publisher in service.deps.publishers.values():
+        publisher.mock.reset_mock()
 
 
 def pushes(service: RouterService) -> list[PushRequested]:
-    """Every push job published so far, batch after batch."""
+    """Every push job published so far, event after event."""
     return [job for batch in push_batches(service) for job in batch.jobs]
 
 
@@ -106,10 +122,17 @@ def report(
 
 
 def batch_report(reports: list[DeliveryReported]) -> DeliveryBatchReported:
+    """One message's reports, as a sender of the previous version sent them: still accepted."""
     first = reports[0]
     return DeliveryBatchReported(
         message_id=first.message_id, channel=first.channel, outcome=first.outcome, reports=reports
     )
+
+
+def reports_event(reports: list[DeliveryReported]) -> DeliveriesReported:
+    """Reports of one channel and outcome, of any messages, as the senders send them now."""
+    (event,) = reports_events(reports)
+    return event
 
 
 def report_count(service: RouterService, channel: str, outcome: str, result: str) -> float:
@@ -179,8 +202,9 @@ async def test_message_created_writes_the_ledger_and_publishes_the_jobs(
     }
     (push_batch,) = push_batches(service)
     (email_batch,) = email_batches(service)
-    assert (push_batch.message_id, push_batch.platform) == (event.message_id, Platform.FCM)
-    assert email_batch.message_id == event.message_id
+    assert push_batch.platform == Platform.FCM
+    jobs_published: list[PushRequested | EmailRequested] = [*push_batch.jobs, *email_batch.jobs]
+    assert {job.message_id for job in jobs_published} == {event.message_id}
     assert sorted(p.device_id for p in push_batch.jobs) == sorted(
         d.device_id for d in alice.devices
     )
@@ -232,27 +256,108 @@ async def test_each_platform_gets_one_push_batch_and_the_e_mails_one_batch(
     assert {status for _, _, status in stored.values()} == {"pending"}
 
 
-async def test_a_room_above_the_batch_size_is_published_in_full_batches_and_the_rest(
+async def test_jobs_above_an_events_size_are_published_in_full_events_and_the_rest(
     service: RouterService,
 ) -> None:
-    count = MAX_BATCH_SIZE + MAX_BATCH_SIZE // 2
-    users = [user_updated(devices=1) for _ in range(count)]
+    """Two rooms of 300 routed together: 600 jobs per channel, cut at 500 per event."""
+    count = 300
+    users = [user_updated(devices=1) for _ in range(2 * count)]
     for user in users:
-        await publish(service.broker, user)
-    event = message_created(recipient_ids=[user.user_id for user in users])
+        await repository.upsert_recipient(service.engine, user, now=utc_now())
+    events = [
+        message_created(recipient_ids=[user.user_id for user in users[:count]]),
+        message_created(recipient_ids=[user.user_id for user in users[count:]]),
+    ]
 
-    await publish(service.broker, event)
+    assert await route_messages(events, service.deps) == [None, None]
 
-    sizes = [MAX_BATCH_SIZE, MAX_BATCH_SIZE // 2]
+    sizes = [MAX_ITEMS_PER_EVENT, 2 * count - MAX_ITEMS_PER_EVENT]
     assert [len(batch.jobs) for batch in push_batches(service)] == sizes
     assert [len(batch.jobs) for batch in email_batches(service)] == sizes
     jobs: list[PushRequested | EmailRequested] = [*pushes(service), *emails(service)]
     assert sorted(job.notification_id for job in jobs) == sorted(await statuses(service.engine))
+    assert {job.message_id for job in jobs} == {event.message_id for event in events}
     for channel in ("push", "email"):
         published_jobs = service.registry.get_sample_value(
             "herald_router_jobs_published_total", {"channel": channel}
         )
-        assert published_jobs == count
+        assert published_jobs == 2 * count
+
+
+async def test_messages_routed_together_share_one_ledger_transaction_and_their_events(
+    service: RouterService,
+) -> None:
+    """What the batcher hands `route_messages`: one read of the recipients, one transaction
+    and one event per platform and for the e-mails, for all the messages; each message still
+    ends on its own (a recipient without a projection retries its message only)."""
+    alice, bob = user_updated(devices=1), user_updated(devices=2)
+    for user in (alice, bob):
+        await publish(service.broker, user)
+    first = message_created(recipient_ids=[alice.user_id])
+    second = message_created(recipient_ids=[alice.user_id, bob.user_id])
+    waiting = message_created(recipient_ids=[uuid.uuid4()])
+    statements: list[str] = []
+
+    def executed(connection: Any, cursor: Any, statement: str, *context: Any) -> None:
+        table = re.search(r"\b(?:INTO|FROM)\s+(\w+)", statement)
+        statements.append(" ".join([statement.split()[0], table[1] if table else ""]).strip())
+
+    engine = service.engine.sync_engine
+    event.listen(engine, "before_cursor_execute", executed)
+    try:
+        outcomes = await route_messages([first, second, waiting, first], service.deps)
+    finally:
+        event.remove(engine, "before_cursor_execute", executed)
+
+    assert [type(outcome).__name__ for outcome in outcomes] == [
+        "NoneType",
+        "NoneType",
+        "RetryableError",
+        "NoneType",
+    ]
+    # One read of every recipient, then one transaction: one insert of every decision, one of
+    # every job.
+    assert statements == [
+        "SELECT recipients",
+        "BEGIN",
+        "INSERT notifications",
+        "INSERT notification_deliveries",
+    ]
+    (push_event,) = push_batches(service)
+    (email_event,) = email_batches(service)
+    assert {job.message_id for job in push_event.jobs} == {first.message_id, second.message_id}
+    assert len(push_event.jobs) == 1 + 1 + 2  # a message listed twice is routed once
+    assert sorted((job.message_id, job.recipient_id) for job in email_event.jobs) == sorted(
+        [
+            (first.message_id, alice.user_id),
+            (second.message_id, alice.user_id),
+            (second.message_id, bob.user_id),
+        ]
+    )
+    assert set(await ledger(service.engine, second.message_id)) == {alice.user_id, bob.user_id}
+    assert await ledger(service.engine, waiting.message_id) == {}
+
+
+async def test_messages_delivered_at_once_are_each_acknowledged_or_retried(
+    service: RouterService,
+) -> None:
+    """Through the subscriber: the deliveries the consumer holds at once go to the batcher
+    together, and each still ends as its message says."""
+    alice = user_updated(devices=1)
+    await publish(service.broker, alice)
+    routed = [message_created(recipient_ids=[alice.user_id]) for _ in range(3)]
+    waiting = message_created(recipient_ids=[uuid.uuid4()])
+
+    await asyncio.gather(*(publish(service.broker, event) for event in (*routed, waiting)))
+
+    assert sorted(job.message_id for job in pushes(service)) == sorted(
+        event.message_id for event in routed
+    )
+    assert len(emails(service)) == 3
+    processed = service.registry.get_sample_value(
+        "herald_messages_processed_total", {"queue": "message_notifications", "outcome": "error"}
+    )
+    assert processed == 1  # the message whose recipient is unknown, alone
 
 
 async def test_redelivery_adds_no_ledger_row_and_republishes_the_same_jobs(
@@ -297,8 +402,7 @@ async def test_a_redelivery_republishes_only_the_jobs_still_pending(
     by_recipient = {job.recipient_id: job for job in emails(service)}
     await record_deliveries(report(delivered_push, DeliveryOutcome.DELIVERED), service.deps)
     await record_deliveries(report(by_recipient[bob.user_id], DeliveryOutcome.FAILED), service.deps)
-    service.deps.push_publisher.mock.reset_mock()
-    service.deps.email_publisher.mock.reset_mock()
+    reset_publishers(service)
 
     await publish(service.broker, event)  # the redelivery after a crash
 
@@ -321,13 +425,16 @@ async def test_a_publish_failure_after_commit_is_repaired_by_the_redelivery(
     alice = user_updated(devices=2)
     await publish(service.broker, alice)
     event = message_created(recipient_ids=[alice.user_id])
-    broken = dataclasses.replace(service.deps, push_publisher=cast(Any, BrokenPublisher()))
+    broken = dataclasses.replace(
+        service.deps,
+        publishers={**service.deps.publishers, PUSH_SEND: cast(Any, BrokenPublisher())},
+    )
 
     with pytest.raises(TimeoutError):  # the plain error, for the retry middleware to classify
         await route_message(event, broken)
 
     assert set(await ledger(service.engine, event.message_id)) == {alice.user_id}
-    assert published(service.deps.push_publisher.mock) == []
+    assert published(service.deps.publishers[PUSH_SEND].mock) == []
     await publish(service.broker, event)  # the redelivery
     assert [len(batch.jobs) for batch in push_batches(service)] == [2]
     assert len(await statuses(service.engine)) == 3
@@ -396,23 +503,33 @@ async def test_delivery_reports_update_status_and_never_move_delivered_back(
     assert report_count(service, "email", "delivered", "applied") == 1
 
 
-async def test_a_batch_report_is_applied_per_notification(
+async def test_a_report_event_is_applied_per_notification_across_messages(
     service: RouterService, caplog: pytest.LogCaptureFixture
 ) -> None:
-    alice = user_updated(devices=3)
-    await publish(service.broker, alice)
+    alice, bob = user_updated(devices=3), user_updated(devices=1)
+    for user in (alice, bob):
+        await publish(service.broker, user)
     event = message_created(recipient_ids=[alice.user_id])
+    other_message = message_created(recipient_ids=[bob.user_id])
     await publish(service.broker, event)
-    delivered_push, pending_push, other_push = pushes(service)
-    await record_deliveries(report(delivered_push, DeliveryOutcome.DELIVERED), service.deps)
+    await publish(service.broker, other_message)
+    delivered_push, pending_push, other_push, bobs_push = sorted(
+        pushes(service), key=lambda job: (job.message_id != event.message_id, job.notification_id)
+    )
+    assert bobs_push.message_id == other_message.message_id
+    # What the senders publish now, through the subscriber (its in-memory binding).
+    await publish(
+        service.broker, reports_event([report(delivered_push, DeliveryOutcome.DELIVERED)])
+    )
     unknown = report(pending_push, DeliveryOutcome.FAILED).model_copy(
         update={"notification_id": uuid.uuid4()}
     )
-    failures = batch_report(
+    failures = reports_event(
         [
             report(delivered_push, DeliveryOutcome.FAILED, "retries exhausted"),
             report(pending_push, DeliveryOutcome.FAILED, "retries exhausted"),
             report(other_push, DeliveryOutcome.FAILED, "UNREGISTERED"),
+            report(bobs_push, DeliveryOutcome.FAILED, "UNREGISTERED"),
             unknown,
         ]
     )
@@ -424,12 +541,52 @@ async def test_a_batch_report_is_applied_per_notification(
     assert stored[delivered_push.notification_id][2] == "delivered"  # never overwritten
     assert stored[pending_push.notification_id][2] == "failed"
     assert stored[other_push.notification_id][2] == "failed"
+    assert stored[bobs_push.notification_id][2] == "failed"
     assert unknown.notification_id not in stored
-    assert report_count(service, "push", "failed", "applied") == 2
+    assert report_count(service, "push", "delivered", "applied") == 1
+    assert report_count(service, "push", "failed", "applied") == 3
     assert report_count(service, "push", "failed", "stale") == 1
     assert report_count(service, "push", "failed", "unknown") == 1
     assert f"router.report.stale notification_id={delivered_push.notification_id}" in caplog.text
     assert f"router.report.unknown notification_id={unknown.notification_id}" in caplog.text
+
+
+async def test_report_events_handled_together_are_applied_once_per_report(
+    service: RouterService,
+) -> None:
+    """What the batcher hands `record_reports`: events of every kind, a report that two of them
+    carry (a redelivered event) counted once."""
+    alice = user_updated(devices=2)
+    await publish(service.broker, alice)
+    event = message_created(recipient_ids=[alice.user_id])
+    await publish(service.broker, event)
+    first_push, second_push = pushes(service)
+    (email,) = emails(service)
+    delivered = DeliveryOutcome.DELIVERED
+    pushes_delivered = reports_event(
+        [report(first_push, delivered), report(second_push, delivered)]
+    )
+
+    results = await record_reports(
+        [
+            pushes_delivered,
+            pushes_delivered,  # a copy of the same event
+            batch_report([report(email, DeliveryOutcome.FAILED, "smtp 550 5.1.1")]),
+            report(first_push, delivered),  # a single report of one of them
+        ],
+        service.deps,
+    )
+
+    assert results == [None, None, None, None]
+    stored = await statuses(service.engine)
+    assert {notification_id: status for notification_id, (_, _, status) in stored.items()} == {
+        first_push.notification_id: "delivered",
+        second_push.notification_id: "delivered",
+        email.notification_id: "failed",
+    }
+    assert report_count(service, "push", "delivered", "applied") == 2
+    assert report_count(service, "push", "delivered", "stale") == 0
+    assert report_count(service, "email", "failed", "applied") == 1
 
 
 async def test_apply_delivery_reports_says_what_each_report_did(service: RouterService) -> None:
@@ -517,7 +674,7 @@ async def test_latency_is_observed_once_per_applied_delivered_report(
     # third: pending.
     restarted = dataclasses.replace(service.deps, message_times=MessageTimes())
     await record_deliveries(
-        batch_report([report(job, delivered) for job in (first, second, third)]), restarted
+        reports_event([report(job, delivered) for job in (first, second, third)]), restarted
     )
 
     assert observed() == 3
@@ -599,7 +756,10 @@ async def test_logs_carry_ids_but_no_personal_data(
     # aiosqlite logs statements with their parameters at DEBUG: main() keeps it at INFO.
     ours = [r for r in caplog.records if not r.name.startswith("aiosqlite")]
     text = "\n".join(r.getMessage() for r in ours)
-    assert str(event.message_id) in text
+    # Ids only: the router's lines name users and counts (a batch of messages is routed at
+    # once; each delivery's message id is in the log context the broker's middleware sets).
+    assert f"router.recipient.updated user_id={alice.user_id}" in text
+    assert "router.messages.routed messages=1 new=1" in text
     for secret in ("alice.secret@example.com", "secret-token", "the secret plan"):
         assert secret not in text
 
@@ -627,13 +787,21 @@ def test_specification_documents_the_queues_and_the_jobs() -> None:
         "notification.email.send:publish",
     }
     schemas = document["components"]["schemas"]
-    assert {"MessageCreated", "UserUpdated", "DeliveryReported", "DeliveryBatchReported"} <= set(
+    assert {"MessageCreated", "UserUpdated", "PushJobsRequested", "EmailJobsRequested"} <= set(
         schemas
     )
-    assert {"PushBatchRequested", "EmailBatchRequested"} <= set(schemas)
     payloads = {
         name: message["payload"]["$ref"].rsplit("/", 1)[1]
         for name, message in document["components"]["messages"].items()
     }
-    assert payloads["notification.push.send:publish:Message"] == "PushBatchRequested"
-    assert payloads["notification.email.send:publish:Message"] == "EmailBatchRequested"
+    assert payloads["notification.push.send:publish:Message"] == "PushJobsRequested"
+    assert payloads["notification.email.send:publish:Message"] == "EmailJobsRequested"
+    # Every kind of report is accepted: the senders' now, and those of earlier versions.
+    [reports] = [
+        payload for name, payload in payloads.items() if name.startswith("delivery_reports")
+    ]
+    assert {ref["$ref"].rsplit("/", 1)[1] for ref in schemas[reports]["oneOf"]} == {
+        "DeliveryReported",
+        "DeliveryBatchReported",
+        "DeliveriesReported",
+    }

@@ -10,15 +10,15 @@ from datetime import UTC, datetime
 import pytest
 
 from herald_shared.events import (
-    MAX_BATCH_SIZE,
+    MAX_ITEMS_PER_EVENT,
     Channel,
     DeliveryOutcome,
     DeviceSnapshot,
-    EmailBatchRequested,
+    EmailJobsRequested,
     EmailRequested,
     MessageCreated,
     Platform,
-    PushBatchRequested,
+    PushJobsRequested,
     PushRequested,
     WebPushKeys,
     notification_id_for,
@@ -426,12 +426,12 @@ def jobs_of(
     ]
 
 
-def kind(batch: PushBatchRequested | EmailBatchRequested) -> str:
-    return str(batch.platform) if isinstance(batch, PushBatchRequested) else "email"
+def kind(batch: PushJobsRequested | EmailJobsRequested) -> str:
+    return str(batch.platform) if isinstance(batch, PushJobsRequested) else "email"
 
 
-FULL = MAX_BATCH_SIZE
-HALF = MAX_BATCH_SIZE // 2
+FULL = MAX_ITEMS_PER_EVENT
+HALF = MAX_ITEMS_PER_EVENT // 2
 FCM, APNS, WEB = Platform.FCM, Platform.APNS, Platform.WEB_PUSH
 
 # (push devices per platform, e-mail recipients) -> [(platform or "email", jobs)] in order
@@ -470,7 +470,7 @@ BATCH_CASES: dict[str, tuple[dict[Platform, int], int, list[tuple[str, int]]]] =
 @pytest.mark.parametrize(
     ("pushes", "emails", "expected"), BATCH_CASES.values(), ids=BATCH_CASES.keys()
 )
-def test_jobs_are_batched_per_message_and_platform_in_chunks(
+def test_jobs_are_batched_per_platform_in_chunks(
     pushes: dict[Platform, int], emails: int, expected: list[tuple[str, int]]
 ) -> None:
     event = message_created(recipient_ids=[])
@@ -482,7 +482,8 @@ def test_jobs_are_batched_per_message_and_platform_in_chunks(
     batched = [job.notification_id for batch in batches for job in batch.jobs]
     assert sorted(batched) == sorted(job.notification_id for job in jobs)  # each once
     for batch in batches:
-        assert (batch.message_id, batch.occurred_at) == (event.message_id, NOW)
+        assert batch.occurred_at == NOW
+        assert {job.message_id for job in batch.jobs} == {event.message_id}
         ids = [job.notification_id for job in batch.jobs]
         assert ids == sorted(ids)
 
@@ -503,19 +504,41 @@ def test_batches_depend_on_the_set_of_jobs_not_their_order() -> None:
     assert fewer_emails.event_id != emails.event_id
 
 
-def test_jobs_of_two_messages_never_share_a_batch() -> None:
+def test_jobs_of_many_messages_share_an_event_per_platform() -> None:
+    """What the router decided for many messages at once goes out in as few events as fit."""
     first, second = message_created(recipient_ids=[]), message_created(recipient_ids=[])
     jobs = [
-        *jobs_of(first, pushes={FCM: 2}, emails=1),
+        *jobs_of(first, pushes={FCM: 2, APNS: 1}, emails=1),
         *jobs_of(second, pushes={FCM: 1}, emails=2),
     ]
 
     batches = batch_jobs(jobs, now=NOW)
 
-    by_message = sorted([first, second], key=lambda event: event.message_id)
-    assert [(batch.message_id, kind(batch)) for batch in batches] == [
-        (by_message[0].message_id, "fcm"),
-        (by_message[1].message_id, "fcm"),
-        (by_message[0].message_id, "email"),
-        (by_message[1].message_id, "email"),
+    assert [(kind(batch), len(batch.jobs)) for batch in batches] == [
+        ("apns", 1),
+        ("fcm", 3),
+        ("email", 3),
     ]
+    fcm = batches[1]
+    assert sorted(job.message_id for job in fcm.jobs) == sorted(
+        [first.message_id, first.message_id, second.message_id]
+    )
+    for batch in batches:
+        ids = [job.notification_id for job in batch.jobs]
+        assert ids == sorted(ids)
+
+
+def test_many_messages_above_an_events_size_are_cut_in_full_events_and_the_rest() -> None:
+    events = [message_created(recipient_ids=[]) for _ in range(3)]
+    jobs = [job for event in events for job in jobs_of(event, pushes={FCM: HALF + 1}, emails=HALF)]
+
+    batches = batch_jobs(jobs, now=NOW)
+
+    assert [(kind(batch), len(batch.jobs)) for batch in batches] == [
+        ("fcm", FULL),
+        ("fcm", 3 * (HALF + 1) - FULL),
+        ("email", FULL),
+        ("email", 3 * HALF - FULL),
+    ]
+    batched = [job.notification_id for batch in batches for job in batch.jobs]
+    assert sorted(batched) == sorted(job.notification_id for job in jobs)
