@@ -19,7 +19,7 @@ from herald_shared.events import (
     DeliveryOutcome,
     DeliveryReported,
     Event,
-    PushBatchRequested,
+    PushJobsRequested,
     utc_now,
 )
 from herald_shared.metrics import herald_metrics, refresh_broker_gauges
@@ -27,6 +27,7 @@ from herald_shared.retry import PermanentError
 from herald_shared.topology import (
     EXCHANGE,
     MESSAGE_NOTIFICATIONS,
+    PUSH_SEND,
     RETRY_EXCHANGE,
     routing_key_for,
 )
@@ -151,7 +152,8 @@ async def test_a_permanent_failure_counts_a_dead_letter_by_reason(
     async def refuse(*args: Any, **kwargs: Any) -> None:
         raise PermanentError("refused for the test")
 
-    monkeypatch.setattr("notification_router.handlers.route_message", refuse)
+    # The batch that takes the message fails: each of its messages is dead-lettered.
+    monkeypatch.setattr("notification_router.repository.load_recipients", refuse)
     await publish(service.broker, message_created(recipient_ids=[uuid.uuid4()]))
 
     assert len(parked["dlq"]) == 1
@@ -168,8 +170,8 @@ async def test_the_first_delivered_report_observes_end_to_end_latency_once(
     await publish(service.broker, alice)
     event = message_created(recipient_ids=[alice.user_id])
     await publish(service.broker, event)
-    job = PushBatchRequested.model_validate(
-        service.deps.push_publisher.mock.call_args.args[0]
+    job = PushJobsRequested.model_validate(
+        service.deps.publishers[PUSH_SEND].mock.call_args.args[0]
     ).jobs[0]
     report = DeliveryReported(
         notification_id=job.notification_id,

@@ -9,13 +9,18 @@ from faststream.rabbit import ExchangeType
 from herald_shared import topology
 from herald_shared.events import (
     Channel,
+    DeliveriesReported,
     DeliveryBatchReported,
     DeliveryOutcome,
     DeliveryReported,
     DeviceInvalidated,
     EmailBatchRequested,
+    EmailJobsRequested,
     EmailRequested,
     Event,
+    Platform,
+    PushJobsRequested,
+    PushRequested,
 )
 
 MESSAGE_ID = uuid.uuid4()
@@ -139,6 +144,60 @@ def test_wait_queues_return_to_their_own_queue_only() -> None:
                 ],
             ),
             "notification.push.failed",
+        ),
+        (
+            PushJobsRequested(
+                platform=Platform.APNS,
+                jobs=[
+                    PushRequested(
+                        notification_id=uuid.uuid4(),
+                        message_id=uuid.uuid4(),
+                        room_id=uuid.uuid4(),
+                        recipient_id=uuid.uuid4(),
+                        device_id=uuid.uuid4(),
+                        platform=Platform.APNS,
+                        token="ab" * 32,
+                        title="Alice",
+                        body="Hi",
+                    )
+                ],
+            ),
+            "notification.push.send",
+        ),
+        (
+            EmailJobsRequested(
+                jobs=[
+                    EmailRequested(
+                        notification_id=uuid.uuid4(),
+                        message_id=uuid.uuid4(),
+                        room_id=uuid.uuid4(),
+                        room_name="general",
+                        recipient_id=uuid.uuid4(),
+                        to_address="bob@example.test",
+                        to_name="Bob",
+                        sender_display_name="Alice",
+                        message_content="Hi",
+                        sent_at=datetime(2026, 1, 1, tzinfo=UTC),
+                    )
+                ],
+            ),
+            "notification.email.send",
+        ),
+        (
+            DeliveriesReported(
+                channel=Channel.EMAIL,
+                outcome=DeliveryOutcome.DELIVERED,
+                reports=[
+                    DeliveryReported(
+                        notification_id=uuid.uuid4(),
+                        message_id=uuid.uuid4(),
+                        recipient_id=uuid.uuid4(),
+                        channel=Channel.EMAIL,
+                        outcome=DeliveryOutcome.DELIVERED,
+                    )
+                ],
+            ),
+            "notification.email.delivered",
         ),
     ],
 )
