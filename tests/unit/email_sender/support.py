@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta
-from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
-from email_sender.rendering import EmailRenderer, UnsubscribeLinks
+from email_sender.rendering import EmailRenderer, RenderedEmail, UnsubscribeLinks
 from email_sender.settings import Settings
 from herald_shared.events import EmailBatchRequested, EmailJobsRequested, EmailRequested
 from herald_shared.retry import RetryableError
@@ -91,7 +90,7 @@ class RecordingBackend:
     name = "recording"
 
     def __init__(self, *failures: Exception) -> None:
-        self.sent: list[tuple[uuid.UUID, EmailMessage]] = []
+        self.sent: list[tuple[uuid.UUID, RenderedEmail]] = []
         self.attempted: list[uuid.UUID] = []  # every send, failed or not
         self.failures = list(failures)
         self.failures_for: dict[uuid.UUID, list[Exception]] = {}
@@ -100,7 +99,7 @@ class RecordingBackend:
     def fail(self, notification_id: uuid.UUID, *failures: Exception) -> None:
         self.failures_for.setdefault(notification_id, []).extend(failures)
 
-    async def send(self, message: EmailMessage, *, notification_id: uuid.UUID) -> None:
+    async def send(self, message: RenderedEmail, *, notification_id: uuid.UUID) -> None:
         self.attempted.append(notification_id)
         scripted = self.failures_for.get(notification_id)
         if scripted:

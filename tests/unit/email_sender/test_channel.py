@@ -4,7 +4,8 @@ an answer (the SMTP table in docs/providers.md), and what the workflow does with
 from __future__ import annotations
 
 import uuid
-from email.message import EmailMessage
+from email import policy
+from email.parser import BytesParser
 
 import pytest
 
@@ -133,10 +134,11 @@ async def test_the_rendered_email_goes_to_the_backend_under_the_notifications_id
 
     await sending(backend).send(job)
 
-    ((notification_id, message),) = backend.sent
+    ((notification_id, rendered),) = backend.sent
     assert notification_id == job.notification_id
-    assert isinstance(message, EmailMessage)
+    message = BytesParser(policy=policy.default).parsebytes(rendered.data)
     assert message["Message-ID"] == f"<{job.notification_id}@{support.DOMAIN}>"
+    assert (rendered.recipient, rendered.message_id) == (job.to_address, message["Message-ID"])
 
 
 def test_one_gate_with_the_backends_connections_serves_every_job() -> None:

@@ -9,7 +9,6 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import timedelta
-from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from email_sender.app import EmailService, build_service, specification
 from email_sender.backends import EmailRejected
+from email_sender.rendering import RenderedEmail
 from email_sender.settings import Settings
 from email_sender.tables import Failure, email_deliveries, metadata
 from herald_shared.events import (
@@ -158,9 +158,10 @@ async def test_a_single_job_is_still_accepted_sent_once_recorded_and_reported_de
 
     await harness.publish(job, correlation_id="corr-42")
 
-    ((notification_id, message),) = harness.backend.sent
+    ((notification_id, rendered),) = harness.backend.sent
     assert notification_id == job.notification_id
-    assert message["Message-ID"] == f"<{job.notification_id}@herald.localhost>"
+    assert rendered.message_id == f"<{job.notification_id}@herald.localhost>"
+    assert f"Message-ID: {rendered.message_id}\n".encode() in rendered.data
     ((routing_key, event, correlation_id),) = harness.reports
     assert routing_key == EMAIL_DELIVERED
     assert correlation_id == "corr-42"
@@ -595,7 +596,7 @@ class GatedBackend(RecordingBackend):
         self.holding = asyncio.Event()
         self.release = asyncio.Event()
 
-    async def send(self, message: EmailMessage, *, notification_id: uuid.UUID) -> None:
+    async def send(self, message: RenderedEmail, *, notification_id: uuid.UUID) -> None:
         if notification_id == self.held:
             self.holding.set()
             await self.release.wait()

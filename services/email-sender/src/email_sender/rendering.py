@@ -2,9 +2,11 @@
 
 Everything user-controlled that reaches a header (the recipient's and the sender's display names,
 the room name) goes through `header_text`, which turns CR, LF and every other control or line
-separator character into a space, so no user text can start a new header line; the address itself
-goes through `email.headerregistry.Address`, which refuses anything that is not one addr-spec.
-The HTML template autoescapes; user content is never marked safe.
+separator character into a space, so no user text can start a new header line; the message is
+then written by `email_sender.mime`, which takes a header value only as plain printable ASCII or
+as RFC 2047 encoded words, and an address only as one addr-spec. As a last guard, the written
+header block is parsed back and must hold exactly the headers set, one recipient and the same
+subject. The HTML template autoescapes; user content is never marked safe.
 
 Every e-mail carries `List-Unsubscribe` (RFC 2369) with a signed, expiring link to
 message-service and `List-Unsubscribe-Post: List-Unsubscribe=One-Click` (RFC 8058), so a mail
@@ -19,15 +21,13 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email import policy
-from email.errors import HeaderParseError
-from email.headerregistry import Address, BaseHeader, HeaderRegistry, UnstructuredHeader
-from email.message import EmailMessage
-from email.parser import BytesParser
-from email.utils import format_datetime
-from typing import cast
+from email.header import decode_header, make_header
+from email.parser import BytesHeaderParser
+from email.utils import format_datetime, getaddresses
 
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
+from email_sender import mime
 from herald_shared.events import EmailRequested, utc_now
 from herald_shared.unsubscribe import UnsubscribeTokens
 
@@ -48,32 +48,28 @@ _HEADER_UNSAFE_CATEGORIES = frozenset({"Cc", "Zl", "Zp", "Cs"})
 ONE_CLICK = "List-Unsubscribe=One-Click"
 # What a List-Unsubscribe value may hold: one <URL> of printable ASCII, no spaces.
 _URL_HEADER_VALUE = re.compile(r"<[!-~]{1,900}>")
+# The headers every e-mail has, in this order (then MIME-Version and Content-Type).
+HEADER_NAMES = (
+    "From",
+    "To",
+    "Subject",
+    "Date",
+    "Message-ID",
+    "Auto-Submitted",
+    "List-Unsubscribe",
+    "List-Unsubscribe-Post",
+)
 
 
-class UrlHeader(UnstructuredHeader):
-    """A header holding one <URL>, written as is.
+@dataclass(frozen=True)
+class RenderedEmail:
+    """A message ready for a backend: its bytes (LF line ends; SMTP's CRLF is the client's
+    business) and its envelope."""
 
-    The default policy folds any header at 78 columns, and a URL longer than that, having no space
-    to fold at, becomes RFC 2047 encoded words, which no mail client reads as a link. The value is
-    checked to be one <URL> of printable ASCII (it is ours: a validated base URL and a URL-safe
-    token), so writing it on one line (under RFC 5322's 998 limit) is safe.
-    """
-
-    name: str  # BaseHeader's, which the registry mixes in
-
-    def fold(self, *, policy: policy.Policy) -> str:
-        if not _URL_HEADER_VALUE.fullmatch(str(self)):
-            raise ValueError("not one <URL>")
-        return f"{self.name}: {self}{policy.linesep}"
-
-
-def _message_policy() -> policy.EmailPolicy[EmailMessage]:
-    registry = HeaderRegistry()
-    registry.map_to_type("list-unsubscribe", cast("type[BaseHeader]", UrlHeader))
-    return policy.default.clone(header_factory=registry)
-
-
-MESSAGE_POLICY = _message_policy()
+    data: bytes
+    sender: str  # MAIL FROM
+    recipient: str  # RCPT TO
+    message_id: str
 
 
 @dataclass(frozen=True)
@@ -175,10 +171,16 @@ class EmailRenderer:
         unsubscribe: UnsubscribeLinks,
         environment: Environment | None = None,
     ) -> None:
-        self._sender = sender
+        # EMAIL_FROM is the operator's, checked at start-up: written once, with the email
+        # package's own header rules.
+        header = policy.default.header_factory("From", sender)
+        self._from_header = f"From: {header}".strip()
+        self._envelope_sender = header.addresses[0].addr_spec
         self._message_id_domain = message_id_domain
         self._unsubscribe = unsubscribe
         self._environment = environment or template_environment()
+        self._text = self._environment.get_template(TEXT_TEMPLATE)
+        self._html = self._environment.get_template(HTML_TEMPLATE)
 
     def parts(self, job: EmailRequested, *, now: datetime) -> RenderedParts:
         """Subject, text and HTML, from the templates; `now` dates the unsubscribe link."""
@@ -196,56 +198,59 @@ class EmailRenderer:
         }
         return RenderedParts(
             subject=subject,
-            text=self._environment.get_template(TEXT_TEMPLATE).render(context),
-            html=self._environment.get_template(HTML_TEMPLATE).render(context),
+            text=self._text.render(context),
+            html=self._html.render(context),
             unsubscribe_url=unsubscribe_url,
         )
 
-    def render(self, job: EmailRequested, *, now: datetime | None = None) -> EmailMessage:
+    def render(self, job: EmailRequested, *, now: datetime | None = None) -> RenderedEmail:
         """The complete message, or `UnrenderableEmail` (never with the offending input in it)."""
-        try:
-            recipient = Address(
-                display_name=header_text(job.to_name, limit=MAX_DISPLAY_NAME_LENGTH),
-                addr_spec=job.to_address.strip(),
-            )
-            if not recipient.username or not recipient.domain:
-                raise ValueError("incomplete address")
-        except (ValueError, IndexError, TypeError, HeaderParseError):
+        address = job.to_address.strip()
+        if mime.ADDRESS.fullmatch(address) is None:
             raise UnrenderableEmail("invalid recipient address") from None
-
         now = now or utc_now()
         try:
             parts = self.parts(job, now=now)
-            message = EmailMessage(policy=MESSAGE_POLICY)
-            message["From"] = self._sender
-            message["To"] = recipient
-            message["Subject"] = parts.subject
-            message["Date"] = format_datetime(now)
-            message["Message-ID"] = message_id_for(job.notification_id, self._message_id_domain)
-            # RFC 3834: an automatic message; auto-responders should not answer it.
-            message["Auto-Submitted"] = "auto-generated"
-            message["List-Unsubscribe"] = f"<{parts.unsubscribe_url}>"
-            message["List-Unsubscribe-Post"] = ONE_CLICK
-            message.set_content(parts.text)
-            message.add_alternative(parts.html, subtype="html")
-            # Serialise once now, so that anything unencodable fails here and not in a backend.
-            serialised = message.as_bytes()
-        except (ValueError, IndexError, TypeError, HeaderParseError):
+            unsubscribe = f"<{parts.unsubscribe_url}>"
+            if not _URL_HEADER_VALUE.fullmatch(unsubscribe):
+                raise mime.UnwritableHeader("List-Unsubscribe is not one <URL>")
+            to_name = header_text(job.to_name, limit=MAX_DISPLAY_NAME_LENGTH)
+            message_id = message_id_for(job.notification_id, self._message_id_domain)
+            headers = [
+                self._from_header,
+                mime.mailbox("To", to_name, address),
+                mime.unstructured("Subject", parts.subject),
+                f"Date: {format_datetime(now)}",
+                f"Message-ID: {message_id}",
+                # RFC 3834: an automatic message; auto-responders should not answer it.
+                "Auto-Submitted: auto-generated",
+                # Written whole: a URL cut by folding is no link for a mail client.
+                f"List-Unsubscribe: {unsubscribe}",
+                f"List-Unsubscribe-Post: {ONE_CLICK}",
+            ]
+            data = mime.multipart_alternative(
+                headers, boundary=f"=_herald_{uuid.uuid4().hex}", text=parts.text, html=parts.html
+            )
+        except (ValueError, UnicodeError):
             raise UnrenderableEmail("message could not be built") from None
-        if not _headers_as_built(serialised, message):
+        if not headers_as_built(data, recipient=address, subject=parts.subject):
             raise UnrenderableEmail("message headers did not survive serialisation")
-        return message
+        return RenderedEmail(data, self._envelope_sender, address, message_id)
 
 
-def _headers_as_built(serialised: bytes, message: EmailMessage) -> bool:
+def headers_as_built(data: bytes, *, recipient: str, subject: str) -> bool:
     """Defence in depth against header tricks nobody has thought of yet: what a receiving server
     parses has exactly the headers that were set, one recipient, and the same subject."""
-    received = BytesParser(policy=policy.default).parsebytes(serialised, headersonly=True)
-    recipients: tuple[Address, ...] = getattr(received["To"], "addresses", ())
+    received = BytesHeaderParser(policy=policy.compat32).parsebytes(data)
+    recipients = getaddresses(received.get_all("To", []))
+    raw_subject = received.get("Subject")
+    if raw_subject is not None:
+        raw_subject = raw_subject.replace("\n", "")  # unfolded
     return (
-        received.keys() == message.keys()
+        tuple(received.keys()) == (*HEADER_NAMES, "MIME-Version", "Content-Type")
         and len(recipients) == 1
-        and recipients[0].addr_spec == message["To"].addresses[0].addr_spec
-        # A long subject may be folded right after "Subject:"; the parser keeps that space.
-        and str(received["Subject"]).strip() == message["Subject"]
+        and recipients[0][1] == recipient
+        and raw_subject is not None
+        and str(make_header(decode_header(raw_subject))) == subject
+        and not received.defects
     )

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import uuid
-from email.message import EmailMessage
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from herald_shared.retry import PermanentError
+
+if TYPE_CHECKING:
+    from email_sender.rendering import RenderedEmail
 
 
 class EmailRejected(PermanentError):
@@ -17,7 +19,7 @@ class EmailRejected(PermanentError):
 
 
 class EmailBackend(Protocol):
-    """Delivers one built message.
+    """Delivers one rendered message.
 
     Raises `herald_shared.retry.RetryableError` for anything transient (try again later) and
     `EmailRejected` for a permanent refusal; it never retries by itself.
@@ -28,7 +30,7 @@ class EmailBackend(Protocol):
         """The backend's label in the ledger and in metrics."""
         ...
 
-    async def send(self, message: EmailMessage, *, notification_id: uuid.UUID) -> None: ...
+    async def send(self, email: RenderedEmail, *, notification_id: uuid.UUID) -> None: ...
 
     async def close(self) -> None:
         """Release what the backend holds open (at shutdown)."""

@@ -6,9 +6,9 @@ import asyncio
 import os
 import tempfile
 import uuid
-from email.message import EmailMessage
 from pathlib import Path
 
+from email_sender.rendering import RenderedEmail
 from herald_shared.retry import RetryableError
 
 
@@ -25,10 +25,9 @@ class FileBackend:
     def path_for(self, notification_id: uuid.UUID) -> Path:
         return self.directory / f"{notification_id}.eml"
 
-    async def send(self, message: EmailMessage, *, notification_id: uuid.UUID) -> None:
-        data = message.as_bytes()
+    async def send(self, email: RenderedEmail, *, notification_id: uuid.UUID) -> None:
         try:
-            await asyncio.to_thread(self._write, self.path_for(notification_id), data)
+            await asyncio.to_thread(self._write, self.path_for(notification_id), email.data)
         except OSError as exc:  # a full disk or a missing permission may well be fixed later
             raise RetryableError(f"cannot write e-mail file ({type(exc).__name__})") from None
 

@@ -14,12 +14,12 @@ import re
 import time
 import uuid
 from collections.abc import Callable
-from email.message import EmailMessage
 
 import aiosmtplib
 
 from email_sender.backends.base import EmailRejected
 from email_sender.backends.smtp_pool import SmtpPool
+from email_sender.rendering import RenderedEmail
 from email_sender.settings import SmtpConfig
 from herald_shared.retry import DeferredError, RetryableError
 
@@ -115,13 +115,13 @@ class SmtpBackend:
     async def close(self) -> None:
         await self.pool.close()
 
-    async def send(self, message: EmailMessage, *, notification_id: uuid.UUID) -> None:
+    async def send(self, email: RenderedEmail, *, notification_id: uuid.UUID) -> None:
         settings = self.settings
         waiting = True
         try:
             async with asyncio.timeout(settings.timeout), self.pool.slot():
                 waiting = False
-                await self._send(message)
+                await self._send(email)
         except TimeoutError:
             if waiting:  # every connection busy for the whole deadline: not this message's fault
                 raise DeferredError("smtp connections busy") from None
@@ -142,14 +142,12 @@ class SmtpBackend:
             # Not chained: the original's text may quote the server's reply and the address.
             raise error from None
 
-    async def _send(self, message: EmailMessage) -> None:
+    async def _send(self, email: RenderedEmail) -> None:
         """One message over a pooled connection (within a slot and the deadline)."""
-        sender = message["From"].addresses[0].addr_spec
-        recipients = [address.addr_spec for address in message["To"].addresses]
         connection, reused = await self.pool.checkout()
         while True:
             try:
-                await connection.send_message(message, sender=sender, recipients=recipients)
+                await connection.sendmail(email.sender, [email.recipient], email.data)
             except aiosmtplib.SMTPServerDisconnected:
                 await self.pool.checkin(connection, reusable=False)
                 if connection.data_started:
