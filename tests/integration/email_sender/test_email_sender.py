@@ -23,10 +23,11 @@ from herald_shared import retry
 from herald_shared.broker import RabbitSettings
 from herald_shared.database import make_engine
 from herald_shared.events import (
-    DeliveryBatchReported,
+    DeliveriesReported,
     DeliveryOutcome,
     DeliveryReported,
     EmailBatchRequested,
+    EmailJobsRequested,
     EmailRequested,
 )
 from herald_shared.ledger import DeliveryLedger, DeliveryStatus, LedgerEntry
@@ -62,8 +63,16 @@ def email_job(**overrides: Any) -> EmailRequested:
     return EmailRequested(**fields)
 
 
-def email_batch(*addresses: str) -> EmailBatchRequested:
-    """One message's jobs, one per address, as the router sends them."""
+def email_batch(*addresses: str) -> EmailJobsRequested:
+    """One message's jobs, one per address, as the router publishes them."""
+    message_id = uuid.uuid4()
+    return EmailJobsRequested(
+        jobs=[email_job(message_id=message_id, to_address=address) for address in addresses],
+    )
+
+
+def old_email_batch(*addresses: str) -> EmailBatchRequested:
+    """One message's jobs as a router of the previous version batched them: still accepted."""
     message_id = uuid.uuid4()
     return EmailBatchRequested(
         message_id=message_id,
@@ -77,9 +86,9 @@ class Service:
     engine: AsyncEngine
     channel: aio_pika.abc.AbstractChannel
     reports_queue: aio_pika.abc.AbstractQueue
-    reports: list[tuple[str, DeliveryBatchReported]] = field(default_factory=list)
+    reports: list[tuple[str, DeliveriesReported]] = field(default_factory=list)
 
-    async def publish(self, job: EmailRequested | EmailBatchRequested) -> None:
+    async def publish(self, job: EmailRequested | EmailBatchRequested | EmailJobsRequested) -> None:
         """As notification-router does: persistent, on the exchange, with the job's routing key."""
         exchange = await self.channel.get_exchange(EXCHANGE.name)
         await exchange.publish(
@@ -92,14 +101,14 @@ class Service:
             routing_key=EMAIL_SEND,
         )
 
-    async def collect_reports(self) -> list[tuple[str, DeliveryBatchReported]]:
+    async def collect_reports(self) -> list[tuple[str, DeliveriesReported]]:
         while (message := await self.reports_queue.get(no_ack=True, fail=False)) is not None:
-            report = DeliveryBatchReported.model_validate_json(message.body)
+            report = DeliveriesReported.model_validate_json(message.body)
             self.reports.append((message.routing_key or "", report))
         return self.reports
 
     async def reported(self) -> list[tuple[str, DeliveryReported]]:
-        """Every single report so far, with the routing key of the batch that carried it."""
+        """Every single report so far, with the routing key of the event that carried it."""
         return [
             (routing_key, report)
             for routing_key, batch in await self.collect_reports()
@@ -178,10 +187,14 @@ async def test_a_single_job_is_still_accepted_sent_once_and_reported_delivered(
     assert (entry.status, entry.attempts, entry.reported) == (DeliveryStatus.DELIVERED, 1, True)
 
 
-async def test_a_batch_arrives_once_per_email_and_is_reported_in_one_event(
-    service: Service, smtp: FakeSmtp
+@pytest.mark.parametrize("kind", ["jobs", "batch"])
+async def test_a_delivery_arrives_once_per_email_and_each_is_reported_once(
+    service: Service, smtp: FakeSmtp, kind: str
 ) -> None:
-    batch = email_batch(*(f"user{number}@example.test" for number in range(5)))
+    """`EmailJobsRequested` as the router publishes it, and the previous version's
+    `EmailBatchRequested`."""
+    build = email_batch if kind == "jobs" else old_email_batch
+    batch = build(*(f"user{number}@example.test" for number in range(5)))
 
     await service.publish(batch)
 
@@ -190,15 +203,14 @@ async def test_a_batch_arrives_once_per_email_and_is_reported_in_one_event(
         return all(entry is not None and entry.reported for entry in entries)
 
     await wait_until(all_reported)
-    ((routing_key, report),) = await service.collect_reports()
-    assert (routing_key, report.message_id, report.outcome) == (
-        EMAIL_DELIVERED,
-        batch.message_id,
-        DeliveryOutcome.DELIVERED,
-    )
-    assert {item.notification_id for item in report.reports} == {
+    # Each job reported delivered once; reports go out as sends complete, many jobs per event
+    # (and many deliveries' jobs, when the consumer holds several at once).
+    reported = await service.reported()
+    assert {routing_key for routing_key, _ in reported} == {EMAIL_DELIVERED}
+    assert {report.outcome for _, report in reported} == {DeliveryOutcome.DELIVERED}
+    assert sorted(report.notification_id for _, report in reported) == sorted(
         job.notification_id for job in batch.jobs
-    }
+    )
     assert sorted(mail["Message-ID"] for mail in smtp.received) == sorted(
         f"<{job.notification_id}@herald.localhost>" for job in batch.jobs
     )
@@ -222,7 +234,9 @@ async def test_the_same_batch_published_twice_gives_exactly_one_email_each(
 
     await wait_until(both_handled)
     assert len(smtp.received) == 2
-    assert len(await service.collect_reports()) == 1
+    assert sorted(report.notification_id for _, report in await service.reported()) == sorted(
+        job.notification_id for job in batch.jobs
+    )
 
 
 async def test_a_451_is_retried_and_then_delivered(service: Service, smtp: FakeSmtp) -> None:
@@ -283,13 +297,14 @@ async def test_mixed_outcomes_are_reported_per_outcome_and_only_the_transient_on
         )
 
     await wait_until(all_reported)
-    batches = await service.collect_reports()
-    assert [(key, [item.notification_id for item in b.reports]) for key, b in batches] == [
-        (EMAIL_DELIVERED, [delivered.notification_id]),
-        (EMAIL_FAILED, [bounced.notification_id]),
-        (EMAIL_DELIVERED, [retried.notification_id]),  # from the batch's retry
-    ]
-    assert batches[1][1].reports[0].reason == "smtp 550 5.1.1"
+    reported = [(key, report.notification_id) for key, report in await service.reported()]
+    # The first attempt's reports (in either order), then the retry's.
+    assert sorted(reported[:2]) == sorted(
+        [(EMAIL_DELIVERED, delivered.notification_id), (EMAIL_FAILED, bounced.notification_id)]
+    )
+    assert reported[2:] == [(EMAIL_DELIVERED, retried.notification_id)]
+    [bounce] = [report for key, report in await service.reported() if key == EMAIL_FAILED]
+    assert bounce.reason == "smtp 550 5.1.1"
     # The retry sent only the transient one; the bounced one never reached the server.
     assert sorted(str(mail["To"]) for mail in smtp.received) == [f"Bob <{carol}>", f"Bob <{dan}>"]
     for job, status, attempts in [
@@ -341,7 +356,7 @@ async def test_an_authentication_refusal_waits_without_spending_attempts(
     assert await service.dead_letters() == []
 
 
-async def test_a_batch_out_of_retries_is_dead_lettered_and_reported_failed_in_one_event(
+async def test_a_delivery_out_of_retries_is_dead_lettered_and_reported_failed_in_one_event(
     service: Service, smtp: FakeSmtp
 ) -> None:
     dan = "dan@example.test"
@@ -353,13 +368,13 @@ async def test_a_batch_out_of_retries_is_dead_lettered_and_reported_failed_in_on
     (dead,) = await wait_until(service.dead_letters, timeout=30)
     assert dead.headers[retry.REASON_HEADER] == "retries-exhausted"
 
-    async def given_up() -> list[tuple[str, DeliveryBatchReported]]:
+    async def given_up() -> list[tuple[str, DeliveriesReported]]:
         return [(key, b) for key, b in await service.collect_reports() if key == EMAIL_FAILED]
 
     ((_, failed),) = await wait_until(given_up)
-    assert [(item.notification_id, item.reason) for item in failed.reports] == [
+    assert sorted((item.notification_id, item.reason) for item in failed.reports) == sorted(
         (job.notification_id, "retries exhausted") for job in batch.jobs
-    ]
+    )
     # Bob's e-mail went out with the first attempt and was reported then; the router keeps a
     # delivery over a later failure.
     (delivered,) = [b for key, b in service.reports if key == EMAIL_DELIVERED]

@@ -1,6 +1,6 @@
 """A provider's circuit breaker on the real broker: while FCM is down, a job waits in the
-delayed-retry path as a deferral (no attempt spent, never claimed), then the probe after the
-cool-down delivers it."""
+delayed-retry path as a deferral (no attempt spent), then the probe after the cool-down delivers
+it."""
 
 from __future__ import annotations
 
@@ -71,10 +71,15 @@ async def test_jobs_wait_without_spending_attempts_while_the_breaker_is_open(
     await wait_until(delivered, timeout=30)
     assert pushes(service, "breaker_open") >= 1
     assert fcm.send_requests == 4  # two failures, the probe, the other job: nothing more
-    ledger = service.deps.sender.ledger
+    assert pushes(service, "retry") == 2  # the opener's two failures: no attempt spent since
+    ledger = service.sender.ledger
     entry = await ledger.get(waiting.notification_id)
     assert entry is not None
-    assert (entry.status, entry.attempts) == (DeliveryStatus.DELIVERED, 1)
+    assert entry.status is DeliveryStatus.DELIVERED
+    # Its ledger attempts are 1, or 2 if it came back while the half-open breaker's probe was
+    # out: claimed, refused by the breaker and handed back unsent (the claim counts; the retry
+    # middleware's attempts do not, as the deferrals below show).
+    assert entry.attempts <= 2
     messages = [r.getMessage() for r in caplog.records if r.name == "herald.retry"]
     mine = [m for m in messages if f"message_id={waiting.event_id}" in m]
     assert mine
