@@ -606,7 +606,11 @@ class Sender(Generic[J]):
 
     def _second_copy(self, first: _Step[J]) -> _Step[J]:
         """A job that two deliveries of one batch carry: the first copy goes ahead, this one
-        waits as a copy of a job in progress does."""
+        waits as a copy of a job in progress does. If the first copy holds nothing (the job
+        ended before, is another worker's, or waits for its provider's breaker), nothing is in
+        progress here: this one ends the same way."""
+        if first.outcome is not None and first.outcome.lease is Lease.NONE:
+            return first
         wait = self.tuning.lease.total_seconds()
         error = DeferredError("delivery in progress elsewhere", retry_after=wait)
         return _Step(first.provider, Outcome("in_progress", error=error))

@@ -371,6 +371,22 @@ async def test_two_copies_of_one_job_in_one_batch_send_it_once(rig: Rig) -> None
     assert sorted(type(outcome).__name__ for outcome in outcomes) == ["DeferredError", "NoneType"]
 
 
+async def test_two_copies_of_a_finished_job_in_one_batch_are_both_no_ops(rig: Rig) -> None:
+    """Nothing is in progress for the second copy to wait for: it ends as the first does."""
+    (job,) = jobs_of(1)
+    await rig.sender.deliver([job])
+    rig.publisher.events.clear()
+
+    outcomes = await asyncio.gather(
+        rig.sender.deliver([job]), rig.sender.deliver([job]), return_exceptions=True
+    )
+
+    assert outcomes == [None, None]
+    assert len(rig.provider.calls) == 1
+    assert rig.publisher.events == []
+    assert rig.metrics.outcomes.count(("fake", "duplicate")) == 2
+
+
 async def test_an_open_breaker_defers_jobs_unclaimed(ledger: DeliveryLedger) -> None:
     clock = [1000.0]
     breaker = CircuitBreaker(BreakerPolicy(failures=1, cool_down=30.0), clock=lambda: clock[0])
