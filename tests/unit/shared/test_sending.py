@@ -381,7 +381,7 @@ async def test_two_copies_of_a_finished_job_in_one_batch_are_both_no_ops(rig: Ri
         rig.sender.deliver([job]), rig.sender.deliver([job]), return_exceptions=True
     )
 
-    assert outcomes == [None, None]
+    assert list(outcomes) == [None, None]
     assert len(rig.provider.calls) == 1
     assert rig.publisher.events == []
     assert rig.metrics.outcomes.count(("fake", "duplicate")) == 2
