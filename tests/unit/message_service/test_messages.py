@@ -106,7 +106,7 @@ async def test_the_message_and_its_event_are_one_transaction(
     def broken_outbox(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("disk full while writing secret text")
 
-    monkeypatch.setattr(repository, "add_outbox_event", broken_outbox)
+    monkeypatch.setattr(repository, "_outbox_values", broken_outbox)
     with caplog.at_level(logging.ERROR):
         response = await post(client, alice, room, "top secret words")
 
@@ -223,7 +223,7 @@ async def test_a_lost_idempotency_race_answers_with_the_winner(
     alice = await register(client, "alice")
     room = await create_room(client, alice, [])
     winner = await post(client, alice, room, "hello", key="race")
-    lookup = repository.message_by_idempotency_key
+    lookup = repository.message_by_key
     calls = 0
 
     async def miss_once(*args: Any, **kwargs: Any) -> Message | None:
@@ -232,7 +232,7 @@ async def test_a_lost_idempotency_race_answers_with_the_winner(
         calls += 1
         return None if calls == 1 else await lookup(*args, **kwargs)
 
-    monkeypatch.setattr(repository, "message_by_idempotency_key", miss_once)
+    monkeypatch.setattr(repository, "message_by_key", miss_once)
 
     loser = await post(client, alice, room, "hello", key="race")
 

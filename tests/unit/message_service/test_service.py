@@ -51,7 +51,7 @@ async def test_unknown_users_are_not_found(runtime: Runtime) -> None:
         assert not await service.remove_invalidated_device(
             session=session, user_id=ghost, device_id=uuid.uuid4()
         )
-        assert await service.authenticate(session=session, token="nothing") is None
+    assert await service.authenticate(engine=runtime.engine, token="nothing") is None
 
 
 async def test_a_device_insert_that_loses_a_race_is_retried(

@@ -178,6 +178,7 @@ def create_app(settings: Settings, *, tracer_provider: TracerProvider | None = N
     )
     app.state.runtime = runtime
     app.state.api_deps = ApiDeps(
+        engine=engine,
         sessions=sessions,
         nudge=relay.nudge,
         max_devices_per_user=settings.max_devices_per_user,

@@ -4,10 +4,12 @@ Use cases stage events as outbox rows in their own transaction (`repository.add_
 After a commit that wrote one, `session_scope` nudges the relay; the relay also wakes every
 `interval` for anything left over. Each cycle claims a batch of pending rows in created order
 (PostgreSQL: `FOR UPDATE SKIP LOCKED`, so replicas never publish the same row concurrently),
-publishes them one by one with confirms, marks them published and commits. A failed publish stops
-the batch (order is kept), leaves the row pending and backs off; nothing ever waits for RabbitMQ
-inside an HTTP request. A publish that timed out may still have reached the broker, so delivery is
-at least once and consumers deduplicate on the event id.
+publishes them all at once with their confirms in flight together (a confirm at a time would cap
+the relay at one round trip per event), marks those confirmed published and commits. A failed
+publish leaves its row pending and, if the broker failed, backs off; nothing ever waits for
+RabbitMQ inside an HTTP request. Consumers do not depend on the order of events (a user's
+snapshots carry a version, the router keeps the highest). A publish that timed out may still have
+reached the broker, so delivery is at least once and consumers deduplicate on the event id.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ logger = logging.getLogger("message_service.outbox")
 
 # Published rows are purged at most this often.
 PURGE_EVERY = timedelta(seconds=60)
+# The pending-rows gauges are read from the database at most this often (a count over the
+# pending rows, not something to do after every message).
+GAUGES_EVERY = timedelta(seconds=5)
 
 
 class Nudge(Protocol):
@@ -124,6 +129,7 @@ class OutboxRelay:
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._last_purge = utc_now() - PURGE_EVERY
+        self._last_gauges = utc_now() - GAUGES_EVERY
 
     def nudge(self) -> None:
         """Something was committed to the outbox: publish soon. Never blocks, never fails."""
@@ -178,7 +184,7 @@ class OutboxRelay:
                     await self._wait(self._interval, wake_on_nudge=True)
 
     async def publish_pending(self) -> BatchResult:
-        """One cycle: claim, publish in order until the first failure, mark, commit."""
+        """One cycle: claim, publish every row at once, mark, commit."""
         async with self._sessions() as session:
             rows = await repository.claim_pending(session, limit=self._batch_size)
             if not await repository.claims_lock_rows(session):
@@ -186,30 +192,29 @@ class OutboxRelay:
                 # a publish waits for a broker that is down (every request would wait too). One
                 # relay per SQLite file, so nothing else can claim these rows meanwhile.
                 await session.commit()
-            published: list[int] = []
-            failures: list[tuple[int, _Failure]] = []
-            for row in rows:
-                if self._stopping.is_set():
-                    break
-                seq = row.seq or 0  # always set on a stored row
-                # Within the trace of the request that staged the row, with its ids in the logs.
-                with (
-                    log_context(**ids_from_body(row.payload.encode()), correlation_id=row.event_id),
-                    continued_trace(row.traceparent),
-                ):
-                    failure = await self._publish(row)
-                if failure is None:
-                    published.append(seq)
-                    continue
-                failures.append((seq, failure))
-                if failure.broker:
-                    break  # keep the order: this row goes first next time
+            outcomes = await asyncio.gather(*(self._publish_in_context(row) for row in rows))
+            published = [
+                row.seq or 0 for row, failure in zip(rows, outcomes, strict=True) if not failure
+            ]
+            failures = [
+                (row.seq or 0, failure)
+                for row, failure in zip(rows, outcomes, strict=True)
+                if failure is not None
+            ]
             await repository.mark_published(session, seqs=published, at=utc_now())
             for seq, failure in failures:
                 await repository.record_failure(session, seq=seq, error=failure.error)
             await session.commit()
         broker_failed = any(failure.broker for _, failure in failures)
         return BatchResult(claimed=len(rows), published=len(published), failed=broker_failed)
+
+    async def _publish_in_context(self, row: OutboxEvent) -> _Failure | None:
+        """Within the trace of the request that staged the row, with its ids in the logs."""
+        with (
+            log_context(**ids_from_body(row.payload.encode()), correlation_id=row.event_id),
+            continued_trace(row.traceparent),
+        ):
+            return await self._publish(row)
 
     async def _publish(self, row: OutboxEvent) -> _Failure | None:
         """Publish one row; None on success."""
@@ -266,7 +271,9 @@ class OutboxRelay:
 
     async def _housekeeping(self) -> None:
         try:
-            await self.refresh_gauges()
+            if utc_now() - self._last_gauges >= GAUGES_EVERY:
+                self._last_gauges = utc_now()
+                await self.refresh_gauges()
             if utc_now() - self._last_purge >= PURGE_EVERY:
                 self._last_purge = utc_now()
                 await self.purge()

@@ -18,8 +18,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from herald_shared.database import autocommit
 from herald_shared.events import (
     MAX_RECIPIENTS,
     DeviceSnapshot,
@@ -141,9 +143,11 @@ async def register_user(
     return Registration(user=user, token=token)
 
 
-async def authenticate(*, session: AsyncSession, token: str) -> CurrentUser | None:
-    user = await repository.user_by_token_hash(session, token_hash=hash_token(token))
-    return None if user is None else CurrentUser(id=user.id, username=user.username)
+async def authenticate(*, engine: AsyncEngine, token: str) -> CurrentUser | None:
+    """The token's user; a read that stands alone (every request makes it)."""
+    async with autocommit(engine) as connection:
+        found = await repository.user_for_token(connection, token_hash=hash_token(token))
+    return None if found is None else CurrentUser(id=found[0], username=found[1])
 
 
 async def get_profile(*, session: AsyncSession, user_id: uuid.UUID) -> User:
@@ -455,69 +459,71 @@ async def _room_of_member(
 
 async def post_message(
     *,
-    session: AsyncSession,
+    engine: AsyncEngine,
     room_id: uuid.UUID,
     sender_id: uuid.UUID,
     content: str,
     idempotency_key: str | None = None,
 ) -> PostedMessage:
-    """Store the message and stage its MessageCreated in one transaction."""
-    room = await _room_of_member(session, room_id=room_id, user_id=sender_id)
-    if idempotency_key is not None:
-        earlier = await repository.message_by_idempotency_key(
-            session, sender_id=sender_id, idempotency_key=idempotency_key
-        )
-        if earlier is not None:
-            await session.commit()
-            return _replay(earlier, room_id=room_id, content=content)
+    """Store the message and stage its MessageCreated in one transaction.
+
+    Every chat message takes this path: two reads (the room with its members, and an earlier
+    message with the same key if there is one) that stand alone, then one transaction of two
+    inserts, all in SQLAlchemy Core."""
+    async with autocommit(engine) as connection:
+        roster = await repository.room_roster(connection, room_id=room_id)
+        sender = None if roster is None else roster.member(sender_id)
+        if roster is None or sender is None:
+            # Never 403: a non-member must not learn that the room exists.
+            raise NotFound("room not found")
+        if idempotency_key is not None:
+            earlier = await repository.message_by_key(
+                connection, sender_id=sender_id, idempotency_key=idempotency_key
+            )
+            if earlier is not None:
+                return _replay(earlier, room_id=room_id, content=content)
+    message = Message(
+        room_id=room_id, sender_id=sender_id, content=content, idempotency_key=idempotency_key
+    )
+    event = _message_created(message, roster, sender)
     try:
-        message = await _store_message(
-            session, room=room, sender_id=sender_id, content=content, key=idempotency_key
-        )
-        await session.commit()
+        await repository.store_message(engine, message=message, event=event, event_type=event.type)
     except IntegrityError:
         # A concurrent request with the same key won the race: answer with its message.
-        await session.rollback()
-        earlier = (
-            None
-            if idempotency_key is None
-            else await repository.message_by_idempotency_key(
-                session, sender_id=sender_id, idempotency_key=idempotency_key
+        if idempotency_key is None:
+            raise
+        async with autocommit(engine) as connection:
+            earlier = await repository.message_by_key(
+                connection, sender_id=sender_id, idempotency_key=idempotency_key
             )
-        )
         if earlier is None:
             raise
-        await session.commit()
         return _replay(earlier, room_id=room_id, content=content)
     return PostedMessage(message=message, created=True)
 
 
-async def _store_message(
-    session: AsyncSession, *, room: Room, sender_id: uuid.UUID, content: str, key: str | None
-) -> Message:
-    sender = await repository.get_user(session, user_id=sender_id)
-    if sender is None:
-        raise NotFound("user not found")
-    members = await repository.members_with_usernames(session, room_id=room.id)
-    message = Message(room_id=room.id, sender_id=sender_id, content=content, idempotency_key=key)
-    await repository.add_message(session, message=message)
-    recipients = [(user_id, username) for user_id, username in members if user_id != sender_id]
-    event = MessageCreated(
+def _message_created(
+    message: Message, roster: repository.Roster, sender: repository.RosterMember
+) -> MessageCreated:
+    recipients = [
+        (member.user_id, member.username)
+        for member in roster.members
+        if member.user_id != sender.user_id
+    ]
+    return MessageCreated(
         occurred_at=message.created_at,
         message_id=message.id,
-        room_id=room.id,
-        room_name=room.name,
-        sender_id=sender_id,
+        room_id=message.room_id,
+        room_name=roster.room_name,
+        sender_id=sender.user_id,
         recipient_ids=[user_id for user_id, _ in recipients],
-        message_content=content,
+        message_content=message.content,
         sender_info=SenderInfo(
-            user_id=sender.id, username=sender.username, display_name=sender.display_name
+            user_id=sender.user_id, username=sender.username, display_name=sender.display_name
         ),
-        mentions=mentioned(content, recipients),
+        mentions=mentioned(message.content, recipients),
         timestamp=message.created_at,
     )
-    repository.add_outbox_event(session, event=event, event_type=event.type)
-    return message
 
 
 def mentioned(content: str, members: Sequence[tuple[uuid.UUID, str]]) -> list[uuid.UUID]:

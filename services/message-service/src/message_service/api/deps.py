@@ -10,7 +10,7 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from herald_shared.unsubscribe import UnsubscribeTokens, unsubscribe_tokens
@@ -22,6 +22,7 @@ from message_service.settings import Settings
 
 @dataclass(frozen=True)
 class ApiDeps:
+    engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
     nudge: Nudge
     max_devices_per_user: int
@@ -42,7 +43,7 @@ _bearer = HTTPBearer(auto_error=False, description="The token returned by `POST 
 
 
 async def _current_user(
-    session: Annotated[AsyncSession, Depends(_session)],
+    deps: Annotated[ApiDeps, Depends(_deps)],
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> CurrentUser:
     if credentials is None:
@@ -51,7 +52,7 @@ async def _current_user(
             "not authenticated",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    user = await service.authenticate(session=session, token=credentials.credentials)
+    user = await service.authenticate(engine=deps.engine, token=credentials.credentials)
     if user is None:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,

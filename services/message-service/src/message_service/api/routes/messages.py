@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Response
 
 from message_service import service
-from message_service.api.deps import Me, SessionDep
+from message_service.api.deps import Deps, Me, SessionDep
 from message_service.api.responses import INVALID, NOT_FOUND
 from message_service.api.schemas import PRINTABLE_ASCII, MessageCreate, MessageOut, MessagePageOut
 from message_service.models import IDEMPOTENCY_KEY_MAX
@@ -32,20 +32,22 @@ async def post_message(
     room_id: uuid.UUID,
     body: MessageCreate,
     me: Me,
-    session: SessionDep,
+    deps: Deps,
     response: Response,
     idempotency_key: IdempotencyKey = None,
 ) -> MessageOut:
     """Post a message. Its notifications are published afterwards, from the outbox: a broker
     outage delays them but never fails or slows this request."""
     posted = await service.post_message(
-        session=session,
+        engine=deps.engine,
         room_id=room_id,
         sender_id=me.id,
         content=body.content,
         idempotency_key=idempotency_key,
     )
-    if not posted.created:
+    if posted.created:
+        deps.nudge()  # committed: the relay may publish it now
+    else:
         response.headers["Idempotent-Replayed"] = "true"
     return MessageOut.of(posted.message)
 
