@@ -1,10 +1,15 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+import asyncio
+import shutil
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from herald_shared.database import make_engine, run_migrations
 from tests.fakes.apns import FakeApns
 from tests.fakes.fcm import FakeFcm
 from tests.fakes.smtp import FakeSmtp
@@ -15,10 +20,10 @@ TESTS = Path(__file__).parent
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # The folder says what a test needs; the marker lets `-m "not integration and not e2e"`
-    # select the fast, server-free layer.
+    # select the fast, server-free layer, and `-m "not fault"` leave out the fault layer.
     for item in items:
         parts = Path(str(item.fspath)).relative_to(TESTS).parts
-        if parts[0] in {"integration", "e2e"}:
+        if parts[0] in {"integration", "e2e", "fault"}:
             item.add_marker(getattr(pytest.mark, parts[0]))
 
 
@@ -44,7 +49,59 @@ def rabbit_url() -> Iterator[str]:
 
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
+    """An empty SQLite database in the test's temporary folder."""
     return f"sqlite+aiosqlite:///{tmp_path / 'service.db'}"
+
+
+MIGRATIONS = {
+    "message-service": "message_service:migrations",
+    "notification-router": "notification_router:migrations",
+    "push-sender": "push_sender:migrations",
+    "email-sender": "email_sender:migrations",
+}
+
+
+@pytest.fixture(scope="session")
+def migrated_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """`migrated_sqlite(service)`: an SQLite file with that service's migrations applied (its
+    real `run_migrations`, as at start-up), made once per session (per worker) on first use."""
+    made: dict[str, Path] = {}
+    lock = threading.Lock()
+
+    async def migrate(path: Path, service: str) -> None:
+        engine = make_engine(f"sqlite+aiosqlite:///{path}")
+        try:
+            await run_migrations(engine, script_location=MIGRATIONS[service], service_name=service)
+        finally:
+            await engine.dispose()  # the last connection closing folds the WAL into the file
+
+    def template(service: str) -> Path:
+        with lock:
+            if service not in made:
+                path = tmp_path_factory.mktemp("migrated") / f"{service}.db"
+                # Its own thread and event loop: a test's loop may be running in this one.
+                with ThreadPoolExecutor(1) as executor:
+                    executor.submit(asyncio.run, migrate(path, service)).result()
+                made[service] = path
+            return made[service]
+
+    return template
+
+
+@pytest.fixture
+def migrated_sqlite_url(
+    migrated_sqlite: Callable[[str], Path], tmp_path: Path
+) -> Callable[[str], str]:
+    """`migrated_sqlite_url(service)`: a database of the test's own, already at that service's
+    newest revision: a copy of `migrated_sqlite(service)` in the test's temporary folder. The
+    service's start-up still runs its migrations, which find nothing to do."""
+
+    def url(service: str) -> str:
+        path = tmp_path / "service.db"
+        shutil.copyfile(migrated_sqlite(service), path)
+        return f"sqlite+aiosqlite:///{path}"
+
+    return url
 
 
 @pytest.fixture
