@@ -1,5 +1,5 @@
 """The push provider failing transiently, for ever, for one device: that job is tried 1 +
-RABBITMQ_MAX_RETRIES times on the retry tiers, then parked (in its message's batch) in
+RABBITMQ_MAX_RETRIES times on the retry tiers, then parked (in the delivery that carries it) in
 push_notifications.dlq and reported failed; everything else is delivered, once."""
 
 from __future__ import annotations
@@ -87,10 +87,11 @@ async def test_a_transient_provider_failure_is_retried_on_the_tiers_then_dead_le
     headers = dead[0].headers or {}
     assert headers[REASON_HEADER] == "retries-exhausted"
     assert headers[ATTEMPT_HEADER] == 1 + MAX_RETRIES
-    # The whole batch of the message's pushes was dead-lettered with it: its other jobs had been
-    # delivered on the first attempt and were no-ops on every retry.
+    # The whole delivery that carried it (the message's pushes, as the router publishes them)
+    # was dead-lettered with it: its other jobs had been delivered on the first attempt and were
+    # no-ops on every retry.
     dead_batch = json.loads(dead[0].body)
-    assert dead_batch["type"] == "push_batch_requested"
+    assert dead_batch["type"] == "push_jobs_requested"
     batch_ids = {job["notification_id"] for job in dead_batch["jobs"]}
     assert str(parked) in batch_ids
     # Every other target was delivered, once; nothing else was dead-lettered.
