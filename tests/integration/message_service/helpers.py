@@ -8,7 +8,7 @@ import aio_pika
 from sqlmodel import col, select
 
 from herald_shared.broker import RabbitSettings
-from message_service.app import Runtime
+from message_service.app import MessageService
 from message_service.models import OutboxEvent
 from message_service.settings import Settings
 
@@ -34,7 +34,7 @@ async def drain(rabbit_url: str, queue_name: str) -> list[aio_pika.abc.AbstractI
         return messages
 
 
-async def pending(runtime: Runtime) -> list[OutboxEvent]:
+async def pending(runtime: MessageService) -> list[OutboxEvent]:
     async with runtime.sessions() as session:
         statement = (
             select(OutboxEvent)
@@ -44,5 +44,5 @@ async def pending(runtime: Runtime) -> list[OutboxEvent]:
         return list((await session.exec(statement)).all())
 
 
-async def nothing_pending(runtime: Runtime) -> bool:
+async def nothing_pending(runtime: MessageService) -> bool:
     return not await pending(runtime)

@@ -14,7 +14,7 @@ from fastapi import FastAPI
 
 from herald_shared.events import DeviceInvalidated
 from herald_shared.topology import DEVICE_INVALIDATED, EXCHANGE, RECIPIENT_UPDATES
-from message_service.app import create_app, runtime_of
+from message_service.app import create_app, service_of
 from tests.integration.message_service.helpers import drain, nothing_pending, settings_for
 from tests.support.infra import wait_until
 from tests.unit.message_service.helpers import client_for, create_room, register
@@ -97,7 +97,7 @@ async def test_every_endpoint_on_postgres(app: FastAPI) -> None:
 async def test_a_device_invalidated_over_rabbitmq_is_removed_and_republished(
     app: FastAPI, rabbit_url: str
 ) -> None:
-    runtime = runtime_of(app)
+    runtime = service_of(app)
     async with client_for(app) as client:
         alice = await register(client, "alice")
         device = await client.post(

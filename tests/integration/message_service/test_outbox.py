@@ -17,7 +17,7 @@ from yarl import URL
 from herald_shared.database import run_migrations
 from herald_shared.topology import MESSAGE_NOTIFICATIONS, RECIPIENT_UPDATES, declare_topology
 from message_service import repository
-from message_service.app import create_app, runtime_of
+from message_service.app import create_app, service_of
 from message_service.models import OutboxEvent
 from message_service.outbox import session_scope
 from tests.integration.message_service.helpers import drain, nothing_pending, pending, settings_for
@@ -34,7 +34,7 @@ async def app(pg_url: str, rabbit_url: str) -> AsyncIterator[FastAPI]:
 
 
 async def test_only_what_was_committed_is_published(app: FastAPI, rabbit_url: str) -> None:
-    runtime = runtime_of(app)
+    runtime = service_of(app)
     kept, discarded = message_created("kept"), message_created("discarded")
 
     async with runtime.sessions() as session:
@@ -53,7 +53,7 @@ async def test_only_what_was_committed_is_published(app: FastAPI, rabbit_url: st
 async def test_a_posted_message_arrives_persistent_on_the_message_queue(
     app: FastAPI, rabbit_url: str
 ) -> None:
-    runtime = runtime_of(app)
+    runtime = service_of(app)
     async with client_for(app) as client:
         alice = await register(client, "alice")
         bob = await register(client, "bob")
@@ -84,7 +84,7 @@ async def test_two_relays_on_one_database_publish_each_row_exactly_once(
     pg_url: str, rabbit_url: str
 ) -> None:
     settings = settings_for(pg_url, rabbit_url, outbox_batch_size=10)
-    runtimes = [runtime_of(create_app(settings)) for _ in range(2)]
+    runtimes = [service_of(create_app(settings)) for _ in range(2)]
     await run_migrations(
         runtimes[0].engine,
         script_location="message_service:migrations",
@@ -134,7 +134,7 @@ async def test_a_broker_outage_delays_notifications_but_never_fails_a_message(
         target.with_host("127.0.0.1").with_port(proxy.port).with_query(reconnect_interval="0.3")
     )
     app = create_app(settings_for(pg_url, proxied, outbox_max_backoff=0.3))
-    runtime = runtime_of(app)
+    runtime = service_of(app)
     async with app.router.lifespan_context(app), client_for(app) as client:
         alice = await register(client, "alice")
         bob = await register(client, "bob")
@@ -177,7 +177,7 @@ async def test_a_broker_outage_delays_notifications_but_never_fails_a_message(
 
 
 async def test_concurrent_retries_with_one_idempotency_key_store_one_message(app: FastAPI) -> None:
-    runtime = runtime_of(app)
+    runtime = service_of(app)
     async with client_for(app) as client:
         alice = await register(client, "alice")
         room = await create_room(client, alice, [])
@@ -200,7 +200,7 @@ async def test_concurrent_retries_with_one_idempotency_key_store_one_message(app
 
 
 async def test_concurrent_changes_to_a_user_get_distinct_versions(app: FastAPI) -> None:
-    runtime = runtime_of(app)
+    runtime = service_of(app)
     async with client_for(app) as client:
         alice = await register(client, "alice")
         responses = await asyncio.gather(

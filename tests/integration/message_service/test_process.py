@@ -13,7 +13,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import Connection
 
 from herald_shared.database import run_migrations
-from message_service.app import create_app, runtime_of
+from message_service.app import create_app, service_of
 from message_service.models import metadata
 from tests.integration.message_service.helpers import settings_for
 from tests.support.processes import ServiceProcess, free_port
@@ -74,7 +74,7 @@ def test_without_rabbitmq_it_exits_non_zero_with_one_clear_line(tmp_path: Path) 
 
 
 async def test_migrated_postgres_schema_matches_the_models(pg_url: str, rabbit_url: str) -> None:
-    runtime = runtime_of(create_app(settings_for(pg_url, rabbit_url)))
+    runtime = service_of(create_app(settings_for(pg_url, rabbit_url)))
     await run_migrations(
         runtime.engine, script_location="message_service:migrations", service_name="message-service"
     )

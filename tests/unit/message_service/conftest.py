@@ -6,7 +6,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from message_service.app import Runtime, runtime_of
+from message_service.app import MessageService, service_of
 from tests.unit.message_service.helpers import client_for, make_settings, running_app
 
 
@@ -25,8 +25,8 @@ async def app(sqlite_url: str) -> AsyncIterator[FastAPI]:
 
 
 @pytest.fixture
-def runtime(app: FastAPI) -> Runtime:
-    return runtime_of(app)
+def runtime(app: FastAPI) -> MessageService:
+    return service_of(app)
 
 
 @pytest.fixture

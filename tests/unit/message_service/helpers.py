@@ -15,7 +15,7 @@ from sqlmodel import col, select
 
 from herald_shared.broker import RabbitSettings
 from herald_shared.events import EVENT_ADAPTER, MessageCreated, SenderInfo, UserUpdated, utc_now
-from message_service.app import Runtime, create_app, runtime_of
+from message_service.app import MessageService, create_app, service_of
 from message_service.models import OutboxEvent
 from message_service.settings import Settings
 
@@ -36,7 +36,7 @@ def make_settings(database_url: str, **overrides: Any) -> Settings:
 async def running_app(settings: Settings) -> AsyncIterator[FastAPI]:
     """The app with its lifespan (migrations, broker, relay) on the in-memory broker."""
     app = create_app(settings)
-    async with TestRabbitBroker(runtime_of(app).broker), app.router.lifespan_context(app):
+    async with TestRabbitBroker(service_of(app).broker), app.router.lifespan_context(app):
         yield app
 
 
@@ -83,18 +83,18 @@ async def create_room(
     return uuid.UUID(response.json()["id"])
 
 
-async def outbox_rows(runtime: Runtime) -> list[OutboxEvent]:
+async def outbox_rows(runtime: MessageService) -> list[OutboxEvent]:
     async with runtime.sessions() as session:
         statement = select(OutboxEvent).order_by(col(OutboxEvent.seq))
         return list((await session.exec(statement)).all())
 
 
-async def user_updates(runtime: Runtime, user_id: uuid.UUID) -> list[UserUpdated]:
+async def user_updates(runtime: MessageService, user_id: uuid.UUID) -> list[UserUpdated]:
     events = [EVENT_ADAPTER.validate_json(row.payload) for row in await outbox_rows(runtime)]
     return [e for e in events if isinstance(e, UserUpdated) and e.user_id == user_id]
 
 
-async def messages_created(runtime: Runtime) -> list[MessageCreated]:
+async def messages_created(runtime: MessageService) -> list[MessageCreated]:
     events = [EVENT_ADAPTER.validate_json(row.payload) for row in await outbox_rows(runtime)]
     return [e for e in events if isinstance(e, MessageCreated)]
 

@@ -13,7 +13,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import Connection
 
 from message_service import app as app_module
-from message_service.app import Runtime, StartupError, create_app, specification
+from message_service.app import MessageService, StartupError, create_app, specification
 from message_service.models import metadata
 from message_service.settings import Settings
 from tests.unit.message_service.helpers import (
@@ -98,7 +98,7 @@ def test_the_address_in_logs_never_has_credentials() -> None:
     assert app_module.rabbitmq_address("amqps://user:pw@mq:5671/") == "mq:5671"
 
 
-async def test_migrated_schema_matches_the_models(runtime: Runtime) -> None:
+async def test_migrated_schema_matches_the_models(runtime: MessageService) -> None:
     async with runtime.engine.connect() as connection:
         differences = await connection.run_sync(_differences)
 
@@ -151,7 +151,7 @@ async def test_readiness_fails_when_a_dependency_is_down(
 
 
 async def test_metrics_expose_the_outbox_and_the_broker(
-    client: httpx.AsyncClient, runtime: Runtime
+    client: httpx.AsyncClient, runtime: MessageService
 ) -> None:
     await runtime.relay.refresh_gauges()
 

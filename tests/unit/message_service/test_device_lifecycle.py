@@ -18,7 +18,7 @@ from herald_shared.events import DeviceInvalidated, Platform, WebPushKeys
 from herald_shared.topology import DEVICE_INVALIDATED, EXCHANGE
 from herald_shared.webpush import DEFAULT_ALLOWED_HOSTS
 from message_service import service
-from message_service.app import Runtime
+from message_service.app import MessageService
 from message_service.outbox import session_scope
 from message_service.pruning import DevicePruner
 from message_service.settings import Settings
@@ -71,7 +71,7 @@ async def post_device(
 
 
 async def test_a_browser_subscription_is_registered_with_its_keys(
-    client: httpx.AsyncClient, runtime: Runtime
+    client: httpx.AsyncClient, runtime: MessageService
 ) -> None:
     alice = await register(client, "alice")
     body = subscription()
@@ -91,7 +91,7 @@ async def test_a_browser_subscription_is_registered_with_its_keys(
 
 
 async def test_apns_tokens_are_64_hex_characters_stored_in_lower_case(
-    client: httpx.AsyncClient, runtime: Runtime
+    client: httpx.AsyncClient, runtime: MessageService
 ) -> None:
     alice = await register(client, "alice")
 
@@ -154,7 +154,7 @@ async def test_malformed_devices_are_422(client: httpx.AsyncClient, body: dict[s
     ],
 )
 async def test_an_endpoint_off_the_allowlist_is_422_with_the_reason(
-    client: httpx.AsyncClient, runtime: Runtime, endpoint: str, reason: str
+    client: httpx.AsyncClient, runtime: MessageService, endpoint: str, reason: str
 ) -> None:
     alice = await register(client, "alice")
 
@@ -234,7 +234,7 @@ def test_the_p256_check_accepts_real_keys_only() -> None:
 
 
 async def test_registering_again_refreshes_the_time_and_the_keys(
-    client: httpx.AsyncClient, runtime: Runtime
+    client: httpx.AsyncClient, runtime: MessageService
 ) -> None:
     alice = await register(client, "alice")
     first = await post_device(client, alice.headers, subscription())
@@ -254,7 +254,7 @@ async def test_registering_again_refreshes_the_time_and_the_keys(
 
 
 async def test_a_subscription_registered_by_another_user_moves_to_them(
-    client: httpx.AsyncClient, runtime: Runtime
+    client: httpx.AsyncClient, runtime: MessageService
 ) -> None:
     alice = await register(client, "alice")
     bob = await register(client, "bob")
@@ -274,7 +274,7 @@ async def test_a_subscription_registered_by_another_user_moves_to_them(
 
 
 async def test_an_apns_token_registered_by_another_user_moves_to_them(
-    client: httpx.AsyncClient, runtime: Runtime
+    client: httpx.AsyncClient, runtime: MessageService
 ) -> None:
     alice = await register(client, "alice")
     bob = await register(client, "bob")
@@ -288,7 +288,7 @@ async def test_an_apns_token_registered_by_another_user_moves_to_them(
 
 
 async def test_an_invalidated_subscription_is_removed_and_published(
-    client: httpx.AsyncClient, runtime: Runtime
+    client: httpx.AsyncClient, runtime: MessageService
 ) -> None:
     alice = await register(client, "alice")
     device_id = (await post_device(client, alice.headers, subscription())).json()["id"]
@@ -304,7 +304,9 @@ async def test_an_invalidated_subscription_is_removed_and_published(
 # --- pruning ------------------------------------------------------------------------------------
 
 
-async def register_at(runtime: Runtime, user_id: uuid.UUID, token: str, at: datetime) -> uuid.UUID:
+async def register_at(
+    runtime: MessageService, user_id: uuid.UUID, token: str, at: datetime
+) -> uuid.UUID:
     """Register an FCM token as if at `at` (the API always uses the real clock)."""
     async with session_scope(runtime.sessions, runtime.relay.nudge) as session:
         registration = await service.register_device(
@@ -318,7 +320,7 @@ async def register_at(runtime: Runtime, user_id: uuid.UUID, token: str, at: date
     return registration.device.id
 
 
-def pruner_at(runtime: Runtime, now: datetime, *, interval: float = 3600.0) -> DevicePruner:
+def pruner_at(runtime: MessageService, now: datetime, *, interval: float = 3600.0) -> DevicePruner:
     return DevicePruner(
         sessions=runtime.sessions,
         nudge=runtime.relay.nudge,
@@ -336,7 +338,7 @@ def _now() -> datetime:
 
 
 async def test_devices_not_refreshed_for_the_stale_period_are_pruned(
-    client: httpx.AsyncClient, runtime: Runtime
+    client: httpx.AsyncClient, runtime: MessageService
 ) -> None:
     start = _now()
     alice = await register(client, "alice")
@@ -365,7 +367,9 @@ async def test_devices_not_refreshed_for_the_stale_period_are_pruned(
     assert [d.token for d in carol_last.devices] == ["carol-phone"]
 
 
-async def test_pruning_again_changes_nothing(client: httpx.AsyncClient, runtime: Runtime) -> None:
+async def test_pruning_again_changes_nothing(
+    client: httpx.AsyncClient, runtime: MessageService
+) -> None:
     start = _now()
     alice = await register(client, "alice")
     await register_at(runtime, alice.id, "old", start)
@@ -377,7 +381,7 @@ async def test_pruning_again_changes_nothing(client: httpx.AsyncClient, runtime:
 
 
 async def test_a_device_exactly_at_the_limit_is_kept(
-    client: httpx.AsyncClient, runtime: Runtime
+    client: httpx.AsyncClient, runtime: MessageService
 ) -> None:
     start = _now()
     alice = await register(client, "alice")
@@ -387,7 +391,7 @@ async def test_a_device_exactly_at_the_limit_is_kept(
 
 
 async def test_the_pruner_runs_periodically_until_stopped(
-    client: httpx.AsyncClient, runtime: Runtime
+    client: httpx.AsyncClient, runtime: MessageService
 ) -> None:
     start = _now()
     alice = await register(client, "alice")
@@ -417,6 +421,6 @@ async def test_the_pruner_runs_periodically_until_stopped(
     assert not pruner.running
 
 
-async def test_the_app_starts_and_stops_its_pruner(runtime: Runtime) -> None:
+async def test_the_app_starts_and_stops_its_pruner(runtime: MessageService) -> None:
     assert runtime.pruner.running
     assert runtime.pruner.stale_after == timedelta(days=60)

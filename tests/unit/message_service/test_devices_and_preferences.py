@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
-from message_service.app import Runtime
+from message_service.app import MessageService
 from tests.unit.message_service.helpers import (
     client_for,
     create_room,
@@ -42,7 +42,7 @@ async def test_a_device_is_registered_and_its_token_never_returned(
 
 
 async def test_the_same_token_again_returns_the_existing_device(
-    client: httpx.AsyncClient, runtime: Runtime
+    client: httpx.AsyncClient, runtime: MessageService
 ) -> None:
     alice = await register(client, "alice")
     first = await add_device(client, alice.headers, "tok")
@@ -62,7 +62,7 @@ async def test_the_same_token_again_returns_the_existing_device(
 
 
 async def test_a_token_registered_by_another_user_moves_to_the_new_user(
-    client: httpx.AsyncClient, runtime: Runtime
+    client: httpx.AsyncClient, runtime: MessageService
 ) -> None:
     alice = await register(client, "alice")
     bob = await register(client, "bob")
@@ -101,7 +101,7 @@ async def test_devices_per_user_are_capped(sqlite_url: str) -> None:
 
 
 async def test_a_device_is_deleted_only_by_its_owner(
-    client: httpx.AsyncClient, runtime: Runtime
+    client: httpx.AsyncClient, runtime: MessageService
 ) -> None:
     alice = await register(client, "alice")
     mallory = await register(client, "mallory")
@@ -161,7 +161,7 @@ async def test_preferences_default_to_everything_on(client: httpx.AsyncClient) -
 
 
 async def test_preferences_are_replaced_and_published(
-    client: httpx.AsyncClient, runtime: Runtime
+    client: httpx.AsyncClient, runtime: MessageService
 ) -> None:
     alice = await register(client, "alice")
     room = await create_room(client, alice, [])
@@ -185,7 +185,7 @@ async def test_preferences_are_replaced_and_published(
 
 
 async def test_turning_previews_off_reaches_the_snapshot(
-    client: httpx.AsyncClient, runtime: Runtime
+    client: httpx.AsyncClient, runtime: MessageService
 ) -> None:
     alice = await register(client, "alice")
     body = {
@@ -202,7 +202,9 @@ async def test_turning_previews_off_reaches_the_snapshot(
     assert [u.preferences.push_preview for u in updates] == [True, False]
 
 
-async def test_only_own_rooms_can_be_muted(client: httpx.AsyncClient, runtime: Runtime) -> None:
+async def test_only_own_rooms_can_be_muted(
+    client: httpx.AsyncClient, runtime: MessageService
+) -> None:
     alice = await register(client, "alice")
     bob = await register(client, "bob")
     bobs_room = await create_room(client, bob, [])

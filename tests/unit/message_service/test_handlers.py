@@ -8,11 +8,11 @@ import httpx
 
 from herald_shared.events import DeviceInvalidated
 from herald_shared.topology import DEVICE_INVALIDATED, EXCHANGE
-from message_service.app import Runtime
+from message_service.app import MessageService
 from tests.unit.message_service.helpers import Account, register, user_updates
 
 
-async def invalidate(runtime: Runtime, user_id: uuid.UUID, device_id: uuid.UUID) -> None:
+async def invalidate(runtime: MessageService, user_id: uuid.UUID, device_id: uuid.UUID) -> None:
     event = DeviceInvalidated(user_id=user_id, device_id=device_id, reason="UNREGISTERED")
     await runtime.broker.publish(event, exchange=EXCHANGE, routing_key=DEVICE_INVALIDATED)
 
@@ -23,7 +23,7 @@ async def devices(client: httpx.AsyncClient, account: Account) -> list[str]:
 
 
 async def test_an_invalidated_device_is_removed_once(
-    client: httpx.AsyncClient, runtime: Runtime
+    client: httpx.AsyncClient, runtime: MessageService
 ) -> None:
     alice = await register(client, "alice")
     dead = await client.post(
@@ -47,7 +47,7 @@ async def test_an_invalidated_device_is_removed_once(
 
 
 async def test_a_device_is_only_removed_for_the_user_named(
-    client: httpx.AsyncClient, runtime: Runtime
+    client: httpx.AsyncClient, runtime: MessageService
 ) -> None:
     alice = await register(client, "alice")
     bob = await register(client, "bob")

@@ -15,7 +15,7 @@ from sqlmodel import select
 
 from herald_shared.events import utc_now
 from message_service import repository
-from message_service.app import Runtime
+from message_service.app import MessageService
 from message_service.cursor import decode_cursor, encode_cursor
 from message_service.models import Message
 from tests.unit.message_service.helpers import (
@@ -46,7 +46,7 @@ async def post(
 
 
 async def test_a_message_is_stored_and_its_event_staged_for_every_other_member(
-    client: httpx.AsyncClient, runtime: Runtime
+    client: httpx.AsyncClient, runtime: MessageService
 ) -> None:
     alice = await register(client, "alice")
     bob = await register(client, "bob")
@@ -73,7 +73,7 @@ async def test_a_message_is_stored_and_its_event_staged_for_every_other_member(
 
 
 async def test_mentions_are_the_members_named_with_an_at(
-    client: httpx.AsyncClient, runtime: Runtime
+    client: httpx.AsyncClient, runtime: MessageService
 ) -> None:
     alice = await register(client, "alice")
     bob = await register(client, "bob")
@@ -95,7 +95,7 @@ async def test_mentions_are_the_members_named_with_an_at(
 
 async def test_the_message_and_its_event_are_one_transaction(
     client: httpx.AsyncClient,
-    runtime: Runtime,
+    runtime: MessageService,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -149,7 +149,7 @@ async def test_a_non_member_can_neither_post_nor_read(client: httpx.AsyncClient)
     ],
 )
 async def test_invalid_messages_are_422(
-    client: httpx.AsyncClient, runtime: Runtime, body: dict[str, Any]
+    client: httpx.AsyncClient, runtime: MessageService, body: dict[str, Any]
 ) -> None:
     alice = await register(client, "alice")
     room = await create_room(client, alice, [])
@@ -173,7 +173,7 @@ async def test_the_longest_message_and_line_breaks_are_accepted(
 
 
 async def test_the_same_idempotency_key_returns_the_original_message(
-    client: httpx.AsyncClient, runtime: Runtime
+    client: httpx.AsyncClient, runtime: MessageService
 ) -> None:
     alice = await register(client, "alice")
     bob = await register(client, "bob")
@@ -218,7 +218,7 @@ async def test_an_invalid_idempotency_key_is_422(client: httpx.AsyncClient, key:
 
 
 async def test_a_lost_idempotency_race_answers_with_the_winner(
-    client: httpx.AsyncClient, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+    client: httpx.AsyncClient, runtime: MessageService, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     alice = await register(client, "alice")
     room = await create_room(client, alice, [])
@@ -262,7 +262,7 @@ async def test_messages_are_paged_newest_first(client: httpx.AsyncClient) -> Non
 
 
 async def test_same_instant_messages_are_paged_by_id(
-    client: httpx.AsyncClient, runtime: Runtime
+    client: httpx.AsyncClient, runtime: MessageService
 ) -> None:
     alice = await register(client, "alice")
     room = await create_room(client, alice, [])
@@ -289,7 +289,9 @@ async def test_same_instant_messages_are_paged_by_id(
     assert cursor is None
 
 
-async def test_the_page_size_is_capped_at_100(client: httpx.AsyncClient, runtime: Runtime) -> None:
+async def test_the_page_size_is_capped_at_100(
+    client: httpx.AsyncClient, runtime: MessageService
+) -> None:
     alice = await register(client, "alice")
     room = await create_room(client, alice, [])
     start = utc_now()

@@ -23,7 +23,7 @@ from herald_shared.events import (
     utc_now,
 )
 from message_service import repository
-from message_service.app import Runtime, create_app, runtime_of
+from message_service.app import MessageService, create_app, service_of
 from message_service.models import OutboxEvent
 from message_service.outbox import OutboxMetrics, OutboxRelay, session_scope
 from tests.support.infra import wait_until
@@ -56,9 +56,9 @@ class FakePublisher:
 
 
 @pytest.fixture
-async def runtime(sqlite_url: str) -> AsyncIterator[Runtime]:
+async def runtime(sqlite_url: str) -> AsyncIterator[MessageService]:
     """The database of a migrated app, without its lifespan: nothing else publishes."""
-    runtime = runtime_of(create_app(make_settings(sqlite_url)))
+    runtime = service_of(create_app(make_settings(sqlite_url)))
     await run_migrations(
         runtime.engine, script_location="message_service:migrations", service_name="message-service"
     )
@@ -77,7 +77,7 @@ def registry() -> CollectorRegistry:
 
 
 def make_relay(
-    runtime: Runtime,
+    runtime: MessageService,
     publisher: FakePublisher,
     registry: CollectorRegistry,
     **overrides: Any,
@@ -98,7 +98,7 @@ def make_relay(
     )
 
 
-async def stage(runtime: Runtime, events: Sequence[Event], *, commit: bool = True) -> None:
+async def stage(runtime: MessageService, events: Sequence[Event], *, commit: bool = True) -> None:
     async with runtime.sessions() as session:
         for event in events:
             repository.add_outbox_event(
@@ -110,7 +110,7 @@ async def stage(runtime: Runtime, events: Sequence[Event], *, commit: bool = Tru
             await session.rollback()
 
 
-async def pending(runtime: Runtime) -> list[OutboxEvent]:
+async def pending(runtime: MessageService) -> list[OutboxEvent]:
     return [row for row in await outbox_rows(runtime) if row.published_at is None]
 
 
@@ -119,7 +119,7 @@ def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
 
 
 async def test_pending_rows_are_published_in_order_and_marked(
-    runtime: Runtime, publisher: FakePublisher, registry: CollectorRegistry
+    runtime: MessageService, publisher: FakePublisher, registry: CollectorRegistry
 ) -> None:
     events = [message_created(f"m{i}") for i in range(3)]
     await stage(runtime, events)
@@ -137,7 +137,7 @@ async def test_pending_rows_are_published_in_order_and_marked(
 
 
 async def test_a_rolled_back_transaction_publishes_nothing(
-    runtime: Runtime, publisher: FakePublisher, registry: CollectorRegistry
+    runtime: MessageService, publisher: FakePublisher, registry: CollectorRegistry
 ) -> None:
     kept, discarded = message_created("kept"), message_created("discarded")
     await stage(runtime, [discarded], commit=False)
@@ -149,7 +149,7 @@ async def test_a_rolled_back_transaction_publishes_nothing(
 
 
 async def test_a_failed_publish_keeps_its_row_pending_and_backs_off(
-    runtime: Runtime, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+    runtime: MessageService, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:
     events = [message_created(f"private text {i}") for i in range(3)]
     await stage(runtime, events)
@@ -179,7 +179,7 @@ async def test_a_failed_publish_keeps_its_row_pending_and_backs_off(
 
 
 async def test_an_unpublishable_row_does_not_block_the_others(
-    runtime: Runtime, publisher: FakePublisher, registry: CollectorRegistry
+    runtime: MessageService, publisher: FakePublisher, registry: CollectorRegistry
 ) -> None:
     good = message_created()
     async with runtime.sessions() as session:
@@ -200,7 +200,7 @@ async def test_an_unpublishable_row_does_not_block_the_others(
 
 
 async def test_the_loop_survives_failures_backs_off_and_catches_up(
-    runtime: Runtime, publisher: FakePublisher, registry: CollectorRegistry
+    runtime: MessageService, publisher: FakePublisher, registry: CollectorRegistry
 ) -> None:
     event = message_created()
     await stage(runtime, [event])
@@ -227,7 +227,7 @@ async def test_the_loop_survives_failures_backs_off_and_catches_up(
 
 
 async def test_the_loop_survives_a_broken_database(
-    runtime: Runtime,
+    runtime: MessageService,
     publisher: FakePublisher,
     registry: CollectorRegistry,
     monkeypatch: pytest.MonkeyPatch,
@@ -263,7 +263,7 @@ async def test_the_loop_survives_a_broken_database(
 
 
 async def test_a_nudge_wakes_the_relay_long_before_its_interval(
-    runtime: Runtime, publisher: FakePublisher, registry: CollectorRegistry
+    runtime: MessageService, publisher: FakePublisher, registry: CollectorRegistry
 ) -> None:
     relay = make_relay(runtime, publisher, registry, interval=60.0)
     relay.start()
@@ -281,7 +281,7 @@ async def test_a_nudge_wakes_the_relay_long_before_its_interval(
         await relay.stop(timeout=5)
 
 
-async def test_session_scope_nudges_only_after_an_outbox_write(runtime: Runtime) -> None:
+async def test_session_scope_nudges_only_after_an_outbox_write(runtime: MessageService) -> None:
     nudges: list[bool] = []
 
     async with session_scope(runtime.sessions, lambda: nudges.append(True)) as session:
@@ -303,7 +303,7 @@ async def test_session_scope_nudges_only_after_an_outbox_write(runtime: Runtime)
 
 
 async def test_gauges_count_pending_rows_and_purge_drops_only_old_published_ones(
-    runtime: Runtime, publisher: FakePublisher, registry: CollectorRegistry
+    runtime: MessageService, publisher: FakePublisher, registry: CollectorRegistry
 ) -> None:
     relay = make_relay(runtime, publisher, registry, retention=3600.0)
     await stage(runtime, [message_created() for _ in range(3)])
@@ -326,7 +326,7 @@ async def test_gauges_count_pending_rows_and_purge_drops_only_old_published_ones
 
 async def test_the_app_relay_publishes_through_the_broker(sqlite_url: str) -> None:
     async with running_app(make_settings(sqlite_url)) as app, client_for(app) as client:
-        runtime = runtime_of(app)
+        runtime = service_of(app)
         alice = await register(client, "alice")
         bob = await register(client, "bob")
         room = await create_room(client, alice, [bob])
@@ -367,7 +367,7 @@ async def test_http_requests_never_wait_for_the_broker(sqlite_url: str) -> None:
     rabbitmq = RabbitSettings(url=CLOSED_RABBITMQ_URL, publish_timeout=30.0)
     settings = make_settings(sqlite_url, rabbitmq=rabbitmq)
     async with running_app(settings) as app, client_for(app) as client:
-        runtime = runtime_of(app)
+        runtime = service_of(app)
         blocked = asyncio.Event()
 
         async def hang(*args: Any, **kwargs: Any) -> None:

@@ -13,15 +13,15 @@ from sqlalchemy.exc import IntegrityError
 from herald_shared.database import run_migrations
 from herald_shared.events import Platform
 from message_service import repository, service
-from message_service.app import BodySizeLimit, Runtime, SafeErrors, create_app, runtime_of
+from message_service.app import BodySizeLimit, MessageService, SafeErrors, create_app, service_of
 from message_service.cursor import decode_cursor
 from message_service.models import Device
 from tests.unit.message_service.helpers import make_settings, user_updates
 
 
 @pytest.fixture
-async def runtime(sqlite_url: str) -> AsyncIterator[Runtime]:
-    runtime = runtime_of(create_app(make_settings(sqlite_url)))
+async def runtime(sqlite_url: str) -> AsyncIterator[MessageService]:
+    runtime = service_of(create_app(make_settings(sqlite_url)))
     await run_migrations(
         runtime.engine, script_location="message_service:migrations", service_name="message-service"
     )
@@ -29,7 +29,7 @@ async def runtime(sqlite_url: str) -> AsyncIterator[Runtime]:
     await runtime.engine.dispose()
 
 
-async def new_user(runtime: Runtime, username: str = "alice") -> uuid.UUID:
+async def new_user(runtime: MessageService, username: str = "alice") -> uuid.UUID:
     async with runtime.sessions() as session:
         registration = await service.register_user(
             session=session, username=username, display_name="A", email="a@example.test"
@@ -37,7 +37,7 @@ async def new_user(runtime: Runtime, username: str = "alice") -> uuid.UUID:
     return registration.user.id
 
 
-async def test_unknown_users_are_not_found(runtime: Runtime) -> None:
+async def test_unknown_users_are_not_found(runtime: MessageService) -> None:
     ghost = uuid.uuid4()
     async with runtime.sessions() as session:
         with pytest.raises(service.NotFound):
@@ -55,7 +55,7 @@ async def test_unknown_users_are_not_found(runtime: Runtime) -> None:
 
 
 async def test_a_device_insert_that_loses_a_race_is_retried(
-    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+    runtime: MessageService, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     user_id = await new_user(runtime)
     add_device = repository.add_device
@@ -79,7 +79,7 @@ async def test_a_device_insert_that_loses_a_race_is_retried(
 
 
 async def test_a_device_race_that_never_settles_is_409(
-    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+    runtime: MessageService, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     user_id = await new_user(runtime)
 
@@ -96,7 +96,7 @@ async def test_a_device_race_that_never_settles_is_409(
 
 
 async def test_a_token_that_changes_hands_while_locking_is_retried(
-    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+    runtime: MessageService, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     user_id = await new_user(runtime)
     lookup = repository.device_by_token

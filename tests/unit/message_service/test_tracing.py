@@ -13,7 +13,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from message_service.app import create_app, runtime_of
+from message_service.app import create_app, service_of
 from tests.support.infra import wait_until
 from tests.unit.message_service.helpers import client_for, make_settings, outbox_rows, register
 
@@ -32,7 +32,7 @@ async def traced_app(
     sqlite_url: str, spans: tuple[TracerProvider, InMemorySpanExporter]
 ) -> AsyncIterator[FastAPI]:
     app = create_app(make_settings(sqlite_url), tracer_provider=spans[0])
-    async with TestRabbitBroker(runtime_of(app).broker), app.router.lifespan_context(app):
+    async with TestRabbitBroker(service_of(app).broker), app.router.lifespan_context(app):
         yield app
 
 
@@ -40,7 +40,7 @@ async def test_the_relay_publishes_within_the_trace_of_the_request(
     traced_app: FastAPI, spans: tuple[TracerProvider, InMemorySpanExporter]
 ) -> None:
     _, exporter = spans
-    traced_runtime = runtime_of(traced_app)
+    traced_runtime = service_of(traced_app)
     async with client_for(traced_app) as client:
         await register(client, "ann")
         assert (await client.get("/health")).status_code == 200
@@ -67,7 +67,7 @@ async def test_the_relay_publishes_within_the_trace_of_the_request(
 
 async def test_without_a_tracer_no_traceparent_is_stored(sqlite_url: str) -> None:
     app = create_app(make_settings(sqlite_url))
-    runtime = runtime_of(app)
+    runtime = service_of(app)
     async with (
         TestRabbitBroker(runtime.broker),
         app.router.lifespan_context(app),

@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from herald_shared.events import utc_now
 from herald_shared.unsubscribe import UnsubscribeTokens
 from message_service.api.routes.unsubscribe import is_one_click
-from message_service.app import Runtime, runtime_of
+from message_service.app import MessageService, service_of
 from tests.unit.message_service.helpers import (
     Account,
     client_for,
@@ -37,8 +37,8 @@ async def app(sqlite_url: str) -> AsyncIterator[FastAPI]:
 
 
 @pytest.fixture
-def runtime(app: FastAPI) -> Runtime:
-    return runtime_of(app)
+def runtime(app: FastAPI) -> MessageService:
+    return service_of(app)
 
 
 @pytest.fixture
@@ -60,7 +60,7 @@ async def email_enabled(client: httpx.AsyncClient, account: Account) -> bool:
 
 
 async def test_one_click_turns_email_off_and_publishes_user_updated(
-    client: httpx.AsyncClient, runtime: Runtime
+    client: httpx.AsyncClient, runtime: MessageService
 ) -> None:
     alice = await register(client, "alice")
     bob = await register(client, "bob")
@@ -96,7 +96,7 @@ async def test_one_click_as_multipart_form_data(client: httpx.AsyncClient) -> No
 
 
 async def test_get_shows_a_confirmation_form_and_changes_nothing(
-    client: httpx.AsyncClient, runtime: Runtime
+    client: httpx.AsyncClient, runtime: MessageService
 ) -> None:
     alice = await register(client, "alice")
     token = token_for(alice.id)
@@ -134,7 +134,7 @@ def _forged(token: str) -> str:
 @pytest.mark.parametrize("method", ["GET", "POST"])
 async def test_a_bad_link_is_400_with_its_reason_and_changes_nothing(
     client: httpx.AsyncClient,
-    runtime: Runtime,
+    runtime: MessageService,
     method: str,
     make_token: object,
     reason: str,

@@ -9,7 +9,7 @@ import httpx
 import pytest
 from sqlmodel import select
 
-from message_service.app import Runtime
+from message_service.app import MessageService
 from message_service.models import ApiToken, User
 from tests.unit.message_service.helpers import register, user_updates
 
@@ -30,7 +30,7 @@ PROTECTED = [
 
 
 async def test_registration_returns_a_token_and_stores_only_its_hash(
-    client: httpx.AsyncClient, runtime: Runtime
+    client: httpx.AsyncClient, runtime: MessageService
 ) -> None:
     response = await client.post(
         "/users",
@@ -152,7 +152,7 @@ async def test_profile_shows_own_fields_only(client: httpx.AsyncClient) -> None:
 
 
 async def test_patch_changes_the_profile_and_bumps_the_version(
-    client: httpx.AsyncClient, runtime: Runtime
+    client: httpx.AsyncClient, runtime: MessageService
 ) -> None:
     alice = await register(client, "alice")
 
@@ -176,7 +176,7 @@ async def test_patch_changes_the_profile_and_bumps_the_version(
 
 @pytest.mark.parametrize("body", [{}, {"display_name": "Alice"}, {"email": "alice@example.test"}])
 async def test_patch_without_a_change_publishes_nothing(
-    client: httpx.AsyncClient, runtime: Runtime, body: dict[str, str]
+    client: httpx.AsyncClient, runtime: MessageService, body: dict[str, str]
 ) -> None:
     alice = await register(client, "alice")
 
@@ -198,7 +198,7 @@ async def test_patch_without_a_change_publishes_nothing(
     ],
 )
 async def test_patch_rejects_nulls_invalid_and_unknown_fields(
-    client: httpx.AsyncClient, runtime: Runtime, body: dict[str, Any]
+    client: httpx.AsyncClient, runtime: MessageService, body: dict[str, Any]
 ) -> None:
     alice = await register(client, "alice")
 
@@ -209,7 +209,7 @@ async def test_patch_rejects_nulls_invalid_and_unknown_fields(
 
 
 async def test_every_relevant_change_stages_a_full_snapshot_with_a_growing_version(
-    client: httpx.AsyncClient, runtime: Runtime
+    client: httpx.AsyncClient, runtime: MessageService
 ) -> None:
     alice = await register(client, "alice")
     bob = await register(client, "bob")

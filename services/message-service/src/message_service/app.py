@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -69,8 +69,8 @@ class StartupError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class Runtime:
-    """Everything `create_app` wires together, for tests and tools that need the parts."""
+class MessageService:
+    """Everything `build_service` wires together, for tests and tools that need the parts."""
 
     settings: Settings
     broker: RabbitBroker
@@ -82,11 +82,12 @@ class Runtime:
     relay: OutboxRelay
     specification: AsyncAPI
     pruner: DevicePruner
+    app: FastAPI
 
 
-def runtime_of(app: FastAPI) -> Runtime:
-    runtime: Runtime = app.state.runtime
-    return runtime
+def service_of(app: FastAPI) -> MessageService:
+    service: MessageService = app.state.service
+    return service
 
 
 def _broker(
@@ -134,8 +135,15 @@ def specification(settings: Settings) -> AsyncAPI:
 
 
 def create_app(settings: Settings, *, tracer_provider: TracerProvider | None = None) -> FastAPI:
-    """`tracer_provider`: where spans go (tests); by default the global one, which
-    `herald_shared.tracing.configure_tracing` installs when an OTLP endpoint is configured."""
+    return build_service(settings, tracer_provider=tracer_provider).app
+
+
+def build_service(
+    settings: Settings, *, tracer_provider: TracerProvider | None = None
+) -> MessageService:
+    """The service's parts. `tracer_provider`: where spans go (tests); by default the global
+    one, which `herald_shared.tracing.configure_tracing` installs when an OTLP endpoint is
+    configured."""
     registry = CollectorRegistry()
     engine = make_engine(settings.database_url, pool_size=settings.rabbitmq.prefetch)
     sessions = async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
@@ -151,7 +159,14 @@ def create_app(settings: Settings, *, tracer_provider: TracerProvider | None = N
         retention=settings.outbox_retention,
     )
     subscribers = register_handlers(broker, HandlerDeps(sessions=sessions, nudge=relay.nudge))
-    runtime = Runtime(
+    app = FastAPI(
+        title=TITLE,
+        version=service_version(SERVICE_NAME),
+        description=DESCRIPTION,
+        lifespan=_lifespan,
+        telemetry=_telemetry(tracer_provider),
+    )
+    service = MessageService(
         settings=settings,
         broker=broker,
         engine=engine,
@@ -167,16 +182,9 @@ def create_app(settings: Settings, *, tracer_provider: TracerProvider | None = N
             stale_after=timedelta(days=settings.device_stale_after_days),
             interval=settings.device_prune_interval,
         ),
+        app=app,
     )
-
-    app = FastAPI(
-        title=TITLE,
-        version=service_version(SERVICE_NAME),
-        description=DESCRIPTION,
-        lifespan=_lifespan(runtime),
-        telemetry=_telemetry(tracer_provider),
-    )
-    app.state.runtime = runtime
+    app.state.service = service
     app.state.api_deps = ApiDeps(
         engine=engine,
         sessions=sessions,
@@ -185,13 +193,13 @@ def create_app(settings: Settings, *, tracer_provider: TracerProvider | None = N
         webpush_allowed_hosts=settings.webpush_allowed_hosts,
     )
     app.include_router(router)
-    _add_ops_routes(app, runtime)
+    _add_ops_routes(app, service)
     app.add_exception_handler(ServiceError, _service_error)
     # Added last = outermost: a body too large never reaches the app, and no unhandled error
     # reaches the server's logger with its message (which may quote personal data).
     app.add_middleware(SafeErrors)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    return app
+    return service
 
 
 def _telemetry(tracer_provider: TracerProvider | None) -> TelemetryConfig:
@@ -215,57 +223,53 @@ def _untraced(scope: MutableMapping[str, Any]) -> bool:
     return path.startswith(("/health", "/metrics", "/docs", "/openapi.json"))
 
 
-def _lifespan(runtime: Runtime) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    runtime = service_of(app)
     settings = runtime.settings
-
-    @asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        try:
-            await run_migrations(
-                runtime.engine,
-                script_location="message_service:migrations",
-                service_name=SERVICE_NAME,
-            )
-        except Exception as exc:
-            where = make_url(settings.database_url).render_as_string(hide_password=True)
-            logger.error(
-                "message_service.startup.database_unavailable database=%s error=%s",
-                where,
-                describe_error(exc),
-            )
-            await runtime.engine.dispose()
-            raise StartupError(f"database unavailable at {where}") from None
-        try:
-            # The topology first (it connects): the subscriber must not consume before the
-            # queues its retries and dead letters need exist.
-            await declare_topology(runtime.broker, retry_delays=settings.rabbitmq.retry_delays)
-            await runtime.broker.start()
-        except Exception as exc:
-            address = rabbitmq_address(settings.rabbitmq.url)
-            logger.error(
-                "message_service.startup.rabbitmq_unreachable address=%s error=%s "
-                "(check RABBITMQ_URL)",
-                address,
-                type(exc).__name__,
-            )
-            await runtime.broker.stop()
-            await runtime.engine.dispose()
-            raise StartupError(f"RabbitMQ unreachable at {address}") from None
-        runtime.relay.start()
-        runtime.pruner.start()
-        logger.info("message_service.started port=%d", settings.port)
-        try:
-            yield
-        finally:
-            # The pruner, then the relay: the relay needs the broker to finish the publish in
-            # flight, and publishes what the pruner staged.
-            await runtime.pruner.stop()
-            await runtime.relay.stop()
-            await runtime.broker.stop()
-            await runtime.engine.dispose()
-            logger.info("message_service.stopped")
-
-    return lifespan
+    try:
+        await run_migrations(
+            runtime.engine,
+            script_location="message_service:migrations",
+            service_name=SERVICE_NAME,
+        )
+    except Exception as exc:
+        where = make_url(settings.database_url).render_as_string(hide_password=True)
+        logger.error(
+            "message_service.startup.database_unavailable database=%s error=%s",
+            where,
+            describe_error(exc),
+        )
+        await runtime.engine.dispose()
+        raise StartupError(f"database unavailable at {where}") from None
+    try:
+        # The topology first (it connects): the subscriber must not consume before the
+        # queues its retries and dead letters need exist.
+        await declare_topology(runtime.broker, retry_delays=settings.rabbitmq.retry_delays)
+        await runtime.broker.start()
+    except Exception as exc:
+        address = rabbitmq_address(settings.rabbitmq.url)
+        logger.error(
+            "message_service.startup.rabbitmq_unreachable address=%s error=%s (check RABBITMQ_URL)",
+            address,
+            type(exc).__name__,
+        )
+        await runtime.broker.stop()
+        await runtime.engine.dispose()
+        raise StartupError(f"RabbitMQ unreachable at {address}") from None
+    runtime.relay.start()
+    runtime.pruner.start()
+    logger.info("message_service.started port=%d", settings.port)
+    try:
+        yield
+    finally:
+        # The pruner, then the relay: the relay needs the broker to finish the publish in
+        # flight, and publishes what the pruner staged.
+        await runtime.pruner.stop()
+        await runtime.relay.stop()
+        await runtime.broker.stop()
+        await runtime.engine.dispose()
+        logger.info("message_service.stopped")
 
 
 def rabbitmq_address(url: str) -> str:
@@ -284,7 +288,7 @@ async def _service_error(_request: Request, exc: Exception) -> Response:
 # --- operational endpoints ----------------------------------------------------------------------
 
 
-def _add_ops_routes(app: FastAPI, runtime: Runtime) -> None:
+def _add_ops_routes(app: FastAPI, runtime: MessageService) -> None:
     @app.get("/health", include_in_schema=False)
     async def liveness() -> dict[str, str]:
         return {"status": "ok"}
@@ -318,7 +322,7 @@ def _add_ops_routes(app: FastAPI, runtime: Runtime) -> None:
     _add_docs_routes(app, runtime)
 
 
-def _add_docs_routes(app: FastAPI, runtime: Runtime) -> None:
+def _add_docs_routes(app: FastAPI, runtime: MessageService) -> None:
     """The AsyncAPI page (its script and style served from here: no CDN, no try-it-out), its
     document, and the index of every service's documentation."""
     # Rendered once, from the channels declared in `create_app`.

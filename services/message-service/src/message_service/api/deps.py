@@ -67,7 +67,7 @@ def _unsubscribe_tokens(request: Request) -> UnsubscribeTokens:
     state = request.app.state
     tokens: UnsubscribeTokens | None = getattr(state, "unsubscribe_tokens", None)
     if tokens is None:
-        settings: Settings = state.runtime.settings
+        settings: Settings = state.service.settings
         tokens = state.unsubscribe_tokens = unsubscribe_tokens(settings.unsubscribe_secret)
     return tokens
 
