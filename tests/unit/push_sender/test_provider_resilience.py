@@ -280,13 +280,13 @@ async def test_a_busy_provider_makes_its_jobs_wait_for_a_place_while_the_others_
 async def test_a_jobs_deadline_starts_once_it_has_its_place(
     sqlite_url: str, tmp_path: Path, stack: AsyncExitStack
 ) -> None:
-    """PUSH_MAX_IN_FLIGHT_FCM=1 and a provider that takes a third of its deadline per push:
-    the deliveries wait far longer than the deadline in all, yet no push times out, is deferred
-    or is sent twice."""
+    """PUSH_MAX_IN_FLIGHT_FCM=1 and a provider that takes a tenth of its deadline per push:
+    the last of twelve pushes waits longer than the deadline in all, yet no push times out, is
+    deferred or is sent twice."""
 
     class SlowFcm(RecordingProvider):
         name = "fcm"
-        deadline = 0.6
+        deadline = 1.0
 
         def __init__(self) -> None:
             super().__init__()
@@ -297,7 +297,7 @@ async def test_a_jobs_deadline_starts_once_it_has_its_place(
             self.in_flight += 1
             self.most_in_flight = max(self.most_in_flight, self.in_flight)
             try:
-                await asyncio.sleep(self.deadline / 3)  # the provider's latency
+                await asyncio.sleep(self.deadline / 10)  # the provider's latency
                 return await super().send(job)
             finally:
                 self.in_flight -= 1
@@ -310,7 +310,7 @@ async def test_a_jobs_deadline_starts_once_it_has_its_place(
     )
     slow = SlowFcm()
     service = await start(stack, build_service(settings, providers={Platform.FCM: slow}))
-    fan_out, direct = push_jobs(5), push_jobs(1)
+    fan_out, direct = push_jobs(11), push_jobs(1)
 
     await asyncio.wait_for(
         asyncio.gather(send(service, *fan_out), send(service, *direct)), timeout=10
@@ -320,7 +320,7 @@ async def test_a_jobs_deadline_starts_once_it_has_its_place(
         job.notification_id for job in (*fan_out, *direct)
     )
     assert slow.most_in_flight == 1
-    assert pushes(service, "fcm", "delivered") == 6
+    assert pushes(service, "fcm", "delivered") == 12
     for outcome in ("retry", "deferred", "breaker_open", "in_progress"):
         assert pushes(service, "fcm", outcome) == 0
     for job in (*fan_out, *direct):
