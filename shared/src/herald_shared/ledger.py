@@ -417,9 +417,16 @@ class DeliveryLedger:
         await self.release_many([notification_id], reason=reason, now=now)
 
     async def release_many(
-        self, notification_ids: Collection[uuid.UUID], *, reason: str, now: datetime
+        self,
+        notification_ids: Collection[uuid.UUID],
+        *,
+        reason: str,
+        now: datetime,
+        attempted: bool = True,
     ) -> None:
-        """`release` for notifications that failed for the same reason, in one statement."""
+        """`release` for notifications that failed for the same reason, in one statement.
+        `attempted=False`: the provider was never called (its breaker refused the job after it
+        was claimed), so the claim's attempt is taken back."""
         if not notification_ids:
             return
         t = self.table
@@ -435,6 +442,7 @@ class DeliveryLedger:
                     reason=_clip(reason),
                     claimed_at=None,
                     updated_at=now,
+                    attempts=t.c.attempts if attempted else t.c.attempts - 1,
                 )
             )
 

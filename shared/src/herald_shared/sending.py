@@ -187,8 +187,8 @@ class ChannelSpec(Protocol[J]):
 
     def events_for_failure(self, job: J, failure: str, reason: str) -> tuple[Event, ...]:
         """Events besides the report for a job that ended failed (e.g. a dead push token's
-        `DeviceInvalidated`); published before the report, and again with it if it goes out
-        again."""
+        `DeviceInvalidated`); published with the report (at once, each with its confirm), and
+        again with it, with the same ids, if it goes out again."""
         ...
 
     def settings_hint(self, provider: str) -> str:
@@ -223,6 +223,8 @@ class Outcome:
 
     label: str
     lease: Lease = Lease.NONE
+    # False: the provider was not called after all (its breaker refused the claimed job).
+    attempted: bool = True
     status: DeliveryStatus | None = None
     failure: str | None = None
     reason: str | None = None
@@ -350,6 +352,7 @@ def outcome_of_refusal(gate: Gate[Any], refusal: Refused, lease: Lease) -> Outco
     return Outcome(
         "breaker_open",
         lease,
+        attempted=False,
         reason=reason,
         error=DeferredError(reason, retry_after=refusal.retry_after),
     )
@@ -679,7 +682,7 @@ class Sender(Generic[J]):
     async def _record_and_report(self, items: list[_Settling[J]]) -> None:
         now = self.clock()
         finals: dict[tuple[DeliveryStatus, str | None, str | None], list[uuid.UUID]] = {}
-        released: dict[str, list[uuid.UUID]] = {}
+        released: dict[tuple[str, bool], list[uuid.UUID]] = {}
         reported: list[uuid.UUID] = []
         events: list[Event] = []
         reports: list[DeliveryReported] = []
@@ -691,7 +694,7 @@ class Sender(Generic[J]):
                     finals.setdefault(key, []).append(notification_id)
                 else:
                     why = outcome.reason or "transient failure"
-                    released.setdefault(why, []).append(notification_id)
+                    released.setdefault((why, outcome.attempted), []).append(notification_id)
             if outcome.report is not None:
                 reports.append(outcome.report)
                 events.extend(outcome.events)
@@ -701,8 +704,8 @@ class Sender(Generic[J]):
             await self.ledger.finish_many(
                 ids, status=status, failure=failure, reason=reason, now=now
             )
-        for why, ids in released.items():
-            await self._release(ids, why, now)
+        for (why, attempted), ids in released.items():
+            await self._release(ids, why, now, attempted=attempted)
         try:
             await publish_events(
                 [*events, *reports_events(reports)], self.publishers, timeout=self.publish_timeout
@@ -714,11 +717,13 @@ class Sender(Generic[J]):
 
     # -- helpers -------------------------------------------------------------------------------
 
-    async def _release(self, ids: list[uuid.UUID], reason: str, now: datetime) -> None:
+    async def _release(
+        self, ids: list[uuid.UUID], reason: str, now: datetime, *, attempted: bool
+    ) -> None:
         """Best effort: hand the claims back after a transient failure, so the retry can claim
         at once (else it waits for the leases to run out)."""
         try:
-            await self.ledger.release_many(ids, reason=reason, now=now)
+            await self.ledger.release_many(ids, reason=reason, now=now, attempted=attempted)
         except Exception:
             self.logger.warning(
                 "%s.release_failed notifications=%d", self.spec.channel, len(ids), exc_info=True

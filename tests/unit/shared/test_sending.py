@@ -542,3 +542,32 @@ async def test_given_up_jobs_are_reported_failed(rig: Rig) -> None:
         job.notification_id for job in jobs
     }
     assert utc_now() >= event.occurred_at
+
+
+async def test_a_claimed_job_the_breaker_refuses_spends_no_ledger_attempt(
+    ledger: DeliveryLedger,
+) -> None:
+    clock = [1000.0]
+    breaker = CircuitBreaker(BreakerPolicy(failures=1, cool_down=30.0), clock=lambda: clock[0])
+    rig = make_rig(ledger, breaker=breaker)
+    opener, (probe, behind) = jobs_of(1), jobs_of(2)
+    rig.provider.answers[opener[0].notification_id] = Answer(Verdict.TRANSIENT, "fcm 503")
+    with pytest.raises(RetryableError):
+        await rig.sender.deliver(opener)
+    clock[0] += 30  # half-open: one probe may go
+    rig.provider.gate = asyncio.Event()
+
+    rig.provider.started.clear()
+    delivery = asyncio.create_task(rig.sender.deliver([probe, behind]))
+    await rig.provider.started.wait()  # the probe is out; the other job is refused meanwhile
+    rig.provider.gate.set()
+    with pytest.raises(DeferredError, match="fake circuit open"):
+        await delivery
+
+    refused = await ledger.get(behind.notification_id)
+    assert refused is not None
+    assert (refused.status, refused.attempts) == (DeliveryStatus.RETRYING, 0)
+    await rig.sender.deliver([probe, behind])  # the breaker closed: sent, first attempt
+    entry = await ledger.get(behind.notification_id)
+    assert entry is not None
+    assert (entry.status, entry.attempts) == (DeliveryStatus.DELIVERED, 1)
