@@ -13,7 +13,14 @@ from herald_shared.database import make_engine, run_migrations
 from tests.fakes.apns import FakeApns
 from tests.fakes.fcm import FakeFcm
 from tests.fakes.smtp import FakeSmtp
-from tests.support import infra
+from tests.support import infra, parallel
+from tests.support.parallel import (  # noqa: F401  (hooks: how the tests run in several processes)
+    pytest_configure,
+    pytest_runtest_logreport,
+    pytest_testnodedown,
+    pytest_xdist_auto_num_workers,
+    pytest_xdist_make_scheduler,
+)
 
 TESTS = Path(__file__).parent
 
@@ -25,6 +32,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         parts = Path(str(item.fspath)).relative_to(TESTS).parts
         if parts[0] in {"integration", "e2e", "fault"}:
             item.add_marker(getattr(pytest.mark, parts[0]))
+    parallel.order(items)
 
 
 @pytest.fixture

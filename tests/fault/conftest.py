@@ -184,7 +184,7 @@ def fault_report(
         line = fault_line(
             request.node.name, {**fields, "duration_s": f"{time.monotonic() - started:.1f}"}
         )
-        emit(request.config, line)
+        emit(request.config, line, request.node)
         for key, value in fields.items():
             record_property(key, value)
 

@@ -1284,9 +1284,23 @@ async def peek_queue(url: str, queue_name: str) -> list[aio_pika.abc.AbstractInc
         return messages
 
 
-def emit(config: pytest.Config, line: str) -> None:
+# The user property (and the key of a worker's output) that carries `FAULT …` lines from a
+# pytest-xdist worker to the controller, which prints them (tests/conftest.py).
+FAULT_LINES = "herald_fault_lines"
+
+
+def emit(config: pytest.Config, line: str, item: pytest.Item | None = None) -> None:
     """Write a line to the terminal past pytest's capture, so that it shows in CI's default
-    output (`FAULT …` lines are collected from there)."""
+    output (`FAULT …` lines are collected from there). In a pytest-xdist worker, whose output
+    never reaches the terminal, the line goes to the controller instead: with the report of
+    `item`, or with the worker's last words if there is no item (session fixtures)."""
+    workeroutput: dict[str, Any] | None = getattr(config, "workeroutput", None)
+    if workeroutput is not None:
+        if item is not None:
+            item.user_properties.append((FAULT_LINES, line))
+        else:
+            workeroutput.setdefault(FAULT_LINES, []).append(line)
+        return
     capture: Any = config.pluginmanager.getplugin("capturemanager")
     disabled = capture.global_and_fixture_disabled() if capture else contextlib.nullcontext()
     with disabled:

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -23,11 +24,38 @@ BIN_DIR = Path(sys.executable).parent
 SERVICES = ("message-service", "notification-router", "push-sender", "email-sender")
 
 
+# Ports handed out by `free_port` in the last minute, one empty file each: tests run in several
+# processes at once (pytest-xdist workers, and other runs on the same machine), and a port is
+# free only until the server it is meant for binds it, seconds later.
+PORT_RESERVATIONS = Path(tempfile.gettempdir()) / "herald-test-ports"
+PORT_RESERVED_S = 60.0
+_swept: list[bool] = []
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
+    """A loopback port nothing listens on, and that no other `free_port` call on this machine
+    handed out within the last minute."""
+    PORT_RESERVATIONS.mkdir(exist_ok=True)
+    if not _swept:  # once per process: forget the reservations that ran out
+        for stale in PORT_RESERVATIONS.iterdir():
+            with contextlib.suppress(OSError):
+                if time.time() - stale.stat().st_mtime > PORT_RESERVED_S:
+                    stale.unlink()
+        _swept.append(True)
+    for _ in range(1000):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port: int = sock.getsockname()[1]
+        reservation = PORT_RESERVATIONS / str(port)
+        try:
+            reservation.touch(exist_ok=False)
+        except FileExistsError:
+            with contextlib.suppress(OSError):
+                if time.time() - reservation.stat().st_mtime > PORT_RESERVED_S:
+                    reservation.unlink()  # stale: the port may be handed out again next time
+            continue
         return port
+    raise RuntimeError(f"no free port: {PORT_RESERVATIONS} holds only recent reservations")
 
 
 @dataclass
