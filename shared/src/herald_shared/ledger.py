@@ -51,6 +51,7 @@ from sqlalchemy import (
     Table,
     Uuid,
     and_,
+    bindparam,
     case,
     or_,
     select,
@@ -214,6 +215,121 @@ def _clip(reason: str | None) -> str | None:
     return reason[:REASON_LENGTH] if reason is not None else None
 
 
+def _ids(column: Any) -> Any:
+    """`column IN (:ids)`, the list given at execution: the statement is built and compiled
+    once, and no clause object is made per id (SQLAlchemy spends tens of microseconds on each
+    value of an `in_()` list built from literals)."""
+    return column.in_(bindparam("ids", expanding=True))
+
+
+class _Statements:
+    """Every statement of the ledger on one table, built once; values are bound at execution
+    (`p_*` names: SQLAlchemy keeps column names for the SET clause's own parameters)."""
+
+    def __init__(self, t: Table) -> None:
+        now: Any = bindparam("p_now")
+        expired = or_(t.c.claimed_at.is_(None), t.c.claimed_at < bindparam("p_expired"))
+        self._inserts = {
+            name: dialect.insert(t)
+            .on_conflict_do_nothing(index_elements=[t.c.notification_id])
+            .returning(t.c.notification_id)
+            for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))
+        }
+        # Retrying, or sending under a lease that ran out (its worker died): ours now.
+        self.take = (
+            update(t)
+            .where(
+                _ids(t.c.notification_id),
+                or_(
+                    t.c.status == DeliveryStatus.RETRYING.value,
+                    and_(t.c.status == DeliveryStatus.SENDING.value, expired),
+                ),
+            )
+            .values(
+                status=DeliveryStatus.SENDING.value,
+                provider=bindparam("p_provider"),
+                attempts=t.c.attempts + 1,
+                claimed_at=now,
+                updated_at=now,
+            )
+            .returning(t.c.notification_id, t.c.attempts)
+        )
+        # Final rows whose events are not out and whose lease is gone: the lease to publish.
+        self.take_unreported = (
+            update(t)
+            .where(
+                _ids(t.c.notification_id),
+                t.c.status.in_([status.value for status in FINAL_STATUSES]),
+                t.c.reported_at.is_(None),
+                expired,
+            )
+            .values(claimed_at=now, updated_at=now)
+            .returning(t.c.notification_id, t.c.status, t.c.failure, t.c.reason)
+        )
+        self.read = select(
+            t.c.notification_id,
+            t.c.status,
+            t.c.failure,
+            t.c.reason,
+            t.c.claimed_at,
+            t.c.reported_at,
+        ).where(_ids(t.c.notification_id))
+        self.finish = (
+            update(t)
+            .where(_ids(t.c.notification_id))
+            .values(
+                status=bindparam("p_status"),
+                failure=bindparam("p_failure"),
+                reason=bindparam("p_reason"),
+                finished_at=now,
+                updated_at=now,
+            )
+        )
+        self.release = (
+            update(t)
+            .where(_ids(t.c.notification_id), t.c.status == DeliveryStatus.SENDING.value)
+            .values(
+                status=DeliveryStatus.RETRYING.value,
+                reason=bindparam("p_reason"),
+                claimed_at=None,
+                updated_at=now,
+                attempts=t.c.attempts - bindparam("p_taken_back"),
+            )
+        )
+        self.renew = (
+            update(t)
+            .where(_ids(t.c.notification_id), t.c.claimed_at == bindparam("p_claimed_at"))
+            .values(claimed_at=now, updated_at=now)
+        )
+        sending = t.c.status == DeliveryStatus.SENDING.value
+        self.abandon = (
+            update(t)
+            .where(_ids(t.c.notification_id), t.c.claimed_at == bindparam("p_claimed_at"))
+            .values(
+                status=case((sending, DeliveryStatus.RETRYING.value), else_=t.c.status),
+                reason=case((sending, bindparam("p_reason")), else_=t.c.reason),
+                claimed_at=None,
+                updated_at=now,
+            )
+        )
+        self.mark_reported = (
+            update(t)
+            .where(_ids(t.c.notification_id))
+            .values(reported_at=now, claimed_at=None, updated_at=now)
+        )
+        self.unclaim = (
+            update(t)
+            .where(
+                _ids(t.c.notification_id),
+                t.c.status.in_([status.value for status in FINAL_STATUSES]),
+            )
+            .values(claimed_at=None, updated_at=now)
+        )
+
+    def claim_insert(self, dialect: str) -> Any:
+        return self._inserts[dialect]
+
+
 class DeliveryLedger:
     """The claim protocol on one ledger table (see the module docstring for the lease rule).
 
@@ -224,12 +340,11 @@ class DeliveryLedger:
     def __init__(self, engine: AsyncEngine, table: Table) -> None:
         self.engine = engine
         self.table = table
+        self._statements = _Statements(table)
 
     def _insert(self, connection: AsyncConnection) -> Any:
-        """The dialect's INSERT with ON CONFLICT support."""
-        if connection.dialect.name == "postgresql":
-            return postgresql.insert(self.table)
-        return sqlite.insert(self.table)
+        """The dialect's INSERT … ON CONFLICT DO NOTHING RETURNING notification_id."""
+        return self._statements.claim_insert(connection.dialect.name)
 
     async def claim(
         self,
@@ -275,7 +390,6 @@ class DeliveryLedger:
         """
         if not jobs:
             return {}
-        t = self.table
         # One order for every statement, so that two copies of a batch never deadlock.
         ordered = sorted(jobs, key=lambda job: job.notification_id)
         rows = [
@@ -293,7 +407,8 @@ class DeliveryLedger:
             }
             for job in ordered
         ]
-        expired = or_(t.c.claimed_at.is_(None), t.c.claimed_at < now - lease)
+        statements = self._statements
+        expired_before = now - lease
         claims: dict[uuid.UUID, Claim] = {}
 
         def unclaimed() -> list[uuid.UUID]:
@@ -303,33 +418,19 @@ class DeliveryLedger:
             # Rows as parameters rather than `.values(rows)`: one cached statement whatever the
             # batch (SQLAlchemy sends it as one multi-row INSERT), instead of a statement
             # compiled again for every batch.
-            inserted = await connection.execute(
-                self._insert(connection)
-                .on_conflict_do_nothing(index_elements=[t.c.notification_id])
-                .returning(t.c.notification_id),
-                rows,
-            )
+            inserted = await connection.execute(self._insert(connection), rows)
             claims.update({notification_id: Claimed(1) for notification_id in inserted.scalars()})
 
             if rest := unclaimed():
                 # Retrying, or sending under a lease that ran out (its worker died): ours now.
                 taken = await connection.execute(
-                    update(t)
-                    .where(
-                        t.c.notification_id.in_(rest),
-                        or_(
-                            t.c.status == DeliveryStatus.RETRYING,
-                            and_(t.c.status == DeliveryStatus.SENDING, expired),
-                        ),
-                    )
-                    .values(
-                        status=DeliveryStatus.SENDING,
-                        provider=provider,
-                        attempts=t.c.attempts + 1,
-                        claimed_at=now,
-                        updated_at=now,
-                    )
-                    .returning(t.c.notification_id, t.c.attempts)
+                    statements.take,
+                    {
+                        "ids": rest,
+                        "p_now": now,
+                        "p_expired": expired_before,
+                        "p_provider": provider,
+                    },
                 )
                 claims.update({row.notification_id: Claimed(row.attempts) for row in taken})
 
@@ -337,15 +438,8 @@ class DeliveryLedger:
                 # Final rows whose events are not out and whose lease is gone: take the lease to
                 # publish them, so that one copy does it rather than every copy at once.
                 unreported = await connection.execute(
-                    update(t)
-                    .where(
-                        t.c.notification_id.in_(rest),
-                        t.c.status.in_(FINAL_STATUSES),
-                        t.c.reported_at.is_(None),
-                        expired,
-                    )
-                    .values(claimed_at=now, updated_at=now)
-                    .returning(t.c.notification_id, t.c.status, t.c.failure, t.c.reason)
+                    statements.take_unreported,
+                    {"ids": rest, "p_now": now, "p_expired": expired_before},
                 )
                 for row in unreported:
                     claims[row.notification_id] = AlreadyFinal(
@@ -356,16 +450,7 @@ class DeliveryLedger:
                     )
 
             if rest := unclaimed():
-                found = await connection.execute(
-                    select(
-                        t.c.notification_id,
-                        t.c.status,
-                        t.c.failure,
-                        t.c.reason,
-                        t.c.claimed_at,
-                        t.c.reported_at,
-                    ).where(t.c.notification_id.in_(rest))
-                )
+                found = await connection.execute(statements.read, {"ids": rest})
                 for row in found:
                     claims[row.notification_id] = _settled_or_busy(row, now=now, lease=lease)
         return claims
@@ -397,20 +482,14 @@ class DeliveryLedger:
         """`finish` for notifications with the same outcome, in one statement."""
         if status not in FINAL_STATUSES:
             raise ValueError(f"{status} is not a final status")
-        if not notification_ids:
-            return
-        async with autocommit(self.engine) as connection:
-            await connection.execute(
-                update(self.table)
-                .where(self.table.c.notification_id.in_(sorted(notification_ids)))
-                .values(
-                    status=status,
-                    failure=failure,
-                    reason=_clip(reason),
-                    finished_at=now,
-                    updated_at=now,
-                )
-            )
+        await self._run(
+            self._statements.finish,
+            notification_ids,
+            p_status=status,
+            p_failure=failure,
+            p_reason=_clip(reason),
+            p_now=now,
+        )
 
     async def release(self, notification_id: uuid.UUID, *, reason: str, now: datetime) -> None:
         """Give the lease back after a transient failure, so the retry can claim at once."""
@@ -427,24 +506,13 @@ class DeliveryLedger:
         """`release` for notifications that failed for the same reason, in one statement.
         `attempted=False`: the provider was never called (its breaker refused the job after it
         was claimed), so the claim's attempt is taken back."""
-        if not notification_ids:
-            return
-        t = self.table
-        async with autocommit(self.engine) as connection:
-            await connection.execute(
-                update(t)
-                .where(
-                    t.c.notification_id.in_(sorted(notification_ids)),
-                    t.c.status == DeliveryStatus.SENDING,
-                )
-                .values(
-                    status=DeliveryStatus.RETRYING,
-                    reason=_clip(reason),
-                    claimed_at=None,
-                    updated_at=now,
-                    attempts=t.c.attempts if attempted else t.c.attempts - 1,
-                )
-            )
+        await self._run(
+            self._statements.release,
+            notification_ids,
+            p_reason=_clip(reason),
+            p_now=now,
+            p_taken_back=0 if attempted else 1,
+        )
 
     async def renew_many(
         self, notification_ids: Collection[uuid.UUID], *, claimed_at: datetime, now: datetime
@@ -452,18 +520,9 @@ class DeliveryLedger:
         """Move the leases taken (or last renewed) at `claimed_at` to `now`, for a worker that
         still holds them (a provider call or a wait for one takes longer than a lease): a lease
         that ran out and was taken over, or was given back, is left alone."""
-        if not notification_ids:
-            return
-        t = self.table
-        async with autocommit(self.engine) as connection:
-            await connection.execute(
-                update(t)
-                .where(
-                    t.c.notification_id.in_(sorted(notification_ids)),
-                    t.c.claimed_at == claimed_at,
-                )
-                .values(claimed_at=now, updated_at=now)
-            )
+        await self._run(
+            self._statements.renew, notification_ids, p_claimed_at=claimed_at, p_now=now
+        )
 
     async def abandon(
         self, notification_id: uuid.UUID, *, claimed_at: datetime, reason: str, now: datetime
@@ -483,24 +542,13 @@ class DeliveryLedger:
         now: datetime,
     ) -> None:
         """`abandon` for the notifications of a batch claimed together, in one statement."""
-        if not notification_ids:
-            return
-        t = self.table
-        sending = t.c.status == DeliveryStatus.SENDING
-        async with autocommit(self.engine) as connection:
-            await connection.execute(
-                update(t)
-                .where(
-                    t.c.notification_id.in_(sorted(notification_ids)),
-                    t.c.claimed_at == claimed_at,
-                )
-                .values(
-                    status=case((sending, DeliveryStatus.RETRYING.value), else_=t.c.status),
-                    reason=case((sending, _clip(reason)), else_=t.c.reason),
-                    claimed_at=None,
-                    updated_at=now,
-                )
-            )
+        await self._run(
+            self._statements.abandon,
+            notification_ids,
+            p_claimed_at=claimed_at,
+            p_reason=_clip(reason),
+            p_now=now,
+        )
 
     async def mark_reported(self, notification_id: uuid.UUID, *, now: datetime) -> None:
         """The outcome's events are out: the job is done, and the lease with it."""
@@ -510,14 +558,7 @@ class DeliveryLedger:
         self, notification_ids: Collection[uuid.UUID], *, now: datetime
     ) -> None:
         """`mark_reported` for many notifications, in one statement."""
-        if not notification_ids:
-            return
-        async with autocommit(self.engine) as connection:
-            await connection.execute(
-                update(self.table)
-                .where(self.table.c.notification_id.in_(sorted(notification_ids)))
-                .values(reported_at=now, claimed_at=None, updated_at=now)
-            )
+        await self._run(self._statements.mark_reported, notification_ids, p_now=now)
 
     async def unclaim(self, notification_id: uuid.UUID, *, now: datetime) -> None:
         """Drop the lease of a final row whose events could not be published, so that the retry
@@ -526,18 +567,17 @@ class DeliveryLedger:
 
     async def unclaim_many(self, notification_ids: Collection[uuid.UUID], *, now: datetime) -> None:
         """`unclaim` for many notifications, in one statement."""
+        await self._run(self._statements.unclaim, notification_ids, p_now=now)
+
+    async def _run(
+        self, statement: Any, notification_ids: Collection[uuid.UUID], **values: Any
+    ) -> None:
+        """One prepared statement for `notification_ids` (sorted: one order for every
+        statement, so concurrent ones never deadlock), standing alone."""
         if not notification_ids:
             return
-        t = self.table
         async with autocommit(self.engine) as connection:
-            await connection.execute(
-                update(t)
-                .where(
-                    t.c.notification_id.in_(sorted(notification_ids)),
-                    t.c.status.in_(FINAL_STATUSES),
-                )
-                .values(claimed_at=None, updated_at=now)
-            )
+            await connection.execute(statement, {"ids": sorted(notification_ids), **values})
 
     async def get(self, notification_id: uuid.UUID) -> LedgerEntry | None:
         async with self.engine.connect() as connection:
