@@ -63,9 +63,8 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
 
 @pytest.hookimpl
 def pytest_configure(config: pytest.Config) -> None:
-    terminal = config.pluginmanager.get_plugin("terminalreporter")
-    if not hasattr(config, "workerinput") and terminal is not None:
-        _terminal.append(terminal)  # the controller's (or the only process's) terminal
+    if not hasattr(config, "workerinput"):
+        _controller.append(config)  # the controller (or the only process)
 
 
 def order(items: list[pytest.Item]) -> None:
@@ -144,13 +143,14 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 
 # --- what workers print (in the controller) ---------------------------------------------------
 
-_terminal: list[Any] = []
+_controller: list[pytest.Config] = []
 
 
 def _write_line(line: str) -> None:
-    if _terminal:
-        _terminal[-1].write_line("")
-        _terminal[-1].write_line(line)
+    terminal = _controller[-1].pluginmanager.get_plugin("terminalreporter") if _controller else None
+    if terminal is not None:
+        terminal.write_line("")
+        terminal.write_line(line)
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
