@@ -163,6 +163,7 @@ async def test_the_api_accepts_messages_while_rabbitmq_is_down_and_delivers_them
         **result.fields(),
         posted=len(accepted.answers),
         posted_during_outage=len(outage),
+        resent_after_connection_errors=len(accepted.resent),
         outage_s=round(started_at - stopping_at, 2),
         stop_s=round(stopped_at - stopping_at, 2),
         boot_s=round(boot_s, 2),

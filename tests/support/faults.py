@@ -802,6 +802,8 @@ class Accepted:
     answers: list[tuple[float, int]] = field(default_factory=list)  # (monotonic, status)
     seconds: list[float] = field(default_factory=list)  # how long each POST took
     errors: list[str] = field(default_factory=list)
+    # POSTs sent again, with their Idempotency-Key, after the connection failed under them.
+    resent: list[str] = field(default_factory=list)
 
     @property
     def statuses(self) -> Counter[int]:
@@ -812,6 +814,7 @@ class Accepted:
         self.answers.extend(other.answers)
         self.seconds.extend(other.seconds)
         self.errors.extend(other.errors)
+        self.resent.extend(other.resent)
 
 
 async def post_one(
@@ -828,12 +831,17 @@ async def post_one(
     room = room or rng.choice(population.rooms)
     sender = sender or population.member(rng.choice(room.member_ids))
     started = time.monotonic()
+    # As a chat client does: a key per message, and one more try when the connection fails
+    # under the request (a kept-alive connection the server closed as the request went out):
+    # the key makes the second try answer with the first one's message if it got through.
+    headers = {**sender.auth, "Idempotency-Key": f"fault-{number}-{uuid.uuid4().hex}"}
+    body = {"content": f"fault message {number} in {room.id}"}
     try:
-        response = await client.post(
-            f"/rooms/{room.id}/messages",
-            json={"content": f"fault message {number} in {room.id}"},
-            headers=sender.auth,
-        )
+        try:
+            response = await client.post(f"/rooms/{room.id}/messages", json=body, headers=headers)
+        except httpx.TransportError as exc:
+            accepted.resent.append(type(exc).__name__)
+            response = await client.post(f"/rooms/{room.id}/messages", json=body, headers=headers)
     except httpx.HTTPError as exc:
         accepted.errors.append(f"{type(exc).__name__}: {exc}")
         accepted.answers.append((time.monotonic(), 0))
