@@ -377,7 +377,7 @@ async def test_a_refused_connection_is_transient(
 
     answer = await provider.send(push_job())
 
-    assert answer == ProviderAnswer.transient("fcm connection failed (ClientConnectorError)")
+    assert answer == ProviderAnswer.transient("fcm connection failed (ConnectFailed)")
 
 
 async def test_an_unreachable_token_endpoint_is_transient(fcm: FakeFcm, tmp_path: Path) -> None:
@@ -392,7 +392,7 @@ async def test_an_unreachable_token_endpoint_is_transient(fcm: FakeFcm, tmp_path
     finally:
         await provider.aclose()
 
-    assert answer == ProviderAnswer.transient("oauth connection failed (ClientConnectorError)")
+    assert answer == ProviderAnswer.transient("oauth connection failed (ConnectFailed)")
     assert fcm.send_requests == 0
 
 
@@ -430,7 +430,7 @@ async def test_a_connection_closed_before_the_answer_is_transient(
 
         answer = await provider.send(push_job())
 
-    assert answer == ProviderAnswer.transient("fcm connection failed (ServerDisconnectedError)")
+    assert answer == ProviderAnswer.transient("fcm connection failed (ServerDisconnected)")
 
 
 @pytest.mark.parametrize(

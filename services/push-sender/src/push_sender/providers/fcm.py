@@ -10,10 +10,10 @@
   the device; on iOS the room is the thread (`aps.thread-id`), so a room's pushes group together;
   title and body shortened, at character boundaries, to fit FCM's 4096-byte payload limit.
 * Answers are classified, never retried here (see `classify`).
-* Transport: one shared `aiohttp.ClientSession` (HTTP/1.1, a keep-alive pool) for the token
-  endpoint and FCM: per request it costs a tenth of httpx's CPU, and push-sender spends most of
-  its CPU here under load. No redirect is followed, no proxy or netrc is read from the
-  environment, and no answer body is read beyond `BODY_LIMIT`.
+* Transport: one pool of kept-alive HTTP/1.1 connections (`http1.Http1Client`) for the token
+  endpoint and FCM: push-sender makes one request per push, so the client's cost per request is
+  much of push-sender's CPU under load. No redirect is followed, no proxy or netrc is read from
+  the environment, and no answer body is read beyond `BODY_LIMIT`.
 
 Nothing here logs or stores a device token, an access token, the assertion or the push text.
 """
@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import aiohttp
 import jwt
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
@@ -40,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from herald_shared.events import PushRequested, utc_now
 from herald_shared.text import fit_title_and_body
 from push_sender.providers.base import ProviderAnswer, Verdict
+from push_sender.providers.http1 import Http1Client, HttpError
 from push_sender.settings import FcmSettings, check_secure_url
 
 logger = logging.getLogger("push_sender.fcm")
@@ -215,7 +215,7 @@ def _code_word(value: Any) -> str:
 
 
 def classify(status_code: int, payload: Any, headers: Mapping[str, str]) -> ProviderAnswer:
-    """One FCM answer (`headers` looked up case-insensitively, as aiohttp's are) → what to do
+    """One FCM answer (`headers` with lower-case names) → what to do
     (docs/providers.md, "FCM"):
 
     * 2xx → accepted;
@@ -252,62 +252,38 @@ class HttpReply:
     """An answer as far as it was read, its connection already back in the pool (or closed)."""
 
     status: int
-    headers: Mapping[str, str]  # case-insensitive (aiohttp's CIMultiDictProxy)
+    headers: Mapping[str, str]  # names in lower case
     payload: Any  # the JSON body; None when it is empty, not JSON or longer than BODY_LIMIT
 
 
 class HttpClient:
-    """The one `aiohttp.ClientSession` of a provider, for the token endpoint and FCM alike.
-
-    The session is made on first use: aiohttp binds it to the running event loop, and providers
-    are built at start-up, before the service's loop runs. `aclose` closes it for good.
-    """
+    """The one connection pool of a provider, for the token endpoint and FCM alike."""
 
     def __init__(self, *, timeout: float, max_connections: int) -> None:
-        # `timeout` bounds getting a connection (a wait for the pool included) and each read.
-        self._timeout = aiohttp.ClientTimeout(connect=timeout, sock_read=timeout)
-        self._max_connections = max_connections
-        self._session: aiohttp.ClientSession | None = None
-        self._closed = False
+        self._http = Http1Client(
+            timeout=timeout,
+            max_connections=max_connections,
+            body_limit=BODY_LIMIT,
+            user_agent=USER_AGENT,
+        )
 
     async def post(
         self, url: str, *, data: bytes | Mapping[str, str], headers: Mapping[str, str]
     ) -> HttpReply:
         """POST `data` (bytes as they are, a mapping as a form); raises `TimeoutError` or
-        `aiohttp.ClientError` when no whole answer came."""
-        async with self._get().post(
-            url, data=data, headers=headers, allow_redirects=False
-        ) as response:
-            payload = await read_json(response.content)
-            return HttpReply(response.status, response.headers, payload)
-
-    def _get(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            if self._closed:
-                raise RuntimeError("the FCM provider is closed")
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self._max_connections),
-                timeout=self._timeout,
-                headers={"user-agent": USER_AGENT},
-            )
-        return self._session
+        `HttpError` when no whole answer came."""
+        response = await self._http.post(url, data=data, headers=headers)
+        payload = None if response.truncated else json_or_none(response.body)
+        return HttpReply(response.status, response.headers, payload)
 
     async def aclose(self) -> None:
-        self._closed = True
-        if self._session is not None:
-            await self._session.close()
+        await self._http.aclose()
 
 
-async def read_json(body: aiohttp.StreamReader) -> Any:
-    """The JSON document of an answer's body, or None: empty, not JSON, or longer than
-    `BODY_LIMIT`, in which case no more than `BODY_LIMIT` + 1 bytes of it are read."""
-    data = bytearray()
-    while len(data) <= BODY_LIMIT and not body.at_eof():
-        data += await body.read(BODY_LIMIT + 1 - len(data))
-    if len(data) > BODY_LIMIT:
-        return None
+def json_or_none(body: bytes) -> Any:
+    """The JSON document of an answer's body, or None when it is empty or not JSON."""
     try:
-        return json.loads(data)
+        return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
 
@@ -378,7 +354,7 @@ class AccessTokens:
             )
         except TimeoutError:
             raise TokenUnavailable(ProviderAnswer.transient("oauth timeout")) from None
-        except aiohttp.ClientError as exc:
+        except HttpError as exc:
             raise TokenUnavailable(
                 ProviderAnswer.transient(f"oauth connection failed ({type(exc).__name__})")
             ) from None
@@ -412,7 +388,7 @@ def _oauth_code(error: Any) -> str:
 
 
 class FcmProvider:
-    """Sends through one shared `aiohttp.ClientSession` (see `HttpClient`; closed by `aclose`)."""
+    """Sends through one connection pool (see `HttpClient`; closed by `aclose`)."""
 
     name = "fcm"
 
@@ -459,10 +435,9 @@ class FcmProvider:
                 reply = await self._post(body, token)
         except TokenUnavailable as exc:
             return exc.answer
-        # Before ClientError: aiohttp's own timeouts are both.
         except TimeoutError:
             return ProviderAnswer.transient("fcm timeout")
-        except aiohttp.ClientError as exc:
+        except HttpError as exc:
             return ProviderAnswer.transient(f"fcm connection failed ({type(exc).__name__})")
         answer = classify(reply.status, reply.payload, reply.headers)
         return ProviderAnswer(answer.verdict, answer.reason[:REASON_LIMIT], answer.retry_after)
