@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from herald_shared.database import autocommit
 from herald_shared.events import Event, utc_now
 from herald_shared.tracing import current_traceparent
 from message_service.models import (
@@ -121,19 +122,27 @@ async def message_by_key(
 async def store_message(
     engine: AsyncEngine, *, message: Message, event: Event, event_type: str
 ) -> None:
-    """The message and its event's outbox row, in one transaction."""
+    """The message and its event's outbox row, both or neither.
+
+    On PostgreSQL that is one statement, the message's insert a data-modifying WITH of the
+    outbox row's (atomic on its own: one round trip instead of BEGIN, two inserts and COMMIT);
+    on SQLite, two inserts in one transaction."""
+    message_row = insert(_messages).values(
+        id=message.id,
+        room_id=message.room_id,
+        sender_id=message.sender_id,
+        content=message.content,
+        created_at=message.created_at,
+        idempotency_key=message.idempotency_key,
+    )
+    outbox_row = insert(_outbox).values(**_outbox_values(event, event_type))
+    if engine.dialect.name == "postgresql":
+        async with autocommit(engine) as connection:
+            await connection.execute(outbox_row.add_cte(message_row.cte("stored_message")))
+        return
     async with engine.begin() as connection:
-        await connection.execute(
-            insert(_messages).values(
-                id=message.id,
-                room_id=message.room_id,
-                sender_id=message.sender_id,
-                content=message.content,
-                created_at=message.created_at,
-                idempotency_key=message.idempotency_key,
-            )
-        )
-        await connection.execute(insert(_outbox).values(**_outbox_values(event, event_type)))
+        await connection.execute(message_row)
+        await connection.execute(outbox_row)
 
 
 def _outbox_values(event: Event, event_type: str) -> dict[str, Any]:
