@@ -9,9 +9,11 @@ from typing import Any
 
 from herald_shared.events import (
     DeviceSnapshot,
+    Level,
     MessageCreated,
     Platform,
     PreferencesSnapshot,
+    RoomSettingsSnapshot,
     SenderInfo,
     UserUpdated,
 )
@@ -31,8 +33,13 @@ def user_updated(
     push_enabled: bool = True,
     email_enabled: bool = True,
     muted_room_ids: Sequence[uuid.UUID] = (),
+    push_level: Level | None = None,
+    email_level: Level | None = None,
+    rooms: Sequence[RoomSettingsSnapshot] = (),
     time_zone: str = "Europe/Paris",
 ) -> UserUpdated:
+    """A snapshot as message-service makes it; without levels, as an older one did (the
+    booleans only: `all` when on)."""
     user_id = user_id or uuid.uuid4()
     device_ids = (
         [uuid.uuid4() for _ in range(devices)] if isinstance(devices, int) else list(devices)
@@ -53,6 +60,9 @@ def user_updated(
             push_enabled=push_enabled,
             email_enabled=email_enabled,
             muted_room_ids=list(muted_room_ids),
+            push=push_level,
+            email=email_level,
+            rooms=list(rooms),
         ),
         time_zone=time_zone,
     )
@@ -70,6 +80,7 @@ def message_created(
     room_name: str = "general",
     content: str = "Hello everyone! 👋",
     mentions: Sequence[uuid.UUID] = (),
+    room_mentioned: bool = False,
     sender_display_name: str = "John Doe",
     timestamp: datetime = SENT_AT,
 ) -> MessageCreated:
@@ -85,5 +96,6 @@ def message_created(
             user_id=sender_id, username="john_doe", display_name=sender_display_name
         ),
         mentions=list(mentions),
+        room_mentioned=room_mentioned,
         timestamp=timestamp,
     )

@@ -56,6 +56,23 @@ class DeliveryOutcome(StrEnum):
     FAILED = "failed"
 
 
+class Trigger(StrEnum):
+    """Why a recipient hears of a message, strongest first: the router decides it once per
+    recipient and message, records it in its ledger and puts it on every job."""
+
+    MENTION = "mention"  # the message names the recipient (`@username`)
+    ROOM_MENTION = "room_mention"  # the message names the whole room (`@room`, `@all`)
+    MESSAGE = "message"  # anything else said in a room the recipient is in
+
+
+class Level(StrEnum):
+    """How much a user wants of one channel."""
+
+    ALL = "all"  # every message
+    MENTIONS = "mentions"  # only messages that name them or their room
+    NONE = "none"  # nothing
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore", hide_input_in_errors=True)
 
@@ -91,6 +108,8 @@ class MessageCreated(Event):
     message_content: str = Field(max_length=MAX_MESSAGE_CONTENT)
     sender_info: SenderInfo
     mentions: list[uuid.UUID] = Field(default_factory=list)
+    # `@room` or `@all` in the content: the message names every member.
+    room_mentioned: bool = False
     timestamp: AwareDatetime
 
 
@@ -112,12 +131,41 @@ class DeviceSnapshot(_Frozen):
     web_push_keys: WebPushKeys | None = None  # platform webpush only
 
 
+class RoomSettingsSnapshot(_Frozen):
+    """A user's own settings for one room: levels that replace their defaults there (None: the
+    default), and a mute that lasts until `muted_until` (None: not muted)."""
+
+    room_id: uuid.UUID
+    push: Level | None = None
+    email: Level | None = None
+    muted_until: AwareDatetime | None = None
+
+
 class PreferencesSnapshot(_Frozen):
+    """`push` and `email` are the levels; a snapshot from before levels existed has only the
+    booleans (`all` when on, `none` when off) and `muted_room_ids` (muted with no end), which
+    newer snapshots still fill for older consumers."""
+
     push_enabled: bool = True
     email_enabled: bool = True
     # False: pushes say who wrote where ("New message from Alice in #room"), never the text.
     push_preview: bool = True
     muted_room_ids: list[uuid.UUID] = Field(default_factory=list)
+    push: Level | None = None
+    email: Level | None = None
+    rooms: list[RoomSettingsSnapshot] = Field(default_factory=list)
+
+    @property
+    def push_level(self) -> Level:
+        if self.push is not None:
+            return self.push
+        return Level.ALL if self.push_enabled else Level.NONE
+
+    @property
+    def email_level(self) -> Level:
+        if self.email is not None:
+            return self.email
+        return Level.ALL if self.email_enabled else Level.NONE
 
 
 class UserUpdated(Event):
@@ -153,6 +201,7 @@ class PushRequested(Event):
     web_push_keys: WebPushKeys | None = None  # platform webpush only
     title: str
     body: str
+    trigger: Trigger = Trigger.MESSAGE
 
 
 class EmailRequested(Event):
@@ -169,6 +218,7 @@ class EmailRequested(Event):
     sender_display_name: str
     message_content: str
     sent_at: AwareDatetime
+    trigger: Trigger = Trigger.MESSAGE
 
 
 class DeliveryReported(Event):

@@ -199,6 +199,7 @@ async def test_concurrent_duplicate_deliveries_leave_one_ledger_row_per_recipien
         channel="push",
         outcome="sent",
         reason="",
+        trigger="message",
     )
     assert decided == 3  # each recipient counted once, whichever copy won
     # Every batch of copies published the same jobs, in one event: the senders see the same 6

@@ -9,7 +9,7 @@ import logging
 import re
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import pytest
@@ -31,9 +31,11 @@ from herald_shared.events import (
     EmailJobsRequested,
     EmailRequested,
     Event,
+    Level,
     Platform,
     PushJobsRequested,
     PushRequested,
+    RoomSettingsSnapshot,
     UserUpdated,
     reports_events,
     utc_now,
@@ -50,9 +52,10 @@ from notification_router.handlers import (
     route_messages,
 )
 from notification_router.repository import ReportResult
+from notification_router.routing import MUTED_FOREVER, RoomSettings
 from notification_router.settings import Settings
 from notification_router.tables import metadata, notification_deliveries, notifications
-from tests.support.router_factories import message_created, user_updated
+from tests.support.router_factories import NOW, message_created, user_updated
 
 
 @pytest.fixture
@@ -168,7 +171,7 @@ async def test_user_updated_builds_the_projection_and_ignores_older_versions(
     stored = (await repository.load_recipients(service.engine, [user_id]))[user_id]
     assert stored.version == 2
     assert stored.email == "new@example.com"
-    assert stored.push_enabled is True
+    assert stored.push_level is Level.ALL  # an older snapshot's push_enabled=True
     assert [d.device_id for d in stored.devices] == [d.device_id for d in v2.devices]
     assert stored.time_zone == "Europe/Paris"
 
@@ -176,7 +179,20 @@ async def test_user_updated_builds_the_projection_and_ignores_older_versions(
     await publish(service.broker, v3)
     stored = (await repository.load_recipients(service.engine, [user_id]))[user_id]
     assert (stored.version, stored.email, stored.devices) == (3, None, ())
-    assert stored.muted_room_ids == frozenset({user_id})
+    assert stored.rooms == {user_id: RoomSettings(muted_until=MUTED_FOREVER)}
+
+    until = NOW + timedelta(hours=1)
+    v4 = user_updated(
+        user_id=user_id,
+        version=4,
+        push_level=Level.MENTIONS,
+        email_level=Level.NONE,
+        rooms=[RoomSettingsSnapshot(room_id=user_id, push=Level.ALL, muted_until=until)],
+    )
+    await publish(service.broker, v4)
+    stored = (await repository.load_recipients(service.engine, [user_id]))[user_id]
+    assert (stored.push_level, stored.email_level) == (Level.MENTIONS, Level.NONE)
+    assert stored.rooms == {user_id: RoomSettings(push=Level.ALL, muted_until=until)}
 
 
 async def test_message_created_writes_the_ledger_and_publishes_the_jobs(
@@ -723,7 +739,7 @@ async def test_metrics_count_each_decision_once_and_observe_latency(
     def decided(channel: str, outcome: str, reason: str = "") -> float | None:
         return service.registry.get_sample_value(
             "herald_router_notifications_decided_total",
-            {"channel": channel, "outcome": outcome, "reason": reason},
+            {"channel": channel, "outcome": outcome, "reason": reason, "trigger": "message"},
         )
 
     assert decided("push", "sent") == 1

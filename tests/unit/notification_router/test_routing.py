@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -16,10 +16,13 @@ from herald_shared.events import (
     DeviceSnapshot,
     EmailJobsRequested,
     EmailRequested,
+    Level,
     MessageCreated,
     Platform,
     PushJobsRequested,
     PushRequested,
+    RoomSettingsSnapshot,
+    Trigger,
     WebPushKeys,
     notification_id_for,
 )
@@ -34,6 +37,7 @@ from notification_router.routing import (
     decide_for,
     plan_notifications,
     recipients_of,
+    trigger_of,
 )
 from tests.support.router_factories import NOW, message_created, recipient, user_updated
 
@@ -138,6 +142,132 @@ def test_decision_per_channel(case: Case) -> None:
         assert decision.email_job.sender_display_name == "John Doe"
         assert decision.email_job.message_content == event.message_content
         assert decision.email_job.sent_at == event.timestamp
+
+
+# The precedence table of docs/notifications.md, row by row, on one channel (push; e-mail takes
+# the same path with its own level): what the message is to the recipient, their default level,
+# their level for the room ("default": none set), whether the room is muted now → the decision.
+MUTE_ENDED = NOW - timedelta(seconds=1)
+MUTE_RUNS = NOW + timedelta(hours=1)
+
+
+@dataclass(frozen=True)
+class Row:
+    trigger: Trigger
+    default: Level
+    room: Level | None = None
+    muted_until: datetime | None = None
+    expected: str = "pending"
+
+
+PRECEDENCE = {
+    "all: a plain message": Row(Trigger.MESSAGE, Level.ALL),
+    "all: a room-wide mention": Row(Trigger.ROOM_MENTION, Level.ALL),
+    "all: a personal mention": Row(Trigger.MENTION, Level.ALL),
+    "mentions: a plain message is skipped": Row(
+        Trigger.MESSAGE, Level.MENTIONS, expected="skipped:level_mentions"
+    ),
+    "mentions: a room-wide mention": Row(Trigger.ROOM_MENTION, Level.MENTIONS),
+    "mentions: a personal mention": Row(Trigger.MENTION, Level.MENTIONS),
+    "none: a plain message": Row(Trigger.MESSAGE, Level.NONE, expected="skipped:push_disabled"),
+    "none: not even a personal mention": Row(
+        Trigger.MENTION, Level.NONE, expected="skipped:push_disabled"
+    ),
+    "the room's all beats a default of mentions": Row(Trigger.MESSAGE, Level.MENTIONS, Level.ALL),
+    "the room's none beats a default of all": Row(
+        Trigger.MENTION, Level.ALL, Level.NONE, expected="skipped:push_disabled"
+    ),
+    "the room's mentions beats a default of all": Row(
+        Trigger.MESSAGE, Level.ALL, Level.MENTIONS, expected="skipped:level_mentions"
+    ),
+    "muted: a plain message is silent": Row(
+        Trigger.MESSAGE, Level.ALL, muted_until=MUTE_RUNS, expected="skipped:muted"
+    ),
+    "muted: a room-wide mention does not break the mute": Row(
+        Trigger.ROOM_MENTION, Level.ALL, muted_until=MUTE_RUNS, expected="skipped:muted"
+    ),
+    "muted: a personal mention breaks the mute": Row(
+        Trigger.MENTION, Level.ALL, muted_until=MUTE_RUNS
+    ),
+    "muted: a personal mention breaks the mute, not a level of none": Row(
+        Trigger.MENTION, Level.NONE, muted_until=MUTE_RUNS, expected="skipped:push_disabled"
+    ),
+    "muted: the mute is said before the level": Row(
+        Trigger.MESSAGE, Level.MENTIONS, muted_until=MUTE_RUNS, expected="skipped:muted"
+    ),
+    "a mute that has ended silences nothing": Row(
+        Trigger.MESSAGE, Level.ALL, muted_until=MUTE_ENDED
+    ),
+}
+
+
+@pytest.mark.parametrize("row", PRECEDENCE.values(), ids=PRECEDENCE.keys())
+def test_precedence(row: Row) -> None:
+    user = recipient(
+        user_id=USER,
+        push_level=row.default,
+        email_level=Level.NONE,
+        rooms=[RoomSettingsSnapshot(room_id=ROOM, push=row.room, muted_until=row.muted_until)],
+    )
+    event = message_created(
+        recipient_ids=[USER],
+        room_id=ROOM,
+        mentions=[USER] if row.trigger is Trigger.MENTION else [],
+        room_mentioned=row.trigger is Trigger.ROOM_MENTION,
+    )
+
+    decision = decide_for(event, user, now=NOW)
+
+    assert decision.trigger is row.trigger
+    assert decision.push == row.expected
+    assert len(decision.push_jobs) == (1 if row.expected == "pending" else 0)
+    assert all(job.trigger is row.trigger for job in decision.push_jobs)
+    assert decision.email_job is None  # e-mail at none throughout
+
+
+@pytest.mark.parametrize(
+    ("mentions_user", "room_mentioned", "expected"),
+    [
+        (True, True, Trigger.MENTION),  # a personal mention is the stronger reason
+        (True, False, Trigger.MENTION),
+        (False, True, Trigger.ROOM_MENTION),
+        (False, False, Trigger.MESSAGE),
+    ],
+)
+def test_the_trigger_is_the_strongest_reason(
+    mentions_user: bool, room_mentioned: bool, expected: Trigger
+) -> None:
+    event = message_created(
+        recipient_ids=[USER],
+        mentions=[USER] if mentions_user else [],
+        room_mentioned=room_mentioned,
+    )
+
+    assert trigger_of(event, USER) is expected
+
+
+def test_levels_are_per_channel_and_per_room() -> None:
+    user = recipient(
+        user_id=USER,
+        push_level=Level.MENTIONS,
+        email_level=Level.ALL,
+        rooms=[RoomSettingsSnapshot(room_id=OTHER_ROOM, email=Level.NONE)],
+    )
+    here = decide_for(message_created(recipient_ids=[USER], room_id=ROOM), user, now=NOW)
+    there = decide_for(message_created(recipient_ids=[USER], room_id=OTHER_ROOM), user, now=NOW)
+
+    assert (here.push, here.email) == ("skipped:level_mentions", "pending")
+    assert here.email_job is not None
+    assert here.email_job.trigger is Trigger.MESSAGE
+    assert (there.push, there.email) == ("skipped:level_mentions", "skipped:email_disabled")
+
+
+def test_an_older_snapshot_means_all_or_none_and_mutes_with_no_end() -> None:
+    older = recipient(user_id=USER, push_enabled=True, email_enabled=False, muted_room_ids=[ROOM])
+
+    assert (older.push_level, older.email_level) == (Level.ALL, Level.NONE)
+    assert older.muted(ROOM, now=datetime(9999, 12, 31, tzinfo=UTC))
+    assert not older.muted(OTHER_ROOM, now=NOW)
 
 
 @pytest.mark.parametrize(

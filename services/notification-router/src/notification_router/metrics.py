@@ -21,8 +21,9 @@ class RouterMetrics:
         self.decisions = Counter(
             "herald_router_notifications_decided",
             "Routing decisions, one per recipient and channel: outcome sent (jobs handed to "
-            "the sender) or skipped, with the skip reason.",
-            ["channel", "outcome", "reason"],
+            "the sender) or skipped, with the skip reason, and the trigger (mention, "
+            "room_mention or message).",
+            ["channel", "outcome", "reason", "trigger"],
             registry=registry,
         )
         self.jobs_published = Counter(
@@ -84,8 +85,13 @@ class RouterMetrics:
             self.decision_latency.observe(latency)
             channels = ((Channel.PUSH, decision.push), (Channel.EMAIL, decision.email))
             for channel, summary in channels:
+                trigger = str(decision.trigger)
                 if summary == PENDING:
-                    self.decisions.labels(channel=channel, outcome="sent", reason="").inc()
+                    self.decisions.labels(
+                        channel=channel, outcome="sent", reason="", trigger=trigger
+                    ).inc()
                 else:
                     reason = summary.removeprefix("skipped:")
-                    self.decisions.labels(channel=channel, outcome="skipped", reason=reason).inc()
+                    self.decisions.labels(
+                        channel=channel, outcome="skipped", reason=reason, trigger=trigger
+                    ).inc()

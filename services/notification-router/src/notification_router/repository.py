@@ -26,8 +26,10 @@ from herald_shared.events import (
     DeliveryReported,
     DeviceSnapshot,
     EmailRequested,
+    Level,
     MessageCreated,
     Platform,
+    PreferencesSnapshot,
     PushRequested,
     UserUpdated,
     WebPushKeys,
@@ -37,6 +39,8 @@ from notification_router.routing import (
     Device,
     Recipient,
     RecipientDecision,
+    RoomSettings,
+    room_settings_of,
     statuses_replaceable_by,
 )
 from notification_router.tables import notification_deliveries, notifications, recipients
@@ -113,6 +117,12 @@ async def upsert_recipient(engine: AsyncEngine, snapshot: UserUpdated, *, now: d
         "email_enabled": snapshot.preferences.email_enabled,
         "push_preview": snapshot.preferences.push_preview,
         "muted_room_ids": [str(room_id) for room_id in snapshot.preferences.muted_room_ids],
+        "push_level": str(snapshot.preferences.push_level),
+        "email_level": str(snapshot.preferences.email_level),
+        "room_settings": [
+            _room_settings_json(room_id, settings)
+            for room_id, settings in room_settings_of(snapshot.preferences).items()
+        ],
         "time_zone": snapshot.time_zone,
         "updated_at": now,
     }
@@ -165,17 +175,48 @@ def _device(device: dict[str, Any]) -> Device:
     )
 
 
+def _room_settings_json(room_id: uuid.UUID, settings: RoomSettings) -> dict[str, Any]:
+    muted_until = settings.muted_until
+    return {
+        "room_id": str(room_id),
+        "push": None if settings.push is None else str(settings.push),
+        "email": None if settings.email is None else str(settings.email),
+        "muted_until": None if muted_until is None else muted_until.isoformat(),
+    }
+
+
+def _room_settings(room: dict[str, Any]) -> RoomSettings:
+    muted_until = room.get("muted_until")
+    return RoomSettings(
+        push=None if room.get("push") is None else Level(room["push"]),
+        email=None if room.get("email") is None else Level(room["email"]),
+        muted_until=None if muted_until is None else datetime.fromisoformat(muted_until),
+    )
+
+
 def _recipient(row: Any) -> Recipient:
+    # Rows projected before levels existed (revision 0004) hold only the booleans and the
+    # muted rooms: read them as their snapshot meant them.
+    legacy = PreferencesSnapshot(
+        push_enabled=row["push_enabled"],
+        email_enabled=row["email_enabled"],
+        muted_room_ids=[uuid.UUID(room_id) for room_id in row["muted_room_ids"]],
+    )
+    rooms = (
+        room_settings_of(legacy)
+        if row["room_settings"] is None
+        else {uuid.UUID(room["room_id"]): _room_settings(room) for room in row["room_settings"]}
+    )
     return Recipient(
         user_id=row["user_id"],
         version=row["version"],
         display_name=row["display_name"],
         email=row["email"],
         devices=tuple(_device(device) for device in row["devices"]),
-        push_enabled=row["push_enabled"],
-        email_enabled=row["email_enabled"],
+        push_level=Level(row["push_level"]) if row["push_level"] else legacy.push_level,
+        email_level=Level(row["email_level"]) if row["email_level"] else legacy.email_level,
         push_preview=row["push_preview"],
-        muted_room_ids=frozenset(uuid.UUID(room_id) for room_id in row["muted_room_ids"]),
+        rooms=rooms,
         time_zone=row["time_zone"],
     )
 
@@ -241,6 +282,7 @@ async def record_decisions(
                     "recipient_id": decision.recipient_id,
                     "room_id": event.room_id,
                     "mentioned": decision.mentioned,
+                    "trigger": str(decision.trigger),
                     "push_decision": decision.push,
                     "email_decision": decision.email,
                     "decided_at": now,

@@ -5,13 +5,18 @@ recipients, call `plan_notifications`, record the plan and publish its pending j
 batches of `batch_jobs`. Everything below is deterministic in its inputs (`now` included), so a
 redelivered message yields the same notification ids and the same jobs.
 
-Rules, per recipient of a `MessageCreated`:
+Rules, per recipient of a `MessageCreated` (the table in docs/notifications.md):
 
 * the sender is never notified, and a recipient listed twice is decided once;
-* a room the recipient muted silences every channel, unless the message mentions them;
-* push: one job per registered device, unless push is off or there is no device;
-* email: one job, unless email is off or there is no address;
-* a mention overrides the room's mute only, never a channel the recipient switched off.
+* the trigger is the strongest reason the message concerns the recipient: a personal mention,
+  else a room-wide mention (`@room`, `@all`), else a plain message;
+* per channel, the level is the recipient's setting for the room, else their default:
+  `none` sends nothing, `mentions` sends for mentions (personal or room-wide) only, `all` sends
+  for everything;
+* a room muted until a time still to come silences every channel, unless the message mentions
+  the recipient personally (a room-wide mention does not break a mute); a mention never
+  overrides a level, only the mute;
+* push: one job per registered device; e-mail: one job, if there is an address.
 """
 
 from __future__ import annotations
@@ -19,8 +24,8 @@ from __future__ import annotations
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from enum import StrEnum
 
 from herald_shared.events import (
@@ -29,10 +34,13 @@ from herald_shared.events import (
     DeliveryOutcome,
     EmailJobsRequested,
     EmailRequested,
+    Level,
     MessageCreated,
     Platform,
+    PreferencesSnapshot,
     PushJobsRequested,
     PushRequested,
+    Trigger,
     UserUpdated,
     WebPushKeys,
     chunks,
@@ -41,12 +49,15 @@ from herald_shared.events import (
 from herald_shared.text import truncate
 
 PENDING = "pending"
+# A mute with no end (what `muted_room_ids` of older snapshots mean).
+MUTED_FOREVER = datetime.max.replace(tzinfo=UTC)
 
 
 class SkipReason(StrEnum):
     MUTED = "muted"
-    PUSH_DISABLED = "push_disabled"
-    EMAIL_DISABLED = "email_disabled"
+    PUSH_DISABLED = "push_disabled"  # push level `none`
+    EMAIL_DISABLED = "email_disabled"  # e-mail level `none`
+    LEVEL_MENTIONS = "level_mentions"  # level `mentions`, and the message names nobody
     NO_DEVICE = "no_device"
     NO_EMAIL = "no_email"
 
@@ -75,6 +86,15 @@ class Device:
 
 
 @dataclass(frozen=True)
+class RoomSettings:
+    """A recipient's own settings for one room (None: their default level applies)."""
+
+    push: Level | None = None
+    email: Level | None = None
+    muted_until: datetime | None = None
+
+
+@dataclass(frozen=True)
 class Recipient:
     """What routing knows about a user: the projection of their latest `UserUpdated`."""
 
@@ -83,15 +103,16 @@ class Recipient:
     display_name: str
     email: str | None
     devices: tuple[Device, ...] = ()
-    push_enabled: bool = True
-    email_enabled: bool = True
+    push_level: Level = Level.ALL
+    email_level: Level = Level.ALL
     # False: pushes say who wrote where, never what (`push_content`).
     push_preview: bool = True
-    muted_room_ids: frozenset[uuid.UUID] = frozenset()
+    rooms: Mapping[uuid.UUID, RoomSettings] = field(default_factory=dict)
     time_zone: str = "UTC"
 
     @classmethod
     def from_snapshot(cls, snapshot: UserUpdated) -> Recipient:
+        preferences = snapshot.preferences
         return cls(
             user_id=snapshot.user_id,
             version=snapshot.version,
@@ -107,12 +128,35 @@ class Recipient:
                 )
                 for device in snapshot.devices
             ),
-            push_enabled=snapshot.preferences.push_enabled,
-            email_enabled=snapshot.preferences.email_enabled,
-            push_preview=snapshot.preferences.push_preview,
-            muted_room_ids=frozenset(snapshot.preferences.muted_room_ids),
+            push_level=preferences.push_level,
+            email_level=preferences.email_level,
+            push_preview=preferences.push_preview,
+            rooms=room_settings_of(preferences),
             time_zone=snapshot.time_zone,
         )
+
+    def level(self, room_id: uuid.UUID, channel: Channel) -> Level:
+        """The level of `channel` in that room: the room's own, else the user's default."""
+        room = self.rooms.get(room_id)
+        if channel is Channel.PUSH:
+            return room.push if room and room.push else self.push_level
+        return room.email if room and room.email else self.email_level
+
+    def muted(self, room_id: uuid.UUID, *, now: datetime) -> bool:
+        room = self.rooms.get(room_id)
+        return room is not None and room.muted_until is not None and room.muted_until > now
+
+
+def room_settings_of(preferences: PreferencesSnapshot) -> dict[uuid.UUID, RoomSettings]:
+    """The rooms' settings of a snapshot; a room only in the older `muted_room_ids` is muted
+    with no end."""
+    rooms = {
+        room.room_id: RoomSettings(room.push, room.email, room.muted_until)
+        for room in preferences.rooms
+    }
+    for room_id in preferences.muted_room_ids:
+        rooms.setdefault(room_id, RoomSettings(muted_until=MUTED_FOREVER))
+    return rooms
 
 
 @dataclass(frozen=True)
@@ -132,6 +176,7 @@ class RecipientDecision:
 
     recipient_id: uuid.UUID
     mentioned: bool
+    trigger: Trigger
     push: str  # "pending" or "skipped:<reason>"
     email: str  # "pending" or "skipped:<reason>"
     push_jobs: tuple[PushRequested, ...] = ()
@@ -159,9 +204,28 @@ def recipients_of(event: MessageCreated) -> tuple[uuid.UUID, ...]:
     )
 
 
-def is_muted(event: MessageCreated, recipient: Recipient) -> bool:
-    """A muted room stays silent, except for a message that mentions the recipient."""
-    return event.room_id in recipient.muted_room_ids and recipient.user_id not in event.mentions
+def trigger_of(event: MessageCreated, recipient_id: uuid.UUID) -> Trigger:
+    """The strongest reason `event` concerns the recipient."""
+    if recipient_id in event.mentions:
+        return Trigger.MENTION
+    if event.room_mentioned:
+        return Trigger.ROOM_MENTION
+    return Trigger.MESSAGE
+
+
+def channel_skip(
+    recipient: Recipient, event: MessageCreated, channel: Channel, trigger: Trigger, now: datetime
+) -> SkipReason | None:
+    """Why this channel stays silent for the recipient, or None when it should be used (if
+    there is a device or an address to use): the mute first, then the level."""
+    if recipient.muted(event.room_id, now=now) and trigger is not Trigger.MENTION:
+        return SkipReason.MUTED
+    level = recipient.level(event.room_id, channel)
+    if level is Level.NONE:
+        return SkipReason.PUSH_DISABLED if channel is Channel.PUSH else SkipReason.EMAIL_DISABLED
+    if level is Level.MENTIONS and trigger is Trigger.MESSAGE:
+        return SkipReason.LEVEL_MENTIONS
+    return None
 
 
 def plan_notifications(
@@ -190,35 +254,36 @@ def decide_for(
     limits: ContentLimits = DEFAULT_LIMITS,
 ) -> RecipientDecision:
     mentioned = recipient.user_id in event.mentions
-    if is_muted(event, recipient):
-        reason = skipped(SkipReason.MUTED)
-        return RecipientDecision(recipient.user_id, mentioned, push=reason, email=reason)
+    trigger = trigger_of(event, recipient.user_id)
 
     push_jobs: tuple[PushRequested, ...] = ()
-    if not recipient.push_enabled:
-        push = skipped(SkipReason.PUSH_DISABLED)
+    push_skip = channel_skip(recipient, event, Channel.PUSH, trigger, now)
+    if push_skip is not None:
+        push = skipped(push_skip)
     elif not recipient.devices:
         push = skipped(SkipReason.NO_DEVICE)
     else:
         push = PENDING
         title, body = push_content(event, preview=recipient.push_preview, limits=limits)
         push_jobs = tuple(
-            _push_job(event, recipient, device, title=title, body=body, now=now)
+            _push_job(event, recipient, device, title=title, body=body, trigger=trigger, now=now)
             for device in recipient.devices
         )
 
     email_job: EmailRequested | None = None
-    if not recipient.email_enabled:
-        email = skipped(SkipReason.EMAIL_DISABLED)
+    email_skip = channel_skip(recipient, event, Channel.EMAIL, trigger, now)
+    if email_skip is not None:
+        email = skipped(email_skip)
     elif not recipient.email:
         email = skipped(SkipReason.NO_EMAIL)
     else:
         email = PENDING
-        email_job = _email_job(event, recipient, recipient.email, now=now)
+        email_job = _email_job(event, recipient, recipient.email, trigger=trigger, now=now)
 
     return RecipientDecision(
         recipient.user_id,
         mentioned,
+        trigger,
         push=push,
         email=email,
         push_jobs=push_jobs,
@@ -233,6 +298,7 @@ def _push_job(
     *,
     title: str,
     body: str,
+    trigger: Trigger,
     now: datetime,
 ) -> PushRequested:
     notification_id = notification_id_for(
@@ -256,11 +322,12 @@ def _push_job(
         web_push_keys=device.web_push_keys,
         title=title,
         body=body,
+        trigger=trigger,
     )
 
 
 def _email_job(
-    event: MessageCreated, recipient: Recipient, address: str, *, now: datetime
+    event: MessageCreated, recipient: Recipient, address: str, *, trigger: Trigger, now: datetime
 ) -> EmailRequested:
     notification_id = notification_id_for(
         message_id=event.message_id, recipient_id=recipient.user_id, channel=Channel.EMAIL
@@ -278,6 +345,7 @@ def _email_job(
         sender_display_name=sender_name(event),
         message_content=event.message_content,
         sent_at=event.timestamp,
+        trigger=trigger,
     )
 
 

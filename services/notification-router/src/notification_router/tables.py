@@ -53,6 +53,11 @@ recipients = Table(
     Column("email_enabled", Boolean, nullable=False),
     Column("push_preview", Boolean, nullable=False, server_default=true()),
     Column("muted_room_ids", JSON, nullable=False),
+    # Levels and per-room settings (revision 0004); NULL in rows projected before: the
+    # booleans and muted_room_ids above say the same then.
+    Column("push_level", String(16), nullable=True),
+    Column("email_level", String(16), nullable=True),
+    Column("room_settings", JSON, nullable=True),
     Column("time_zone", String(64), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )
@@ -64,6 +69,9 @@ notifications = Table(
     Column("recipient_id", Uuid, nullable=False),
     Column("room_id", Uuid, nullable=False),
     Column("mentioned", Boolean, nullable=False),
+    # Why the recipient heard of the message (events.Trigger); NULL in rows decided before
+    # revision 0004.
+    Column("trigger", String(16), nullable=True),
     Column("push_decision", String(64), nullable=False),
     Column("email_decision", String(64), nullable=False),
     Column("decided_at", DateTime(timezone=True), nullable=False),
