@@ -142,6 +142,23 @@ async def _bounded(calls: list[Callable[[], Awaitable[Any]]]) -> list[Any]:
     return await asyncio.gather(*(one(call) for call in calls))
 
 
+async def set_levels(session: aiohttp.ClientSession, token: str, *, email: bool) -> None:
+    """Every message pushed, and e-mailed if `email`: level `all` (a new user's default is DMs
+    and mentions only). A version from before levels takes the older on/off form instead (its
+    default was everything on), so `--compare` with it runs the same workload."""
+    levels = {"push": "all", "email": "all" if email else "none"}
+    async with session.put(
+        "/users/me/preferences", data=json.dumps(levels).encode(), headers=_headers(token)
+    ) as answer:
+        if answer.status == 200:
+            return
+        if answer.status != 422:
+            raise RuntimeError(f"preferences: HTTP {answer.status} {(await answer.read())[:200]!r}")
+    if not email:
+        older = {"push_enabled": True, "email_enabled": False, "muted_room_ids": []}
+        await _call(session, "PUT", "/users/me/preferences", older, "preferences", token)
+
+
 async def populate(session: aiohttp.ClientSession, workload: Workload, run_id: str) -> Population:
     """Register every user (one push device each; e-mail off for all but `email_share`), then one
     room per `room_size` consecutive users."""
@@ -169,15 +186,7 @@ async def populate(session: aiohttp.ClientSession, workload: Workload, run_id: s
             user["token"],
         )
         email_enabled = workload.gets_email(index)
-        if not email_enabled:  # the default is on
-            await _call(
-                session,
-                "PUT",
-                "/users/me/preferences",
-                {"push_enabled": True, "email_enabled": False, "muted_room_ids": []},
-                "preferences",
-                user["token"],
-            )
+        await set_levels(session, user["token"], email=email_enabled)
         return BenchUser(
             index=index,
             id=uuid.UUID(user["id"]),

@@ -121,6 +121,11 @@ async def _post_to_bob_on_every_channel(api: str, webpush: FakeWebPush) -> str:
             assert response.status_code == 201, response.text
             users[name] = response.json()
         bob = {"Authorization": f"Bearer {users['bob']['token']}"}
+        # Every message notifies Bob (a new user's default is DMs and mentions only).
+        levels = await client.put(
+            "/users/me/preferences", json={"push": "all", "email": "all"}, headers=bob
+        )
+        assert levels.status_code == 200, levels.text
         for device in (
             {"platform": "fcm", "token": f"fcm-bob-{uuid.uuid4().hex}"},
             {"platform": "apns", "token": device_token()},

@@ -4,47 +4,12 @@ over HTTP reaches every other room member as a ledger row, an FCM push and an e-
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import asyncpg
 import httpx
-import pytest
 
-from tests.fakes.fcm import FakeFcm
-from tests.fakes.smtp import FakeSmtp
+from tests.e2e.conftest import Pipeline
 from tests.support import infra
-from tests.support.processes import SERVICES, ServiceProcess, running_services, service_env
-
-
-@dataclass
-class Pipeline:
-    services: dict[str, ServiceProcess]
-    databases: dict[str, str]
-    fcm: FakeFcm
-    smtp: FakeSmtp
-
-    @property
-    def api(self) -> str:
-        return self.services["message-service"].base_url
-
-
-@pytest.fixture
-async def pipeline(
-    rabbit_url: str, fcm: FakeFcm, smtp: FakeSmtp, credentials: Path, tmp_path: Path
-) -> AsyncIterator[Pipeline]:
-    databases = {name: await infra.create_database() for name in SERVICES}
-    environments = service_env(
-        rabbit_url=rabbit_url, databases=databases, fcm=fcm, credentials=credentials, smtp=smtp
-    )
-    try:
-        # Leaving the block stops every service and asserts a clean exit (a graceful drain).
-        async with running_services(environments, tmp_path) as services:
-            yield Pipeline(services, databases, fcm, smtp)
-    finally:
-        for url in databases.values():
-            await infra.drop_database(url)
 
 
 async def _register(client: httpx.AsyncClient, username: str, device_token: str) -> dict[str, str]:
@@ -64,6 +29,13 @@ async def _register(client: httpx.AsyncClient, username: str, device_token: str)
         headers={"Authorization": f"Bearer {user['token']}"},
     )
     assert device.status_code == 201, device.text
+    # Every message notifies (a new user's default is DMs and mentions only).
+    levels = await client.put(
+        "/users/me/preferences",
+        json={"push": "all", "email": "all"},
+        headers={"Authorization": f"Bearer {user['token']}"},
+    )
+    assert levels.status_code == 200, levels.text
     return user
 
 

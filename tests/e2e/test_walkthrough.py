@@ -21,7 +21,7 @@ from tests.support.processes import SERVICES, running_services
 README = Path(__file__).resolve().parents[2] / "README.md"
 API_LINE = "B=http://127.0.0.1:8000"
 RUN_SEPARATOR = "=== the walk-through again ==="
-TEXT = "Hello everyone! 👋"
+TEXT = "Hello @room! 👋"
 
 
 def walkthrough() -> str:
@@ -103,7 +103,7 @@ def check_run(run: Run) -> tuple[str, str]:
         suffixes.add(match[2])
         text_part = message.get_body(preferencelist=("plain",))
         assert text_part is not None
-        assert "Hello everyone!" in text_part.get_content()
+        assert "Hello @room!" in text_part.get_content()
     assert names == {("bob", "Bob"), ("carol", "Carol")}
     assert len(suffixes) == 1, suffixes
     suffix = suffixes.pop()

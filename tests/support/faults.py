@@ -697,6 +697,11 @@ async def register(
     assert response.status_code == 201, response.text
     user = response.json()
     auth = {"Authorization": f"Bearer {user['token']}"}
+    # Every message notifies (a new user's default is DMs and mentions only).
+    levels = await client.put(
+        "/users/me/preferences", json={"push": "all", "email": "all"}, headers=auth
+    )
+    assert levels.status_code == 200, levels.text
     device_ids: list[uuid.UUID] = []
     device_tokens: list[str] = []
     for index in range(devices):

@@ -66,10 +66,26 @@ async def test_every_endpoint_on_postgres(app: FastAPI) -> None:
             "muted_room_ids": [str(room)],
         }
         put = await client.put("/users/me/preferences", json=preferences, headers=carol.headers)
-        assert put.json() == preferences
+        expected = {**preferences, "push": "none", "email": "mentions"}
+        assert put.json() == expected
         assert (await client.get("/users/me/preferences", headers=carol.headers)).json() == (
-            preferences
+            expected
         )
+        # Levels, a room's own and a timed mute, on PostgreSQL too.
+        levels = await client.put(
+            "/users/me/preferences", json={"push": "all"}, headers=carol.headers
+        )
+        assert (levels.json()["push"], levels.json()["muted_room_ids"]) == ("all", [str(room)])
+        muted = {"push": "mentions", "email": "default", "muted_until": "2100-01-01T00:00:00Z"}
+        room_settings = await client.put(
+            f"/rooms/{room}/notifications", json=muted, headers=carol.headers
+        )
+        assert room_settings.json() == {
+            "room_id": str(room),
+            "push": "mentions",
+            "email": "default",
+            "muted_until": "2100-01-01T00:00:00Z",
+        }
 
         sent = []
         for i in range(7):

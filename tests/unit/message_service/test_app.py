@@ -184,6 +184,7 @@ async def test_openapi_lists_the_api_only(client: httpx.AsyncClient) -> None:
         "/rooms/{room_id}",
         "/rooms/{room_id}/members",
         "/rooms/{room_id}/messages",
+        "/rooms/{room_id}/notifications",
         "/unsubscribe",
     }
 

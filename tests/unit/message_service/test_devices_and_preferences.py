@@ -147,15 +147,17 @@ async def test_a_malformed_device_id_is_422(client: httpx.AsyncClient) -> None:
     assert response.status_code == 422
 
 
-async def test_preferences_default_to_everything_on(client: httpx.AsyncClient) -> None:
+async def test_preferences_default_to_dms_and_mentions(client: httpx.AsyncClient) -> None:
     alice = await register(client, "alice")
 
     response = await client.get("/users/me/preferences", headers=alice.headers)
 
     assert response.json() == {
+        "push": "mentions",
+        "email": "mentions",
+        "push_preview": True,
         "push_enabled": True,
         "email_enabled": True,
-        "push_preview": True,
         "muted_room_ids": [],
     }
 
@@ -171,9 +173,11 @@ async def test_preferences_are_replaced_and_published(
     unchanged = await client.put("/users/me/preferences", json=body, headers=alice.headers)
 
     expected = {
+        "push": "none",
+        "email": "none",
+        "push_preview": True,
         "push_enabled": False,
         "email_enabled": False,
-        "push_preview": True,
         "muted_room_ids": [str(room)],
     }
     assert response.status_code == unchanged.status_code == 200
@@ -223,7 +227,9 @@ async def test_only_own_rooms_can_be_muted(
 @pytest.mark.parametrize(
     "body",
     [
-        {"push_enabled": True, "email_enabled": True},
+        {"push": "sometimes"},
+        {"email": "all", "email_enabled": True},
+        {"push": None, "push_enabled": None, "push_preview": "no"},
         {"push_enabled": "yes", "email_enabled": True, "muted_room_ids": []},
         {"push_enabled": 1, "email_enabled": True, "muted_room_ids": []},
         {"push_enabled": True, "email_enabled": True, "muted_room_ids": ["nope"]},

@@ -119,20 +119,34 @@ class Device(Table, table=True):
     web_push_auth: str | None = Field(default=None, sa_type=String(WEB_PUSH_AUTH_MAX))
 
 
+LEVEL_MAX = 16  # herald_shared.events.Level's values
+# A mute with no end: what the older `muted_room_ids` preference sets.
+MUTED_FOREVER = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
+
+
 class Preferences(Table, table=True):
+    """A user's defaults per channel (`herald_shared.events.Level`): new users hear of DMs and
+    mentions only, as in the chat products people like."""
+
     __tablename__ = "preferences"
 
     user_id: uuid.UUID = Field(foreign_key="users.id", primary_key=True)
-    push_enabled: bool = True
-    email_enabled: bool = True
+    push_level: str = Field(default="mentions", sa_type=String(LEVEL_MAX))
+    email_level: str = Field(default="mentions", sa_type=String(LEVEL_MAX))
     push_preview: bool = True
 
 
-class MutedRoom(Table, table=True):
-    __tablename__ = "muted_rooms"
+class RoomSettings(Table, table=True):
+    """A user's own settings for one room: levels that replace their defaults there (None: the
+    default), and a mute until `muted_until` (None: not muted)."""
+
+    __tablename__ = "room_settings"
 
     user_id: uuid.UUID = Field(foreign_key="users.id", primary_key=True)
     room_id: uuid.UUID = Field(foreign_key="rooms.id", primary_key=True)
+    push_level: str | None = Field(default=None, sa_type=String(LEVEL_MAX))
+    email_level: str | None = Field(default=None, sa_type=String(LEVEL_MAX))
+    muted_until: datetime | None = Field(default=None, sa_type=UtcDateTime)
 
 
 class Room(Table, table=True):

@@ -30,11 +30,11 @@ from message_service.models import (
     ApiToken,
     Device,
     Message,
-    MutedRoom,
     OutboxEvent,
     Preferences,
     Room,
     RoomMember,
+    RoomSettings,
     User,
 )
 
@@ -286,21 +286,26 @@ async def preferences_of(session: AsyncSession, *, user_id: uuid.UUID) -> Prefer
     return preferences
 
 
-async def muted_room_ids(session: AsyncSession, *, user_id: uuid.UUID) -> list[uuid.UUID]:
+async def room_settings_of(session: AsyncSession, *, user_id: uuid.UUID) -> list[RoomSettings]:
+    """The user's settings of every room they set something for, by room id."""
     statement = (
-        select(MutedRoom.room_id)
-        .where(MutedRoom.user_id == user_id)
-        .order_by(col(MutedRoom.room_id))
+        select(RoomSettings)
+        .where(RoomSettings.user_id == user_id)
+        .order_by(col(RoomSettings.room_id))
+        .execution_options(populate_existing=True)
     )
     return list((await session.exec(statement)).all())
 
 
-async def replace_muted_rooms(
-    session: AsyncSession, *, user_id: uuid.UUID, room_ids: Iterable[uuid.UUID]
-) -> None:
-    await session.exec(delete(MutedRoom).where(col(MutedRoom.user_id) == user_id))
-    session.add_all(MutedRoom(user_id=user_id, room_id=room_id) for room_id in room_ids)
-    await session.flush()
+async def room_settings(
+    session: AsyncSession, *, user_id: uuid.UUID, room_id: uuid.UUID
+) -> RoomSettings:
+    """The user's settings of one room (a new, empty row if they set nothing there yet)."""
+    settings = await session.get(RoomSettings, (user_id, room_id), populate_existing=True)
+    if settings is None:
+        settings = RoomSettings(user_id=user_id, room_id=room_id)
+        session.add(settings)
+    return settings
 
 
 # --- rooms and members --------------------------------------------------------------------------

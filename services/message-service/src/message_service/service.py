@@ -25,9 +25,11 @@ from herald_shared.database import autocommit
 from herald_shared.events import (
     MAX_RECIPIENTS,
     DeviceSnapshot,
+    Level,
     MessageCreated,
     Platform,
     PreferencesSnapshot,
+    RoomSettingsSnapshot,
     SenderInfo,
     UserUpdated,
     WebPushKeys,
@@ -36,12 +38,22 @@ from herald_shared.events import (
 from herald_shared.webpush import endpoint_problem
 from message_service import repository
 from message_service.cursor import decode_cursor, encode_cursor
-from message_service.models import Device, Message, Room, User
+from message_service.models import (
+    MUTED_FOREVER,
+    Device,
+    Message,
+    Preferences,
+    Room,
+    RoomSettings,
+    User,
+)
 
 MAX_ROOM_MEMBERS = MAX_RECIPIENTS
 MAX_PAGE_SIZE = 100
 # `@name` not preceded by a word character (so an e-mail address is not a mention).
 MENTION = re.compile(r"(?<![\w@])@([A-Za-z0-9_]{3,32})(?![A-Za-z0-9_])")
+# The names that mention a whole room, as `@room` or `@all`.
+ROOM_MENTIONS = frozenset({"room", "all"})
 # How often a registration retries after losing a race for the same push token.
 _DEVICE_RACE_ATTEMPTS = 3
 
@@ -91,10 +103,21 @@ class DeviceRegistration:
 
 @dataclass(frozen=True)
 class PreferencesView:
-    push_enabled: bool
-    email_enabled: bool
+    push: Level
+    email: Level
     push_preview: bool
+    # The rooms muted with no end (the older form of muting; `RoomNotificationsView` has all).
     muted_room_ids: list[uuid.UUID]
+
+
+@dataclass(frozen=True)
+class RoomNotificationsView:
+    """A user's settings for one room; None: their default level, or not muted."""
+
+    room_id: uuid.UUID
+    push: Level | None
+    email: Level | None
+    muted_until: datetime | None
 
 
 @dataclass(frozen=True)
@@ -342,52 +365,76 @@ def check_web_push_endpoint(endpoint: str, *, allowed_hosts: Iterable[str]) -> N
 
 async def get_preferences(*, session: AsyncSession, user_id: uuid.UUID) -> PreferencesView:
     preferences = await repository.preferences_of(session, user_id=user_id)
-    muted = await repository.muted_room_ids(session, user_id=user_id)
-    return PreferencesView(
-        push_enabled=preferences.push_enabled,
-        email_enabled=preferences.email_enabled,
-        push_preview=preferences.push_preview,
-        muted_room_ids=muted,
-    )
+    rooms = await repository.room_settings_of(session, user_id=user_id)
+    return _preferences_view(preferences, rooms)
 
 
 async def set_preferences(
     *,
     session: AsyncSession,
     user_id: uuid.UUID,
-    push_enabled: bool,
-    email_enabled: bool,
-    push_preview: bool = True,
-    muted_room_ids: Sequence[uuid.UUID],
+    push: Level | None = None,
+    email: Level | None = None,
+    push_enabled: bool | None = None,
+    email_enabled: bool | None = None,
+    push_preview: bool | None = None,
+    muted_room_ids: Sequence[uuid.UUID] | None = None,
 ) -> PreferencesView:
-    """Replace the preferences. Only rooms the user is a member of can be muted."""
+    """Change what is given (None: unchanged). A level and the older on/off flag of the same
+    channel are mutually exclusive; a flag turned on restores the level it had (the default,
+    `mentions`, if it was `none`). `muted_room_ids` replaces the set of rooms muted with no
+    end; only rooms the user is a member of can be muted."""
+    if push is not None and push_enabled is not None:
+        raise Invalid("give either push or push_enabled, not both")
+    if email is not None and email_enabled is not None:
+        raise Invalid("give either email or email_enabled, not both")
     user = await _lock_user(session, user_id)
-    wanted = sorted(set(muted_room_ids))
-    unknown = set(wanted) - await repository.rooms_of_member(
-        session, user_id=user_id, room_ids=wanted
-    )
-    if unknown:
-        raise Invalid(f"not a room of yours: {', '.join(sorted(map(str, unknown)))}")
     preferences = await repository.preferences_of(session, user_id=user_id)
-    current_muted = await repository.muted_room_ids(session, user_id=user_id)
-    current = (
-        preferences.push_enabled,
-        preferences.email_enabled,
-        preferences.push_preview,
-        sorted(current_muted),
-    )
-    if current != (push_enabled, email_enabled, push_preview, wanted):
-        preferences.push_enabled = push_enabled
-        preferences.email_enabled = email_enabled
+    rooms = await repository.room_settings_of(session, user_id=user_id)
+    before = _preferences_view(preferences, rooms)
+    preferences.push_level = str(_level(push, push_enabled, current=before.push))
+    preferences.email_level = str(_level(email, email_enabled, current=before.email))
+    if push_preview is not None:
         preferences.push_preview = push_preview
-        await repository.replace_muted_rooms(session, user_id=user_id, room_ids=wanted)
+    if muted_room_ids is not None:
+        wanted = set(muted_room_ids)
+        unknown = wanted - await repository.rooms_of_member(
+            session, user_id=user_id, room_ids=wanted
+        )
+        if unknown:
+            raise Invalid(f"not a room of yours: {', '.join(sorted(map(str, unknown)))}")
+        for room_id in wanted - set(before.muted_room_ids):
+            settings = await repository.room_settings(session, user_id=user_id, room_id=room_id)
+            settings.muted_until = MUTED_FOREVER
+        for settings in rooms:
+            if settings.room_id not in wanted and settings.muted_until == MUTED_FOREVER:
+                settings.muted_until = None
+    await session.flush()
+    after = _preferences_view(
+        preferences, await repository.room_settings_of(session, user_id=user_id)
+    )
+    if after != before:
         await _bump_and_stage(session, user)
     await session.commit()
+    return after
+
+
+def _level(level: Level | None, enabled: bool | None, *, current: Level) -> Level:
+    if level is not None:
+        return level
+    if enabled is None:
+        return current
+    if not enabled:
+        return Level.NONE
+    return Level.MENTIONS if current is Level.NONE else current
+
+
+def _preferences_view(preferences: Preferences, rooms: Iterable[RoomSettings]) -> PreferencesView:
     return PreferencesView(
-        push_enabled=push_enabled,
-        email_enabled=email_enabled,
-        push_preview=push_preview,
-        muted_room_ids=wanted,
+        push=Level(preferences.push_level),
+        email=Level(preferences.email_level),
+        push_preview=preferences.push_preview,
+        muted_room_ids=sorted(r.room_id for r in rooms if r.muted_until == MUTED_FOREVER),
     )
 
 
@@ -396,10 +443,56 @@ async def turn_email_off(*, session: AsyncSession, user_id: uuid.UUID) -> None:
     preference change it publishes `user.updated`, and only if something changed."""
     user = await _lock_user(session, user_id)
     preferences = await repository.preferences_of(session, user_id=user_id)
-    if preferences.email_enabled:
-        preferences.email_enabled = False
+    if preferences.email_level != Level.NONE:
+        preferences.email_level = str(Level.NONE)
         await _bump_and_stage(session, user)
     await session.commit()
+
+
+async def get_room_notifications(
+    *, session: AsyncSession, user_id: uuid.UUID, room_id: uuid.UUID
+) -> RoomNotificationsView:
+    await _room_of_member(session, room_id=room_id, user_id=user_id)
+    settings = await repository.room_settings(session, user_id=user_id, room_id=room_id)
+    view = _room_notifications_view(settings)
+    await session.rollback()  # nothing to keep: an empty row was only made to be read
+    return view
+
+
+async def set_room_notifications(
+    *,
+    session: AsyncSession,
+    user_id: uuid.UUID,
+    room_id: uuid.UUID,
+    push: Level | None,
+    email: Level | None,
+    muted_until: datetime | None,
+) -> RoomNotificationsView:
+    """Replace the user's settings for a room they are a member of (None: their default level;
+    not muted). A mute that has already ended is stored as no mute."""
+    user = await _lock_user(session, user_id)
+    await _room_of_member(session, room_id=room_id, user_id=user_id)
+    settings = await repository.room_settings(session, user_id=user_id, room_id=room_id)
+    before = _room_notifications_view(settings)
+    if muted_until is not None and muted_until <= utc_now():
+        muted_until = None
+    settings.push_level = None if push is None else str(push)
+    settings.email_level = None if email is None else str(email)
+    settings.muted_until = muted_until
+    after = _room_notifications_view(settings)
+    if after != before:
+        await _bump_and_stage(session, user)
+    await session.commit()
+    return after
+
+
+def _room_notifications_view(settings: RoomSettings) -> RoomNotificationsView:
+    return RoomNotificationsView(
+        room_id=settings.room_id,
+        push=None if settings.push_level is None else Level(settings.push_level),
+        email=None if settings.email_level is None else Level(settings.email_level),
+        muted_until=settings.muted_until,
+    )
 
 
 # --- rooms --------------------------------------------------------------------------------------
@@ -522,6 +615,7 @@ def _message_created(
             user_id=sender.user_id, username=sender.username, display_name=sender.display_name
         ),
         mentions=mentioned(message.content, recipients),
+        room_mentioned=room_mentioned(message.content),
         timestamp=message.created_at,
     )
 
@@ -530,6 +624,11 @@ def mentioned(content: str, members: Sequence[tuple[uuid.UUID, str]]) -> list[uu
     """Ids of the members whose `@username` appears in the content, in member order."""
     names = {match.lower() for match in MENTION.findall(content)}
     return [user_id for user_id, username in members if username in names]
+
+
+def room_mentioned(content: str) -> bool:
+    """Whether the content names the whole room (`@room`, `@all`)."""
+    return any(match.lower() in ROOM_MENTIONS for match in MENTION.findall(content))
 
 
 def _replay(message: Message, *, room_id: uuid.UUID, content: str) -> PostedMessage:
@@ -597,7 +696,9 @@ async def _stage_user_updated(session: AsyncSession, user: User) -> None:
     """Stage the full snapshot of `user` as it is in this transaction."""
     devices = await repository.devices_of(session, user_id=user.id)
     preferences = await repository.preferences_of(session, user_id=user.id)
-    muted = await repository.muted_room_ids(session, user_id=user.id)
+    rooms = await repository.room_settings_of(session, user_id=user.id)
+    view = _preferences_view(preferences, rooms)
+    now = utc_now()
     event = UserUpdated(
         occurred_at=user.updated_at,
         user_id=user.id,
@@ -607,10 +708,23 @@ async def _stage_user_updated(session: AsyncSession, user: User) -> None:
         email=user.email,
         devices=[_device_snapshot(device) for device in devices],
         preferences=PreferencesSnapshot(
-            push_enabled=preferences.push_enabled,
-            email_enabled=preferences.email_enabled,
-            push_preview=preferences.push_preview,
-            muted_room_ids=muted,
+            # The booleans and muted_room_ids for routers older than levels.
+            push_enabled=view.push is not Level.NONE,
+            email_enabled=view.email is not Level.NONE,
+            push_preview=view.push_preview,
+            muted_room_ids=view.muted_room_ids,
+            push=view.push,
+            email=view.email,
+            rooms=[
+                RoomSettingsSnapshot(
+                    room_id=room.room_id,
+                    push=room.push,
+                    email=room.email,
+                    muted_until=room.muted_until,
+                )
+                for room in map(_room_notifications_view, rooms)
+                if room.push or room.email or (room.muted_until and room.muted_until > now)
+            ],
         ),
     )
     repository.add_outbox_event(session, event=event, event_type=event.type)

@@ -9,11 +9,12 @@ from __future__ import annotations
 import re
 import unicodedata
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from pydantic import (
     AfterValidator,
+    AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
@@ -22,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from herald_shared.events import MAX_MESSAGE_CONTENT, MAX_RECIPIENTS, Platform
+from herald_shared.events import MAX_MESSAGE_CONTENT, MAX_RECIPIENTS, Level, Platform
 from message_service.models import (
     DEVICE_TOKEN_MAX,
     DISPLAY_TEXT_MAX,
@@ -33,7 +34,7 @@ from message_service.models import (
     Message,
     User,
 )
-from message_service.service import PreferencesView, RoomView
+from message_service.service import PreferencesView, RoomNotificationsView, RoomView
 from message_service.webpush_keys import AUTH_SECRET_BYTES, decode_base64url, is_p256_public_key
 
 # --- validation ---------------------------------------------------------------------------------
@@ -118,6 +119,19 @@ ApnsToken = Annotated[
 # --- requests -----------------------------------------------------------------------------------
 
 
+def _in_utc(value: datetime) -> datetime:
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # year 1 with a positive offset, year 9999 with a negative one
+        raise ValueError("the time is out of range") from None
+
+
+UtcInstant = Annotated[AwareDatetime, AfterValidator(_in_utc)]
+
+# A room's level: one of the levels, or `default` (the user's own level applies).
+RoomLevel = Literal["default", "all", "mentions", "none"]
+
+
 class RequestBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -176,11 +190,36 @@ DeviceCreate = Annotated[
 
 
 class PreferencesBody(RequestBody):
-    push_enabled: StrictBool
-    email_enabled: StrictBool
+    """What to change; a field left out keeps its value. `push` / `email` are the levels;
+    `push_enabled` / `email_enabled` and `muted_room_ids` are the older form, still taken."""
+
+    push: Level | None = Field(
+        default=None, description="all: every message; mentions: DMs and mentions; none"
+    )
+    email: Level | None = None
     # False: pushes name the sender and the room but never show the message's text.
-    push_preview: StrictBool = True
-    muted_room_ids: list[uuid.UUID] = Field(max_length=MAX_RECIPIENTS)
+    push_preview: StrictBool | None = None
+    push_enabled: StrictBool | None = Field(
+        default=None, description="Older form: false is push none; true restores the level"
+    )
+    email_enabled: StrictBool | None = Field(
+        default=None, description="Older form: false is email none; true restores the level"
+    )
+    muted_room_ids: list[uuid.UUID] | None = Field(
+        default=None,
+        max_length=MAX_RECIPIENTS,
+        description="Older form: replaces the set of rooms muted with no end",
+    )
+
+
+class RoomNotificationsBody(RequestBody):
+    """Your settings for one room, all replaced: `default` follows your preferences."""
+
+    push: RoomLevel
+    email: RoomLevel
+    muted_until: UtcInstant | None = Field(
+        description="Silent until then (a personal mention still notifies); null: not muted"
+    )
 
 
 class RoomCreate(RequestBody):
@@ -235,18 +274,38 @@ class DeviceOut(BaseModel):
 
 
 class PreferencesOut(BaseModel):
-    push_enabled: bool
-    email_enabled: bool
+    push: Level
+    email: Level
     push_preview: bool
-    muted_room_ids: list[uuid.UUID]
+    push_enabled: bool = Field(description="Older form: push is not none")
+    email_enabled: bool = Field(description="Older form: email is not none")
+    muted_room_ids: list[uuid.UUID] = Field(description="The rooms muted with no end")
 
     @classmethod
     def of(cls, view: PreferencesView) -> PreferencesOut:
         return cls(
-            push_enabled=view.push_enabled,
-            email_enabled=view.email_enabled,
+            push=view.push,
+            email=view.email,
             push_preview=view.push_preview,
+            push_enabled=view.push is not Level.NONE,
+            email_enabled=view.email is not Level.NONE,
             muted_room_ids=view.muted_room_ids,
+        )
+
+
+class RoomNotificationsOut(BaseModel):
+    room_id: uuid.UUID
+    push: RoomLevel
+    email: RoomLevel
+    muted_until: datetime | None
+
+    @classmethod
+    def of(cls, view: RoomNotificationsView) -> RoomNotificationsOut:
+        return cls(
+            room_id=view.room_id,
+            push="default" if view.push is None else view.push.value,
+            email="default" if view.email is None else view.email.value,
+            muted_until=view.muted_until,
         )
 
 

@@ -19,10 +19,15 @@ async def read_preferences(me: Me, session: SessionDep) -> PreferencesOut:
 
 @router.put("/users/me/preferences", responses=INVALID)
 async def replace_preferences(body: PreferencesBody, me: Me, session: SessionDep) -> PreferencesOut:
-    """Replace all preferences; only rooms you are a member of can be muted."""
+    """Change your defaults: `push` and `email` levels (`all`, `mentions` - the default, DMs and
+    mentions only - or `none`) and `push_preview`; fields left out keep their value. The older
+    `push_enabled`, `email_enabled` and `muted_room_ids` are still taken; only rooms you are a
+    member of can be muted."""
     view = await service.set_preferences(
         session=session,
         user_id=me.id,
+        push=body.push,
+        email=body.email,
         push_enabled=body.push_enabled,
         email_enabled=body.email_enabled,
         push_preview=body.push_preview,

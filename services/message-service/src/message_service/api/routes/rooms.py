@@ -6,10 +6,17 @@ import uuid
 
 from fastapi import APIRouter, Response, status
 
+from herald_shared.events import Level
 from message_service import service
 from message_service.api.deps import Me, SessionDep
 from message_service.api.responses import INVALID, NOT_FOUND
-from message_service.api.schemas import MemberAdd, RoomCreate, RoomOut
+from message_service.api.schemas import (
+    MemberAdd,
+    RoomCreate,
+    RoomNotificationsBody,
+    RoomNotificationsOut,
+    RoomOut,
+)
 
 router = APIRouter(tags=["rooms"])
 
@@ -43,3 +50,30 @@ async def add_member(
     if not change.added:
         response.status_code = status.HTTP_200_OK
     return RoomOut.of(change.room)
+
+
+@router.get("/rooms/{room_id}/notifications", responses=NOT_FOUND)
+async def read_room_notifications(
+    room_id: uuid.UUID, me: Me, session: SessionDep
+) -> RoomNotificationsOut:
+    """Your notification settings for a room you are a member of."""
+    view = await service.get_room_notifications(session=session, user_id=me.id, room_id=room_id)
+    return RoomNotificationsOut.of(view)
+
+
+@router.put("/rooms/{room_id}/notifications", responses={**NOT_FOUND, **INVALID})
+async def replace_room_notifications(
+    room_id: uuid.UUID, body: RoomNotificationsBody, me: Me, session: SessionDep
+) -> RoomNotificationsOut:
+    """Replace your settings for a room: a level per channel (`default` follows your
+    preferences) and a mute until a time (a personal mention still notifies; null: not
+    muted)."""
+    view = await service.set_room_notifications(
+        session=session,
+        user_id=me.id,
+        room_id=room_id,
+        push=None if body.push == "default" else Level(body.push),
+        email=None if body.email == "default" else Level(body.email),
+        muted_until=body.muted_until,
+    )
+    return RoomNotificationsOut.of(view)
