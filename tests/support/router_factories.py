@@ -13,6 +13,7 @@ from herald_shared.events import (
     MessageCreated,
     Platform,
     PreferencesSnapshot,
+    RoomKind,
     RoomSettingsSnapshot,
     SenderInfo,
     UserUpdated,
@@ -81,6 +82,7 @@ def message_created(
     content: str = "Hello everyone! 👋",
     mentions: Sequence[uuid.UUID] = (),
     room_mentioned: bool = False,
+    room_kind: RoomKind = RoomKind.GROUP,
     sender_display_name: str = "John Doe",
     timestamp: datetime = SENT_AT,
 ) -> MessageCreated:
@@ -97,5 +99,6 @@ def message_created(
         ),
         mentions=list(mentions),
         room_mentioned=room_mentioned,
+        room_kind=room_kind,
         timestamp=timestamp,
     )

@@ -56,10 +56,16 @@ class DeliveryOutcome(StrEnum):
     FAILED = "failed"
 
 
+class RoomKind(StrEnum):
+    GROUP = "group"  # named, any number of members
+    DIRECT = "direct"  # the one unnamed room of two users: their direct messages
+
+
 class Trigger(StrEnum):
     """Why a recipient hears of a message, strongest first: the router decides it once per
     recipient and message, records it in its ledger and puts it on every job."""
 
+    DIRECT = "dm"  # a direct message
     MENTION = "mention"  # the message names the recipient (`@username`)
     ROOM_MENTION = "room_mention"  # the message names the whole room (`@room`, `@all`)
     MESSAGE = "message"  # anything else said in a room the recipient is in
@@ -69,7 +75,7 @@ class Level(StrEnum):
     """How much a user wants of one channel."""
 
     ALL = "all"  # every message
-    MENTIONS = "mentions"  # only messages that name them or their room
+    MENTIONS = "mentions"  # only direct messages and messages that name them or their room
     NONE = "none"  # nothing
 
 
@@ -102,7 +108,8 @@ class MessageCreated(Event):
     type: Literal["new_message"] = "new_message"
     message_id: uuid.UUID
     room_id: uuid.UUID
-    room_name: str = ""
+    room_name: str = ""  # empty for a direct room
+    room_kind: RoomKind = RoomKind.GROUP
     sender_id: uuid.UUID
     recipient_ids: list[uuid.UUID] = Field(max_length=MAX_RECIPIENTS)
     message_content: str = Field(max_length=MAX_MESSAGE_CONTENT)

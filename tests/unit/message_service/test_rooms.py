@@ -23,8 +23,8 @@ async def test_the_creator_is_a_member_with_the_listed_users(client: httpx.Async
 
     assert response.status_code == 201
     body = response.json()
-    assert set(body) == {"id", "name", "member_ids", "created_at"}
-    assert body["name"] == "general"
+    assert set(body) == {"id", "kind", "name", "member_ids", "created_at"}
+    assert (body["kind"], body["name"]) == ("group", "general")
     assert sorted(body["member_ids"]) == sorted([str(alice.id), str(bob.id)])
     fetched = await client.get(f"/rooms/{body['id']}", headers=bob.headers)
     assert fetched.status_code == 200

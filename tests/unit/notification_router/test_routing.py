@@ -21,6 +21,7 @@ from herald_shared.events import (
     Platform,
     PushJobsRequested,
     PushRequested,
+    RoomKind,
     RoomSettingsSnapshot,
     Trigger,
     WebPushKeys,
@@ -158,9 +159,21 @@ class Row:
     room: Level | None = None
     muted_until: datetime | None = None
     expected: str = "pending"
+    named: bool = False  # a direct message that also says @recipient
 
 
 PRECEDENCE = {
+    "all: a direct message": Row(Trigger.DIRECT, Level.ALL),
+    "mentions: a direct message": Row(Trigger.DIRECT, Level.MENTIONS),
+    "none: not even a direct message": Row(
+        Trigger.DIRECT, Level.NONE, expected="skipped:push_disabled"
+    ),
+    "muted: a direct room muted is silent": Row(
+        Trigger.DIRECT, Level.ALL, muted_until=MUTE_RUNS, expected="skipped:muted"
+    ),
+    "muted: a direct message naming the recipient breaks the mute": Row(
+        Trigger.DIRECT, Level.ALL, muted_until=MUTE_RUNS, named=True
+    ),
     "all: a plain message": Row(Trigger.MESSAGE, Level.ALL),
     "all: a room-wide mention": Row(Trigger.ROOM_MENTION, Level.ALL),
     "all: a personal mention": Row(Trigger.MENTION, Level.ALL),
@@ -212,8 +225,9 @@ def test_precedence(row: Row) -> None:
     event = message_created(
         recipient_ids=[USER],
         room_id=ROOM,
-        mentions=[USER] if row.trigger is Trigger.MENTION else [],
+        mentions=[USER] if row.trigger is Trigger.MENTION or row.named else [],
         room_mentioned=row.trigger is Trigger.ROOM_MENTION,
+        room_kind=RoomKind.DIRECT if row.trigger is Trigger.DIRECT else RoomKind.GROUP,
     )
 
     decision = decide_for(event, user, now=NOW)

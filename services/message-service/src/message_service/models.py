@@ -149,11 +149,18 @@ class RoomSettings(Table, table=True):
     muted_until: datetime | None = Field(default=None, sa_type=UtcDateTime)
 
 
+ROOM_KIND_MAX = 16  # herald_shared.events.RoomKind's values
+DIRECT_KEY_MAX = 73  # two UUIDs and a colon
+
+
 class Room(Table, table=True):
     __tablename__ = "rooms"
 
     id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
-    name: str = Field(sa_type=String(DISPLAY_TEXT_MAX))
+    name: str = Field(sa_type=String(DISPLAY_TEXT_MAX))  # empty for a direct room
+    kind: str = Field(default="group", sa_type=String(ROOM_KIND_MAX))
+    # A direct room's two members, the smaller id first: unique, so a pair has one direct room.
+    direct_key: str | None = Field(default=None, sa_type=String(DIRECT_KEY_MAX), unique=True)
     created_by: uuid.UUID = Field(foreign_key="users.id")
     created_at: datetime = Field(default_factory=utc_now, sa_type=UtcDateTime)
 

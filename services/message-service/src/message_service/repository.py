@@ -77,9 +77,10 @@ class RosterMember:
 
 @dataclass(frozen=True)
 class Roster:
-    """A room's name and its members in the order they joined."""
+    """A room's name and kind, and its members in the order they joined."""
 
     room_name: str
+    room_kind: str
     members: list[RosterMember]
 
     def member(self, user_id: uuid.UUID) -> RosterMember | None:
@@ -90,7 +91,13 @@ async def room_roster(connection: AsyncConnection, *, room_id: uuid.UUID) -> Ros
     """The room and its members in one query (None: no such room)."""
     rows = (
         await connection.execute(
-            core_select(_rooms.c.name, _users.c.id, _users.c.username, _users.c.display_name)
+            core_select(
+                _rooms.c.name,
+                _rooms.c.kind,
+                _users.c.id,
+                _users.c.username,
+                _users.c.display_name,
+            )
             .join(_members, _members.c.room_id == _rooms.c.id)
             .join(_users, _users.c.id == _members.c.user_id)
             .where(_rooms.c.id == room_id)
@@ -101,6 +108,7 @@ async def room_roster(connection: AsyncConnection, *, room_id: uuid.UUID) -> Ros
         return None
     return Roster(
         room_name=rows[0].name,
+        room_kind=rows[0].kind,
         members=[RosterMember(row.id, row.username, row.display_name) for row in rows],
     )
 
@@ -319,6 +327,11 @@ async def add_room(session: AsyncSession, *, room: Room, member_ids: Sequence[uu
         for user_id in member_ids
     )
     await session.flush()
+
+
+async def room_by_direct_key(session: AsyncSession, *, key: str) -> Room | None:
+    statement = select(Room).where(col(Room.direct_key) == key)
+    return (await session.exec(statement)).first()
 
 
 async def room_for_member(

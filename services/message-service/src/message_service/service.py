@@ -29,6 +29,7 @@ from herald_shared.events import (
     MessageCreated,
     Platform,
     PreferencesSnapshot,
+    RoomKind,
     RoomSettingsSnapshot,
     SenderInfo,
     UserUpdated,
@@ -124,6 +125,12 @@ class RoomNotificationsView:
 class RoomView:
     room: Room
     member_ids: list[uuid.UUID]
+
+
+@dataclass(frozen=True)
+class DirectRoom:
+    room: RoomView
+    created: bool  # False: the pair's direct room existed already
 
 
 @dataclass(frozen=True)
@@ -514,6 +521,38 @@ async def create_room(
     return RoomView(room=room, member_ids=sorted(members))
 
 
+def direct_key(first: uuid.UUID, second: uuid.UUID) -> str:
+    """The key of a pair's direct room, the same whoever opens it."""
+    return ":".join(sorted((str(first), str(second))))
+
+
+async def open_direct_room(
+    *, session: AsyncSession, user_id: uuid.UUID, other_id: uuid.UUID
+) -> DirectRoom:
+    """The one direct room of the two users: made on first use, returned ever after (also when
+    both open it at the same moment: the key is unique, and the loser reads the winner's)."""
+    if other_id == user_id:
+        raise Invalid("a direct room is with another user")
+    if not await repository.existing_user_ids(session, user_ids={other_id}):
+        raise Invalid(f"unknown user id: {other_id}")
+    key = direct_key(user_id, other_id)
+    members = sorted((user_id, other_id))
+    existing = await repository.room_by_direct_key(session, key=key)
+    if existing is not None:
+        return DirectRoom(RoomView(room=existing, member_ids=members), created=False)
+    room = Room(name="", kind=RoomKind.DIRECT, direct_key=key, created_by=user_id)
+    try:
+        await repository.add_room(session, room=room, member_ids=[user_id, other_id])
+        await session.commit()
+    except IntegrityError:
+        await session.rollback()
+        existing = await repository.room_by_direct_key(session, key=key)
+        if existing is None:
+            raise
+        return DirectRoom(RoomView(room=existing, member_ids=members), created=False)
+    return DirectRoom(RoomView(room=room, member_ids=members), created=True)
+
+
 async def get_room(*, session: AsyncSession, room_id: uuid.UUID, user_id: uuid.UUID) -> RoomView:
     room = await _room_of_member(session, room_id=room_id, user_id=user_id)
     return RoomView(room=room, member_ids=await repository.member_ids(session, room_id=room.id))
@@ -524,6 +563,8 @@ async def add_member(
 ) -> MembershipChange:
     """A member adds someone to the room (idempotent: `added` is False if already in)."""
     room = await _room_of_member(session, room_id=room_id, user_id=actor_id, lock=True)
+    if room.kind == RoomKind.DIRECT:
+        raise Invalid("a direct room has its two members only")
     if not await repository.existing_user_ids(session, user_ids={user_id}):
         raise Invalid(f"unknown user id: {user_id}")
     members = await repository.member_ids(session, room_id=room.id)
@@ -608,6 +649,7 @@ def _message_created(
         message_id=message.id,
         room_id=message.room_id,
         room_name=roster.room_name,
+        room_kind=RoomKind(roster.room_kind),
         sender_id=sender.user_id,
         recipient_ids=[user_id for user_id, _ in recipients],
         message_content=message.content,

@@ -21,7 +21,7 @@ class RouterMetrics:
         self.decisions = Counter(
             "herald_router_notifications_decided",
             "Routing decisions, one per recipient and channel: outcome sent (jobs handed to "
-            "the sender) or skipped, with the skip reason, and the trigger (mention, "
+            "the sender) or skipped, with the skip reason, and the trigger (dm, mention, "
             "room_mention or message).",
             ["channel", "outcome", "reason", "trigger"],
             registry=registry,

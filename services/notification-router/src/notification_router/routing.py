@@ -8,11 +8,11 @@ redelivered message yields the same notification ids and the same jobs.
 Rules, per recipient of a `MessageCreated` (the table in docs/notifications.md):
 
 * the sender is never notified, and a recipient listed twice is decided once;
-* the trigger is the strongest reason the message concerns the recipient: a personal mention,
-  else a room-wide mention (`@room`, `@all`), else a plain message;
+* the trigger is the strongest reason the message concerns the recipient: a direct message,
+  else a personal mention, else a room-wide mention (`@room`, `@all`), else a plain message;
 * per channel, the level is the recipient's setting for the room, else their default:
-  `none` sends nothing, `mentions` sends for mentions (personal or room-wide) only, `all` sends
-  for everything;
+  `none` sends nothing, `mentions` sends for anything but a plain message, `all` sends for
+  everything;
 * a room muted until a time still to come silences every channel, unless the message mentions
   the recipient personally (a room-wide mention does not break a mute); a mention never
   overrides a level, only the mute;
@@ -40,6 +40,7 @@ from herald_shared.events import (
     PreferencesSnapshot,
     PushJobsRequested,
     PushRequested,
+    RoomKind,
     Trigger,
     UserUpdated,
     WebPushKeys,
@@ -206,6 +207,8 @@ def recipients_of(event: MessageCreated) -> tuple[uuid.UUID, ...]:
 
 def trigger_of(event: MessageCreated, recipient_id: uuid.UUID) -> Trigger:
     """The strongest reason `event` concerns the recipient."""
+    if event.room_kind is RoomKind.DIRECT:
+        return Trigger.DIRECT
     if recipient_id in event.mentions:
         return Trigger.MENTION
     if event.room_mentioned:
@@ -217,8 +220,10 @@ def channel_skip(
     recipient: Recipient, event: MessageCreated, channel: Channel, trigger: Trigger, now: datetime
 ) -> SkipReason | None:
     """Why this channel stays silent for the recipient, or None when it should be used (if
-    there is a device or an address to use): the mute first, then the level."""
-    if recipient.muted(event.room_id, now=now) and trigger is not Trigger.MENTION:
+    there is a device or an address to use): the mute first (which only naming the recipient
+    breaks, also in a muted direct room), then the level."""
+    muted = recipient.muted(event.room_id, now=now)
+    if muted and recipient.user_id not in event.mentions:
         return SkipReason.MUTED
     level = recipient.level(event.room_id, channel)
     if level is Level.NONE:

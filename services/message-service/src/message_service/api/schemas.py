@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from herald_shared.events import MAX_MESSAGE_CONTENT, MAX_RECIPIENTS, Level, Platform
+from herald_shared.events import MAX_MESSAGE_CONTENT, MAX_RECIPIENTS, Level, Platform, RoomKind
 from message_service.models import (
     DEVICE_TOKEN_MAX,
     DISPLAY_TEXT_MAX,
@@ -223,8 +223,23 @@ class RoomNotificationsBody(RequestBody):
 
 
 class RoomCreate(RequestBody):
-    name: DisplayText
+    """A group room (`name` required, any members), or the direct room with one other user
+    (`kind: direct`, no name, `member_ids` holding that user only)."""
+
+    kind: RoomKind = RoomKind.GROUP
+    name: DisplayText | None = None
     member_ids: list[uuid.UUID] = Field(default_factory=list, max_length=MAX_RECIPIENTS)
+
+    @model_validator(mode="after")
+    def _shape_of_kind(self) -> RoomCreate:
+        if self.kind is RoomKind.GROUP and self.name is None:
+            raise ValueError("a group room needs a name")
+        if self.kind is RoomKind.DIRECT:
+            if self.name is not None:
+                raise ValueError("a direct room has no name")
+            if len(self.member_ids) != 1:
+                raise ValueError("a direct room is opened with exactly one other user")
+        return self
 
 
 class MemberAdd(RequestBody):
@@ -311,7 +326,8 @@ class RoomNotificationsOut(BaseModel):
 
 class RoomOut(BaseModel):
     id: uuid.UUID
-    name: str
+    kind: RoomKind
+    name: str = Field(description="Empty for a direct room")
     member_ids: list[uuid.UUID]
     created_at: datetime
 
@@ -319,6 +335,7 @@ class RoomOut(BaseModel):
     def of(cls, view: RoomView) -> RoomOut:
         return cls(
             id=view.room.id,
+            kind=RoomKind(view.room.kind),
             name=view.room.name,
             member_ids=view.member_ids,
             created_at=view.room.created_at,

@@ -6,7 +6,7 @@ import uuid
 
 from fastapi import APIRouter, Response, status
 
-from herald_shared.events import Level
+from herald_shared.events import Level, RoomKind
 from message_service import service
 from message_service.api.deps import Me, SessionDep
 from message_service.api.responses import INVALID, NOT_FOUND
@@ -21,9 +21,23 @@ from message_service.api.schemas import (
 router = APIRouter(tags=["rooms"])
 
 
-@router.post("/rooms", status_code=201, responses=INVALID)
-async def create_room(body: RoomCreate, me: Me, session: SessionDep) -> RoomOut:
-    """Create a room; you are a member of it, with the users listed."""
+@router.post(
+    "/rooms",
+    status_code=201,
+    responses={200: {"description": "The direct room of this pair, opened before"}, **INVALID},
+)
+async def create_room(body: RoomCreate, me: Me, session: SessionDep, response: Response) -> RoomOut:
+    """Create a group room (you are a member of it, with the users listed), or open the direct
+    room with one user (`kind: direct`): a pair has one, so opening it again answers 200 with
+    the same room."""
+    if body.kind is RoomKind.DIRECT:
+        opened = await service.open_direct_room(
+            session=session, user_id=me.id, other_id=body.member_ids[0]
+        )
+        if not opened.created:
+            response.status_code = status.HTTP_200_OK
+        return RoomOut.of(opened.room)
+    assert body.name is not None  # noqa: S101 - RoomCreate requires it for a group room
     view = await service.create_room(
         session=session, creator_id=me.id, name=body.name, member_ids=body.member_ids
     )
