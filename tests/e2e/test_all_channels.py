@@ -138,6 +138,8 @@ async def _post_to_bob_on_every_channel(api: str, webpush: FakeWebPush) -> str:
             "/rooms", json={"name": "launch", "member_ids": [users["bob"]["id"]]}, headers=alice
         )
         assert room.status_code == 201, room.text
+        joined = await client.post(f"/rooms/{room.json()['id']}/join", headers=bob)
+        assert joined.status_code == 200, joined.text
         posted = await client.post(
             f"/rooms/{room.json()['id']}/messages", json={"content": TEXT}, headers=alice
         )

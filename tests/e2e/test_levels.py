@@ -45,6 +45,12 @@ async def test_by_default_chatter_sends_nothing_and_a_mention_pushes_at_once(
             headers=auth,
         )
         assert room.status_code == 201, room.text
+        for member in members[1:]:  # invited by Alice: members once they join
+            joined = await client.post(
+                f"/rooms/{room.json()['id']}/join",
+                headers={"Authorization": f"Bearer {member['token']}"},
+            )
+            assert joined.status_code == 200, joined.text
         messages = f"/rooms/{room.json()['id']}/messages"
         for index in range(PLAIN_MESSAGES):
             posted = await client.post(messages, json={"content": f"chatter {index}"}, headers=auth)

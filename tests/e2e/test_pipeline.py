@@ -57,6 +57,12 @@ async def test_a_message_reaches_every_other_member_by_ledger_push_and_email(
             headers={"Authorization": f"Bearer {alice['token']}"},
         )
         assert room.status_code == 201, room.text
+        for member in (bob, carol):  # invited by Alice: members once they join
+            joined = await client.post(
+                f"/rooms/{room.json()['id']}/join",
+                headers={"Authorization": f"Bearer {member['token']}"},
+            )
+            assert joined.status_code == 200, joined.text
         posted = await client.post(
             f"/rooms/{room.json()['id']}/messages",
             json={"content": "Hello everyone! 👋"},

@@ -748,7 +748,11 @@ async def populate(
             headers=creator.auth,
         )
         assert response.status_code == 201, response.text
-        rooms.append(Room(uuid.UUID(response.json()["id"]), tuple(member.id for member in chosen)))
+        room_id = uuid.UUID(response.json()["id"])
+        for member in others:  # invited by the creator: members once they join
+            joined = await client.post(f"/rooms/{room_id}/join", headers=member.auth)
+            assert joined.status_code == 200, joined.text
+        rooms.append(Room(room_id, tuple(member.id for member in chosen)))
     return Population(by_id, rooms)
 
 

@@ -57,7 +57,13 @@ async def test_every_endpoint_on_postgres(app: FastAPI) -> None:
             f"/rooms/{room}/members", json={"user_id": str(carol.id)}, headers=bob.headers
         )
         assert added.status_code == 201
+        assert (await client.get(f"/rooms/{room}", headers=carol.headers)).status_code == 404
+        invitations = (await client.get("/rooms", headers=carol.headers)).json()["invitations"]
+        assert [invitation["room_id"] for invitation in invitations] == [str(room)]
+        assert (await client.post(f"/rooms/{room}/join", headers=carol.headers)).status_code == 200
         assert (await client.get(f"/rooms/{room}", headers=carol.headers)).status_code == 200
+        blocked = await client.put(f"/users/me/blocked/{alice.id}", headers=carol.headers)
+        assert blocked.status_code == 204
 
         preferences = {
             "push_enabled": False,

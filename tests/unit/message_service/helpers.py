@@ -80,7 +80,11 @@ async def create_room(
         headers=owner.headers,
     )
     assert response.status_code == 201, response.text
-    return uuid.UUID(response.json()["id"])
+    room_id = uuid.UUID(response.json()["id"])
+    for member in members:  # invited by the owner: members once they join
+        joined = await client.post(f"/rooms/{room_id}/join", headers=member.headers)
+        assert joined.status_code == 200, joined.text
+    return room_id
 
 
 async def outbox_rows(runtime: MessageService) -> list[OutboxEvent]:

@@ -180,11 +180,15 @@ async def test_openapi_lists_the_api_only(client: httpx.AsyncClient) -> None:
         "/users/me/devices",
         "/users/me/devices/{device_id}",
         "/users/me/preferences",
+        "/users/me/blocked",
+        "/users/me/blocked/{user_id}",
         "/rooms",
         "/rooms/{room_id}",
         "/rooms/{room_id}/members",
         "/rooms/{room_id}/messages",
         "/rooms/{room_id}/notifications",
+        "/rooms/{room_id}/join",
+        "/rooms/{room_id}/leave",
         "/unsubscribe",
     }
 

@@ -11,7 +11,9 @@ import pytest
 from tests.unit.message_service.helpers import create_room, register
 
 
-async def test_the_creator_is_a_member_with_the_listed_users(client: httpx.AsyncClient) -> None:
+async def test_the_creator_is_a_member_and_the_listed_users_are_invited(
+    client: httpx.AsyncClient,
+) -> None:
     alice = await register(client, "alice")
     bob = await register(client, "bob")
 
@@ -25,10 +27,13 @@ async def test_the_creator_is_a_member_with_the_listed_users(client: httpx.Async
     body = response.json()
     assert set(body) == {"id", "kind", "name", "member_ids", "created_at"}
     assert (body["kind"], body["name"]) == ("group", "general")
-    assert sorted(body["member_ids"]) == sorted([str(alice.id), str(bob.id)])
+    assert body["member_ids"] == [str(alice.id)]
+    # Bob is invited, not a member: he does not see the room until he joins.
+    assert (await client.get(f"/rooms/{body['id']}", headers=bob.headers)).status_code == 404
+    joined = await client.post(f"/rooms/{body['id']}/join", headers=bob.headers)
     fetched = await client.get(f"/rooms/{body['id']}", headers=bob.headers)
-    assert fetched.status_code == 200
-    assert fetched.json() == body
+    assert joined.status_code == fetched.status_code == 200
+    assert fetched.json()["member_ids"] == [str(alice.id), str(bob.id)]
 
 
 async def test_unknown_members_are_422_with_the_reason(client: httpx.AsyncClient) -> None:
@@ -109,9 +114,11 @@ async def test_a_member_adds_a_user_once(client: httpx.AsyncClient) -> None:
     )
 
     assert added.status_code == 201
-    assert added.json()["member_ids"][-1] == str(carol.id)
+    assert added.json()["member_ids"] == [str(alice.id), str(bob.id)]  # Carol is invited
     assert again.status_code == 200
     assert again.json()["member_ids"] == added.json()["member_ids"]
+    assert (await client.get(f"/rooms/{room}", headers=carol.headers)).status_code == 404
+    assert (await client.post(f"/rooms/{room}/join", headers=carol.headers)).status_code == 200
     assert (await client.get(f"/rooms/{room}", headers=carol.headers)).status_code == 200
 
 

@@ -165,12 +165,31 @@ class Room(Table, table=True):
     created_at: datetime = Field(default_factory=utc_now, sa_type=UtcDateTime)
 
 
+MEMBER = "member"
+INVITED = "invited"  # added by someone else: nothing from the room until they join
+
+
 class RoomMember(Table, table=True):
+    """A user's place in a room: a member, or invited (by `invited_by`) and not yet joined.
+    `joined_at` is when the row was made, then when they joined."""
+
     __tablename__ = "room_members"
 
     room_id: uuid.UUID = Field(foreign_key="rooms.id", primary_key=True)
     user_id: uuid.UUID = Field(foreign_key="users.id", primary_key=True, index=True)
     joined_at: datetime = Field(default_factory=utc_now, sa_type=UtcDateTime)
+    state: str = Field(default=MEMBER, sa_type=String(16))
+    invited_by: uuid.UUID | None = Field(default=None, foreign_key="users.id")
+
+
+class Block(Table, table=True):
+    """`user_id` blocked `blocked_id`: no notifications, invitations or DMs reach them from it."""
+
+    __tablename__ = "blocks"
+
+    user_id: uuid.UUID = Field(foreign_key="users.id", primary_key=True)
+    blocked_id: uuid.UUID = Field(foreign_key="users.id", primary_key=True)
+    created_at: datetime = Field(default_factory=utc_now, sa_type=UtcDateTime)
 
 
 class Message(Table, table=True):

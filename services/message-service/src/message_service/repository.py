@@ -27,7 +27,10 @@ from herald_shared.database import autocommit
 from herald_shared.events import Event, utc_now
 from herald_shared.tracing import current_traceparent
 from message_service.models import (
+    INVITED,
+    MEMBER,
     ApiToken,
+    Block,
     Device,
     Message,
     OutboxEvent,
@@ -48,7 +51,7 @@ def _table(model: Any) -> Table:
 
 
 _users, _tokens, _members, _rooms = _table(User), _table(ApiToken), _table(RoomMember), _table(Room)
-_messages, _outbox = _table(Message), _table(OutboxEvent)
+_messages, _outbox, _blocks = _table(Message), _table(OutboxEvent), _table(Block)
 
 
 # --- the hot path, in SQLAlchemy Core ------------------------------------------------------------
@@ -87,8 +90,16 @@ class Roster:
         return next((member for member in self.members if member.user_id == user_id), None)
 
 
-async def room_roster(connection: AsyncConnection, *, room_id: uuid.UUID) -> Roster | None:
-    """The room and its members in one query (None: no such room)."""
+async def room_roster(
+    connection: AsyncConnection, *, room_id: uuid.UUID, sender_id: uuid.UUID
+) -> Roster | None:
+    """The room and its members in one query (None: no such room, or no member left to list):
+    members only (not the invited), and not those who blocked `sender_id`."""
+    blocked_sender = (
+        core_select(_blocks.c.user_id)
+        .where(_blocks.c.user_id == _members.c.user_id, _blocks.c.blocked_id == sender_id)
+        .exists()
+    )
     rows = (
         await connection.execute(
             core_select(
@@ -100,7 +111,7 @@ async def room_roster(connection: AsyncConnection, *, room_id: uuid.UUID) -> Ros
             )
             .join(_members, _members.c.room_id == _rooms.c.id)
             .join(_users, _users.c.id == _members.c.user_id)
-            .where(_rooms.c.id == room_id)
+            .where(_rooms.c.id == room_id, _members.c.state == MEMBER, ~blocked_sender)
             .order_by(_members.c.joined_at, _users.c.id)
         )
     ).all()
@@ -319,12 +330,29 @@ async def room_settings(
 # --- rooms and members --------------------------------------------------------------------------
 
 
-async def add_room(session: AsyncSession, *, room: Room, member_ids: Sequence[uuid.UUID]) -> None:
+async def add_room(
+    session: AsyncSession,
+    *,
+    room: Room,
+    member_ids: Sequence[uuid.UUID],
+    invited_ids: Sequence[uuid.UUID] = (),
+) -> None:
+    """The room with its members, and invitations from its creator to `invited_ids`."""
     session.add(room)
     await session.flush()
     session.add_all(
         RoomMember(room_id=room.id, user_id=user_id, joined_at=room.created_at)
         for user_id in member_ids
+    )
+    session.add_all(
+        RoomMember(
+            room_id=room.id,
+            user_id=user_id,
+            joined_at=room.created_at,
+            state=INVITED,
+            invited_by=room.created_by,
+        )
+        for user_id in invited_ids
     )
     await session.flush()
 
@@ -337,30 +365,75 @@ async def room_by_direct_key(session: AsyncSession, *, key: str) -> Room | None:
 async def room_for_member(
     session: AsyncSession, *, room_id: uuid.UUID, user_id: uuid.UUID, lock: bool = False
 ) -> Room | None:
-    """The room, if `user_id` is one of its members: one query, so no one learns that a room
-    exists without being in it. `lock` serialises changes to its membership (PostgreSQL)."""
+    """The room, if `user_id` is one of its members (not merely invited): one query, so no one
+    learns that a room exists without being in it. `lock` serialises changes to its membership
+    (PostgreSQL)."""
     statement = (
         select(Room)
         .join(RoomMember, col(RoomMember.room_id) == col(Room.id))
-        .where(col(Room.id) == room_id, col(RoomMember.user_id) == user_id)
+        .where(
+            col(Room.id) == room_id,
+            col(RoomMember.user_id) == user_id,
+            col(RoomMember.state) == MEMBER,
+        )
     )
     if lock:
         statement = statement.with_for_update(of=Room)
     return (await session.exec(statement)).first()
 
 
+async def membership(
+    session: AsyncSession, *, room_id: uuid.UUID, user_id: uuid.UUID
+) -> tuple[Room, RoomMember] | None:
+    """The room and the user's row in it, member or invited (locked on PostgreSQL)."""
+    statement = (
+        select(Room, RoomMember)
+        .join(RoomMember, col(RoomMember.room_id) == col(Room.id))
+        .where(col(Room.id) == room_id, col(RoomMember.user_id) == user_id)
+        .with_for_update(of=RoomMember)
+        .execution_options(populate_existing=True)
+    )
+    row = (await session.exec(statement)).first()
+    return None if row is None else (row[0], row[1])
+
+
+async def remove_membership(
+    session: AsyncSession, *, room_id: uuid.UUID, user_id: uuid.UUID
+) -> None:
+    await session.exec(
+        delete(RoomMember).where(
+            col(RoomMember.room_id) == room_id, col(RoomMember.user_id) == user_id
+        )
+    )
+
+
 async def member_ids(session: AsyncSession, *, room_id: uuid.UUID) -> list[uuid.UUID]:
+    """The room's members (not the invited), by join time."""
     statement = (
         select(RoomMember.user_id)
-        .where(RoomMember.room_id == room_id)
+        .where(RoomMember.room_id == room_id, col(RoomMember.state) == MEMBER)
         .order_by(col(RoomMember.joined_at), col(RoomMember.user_id))
     )
     return list((await session.exec(statement)).all())
 
 
-async def add_member(session: AsyncSession, *, room_id: uuid.UUID, user_id: uuid.UUID) -> bool:
-    """Idempotent: True if the user was added, False if already a member."""
-    values: dict[str, Any] = {"room_id": room_id, "user_id": user_id, "joined_at": utc_now()}
+async def people_in(session: AsyncSession, *, room_id: uuid.UUID) -> set[uuid.UUID]:
+    """Everyone in the room: its members and the invited."""
+    statement = select(RoomMember.user_id).where(RoomMember.room_id == room_id)
+    return set((await session.exec(statement)).all())
+
+
+async def invite(
+    session: AsyncSession, *, room_id: uuid.UUID, user_id: uuid.UUID, invited_by: uuid.UUID
+) -> bool:
+    """Idempotent: True if the user was invited now, False if already invited or a member."""
+    values: dict[str, Any] = {
+        "room_id": room_id,
+        "user_id": user_id,
+        "joined_at": utc_now(),
+        "state": INVITED,
+        "invited_by": invited_by,
+    }
     table = RoomMember.__table__  # type: ignore[attr-defined]
     if await _dialect(session) == "postgresql":
         statement: Any = postgresql.insert(table).values(values).on_conflict_do_nothing()
@@ -378,9 +451,52 @@ async def rooms_of_member(
     if not wanted:
         return set()
     statement = select(RoomMember.room_id).where(
-        RoomMember.user_id == user_id, col(RoomMember.room_id).in_(wanted)
+        RoomMember.user_id == user_id,
+        col(RoomMember.room_id).in_(wanted),
+        col(RoomMember.state) == MEMBER,
     )
     return set((await session.exec(statement)).all())
+
+
+async def rooms_of(
+    session: AsyncSession, *, user_id: uuid.UUID
+) -> Sequence[tuple[Room, RoomMember]]:
+    """Every room the user is in or invited to, with their row, newest first."""
+    statement = (
+        select(Room, RoomMember)
+        .join(RoomMember, col(RoomMember.room_id) == col(Room.id))
+        .where(col(RoomMember.user_id) == user_id)
+        .order_by(col(RoomMember.joined_at).desc(), col(Room.id))
+    )
+    return [(room, member) for room, member in (await session.exec(statement)).all()]
+
+
+# --- blocks ---------------------------------------------------------------------------------------
+
+
+async def blocked_by(session: AsyncSession, *, user_id: uuid.UUID) -> list[uuid.UUID]:
+    """Whom the user blocked."""
+    statement = (
+        select(Block.blocked_id).where(Block.user_id == user_id).order_by(col(Block.blocked_id))
+    )
+    return list((await session.exec(statement)).all())
+
+
+async def blocks(session: AsyncSession, *, user_id: uuid.UUID, blocked_id: uuid.UUID) -> bool:
+    """Whether `user_id` blocked `blocked_id`."""
+    return await session.get(Block, (user_id, blocked_id)) is not None
+
+
+async def add_block(session: AsyncSession, *, user_id: uuid.UUID, blocked_id: uuid.UUID) -> None:
+    if not await blocks(session, user_id=user_id, blocked_id=blocked_id):
+        session.add(Block(user_id=user_id, blocked_id=blocked_id))
+        await session.flush()
+
+
+async def remove_block(session: AsyncSession, *, user_id: uuid.UUID, blocked_id: uuid.UUID) -> None:
+    await session.exec(
+        delete(Block).where(col(Block.user_id) == user_id, col(Block.blocked_id) == blocked_id)
+    )
 
 
 # --- messages -----------------------------------------------------------------------------------

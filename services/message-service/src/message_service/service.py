@@ -40,6 +40,7 @@ from herald_shared.webpush import endpoint_problem
 from message_service import repository
 from message_service.cursor import decode_cursor, encode_cursor
 from message_service.models import (
+    MEMBER,
     MUTED_FOREVER,
     Device,
     Message,
@@ -515,10 +516,16 @@ async def create_room(
     if unknown:
         raise Invalid(f"unknown user ids: {', '.join(sorted(map(str, unknown)))}")
     room = Room(name=name, created_by=creator_id)
-    await repository.add_room(session, room=room, member_ids=members)
+    # The others are invited, not made members: nothing reaches them from the room until they
+    # join; someone who blocked the creator is not even invited (and nobody is told so).
+    invited = [
+        user_id
+        for user_id in members[1:]
+        if not await repository.blocks(session, user_id=user_id, blocked_id=creator_id)
+    ]
+    await repository.add_room(session, room=room, member_ids=[creator_id], invited_ids=invited)
     await session.commit()
-    # Members are listed by join time, then id; everyone here joined at the same instant.
-    return RoomView(room=room, member_ids=sorted(members))
+    return RoomView(room=room, member_ids=[creator_id])
 
 
 def direct_key(first: uuid.UUID, second: uuid.UUID) -> str:
@@ -561,21 +568,96 @@ async def get_room(*, session: AsyncSession, room_id: uuid.UUID, user_id: uuid.U
 async def add_member(
     *, session: AsyncSession, room_id: uuid.UUID, actor_id: uuid.UUID, user_id: uuid.UUID
 ) -> MembershipChange:
-    """A member adds someone to the room (idempotent: `added` is False if already in)."""
+    """A member invites someone to the room (idempotent: `added` is False if they were invited
+    or in already). Someone who blocked the actor is not invited, and the answer does not say
+    so."""
     room = await _room_of_member(session, room_id=room_id, user_id=actor_id, lock=True)
     if room.kind == RoomKind.DIRECT:
         raise Invalid("a direct room has its two members only")
     if not await repository.existing_user_ids(session, user_ids={user_id}):
         raise Invalid(f"unknown user id: {user_id}")
-    members = await repository.member_ids(session, room_id=room.id)
-    added = False
-    if user_id not in members:
-        if len(members) >= MAX_ROOM_MEMBERS:
+    people = await repository.people_in(session, room_id=room.id)
+    added = user_id not in people
+    if added and not await repository.blocks(session, user_id=user_id, blocked_id=actor_id):
+        if len(people) >= MAX_ROOM_MEMBERS:
             raise Conflict(f"the room already has {MAX_ROOM_MEMBERS} members")
-        added = await repository.add_member(session, room_id=room.id, user_id=user_id)
-        members.append(user_id)
+        await repository.invite(session, room_id=room.id, user_id=user_id, invited_by=actor_id)
     await session.commit()
+    members = await repository.member_ids(session, room_id=room.id)
     return MembershipChange(room=RoomView(room=room, member_ids=members), added=added)
+
+
+async def join_room(*, session: AsyncSession, room_id: uuid.UUID, user_id: uuid.UUID) -> RoomView:
+    """Accept an invitation (a member joining again changes nothing)."""
+    found = await repository.membership(session, room_id=room_id, user_id=user_id)
+    if found is None:
+        raise NotFound("room not found")
+    room, member = found
+    if member.state != MEMBER:
+        member.state = MEMBER
+        member.joined_at = utc_now()
+        await session.commit()
+    return RoomView(room=room, member_ids=await repository.member_ids(session, room_id=room.id))
+
+
+async def leave_room(*, session: AsyncSession, room_id: uuid.UUID, user_id: uuid.UUID) -> None:
+    """Leave a room, or decline its invitation: nothing more reaches the user from it."""
+    found = await repository.membership(session, room_id=room_id, user_id=user_id)
+    if found is None:
+        raise NotFound("room not found")
+    room, _ = found
+    if room.kind == RoomKind.DIRECT:
+        raise Invalid("a direct room cannot be left; mute it, or block the other user")
+    await repository.remove_membership(session, room_id=room.id, user_id=user_id)
+    await session.commit()
+
+
+@dataclass(frozen=True)
+class Invitation:
+    room: Room
+    invited_by: uuid.UUID | None
+    invited_at: datetime
+
+
+@dataclass(frozen=True)
+class MyRooms:
+    rooms: list[Room]
+    invitations: list[Invitation]
+
+
+async def my_rooms(*, session: AsyncSession, user_id: uuid.UUID) -> MyRooms:
+    """The rooms the user is a member of, and those they are invited to, newest first."""
+    rows = await repository.rooms_of(session, user_id=user_id)
+    return MyRooms(
+        rooms=[room for room, member in rows if member.state == MEMBER],
+        invitations=[
+            Invitation(room, member.invited_by, member.joined_at)
+            for room, member in rows
+            if member.state != MEMBER
+        ],
+    )
+
+
+# --- blocks ---------------------------------------------------------------------------------------
+
+
+async def block(*, session: AsyncSession, user_id: uuid.UUID, blocked_id: uuid.UUID) -> None:
+    """From now on nothing `blocked_id` says notifies the user, and they cannot invite them."""
+    if blocked_id == user_id:
+        raise Invalid("you cannot block yourself")
+    if not await repository.existing_user_ids(session, user_ids={blocked_id}):
+        raise NotFound("user not found")
+    await repository.add_block(session, user_id=user_id, blocked_id=blocked_id)
+    await session.commit()
+
+
+async def unblock(*, session: AsyncSession, user_id: uuid.UUID, blocked_id: uuid.UUID) -> None:
+    await repository.remove_block(session, user_id=user_id, blocked_id=blocked_id)
+    await session.commit()
+
+
+async def blocked_users(*, session: AsyncSession, user_id: uuid.UUID) -> list[uuid.UUID]:
+    return await repository.blocked_by(session, user_id=user_id)
 
 
 async def _room_of_member(
@@ -605,7 +687,7 @@ async def post_message(
     message with the same key if there is one) that stand alone, then one transaction of two
     inserts, all in SQLAlchemy Core."""
     async with autocommit(engine) as connection:
-        roster = await repository.room_roster(connection, room_id=room_id)
+        roster = await repository.room_roster(connection, room_id=room_id, sender_id=sender_id)
         sender = None if roster is None else roster.member(sender_id)
         if roster is None or sender is None:
             # Never 403: a non-member must not learn that the room exists.

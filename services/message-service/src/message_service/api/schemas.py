@@ -34,7 +34,7 @@ from message_service.models import (
     Message,
     User,
 )
-from message_service.service import PreferencesView, RoomNotificationsView, RoomView
+from message_service.service import MyRooms, PreferencesView, RoomNotificationsView, RoomView
 from message_service.webpush_keys import AUTH_SECRET_BYTES, decode_base64url, is_p256_public_key
 
 # --- validation ---------------------------------------------------------------------------------
@@ -306,6 +306,46 @@ class PreferencesOut(BaseModel):
             email_enabled=view.email is not Level.NONE,
             muted_room_ids=view.muted_room_ids,
         )
+
+
+class RoomSummary(BaseModel):
+    id: uuid.UUID
+    kind: RoomKind
+    name: str
+
+
+class InvitationOut(BaseModel):
+    room_id: uuid.UUID
+    name: str
+    invited_by: uuid.UUID | None
+    invited_at: datetime
+
+
+class MyRoomsOut(BaseModel):
+    rooms: list[RoomSummary]
+    invitations: list[InvitationOut]
+
+    @classmethod
+    def of(cls, mine: MyRooms) -> MyRoomsOut:
+        return cls(
+            rooms=[
+                RoomSummary(id=room.id, kind=RoomKind(room.kind), name=room.name)
+                for room in mine.rooms
+            ],
+            invitations=[
+                InvitationOut(
+                    room_id=invitation.room.id,
+                    name=invitation.room.name,
+                    invited_by=invitation.invited_by,
+                    invited_at=invitation.invited_at,
+                )
+                for invitation in mine.invitations
+            ],
+        )
+
+
+class BlockedOut(BaseModel):
+    user_ids: list[uuid.UUID]
 
 
 class RoomNotificationsOut(BaseModel):

@@ -12,6 +12,7 @@ from message_service.api.deps import Me, SessionDep
 from message_service.api.responses import INVALID, NOT_FOUND
 from message_service.api.schemas import (
     MemberAdd,
+    MyRoomsOut,
     RoomCreate,
     RoomNotificationsBody,
     RoomNotificationsOut,
@@ -44,6 +45,24 @@ async def create_room(body: RoomCreate, me: Me, session: SessionDep, response: R
     return RoomOut.of(view)
 
 
+@router.get("/rooms")
+async def list_rooms(me: Me, session: SessionDep) -> MyRoomsOut:
+    """The rooms you are a member of, and the ones you are invited to, newest first."""
+    return MyRoomsOut.of(await service.my_rooms(session=session, user_id=me.id))
+
+
+@router.post("/rooms/{room_id}/join", responses=NOT_FOUND)
+async def join_room(room_id: uuid.UUID, me: Me, session: SessionDep) -> RoomOut:
+    """Accept an invitation: from now on the room's messages reach you."""
+    return RoomOut.of(await service.join_room(session=session, room_id=room_id, user_id=me.id))
+
+
+@router.post("/rooms/{room_id}/leave", status_code=204, responses={**NOT_FOUND, **INVALID})
+async def leave_room(room_id: uuid.UUID, me: Me, session: SessionDep) -> None:
+    """Leave a room, or decline its invitation: nothing more reaches you from it."""
+    await service.leave_room(session=session, room_id=room_id, user_id=me.id)
+
+
 @router.get("/rooms/{room_id}", responses=NOT_FOUND)
 async def read_room(room_id: uuid.UUID, me: Me, session: SessionDep) -> RoomOut:
     return RoomOut.of(await service.get_room(session=session, room_id=room_id, user_id=me.id))
@@ -57,7 +76,8 @@ async def read_room(room_id: uuid.UUID, me: Me, session: SessionDep) -> RoomOut:
 async def add_member(
     room_id: uuid.UUID, body: MemberAdd, me: Me, session: SessionDep, response: Response
 ) -> RoomOut:
-    """Add a user to a room you are a member of (201; 200 if they already were)."""
+    """Invite a user to a room you are a member of (201; 200 if they already were in it or
+    invited): they hear nothing from it until they join."""
     change = await service.add_member(
         session=session, room_id=room_id, actor_id=me.id, user_id=body.user_id
     )

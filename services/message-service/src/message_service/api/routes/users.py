@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import uuid
+
 from fastapi import APIRouter
 
 from message_service import service
 from message_service.api.deps import Me, SessionDep
-from message_service.api.schemas import Registered, UserCreate, UserOut, UserPatch
+from message_service.api.responses import INVALID, NOT_FOUND
+from message_service.api.schemas import BlockedOut, Registered, UserCreate, UserOut, UserPatch
 
 router = APIRouter(tags=["users"])
 
@@ -37,3 +40,21 @@ async def update_me(body: UserPatch, me: Me, session: SessionDep) -> UserOut:
         session=session, user_id=me.id, display_name=body.display_name, email=body.email
     )
     return UserOut.of(user)
+
+
+@router.get("/users/me/blocked")
+async def read_blocked(me: Me, session: SessionDep) -> BlockedOut:
+    """The users you blocked."""
+    return BlockedOut(user_ids=await service.blocked_users(session=session, user_id=me.id))
+
+
+@router.put("/users/me/blocked/{user_id}", status_code=204, responses={**NOT_FOUND, **INVALID})
+async def block_user(user_id: uuid.UUID, me: Me, session: SessionDep) -> None:
+    """Block a user: their messages (direct ones too) no longer notify you, and they cannot
+    invite you to rooms. They are not told."""
+    await service.block(session=session, user_id=me.id, blocked_id=user_id)
+
+
+@router.delete("/users/me/blocked/{user_id}", status_code=204)
+async def unblock_user(user_id: uuid.UUID, me: Me, session: SessionDep) -> None:
+    await service.unblock(session=session, user_id=me.id, blocked_id=user_id)
