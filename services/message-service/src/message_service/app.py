@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.telemetry import TelemetryConfig
 from faststream import AsyncAPI
@@ -195,6 +196,7 @@ def build_service(
     app.include_router(router)
     _add_ops_routes(app, service)
     app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(RequestValidationError, _invalid_request)
     # Added last = outermost: a body too large never reaches the app, and no unhandled error
     # reaches the server's logger with its message (which may quote personal data).
     app.add_middleware(SafeErrors)
@@ -277,6 +279,18 @@ def rabbitmq_address(url: str) -> str:
     parsed = urlsplit(url)
     default_port = 5671 if parsed.scheme == "amqps" else 5672
     return f"{parsed.hostname}:{parsed.port or default_port}"
+
+
+async def _invalid_request(_request: Request, exc: Exception) -> Response:
+    """422 with where and why each part is wrong, never the input itself: an answer must not
+    echo back what it refused (an address, a token), and a NaN in it is not even JSON."""
+    if not isinstance(exc, RequestValidationError):  # registered for it only
+        raise exc
+    errors = [
+        {"type": error["type"], "loc": list(error["loc"]), "msg": error["msg"]}
+        for error in exc.errors()
+    ]
+    return JSONResponse({"detail": errors}, status_code=422)
 
 
 async def _service_error(_request: Request, exc: Exception) -> Response:

@@ -7,7 +7,7 @@ import base64
 import binascii
 import json
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 
 
 def encode_cursor(created_at: datetime, message_id: uuid.UUID) -> str:
@@ -25,4 +25,8 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         raise ValueError("invalid cursor") from None
     if position[0].tzinfo is None:
         raise ValueError("invalid cursor")
+    try:
+        position[0].astimezone(UTC)  # year 1 at +01:00 is no instant a database can hold
+    except OverflowError:
+        raise ValueError("invalid cursor") from None
     return position

@@ -132,8 +132,28 @@ UtcInstant = Annotated[AwareDatetime, AfterValidator(_in_utc)]
 RoomLevel = Literal["default", "all", "mentions", "none"]
 
 
+def _lone_surrogate_in(value: object) -> bool:
+    if isinstance(value, str):
+        return any("\ud800" <= char <= "\udfff" for char in value)
+    if isinstance(value, dict):
+        return any(_lone_surrogate_in(k) or _lone_surrogate_in(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_lone_surrogate_in(item) for item in value)
+    return False
+
+
 class RequestBody(BaseModel):
+    """Every request body: unknown fields refused, and text that is not Unicode (a lone
+    surrogate, such as JSON's `"\\ud800"`, which no database can store) refused."""
+
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: object) -> object:
+        if _lone_surrogate_in(data):
+            raise ValueError("text must be valid Unicode (no lone surrogate)")
+        return data
 
 
 class UserCreate(RequestBody):
@@ -181,7 +201,7 @@ class WebPushDeviceCreate(RequestBody):
     endpoint: DeviceToken
     keys: WebPushKeysBody
     # Part of toJSON(); the push service tells us when a subscription ends (404/410).
-    expiration_time: float | None = Field(default=None, alias="expirationTime")
+    expiration_time: float | None = Field(default=None, alias="expirationTime", allow_inf_nan=False)
 
 
 DeviceCreate = Annotated[
