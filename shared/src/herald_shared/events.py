@@ -70,6 +70,12 @@ class Trigger(StrEnum):
     ROOM_MENTION = "room_mention"  # the message names the whole room (`@room`, `@all`)
     MESSAGE = "message"  # anything else said in a room the recipient is in
 
+    @property
+    def urgent(self) -> bool:
+        """Meant for this one person: pushed at once and with a sound; the rest may wait for the
+        device's next wake-up and arrives silently."""
+        return self in (Trigger.DIRECT, Trigger.MENTION)
+
 
 class Level(StrEnum):
     """How much a user wants of one channel."""

@@ -18,7 +18,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from herald_shared.events import PushRequested
+from herald_shared.events import PushRequested, Trigger
 from push_sender.providers import ApnsConfigurationError, ApnsProvider, ProviderAnswer, Verdict
 from push_sender.providers.apns import (
     MAX_PAYLOAD_BYTES,
@@ -124,8 +124,19 @@ async def test_an_accepted_push_goes_over_http2_with_a_signed_provider_token(
     assert set(claims) == {"iss", "iat"}
 
 
-async def test_the_headers_and_payload(provider: ApnsProvider, apns: FakeApns) -> None:
-    job = apns_job()
+@pytest.mark.parametrize(
+    ("trigger", "priority", "sound"),
+    [
+        (Trigger.DIRECT, "10", {"sound": "default"}),
+        (Trigger.MENTION, "10", {"sound": "default"}),
+        (Trigger.ROOM_MENTION, "5", {}),
+        (Trigger.MESSAGE, "5", {}),
+    ],
+)
+async def test_the_headers_and_payload(
+    provider: ApnsProvider, apns: FakeApns, trigger: Trigger, priority: str, sound: dict[str, str]
+) -> None:
+    job = apns_job(trigger=trigger)
 
     await provider.send(job)
 
@@ -133,7 +144,7 @@ async def test_the_headers_and_payload(provider: ApnsProvider, apns: FakeApns) -
     notification_id = str(job.notification_id)
     assert headers["apns-topic"] == apns.topic
     assert headers["apns-push-type"] == "alert"
-    assert headers["apns-priority"] == "10"
+    assert headers["apns-priority"] == priority
     assert headers["apns-collapse-id"] == notification_id
     assert headers["apns-id"] == notification_id
     expires_in = int(headers["apns-expiration"]) - time.time()
@@ -142,8 +153,8 @@ async def test_the_headers_and_payload(provider: ApnsProvider, apns: FakeApns) -
         "aps": {
             "alert": {"title": job.title, "body": job.body},
             "thread-id": str(job.room_id),
-            "sound": "default",
             "mutable-content": 1,
+            **sound,
         },
         "notification_id": notification_id,
         "message_id": str(job.message_id),

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from multidict import CIMultiDict
 
+from herald_shared.events import Trigger
 from push_sender.providers import FcmConfigurationError, FcmProvider, ProviderAnswer, Verdict
 from push_sender.providers.fcm import (
     BODY_LIMIT,
@@ -238,11 +239,12 @@ async def test_the_project_defaults_to_the_credentials_file(
 async def test_the_message_carries_the_notification_ids_and_collapse_ids(
     provider: FcmProvider, fcm: FakeFcm
 ) -> None:
-    job = push_job()
+    job = push_job(trigger=Trigger.MENTION)
 
     await provider.send(job)
 
     notification_id = str(job.notification_id)
+    room = str(job.room_id)
     assert fcm.accepted == [
         {
             "message": {
@@ -254,12 +256,13 @@ async def test_the_message_carries_the_notification_ids_and_collapse_ids(
                     "room_id": str(job.room_id),
                 },
                 "android": {
-                    "collapse_key": notification_id,
-                    "notification": {"tag": notification_id},
+                    "priority": "HIGH",
+                    "collapse_key": room,
+                    "notification": {"tag": room},
                 },
                 "apns": {
-                    "headers": {"apns-collapse-id": notification_id},
-                    "payload": {"aps": {"thread-id": str(job.room_id)}},
+                    "headers": {"apns-collapse-id": notification_id, "apns-priority": "10"},
+                    "payload": {"aps": {"thread-id": room, "sound": "default"}},
                 },
             }
         }

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from herald_shared.events import Trigger
 from herald_shared.text import fit_title_and_body, truncate_to_size, utf8_size
 from push_sender.providers.fcm import PAYLOAD_LIMIT, FcmProvider, build_message, json_text_size
 from push_sender.settings import FcmSettings
@@ -68,13 +69,27 @@ def test_a_short_fcm_payload_is_untouched() -> None:
     assert message["notification"] == {"title": job.title, "body": job.body}
 
 
-async def test_fcm_collapses_on_the_notification_and_threads_on_the_room(
-    fcm: FakeFcm, credentials: Path
+@pytest.mark.parametrize(
+    ("trigger", "android", "apns", "sound"),
+    [
+        (Trigger.DIRECT, "HIGH", "10", {"sound": "default"}),
+        (Trigger.MENTION, "HIGH", "10", {"sound": "default"}),
+        (Trigger.ROOM_MENTION, "NORMAL", "5", {}),
+        (Trigger.MESSAGE, "NORMAL", "5", {}),
+    ],
+)
+async def test_fcm_has_one_notification_per_room_and_urgency_by_trigger(
+    fcm: FakeFcm,
+    credentials: Path,
+    trigger: Trigger,
+    android: str,
+    apns: str,
+    sound: dict[str, str],
 ) -> None:
     provider = FcmProvider.from_settings(
         FcmSettings(credentials_file=credentials, base_url=fcm.base_url)
     )
-    job = push_job(body="👋" * 3000)
+    job = push_job(body="👋" * 3000, trigger=trigger)
     try:
         answer = await provider.send(job)
     finally:
@@ -83,9 +98,13 @@ async def test_fcm_collapses_on_the_notification_and_threads_on_the_room(
     assert answer.verdict == "accepted"  # the local FCM server checks the 4096-byte limit
     [sent] = fcm.messages_to(DEVICE_TOKEN)
     message = sent["message"]
-    collapse_id = str(job.notification_id)
-    assert message["android"] == {"collapse_key": collapse_id, "notification": {"tag": collapse_id}}
+    room = str(job.room_id)
+    assert message["android"] == {
+        "priority": android,
+        "collapse_key": room,
+        "notification": {"tag": room},
+    }
     assert message["apns"] == {
-        "headers": {"apns-collapse-id": collapse_id},
-        "payload": {"aps": {"thread-id": str(job.room_id)}},
+        "headers": {"apns-collapse-id": str(job.notification_id), "apns-priority": apns},
+        "payload": {"aps": {"thread-id": room, **sound}},
     }

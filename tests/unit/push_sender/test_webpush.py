@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pydantic import ValidationError
 
-from herald_shared.events import Platform, PushRequested, WebPushKeys
+from herald_shared.events import Platform, PushRequested, Trigger, WebPushKeys
 from herald_shared.webpush import DEFAULT_ALLOWED_HOSTS
 from push_sender.providers import (
     ProviderAnswer,
@@ -151,11 +151,23 @@ def test_each_message_has_its_own_salt_and_sender_key(push: FakeWebPush) -> None
         assert decrypt(body, browser.private_key, browser.auth_secret) == b"same"
 
 
+@pytest.mark.parametrize(
+    ("trigger", "urgency"),
+    [
+        (Trigger.DIRECT, "high"),
+        (Trigger.MENTION, "high"),
+        (Trigger.ROOM_MENTION, "normal"),
+        (Trigger.MESSAGE, "normal"),
+    ],
+)
 async def test_a_push_is_encrypted_for_the_subscription_and_accepted(
-    push: FakeWebPush, make_provider: Callable[..., WebPushProvider]
+    push: FakeWebPush,
+    make_provider: Callable[..., WebPushProvider],
+    trigger: Trigger,
+    urgency: str,
 ) -> None:
     browser = push.subscribe()
-    job = webpush_job(browser, title="Alice in general", body="Lunch at 12? 🍕")
+    job = webpush_job(browser, title="Alice in general", body="Lunch at 12? 🍕", trigger=trigger)
 
     answer = await make_provider().send(job)
 
@@ -171,7 +183,7 @@ async def test_a_push_is_encrypted_for_the_subscription_and_accepted(
     assert received.headers["content-encoding"] == "aes128gcm"
     assert received.headers["content-type"] == "application/octet-stream"
     assert received.headers["ttl"] == "86400"
-    assert received.headers["urgency"] == "high"
+    assert received.headers["urgency"] == urgency
     assert received.headers["topic"] == topic(job)
     assert push.undecryptable == 0
 

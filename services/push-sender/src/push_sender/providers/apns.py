@@ -7,7 +7,8 @@
   more often than every 20 minutes (`TooManyProviderTokenUpdates`), so one token is shared by
   every send and replaced when it is 50 minutes old, or once when APNs calls it expired.
 * Payload: `aps.alert` with the title and body, `thread-id` = the room (iOS groups a room's
-  notifications), `apns-collapse-id` = the notification id (a push sent twice replaces the first
+  notifications), a sound and `apns-priority` 10 for a DM or a mention, no sound and priority 5
+  for the rest, `apns-collapse-id` = the notification id (a push sent twice replaces the first
   one on the device), the body shortened on a character boundary to fit APNs' 4096 bytes.
 * Answers are classified, never retried here, except one immediate retry with a new provider
   token after `ExpiredProviderToken` (see `classify`).
@@ -98,9 +99,10 @@ def _payload(job: PushRequested, *, title: str, body: str) -> dict[str, Any]:
         "aps": {
             "alert": {"title": title, "body": body},
             "thread-id": str(job.room_id),
-            "sound": "default",
             # Lets a notification service extension decorate it (avatars, decryption).
             "mutable-content": 1,
+            # A DM or a mention makes a sound; the rest arrives silently.
+            **({"sound": "default"} if job.trigger.urgent else {}),
         },
         "notification_id": str(job.notification_id),
         "message_id": str(job.message_id),
@@ -311,7 +313,8 @@ class ApnsProvider:
             "authorization": f"bearer {provider_token}",
             "apns-topic": self.topic,
             "apns-push-type": "alert",
-            "apns-priority": "10",  # deliver now: a chat message the user sees
+            # 10: now (a DM, a mention); 5: when it suits the device's power.
+            "apns-priority": "10" if job.trigger.urgent else "5",
             "apns-expiration": str(int(self._clock()) + EXPIRATION_SECONDS),
             "apns-collapse-id": collapse_id(job),
             # APNs echoes it, so its logs and ours name the push the same way.

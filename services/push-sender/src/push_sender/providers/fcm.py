@@ -4,10 +4,12 @@
   JWT signed with the service account's private key (iss = client_email, scope = firebase
   messaging, aud = the file's `token_uri`) is POSTed to `token_uri`; the token is cached until
   shortly before it expires, and refreshed once when FCM answers 401.
-* Sending: `POST {base}/v1/projects/{project}/messages:send` with one message per device token,
-  its notification tagged (Android `notification.tag` and `collapse_key`, APNs
-  `apns-collapse-id`) with the notification id, so a push sent twice replaces the first one on
-  the device; on iOS the room is the thread (`aps.thread-id`), so a room's pushes group together;
+* Sending: `POST {base}/v1/projects/{project}/messages:send` with one message per device token.
+  On Android a room has one notification (`notification.tag` and `collapse_key` are the room),
+  which its next push, or a repeat, replaces; on iOS the room is the thread (`aps.thread-id`)
+  and `apns-collapse-id` the notification id, so a push sent twice replaces the first one. A DM
+  or a mention (`Trigger.urgent`) is sent at high priority with a sound, anything else at
+  normal priority, silently;
   title and body shortened, at character boundaries, to fit FCM's 4096-byte payload limit.
 * Answers are classified, never retried here (see `classify`).
 * Transport: one pool of kept-alive HTTP/1.1 connections (`http1.Http1Client`) for the token
@@ -130,20 +132,30 @@ def build_message(job: PushRequested) -> dict[str, Any]:
     title, body = fit_title_and_body(
         job.title, job.body, budget=PAYLOAD_LIMIT - overhead, size=json_text_size
     )
+    urgent = job.trigger.urgent
+    room = str(job.room_id)
+    aps: dict[str, Any] = {"thread-id": room}  # iOS groups a thread's: one room, one group
+    if urgent:
+        aps["sound"] = "default"
     return {
         "message": {
             "token": job.token,
             "notification": {"title": title, "body": body},
             "data": data,
             "android": {
-                "collapse_key": collapse_id,
-                # A notification with the same tag replaces the one shown.
-                "notification": {"tag": collapse_id},
+                # HIGH wakes the device now (a DM, a mention); NORMAL waits for its next window.
+                "priority": "HIGH" if urgent else "NORMAL",
+                # One notification per room, replaced by the room's next one (and by a repeat of
+                # itself); offline, FCM keeps only a room's latest.
+                "collapse_key": room,
+                "notification": {"tag": room},
             },
             "apns": {
-                "headers": {"apns-collapse-id": collapse_id},
-                # iOS groups the notifications of one thread: one room, one group.
-                "payload": {"aps": {"thread-id": str(job.room_id)}},
+                "headers": {
+                    "apns-collapse-id": collapse_id,
+                    "apns-priority": "10" if urgent else "5",
+                },
+                "payload": {"aps": aps},
             },
         }
     }

@@ -1,7 +1,7 @@
 """Web Push: a browser's push subscription, reached through its push service.
 
-* Delivery (RFC 8030): `POST <subscription endpoint>` with `TTL`, `Urgency: high` (a chat
-  message the user is waiting for) and `Topic` derived from the notification id, so a push sent
+* Delivery (RFC 8030): `POST <subscription endpoint>` with `TTL`, `Urgency: high` for a DM
+  or a mention (`normal` for the rest) and `Topic` derived from the notification id, so a push sent
   twice replaces the first one while it waits at the push service.
 * Payload encryption (RFC 8291, `Content-Encoding: aes128gcm` of RFC 8188): ECDH between a fresh
   P-256 key of ours and the subscription's `p256dh`, HKDF with its `auth` secret, one record
@@ -369,7 +369,8 @@ class WebPushProvider:
         return {
             "authorization": self.vapid.authorization(origin_of(endpoint)),
             "ttl": str(self.ttl),
-            "urgency": "high",
+            # high for a DM or a mention; normal lets a device on battery wait (RFC 8030 5.3).
+            "urgency": "high" if job.trigger.urgent else "normal",
             "topic": topic(job),
             "content-encoding": "aes128gcm",
             "content-type": "application/octet-stream",
