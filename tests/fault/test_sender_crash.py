@@ -60,8 +60,9 @@ async def test_a_sender_killed_between_provider_and_ledger_pushes_again_once_wit
     collapse_ids = {
         (
             str(push_notification_id(push)),
-            push["message"]["android"]["collapse_key"],
             push["message"]["apns"]["headers"]["apns-collapse-id"],
+            push["message"]["android"]["notification"]["tag"],
+            push["message"]["android"]["collapse_key"],
         )
         for push in pushes
     }
@@ -73,11 +74,13 @@ async def test_a_sender_killed_between_provider_and_ledger_pushes_again_once_wit
     )
     assert result.lost == 0
     assert result.not_delivered_in_ledger == 0
-    # At most one duplicate per crash, and it carries the first push's collapse id everywhere.
+    # At most one duplicate per crash, and it carries the first push's collapse ids everywhere:
+    # the notification's on iOS, the room's on Android (a room has one notification there).
     assert len(pushes) <= 2
     assert len(collapse_ids) == 1
-    ((tag, collapse_key, apns_collapse_id),) = collapse_ids
-    assert tag == collapse_key == apns_collapse_id
+    ((notification_id, apns_collapse_id, tag, collapse_key),) = collapse_ids
+    assert notification_id == apns_collapse_id
+    assert tag == collapse_key == pushes[0]["message"]["data"]["room_id"]
     assert result.duplicate_emails == 0
     assert sum(result.dead_letters.values()) == 0, result.dead_letters
     assert herald.crashed() == {}

@@ -960,11 +960,9 @@ class Expectation:
 
 
 def push_notification_id(body: Mapping[str, Any]) -> uuid.UUID:
-    """The notification id of an accepted FCM request: Android's tag (the collapse id), or the
-    data payload's copy."""
-    message = body["message"]
-    tag = message.get("android", {}).get("notification", {}).get("tag")
-    return uuid.UUID(tag or message["data"]["notification_id"])
+    """The notification id of an accepted FCM request, from its data payload (Android's tag is
+    the room: a room's pushes replace one another on the device)."""
+    return uuid.UUID(body["message"]["data"]["notification_id"])
 
 
 def email_notification_id(message_id_header: str) -> uuid.UUID:
@@ -1187,7 +1185,9 @@ EVENT_TYPES = {
     "recipient_updates": "user_updated",
     "delivery_reports": "delivery_reported",
     "push_notifications": "push_requested",
+    "push_notifications_urgent": "push_requested",
     "email_notifications": "email_requested",
+    "email_notifications_urgent": "email_requested",
     "device_invalidations": "device_invalidated",
 }
 POISON_KINDS = (

@@ -332,11 +332,13 @@ class _Jobs(Event):
 
 class PushJobsRequested(_Jobs):
     """Deliver push notifications, of one or more messages, to devices of one platform
-    (`notification.push.send`). Supersedes `PushBatchRequested` (one message), which stays
+    (`notification.push.send`, or `notification.push.send.urgent` when `urgent`: jobs of DMs and
+    personal mentions only). Supersedes `PushBatchRequested` (one message), which stays
     accepted."""
 
     type: Literal["push_jobs_requested"] = "push_jobs_requested"
     platform: Platform
+    urgent: bool = False
     jobs: list[PushRequested] = Field(min_length=1, max_length=MAX_ITEMS_PER_EVENT)
 
     @model_validator(mode="after")
@@ -344,19 +346,25 @@ class PushJobsRequested(_Jobs):
         self._unique([job.notification_id for job in self.jobs])
         if any(job.platform is not self.platform for job in self.jobs):
             raise ValueError("every job is for the event's platform")
+        if any(job.trigger.urgent is not self.urgent for job in self.jobs):
+            raise ValueError("every job is of the event's lane")
         return self
 
 
 class EmailJobsRequested(_Jobs):
-    """Deliver e-mail notifications of one or more messages (`notification.email.send`).
-    Supersedes `EmailBatchRequested` (one message), which stays accepted."""
+    """Deliver e-mail notifications of one or more messages (`notification.email.send`, or
+    `notification.email.send.urgent` when `urgent`). Supersedes `EmailBatchRequested` (one
+    message), which stays accepted."""
 
     type: Literal["email_jobs_requested"] = "email_jobs_requested"
+    urgent: bool = False
     jobs: list[EmailRequested] = Field(min_length=1, max_length=MAX_ITEMS_PER_EVENT)
 
     @model_validator(mode="after")
     def _consistent(self) -> EmailJobsRequested:
         self._unique([job.notification_id for job in self.jobs])
+        if any(job.trigger.urgent is not self.urgent for job in self.jobs):
+            raise ValueError("every job is of the event's lane")
         return self
 
 

@@ -23,7 +23,7 @@ import math
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 
 logger = logging.getLogger("herald.resilience")
@@ -229,29 +229,31 @@ class CircuitBreaker:
 
 class FairLimiter:
     """At most `limit` holders at once. A caller that finds no place waits; places go to the
-    waiting keys in turn (one caller of each key, then the next key), and to the callers of one
-    key in the order they came."""
+    urgent callers first, then to the others; within each, to the waiting keys in turn (one
+    caller of each key, then the next key), and to the callers of one key in the order they
+    came."""
 
     def __init__(self, limit: int) -> None:
         if limit < 1:
             raise ValueError("a limiter needs room for at least one holder")
         self.limit = limit
         self.in_use = 0
-        self._waiting: OrderedDict[Hashable, deque[asyncio.Future[None]]] = OrderedDict()
+        # The urgent waiters' keys, then everyone else's.
+        self._lanes: tuple[_Lane, _Lane] = (_Lane(), _Lane())
         self._waiters = 0
-        self._last_key: Hashable = None  # the key that got a place last
 
     @property
     def waiting(self) -> int:
         return self._waiters
 
-    async def acquire(self, key: Hashable) -> None:
+    async def acquire(self, key: Hashable, *, urgent: bool = False) -> None:
+        lane = self._lanes[0 if urgent else 1]
         if self.in_use < self.limit and not self._waiters:
             self.in_use += 1
-            self._last_key = key
+            lane.last_key = key
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiting.setdefault(key, deque()).append(future)
+        lane.waiting.setdefault(key, deque()).append(future)
         self._waiters += 1
         try:
             await future
@@ -259,31 +261,41 @@ class FairLimiter:
             if future.done() and not future.cancelled():
                 self.release()  # the place came with the cancellation: pass it on
             else:
-                self._forget(key, future)
+                self._forget(lane, key, future)
             raise
 
     def release(self) -> None:
         """Give a place back (once per `acquire` that returned)."""
-        while self._waiting:
-            if len(self._waiting) > 1 and next(iter(self._waiting)) == self._last_key:
-                self._waiting.move_to_end(self._last_key)  # another key's turn first
-            key, queue = next(iter(self._waiting.items()))
-            future = queue.popleft()
-            self._waiters -= 1
-            if queue:
-                self._waiting.move_to_end(key)  # the next waiter of this key queues behind others
-            else:
-                del self._waiting[key]
-            if not future.done():
-                future.set_result(None)  # the place moves to it: in_use stays
-                self._last_key = key
-                return
+        for lane in self._lanes:
+            while lane.waiting:
+                waiting = lane.waiting
+                if len(waiting) > 1 and next(iter(waiting)) == lane.last_key:
+                    waiting.move_to_end(lane.last_key)  # another key's turn first
+                key, queue = next(iter(waiting.items()))
+                future = queue.popleft()
+                self._waiters -= 1
+                if queue:
+                    waiting.move_to_end(key)  # the next waiter of this key queues behind others
+                else:
+                    del waiting[key]
+                if not future.done():
+                    future.set_result(None)  # the place moves to it: in_use stays
+                    lane.last_key = key
+                    return
         self.in_use = max(self.in_use - 1, 0)
 
-    def _forget(self, key: Hashable, future: asyncio.Future[None]) -> None:
-        queue = self._waiting.get(key)
+    def _forget(self, lane: _Lane, key: Hashable, future: asyncio.Future[None]) -> None:
+        queue = lane.waiting.get(key)
         if queue is not None and future in queue:
             queue.remove(future)
             self._waiters -= 1
             if not queue:
-                del self._waiting[key]
+                del lane.waiting[key]
+
+
+@dataclass
+class _Lane:
+    """One priority of a `FairLimiter`'s waiters: their queues by key, in turn."""
+
+    waiting: OrderedDict[Hashable, deque[asyncio.Future[None]]] = field(default_factory=OrderedDict)
+    last_key: Hashable = None  # the key that got a place last

@@ -51,6 +51,7 @@ from herald_shared.events import (
     DeliveryOutcome,
     DeliveryReported,
     Event,
+    Trigger,
     reports_events,
     utc_now,
 )
@@ -82,8 +83,16 @@ from herald_shared.retry import (
 )
 from herald_shared.topology import EXCHANGE, ConsumerQueue
 
-J = TypeVar("J", bound=DeliveryJob)
-J_contra = TypeVar("J_contra", bound=DeliveryJob, contravariant=True)
+
+class SendJob(DeliveryJob, Protocol):
+    """What the sender workflow reads from a job: the ledger's ids, and why it is sent."""
+
+    @property
+    def trigger(self) -> Trigger: ...
+
+
+J = TypeVar("J", bound=SendJob)
+J_contra = TypeVar("J_contra", bound=SendJob, contravariant=True)
 
 # Report event ids derive from the notification and the outcome, so a report published again
 # (after a crash between publishing and recording that it went out) carries the same id.
@@ -620,7 +629,8 @@ class Sender(Generic[J]):
 
     async def _send(self, job: J, gate: Gate[J]) -> Outcome:
         """Stage 2: one provider call, once the job has its place."""
-        await gate.limiter.acquire(job.message_id)
+        # A DM or a personal mention gets the next free place, ahead of room chatter.
+        await gate.limiter.acquire(job.message_id, urgent=job.trigger.urgent)
         try:
             admission: Admitted | Refused = (
                 gate.breaker.admit() if gate.breaker is not None else Admitted()

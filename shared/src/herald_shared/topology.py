@@ -57,6 +57,12 @@ PUSH_SEND = "notification.push.send"
 PUSH_RETRY = "notification.push.retry"
 EMAIL_SEND = "notification.email.send"
 EMAIL_RETRY = "notification.email.retry"
+# The urgent lane: jobs of DMs and personal mentions, on queues of their own, so a backlog of
+# room chatter never holds them back (quorum queues have no priorities).
+PUSH_SEND_URGENT = "notification.push.send.urgent"
+PUSH_RETRY_URGENT = "notification.push.retry.urgent"
+EMAIL_SEND_URGENT = "notification.email.send.urgent"
+EMAIL_RETRY_URGENT = "notification.email.retry.urgent"
 PUSH_DELIVERED = "notification.push.delivered"
 PUSH_FAILED = "notification.push.failed"
 EMAIL_DELIVERED = "notification.email.delivered"
@@ -145,6 +151,12 @@ DELIVERY_REPORTS = ConsumerQueue(
 # push-sender and email-sender
 PUSH_NOTIFICATIONS = ConsumerQueue("push_notifications", (PUSH_SEND,), PUSH_RETRY)
 EMAIL_NOTIFICATIONS = ConsumerQueue("email_notifications", (EMAIL_SEND,), EMAIL_RETRY)
+PUSH_NOTIFICATIONS_URGENT = ConsumerQueue(
+    "push_notifications_urgent", (PUSH_SEND_URGENT,), PUSH_RETRY_URGENT
+)
+EMAIL_NOTIFICATIONS_URGENT = ConsumerQueue(
+    "email_notifications_urgent", (EMAIL_SEND_URGENT,), EMAIL_RETRY_URGENT
+)
 # message-service
 DEVICE_INVALIDATIONS = ConsumerQueue("device_invalidations", (DEVICE_INVALIDATED,), DEVICE_RETRY)
 
@@ -153,7 +165,9 @@ CONSUMER_QUEUES: tuple[ConsumerQueue, ...] = (
     RECIPIENT_UPDATES,
     DELIVERY_REPORTS,
     PUSH_NOTIFICATIONS,
+    PUSH_NOTIFICATIONS_URGENT,
     EMAIL_NOTIFICATIONS,
+    EMAIL_NOTIFICATIONS_URGENT,
     DEVICE_INVALIDATIONS,
 )
 
@@ -178,6 +192,10 @@ def routing_key_for(event: Event) -> str:
             return MESSAGE_NEW
         case UserUpdated():
             return USER_UPDATED
+        case PushJobsRequested(urgent=True):
+            return PUSH_SEND_URGENT
+        case EmailJobsRequested(urgent=True):
+            return EMAIL_SEND_URGENT
         case PushRequested() | PushBatchRequested() | PushJobsRequested():
             return PUSH_SEND
         case EmailRequested() | EmailBatchRequested() | EmailJobsRequested():

@@ -21,11 +21,14 @@ def test_specification_documents_the_queue_and_both_reports_without_side_effects
     assert document["info"]["title"] == "email-sender"
     assert set(document["channels"]) == {
         "email_notifications:consume",
+        "email_notifications_urgent:consume",
         "notification.email.delivered:publish",
         "notification.email.failed:publish",
     }
     consume = document["operations"]["email_notifications:consume"]
     assert consume["bindings"]["amqp"]["cc"] == ["notification.email.send"]
+    urgent = document["operations"]["email_notifications_urgent:consume"]
+    assert urgent["bindings"]["amqp"]["cc"] == ["notification.email.send.urgent"]
     for key in ("delivered", "failed"):
         publish = document["operations"][f"notification.email.{key}:publish"]
         assert publish["bindings"]["amqp"]["deliveryMode"] == 2  # persistent

@@ -801,6 +801,8 @@ def test_specification_documents_the_queues_and_the_jobs() -> None:
         "delivery_reports:consume",
         "notification.push.send:publish",
         "notification.email.send:publish",
+        "notification.push.send.urgent:publish",
+        "notification.email.send.urgent:publish",
     }
     schemas = document["components"]["schemas"]
     assert {"MessageCreated", "UserUpdated", "PushJobsRequested", "EmailJobsRequested"} <= set(
@@ -812,6 +814,8 @@ def test_specification_documents_the_queues_and_the_jobs() -> None:
     }
     assert payloads["notification.push.send:publish:Message"] == "PushJobsRequested"
     assert payloads["notification.email.send:publish:Message"] == "EmailJobsRequested"
+    assert payloads["notification.push.send.urgent:publish:Message"] == "PushJobsRequested"
+    assert payloads["notification.email.send.urgent:publish:Message"] == "EmailJobsRequested"
     # Every kind of report is accepted: the senders' now, and those of earlier versions.
     [reports] = [
         payload for name, payload in payloads.items() if name.startswith("delivery_reports")

@@ -28,6 +28,7 @@ from herald_shared.events import (
     notification_id_for,
 )
 from herald_shared.text import truncate
+from herald_shared.topology import routing_key_for
 from notification_router import routing
 from notification_router.routing import (
     ContentLimits,
@@ -646,6 +647,39 @@ def test_batches_depend_on_the_set_of_jobs_not_their_order() -> None:
     *same_pushes, fewer_emails = batch_jobs(jobs[:-1], now=NOW)  # one e-mail less
     assert [batch.event_id for batch in same_pushes] == [batch.event_id for batch in pushes]
     assert fewer_emails.event_id != emails.event_id
+
+
+def test_dms_and_mentions_go_in_the_urgent_lane() -> None:
+    alice, bob = uuid.uuid4(), uuid.uuid4()
+    chatter = message_created(recipient_ids=[alice, bob], mentions=[bob])
+    direct = message_created(recipient_ids=[alice], room_kind=RoomKind.DIRECT)
+    users = {user: recipient(user_id=user) for user in (alice, bob)}
+    jobs = [
+        job
+        for event in (chatter, direct)
+        for decision in plan_notifications(event, users, now=NOW).decisions
+        for job in decision.jobs
+    ]
+
+    batches = batch_jobs(jobs, now=NOW)
+
+    lanes = {
+        (kind(batch), batch.urgent): sorted(str(job.trigger) for job in batch.jobs)
+        for batch in batches
+    }
+    assert lanes == {
+        ("fcm", True): ["dm", "mention"],  # Alice's DM and Bob's mention, ahead
+        ("fcm", False): ["message"],  # Alice in the room
+        ("email", True): ["dm", "mention"],
+        ("email", False): ["message"],
+    }
+    assert [batch.urgent for batch in batches] == [True, False, True, False]  # urgent first
+    assert {routing_key_for(batch) for batch in batches} == {
+        "notification.push.send.urgent",
+        "notification.push.send",
+        "notification.email.send.urgent",
+        "notification.email.send",
+    }
 
 
 def test_jobs_of_many_messages_share_an_event_per_platform() -> None:

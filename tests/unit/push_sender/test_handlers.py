@@ -644,13 +644,21 @@ def test_the_specification_documents_the_queue_and_every_report() -> None:
         "notification.push.failed": "DeliveriesReported",
         "device.invalidated": "DeviceInvalidated",
     }
-    [receive] = [operation for operation in operations if operation["action"] == "receive"]
-    accepted = document["components"]["schemas"][payload(receive)]["oneOf"]
-    assert {schema["$ref"].rsplit("/", 1)[-1] for schema in accepted} == {
-        "PushRequested",
-        "PushBatchRequested",
-        "PushJobsRequested",
+    receives = [operation for operation in operations if operation["action"] == "receive"]
+    queues = {
+        document["channels"][operation["channel"]["$ref"].rsplit("/", 1)[1]]["bindings"]["amqp"][
+            "queue"
+        ]["name"]
+        for operation in receives
     }
+    assert queues == {"push_notifications", "push_notifications_urgent"}  # the two lanes
+    for receive in receives:
+        accepted = document["components"]["schemas"][payload(receive)]["oneOf"]
+        assert {schema["$ref"].rsplit("/", 1)[-1] for schema in accepted} == {
+            "PushRequested",
+            "PushBatchRequested",
+            "PushJobsRequested",
+        }
 
 
 async def test_a_handler_cancelled_mid_send_lets_the_sends_finish_and_their_outcomes_go_out(

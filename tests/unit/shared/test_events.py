@@ -24,6 +24,7 @@ from herald_shared.events import (
     PushJobsRequested,
     PushRequested,
     SenderInfo,
+    Trigger,
     chunks,
     delivery_reports,
     email_jobs,
@@ -273,8 +274,18 @@ def test_the_kinds_that_span_messages_round_trip_through_the_event_family() -> N
             ),
             f"at most {MAX_ITEMS_PER_EVENT}",
         ),
+        (
+            lambda: PushJobsRequested(platform="fcm", urgent=True, jobs=[_push(uuid.uuid4())]),
+            "the event's lane",  # a plain message's job in the urgent lane
+        ),
         (lambda: EmailJobsRequested(jobs=[]), "at least 1"),
         (lambda: EmailJobsRequested(jobs=[_email(uuid.uuid4())] * 2), "appears twice"),
+        (
+            lambda: EmailJobsRequested(
+                jobs=[_email(uuid.uuid4()).model_copy(update={"trigger": Trigger.DIRECT})]
+            ),
+            "the event's lane",  # a DM's job in the normal lane
+        ),
         (
             lambda: DeliveriesReported(
                 channel="push",

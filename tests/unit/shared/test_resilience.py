@@ -272,6 +272,46 @@ async def test_places_go_round_robin_by_key_and_in_order_within_a_key() -> None:
     assert limiter.in_use == 0
 
 
+async def test_urgent_callers_get_the_next_places_ahead_of_the_others() -> None:
+    limiter = FairLimiter(1)
+    await limiter.acquire("chatter")
+    order: list[str] = []
+
+    async def take(key: str, name: str, *, urgent: bool = False) -> None:
+        await limiter.acquire(key, urgent=urgent)
+        order.append(name)
+        limiter.release()
+
+    # A backlog of room chatter waits, then two DMs and a mention arrive.
+    tasks = [asyncio.create_task(take(f"room{i}", f"room{i}")) for i in range(3)]
+    await asyncio.sleep(0)
+    for key, name in (("dm1", "dm1a"), ("dm1", "dm1b"), ("mention", "mention")):
+        tasks.append(asyncio.create_task(take(key, name, urgent=True)))
+    await asyncio.sleep(0)
+    limiter.release()
+    await asyncio.gather(*tasks)
+
+    # Urgent first, round robin among their keys too; then the backlog in its turn.
+    assert order == ["dm1a", "mention", "dm1b", "room0", "room1", "room2"]
+    assert (limiter.in_use, limiter.waiting) == (0, 0)
+
+
+async def test_a_cancelled_urgent_waiter_is_forgotten() -> None:
+    limiter = FairLimiter(1)
+    await limiter.acquire("a")
+    urgent = asyncio.create_task(limiter.acquire("dm", urgent=True))
+    normal = asyncio.create_task(limiter.acquire("room"))
+    await asyncio.sleep(0)
+    urgent.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await urgent
+
+    limiter.release()
+    await normal
+
+    assert (limiter.in_use, limiter.waiting) == (1, 0)
+
+
 async def test_a_cancelled_waiter_gives_up_its_turn_and_a_granted_one_passes_it_on() -> None:
     limiter = FairLimiter(1)
     await limiter.acquire("a")

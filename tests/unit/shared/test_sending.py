@@ -22,6 +22,7 @@ from herald_shared.events import (
     DeliveryOutcome,
     DeviceInvalidated,
     Event,
+    Trigger,
     utc_now,
 )
 from herald_shared.ledger import Claimed, DeliveryLedger, DeliveryStatus, delivery_ledger_table
@@ -51,6 +52,7 @@ class Job:
     notification_id: uuid.UUID = field(default_factory=uuid.uuid4)
     recipient_id: uuid.UUID = field(default_factory=uuid.uuid4)
     device_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    trigger: Trigger = Trigger.MESSAGE
 
 
 def jobs_of(count: int, message_id: uuid.UUID | None = None) -> list[Job]:

@@ -53,7 +53,7 @@ class EmailService:
     backend: EmailBackend
     publishers: dict[str, RabbitPublisher]
     sender: Sender[EmailRequested]
-    subscriber: RabbitSubscriber
+    subscribers: tuple[RabbitSubscriber, ...]
     app: AsgiFastStream
 
 
@@ -74,7 +74,9 @@ def _wire(
     engine: AsyncEngine,
     registry: CollectorRegistry,
     backend: EmailBackend,
-) -> tuple[RabbitBroker, dict[str, RabbitPublisher], Sender[EmailRequested], RabbitSubscriber]:
+) -> tuple[
+    RabbitBroker, dict[str, RabbitPublisher], Sender[EmailRequested], tuple[RabbitSubscriber, ...]
+]:
     hooks = DeadLetterHooks()
     broker = make_broker(
         settings.rabbitmq,
@@ -105,7 +107,7 @@ def build_service(settings: Settings, *, backend: EmailBackend | None = None) ->
     # Every in-flight message may hold a connection; make_engine adds as much overflow again.
     engine = make_engine(settings.database_url, pool_size=settings.rabbitmq.prefetch)
     backend = backend or make_backend(settings)
-    broker, publishers, sender, subscriber = _wire(settings, engine, registry, backend)
+    broker, publishers, sender, subscribers = _wire(settings, engine, registry, backend)
 
     async def migrate() -> None:
         await run_migrations(
@@ -133,7 +135,7 @@ def build_service(settings: Settings, *, backend: EmailBackend | None = None) ->
         after_shutdown=[close],
     )
     return EmailService(
-        settings, broker, engine, registry, backend, publishers, sender, subscriber, app
+        settings, broker, engine, registry, backend, publishers, sender, subscribers, app
     )
 
 

@@ -1,5 +1,6 @@
-"""email-sender's one subscriber: `email_notifications` → `Sender.deliver` (the shared sender
-workflow, `herald_shared.sending.subscribe`), and its dead-letter hook.
+"""email-sender's subscribers: `email_notifications` and its urgent lane
+`email_notifications_urgent` → `Sender.deliver` (the shared sender workflow,
+`herald_shared.sending.subscribe`), and their dead-letter hooks.
 
 Failures only raise; `herald_shared.retry`'s middleware turns them into delayed retries or dead
 letters of the whole delivery (the jobs it had finished are no-ops when it comes back).
@@ -15,7 +16,12 @@ from herald_shared.events import AnyEmailJob, DeliveriesReported, EmailRequested
 from herald_shared.publishing import event_publisher
 from herald_shared.retry import DeadLetterHooks
 from herald_shared.sending import Sender, subscribe
-from herald_shared.topology import EMAIL_DELIVERED, EMAIL_FAILED, EMAIL_NOTIFICATIONS
+from herald_shared.topology import (
+    EMAIL_DELIVERED,
+    EMAIL_FAILED,
+    EMAIL_NOTIFICATIONS,
+    EMAIL_NOTIFICATIONS_URGENT,
+)
 
 
 def make_publishers(broker: RabbitBroker) -> dict[str, RabbitPublisher]:
@@ -41,16 +47,30 @@ def make_publishers(broker: RabbitBroker) -> dict[str, RabbitPublisher]:
 
 def register_handlers(
     broker: RabbitBroker, sender: Sender[EmailRequested], hooks: DeadLetterHooks
-) -> RabbitSubscriber:
-    return subscribe(
-        broker,
-        sender,
-        queue=EMAIL_NOTIFICATIONS,
-        event_type=AnyEmailJob,
-        jobs_of=email_jobs,
-        hooks=hooks,
-        description=(
-            "Render and send e-mail notifications (of one or more messages), then report the "
-            "outcomes."
+) -> tuple[RabbitSubscriber, ...]:
+    return (
+        subscribe(
+            broker,
+            sender,
+            queue=EMAIL_NOTIFICATIONS,
+            event_type=AnyEmailJob,
+            jobs_of=email_jobs,
+            hooks=hooks,
+            description=(
+                "Render and send e-mail notifications (of one or more messages), then report "
+                "the outcomes."
+            ),
+        ),
+        subscribe(
+            broker,
+            sender,
+            queue=EMAIL_NOTIFICATIONS_URGENT,
+            event_type=AnyEmailJob,
+            jobs_of=email_jobs,
+            hooks=hooks,
+            description=(
+                "Render and send the urgent lane's e-mail notifications (direct messages and "
+                "personal mentions), then report the outcomes."
+            ),
         ),
     )

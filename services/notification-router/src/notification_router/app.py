@@ -16,7 +16,13 @@ from herald_shared.database import database_healthy, make_engine, run_migrations
 from herald_shared.events import MAX_ITEMS_PER_EVENT, EmailJobsRequested, PushJobsRequested
 from herald_shared.ops import asyncapi_spec, consumer_app, service_version
 from herald_shared.publishing import event_publisher
-from herald_shared.topology import EMAIL_SEND, PUSH_SEND, declare_topology
+from herald_shared.topology import (
+    EMAIL_SEND,
+    EMAIL_SEND_URGENT,
+    PUSH_SEND,
+    PUSH_SEND_URGENT,
+    declare_topology,
+)
 from notification_router.handlers import RouterDeps, Subscribers, register_handlers
 from notification_router.metrics import RouterMetrics
 from notification_router.routing import ContentLimits
@@ -68,6 +74,24 @@ def _wire(
                 description=(
                     "E-mail notifications, one per recipient, of one or more messages: up to "
                     f"{MAX_ITEMS_PER_EVENT} per event."
+                ),
+            ),
+            PUSH_SEND_URGENT: event_publisher(
+                broker,
+                PushJobsRequested,
+                PUSH_SEND_URGENT,
+                description=(
+                    "The urgent lane of push notifications: those of direct messages and "
+                    "personal mentions, on queues of their own so no backlog holds them back."
+                ),
+            ),
+            EMAIL_SEND_URGENT: event_publisher(
+                broker,
+                EmailJobsRequested,
+                EMAIL_SEND_URGENT,
+                description=(
+                    "The urgent lane of e-mail notifications: those of direct messages and "
+                    "personal mentions."
                 ),
             ),
         },

@@ -361,38 +361,47 @@ def batch_jobs(
     jobs: Iterable[PushRequested | EmailRequested], *, now: datetime
 ) -> tuple[JobBatch, ...]:
     """The jobs as the senders take them, in as few events as they fit: one
-    `PushJobsRequested` per platform and one `EmailJobsRequested`, whatever messages the jobs
-    are of, each cut into chunks of at most `MAX_ITEMS_PER_EVENT`.
+    `PushJobsRequested` per lane and platform and one `EmailJobsRequested` per lane, whatever
+    messages the jobs are of, each cut into chunks of at most `MAX_ITEMS_PER_EVENT`. The urgent
+    lane (DMs and personal mentions) has queues of its own.
 
-    The events depend on the set of jobs only, not on the order they come in: push events (by
-    platform) before e-mail events, and within each the jobs by notification id. A job listed
+    The events depend on the set of jobs only, not on the order they come in: push events (urgent
+    first, then by platform) before e-mail events (urgent first), and within each the jobs by
+    notification id. A job listed
     twice goes out once (an event may not carry a notification twice, and the second copy would
     only be deduped by the sender).
     """
     unique = {job.notification_id: job for job in jobs}
-    pushes: defaultdict[Platform, list[PushRequested]] = defaultdict(list)
-    emails: list[EmailRequested] = []
+    pushes: defaultdict[tuple[bool, Platform], list[PushRequested]] = defaultdict(list)
+    emails: defaultdict[bool, list[EmailRequested]] = defaultdict(list)
     for job in sorted(unique.values(), key=lambda job: job.notification_id):
         if isinstance(job, PushRequested):
-            pushes[job.platform].append(job)
+            pushes[(not job.trigger.urgent, job.platform)].append(job)
         else:
-            emails.append(job)
+            emails[not job.trigger.urgent].append(job)
 
     batches: list[JobBatch] = []
-    for platform in sorted(pushes):
+    for not_urgent, platform in sorted(pushes):
         batches.extend(
             PushJobsRequested(
                 event_id=_batch_event_id(chunk),
                 occurred_at=now,
                 platform=platform,
+                urgent=not not_urgent,
                 jobs=list(chunk),
             )
-            for chunk in chunks(pushes[platform])
+            for chunk in chunks(pushes[(not_urgent, platform)])
         )
-    batches.extend(
-        EmailJobsRequested(event_id=_batch_event_id(chunk), occurred_at=now, jobs=list(chunk))
-        for chunk in chunks(emails)
-    )
+    for not_urgent in sorted(emails):
+        batches.extend(
+            EmailJobsRequested(
+                event_id=_batch_event_id(chunk),
+                occurred_at=now,
+                urgent=not not_urgent,
+                jobs=list(chunk),
+            )
+            for chunk in chunks(emails[not_urgent])
+        )
     return tuple(batches)
 
 

@@ -55,7 +55,7 @@ class PushService:
     providers: ProviderRegistry
     publishers: dict[str, RabbitPublisher]
     sender: Sender[PushRequested]
-    subscriber: RabbitSubscriber
+    subscribers: tuple[RabbitSubscriber, ...]
     app: AsgiFastStream
 
 
@@ -65,7 +65,9 @@ def _wire(
     registry: CollectorRegistry,
     providers: ProviderRegistry,
     metrics: PushMetrics,
-) -> tuple[RabbitBroker, dict[str, RabbitPublisher], Sender[PushRequested], RabbitSubscriber]:
+) -> tuple[
+    RabbitBroker, dict[str, RabbitPublisher], Sender[PushRequested], tuple[RabbitSubscriber, ...]
+]:
     hooks = DeadLetterHooks()
     broker = make_broker(
         settings.rabbitmq,
@@ -112,7 +114,7 @@ def build_service(
             metrics.breaker_state.labels(provider=gate.name).set(int(gate.breaker.state))
     # Every in-flight message may hold a connection; make_engine adds as much overflow again.
     engine = make_engine(settings.database_url, pool_size=settings.rabbitmq.prefetch)
-    broker, publishers, sender, subscriber = _wire(settings, engine, registry, guarded, metrics)
+    broker, publishers, sender, subscribers = _wire(settings, engine, registry, guarded, metrics)
 
     async def migrate() -> None:
         await run_migrations(
@@ -152,7 +154,7 @@ def build_service(
         after_shutdown=[close],
     )
     return PushService(
-        settings, broker, engine, registry, guarded, publishers, sender, subscriber, app
+        settings, broker, engine, registry, guarded, publishers, sender, subscribers, app
     )
 
 

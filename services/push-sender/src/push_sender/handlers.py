@@ -1,5 +1,6 @@
-"""push-sender's one subscriber: `push_notifications` → `Sender.deliver` (the shared sender
-workflow, `herald_shared.sending.subscribe`), and its dead-letter hook.
+"""push-sender's subscribers: `push_notifications` and its urgent lane
+`push_notifications_urgent` → `Sender.deliver` (the shared sender workflow,
+`herald_shared.sending.subscribe`), and their dead-letter hooks.
 
 Failures only raise; `herald_shared.retry`'s middleware turns them into delayed retries or dead
 letters of the whole delivery (the jobs it had finished are no-ops when it comes back).
@@ -26,6 +27,7 @@ from herald_shared.topology import (
     PUSH_DELIVERED,
     PUSH_FAILED,
     PUSH_NOTIFICATIONS,
+    PUSH_NOTIFICATIONS_URGENT,
 )
 
 
@@ -58,16 +60,30 @@ def make_publishers(broker: RabbitBroker) -> dict[str, RabbitPublisher]:
 
 def register_handlers(
     broker: RabbitBroker, sender: Sender[PushRequested], hooks: DeadLetterHooks
-) -> RabbitSubscriber:
-    return subscribe(
-        broker,
-        sender,
-        queue=PUSH_NOTIFICATIONS,
-        event_type=AnyPushJob,
-        jobs_of=push_jobs,
-        hooks=hooks,
-        description=(
-            "Send push notifications (to one platform's devices, of one or more messages), then "
-            "report the outcomes."
+) -> tuple[RabbitSubscriber, ...]:
+    return (
+        subscribe(
+            broker,
+            sender,
+            queue=PUSH_NOTIFICATIONS,
+            event_type=AnyPushJob,
+            jobs_of=push_jobs,
+            hooks=hooks,
+            description=(
+                "Send push notifications (to one platform's devices, of one or more messages), "
+                "then report the outcomes."
+            ),
+        ),
+        subscribe(
+            broker,
+            sender,
+            queue=PUSH_NOTIFICATIONS_URGENT,
+            event_type=AnyPushJob,
+            jobs_of=push_jobs,
+            hooks=hooks,
+            description=(
+                "Send the urgent lane's push notifications (direct messages and personal "
+                "mentions), ahead of the others, then report the outcomes."
+            ),
         ),
     )
