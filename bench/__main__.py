@@ -42,6 +42,13 @@ scenarios:
             --fcm-latency-ms 1000 --fcm-concurrency 10, keeps requests waiting longer than the
             push-sender's FCM timeout (FCM_TIMEOUT, 10 s).
 
+  lanes     --count messages (default 20) to one room of 1,000 members at level all, posted at
+            once (~20,000 pushes of room chatter), then 50 direct messages between two other
+            users, one every 0.1 s, against the FCM fake of big-room (50 ms, 50 at once:
+            ~1,000 pushes/s, so the chatter takes ~20 s); reports the direct messages' 201 →
+            push latencies (target: p99 250 ms) and how much chatter still waited when the
+            last one was posted.
+
 long runs: --duration caps the posting (60 s by default), so a run of 30,000 messages wants e.g.
 --count 30000 --duration 1800; its CPU per notification and RSS compare with a short run's.
 
@@ -64,6 +71,14 @@ DEFAULTS: dict[str, dict[str, float | int]] = {
         "rooms": 1,
         "room_size": 0,  # the API's maximum, looked up
         "email_share": 1.0,
+        "fcm_latency_ms": 50,
+        "fcm_concurrency": 50,
+    },
+    "lanes": {
+        "count": 20,  # messages to the big room: ~20,000 pushes of chatter
+        "rooms": 1,
+        "room_size": 0,  # the API's maximum, looked up
+        "email_share": 0.0,
         "fcm_latency_ms": 50,
         "fcm_concurrency": 50,
     },

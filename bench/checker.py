@@ -250,6 +250,33 @@ class Tally:
             return None
         return number * self.width + seat
 
+    def push_latencies(self, room: int) -> list[float]:
+        """Seconds from each 201 of a message in `room` to its pushes' first acceptance (the
+        pushes accepted so far)."""
+        latencies = []
+        for number, message in enumerate(self.messages):
+            if message.room != room:
+                continue
+            for seat, member in enumerate(self.population.rooms[room].members):
+                slot = number * self.width + seat
+                if member != message.sender and self._push_n[slot]:
+                    latencies.append(self._push_at[slot] - message.accepted_at)
+        return latencies
+
+    def pushes_pending_at(self, moment: float, room: int) -> int:
+        """Pushes of messages in `room` posted by `moment` and not accepted by then."""
+        pending = 0
+        for number, message in enumerate(self.messages):
+            if message.room != room or message.accepted_at > moment:
+                continue
+            for seat, member in enumerate(self.population.rooms[room].members):
+                slot = number * self.width + seat
+                if member != message.sender and (
+                    not self._push_n[slot] or self._push_at[slot] > moment
+                ):
+                    pending += 1
+        return pending
+
     @property
     def all_delivered(self) -> bool:
         return self.pushes_accepted >= self.owed_pushes and self.emails_accepted >= self.owed_emails

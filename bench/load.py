@@ -159,9 +159,12 @@ async def set_levels(session: aiohttp.ClientSession, token: str, *, email: bool)
         await _call(session, "PUT", "/users/me/preferences", older, "preferences", token)
 
 
-async def populate(session: aiohttp.ClientSession, workload: Workload, run_id: str) -> Population:
+async def populate(
+    session: aiohttp.ClientSession, workload: Workload, run_id: str, *, direct_pairs: int = 0
+) -> Population:
     """Register every user (one push device each; e-mail off for all but `email_share`), then one
-    room per `room_size` consecutive users."""
+    room per `room_size` consecutive users; then `direct_pairs` pairs of users more, each with
+    its direct room (after the group rooms, in `rooms`)."""
 
     async def register(index: int) -> BenchUser:
         email = f"user{index}@bench-{run_id}.example"
@@ -226,6 +229,21 @@ async def populate(session: aiohttp.ClientSession, workload: Workload, run_id: s
     rooms: list[Room] = await _bounded(
         [functools.partial(create_room, number) for number in range(workload.rooms)]
     )
+    first = len(users)
+    users += await _bounded(
+        [functools.partial(register, index) for index in range(first, first + 2 * direct_pairs)]
+    )
+    for pair in range(direct_pairs):
+        one, other = first + 2 * pair, first + 2 * pair + 1
+        direct = await _call(
+            session,
+            "POST",
+            "/rooms",
+            {"kind": "direct", "member_ids": [str(users[other].id)]},
+            "direct room",
+            users[one].token,
+        )
+        rooms.append(Room(id=uuid.UUID(direct["id"]), members=(one, other)))
     return Population(users=tuple(users), rooms=tuple(rooms))
 
 
@@ -243,6 +261,63 @@ def seat_of(index: int, rooms: int, room_size: int) -> tuple[int, int]:
     every room's same seat sending), so every member is sender and recipient alike."""
     room = index % rooms
     return room, (index // rooms + room) % room_size
+
+
+async def generate_lanes(
+    session: aiohttp.ClientSession,
+    population: Population,
+    *,
+    room_messages: int,
+    direct_messages: int,
+    direct_interval: float,
+    result: LoadResult,
+    before_directs: Callable[[], Awaitable[None]],
+) -> LoadResult:
+    """The lanes scenario: `room_messages` to the first room, as fast as they go (a backlog of
+    room chatter for every member), then, once `before_directs` returns (the chatter is
+    decided, its pushes queued), `direct_messages` in the last room (a direct room), one every
+    `direct_interval` seconds, while that backlog drains."""
+    result.started_at = time.time()
+    room, direct = population.rooms[0], population.rooms[-1]
+
+    async def post(index: int, number: int, sender: int, text: bytes) -> None:
+        sent_at = time.time()
+        async with session.post(
+            f"/rooms/{population.rooms[number].id}/messages",
+            data=b'{"content":"%s %d"}' % (text, index),
+            headers=_headers(population.users[sender].token),
+        ) as response:
+            payload = await response.read()
+            status = response.status
+        accepted_at = time.time()
+        if status != 201:
+            result.error(f"status {status}")
+            return
+        result.posted.append(
+            Posted(
+                index=index,
+                message_id=uuid.UUID(json.loads(payload)["id"]),
+                room=number,
+                sender=sender,
+                accepted_at=accepted_at,
+                request_seconds=accepted_at - sent_at,
+                behind_seconds=0.0,
+            )
+        )
+
+    await asyncio.gather(
+        *(
+            post(index, 0, room.members[index % len(room.members)], b"Room chatter")
+            for index in range(room_messages)
+        )
+    )
+    await before_directs()
+    last = len(population.rooms) - 1
+    for index in range(room_messages, room_messages + direct_messages):
+        await post(index, last, direct.members[0], b"Direct message")
+        await asyncio.sleep(direct_interval)
+    result.finished_at = time.time()
+    return result
 
 
 async def generate(

@@ -45,6 +45,7 @@ from bench.load import (
     Workload,
     api_session,
     generate,
+    generate_lanes,
     populate,
 )
 from bench.monitor import (
@@ -57,6 +58,7 @@ from bench.monitor import (
 from bench.report import (
     big_room_summary,
     cpu_per_notification,
+    lanes_summary,
     latency_summary,
     prepare_chart,
     print_table,
@@ -85,7 +87,10 @@ FAKES_GROUP = "providers (bench.fakes)"
 LOAD_GROUP = "load generator (bench)"
 RABBIT_GROUP = "rabbitmq (whole node, shared)"
 POSTGRES_GROUP = "postgres (our backends)"
-SCENARIOS = ("default", "big-room")
+SCENARIOS = ("default", "big-room", "lanes")
+# The lanes scenario's direct messages: how many, and the pause after each.
+LANES_DIRECT_MESSAGES = 50
+LANES_DIRECT_INTERVAL = 0.1
 
 
 @dataclass(frozen=True)
@@ -575,7 +580,8 @@ async def run_once(
         api = stack.services["message-service"].base_url
         async with api_session(api, options.connections) as session:
             _say(f"setting up {workload.users} users in {workload.rooms} rooms")
-            population = await populate(session, workload, run_id)
+            lanes = options.scenario == "lanes"
+            population = await populate(session, workload, run_id, direct_pairs=int(lanes))
             await wait_for_projection(stack, population)
 
             tally = Tally(
@@ -619,7 +625,34 @@ async def run_once(
                 + (f"{options.rate:g} notifications/s" if options.rate else "full speed")
             )
             load = LoadResult()
-            load_task = asyncio.create_task(generate(session, population, plan, load))
+            router_db = _pg(stack.databases["notification-router"])
+            room_recipients = options.count * (len(population.rooms[0].members) - 1)
+
+            async def chatter_decided() -> None:
+                """Until the router has decided every recipient of the room's messages."""
+                connection = await asyncpg.connect(router_db)
+                try:
+                    while True:
+                        decided = await connection.fetchval("SELECT count(*) FROM notifications")
+                        if decided >= room_recipients:
+                            return
+                        await asyncio.sleep(0.05)  # polling the database: nothing to wait on
+                finally:
+                    await connection.close()
+
+            load_task = asyncio.create_task(
+                generate_lanes(
+                    session,
+                    population,
+                    room_messages=options.count,
+                    direct_messages=LANES_DIRECT_MESSAGES,
+                    direct_interval=LANES_DIRECT_INTERVAL,
+                    result=load,
+                    before_directs=chatter_decided,
+                )
+                if lanes
+                else generate(session, population, plan, load)
+            )
             drain = await follow(
                 load_task=load_task,
                 load=load,
@@ -816,6 +849,22 @@ def build_document(
             queues=queues.depths,
         ),
     }
+    if options.scenario == "lanes":
+        direct_room = len(population.rooms) - 1
+        directs = [message for message in tally.messages if message.room == direct_room]
+        last_direct = max((message.accepted_at for message in directs), default=0.0)
+        document["lanes"] = lanes_summary(
+            direct_latencies=tally.push_latencies(direct_room),
+            direct_messages=len(directs),
+            room_pushes_owed=sum(
+                len(population.rooms[0].members) - 1
+                for message in tally.messages
+                if message.room == 0
+            ),
+            room_pushes_pending_at_last_direct=tally.pushes_pending_at(last_direct, 0),
+            provider_latency=options.fcm_latency,
+            provider_concurrency=options.fcm_concurrency,
+        )
     if options.scenario == "big-room":
         first = tally.messages[0] if tally.messages else None
         document["big_room"] = big_room_summary(

@@ -74,6 +74,7 @@ class MicroBatcher(Generic[In, Out]):
         self.linger = linger
         self._size = size
         self._pending: deque[_Pending[In, Out]] = deque()
+        self._urgent = 0  # how many of the first pending items are urgent
         self._pending_size = 0
         self._running: set[asyncio.Task[None]] = set()
         self._wake: asyncio.TimerHandle | asyncio.Handle | None = None
@@ -88,10 +89,15 @@ class MicroBatcher(Generic[In, Out]):
         """Items submitted and not yet taken by a batch."""
         return len(self._pending)
 
-    async def submit(self, item: In) -> Out:
-        """The result of `item`, once the batch that took it has finished."""
+    async def submit(self, item: In, *, urgent: bool = False) -> Out:
+        """The result of `item`, once the batch that took it has finished. An `urgent` item goes
+        into the next batch, ahead of the others waiting (behind earlier urgent ones)."""
         pending: _Pending[In, Out] = _Pending(item, max(1, self._size(item)))
-        self._pending.append(pending)
+        if urgent:
+            self._pending.insert(self._urgent, pending)
+            self._urgent += 1
+        else:
+            self._pending.append(pending)
         self._pending_size += pending.size
         self._schedule()
         # Shielded: a caller that stops waiting leaves its item in the batch.
@@ -136,6 +142,7 @@ class MicroBatcher(Generic[In, Out]):
             taken = 0
             while self._pending and (not batch or taken + self._pending[0].size <= self.max_size):
                 pending = self._pending.popleft()
+                self._urgent = max(self._urgent - 1, 0)
                 taken += pending.size
                 batch.append(pending)
             self._pending_size -= taken

@@ -539,7 +539,8 @@ class Sender(Generic[J]):
     # -- the stages ----------------------------------------------------------------------------
 
     async def _deliver(self, jobs: list[J]) -> ItemError | None:
-        steps = await self._claims.submit(jobs)
+        # A delivery of the urgent lane (DMs, personal mentions) is claimed in the next batch.
+        steps = await self._claims.submit(jobs, urgent=any(job.trigger.urgent for job in jobs))
         # Each job's own error comes back as a value; an exception raised is the ledger or the
         # broker failing, which brings the whole delivery back.
         results = await asyncio.gather(

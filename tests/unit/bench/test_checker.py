@@ -178,3 +178,20 @@ def test_slots_stay_per_message_over_many_messages() -> None:
     assert (result.notifications_expected, result.completed, result.lost) == (150, 150, 0)
     assert set(result.push_latency) == {0.25}
     assert result.duplicates == 0
+
+
+def test_push_latencies_and_pending_pushes_of_one_room() -> None:
+    people = population()
+    tally = tally_of(people)
+    early, late = posted(0, sender=0, at=100.0), posted(1, sender=1, at=101.0)
+    for message in (early, late):
+        tally.register(message)
+    tally.push(push(early, 1, 100.2))
+    tally.push(push(early, 2, 101.5))
+    tally.push(push(late, 0, 101.1))
+
+    assert sorted(tally.push_latencies(0)) == [pytest.approx(0.1), pytest.approx(0.2), 1.5]
+    assert tally.push_latencies(1) == []
+    # At 101.2: early's push to user 2 not yet, late's to user 2 never (so far).
+    assert tally.pushes_pending_at(101.2, 0) == 2
+    assert tally.pushes_pending_at(100.1, 0) == 2  # late not posted yet: early's two

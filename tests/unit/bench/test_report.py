@@ -8,7 +8,15 @@ import pytest
 
 from bench.compare import comparison
 from bench.monitor import VhostQueue
-from bench.report import TOTAL, big_room_rows, big_room_summary, cpu_per_notification, table_rows
+from bench.report import (
+    TOTAL,
+    big_room_rows,
+    big_room_summary,
+    cpu_per_notification,
+    lanes_rows,
+    lanes_summary,
+    table_rows,
+)
 from bench.run import Probe
 
 
@@ -47,6 +55,28 @@ def test_big_room_bound_is_devices_over_concurrency_times_latency_plus_one_secon
     assert (late["push_repeats"], late["email_repeats"]) == (122, 1)
     assert summary(provider_concurrency=0)["bound_s"] == pytest.approx(1.05)
     assert not summary(last_push_after_201=None)["within_bound"]
+
+
+def test_lanes_are_within_target_when_the_direct_pushes_p99_is_250_ms_at_most() -> None:
+    def lanes(latencies: list[float]) -> dict[str, Any]:
+        return lanes_summary(
+            direct_latencies=latencies,
+            direct_messages=50,
+            room_pushes_owed=19980,
+            room_pushes_pending_at_last_direct=12000,
+            provider_latency=0.05,
+            provider_concurrency=50,
+        )
+
+    fast = lanes([0.1] * 49 + [0.25])
+    slow = lanes([0.1] * 49 + [0.26])
+
+    assert (fast["direct_push_p50_ms"], fast["direct_push_p99_ms"]) == (100.0, 250.0)
+    assert fast["within_target"]
+    assert not slow["within_target"]
+    assert not lanes([])["within_target"]
+    assert dict(lanes_rows(fast))["lanes: 201 → direct push (ms)"].endswith(": within")
+    assert dict(lanes_rows(slow))["lanes: 201 → direct push (ms)"].endswith(": NOT within")
 
 
 def run_document(sustained: float, cpu_total: float) -> dict[str, Any]:

@@ -66,6 +66,23 @@ async def test_items_arriving_while_a_batch_runs_wait_and_go_together() -> None:
     assert process.batches == [[1], [2, 3, 4]]
 
 
+async def test_urgent_items_go_in_the_next_batch_ahead_of_those_waiting() -> None:
+    process = Recorder()
+    process.gate = asyncio.Event()
+    batcher = MicroBatcher(process, name="t", max_size=2, max_concurrent=1)
+
+    running = asyncio.create_task(batcher.submit(0))
+    await asyncio.sleep(0)
+    waiting = [asyncio.create_task(batcher.submit(item)) for item in (1, 2, 3)]
+    urgent = [asyncio.create_task(batcher.submit(item, urgent=True)) for item in (10, 11, 12)]
+    await asyncio.sleep(0)
+    process.gate.set()
+    await asyncio.gather(running, *waiting, *urgent)
+
+    # In their order among themselves: the urgent ones first, then the others.
+    assert process.batches == [[0], [10, 11], [12, 1], [2, 3]]
+
+
 async def test_a_failed_batch_fails_each_of_its_items_and_not_the_next() -> None:
     process = Recorder()
     process.fail_with = RuntimeError("database down")
