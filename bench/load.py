@@ -263,6 +263,44 @@ def seat_of(index: int, rooms: int, room_size: int) -> tuple[int, int]:
     return room, (index // rooms + room) % room_size
 
 
+async def _post_message(
+    session: aiohttp.ClientSession,
+    path: str,
+    body: bytes,
+    headers: dict[str, str],
+    result: LoadResult,
+    index: int,
+    room: int,
+    sender: int,
+    *,
+    behind: float = 0.0,
+) -> None:
+    """POST one message; its 201 goes in `result.posted`, anything else in its errors."""
+    sent_at = time.time()
+    try:
+        async with session.post(path, data=body, headers=headers) as response:
+            payload = await response.read()
+            status = response.status
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        result.error(type(exc).__name__)
+        return
+    accepted_at = time.time()
+    if status != 201:
+        result.error(f"status {status}")
+        return
+    result.posted.append(
+        Posted(
+            index=index,
+            message_id=uuid.UUID(json.loads(payload)["id"]),
+            room=room,
+            sender=sender,
+            accepted_at=accepted_at,
+            request_seconds=accepted_at - sent_at,
+            behind_seconds=behind,
+        )
+    )
+
+
 async def generate_lanes(
     session: aiohttp.ClientSession,
     population: Population,
@@ -280,30 +318,12 @@ async def generate_lanes(
     result.started_at = time.time()
     room, direct = population.rooms[0], population.rooms[-1]
 
+    headers = [_headers(user.token) for user in population.users]
+
     async def post(index: int, number: int, sender: int, text: bytes) -> None:
-        sent_at = time.time()
-        async with session.post(
-            f"/rooms/{population.rooms[number].id}/messages",
-            data=b'{"content":"%s %d"}' % (text, index),
-            headers=_headers(population.users[sender].token),
-        ) as response:
-            payload = await response.read()
-            status = response.status
-        accepted_at = time.time()
-        if status != 201:
-            result.error(f"status {status}")
-            return
-        result.posted.append(
-            Posted(
-                index=index,
-                message_id=uuid.UUID(json.loads(payload)["id"]),
-                room=number,
-                sender=sender,
-                accepted_at=accepted_at,
-                request_seconds=accepted_at - sent_at,
-                behind_seconds=0.0,
-            )
-        )
+        path = f"/rooms/{population.rooms[number].id}/messages"
+        body = b'{"content":"%s %d"}' % (text, index)
+        await _post_message(session, path, body, headers[sender], result, index, number, sender)
 
     await asyncio.gather(
         *(
@@ -355,30 +375,16 @@ async def generate(
             room_number, seat = seat_of(index, len(population.rooms), room_size)
             sender = population.rooms[room_number].members[seat]
             body = b'{"content":"Benchmark message %d"}' % index
-            sent_at = time.time()
-            try:
-                async with session.post(
-                    paths[room_number], data=body, headers=headers[sender]
-                ) as response:
-                    payload = await response.read()
-                    status = response.status
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                result.error(type(exc).__name__)
-                continue
-            accepted_at = time.time()
-            if status != 201:
-                result.error(f"status {status}")
-                continue
-            result.posted.append(
-                Posted(
-                    index=index,
-                    message_id=uuid.UUID(json.loads(payload)["id"]),
-                    room=room_number,
-                    sender=sender,
-                    accepted_at=accepted_at,
-                    request_seconds=accepted_at - sent_at,
-                    behind_seconds=behind,
-                )
+            await _post_message(
+                session,
+                paths[room_number],
+                body,
+                headers[sender],
+                result,
+                index,
+                room_number,
+                sender,
+                behind=behind,
             )
 
     await asyncio.gather(*(worker() for _ in range(plan.connections)))

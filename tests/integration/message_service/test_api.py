@@ -3,6 +3,7 @@ timestamps, and a DeviceInvalidated that arrives over RabbitMQ."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -161,3 +162,25 @@ async def test_a_device_invalidated_over_rabbitmq_is_removed_and_republished(
         3,
         [],
     )
+
+
+async def test_concurrent_opens_of_a_pair_make_one_direct_room(app: FastAPI) -> None:
+    """Many clients of a pair opening their direct room at the same moment get one room: the
+    unique key decides, the losers read the winner's."""
+    async with client_for(app) as client:
+        alice = await register(client, "alice")
+        bob = await register(client, "bob")
+
+        async def open_as(me_index: int) -> tuple[int, str]:
+            me, other = (alice, bob) if me_index % 2 == 0 else (bob, alice)
+            response = await client.post(
+                "/rooms",
+                json={"kind": "direct", "member_ids": [str(other.id)]},
+                headers=me.headers,
+            )
+            return response.status_code, response.json()["id"]
+
+        answers = await asyncio.gather(*(open_as(index) for index in range(12)))
+
+    assert sorted(status for status, _ in answers) == [200] * 11 + [201]
+    assert len({room_id for _, room_id in answers}) == 1
