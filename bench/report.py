@@ -126,6 +126,8 @@ def lanes_summary(
         "direct_push_p50_ms": None if not ordered else round(percentile(ordered, 0.5) * 1000, 1),
         "direct_push_p99_ms": None if p99 is None else round(p99 * 1000, 1),
         "direct_push_max_ms": None if not ordered else round(ordered[-1] * 1000, 1),
+        # In the order the direct messages were posted: where the slow ones fall.
+        "direct_push_ms": [round(latency * 1000, 1) for latency in direct_latencies],
         "room_pushes_owed": room_pushes_owed,
         "room_pushes_pending_at_last_direct": room_pushes_pending_at_last_direct,
         "provider_latency_ms": round(provider_latency * 1000, 1),
