@@ -87,6 +87,18 @@ async def test_tokens_are_per_user(client: httpx.AsyncClient) -> None:
     assert me.json()["id"] == str(bob.id) != str(alice.id)
 
 
+@pytest.mark.parametrize("username", ["room", "all"])
+async def test_a_username_that_mentions_a_whole_room_is_422(
+    client: httpx.AsyncClient, username: str
+) -> None:
+    response = await client.post(
+        "/users", json={"username": username, "display_name": "X", "email": "x@example.test"}
+    )
+
+    assert response.status_code == 422
+    assert "mentions a whole room" in response.text
+
+
 async def test_a_taken_username_is_409(client: httpx.AsyncClient) -> None:
     await register(client, "alice")
 

@@ -34,7 +34,13 @@ from message_service.models import (
     Message,
     User,
 )
-from message_service.service import MyRooms, PreferencesView, RoomNotificationsView, RoomView
+from message_service.service import (
+    ROOM_MENTIONS,
+    MyRooms,
+    PreferencesView,
+    RoomNotificationsView,
+    RoomView,
+)
 from message_service.webpush_keys import AUTH_SECRET_BYTES, decode_base64url, is_p256_public_key
 
 # --- validation ---------------------------------------------------------------------------------
@@ -86,8 +92,17 @@ def _auth_secret(value: str) -> str:
     return value.rstrip("=")
 
 
+def _not_a_room_mention(value: str) -> str:
+    if value in ROOM_MENTIONS:
+        raise ValueError(f"@{value} mentions a whole room: choose another username")
+    return value
+
+
 Username = Annotated[
-    str, StringConstraints(pattern=r"^[a-z0-9_]{3,32}$"), Field(examples=["alice_01"])
+    str,
+    StringConstraints(pattern=r"^[a-z0-9_]{3,32}$"),
+    AfterValidator(_not_a_room_mention),
+    Field(examples=["alice_01"]),
 ]
 DisplayText = Annotated[
     str,
