@@ -244,6 +244,8 @@ class DeliveryReported(Event):
     channel: Channel
     outcome: DeliveryOutcome
     reason: str | None = None
+    # The reported job's trigger: the router measures latency per lane with it.
+    trigger: Trigger = Trigger.MESSAGE
 
 
 class _Batch(Event):

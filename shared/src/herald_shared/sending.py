@@ -243,7 +243,7 @@ class Outcome:
 
 
 def report_for(
-    channel: Channel, job: DeliveryJob, outcome: DeliveryOutcome, reason: str | None = None
+    channel: Channel, job: SendJob, outcome: DeliveryOutcome, reason: str | None = None
 ) -> DeliveryReported:
     return DeliveryReported(
         event_id=uuid.uuid5(REPORT_NAMESPACE, f"{job.notification_id}:report:{outcome}"),
@@ -253,6 +253,7 @@ def report_for(
         channel=channel,
         outcome=outcome,
         reason=reason,
+        trigger=job.trigger,
     )
 
 

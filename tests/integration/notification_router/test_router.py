@@ -407,7 +407,10 @@ async def test_a_report_event_applies_pending_keeps_delivered_and_ignores_unknow
     assert counter(service, family, **labels, result="applied") == 2
     assert counter(service, family, **labels, result="stale") == 1
     assert counter(service, family, **labels, result="unknown") == 1
-    assert counter(service, "herald_end_to_end_latency_seconds_count", channel="push") == 1
+    assert (
+        counter(service, "herald_end_to_end_latency_seconds_count", channel="push", lane="normal")
+        == 1
+    )
 
 
 async def test_a_redelivered_message_republishes_only_the_jobs_still_pending(

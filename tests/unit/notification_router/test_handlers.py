@@ -35,13 +35,20 @@ from herald_shared.events import (
     Platform,
     PushJobsRequested,
     PushRequested,
+    RoomKind,
     RoomSettingsSnapshot,
     UserUpdated,
     reports_events,
     utc_now,
 )
 from herald_shared.retry import RetryableError
-from herald_shared.topology import EMAIL_SEND, EXCHANGE, PUSH_SEND, routing_key_for
+from herald_shared.topology import (
+    EMAIL_SEND,
+    EXCHANGE,
+    PUSH_SEND,
+    PUSH_SEND_URGENT,
+    routing_key_for,
+)
 from notification_router import repository
 from notification_router.app import RouterService, build_service, specification
 from notification_router.handlers import (
@@ -121,6 +128,7 @@ def report(
         channel=Channel.PUSH if isinstance(job, PushRequested) else Channel.EMAIL,
         outcome=outcome,
         reason=reason,
+        trigger=job.trigger,
     )
 
 
@@ -677,7 +685,7 @@ async def test_latency_is_observed_once_per_applied_delivered_report(
 
     def observed() -> float | None:
         return service.registry.get_sample_value(
-            "herald_end_to_end_latency_seconds_count", {"channel": "push"}
+            "herald_end_to_end_latency_seconds_count", {"channel": "push", "lane": "normal"}
         )
 
     await record_deliveries(report(first, delivered), service.deps)
@@ -696,10 +704,35 @@ async def test_latency_is_observed_once_per_applied_delivered_report(
     assert observed() == 3
     assert looked_up == [{event.message_id}]  # once per batch, not once per report
     latency = service.registry.get_sample_value(
-        "herald_end_to_end_latency_seconds_sum", {"channel": "push"}
+        "herald_end_to_end_latency_seconds_sum", {"channel": "push", "lane": "normal"}
     )
     assert latency is not None
     assert latency > 0  # the factory's message was sent long before the reports
+
+
+async def test_latency_is_observed_per_lane(service: RouterService) -> None:
+    alice = user_updated(devices=1)
+    await publish(service.broker, alice)
+    chatter = message_created(recipient_ids=[alice.user_id])
+    direct = message_created(recipient_ids=[alice.user_id], room_kind=RoomKind.DIRECT)
+    for message in (chatter, direct):
+        await publish(service.broker, message)
+
+    urgent = [
+        job
+        for body in published(service.deps.publishers[PUSH_SEND_URGENT].mock)
+        for job in PushJobsRequested.model_validate(body).jobs
+    ]
+    assert [job.message_id for job in urgent] == [direct.message_id]  # the urgent lane's queue
+    for job in (*pushes(service), *urgent):
+        await record_deliveries(report(job, DeliveryOutcome.DELIVERED), service.deps)
+
+    def observed(lane: str) -> float | None:
+        return service.registry.get_sample_value(
+            "herald_end_to_end_latency_seconds_count", {"channel": "push", "lane": lane}
+        )
+
+    assert (observed("urgent"), observed("normal")) == (1, 1)
 
 
 async def test_message_times_forget_the_oldest_beyond_their_capacity(

@@ -233,7 +233,7 @@ async def _observe_delivery_latency(
     for report in delivered:
         if report.message_id in created_at:
             deps.metrics.observe_delivery(
-                report.channel, created_at[report.message_id], report.occurred_at
+                report.channel, report.trigger, created_at[report.message_id], report.occurred_at
             )
 
 

@@ -10,7 +10,7 @@ from datetime import datetime
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from herald_shared.events import Channel, MessageCreated
+from herald_shared.events import Channel, MessageCreated, Trigger
 from notification_router.routing import PENDING, RecipientDecision
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
@@ -51,8 +51,9 @@ class RouterMetrics:
             "herald_end_to_end_latency_seconds",
             "From MessageCreated.timestamp (message-service's clock) to the moment the sender "
             "saw the provider accept the notification (the delivered report's occurred_at), per "
-            "notification, once: observed when the ledger applies the first delivered report.",
-            ["channel"],
+            "notification, once: observed when the ledger applies the first delivered report. "
+            "lane: urgent (DMs and personal mentions) or normal.",
+            ["channel", "lane"],
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
@@ -64,10 +65,11 @@ class RouterMetrics:
         )
 
     def observe_delivery(
-        self, channel: Channel, created_at: datetime, delivered_at: datetime
+        self, channel: Channel, trigger: Trigger, created_at: datetime, delivered_at: datetime
     ) -> None:
         latency = max(0.0, (delivered_at - created_at).total_seconds())
-        self.end_to_end_latency.labels(channel=channel).observe(latency)
+        lane = "urgent" if trigger.urgent else "normal"
+        self.end_to_end_latency.labels(channel=channel, lane=lane).observe(latency)
 
     def observe_decisions(
         self,
