@@ -321,9 +321,15 @@ async def room_settings(
 ) -> RoomSettings:
     """The user's settings of one room (a new, empty row if they set nothing there yet)."""
     settings = await session.get(RoomSettings, (user_id, room_id), populate_existing=True)
-    if settings is None:
-        settings = RoomSettings(user_id=user_id, room_id=room_id)
-        session.add(settings)
+    return settings or new_room_settings(session, user_id=user_id, room_id=room_id)
+
+
+def new_room_settings(
+    session: AsyncSession, *, user_id: uuid.UUID, room_id: uuid.UUID
+) -> RoomSettings:
+    """An empty settings row for a room the user set nothing for yet (written at flush)."""
+    settings = RoomSettings(user_id=user_id, room_id=room_id)
+    session.add(settings)
     return settings
 
 
@@ -480,6 +486,19 @@ async def blocked_by(session: AsyncSession, *, user_id: uuid.UUID) -> list[uuid.
         select(Block.blocked_id).where(Block.user_id == user_id).order_by(col(Block.blocked_id))
     )
     return list((await session.exec(statement)).all())
+
+
+async def blockers_among(
+    session: AsyncSession, *, user_ids: Iterable[uuid.UUID], blocked_id: uuid.UUID
+) -> set[uuid.UUID]:
+    """Which of `user_ids` blocked `blocked_id`, in one query."""
+    wanted = set(user_ids)
+    if not wanted:
+        return set()
+    statement = select(Block.user_id).where(
+        col(Block.user_id).in_(wanted), Block.blocked_id == blocked_id
+    )
+    return set((await session.exec(statement)).all())
 
 
 async def blocks(session: AsyncSession, *, user_id: uuid.UUID, blocked_id: uuid.UUID) -> bool:

@@ -411,16 +411,18 @@ async def set_preferences(
         )
         if unknown:
             raise Invalid(f"not a room of yours: {', '.join(sorted(map(str, unknown)))}")
-        for room_id in wanted - set(before.muted_room_ids):
-            settings = await repository.room_settings(session, user_id=user_id, room_id=room_id)
-            settings.muted_until = MUTED_FOREVER
-        for settings in rooms:
-            if settings.room_id not in wanted and settings.muted_until == MUTED_FOREVER:
+        by_room = {settings.room_id: settings for settings in rooms}
+        for room_id in wanted - by_room.keys():
+            by_room[room_id] = repository.new_room_settings(
+                session, user_id=user_id, room_id=room_id
+            )
+        for settings in by_room.values():
+            if settings.room_id in wanted:
+                settings.muted_until = MUTED_FOREVER
+            elif settings.muted_until == MUTED_FOREVER:
                 settings.muted_until = None
-    await session.flush()
-    after = _preferences_view(
-        preferences, await repository.room_settings_of(session, user_id=user_id)
-    )
+        rooms = list(by_room.values())
+    after = _preferences_view(preferences, rooms)
     if after != before:
         await _bump_and_stage(session, user)
     await session.commit()
@@ -518,11 +520,8 @@ async def create_room(
     room = Room(name=name, created_by=creator_id)
     # The others are invited, not made members: nothing reaches them from the room until they
     # join; someone who blocked the creator is not even invited (and nobody is told so).
-    invited = [
-        user_id
-        for user_id in members[1:]
-        if not await repository.blocks(session, user_id=user_id, blocked_id=creator_id)
-    ]
+    blockers = await repository.blockers_among(session, user_ids=members[1:], blocked_id=creator_id)
+    invited = [user_id for user_id in members[1:] if user_id not in blockers]
     await repository.add_room(session, room=room, member_ids=[creator_id], invited_ids=invited)
     await session.commit()
     return RoomView(room=room, member_ids=[creator_id])
