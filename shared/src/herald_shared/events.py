@@ -66,6 +66,7 @@ class Trigger(StrEnum):
     recipient and message, records it in its ledger and puts it on every job."""
 
     DIRECT = "dm"  # a direct message
+    INVITATION = "invitation"  # someone invited the recipient to a room (not a message)
     MENTION = "mention"  # the message names the recipient (`@username`)
     ROOM_MENTION = "room_mention"  # the message names the whole room (`@room`, `@all`)
     MESSAGE = "message"  # anything else said in a room the recipient is in
@@ -74,7 +75,7 @@ class Trigger(StrEnum):
     def urgent(self) -> bool:
         """Meant for this one person: pushed at once and with a sound; the rest may wait for the
         device's next wake-up and arrives silently."""
-        return self in (Trigger.DIRECT, Trigger.MENTION)
+        return self in (Trigger.DIRECT, Trigger.INVITATION, Trigger.MENTION)
 
 
 class Level(StrEnum):
@@ -124,6 +125,30 @@ class MessageCreated(Event):
     # `@room` or `@all` in the content: the message names every member.
     room_mentioned: bool = False
     timestamp: AwareDatetime
+
+
+class InvitationCreated(Event):
+    """Someone invited a user to a group room (`room.invitation.created`): the one notification
+    the invitee gets from that room until they join. The router handles it like a message to one
+    recipient, keyed by `invitation_id` where a message's id would be."""
+
+    type: Literal["invitation_created"] = "invitation_created"
+    invitation_id: uuid.UUID
+    room_id: uuid.UUID
+    room_name: str
+    invitee_id: uuid.UUID
+    inviter: SenderInfo
+    timestamp: AwareDatetime
+
+    @property
+    def message_id(self) -> uuid.UUID:
+        """What the ledger, the jobs and the delivery reports key this notification on."""
+        return self.invitation_id
+
+
+# What the router's message queue carries: what may notify someone.
+Notifiable = MessageCreated | InvitationCreated
+AnyNotifiable = Annotated[Notifiable, Field(discriminator="type")]
 
 
 class WebPushKeys(_Frozen):
@@ -436,6 +461,7 @@ class DeviceInvalidated(Event):
 
 AnyEvent = Annotated[
     MessageCreated
+    | InvitationCreated
     | UserUpdated
     | PushRequested
     | EmailRequested
@@ -487,6 +513,7 @@ EVENT_ADAPTER: TypeAdapter[AnyEvent] = TypeAdapter(AnyEvent)
 
 EVENT_MODELS: tuple[type[Event], ...] = (
     MessageCreated,
+    InvitationCreated,
     UserUpdated,
     PushRequested,
     EmailRequested,

@@ -40,6 +40,7 @@ from herald_shared.events import (
     EmailJobsRequested,
     EmailRequested,
     Event,
+    InvitationCreated,
     MessageCreated,
     PushBatchRequested,
     PushJobsRequested,
@@ -68,6 +69,7 @@ PUSH_FAILED = "notification.push.failed"
 EMAIL_DELIVERED = "notification.email.delivered"
 EMAIL_FAILED = "notification.email.failed"
 REPORT_RETRY = "notification.report.retry"
+ROOM_INVITATION_CREATED = "room.invitation.created"
 USER_UPDATED = "user.updated"
 USER_RETRY = "user.updated.retry"
 DEVICE_INVALIDATED = "device.invalidated"
@@ -141,7 +143,11 @@ class ConsumerQueue:
 
 
 # notification-router
-MESSAGE_NOTIFICATIONS = ConsumerQueue("message_notifications", (MESSAGE_NEW,), MESSAGE_RETRY)
+# Invitations share the messages' queue: each is the one notification of a room its invitee is
+# not in, decided by the same batches, ledger and lanes.
+MESSAGE_NOTIFICATIONS = ConsumerQueue(
+    "message_notifications", (MESSAGE_NEW, ROOM_INVITATION_CREATED), MESSAGE_RETRY
+)
 RECIPIENT_UPDATES = ConsumerQueue("recipient_updates", (USER_UPDATED,), USER_RETRY)
 DELIVERY_REPORTS = ConsumerQueue(
     "delivery_reports",
@@ -190,6 +196,8 @@ def routing_key_for(event: Event) -> str:
     match event:
         case MessageCreated():
             return MESSAGE_NEW
+        case InvitationCreated():
+            return ROOM_INVITATION_CREATED
         case UserUpdated():
             return USER_UPDATED
         case PushJobsRequested(urgent=True):

@@ -203,6 +203,7 @@ async def test_asyncapi_page_without_try_it_out(client: httpx.AsyncClient) -> No
     assert (await client.post("/docs/asyncapi/try", json={})).status_code in {404, 405}
     assert set(document.json()["channels"]) == {
         "notification.message.new:publish",
+        "room.invitation.created:publish",
         "user.updated:publish",
         "device_invalidations:consume",
     }

@@ -18,6 +18,7 @@ from herald_shared.events import (
     EmailRequested,
     Level,
     MessageCreated,
+    Notifiable,
     Platform,
     PushJobsRequested,
     PushRequested,
@@ -41,7 +42,13 @@ from notification_router.routing import (
     recipients_of,
     trigger_of,
 )
-from tests.support.router_factories import NOW, message_created, recipient, user_updated
+from tests.support.router_factories import (
+    NOW,
+    invitation_created,
+    message_created,
+    recipient,
+    user_updated,
+)
 
 ROOM = uuid.UUID("00000000-0000-0000-0000-00000000000a")
 OTHER_ROOM = uuid.UUID("00000000-0000-0000-0000-00000000000b")
@@ -212,6 +219,17 @@ PRECEDENCE = {
     "a mute that has ended silences nothing": Row(
         Trigger.MESSAGE, Level.ALL, muted_until=MUTE_ENDED
     ),
+    "all: an invitation": Row(Trigger.INVITATION, Level.ALL),
+    "mentions: an invitation": Row(Trigger.INVITATION, Level.MENTIONS),
+    "none: not even an invitation": Row(
+        Trigger.INVITATION, Level.NONE, expected="skipped:push_disabled"
+    ),
+    "the room's none (from before the invitee left) beats an invitation": Row(
+        Trigger.INVITATION, Level.ALL, Level.NONE, expected="skipped:push_disabled"
+    ),
+    "muted: an invitation breaks a mute left from before": Row(
+        Trigger.INVITATION, Level.MENTIONS, muted_until=MUTE_RUNS
+    ),
 }
 
 
@@ -223,13 +241,15 @@ def test_precedence(row: Row) -> None:
         email_level=Level.NONE,
         rooms=[RoomSettingsSnapshot(room_id=ROOM, push=row.room, muted_until=row.muted_until)],
     )
-    event = message_created(
+    event: Notifiable = message_created(
         recipient_ids=[USER],
         room_id=ROOM,
         mentions=[USER] if row.trigger is Trigger.MENTION or row.named else [],
         room_mentioned=row.trigger is Trigger.ROOM_MENTION,
         room_kind=RoomKind.DIRECT if row.trigger is Trigger.DIRECT else RoomKind.GROUP,
     )
+    if row.trigger is Trigger.INVITATION:
+        event = invitation_created(invitee_id=USER, room_id=ROOM)
 
     decision = decide_for(event, user, now=NOW)
 
@@ -720,3 +740,31 @@ def test_many_messages_above_an_events_size_are_cut_in_full_events_and_the_rest(
     ]
     batched = [job.notification_id for batch in batches for job in batch.jobs]
     assert sorted(batched) == sorted(job.notification_id for job in jobs)
+
+
+def test_an_invitation_is_one_urgent_notification_for_its_invitee_that_says_who_and_where() -> None:
+    invitee = recipient(user_id=USER, email_level=Level.MENTIONS)
+    event = invitation_created(
+        invitee_id=USER, room_id=ROOM, room_name="general", inviter_display_name="Alice"
+    )
+
+    plan = plan_notifications(event, {USER: invitee}, now=NOW)
+
+    (decision,) = plan.decisions
+    assert decision.trigger is Trigger.INVITATION
+    assert not decision.mentioned  # the ledger's `mentioned` is about a message's text
+    (push,) = decision.push_jobs
+    assert (push.title, push.body) == ("#general", "Alice invited you to #general")
+    assert push.message_id == event.invitation_id
+    assert decision.email_job is not None
+    assert decision.email_job.trigger is Trigger.INVITATION
+    assert decision.email_job.message_content == ""
+    assert decision.email_job.sender_display_name == "Alice"
+    batches = batch_jobs(decision.jobs, now=NOW)
+    assert all(batch.urgent for batch in batches)
+
+
+def test_an_invitation_of_oneself_notifies_nobody() -> None:
+    event = invitation_created(invitee_id=USER, inviter_id=USER)
+
+    assert recipients_of(event) == ()

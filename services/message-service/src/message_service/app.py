@@ -34,12 +34,17 @@ from herald_shared.asyncapi_docs import (
 )
 from herald_shared.broker import make_broker
 from herald_shared.database import database_healthy, make_engine, run_migrations
-from herald_shared.events import MessageCreated, UserUpdated
+from herald_shared.events import InvitationCreated, MessageCreated, UserUpdated
 from herald_shared.metrics import herald_metrics, refresh_broker_gauges
 from herald_shared.ops import broker_healthy, consumers_ready, service_version
 from herald_shared.publishing import event_publisher
 from herald_shared.retry import describe_error
-from herald_shared.topology import MESSAGE_NEW, USER_UPDATED, declare_topology
+from herald_shared.topology import (
+    MESSAGE_NEW,
+    ROOM_INVITATION_CREATED,
+    USER_UPDATED,
+    declare_topology,
+)
 from message_service.api import router
 from message_service.api.deps import ApiDeps
 from message_service.docs_index import DOCS_INDEX_PATH, docs_index_html, herald_services
@@ -107,6 +112,15 @@ def _broker(
             MessageCreated,
             MESSAGE_NEW,
             description="A chat message was stored; its recipients may need to be notified.",
+        ),
+        "invitation_created": event_publisher(
+            broker,
+            InvitationCreated,
+            ROOM_INVITATION_CREATED,
+            description=(
+                "A user was invited to a group room: the one notification they get from it "
+                "until they join."
+            ),
         ),
         "user_updated": event_publisher(
             broker,

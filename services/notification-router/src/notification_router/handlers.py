@@ -25,9 +25,11 @@ from herald_shared.batching import MicroBatcher
 from herald_shared.config import BatchSettings
 from herald_shared.events import (
     AnyDeliveryReport,
+    AnyNotifiable,
     DeliveryOutcome,
     DeliveryReported,
     MessageCreated,
+    Notifiable,
     PushJobsRequested,
     UserUpdated,
     delivery_reports,
@@ -97,11 +99,11 @@ class Subscribers:
 
 
 async def route_messages(
-    events: Sequence[MessageCreated], deps: RouterDeps
+    events: Sequence[Notifiable], deps: RouterDeps
 ) -> list[RetryableError | None]:
-    """Decide for every known recipient of every message, commit the ledger, then publish the
-    pending jobs in as few events as they fit (`routing.batch_jobs`); say per message whether
-    it must come back.
+    """Decide for every known recipient of every message (or invitation), commit the ledger,
+    then publish the pending jobs in as few events as they fit (`routing.batch_jobs`); say per
+    message whether it must come back.
 
     One read of the recipients, one transaction and one publish per event type, whatever the
     number of messages. Committing before publishing makes a crash in between harmless: the
@@ -161,7 +163,7 @@ def _missing(plan: routing.RoutingPlan) -> RetryableError | None:
     return RetryableError(f"{len(plan.missing_recipient_ids)} recipient(s) have no projection yet")
 
 
-async def route_message(event: MessageCreated, deps: RouterDeps) -> None:
+async def route_message(event: Notifiable, deps: RouterDeps) -> None:
     """`route_messages` for one message, raising how it ends."""
     (error,) = await route_messages([event], deps)
     if error is not None:
@@ -258,8 +260,8 @@ def register_handlers(broker: RabbitBroker, deps: RouterDeps, batch: BatchSettin
         EXCHANGE,
         title=f"{MESSAGE_NOTIFICATIONS.name}:consume",
         description=(
-            "New chat messages (and their retries): decide, and request the notifications, many "
-            "messages' jobs per event."
+            "New chat messages and room invitations (and their retries): decide, and request "
+            "the notifications, many messages' jobs per event."
         ),
     )
     user_updated = broker.subscriber(
@@ -279,13 +281,15 @@ def register_handlers(broker: RabbitBroker, deps: RouterDeps, batch: BatchSettin
     )
     # The deliveries a consumer holds at once are handled together (`herald_shared.batching`):
     # one read, one transaction and one publish per batch rather than per message.
-    messages: MicroBatcher[MessageCreated, RetryableError | None] = MicroBatcher(
+    messages: MicroBatcher[Notifiable, RetryableError | None] = MicroBatcher(
         functools.partial(route_messages, deps=deps),
         name="router-messages",
         max_size=batch.max_items,
         max_concurrent=batch.concurrency,
         linger=batch.linger,
-        size=lambda event: len(event.recipient_ids) or 1,
+        size=lambda event: (
+            len(event.recipient_ids) or 1 if isinstance(event, MessageCreated) else 1
+        ),
     )
     reports: MicroBatcher[AnyDeliveryReport, None] = MicroBatcher(
         functools.partial(record_reports, deps=deps),
@@ -297,7 +301,7 @@ def register_handlers(broker: RabbitBroker, deps: RouterDeps, batch: BatchSettin
     )
 
     @message_created
-    async def on_message_created(event: MessageCreated) -> None:
+    async def on_message_created(event: AnyNotifiable) -> None:
         error = await messages.submit(event)
         if error is not None:
             raise error

@@ -27,7 +27,7 @@ from herald_shared.events import (
     DeviceSnapshot,
     EmailRequested,
     Level,
-    MessageCreated,
+    Notifiable,
     Platform,
     PreferencesSnapshot,
     PushRequested,
@@ -240,7 +240,7 @@ class Recorded:
         return by_message
 
 
-Plan = tuple[MessageCreated, Sequence[RecipientDecision]]
+Plan = tuple[Notifiable, Sequence[RecipientDecision]]
 
 
 async def record_decisions(
@@ -293,7 +293,7 @@ async def record_decisions(
         )
         new = frozenset((row.message_id, row.recipient_id) for row in inserted)
 
-        def is_new(event: MessageCreated, decision: RecipientDecision) -> bool:
+        def is_new(event: Notifiable, decision: RecipientDecision) -> bool:
             return (event.message_id, decision.recipient_id) in new
 
         deliveries = sorted(

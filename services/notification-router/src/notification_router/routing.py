@@ -17,6 +17,9 @@ Rules, per recipient of a `MessageCreated` (the table in docs/notifications.md):
   the recipient personally (a room-wide mention does not break a mute); a mention never
   overrides a level, only the mute;
 * push: one job per registered device; e-mail: one job, if there is an address.
+
+An `InvitationCreated` is decided the same way for its one recipient, the invitee, with the
+trigger `invitation`: personal, so a level of `mentions` or `all` sends it and `none` does not.
 """
 
 from __future__ import annotations
@@ -34,8 +37,10 @@ from herald_shared.events import (
     DeliveryOutcome,
     EmailJobsRequested,
     EmailRequested,
+    InvitationCreated,
     Level,
     MessageCreated,
+    Notifiable,
     Platform,
     PreferencesSnapshot,
     PushJobsRequested,
@@ -196,8 +201,11 @@ class RoutingPlan:
     missing_recipient_ids: tuple[uuid.UUID, ...]
 
 
-def recipients_of(event: MessageCreated) -> tuple[uuid.UUID, ...]:
-    """The users to decide for: every listed recipient once, in order, never the sender."""
+def recipients_of(event: Notifiable) -> tuple[uuid.UUID, ...]:
+    """The users to decide for: every listed recipient once, in order, never the sender (an
+    invitation's: its invitee)."""
+    if isinstance(event, InvitationCreated):
+        return () if event.invitee_id == event.inviter.user_id else (event.invitee_id,)
     return tuple(
         recipient_id
         for recipient_id in dict.fromkeys(event.recipient_ids)
@@ -205,8 +213,10 @@ def recipients_of(event: MessageCreated) -> tuple[uuid.UUID, ...]:
     )
 
 
-def trigger_of(event: MessageCreated, recipient_id: uuid.UUID) -> Trigger:
+def trigger_of(event: Notifiable, recipient_id: uuid.UUID) -> Trigger:
     """The strongest reason `event` concerns the recipient."""
+    if isinstance(event, InvitationCreated):
+        return Trigger.INVITATION
     if event.room_kind is RoomKind.DIRECT:
         return Trigger.DIRECT
     if recipient_id in event.mentions:
@@ -217,13 +227,12 @@ def trigger_of(event: MessageCreated, recipient_id: uuid.UUID) -> Trigger:
 
 
 def channel_skip(
-    recipient: Recipient, event: MessageCreated, channel: Channel, trigger: Trigger, now: datetime
+    recipient: Recipient, event: Notifiable, channel: Channel, trigger: Trigger, now: datetime
 ) -> SkipReason | None:
     """Why this channel stays silent for the recipient, or None when it should be used (if
     there is a device or an address to use): the mute first (which only naming the recipient
-    breaks, also in a muted direct room), then the level."""
-    muted = recipient.muted(event.room_id, now=now)
-    if muted and recipient.user_id not in event.mentions:
+    breaks, also in a muted direct room; an invitee is in no room to mute), then the level."""
+    if recipient.muted(event.room_id, now=now) and not _names(event, recipient.user_id):
         return SkipReason.MUTED
     level = recipient.level(event.room_id, channel)
     if level is Level.NONE:
@@ -233,8 +242,15 @@ def channel_skip(
     return None
 
 
+def _names(event: Notifiable, user_id: uuid.UUID) -> bool:
+    """Whether the event is about the user in person: a mention of them, or their invitation."""
+    if isinstance(event, InvitationCreated):
+        return event.invitee_id == user_id
+    return user_id in event.mentions
+
+
 def plan_notifications(
-    event: MessageCreated,
+    event: Notifiable,
     recipients: Mapping[uuid.UUID, Recipient],
     *,
     now: datetime,
@@ -252,13 +268,13 @@ def plan_notifications(
 
 
 def decide_for(
-    event: MessageCreated,
+    event: Notifiable,
     recipient: Recipient,
     *,
     now: datetime,
     limits: ContentLimits = DEFAULT_LIMITS,
 ) -> RecipientDecision:
-    mentioned = recipient.user_id in event.mentions
+    mentioned = isinstance(event, MessageCreated) and recipient.user_id in event.mentions
     trigger = trigger_of(event, recipient.user_id)
 
     push_jobs: tuple[PushRequested, ...] = ()
@@ -297,7 +313,7 @@ def decide_for(
 
 
 def _push_job(
-    event: MessageCreated,
+    event: Notifiable,
     recipient: Recipient,
     device: Device,
     *,
@@ -332,7 +348,7 @@ def _push_job(
 
 
 def _email_job(
-    event: MessageCreated, recipient: Recipient, address: str, *, trigger: Trigger, now: datetime
+    event: Notifiable, recipient: Recipient, address: str, *, trigger: Trigger, now: datetime
 ) -> EmailRequested:
     notification_id = notification_id_for(
         message_id=event.message_id, recipient_id=recipient.user_id, channel=Channel.EMAIL
@@ -348,7 +364,8 @@ def _email_job(
         to_address=address,
         to_name=recipient.display_name,
         sender_display_name=sender_name(event),
-        message_content=event.message_content,
+        # An invitation has no text of its own: the e-mail-sender words it by its trigger.
+        message_content=event.message_content if isinstance(event, MessageCreated) else "",
         sent_at=event.timestamp,
         trigger=trigger,
     )
@@ -413,12 +430,10 @@ def _batch_event_id(jobs: Sequence[PushRequested | EmailRequested]) -> uuid.UUID
     )
 
 
-def sender_name(event: MessageCreated) -> str:
-    return (
-        one_line(event.sender_info.display_name)
-        or one_line(event.sender_info.username)
-        or "Someone"
-    )
+def sender_name(event: Notifiable) -> str:
+    """Who wrote the message, or who sent the invitation."""
+    sender = event.inviter if isinstance(event, InvitationCreated) else event.sender_info
+    return one_line(sender.display_name) or one_line(sender.username) or "Someone"
 
 
 def push_title(event: MessageCreated, max_chars: int) -> str:
@@ -433,11 +448,18 @@ def push_body(event: MessageCreated, max_chars: int) -> str:
 
 
 def push_content(
-    event: MessageCreated, *, preview: bool, limits: ContentLimits = DEFAULT_LIMITS
+    event: Notifiable, *, preview: bool, limits: ContentLimits = DEFAULT_LIMITS
 ) -> tuple[str, str]:
     """A push's (title, body). With `preview` the body is the message's text; without it (the
     recipient's privacy setting) neither carries any text: "Alice in #general" / "New message
-    from Alice in #general", or just "Alice" / "New message from Alice" in a direct chat."""
+    from Alice in #general", or just "Alice" / "New message from Alice" in a direct chat. An
+    invitation carries no text to hide: "#general" / "Alice invited you to #general"."""
+    if isinstance(event, InvitationCreated):
+        room = "#" + (one_line(event.room_name).lstrip("#").strip() or "a room")
+        return (
+            truncate(room, limits.title_max_chars),
+            truncate(f"{sender_name(event)} invited you to {room}", limits.body_max_chars),
+        )
     if preview:
         return push_title(event, limits.title_max_chars), push_body(event, limits.body_max_chars)
     name = sender_name(event)
