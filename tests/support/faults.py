@@ -1209,6 +1209,7 @@ async def ledger_rows(router_db: str) -> int:
 EVENT_TYPES = {
     "message_notifications": "new_message",
     "recipient_updates": "user_updated",
+    "presence_updates": "presence_changed",
     "delivery_reports": "delivery_reported",
     "push_notifications": "push_requested",
     "push_notifications_urgent": "push_requested",

@@ -151,6 +151,44 @@ Notifiable = MessageCreated | InvitationCreated
 AnyNotifiable = Annotated[Notifiable, Field(discriminator="type")]
 
 
+class ConnectionPresence(_Frozen):
+    """One real-time stream of a user: open until `expires_at` unless renewed; a stream that
+    ended carries its end. `at`: when this was said (an older word on the same stream is
+    ignored)."""
+
+    user_id: uuid.UUID
+    connection_id: uuid.UUID
+    expires_at: AwareDatetime
+    at: AwareDatetime
+
+
+class RoomInView(_Frozen):
+    """The room the user's client shows (None: none), as of `at`."""
+
+    user_id: uuid.UUID
+    room_id: uuid.UUID | None
+    at: AwareDatetime
+
+
+class PresenceChanged(Event):
+    """Who has a real-time stream open and which room they look at (`presence.changed`), from
+    message-service's streams: a stream opening or ending, a room coming into view, and every
+    heartbeat renewing a replica's open streams. Published directly, not through the outbox: a
+    lost update is repeated by the next heartbeat, and a stale one expires."""
+
+    type: Literal["presence_changed"] = "presence_changed"
+    connections: list[ConnectionPresence] = Field(
+        default_factory=list, max_length=MAX_ITEMS_PER_EVENT
+    )
+    rooms: list[RoomInView] = Field(default_factory=list, max_length=MAX_ITEMS_PER_EVENT)
+
+    @model_validator(mode="after")
+    def _says_something(self) -> PresenceChanged:
+        if not self.connections and not self.rooms:
+            raise ValueError("a presence change names a stream or a room")
+        return self
+
+
 class WebPushKeys(_Frozen):
     """A Web Push subscription's keys (RFC 8291), base64url without padding as browsers give
     them: the user agent's P-256 public key and the shared authentication secret."""
@@ -462,6 +500,7 @@ class DeviceInvalidated(Event):
 AnyEvent = Annotated[
     MessageCreated
     | InvitationCreated
+    | PresenceChanged
     | UserUpdated
     | PushRequested
     | EmailRequested
@@ -514,6 +553,7 @@ EVENT_ADAPTER: TypeAdapter[AnyEvent] = TypeAdapter(AnyEvent)
 EVENT_MODELS: tuple[type[Event], ...] = (
     MessageCreated,
     InvitationCreated,
+    PresenceChanged,
     UserUpdated,
     PushRequested,
     EmailRequested,

@@ -42,6 +42,7 @@ from herald_shared.events import (
     Event,
     InvitationCreated,
     MessageCreated,
+    PresenceChanged,
     PushBatchRequested,
     PushJobsRequested,
     PushRequested,
@@ -70,6 +71,8 @@ EMAIL_DELIVERED = "notification.email.delivered"
 EMAIL_FAILED = "notification.email.failed"
 REPORT_RETRY = "notification.report.retry"
 ROOM_INVITATION_CREATED = "room.invitation.created"
+PRESENCE_CHANGED = "presence.changed"
+PRESENCE_RETRY = "presence.changed.retry"
 USER_UPDATED = "user.updated"
 USER_RETRY = "user.updated.retry"
 DEVICE_INVALIDATED = "device.invalidated"
@@ -149,6 +152,7 @@ MESSAGE_NOTIFICATIONS = ConsumerQueue(
     "message_notifications", (MESSAGE_NEW, ROOM_INVITATION_CREATED), MESSAGE_RETRY
 )
 RECIPIENT_UPDATES = ConsumerQueue("recipient_updates", (USER_UPDATED,), USER_RETRY)
+PRESENCE_UPDATES = ConsumerQueue("presence_updates", (PRESENCE_CHANGED,), PRESENCE_RETRY)
 DELIVERY_REPORTS = ConsumerQueue(
     "delivery_reports",
     (PUSH_DELIVERED, PUSH_FAILED, EMAIL_DELIVERED, EMAIL_FAILED),
@@ -169,6 +173,7 @@ DEVICE_INVALIDATIONS = ConsumerQueue("device_invalidations", (DEVICE_INVALIDATED
 CONSUMER_QUEUES: tuple[ConsumerQueue, ...] = (
     MESSAGE_NOTIFICATIONS,
     RECIPIENT_UPDATES,
+    PRESENCE_UPDATES,
     DELIVERY_REPORTS,
     PUSH_NOTIFICATIONS,
     PUSH_NOTIFICATIONS_URGENT,
@@ -198,6 +203,8 @@ def routing_key_for(event: Event) -> str:
             return MESSAGE_NEW
         case InvitationCreated():
             return ROOM_INVITATION_CREATED
+        case PresenceChanged():
+            return PRESENCE_CHANGED
         case UserUpdated():
             return USER_UPDATED
         case PushJobsRequested(urgent=True):

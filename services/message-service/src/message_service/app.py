@@ -34,13 +34,14 @@ from herald_shared.asyncapi_docs import (
 )
 from herald_shared.broker import make_broker
 from herald_shared.database import database_healthy, make_engine, run_migrations
-from herald_shared.events import InvitationCreated, MessageCreated, UserUpdated
+from herald_shared.events import InvitationCreated, MessageCreated, PresenceChanged, UserUpdated
 from herald_shared.metrics import herald_metrics, refresh_broker_gauges
 from herald_shared.ops import broker_healthy, consumers_ready, service_version
-from herald_shared.publishing import event_publisher
+from herald_shared.publishing import event_publisher, publish_event
 from herald_shared.retry import describe_error
 from herald_shared.topology import (
     MESSAGE_NEW,
+    PRESENCE_CHANGED,
     ROOM_INVITATION_CREATED,
     USER_UPDATED,
     declare_topology,
@@ -53,6 +54,7 @@ from message_service.outbox import OutboxMetrics, OutboxRelay
 from message_service.pruning import DevicePruner
 from message_service.service import ServiceError
 from message_service.settings import SERVICE_NAME, Settings
+from message_service.stream import StreamHub, StreamMetrics
 
 logger = logging.getLogger("message_service.app")
 
@@ -88,6 +90,7 @@ class MessageService:
     relay: OutboxRelay
     specification: AsyncAPI
     pruner: DevicePruner
+    streams: StreamHub
     app: FastAPI
 
 
@@ -120,6 +123,15 @@ def _broker(
             description=(
                 "A user was invited to a group room: the one notification they get from it "
                 "until they join."
+            ),
+        ),
+        "presence_changed": event_publisher(
+            broker,
+            PresenceChanged,
+            PRESENCE_CHANGED,
+            description=(
+                "Who has a real-time stream open, and which room they look at: streams opening "
+                "and ending, and every heartbeat. Published directly, never through the outbox."
             ),
         ),
         "user_updated": event_publisher(
@@ -174,6 +186,19 @@ def build_service(
         retention=settings.outbox_retention,
     )
     subscribers = register_handlers(broker, HandlerDeps(sessions=sessions, nudge=relay.nudge))
+    presence_publisher = publishers["presence_changed"]
+
+    async def publish_presence(event: PresenceChanged) -> None:
+        await publish_event(presence_publisher, event, timeout=settings.rabbitmq.publish_timeout)
+
+    streams = StreamHub(
+        engine=engine,
+        publish_presence=publish_presence,
+        metrics=StreamMetrics(registry),
+        poll_interval=settings.stream_poll_interval,
+        heartbeat=settings.stream_heartbeat,
+        presence_ttl=settings.presence_ttl,
+    )
     app = FastAPI(
         title=TITLE,
         version=service_version(SERVICE_NAME),
@@ -197,6 +222,7 @@ def build_service(
             stale_after=timedelta(days=settings.device_stale_after_days),
             interval=settings.device_prune_interval,
         ),
+        streams=streams,
         app=app,
     )
     app.state.service = service
@@ -206,6 +232,7 @@ def build_service(
         nudge=relay.nudge,
         max_devices_per_user=settings.max_devices_per_user,
         webpush_allowed_hosts=settings.webpush_allowed_hosts,
+        streams=streams,
     )
     app.include_router(router)
     _add_ops_routes(app, service)
@@ -275,12 +302,15 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         raise StartupError(f"RabbitMQ unreachable at {address}") from None
     runtime.relay.start()
     runtime.pruner.start()
+    runtime.streams.start()
     logger.info("message_service.started port=%d", settings.port)
     try:
         yield
     finally:
-        # The pruner, then the relay: the relay needs the broker to finish the publish in
-        # flight, and publishes what the pruner staged.
+        # The streams first (their goodbyes need the broker), the pruner, then the relay: the
+        # relay needs the broker to finish the publish in flight, and publishes what the
+        # pruner staged.
+        await runtime.streams.stop()
         await runtime.pruner.stop()
         await runtime.relay.stop()
         await runtime.broker.stop()

@@ -663,6 +663,11 @@ async def my_rooms(*, session: AsyncSession, user_id: uuid.UUID) -> MyRooms:
     )
 
 
+async def check_member(*, session: AsyncSession, room_id: uuid.UUID, user_id: uuid.UUID) -> None:
+    """NotFound unless the user is a member of the room (the room in view must be theirs)."""
+    await _room_of_member(session, room_id=room_id, user_id=user_id)
+
+
 # --- blocks ---------------------------------------------------------------------------------------
 
 

@@ -14,7 +14,7 @@ import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from faststream.rabbit import RabbitBroker
 from faststream.rabbit.publisher import RabbitPublisher
@@ -30,6 +30,7 @@ from herald_shared.events import (
     DeliveryReported,
     MessageCreated,
     Notifiable,
+    PresenceChanged,
     PushJobsRequested,
     UserUpdated,
     delivery_reports,
@@ -41,6 +42,7 @@ from herald_shared.topology import (
     DELIVERY_REPORTS,
     EXCHANGE,
     MESSAGE_NOTIFICATIONS,
+    PRESENCE_UPDATES,
     RECIPIENT_UPDATES,
 )
 from notification_router import repository, routing
@@ -89,12 +91,14 @@ class RouterDeps:
     publish_timeout: float
     message_times: MessageTimes = field(default_factory=MessageTimes)
     limits: routing.ContentLimits = routing.DEFAULT_LIMITS
+    email_grace: timedelta = routing.EMAIL_GRACE
 
 
 @dataclass(frozen=True)
 class Subscribers:
     message_created: RabbitSubscriber
     user_updated: RabbitSubscriber
+    presence_changed: RabbitSubscriber
     delivery_reported: RabbitSubscriber
 
 
@@ -116,8 +120,16 @@ async def route_messages(
     unique = list({event.message_id: event for event in events}.values())
     wanted = {user_id for event in unique for user_id in routing.recipients_of(event)}
     known = await repository.load_recipients(deps.engine, wanted)
+    presence = await repository.load_presence(deps.engine, known, since=now - deps.email_grace)
     plans = {
-        event.message_id: routing.plan_notifications(event, known, now=now, limits=deps.limits)
+        event.message_id: routing.plan_notifications(
+            event,
+            known,
+            now=now,
+            presence=presence,
+            email_grace=deps.email_grace,
+            limits=deps.limits,
+        )
         for event in unique
     }
     recorded = await repository.record_decisions(
@@ -178,6 +190,15 @@ async def project_recipient(event: UserUpdated, deps: RouterDeps) -> None:
         "updated" if applied else "stale_ignored",
         event.user_id,
         event.version,
+    )
+
+
+async def project_presence(event: PresenceChanged, deps: RouterDeps) -> None:
+    await repository.apply_presence(deps.engine, event, now=utc_now())
+    logger.debug(
+        "router.presence.applied connections=%d rooms=%d",
+        len(event.connections),
+        len(event.rooms),
     )
 
 
@@ -270,6 +291,15 @@ def register_handlers(broker: RabbitBroker, deps: RouterDeps, batch: BatchSettin
         title=f"{RECIPIENT_UPDATES.name}:consume",
         description="User snapshots: keep the recipient projection at the highest version.",
     )
+    presence_changed = broker.subscriber(
+        PRESENCE_UPDATES.queue,
+        EXCHANGE,
+        title=f"{PRESENCE_UPDATES.name}:consume",
+        description=(
+            "Who has a real-time stream open and which room they look at: keep the presence "
+            "projection (a newer word on a stream or a room always wins)."
+        ),
+    )
     delivery_reported = broker.subscriber(
         DELIVERY_REPORTS.queue,
         EXCHANGE,
@@ -310,8 +340,12 @@ def register_handlers(broker: RabbitBroker, deps: RouterDeps, batch: BatchSettin
     async def on_user_updated(event: UserUpdated) -> None:
         await project_recipient(event, deps)
 
+    @presence_changed
+    async def on_presence_changed(event: PresenceChanged) -> None:
+        await project_presence(event, deps)
+
     @delivery_reported
     async def on_delivery_reported(event: AnyDeliveryReport) -> None:
         await reports.submit(event)
 
-    return Subscribers(message_created, user_updated, delivery_reported)
+    return Subscribers(message_created, user_updated, presence_changed, delivery_reported)

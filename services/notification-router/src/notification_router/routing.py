@@ -16,6 +16,9 @@ Rules, per recipient of a `MessageCreated` (the table in docs/notifications.md):
 * a room muted until a time still to come silences every channel, unless the message mentions
   the recipient personally (a room-wide mention does not break a mute); a mention never
   overrides a level, only the mute;
+* presence: nothing for a message in the room the recipient has in view while a real-time stream
+  of theirs is open (it reached their screen); no e-mail while they have had a stream open in
+  the last `email_grace` (60 s by default: they are reading, or just were);
 * push: one job per registered device; e-mail: one job, if there is an address.
 
 An `InvitationCreated` is decided the same way for its one recipient, the invitee, with the
@@ -28,7 +31,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
 from herald_shared.events import (
@@ -64,6 +67,8 @@ class SkipReason(StrEnum):
     PUSH_DISABLED = "push_disabled"  # push level `none`
     EMAIL_DISABLED = "email_disabled"  # e-mail level `none`
     LEVEL_MENTIONS = "level_mentions"  # level `mentions`, and the message names nobody
+    ACTIVE_IN_ROOM = "active_in_room"  # the room is on the recipient's screen
+    ONLINE = "online"  # e-mail: the recipient has (or just had) a real-time stream open
     NO_DEVICE = "no_device"
     NO_EMAIL = "no_email"
 
@@ -165,6 +170,26 @@ def room_settings_of(preferences: PreferencesSnapshot) -> dict[uuid.UUID, RoomSe
     return rooms
 
 
+# E-mail waits until a user has had no real-time stream open for this long.
+EMAIL_GRACE = timedelta(seconds=60)
+
+
+@dataclass(frozen=True)
+class Presence:
+    """What the real-time streams say of a user: until when one of them is open (for a stream
+    that ended, its end; for an open one, when it expires unless renewed), and the room in
+    view."""
+
+    online_until: datetime
+    room_in_view: uuid.UUID | None = None
+
+    def viewing(self, room_id: uuid.UUID, *, now: datetime) -> bool:
+        return self.online_until > now and self.room_in_view == room_id
+
+    def recently_online(self, *, now: datetime, grace: timedelta) -> bool:
+        return self.online_until > now - grace
+
+
 @dataclass(frozen=True)
 class ContentLimits:
     """How many characters a push title and body may have (see `truncate`)."""
@@ -227,11 +252,18 @@ def trigger_of(event: Notifiable, recipient_id: uuid.UUID) -> Trigger:
 
 
 def channel_skip(
-    recipient: Recipient, event: Notifiable, channel: Channel, trigger: Trigger, now: datetime
+    recipient: Recipient,
+    event: Notifiable,
+    channel: Channel,
+    trigger: Trigger,
+    now: datetime,
+    presence: Presence | None = None,
+    email_grace: timedelta = EMAIL_GRACE,
 ) -> SkipReason | None:
     """Why this channel stays silent for the recipient, or None when it should be used (if
     there is a device or an address to use): the mute first (which only naming the recipient
-    breaks, also in a muted direct room; an invitee is in no room to mute), then the level."""
+    breaks, also in a muted direct room; an invitee is in no room to mute), then the level,
+    then presence."""
     if recipient.muted(event.room_id, now=now) and not _names(event, recipient.user_id):
         return SkipReason.MUTED
     level = recipient.level(event.room_id, channel)
@@ -239,6 +271,11 @@ def channel_skip(
         return SkipReason.PUSH_DISABLED if channel is Channel.PUSH else SkipReason.EMAIL_DISABLED
     if level is Level.MENTIONS and trigger is Trigger.MESSAGE:
         return SkipReason.LEVEL_MENTIONS
+    if presence is not None:
+        if presence.viewing(event.room_id, now=now):
+            return SkipReason.ACTIVE_IN_ROOM
+        if channel is Channel.EMAIL and presence.recently_online(now=now, grace=email_grace):
+            return SkipReason.ONLINE
     return None
 
 
@@ -254,8 +291,12 @@ def plan_notifications(
     recipients: Mapping[uuid.UUID, Recipient],
     *,
     now: datetime,
+    presence: Mapping[uuid.UUID, Presence] | None = None,
+    email_grace: timedelta = EMAIL_GRACE,
     limits: ContentLimits = DEFAULT_LIMITS,
 ) -> RoutingPlan:
+    """The decisions for every recipient of the event; `presence`: of those who have had a
+    real-time stream open lately (the others are offline)."""
     decisions: list[RecipientDecision] = []
     missing: list[uuid.UUID] = []
     for recipient_id in recipients_of(event):
@@ -263,7 +304,16 @@ def plan_notifications(
         if recipient is None:
             missing.append(recipient_id)
         else:
-            decisions.append(decide_for(event, recipient, now=now, limits=limits))
+            decisions.append(
+                decide_for(
+                    event,
+                    recipient,
+                    now=now,
+                    presence=(presence or {}).get(recipient_id),
+                    email_grace=email_grace,
+                    limits=limits,
+                )
+            )
     return RoutingPlan(decisions=tuple(decisions), missing_recipient_ids=tuple(missing))
 
 
@@ -272,13 +322,15 @@ def decide_for(
     recipient: Recipient,
     *,
     now: datetime,
+    presence: Presence | None = None,
+    email_grace: timedelta = EMAIL_GRACE,
     limits: ContentLimits = DEFAULT_LIMITS,
 ) -> RecipientDecision:
     mentioned = isinstance(event, MessageCreated) and recipient.user_id in event.mentions
     trigger = trigger_of(event, recipient.user_id)
 
     push_jobs: tuple[PushRequested, ...] = ()
-    push_skip = channel_skip(recipient, event, Channel.PUSH, trigger, now)
+    push_skip = channel_skip(recipient, event, Channel.PUSH, trigger, now, presence, email_grace)
     if push_skip is not None:
         push = skipped(push_skip)
     elif not recipient.devices:
@@ -292,7 +344,7 @@ def decide_for(
         )
 
     email_job: EmailRequested | None = None
-    email_skip = channel_skip(recipient, event, Channel.EMAIL, trigger, now)
+    email_skip = channel_skip(recipient, event, Channel.EMAIL, trigger, now, presence, email_grace)
     if email_skip is not None:
         email = skipped(email_skip)
     elif not recipient.email:

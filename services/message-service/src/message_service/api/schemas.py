@@ -440,3 +440,11 @@ class MessagePageOut(BaseModel):
     next_cursor: str | None = Field(
         description="Pass as `before` to get the next (older) page; null when there is none."
     )
+
+
+class PresenceBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    active_room_id: uuid.UUID | None = Field(
+        description="The room your client shows now; null: none."
+    )
