@@ -44,6 +44,7 @@ from herald_shared.ops import broker_healthy, consumers_ready, service_version
 from herald_shared.publishing import event_publisher
 from herald_shared.retry import describe_error
 from herald_shared.topology import MESSAGE_NEW, USER_UPDATED, declare_topology
+from message_service import openapi_pages
 from message_service.api import router
 from message_service.api.deps import ApiDeps
 from message_service.api.responses import clipped, with_common_answers
@@ -171,6 +172,9 @@ def build_service(
         description=DESCRIPTION,
         lifespan=_lifespan,
         telemetry=_telemetry(tracer_provider),
+        # Served by _add_docs_routes, with their scripts from here rather than a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
     service = MessageService(
         settings=settings,
@@ -229,7 +233,7 @@ def _telemetry(tracer_provider: TracerProvider | None) -> TelemetryConfig:
 def _untraced(scope: MutableMapping[str, Any]) -> bool:
     """Probes, scrapes and documentation: frequent, and no part of any notification's trace."""
     path = str(scope.get("path", ""))
-    return path.startswith(("/health", "/metrics", "/docs", "/openapi.json"))
+    return path.startswith(("/health", "/metrics", "/docs", "/redoc", "/openapi.json"))
 
 
 @asynccontextmanager
@@ -402,7 +406,8 @@ def _add_ops_routes(app: FastAPI, runtime: MessageService) -> None:
 
 def _add_docs_routes(app: FastAPI, runtime: MessageService) -> None:
     """The AsyncAPI page (its script and style served from here: no CDN, no try-it-out), its
-    document, and the index of every service's documentation."""
+    document, the index of every service's documentation, and Swagger UI and ReDoc (their
+    scripts served from here too)."""
     # Rendered once, from the channels declared in `create_app`.
     document = runtime.specification.to_specification()
     document_json = document.to_json()
@@ -428,6 +433,22 @@ def _add_docs_routes(app: FastAPI, runtime: MessageService) -> None:
     async def docs_index() -> HTMLResponse:
         return HTMLResponse(index)
 
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui() -> HTMLResponse:
+        return openapi_pages.swagger_ui_page(TITLE, "/openapi.json")
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> HTMLResponse:
+        return openapi_pages.redoc_page(TITLE, "/openapi.json")
+
+    for name in openapi_pages.ASSET_MEDIA_TYPES:
+        app.add_api_route(
+            openapi_pages.asset_url(name),
+            _openapi_asset_endpoint(name),
+            methods=["GET"],
+            include_in_schema=False,
+        )
+
     for name in ASSET_MEDIA_TYPES:
         app.add_api_route(
             asset_url(name),
@@ -435,6 +456,13 @@ def _add_docs_routes(app: FastAPI, runtime: MessageService) -> None:
             methods=["GET"],
             include_in_schema=False,
         )
+
+
+def _openapi_asset_endpoint(name: str) -> Callable[[], Awaitable[Response]]:
+    async def serve_asset() -> Response:
+        return Response(openapi_pages.asset(name), headers=openapi_pages.asset_headers(name))
+
+    return serve_asset
 
 
 def _asset_endpoint(name: str) -> Callable[[], Awaitable[Response]]:
