@@ -227,4 +227,4 @@ async def test_a_422_echoes_at_most_200_characters(client: httpx.AsyncClient) ->
     assert max(len(part) for part in extra.json()["detail"][0]["loc"]) <= ECHO_MAX
     assert long_field not in extra.text
     assert len(strangers.json()["detail"]) <= ECHO_MAX
-    assert unknown[-1] not in strangers.text
+    assert not all(identifier in strangers.text for identifier in unknown)
