@@ -9,6 +9,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator
 
+import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -247,3 +248,27 @@ def test_event_ids_round_trip() -> None:
     position = StreamPosition(123456789, 42)
 
     assert parse_position(format_position(position)) == position
+
+
+async def test_the_stream_refuses_a_foreign_last_event_id_and_a_room_not_yours(
+    client: httpx.AsyncClient,
+) -> None:
+    alice = await register(client, "alice")
+    bob = await register(client, "bob")
+    room = await create_room(client, alice, [])
+
+    foreign = await client.get(
+        "/users/me/events", headers={**bob.headers, "Last-Event-ID": "not-an-id"}
+    )
+    not_yours = await client.get(
+        "/users/me/events", params={"active_room_id": str(room)}, headers=bob.headers
+    )
+    anonymous = await client.get("/users/me/events")
+    moved = await client.put(
+        "/users/me/presence", json={"active_room_id": str(room)}, headers=bob.headers
+    )
+
+    assert foreign.status_code == 422
+    assert "Last-Event-ID" in foreign.json()["detail"]
+    assert not_yours.status_code == moved.status_code == 404
+    assert anonymous.status_code == 401
