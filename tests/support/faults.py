@@ -1210,6 +1210,7 @@ EVENT_TYPES = {
     "message_notifications": "new_message",
     "recipient_updates": "user_updated",
     "presence_updates": "presence_changed",
+    "read_markers": "room_read",
     "delivery_reports": "delivery_reported",
     "push_notifications": "push_requested",
     "push_notifications_urgent": "push_requested",

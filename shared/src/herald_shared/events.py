@@ -151,6 +151,18 @@ Notifiable = MessageCreated | InvitationCreated
 AnyNotifiable = Annotated[Notifiable, Field(discriminator="type")]
 
 
+class RoomRead(Event):
+    """A user read a room up to a message (`room.read`), on some device: a marker that only moves
+    forward (message-service ignores an older one). Whatever of the room was created up to
+    `up_to` no longer needs telling them."""
+
+    type: Literal["room_read"] = "room_read"
+    user_id: uuid.UUID
+    room_id: uuid.UUID
+    message_id: uuid.UUID  # the last message read
+    up_to: AwareDatetime  # its creation time
+
+
 class ConnectionPresence(_Frozen):
     """One real-time stream of a user: open until `expires_at` unless renewed; a stream that
     ended carries its end. `at`: when this was said (an older word on the same stream is
@@ -501,6 +513,7 @@ AnyEvent = Annotated[
     MessageCreated
     | InvitationCreated
     | PresenceChanged
+    | RoomRead
     | UserUpdated
     | PushRequested
     | EmailRequested
@@ -554,6 +567,7 @@ EVENT_MODELS: tuple[type[Event], ...] = (
     MessageCreated,
     InvitationCreated,
     PresenceChanged,
+    RoomRead,
     UserUpdated,
     PushRequested,
     EmailRequested,

@@ -46,6 +46,7 @@ from herald_shared.events import (
     PushBatchRequested,
     PushJobsRequested,
     PushRequested,
+    RoomRead,
     UserUpdated,
 )
 
@@ -73,6 +74,8 @@ REPORT_RETRY = "notification.report.retry"
 ROOM_INVITATION_CREATED = "room.invitation.created"
 PRESENCE_CHANGED = "presence.changed"
 PRESENCE_RETRY = "presence.changed.retry"
+ROOM_READ = "room.read"
+ROOM_READ_RETRY = "room.read.retry"
 USER_UPDATED = "user.updated"
 USER_RETRY = "user.updated.retry"
 DEVICE_INVALIDATED = "device.invalidated"
@@ -153,6 +156,7 @@ MESSAGE_NOTIFICATIONS = ConsumerQueue(
 )
 RECIPIENT_UPDATES = ConsumerQueue("recipient_updates", (USER_UPDATED,), USER_RETRY)
 PRESENCE_UPDATES = ConsumerQueue("presence_updates", (PRESENCE_CHANGED,), PRESENCE_RETRY)
+READ_MARKERS = ConsumerQueue("read_markers", (ROOM_READ,), ROOM_READ_RETRY)
 DELIVERY_REPORTS = ConsumerQueue(
     "delivery_reports",
     (PUSH_DELIVERED, PUSH_FAILED, EMAIL_DELIVERED, EMAIL_FAILED),
@@ -174,6 +178,7 @@ CONSUMER_QUEUES: tuple[ConsumerQueue, ...] = (
     MESSAGE_NOTIFICATIONS,
     RECIPIENT_UPDATES,
     PRESENCE_UPDATES,
+    READ_MARKERS,
     DELIVERY_REPORTS,
     PUSH_NOTIFICATIONS,
     PUSH_NOTIFICATIONS_URGENT,
@@ -205,6 +210,8 @@ def routing_key_for(event: Event) -> str:
             return ROOM_INVITATION_CREATED
         case PresenceChanged():
             return PRESENCE_CHANGED
+        case RoomRead():
+            return ROOM_READ
         case UserUpdated():
             return USER_UPDATED
         case PushJobsRequested(urgent=True):

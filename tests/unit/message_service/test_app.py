@@ -182,6 +182,7 @@ async def test_openapi_lists_the_api_only(client: httpx.AsyncClient) -> None:
         "/users/me/preferences",
         "/users/me/events",
         "/users/me/presence",
+        "/rooms/{room_id}/read",
         "/users/me/blocked",
         "/users/me/blocked/{user_id}",
         "/rooms",
@@ -207,6 +208,7 @@ async def test_asyncapi_page_without_try_it_out(client: httpx.AsyncClient) -> No
         "notification.message.new:publish",
         "room.invitation.created:publish",
         "presence.changed:publish",
+        "room.read:publish",
         "user.updated:publish",
         "device_invalidations:consume",
     }

@@ -76,7 +76,7 @@ async def test_my_rooms_and_invitations_are_listed(client: httpx.AsyncClient) ->
         (room, "general", str(alice.id))
     ]
     assert after == {
-        "rooms": [{"id": room, "kind": "group", "name": "general"}],
+        "rooms": [{"id": room, "kind": "group", "name": "general", "unread": 0}],
         "invitations": [],
     }
     assert outsider.json() == {"rooms": [], "invitations": []}

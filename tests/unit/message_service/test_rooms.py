@@ -8,7 +8,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.unit.message_service.helpers import create_room, register
+from herald_shared.events import EVENT_ADAPTER, RoomRead
+from message_service.app import MessageService
+from tests.unit.message_service.helpers import create_room, outbox_rows, register
 
 
 async def test_the_creator_is_a_member_and_the_listed_users_are_invited(
@@ -164,3 +166,49 @@ async def test_a_full_room_takes_no_one_else(
     )
 
     assert response.status_code == 409
+
+
+async def test_read_markers_move_forward_only_and_count_what_is_unread(
+    client: httpx.AsyncClient, runtime: MessageService
+) -> None:
+    alice = await register(client, "alice")
+    bob = await register(client, "bob")
+    room = await create_room(client, alice, [bob])
+    other = await create_room(client, alice, [bob], name="other")
+    ids = []
+    for text in ("one", "two", "three"):
+        posted = await client.post(
+            f"/rooms/{room}/messages", json={"content": text}, headers=alice.headers
+        )
+        ids.append(posted.json()["id"])
+    await client.post(f"/rooms/{room}/messages", json={"content": "mine"}, headers=bob.headers)
+    elsewhere = await client.post(
+        f"/rooms/{other}/messages", json={"content": "x"}, headers=alice.headers
+    )
+
+    before = await client.get("/rooms", headers=bob.headers)
+    second = await client.put(f"/rooms/{room}/read", json={"up_to": ids[1]}, headers=bob.headers)
+    behind = await client.put(f"/rooms/{room}/read", json={"up_to": ids[0]}, headers=bob.headers)
+    wrong_room = await client.put(
+        f"/rooms/{room}/read", json={"up_to": elsewhere.json()["id"]}, headers=bob.headers
+    )
+    not_mine = await client.put(
+        f"/rooms/{room}/read",
+        json={"up_to": ids[2]},
+        headers=(await register(client, "eve")).headers,
+    )
+
+    unread = {row["id"]: row["unread"] for row in before.json()["rooms"]}
+    assert unread == {str(room): 3, str(other): 1}  # Bob's own message is not unread
+    assert second.status_code == behind.status_code == 200
+    assert second.json() == {"room_id": str(room), "up_to": ids[1], "unread": 1}
+    assert behind.json() == second.json()  # an older marker changes nothing
+    assert wrong_room.status_code == not_mine.status_code == 404
+    reads = [
+        event
+        for event in (
+            EVENT_ADAPTER.validate_json(row.payload) for row in await outbox_rows(runtime)
+        )
+        if isinstance(event, RoomRead)
+    ]
+    assert [(event.user_id, str(event.message_id)) for event in reads] == [(bob.id, ids[1])]

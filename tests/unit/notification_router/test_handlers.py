@@ -344,6 +344,7 @@ async def test_messages_routed_together_share_one_ledger_transaction_and_their_e
     assert statements == [
         "SELECT recipients",
         "SELECT presence_connections",
+        "SELECT read_markers",
         "BEGIN",
         "INSERT notifications",
         "INSERT notification_deliveries",
@@ -833,6 +834,7 @@ def test_specification_documents_the_queues_and_the_jobs() -> None:
         "message_notifications:consume",
         "recipient_updates:consume",
         "presence_updates:consume",
+        "read_markers:consume",
         "delivery_reports:consume",
         "notification.push.send:publish",
         "notification.email.send:publish",

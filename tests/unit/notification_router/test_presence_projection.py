@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from herald_shared.database import make_engine, run_migrations
-from herald_shared.events import ConnectionPresence, PresenceChanged, RoomInView
+from herald_shared.events import ConnectionPresence, PresenceChanged, RoomInView, RoomRead
 from notification_router import repository
 from notification_router.routing import Presence
 from notification_router.tables import presence_connections
@@ -115,3 +115,19 @@ async def test_streams_that_ended_long_ago_are_forgotten(engine: AsyncEngine) ->
     async with engine.connect() as connection:
         left = await connection.scalar(select(func.count()).select_from(presence_connections))
     assert left == 1
+
+
+async def test_a_read_marker_only_moves_forward(engine: AsyncEngine) -> None:
+    def marker(seconds: float) -> RoomRead:
+        return RoomRead(
+            user_id=USER,
+            room_id=ROOM,
+            message_id=uuid.uuid4(),
+            up_to=NOW + timedelta(seconds=seconds),
+        )
+
+    moved = [await repository.apply_read_marker(engine, marker(seconds)) for seconds in (5, 2, 9)]
+    markers = await repository.load_read_markers(engine, [USER], [ROOM, OTHER_ROOM])
+
+    assert moved == [True, False, True]
+    assert markers == {(USER, ROOM): NOW + timedelta(seconds=9)}

@@ -848,3 +848,43 @@ def test_the_email_grace_is_a_setting() -> None:
     )
 
     assert decision.email == "pending"
+
+
+@pytest.mark.parametrize(
+    ("trigger", "read_offset_s", "expected"),
+    [
+        (Trigger.DIRECT, 0, "skipped:read"),  # read up to this very message
+        (Trigger.MENTION, 5, "skipped:read"),  # read past it
+        (Trigger.MESSAGE, 5, "skipped:read"),
+        (Trigger.MENTION, -1, "pending"),  # read up to an earlier one only
+    ],
+)
+def test_a_message_already_read_notifies_nothing(
+    trigger: Trigger, read_offset_s: float, expected: str
+) -> None:
+    user = recipient(user_id=USER, push_level=Level.ALL, email_level=Level.ALL)
+    event = message_created(
+        recipient_ids=[USER],
+        room_id=ROOM,
+        mentions=[USER] if trigger is Trigger.MENTION else [],
+        room_kind=RoomKind.DIRECT if trigger is Trigger.DIRECT else RoomKind.GROUP,
+    )
+    read_up_to = event.timestamp + timedelta(seconds=read_offset_s)
+
+    plan = plan_notifications(event, {USER: user}, now=NOW, read_markers={(USER, ROOM): read_up_to})
+    other_room = plan_notifications(
+        event, {USER: user}, now=NOW, read_markers={(USER, OTHER_ROOM): read_up_to}
+    )
+
+    (decision,) = plan.decisions
+    assert (decision.push, decision.email) == (expected, expected)
+    assert other_room.decisions[0].push == "pending"  # a marker is per room
+
+
+def test_an_invitation_is_never_read_away() -> None:
+    user = recipient(user_id=USER)
+    event = invitation_created(invitee_id=USER, room_id=ROOM)
+
+    decision = decide_for(event, user, now=NOW, read_up_to=event.timestamp)
+
+    assert decision.push == "pending"

@@ -221,6 +221,8 @@ async def test_queue_depth_and_consumers_come_from_rabbitmq_and_vanish_when_it_c
             "recipient_updates.dlq": (0, 0),
             "presence_updates": (0, 2),
             "presence_updates.dlq": (0, 0),
+            "read_markers": (0, 2),
+            "read_markers.dlq": (0, 0),
             "delivery_reports": (3, 0),
             "delivery_reports.dlq": (0, 0),
         }

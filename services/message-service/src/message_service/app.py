@@ -38,7 +38,13 @@ from herald_shared.asyncapi_docs import (
 )
 from herald_shared.broker import make_broker
 from herald_shared.database import database_healthy, make_engine, run_migrations
-from herald_shared.events import InvitationCreated, MessageCreated, PresenceChanged, UserUpdated
+from herald_shared.events import (
+    InvitationCreated,
+    MessageCreated,
+    PresenceChanged,
+    RoomRead,
+    UserUpdated,
+)
 from herald_shared.metrics import herald_metrics, refresh_broker_gauges
 from herald_shared.ops import broker_healthy, consumers_ready, service_version
 from herald_shared.publishing import event_publisher, publish_event
@@ -47,6 +53,7 @@ from herald_shared.topology import (
     MESSAGE_NEW,
     PRESENCE_CHANGED,
     ROOM_INVITATION_CREATED,
+    ROOM_READ,
     USER_UPDATED,
     declare_topology,
 )
@@ -138,6 +145,15 @@ def _broker(
             description=(
                 "Who has a real-time stream open, and which room they look at: streams opening "
                 "and ending, and every heartbeat. Published directly, never through the outbox."
+            ),
+        ),
+        "room_read": event_publisher(
+            broker,
+            RoomRead,
+            ROOM_READ,
+            description=(
+                "A user read a room up to a message, on some device (a marker that only moves "
+                "forward): nothing up to there needs telling them any more."
             ),
         ),
         "user_updated": event_publisher(

@@ -181,6 +181,10 @@ class RoomMember(Table, table=True):
     joined_at: datetime = Field(default_factory=utc_now, sa_type=UtcDateTime)
     state: str = Field(default=MEMBER, sa_type=String(16))
     invited_by: uuid.UUID | None = Field(default=None, foreign_key="users.id")
+    # The read marker: the last message the user read here, and its creation time (messages are
+    # ordered by it); None until they first mark the room read.
+    read_message_id: uuid.UUID | None = Field(default=None)
+    read_up_to: datetime | None = Field(default=None, sa_type=UtcDateTime)
 
 
 class Block(Table, table=True):

@@ -477,6 +477,41 @@ async def rooms_of(
     return [(room, member) for room, member in (await session.exec(statement)).all()]
 
 
+async def message_in_room(
+    session: AsyncSession, *, room_id: uuid.UUID, message_id: uuid.UUID
+) -> Message | None:
+    statement = select(Message).where(Message.id == message_id, Message.room_id == room_id)
+    return (await session.exec(statement)).first()
+
+
+async def unread_counts(
+    session: AsyncSession, *, user_id: uuid.UUID, room_ids: Iterable[uuid.UUID]
+) -> dict[uuid.UUID, int]:
+    """Per room: the messages of others after the user's read marker (or, without one, after
+    they joined)."""
+    wanted = list(room_ids)
+    if not wanted:
+        return {}
+    since = func.coalesce(RoomMember.read_up_to, RoomMember.joined_at)
+    statement = (
+        select(Message.room_id, func.count())
+        .join(
+            RoomMember,
+            and_(
+                col(RoomMember.room_id) == col(Message.room_id),
+                col(RoomMember.user_id) == user_id,
+            ),
+        )
+        .where(
+            col(Message.room_id).in_(wanted),
+            col(Message.sender_id) != user_id,
+            col(Message.created_at) > since,
+        )
+        .group_by(col(Message.room_id))
+    )
+    return {room_id: count for room_id, count in (await session.exec(statement)).all()}
+
+
 # --- blocks ---------------------------------------------------------------------------------------
 
 

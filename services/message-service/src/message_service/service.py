@@ -31,6 +31,7 @@ from herald_shared.events import (
     Platform,
     PreferencesSnapshot,
     RoomKind,
+    RoomRead,
     RoomSettingsSnapshot,
     SenderInfo,
     UserUpdated,
@@ -648,19 +649,58 @@ class Invitation:
 class MyRooms:
     rooms: list[Room]
     invitations: list[Invitation]
+    unread: dict[uuid.UUID, int]
 
 
 async def my_rooms(*, session: AsyncSession, user_id: uuid.UUID) -> MyRooms:
     """The rooms the user is a member of, and those they are invited to, newest first."""
     rows = await repository.rooms_of(session, user_id=user_id)
+    rooms = [room for room, member in rows if member.state == MEMBER]
     return MyRooms(
-        rooms=[room for room, member in rows if member.state == MEMBER],
+        rooms=rooms,
+        unread=await repository.unread_counts(
+            session, user_id=user_id, room_ids=[room.id for room in rooms]
+        ),
         invitations=[
             Invitation(room, member.invited_by, member.joined_at)
             for room, member in rows
             if member.state != MEMBER
         ],
     )
+
+
+@dataclass(frozen=True)
+class ReadMarker:
+    room_id: uuid.UUID
+    message_id: uuid.UUID | None
+    unread: int
+
+
+async def mark_read(
+    *, session: AsyncSession, room_id: uuid.UUID, user_id: uuid.UUID, message_id: uuid.UUID
+) -> ReadMarker:
+    """Move the user's read marker in the room to `message_id`, unless it is already there or
+    later (markers only move forward: a device that was behind changes nothing), and tell the
+    router (`RoomRead`)."""
+    found = await repository.membership(session, room_id=room_id, user_id=user_id)
+    if found is None or found[1].state != MEMBER:
+        raise NotFound("room not found")
+    _, member = found
+    message = await repository.message_in_room(session, room_id=room_id, message_id=message_id)
+    if message is None:
+        raise NotFound("message not found in this room")
+    if member.read_up_to is None or (message.created_at, message.id) > (
+        member.read_up_to,
+        member.read_message_id or message.id,
+    ):
+        member.read_message_id, member.read_up_to = message.id, message.created_at
+        event = RoomRead(
+            user_id=user_id, room_id=room_id, message_id=message.id, up_to=message.created_at
+        )
+        repository.add_outbox_event(session, event=event, event_type=event.type)
+    await session.commit()
+    unread = await repository.unread_counts(session, user_id=user_id, room_ids=[room_id])
+    return ReadMarker(room_id, member.read_message_id, unread.get(room_id, 0))
 
 
 async def check_member(*, session: AsyncSession, room_id: uuid.UUID, user_id: uuid.UUID) -> None:

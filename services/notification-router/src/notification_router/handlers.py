@@ -32,6 +32,7 @@ from herald_shared.events import (
     Notifiable,
     PresenceChanged,
     PushJobsRequested,
+    RoomRead,
     UserUpdated,
     delivery_reports,
     utc_now,
@@ -43,6 +44,7 @@ from herald_shared.topology import (
     EXCHANGE,
     MESSAGE_NOTIFICATIONS,
     PRESENCE_UPDATES,
+    READ_MARKERS,
     RECIPIENT_UPDATES,
 )
 from notification_router import repository, routing
@@ -99,6 +101,7 @@ class Subscribers:
     message_created: RabbitSubscriber
     user_updated: RabbitSubscriber
     presence_changed: RabbitSubscriber
+    room_read: RabbitSubscriber
     delivery_reported: RabbitSubscriber
 
 
@@ -121,12 +124,16 @@ async def route_messages(
     wanted = {user_id for event in unique for user_id in routing.recipients_of(event)}
     known = await repository.load_recipients(deps.engine, wanted)
     presence = await repository.load_presence(deps.engine, known, since=now - deps.email_grace)
+    read = await repository.load_read_markers(
+        deps.engine, known, (event.room_id for event in unique)
+    )
     plans = {
         event.message_id: routing.plan_notifications(
             event,
             known,
             now=now,
             presence=presence,
+            read_markers=read,
             email_grace=deps.email_grace,
             limits=deps.limits,
         )
@@ -200,6 +207,11 @@ async def project_presence(event: PresenceChanged, deps: RouterDeps) -> None:
         len(event.connections),
         len(event.rooms),
     )
+
+
+async def project_read_marker(event: RoomRead, deps: RouterDeps) -> None:
+    moved = await repository.apply_read_marker(deps.engine, event)
+    logger.debug("router.read_marker.%s", "moved" if moved else "behind_ignored")
 
 
 async def record_deliveries(event: AnyDeliveryReport, deps: RouterDeps) -> None:
@@ -300,6 +312,15 @@ def register_handlers(broker: RabbitBroker, deps: RouterDeps, batch: BatchSettin
             "projection (a newer word on a stream or a room always wins)."
         ),
     )
+    room_read = broker.subscriber(
+        READ_MARKERS.queue,
+        EXCHANGE,
+        title=f"{READ_MARKERS.name}:consume",
+        description=(
+            "Read markers: keep how far each user read each room (only forward), so that a "
+            "message already read notifies nobody."
+        ),
+    )
     delivery_reported = broker.subscriber(
         DELIVERY_REPORTS.queue,
         EXCHANGE,
@@ -344,8 +365,14 @@ def register_handlers(broker: RabbitBroker, deps: RouterDeps, batch: BatchSettin
     async def on_presence_changed(event: PresenceChanged) -> None:
         await project_presence(event, deps)
 
+    @room_read
+    async def on_room_read(event: RoomRead) -> None:
+        await project_read_marker(event, deps)
+
     @delivery_reported
     async def on_delivery_reported(event: AnyDeliveryReport) -> None:
         await reports.submit(event)
 
-    return Subscribers(message_created, user_updated, presence_changed, delivery_reported)
+    return Subscribers(
+        message_created, user_updated, presence_changed, room_read, delivery_reported
+    )

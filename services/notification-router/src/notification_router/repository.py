@@ -32,6 +32,7 @@ from herald_shared.events import (
     PreferencesSnapshot,
     PresenceChanged,
     PushRequested,
+    RoomRead,
     UserUpdated,
     WebPushKeys,
 )
@@ -49,6 +50,7 @@ from notification_router.tables import (
     notification_deliveries,
     notifications,
     presence_connections,
+    read_markers,
     recipients,
     rooms_in_view,
 )
@@ -520,3 +522,44 @@ async def load_presence(
             row.user_id: Presence(online_until=_utc(row[1]), room_in_view=row.room_id)
             for row in result
         }
+
+
+# --- read markers -----------------------------------------------------------------------------
+
+_LOAD_READ_MARKERS = select(
+    read_markers.c.user_id, read_markers.c.room_id, read_markers.c.up_to
+).where(
+    _ids(read_markers.c.user_id), read_markers.c.room_id.in_(bindparam("rooms", expanding=True))
+)
+
+
+async def apply_read_marker(engine: AsyncEngine, event: RoomRead) -> bool:
+    """Store the marker unless the stored one is as far or further; whether it moved."""
+    values = {
+        "user_id": event.user_id,
+        "room_id": event.room_id,
+        "up_to": event.up_to,
+        "message_id": event.message_id,
+    }
+    async with engine.begin() as connection:
+        upsert = _insert(connection, read_markers).values(values)
+        result = await connection.execute(
+            upsert.on_conflict_do_update(
+                index_elements=[read_markers.c.user_id, read_markers.c.room_id],
+                set_={"up_to": upsert.excluded.up_to, "message_id": upsert.excluded.message_id},
+                where=read_markers.c.up_to < upsert.excluded.up_to,
+            ).returning(read_markers.c.user_id)
+        )
+        return result.first() is not None
+
+
+async def load_read_markers(
+    engine: AsyncEngine, user_ids: Iterable[uuid.UUID], room_ids: Iterable[uuid.UUID]
+) -> dict[tuple[uuid.UUID, uuid.UUID], datetime]:
+    """(user, room) → up to when the user read the room, for these users in these rooms."""
+    users, rooms = list(user_ids), list(set(room_ids))
+    if not users or not rooms:
+        return {}
+    async with autocommit(engine) as connection:
+        result = await connection.execute(_LOAD_READ_MARKERS, {"ids": users, "rooms": rooms})
+        return {(row.user_id, row.room_id): _utc(row.up_to) for row in result}

@@ -8,6 +8,8 @@ redelivered message yields the same notification ids and the same jobs.
 Rules, per recipient of a `MessageCreated` (the table in docs/notifications.md):
 
 * the sender is never notified, and a recipient listed twice is decided once;
+* a message the recipient has already read (their read marker of the room is at or past it,
+  from any device) notifies nothing: a router that was behind catches up without buzzing;
 * the trigger is the strongest reason the message concerns the recipient: a direct message,
   else a personal mention, else a room-wide mention (`@room`, `@all`), else a plain message;
 * per channel, the level is the recipient's setting for the room, else their default:
@@ -63,6 +65,7 @@ MUTED_FOREVER = datetime.max.replace(tzinfo=UTC)
 
 
 class SkipReason(StrEnum):
+    READ = "read"  # the recipient already read the room past the message, on some device
     MUTED = "muted"
     PUSH_DISABLED = "push_disabled"  # push level `none`
     EMAIL_DISABLED = "email_disabled"  # e-mail level `none`
@@ -259,11 +262,15 @@ def channel_skip(
     now: datetime,
     presence: Presence | None = None,
     email_grace: timedelta = EMAIL_GRACE,
+    read_up_to: datetime | None = None,
 ) -> SkipReason | None:
     """Why this channel stays silent for the recipient, or None when it should be used (if
     there is a device or an address to use): the mute first (which only naming the recipient
     breaks, also in a muted direct room; an invitee is in no room to mute), then the level,
-    then presence."""
+    then presence. A message already read comes first of all."""
+    already_read = read_up_to is not None and event.timestamp <= read_up_to
+    if already_read and isinstance(event, MessageCreated):
+        return SkipReason.READ
     if recipient.muted(event.room_id, now=now) and not _names(event, recipient.user_id):
         return SkipReason.MUTED
     level = recipient.level(event.room_id, channel)
@@ -292,11 +299,13 @@ def plan_notifications(
     *,
     now: datetime,
     presence: Mapping[uuid.UUID, Presence] | None = None,
+    read_markers: Mapping[tuple[uuid.UUID, uuid.UUID], datetime] | None = None,
     email_grace: timedelta = EMAIL_GRACE,
     limits: ContentLimits = DEFAULT_LIMITS,
 ) -> RoutingPlan:
     """The decisions for every recipient of the event; `presence`: of those who have had a
-    real-time stream open lately (the others are offline)."""
+    real-time stream open lately (the others are offline); `read_markers`: (user, room) → up to
+    when the user read the room."""
     decisions: list[RecipientDecision] = []
     missing: list[uuid.UUID] = []
     for recipient_id in recipients_of(event):
@@ -310,6 +319,7 @@ def plan_notifications(
                     recipient,
                     now=now,
                     presence=(presence or {}).get(recipient_id),
+                    read_up_to=(read_markers or {}).get((recipient_id, event.room_id)),
                     email_grace=email_grace,
                     limits=limits,
                 )
@@ -323,6 +333,7 @@ def decide_for(
     *,
     now: datetime,
     presence: Presence | None = None,
+    read_up_to: datetime | None = None,
     email_grace: timedelta = EMAIL_GRACE,
     limits: ContentLimits = DEFAULT_LIMITS,
 ) -> RecipientDecision:
@@ -330,7 +341,9 @@ def decide_for(
     trigger = trigger_of(event, recipient.user_id)
 
     push_jobs: tuple[PushRequested, ...] = ()
-    push_skip = channel_skip(recipient, event, Channel.PUSH, trigger, now, presence, email_grace)
+    push_skip = channel_skip(
+        recipient, event, Channel.PUSH, trigger, now, presence, email_grace, read_up_to
+    )
     if push_skip is not None:
         push = skipped(push_skip)
     elif not recipient.devices:
@@ -344,7 +357,9 @@ def decide_for(
         )
 
     email_job: EmailRequested | None = None
-    email_skip = channel_skip(recipient, event, Channel.EMAIL, trigger, now, presence, email_grace)
+    email_skip = channel_skip(
+        recipient, event, Channel.EMAIL, trigger, now, presence, email_grace, read_up_to
+    )
     if email_skip is not None:
         email = skipped(email_skip)
     elif not recipient.email:

@@ -6,6 +6,7 @@
 * `notification_deliveries`: one row per notification the router asked a sender for (one per
   push device, one for the e-mail), keyed by the deterministic `notification_id`, with the
   status the delivery reports bring back.
+* `read_markers`: how far each user read each room, from `room.read`.
 * `presence_connections` and `rooms_in_view`: the presence projection, from `presence.changed`:
   each real-time stream with the time it expires (or ended), and the room each user has in
   view.
@@ -125,4 +126,15 @@ rooms_in_view = Table(
     Column("user_id", Uuid, primary_key=True),
     Column("room_id", Uuid, nullable=True),
     Column("at", DateTime(timezone=True), nullable=False),
+)
+
+read_markers = Table(
+    "read_markers",
+    metadata,
+    Column("user_id", Uuid, nullable=False),
+    Column("room_id", Uuid, nullable=False),
+    # The creation time of the last message read: everything of the room up to it is read.
+    Column("up_to", DateTime(timezone=True), nullable=False),
+    Column("message_id", Uuid, nullable=False),
+    PrimaryKeyConstraint("user_id", "room_id"),
 )

@@ -40,6 +40,7 @@ from message_service.service import (
     ROOM_MENTIONS,
     MyRooms,
     PreferencesView,
+    ReadMarker,
     RoomNotificationsView,
     RoomView,
 )
@@ -397,6 +398,9 @@ class RoomSummary(BaseModel):
     id: uuid.UUID
     kind: RoomKind
     name: str
+    unread: int = Field(
+        description="Messages of others after your read marker (after you joined, without one)."
+    )
 
 
 class InvitationOut(BaseModel):
@@ -414,7 +418,12 @@ class MyRoomsOut(BaseModel):
     def of(cls, mine: MyRooms) -> MyRoomsOut:
         return cls(
             rooms=[
-                RoomSummary(id=room.id, kind=RoomKind(room.kind), name=room.name)
+                RoomSummary(
+                    id=room.id,
+                    kind=RoomKind(room.kind),
+                    name=room.name,
+                    unread=mine.unread.get(room.id, 0),
+                )
                 for room in mine.rooms
             ],
             invitations=[
@@ -498,3 +507,19 @@ class PresenceBody(BaseModel):
     active_room_id: uuid.UUID | None = Field(
         description="The room your client shows now; null: none."
     )
+
+
+class ReadBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    up_to: uuid.UUID = Field(description="The last message of the room you have read.")
+
+
+class ReadOut(BaseModel):
+    room_id: uuid.UUID
+    up_to: uuid.UUID | None = Field(description="Your read marker now: it only moves forward.")
+    unread: int
+
+    @classmethod
+    def of(cls, marker: ReadMarker) -> ReadOut:
+        return cls(room_id=marker.room_id, up_to=marker.message_id, unread=marker.unread)

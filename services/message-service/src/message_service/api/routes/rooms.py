@@ -14,6 +14,8 @@ from message_service.api.schemas import (
     DirectRoomCreate,
     MemberAdd,
     MyRoomsOut,
+    ReadBody,
+    ReadOut,
     RoomCreate,
     RoomNotificationsBody,
     RoomNotificationsOut,
@@ -59,6 +61,17 @@ async def list_rooms(me: Me, session: SessionDep) -> MyRoomsOut:
 async def join_room(room_id: uuid.UUID, me: Me, session: SessionDep) -> RoomOut:
     """Accept an invitation: from now on the room's messages reach you."""
     return RoomOut.of(await service.join_room(session=session, room_id=room_id, user_id=me.id))
+
+
+@router.put("/rooms/{room_id}/read", responses={**NOT_FOUND, **INVALID})
+async def mark_read(room_id: uuid.UUID, body: ReadBody, me: Me, session: SessionDep) -> ReadOut:
+    """You have read the room up to this message (on some device): your unread count starts
+    after it, and what was waiting to notify you of the room up to there is no longer sent. A
+    marker only moves forward: an older one (a device that was behind) changes nothing."""
+    marker = await service.mark_read(
+        session=session, room_id=room_id, user_id=me.id, message_id=body.up_to
+    )
+    return ReadOut.of(marker)
 
 
 @router.post("/rooms/{room_id}/leave", status_code=204, responses={**NOT_FOUND, **INVALID})
