@@ -3,10 +3,12 @@ SMTP servers: the `pipeline` the end-to-end tests post to."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.fakes.fcm import FakeFcm
@@ -53,3 +55,37 @@ async def pipeline(
     finally:
         for url in databases.values():
             await infra.drop_database(url)
+
+
+class Person:
+    """A registered user with one FCM device, as the end-to-end tests drive them."""
+
+    def __init__(self, user: dict[str, str], device_token: str) -> None:
+        self.id = user["id"]
+        self.username = user["username"]
+        self.token = user["token"]
+        self.auth = {"Authorization": f"Bearer {user['token']}"}
+        self.device_token = device_token
+
+
+async def register_person(
+    client: httpx.AsyncClient, name: str, *, levels: dict[str, str] | None = None
+) -> Person:
+    """Register `name` (e-mail `<name>@example.test`) with an FCM device; `levels`: their
+    notification levels (None: a new user's defaults, DMs and mentions)."""
+    response = await client.post(
+        "/users",
+        json={"username": name, "display_name": name.title(), "email": f"{name}@example.test"},
+    )
+    assert response.status_code == 201, response.text
+    person = Person(response.json(), f"device-{name}-{uuid.uuid4().hex}")
+    device = await client.post(
+        "/users/me/devices",
+        json={"platform": "fcm", "token": person.device_token},
+        headers=person.auth,
+    )
+    assert device.status_code == 201, device.text
+    if levels is not None:
+        answer = await client.put("/users/me/preferences", json=levels, headers=person.auth)
+        assert answer.status_code == 200, answer.text
+    return person

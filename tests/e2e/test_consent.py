@@ -9,39 +9,12 @@ import uuid
 import asyncpg
 import httpx
 
-from tests.e2e.conftest import Pipeline
+from tests.e2e.conftest import Person, Pipeline, register_person
 from tests.support import infra
 
 MESSAGES_BEFORE_JOINING = 20
-
-
-class Person:
-    def __init__(self, user: dict[str, str], device_token: str) -> None:
-        self.id = user["id"]
-        self.username = user["username"]
-        self.auth = {"Authorization": f"Bearer {user['token']}"}
-        self.device_token = device_token
-
-
-async def _person(client: httpx.AsyncClient, name: str) -> Person:
-    response = await client.post(
-        "/users",
-        json={"username": name, "display_name": name.title(), "email": f"{name}@example.test"},
-    )
-    assert response.status_code == 201, response.text
-    person = Person(response.json(), f"device-{name}-{uuid.uuid4().hex}")
-    device = await client.post(
-        "/users/me/devices",
-        json={"platform": "fcm", "token": person.device_token},
-        headers=person.auth,
-    )
-    assert device.status_code == 201, device.text
-    # Everything pushed: what stays silent below is consent's doing, not a level's.
-    levels = await client.put(
-        "/users/me/preferences", json={"push": "all", "email": "all"}, headers=person.auth
-    )
-    assert levels.status_code == 200, levels.text
-    return person
+# Everything pushed: what stays silent below is consent's doing, not a level's.
+EVERYTHING = {"push": "all", "email": "all"}
 
 
 async def test_invited_once_then_nothing_until_joined_nothing_after_leaving_nothing_if_blocked(
@@ -71,7 +44,8 @@ async def test_invited_once_then_nothing_until_joined_nothing_after_leaving_noth
     try:
         async with httpx.AsyncClient(base_url=pipeline.api, timeout=10) as client:
             alice, bob, carol, mallory = [
-                await _person(client, name) for name in ("alice", "bob", "carol", "mallory")
+                await register_person(client, name, levels=EVERYTHING)
+                for name in ("alice", "bob", "carol", "mallory")
             ]
 
             async def post(room_id: str, author: Person, text: str) -> str:

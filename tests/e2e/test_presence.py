@@ -17,6 +17,7 @@ import asyncpg
 import httpx
 import pytest
 
+from tests.e2e.conftest import Person, register_person
 from tests.fakes.fcm import FakeFcm
 from tests.fakes.smtp import FakeSmtp
 from tests.support import infra
@@ -41,31 +42,6 @@ async def services(
     finally:
         for url in databases.values():
             await infra.drop_database(url)
-
-
-class Person:
-    def __init__(self, user: dict[str, str], device_token: str) -> None:
-        self.id = user["id"]
-        self.username = user["username"]
-        self.token = user["token"]
-        self.auth = {"Authorization": f"Bearer {user['token']}"}
-        self.device_token = device_token
-
-
-async def _person(client: httpx.AsyncClient, name: str) -> Person:
-    response = await client.post(
-        "/users",
-        json={"username": name, "display_name": name.title(), "email": f"{name}@example.test"},
-    )
-    assert response.status_code == 201, response.text
-    person = Person(response.json(), f"device-{name}-{uuid.uuid4().hex}")
-    device = await client.post(
-        "/users/me/devices",
-        json={"platform": "fcm", "token": person.device_token},
-        headers=person.auth,
-    )
-    assert device.status_code == 201, device.text
-    return person  # default levels: DMs and mentions, push and e-mail
 
 
 async def test_the_room_in_view_is_silent_push_goes_elsewhere_email_waits_for_offline(
@@ -101,7 +77,10 @@ async def test_the_room_in_view_is_silent_push_goes_elsewhere_email_waits_for_of
 
     try:
         async with httpx.AsyncClient(base_url=api, timeout=10) as client:
-            alice, bob = await _person(client, "alice"), await _person(client, "bob")
+            alice, bob = (
+                await register_person(client, "alice"),
+                await register_person(client, "bob"),
+            )
 
             async def room(name: str) -> str:
                 made = await client.post(
