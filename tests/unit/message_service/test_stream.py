@@ -272,3 +272,27 @@ async def test_the_stream_refuses_a_foreign_last_event_id_and_a_room_not_yours(
     assert "Last-Event-ID" in foreign.json()["detail"]
     assert not_yours.status_code == moved.status_code == 404
     assert anonymous.status_code == 401
+
+
+async def test_a_read_marker_reaches_the_users_other_devices_only(
+    runtime: MessageService, hub: tuple[StreamHub, Published]
+) -> None:
+    streams, _ = hub
+    async with client_for(runtime.app) as client:
+        alice = await register(client, "alice")
+        bob = await register(client, "bob")
+        room = await create_room(client, alice, [bob])
+        bobs = await streams.open(bob.id, after=None, active_room_id=None)
+        alices = await streams.open(alice.id, after=None, active_room_id=None)
+        message = await post(runtime, room, alice, "hello")
+        marked = await client.put(
+            f"/rooms/{room}/read", json={"up_to": message}, headers=bob.headers
+        )
+    assert marked.status_code == 200
+
+    names = [(await next_event(bobs))[1:] for _ in range(2)]
+    _, alice_saw, _ = await next_event(alices)
+
+    assert names == [("message", names[0][1]), ("read", {"room_id": str(room), "up_to": message})]
+    assert alice_saw == "message"
+    assert queued(alices) == []  # Bob's marker is his own

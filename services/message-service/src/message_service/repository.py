@@ -684,13 +684,13 @@ _PG_STREAM_ROWS = text(
     "SELECT xid, seq, payload FROM outbox"
     " WHERE xid IS NOT NULL AND (xid, seq) > (:xid, :seq)"
     " AND (xid, seq) <= (:until_xid, :until_seq) AND xid < :horizon"
-    " AND event_type IN ('new_message', 'invitation_created')"
+    " AND event_type IN ('new_message', 'invitation_created', 'room_read')"
     " ORDER BY xid, seq LIMIT :limit"
 )
 _SQLITE_STREAM_ROWS = text(
     "SELECT 0 AS xid, seq, payload FROM outbox"
     " WHERE seq > :seq AND seq <= :until_seq"
-    " AND event_type IN ('new_message', 'invitation_created')"
+    " AND event_type IN ('new_message', 'invitation_created', 'room_read')"
     " ORDER BY seq LIMIT :limit"
 )
 

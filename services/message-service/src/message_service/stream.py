@@ -1,6 +1,6 @@
 """The real-time stream, `GET /users/me/events`: Server-Sent Events carrying the new messages of
-the user's rooms and the user's invitations, resumable with `Last-Event-ID` on any replica, and
-the presence that the open streams imply.
+the user's rooms, the user's invitations and their read markers (for their other devices),
+resumable with `Last-Event-ID` on any replica, and the presence that the open streams imply.
 
 Where the events come from. Every message and every invitation is already a row of the outbox,
 committed with it. Each replica tails the outbox with one reader, however many streams it
@@ -38,20 +38,20 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Annotated, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from pydantic import TypeAdapter, ValidationError
+from pydantic import Field, TypeAdapter, ValidationError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from herald_shared.events import (
     MAX_ITEMS_PER_EVENT,
-    AnyNotifiable,
     ConnectionPresence,
+    InvitationCreated,
     MessageCreated,
-    Notifiable,
     PresenceChanged,
     RoomInView,
+    RoomRead,
     chunks,
     utc_now,
 )
@@ -61,7 +61,9 @@ from message_service.repository import StreamPosition, StreamRow
 
 logger = logging.getLogger("message_service.stream")
 
-_NOTIFIABLE: TypeAdapter[Notifiable] = TypeAdapter(AnyNotifiable)
+_STREAMED: TypeAdapter[MessageCreated | InvitationCreated | RoomRead] = TypeAdapter(
+    Annotated[MessageCreated | InvitationCreated | RoomRead, Field(discriminator="type")]
+)
 # What a stream's client may not have fetched yet before a stream is cut: past this many frames
 # waiting, the stream ends and the client resumes from its `Last-Event-ID` (from the database).
 MAX_QUEUED_FRAMES = 1000
@@ -105,12 +107,21 @@ class StreamEvent:
 
 def stream_event(row: StreamRow) -> StreamEvent | None:
     """The event of an outbox row, shaped like the REST API's own objects (a message like an
-    item of `GET /rooms/{id}/messages`, an invitation like one of `GET /rooms`); None for a row
-    that does not parse (the relay dead-letters those)."""
+    item of `GET /rooms/{id}/messages`, an invitation like one of `GET /rooms`, a read marker
+    like `PUT /rooms/{id}/read`'s answer); None for a row that does not parse (the relay
+    dead-letters those)."""
     try:
-        event = _NOTIFIABLE.validate_json(row.payload)
+        event = _STREAMED.validate_json(row.payload)
     except ValidationError:
         return None
+    if isinstance(event, RoomRead):
+        # The user's other devices follow: the room's unread count is 0 up to there.
+        return StreamEvent(
+            position=row.position,
+            name="read",
+            audience=frozenset((event.user_id,)),
+            data=_json({"room_id": event.room_id, "up_to": event.message_id}),
+        )
     if isinstance(event, MessageCreated):
         return StreamEvent(
             position=row.position,

@@ -25,6 +25,8 @@ A Server-Sent Events stream (`text/event-stream`) of what concerns you, as it ha
   `GET /rooms/{id}/messages`;
 * `event: invitation`: you were invited to a room, shaped like an item of `GET /rooms`'s
   `invitations`;
+* `event: read`: you read a room up to a message, on one of your devices (`{room_id, up_to}`),
+  so the others clear their unread count;
 * a comment line (`: heartbeat`) every 15 s.
 
 Every event has an `id`. After a lost connection, reconnect with the last one in the
