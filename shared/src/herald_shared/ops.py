@@ -137,9 +137,11 @@ def consumer_app(
     on_startup: Sequence[Callable[..., Any]] = (),
     after_startup: Sequence[Callable[..., Any]] = (),
     after_shutdown: Sequence[Callable[..., Any]] = (),
+    routes: Sequence[tuple[str, ASGIApp]] = (),
 ) -> AsgiFastStream:
-    """The ASGI application of a consumer service: its broker plus the operational endpoints and
-    the AsyncAPI page (served with its script and style, no CDN; no try-it-out)."""
+    """The ASGI application of a consumer service: its broker plus the operational endpoints,
+    the AsyncAPI page (served with its script and style, no CDN; no try-it-out) and the
+    service's own `routes`."""
     specification = asyncapi_spec(broker, title=title, version=version, description=description)
     return AsgiFastStream(
         broker,
@@ -147,6 +149,7 @@ def consumer_app(
         asgi_routes=[
             *health_routes(broker, registry, checks, details),
             *asyncapi_routes(specification),
+            *routes,
         ],
         on_startup=on_startup,
         after_startup=after_startup,

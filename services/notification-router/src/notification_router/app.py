@@ -26,6 +26,7 @@ from herald_shared.topology import (
 )
 from notification_router.handlers import RouterDeps, Subscribers, register_handlers
 from notification_router.metrics import RouterMetrics
+from notification_router.ops_api import explain_route
 from notification_router.routing import ContentLimits
 from notification_router.settings import SERVICE_NAME, Settings
 
@@ -134,6 +135,7 @@ def build_service(settings: Settings) -> RouterService:
         checks={"database": functools.partial(database_healthy, engine)},
         on_startup=[migrate, declare],
         after_shutdown=[dispose],
+        routes=[explain_route(engine, settings.ops_token)],
     )
     return RouterService(settings, broker, engine, registry, deps, subscribers, app)
 

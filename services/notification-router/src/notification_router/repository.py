@@ -563,3 +563,74 @@ async def load_read_markers(
     async with autocommit(engine) as connection:
         result = await connection.execute(_LOAD_READ_MARKERS, {"ids": users, "rooms": rooms})
         return {(row.user_id, row.room_id): _utc(row.up_to) for row in result}
+
+
+# --- the operators' "why (not)?" ----------------------------------------------------------------
+
+_EXPLAIN_DECISION = select(
+    notifications.c.room_id,
+    notifications.c.trigger,
+    notifications.c.mentioned,
+    notifications.c.push_decision,
+    notifications.c.email_decision,
+    notifications.c.decided_at,
+    notifications.c.message_created_at,
+).where(
+    notifications.c.message_id == bindparam("message_id"),
+    notifications.c.recipient_id == bindparam("user_id"),
+)
+_EXPLAIN_DELIVERIES = (
+    select(
+        _deliveries.notification_id,
+        _deliveries.channel,
+        _deliveries.target,
+        _deliveries.status,
+        _deliveries.reason,
+        _deliveries.created_at,
+        _deliveries.updated_at,
+    )
+    .where(
+        _deliveries.message_id == bindparam("message_id"),
+        _deliveries.recipient_id == bindparam("user_id"),
+    )
+    .order_by(_deliveries.channel, _deliveries.target)
+)
+
+
+async def explain(
+    engine: AsyncEngine, *, message_id: uuid.UUID, user_id: uuid.UUID
+) -> dict[str, Any] | None:
+    """What the router decided for one user and one message (or invitation), and what became
+    of each delivery: ids, reasons and times only (the ledger holds no address, token or
+    text). None when it decided nothing for them."""
+    parameters = {"message_id": message_id, "user_id": user_id}
+    async with autocommit(engine) as connection:
+        decision = (await connection.execute(_EXPLAIN_DECISION, parameters)).first()
+        if decision is None:
+            return None
+        deliveries = (await connection.execute(_EXPLAIN_DELIVERIES, parameters)).all()
+    return {
+        "message_id": str(message_id),
+        "user_id": str(user_id),
+        "room_id": str(decision.room_id),
+        "trigger": decision.trigger,
+        "mentioned": decision.mentioned,
+        "decided_at": _utc(decision.decided_at).isoformat(),
+        "message_created_at": (
+            _utc(decision.message_created_at).isoformat() if decision.message_created_at else None
+        ),
+        "push": decision.push_decision,
+        "email": decision.email_decision,
+        "deliveries": [
+            {
+                "notification_id": str(row.notification_id),
+                "channel": row.channel,
+                "device_id": row.target or None,
+                "status": row.status,
+                "reason": row.reason,
+                "created_at": _utc(row.created_at).isoformat(),
+                "updated_at": _utc(row.updated_at).isoformat(),
+            }
+            for row in deliveries
+        ],
+    }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 
 from herald_shared.config import ServiceSettings, default_sqlite_url
 
@@ -22,3 +22,6 @@ class Settings(ServiceSettings):
     # E-mail waits until a user has had no real-time stream open for this many seconds
     # (`EMAIL_AFTER_OFFLINE_SECONDS`): they are reading, or just were.
     email_after_offline_seconds: float = Field(default=60.0, ge=0, le=86400)
+    # `OPS_TOKEN`: the bearer token of the operators' "why (not)?" endpoint
+    # (`/ops/notifications`); unset, the endpoint answers 404. Never a user's token.
+    ops_token: SecretStr | None = None
