@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from typing import Any
 
@@ -62,13 +63,19 @@ async def test_the_same_token_again_returns_the_existing_device(
 
 
 async def test_a_token_registered_by_another_user_moves_to_the_new_user(
-    client: httpx.AsyncClient, runtime: MessageService
+    client: httpx.AsyncClient, runtime: MessageService, caplog: pytest.LogCaptureFixture
 ) -> None:
     alice = await register(client, "alice")
     bob = await register(client, "bob")
-    await add_device(client, alice.headers, "shared-phone")
+    first = await add_device(client, alice.headers, "shared-phone")
 
-    moved = await add_device(client, bob.headers, "shared-phone")
+    with caplog.at_level(logging.WARNING, logger="message_service"):
+        moved = await add_device(client, bob.headers, "shared-phone")
+
+    (audit,) = [r.getMessage() for r in caplog.records if "device.moved" in r.getMessage()]
+    assert f"from_user_id={alice.id} from_device_id={first.json()['id']}" in audit
+    assert f"to_user_id={bob.id} to_device_id={moved.json()['id']}" in audit
+    assert "shared-phone" not in audit
 
     assert moved.status_code == 201
     assert (await client.get("/users/me/devices", headers=alice.headers)).json() == []

@@ -10,6 +10,7 @@ commit, so an event exists if and only if its change was committed.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import secrets
 import uuid
@@ -60,6 +61,8 @@ MENTION = re.compile(r"(?<![\w@])@([A-Za-z0-9_]{3,32})(?![A-Za-z0-9_])")
 ROOM_MENTIONS = frozenset({"room", "all"})
 # How often a registration retries after losing a race for the same push token.
 _DEVICE_RACE_ATTEMPTS = 3
+
+logger = logging.getLogger("message_service")
 
 
 class ServiceError(Exception):
@@ -292,8 +295,10 @@ async def _register_device_once(
         return DeviceRegistration(device=existing, created=False)
     if await repository.count_devices(session, user_id=user_id) >= max_devices:
         raise Conflict(f"at most {max_devices} devices per user; remove one first")
+    moved_from = None
     if existing is not None:
         previous_owner = users[existing.user_id]
+        moved_from = (previous_owner.id, existing.id)
         await session.delete(existing)
         await session.flush()
         await _bump_and_stage(session, previous_owner)
@@ -309,6 +314,18 @@ async def _register_device_once(
     await repository.add_device(session, device=device)
     await _bump_and_stage(session, users[user_id])
     await session.commit()
+    if moved_from is not None:
+        # The audit trail of a token changing hands (a shared or resold device, or someone
+        # registering another's token): ids only, never the token.
+        logger.warning(
+            "message_service.device.moved platform=%s from_user_id=%s from_device_id=%s"
+            " to_user_id=%s to_device_id=%s",
+            platform.value,
+            moved_from[0],
+            moved_from[1],
+            user_id,
+            device.id,
+        )
     return DeviceRegistration(device=device, created=True)
 
 
