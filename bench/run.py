@@ -126,15 +126,25 @@ def _say(text: str) -> None:
 
 
 def service_environments(
-    *, rabbit_url: str, databases: dict[str, str], endpoints: Endpoints, extra: dict[str, str]
+    *,
+    rabbit_url: str,
+    databases: dict[str, str],
+    endpoints: Endpoints,
+    extra: dict[str, str],
+    fcm_concurrency: int = 0,
 ) -> dict[str, dict[str, str]]:
     """Production defaults (unlike the tests' `service_env`, which shortens retry tiers and
-    heartbeats), with the providers pointed at the local servers."""
+    heartbeats), with the providers pointed at the local servers. Against an FCM fake that
+    serves `fcm_concurrency` requests at a time, push-sender sends at most that many at once,
+    as an operator sets it for a provider's known capacity (so that the places it keeps for
+    urgent pushes are free places at the provider too)."""
+    in_flight = {"PUSH_MAX_IN_FLIGHT_FCM": str(fcm_concurrency)} if fcm_concurrency > 0 else {}
     providers = {
         "push-sender": {
             "PUSH_PROVIDER": "fcm",
             "FCM_CREDENTIALS_FILE": endpoints.credentials_file,
             "FCM_BASE_URL": endpoints.fcm_base_url,
+            **in_flight,
         },
         "email-sender": {
             "EMAIL_BACKEND": "smtp",
@@ -582,6 +592,7 @@ async def run_once(
             databases=stack.databases,
             endpoints=endpoints,
             extra=options.env,
+            fcm_concurrency=options.fcm_concurrency,
         )
         _say(
             f"starting the four services of {label or 'the working tree'} "

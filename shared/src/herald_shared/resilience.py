@@ -231,12 +231,21 @@ class FairLimiter:
     """At most `limit` holders at once. A caller that finds no place waits; places go to the
     urgent callers first, then to the others; within each, to the waiting keys in turn (one
     caller of each key, then the next key), and to the callers of one key in the order they
-    came."""
+    came.
 
-    def __init__(self, limit: int) -> None:
+    `urgent_reserve` places (a tenth of `limit` by default) are for urgent callers only: the
+    others hold at most `limit - urgent_reserve`, so that an urgent caller finds a place free at
+    once (and, when `limit` is what the provider serves at a time, the provider a free slot)
+    rather than waiting for a normal call to end, however large the normal backlog."""
+
+    def __init__(self, limit: int, *, urgent_reserve: int | None = None) -> None:
         if limit < 1:
             raise ValueError("a limiter needs room for at least one holder")
+        reserve = limit // 10 if urgent_reserve is None else urgent_reserve
+        if not 0 <= reserve < limit:
+            raise ValueError("the urgent reserve leaves no place for the others")
         self.limit = limit
+        self.normal_limit = limit - reserve
         self.in_use = 0
         # The urgent waiters' keys, then everyone else's.
         self._lanes: tuple[_Lane, _Lane] = (_Lane(), _Lane())
@@ -248,7 +257,13 @@ class FairLimiter:
 
     async def acquire(self, key: Hashable, *, urgent: bool = False) -> None:
         lane = self._lanes[0 if urgent else 1]
-        if self.in_use < self.limit and not self._waiters:
+        # An urgent caller waits only behind other urgent ones; the others behind anyone.
+        free = (
+            self.in_use < self.limit and not lane.waiting
+            if urgent
+            else self.in_use < self.normal_limit and not self._waiters
+        )
+        if free:
             self.in_use += 1
             lane.last_key = key
             return
@@ -267,6 +282,8 @@ class FairLimiter:
     def release(self) -> None:
         """Give a place back (once per `acquire` that returned)."""
         for lane in self._lanes:
+            if lane is self._lanes[1] and self.in_use > self.normal_limit:
+                break  # a reserved place: it waits for an urgent caller
             while lane.waiting:
                 waiting = lane.waiting
                 if len(waiting) > 1 and next(iter(waiting)) == lane.last_key:

@@ -332,3 +332,44 @@ async def test_a_cancelled_waiter_gives_up_its_turn_and_a_granted_one_passes_it_
     with pytest.raises(asyncio.CancelledError):
         await granted_then_cancelled
     assert limiter.in_use == 0
+
+
+async def test_a_reserve_keeps_places_free_for_urgent_callers_only() -> None:
+    limiter = FairLimiter(4, urgent_reserve=1)
+    for _ in range(3):
+        await limiter.acquire("chatter")
+    fourth_normal = asyncio.create_task(limiter.acquire("chatter"))
+    await asyncio.sleep(0)
+
+    await asyncio.wait_for(limiter.acquire("dm", urgent=True), timeout=1)  # the reserved place
+    assert not fourth_normal.done()  # the others hold 3 of 4 at most
+    assert limiter.in_use == 4
+
+    limiter.release()  # the urgent place comes back: still reserved, the normal caller waits
+    await asyncio.sleep(0)
+    assert not fourth_normal.done()
+    assert limiter.in_use == 3
+    limiter.release()  # a normal place: it moves to the normal caller
+    await asyncio.wait_for(fourth_normal, timeout=1)
+    assert limiter.in_use == 3
+
+
+async def test_an_urgent_caller_waits_only_behind_urgent_ones() -> None:
+    limiter = FairLimiter(2, urgent_reserve=1)
+    await limiter.acquire("chatter")
+    waiting_normal = asyncio.create_task(limiter.acquire("chatter"))
+    await asyncio.sleep(0)
+
+    # A normal caller waits (its one place is taken), yet the urgent one gets the reserve.
+    await asyncio.wait_for(limiter.acquire("dm", urgent=True), timeout=1)
+    assert not waiting_normal.done()
+    limiter.release()
+    limiter.release()
+    await asyncio.wait_for(waiting_normal, timeout=1)
+
+
+def test_the_default_reserve_is_a_tenth_and_never_all_places() -> None:
+    assert FairLimiter(100).normal_limit == 90
+    assert FairLimiter(5).normal_limit == 5  # a tenth of 5 places is none
+    with pytest.raises(ValueError, match="no place"):
+        FairLimiter(3, urgent_reserve=3)
