@@ -57,8 +57,9 @@ def instance_names(service: str, replicas: int) -> list[str]:
 def render(spec: dict[str, Any], directory: Path) -> Path:
     """Write DIR/compose.yaml and DIR/env/<instance>.env from compose.yaml and `spec`:
 
-    {"project": "herald-ct-1a2b", "volume_dir": "/abs/out",        # optional: a bind mount
-     "services": {"push-sender": {"ports": [8002, 8102], "env": {"RABBITMQ_URL": ...}}, ...}}
+    {"project": "herald-ct-1a2b", "volume_dir": "/abs/out",    # optional: bind mount, not volume
+     "services": {"push-sender": {"ports": [8002, 8102], "env": {"RABBITMQ_URL": ...},
+                                  "volumes": ["/host/file:/in/container:ro"]}, ...}}  # optional
 
     Returns the compose file's path."""
     compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
@@ -90,7 +91,7 @@ def render(spec: dict[str, Any], directory: Path) -> Path:
             for key in ("restart", "read_only", "tmpfs", "user"):
                 if key in definition:
                     rendered[key] = definition[key]
-            volumes = []
+            volumes = list(wanted.get("volumes", []))
             for volume in definition.get("volumes", []):
                 source, target = volume.split(":", 1)
                 if spec.get("volume_dir") and source == "herald-out":
