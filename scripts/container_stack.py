@@ -19,6 +19,7 @@ changes only what the host network requires:
 
     python -m scripts.container_stack render --dir DIR --spec SPEC.json
     python -m scripts.container_stack wait --dir DIR [--timeout 180]
+    python -m scripts.container_stack facts --dir DIR [--starts 5]
     python -m scripts.container_stack default-spec --project NAME > SPEC.json
 """
 
@@ -29,9 +30,11 @@ import json
 import os
 import secrets
 import shutil
+import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +182,51 @@ def wait(directory: Path, timeout: float) -> dict[str, float]:
         time.sleep(0.5)
 
 
+def _ready_after_start(container: str, port: int, timeout: float) -> float:
+    """Seconds from the container's start to its service's first 200 on /health/ready (polled
+    every 50 ms over HTTP, as a load balancer would)."""
+    deadline = time.monotonic() + timeout
+    url = f"http://127.0.0.1:{port}/health/ready"
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return time.time() - started_at(container)
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise SystemExit(f"{container}: not ready within {timeout:.0f} s")
+
+
+def facts(directory: Path, starts: int) -> dict[str, dict[str, Any]]:
+    """Per service of a running stack: its image's size, the median start-to-ready time over
+    `starts` restarts, and the RSS of its process once ready and idle (VmRSS of the container's
+    PID 1, which is the service: the image's CMD execs it)."""
+    project = (directory / "project").read_text().strip()
+    found = {c["Labels"]["com.docker.compose.service"]: c for c in containers(project)}
+    result: dict[str, dict[str, Any]] = {}
+    for service in SERVICES:
+        container = found[service]["Names"][0]
+        port = int(found[service]["Labels"]["herald.port"])
+        size = json.loads(podman("image", "inspect", image(service)).stdout)[0]["Size"]
+        times = []
+        for _ in range(starts):
+            podman("stop", "--time", "30", container)
+            podman("start", container)
+            times.append(_ready_after_start(container, port, timeout=120))
+        result[service] = {"image_mb": round(size / 1e6), "start_to_ready_s": times}
+    # Idle: every service ready, nothing posted, a few seconds for start-up work to settle.
+    time.sleep(5)
+    for service in SERVICES:
+        pid = podman("inspect", "--format", "{{.State.Pid}}", found[service]["Names"][0]).stdout
+        status = Path(f"/proc/{pid.strip()}/status").read_text()
+        rss_kb = next(
+            int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")
+        )
+        result[service]["idle_rss_mb"] = round(rss_kb / 1024)
+    return result
+
+
 def default_spec(project: str, rabbit_url: str, pg_base_url: str) -> dict[str, Any]:
     """`scripts/containers up` without a spec: the standard ports, one database per service
     (created by the script), the log push provider and .eml files in the compose volume."""
@@ -202,6 +250,9 @@ def main() -> None:
     wait_parser = commands.add_parser("wait")
     wait_parser.add_argument("--dir", type=Path, required=True)
     wait_parser.add_argument("--timeout", type=float, default=180)
+    facts_parser = commands.add_parser("facts")
+    facts_parser.add_argument("--dir", type=Path, required=True)
+    facts_parser.add_argument("--starts", type=int, default=5)
     spec_parser = commands.add_parser("default-spec")
     spec_parser.add_argument("--project", required=True)
     spec_parser.add_argument("--rabbitmq-url", required=True)
@@ -212,6 +263,17 @@ def main() -> None:
     elif args.command == "wait":
         for service, seconds in wait(args.dir, args.timeout).items():
             print(f"{service}: healthy, {seconds} s after its start")
+    elif args.command == "facts":
+        measured = facts(args.dir, args.starts)
+        print(f"| service | image | start to ready (median of {args.starts}, min-max) | idle RSS |")
+        print("| --- | --- | --- | --- |")
+        for service, fact in measured.items():
+            times = sorted(fact["start_to_ready_s"])
+            median = statistics.median(times)
+            print(
+                f"| {service} | {fact['image_mb']} MB | {median:.2f} s "
+                f"({times[0]:.2f}-{times[-1]:.2f}) | {fact['idle_rss_mb']} MB |"
+            )
     else:
         spec = default_spec(args.project, args.rabbitmq_url, args.postgres_url)
         print(json.dumps(spec, indent=2))
