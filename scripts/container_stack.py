@@ -60,7 +60,8 @@ def instance_names(service: str, replicas: int) -> list[str]:
 def render(spec: dict[str, Any], directory: Path) -> Path:
     """Write DIR/compose.yaml and DIR/env/<instance>.env from compose.yaml and `spec`:
 
-    {"project": "herald-ct-1a2b", "volume_dir": "/abs/out",    # optional: bind mount, not volume
+    {"project": "herald-ct-1a2b", "owner_pid": 1234,            # optional: the starting process
+     "volume_dir": "/abs/out",                                # optional: bind mount, not volume
      "services": {"push-sender": {"ports": [8002, 8102], "env": {"RABBITMQ_URL": ...},
                                   "volumes": ["/host/file:/in/container:ro"]}, ...}}  # optional
 
@@ -89,7 +90,12 @@ def render(spec: dict[str, Any], directory: Path) -> Path:
                 "image": image(service),
                 "network_mode": "host",
                 "env_file": [str(env_file)],
-                "labels": {"herald.service": service, "herald.port": str(port)},
+                "labels": {
+                    "herald.service": service,
+                    "herald.port": str(port),
+                    # Who started it: the tests remove stacks whose owner died without `down`.
+                    "herald.owner-pid": str(spec.get("owner_pid", "")),
+                },
             }
             for key in ("restart", "read_only", "tmpfs", "user"):
                 if key in definition:

@@ -93,7 +93,34 @@ def images() -> None:
         pytest.skip(message)
     with BUILD_LOCK.open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        _remove_orphans()
         script("build")
+
+
+def _remove_orphans() -> None:
+    """Remove the containers of test stacks whose test process died without tearing them down
+    (killed by a timeout, say): they would restart for ever against a deleted vhost."""
+    listed = podman(
+        "ps", "--all", "--filter", "label=herald.owner-pid", "--format",
+        "{{.ID}} {{index .Labels \"herald.owner-pid\"}}",
+    ).stdout  # fmt: skip
+    orphans = []
+    for line in listed.splitlines():
+        container, _, owner = line.partition(" ")
+        if owner.isdigit() and not _alive(int(owner)):
+            orphans.append(container)
+    if orphans:
+        podman("rm", "--force", "--time", "5", *orphans, timeout=300)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @dataclass
@@ -188,7 +215,7 @@ def running_stack(tmp: Path, replicas: int) -> Iterator[Stack]:
                 env = {**common, "DATABASE_URL": databases[service], **extra.get(service, {})}
                 services[service] = {"ports": ports[service], "env": env}
             services["push-sender"]["volumes"] = [f"{credentials}:{FCM_CREDENTIALS}:ro"]
-            spec = {"project": project, "services": services}
+            spec = {"project": project, "owner_pid": os.getpid(), "services": services}
             spec_file = directory / "spec.json"
             spec_file.touch(mode=0o600)
             spec_file.write_text(json.dumps(spec))
