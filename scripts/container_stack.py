@@ -44,13 +44,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SERVICES = ("message-service", "notification-router", "push-sender", "email-sender")
 DEFAULT_PORTS = {"message-service": 8000, "notification-router": 8001, "push-sender": 8002,
                  "email-sender": 8003}  # fmt: skip
-IMAGE_TAG = os.environ.get("HERALD_IMAGE_TAG", "dev")
 # Variables the host network makes meaningless or that the spec sets.
 DROPPED_VARIABLES = {"RABBITMQ_DECLARE", "HOST"}
 
 
 def image(service: str) -> str:
-    return f"localhost/herald-{service}:{IMAGE_TAG}"
+    """The service's image as `scripts/containers build` tags it (HERALD_IMAGE_TAG, default dev)."""
+    return f"localhost/herald-{service}:{os.environ.get('HERALD_IMAGE_TAG') or 'dev'}"
 
 
 def instance_names(service: str, replicas: int) -> list[str]:

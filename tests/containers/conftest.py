@@ -3,7 +3,8 @@ RabbitMQ vhost and PostgreSQL databases of the test's own and the test's own FCM
 on the host.
 
 The images are built once per test process (`scripts/containers build`, cached by podman: a few
-seconds per image when nothing changed; a file lock keeps two processes from building at once).
+seconds per image when nothing changed; a file lock keeps two processes from building at once),
+tagged for this checkout.
 Without podman the layer is skipped, except in CI (`CI` set), where `.ci/run` installs it
 (`scripts/containers install`) and a missing podman fails the layer.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -46,6 +48,11 @@ T = TypeVar("T")
 
 def podman_env() -> dict[str, str]:
     return {**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF)}
+
+
+# The images of this checkout: a tag of its own, so that test runs of two checkouts on one machine
+# do not replace each other's images (the layers are shared: the second build is a cache hit).
+os.environ["HERALD_IMAGE_TAG"] = "test-" + hashlib.sha256(str(ROOT).encode()).hexdigest()[:10]
 
 
 def podman(
