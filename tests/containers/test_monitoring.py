@@ -1,6 +1,7 @@
 """A real Prometheus (Debian's 2.42) scrapes the four containers with the shipped alert rules:
 every query of the Grafana dashboard returns data, and forcing two conditions (the router stopped,
-a poisoned queue) fires the matching alerts within their `for:` windows.
+a poisoned queue) fires the matching alerts within their `for:` windows, which reach a real
+Alertmanager (Debian's 0.25).
 
 The test's Prometheus differs from deploy/prometheus/prometheus.yml only where this machine
 requires it: static targets on 127.0.0.1 (the stack is on the host network; the shipped file
@@ -12,6 +13,7 @@ alert fires within a second or two of its `for:` (unchanged) running out.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import os
@@ -46,6 +48,7 @@ class Prometheus:
     url: str
     process: subprocess.Popen[bytes]
     log: Path
+    alertmanager: str
 
     def get(self, path: str, **params: str) -> Any:
         response = httpx.get(f"{self.url}{path}", params=params, timeout=10)
@@ -66,8 +69,32 @@ class Prometheus:
             if alert["labels"]["alertname"] == name and alert["state"] == state
         ]
 
+    def alertmanager_alerts(self) -> set[tuple[str, str]]:
+        """(alertname, queue or job) of every alert the Alertmanager holds."""
+        response = httpx.get(f"{self.alertmanager}/api/v2/alerts", timeout=10)
+        response.raise_for_status()
+        return {
+            (alert["labels"]["alertname"], alert["labels"].get("queue") or alert["labels"]["job"])
+            for alert in response.json()
+        }
 
-def prometheus_config(stack: Stack) -> dict[str, Any]:
+
+@contextlib.contextmanager
+def process(command: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    with log.open("wb") as output:
+        started = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        yield started
+    finally:
+        started.terminate()
+        try:
+            started.wait(30)
+        except subprocess.TimeoutExpired:
+            started.kill()
+            started.wait()
+
+
+def prometheus_config(stack: Stack, alertmanager: str) -> dict[str, Any]:
     shipped = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
     jobs = []
     for job in shipped["scrape_configs"]:
@@ -79,8 +106,21 @@ def prometheus_config(stack: Stack) -> dict[str, Any]:
     return {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(PROMETHEUS_DIR / "alerts.yml")],
+        "alerting": {"alertmanagers": [{"static_configs": [{"targets": [alertmanager]}]}]},
         "scrape_configs": jobs,
     }
+
+
+# Alertmanager: every alert to a receiver that sends nothing (the test reads its API).
+ALERTMANAGER_CONFIG = {
+    "route": {
+        "receiver": "nobody",
+        "group_wait": "1s",
+        "group_interval": "1s",
+        "repeat_interval": "1h",
+    },
+    "receivers": [{"name": "nobody"}],
+}
 
 
 @pytest.fixture(scope="module")
@@ -92,51 +132,61 @@ def stack(images: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[St
 @pytest.fixture(scope="module")
 def prometheus(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
     binary, promtool = shutil.which("prometheus"), shutil.which("promtool")
-    if binary is None or promtool is None:
-        message = "prometheus not installed: run scripts/containers install"
+    alertmanager = shutil.which("prometheus-alertmanager")
+    if binary is None or promtool is None or alertmanager is None:
+        message = "prometheus or alertmanager not installed: run scripts/containers install"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
     directory = tmp_path_factory.mktemp("prometheus")
+    alertmanager_port, port = free_port(), free_port()
+    alertmanager_config = directory / "alertmanager.yml"
+    alertmanager_config.write_text(yaml.safe_dump(ALERTMANAGER_CONFIG))
     config = directory / "prometheus.yml"
-    config.write_text(yaml.safe_dump(prometheus_config(stack)))
+    config.write_text(yaml.safe_dump(prometheus_config(stack, f"127.0.0.1:{alertmanager_port}")))
     checked = subprocess.run(
         [promtool, "check", "config", str(config)], capture_output=True, text=True, check=False
     )
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    port = free_port()
-    log = directory / "prometheus.log"
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={directory / 'data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-            ],
-            stdout=output,
-            stderr=subprocess.STDOUT,
+    alertmanager_command = [
+        alertmanager,
+        f"--config.file={alertmanager_config}",
+        f"--storage.path={directory / 'alertmanager'}",
+        f"--web.listen-address=127.0.0.1:{alertmanager_port}",
+        "--cluster.listen-address=",  # one instance, no gossip port
+    ]
+    prometheus_command = [
+        binary,
+        f"--config.file={config}",
+        f"--storage.tsdb.path={directory / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]
+    with (
+        process(alertmanager_command, directory / "alertmanager.log"),
+        process(prometheus_command, directory / "prometheus.log") as started,
+    ):
+        server = Prometheus(
+            f"http://127.0.0.1:{port}",
+            started,
+            directory / "prometheus.log",
+            f"http://127.0.0.1:{alertmanager_port}",
         )
-    server = Prometheus(f"http://127.0.0.1:{port}", process, log)
-    try:
 
         def every_target_up() -> bool:
             try:
                 targets = server.get("/api/v1/targets")["activeTargets"]
+                alertmanagers = server.get("/api/v1/alertmanagers")["activeAlertmanagers"]
             except httpx.HTTPError:
                 return False
             expected = sum(len(ports) for ports in stack.ports.values())
-            return len(targets) == expected and all(t["health"] == "up" for t in targets)
+            return (
+                len(targets) == expected
+                and all(t["health"] == "up" for t in targets)
+                and len(alertmanagers) == 1
+            )
 
         wait_for(every_target_up, timeout=60)
         yield server
-    finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def dashboard_expressions() -> list[str]:
@@ -223,6 +273,17 @@ def test_a_stopped_router_and_a_poisoned_queue_fire_their_alerts(
         return len(fired) == 2
 
     wait_for(both_fired, timeout=down_for + 60, interval=0.5)
+    # Prometheus sent both to the Alertmanager.
+    wait_for(
+        lambda: (
+            {
+                ("HeraldDeadLettersPresent", PUSH_NOTIFICATIONS.dead_letter_queue.name),
+                ("HeraldServiceDown", "notification-router"),
+            }
+            <= prometheus.alertmanager_alerts()
+        ),
+        timeout=30,
+    )
     # In CI's output (as the fault tests' lines): the figures docs/operations.md quotes.
     emit(
         request.config,
