@@ -49,6 +49,13 @@ scenarios:
             push latencies (target: p99 250 ms) and how much chatter still waited when the
             last one was posted.
 
+  chat      the default rooms with a chat app's defaults and habits: every user at the
+            default levels (DMs, invitations and mentions), 5 % of room messages mention a
+            member, 2 % of messages are direct (between --rooms pairs of users of their own),
+            one user in five holds a real-time stream open with their room in view; reports
+            decisions/s (the router's ledger rows) and sends/s (pushes and e-mails accepted),
+            the decisions by reason, and checks every decided delivery was accepted once.
+
 long runs: --duration caps the posting (60 s by default), so a run of 30,000 messages wants e.g.
 --count 30000 --duration 1800; its CPU per notification and RSS compare with a short run's.
 
@@ -81,6 +88,14 @@ DEFAULTS: dict[str, dict[str, float | int]] = {
         "email_share": 0.0,
         "fcm_latency_ms": 50,
         "fcm_concurrency": 50,
+    },
+    "chat": {
+        "count": 2000,
+        "rooms": 50,
+        "room_size": 10,
+        "email_share": 1.0,  # every user at the default levels: e-mail for what concerns them
+        "fcm_latency_ms": 0,
+        "fcm_concurrency": 0,
     },
 }
 

@@ -47,6 +47,7 @@ class Workload:
 class BenchUser:
     index: int
     id: uuid.UUID
+    username: str
     token: str  # the API token
     device_id: uuid.UUID
     device_token: str
@@ -160,11 +161,17 @@ async def set_levels(session: aiohttp.ClientSession, token: str, *, email: bool)
 
 
 async def populate(
-    session: aiohttp.ClientSession, workload: Workload, run_id: str, *, direct_pairs: int = 0
+    session: aiohttp.ClientSession,
+    workload: Workload,
+    run_id: str,
+    *,
+    direct_pairs: int = 0,
+    default_levels: bool = False,
 ) -> Population:
-    """Register every user (one push device each; e-mail off for all but `email_share`), then one
-    room per `room_size` consecutive users; then `direct_pairs` pairs of users more, each with
-    its direct room (after the group rooms, in `rooms`)."""
+    """Register every user (one push device each; e-mail off for all but `email_share`, unless
+    `default_levels`: then every user keeps a new user's levels), then one room per
+    `room_size` consecutive users; then `direct_pairs` pairs of users more, each with its direct
+    room (after the group rooms, in `rooms`)."""
 
     async def register(index: int) -> BenchUser:
         email = f"user{index}@bench-{run_id}.example"
@@ -188,11 +195,13 @@ async def populate(
             "device",
             user["token"],
         )
-        email_enabled = workload.gets_email(index)
-        await set_levels(session, user["token"], email=email_enabled)
+        email_enabled = default_levels or workload.gets_email(index)
+        if not default_levels:
+            await set_levels(session, user["token"], email=email_enabled)
         return BenchUser(
             index=index,
             id=uuid.UUID(user["id"]),
+            username=user["username"],
             token=user["token"],
             device_id=uuid.UUID(device["id"]),
             device_token=device_token,

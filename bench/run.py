@@ -32,9 +32,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 
-from bench import profile
+from bench import chat, profile
 from bench.calibrate import calibrate
 from bench.checker import CheckResult, Tally, read_email_records, read_push_records
 from bench.fakes import Endpoints
@@ -87,7 +88,7 @@ FAKES_GROUP = "providers (bench.fakes)"
 LOAD_GROUP = "load generator (bench)"
 RABBIT_GROUP = "rabbitmq (whole node, shared)"
 POSTGRES_GROUP = "postgres (our backends)"
-SCENARIOS = ("default", "big-room", "lanes")
+SCENARIOS = ("default", "big-room", "lanes", "chat")
 # The lanes scenario's direct messages: how many, and the pause after each.
 LANES_DIRECT_MESSAGES = 50
 LANES_DIRECT_INTERVAL = 0.1
@@ -174,6 +175,17 @@ class Deliveries:
             self.tally.push(push)
         for email in emails:
             self.tally.email(email)
+
+    def skip(self) -> tuple[int, int]:
+        """Pass over what the files hold now (not the workload's); how many pushes and
+        e-mails."""
+        pushes, self._push_offset = read_push_records(
+            self.directory / "push.tsv", self._push_offset
+        )
+        emails, self._email_offset = read_email_records(
+            self.directory / "email.tsv", self._email_offset
+        )
+        return len(pushes), len(emails)
 
 
 @dataclass
@@ -314,6 +326,10 @@ async def probe(stack: Stack) -> Probe:
         _say(f"listing the vhost's queues failed ({type(exc).__name__}): not settled")
         return Probe((), outbox, queues_known=False)
     return Probe(tuple(queues), outbox)
+
+
+async def _settled(stack: Stack) -> bool:
+    return (await probe(stack)).settled
 
 
 async def wait_for_projection(stack: Stack, population: Population) -> None:
@@ -581,7 +597,14 @@ async def run_once(
         async with api_session(api, options.connections) as session:
             _say(f"setting up {workload.users} users in {workload.rooms} rooms")
             lanes = options.scenario == "lanes"
-            population = await populate(session, workload, run_id, direct_pairs=int(lanes))
+            chatting = options.scenario == "chat"
+            population = await populate(
+                session,
+                workload,
+                run_id,
+                direct_pairs=workload.rooms if chatting else int(lanes),
+                default_levels=chatting,
+            )
             await wait_for_projection(stack, population)
 
             tally = Tally(
@@ -591,7 +614,24 @@ async def run_once(
                 ),
             )
             deliveries = Deliveries(directory / "providers", tally)
-            deliveries.poll()  # nothing yet: setup sends no notification
+            # Each invited member gets one notification of their invitation (a version from
+            # before invitations sends none): let them go out, then leave them out of the tally.
+            await infra.wait_until(
+                lambda: _settled(stack), timeout=PROJECTION_TIMEOUT, interval=0.5
+            )
+            pushes, emails = deliveries.skip()
+            _say(f"setup sent {pushes} pushes and {emails} e-mails (invitations), not counted")
+            if chatting:
+                return await run_chat(
+                    session,
+                    stack=stack,
+                    population=population,
+                    workload=workload,
+                    options=options,
+                    messages_per_second=messages_per_second,
+                    deliveries=deliveries,
+                    json_path=options.out / f"{stamp}-{run_id}.json",
+                )
             fakes_pid = stack.fakes.pid if stack.fakes is not None else 0
             groups = {
                 **{name: [pid] for name, pid in pids.items()},
@@ -714,6 +754,58 @@ async def run_once(
         )
         return document, 2
     return document, 0
+
+
+async def run_chat(
+    session: aiohttp.ClientSession,
+    *,
+    stack: Stack,
+    population: Population,
+    workload: Workload,
+    options: Options,
+    messages_per_second: float,
+    deliveries: Deliveries,
+    json_path: Path,
+) -> tuple[dict[str, Any], int]:
+    """The chat scenario (`bench.chat`): streams open, the load, the pipeline settled, then the
+    router's decisions checked against what the providers accepted."""
+    router_db = _pg(stack.databases["notification-router"])
+    streams = await chat.open_streams(
+        stack.services["message-service"].base_url, population, workload.rooms
+    )
+    _say(f"{len(streams.tasks)} real-time streams open, each with its room in view")
+    try:
+        await asyncio.wait_for(
+            chat.streams_projected(router_db, len(streams.user_indexes)), PROJECTION_TIMEOUT
+        )
+        plan = LoadPlan(
+            count=options.count,
+            duration=options.duration,
+            messages_per_second=messages_per_second,
+            connections=options.connections,
+        )
+        _say(f"posting up to {plan.count} messages (chat habits) for at most {plan.duration:g} s")
+        load = await chat.generate_chat(session, population, workload.rooms, plan, LoadResult())
+        _say(f"posted {len(load.posted)}; waiting for the pipeline to settle")
+        await infra.wait_until(lambda: _settled(stack), timeout=options.drain_timeout, interval=0.5)
+    finally:
+        await streams.close()
+    pushes, _ = read_push_records(deliveries.directory / "push.tsv", deliveries._push_offset)
+    emails, _ = read_email_records(deliveries.directory / "email.tsv", deliveries._email_offset)
+    ledger = await chat.ledger_figures(router_db)
+    checked = chat.check(ledger, pushes, emails)
+    figures = chat.summary(
+        load=load, ledger=ledger, checked=checked, pushes=pushes, emails=emails, streams=streams
+    )
+    document = {"command": options.command, "scenario": "chat", "chat": figures}
+    write_json(document, json_path)
+    for key, value in figures.items():
+        _say(f"  {key}: {value}")
+    _say(f"JSON: {json_path}")
+    failed = checked["lost"] or checked["duplicates"] or checked["unexpected"]
+    if failed:
+        _say("FAILED: the checker found lost, duplicated or unexpected notifications")
+    return document, 1 if failed else 0
 
 
 def build_document(

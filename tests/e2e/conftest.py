@@ -26,6 +26,17 @@ class Pipeline:
     def api(self) -> str:
         return self.services["message-service"].base_url
 
+    async def invitations_sent(self, count: int) -> tuple[int, int]:
+        """Wait until `count` invitations were decided and their deliveries all reported
+        delivered; how many pushes and e-mails the fakes hold then (the workload's come after)."""
+
+        async def sent() -> bool:
+            router_db = self.databases["notification-router"]
+            return await infra.invitations_delivered(router_db) == count
+
+        await infra.wait_until(sent, timeout=60, interval=0.05)
+        return len(self.fcm.accepted), len(self.smtp.received)
+
 
 @pytest.fixture
 async def pipeline(

@@ -22,6 +22,7 @@ from tests.support import infra
 from tests.support.processes import SERVICES, running_services, service_env
 
 TEXT = "Ship it on Friday? 🚀"
+INVITED = "Alice invited you to #launch"
 
 
 def _vapid_key(path: Path) -> Path:
@@ -76,8 +77,15 @@ async def test_a_message_reaches_fcm_apns_web_push_and_email_of_one_user(
                 )
 
                 async def everything_arrived() -> bool:
-                    return bool(
-                        fcm.accepted and apns.accepted and webpush.received and smtp.received
+                    # Bob's invitation to the room first, then the message: two of each.
+                    return (
+                        min(
+                            len(fcm.accepted),
+                            len(apns.accepted),
+                            len(webpush.received),
+                            len(smtp.received),
+                        )
+                        >= 2
                     )
 
                 await infra.wait_until(everything_arrived, timeout=60)
@@ -86,20 +94,21 @@ async def test_a_message_reaches_fcm_apns_web_push_and_email_of_one_user(
             for url in databases.values():
                 await infra.drop_database(url)
 
-    (android,) = fcm.accepted
-    assert android["message"]["notification"]["body"] == TEXT
-    (ios,) = apns.accepted
-    headers, payload = ios
-    assert payload["aps"]["alert"]["body"] == TEXT
-    assert headers["apns-topic"] == apns.topic
+    bodies = sorted([INVITED, TEXT])
+    assert sorted(push["message"]["notification"]["body"] for push in fcm.accepted) == bodies
+    assert sorted(payload["aps"]["alert"]["body"] for _, payload in apns.accepted) == bodies
+    assert all(headers["apns-topic"] == apns.topic for headers, _ in apns.accepted)
     assert apns.http_versions
     assert set(apns.http_versions) == {"2"}
-    (browser,) = webpush.received
-    assert browser.payload["body"] == TEXT  # decrypted with the browser's private key
+    # Decrypted with the browser's private key.
+    assert sorted(browser.payload["body"] for browser in webpush.received) == bodies
     assert webpush.refusals == []
     assert webpush.undecryptable == 0
-    (mail,) = smtp.received
-    assert str(mail["To"]) == "Bob <bob@example.test>"
+    assert sorted(str(mail["Subject"]) for mail in smtp.received) == [
+        "Alice invited you to #launch",
+        "New message from Alice in launch",
+    ]
+    assert {str(mail["To"]) for mail in smtp.received} == {"Bob <bob@example.test>"}
     # Each of Bob's four deliveries reported back to the router's ledger as delivered.
     assert sorted(deliveries) == sorted([("push", "delivered")] * 3 + [("email", "delivered")]), (
         deliveries

@@ -78,3 +78,42 @@ def test_a_small_benchmark_run_completes_with_nothing_lost_or_duplicated(tmp_pat
     assert report["service_exit_codes"] == dict.fromkeys(
         ["message-service", "notification-router", "push-sender", "email-sender"], 0
     )
+
+
+def test_a_small_chat_run_decides_every_recipient_and_sends_what_it_decided(
+    tmp_path: Path,
+) -> None:
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--scenario",
+            "chat",
+            "--count",
+            "60",
+            "--rooms",
+            "2",
+            "--drain-timeout",
+            "45",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+
+    [report_file] = tmp_path.glob("*.json")
+    figures = json.loads(report_file.read_text())["chat"]
+    assert figures["messages"] == 60
+    assert figures["streams"] == 4  # one member in five of two rooms of ten
+    assert figures["stream_failures"] == 0
+    # Every room message decided for its 9 recipients, every direct one for 1.
+    directs = figures["triggers"].get("dm", 0)
+    assert figures["decisions"] == (60 - directs) * 9 + directs
+    assert figures["sends"] == figures["deliveries_decided"] == figures["accepted"]
+    assert (figures["lost"], figures["duplicates"], figures["unexpected"]) == (0, 0, 0)
+    assert figures["not_delivered_in_ledger"] == 0

@@ -63,6 +63,7 @@ async def test_a_message_reaches_every_other_member_by_ledger_push_and_email(
                 headers={"Authorization": f"Bearer {member['token']}"},
             )
             assert joined.status_code == 200, joined.text
+        pushes_before, emails_before = await pipeline.invitations_sent(2)
         posted = await client.post(
             f"/rooms/{room.json()['id']}/messages",
             json={"content": "Hello everyone! 👋"},
@@ -72,19 +73,23 @@ async def test_a_message_reaches_every_other_member_by_ledger_push_and_email(
         message_id = posted.json()["id"]
 
     async def both_delivered() -> bool:
-        return len(pipeline.fcm.accepted) >= 2 and len(pipeline.smtp.received) >= 2
+        return (
+            len(pipeline.fcm.accepted) >= pushes_before + 2
+            and len(pipeline.smtp.received) >= emails_before + 2
+        )
 
     await infra.wait_until(both_delivered, timeout=60)
 
-    pushed_tokens = sorted(message["message"]["token"] for message in pipeline.fcm.accepted)
+    pushes = pipeline.fcm.accepted[pushes_before:]
+    mails = pipeline.smtp.received[emails_before:]
+    pushed_tokens = sorted(message["message"]["token"] for message in pushes)
     assert [token.split("-")[1] for token in pushed_tokens] == ["bob", "carol"]
     assert all(
-        message["message"]["notification"]["body"] == "Hello everyone! 👋"
-        for message in pipeline.fcm.accepted
+        message["message"]["notification"]["body"] == "Hello everyone! 👋" for message in pushes
     )
-    recipients = sorted(str(mail["To"]) for mail in pipeline.smtp.received)
+    recipients = sorted(str(mail["To"]) for mail in mails)
     assert recipients == ["Bob <bob@example.test>", "Carol <carol@example.test>"]
-    for mail in pipeline.smtp.received:
+    for mail in mails:
         text_part = mail.get_body(preferencelist=("plain",))
         assert text_part is not None
         assert "Hello everyone!" in text_part.get_content()

@@ -149,6 +149,19 @@ async def test_the_readme_walkthrough_works_when_pasted_twice(
     second_suffix, second_message = check_run(second)
     assert first_suffix != second_suffix
     assert first_message != second_message
-    # Nothing but the two runs' notifications: four pushes, four e-mails.
-    assert len((state / "pushes.jsonl").read_text().splitlines()) == 4
-    assert sorted(state.joinpath("emails").glob("*.eml")) == sorted(first.emails + second.emails)
+    # Nothing but the two runs' notifications: four pushes and four e-mails of the messages,
+    # and Bob's and Carol's invitations (sent first, on the urgent lane: at most four of each).
+    pushes = [json.loads(line) for line in (state / "pushes.jsonl").read_text().splitlines()]
+    invitation_pushes = [
+        push for push in pushes if push["message_id"] not in {first_message, second_message}
+    ]
+    assert len(pushes) - len(invitation_pushes) == 4
+    assert len(invitation_pushes) <= 4
+    assert {push["body"] for push in invitation_pushes} <= {"Alice invited you to #general"}
+    emails = set(state.joinpath("emails").glob("*.eml"))
+    invitation_emails = emails - {*first.emails, *second.emails}
+    assert len(emails - invitation_emails) == 4
+    assert len(invitation_emails) <= 4
+    assert {str(_read(path)["Subject"]) for path in invitation_emails} <= {
+        "Alice invited you to #general"
+    }

@@ -336,6 +336,11 @@ class FakeFcm:
         with self._lock:
             return [m for m in self.accepted if m["message"].get("token") == device_token]
 
+    def forget(self) -> None:
+        """Drop what was accepted so far (a test's setup: what follows is the test's own)."""
+        with self._lock:
+            self.accepted.clear()
+
     def _script(self, device_token: str, script: _Script) -> None:
         if script.remaining is not None and script.remaining < 1:
             raise ValueError("times must be at least 1")

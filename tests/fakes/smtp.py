@@ -219,6 +219,12 @@ class FakeSmtp:
         """Close the connection in the middle of DATA of a message for `recipient`."""
         self.reply(recipient, DROP, "", times=times, stage="data")
 
+    def forget(self) -> None:
+        """Drop what was received so far (a test's setup: what follows is the test's own)."""
+        with self._lock:
+            self.received.clear()
+            self.envelopes.clear()
+
     def messages_to(self, address: str) -> list[EmailMessage]:
         with self._lock:
             return [

@@ -176,3 +176,19 @@ async def wait_until(
         if time.monotonic() > deadline:
             raise TimeoutError(f"condition not met within {timeout} s")
         await asyncio.sleep(interval)
+
+
+async def invitations_delivered(router_db: str) -> int | None:
+    """How many invitations the router decided, once each of their deliveries is reported
+    delivered (None before)."""
+    connection = await asyncpg.connect(router_db.replace("+asyncpg", ""))
+    try:
+        row = await connection.fetchrow(
+            "SELECT count(DISTINCT (n.message_id, n.recipient_id)) AS invitations,"
+            " count(*) FILTER (WHERE d.status <> 'delivered') AS open"
+            " FROM notifications n LEFT JOIN notification_deliveries d"
+            " USING (message_id, recipient_id) WHERE n.trigger = 'invitation'"
+        )
+    finally:
+        await connection.close()
+    return None if row is None or row["open"] else int(row["invitations"])

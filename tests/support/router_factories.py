@@ -9,6 +9,7 @@ from typing import Any
 
 from herald_shared.events import (
     DeviceSnapshot,
+    InvitationCreated,
     Level,
     MessageCreated,
     Platform,
@@ -100,5 +101,25 @@ def message_created(
         mentions=list(mentions),
         room_mentioned=room_mentioned,
         room_kind=room_kind,
+        timestamp=timestamp,
+    )
+
+
+def invitation_created(
+    *,
+    invitee_id: uuid.UUID,
+    inviter_id: uuid.UUID | None = None,
+    room_id: uuid.UUID | None = None,
+    room_name: str = "general",
+    inviter_display_name: str = "Alice",
+    timestamp: datetime = SENT_AT,
+) -> InvitationCreated:
+    inviter_id = inviter_id or uuid.uuid4()
+    return InvitationCreated(
+        invitation_id=uuid.uuid4(),
+        room_id=room_id or uuid.uuid4(),
+        room_name=room_name,
+        invitee_id=invitee_id,
+        inviter=SenderInfo(user_id=inviter_id, username="alice", display_name=inviter_display_name),
         timestamp=timestamp,
     )

@@ -66,6 +66,7 @@ class Trigger(StrEnum):
     recipient and message, records it in its ledger and puts it on every job."""
 
     DIRECT = "dm"  # a direct message
+    INVITATION = "invitation"  # someone invited the recipient to a room (not a message)
     MENTION = "mention"  # the message names the recipient (`@username`)
     ROOM_MENTION = "room_mention"  # the message names the whole room (`@room`, `@all`)
     MESSAGE = "message"  # anything else said in a room the recipient is in
@@ -74,7 +75,7 @@ class Trigger(StrEnum):
     def urgent(self) -> bool:
         """Meant for this one person: pushed at once and with a sound; the rest may wait for the
         device's next wake-up and arrives silently."""
-        return self in (Trigger.DIRECT, Trigger.MENTION)
+        return self in (Trigger.DIRECT, Trigger.INVITATION, Trigger.MENTION)
 
 
 class Level(StrEnum):
@@ -124,6 +125,68 @@ class MessageCreated(Event):
     # `@room` or `@all` in the content: the message names every member.
     room_mentioned: bool = False
     timestamp: AwareDatetime
+
+
+class InvitationCreated(Event):
+    """Someone invited a user to a group room (`room.invitation.created`): the one notification
+    the invitee gets from that room until they join. The router handles it like a message to one
+    recipient, keyed by `invitation_id` where a message's id would be."""
+
+    type: Literal["invitation_created"] = "invitation_created"
+    invitation_id: uuid.UUID
+    room_id: uuid.UUID
+    room_name: str
+    invitee_id: uuid.UUID
+    inviter: SenderInfo
+    timestamp: AwareDatetime
+
+    @property
+    def message_id(self) -> uuid.UUID:
+        """What the ledger, the jobs and the delivery reports key this notification on."""
+        return self.invitation_id
+
+
+# What the router's message queue carries: what may notify someone.
+Notifiable = MessageCreated | InvitationCreated
+AnyNotifiable = Annotated[Notifiable, Field(discriminator="type")]
+
+
+class ConnectionPresence(_Frozen):
+    """One real-time stream of a user: open until `expires_at` unless renewed; a stream that
+    ended carries its end. `at`: when this was said (an older word on the same stream is
+    ignored)."""
+
+    user_id: uuid.UUID
+    connection_id: uuid.UUID
+    expires_at: AwareDatetime
+    at: AwareDatetime
+
+
+class RoomInView(_Frozen):
+    """The room the user's client shows (None: none), as of `at`."""
+
+    user_id: uuid.UUID
+    room_id: uuid.UUID | None
+    at: AwareDatetime
+
+
+class PresenceChanged(Event):
+    """Who has a real-time stream open and which room they look at (`presence.changed`), from
+    message-service's streams: a stream opening or ending, a room coming into view, and every
+    heartbeat renewing a replica's open streams. Published directly, not through the outbox: a
+    lost update is repeated by the next heartbeat, and a stale one expires."""
+
+    type: Literal["presence_changed"] = "presence_changed"
+    connections: list[ConnectionPresence] = Field(
+        default_factory=list, max_length=MAX_ITEMS_PER_EVENT
+    )
+    rooms: list[RoomInView] = Field(default_factory=list, max_length=MAX_ITEMS_PER_EVENT)
+
+    @model_validator(mode="after")
+    def _says_something(self) -> PresenceChanged:
+        if not self.connections and not self.rooms:
+            raise ValueError("a presence change names a stream or a room")
+        return self
 
 
 class WebPushKeys(_Frozen):
@@ -436,6 +499,8 @@ class DeviceInvalidated(Event):
 
 AnyEvent = Annotated[
     MessageCreated
+    | InvitationCreated
+    | PresenceChanged
     | UserUpdated
     | PushRequested
     | EmailRequested
@@ -487,6 +552,8 @@ EVENT_ADAPTER: TypeAdapter[AnyEvent] = TypeAdapter(AnyEvent)
 
 EVENT_MODELS: tuple[type[Event], ...] = (
     MessageCreated,
+    InvitationCreated,
+    PresenceChanged,
     UserUpdated,
     PushRequested,
     EmailRequested,

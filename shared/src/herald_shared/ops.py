@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import signal
+import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -153,8 +154,31 @@ def consumer_app(
     )
 
 
-def serve(app: ASGIApp, *, host: str, port: int) -> None:
-    """Run an ASGI app until SIGINT/SIGTERM, which drains in-flight messages before exiting.
+# uvicorn's exit code for a start-up that failed (uvicorn.main.STARTUP_FAILURE).
+STARTUP_FAILURE = 3
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, telling the application when its graceful shutdown begins: uvicorn
+    waits for every open response to finish before the lifespan's shutdown, and a response
+    that never ends by itself (a real-time stream) must be ended then, not after."""
+
+    def __init__(self, config: uvicorn.Config, on_shutdown: Callable[[], None] | None) -> None:
+        super().__init__(config)
+        self._on_shutdown = on_shutdown
+
+    async def shutdown(self, sockets: list[Any] | None = None) -> None:
+        if self._on_shutdown is not None:
+            self._on_shutdown()
+        await super().shutdown(sockets)
+
+
+def serve(
+    app: ASGIApp, *, host: str, port: int, on_shutdown: Callable[[], None] | None = None
+) -> None:
+    """Run an ASGI app until SIGINT/SIGTERM, which drains in-flight messages before exiting;
+    `on_shutdown` runs as the drain begins (to end responses that would never end by
+    themselves).
 
     uvicorn re-raises the signal it caught once its graceful shutdown is done, which would end
     the process "killed by SIGTERM" (exit code -15/143); these no-op handlers, restored by
@@ -165,7 +189,7 @@ def serve(app: ASGIApp, *, host: str, port: int) -> None:
     # log_config=None: uvicorn's records go to the handler `configure_logging` set up (JSON or
     # text, access lines without query strings) instead of uvicorn's own. uvloop and httptools:
     # the event loop and the HTTP parser in C, a fifth or so of a busy service's CPU.
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=host,
         port=port,
@@ -175,3 +199,8 @@ def serve(app: ASGIApp, *, host: str, port: int) -> None:
         loop="uvloop",
         http="httptools",
     )
+    server = _Server(config, on_shutdown)
+    server.run()
+    if not server.started:
+        # As `uvicorn.run` does: a start-up that failed (the lifespan raised) exits non-zero.
+        sys.exit(STARTUP_FAILURE)

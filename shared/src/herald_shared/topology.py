@@ -40,7 +40,9 @@ from herald_shared.events import (
     EmailJobsRequested,
     EmailRequested,
     Event,
+    InvitationCreated,
     MessageCreated,
+    PresenceChanged,
     PushBatchRequested,
     PushJobsRequested,
     PushRequested,
@@ -68,6 +70,9 @@ PUSH_FAILED = "notification.push.failed"
 EMAIL_DELIVERED = "notification.email.delivered"
 EMAIL_FAILED = "notification.email.failed"
 REPORT_RETRY = "notification.report.retry"
+ROOM_INVITATION_CREATED = "room.invitation.created"
+PRESENCE_CHANGED = "presence.changed"
+PRESENCE_RETRY = "presence.changed.retry"
 USER_UPDATED = "user.updated"
 USER_RETRY = "user.updated.retry"
 DEVICE_INVALIDATED = "device.invalidated"
@@ -141,8 +146,13 @@ class ConsumerQueue:
 
 
 # notification-router
-MESSAGE_NOTIFICATIONS = ConsumerQueue("message_notifications", (MESSAGE_NEW,), MESSAGE_RETRY)
+# Invitations share the messages' queue: each is the one notification of a room its invitee is
+# not in, decided by the same batches, ledger and lanes.
+MESSAGE_NOTIFICATIONS = ConsumerQueue(
+    "message_notifications", (MESSAGE_NEW, ROOM_INVITATION_CREATED), MESSAGE_RETRY
+)
 RECIPIENT_UPDATES = ConsumerQueue("recipient_updates", (USER_UPDATED,), USER_RETRY)
+PRESENCE_UPDATES = ConsumerQueue("presence_updates", (PRESENCE_CHANGED,), PRESENCE_RETRY)
 DELIVERY_REPORTS = ConsumerQueue(
     "delivery_reports",
     (PUSH_DELIVERED, PUSH_FAILED, EMAIL_DELIVERED, EMAIL_FAILED),
@@ -163,6 +173,7 @@ DEVICE_INVALIDATIONS = ConsumerQueue("device_invalidations", (DEVICE_INVALIDATED
 CONSUMER_QUEUES: tuple[ConsumerQueue, ...] = (
     MESSAGE_NOTIFICATIONS,
     RECIPIENT_UPDATES,
+    PRESENCE_UPDATES,
     DELIVERY_REPORTS,
     PUSH_NOTIFICATIONS,
     PUSH_NOTIFICATIONS_URGENT,
@@ -190,6 +201,10 @@ def routing_key_for(event: Event) -> str:
     match event:
         case MessageCreated():
             return MESSAGE_NEW
+        case InvitationCreated():
+            return ROOM_INVITATION_CREATED
+        case PresenceChanged():
+            return PRESENCE_CHANGED
         case UserUpdated():
             return USER_UPDATED
         case PushJobsRequested(urgent=True):

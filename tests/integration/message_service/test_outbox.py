@@ -64,7 +64,13 @@ async def test_a_posted_message_arrives_persistent_on_the_message_queue(
     assert posted.status_code == 201
     await wait_until(lambda: nothing_pending(runtime), timeout=10)
 
-    (delivered,) = await drain(rabbit_url, MESSAGE_NOTIFICATIONS.name)
+    # Bob's invitation to the room, then the message, on the router's one queue.
+    invitation, delivered = await drain(rabbit_url, MESSAGE_NOTIFICATIONS.name)
+    assert invitation.routing_key == "room.invitation.created"
+    invited = json.loads(invitation.body)
+    assert (invited["type"], invited["invitee_id"]) == ("invitation_created", str(bob.id))
+    assert invited["room_id"] == str(room)
+    assert invited["inviter"]["user_id"] == str(alice.id)
     body = json.loads(delivered.body)
     assert delivered.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
     assert delivered.routing_key == "notification.message.new"
@@ -173,7 +179,10 @@ async def test_a_broker_outage_delays_notifications_but_never_fails_a_message(
     await proxy.cut()
 
     delivered = await drain(rabbit_url, MESSAGE_NOTIFICATIONS.name)
-    assert [json.loads(m.body)["message_id"] for m in delivered] == [posted.json()["id"]]
+    assert [json.loads(m.body).get("message_id") for m in delivered] == [
+        None,  # Bob's invitation, published before the outage
+        posted.json()["id"],
+    ]
 
 
 async def test_concurrent_retries_with_one_idempotency_key_store_one_message(app: FastAPI) -> None:

@@ -19,6 +19,7 @@ def population(room_size: int = 3, email: tuple[int, ...] = (2,)) -> Population:
         BenchUser(
             index=i,
             id=uuid.uuid4(),
+            username=f"user{i}",
             token=f"api-{i}",
             device_id=uuid.uuid4(),
             device_token=f"device-{i}",

@@ -29,6 +29,7 @@ from email_sender.rendering import (
     headers_as_built,
     template_environment,
 )
+from herald_shared.events import Trigger
 from herald_shared.unsubscribe import InvalidUnsubscribeToken
 from tests.unit.email_sender import support
 from tests.unit.email_sender.support import (
@@ -179,6 +180,7 @@ def test_html_template_autoescapes_and_text_template_does_not() -> None:
         "recipient_name": "",
         "sender_name": "<b>",
         "room_name": "",
+        "invitation": False,
         "message_content": "&",
         "unsubscribe_url": "https://x.test/unsubscribe?token=a&b",
     }
@@ -363,3 +365,24 @@ def test_a_message_whose_serialised_headers_differ_from_those_set_is_refused(
     assert not headers_as_built(second_recipient, recipient=job.to_address, subject=subject)
     other_subject = serialised.replace(b"in general", b"in generic", 1)
     assert not headers_as_built(other_subject, recipient=job.to_address, subject=subject)
+
+
+def test_an_invitation_says_who_invited_whom_where_and_quotes_nothing(
+    renderer: EmailRenderer,
+) -> None:
+    job = email_job(
+        trigger=Trigger.INVITATION,
+        room_name="Design & Research",
+        sender_display_name="Alice",
+        message_content="",
+    )
+
+    rendered = renderer.render(job, now=NOW)
+
+    message = BytesParser(policy=policy.default).parsebytes(rendered.data)
+    assert message["Subject"] == "Alice invited you to #Design & Research"
+    text, html = _parts(message)
+    assert "Alice invited you to #Design & Research. Join the room" in text
+    assert "sent a new message" not in text
+    assert "invited you to <strong>#Design &amp; Research</strong>" in html
+    assert "<blockquote" not in html

@@ -14,7 +14,14 @@ from faststream.rabbit import TestRabbitBroker
 from sqlmodel import col, select
 
 from herald_shared.broker import RabbitSettings
-from herald_shared.events import EVENT_ADAPTER, MessageCreated, SenderInfo, UserUpdated, utc_now
+from herald_shared.events import (
+    EVENT_ADAPTER,
+    InvitationCreated,
+    MessageCreated,
+    SenderInfo,
+    UserUpdated,
+    utc_now,
+)
 from message_service.app import MessageService, create_app, service_of
 from message_service.models import OutboxEvent
 from message_service.settings import Settings
@@ -101,6 +108,11 @@ async def user_updates(runtime: MessageService, user_id: uuid.UUID) -> list[User
 async def messages_created(runtime: MessageService) -> list[MessageCreated]:
     events = [EVENT_ADAPTER.validate_json(row.payload) for row in await outbox_rows(runtime)]
     return [e for e in events if isinstance(e, MessageCreated)]
+
+
+async def invitations_created(runtime: MessageService) -> list[InvitationCreated]:
+    events = [EVENT_ADAPTER.validate_json(row.payload) for row in await outbox_rows(runtime)]
+    return [e for e in events if isinstance(e, InvitationCreated)]
 
 
 def published(publisher_mock: Any) -> list[dict[str, Any]]:

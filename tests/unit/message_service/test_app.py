@@ -180,6 +180,8 @@ async def test_openapi_lists_the_api_only(client: httpx.AsyncClient) -> None:
         "/users/me/devices",
         "/users/me/devices/{device_id}",
         "/users/me/preferences",
+        "/users/me/events",
+        "/users/me/presence",
         "/users/me/blocked",
         "/users/me/blocked/{user_id}",
         "/rooms",
@@ -203,6 +205,8 @@ async def test_asyncapi_page_without_try_it_out(client: httpx.AsyncClient) -> No
     assert (await client.post("/docs/asyncapi/try", json={})).status_code in {404, 405}
     assert set(document.json()["channels"]) == {
         "notification.message.new:publish",
+        "room.invitation.created:publish",
+        "presence.changed:publish",
         "user.updated:publish",
         "device_invalidations:consume",
     }

@@ -9,7 +9,12 @@ import uuid
 import httpx
 
 from message_service.app import MessageService
-from tests.unit.message_service.helpers import Account, messages_created, register
+from tests.unit.message_service.helpers import (
+    Account,
+    invitations_created,
+    messages_created,
+    register,
+)
 
 
 async def post(client: httpx.AsyncClient, room: str, author: Account, text: str) -> None:
@@ -170,3 +175,34 @@ async def test_blocking_oneself_or_nobody_is_refused(client: httpx.AsyncClient) 
 
     assert myself.status_code == 422
     assert nobody.status_code == 404
+
+
+async def test_each_invitation_stages_one_notification_for_its_invitee_only(
+    client: httpx.AsyncClient, runtime: MessageService
+) -> None:
+    alice = await register(client, "alice")
+    bob = await register(client, "bob")
+    carol = await register(client, "carol")
+    mallory = await register(client, "mallory")
+    await client.put(f"/users/me/blocked/{alice.id}", headers=mallory.headers)
+    room = await new_room(client, alice, bob, mallory)  # Mallory blocked Alice: not invited
+
+    added = await client.post(
+        f"/rooms/{room}/members", json={"user_id": str(carol.id)}, headers=alice.headers
+    )
+    again = await client.post(
+        f"/rooms/{room}/members", json={"user_id": str(carol.id)}, headers=alice.headers
+    )
+    await client.post(f"/rooms/{room}/join", headers=bob.headers)
+    await post(client, room, alice, "hello")
+
+    invitations = await invitations_created(runtime)
+    assert added.status_code == 201
+    assert again.status_code == 200
+    assert [event.invitee_id for event in invitations] == [bob.id, carol.id]
+    assert {event.room_id for event in invitations} == {uuid.UUID(room)}
+    assert {event.room_name for event in invitations} == {"general"}
+    assert {(event.inviter.user_id, event.inviter.display_name) for event in invitations} == {
+        (alice.id, "Alice")
+    }
+    assert len({event.invitation_id for event in invitations}) == 2

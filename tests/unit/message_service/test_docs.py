@@ -11,6 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from herald_shared.asyncapi_docs import ASSET_MEDIA_TYPES, ASYNCAPI_PATH, asset, asset_url
+from message_service import openapi_pages
 from message_service.app import create_app
 from message_service.docs_index import DOCS_INDEX_PATH, ServiceDocs, docs_index_html
 from tests.unit.message_service.helpers import client_for, make_settings
@@ -98,3 +99,25 @@ def test_names_and_descriptions_are_escaped() -> None:
 def test_a_docs_url_must_be_an_http_base_url(sqlite_url: str, url: str) -> None:
     with pytest.raises(ValidationError):
         make_settings(sqlite_url, email_sender_docs_url=url)
+
+
+@pytest.mark.parametrize(
+    ("page", "names"),
+    [
+        ("/docs", [openapi_pages.SWAGGER_SCRIPT, openapi_pages.SWAGGER_STYLESHEET]),
+        ("/redoc", [openapi_pages.REDOC_SCRIPT]),
+    ],
+)
+async def test_swagger_ui_and_redoc_load_their_files_from_here(
+    client: httpx.AsyncClient, page: str, names: list[str]
+) -> None:
+    response = await client.get(page)
+
+    assert response.status_code == 200
+    assert set(HTTP_URL.findall(response.text)) == set()
+    for name in names:
+        assert openapi_pages.asset_url(name) in response.text
+        served = await client.get(openapi_pages.asset_url(name))
+        assert served.status_code == 200
+        assert served.headers["content-type"] == openapi_pages.ASSET_MEDIA_TYPES[name]
+        assert served.content == openapi_pages.asset(name)

@@ -154,7 +154,7 @@ async def test_only_members_see_or_set_a_rooms_settings(client: httpx.AsyncClien
         {"push": "all", "email": "default"},  # muted_until must be said, even if null
         {"push": "loud", "email": "default", "muted_until": None},
         {"push": "all", "email": "default", "muted_until": "2030-01-01T00:00:00"},  # no offset
-        {"push": "all", "email": "default", "muted_until": "0001-01-01T00:00:00+01:00"},
+        {"push": "all", "email": "default", "muted_until": 1_900_000_000},  # a number
         {"push": "all", "email": "default", "muted_until": None, "snooze": True},
     ],
 )
@@ -167,6 +167,29 @@ async def test_invalid_room_settings_are_422(
     response = await client.put(f"/rooms/{room}/notifications", json=body, headers=alice.headers)
 
     assert response.status_code == 422
+
+
+@pytest.mark.parametrize(
+    ("sent", "stored"),
+    [
+        ("0001-01-01T00:00:00+01:00", None),  # a mute long over
+        ("9999-12-31T23:59:59-01:00", "9999-12-31T23:59:59.999999Z"),
+    ],
+)
+async def test_a_mute_beyond_the_years_utc_holds_is_kept_at_its_bound(
+    client: httpx.AsyncClient, sent: str, stored: str | None
+) -> None:
+    """Valid RFC 3339 instants the schema allows, before year 1 or after 9999 once in UTC:
+    stored as the first or last instant (the fuzzer found them refused, a 422)."""
+    alice = await register(client, "alice")
+    room = await create_room(client, alice, [])
+    body = {"push": "all", "email": "default", "muted_until": sent}
+
+    response = await client.put(f"/rooms/{room}/notifications", json=body, headers=alice.headers)
+    read = await client.get(f"/rooms/{room}/notifications", headers=alice.headers)
+
+    assert response.status_code == 200
+    assert response.json()["muted_until"] == read.json()["muted_until"] == stored
 
 
 async def test_a_room_wide_mention_is_flagged_on_the_message(

@@ -343,6 +343,7 @@ async def test_messages_routed_together_share_one_ledger_transaction_and_their_e
     # every job.
     assert statements == [
         "SELECT recipients",
+        "SELECT presence_connections",
         "BEGIN",
         "INSERT notifications",
         "INSERT notification_deliveries",
@@ -831,6 +832,7 @@ def test_specification_documents_the_queues_and_the_jobs() -> None:
     assert set(document["channels"]) == {
         "message_notifications:consume",
         "recipient_updates:consume",
+        "presence_updates:consume",
         "delivery_reports:consume",
         "notification.push.send:publish",
         "notification.email.send:publish",

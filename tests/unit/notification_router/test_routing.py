@@ -18,6 +18,7 @@ from herald_shared.events import (
     EmailRequested,
     Level,
     MessageCreated,
+    Notifiable,
     Platform,
     PushJobsRequested,
     PushRequested,
@@ -41,7 +42,13 @@ from notification_router.routing import (
     recipients_of,
     trigger_of,
 )
-from tests.support.router_factories import NOW, message_created, recipient, user_updated
+from tests.support.router_factories import (
+    NOW,
+    invitation_created,
+    message_created,
+    recipient,
+    user_updated,
+)
 
 ROOM = uuid.UUID("00000000-0000-0000-0000-00000000000a")
 OTHER_ROOM = uuid.UUID("00000000-0000-0000-0000-00000000000b")
@@ -212,6 +219,17 @@ PRECEDENCE = {
     "a mute that has ended silences nothing": Row(
         Trigger.MESSAGE, Level.ALL, muted_until=MUTE_ENDED
     ),
+    "all: an invitation": Row(Trigger.INVITATION, Level.ALL),
+    "mentions: an invitation": Row(Trigger.INVITATION, Level.MENTIONS),
+    "none: not even an invitation": Row(
+        Trigger.INVITATION, Level.NONE, expected="skipped:push_disabled"
+    ),
+    "the room's none (from before the invitee left) beats an invitation": Row(
+        Trigger.INVITATION, Level.ALL, Level.NONE, expected="skipped:push_disabled"
+    ),
+    "muted: an invitation breaks a mute left from before": Row(
+        Trigger.INVITATION, Level.MENTIONS, muted_until=MUTE_RUNS
+    ),
 }
 
 
@@ -223,13 +241,15 @@ def test_precedence(row: Row) -> None:
         email_level=Level.NONE,
         rooms=[RoomSettingsSnapshot(room_id=ROOM, push=row.room, muted_until=row.muted_until)],
     )
-    event = message_created(
+    event: Notifiable = message_created(
         recipient_ids=[USER],
         room_id=ROOM,
         mentions=[USER] if row.trigger is Trigger.MENTION or row.named else [],
         room_mentioned=row.trigger is Trigger.ROOM_MENTION,
         room_kind=RoomKind.DIRECT if row.trigger is Trigger.DIRECT else RoomKind.GROUP,
     )
+    if row.trigger is Trigger.INVITATION:
+        event = invitation_created(invitee_id=USER, room_id=ROOM)
 
     decision = decide_for(event, user, now=NOW)
 
@@ -720,3 +740,111 @@ def test_many_messages_above_an_events_size_are_cut_in_full_events_and_the_rest(
     ]
     batched = [job.notification_id for batch in batches for job in batch.jobs]
     assert sorted(batched) == sorted(job.notification_id for job in jobs)
+
+
+def test_an_invitation_is_one_urgent_notification_for_its_invitee_that_says_who_and_where() -> None:
+    invitee = recipient(user_id=USER, email_level=Level.MENTIONS)
+    event = invitation_created(
+        invitee_id=USER, room_id=ROOM, room_name="general", inviter_display_name="Alice"
+    )
+
+    plan = plan_notifications(event, {USER: invitee}, now=NOW)
+
+    (decision,) = plan.decisions
+    assert decision.trigger is Trigger.INVITATION
+    assert not decision.mentioned  # the ledger's `mentioned` is about a message's text
+    (push,) = decision.push_jobs
+    assert (push.title, push.body) == ("#general", "Alice invited you to #general")
+    assert push.message_id == event.invitation_id
+    assert decision.email_job is not None
+    assert decision.email_job.trigger is Trigger.INVITATION
+    assert decision.email_job.message_content == ""
+    assert decision.email_job.sender_display_name == "Alice"
+    batches = batch_jobs(decision.jobs, now=NOW)
+    assert all(batch.urgent for batch in batches)
+
+
+def test_an_invitation_of_oneself_notifies_nobody() -> None:
+    event = invitation_created(invitee_id=USER, inviter_id=USER)
+
+    assert recipients_of(event) == ()
+
+
+# Presence rows of the table: the room in view silences both channels for any trigger, while a
+# stream is open; e-mail waits until the recipient has had no stream for EMAIL_GRACE.
+IN_VIEW = routing.Presence(online_until=NOW + timedelta(seconds=30), room_in_view=ROOM)
+ELSEWHERE = routing.Presence(online_until=NOW + timedelta(seconds=30), room_in_view=OTHER_ROOM)
+JUST_LEFT = routing.Presence(online_until=NOW - timedelta(seconds=59), room_in_view=ROOM)
+LONG_GONE = routing.Presence(online_until=NOW - timedelta(seconds=61), room_in_view=ROOM)
+
+
+@dataclass(frozen=True)
+class PresenceRow:
+    trigger: Trigger
+    presence: routing.Presence | None
+    push: str
+    email: str
+    muted: bool = False
+
+
+PRESENCE = {
+    "offline: both": PresenceRow(Trigger.MENTION, None, "pending", "pending"),
+    "the room in view: a mention reached the screen": PresenceRow(
+        Trigger.MENTION, IN_VIEW, "skipped:active_in_room", "skipped:active_in_room"
+    ),
+    "the room in view: a direct message too": PresenceRow(
+        Trigger.DIRECT, IN_VIEW, "skipped:active_in_room", "skipped:active_in_room"
+    ),
+    "another room in view: push, and no e-mail while online": PresenceRow(
+        Trigger.MENTION, ELSEWHERE, "pending", "skipped:online"
+    ),
+    "a stream ended 59 s ago: push, e-mail still waits": PresenceRow(
+        Trigger.MENTION, JUST_LEFT, "pending", "skipped:online"
+    ),
+    "a stream ended 61 s ago (its room no longer in view): both": PresenceRow(
+        Trigger.MENTION, LONG_GONE, "pending", "pending"
+    ),
+    "the level still says first": PresenceRow(
+        Trigger.MESSAGE, IN_VIEW, "skipped:level_mentions", "skipped:level_mentions"
+    ),
+    "the mute still says first": PresenceRow(
+        Trigger.ROOM_MENTION, IN_VIEW, "skipped:muted", "skipped:muted", muted=True
+    ),
+}
+
+
+@pytest.mark.parametrize("row", PRESENCE.values(), ids=PRESENCE.keys())
+def test_presence(row: PresenceRow) -> None:
+    user = recipient(
+        user_id=USER,
+        push_level=Level.MENTIONS,
+        email_level=Level.MENTIONS,
+        rooms=[RoomSettingsSnapshot(room_id=ROOM, muted_until=MUTE_RUNS if row.muted else None)],
+    )
+    event = message_created(
+        recipient_ids=[USER],
+        room_id=ROOM,
+        mentions=[USER] if row.trigger is Trigger.MENTION else [],
+        room_mentioned=row.trigger is Trigger.ROOM_MENTION,
+        room_kind=RoomKind.DIRECT if row.trigger is Trigger.DIRECT else RoomKind.GROUP,
+    )
+
+    plan = plan_notifications(
+        event, {USER: user}, now=NOW, presence={USER: row.presence} if row.presence else {}
+    )
+
+    (decision,) = plan.decisions
+    assert (decision.push, decision.email) == (row.push, row.email)
+    assert bool(decision.push_jobs) is (row.push == "pending")
+    assert (decision.email_job is not None) is (row.email == "pending")
+
+
+def test_the_email_grace_is_a_setting() -> None:
+    user = recipient(user_id=USER, email_level=Level.ALL)
+    event = message_created(recipient_ids=[USER], room_id=ROOM)
+
+    decision = decide_for(
+        event, user, now=NOW, presence=JUST_LEFT, email_grace=timedelta(seconds=30)
+    )
+
+    assert decision.email == "pending"

@@ -226,6 +226,8 @@ async def test_queue_depth_and_consumers_come_from_rabbitmq_and_vanish_when_it_c
             "message_notifications.dlq": (1, 0),
             "recipient_updates": (0, 2),
             "recipient_updates.dlq": (0, 0),
+            "presence_updates": (0, 2),
+            "presence_updates.dlq": (0, 0),
             "delivery_reports": (3, 0),
             "delivery_reports.dlq": (0, 0),
         }

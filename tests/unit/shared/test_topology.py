@@ -38,6 +38,7 @@ def test_specification_names_are_kept() -> None:
     assert topology.EMAIL_NOTIFICATIONS.name == "email_notifications"
     assert topology.MESSAGE_NOTIFICATIONS.bindings == (
         "notification.message.new",
+        "room.invitation.created",  # added: invitations are decided with the messages
         "notification.message.retry",
     )
     assert topology.PUSH_NOTIFICATIONS.routing_keys == ("notification.push.send",)

@@ -28,7 +28,7 @@ from email.utils import format_datetime, getaddresses
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
 from email_sender import mime
-from herald_shared.events import EmailRequested, utc_now
+from herald_shared.events import EmailRequested, Trigger, utc_now
 from herald_shared.unsubscribe import UnsubscribeTokens
 
 TEXT_TEMPLATE = "new_message.txt.j2"
@@ -124,7 +124,9 @@ def body_text(value: str) -> str:
     )
 
 
-def subject_for(*, sender_name: str, room_name: str) -> str:
+def subject_for(*, sender_name: str, room_name: str, invitation: bool = False) -> str:
+    if invitation:
+        return f"{sender_name} invited you to #{room_name.lstrip('#')}"
     if room_name:
         return f"New message from {sender_name} in {room_name}"
     return f"New message from {sender_name}"
@@ -186,13 +188,15 @@ class EmailRenderer:
         """Subject, text and HTML, from the templates; `now` dates the unsubscribe link."""
         sender_name = header_text(job.sender_display_name, limit=MAX_NAME_LENGTH) or "Someone"
         room_name = header_text(job.room_name, limit=MAX_NAME_LENGTH)
-        subject = subject_for(sender_name=sender_name, room_name=room_name)
+        invitation = job.trigger is Trigger.INVITATION
+        subject = subject_for(sender_name=sender_name, room_name=room_name, invitation=invitation)
         unsubscribe_url = self._unsubscribe.for_user(job.recipient_id, now=now)
         context = {
             "subject": subject,
             "recipient_name": header_text(job.to_name, limit=MAX_DISPLAY_NAME_LENGTH),
             "sender_name": sender_name,
             "room_name": room_name,
+            "invitation": invitation,
             "message_content": body_text(job.message_content),
             "unsubscribe_url": unsubscribe_url,
         }

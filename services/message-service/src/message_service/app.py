@@ -11,7 +11,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.telemetry import TelemetryConfig
 from faststream import AsyncAPI
@@ -22,6 +24,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from herald_shared.asyncapi_docs import (
     ASSET_MEDIA_TYPES,
@@ -34,20 +38,29 @@ from herald_shared.asyncapi_docs import (
 )
 from herald_shared.broker import make_broker
 from herald_shared.database import database_healthy, make_engine, run_migrations
-from herald_shared.events import MessageCreated, UserUpdated
+from herald_shared.events import InvitationCreated, MessageCreated, PresenceChanged, UserUpdated
 from herald_shared.metrics import herald_metrics, refresh_broker_gauges
 from herald_shared.ops import broker_healthy, consumers_ready, service_version
-from herald_shared.publishing import event_publisher
+from herald_shared.publishing import event_publisher, publish_event
 from herald_shared.retry import describe_error
-from herald_shared.topology import MESSAGE_NEW, USER_UPDATED, declare_topology
+from herald_shared.topology import (
+    MESSAGE_NEW,
+    PRESENCE_CHANGED,
+    ROOM_INVITATION_CREATED,
+    USER_UPDATED,
+    declare_topology,
+)
+from message_service import openapi_pages
 from message_service.api import router
 from message_service.api.deps import ApiDeps
+from message_service.api.responses import clipped, with_common_answers
 from message_service.docs_index import DOCS_INDEX_PATH, docs_index_html, herald_services
 from message_service.handlers import HandlerDeps, Subscribers, register_handlers
 from message_service.outbox import OutboxMetrics, OutboxRelay
 from message_service.pruning import DevicePruner
 from message_service.service import ServiceError
 from message_service.settings import SERVICE_NAME, Settings
+from message_service.stream import StreamHub, StreamMetrics
 
 logger = logging.getLogger("message_service.app")
 
@@ -83,6 +96,7 @@ class MessageService:
     relay: OutboxRelay
     specification: AsyncAPI
     pruner: DevicePruner
+    streams: StreamHub
     app: FastAPI
 
 
@@ -107,6 +121,24 @@ def _broker(
             MessageCreated,
             MESSAGE_NEW,
             description="A chat message was stored; its recipients may need to be notified.",
+        ),
+        "invitation_created": event_publisher(
+            broker,
+            InvitationCreated,
+            ROOM_INVITATION_CREATED,
+            description=(
+                "A user was invited to a group room: the one notification they get from it "
+                "until they join."
+            ),
+        ),
+        "presence_changed": event_publisher(
+            broker,
+            PresenceChanged,
+            PRESENCE_CHANGED,
+            description=(
+                "Who has a real-time stream open, and which room they look at: streams opening "
+                "and ending, and every heartbeat. Published directly, never through the outbox."
+            ),
         ),
         "user_updated": event_publisher(
             broker,
@@ -160,12 +192,28 @@ def build_service(
         retention=settings.outbox_retention,
     )
     subscribers = register_handlers(broker, HandlerDeps(sessions=sessions, nudge=relay.nudge))
+    presence_publisher = publishers["presence_changed"]
+
+    async def publish_presence(event: PresenceChanged) -> None:
+        await publish_event(presence_publisher, event, timeout=settings.rabbitmq.publish_timeout)
+
+    streams = StreamHub(
+        engine=engine,
+        publish_presence=publish_presence,
+        metrics=StreamMetrics(registry),
+        poll_interval=settings.stream_poll_interval,
+        heartbeat=settings.stream_heartbeat,
+        presence_ttl=settings.presence_ttl,
+    )
     app = FastAPI(
         title=TITLE,
         version=service_version(SERVICE_NAME),
         description=DESCRIPTION,
         lifespan=_lifespan,
         telemetry=_telemetry(tracer_provider),
+        # Served by _add_docs_routes, with their scripts from here rather than a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
     service = MessageService(
         settings=settings,
@@ -183,6 +231,7 @@ def build_service(
             stale_after=timedelta(days=settings.device_stale_after_days),
             interval=settings.device_prune_interval,
         ),
+        streams=streams,
         app=app,
     )
     app.state.service = service
@@ -192,11 +241,14 @@ def build_service(
         nudge=relay.nudge,
         max_devices_per_user=settings.max_devices_per_user,
         webpush_allowed_hosts=settings.webpush_allowed_hosts,
+        streams=streams,
     )
     app.include_router(router)
     _add_ops_routes(app, service)
+    _document_common_answers(app)
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     # Added last = outermost: a body too large never reaches the app, and no unhandled error
     # reaches the server's logger with its message (which may quote personal data).
     app.add_middleware(SafeErrors)
@@ -222,7 +274,7 @@ def _telemetry(tracer_provider: TracerProvider | None) -> TelemetryConfig:
 def _untraced(scope: MutableMapping[str, Any]) -> bool:
     """Probes, scrapes and documentation: frequent, and no part of any notification's trace."""
     path = str(scope.get("path", ""))
-    return path.startswith(("/health", "/metrics", "/docs", "/openapi.json"))
+    return path.startswith(("/health", "/metrics", "/docs", "/redoc", "/openapi.json"))
 
 
 @asynccontextmanager
@@ -261,12 +313,15 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         raise StartupError(f"RabbitMQ unreachable at {address}") from None
     runtime.relay.start()
     runtime.pruner.start()
+    runtime.streams.start()
     logger.info("message_service.started port=%d", settings.port)
     try:
         yield
     finally:
-        # The pruner, then the relay: the relay needs the broker to finish the publish in
-        # flight, and publishes what the pruner staged.
+        # The streams first (their goodbyes need the broker), the pruner, then the relay: the
+        # relay needs the broker to finish the publish in flight, and publishes what the
+        # pruner staged.
+        await runtime.streams.stop()
         await runtime.pruner.stop()
         await runtime.relay.stop()
         await runtime.broker.stop()
@@ -281,13 +336,43 @@ def rabbitmq_address(url: str) -> str:
     return f"{parsed.hostname}:{parsed.port or default_port}"
 
 
+def _document_common_answers(app: FastAPI) -> None:
+    """The OpenAPI document FastAPI generates, plus the answers no route declares itself (401,
+    400, 413: `responses.with_common_answers`), made once on first request."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = with_common_answers(
+                get_openapi(
+                    title=app.title,
+                    version=app.version,
+                    description=app.description,
+                    routes=app.routes,
+                )
+            )
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to extend it
+
+
+# pydantic's message quotes the whole regular expression.
+_PATTERN_MISMATCH = "String does not match the pattern of this field (in the OpenAPI document)"
+
+
 async def _invalid_request(_request: Request, exc: Exception) -> Response:
     """422 with where and why each part is wrong, never the input itself: an answer must not
-    echo back what it refused (an address, a token), and a NaN in it is not even JSON."""
+    echo back what it refused (an address, a token), and a NaN in it is not even JSON. A place
+    may be named by a key the caller sent (an unknown field): clipped."""
     if not isinstance(exc, RequestValidationError):  # registered for it only
         raise exc
     errors = [
-        {"type": error["type"], "loc": list(error["loc"]), "msg": error["msg"]}
+        {
+            "type": error["type"],
+            "loc": [clipped(part) if isinstance(part, str) else part for part in error["loc"]],
+            "msg": _PATTERN_MISMATCH
+            if error["type"] == "string_pattern_mismatch"
+            else clipped(error["msg"]),
+        }
         for error in exc.errors()
     ]
     return JSONResponse({"detail": errors}, status_code=422)
@@ -296,7 +381,34 @@ async def _invalid_request(_request: Request, exc: Exception) -> Response:
 async def _service_error(_request: Request, exc: Exception) -> Response:
     if not isinstance(exc, ServiceError):  # registered for ServiceError only
         raise exc
-    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+    # A detail may list what the caller sent (unknown user ids): clipped.
+    return JSONResponse({"detail": clipped(exc.detail)}, status_code=exc.status_code)
+
+
+_HTTP_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """FastAPI's answer, except that a 405's `Allow` names every method of the path: Starlette
+    names those of the first route matching the path only (GET, not the PATCH beside it)."""
+    if not isinstance(exc, StarletteHTTPException):  # registered for it only
+        raise exc
+    if exc.status_code != 405:
+        return await http_exception_handler(request, exc)
+    # Each method asked of every route (included routers answer for their own routes).
+    allowed = [
+        method
+        for method in _HTTP_METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] is Match.FULL
+            for route in request.app.router.routes
+        )
+    ]
+    return JSONResponse(
+        {"detail": "Method Not Allowed"},
+        status_code=405,
+        headers={"Allow": ", ".join(allowed)},
+    )
 
 
 # --- operational endpoints ----------------------------------------------------------------------
@@ -338,7 +450,8 @@ def _add_ops_routes(app: FastAPI, runtime: MessageService) -> None:
 
 def _add_docs_routes(app: FastAPI, runtime: MessageService) -> None:
     """The AsyncAPI page (its script and style served from here: no CDN, no try-it-out), its
-    document, and the index of every service's documentation."""
+    document, the index of every service's documentation, and Swagger UI and ReDoc (their
+    scripts served from here too)."""
     # Rendered once, from the channels declared in `create_app`.
     document = runtime.specification.to_specification()
     document_json = document.to_json()
@@ -364,6 +477,22 @@ def _add_docs_routes(app: FastAPI, runtime: MessageService) -> None:
     async def docs_index() -> HTMLResponse:
         return HTMLResponse(index)
 
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui() -> HTMLResponse:
+        return openapi_pages.swagger_ui_page(TITLE, "/openapi.json")
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> HTMLResponse:
+        return openapi_pages.redoc_page(TITLE, "/openapi.json")
+
+    for name in openapi_pages.ASSET_MEDIA_TYPES:
+        app.add_api_route(
+            openapi_pages.asset_url(name),
+            _openapi_asset_endpoint(name),
+            methods=["GET"],
+            include_in_schema=False,
+        )
+
     for name in ASSET_MEDIA_TYPES:
         app.add_api_route(
             asset_url(name),
@@ -371,6 +500,13 @@ def _add_docs_routes(app: FastAPI, runtime: MessageService) -> None:
             methods=["GET"],
             include_in_schema=False,
         )
+
+
+def _openapi_asset_endpoint(name: str) -> Callable[[], Awaitable[Response]]:
+    async def serve_asset() -> Response:
+        return Response(openapi_pages.asset(name), headers=openapi_pages.asset_headers(name))
+
+    return serve_asset
 
 
 def _asset_endpoint(name: str) -> Callable[[], Awaitable[Response]]:

@@ -51,8 +51,7 @@ li {{ margin-bottom: 0.75rem; }}
 <h2>HTTP API of message-service (OpenAPI)</h2>
 <ul>
 <li><a href="/openapi.json">OpenAPI document</a> (JSON)</li>
-<li><a href="/docs">Swagger UI</a> and <a href="/redoc">ReDoc</a>
-  <span class="what">(FastAPI's pages: they load their script from a CDN)</span></li>
+<li><a href="/docs">Swagger UI</a> and <a href="/redoc">ReDoc</a></li>
 </ul>
 </body>
 </html>

@@ -5,7 +5,7 @@ from __future__ import annotations
 from herald_shared.config import configure_logging
 from herald_shared.ops import serve
 from herald_shared.tracing import configure_tracing
-from message_service.app import create_app
+from message_service.app import build_service
 from message_service.settings import SERVICE_NAME, Settings
 
 
@@ -17,7 +17,15 @@ def main() -> None:
     configure_tracing(SERVICE_NAME)
     # A start-up failure (database or RabbitMQ unavailable) is logged by the lifespan, and
     # uvicorn exits non-zero.
-    serve(create_app(settings), host=settings.host, port=settings.port)
+    service = build_service(settings)
+    # Real-time streams never end by themselves: they end as the graceful shutdown begins, and
+    # their clients reconnect to another replica.
+    serve(
+        service.app,
+        host=settings.host,
+        port=settings.port,
+        on_shutdown=service.streams.end_all,
+    )
 
 
 if __name__ == "__main__":

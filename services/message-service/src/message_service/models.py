@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     Dialect,
+    FetchedValue,
     Index,
     Integer,
     MetaData,
@@ -222,6 +223,9 @@ class OutboxEvent(Table, table=True):
             sqlite_where=text("published_at IS NULL"),
         ),
         Index("ix_outbox_published_at", "published_at"),
+        # The real-time stream reads in this order (on SQLite, where `xid` stays empty, the
+        # index is kept only so that both databases have one schema).
+        Index("ix_outbox_stream", "xid", "seq"),
         UniqueConstraint("event_id", name="uq_outbox_event_id"),
     )
 
@@ -241,3 +245,8 @@ class OutboxEvent(Table, table=True):
     # The W3C trace context of the request that staged the event, so that the relay, publishing
     # later from its own task, publishes within that request's trace (None when not tracing).
     traceparent: str | None = Field(default=None, sa_type=String(TRACEPARENT_MAX))
+    # On PostgreSQL, the id of the transaction that wrote the row (a database default: never
+    # set here); with `seq`, the row's position in the real-time stream (`stream.py`).
+    xid: int | None = Field(
+        default=None, sa_type=BigInteger, sa_column_kwargs={"server_default": FetchedValue()}
+    )

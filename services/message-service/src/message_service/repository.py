@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table, and_, delete, func, insert, or_, update
+from sqlalchemy import Table, and_, delete, func, insert, or_, text, update
 from sqlalchemy import select as core_select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -606,3 +606,93 @@ async def purge_published(session: AsyncSession, *, before: datetime) -> int:
     statement = delete(OutboxEvent).where(col(OutboxEvent.published_at) < before)
     result = await session.exec(statement)
     return int(result.rowcount)
+
+
+# --- the real-time stream's reads of the outbox (`stream.py`) ----------------------------------
+
+
+@dataclass(frozen=True, order=True)
+class StreamPosition:
+    """Where a row stands in the stream: its transaction's id (0 on SQLite), then its `seq`."""
+
+    xid: int
+    seq: int
+
+
+@dataclass(frozen=True)
+class StreamRow:
+    position: StreamPosition
+    payload: str
+
+
+# No transaction id or seq reaches this: "no upper bound".
+_END = StreamPosition(2**62, 2**62)
+
+# The oldest transaction of this database that may still write a row: the oldest one running
+# here, else the next to start. Every row with a lower transaction id is committed (or never
+# will be) once this is read, and a statement after it sees all of them. Only this database's
+# transactions count (a long one in another database of the server holds nothing back), as
+# `pg_stat_activity` shows them to a session of the same role. It shows 32-bit ids: each is
+# widened to the 64-bit id of its epoch (the snapshot's xmax is a 64-bit id past them all).
+_PG_HORIZON = text(
+    "WITH next AS (SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS id)"
+    " SELECT coalesce(min("
+    "   (next.id >> 32 << 32) + activity.backend_xid::text::bigint"
+    "   - CASE WHEN activity.backend_xid::text::bigint > (next.id & 4294967295)"
+    "     THEN 4294967296 ELSE 0 END"
+    " ), next.id)"
+    " FROM next LEFT JOIN pg_stat_activity AS activity"
+    "   ON activity.datname = current_database() AND activity.backend_xid IS NOT NULL"
+    " GROUP BY next.id"
+)
+_PG_STREAM_ROWS = text(
+    "SELECT xid, seq, payload FROM outbox"
+    " WHERE xid IS NOT NULL AND (xid, seq) > (:xid, :seq)"
+    " AND (xid, seq) <= (:until_xid, :until_seq) AND xid < :horizon"
+    " AND event_type IN ('new_message', 'invitation_created')"
+    " ORDER BY xid, seq LIMIT :limit"
+)
+_SQLITE_STREAM_ROWS = text(
+    "SELECT 0 AS xid, seq, payload FROM outbox"
+    " WHERE seq > :seq AND seq <= :until_seq"
+    " AND event_type IN ('new_message', 'invitation_created')"
+    " ORDER BY seq LIMIT :limit"
+)
+
+
+async def stream_head(engine: AsyncEngine) -> StreamPosition:
+    """The stream's "now": every row at or before it is readable, no row written later (or
+    still uncommitted) will ever be."""
+    async with autocommit(engine) as connection:
+        if engine.dialect.name == "postgresql":
+            return StreamPosition(int(await connection.scalar(_PG_HORIZON)), 0)
+        seq = await connection.scalar(core_select(func.coalesce(func.max(_outbox.c.seq), 0)))
+        return StreamPosition(0, int(seq or 0))
+
+
+async def stream_rows(
+    engine: AsyncEngine,
+    *,
+    after: StreamPosition,
+    until: StreamPosition = _END,
+    limit: int,
+) -> list[StreamRow]:
+    """The stream's rows after `after` (and at or before `until`), in stream order, at most
+    `limit`; only those no uncommitted row can precede."""
+    parameters = {
+        "xid": after.xid,
+        "seq": after.seq,
+        "until_xid": until.xid,
+        "until_seq": until.seq,
+        "limit": limit,
+    }
+    async with autocommit(engine) as connection:
+        if engine.dialect.name == "postgresql":
+            # Two statements: the rows' snapshot is taken after the horizon was read.
+            parameters["horizon"] = int(await connection.scalar(_PG_HORIZON))
+            result = await connection.execute(_PG_STREAM_ROWS, parameters)
+        else:
+            result = await connection.execute(_SQLITE_STREAM_ROWS, parameters)
+        return [
+            StreamRow(StreamPosition(int(row.xid), int(row.seq)), row.payload) for row in result
+        ]

@@ -25,6 +25,7 @@ from herald_shared.database import autocommit
 from herald_shared.events import (
     MAX_RECIPIENTS,
     DeviceSnapshot,
+    InvitationCreated,
     Level,
     MessageCreated,
     Platform,
@@ -523,6 +524,10 @@ async def create_room(
     blockers = await repository.blockers_among(session, user_ids=members[1:], blocked_id=creator_id)
     invited = [user_id for user_id in members[1:] if user_id not in blockers]
     await repository.add_room(session, room=room, member_ids=[creator_id], invited_ids=invited)
+    if invited:
+        creator = await repository.get_user(session, user_id=creator_id)
+        for invitee_id in invited:
+            _stage_invitation(session, room=room, inviter=creator, invitee_id=invitee_id)
     await session.commit()
     return RoomView(room=room, member_ids=[creator_id])
 
@@ -580,10 +585,31 @@ async def add_member(
     if added and not await repository.blocks(session, user_id=user_id, blocked_id=actor_id):
         if len(people) >= MAX_ROOM_MEMBERS:
             raise Conflict(f"the room already has {MAX_ROOM_MEMBERS} members")
-        await repository.invite(session, room_id=room.id, user_id=user_id, invited_by=actor_id)
+        if await repository.invite(session, room_id=room.id, user_id=user_id, invited_by=actor_id):
+            actor = await repository.get_user(session, user_id=actor_id)
+            _stage_invitation(session, room=room, inviter=actor, invitee_id=user_id)
     await session.commit()
     members = await repository.member_ids(session, room_id=room.id)
     return MembershipChange(room=RoomView(room=room, member_ids=members), added=added)
+
+
+def _stage_invitation(
+    session: AsyncSession, *, room: Room, inviter: User | None, invitee_id: uuid.UUID
+) -> None:
+    """Stage the invitee's one notification from the room, in the invitation's transaction."""
+    if inviter is None:  # the request's own user: deleted in the meantime
+        raise NotFound("user not found")
+    event = InvitationCreated(
+        invitation_id=uuid.uuid4(),
+        room_id=room.id,
+        room_name=room.name,
+        invitee_id=invitee_id,
+        inviter=SenderInfo(
+            user_id=inviter.id, username=inviter.username, display_name=inviter.display_name
+        ),
+        timestamp=utc_now(),
+    )
+    repository.add_outbox_event(session, event=event, event_type=event.type)
 
 
 async def join_room(*, session: AsyncSession, room_id: uuid.UUID, user_id: uuid.UUID) -> RoomView:
@@ -635,6 +661,11 @@ async def my_rooms(*, session: AsyncSession, user_id: uuid.UUID) -> MyRooms:
             if member.state != MEMBER
         ],
     )
+
+
+async def check_member(*, session: AsyncSession, room_id: uuid.UUID, user_id: uuid.UUID) -> None:
+    """NotFound unless the user is a member of the room (the room in view must be theirs)."""
+    await _room_of_member(session, room_id=room_id, user_id=user_id)
 
 
 # --- blocks ---------------------------------------------------------------------------------------

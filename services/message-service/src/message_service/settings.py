@@ -27,6 +27,13 @@ class Settings(ServiceSettings):
     outbox_max_backoff: float = Field(default=30.0, gt=0)
     # Published rows hold e-mail addresses and message text: they are deleted after this long.
     outbox_retention: float = Field(default=86400.0, gt=0)
+    # The real-time stream (`GET /users/me/events`): how often each replica reads the outbox
+    # while a stream is open (`STREAM_POLL_INTERVAL`), how often it sends every stream a
+    # heartbeat and renews their presence (`STREAM_HEARTBEAT`), and how long a stream counts as
+    # open after its last renewal (`PRESENCE_TTL`: a crashed replica's streams expire then).
+    stream_poll_interval: float = Field(default=0.1, gt=0, le=5)
+    stream_heartbeat: float = Field(default=15.0, gt=0, le=300)
+    presence_ttl: float = Field(default=45.0, gt=0, le=3600)
     max_devices_per_user: int = Field(default=20, ge=1, le=1000)
     # A device whose client has not registered its token again for this many days is removed
     # (`DEVICE_STALE_AFTER_DAYS`); the pruner looks every `device_prune_interval` seconds.

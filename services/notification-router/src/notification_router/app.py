@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from datetime import timedelta
 
 from faststream import AsyncAPI
 from faststream.asgi import AsgiFastStream
@@ -81,8 +82,9 @@ def _wire(
                 PushJobsRequested,
                 PUSH_SEND_URGENT,
                 description=(
-                    "The urgent lane of push notifications: those of direct messages and "
-                    "personal mentions, on queues of their own so no backlog holds them back."
+                    "The urgent lane of push notifications: those of direct messages, "
+                    "invitations and personal mentions, on queues of their own so no backlog "
+                    "holds them back."
                 ),
             ),
             EMAIL_SEND_URGENT: event_publisher(
@@ -90,8 +92,8 @@ def _wire(
                 EmailJobsRequested,
                 EMAIL_SEND_URGENT,
                 description=(
-                    "The urgent lane of e-mail notifications: those of direct messages and "
-                    "personal mentions."
+                    "The urgent lane of e-mail notifications: those of direct messages, "
+                    "invitations and personal mentions."
                 ),
             ),
         },
@@ -101,6 +103,7 @@ def _wire(
             title_max_chars=settings.push_title_max_chars,
             body_max_chars=settings.push_body_max_chars,
         ),
+        email_grace=timedelta(seconds=settings.email_after_offline_seconds),
     )
     return broker, deps, register_handlers(broker, deps, settings.batch)
 

@@ -14,7 +14,7 @@ import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from faststream.rabbit import RabbitBroker
 from faststream.rabbit.publisher import RabbitPublisher
@@ -25,9 +25,12 @@ from herald_shared.batching import MicroBatcher
 from herald_shared.config import BatchSettings
 from herald_shared.events import (
     AnyDeliveryReport,
+    AnyNotifiable,
     DeliveryOutcome,
     DeliveryReported,
     MessageCreated,
+    Notifiable,
+    PresenceChanged,
     PushJobsRequested,
     UserUpdated,
     delivery_reports,
@@ -39,6 +42,7 @@ from herald_shared.topology import (
     DELIVERY_REPORTS,
     EXCHANGE,
     MESSAGE_NOTIFICATIONS,
+    PRESENCE_UPDATES,
     RECIPIENT_UPDATES,
 )
 from notification_router import repository, routing
@@ -87,21 +91,23 @@ class RouterDeps:
     publish_timeout: float
     message_times: MessageTimes = field(default_factory=MessageTimes)
     limits: routing.ContentLimits = routing.DEFAULT_LIMITS
+    email_grace: timedelta = routing.EMAIL_GRACE
 
 
 @dataclass(frozen=True)
 class Subscribers:
     message_created: RabbitSubscriber
     user_updated: RabbitSubscriber
+    presence_changed: RabbitSubscriber
     delivery_reported: RabbitSubscriber
 
 
 async def route_messages(
-    events: Sequence[MessageCreated], deps: RouterDeps
+    events: Sequence[Notifiable], deps: RouterDeps
 ) -> list[RetryableError | None]:
-    """Decide for every known recipient of every message, commit the ledger, then publish the
-    pending jobs in as few events as they fit (`routing.batch_jobs`); say per message whether
-    it must come back.
+    """Decide for every known recipient of every message (or invitation), commit the ledger,
+    then publish the pending jobs in as few events as they fit (`routing.batch_jobs`); say per
+    message whether it must come back.
 
     One read of the recipients, one transaction and one publish per event type, whatever the
     number of messages. Committing before publishing makes a crash in between harmless: the
@@ -114,8 +120,16 @@ async def route_messages(
     unique = list({event.message_id: event for event in events}.values())
     wanted = {user_id for event in unique for user_id in routing.recipients_of(event)}
     known = await repository.load_recipients(deps.engine, wanted)
+    presence = await repository.load_presence(deps.engine, known, since=now - deps.email_grace)
     plans = {
-        event.message_id: routing.plan_notifications(event, known, now=now, limits=deps.limits)
+        event.message_id: routing.plan_notifications(
+            event,
+            known,
+            now=now,
+            presence=presence,
+            email_grace=deps.email_grace,
+            limits=deps.limits,
+        )
         for event in unique
     }
     recorded = await repository.record_decisions(
@@ -161,7 +175,7 @@ def _missing(plan: routing.RoutingPlan) -> RetryableError | None:
     return RetryableError(f"{len(plan.missing_recipient_ids)} recipient(s) have no projection yet")
 
 
-async def route_message(event: MessageCreated, deps: RouterDeps) -> None:
+async def route_message(event: Notifiable, deps: RouterDeps) -> None:
     """`route_messages` for one message, raising how it ends."""
     (error,) = await route_messages([event], deps)
     if error is not None:
@@ -176,6 +190,15 @@ async def project_recipient(event: UserUpdated, deps: RouterDeps) -> None:
         "updated" if applied else "stale_ignored",
         event.user_id,
         event.version,
+    )
+
+
+async def project_presence(event: PresenceChanged, deps: RouterDeps) -> None:
+    await repository.apply_presence(deps.engine, event, now=utc_now())
+    logger.debug(
+        "router.presence.applied connections=%d rooms=%d",
+        len(event.connections),
+        len(event.rooms),
     )
 
 
@@ -258,8 +281,8 @@ def register_handlers(broker: RabbitBroker, deps: RouterDeps, batch: BatchSettin
         EXCHANGE,
         title=f"{MESSAGE_NOTIFICATIONS.name}:consume",
         description=(
-            "New chat messages (and their retries): decide, and request the notifications, many "
-            "messages' jobs per event."
+            "New chat messages and room invitations (and their retries): decide, and request "
+            "the notifications, many messages' jobs per event."
         ),
     )
     user_updated = broker.subscriber(
@@ -267,6 +290,15 @@ def register_handlers(broker: RabbitBroker, deps: RouterDeps, batch: BatchSettin
         EXCHANGE,
         title=f"{RECIPIENT_UPDATES.name}:consume",
         description="User snapshots: keep the recipient projection at the highest version.",
+    )
+    presence_changed = broker.subscriber(
+        PRESENCE_UPDATES.queue,
+        EXCHANGE,
+        title=f"{PRESENCE_UPDATES.name}:consume",
+        description=(
+            "Who has a real-time stream open and which room they look at: keep the presence "
+            "projection (a newer word on a stream or a room always wins)."
+        ),
     )
     delivery_reported = broker.subscriber(
         DELIVERY_REPORTS.queue,
@@ -279,13 +311,15 @@ def register_handlers(broker: RabbitBroker, deps: RouterDeps, batch: BatchSettin
     )
     # The deliveries a consumer holds at once are handled together (`herald_shared.batching`):
     # one read, one transaction and one publish per batch rather than per message.
-    messages: MicroBatcher[MessageCreated, RetryableError | None] = MicroBatcher(
+    messages: MicroBatcher[Notifiable, RetryableError | None] = MicroBatcher(
         functools.partial(route_messages, deps=deps),
         name="router-messages",
         max_size=batch.max_items,
         max_concurrent=batch.concurrency,
         linger=batch.linger,
-        size=lambda event: len(event.recipient_ids) or 1,
+        size=lambda event: (
+            len(event.recipient_ids) or 1 if isinstance(event, MessageCreated) else 1
+        ),
     )
     reports: MicroBatcher[AnyDeliveryReport, None] = MicroBatcher(
         functools.partial(record_reports, deps=deps),
@@ -297,7 +331,7 @@ def register_handlers(broker: RabbitBroker, deps: RouterDeps, batch: BatchSettin
     )
 
     @message_created
-    async def on_message_created(event: MessageCreated) -> None:
+    async def on_message_created(event: AnyNotifiable) -> None:
         error = await messages.submit(event)
         if error is not None:
             raise error
@@ -306,8 +340,12 @@ def register_handlers(broker: RabbitBroker, deps: RouterDeps, batch: BatchSettin
     async def on_user_updated(event: UserUpdated) -> None:
         await project_recipient(event, deps)
 
+    @presence_changed
+    async def on_presence_changed(event: PresenceChanged) -> None:
+        await project_presence(event, deps)
+
     @delivery_reported
     async def on_delivery_reported(event: AnyDeliveryReport) -> None:
         await reports.submit(event)
 
-    return Subscribers(message_created, user_updated, delivery_reported)
+    return Subscribers(message_created, user_updated, presence_changed, delivery_reported)

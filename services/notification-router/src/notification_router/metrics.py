@@ -10,7 +10,7 @@ from datetime import datetime
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from herald_shared.events import Channel, MessageCreated, Trigger
+from herald_shared.events import Channel, Notifiable, Trigger
 from notification_router.routing import PENDING, RecipientDecision
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
@@ -73,7 +73,7 @@ class RouterMetrics:
 
     def observe_decisions(
         self,
-        event: MessageCreated,
+        event: Notifiable,
         decisions: Iterable[RecipientDecision],
         new_recipient_ids: AbstractSet[uuid.UUID],
         *,

@@ -11,11 +11,11 @@ import uuid
 from collections import defaultdict
 from collections.abc import Collection, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Table, bindparam, func, select, update
+from sqlalchemy import Table, bindparam, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -27,9 +27,10 @@ from herald_shared.events import (
     DeviceSnapshot,
     EmailRequested,
     Level,
-    MessageCreated,
+    Notifiable,
     Platform,
     PreferencesSnapshot,
+    PresenceChanged,
     PushRequested,
     UserUpdated,
     WebPushKeys,
@@ -37,13 +38,20 @@ from herald_shared.events import (
 from notification_router.routing import (
     DeliveryStatus,
     Device,
+    Presence,
     Recipient,
     RecipientDecision,
     RoomSettings,
     room_settings_of,
     statuses_replaceable_by,
 )
-from notification_router.tables import notification_deliveries, notifications, recipients
+from notification_router.tables import (
+    notification_deliveries,
+    notifications,
+    presence_connections,
+    recipients,
+    rooms_in_view,
+)
 
 REASON_MAX_CHARS = 200
 
@@ -240,7 +248,7 @@ class Recorded:
         return by_message
 
 
-Plan = tuple[MessageCreated, Sequence[RecipientDecision]]
+Plan = tuple[Notifiable, Sequence[RecipientDecision]]
 
 
 async def record_decisions(
@@ -293,7 +301,7 @@ async def record_decisions(
         )
         new = frozenset((row.message_id, row.recipient_id) for row in inserted)
 
-        def is_new(event: MessageCreated, decision: RecipientDecision) -> bool:
+        def is_new(event: Notifiable, decision: RecipientDecision) -> bool:
             return (event.message_id, decision.recipient_id) in new
 
         deliveries = sorted(
@@ -424,3 +432,91 @@ def _result(
     if known.get(report.notification_id) == str(report.channel):
         return ReportResult.STALE
     return ReportResult.UNKNOWN
+
+
+# --- presence projection ----------------------------------------------------------------------
+
+# A stream that ended (or expired) this long ago no longer matters to any decision.
+PRESENCE_KEPT_FOR = timedelta(hours=1)
+
+_online_until = func.max(presence_connections.c.expires_at)
+_LOAD_PRESENCE = (
+    select(presence_connections.c.user_id, _online_until, rooms_in_view.c.room_id)
+    .select_from(
+        presence_connections.outerjoin(
+            rooms_in_view, rooms_in_view.c.user_id == presence_connections.c.user_id
+        )
+    )
+    .where(
+        _ids(presence_connections.c.user_id),
+        presence_connections.c.expires_at > bindparam("since"),
+    )
+    .group_by(presence_connections.c.user_id, rooms_in_view.c.room_id)
+)
+
+
+async def apply_presence(engine: AsyncEngine, event: PresenceChanged, *, now: datetime) -> None:
+    """Upsert each stream's expiry and each user's room in view, unless what is stored was said
+    later (`at`); and forget the streams that ended long ago."""
+    connections = sorted(
+        (
+            {
+                "user_id": entry.user_id,
+                "connection_id": entry.connection_id,
+                "expires_at": entry.expires_at,
+                "at": entry.at,
+            }
+            for entry in event.connections
+        ),
+        key=lambda row: (row["user_id"], row["connection_id"]),
+    )
+    # One room per user (the latest said), in one order for every transaction.
+    latest = {entry.user_id: entry for entry in sorted(event.rooms, key=lambda room: room.at)}
+    rooms = [
+        {"user_id": user_id, "room_id": latest[user_id].room_id, "at": latest[user_id].at}
+        for user_id in sorted(latest)
+    ]
+    async with engine.begin() as connection:
+        if connections:
+            upsert = _insert(connection, presence_connections)
+            await connection.execute(
+                upsert.on_conflict_do_update(
+                    index_elements=[
+                        presence_connections.c.user_id,
+                        presence_connections.c.connection_id,
+                    ],
+                    set_={"expires_at": upsert.excluded.expires_at, "at": upsert.excluded.at},
+                    where=presence_connections.c.at < upsert.excluded.at,
+                ),
+                connections,
+            )
+        if rooms:
+            upsert = _insert(connection, rooms_in_view)
+            await connection.execute(
+                upsert.on_conflict_do_update(
+                    index_elements=[rooms_in_view.c.user_id],
+                    set_={"room_id": upsert.excluded.room_id, "at": upsert.excluded.at},
+                    where=rooms_in_view.c.at < upsert.excluded.at,
+                ),
+                rooms,
+            )
+        await connection.execute(
+            delete(presence_connections).where(
+                presence_connections.c.expires_at < now - PRESENCE_KEPT_FOR
+            )
+        )
+
+
+async def load_presence(
+    engine: AsyncEngine, user_ids: Iterable[uuid.UUID], *, since: datetime
+) -> dict[uuid.UUID, Presence]:
+    """The presence of those of these users who have had a stream open after `since`."""
+    wanted = list(user_ids)
+    if not wanted:
+        return {}
+    async with autocommit(engine) as connection:
+        result = await connection.execute(_LOAD_PRESENCE, {"ids": wanted, "since": since})
+        return {
+            row.user_id: Presence(online_until=_utc(row[1]), room_in_view=row.room_id)
+            for row in result
+        }

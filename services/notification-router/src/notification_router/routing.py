@@ -16,7 +16,13 @@ Rules, per recipient of a `MessageCreated` (the table in docs/notifications.md):
 * a room muted until a time still to come silences every channel, unless the message mentions
   the recipient personally (a room-wide mention does not break a mute); a mention never
   overrides a level, only the mute;
+* presence: nothing for a message in the room the recipient has in view while a real-time stream
+  of theirs is open (it reached their screen); no e-mail while they have had a stream open in
+  the last `email_grace` (60 s by default: they are reading, or just were);
 * push: one job per registered device; e-mail: one job, if there is an address.
+
+An `InvitationCreated` is decided the same way for its one recipient, the invitee, with the
+trigger `invitation`: personal, so a level of `mentions` or `all` sends it and `none` does not.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
 from herald_shared.events import (
@@ -34,8 +40,10 @@ from herald_shared.events import (
     DeliveryOutcome,
     EmailJobsRequested,
     EmailRequested,
+    InvitationCreated,
     Level,
     MessageCreated,
+    Notifiable,
     Platform,
     PreferencesSnapshot,
     PushJobsRequested,
@@ -59,6 +67,8 @@ class SkipReason(StrEnum):
     PUSH_DISABLED = "push_disabled"  # push level `none`
     EMAIL_DISABLED = "email_disabled"  # e-mail level `none`
     LEVEL_MENTIONS = "level_mentions"  # level `mentions`, and the message names nobody
+    ACTIVE_IN_ROOM = "active_in_room"  # the room is on the recipient's screen
+    ONLINE = "online"  # e-mail: the recipient has (or just had) a real-time stream open
     NO_DEVICE = "no_device"
     NO_EMAIL = "no_email"
 
@@ -160,6 +170,26 @@ def room_settings_of(preferences: PreferencesSnapshot) -> dict[uuid.UUID, RoomSe
     return rooms
 
 
+# E-mail waits until a user has had no real-time stream open for this long.
+EMAIL_GRACE = timedelta(seconds=60)
+
+
+@dataclass(frozen=True)
+class Presence:
+    """What the real-time streams say of a user: until when one of them is open (for a stream
+    that ended, its end; for an open one, when it expires unless renewed), and the room in
+    view."""
+
+    online_until: datetime
+    room_in_view: uuid.UUID | None = None
+
+    def viewing(self, room_id: uuid.UUID, *, now: datetime) -> bool:
+        return self.online_until > now and self.room_in_view == room_id
+
+    def recently_online(self, *, now: datetime, grace: timedelta) -> bool:
+        return self.online_until > now - grace
+
+
 @dataclass(frozen=True)
 class ContentLimits:
     """How many characters a push title and body may have (see `truncate`)."""
@@ -196,8 +226,11 @@ class RoutingPlan:
     missing_recipient_ids: tuple[uuid.UUID, ...]
 
 
-def recipients_of(event: MessageCreated) -> tuple[uuid.UUID, ...]:
-    """The users to decide for: every listed recipient once, in order, never the sender."""
+def recipients_of(event: Notifiable) -> tuple[uuid.UUID, ...]:
+    """The users to decide for: every listed recipient once, in order, never the sender (an
+    invitation's: its invitee)."""
+    if isinstance(event, InvitationCreated):
+        return () if event.invitee_id == event.inviter.user_id else (event.invitee_id,)
     return tuple(
         recipient_id
         for recipient_id in dict.fromkeys(event.recipient_ids)
@@ -205,8 +238,10 @@ def recipients_of(event: MessageCreated) -> tuple[uuid.UUID, ...]:
     )
 
 
-def trigger_of(event: MessageCreated, recipient_id: uuid.UUID) -> Trigger:
+def trigger_of(event: Notifiable, recipient_id: uuid.UUID) -> Trigger:
     """The strongest reason `event` concerns the recipient."""
+    if isinstance(event, InvitationCreated):
+        return Trigger.INVITATION
     if event.room_kind is RoomKind.DIRECT:
         return Trigger.DIRECT
     if recipient_id in event.mentions:
@@ -217,29 +252,51 @@ def trigger_of(event: MessageCreated, recipient_id: uuid.UUID) -> Trigger:
 
 
 def channel_skip(
-    recipient: Recipient, event: MessageCreated, channel: Channel, trigger: Trigger, now: datetime
+    recipient: Recipient,
+    event: Notifiable,
+    channel: Channel,
+    trigger: Trigger,
+    now: datetime,
+    presence: Presence | None = None,
+    email_grace: timedelta = EMAIL_GRACE,
 ) -> SkipReason | None:
     """Why this channel stays silent for the recipient, or None when it should be used (if
     there is a device or an address to use): the mute first (which only naming the recipient
-    breaks, also in a muted direct room), then the level."""
-    muted = recipient.muted(event.room_id, now=now)
-    if muted and recipient.user_id not in event.mentions:
+    breaks, also in a muted direct room; an invitee is in no room to mute), then the level,
+    then presence."""
+    if recipient.muted(event.room_id, now=now) and not _names(event, recipient.user_id):
         return SkipReason.MUTED
     level = recipient.level(event.room_id, channel)
     if level is Level.NONE:
         return SkipReason.PUSH_DISABLED if channel is Channel.PUSH else SkipReason.EMAIL_DISABLED
     if level is Level.MENTIONS and trigger is Trigger.MESSAGE:
         return SkipReason.LEVEL_MENTIONS
+    if presence is not None:
+        if presence.viewing(event.room_id, now=now):
+            return SkipReason.ACTIVE_IN_ROOM
+        if channel is Channel.EMAIL and presence.recently_online(now=now, grace=email_grace):
+            return SkipReason.ONLINE
     return None
 
 
+def _names(event: Notifiable, user_id: uuid.UUID) -> bool:
+    """Whether the event is about the user in person: a mention of them, or their invitation."""
+    if isinstance(event, InvitationCreated):
+        return event.invitee_id == user_id
+    return user_id in event.mentions
+
+
 def plan_notifications(
-    event: MessageCreated,
+    event: Notifiable,
     recipients: Mapping[uuid.UUID, Recipient],
     *,
     now: datetime,
+    presence: Mapping[uuid.UUID, Presence] | None = None,
+    email_grace: timedelta = EMAIL_GRACE,
     limits: ContentLimits = DEFAULT_LIMITS,
 ) -> RoutingPlan:
+    """The decisions for every recipient of the event; `presence`: of those who have had a
+    real-time stream open lately (the others are offline)."""
     decisions: list[RecipientDecision] = []
     missing: list[uuid.UUID] = []
     for recipient_id in recipients_of(event):
@@ -247,22 +304,33 @@ def plan_notifications(
         if recipient is None:
             missing.append(recipient_id)
         else:
-            decisions.append(decide_for(event, recipient, now=now, limits=limits))
+            decisions.append(
+                decide_for(
+                    event,
+                    recipient,
+                    now=now,
+                    presence=(presence or {}).get(recipient_id),
+                    email_grace=email_grace,
+                    limits=limits,
+                )
+            )
     return RoutingPlan(decisions=tuple(decisions), missing_recipient_ids=tuple(missing))
 
 
 def decide_for(
-    event: MessageCreated,
+    event: Notifiable,
     recipient: Recipient,
     *,
     now: datetime,
+    presence: Presence | None = None,
+    email_grace: timedelta = EMAIL_GRACE,
     limits: ContentLimits = DEFAULT_LIMITS,
 ) -> RecipientDecision:
-    mentioned = recipient.user_id in event.mentions
+    mentioned = isinstance(event, MessageCreated) and recipient.user_id in event.mentions
     trigger = trigger_of(event, recipient.user_id)
 
     push_jobs: tuple[PushRequested, ...] = ()
-    push_skip = channel_skip(recipient, event, Channel.PUSH, trigger, now)
+    push_skip = channel_skip(recipient, event, Channel.PUSH, trigger, now, presence, email_grace)
     if push_skip is not None:
         push = skipped(push_skip)
     elif not recipient.devices:
@@ -276,7 +344,7 @@ def decide_for(
         )
 
     email_job: EmailRequested | None = None
-    email_skip = channel_skip(recipient, event, Channel.EMAIL, trigger, now)
+    email_skip = channel_skip(recipient, event, Channel.EMAIL, trigger, now, presence, email_grace)
     if email_skip is not None:
         email = skipped(email_skip)
     elif not recipient.email:
@@ -297,7 +365,7 @@ def decide_for(
 
 
 def _push_job(
-    event: MessageCreated,
+    event: Notifiable,
     recipient: Recipient,
     device: Device,
     *,
@@ -332,7 +400,7 @@ def _push_job(
 
 
 def _email_job(
-    event: MessageCreated, recipient: Recipient, address: str, *, trigger: Trigger, now: datetime
+    event: Notifiable, recipient: Recipient, address: str, *, trigger: Trigger, now: datetime
 ) -> EmailRequested:
     notification_id = notification_id_for(
         message_id=event.message_id, recipient_id=recipient.user_id, channel=Channel.EMAIL
@@ -348,7 +416,8 @@ def _email_job(
         to_address=address,
         to_name=recipient.display_name,
         sender_display_name=sender_name(event),
-        message_content=event.message_content,
+        # An invitation has no text of its own: the e-mail-sender words it by its trigger.
+        message_content=event.message_content if isinstance(event, MessageCreated) else "",
         sent_at=event.timestamp,
         trigger=trigger,
     )
@@ -413,12 +482,10 @@ def _batch_event_id(jobs: Sequence[PushRequested | EmailRequested]) -> uuid.UUID
     )
 
 
-def sender_name(event: MessageCreated) -> str:
-    return (
-        one_line(event.sender_info.display_name)
-        or one_line(event.sender_info.username)
-        or "Someone"
-    )
+def sender_name(event: Notifiable) -> str:
+    """Who wrote the message, or who sent the invitation."""
+    sender = event.inviter if isinstance(event, InvitationCreated) else event.sender_info
+    return one_line(sender.display_name) or one_line(sender.username) or "Someone"
 
 
 def push_title(event: MessageCreated, max_chars: int) -> str:
@@ -433,11 +500,18 @@ def push_body(event: MessageCreated, max_chars: int) -> str:
 
 
 def push_content(
-    event: MessageCreated, *, preview: bool, limits: ContentLimits = DEFAULT_LIMITS
+    event: Notifiable, *, preview: bool, limits: ContentLimits = DEFAULT_LIMITS
 ) -> tuple[str, str]:
     """A push's (title, body). With `preview` the body is the message's text; without it (the
     recipient's privacy setting) neither carries any text: "Alice in #general" / "New message
-    from Alice in #general", or just "Alice" / "New message from Alice" in a direct chat."""
+    from Alice in #general", or just "Alice" / "New message from Alice" in a direct chat. An
+    invitation carries no text to hide: "#general" / "Alice invited you to #general"."""
+    if isinstance(event, InvitationCreated):
+        room = "#" + (one_line(event.room_name).lstrip("#").strip() or "a room")
+        return (
+            truncate(room, limits.title_max_chars),
+            truncate(f"{sender_name(event)} invited you to {room}", limits.body_max_chars),
+        )
     if preview:
         return push_title(event, limits.title_max_chars), push_body(event, limits.body_max_chars)
     name = sender_name(event)

@@ -19,3 +19,6 @@ class Settings(ServiceSettings):
     # bytes, and a phone shows a line or two anyway.
     push_title_max_chars: int = Field(default=100, ge=10, le=500)
     push_body_max_chars: int = Field(default=200, ge=10, le=1000)
+    # E-mail waits until a user has had no real-time stream open for this many seconds
+    # (`EMAIL_AFTER_OFFLINE_SECONDS`): they are reading, or just were.
+    email_after_offline_seconds: float = Field(default=60.0, ge=0, le=86400)

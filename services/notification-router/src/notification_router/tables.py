@@ -6,6 +6,9 @@
 * `notification_deliveries`: one row per notification the router asked a sender for (one per
   push device, one for the e-mail), keyed by the deterministic `notification_id`, with the
   status the delivery reports bring back.
+* `presence_connections` and `rooms_in_view`: the presence projection, from `presence.changed`:
+  each real-time stream with the time it expires (or ended), and the room each user has in
+  view.
 
 Every change goes through an Alembic revision in `migrations/versions/`.
 """
@@ -101,4 +104,25 @@ notification_deliveries = Table(
         ondelete="CASCADE",
     ),
     Index("ix_notification_deliveries_message_id_recipient_id", "message_id", "recipient_id"),
+)
+
+presence_connections = Table(
+    "presence_connections",
+    metadata,
+    Column("user_id", Uuid, nullable=False),
+    Column("connection_id", Uuid, nullable=False),
+    # Open until then unless renewed; for a stream that ended, its end.
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    # When message-service said so: an older word on the same stream never overwrites a newer.
+    Column("at", DateTime(timezone=True), nullable=False),
+    PrimaryKeyConstraint("user_id", "connection_id"),
+    Index("ix_presence_connections_expires_at", "expires_at"),
+)
+
+rooms_in_view = Table(
+    "rooms_in_view",
+    metadata,
+    Column("user_id", Uuid, primary_key=True),
+    Column("room_id", Uuid, nullable=True),
+    Column("at", DateTime(timezone=True), nullable=False),
 )

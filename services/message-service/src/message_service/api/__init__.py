@@ -9,8 +9,16 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from message_service.api.routes import devices, messages, preferences, rooms, unsubscribe, users
+from message_service.api.routes import (
+    devices,
+    events,
+    messages,
+    preferences,
+    rooms,
+    unsubscribe,
+    users,
+)
 
 router = APIRouter()
-for routes in (users, devices, preferences, rooms, messages, unsubscribe):
+for routes in (users, devices, preferences, rooms, messages, events, unsubscribe):
     router.include_router(routes.router)

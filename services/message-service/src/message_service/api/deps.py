@@ -18,6 +18,7 @@ from message_service import service
 from message_service.outbox import Nudge, session_scope
 from message_service.service import CurrentUser
 from message_service.settings import Settings
+from message_service.stream import StreamHub
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class ApiDeps:
     nudge: Nudge
     max_devices_per_user: int
     webpush_allowed_hosts: tuple[str, ...]
+    streams: StreamHub
 
 
 def _deps(request: Request) -> ApiDeps:

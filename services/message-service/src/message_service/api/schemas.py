@@ -6,8 +6,6 @@ token, no one else's e-mail address).
 
 from __future__ import annotations
 
-import re
-import unicodedata
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Literal
@@ -16,12 +14,16 @@ from pydantic import (
     AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
     StrictBool,
     StringConstraints,
+    Tag,
     model_validator,
 )
+from pydantic.json_schema import SkipJsonSchema
 
 from herald_shared.events import MAX_MESSAGE_CONTENT, MAX_RECIPIENTS, Level, Platform, RoomKind
 from message_service.models import (
@@ -45,37 +47,39 @@ from message_service.webpush_keys import AUTH_SECRET_BYTES, decode_base64url, is
 
 # --- validation ---------------------------------------------------------------------------------
 
-# Bidirectional overrides and isolates: invisible, and used to disguise names.
-_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
-# The WHATWG HTML definition of a valid e-mail address (what browsers accept), with a dotted domain.
-_EMAIL = re.compile(
-    r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}"
-    r"@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$"
+# The rules below are patterns, in the JSON Schema of each field as well as checked here, so that
+# the OpenAPI description says exactly what the server takes. Each is written for both regular
+# expression dialects: Rust's (pydantic's, and most JSON Schema validators') and ECMAScript's
+# (JSON Schema's): `^` and `$` anchor the whole text, and characters are named by `\xNN` and
+# `\uNNNN` escapes, never by `\s` or `\w` (whose meanings differ).
+
+# Control characters (Unicode category Cc), line and paragraph separators, and the bidirectional
+# overrides and isolates (invisible, and used to disguise names).
+_CONTROL = r"\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069"
+# What `str.strip()` removes besides those: the other Unicode white space.
+_SPACE = r"\x20\xa0\u1680\u2000-\u200a\u202f\u205f\u3000"
+# A name: single line, no control characters, not blank; white space around it is trimmed.
+SINGLE_LINE = rf"^[^{_CONTROL}]*[^{_CONTROL}{_SPACE}][^{_CONTROL}]*$"
+# A message: as a name, but tabs and line breaks are text.
+_MESSAGE_CONTROL = r"\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f"
+MESSAGE_TEXT = (
+    rf"^[^{_MESSAGE_CONTROL}]*[^{_MESSAGE_CONTROL}\t\n\r{_SPACE}\x85\u2028\u2029]"
+    rf"[^{_MESSAGE_CONTROL}]*$"
+)
+# The WHATWG HTML definition of a valid e-mail address (what browsers accept), with a dotted
+# domain; white space around it is trimmed.
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+EMAIL = (
+    rf"^[\t\n\r{_SPACE}]*"
+    rf"[A-Za-z0-9.!#$%&'*+/=?^_`{{|}}~-]{{1,64}}@{_LABEL}(?:\.{_LABEL})+"
+    rf"[\t\n\r{_SPACE}]*$"
 )
 PRINTABLE_ASCII = r"^[\x21-\x7e]+$"
-
-
-def _single_line(value: str) -> str:
-    """Names end up in push titles and e-mail headers: no control characters, no line breaks."""
-    for char in value:
-        if unicodedata.category(char) in {"Cc", "Zl", "Zp"} or char in _BIDI_CONTROLS:
-            raise ValueError("must not contain control characters or line breaks")
-    return value
-
-
-def _message_text(value: str) -> str:
-    if not value.strip():
-        raise ValueError("must not be blank")
-    for char in value:
-        if unicodedata.category(char) == "Cc" and char not in "\t\n\r":
-            raise ValueError("must not contain control characters")
-    return value
+# Base64url (RFC 4648 section 5), padded or not.
+BASE64URL = r"^[A-Za-z0-9_-]*={0,2}$"
 
 
 def _email(value: str) -> str:
-    if not _EMAIL.match(value):
-        raise ValueError("is not a valid e-mail address")
     local, domain = value.rsplit("@", 1)
     return f"{local}@{domain.lower()}"
 
@@ -102,23 +106,26 @@ Username = Annotated[
     str,
     StringConstraints(pattern=r"^[a-z0-9_]{3,32}$"),
     AfterValidator(_not_a_room_mention),
-    Field(examples=["alice_01"]),
+    Field(examples=["alice_01"], json_schema_extra={"not": {"enum": sorted(ROOM_MENTIONS)}}),
 ]
+# The length is that of the text as sent, white space around it included.
 DisplayText = Annotated[
     str,
-    StringConstraints(strip_whitespace=True, min_length=1, max_length=DISPLAY_TEXT_MAX),
-    AfterValidator(_single_line),
+    StringConstraints(max_length=DISPLAY_TEXT_MAX, pattern=SINGLE_LINE),
+    AfterValidator(str.strip),
+    Field(description="One line, no control characters, not blank; trimmed"),
 ]
 Email = Annotated[
     str,
-    StringConstraints(strip_whitespace=True, max_length=EMAIL_MAX),
+    StringConstraints(max_length=EMAIL_MAX, pattern=EMAIL),
+    AfterValidator(str.strip),
     AfterValidator(_email),
-    Field(examples=["alice@example.com"]),
+    Field(examples=["alice@example.com"], description="Trimmed; the domain is lowercased"),
 ]
 MessageText = Annotated[
     str,
-    StringConstraints(min_length=1, max_length=MAX_MESSAGE_CONTENT),
-    AfterValidator(_message_text),
+    StringConstraints(min_length=1, max_length=MAX_MESSAGE_CONTENT, pattern=MESSAGE_TEXT),
+    Field(description="Not blank; no control characters but tabs and line breaks"),
 ]
 DeviceToken = Annotated[
     str, StringConstraints(min_length=1, max_length=DEVICE_TOKEN_MAX, pattern=PRINTABLE_ASCII)
@@ -134,14 +141,29 @@ ApnsToken = Annotated[
 # --- requests -----------------------------------------------------------------------------------
 
 
+_FIRST_INSTANT = datetime.min.replace(tzinfo=UTC)
+_LAST_INSTANT = datetime.max.replace(tzinfo=UTC)
+
+
 def _in_utc(value: datetime) -> datetime:
+    """The instant in UTC. Year 1 with a positive offset, or year 9999 with a negative one, is
+    before or after any UTC time Python (and so the database) holds: the first or last one
+    stands for it, which means the same for a mute (long over, or for ever)."""
     try:
         return value.astimezone(UTC)
-    except OverflowError:  # year 1 with a positive offset, year 9999 with a negative one
-        raise ValueError("the time is out of range") from None
+    except OverflowError:
+        return _FIRST_INSTANT if value.year == _FIRST_INSTANT.year else _LAST_INSTANT
 
 
-UtcInstant = Annotated[AwareDatetime, AfterValidator(_in_utc)]
+def _text_only(value: object) -> object:
+    """An instant is RFC 3339 text, as the schema says: not a number (which pydantic would read
+    as seconds since 1970)."""
+    if not isinstance(value, str | datetime):
+        raise ValueError("must be a date-time string (RFC 3339)")
+    return value
+
+
+UtcInstant = Annotated[AwareDatetime, BeforeValidator(_text_only), AfterValidator(_in_utc)]
 
 # A room's level: one of the levels, or `default` (the user's own level applies).
 RoomLevel = Literal["default", "all", "mentions", "none"]
@@ -178,8 +200,11 @@ class UserCreate(RequestBody):
 
 
 class UserPatch(RequestBody):
-    display_name: DisplayText | None = None
-    email: Email | None = None
+    """What to change; a field left out keeps its value. Neither can be null."""
+
+    # `None` is what a field left out reads as; the schema does not offer null.
+    display_name: DisplayText | SkipJsonSchema[None] = None
+    email: Email | SkipJsonSchema[None] = None
 
     @model_validator(mode="after")
     def _no_nulls(self) -> UserPatch:
@@ -200,11 +225,20 @@ class ApnsDeviceCreate(RequestBody):
 
 
 class WebPushKeysBody(RequestBody):
+    # 65 bytes starting 0x04 (an uncompressed point), in base64url; it must be on the curve.
     p256dh: Annotated[
-        str, StringConstraints(max_length=WEB_PUSH_P256DH_MAX), AfterValidator(_p256dh)
+        str,
+        StringConstraints(
+            max_length=WEB_PUSH_P256DH_MAX, pattern=r"^B[A-P][A-Za-z0-9_-]{85}={0,2}$"
+        ),
+        AfterValidator(_p256dh),
+        Field(description="The subscription's P-256 public key: a point on the curve"),
     ]
+    # 16 bytes in base64url.
     auth: Annotated[
-        str, StringConstraints(max_length=WEB_PUSH_AUTH_MAX), AfterValidator(_auth_secret)
+        str,
+        StringConstraints(max_length=WEB_PUSH_AUTH_MAX, pattern=r"^[A-Za-z0-9_-]{22}={0,2}$"),
+        AfterValidator(_auth_secret),
     ]
 
 
@@ -257,24 +291,40 @@ class RoomNotificationsBody(RequestBody):
     )
 
 
-class RoomCreate(RequestBody):
-    """A group room (`name` required, any members), or the direct room with one other user
-    (`kind: direct`, no name, `member_ids` holding that user only)."""
+class GroupRoomCreate(RequestBody):
+    """A group room: a name, and any members."""
 
-    kind: RoomKind = RoomKind.GROUP
-    name: DisplayText | None = None
+    kind: Literal[RoomKind.GROUP] = RoomKind.GROUP
+    name: DisplayText
     member_ids: list[uuid.UUID] = Field(default_factory=list, max_length=MAX_RECIPIENTS)
 
-    @model_validator(mode="after")
-    def _shape_of_kind(self) -> RoomCreate:
-        if self.kind is RoomKind.GROUP and self.name is None:
-            raise ValueError("a group room needs a name")
-        if self.kind is RoomKind.DIRECT:
-            if self.name is not None:
-                raise ValueError("a direct room has no name")
-            if len(self.member_ids) != 1:
-                raise ValueError("a direct room is opened with exactly one other user")
-        return self
+
+class DirectRoomCreate(RequestBody):
+    """The direct room with one other user: no name, `member_ids` holding that user only."""
+
+    kind: Literal[RoomKind.DIRECT]
+    name: None = None
+    member_ids: list[uuid.UUID] = Field(min_length=1, max_length=1)
+
+
+def _room_kind(body: object) -> str | None:
+    """Which of the two shapes a body is: `kind`, group when left out."""
+    if isinstance(body, dict):
+        kind = body.get("kind", RoomKind.GROUP.value)
+    else:
+        kind = getattr(body, "kind", None)
+    return kind.value if isinstance(kind, RoomKind) else kind if isinstance(kind, str) else None
+
+
+RoomCreate = Annotated[
+    Annotated[GroupRoomCreate, Tag(RoomKind.GROUP.value)]
+    | Annotated[DirectRoomCreate, Tag(RoomKind.DIRECT.value)],
+    Discriminator(
+        _room_kind,
+        custom_error_type="room_kind",
+        custom_error_message="kind must be group (the default) or direct",
+    ),
+]
 
 
 class MemberAdd(RequestBody):
@@ -439,4 +489,12 @@ class MessagePageOut(BaseModel):
     items: list[MessageOut]
     next_cursor: str | None = Field(
         description="Pass as `before` to get the next (older) page; null when there is none."
+    )
+
+
+class PresenceBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    active_room_id: uuid.UUID | None = Field(
+        description="The room your client shows now; null: none."
     )

@@ -9,10 +9,13 @@ from fastapi import APIRouter, Response, status
 from herald_shared.events import Platform, WebPushKeys
 from message_service import service
 from message_service.api.deps import Deps, Me, SessionDep
-from message_service.api.responses import INVALID, NOT_FOUND
+from message_service.api.responses import CONFLICT, INVALID, NOT_FOUND, link
 from message_service.api.schemas import DeviceCreate, DeviceOut, WebPushDeviceCreate
 
 router = APIRouter(tags=["devices"])
+_DEVICE_LINKS = {
+    "DeleteDevice": link("/users/me/devices/{device_id}", "DELETE", device_id="$response.body#/id")
+}
 
 
 @router.get("/users/me/devices")
@@ -25,8 +28,9 @@ async def list_devices(me: Me, session: SessionDep) -> list[DeviceOut]:
     "/users/me/devices",
     status_code=201,
     responses={
-        200: {"description": "Already registered (refreshed)"},
-        409: {"description": "Too many"},
+        201: {"links": _DEVICE_LINKS},
+        200: {"description": "Already registered (refreshed)", "links": _DEVICE_LINKS},
+        **CONFLICT,
         **INVALID,
     },
 )

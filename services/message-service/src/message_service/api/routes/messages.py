@@ -11,6 +11,7 @@ from message_service import service
 from message_service.api.deps import Deps, Me, SessionDep
 from message_service.api.responses import INVALID, NOT_FOUND
 from message_service.api.schemas import PRINTABLE_ASCII, MessageCreate, MessageOut, MessagePageOut
+from message_service.cursor import CURSOR_PATTERN
 from message_service.models import IDEMPOTENCY_KEY_MAX
 
 router = APIRouter(tags=["messages"])
@@ -58,7 +59,15 @@ async def list_messages(
     me: Me,
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, description="At most 100 are returned.")] = 50,
-    before: Annotated[str | None, Query(max_length=200, description="A `next_cursor`.")] = None,
+    before: Annotated[
+        str | None,
+        Query(
+            max_length=200,
+            description="A `next_cursor` (one of the older, base64url form is still taken).",
+            # Documented, not checked here: `decode_cursor` also reads the older form.
+            json_schema_extra={"pattern": CURSOR_PATTERN},
+        ),
+    ] = None,
 ) -> MessagePageOut:
     """Messages newest first."""
     page = await service.list_messages(

@@ -6,11 +6,12 @@ import uuid
 
 from fastapi import APIRouter, Response, status
 
-from herald_shared.events import Level, RoomKind
+from herald_shared.events import Level
 from message_service import service
 from message_service.api.deps import Me, SessionDep
-from message_service.api.responses import INVALID, NOT_FOUND
+from message_service.api.responses import CONFLICT, INVALID, NOT_FOUND, ROOM_LINKS
 from message_service.api.schemas import (
+    DirectRoomCreate,
     MemberAdd,
     MyRoomsOut,
     RoomCreate,
@@ -25,20 +26,23 @@ router = APIRouter(tags=["rooms"])
 @router.post(
     "/rooms",
     status_code=201,
-    responses={200: {"description": "The direct room of this pair, opened before"}, **INVALID},
+    responses={
+        201: {"links": ROOM_LINKS},
+        200: {"description": "The direct room of this pair, opened before", "links": ROOM_LINKS},
+        **INVALID,
+    },
 )
 async def create_room(body: RoomCreate, me: Me, session: SessionDep, response: Response) -> RoomOut:
     """Create a group room (you are a member of it, with the users listed), or open the direct
     room with one user (`kind: direct`): a pair has one, so opening it again answers 200 with
     the same room."""
-    if body.kind is RoomKind.DIRECT:
+    if isinstance(body, DirectRoomCreate):
         opened = await service.open_direct_room(
             session=session, user_id=me.id, other_id=body.member_ids[0]
         )
         if not opened.created:
             response.status_code = status.HTTP_200_OK
         return RoomOut.of(opened.room)
-    assert body.name is not None  # noqa: S101 - RoomCreate requires it for a group room
     view = await service.create_room(
         session=session, creator_id=me.id, name=body.name, member_ids=body.member_ids
     )
@@ -51,7 +55,7 @@ async def list_rooms(me: Me, session: SessionDep) -> MyRoomsOut:
     return MyRoomsOut.of(await service.my_rooms(session=session, user_id=me.id))
 
 
-@router.post("/rooms/{room_id}/join", responses=NOT_FOUND)
+@router.post("/rooms/{room_id}/join", responses={200: {"links": ROOM_LINKS}, **NOT_FOUND})
 async def join_room(room_id: uuid.UUID, me: Me, session: SessionDep) -> RoomOut:
     """Accept an invitation: from now on the room's messages reach you."""
     return RoomOut.of(await service.join_room(session=session, room_id=room_id, user_id=me.id))
@@ -71,7 +75,7 @@ async def read_room(room_id: uuid.UUID, me: Me, session: SessionDep) -> RoomOut:
 @router.post(
     "/rooms/{room_id}/members",
     status_code=201,
-    responses={200: {"description": "Already a member"}, **NOT_FOUND, **INVALID},
+    responses={200: {"description": "Already a member"}, **NOT_FOUND, **CONFLICT, **INVALID},
 )
 async def add_member(
     room_id: uuid.UUID, body: MemberAdd, me: Me, session: SessionDep, response: Response

@@ -8,13 +8,30 @@ from fastapi import APIRouter
 
 from message_service import service
 from message_service.api.deps import Me, SessionDep
-from message_service.api.responses import INVALID, NOT_FOUND
+from message_service.api.responses import CONFLICT, INVALID, NOT_FOUND, link
 from message_service.api.schemas import BlockedOut, Registered, UserCreate, UserOut, UserPatch
 
 router = APIRouter(tags=["users"])
 
 
-@router.post("/users", status_code=201, responses={409: {"description": "Taken"}})
+@router.post(
+    "/users",
+    status_code=201,
+    responses={
+        201: {
+            "links": {
+                "BlockUser": link(
+                    "/users/me/blocked/{user_id}", "PUT", user_id="$response.body#/id"
+                ),
+                "UnblockUser": link(
+                    "/users/me/blocked/{user_id}", "DELETE", user_id="$response.body#/id"
+                ),
+            }
+        },
+        **CONFLICT,
+        **INVALID,
+    },
+)
 async def register(body: UserCreate, session: SessionDep) -> Registered:
     """Create an account. The response holds the API token, which is never shown again."""
     registration = await service.register_user(
@@ -34,7 +51,7 @@ async def read_me(me: Me, session: SessionDep) -> UserOut:
     return UserOut.of(await service.get_profile(session=session, user_id=me.id))
 
 
-@router.patch("/users/me")
+@router.patch("/users/me", responses=INVALID)
 async def update_me(body: UserPatch, me: Me, session: SessionDep) -> UserOut:
     user = await service.update_profile(
         session=session, user_id=me.id, display_name=body.display_name, email=body.email

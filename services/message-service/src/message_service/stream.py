@@ -1,0 +1,415 @@
+"""The real-time stream, `GET /users/me/events`: Server-Sent Events carrying the new messages of
+the user's rooms and the user's invitations, resumable with `Last-Event-ID` on any replica, and
+the presence that the open streams imply.
+
+Where the events come from. Every message and every invitation is already a row of the outbox,
+committed with it. Each replica tails the outbox with one reader, however many streams it
+holds, and hands each row to the streams of the users it concerns. An event's id is its row's
+position: the id of the transaction that wrote it, then the row's `seq`. The reader takes rows
+only below the oldest transaction of the database still running, so no row can ever appear
+behind one already read: the ids a stream sends only grow, and `Last-Event-ID`
+names a point before which the client has everything. A resume is therefore exact, on whichever
+replica the client reconnects to (the outbox is the same database), for as long as the outbox
+keeps its rows (`OUTBOX_RETENTION`, a day by default). On SQLite (the zero-setup mode) one
+writer at a time makes `seq` alone commit order.
+
+Why not a queue per replica bound on the exchange, the usual fan-out: each replica would see the
+events in its own order, so an id handed out by one would mean nothing to another, and an event
+committed late could arrive behind one already sent, so a resume would skip it. Tailing the
+outbox gives one order to every replica, keeps streams flowing while RabbitMQ is down, and needs
+no broker permission the service does not already have. The cost is a poll per replica every
+`STREAM_POLL_INTERVAL` (0.1 s) while at least one stream is open, on an index.
+
+Presence. A user with a stream open is online; every `STREAM_HEARTBEAT` (15 s) each stream gets
+a comment line (which also tells a dead client apart: the write fails) and the replica publishes
+one `PresenceChanged` renewing all its streams for `PRESENCE_TTL` (45 s). A stream that ends says
+so at once; a replica that dies says nothing, and its streams expire in the router's projection.
+The room in view is per user, set by the stream's `active_room_id` parameter or by `PUT
+/users/me/presence` through any replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from pydantic import TypeAdapter, ValidationError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from herald_shared.events import (
+    MAX_ITEMS_PER_EVENT,
+    AnyNotifiable,
+    ConnectionPresence,
+    MessageCreated,
+    Notifiable,
+    PresenceChanged,
+    RoomInView,
+    chunks,
+    utc_now,
+)
+from herald_shared.retry import describe_error
+from message_service import repository
+from message_service.repository import StreamPosition, StreamRow
+
+logger = logging.getLogger("message_service.stream")
+
+_NOTIFIABLE: TypeAdapter[Notifiable] = TypeAdapter(AnyNotifiable)
+# What a stream's client may not have fetched yet before a stream is cut: past this many frames
+# waiting, the stream ends and the client resumes from its `Last-Event-ID` (from the database).
+MAX_QUEUED_FRAMES = 1000
+HEARTBEAT = b": heartbeat\n\n"
+# How long a client waits before reconnecting (the SSE `retry` field), in milliseconds.
+RECONNECT_MS = 2000
+
+PublishPresence = Callable[[PresenceChanged], Awaitable[None]]
+
+
+class InvalidPosition(ValueError):
+    pass
+
+
+def parse_position(text: str) -> StreamPosition:
+    """A `Last-Event-ID` as this service writes them: `<transaction>-<seq>`."""
+    xid, separator, seq = text.strip().partition("-")
+    if not separator or not xid.isdigit() or not seq.isdigit() or len(text) > 40:
+        raise InvalidPosition("Last-Event-ID is not an event id of this stream")
+    return StreamPosition(int(xid), int(seq))
+
+
+def format_position(position: StreamPosition) -> str:
+    return f"{position.xid}-{position.seq}"
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """One row of the outbox as the streams carry it, with the users it is for."""
+
+    position: StreamPosition
+    name: str  # the SSE event name: "message" or "invitation"
+    audience: frozenset[uuid.UUID]
+    data: str  # JSON, one line
+
+    def frame(self) -> bytes:
+        return (
+            f"id: {format_position(self.position)}\nevent: {self.name}\ndata: {self.data}\n\n"
+        ).encode()
+
+
+def stream_event(row: StreamRow) -> StreamEvent | None:
+    """The event of an outbox row, shaped like the REST API's own objects (a message like an
+    item of `GET /rooms/{id}/messages`, an invitation like one of `GET /rooms`); None for a row
+    that does not parse (the relay dead-letters those)."""
+    try:
+        event = _NOTIFIABLE.validate_json(row.payload)
+    except ValidationError:
+        return None
+    if isinstance(event, MessageCreated):
+        return StreamEvent(
+            position=row.position,
+            name="message",
+            audience=frozenset((event.sender_id, *event.recipient_ids)),
+            data=_json(
+                {
+                    "id": event.message_id,
+                    "room_id": event.room_id,
+                    "sender_id": event.sender_id,
+                    "content": event.message_content,
+                    "created_at": event.timestamp.isoformat(),
+                }
+            ),
+        )
+    return StreamEvent(
+        position=row.position,
+        name="invitation",
+        audience=frozenset((event.invitee_id,)),
+        data=_json(
+            {
+                "room_id": event.room_id,
+                "name": event.room_name,
+                "invited_by": event.inviter.user_id,
+                "invited_at": event.timestamp.isoformat(),
+            }
+        ),
+    )
+
+
+def _json(value: dict[str, Any]) -> str:
+    return json.dumps(value, default=str, ensure_ascii=False, separators=(",", ":"))
+
+
+@dataclass(eq=False)
+class Stream:
+    """One open `GET /users/me/events`: what it has been sent up to, and its frames to send."""
+
+    user_id: uuid.UUID
+    last: StreamPosition  # the newest position sent (or that the client said it had)
+    id: uuid.UUID = field(default_factory=uuid.uuid4)
+    frames: asyncio.Queue[bytes | None] = field(default_factory=asyncio.Queue)
+    # While the stream catches up from the database, what the tail brings waits here.
+    catching_up: bool = False
+    held: list[StreamEvent] = field(default_factory=list)
+    ended: bool = False
+
+    def offer(self, event: StreamEvent) -> bool:
+        """Queue the event unless it was sent already; False when the client is too far
+        behind (the stream must end)."""
+        if self.ended:
+            return True
+        if self.catching_up:
+            self.held.append(event)
+            return True
+        if event.position <= self.last:
+            return True
+        self.last = event.position
+        self.frames.put_nowait(event.frame())
+        return self.frames.qsize() <= MAX_QUEUED_FRAMES
+
+    def end(self) -> None:
+        if not self.ended:
+            self.ended = True
+            self.frames.put_nowait(None)
+
+
+class StreamMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.open = Gauge(
+            "herald_streams_open", "Real-time streams open on this replica.", registry=registry
+        )
+        self.events = Counter(
+            "herald_stream_events_total",
+            "Events sent on real-time streams, by kind.",
+            ["kind"],
+            registry=registry,
+        )
+        self.presence_failures = Counter(
+            "herald_presence_publish_failures_total",
+            "Presence updates that could not be published (the next heartbeat repeats them).",
+            registry=registry,
+        )
+
+
+class StreamHub:
+    """This replica's streams, the outbox reader that feeds them, and their heartbeats."""
+
+    def __init__(
+        self,
+        *,
+        engine: AsyncEngine,
+        publish_presence: PublishPresence,
+        metrics: StreamMetrics,
+        poll_interval: float,
+        heartbeat: float,
+        presence_ttl: float,
+        batch_size: int = 500,
+    ) -> None:
+        self._engine = engine
+        self._publish_presence = publish_presence
+        self._metrics = metrics
+        self._poll_interval = poll_interval
+        self._heartbeat = heartbeat
+        self._presence_ttl = timedelta(seconds=presence_ttl)
+        self._batch_size = batch_size
+        self._by_user: dict[uuid.UUID, set[Stream]] = {}
+        # The position up to which the outbox was read; None while no stream is open.
+        self._head: StreamPosition | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[None]] = set()
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._tail(), name="stream-tail"),
+            asyncio.create_task(self._beat(), name="stream-heartbeat"),
+        ]
+
+    async def stop(self) -> None:
+        self.end_all()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    def end_all(self) -> None:
+        """End every stream (the server is shutting down: its clients reconnect elsewhere)."""
+        for streams in list(self._by_user.values()):
+            for stream in list(streams):
+                stream.end()
+
+    @property
+    def open_streams(self) -> int:
+        return sum(len(streams) for streams in self._by_user.values())
+
+    # --- streams ------------------------------------------------------------------------------
+
+    async def open(
+        self,
+        user_id: uuid.UUID,
+        *,
+        after: StreamPosition | None,
+        active_room_id: uuid.UUID | None,
+    ) -> Stream:
+        """A new stream for the user: from `after` (a `Last-Event-ID`), caught up from the
+        database, or from now."""
+        if self._head is None:
+            self._head = await repository.stream_head(self._engine)
+        head = self._head
+        stream = Stream(user_id=user_id, last=after if after is not None else head)
+        # Registered before catching up: what the tail reads meanwhile is held, then sent after.
+        stream.catching_up = after is not None and after < head
+        self._by_user.setdefault(user_id, set()).add(stream)
+        self._metrics.open.set(self.open_streams)
+        now = utc_now()
+        self._spawn(
+            PresenceChanged(
+                connections=[self._alive(stream)],
+                rooms=[RoomInView(user_id=user_id, room_id=active_room_id, at=now)],
+            )
+        )
+        if stream.catching_up:
+            try:
+                await self._catch_up(stream, until=head)
+            except BaseException:
+                self.close(stream)
+                raise
+        return stream
+
+    async def _catch_up(self, stream: Stream, *, until: StreamPosition) -> None:
+        position = stream.last
+        while True:
+            rows = await repository.stream_rows(
+                self._engine, after=position, until=until, limit=self._batch_size
+            )
+            for row in rows:
+                event = stream_event(row)
+                if event is not None and stream.user_id in event.audience:
+                    stream.frames.put_nowait(event.frame())
+                    stream.last = event.position
+                    self._metrics.events.labels(event.name).inc()
+            if len(rows) < self._batch_size:
+                break
+            position = rows[-1].position
+        stream.last = max(stream.last, until)
+        stream.catching_up = False
+        held, stream.held = stream.held, []
+        for event in held:
+            stream.offer(event)
+
+    def close(self, stream: Stream) -> None:
+        """Forget the stream and say the user's connection ended. Not a coroutine: it runs as a
+        cancelled request unwinds, where nothing may be awaited."""
+        streams = self._by_user.get(stream.user_id)
+        if streams is None or stream not in streams:
+            return
+        streams.discard(stream)
+        if not streams:
+            del self._by_user[stream.user_id]
+        self._metrics.open.set(self.open_streams)
+        now = utc_now()
+        self._spawn(
+            PresenceChanged(
+                connections=[
+                    ConnectionPresence(
+                        user_id=stream.user_id, connection_id=stream.id, expires_at=now, at=now
+                    )
+                ]
+            )
+        )
+
+    async def frames(self, stream: Stream) -> AsyncIterator[bytes]:
+        """The stream's bytes: the reconnect delay, then its frames until it ends."""
+        yield f"retry: {RECONNECT_MS}\n\n".encode()
+        while True:
+            frame = await stream.frames.get()
+            if frame is None:
+                return
+            yield frame
+
+    # --- presence -----------------------------------------------------------------------------
+
+    async def set_room_in_view(self, user_id: uuid.UUID, room_id: uuid.UUID | None) -> None:
+        await self._publish(
+            PresenceChanged(rooms=[RoomInView(user_id=user_id, room_id=room_id, at=utc_now())])
+        )
+
+    def _alive(self, stream: Stream) -> ConnectionPresence:
+        now = utc_now()
+        return ConnectionPresence(
+            user_id=stream.user_id,
+            connection_id=stream.id,
+            expires_at=now + self._presence_ttl,
+            at=now,
+        )
+
+    def _spawn(self, event: PresenceChanged) -> None:
+        task = asyncio.create_task(self._publish(event))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _publish(self, event: PresenceChanged) -> None:
+        try:
+            await self._publish_presence(event)
+        except Exception as exc:
+            # Presence is renewed every heartbeat: a lost update heals within one.
+            self._metrics.presence_failures.inc()
+            logger.warning("message_service.presence.publish_failed error=%s", describe_error(exc))
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(self._heartbeat)
+            streams = [stream for group in self._by_user.values() for stream in group]
+            for stream in streams:
+                if not stream.ended:
+                    stream.frames.put_nowait(HEARTBEAT)
+            for part in chunks([self._alive(stream) for stream in streams], MAX_ITEMS_PER_EVENT):
+                await self._publish(PresenceChanged(connections=list(part)))
+
+    # --- the outbox reader --------------------------------------------------------------------
+
+    async def _tail(self) -> None:
+        while True:
+            if not self._by_user:
+                self._head = None
+                await asyncio.sleep(self._poll_interval)
+                continue
+            try:
+                read = await self._read_once()
+            except Exception as exc:
+                logger.warning("message_service.stream.read_failed error=%s", describe_error(exc))
+                await asyncio.sleep(max(self._poll_interval, 1.0))
+                continue
+            if read < self._batch_size:
+                await asyncio.sleep(self._poll_interval)
+
+    async def _read_once(self) -> int:
+        head = self._head
+        if head is None:
+            head = self._head = await repository.stream_head(self._engine)
+        rows = await repository.stream_rows(self._engine, after=head, limit=self._batch_size)
+        if rows:
+            self._head = rows[-1].position
+            self._dispatch(event for event in map(stream_event, rows) if event is not None)
+        return len(rows)
+
+    def _dispatch(self, events: Iterable[StreamEvent]) -> None:
+        for event in events:
+            for user_id in event.audience:
+                for stream in list(self._by_user.get(user_id, ())):
+                    if not stream.offer(event):
+                        logger.info(
+                            "message_service.stream.too_far_behind connection_id=%s", stream.id
+                        )
+                        stream.end()
+                    else:
+                        self._metrics.events.labels(event.name).inc()

@@ -1,0 +1,274 @@
+"""The real-time stream's hub on the zero-setup database (SQLite): each stream gets the events of
+its user only, in order, each once; a stream resumed from a `Last-Event-ID` gets what it missed
+and then the live ones, nothing twice; a client too far behind is cut off, to resume."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry
+
+from herald_shared.events import PresenceChanged
+from message_service import stream as stream_module
+from message_service.app import MessageService
+from message_service.repository import StreamPosition
+from message_service.stream import (
+    HEARTBEAT,
+    InvalidPosition,
+    Stream,
+    StreamEvent,
+    StreamHub,
+    StreamMetrics,
+    format_position,
+    parse_position,
+)
+from tests.support.infra import wait_until
+from tests.unit.message_service.helpers import (
+    Account,
+    client_for,
+    create_room,
+    register,
+)
+
+
+class Published:
+    def __init__(self) -> None:
+        self.events: list[PresenceChanged] = []
+
+    async def __call__(self, event: PresenceChanged) -> None:
+        self.events.append(event)
+
+
+@pytest.fixture
+async def hub(runtime: MessageService) -> AsyncIterator[tuple[StreamHub, Published]]:
+    published = Published()
+    hub = StreamHub(
+        engine=runtime.engine,
+        publish_presence=published,
+        metrics=StreamMetrics(CollectorRegistry()),
+        poll_interval=0.01,
+        heartbeat=0.05,
+        presence_ttl=45,
+        batch_size=3,  # small: the tail and the catch-up both need several reads
+    )
+    hub.start()
+    try:
+        yield hub, published
+    finally:
+        await hub.stop()
+
+
+async def next_event(stream: Stream, timeout: float = 5.0) -> tuple[str, str, dict[str, str]]:
+    """(id, event name, data) of the stream's next event, heartbeats skipped."""
+    async with asyncio.timeout(timeout):
+        while True:
+            frame = await stream.frames.get()
+            assert frame is not None, "the stream ended"
+            if frame == HEARTBEAT:
+                continue
+            fields = dict(line.split(": ", 1) for line in frame.decode().strip().splitlines())
+            return fields["id"], fields["event"], json.loads(fields["data"])
+
+
+def queued(stream: Stream) -> list[bytes | None]:
+    """What waits in the stream now, heartbeats aside."""
+    waiting = []
+    while not stream.frames.empty():
+        frame = stream.frames.get_nowait()
+        if frame != HEARTBEAT:
+            waiting.append(frame)
+    return waiting
+
+
+async def post(runtime: MessageService, room: uuid.UUID, author: Account, text: str) -> str:
+    async with client_for(runtime.app) as client:
+        response = await client.post(
+            f"/rooms/{room}/messages", json={"content": text}, headers=author.headers
+        )
+    assert response.status_code == 201, response.text
+    return str(response.json()["id"])
+
+
+async def test_each_stream_gets_its_users_events_in_order_once(
+    runtime: MessageService, hub: tuple[StreamHub, Published]
+) -> None:
+    streams, published = hub
+    async with client_for(runtime.app) as client:
+        alice = await register(client, "alice")
+        bob = await register(client, "bob")
+        eve = await register(client, "eve")
+        room = await create_room(client, alice, [bob])
+    bobs = await streams.open(bob.id, after=None, active_room_id=room)
+    eves = await streams.open(eve.id, after=None, active_room_id=None)
+
+    sent = [await post(runtime, room, alice, f"hello {index}") for index in range(7)]
+    received = [await next_event(bobs) for _ in sent]
+
+    assert [data["id"] for _, _, data in received] == sent
+    assert {name for _, name, _ in received} == {"message"}
+    assert received[0][2]["content"] == "hello 0"
+    assert received[0][2]["room_id"] == str(room)
+    ids = [parse_position(event_id) for event_id, _, _ in received]
+    assert ids == sorted(ids)
+    assert len(set(ids)) == len(ids)
+    assert queued(eves) == []
+    # Each stream said it is open, Bob's with the room in view.
+    opened = [event for event in published.events if event.rooms]
+    assert {(event.rooms[0].user_id, event.rooms[0].room_id) for event in opened} == {
+        (bob.id, room),
+        (eve.id, None),
+    }
+
+
+async def test_a_resumed_stream_gets_what_it_missed_then_the_live_ones_nothing_twice(
+    runtime: MessageService, hub: tuple[StreamHub, Published]
+) -> None:
+    streams, _ = hub
+    async with client_for(runtime.app) as client:
+        alice = await register(client, "alice")
+        bob = await register(client, "bob")
+        room = await create_room(client, alice, [bob])
+    first = await streams.open(bob.id, after=None, active_room_id=None)
+    before = [await post(runtime, room, alice, f"seen {index}") for index in range(2)]
+    seen = [await next_event(first) for _ in before]
+    streams.close(first)
+    missed = [await post(runtime, room, alice, f"missed {index}") for index in range(5)]
+
+    resumed = await streams.open(bob.id, after=parse_position(seen[-1][0]), active_room_id=None)
+    live = await post(runtime, room, alice, "live")
+    received = [await next_event(resumed) for _ in range(6)]
+
+    assert [data["id"] for _, _, data in received] == [*missed, live]
+    assert queued(resumed) == []  # no repeat of what was seen or caught up
+
+
+async def test_the_invitee_is_told_of_the_invitation(
+    runtime: MessageService, hub: tuple[StreamHub, Published]
+) -> None:
+    streams, _ = hub
+    async with client_for(runtime.app) as client:
+        alice = await register(client, "alice")
+        bob = await register(client, "bob")
+        bobs = await streams.open(bob.id, after=None, active_room_id=None)
+        response = await client.post(
+            "/rooms", json={"name": "general", "member_ids": [str(bob.id)]}, headers=alice.headers
+        )
+    assert response.status_code == 201
+
+    _, name, data = await next_event(bobs)
+
+    assert name == "invitation"
+    assert data["room_id"] == response.json()["id"]
+    assert (data["name"], data["invited_by"]) == ("general", str(alice.id))
+
+
+async def test_closing_a_stream_says_the_connection_ended(
+    runtime: MessageService, hub: tuple[StreamHub, Published]
+) -> None:
+    streams, published = hub
+    async with client_for(runtime.app) as client:
+        bob = await register(client, "bob")
+    stream = await streams.open(bob.id, after=None, active_room_id=None)
+
+    streams.close(stream)
+    streams.close(stream)  # twice: said once
+
+    async def ended() -> list[PresenceChanged]:
+        return [
+            event
+            for event in published.events
+            if event.connections and event.connections[0].expires_at == event.connections[0].at
+        ]
+
+    await wait_until(ended, timeout=5, interval=0.01)
+    (goodbye,) = await ended()
+    assert goodbye.connections[0].connection_id == stream.id
+    assert streams.open_streams == 0
+
+
+async def test_heartbeats_reach_the_stream_and_renew_its_presence(
+    runtime: MessageService, hub: tuple[StreamHub, Published]
+) -> None:
+    streams, published = hub
+    async with client_for(runtime.app) as client:
+        bob = await register(client, "bob")
+    stream = await streams.open(bob.id, after=None, active_room_id=None)
+
+    async with asyncio.timeout(5):
+        assert await stream.frames.get() == HEARTBEAT
+
+    async def renewed() -> bool:
+        return any(
+            [entry.connection_id for entry in event.connections] == [stream.id]
+            and not event.rooms
+            and event.connections[0].expires_at > event.connections[0].at
+            for event in published.events
+        )
+
+    await wait_until(renewed, timeout=5, interval=0.01)
+
+
+def test_a_client_too_far_behind_is_cut_off() -> None:
+    stream = Stream(user_id=uuid.uuid4(), last=StreamPosition(0, 0))
+    events = [
+        StreamEvent(StreamPosition(1, seq), "message", frozenset({stream.user_id}), "{}")
+        for seq in range(1, stream_module.MAX_QUEUED_FRAMES + 2)
+    ]
+
+    kept = [stream.offer(event) for event in events]
+
+    assert kept[:-1] == [True] * stream_module.MAX_QUEUED_FRAMES
+    assert kept[-1] is False
+
+
+def test_an_event_older_than_what_the_stream_has_is_not_sent_again() -> None:
+    stream = Stream(user_id=uuid.uuid4(), last=StreamPosition(5, 2))
+    old = StreamEvent(StreamPosition(5, 2), "message", frozenset({stream.user_id}), "{}")
+    new = StreamEvent(StreamPosition(6, 1), "message", frozenset({stream.user_id}), "{}")
+
+    stream.offer(old)
+    stream.offer(new)
+
+    assert stream.frames.qsize() == 1
+    assert stream.last == new.position
+
+
+@pytest.mark.parametrize("text", ["", "12", "12-", "-3", "a-1", "1-b", "1-2-3", "9" * 41])
+def test_a_last_event_id_not_of_this_stream_is_refused(text: str) -> None:
+    with pytest.raises(InvalidPosition):
+        parse_position(text)
+
+
+def test_event_ids_round_trip() -> None:
+    position = StreamPosition(123456789, 42)
+
+    assert parse_position(format_position(position)) == position
+
+
+async def test_the_stream_refuses_a_foreign_last_event_id_and_a_room_not_yours(
+    client: httpx.AsyncClient,
+) -> None:
+    alice = await register(client, "alice")
+    bob = await register(client, "bob")
+    room = await create_room(client, alice, [])
+
+    foreign = await client.get(
+        "/users/me/events", headers={**bob.headers, "Last-Event-ID": "not-an-id"}
+    )
+    not_yours = await client.get(
+        "/users/me/events", params={"active_room_id": str(room)}, headers=bob.headers
+    )
+    anonymous = await client.get("/users/me/events")
+    moved = await client.put(
+        "/users/me/presence", json={"active_room_id": str(room)}, headers=bob.headers
+    )
+
+    assert foreign.status_code == 422
+    assert "Last-Event-ID" in foreign.json()["detail"]
+    assert not_yours.status_code == moved.status_code == 404
+    assert anonymous.status_code == 401
