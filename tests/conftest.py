@@ -27,11 +27,14 @@ TESTS = Path(__file__).parent
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # The folder says what a test needs; the marker lets `-m "not integration and not e2e"`
-    # select the fast, server-free layer, and `-m "not fault"` leave out the fault layer.
+    # select the fast, server-free layer, and `-m "not fault"` leave out the fault layer. The
+    # containers layer needs the machine's servers too: `containers` and `integration`.
     for item in items:
         parts = Path(str(item.fspath)).relative_to(TESTS).parts
-        if parts[0] in {"integration", "e2e", "fault"}:
+        if parts[0] in {"integration", "e2e", "fault", "containers"}:
             item.add_marker(getattr(pytest.mark, parts[0]))
+        if parts[0] == "containers":
+            item.add_marker(pytest.mark.integration)
     parallel.order(items)
 
 

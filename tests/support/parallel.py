@@ -35,7 +35,7 @@ TESTS = Path(__file__).resolve().parents[1]
 ROOT = TESTS.parent
 
 WORKERS_PER_CORE = 2
-START_FIRST = ("fault", "e2e", "browser", "integration")
+START_FIRST = ("fault", "containers", "e2e", "browser", "integration")
 FAULT_PREFIX = "tests/fault/"
 FAULT_SLOTS_PER_WORKER = 0.5
 

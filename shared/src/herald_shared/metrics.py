@@ -204,6 +204,10 @@ class MetricsMiddleware(BaseMiddleware):
         if exchange != EXCHANGE.name:
             return await call_next(cmd)
         routing_key = str(getattr(cmd, "destination", ""))
+        # Both results exist from a routing key's first publish on (at 0): a rate of failed
+        # publishes is then 0, not "no data", on a dashboard.
+        for each in ("ok", "error"):
+            self.metrics.published.labels(routing_key=routing_key, result=each)
         try:
             result = await call_next(cmd)
         except BaseException:
@@ -317,6 +321,13 @@ async def refresh_broker_gauges(
         queue = getattr(subscriber, "queue", None)
         if queue is not None and queue.name:
             metrics.consumers.labels(queue=queue.name).set(int(_consumer_alive(subscriber)))
+            # The per-queue counters exist (at 0) before their first event: "nothing retried"
+            # reads 0 on a dashboard, not "no data" (error classes and dead-letter reasons
+            # appear with their first occurrence).
+            for outcome in (OUTCOME_SUCCESS, OUTCOME_ERROR, OUTCOME_SKIPPED):
+                metrics.processed.labels(queue=queue.name, outcome=outcome)
+            metrics.retries.labels(queue=queue.name)
+            metrics.deferrals.labels(queue=queue.name)
 
     work_queues = consumed_queues(broker)
     if probe is None:

@@ -119,8 +119,15 @@ async def test_a_routed_message_is_counted_processed_published_and_timed(
         sample(text, "herald_message_processing_seconds_count", queue="message_notifications")
         == 1.0
     )
-    # The retry middleware published nothing: no retry or dead-letter series yet.
-    assert sample(text, "herald_message_retries_total", queue="message_notifications") is None
+    # The retry middleware published nothing: retries at 0 (present, so a rate answers 0), no
+    # dead-letter series yet; nor did any publish fail.
+    assert sample(text, "herald_message_retries_total", queue="message_notifications") == 0.0
+    assert sample(text, "herald_message_deferrals_total", queue="message_notifications") == 0.0
+    assert sample(text, processed, queue="message_notifications", outcome="error") == 0.0
+    assert sample(text, published, routing_key="notification.push.send", result="error") == 0.0
+    assert (
+        sample(text, "herald_messages_dead_lettered_total", queue="message_notifications") is None
+    )
     # This process's consumers are reported per queue (the in-memory broker has no channel, so
     # they are not "alive"; the real broker's case is in ops' readiness tests).
     for queue in ("message_notifications", "recipient_updates", "delivery_reports"):

@@ -20,7 +20,7 @@ import unicodedata
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from email import policy
+from email import errors, policy
 from email.header import decode_header, make_header
 from email.parser import BytesHeaderParser
 from email.utils import format_datetime, getaddresses
@@ -256,5 +256,12 @@ def headers_as_built(data: bytes, *, recipient: str, subject: str) -> bool:
         and recipients[0][1] == recipient
         and raw_subject is not None
         and str(make_header(decode_header(raw_subject))) == subject
-        and not received.defects
+        and not [defect for defect in received.defects if not _headers_only_artefact(defect)]
     )
+
+
+def _headers_only_artefact(defect: errors.MessageDefect) -> bool:
+    """A multipart whose parts were not parsed (headers only, on purpose) has no parts: Python
+    3.11.2 (Debian 12's, the container images' base) reports that as a defect, 3.11.7 does not.
+    It says nothing about the headers (every e-mail was refused in the images before)."""
+    return isinstance(defect, errors.MultipartInvariantViolationDefect)
