@@ -30,7 +30,7 @@ import httpx
 import pytest
 import yaml
 
-from herald_shared.topology import EMAIL_SEND, PUSH_NOTIFICATIONS, PUSH_SEND
+from herald_shared.topology import EMAIL_SEND, MESSAGE_NOTIFICATIONS, PUSH_NOTIFICATIONS, PUSH_SEND
 from tests.containers.conftest import ROOT, Stack, running_stack, wait_for
 from tests.containers.test_stack import _post, _pushes, _room
 from tests.support.faults import emit, publish_raw
@@ -246,6 +246,7 @@ def test_a_stopped_router_and_a_poisoned_queue_fire_their_alerts(
     stack: Stack, prometheus: Prometheus, request: pytest.FixtureRequest
 ) -> None:
     down_for = _for_seconds("HeraldServiceDown")
+    no_consumer_for = _for_seconds("HeraldWorkQueueWithoutConsumers")
     dead_letters_for = _for_seconds("HeraldDeadLettersPresent")
 
     # Each condition is forced between two instants: it cannot hold before the first, and holds
@@ -278,15 +279,22 @@ def test_a_stopped_router_and_a_poisoned_queue_fire_their_alerts(
             alert["labels"]["job"] == "notification-router" for alert in down
         ):
             fired["router down"] = time.monotonic()
-        return len(fired) == 2
+        # message-service, whose events feed the router's queue, still reports its consumers.
+        unconsumed = prometheus.alerts("HeraldWorkQueueWithoutConsumers")
+        if "no consumer" not in fired and any(
+            alert["labels"]["queue"] == MESSAGE_NOTIFICATIONS.name for alert in unconsumed
+        ):
+            fired["no consumer"] = time.monotonic()
+        return len(fired) == 3
 
-    wait_for(both_fired, timeout=down_for + 60, interval=0.5)
+    wait_for(both_fired, timeout=max(down_for, no_consumer_for) + 60, interval=0.5)
     # Prometheus sent both to the Alertmanager.
     wait_for(
         lambda: (
             {
                 ("HeraldDeadLettersPresent", PUSH_NOTIFICATIONS.dead_letter_queue.name),
                 ("HeraldServiceDown", "notification-router"),
+                ("HeraldWorkQueueWithoutConsumers", MESSAGE_NOTIFICATIONS.name),
             }
             <= prometheus.alertmanager_alerts()
         ),
@@ -294,6 +302,7 @@ def test_a_stopped_router_and_a_poisoned_queue_fire_their_alerts(
     )
     dead_letters = (fired["dead letters"] - poison_began, fired["dead letters"] - poison_done)
     router_down = (fired["router down"] - stop_began, fired["router down"] - stop_done)
+    no_consumer = (fired["no consumer"] - stop_began, fired["no consumer"] - stop_done)
     # In CI's output (as the fault tests' lines): the figures docs/operations.md quotes, from
     # the start of the forcing step (the poison's publish, `compose stop`) and from its end.
     emit(
@@ -302,6 +311,8 @@ def test_a_stopped_router_and_a_poisoned_queue_fire_their_alerts(
         f"dead_letters_fired={dead_letters[0]:.1f}s/{dead_letters[1]:.1f}s "
         f"router_down_for={down_for:.0f}s "
         f"router_down_fired={router_down[0]:.1f}s/{router_down[1]:.1f}s "
+        f"no_consumer_for={no_consumer_for:.0f}s "
+        f"no_consumer_fired={no_consumer[0]:.1f}s/{no_consumer[1]:.1f}s "
         f"stop_took={stop_done - stop_began:.1f}s",
         request.node,
     )
@@ -310,6 +321,8 @@ def test_a_stopped_router_and_a_poisoned_queue_fire_their_alerts(
     assert dead_letters[1] <= dead_letters_for + 20, dead_letters
     assert router_down[0] >= down_for, router_down
     assert router_down[1] <= down_for + 20, router_down
+    assert no_consumer[0] >= no_consumer_for, no_consumer
+    assert no_consumer[1] <= no_consumer_for + 20, no_consumer
 
 
 def _for_seconds(alert: str) -> float:

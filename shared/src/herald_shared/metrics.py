@@ -283,6 +283,18 @@ def consumed_queues(broker: Any) -> list[str]:
     return names
 
 
+def fed_queues(broker: Any) -> list[str]:
+    """The work queues this broker's publishers feed (consumed by other services): a service
+    reports their consumers too, so that a consuming service that is gone entirely still shows
+    as a queue without consumers, not as a series that vanished with it."""
+    names = []
+    for publisher in broker.publishers:
+        queue = queue_for_routing_key(getattr(publisher, "routing_key", "") or "")
+        if queue is not None and queue.name not in names:
+            names.append(queue.name)
+    return names
+
+
 def _consumer_alive(subscriber: Any) -> bool:
     # Same private state as `ops.consumers_ready` (FastStream 0.7.8, pinned).
     queue: Any = getattr(subscriber, "_queue_obj", None)
@@ -312,7 +324,8 @@ async def refresh_broker_gauges(
     probe: QueueProbe | None = None,
     timeout: float = PROBE_TIMEOUT,
 ) -> None:
-    """Set the consumer and queue-depth gauges for the queues `broker` consumes.
+    """Set the consumer and queue-depth gauges for the queues `broker` consumes and for those
+    its publishers feed.
 
     If RabbitMQ cannot be asked, the depth and RabbitMQ-consumer samples are removed rather than
     left at their last value: a gap on the dashboard is honest, a frozen number is not.
@@ -329,7 +342,8 @@ async def refresh_broker_gauges(
             metrics.retries.labels(queue=queue.name)
             metrics.deferrals.labels(queue=queue.name)
 
-    work_queues = consumed_queues(broker)
+    consumed = consumed_queues(broker)
+    work_queues = [*consumed, *(name for name in fed_queues(broker) if name not in consumed)]
     if probe is None:
         if metrics._probe is None:
             metrics._probe = ChannelQueueProbe(broker)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from herald_shared.database import make_engine, run_migrations
@@ -95,3 +96,26 @@ async def test_rows_written_before_the_column_existed_are_not_streamed(
         )
 
     assert await repository.stream_rows(engine, after=StreamPosition(0, 0), limit=10) == []
+
+
+async def test_the_relay_waiting_on_the_broker_holds_nothing_back(engine: AsyncEngine) -> None:
+    await stage(engine, "published")
+    head = await repository.stream_head(engine)
+    relay = await engine.connect()
+    relay_transaction = await relay.begin()
+    try:
+        # As the relay does: a transaction of its name that locks rows (it has a transaction id)
+        # and only updates them, never writes a new one, while it waits for the broker.
+        await relay.execute(
+            text("SELECT set_config('application_name', :name, true)"),
+            {"name": repository.RELAY_APPLICATION_NAME},
+        )
+        await relay.execute(text("UPDATE outbox SET attempts = attempts + 1"))
+        await stage(engine, "while the relay waits")
+
+        read = await repository.stream_rows(engine, after=head, limit=10)
+    finally:
+        await relay_transaction.rollback()
+        await relay.close()
+
+    assert contents(read) == ["while the relay waits"]

@@ -232,6 +232,15 @@ async def test_queue_depth_and_consumers_come_from_rabbitmq_and_vanish_when_it_c
             "read_markers.dlq": (0, 0),
             "delivery_reports": (3, 0),
             "delivery_reports.dlq": (0, 0),
+            # The queues the router's jobs feed (push-sender's and email-sender's).
+            "push_notifications": (5, 0),
+            "push_notifications.dlq": (0, 0),
+            "push_notifications_urgent": (0, 1),
+            "push_notifications_urgent.dlq": (0, 0),
+            "email_notifications": (0, 1),
+            "email_notifications.dlq": (0, 0),
+            "email_notifications_urgent": (0, 1),
+            "email_notifications_urgent.dlq": (0, 0),
         }
     )
 
@@ -243,6 +252,11 @@ async def test_queue_depth_and_consumers_come_from_rabbitmq_and_vanish_when_it_c
     assert value("herald_queue_depth", {"queue": "delivery_reports"}) == 3
     assert value("herald_queue_consumers", {"queue": "message_notifications"}) == 2
     assert value("herald_queue_consumers", {"queue": "delivery_reports"}) == 0
+    # A fed queue's consumers too: push-sender gone shows as 0 here, not as no series.
+    assert value("herald_queue_consumers", {"queue": "push_notifications"}) == 0
+    assert value("herald_queue_depth", {"queue": "push_notifications"}) == 5
+    # This process's own consumers are only of what it consumes.
+    assert value("herald_consumers", {"queue": "push_notifications"}) is None
     # RabbitMQ's consumer count is for work queues; a .dlq has none by design.
     assert value("herald_queue_consumers", {"queue": "message_notifications.dlq"}) is None
     assert value("herald_consumers", {"queue": "message_notifications"}) == 0  # not started

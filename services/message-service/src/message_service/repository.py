@@ -595,9 +595,21 @@ async def claims_lock_rows(session: AsyncSession) -> bool:
     return await _dialect(session) == "postgresql"
 
 
+# The relay's transactions say so (`application_name`): they only update and delete outbox
+# rows, never write one, so the real-time stream's horizon need not wait for them while they
+# wait for the broker (`_PG_HORIZON`).
+RELAY_APPLICATION_NAME = "herald-outbox-relay"
+
+
 async def claim_pending(session: AsyncSession, *, limit: int) -> Sequence[OutboxEvent]:
     """The oldest unpublished rows. On PostgreSQL they stay locked until the transaction ends and
     other relays skip them, so two replicas never publish the same row at the same time."""
+    if await _dialect(session) == "postgresql":
+        connection = await session.connection()
+        await connection.execute(
+            text("SELECT set_config('application_name', :name, true)"),
+            {"name": RELAY_APPLICATION_NAME},
+        )
     statement = (
         select(OutboxEvent)
         .where(col(OutboxEvent.published_at).is_(None))
@@ -664,11 +676,12 @@ class StreamRow:
 _END = StreamPosition(2**62, 2**62)
 
 # The oldest transaction of this database that may still write a row: the oldest one running
-# here, else the next to start. Every row with a lower transaction id is committed (or never
-# will be) once this is read, and a statement after it sees all of them. Only this database's
-# transactions count (a long one in another database of the server holds nothing back), as
-# `pg_stat_activity` shows them to a session of the same role. It shows 32-bit ids: each is
-# widened to the 64-bit id of its epoch (the snapshot's xmax is a 64-bit id past them all).
+# here (the relay's aside: they never write one), else the next to start. Every row with a
+# lower transaction id is committed (or never will be) once this is read, and a statement after
+# it sees all of them. Only this database's transactions count (a long one in another database
+# of the server holds nothing back), as `pg_stat_activity` shows them to a session of the same
+# role. It shows 32-bit ids: each is widened to the 64-bit id of its epoch (the snapshot's xmax
+# is a 64-bit id past them all).
 _PG_HORIZON = text(
     "WITH next AS (SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS id)"
     " SELECT coalesce(min("
@@ -678,6 +691,7 @@ _PG_HORIZON = text(
     " ), next.id)"
     " FROM next LEFT JOIN pg_stat_activity AS activity"
     "   ON activity.datname = current_database() AND activity.backend_xid IS NOT NULL"
+    "   AND activity.application_name IS DISTINCT FROM :relay"
     " GROUP BY next.id"
 )
 _PG_STREAM_ROWS = text(
@@ -700,7 +714,8 @@ async def stream_head(engine: AsyncEngine) -> StreamPosition:
     still uncommitted) will ever be."""
     async with autocommit(engine) as connection:
         if engine.dialect.name == "postgresql":
-            return StreamPosition(int(await connection.scalar(_PG_HORIZON)), 0)
+            horizon = await connection.scalar(_PG_HORIZON, {"relay": RELAY_APPLICATION_NAME})
+            return StreamPosition(int(horizon), 0)
         seq = await connection.scalar(core_select(func.coalesce(func.max(_outbox.c.seq), 0)))
         return StreamPosition(0, int(seq or 0))
 
@@ -724,7 +739,8 @@ async def stream_rows(
     async with autocommit(engine) as connection:
         if engine.dialect.name == "postgresql":
             # Two statements: the rows' snapshot is taken after the horizon was read.
-            parameters["horizon"] = int(await connection.scalar(_PG_HORIZON))
+            horizon = await connection.scalar(_PG_HORIZON, {"relay": RELAY_APPLICATION_NAME})
+            parameters["horizon"] = int(horizon)
             result = await connection.execute(_PG_STREAM_ROWS, parameters)
         else:
             result = await connection.execute(_SQLITE_STREAM_ROWS, parameters)
