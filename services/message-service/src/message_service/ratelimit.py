@@ -123,6 +123,7 @@ class RateLimiter:
         redis_url: str | None = None,
         key_prefix: str = "herald",
         redis_timeout: float = 0.25,
+        outage_retry: float = OUTAGE_RETRY_S,
         enabled: bool = True,
     ) -> None:
         self.budgets = dict(budgets)
@@ -132,6 +133,7 @@ class RateLimiter:
         self._shared: MovingWindowRateLimiter | None = None
         self._pool: ConnectionPool | None = None
         self._timeout = redis_timeout
+        self._outage_retry = outage_retry
         if redis_url and enabled:
             self._pool = ConnectionPool.from_url(
                 redis_url, socket_timeout=redis_timeout, socket_connect_timeout=redis_timeout
@@ -219,11 +221,11 @@ class RateLimiter:
         if not self._shared_down_until:
             logger.warning(
                 "message_service.ratelimit.shared_storage_unavailable error=%s "
-                "(counting in this process; retried every %.0f s)",
+                "(counting in this process; retried every %g s)",
                 describe_error(exc) if not isinstance(exc, TimeoutError) else "TimeoutError",
-                OUTAGE_RETRY_S,
+                self._outage_retry,
             )
-        self._shared_down_until = time.monotonic() + OUTAGE_RETRY_S
+        self._shared_down_until = time.monotonic() + self._outage_retry
 
     async def _refusal(
         self,
