@@ -149,6 +149,11 @@ class RateLimiter:
         self._blocked: dict[tuple[Budget, str], _Block] = {}
 
     @property
+    def blocking(self) -> bool:
+        """Whether any key went over a budget here and may still be refused without I/O."""
+        return bool(self._blocked)
+
+    @property
     def shared(self) -> bool:
         """Whether the counts live in Redis (shared by the replicas)."""
         return self._shared is not None
@@ -178,8 +183,8 @@ class RateLimiter:
             raise refusal
 
     async def hit_and_block(self, budget: Budget, key: str) -> None:
-        """`hit`, and when refused, remember it here: `refuse_if_blocked` refuses `key` without a
-        round trip until a slot frees (every replica learns it on its own first refusal)."""
+        """`hit`, and when refused, remember it here: `refuse_if_blocked` refuses `key` without
+        a round trip until a slot frees (every replica learns it on its own first refusal)."""
         try:
             await self.hit(budget, key)
         except RateLimited as refusal:

@@ -66,10 +66,10 @@ async def _current_user(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> CurrentUser:
     limiter = deps.limiter
-    ip = caller_ip(request, deps) if limiter.enabled else ""
-    limiter.refuse_if_blocked(Budget.AUTH_FAILURES, ip)
+    if limiter.blocking:  # some address went over its budget here: is it this one?
+        limiter.refuse_if_blocked(Budget.AUTH_FAILURES, caller_ip(request, deps))
     if credentials is None:
-        await limiter.hit_and_block(Budget.AUTH_FAILURES, ip)
+        await limiter.hit_and_block(Budget.AUTH_FAILURES, caller_ip(request, deps))
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
             "not authenticated",
@@ -77,7 +77,7 @@ async def _current_user(
         )
     user = await service.authenticate(engine=deps.engine, token=credentials.credentials)
     if user is None:
-        await limiter.hit_and_block(Budget.AUTH_FAILURES, ip)
+        await limiter.hit_and_block(Budget.AUTH_FAILURES, caller_ip(request, deps))
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
             "invalid token",
