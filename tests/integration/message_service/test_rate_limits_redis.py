@@ -1,10 +1,13 @@
 """The rate limiter on the machine's Redis: two limiters (as two replicas would hold) spend one
 budget; a Redis that goes away (a TCP proxy cut) fails open to in-process counts with one log
-line and a metric, and the shared counts are used again once it is back."""
+line and a metric, and the shared counts are used again once it is back; a Redis that never
+answers fails open after the timeout."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
@@ -136,3 +139,42 @@ async def test_redis_going_away_fails_open_then_its_counts_are_used_again(
     assert lines[1] == "message_service.ratelimit.shared_storage_restored"
     assert len(lines) == 2, lines
     assert all("alice" not in line for line in lines)
+
+
+async def test_a_redis_that_never_answers_fails_open_within_the_timeout(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A server that accepts connections and says nothing (a hung Redis, a black hole): each
+    round trip gives up after `redis_timeout`, then the process counts alone."""
+    hung: list[asyncio.StreamWriter] = []
+
+    async def accept_and_wait(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hung.append(writer)
+
+    server = await asyncio.start_server(accept_and_wait, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    replica = RateLimiter(
+        budgets=dict.fromkeys(Budget, parse_budget("2 per minute")),
+        metrics=RateLimitMetrics(CollectorRegistry()),
+        redis_url=f"redis://127.0.0.1:{port}/0",
+        key_prefix=infra.redis_key_prefix(),
+        redis_timeout=0.2,
+    )
+    try:
+        with caplog.at_level(logging.WARNING, logger="message_service"):
+            started = time.monotonic()
+            answers = [await spent(replica, "alice") for _ in range(3)]
+            elapsed = time.monotonic() - started
+    finally:
+        await replica.close()
+        for writer in hung:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+    assert answers == [True, True, False]
+    # One timeout, then in-process until the retry: not one timeout per request.
+    assert elapsed < 1.0, elapsed
+    lines = [r.getMessage() for r in caplog.records if r.name == "message_service.ratelimit"]
+    assert len(lines) == 1
+    assert "TimeoutError" in lines[0]
