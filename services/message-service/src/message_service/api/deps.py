@@ -4,7 +4,8 @@ spending the token's budget), `Poster`, `RoomCreator`, `Inviter` and `DeviceOwne
 spending their own budget for that instead), `Registrant` and `Anonymous` (a call without a
 token, spending the IP's budget), and `Tokens` (the unsubscribe links' verifier).
 
-Rate limits (`message_service.ratelimit`): each request spends one budget. A missing or unknown
+Rate limits (`message_service.ratelimit`): each request spends one budget (`POST /rooms` with
+members also spends their invitations, in the route). A missing or unknown
 token spends the IP's failed-authentication budget, and an IP over it is refused (429) before its
 token is looked at."""
 
