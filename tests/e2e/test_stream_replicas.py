@@ -40,6 +40,8 @@ async def replicas(
         credentials=credentials,
         smtp=smtp,
     )["message-service"]
+    # Alice posts 200 messages within seconds: above the default posting budget (per user).
+    environment["RATE_LIMIT_POSTING"] = f"{MESSAGES} per minute"
     started = [
         ServiceProcess(
             name="message-service",

@@ -36,10 +36,18 @@ RABBIT_BASE_URL = os.environ.get("HERALD_TEST_RABBITMQ_URL", "amqp://guest:guest
 RABBIT_MANAGEMENT_URL = os.environ.get(
     "HERALD_TEST_RABBITMQ_MANAGEMENT_URL", "http://127.0.0.1:15672"
 )
+# The machine's Redis (no persistence): the rate limits' shared counts. Tests never flush it:
+# each uses keys of its own (`redis_key_prefix`), which expire with their window.
+REDIS_URL = os.environ.get("HERALD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 RABBITMQCTL = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
 RABBITMQ_PLUGINS = shutil.which("rabbitmq-plugins") or "/usr/sbin/rabbitmq-plugins"
 
 T = TypeVar("T")
+
+
+def redis_key_prefix() -> str:
+    """A key prefix no other test uses: budgets of its own on the shared Redis."""
+    return f"herald-test-{uuid.uuid4().hex}"
 
 
 async def create_database() -> str:

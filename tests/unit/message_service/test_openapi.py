@@ -62,6 +62,8 @@ def test_every_operation_documents_its_error_answers(document: dict[str, Any]) -
             assert answer_schema(operation, "413") == "ErrorOut", name
         if "422" in answers:
             assert answer_schema(operation, "422") == "InvalidOut", name
+        assert answer_schema(operation, "429") == "ErrorOut", name
+        assert {"Retry-After", "RateLimit-Policy", "RateLimit"} <= set(answers["429"]["headers"])
     assert "HTTPValidationError" not in document["components"]["schemas"]
 
 

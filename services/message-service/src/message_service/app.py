@@ -65,6 +65,7 @@ from message_service.docs_index import DOCS_INDEX_PATH, docs_index_html, herald_
 from message_service.handlers import HandlerDeps, Subscribers, register_handlers
 from message_service.outbox import OutboxMetrics, OutboxRelay
 from message_service.pruning import DevicePruner
+from message_service.ratelimit import RateLimited, RateLimiter, RateLimitMetrics
 from message_service.service import ServiceError
 from message_service.settings import SERVICE_NAME, Settings
 from message_service.stream import StreamHub, StreamMetrics
@@ -104,6 +105,7 @@ class MessageService:
     specification: AsyncAPI
     pruner: DevicePruner
     streams: StreamHub
+    limiter: RateLimiter
     app: FastAPI
 
 
@@ -221,6 +223,14 @@ def build_service(
         heartbeat=settings.stream_heartbeat,
         presence_ttl=settings.presence_ttl,
     )
+    limiter = RateLimiter(
+        budgets=settings.rate_limit_budgets(),
+        metrics=RateLimitMetrics(registry),
+        redis_url=settings.redis_url,
+        key_prefix=settings.rate_limit_key_prefix,
+        redis_timeout=settings.rate_limit_redis_timeout,
+        enabled=settings.rate_limits,
+    )
     app = FastAPI(
         title=TITLE,
         version=service_version(SERVICE_NAME),
@@ -248,6 +258,7 @@ def build_service(
             interval=settings.device_prune_interval,
         ),
         streams=streams,
+        limiter=limiter,
         app=app,
     )
     app.state.service = service
@@ -258,11 +269,15 @@ def build_service(
         max_devices_per_user=settings.max_devices_per_user,
         webpush_allowed_hosts=settings.webpush_allowed_hosts,
         streams=streams,
+        limiter=limiter,
+        trusted_proxies=settings.trusted_proxies,
+        registration_min_seconds=settings.registration_min_seconds,
     )
     app.include_router(router)
     _add_ops_routes(app, service)
     _document_common_answers(app)
     app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(RateLimited, _rate_limited)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     # Added last = outermost: a body too large never reaches the app, and no unhandled error
@@ -330,7 +345,11 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     runtime.relay.start()
     runtime.pruner.start()
     runtime.streams.start()
-    logger.info("message_service.started port=%d", settings.port)
+    logger.info(
+        "message_service.started port=%d rate_limits=%s",
+        settings.port,
+        ("redis" if runtime.limiter.shared else "in-process") if runtime.limiter.enabled else "off",
+    )
     try:
         yield
     finally:
@@ -342,6 +361,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await runtime.relay.stop()
         await runtime.broker.stop()
         await runtime.engine.dispose()
+        await runtime.limiter.close()
         logger.info("message_service.stopped")
 
 
@@ -399,6 +419,17 @@ async def _service_error(_request: Request, exc: Exception) -> Response:
         raise exc
     # A detail may list what the caller sent (unknown user ids): clipped.
     return JSONResponse({"detail": clipped(exc.detail)}, status_code=exc.status_code)
+
+
+async def _rate_limited(_request: Request, exc: Exception) -> Response:
+    """429 with when to come back (`Retry-After`) and the budget that ran out."""
+    if not isinstance(exc, RateLimited):  # registered for it only
+        raise exc
+    return JSONResponse(
+        {"detail": f"rate limit reached ({exc.budget}): retry after {exc.retry_after} s"},
+        status_code=429,
+        headers=exc.headers(),
+    )
 
 
 _HTTP_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")

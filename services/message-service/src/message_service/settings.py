@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
+from limits import RateLimitItem
 from pydantic import Field, field_validator
 
 from herald_shared.config import ServiceSettings, default_sqlite_url
 from herald_shared.unsubscribe import UnsubscribeSecret
 from herald_shared.webpush import DEFAULT_ALLOWED_HOSTS, AllowedHosts
+from message_service.ratelimit import Budget, TrustedProxies, parse_budget
 
 SERVICE_NAME = "message-service"
 
@@ -52,9 +54,38 @@ class Settings(ServiceSettings):
     # Where a reader's browser reaches the other services, for the links of the documentation
     # index (/docs/services): `NOTIFICATION_ROUTER_DOCS_URL`, `PUSH_SENDER_DOCS_URL`,
     # `EMAIL_SENDER_DOCS_URL`. The defaults are each service's default port on this machine.
+    # Rate limits (docs/configuration.md, README "Security"). `RATE_LIMITS=false` switches them
+    # off. `REDIS_URL` (`redis://host:6379/0`): the counts every replica shares; unset, each
+    # process counts by itself (one replica). Keys start with `RATE_LIMIT_KEY_PREFIX`; a round
+    # trip to Redis gives up after `RATE_LIMIT_REDIS_TIMEOUT` seconds (then: fail open).
+    rate_limits: bool = True
+    redis_url: str | None = None
+    rate_limit_key_prefix: str = Field(default="herald", min_length=1, max_length=100)
+    rate_limit_redis_timeout: float = Field(default=0.25, gt=0, le=10)
+    # `TRUSTED_PROXIES`: the proxies whose `X-Forwarded-For` names the client; none by default
+    # (the socket's peer is the client).
+    trusted_proxies: TrustedProxies = ()
+    # The budgets, in the `limits` notation ("20 per 10 minutes"): `RATE_LIMIT_<BUDGET>`.
+    rate_limit_registration: str = "20 per hour"  # per IP
+    rate_limit_auth_failures: str = "20 per 10 minutes"  # per IP
+    rate_limit_anonymous: str = "60 per minute"  # per IP
+    rate_limit_posting: str = "120 per minute"  # per user
+    rate_limit_rooms: str = "60 per hour"  # per user
+    rate_limit_invitations: str = "1000 per hour"  # per user, one per invitee
+    rate_limit_devices: str = "30 per hour"  # per user
+    rate_limit_session: str = "600 per minute"  # per token
+    # Every registration answer (201, 409) comes this many seconds after the request at the
+    # soonest, so that its timing does not tell whether a username exists.
+    registration_min_seconds: float = Field(default=0.1, ge=0, le=5)
     notification_router_docs_url: str = "http://127.0.0.1:8001"
     push_sender_docs_url: str = "http://127.0.0.1:8002"
     email_sender_docs_url: str = "http://127.0.0.1:8003"
+
+    @field_validator(*(f"rate_limit_{budget.value}" for budget in Budget))
+    @classmethod
+    def _rate_limit(cls, value: str) -> str:
+        parse_budget(value)
+        return value
 
     @field_validator(
         "notification_router_docs_url", "push_sender_docs_url", "email_sender_docs_url"
@@ -65,3 +96,8 @@ class Settings(ServiceSettings):
         if parsed.scheme not in {"http", "https"} or not parsed.hostname:
             raise ValueError(f"not an http(s) base URL: {value!r}")
         return value.rstrip("/")
+
+    def rate_limit_budgets(self) -> dict[Budget, RateLimitItem]:
+        return {
+            budget: parse_budget(getattr(self, f"rate_limit_{budget.value}")) for budget in Budget
+        }

@@ -1,10 +1,17 @@
 """What routes depend on, as `Annotated` aliases: `Deps` (the application's parts), `SessionDep`
-(one session per request, committed by the use case), `Me` (the caller, from the bearer token)
-and `Tokens` (the unsubscribe links' verifier)."""
+(one session per request, committed by the use case), `Me` (the caller, from the bearer token,
+spending the token's budget), `Poster`, `RoomCreator`, `Inviter` and `DeviceOwner` (the caller,
+spending their own budget for that instead), `Registrant` and `Anonymous` (a call without a
+token, spending the IP's budget), and `Tokens` (the unsubscribe links' verifier).
+
+Rate limits (`message_service.ratelimit`): each request spends one budget (`POST /rooms` with
+members also spends their invitations, in the route). A missing or unknown
+token spends the IP's failed-authentication budget, and an IP over it is refused (429) before its
+token is looked at."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -16,6 +23,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from herald_shared.unsubscribe import UnsubscribeTokens, unsubscribe_tokens
 from message_service import service
 from message_service.outbox import Nudge, session_scope
+from message_service.ratelimit import Budget, Network, RateLimiter, client_ip, token_key
 from message_service.service import CurrentUser
 from message_service.settings import Settings
 from message_service.stream import StreamHub
@@ -29,6 +37,9 @@ class ApiDeps:
     max_devices_per_user: int
     webpush_allowed_hosts: tuple[str, ...]
     streams: StreamHub
+    limiter: RateLimiter
+    trusted_proxies: tuple[Network, ...] = ()
+    registration_min_seconds: float = 0.0
 
 
 def _deps(request: Request) -> ApiDeps:
@@ -44,11 +55,22 @@ async def _session(deps: Annotated[ApiDeps, Depends(_deps)]) -> AsyncIterator[As
 _bearer = HTTPBearer(auto_error=False, description="The token returned by `POST /users`.")
 
 
+def caller_ip(request: Request, deps: ApiDeps) -> str:
+    """The client's address: the peer's, or the one trusted proxies forwarded."""
+    peer = request.client.host if request.client is not None else None
+    return client_ip(peer, request.headers.getlist("x-forwarded-for"), deps.trusted_proxies)
+
+
 async def _current_user(
+    request: Request,
     deps: Annotated[ApiDeps, Depends(_deps)],
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> CurrentUser:
+    limiter = deps.limiter
+    if limiter.blocking:  # some address went over its budget here: is it this one?
+        limiter.refuse_if_blocked(Budget.AUTH_FAILURES, caller_ip(request, deps))
     if credentials is None:
+        await limiter.hit_and_block(Budget.AUTH_FAILURES, caller_ip(request, deps))
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
             "not authenticated",
@@ -56,12 +78,44 @@ async def _current_user(
         )
     user = await service.authenticate(engine=deps.engine, token=credentials.credentials)
     if user is None:
+        await limiter.hit_and_block(Budget.AUTH_FAILURES, caller_ip(request, deps))
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
             "invalid token",
             headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
         )
     return user
+
+
+async def _session_user(
+    deps: Annotated[ApiDeps, Depends(_deps)],
+    user: Annotated[CurrentUser, Depends(_current_user)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> CurrentUser:
+    """The caller, having spent one of their token's budget (the session's, once sessions
+    exist)."""
+    if credentials is not None and deps.limiter.enabled:
+        await deps.limiter.hit(Budget.SESSION, token_key(credentials.credentials))
+    return user
+
+
+def _user_budget(budget: Budget) -> Callable[..., Awaitable[CurrentUser]]:
+    async def spend(
+        deps: Annotated[ApiDeps, Depends(_deps)],
+        user: Annotated[CurrentUser, Depends(_current_user)],
+    ) -> CurrentUser:
+        await deps.limiter.hit(budget, str(user.id))
+        return user
+
+    return spend
+
+
+def _ip_budget(budget: Budget) -> Callable[..., Awaitable[None]]:
+    async def spend(request: Request, deps: Annotated[ApiDeps, Depends(_deps)]) -> None:
+        if deps.limiter.enabled:
+            await deps.limiter.hit(budget, caller_ip(request, deps))
+
+    return spend
 
 
 def _unsubscribe_tokens(request: Request) -> UnsubscribeTokens:
@@ -76,5 +130,11 @@ def _unsubscribe_tokens(request: Request) -> UnsubscribeTokens:
 
 Deps = Annotated[ApiDeps, Depends(_deps)]
 SessionDep = Annotated[AsyncSession, Depends(_session)]
-Me = Annotated[CurrentUser, Depends(_current_user)]
+Me = Annotated[CurrentUser, Depends(_session_user)]
+Poster = Annotated[CurrentUser, Depends(_user_budget(Budget.POSTING))]
+RoomCreator = Annotated[CurrentUser, Depends(_user_budget(Budget.ROOMS))]
+Inviter = Annotated[CurrentUser, Depends(_user_budget(Budget.INVITATIONS))]
+DeviceOwner = Annotated[CurrentUser, Depends(_user_budget(Budget.DEVICES))]
+Registrant = Depends(_ip_budget(Budget.REGISTRATION))
+Anonymous = Depends(_ip_budget(Budget.ANONYMOUS))
 Tokens = Annotated[UnsubscribeTokens, Depends(_unsubscribe_tokens)]

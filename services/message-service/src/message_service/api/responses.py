@@ -1,7 +1,7 @@
 """The error answers of the HTTP API, for the OpenAPI description: their bodies, the `responses=`
 dicts a route adds for the answers particular to it (404, 409, 422), and `with_common_answers`,
 which documents on every operation the answers that come from no route of its own (401 from the
-bearer token, 400 and 413 from reading the body)."""
+bearer token, 400 and 413 from reading the body, 429 from the rate limits)."""
 
 from __future__ import annotations
 
@@ -73,12 +73,31 @@ UNAUTHORIZED_ANSWER = _json_answer(
 MALFORMED_BODY_ANSWER = _json_answer("A body that cannot be parsed (most answer 422)")
 TOO_LARGE_ANSWER = _json_answer("The body is larger than `MAX_BODY_BYTES`")
 INVALID_ANSWER = _json_answer("Invalid request", "InvalidOut")
+_HEADER = {"schema": {"type": "string"}}
+RATE_LIMITED_ANSWER = _json_answer(
+    "A rate limit reached: the caller's budget for this (per IP, user or token) is spent",
+    headers={
+        "Retry-After": {
+            "description": "Seconds until the budget has room again",
+            "schema": {"type": "integer", "minimum": 1},
+        },
+        "RateLimit-Policy": {
+            "description": 'The budget (IETF draft field): `"posting";q=120;w=60` = 120 per 60 s',
+            **_HEADER,
+        },
+        "RateLimit": {
+            "description": 'What is left of it (IETF draft field): `"posting";r=0;t=12`',
+            **_HEADER,
+        },
+    },
+)
 
 
 def with_common_answers(document: dict[str, Any]) -> dict[str, Any]:
     """`document` (an OpenAPI document FastAPI generated) with the answers that the bearer token
     dependency and the body's parsing give documented on each operation they apply to: 401 where
-    a token is required, 400 and 413 where a body is read; and the 422 FastAPI documents by
+    a token is required, 400 and 413 where a body is read, 429 everywhere (each operation spends
+    a rate-limit budget); and the 422 FastAPI documents by
     itself replaced by the body this service answers (`InvalidOut`)."""
     schemas = document.setdefault("components", {}).setdefault("schemas", {})
     for model in (ErrorOut, InvalidOut):
@@ -89,6 +108,7 @@ def with_common_answers(document: dict[str, Any]) -> dict[str, Any]:
     for path_item in document.get("paths", {}).values():
         for operation in path_item.values():
             answers = operation.setdefault("responses", {})
+            answers.setdefault("429", RATE_LIMITED_ANSWER)
             if operation.get("security"):
                 answers.setdefault("401", UNAUTHORIZED_ANSWER)
             if "requestBody" in operation:

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Response, status
 
 from herald_shared.events import Platform, WebPushKeys
 from message_service import service
-from message_service.api.deps import Deps, Me, SessionDep
+from message_service.api.deps import Deps, DeviceOwner, Me, SessionDep
 from message_service.api.responses import CONFLICT, INVALID, NOT_FOUND, link
 from message_service.api.schemas import DeviceCreate, DeviceOut, WebPushDeviceCreate
 
@@ -35,7 +35,7 @@ async def list_devices(me: Me, session: SessionDep) -> list[DeviceOut]:
     },
 )
 async def register_device(
-    body: DeviceCreate, me: Me, session: SessionDep, deps: Deps, response: Response
+    body: DeviceCreate, me: DeviceOwner, session: SessionDep, deps: Deps, response: Response
 ) -> DeviceOut:
     """Register a push token, or a browser's Web Push subscription (201); registering the same
     one again refreshes it and returns the device (200)."""

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Response
 
 from message_service import service
-from message_service.api.deps import Deps, Me, SessionDep
+from message_service.api.deps import Deps, Me, Poster, SessionDep
 from message_service.api.responses import INVALID, NOT_FOUND
 from message_service.api.schemas import PRINTABLE_ASCII, MessageCreate, MessageOut, MessagePageOut
 from message_service.cursor import CURSOR_PATTERN
@@ -32,7 +32,7 @@ IdempotencyKey = Annotated[
 async def post_message(
     room_id: uuid.UUID,
     body: MessageCreate,
-    me: Me,
+    me: Poster,
     deps: Deps,
     response: Response,
     idempotency_key: IdempotencyKey = None,

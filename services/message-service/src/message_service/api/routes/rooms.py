@@ -8,7 +8,7 @@ from fastapi import APIRouter, Response, status
 
 from herald_shared.events import Level
 from message_service import service
-from message_service.api.deps import Me, SessionDep
+from message_service.api.deps import Deps, Inviter, Me, RoomCreator, SessionDep
 from message_service.api.responses import CONFLICT, INVALID, NOT_FOUND, ROOM_LINKS
 from message_service.api.schemas import (
     DirectRoomCreate,
@@ -21,6 +21,7 @@ from message_service.api.schemas import (
     RoomNotificationsOut,
     RoomOut,
 )
+from message_service.ratelimit import Budget
 
 router = APIRouter(tags=["rooms"])
 
@@ -34,7 +35,9 @@ router = APIRouter(tags=["rooms"])
         **INVALID,
     },
 )
-async def create_room(body: RoomCreate, me: Me, session: SessionDep, response: Response) -> RoomOut:
+async def create_room(
+    body: RoomCreate, me: RoomCreator, deps: Deps, session: SessionDep, response: Response
+) -> RoomOut:
     """Create a group room (you are a member of it, with the users listed), or open the direct
     room with one user (`kind: direct`): a pair has one, so opening it again answers 200 with
     the same room."""
@@ -45,6 +48,8 @@ async def create_room(body: RoomCreate, me: Me, session: SessionDep, response: R
         if not opened.created:
             response.status_code = status.HTTP_200_OK
         return RoomOut.of(opened.room)
+    if body.member_ids:  # each member listed is invited: one of the invitations budget each
+        await deps.limiter.hit(Budget.INVITATIONS, str(me.id), cost=len(body.member_ids))
     view = await service.create_room(
         session=session, creator_id=me.id, name=body.name, member_ids=body.member_ids
     )
@@ -91,7 +96,7 @@ async def read_room(room_id: uuid.UUID, me: Me, session: SessionDep) -> RoomOut:
     responses={200: {"description": "Already a member"}, **NOT_FOUND, **CONFLICT, **INVALID},
 )
 async def add_member(
-    room_id: uuid.UUID, body: MemberAdd, me: Me, session: SessionDep, response: Response
+    room_id: uuid.UUID, body: MemberAdd, me: Inviter, session: SessionDep, response: Response
 ) -> RoomOut:
     """Invite a user to a room you are a member of (201; 200 if they already were in it or
     invited): they hear nothing from it until they join."""

@@ -19,9 +19,10 @@ from herald_shared.events import utc_now
 from herald_shared.unsubscribe import InvalidUnsubscribeToken
 from message_service import service
 from message_service.api import unsubscribe_pages
-from message_service.api.deps import SessionDep, Tokens
+from message_service.api.deps import Anonymous, SessionDep, Tokens
 
-router = APIRouter(tags=["unsubscribe"])
+# Links from e-mails, followed without a token: the IP's budget for anonymous calls.
+router = APIRouter(tags=["unsubscribe"], dependencies=[Anonymous])
 
 UnsubscribeToken = Annotated[
     str, Query(max_length=200, description="The signed token from the e-mail's link.")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 
 from fastapi import APIRouter
 
 from message_service import service
-from message_service.api.deps import Me, SessionDep
+from message_service.api.deps import Deps, Me, Registrant, SessionDep
 from message_service.api.responses import CONFLICT, INVALID, NOT_FOUND, link
 from message_service.api.schemas import BlockedOut, Registered, UserCreate, UserOut, UserPatch
 
@@ -17,6 +19,7 @@ router = APIRouter(tags=["users"])
 @router.post(
     "/users",
     status_code=201,
+    dependencies=[Registrant],
     responses={
         201: {
             "links": {
@@ -32,11 +35,23 @@ router = APIRouter(tags=["users"])
         **INVALID,
     },
 )
-async def register(body: UserCreate, session: SessionDep) -> Registered:
-    """Create an account. The response holds the API token, which is never shown again."""
-    registration = await service.register_user(
-        session=session, username=body.username, display_name=body.display_name, email=body.email
-    )
+async def register(body: UserCreate, session: SessionDep, deps: Deps) -> Registered:
+    """Create an account. The response holds the API token, which is never shown again. Each
+    attempt spends one of the caller's IP's registration budget (429 beyond it), and the answer,
+    201 or 409, comes no sooner than `REGISTRATION_MIN_SECONDS` after the request: how long it
+    took does not tell whether the name was taken."""
+    started = time.monotonic()
+    try:
+        registration = await service.register_user(
+            session=session,
+            username=body.username,
+            display_name=body.display_name,
+            email=body.email,
+        )
+    finally:
+        left = deps.registration_min_seconds - (time.monotonic() - started)
+        if left > 0:
+            await asyncio.sleep(left)
     user = registration.user
     return Registered(
         id=user.id,
