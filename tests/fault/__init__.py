@@ -29,7 +29,10 @@ starts servers of its own, on spare loopback ports, from temporary directories i
 (`tests.support.processes.ServiceProcess`) on them, against `FakeFcm` (recording every attempt:
 `RecordingFcm`) and `FakeSmtp`, with retry tiers of 0.2, 0.5 and 1 s, a 5 s heartbeat and an outbox
 relay that backs off at most 2 s; `SHORT_LEASES` explains the settings of the tests in which a
-sender loses a job mid-flight. Everything is stopped and removed in finalisers, and an `atexit`
+sender loses a job mid-flight. `replicas={"push-sender": 2}` starts more than one process of a
+service (`push-sender#2`, …, on the same databases and virtual host), and `Herald.kill_owner_of`
+SIGKILLs the replica whose connection a fake provider's `on_accept_from` hook saw (its local
+port, found in /proc). Everything is stopped and removed in finalisers, and an `atexit`
 hook removes any server still alive if a run is interrupted.
 
 The checker: what the API accepted (message ids and their recipients) gives the ledger rows, the

@@ -105,7 +105,9 @@ async def start_herald(
 ) -> AsyncIterator[HeraldFactory]:
     """Starts the four services as processes on a fresh virtual host of the private node and
     fresh databases of the private cluster (the router's on `router_cluster=` if given), with
-    `overrides` added to their environment; stops and removes everything afterwards."""
+    `overrides` added to their environment, and `replicas={service: n}` processes of a service
+    (named `service`, `service#2`, … in `Herald.services`); stops and removes everything
+    afterwards."""
     assert isinstance(fcm, RecordingFcm)
     started: list[tuple[Herald, dict[str, PostgresCluster]]] = []
 
@@ -113,6 +115,7 @@ async def start_herald(
         *,
         overrides: Mapping[str, str] | None = None,
         router_cluster: PostgresCluster | None = None,
+        replicas: Mapping[str, int] | None = None,
     ) -> Herald:
         if not rabbit_node.running:  # a previous test may have left it stopped
             await asyncio.to_thread(rabbit_node.start)
@@ -138,13 +141,17 @@ async def start_herald(
             node=rabbit_node,
             rabbit_url=rabbit_url,
             services={
-                name: ServiceProcess(
+                replica: ServiceProcess(
                     name=name,
                     port=free_port(),
                     env=environments[name],
-                    log_path=log_dir / f"{name}.log",
+                    log_path=log_dir / f"{replica}.log",
                 )
                 for name in SERVICES
+                for replica in [
+                    name,
+                    *(f"{name}#{n}" for n in range(2, (replicas or {}).get(name, 1) + 1)),
+                ]
             },
             databases=databases,
             fcm=fcm,
