@@ -101,7 +101,7 @@ class RabbitNode:
     `stop()`/`start()` keep the data directory: durable queues and persistent messages survive.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, cookie: str | None = None) -> None:
         self.root = root
         self.name = f"herald-fault-{secrets.token_hex(4)}@localhost"
         self.port = 0
@@ -111,9 +111,10 @@ class RabbitNode:
         _LIVE[id(self)] = self
         home = root / "home"
         home.mkdir(parents=True)
-        cookie = home / ".erlang.cookie"
-        cookie.write_text(secrets.token_hex(20).upper())
-        cookie.chmod(0o400)
+        cookie_file = home / ".erlang.cookie"
+        # The nodes of one cluster share theirs (`RabbitCluster`); else the node's own.
+        cookie_file.write_text(cookie or secrets.token_hex(20).upper())
+        cookie_file.chmod(0o400)
         # An env file of our own, so that /etc/rabbitmq/rabbitmq-env.conf (the machine node's
         # NODENAME and flags) is not read.
         (root / "rabbitmq-env.conf").write_text("")
@@ -345,6 +346,44 @@ class RabbitNode:
             if len(parts) == 2 and parts[1].startswith("<"):
                 channels.setdefault(parts[0], set()).add(parts[1])
         return channels
+
+
+class RabbitCluster:
+    """`size` `RabbitNode`s clustered with RabbitMQ's own clustering: one shared Erlang cookie,
+    the first node booted, the others booted and joined to it (`join_cluster`). Quorum queues
+    declared once every node has joined get a replica on each (their default initial group
+    size is the cluster's)."""
+
+    def __init__(self, root: Path, size: int = 3) -> None:
+        cookie = secrets.token_hex(20).upper()
+        self.nodes = [RabbitNode(root / f"node{n}", cookie=cookie) for n in range(1, size + 1)]
+        self.form_seconds = 0.0
+
+    def start(self) -> float:
+        """Boot and join every node; returns the seconds it took."""
+        started = time.monotonic()
+        first, *others = self.nodes
+        first.start()
+        for node in others:
+            node.start()
+            node.ctl("stop_app")
+            node.ctl("join_cluster", first.name)
+            node.ctl("start_app")
+        self.form_seconds = time.monotonic() - started
+        return self.form_seconds
+
+    def running_nodes(self, via: RabbitNode | None = None) -> set[str]:
+        """The nodes the cluster (as `via`, else the first running node, sees it) runs."""
+        asking = via or next(node for node in self.nodes if node.running)
+        status = json.loads(asking.ctl("cluster_status", "--formatter", "json"))
+        return set(status["running_nodes"])
+
+    def urls(self, vhost: str) -> list[str]:
+        return [node.url(vhost) for node in self.nodes]
+
+    def cleanup(self) -> None:
+        for node in self.nodes:
+            node.cleanup()
 
 
 @dataclass(frozen=True)
