@@ -23,10 +23,10 @@ consumed_correlation_id: ContextVar[str | None] = ContextVar(
 
 
 # What a publish raises when its connection is lost (or not back yet): it goes out again.
+# aiormq's own errors only: an error of the caller's (a test's fake broker, say) stays its own.
 CONNECTION_LOST = (
     aiormq.exceptions.AMQPConnectionError,
     aiormq.exceptions.ChannelInvalidStateError,
-    ConnectionError,
 )
 RECONNECT_POLL_S = 0.05
 MAX_RECONNECT_POLL_S = 1.0

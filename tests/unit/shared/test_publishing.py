@@ -34,7 +34,7 @@ async def test_a_publish_whose_connection_was_lost_goes_out_again_with_the_same_
     publisher = FlakyPublisher(
         aiormq.exceptions.AMQPConnectionError("Server connection unexpectedly closed"),
         aiormq.exceptions.ChannelInvalidStateError("channel closed"),
-        ConnectionResetError(),
+        aiormq.exceptions.ConnectionClosed(320, "CONNECTION_FORCED"),
     )
     event = an_event()
 
