@@ -292,7 +292,19 @@ class _Statements:
         # lease ran out and was taken over changes nothing of the new owner's row.
         self.finish = (
             update(t)
-            .where(_ids(t.c.notification_id), mine, t.c.status == DeliveryStatus.SENDING.value)
+            .where(
+                _ids(t.c.notification_id),
+                or_(
+                    and_(mine, t.c.status == DeliveryStatus.SENDING.value),
+                    # Given back meanwhile (this worker abandoned it at shutdown, or a worker
+                    # that had taken it over released it) and claimed by nobody since: the
+                    # outcome of this call is still the truth, and spares the next copy a send.
+                    and_(
+                        t.c.leased_by.is_(None),
+                        t.c.status == DeliveryStatus.RETRYING.value,
+                    ),
+                ),
+            )
             .values(
                 status=bindparam("p_status"),
                 failure=bindparam("p_failure"),
@@ -497,7 +509,9 @@ class DeliveryLedger:
     ) -> bool:
         """Record the final outcome (committed before any event is published and before the
         ack). The lease stays until `mark_reported` or `unclaim`. False: this worker's lease was
-        taken over (it ran out), and the row is the new owner's, left as it is."""
+        taken over (it ran out), and the row is the new owner's, left as it is. A row given back
+        meanwhile and claimed by nobody since is recorded all the same (without a lease: its
+        events go out again with the next copy)."""
         recorded = await self.finish_many(
             [notification_id], status=status, failure=failure, reason=reason, now=now
         )

@@ -403,6 +403,26 @@ async def test_a_worker_whose_lease_was_taken_over_cannot_overwrite_the_new_owne
     )
 
 
+async def test_a_late_outcome_is_recorded_on_a_row_given_back_that_nobody_claimed(
+    ledger: DeliveryLedger,
+) -> None:
+    """A worker shutting down abandons a send still running; the call then ends: its outcome
+    is recorded (the next copy need not send again), and the next copy publishes its events."""
+    job = Job()
+    now = utc_now()
+    await claim(ledger, job, now)
+    await ledger.abandon(job.notification_id, reason="send interrupted", now=now)
+
+    assert await ledger.finish(
+        job.notification_id, status=DeliveryStatus.DELIVERED, reason=None, now=now
+    )
+
+    other = DeliveryLedger(ledger.engine, ledger.table)
+    assert await claim(other, job, now) == (
+        AlreadyFinal(DeliveryStatus.DELIVERED, None, None, reported=False)
+    )
+
+
 async def test_a_renewed_lease_keeps_another_worker_out(ledger: DeliveryLedger) -> None:
     other = DeliveryLedger(ledger.engine, ledger.table)
     job = Job()
