@@ -18,7 +18,7 @@ starts servers of its own, on spare loopback ports, from temporary directories i
   the process group, `close_all_connections()` is `rabbitmqctl close_all_connections --global`.
   One node per session; every test gets a virtual host of its own. `RabbitCluster` makes several
   such nodes one cluster (a shared Erlang cookie; the first booted, the others booted and joined
-  with `join_cluster`): `test_cluster.py` forms one of three (69 s on the loaded 2-core machine),
+  with `join_cluster`): `test_cluster.py` forms one of three (39-69 s on the loaded 2-core machine),
   applies deploy/rabbitmq/definitions.json (every quorum queue gets three replicas) and SIGKILLs
   the node a client uses.
 * `PostgresCluster`: `initdb` (/usr/lib/postgresql/<newest>/bin, `HERALD_FAULT_PG_BIN`) into a

@@ -12,7 +12,8 @@ Only the worker whose conditional INSERT/UPDATE set them may act on the row, and
 `claimed_at + lease` unless it renews the lease meanwhile; every later write of the row
 (`finish`, `release`, `renew`, `abandon`, `mark_reported`, `unclaim`) is a compare-and-set on
 `leased_by`, so a worker whose lease ran out and was taken over changes nothing of the new
-owner's row (`finish_many` says which rows it recorded).
+owner's row (`finish_many` says which rows it recorded; it also records an outcome on a row given
+back meanwhile that nobody has claimed since).
 
 The lease rule: whoever holds the lease owns the row until the outcome's events are published.
 `finish` records the outcome and keeps the lease; `mark_reported` (the events are out) ends it,
