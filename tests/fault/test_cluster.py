@@ -1,18 +1,19 @@
 """A three-node RabbitMQ cluster of the machine's `rabbitmq-server` (`RabbitCluster`): the
 definitions file gives every quorum queue a replica on each node, and a client given the three
 addresses moves to another node when the one it uses is SIGKILLed, its consumer back and its
-messages flowing."""
+messages flowing; and Herald, its four services given the three addresses, loses nothing when
+the node they all use is SIGKILLed under traffic."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import tempfile
+import random
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from yarl import URL
 
@@ -26,22 +27,22 @@ from herald_shared.topology import (
     EXCHANGE,
     declare_topology,
 )
-from tests.support.faults import RabbitCluster, Report
+from tests.support.faults import (
+    Expectation,
+    Herald,
+    HeraldFactory,
+    RabbitCluster,
+    Report,
+    consumers_back,
+    populated,
+    settle,
+    steady_traffic,
+)
 from tests.support.infra import wait_until
 
 pytestmark = pytest.mark.e2e
 
 DEFINITIONS = Path(__file__).resolve().parents[2] / "deploy" / "rabbitmq" / "definitions.json"
-
-
-@pytest.fixture(scope="module")
-def rabbit_cluster() -> Iterator[RabbitCluster]:
-    cluster = RabbitCluster(Path(tempfile.mkdtemp(prefix="herald-fault-cluster-")), size=3)
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.cleanup()
 
 
 def quorum_members(cluster: RabbitCluster, vhost: str) -> dict[str, int]:
@@ -132,3 +133,62 @@ async def test_a_client_moves_to_another_node_when_its_node_is_killed(
             await asyncio.to_thread(first.start)  # it rejoins the cluster on its data
     fault_report(ready_s=f"{ready_s:.1f}", flowing_s=f"{flowing_s:.1f}")
     assert ready_s <= 10
+
+
+async def test_herald_loses_nothing_when_the_node_its_services_use_is_killed_under_traffic(
+    rabbit_cluster: RabbitCluster, start_herald: HeraldFactory, fault_report: Report
+) -> None:
+    first, _, observer = rabbit_cluster.nodes
+    herald: Herald = await start_herald(rabbit=rabbit_cluster)  # every service on `first`
+    rng = random.Random(53)
+    try:
+        async with httpx.AsyncClient(base_url=herald.api, timeout=30) as client:
+            population = await populated(
+                herald, client, users=10, room_sizes=(4, 4, 6), rng=rng, max_devices=1
+            )
+            async with steady_traffic(client, population, per_second=10, rng=rng) as accepted:
+
+                async def some_accepted() -> bool:
+                    return len(accepted.messages) >= 30
+
+                await wait_until(some_accepted, timeout=60)
+                await asyncio.to_thread(first.kill)
+                killed_at = time.monotonic()
+
+                async def noticed() -> bool:
+                    running = await asyncio.to_thread(rabbit_cluster.running_nodes, observer)
+                    return first.name not in running
+
+                await wait_until(noticed, timeout=30, interval=0.1)
+
+                async def back() -> bool:
+                    ready = await herald.ready()
+                    return all(ready.values()) and await consumers_back(herald) is not None
+
+                await wait_until(back, timeout=60, interval=0.1)
+                ready_s = time.monotonic() - killed_at
+                at_recovery = len(accepted.messages)
+
+                async def more_accepted() -> bool:
+                    return len(accepted.messages) >= at_recovery + 30
+
+                await wait_until(more_accepted, timeout=60)
+            await asyncio.to_thread(first.start)  # it comes back and rejoins on its data
+        result = await settle(herald, Expectation.of(population, accepted), timeout=180)
+    finally:
+        if not first.running:
+            await asyncio.to_thread(first.start)
+    fault_report(
+        **result.fields(),
+        posted=len(accepted.answers),
+        statuses=dict(accepted.statuses),
+        ready_s=f"{ready_s:.1f}",
+        recover_s=f"{time.monotonic() - killed_at:.1f}",
+    )
+    assert result.lost == 0
+    assert result.duplicate_ledger_rows == 0
+    assert result.not_delivered_in_ledger == 0
+    assert sum(result.dead_letters.values()) == 0, result.dead_letters
+    assert result.most_copies <= 2
+    assert ready_s <= 10
+    assert herald.crashed() == {}

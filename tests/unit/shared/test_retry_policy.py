@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+from typing import Any, cast
+
+import aiormq.exceptions
 import pytest
 import sqlalchemy.exc
 
@@ -112,6 +115,9 @@ def _raised_from(error: BaseException, cause: BaseException) -> BaseException:
         ),
         (sqlalchemy.exc.OperationalError("SELECT 1", None, _AdminShutdown()), True),
         (DeferredError("busy"), True),
+        (aiormq.exceptions.DeliveryError(None, cast(Any, None)), True),  # a nack
+        # Returned as unroutable (built bare: its constructor reads the returned message).
+        (aiormq.exceptions.PublishError.__new__(aiormq.exceptions.PublishError), False),
         # A verdict on this message stays an attempt, whatever caused it.
         (_raised_from(RetryableError("smtp 451"), ConnectionResetError()), False),
         (FileNotFoundError(2, "No such file"), False),
@@ -126,6 +132,8 @@ def _raised_from(error: BaseException, cause: BaseException) -> BaseException:
         "invalidated",
         "operational-57P01",
         "deferred",
+        "nacked",
+        "returned",
         "retryable-verdict",
         "missing-file",
         "integrity",
