@@ -18,9 +18,11 @@ starts servers of its own, on spare loopback ports, from temporary directories i
   the process group, `close_all_connections()` is `rabbitmqctl close_all_connections --global`.
   One node per session; every test gets a virtual host of its own. `RabbitCluster` makes several
   such nodes one cluster (a shared Erlang cookie; the first booted, the others booted and joined
-  with `join_cluster`): `test_cluster.py` forms one of three (39-69 s on the loaded 2-core machine),
-  applies deploy/rabbitmq/definitions.json (every quorum queue gets three replicas) and SIGKILLs
-  the node a client uses.
+  with `join_cluster`; the session fixture `rabbit_cluster`): `test_cluster.py` forms one of three
+  (17-69 s on the loaded 2-core machine), applies deploy/rabbitmq/definitions.json (every quorum
+  queue gets three replicas), SIGKILLs the node a client uses, and runs Herald on it
+  (`start_herald(rabbit=rabbit_cluster)`: every service gets the three addresses) through the
+  loss of the node all its services use.
 * `PostgresCluster`: `initdb` (/usr/lib/postgresql/<newest>/bin, `HERALD_FAULT_PG_BIN`) into a
   temporary directory owned by `postgres`, run through `runuser -u postgres` when the tests run as
   root (initdb and postgres refuse root), trust authentication, `pg_ctl start` on a spare port with
