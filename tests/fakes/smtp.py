@@ -122,7 +122,7 @@ class _Handler:
         content = envelope.original_content or envelope.content
         message = BytesParser(policy=email.policy.default).parsebytes(content)
         assert isinstance(message, EmailMessage)
-        self.fake._record(message, envelope.mail_from, list(envelope.rcpt_tos))
+        self.fake._record(message, envelope.mail_from, list(envelope.rcpt_tos), peer=session.peer)
         return "250 Message accepted for delivery"
 
 
@@ -255,7 +255,14 @@ class FakeSmtp:
         with self._lock:
             self._open.discard(transport)
 
-    def _record(self, message: EmailMessage, mail_from: str, recipients: list[str]) -> None:
+    def _record(
+        self,
+        message: EmailMessage,
+        mail_from: str,
+        recipients: list[str],
+        *,
+        peer: Any = None,  # the client's (host, port)
+    ) -> None:
         with self._lock:
             self.envelopes.append((mail_from, recipients))
             self.received.append(message)

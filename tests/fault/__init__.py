@@ -16,7 +16,13 @@ starts servers of its own, on spare loopback ports, from temporary directories i
   2-core CI machine (first boot and restarts alike). `stop()` is `rabbitmqctl stop`, `start()`
   boots again on the same data (durable queues, persistent messages survive), `kill()` SIGKILLs
   the process group, `close_all_connections()` is `rabbitmqctl close_all_connections --global`.
-  One node per session; every test gets a virtual host of its own.
+  One node per session; every test gets a virtual host of its own. `RabbitCluster` makes several
+  such nodes one cluster (a shared Erlang cookie; the first booted, the others booted and joined
+  with `join_cluster`; the session fixture `rabbit_cluster`): `test_cluster.py` forms one of three
+  (17-69 s on the loaded 2-core machine), applies deploy/rabbitmq/definitions.json (every quorum
+  queue gets three replicas), SIGKILLs the node a client uses, and runs Herald on it
+  (`start_herald(rabbit=rabbit_cluster)`: every service gets the three addresses) through the
+  loss of the node all its services use.
 * `PostgresCluster`: `initdb` (/usr/lib/postgresql/<newest>/bin, `HERALD_FAULT_PG_BIN`) into a
   temporary directory owned by `postgres`, run through `runuser -u postgres` when the tests run as
   root (initdb and postgres refuse root), trust authentication, `pg_ctl start` on a spare port with
@@ -29,7 +35,10 @@ starts servers of its own, on spare loopback ports, from temporary directories i
 (`tests.support.processes.ServiceProcess`) on them, against `FakeFcm` (recording every attempt:
 `RecordingFcm`) and `FakeSmtp`, with retry tiers of 0.2, 0.5 and 1 s, a 5 s heartbeat and an outbox
 relay that backs off at most 2 s; `SHORT_LEASES` explains the settings of the tests in which a
-sender loses a job mid-flight. Everything is stopped and removed in finalisers, and an `atexit`
+sender loses a job mid-flight. `replicas={"push-sender": 2}` starts more than one process of a
+service (`push-sender#2`, …, on the same databases and virtual host), and `Herald.kill_owner_of`
+SIGKILLs the replica whose connection a fake provider's `on_accept_from` hook saw (its local
+port, found in /proc). Everything is stopped and removed in finalisers, and an `atexit`
 hook removes any server still alive if a run is interrupted.
 
 The checker: what the API accepted (message ids and their recipients) gives the ledger rows, the

@@ -17,6 +17,7 @@ from tests.support.faults import (
     Herald,
     HeraldFactory,
     PostgresCluster,
+    RabbitCluster,
     RabbitNode,
     RecordingFcm,
     RecordingSmtp,
@@ -44,6 +45,18 @@ def rabbit_node(pytestconfig: pytest.Config) -> Iterator[RabbitNode]:
                 {"rabbit_node": node.name, "rabbit_boot_s": duration_text(node.boot_seconds)},
             ),
         )
+
+
+@pytest.fixture(scope="session")
+def rabbit_cluster(pytestconfig: pytest.Config) -> Iterator[RabbitCluster]:
+    """Three private RabbitMQ nodes clustered (`RabbitCluster`), for the tests that ask."""
+    cluster = RabbitCluster(Path(tempfile.mkdtemp(prefix="herald-fault-cluster-")), size=3)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.cleanup()
+        emit(pytestconfig, fault_line("harness", {"rabbit_cluster_form_s": cluster.form_seconds}))
 
 
 @pytest.fixture(scope="session")
@@ -105,7 +118,9 @@ async def start_herald(
 ) -> AsyncIterator[HeraldFactory]:
     """Starts the four services as processes on a fresh virtual host of the private node and
     fresh databases of the private cluster (the router's on `router_cluster=` if given), with
-    `overrides` added to their environment; stops and removes everything afterwards."""
+    `overrides` added to their environment, and `replicas={service: n}` processes of a service
+    (named `service`, `service#2`, … in `Herald.services`); stops and removes everything
+    afterwards."""
     assert isinstance(fcm, RecordingFcm)
     started: list[tuple[Herald, dict[str, PostgresCluster]]] = []
 
@@ -113,10 +128,20 @@ async def start_herald(
         *,
         overrides: Mapping[str, str] | None = None,
         router_cluster: PostgresCluster | None = None,
+        replicas: Mapping[str, int] | None = None,
+        rabbit: RabbitCluster | None = None,
     ) -> Herald:
-        if not rabbit_node.running:  # a previous test may have left it stopped
-            await asyncio.to_thread(rabbit_node.start)
-        rabbit_url = await asyncio.to_thread(rabbit_node.add_vhost)
+        node = rabbit_node
+        if rabbit is not None:
+            # On a cluster: the services get every node's address (the first one first) and
+            # the test observes through the last node.
+            node = rabbit.nodes[-1]
+        if not node.running:  # a previous test may have left it stopped
+            await asyncio.to_thread(node.start)
+        rabbit_url = await asyncio.to_thread(node.add_vhost)
+        services_rabbit_url = rabbit_url
+        if rabbit is not None:
+            services_rabbit_url = ",".join(rabbit.urls(rabbit_url.rsplit("/", 1)[1]))
         clusters = {
             name: router_cluster
             if router_cluster is not None and name == "notification-router"
@@ -125,7 +150,7 @@ async def start_herald(
         }
         databases = {name: await clusters[name].create_database() for name in SERVICES}
         environments = service_env(
-            rabbit_url=rabbit_url,
+            rabbit_url=services_rabbit_url,
             databases=databases,
             fcm=fcm,
             credentials=credentials,
@@ -135,16 +160,20 @@ async def start_herald(
         log_dir = tmp_path / f"logs-{len(started)}"
         log_dir.mkdir()
         herald = Herald(
-            node=rabbit_node,
+            node=node,
             rabbit_url=rabbit_url,
             services={
-                name: ServiceProcess(
+                replica: ServiceProcess(
                     name=name,
                     port=free_port(),
                     env=environments[name],
-                    log_path=log_dir / f"{name}.log",
+                    log_path=log_dir / f"{replica}.log",
                 )
                 for name in SERVICES
+                for replica in [
+                    name,
+                    *(f"{name}#{n}" for n in range(2, (replicas or {}).get(name, 1) + 1)),
+                ]
             },
             databases=databases,
             fcm=fcm,
@@ -162,10 +191,10 @@ async def start_herald(
             await asyncio.gather(
                 *(asyncio.to_thread(service.stop, 15) for service in herald.services.values())
             )
-            if not rabbit_node.running:
-                await asyncio.to_thread(rabbit_node.start)
+            if not herald.node.running:
+                await asyncio.to_thread(herald.node.start)
             with contextlib.suppress(Exception):
-                await asyncio.to_thread(rabbit_node.delete_vhost, herald.rabbit_url)
+                await asyncio.to_thread(herald.node.delete_vhost, herald.rabbit_url)
             for name, url in herald.databases.items():
                 if clusters[name].running:
                     with contextlib.suppress(Exception):

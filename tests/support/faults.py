@@ -45,7 +45,7 @@ from tests.fakes.fcm import FakeFcm
 from tests.fakes.smtp import FakeSmtp
 from tests.support import infra
 from tests.support.infra import wait_until
-from tests.support.processes import SERVICES, ServiceProcess, free_port
+from tests.support.processes import ServiceProcess, free_port, local_ports
 
 RABBITMQ_BIN = Path(os.environ.get("HERALD_FAULT_RABBITMQ_BIN", "/usr/lib/rabbitmq/bin"))
 WORK_QUEUES = tuple(queue.name for queue in CONSUMER_QUEUES)
@@ -101,7 +101,7 @@ class RabbitNode:
     `stop()`/`start()` keep the data directory: durable queues and persistent messages survive.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, cookie: str | None = None) -> None:
         self.root = root
         self.name = f"herald-fault-{secrets.token_hex(4)}@localhost"
         self.port = 0
@@ -111,9 +111,10 @@ class RabbitNode:
         _LIVE[id(self)] = self
         home = root / "home"
         home.mkdir(parents=True)
-        cookie = home / ".erlang.cookie"
-        cookie.write_text(secrets.token_hex(20).upper())
-        cookie.chmod(0o400)
+        cookie_file = home / ".erlang.cookie"
+        # The nodes of one cluster share theirs (`RabbitCluster`); else the node's own.
+        cookie_file.write_text(cookie or secrets.token_hex(20).upper())
+        cookie_file.chmod(0o400)
         # An env file of our own, so that /etc/rabbitmq/rabbitmq-env.conf (the machine node's
         # NODENAME and flags) is not read.
         (root / "rabbitmq-env.conf").write_text("")
@@ -347,6 +348,44 @@ class RabbitNode:
         return channels
 
 
+class RabbitCluster:
+    """`size` `RabbitNode`s clustered with RabbitMQ's own clustering: one shared Erlang cookie,
+    the first node booted, the others booted and joined to it (`join_cluster`). Quorum queues
+    declared once every node has joined get a replica on each (their default initial group
+    size is the cluster's)."""
+
+    def __init__(self, root: Path, size: int = 3) -> None:
+        cookie = secrets.token_hex(20).upper()
+        self.nodes = [RabbitNode(root / f"node{n}", cookie=cookie) for n in range(1, size + 1)]
+        self.form_seconds = 0.0
+
+    def start(self) -> float:
+        """Boot and join every node; returns the seconds it took."""
+        started = time.monotonic()
+        first, *others = self.nodes
+        first.start()
+        for node in others:
+            node.start()
+            node.ctl("stop_app")
+            node.ctl("join_cluster", first.name)
+            node.ctl("start_app")
+        self.form_seconds = time.monotonic() - started
+        return self.form_seconds
+
+    def running_nodes(self, via: RabbitNode | None = None) -> set[str]:
+        """The nodes the cluster (as `via`, else the first running node, sees it) runs."""
+        asking = via or next(node for node in self.nodes if node.running)
+        status = json.loads(asking.ctl("cluster_status", "--formatter", "json"))
+        return set(status["running_nodes"])
+
+    def urls(self, vhost: str) -> list[str]:
+        return [node.url(vhost) for node in self.nodes]
+
+    def cleanup(self) -> None:
+        for node in self.nodes:
+            node.cleanup()
+
+
 @dataclass(frozen=True)
 class QueueState:
     ready: int
@@ -517,11 +556,17 @@ class RecordingFcm(FakeFcm):
     def __init__(self) -> None:
         super().__init__()
         self.attempts: list[tuple[float, str]] = []
-        self._on_accept: dict[str, Callable[[], None]] = {}
+        self.clients: list[tuple[str, int]] = []  # (device token, client's port) per request
+        self._on_accept: dict[str, Callable[[int], None]] = {}
 
     def on_accept(self, device_token: str, action: Callable[[], None]) -> None:
         """Run `action` once, the next time a push to `device_token` is accepted: after it is
         recorded in `accepted`, before the answer leaves (to crash a sender in between)."""
+        self.on_accept_from(device_token, lambda _port: action())
+
+    def on_accept_from(self, device_token: str, action: Callable[[int], None]) -> None:
+        """`on_accept`, with the local port of the client's connection handed to `action` (to
+        find which process sent it: `Herald.kill_owner_of`)."""
         with self._lock:
             self._on_accept[device_token] = action
 
@@ -530,20 +575,23 @@ class RecordingFcm(FakeFcm):
             token = str(json.loads(await request.body())["message"]["token"])
         except (ValueError, KeyError, TypeError):
             token = ""
+        port = request.client.port if request.client is not None else 0
         with self._lock:
             self.attempts.append((time.monotonic(), token))
+            self.clients.append((token, port))
         response = await super()._send(request)
         if response.status_code == 200:
             with self._lock:
                 action = self._on_accept.pop(token, None)
             if action is not None:
-                action()
+                action(port)
         return response
 
     def forget(self) -> None:
         super().forget()
         with self._lock:
             self.attempts.clear()
+            self.clients.clear()
 
     def attempts_for(self, device_token: str) -> list[float]:
         with self._lock:
@@ -556,19 +604,33 @@ class RecordingSmtp(FakeSmtp):
 
     def __init__(self) -> None:
         super().__init__()
-        self._on_accept: dict[str, Callable[[], None]] = {}
+        self.clients: list[tuple[str, int]] = []  # (Message-ID, client's port) per message
+        self._on_accept: dict[str, Callable[[int], None]] = {}
+
+    def forget(self) -> None:
+        super().forget()
+        with self._lock:
+            self.clients.clear()
 
     def on_accept(self, address: str, action: Callable[[], None]) -> None:
+        self.on_accept_from(address, lambda _port: action())
+
+    def on_accept_from(self, address: str, action: Callable[[int], None]) -> None:
+        """`on_accept`, with the local port of the client's connection handed to `action`."""
         with self._lock:
             self._on_accept[address.lower()] = action
 
-    def _record(self, message: EmailMessage, mail_from: str, recipients: list[str]) -> None:
-        super()._record(message, mail_from, recipients)
+    def _record(
+        self, message: EmailMessage, mail_from: str, recipients: list[str], *, peer: Any = None
+    ) -> None:
+        super()._record(message, mail_from, recipients, peer=peer)
+        port = int(peer[1]) if isinstance(peer, tuple | list) and len(peer) > 1 else 0
         with self._lock:
+            self.clients.append((str(message["Message-ID"]), port))
             actions = [self._on_accept.pop(to.lower(), None) for to in recipients]
         for action in actions:
             if action is not None:
-                action()
+                action(port)
 
 
 @dataclass
@@ -596,10 +658,10 @@ class Herald:
         service.start()
 
     async def start_all(self, timeout: float = 90.0) -> None:
-        for name in SERVICES:
+        for name in self.services:
             self.start(name)
         await asyncio.gather(
-            *(asyncio.to_thread(self.services[name].wait_ready, timeout) for name in SERVICES)
+            *(asyncio.to_thread(service.wait_ready, timeout) for service in self.services.values())
         )
 
     def kill(self, name: str) -> None:
@@ -608,6 +670,24 @@ class Herald:
         assert process is not None
         process.kill()
         process.wait(30)
+
+    def kill_owner_of(self, port: int, among: Iterable[str]) -> tuple[str, set[int]]:
+        """SIGKILL the one of the services `among` (replicas, by their names in `services`)
+        whose process holds a connection from local `port`; returns its name and the local
+        ports it held (to tell which requests a server got came from it)."""
+        for name in among:
+            process = self.services[name].process
+            if process is None or process.poll() is not None:
+                continue
+            ports = local_ports(process.pid)
+            if port in ports:
+                self.kill(name)
+                return name, ports
+        raise LookupError(f"none of {sorted(among)} holds local port {port}")
+
+    def replicas(self, service: str) -> list[str]:
+        """The names in `services` of `service`'s replicas (the first one is `service`)."""
+        return [name for name, process in self.services.items() if process.name == service]
 
     async def restart(self, name: str, timeout: float = 90.0) -> None:
         self.start(name)
@@ -638,18 +718,19 @@ class Herald:
                     return False
                 return response.status_code == 200
 
-            results = await asyncio.gather(*(one(name) for name in SERVICES))
-        return dict(zip(SERVICES, results, strict=True))
+            results = await asyncio.gather(*(one(name) for name in self.services))
+        return dict(zip(self.services, results, strict=True))
 
     def queues(self) -> dict[str, QueueState]:
         return self.node.queues(self.rabbit_url)
 
 
 # A sender's job in flight when its connection drops is cancelled mid-handler (its lease is
-# dropped on the way out), or dies with its process, and then its redelivered copy is "busy"
-# until the dead attempt's lease runs out (push: 4 * FCM_TIMEOUT + 15 s; e-mail: SMTP_TIMEOUT +
-# 15 s), waiting on the tiers without spending attempts. These settings make the leases 19 s
-# (push) and 17 s (e-mail) instead of 55 s and 45 s, so that such tests recover sooner.
+# dropped on the way out, once its provider call ends), or dies with its process, and then its
+# redelivered copy is "busy" until the dead attempt's lease runs out (`DELIVERY_LEASE`, 5 s,
+# no longer renewed), waiting on the tiers without spending attempts. These settings bound the
+# provider calls a cancelled handler waits for (1 s per FCM request, 2 s per SMTP exchange),
+# so that such tests recover sooner.
 SHORT_LEASES = {"FCM_TIMEOUT": "1", "SMTP_TIMEOUT": "2"}
 
 # The fixtures' callables: `start_herald(overrides=…, router_cluster=…)`, `fault_report(**figures)`.

@@ -58,6 +58,25 @@ def free_port() -> int:
     raise RuntimeError(f"no free port: {PORT_RESERVATIONS} holds only recent reservations")
 
 
+def local_ports(pid: int) -> set[int]:
+    """The local ports of process `pid`'s TCP sockets (Linux: its descriptors in /proc/<pid>/fd
+    against the sockets' inodes in /proc/net/tcp*); empty if it is gone."""
+    try:
+        links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+    except OSError:
+        return set()
+    inodes = {link[len("socket:[") : -1] for link in links if link.startswith("socket:[")}
+    ports: set[int] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as lines:
+            next(lines)  # the header
+            for line in lines:
+                fields = line.split()
+                if fields[9] in inodes:
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
 @dataclass
 class ServiceProcess:
     name: str

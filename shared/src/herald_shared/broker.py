@@ -1,13 +1,23 @@
-"""The one way a Herald service connects to RabbitMQ."""
+"""The one way a Herald service connects to RabbitMQ.
+
+A service may be given several addresses (`RABBITMQ_URLS`, or several comma-separated in
+`RABBITMQ_URL`): the nodes of one cluster. It connects to one; when that connection is lost it
+reconnects to the next one at once, and when an attempt fails it tries the next one after
+FastStream's reconnect interval, round the list (`FailoverConnection`). aio-pika's robust
+connection then restores its channels on the new node: it declares again (or, in passive mode,
+checks) the exchanges and queues, and its consumers start again, which is what readiness counts.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
+from aio_pika import RobustConnection
 from faststream import AckPolicy
 from faststream.rabbit import Channel, RabbitBroker
 from faststream.security import BaseSecurity
@@ -29,8 +39,12 @@ class RabbitSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="RABBITMQ_", extra="ignore")
 
+    # One address, or several comma-separated (the nodes of a cluster); `urls`, when set, wins.
     url: str = "amqp://guest:guest@localhost:5672/"
+    urls: str | None = None
     connection_timeout: float = Field(default=10.0, gt=0)
+    # Seconds between connection attempts after a failed one (each tries the next address).
+    reconnect_interval: float = Field(default=5.0, gt=0)
     # The specification's example says 600 s; a dead peer would then go unnoticed for minutes.
     heartbeat: int = Field(default=20, ge=0)
     max_retries: int = Field(default=3, ge=0)
@@ -82,6 +96,19 @@ class RabbitSettings(BaseSettings):
             object.__setattr__(self, "retry_delay_factor", 1.0)
         return self
 
+    @model_validator(mode="after")
+    def _one_scheme(self) -> RabbitSettings:
+        schemes = {URL(address).scheme for address in self.addresses}
+        if not schemes <= {"amqp", "amqps"} or len(schemes) != 1:
+            raise ValueError("broker addresses must all be amqp:// or all amqps://")
+        return self
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """The broker addresses, in the order they are tried."""
+        listed = self.urls if self.urls and self.urls.strip() else self.url
+        return tuple(part.strip() for part in listed.split(",") if part.strip())
+
     @property
     def retry_policy(self) -> RetryPolicy:
         return RetryPolicy(
@@ -91,12 +118,82 @@ class RabbitSettings(BaseSettings):
         )
 
 
+def connection_urls(settings: RabbitSettings, service_name: str) -> list[str]:
+    """Every broker address, with the connection named after the service and the heartbeat
+    applied, unless the operator's URL already sets them."""
+    urls = []
+    for address in settings.addresses:
+        url = URL(address)
+        query = {"name": service_name, "heartbeat": str(settings.heartbeat), **url.query}
+        urls.append(str(url.with_query(query)))
+    return urls
+
+
 def connection_url(settings: RabbitSettings, service_name: str) -> str:
-    """The AMQP URL with the connection named after the service and the heartbeat applied,
-    unless the operator's URL already sets them."""
-    url = URL(settings.url)
-    query = {"name": service_name, "heartbeat": str(settings.heartbeat), **url.query}
-    return str(url.with_query(query))
+    """The first of `connection_urls`."""
+    return connection_urls(settings, service_name)[0]
+
+
+class FailoverConnection(RobustConnection):
+    """aio-pika's robust connection over several addresses (`ADDRESSES`, set on a subclass by
+    `failover_connection`): the address it uses moves to the next one when an established
+    connection is lost, and after every attempt that did not connect.
+
+    aio-pika reads `url` once per connection attempt (to open the transport); that read is where
+    a failed attempt is noticed. Its own `__str__` reads it too, so this class has its own, which
+    does not (and hides the password)."""
+
+    ADDRESSES: ClassVar[tuple[URL, ...]] = ()
+
+    def __init__(self, url: URL, loop: asyncio.AbstractEventLoop | None = None, **kwargs: Any):
+        self._addresses = list(self.ADDRESSES) or [URL(url)]
+        self._current = 0
+        self._attempting = False
+        super().__init__(url=url, loop=loop, **kwargs)
+        self._attempting = False  # the constructor's own reads were no attempt
+
+    @property
+    def url(self) -> URL:
+        if self._attempting:  # the last attempt never connected: the next address
+            self._current = (self._current + 1) % len(self._addresses)
+        self._attempting = True
+        return self._addresses[self._current]
+
+    @url.setter
+    def url(self, value: URL) -> None:
+        # aio-pika sets it in its constructor (the first address, with the connection's
+        # parameters in its query) and when a password is renewed: the current address.
+        if hasattr(self, "_addresses"):
+            self._addresses[self._current] = URL(value)
+
+    @property
+    def address(self) -> URL:
+        """The address in use, or to be tried next."""
+        return self._addresses[self._current]
+
+    def __str__(self) -> str:
+        address = self.address
+        return str(address.with_password("******") if address.password else address)
+
+    async def _on_connected(self) -> None:
+        self._attempting = False
+        await super()._on_connected()
+
+    async def _on_connection_close(self, closing: asyncio.Future[Any]) -> None:
+        if self.connected.is_set() and len(self._addresses) > 1:
+            # The node may be gone: reconnect to the next one (another node of the cluster
+            # serves the same queues).
+            self._current = (self._current + 1) % len(self._addresses)
+        await super()._on_connection_close(closing)
+
+
+def failover_connection(urls: Sequence[str]) -> type[FailoverConnection]:
+    """A `FailoverConnection` class over `urls`, tried in their order."""
+    return type(
+        "HeraldFailoverConnection",
+        (FailoverConnection,),
+        {"ADDRESSES": tuple(URL(url) for url in urls)},
+    )
 
 
 class HeraldBroker(RabbitBroker):
@@ -114,7 +211,7 @@ class HeraldBroker(RabbitBroker):
 def tls_context(settings: RabbitSettings) -> ssl.SSLContext | None:
     """The TLS context of an amqps:// URL (server certificate and host name verified), None
     for amqp://."""
-    if URL(settings.url).scheme != "amqps":
+    if URL(settings.addresses[0]).scheme != "amqps":
         return None
     context = ssl.create_default_context(cafile=settings.ca_file)
     if settings.cert_file is not None:
@@ -159,10 +256,12 @@ def make_broker(
         # Left out without a provider: even with the no-op one it costs ~25 µs per message.
         middlewares.insert(0, telemetry_middleware(tracer_provider))
     context = tls_context(settings)
+    urls = connection_urls(settings, service_name)
     broker = HeraldBroker(
-        connection_url(settings, service_name),
+        urls[0],
         security=BaseSecurity(ssl_context=context) if context is not None else None,
         timeout=settings.connection_timeout,
+        reconnect_interval=settings.reconnect_interval,
         default_channel=Channel(
             prefetch_count=settings.prefetch,
             publisher_confirms=True,
@@ -177,7 +276,20 @@ def make_broker(
         description=description,
     )
     broker.declares_passively = settings.declare == "passive"
+    if len(urls) > 1:
+        # FastStream hands these to aio-pika's `connect_robust`, which builds the connection
+        # from `connection_class`. Not failing fast: the first attempt may meet a node that is
+        # down; start-up waits for the first node that answers instead.
+        broker._connection_kwargs["connection_class"] = failover_connection(urls)
+        broker._connection_kwargs["fail_fast"] = False
     return broker
 
 
-__all__: Sequence[str] = ("RabbitSettings", "connection_url", "make_broker")
+__all__: Sequence[str] = (
+    "FailoverConnection",
+    "RabbitSettings",
+    "connection_url",
+    "connection_urls",
+    "failover_connection",
+    "make_broker",
+)

@@ -80,10 +80,11 @@ class ServiceSettings(BaseSettings):
 class SenderSettings(ServiceSettings):
     """What both senders have besides: the lease of a job in the delivery ledger."""
 
-    # Seconds a claimed job stays this worker's without a renewal (renewed every third of it
+    # Seconds a claimed job stays this worker's without a renewal (renewed every fifth of it
     # while its send waits or runs): how long a job of a worker that died waits before another
-    # worker takes it over.
-    delivery_lease: float = Field(default=15.0, ge=1)
+    # worker takes it over. At most the second retry tier (5 s by default), so that the copy
+    # that found it busy comes back once the lease has run out rather than a tier later.
+    delivery_lease: float = Field(default=5.0, ge=1)
 
     def sender_tuning(self) -> SenderTuning:
         return SenderTuning(

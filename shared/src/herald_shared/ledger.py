@@ -7,8 +7,13 @@ extra columns) and works on it through a `DeliveryLedger`.
 `status` moves sending → (retrying → sending)* → delivered | failed; delivered and failed are
 final. Idempotency comes from the primary key on notification_id and `INSERT … ON CONFLICT DO
 NOTHING`; concurrency (two copies of one job at once, with prefetch > 1 or several replicas) from
-a lease, `claimed_at`: only the worker whose conditional INSERT/UPDATE set it may act on the row
-until `claimed_at + lease`.
+a lease: `leased_by` (the `DeliveryLedger` of one worker process, its `owner`) and `claimed_at`.
+Only the worker whose conditional INSERT/UPDATE set them may act on the row, and only until
+`claimed_at + lease` unless it renews the lease meanwhile; every later write of the row
+(`finish`, `release`, `renew`, `abandon`, `mark_reported`, `unclaim`) is a compare-and-set on
+`leased_by`, so a worker whose lease ran out and was taken over changes nothing of the new
+owner's row (`finish_many` says which rows it recorded; it also records an outcome on a row given
+back meanwhile that nobody has claimed since).
 
 The lease rule: whoever holds the lease owns the row until the outcome's events are published.
 `finish` records the outcome and keeps the lease; `mark_reported` (the events are out) ends it,
@@ -27,6 +32,12 @@ the provider accepted but before `finish` leaves a `sending` row whose lease run
 next copy sends again (senders make that harmless with stable provider keys: a collapse id, a
 Message-ID); one that dies after publishing but before `mark_reported` leaves events that the next
 copy publishes again, with the same event ids, so consumers deduplicate them.
+
+A dead worker's jobs are taken over once its leases run out, so leases are short (the senders'
+`DELIVERY_LEASE`, 5 s) and renewed while the worker holds them (`renew_many`, one statement for
+all of a worker's leases that are due): the lease row is its own heartbeat, with no table of
+workers to join on the claim path. A lease that lapses while its worker lives (renewals did not
+get through) costs at most a second provider call, never a ledger row overwritten.
 
 Works on PostgreSQL and SQLite (the dialect's `insert`, chosen by `connection.dialect.name`).
 """
@@ -96,6 +107,8 @@ def _state_columns() -> list[Column[Any]]:
         Column("claimed_at", DateTime(timezone=True), nullable=True),  # the lease
         Column("finished_at", DateTime(timezone=True), nullable=True),
         Column("reported_at", DateTime(timezone=True), nullable=True),
+        # Whose lease (a `DeliveryLedger.owner`): set with `claimed_at`, cleared with it.
+        Column("leased_by", Uuid, nullable=True),
     ]
 
 
@@ -228,6 +241,7 @@ class _Statements:
 
     def __init__(self, t: Table) -> None:
         now: Any = bindparam("p_now")
+        mine = t.c.leased_by == bindparam("p_owner")
         expired = or_(t.c.claimed_at.is_(None), t.c.claimed_at < bindparam("p_expired"))
         self._inserts = {
             name: dialect.insert(t)
@@ -250,6 +264,7 @@ class _Statements:
                 provider=bindparam("p_provider"),
                 attempts=t.c.attempts + 1,
                 claimed_at=now,
+                leased_by=bindparam("p_owner"),
                 updated_at=now,
             )
             .returning(t.c.notification_id, t.c.attempts)
@@ -263,7 +278,7 @@ class _Statements:
                 t.c.reported_at.is_(None),
                 expired,
             )
-            .values(claimed_at=now, updated_at=now)
+            .values(claimed_at=now, leased_by=bindparam("p_owner"), updated_at=now)
             .returning(t.c.notification_id, t.c.status, t.c.failure, t.c.reason)
         )
         self.read = select(
@@ -274,9 +289,23 @@ class _Statements:
             t.c.claimed_at,
             t.c.reported_at,
         ).where(_ids(t.c.notification_id))
+        # Every write below is a compare-and-set on the lease's owner (`mine`): a worker whose
+        # lease ran out and was taken over changes nothing of the new owner's row.
         self.finish = (
             update(t)
-            .where(_ids(t.c.notification_id))
+            .where(
+                _ids(t.c.notification_id),
+                or_(
+                    and_(mine, t.c.status == DeliveryStatus.SENDING.value),
+                    # Given back meanwhile (this worker abandoned it at shutdown, or a worker
+                    # that had taken it over released it) and claimed by nobody since: the
+                    # outcome of this call is still the truth, and spares the next copy a send.
+                    and_(
+                        t.c.leased_by.is_(None),
+                        t.c.status == DeliveryStatus.RETRYING.value,
+                    ),
+                ),
+            )
             .values(
                 status=bindparam("p_status"),
                 failure=bindparam("p_failure"),
@@ -284,46 +313,48 @@ class _Statements:
                 finished_at=now,
                 updated_at=now,
             )
+            .returning(t.c.notification_id)
         )
         self.release = (
             update(t)
-            .where(_ids(t.c.notification_id), t.c.status == DeliveryStatus.SENDING.value)
+            .where(_ids(t.c.notification_id), mine, t.c.status == DeliveryStatus.SENDING.value)
             .values(
                 status=DeliveryStatus.RETRYING.value,
                 reason=bindparam("p_reason"),
                 claimed_at=None,
+                leased_by=None,
                 updated_at=now,
                 attempts=t.c.attempts - bindparam("p_taken_back"),
             )
         )
         self.renew = (
-            update(t)
-            .where(_ids(t.c.notification_id), t.c.claimed_at == bindparam("p_claimed_at"))
-            .values(claimed_at=now, updated_at=now)
+            update(t).where(_ids(t.c.notification_id), mine).values(claimed_at=now, updated_at=now)
         )
         sending = t.c.status == DeliveryStatus.SENDING.value
         self.abandon = (
             update(t)
-            .where(_ids(t.c.notification_id), t.c.claimed_at == bindparam("p_claimed_at"))
+            .where(_ids(t.c.notification_id), mine)
             .values(
                 status=case((sending, DeliveryStatus.RETRYING.value), else_=t.c.status),
                 reason=case((sending, bindparam("p_reason")), else_=t.c.reason),
                 claimed_at=None,
+                leased_by=None,
                 updated_at=now,
             )
         )
         self.mark_reported = (
             update(t)
-            .where(_ids(t.c.notification_id))
-            .values(reported_at=now, claimed_at=None, updated_at=now)
+            .where(_ids(t.c.notification_id), mine)
+            .values(reported_at=now, claimed_at=None, leased_by=None, updated_at=now)
         )
         self.unclaim = (
             update(t)
             .where(
                 _ids(t.c.notification_id),
+                mine,
                 t.c.status.in_([status.value for status in FINAL_STATUSES]),
             )
-            .values(claimed_at=None, updated_at=now)
+            .values(claimed_at=None, leased_by=None, updated_at=now)
         )
 
     def claim_insert(self, dialect: str) -> Any:
@@ -335,11 +366,17 @@ class DeliveryLedger:
 
     Every write is one compare-and-set statement, and a claim's later steps re-check what the
     earlier ones saw, so none needs a transaction around it: all run in autocommit.
+
+    One `DeliveryLedger` is one lease owner (`owner`, a fresh id unless given): a worker process
+    makes one, and its leases are the rows whose `leased_by` is its owner.
     """
 
-    def __init__(self, engine: AsyncEngine, table: Table) -> None:
+    def __init__(
+        self, engine: AsyncEngine, table: Table, *, owner: uuid.UUID | None = None
+    ) -> None:
         self.engine = engine
         self.table = table
+        self.owner = owner if owner is not None else uuid.uuid4()
         self._statements = _Statements(table)
 
     def _insert(self, connection: AsyncConnection) -> Any:
@@ -403,6 +440,7 @@ class DeliveryLedger:
                 "created_at": now,
                 "updated_at": now,
                 "claimed_at": now,
+                "leased_by": self.owner,
                 **(extra(job) if extra is not None else {}),
             }
             for job in ordered
@@ -430,6 +468,7 @@ class DeliveryLedger:
                         "p_now": now,
                         "p_expired": expired_before,
                         "p_provider": provider,
+                        "p_owner": self.owner,
                     },
                 )
                 claims.update({row.notification_id: Claimed(row.attempts) for row in taken})
@@ -439,7 +478,12 @@ class DeliveryLedger:
                 # publish them, so that one copy does it rather than every copy at once.
                 unreported = await connection.execute(
                     statements.take_unreported,
-                    {"ids": rest, "p_now": now, "p_expired": expired_before},
+                    {
+                        "ids": rest,
+                        "p_now": now,
+                        "p_expired": expired_before,
+                        "p_owner": self.owner,
+                    },
                 )
                 for row in unreported:
                     claims[row.notification_id] = AlreadyFinal(
@@ -463,12 +507,16 @@ class DeliveryLedger:
         failure: str | None = None,
         reason: str | None,
         now: datetime,
-    ) -> None:
+    ) -> bool:
         """Record the final outcome (committed before any event is published and before the
-        ack). The lease stays until `mark_reported` or `unclaim`."""
-        await self.finish_many(
+        ack). The lease stays until `mark_reported` or `unclaim`. False: this worker's lease was
+        taken over (it ran out), and the row is the new owner's, left as it is. A row given back
+        meanwhile and claimed by nobody since is recorded all the same (without a lease: its
+        events go out again with the next copy)."""
+        recorded = await self.finish_many(
             [notification_id], status=status, failure=failure, reason=reason, now=now
         )
+        return notification_id in recorded
 
     async def finish_many(
         self,
@@ -478,18 +526,26 @@ class DeliveryLedger:
         failure: str | None = None,
         reason: str | None,
         now: datetime,
-    ) -> None:
-        """`finish` for notifications with the same outcome, in one statement."""
+    ) -> set[uuid.UUID]:
+        """`finish` for notifications with the same outcome, in one statement; returns those
+        recorded (the others' leases were taken over: their rows are left to the new owner)."""
         if status not in FINAL_STATUSES:
             raise ValueError(f"{status} is not a final status")
-        await self._run(
-            self._statements.finish,
-            notification_ids,
-            p_status=status,
-            p_failure=failure,
-            p_reason=_clip(reason),
-            p_now=now,
-        )
+        if not notification_ids:
+            return set()
+        async with autocommit(self.engine) as connection:
+            result = await connection.execute(
+                self._statements.finish,
+                {
+                    "ids": sorted(notification_ids),
+                    "p_owner": self.owner,
+                    "p_status": status,
+                    "p_failure": failure,
+                    "p_reason": _clip(reason),
+                    "p_now": now,
+                },
+            )
+            return set(result.scalars())
 
     async def release(self, notification_id: uuid.UUID, *, reason: str, now: datetime) -> None:
         """Give the lease back after a transient failure, so the retry can claim at once."""
@@ -514,38 +570,30 @@ class DeliveryLedger:
             p_taken_back=0 if attempted else 1,
         )
 
-    async def renew_many(
-        self, notification_ids: Collection[uuid.UUID], *, claimed_at: datetime, now: datetime
-    ) -> None:
-        """Move the leases taken (or last renewed) at `claimed_at` to `now`, for a worker that
-        still holds them (a provider call or a wait for one takes longer than a lease): a lease
-        that ran out and was taken over, or was given back, is left alone."""
-        await self._run(
-            self._statements.renew, notification_ids, p_claimed_at=claimed_at, p_now=now
-        )
+    async def renew_many(self, notification_ids: Collection[uuid.UUID], *, now: datetime) -> None:
+        """Move this worker's leases of `notification_ids` to `now`, while it still holds them
+        (a provider call or a wait for one takes longer than a lease): a lease that ran out and
+        was taken over, or was given back, is left alone."""
+        await self._run(self._statements.renew, notification_ids, p_now=now)
 
-    async def abandon(
-        self, notification_id: uuid.UUID, *, claimed_at: datetime, reason: str, now: datetime
-    ) -> None:
-        """Drop the lease taken at `claimed_at` (only that one: if it ran out and another worker
-        holds a newer lease, nothing changes). A row being sent becomes `retrying`: the provider
-        may have accepted it meanwhile, and the next copy sends again (at-least-once, with the
-        same provider keys). A final row keeps its outcome; the next copy publishes its events."""
-        await self.abandon_many([notification_id], claimed_at=claimed_at, reason=reason, now=now)
+    async def abandon(self, notification_id: uuid.UUID, *, reason: str, now: datetime) -> None:
+        """Drop this worker's lease (only its own: if it ran out and another worker holds the
+        row now, nothing changes). A row being sent becomes `retrying`: the provider may have
+        accepted it meanwhile, and the next copy sends again (at-least-once, with the same
+        provider keys). A final row keeps its outcome; the next copy publishes its events."""
+        await self.abandon_many([notification_id], reason=reason, now=now)
 
     async def abandon_many(
         self,
         notification_ids: Collection[uuid.UUID],
         *,
-        claimed_at: datetime,
         reason: str,
         now: datetime,
     ) -> None:
-        """`abandon` for the notifications of a batch claimed together, in one statement."""
+        """`abandon` for many notifications, in one statement."""
         await self._run(
             self._statements.abandon,
             notification_ids,
-            p_claimed_at=claimed_at,
             p_reason=_clip(reason),
             p_now=now,
         )
@@ -573,11 +621,13 @@ class DeliveryLedger:
         self, statement: Any, notification_ids: Collection[uuid.UUID], **values: Any
     ) -> None:
         """One prepared statement for `notification_ids` (sorted: one order for every
-        statement, so concurrent ones never deadlock), standing alone."""
+        statement, so concurrent ones never deadlock), standing alone, on this worker's leases."""
         if not notification_ids:
             return
         async with autocommit(self.engine) as connection:
-            await connection.execute(statement, {"ids": sorted(notification_ids), **values})
+            await connection.execute(
+                statement, {"ids": sorted(notification_ids), "p_owner": self.owner, **values}
+            )
 
     async def get(self, notification_id: uuid.UUID) -> LedgerEntry | None:
         async with self.engine.connect() as connection:

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
 
+import aiormq.exceptions
 from faststream.rabbit import RabbitBroker
 from faststream.rabbit.publisher import RabbitPublisher
 
@@ -19,6 +20,16 @@ from herald_shared.topology import EXCHANGE, routing_key_for
 consumed_correlation_id: ContextVar[str | None] = ContextVar(
     "herald_consumed_correlation_id", default=None
 )
+
+
+# What a publish raises when its connection is lost (or not back yet): it goes out again.
+# aiormq's own errors only: an error of the caller's (a test's fake broker, say) stays its own.
+CONNECTION_LOST = (
+    aiormq.exceptions.AMQPConnectionError,
+    aiormq.exceptions.ChannelInvalidStateError,
+)
+RECONNECT_POLL_S = 0.05
+MAX_RECONNECT_POLL_S = 1.0
 
 
 def event_publisher(
@@ -50,15 +61,28 @@ async def publish_event(
     Raises on a nack, on an unroutable message and on timeout. A timed-out publish may still have
     reached the broker, so every consumer deduplicates on the event's ids. The correlation id is
     `correlation_id`, else that of the message being consumed, else the event's own id.
+
+    A publish whose connection is lost under it (before or while its confirm is awaited) is
+    published again once the connection is back, on whichever node it reconnected to, until
+    `timeout`: the broker may have stored the first copy, and consumers deduplicate.
     """
+    delay = RECONNECT_POLL_S
     async with asyncio.timeout(timeout):
-        await publisher.publish(
-            event,
-            message_id=str(event.event_id),
-            correlation_id=correlation_id or consumed_correlation_id.get() or str(event.event_id),
-            content_type="application/json",
-            timeout=timeout,
-        )
+        while True:
+            try:
+                await publisher.publish(
+                    event,
+                    message_id=str(event.event_id),
+                    correlation_id=correlation_id
+                    or consumed_correlation_id.get()
+                    or str(event.event_id),
+                    content_type="application/json",
+                    timeout=timeout,
+                )
+                return
+            except CONNECTION_LOST:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_RECONNECT_POLL_S)
 
 
 async def publish_events(

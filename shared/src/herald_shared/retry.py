@@ -235,6 +235,13 @@ def _is_unreachable(exc: BaseException) -> bool:
         exc, aiormq.exceptions.AMQPConnectionError | aiormq.exceptions.ChannelInvalidStateError
     ):
         return True
+    # The broker nacked a publish: a queue it routes to could not take it now (a quorum queue
+    # electing a new leader after its node died, on a cluster). A returned (unroutable) publish,
+    # `PublishError`, is a missing binding instead, and spends attempts as before.
+    if isinstance(exc, aiormq.exceptions.DeliveryError) and not isinstance(
+        exc, aiormq.exceptions.PublishError
+    ):
+        return True
     sqlstate = getattr(exc, "sqlstate", None)
     return isinstance(sqlstate, str) and (
         sqlstate.startswith("08") or sqlstate in _UNAVAILABLE_SQLSTATES

@@ -391,11 +391,13 @@ class SenderTuning:
     max_jobs_per_batch: int = 1000
     concurrent_batches: int = 2
     linger: float = 0.002
-    lease: timedelta = timedelta(seconds=15)
+    lease: timedelta = timedelta(seconds=5)
 
     @property
     def renew_every(self) -> float:
-        return self.lease.total_seconds() / 3
+        """How often the leases held are renewed, and how old one is when it is: a lease is
+        never older than two of these (two fifths of it) while its worker lives."""
+        return self.lease.total_seconds() / 5
 
 
 @dataclass
@@ -438,12 +440,12 @@ class _Leases:
         for notification_id in ids:
             self.by_id.pop(notification_id, None)
 
-    def older_than(self, moment: datetime) -> dict[datetime, list[uuid.UUID]]:
-        groups: dict[datetime, list[uuid.UUID]] = {}
-        for notification_id, claimed_at in self.by_id.items():
-            if claimed_at <= moment:
-                groups.setdefault(claimed_at, []).append(notification_id)
-        return groups
+    def older_than(self, moment: datetime) -> list[uuid.UUID]:
+        return [
+            notification_id
+            for notification_id, claimed_at in self.by_id.items()
+            if claimed_at <= moment
+        ]
 
 
 class Sender(Generic[J]):
@@ -526,16 +528,12 @@ class Sender(Generic[J]):
             self._renewing.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._renewing
-        for claimed_at, ids in self._leases.older_than(self.clock()).items():
-            try:
-                await self.ledger.abandon_many(
-                    ids, claimed_at=claimed_at, reason="send interrupted", now=self.clock()
-                )
-            except Exception:
-                self.logger.warning(
-                    "%s.abandon_failed notifications=%d", self.spec.channel, len(ids)
-                )
-        self._leases.drop(list(self._leases.by_id))
+        ids = list(self._leases.by_id)
+        try:
+            await self.ledger.abandon_many(ids, reason="send interrupted", now=self.clock())
+        except Exception:
+            self.logger.warning("%s.abandon_failed notifications=%d", self.spec.channel, len(ids))
+        self._leases.drop(ids)
 
     # -- the stages ----------------------------------------------------------------------------
 
@@ -681,23 +679,36 @@ class Sender(Generic[J]):
         """Stage 3 for every job of `items` at once."""
         held = [item.job.notification_id for item in items if item.outcome.lease is not Lease.NONE]
         try:
-            await self._record_and_report(items)
+            taken_over = await self._record_and_report(items)
         finally:
             # Settled, or failed on the way: either way no longer renewed (a lease left in the
             # ledger runs out, and the retry takes the job over then).
             self._leases.drop(held)
         for item in items:
+            if item.job.notification_id in taken_over:
+                item.outcome = self._taken_over(item.outcome)
             self.metrics.count(item.provider, item.outcome.label)
             self._log(item)
         return [item.outcome.error for item in items]
 
-    async def _record_and_report(self, items: list[_Settling[J]]) -> None:
+    def _taken_over(self, outcome: Outcome) -> Outcome:
+        """A job whose lease ran out while this worker sent it (its renewals failed: the
+        database was out of reach, or the process stalled) and that another worker claimed:
+        the ledger kept the new owner's row, and the new owner reports it. This copy comes back
+        later (deferred, no attempt spent) and finds it final."""
+        wait = self.tuning.lease.total_seconds()
+        return Outcome(
+            "taken_over",
+            reason=outcome.reason,
+            error=DeferredError("delivery taken over by another worker", retry_after=wait),
+        )
+
+    async def _record_and_report(self, items: list[_Settling[J]]) -> set[uuid.UUID]:
+        """Record, publish and mark reported; returns the jobs whose outcome was not recorded
+        because another worker holds them now (nothing is published for those)."""
         now = self.clock()
         finals: dict[tuple[DeliveryStatus, str | None, str | None], list[uuid.UUID]] = {}
         released: dict[tuple[str, bool], list[uuid.UUID]] = {}
-        reported: list[uuid.UUID] = []
-        events: list[Event] = []
-        reports: list[DeliveryReported] = []
         for item in items:
             outcome, notification_id = item.outcome, item.job.notification_id
             if outcome.lease is Lease.SEND:
@@ -707,17 +718,25 @@ class Sender(Generic[J]):
                 else:
                     why = outcome.reason or "transient failure"
                     released.setdefault((why, outcome.attempted), []).append(notification_id)
-            if outcome.report is not None:
-                reports.append(outcome.report)
-                events.extend(outcome.events)
-                if outcome.lease is not Lease.NONE:
-                    reported.append(notification_id)
+        taken_over: set[uuid.UUID] = set()
         for (status, failure, reason), ids in finals.items():
-            await self.ledger.finish_many(
+            recorded = await self.ledger.finish_many(
                 ids, status=status, failure=failure, reason=reason, now=now
             )
+            taken_over.update(set(ids) - recorded)
         for (why, attempted), ids in released.items():
             await self._release(ids, why, now, attempted=attempted)
+        reported: list[uuid.UUID] = []
+        events: list[Event] = []
+        reports: list[DeliveryReported] = []
+        for item in items:
+            outcome, notification_id = item.outcome, item.job.notification_id
+            if outcome.report is None or notification_id in taken_over:
+                continue
+            reports.append(outcome.report)
+            events.extend(outcome.events)
+            if outcome.lease is not Lease.NONE:
+                reported.append(notification_id)
         try:
             await publish_events(
                 [*events, *reports_events(reports)], self.publishers, timeout=self.publish_timeout
@@ -726,6 +745,7 @@ class Sender(Generic[J]):
             await self._publishing_failed(reported)
             raise
         await self.ledger.mark_reported_many(reported, now=self.clock())
+        return taken_over
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -752,26 +772,30 @@ class Sender(Generic[J]):
             )
 
     async def _renew_leases(self) -> None:
-        """While this worker holds leases, move every one older than a third of a lease to now,
+        """While this worker holds leases, move every one older than a fifth of a lease to now,
         so none runs out while its job waits for a place or for its provider."""
         try:
             while True:
                 await asyncio.sleep(self.tuning.renew_every)
                 now = self.clock()
                 stale = now - timedelta(seconds=self.tuning.renew_every)
-                for claimed_at, ids in self._leases.older_than(stale).items():
-                    try:
-                        await self.ledger.renew_many(ids, claimed_at=claimed_at, now=now)
-                    except Exception:
-                        self.logger.warning(
-                            "%s.renew_failed notifications=%d",
-                            self.spec.channel,
-                            len(ids),
-                            exc_info=True,
-                        )
-                        continue
-                    # Only those still held: a job may have been settled meanwhile.
-                    self._leases.hold([i for i in ids if i in self._leases.by_id], now)
+                ids = self._leases.older_than(stale)
+                if not ids:
+                    continue
+                try:
+                    # One statement for all of them, only where this worker still holds the
+                    # lease (the ledger's compare-and-set on the owner).
+                    await self.ledger.renew_many(ids, now=now)
+                except Exception:
+                    self.logger.warning(
+                        "%s.renew_failed notifications=%d",
+                        self.spec.channel,
+                        len(ids),
+                        exc_info=True,
+                    )
+                    continue
+                # Only those still held: a job may have been settled meanwhile.
+                self._leases.hold([i for i in ids if i in self._leases.by_id], now)
         finally:
             self._renewing = None
 
@@ -805,6 +829,7 @@ _LOG_LEVELS = {
     "delivered": logging.DEBUG,
     "duplicate": logging.INFO,
     "in_progress": logging.INFO,
+    "taken_over": logging.WARNING,
     "breaker_open": logging.INFO,
     "misconfigured": logging.ERROR,
 }

@@ -516,8 +516,9 @@ async def test_an_outcome_recorded_but_not_reported_is_reported_without_sending(
     recorded, new = email_job(), other_recipient(1)
     # As if the worker died after recording the outcome, an hour ago, before reporting it.
     then = utc_now() - timedelta(hours=1)
-    await harness.deliveries.claim(recorded, provider="recording", now=then, lease=timedelta(1))
-    await harness.deliveries.finish(
+    dead_worker = harness.deliveries
+    await dead_worker.claim(recorded, provider="recording", now=then, lease=timedelta(1))
+    await dead_worker.finish(
         recorded.notification_id, status=DeliveryStatus.DELIVERED, reason=None, now=then
     )
 
@@ -673,7 +674,13 @@ async def test_closing_drops_only_the_leases_it_still_holds(
         with pytest.raises(DeferredError, match="in progress"):  # the new owner's lease holds
             await sender.deliver([job])
         backend.release.set()
-        await handler
+        # The send ends after all: its outcome is not recorded over the new owner's row, nor
+        # reported (the new owner does it); the delivery comes back later and finds it final.
+        with pytest.raises(DeferredError, match="taken over"):
+            await handler
+        entry = await harness.ledger(job)
+        assert (entry.status, entry.attempts) == (DeliveryStatus.SENDING, 2)
+        assert harness.reports == []
 
 
 async def test_an_unparsable_job_is_dead_lettered_without_its_content(

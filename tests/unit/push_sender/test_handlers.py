@@ -28,7 +28,7 @@ from herald_shared.events import (
     PushRequested,
     utc_now,
 )
-from herald_shared.ledger import Claimed, DeliveryStatus
+from herald_shared.ledger import Claimed, DeliveryLedger, DeliveryStatus
 from herald_shared.retry import ATTEMPT_HEADER, DeferredError, PermanentError, RetryableError
 from herald_shared.topology import (
     DEVICE_INVALIDATED,
@@ -763,7 +763,8 @@ async def test_closing_drops_only_the_leases_it_still_holds(recording: PushServi
         await connection.execute(
             update(push_deliveries).values(claimed_at=utc_now() - timedelta(hours=1))
         )
-    taken_over = await sender.ledger.claim(
+    other_worker = DeliveryLedger(sender.ledger.engine, sender.ledger.table)
+    taken_over = await other_worker.claim(
         job,
         provider="recording",
         now=utc_now(),
@@ -780,4 +781,11 @@ async def test_closing_drops_only_the_leases_it_still_holds(recording: PushServi
     with pytest.raises(DeferredError, match="in progress"):  # the new owner's lease holds
         await send(recording, job)
     answer.set()
-    await handler
+    # The call ends after all: its outcome is not recorded over the new owner's row (the new
+    # owner records and reports its own); the delivery comes back later and finds it final.
+    with pytest.raises(DeferredError, match="taken over"):
+        await handler
+    entry = await sender.ledger.get(job.notification_id)
+    assert entry is not None
+    assert (entry.status, entry.attempts) == (DeliveryStatus.SENDING, 2)
+    assert reports(recording, "delivered") == []

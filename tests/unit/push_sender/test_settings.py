@@ -97,7 +97,7 @@ def test_batching_and_the_delivery_lease_tune_the_sender(monkeypatch: pytest.Mon
         max_jobs_per_batch=1000,
         concurrent_batches=2,
         linger=0.002,
-        lease=timedelta(seconds=15),
+        lease=timedelta(seconds=5),
     )
     monkeypatch.setenv("BATCH_MAX_ITEMS", "50")
     monkeypatch.setenv("BATCH_CONCURRENCY", "3")
@@ -109,7 +109,7 @@ def test_batching_and_the_delivery_lease_tune_the_sender(monkeypatch: pytest.Mon
     assert tuning == SenderTuning(
         max_jobs_per_batch=50, concurrent_batches=3, linger=0.0, lease=timedelta(seconds=30)
     )
-    assert tuning.renew_every == 10.0
+    assert tuning.renew_every == 6.0
 
 
 @pytest.mark.parametrize(

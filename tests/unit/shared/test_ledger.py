@@ -78,6 +78,7 @@ def test_the_table_has_the_common_columns_then_the_senders_own() -> None:
         "claimed_at",
         "finished_at",
         "reported_at",
+        "leased_by",
     ]
     assert [column.name for column in deliveries.primary_key] == ["notification_id"]
     assert isinstance(deliveries.c.reason.type, String)
@@ -333,7 +334,8 @@ async def test_a_retried_batch_claims_only_what_is_not_final(ledger: DeliveryLed
     }
 
 
-async def test_abandon_many_drops_only_the_leases_of_that_claim(ledger: DeliveryLedger) -> None:
+async def test_abandon_many_drops_only_this_workers_leases(ledger: DeliveryLedger) -> None:
+    other = DeliveryLedger(ledger.engine, ledger.table)
     mine, finished, theirs = Job(), Job(), Job()
     then = utc_now() - LEASE - timedelta(seconds=1)
     await claim_batch(ledger, [mine, finished, theirs], then)
@@ -341,11 +343,10 @@ async def test_abandon_many_drops_only_the_leases_of_that_claim(ledger: Delivery
         finished.notification_id, status=DeliveryStatus.DELIVERED, reason=None, now=then
     )
     now = utc_now()
-    assert await claim(ledger, theirs, now) == Claimed(2)  # my lease ran out; another took it
+    assert await claim(other, theirs, now) == Claimed(2)  # my lease ran out; another took it
 
     await ledger.abandon_many(
         [mine.notification_id, finished.notification_id, theirs.notification_id],
-        claimed_at=then,
         reason="fcm send interrupted",
         now=now,
     )
@@ -355,6 +356,85 @@ async def test_abandon_many_drops_only_the_leases_of_that_claim(ledger: Delivery
         AlreadyFinal(DeliveryStatus.DELIVERED, None, None, reported=False)
     )
     assert isinstance(await claim(ledger, theirs, now), Busy)
+
+
+async def test_a_worker_whose_lease_was_taken_over_cannot_overwrite_the_new_owners_row(
+    ledger: DeliveryLedger,
+) -> None:
+    """The lease ran out while the first worker sent (its renewals did not get through), a
+    second worker claimed the job and ended it: whatever the first does afterwards changes
+    nothing (every write is a compare-and-set on the lease's owner)."""
+    late = ledger
+    new_owner = DeliveryLedger(ledger.engine, ledger.table)
+    job, kept = Job(), Job()
+    then = utc_now() - LEASE - timedelta(seconds=1)
+    await claim_batch(late, [job, kept], then)
+    now = utc_now()
+    assert await claim(new_owner, job, now) == Claimed(2)
+
+    # While the new owner sends: the late worker can neither finish, release, renew nor drop it.
+    ids = [job.notification_id, kept.notification_id]
+    recorded = await late.finish_many(ids, status=DeliveryStatus.FAILED, reason="gone", now=now)
+    assert recorded == {kept.notification_id}  # only the row it still holds
+    assert not await late.finish(
+        job.notification_id, status=DeliveryStatus.DELIVERED, reason=None, now=now
+    )
+    await late.release(job.notification_id, reason="fcm 503", now=now)
+    await late.renew_many([job.notification_id], now=now + LEASE)
+    await late.abandon(job.notification_id, reason="interrupted", now=now)
+    assert await claim(late, job, now) == Busy(now + LEASE)  # the new owner's lease, unmoved
+
+    # The new owner's outcome stands, and so does its lease until it reports.
+    assert await new_owner.finish(
+        job.notification_id, status=DeliveryStatus.DELIVERED, reason=None, now=now
+    )
+    await late.finish(job.notification_id, status=DeliveryStatus.FAILED, reason="x", now=now)
+    await late.mark_reported(job.notification_id, now=now)
+    await late.unclaim(job.notification_id, now=now)
+    assert await claim(late, job, now) == Busy(now + LEASE)
+    await new_owner.mark_reported(job.notification_id, now=now)
+    entry = await ledger.get(job.notification_id)
+    assert entry is not None
+    assert (entry.status, entry.reason, entry.attempts, entry.reported) == (
+        DeliveryStatus.DELIVERED,
+        None,
+        2,
+        True,
+    )
+
+
+async def test_a_late_outcome_is_recorded_on_a_row_given_back_that_nobody_claimed(
+    ledger: DeliveryLedger,
+) -> None:
+    """A worker shutting down abandons a send still running; the call then ends: its outcome
+    is recorded (the next copy need not send again), and the next copy publishes its events."""
+    job = Job()
+    now = utc_now()
+    await claim(ledger, job, now)
+    await ledger.abandon(job.notification_id, reason="send interrupted", now=now)
+
+    assert await ledger.finish(
+        job.notification_id, status=DeliveryStatus.DELIVERED, reason=None, now=now
+    )
+
+    other = DeliveryLedger(ledger.engine, ledger.table)
+    assert await claim(other, job, now) == (
+        AlreadyFinal(DeliveryStatus.DELIVERED, None, None, reported=False)
+    )
+
+
+async def test_a_renewed_lease_keeps_another_worker_out(ledger: DeliveryLedger) -> None:
+    other = DeliveryLedger(ledger.engine, ledger.table)
+    job = Job()
+    then = utc_now() - LEASE + timedelta(seconds=1)
+    await claim(ledger, job, then)
+    now = utc_now()
+
+    await ledger.renew_many([job.notification_id], now=now)
+
+    later = now + LEASE - timedelta(seconds=1)  # the first lease would have run out by then
+    assert await claim(other, job, later) == Busy(now + LEASE)
+    assert await claim(other, job, now + LEASE + timedelta(seconds=1)) == Claimed(2)
 
 
 async def test_unclaim_many_lets_a_retry_publish_a_whole_batch_at_once(
@@ -380,7 +460,11 @@ async def test_batch_writes_of_nothing_do_nothing(ledger: DeliveryLedger) -> Non
     await ledger.finish_many([], status=DeliveryStatus.DELIVERED, reason=None, now=now)
     await ledger.mark_reported_many([], now=now)
     await ledger.unclaim_many([], now=now)
-    await ledger.abandon_many([], claimed_at=now, reason="x", now=now)
+    await ledger.abandon_many([], reason="x", now=now)
+    await ledger.renew_many([], now=now)
+    assert await ledger.finish_many([], status=DeliveryStatus.DELIVERED, reason=None, now=now) == (
+        set()
+    )
     with pytest.raises(ValueError, match="not a final status"):
         await ledger.finish_many(
             [uuid.uuid4()], status=DeliveryStatus.SENDING, reason=None, now=now

@@ -1,9 +1,18 @@
 from __future__ import annotations
 
+from typing import Any, cast
+
+import aiormq.exceptions
 import pytest
 import sqlalchemy.exc
 
-from herald_shared.broker import RabbitSettings, connection_url
+from herald_shared.broker import (
+    FailoverConnection,
+    RabbitSettings,
+    connection_url,
+    connection_urls,
+    make_broker,
+)
 from herald_shared.retry import (
     DeferredError,
     PermanentError,
@@ -106,6 +115,9 @@ def _raised_from(error: BaseException, cause: BaseException) -> BaseException:
         ),
         (sqlalchemy.exc.OperationalError("SELECT 1", None, _AdminShutdown()), True),
         (DeferredError("busy"), True),
+        (aiormq.exceptions.DeliveryError(None, cast(Any, None)), True),  # a nack
+        # Returned as unroutable (built bare: its constructor reads the returned message).
+        (aiormq.exceptions.PublishError.__new__(aiormq.exceptions.PublishError), False),
         # A verdict on this message stays an attempt, whatever caused it.
         (_raised_from(RetryableError("smtp 451"), ConnectionResetError()), False),
         (FileNotFoundError(2, "No such file"), False),
@@ -120,6 +132,8 @@ def _raised_from(error: BaseException, cause: BaseException) -> BaseException:
         "invalidated",
         "operational-57P01",
         "deferred",
+        "nacked",
+        "returned",
         "retryable-verdict",
         "missing-file",
         "integrity",
@@ -168,3 +182,38 @@ def test_a_batch_ends_as_the_item_that_needs_most(
     assert result is not None
     assert result.reason == expected.reason
     assert getattr(result, "retry_after", None) == getattr(expected, "retry_after", None)
+
+
+def test_several_broker_addresses_from_rabbitmq_urls_or_rabbitmq_url(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("RABBITMQ_URL", "amqp://u:p@a:5672/chat, amqp://u:p@b:5672/chat")
+    assert RabbitSettings().addresses == ("amqp://u:p@a:5672/chat", "amqp://u:p@b:5672/chat")
+    monkeypatch.setenv("RABBITMQ_URLS", "amqp://u:p@c/chat,amqp://u:p@d/chat,")
+    settings = RabbitSettings(heartbeat=15)
+    assert settings.addresses == ("amqp://u:p@c/chat", "amqp://u:p@d/chat")
+    assert connection_urls(settings, "router") == [
+        "amqp://u:p@c/chat?name=router&heartbeat=15",
+        "amqp://u:p@d/chat?name=router&heartbeat=15",
+    ]
+    assert connection_url(settings, "router") == "amqp://u:p@c/chat?name=router&heartbeat=15"
+
+
+def test_broker_addresses_share_one_scheme() -> None:
+    with pytest.raises(ValueError, match="all be amqp:// or all amqps://"):
+        RabbitSettings(urls="amqps://a/,amqp://b/")
+    with pytest.raises(ValueError, match="all be amqp:// or all amqps://"):
+        RabbitSettings(url="http://a/")
+
+
+def test_a_broker_with_several_addresses_connects_through_a_failover_connection() -> None:
+    single = make_broker(RabbitSettings(url="amqp://a/"), service_name="x")
+    assert "connection_class" not in single._connection_kwargs
+    broker = make_broker(RabbitSettings(urls="amqp://u:p@a/,amqp://u:p@b:5673/"), service_name="x")
+    connection_class = broker._connection_kwargs["connection_class"]
+    assert issubclass(connection_class, FailoverConnection)
+    assert [str(url) for url in connection_class.ADDRESSES] == [
+        "amqp://u:p@a/?name=x&heartbeat=20",
+        "amqp://u:p@b:5673/?name=x&heartbeat=20",
+    ]
+    assert broker._connection_kwargs["fail_fast"] is False

@@ -333,7 +333,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await declare_topology(runtime.broker, retry_delays=settings.rabbitmq.retry_delays)
         await runtime.broker.start()
     except Exception as exc:
-        address = rabbitmq_address(settings.rabbitmq.url)
+        address = ",".join(rabbitmq_address(url) for url in settings.rabbitmq.addresses)
         logger.error(
             "message_service.startup.rabbitmq_unreachable address=%s error=%s (check RABBITMQ_URL)",
             address,
