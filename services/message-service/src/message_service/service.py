@@ -705,7 +705,9 @@ async def mark_read(
     _, member = found
     message = await repository.message_in_room(session, room_id=room_id, message_id=message_id)
     if message is None:
-        raise NotFound("message not found in this room")
+        # The room is there; what the body names is not in it (422, not 404: the path's resource
+        # exists, and a client must not take the room for gone).
+        raise Invalid("up_to names no message of this room")
     if member.read_up_to is None or (message.created_at, message.id) > (
         member.read_up_to,
         member.read_message_id or message.id,

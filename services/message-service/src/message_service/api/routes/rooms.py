@@ -72,7 +72,8 @@ async def join_room(room_id: uuid.UUID, me: Me, session: SessionDep) -> RoomOut:
 async def mark_read(room_id: uuid.UUID, body: ReadBody, me: Me, session: SessionDep) -> ReadOut:
     """You have read the room up to this message (on some device): your unread count starts
     after it, and what was waiting to notify you of the room up to there is no longer sent. A
-    marker only moves forward: an older one (a device that was behind) changes nothing."""
+    marker only moves forward: an older one (a device that was behind) changes nothing. A
+    message that is not in this room is refused with 422."""
     marker = await service.mark_read(
         session=session, room_id=room_id, user_id=me.id, message_id=body.up_to
     )
