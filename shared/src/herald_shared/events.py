@@ -32,6 +32,10 @@ MAX_BATCH_SIZE = 100
 # Jobs (or reports) in one event of the kinds that span messages: a few hundred kB at most, and a
 # delivery that has to wait for a retry holds back at most this many.
 MAX_ITEMS_PER_EVENT = 500
+# The messages one digest e-mail lists; those past it are counted (`EmailRequested.omitted`).
+MAX_DIGEST_ENTRIES = 50
+# What a user may choose to wait before an e-mail (`PreferencesSnapshot.email_delay`), seconds.
+EMAIL_DELAYS = (0, 120, 900, 3600)
 
 
 def utc_now() -> datetime:
@@ -242,6 +246,9 @@ class PreferencesSnapshot(_Frozen):
     push: Level | None = None
     email: Level | None = None
     rooms: list[RoomSettingsSnapshot] = Field(default_factory=list)
+    # Seconds the user's e-mail waits, gathering one digest (`EMAIL_DELAYS`). 0 in snapshots
+    # from before delays existed: their e-mail went out at once.
+    email_delay: int = Field(default=0, ge=0, le=max(EMAIL_DELAYS))
 
     @property
     def push_level(self) -> Level:
@@ -292,8 +299,24 @@ class PushRequested(Event):
     trigger: Trigger = Trigger.MESSAGE
 
 
+class DigestEntry(_Frozen):
+    """One message of a digest e-mail."""
+
+    message_id: uuid.UUID
+    room_id: uuid.UUID
+    room_name: str  # empty for a direct room
+    sender_display_name: str
+    message_content: str = Field(max_length=MAX_MESSAGE_CONTENT)
+    sent_at: AwareDatetime
+    trigger: Trigger = Trigger.MESSAGE
+
+
 class EmailRequested(Event):
-    """Deliver one e-mail notification (`notification.email.send`); the sender renders it."""
+    """Deliver one e-mail notification (`notification.email.send`); the sender renders it.
+
+    A digest (what waited for the user's `email_delay`) lists its messages in `digest`, oldest
+    first, and counts in `omitted` those past `MAX_DIGEST_ENTRIES`; its top-level message fields
+    are those of its first entry."""
 
     type: Literal["email_requested"] = "email_requested"
     notification_id: uuid.UUID
@@ -307,6 +330,8 @@ class EmailRequested(Event):
     message_content: str
     sent_at: AwareDatetime
     trigger: Trigger = Trigger.MESSAGE
+    digest: list[DigestEntry] = Field(default_factory=list, max_length=MAX_DIGEST_ENTRIES)
+    omitted: int = Field(default=0, ge=0)
 
 
 class DeliveryReported(Event):
