@@ -39,6 +39,7 @@ def user_updated(
     email_level: Level | None = None,
     rooms: Sequence[RoomSettingsSnapshot] = (),
     time_zone: str = "Europe/Paris",
+    email_delay: int = 0,
 ) -> UserUpdated:
     """A snapshot as message-service makes it; without levels, as an older one did (the
     booleans only: `all` when on)."""
@@ -65,6 +66,7 @@ def user_updated(
             push=push_level,
             email=email_level,
             rooms=list(rooms),
+            email_delay=email_delay,
         ),
         time_zone=time_zone,
     )

@@ -73,7 +73,7 @@ async def test_every_endpoint_on_postgres(app: FastAPI) -> None:
             "muted_room_ids": [str(room)],
         }
         put = await client.put("/users/me/preferences", json=preferences, headers=carol.headers)
-        expected = {**preferences, "push": "none", "email": "mentions"}
+        expected = {**preferences, "push": "none", "email": "mentions", "email_delay": 120}
         assert put.json() == expected
         assert (await client.get("/users/me/preferences", headers=carol.headers)).json() == (
             expected

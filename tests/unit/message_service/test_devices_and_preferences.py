@@ -163,6 +163,7 @@ async def test_preferences_default_to_dms_and_mentions(client: httpx.AsyncClient
         "push": "mentions",
         "email": "mentions",
         "push_preview": True,
+        "email_delay": 120,
         "push_enabled": True,
         "email_enabled": True,
         "muted_room_ids": [],
@@ -183,6 +184,7 @@ async def test_preferences_are_replaced_and_published(
         "push": "none",
         "email": "none",
         "push_preview": True,
+        "email_delay": 120,
         "push_enabled": False,
         "email_enabled": False,
         "muted_room_ids": [str(room)],
@@ -213,6 +215,24 @@ async def test_turning_previews_off_reaches_the_snapshot(
     assert [u.preferences.push_preview for u in updates] == [True, False]
 
 
+async def test_the_email_delay_is_a_preference_published_to_the_router(
+    client: httpx.AsyncClient, runtime: MessageService
+) -> None:
+    alice = await register(client, "alice")
+
+    response = await client.put(
+        "/users/me/preferences", json={"email_delay": 900}, headers=alice.headers
+    )
+    at_once = await client.put(
+        "/users/me/preferences", json={"email_delay": 0}, headers=alice.headers
+    )
+
+    assert response.json()["email_delay"] == 900
+    assert at_once.json()["email_delay"] == 0
+    updates = await user_updates(runtime, alice.id)
+    assert [u.preferences.email_delay for u in updates] == [120, 900, 0]
+
+
 async def test_only_own_rooms_can_be_muted(
     client: httpx.AsyncClient, runtime: MessageService
 ) -> None:
@@ -237,6 +257,10 @@ async def test_only_own_rooms_can_be_muted(
         {"push": "sometimes"},
         {"email": "all", "email_enabled": True},
         {"push": None, "push_enabled": None, "push_preview": "no"},
+        {"email_delay": 60},
+        {"email_delay": "120"},
+        {"email_delay": False},
+        {"email_delay": 120.0},
         {"push_enabled": "yes", "email_enabled": True, "muted_room_ids": []},
         {"push_enabled": 1, "email_enabled": True, "muted_room_ids": []},
         {"push_enabled": True, "email_enabled": True, "muted_room_ids": ["nope"]},

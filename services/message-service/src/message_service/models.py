@@ -121,6 +121,8 @@ class Device(Table, table=True):
 
 
 LEVEL_MAX = 16  # herald_shared.events.Level's values
+# Two minutes, as Zulip waits: long enough that what was read meanwhile is not mailed.
+DEFAULT_EMAIL_DELAY = 120
 # A mute with no end: what the older `muted_room_ids` preference sets.
 MUTED_FOREVER = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
 
@@ -135,6 +137,8 @@ class Preferences(Table, table=True):
     push_level: str = Field(default="mentions", sa_type=String(LEVEL_MAX))
     email_level: str = Field(default="mentions", sa_type=String(LEVEL_MAX))
     push_preview: bool = True
+    # Seconds e-mail waits, gathering one digest of what is still unread then.
+    email_delay: int = DEFAULT_EMAIL_DELAY
 
 
 class RoomSettings(Table, table=True):

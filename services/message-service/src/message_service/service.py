@@ -113,6 +113,8 @@ class PreferencesView:
     push: Level
     email: Level
     push_preview: bool
+    # Seconds e-mail waits, gathering one digest (`herald_shared.events.EMAIL_DELAYS`).
+    email_delay: int
     # The rooms muted with no end (the older form of muting; `RoomNotificationsView` has all).
     muted_room_ids: list[uuid.UUID]
 
@@ -405,6 +407,7 @@ async def set_preferences(
     push_enabled: bool | None = None,
     email_enabled: bool | None = None,
     push_preview: bool | None = None,
+    email_delay: int | None = None,
     muted_room_ids: Sequence[uuid.UUID] | None = None,
 ) -> PreferencesView:
     """Change what is given (None: unchanged). A level and the older on/off flag of the same
@@ -423,6 +426,8 @@ async def set_preferences(
     preferences.email_level = str(_level(email, email_enabled, current=before.email))
     if push_preview is not None:
         preferences.push_preview = push_preview
+    if email_delay is not None:
+        preferences.email_delay = email_delay
     if muted_room_ids is not None:
         wanted = set(muted_room_ids)
         unknown = wanted - await repository.rooms_of_member(
@@ -463,6 +468,7 @@ def _preferences_view(preferences: Preferences, rooms: Iterable[RoomSettings]) -
         push=Level(preferences.push_level),
         email=Level(preferences.email_level),
         push_preview=preferences.push_preview,
+        email_delay=preferences.email_delay,
         muted_room_ids=sorted(r.room_id for r in rooms if r.muted_until == MUTED_FOREVER),
     )
 
@@ -925,6 +931,7 @@ async def _stage_user_updated(session: AsyncSession, user: User) -> None:
             push_enabled=view.push is not Level.NONE,
             email_enabled=view.email is not Level.NONE,
             push_preview=view.push_preview,
+            email_delay=view.email_delay,
             muted_room_ids=view.muted_room_ids,
             push=view.push,
             email=view.email,

@@ -24,6 +24,7 @@ from herald_shared.topology import (
     PUSH_SEND_URGENT,
     declare_topology,
 )
+from notification_router.digests import DigestDispatcher
 from notification_router.handlers import RouterDeps, Subscribers, register_handlers
 from notification_router.metrics import RouterMetrics
 from notification_router.ops_api import explain_route
@@ -48,6 +49,7 @@ class RouterService:
     registry: CollectorRegistry
     deps: RouterDeps
     subscribers: Subscribers
+    digests: DigestDispatcher
     app: AsgiFastStream
 
 
@@ -105,6 +107,7 @@ def _wire(
             body_max_chars=settings.push_body_max_chars,
         ),
         email_grace=timedelta(seconds=settings.email_after_offline_seconds),
+        email_delay_scale=settings.email_delay_scale,
     )
     return broker, deps, register_handlers(broker, deps, settings.batch)
 
@@ -114,6 +117,14 @@ def build_service(settings: Settings) -> RouterService:
     # Every in-flight message may hold a connection; make_engine adds as much overflow again.
     engine = make_engine(settings.database_url, pool_size=settings.rabbitmq.prefetch)
     broker, deps, subscribers = _wire(settings, engine, registry)
+    digests = DigestDispatcher(
+        engine=engine,
+        publishers=deps.publishers,
+        metrics=deps.metrics,
+        publish_timeout=deps.publish_timeout,
+        interval=settings.digest_poll_interval,
+        batch_size=settings.digest_batch_size,
+    )
 
     async def migrate() -> None:
         await run_migrations(
@@ -123,7 +134,11 @@ def build_service(settings: Settings) -> RouterService:
     async def declare() -> None:
         await declare_topology(broker, retry_delays=settings.rabbitmq.retry_delays)
 
+    async def start_digests() -> None:
+        digests.start()
+
     async def dispose() -> None:
+        await digests.stop()
         await engine.dispose()
 
     app = consumer_app(
@@ -134,10 +149,11 @@ def build_service(settings: Settings) -> RouterService:
         registry=registry,
         checks={"database": functools.partial(database_healthy, engine)},
         on_startup=[migrate, declare],
+        after_startup=[start_digests],
         after_shutdown=[dispose],
         routes=[explain_route(engine, settings.ops_token)],
     )
-    return RouterService(settings, broker, engine, registry, deps, subscribers, app)
+    return RouterService(settings, broker, engine, registry, deps, subscribers, digests, app)
 
 
 def create_app(settings: Settings) -> AsgiFastStream:

@@ -94,6 +94,8 @@ class RouterDeps:
     message_times: MessageTimes = field(default_factory=MessageTimes)
     limits: routing.ContentLimits = routing.DEFAULT_LIMITS
     email_grace: timedelta = routing.EMAIL_GRACE
+    # EMAIL_DELAY_SCALE: every user's e-mail delay times this (1 in production).
+    email_delay_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -140,7 +142,10 @@ async def route_messages(
         for event in unique
     }
     recorded = await repository.record_decisions(
-        deps.engine, [(event, plans[event.message_id].decisions) for event in unique], now=now
+        deps.engine,
+        [(event, plans[event.message_id].decisions) for event in unique],
+        now=now,
+        email_delay_scale=deps.email_delay_scale,
     )
     new = recorded.new_recipient_ids()
     for event in unique:

@@ -8,11 +8,12 @@ from collections.abc import Iterable
 from collections.abc import Set as AbstractSet
 from datetime import datetime
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from herald_shared.events import Channel, Notifiable, Trigger
-from notification_router.routing import PENDING, RecipientDecision
+from notification_router.routing import PENDING, WAITING, RecipientDecision
 
+DIGEST_SIZE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 500)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 
@@ -64,6 +65,39 @@ class RouterMetrics:
             registry=registry,
         )
 
+        self.digests = Counter(
+            "herald_router_digests",
+            "E-mail digest windows closed by the dispatcher: sent (an e-mail composed), "
+            "cancelled (everything in it was read or is no longer wanted), resent (published "
+            "again after a dispatcher stopped between composing and publishing).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.digest_size = Histogram(
+            "herald_router_digest_size",
+            "Messages listed or counted per digest e-mail sent.",
+            buckets=DIGEST_SIZE_BUCKETS,
+            registry=registry,
+        )
+        self.digest_entries_cancelled = Counter(
+            "herald_router_digest_entries_cancelled",
+            "Waiting e-mails a digest left out, by reason (read, muted, email_disabled, "
+            "level_mentions, no_email).",
+            ["reason"],
+            registry=registry,
+        )
+        self.digest_waiting = Gauge(
+            "herald_router_notifications_waiting",
+            "E-mails waiting in digest windows, as the last dispatcher pass counted them.",
+            registry=registry,
+        )
+        self.digest_overdue = Gauge(
+            "herald_router_digest_overdue_seconds",
+            "How long the oldest digest past its due time has been waiting for the dispatcher "
+            "(0 when none is): above a few seconds, the dispatcher is falling behind.",
+            registry=registry,
+        )
+
     def observe_delivery(
         self, channel: Channel, trigger: Trigger, created_at: datetime, delivered_at: datetime
     ) -> None:
@@ -91,6 +125,10 @@ class RouterMetrics:
                 if summary == PENDING:
                     self.decisions.labels(
                         channel=channel, outcome="sent", reason="", trigger=trigger
+                    ).inc()
+                elif summary == WAITING:
+                    self.decisions.labels(
+                        channel=channel, outcome="waiting", reason="digest", trigger=trigger
                     ).inc()
                 else:
                     reason = summary.removeprefix("skipped:")

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import uuid
 from collections import defaultdict
-from collections.abc import Collection, Iterable, Mapping, Sequence, Set
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Table, bindparam, delete, func, select, update
+from sqlalchemy import Table, and_, bindparam, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -39,6 +40,7 @@ from herald_shared.events import (
 from notification_router.routing import (
     DeliveryStatus,
     Device,
+    DigestPlan,
     Presence,
     Recipient,
     RecipientDecision,
@@ -47,6 +49,9 @@ from notification_router.routing import (
     statuses_replaceable_by,
 )
 from notification_router.tables import (
+    DIGEST_WAITING,
+    digest_entries,
+    email_digests,
     notification_deliveries,
     notifications,
     presence_connections,
@@ -134,6 +139,7 @@ async def upsert_recipient(engine: AsyncEngine, snapshot: UserUpdated, *, now: d
             for room_id, settings in room_settings_of(snapshot.preferences).items()
         ],
         "time_zone": snapshot.time_zone,
+        "email_delay": snapshot.preferences.email_delay,
         "updated_at": now,
     }
     async with engine.begin() as connection:
@@ -228,6 +234,7 @@ def _recipient(row: Any) -> Recipient:
         push_preview=row["push_preview"],
         rooms=rooms,
         time_zone=row["time_zone"],
+        email_delay=timedelta(seconds=row["email_delay"]),
     )
 
 
@@ -254,7 +261,7 @@ Plan = tuple[Notifiable, Sequence[RecipientDecision]]
 
 
 async def record_decisions(
-    engine: AsyncEngine, plans: Sequence[Plan], *, now: datetime
+    engine: AsyncEngine, plans: Sequence[Plan], *, now: datetime, email_delay_scale: float = 1.0
 ) -> Recorded:
     """Write one ledger row per message and recipient, and one delivery row per job, for every
     plan at once, in one transaction (three statements at most, whatever the number of
@@ -264,7 +271,8 @@ async def record_decisions(
     duplicate) keeps its first decision: neither its row nor its deliveries change, even if the
     projection changed since. Returned as pending are the notifications of the plans whose
     delivery row is still `pending`, i.e. the jobs to (re)publish — the senders dedupe on
-    `notification_id`.
+    `notification_id`. A waiting e-mail becomes an entry of its recipient's waiting digest, in
+    the same transaction (`_add_to_digests`).
     """
     # One order for every transaction, so concurrent duplicates never deadlock.
     ordered = sorted(
@@ -338,7 +346,69 @@ async def record_decisions(
         if earlier:
             result = await connection.execute(_PENDING_OF, {"ids": earlier})
             pending.update(result.scalars())
+        waiting = [decision for event, decision in ordered if is_new(event, decision)]
+        await _add_to_digests(connection, waiting, now=now, delay_scale=email_delay_scale)
     return Recorded(new, frozenset(pending))
+
+
+async def _add_to_digests(
+    connection: AsyncConnection,
+    decisions: Sequence[RecipientDecision],
+    *,
+    now: datetime,
+    delay_scale: float,
+) -> None:
+    """Each waiting e-mail joins its recipient's waiting digest, opening one (due after their
+    delay) where there is none.
+
+    The upsert takes the waiting digest's row lock until commit, so a dispatcher (which claims
+    with SKIP LOCKED) cannot close the window under the entries being added; a digest the
+    dispatcher holds is no longer `waiting` once this upsert gets to it, so a new one opens.
+    """
+    jobs = [(decision, job) for decision in decisions if (job := decision.waiting_email)]
+    if not jobs:
+        return
+    delays = {decision.recipient_id: decision.email_delay for decision, _ in jobs}
+    insert = _insert(connection, email_digests)
+    upsert = insert.on_conflict_do_update(
+        index_elements=[email_digests.c.user_id],
+        index_where=email_digests.c.state == DIGEST_WAITING,
+        # A no-op change, for the row lock and RETURNING: the window keeps its due time.
+        set_={"user_id": insert.excluded.user_id},
+    ).returning(email_digests.c.digest_id, email_digests.c.user_id)
+    # One row per user (ON CONFLICT DO UPDATE may touch a row once per statement), in user
+    # order like every transaction here.
+    opened = await connection.execute(
+        upsert,
+        [
+            {
+                "digest_id": uuid.uuid4(),
+                "user_id": user_id,
+                "opened_at": now,
+                "due_at": now + delays[user_id] * delay_scale,
+                "state": DIGEST_WAITING,
+            }
+            for user_id in sorted(delays)
+        ],
+    )
+    digest_of = {row.user_id: row.digest_id for row in opened}
+    entries = _insert(connection, digest_entries).on_conflict_do_nothing(
+        index_elements=[digest_entries.c.message_id, digest_entries.c.recipient_id]
+    )
+    await connection.execute(
+        entries,
+        [
+            {
+                "message_id": job.message_id,
+                "recipient_id": job.recipient_id,
+                "digest_id": digest_of[job.recipient_id],
+                "room_id": job.room_id,
+                "job": job.model_dump(mode="json"),
+                "state": DIGEST_WAITING,
+            }
+            for _, job in jobs
+        ],
+    )
 
 
 def _delivery_row(job: PushRequested | EmailRequested, now: datetime) -> dict[str, Any]:
@@ -563,6 +633,184 @@ async def load_read_markers(
     async with autocommit(engine) as connection:
         result = await connection.execute(_LOAD_READ_MARKERS, {"ids": users, "rooms": rooms})
         return {(row.user_id, row.room_id): _utc(row.up_to) for row in result}
+
+
+# --- the schedule of e-mail that waits -------------------------------------------------------
+
+DIGEST_SENDING = "sending"
+DIGEST_SENT = "sent"
+DIGEST_CANCELLED = "cancelled"
+_digests = email_digests.c
+_entries = digest_entries.c
+
+
+@dataclass(frozen=True)
+class ClosedDigest:
+    """A digest the dispatcher took: its e-mail to publish (None: nothing was left to tell),
+    and for one closed just now, how many messages it lists or counts and those it left out."""
+
+    digest_id: uuid.UUID
+    job: EmailRequested | None
+    sent: int = 0
+    cancelled: Mapping[uuid.UUID, str] = dataclass_field(default_factory=dict)
+    resent: bool = False  # a digest already `sending`, whose publication is tried again
+
+
+Compose = Callable[
+    [uuid.UUID, Recipient | None, Sequence[EmailRequested], Mapping[uuid.UUID, datetime]],
+    DigestPlan,
+]
+
+
+async def close_due_digests(
+    engine: AsyncEngine, *, now: datetime, limit: int, resend_after: timedelta, compose: Compose
+) -> list[ClosedDigest]:
+    """Take up to `limit` digests whose window ended, compose each (`compose`: the recipient
+    as projected now, the waiting e-mails, the recipient's read markers by room) and record
+    the outcome, in one transaction: a digest with something to tell becomes `sending`, with
+    its e-mail and a pending delivery row; one with nothing becomes `cancelled`. Also taken
+    again: digests `sending` for longer than `resend_after` (a dispatcher that died between
+    this commit and `mark_digests_sent`), with the e-mail they hold.
+
+    `FOR UPDATE SKIP LOCKED`: several dispatchers share the due digests without waiting on
+    one another, and never take a digest whose window a routing transaction is adding to.
+    """
+    claim = (
+        select(_digests.digest_id, _digests.user_id, _digests.state, _digests.job)
+        .where(
+            or_(
+                and_(_digests.state == DIGEST_WAITING, _digests.due_at <= now),
+                and_(_digests.state == DIGEST_SENDING, _digests.closed_at <= now - resend_after),
+            )
+        )
+        .order_by(_digests.due_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    async with engine.begin() as connection:
+        claimed = (await connection.execute(claim)).all()
+        if not claimed:
+            return []
+        resent = [
+            ClosedDigest(row.digest_id, EmailRequested.model_validate(row.job), resent=True)
+            for row in claimed
+            if row.state == DIGEST_SENDING
+        ]
+        if resent:
+            await connection.execute(
+                update(email_digests).where(_ids(_digests.digest_id)).values(closed_at=now),
+                {"ids": [digest.digest_id for digest in resent]},
+            )
+        due = [row for row in claimed if row.state == DIGEST_WAITING]
+        closed = await _close(connection, due, now=now, compose=compose) if due else []
+    return [*closed, *resent]
+
+
+async def _close(
+    connection: AsyncConnection, due: Sequence[Any], *, now: datetime, compose: Compose
+) -> list[ClosedDigest]:
+    digest_ids = [row.digest_id for row in due]
+    entries = await connection.execute(
+        select(_entries.digest_id, _entries.job).where(
+            _entries.digest_id.in_(bindparam("digests", expanding=True)),
+            _entries.state == DIGEST_WAITING,
+        ),
+        {"digests": digest_ids},
+    )
+    waiting: defaultdict[uuid.UUID, list[EmailRequested]] = defaultdict(list)
+    for row in entries:
+        waiting[row.digest_id].append(EmailRequested.model_validate(row.job))
+    users = [row.user_id for row in due]
+    recipients_now = {
+        row.user_id: _recipient(row._mapping)
+        for row in await connection.execute(_LOAD_RECIPIENTS, {"ids": users})
+    }
+    rooms = {job.room_id for jobs in waiting.values() for job in jobs}
+    markers: defaultdict[uuid.UUID, dict[uuid.UUID, datetime]] = defaultdict(dict)
+    if rooms:
+        read = await connection.execute(_LOAD_READ_MARKERS, {"ids": users, "rooms": list(rooms)})
+        for marker in read:
+            markers[marker.user_id][marker.room_id] = _utc(marker.up_to)
+
+    closed: list[ClosedDigest] = []
+    for row in due:
+        plan = compose(
+            row.digest_id,
+            recipients_now.get(row.user_id),
+            waiting[row.digest_id],
+            markers[row.user_id],
+        )
+        cancelled = {
+            message_id: f"cancelled:{reason}" for message_id, reason in plan.cancelled.items()
+        }
+        await connection.execute(
+            update(email_digests)
+            .where(_digests.digest_id == row.digest_id)
+            .values(
+                state=DIGEST_SENDING if plan.job else DIGEST_CANCELLED,
+                closed_at=now,
+                job=plan.job.model_dump(mode="json") if plan.job else None,
+                size=len(plan.sent),
+            )
+        )
+        states = [
+            *(("sent", message_id) for message_id in plan.sent),
+            *((state, message_id) for message_id, state in cancelled.items()),
+        ]
+        if states:
+            await connection.execute(
+                update(digest_entries)
+                .where(
+                    _entries.message_id == bindparam("p_message"),
+                    _entries.recipient_id == row.user_id,
+                )
+                .values(state=bindparam("p_state")),
+                [{"p_state": state, "p_message": message_id} for state, message_id in states],
+            )
+        if plan.job is not None:
+            delivery = _delivery_row(plan.job, now) | {"target": "digest"}
+            await connection.execute(
+                _insert(connection, notification_deliveries).on_conflict_do_nothing(
+                    index_elements=[_deliveries.notification_id]
+                ),
+                [delivery],
+            )
+        closed.append(ClosedDigest(row.digest_id, plan.job, len(plan.sent), cancelled))
+    return closed
+
+
+async def mark_digests_sent(engine: AsyncEngine, digest_ids: Collection[uuid.UUID]) -> None:
+    """The e-mails of these digests were published (the broker confirmed them)."""
+    if not digest_ids:
+        return
+    async with autocommit(engine) as connection:
+        await connection.execute(
+            update(email_digests)
+            .where(_ids(_digests.digest_id), _digests.state == DIGEST_SENDING)
+            .values(state=DIGEST_SENT),
+            {"ids": sorted(digest_ids)},
+        )
+
+
+@dataclass(frozen=True)
+class DigestBacklog:
+    waiting_entries: int
+    # How long the oldest digest past its due time has been waiting (0: none is).
+    overdue_seconds: float
+
+
+async def digest_backlog(engine: AsyncEngine, *, now: datetime) -> DigestBacklog:
+    async with autocommit(engine) as connection:
+        waiting = await connection.scalar(
+            select(func.count()).select_from(digest_entries).where(_entries.state == DIGEST_WAITING)
+        )
+        oldest = await connection.scalar(
+            select(func.min(_digests.due_at)).where(
+                _digests.state.in_((DIGEST_WAITING, DIGEST_SENDING))
+            )
+        )
+    overdue = 0.0 if oldest is None else max(0.0, (now - _utc(oldest)).total_seconds())
+    return DigestBacklog(int(waiting or 0), overdue)
 
 
 # --- the operators' "why (not)?" ----------------------------------------------------------------

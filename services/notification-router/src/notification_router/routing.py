@@ -21,7 +21,10 @@ Rules, per recipient of a `MessageCreated` (the table in docs/notifications.md):
 * presence: nothing for a message in the room the recipient has in view while a real-time stream
   of theirs is open (it reached their screen); no e-mail while they have had a stream open in
   the last `email_grace` (60 s by default: they are reading, or just were);
-* push: one job per registered device; e-mail: one job, if there is an address.
+* push: one job per registered device; e-mail: one job, if there is an address;
+* e-mail waits when the recipient chose an `email_delay`: the first such e-mail opens their
+  window, and when it ends one digest lists what is still unread and still wanted then
+  (`compose_digest`); with no delay it goes at once.
 
 An `InvitationCreated` is decided the same way for its one recipient, the invitee, with the
 trigger `invitation`: personal, so a level of `mentions` or `all` sends it and `none` does not.
@@ -37,9 +40,11 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
 from herald_shared.events import (
+    MAX_DIGEST_ENTRIES,
     NOTIFICATION_NAMESPACE,
     Channel,
     DeliveryOutcome,
+    DigestEntry,
     EmailJobsRequested,
     EmailRequested,
     InvitationCreated,
@@ -60,6 +65,8 @@ from herald_shared.events import (
 from herald_shared.text import truncate
 
 PENDING = "pending"
+# An e-mail in the recipient's digest window (`compose_digest` decides when it ends).
+WAITING = "waiting"
 # A mute with no end (what `muted_room_ids` of older snapshots mean).
 MUTED_FOREVER = datetime.max.replace(tzinfo=UTC)
 
@@ -74,6 +81,8 @@ class SkipReason(StrEnum):
     ONLINE = "online"  # e-mail: the recipient has (or just had) a real-time stream open
     NO_DEVICE = "no_device"
     NO_EMAIL = "no_email"
+    # A waiting e-mail the digest left out: the room was read, or the recipient's e-mail
+    # settings no longer want it (READ, MUTED, EMAIL_DISABLED, LEVEL_MENTIONS, NO_EMAIL).
 
 
 def skipped(reason: SkipReason) -> str:
@@ -123,6 +132,8 @@ class Recipient:
     push_preview: bool = True
     rooms: Mapping[uuid.UUID, RoomSettings] = field(default_factory=dict)
     time_zone: str = "UTC"
+    # How long e-mail waits, gathering one digest; zero: each e-mail goes at once.
+    email_delay: timedelta = timedelta(0)
 
     @classmethod
     def from_snapshot(cls, snapshot: UserUpdated) -> Recipient:
@@ -147,6 +158,7 @@ class Recipient:
             push_preview=preferences.push_preview,
             rooms=room_settings_of(preferences),
             time_zone=snapshot.time_zone,
+            email_delay=timedelta(seconds=preferences.email_delay),
         )
 
     def level(self, room_id: uuid.UUID, channel: Channel) -> Level:
@@ -212,13 +224,22 @@ class RecipientDecision:
     mentioned: bool
     trigger: Trigger
     push: str  # "pending" or "skipped:<reason>"
-    email: str  # "pending" or "skipped:<reason>"
+    email: str  # "pending", "waiting" or "skipped:<reason>"
     push_jobs: tuple[PushRequested, ...] = ()
     email_job: EmailRequested | None = None
+    # Waiting e-mail: how long the window it opens lasts (if it is the first).
+    email_delay: timedelta = timedelta(0)
 
     @property
     def jobs(self) -> tuple[PushRequested | EmailRequested, ...]:
-        return (*self.push_jobs, *((self.email_job,) if self.email_job else ()))
+        """What to hand the senders now (a waiting e-mail is not: see `waiting_email`)."""
+        email = (self.email_job,) if self.email_job and self.email != WAITING else ()
+        return (*self.push_jobs, *email)
+
+    @property
+    def waiting_email(self) -> EmailRequested | None:
+        """The e-mail to keep for the recipient's digest."""
+        return self.email_job if self.email == WAITING else None
 
 
 @dataclass(frozen=True)
@@ -365,7 +386,7 @@ def decide_for(
     elif not recipient.email:
         email = skipped(SkipReason.NO_EMAIL)
     else:
-        email = PENDING
+        email = WAITING if recipient.email_delay > timedelta(0) else PENDING
         email_job = _email_job(event, recipient, recipient.email, trigger=trigger, now=now)
 
     return RecipientDecision(
@@ -376,6 +397,7 @@ def decide_for(
         email=email,
         push_jobs=push_jobs,
         email_job=email_job,
+        email_delay=recipient.email_delay if email == WAITING else timedelta(0),
     )
 
 
@@ -436,6 +458,92 @@ def _email_job(
         sent_at=event.timestamp,
         trigger=trigger,
     )
+
+
+@dataclass(frozen=True)
+class DigestPlan:
+    """What one ended window sends: the digest e-mail (None when nothing is left to tell), the
+    messages it lists or counts, and those left out, with why."""
+
+    job: EmailRequested | None
+    sent: tuple[uuid.UUID, ...]
+    cancelled: Mapping[uuid.UUID, SkipReason]
+
+
+def compose_digest(
+    digest_id: uuid.UUID,
+    recipient: Recipient | None,
+    waiting: Sequence[EmailRequested],
+    *,
+    read_markers: Mapping[uuid.UUID, datetime],
+    now: datetime,
+) -> DigestPlan:
+    """The digest of a window that ended: every waiting e-mail of it (as decided then) whose
+    message is still unread (`read_markers`: room → read up to) and that the recipient's
+    e-mail settings still want, oldest first; the first `MAX_DIGEST_ENTRIES` listed, the rest
+    counted. Sent to the address the recipient has now. Its notification id derives from the
+    window: composing it again (a crash before it was marked) gives the same e-mail, which the
+    e-mail-sender dedupes."""
+    kept: list[EmailRequested] = []
+    cancelled: dict[uuid.UUID, SkipReason] = {}
+    for job in sorted(waiting, key=lambda job: (job.sent_at, str(job.message_id))):
+        reason = _left_out(job, recipient, read_up_to=read_markers.get(job.room_id), now=now)
+        if reason is None:
+            kept.append(job)
+        else:
+            cancelled[job.message_id] = reason
+    sent = tuple(job.message_id for job in kept)
+    if not kept or recipient is None or recipient.email is None:
+        return DigestPlan(None, sent=(), cancelled=cancelled)
+    first = kept[0]
+    notification_id = notification_id_for(
+        message_id=digest_id, recipient_id=recipient.user_id, channel=Channel.EMAIL, target="digest"
+    )
+    listed = kept[:MAX_DIGEST_ENTRIES]
+    job = first.model_copy(
+        update={
+            "event_id": notification_id,
+            "occurred_at": now,
+            "notification_id": notification_id,
+            "to_address": recipient.email,
+            "to_name": recipient.display_name,
+            "digest": [
+                DigestEntry(
+                    message_id=entry.message_id,
+                    room_id=entry.room_id,
+                    room_name=entry.room_name,
+                    sender_display_name=entry.sender_display_name,
+                    message_content=entry.message_content,
+                    sent_at=entry.sent_at,
+                    trigger=entry.trigger,
+                )
+                for entry in listed
+            ],
+            "omitted": len(kept) - len(listed),
+        }
+    )
+    return DigestPlan(job, sent=sent, cancelled=cancelled)
+
+
+def _left_out(
+    job: EmailRequested, recipient: Recipient | None, *, read_up_to: datetime | None, now: datetime
+) -> SkipReason | None:
+    """Why a waiting e-mail no longer belongs in the digest, or None."""
+    if read_up_to is not None and job.sent_at <= read_up_to:
+        return SkipReason.READ
+    if recipient is None or recipient.email is None:
+        return SkipReason.NO_EMAIL
+    # The rules of `channel_skip`, on the settings of now: only naming the recipient breaks a
+    # mute, and `mentions` wants everything but a plain message.
+    naming = job.trigger in (Trigger.MENTION, Trigger.INVITATION)
+    if recipient.muted(job.room_id, now=now) and not naming:
+        return SkipReason.MUTED
+    level = recipient.level(job.room_id, Channel.EMAIL)
+    if level is Level.NONE:
+        return SkipReason.EMAIL_DISABLED
+    if level is Level.MENTIONS and job.trigger is Trigger.MESSAGE:
+        return SkipReason.LEVEL_MENTIONS
+    return None
 
 
 JobBatch = PushJobsRequested | EmailJobsRequested

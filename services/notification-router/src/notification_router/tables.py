@@ -7,6 +7,9 @@
   push device, one for the e-mail), keyed by the deterministic `notification_id`, with the
   status the delivery reports bring back.
 * `read_markers`: how far each user read each room, from `room.read`.
+* `email_digests` and `digest_entries`: the durable schedule of e-mail that waits. A user has
+  at most one `waiting` digest (a partial unique index: "one digest per window" is a database
+  fact); each waiting e-mail is an entry of it, with the job as decided.
 * `presence_connections` and `rooms_in_view`: the presence projection, from `presence.changed`:
   each real-time stream with the time it expires (or ended), and the room each user has in
   view.
@@ -24,12 +27,14 @@ from sqlalchemy import (
     DateTime,
     ForeignKeyConstraint,
     Index,
+    Integer,
     MetaData,
     PrimaryKeyConstraint,
     String,
     Table,
     Text,
     Uuid,
+    text,
     true,
 )
 
@@ -64,6 +69,8 @@ recipients = Table(
     Column("room_settings", JSON, nullable=True),
     Column("time_zone", String(64), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    # Seconds e-mail waits, gathering one digest (revision 0007; 0 in rows projected before).
+    Column("email_delay", Integer, nullable=False, server_default="0"),
 )
 
 notifications = Table(
@@ -137,4 +144,60 @@ read_markers = Table(
     Column("up_to", DateTime(timezone=True), nullable=False),
     Column("message_id", Uuid, nullable=False),
     PrimaryKeyConstraint("user_id", "room_id"),
+)
+
+DIGEST_WAITING = "waiting"
+
+email_digests = Table(
+    "email_digests",
+    metadata,
+    Column("digest_id", Uuid, primary_key=True),
+    Column("user_id", Uuid, nullable=False),
+    Column("opened_at", DateTime(timezone=True), nullable=False),
+    Column("due_at", DateTime(timezone=True), nullable=False),
+    # waiting → sending (its e-mail composed, being published) → sent; or waiting → cancelled
+    # (nothing left to tell).
+    Column("state", String(16), nullable=False),
+    # When it left `waiting`; for one `sending`, when its publication was last tried.
+    Column("closed_at", DateTime(timezone=True), nullable=True),
+    # The digest e-mail (an EmailRequested), kept from `sending` on so a retry sends the same.
+    Column("job", JSON, nullable=True),
+    # Messages listed or counted in the e-mail.
+    Column("size", Integer, nullable=True),
+    Index(
+        "uq_email_digests_user_id_waiting",
+        "user_id",
+        unique=True,
+        postgresql_where=text(f"state = '{DIGEST_WAITING}'"),
+        sqlite_where=text(f"state = '{DIGEST_WAITING}'"),
+    ),
+    Index("ix_email_digests_state_due_at", "state", "due_at"),
+)
+
+digest_entries = Table(
+    "digest_entries",
+    metadata,
+    Column("message_id", Uuid, nullable=False),
+    Column("recipient_id", Uuid, nullable=False),
+    Column("digest_id", Uuid, nullable=False),
+    Column("room_id", Uuid, nullable=False),
+    # The e-mail as decided (an EmailRequested), which the digest lists.
+    Column("job", JSON, nullable=False),
+    # waiting, sent, or cancelled:<reason> (routing.SkipReason).
+    Column("state", String(32), nullable=False),
+    PrimaryKeyConstraint("message_id", "recipient_id"),
+    ForeignKeyConstraint(
+        ["message_id", "recipient_id"],
+        ["notifications.message_id", "notifications.recipient_id"],
+        ondelete="CASCADE",
+    ),
+    ForeignKeyConstraint(["digest_id"], ["email_digests.digest_id"], ondelete="CASCADE"),
+    Index("ix_digest_entries_digest_id", "digest_id"),
+    # The waiting ones are few and read every poll (the backlog gauge); the rest is history.
+    Index(
+        "ix_digest_entries_waiting",
+        "digest_id",
+        postgresql_where=text(f"state = '{DIGEST_WAITING}'"),
+        sqlite_where=text(f"state = '{DIGEST_WAITING}'"),
+    ),
 )

@@ -166,6 +166,17 @@ def _text_only(value: object) -> object:
 
 UtcInstant = Annotated[AwareDatetime, BeforeValidator(_text_only), AfterValidator(_in_utc)]
 
+
+def _whole_number(value: object) -> object:
+    """A delay is a JSON integer: not `false` (which equals 0), not `120.0`."""
+    if type(value) is not int:
+        raise ValueError("must be an integer number of seconds")
+    return value
+
+
+# Seconds e-mail waits: herald_shared.events.EMAIL_DELAYS.
+EmailDelay = Annotated[Literal[0, 120, 900, 3600], BeforeValidator(_whole_number)]
+
 # A room's level: one of the levels, or `default` (the user's own level applies).
 RoomLevel = Literal["default", "all", "mentions", "none"]
 
@@ -269,6 +280,13 @@ class PreferencesBody(RequestBody):
     email: Level | None = None
     # False: pushes name the sender and the room but never show the message's text.
     push_preview: StrictBool | None = None
+    email_delay: EmailDelay | None = Field(
+        default=None,
+        description=(
+            "Seconds e-mail waits (default 120): then one e-mail lists what is still unread; "
+            "0 mails each message at once"
+        ),
+    )
     push_enabled: StrictBool | None = Field(
         default=None, description="Older form: false is push none; true restores the level"
     )
@@ -378,6 +396,7 @@ class PreferencesOut(BaseModel):
     push: Level
     email: Level
     push_preview: bool
+    email_delay: int = Field(description="Seconds e-mail waits, gathering one digest")
     push_enabled: bool = Field(description="Older form: push is not none")
     email_enabled: bool = Field(description="Older form: email is not none")
     muted_room_ids: list[uuid.UUID] = Field(description="The rooms muted with no end")
@@ -388,6 +407,7 @@ class PreferencesOut(BaseModel):
             push=view.push,
             email=view.email,
             push_preview=view.push_preview,
+            email_delay=view.email_delay,
             push_enabled=view.push is not Level.NONE,
             email_enabled=view.email is not Level.NONE,
             muted_room_ids=view.muted_room_ids,

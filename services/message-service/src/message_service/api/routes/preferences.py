@@ -20,7 +20,8 @@ async def read_preferences(me: Me, session: SessionDep) -> PreferencesOut:
 @router.put("/users/me/preferences", responses=INVALID)
 async def replace_preferences(body: PreferencesBody, me: Me, session: SessionDep) -> PreferencesOut:
     """Change your defaults: `push` and `email` levels (`all`, `mentions` - the default, DMs and
-    mentions only - or `none`) and `push_preview`; fields left out keep their value. The older
+    mentions only - or `none`), `push_preview` and `email_delay`; fields left out keep their
+    value. The older
     `push_enabled`, `email_enabled` and `muted_room_ids` are still taken; only rooms you are a
     member of can be muted."""
     view = await service.set_preferences(
@@ -31,6 +32,7 @@ async def replace_preferences(body: PreferencesBody, me: Me, session: SessionDep
         push_enabled=body.push_enabled,
         email_enabled=body.email_enabled,
         push_preview=body.push_preview,
+        email_delay=body.email_delay,
         muted_room_ids=body.muted_room_ids,
     )
     return PreferencesOut.of(view)
