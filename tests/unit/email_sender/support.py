@@ -24,14 +24,16 @@ def unsubscribe_tokens() -> UnsubscribeTokens:
     return UnsubscribeTokens(UNSUBSCRIBE_SECRET.encode())
 
 
-def renderer() -> EmailRenderer:
-    """The renderer as the app builds it, with the test secret."""
+def renderer(*, room_url_template: str | None = None) -> EmailRenderer:
+    """The renderer as the app builds it, with the test secret (and by default, as without a
+    ROOM_URL_TEMPLATE, no room links)."""
     return EmailRenderer(
         sender=SENDER,
         message_id_domain=DOMAIN,
         unsubscribe=UnsubscribeLinks(
             url=UNSUBSCRIBE_URL, tokens=unsubscribe_tokens(), lifetime=timedelta(days=30)
         ),
+        room_url_template=room_url_template,
     )
 
 

@@ -182,12 +182,63 @@ def test_html_template_autoescapes_and_text_template_does_not() -> None:
         "room_name": "",
         "invitation": False,
         "message_content": "&",
+        "room_url": None,
         "unsubscribe_url": "https://x.test/unsubscribe?token=a&b",
     }
     assert "&lt;b&gt;" in html.render(context)
     assert "&amp;" in html.render(context)
     assert "<b> sent" in text.render(context)
     assert 'href="https://x.test/unsubscribe?token=a&amp;b"' in html.render(context)
+
+
+ROOM_URL_TEMPLATE = "https://chat.example.test/rooms/{room_id}?from=email&kind=single"
+
+
+def _room_url(room_id: uuid.UUID) -> str:
+    """ROOM_URL_TEMPLATE filled in, as the text part shows it (the HTML escapes its `&`)."""
+    return f"https://chat.example.test/rooms/{room_id}?from=email&kind=single"
+
+
+def _room_link_in_html(room_id: uuid.UUID) -> str:
+    href = _room_url(room_id).replace("&", "&amp;")
+    return f'<a href="{href}" style="color: #4f46e5;">Open the room</a>'
+
+
+def test_with_a_room_url_template_the_email_links_to_the_room() -> None:
+    job = email_job()
+
+    text, html = _parts(
+        _reparsed(support.renderer(room_url_template=ROOM_URL_TEMPLATE).render(job, now=NOW))
+    )
+
+    assert f"\n\nOpen the room: {_room_url(job.room_id)}\n\n--\n" in text
+    assert _room_link_in_html(job.room_id) in html
+
+
+def test_without_a_room_url_template_there_is_no_room_link(renderer: EmailRenderer) -> None:
+    text, html = _parts(_reparsed(renderer.render(email_job(), now=NOW)))
+
+    assert "Open the room" not in text
+    assert "Open the room" not in html
+    assert "chat.example.test" not in text + html
+
+
+@pytest.mark.parametrize("trigger", [Trigger.MESSAGE, Trigger.INVITATION])
+def test_the_room_link_is_all_a_room_url_template_adds_to_a_single_message_email(
+    renderer: EmailRenderer, trigger: Trigger
+) -> None:
+    job = email_job(trigger=trigger)
+    linking = support.renderer(room_url_template=ROOM_URL_TEMPLATE)
+
+    linked_text, linked_html = _parts(_reparsed(linking.render(job, now=NOW)))
+    plain_text, plain_html = _parts(_reparsed(renderer.render(job, now=NOW)))
+
+    link_in_text = f"\nOpen the room: {_room_url(job.room_id)}\n"
+    link_in_html = f"<p>{_room_link_in_html(job.room_id)}</p>\n"
+    assert link_in_text in linked_text
+    assert link_in_html in linked_html
+    assert linked_text.replace(link_in_text, "", 1) == plain_text
+    assert linked_html.replace(link_in_html, "", 1) == plain_html
 
 
 # Each attempt to smuggle a header (or a second recipient) in through user text, and the

@@ -28,6 +28,7 @@ from email.utils import format_datetime, getaddresses
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
 from email_sender import mime
+from email_sender.settings import ROOM_ID_PLACEHOLDER
 from herald_shared.events import EmailRequested, Trigger, utc_now
 from herald_shared.unsubscribe import UnsubscribeTokens
 
@@ -171,6 +172,7 @@ class EmailRenderer:
         sender: str,
         message_id_domain: str,
         unsubscribe: UnsubscribeLinks,
+        room_url_template: str | None = None,
         environment: Environment | None = None,
     ) -> None:
         # EMAIL_FROM is the operator's, checked at start-up: written once, with the email
@@ -180,6 +182,8 @@ class EmailRenderer:
         self._envelope_sender = header.addresses[0].addr_spec
         self._message_id_domain = message_id_domain
         self._unsubscribe = unsubscribe
+        # The validated ROOM_URL_TEMPLATE (None: e-mails carry no room links).
+        self._room_url_template = room_url_template
         self._environment = environment or template_environment()
         self._text = self._environment.get_template(TEXT_TEMPLATE)
         self._html = self._environment.get_template(HTML_TEMPLATE)
@@ -198,6 +202,7 @@ class EmailRenderer:
             "room_name": room_name,
             "invitation": invitation,
             "message_content": body_text(job.message_content),
+            "room_url": self.room_url(job.room_id),
             "unsubscribe_url": unsubscribe_url,
         }
         return RenderedParts(
@@ -206,6 +211,12 @@ class EmailRenderer:
             html=self._html.render(context),
             unsubscribe_url=unsubscribe_url,
         )
+
+    def room_url(self, room_id: uuid.UUID) -> str | None:
+        """Where the chat shows the room, or None without a ROOM_URL_TEMPLATE."""
+        if self._room_url_template is None:
+            return None
+        return self._room_url_template.replace(ROOM_ID_PLACEHOLDER, str(room_id))
 
     def render(self, job: EmailRequested, *, now: datetime | None = None) -> RenderedEmail:
         """The complete message, or `UnrenderableEmail` (never with the offending input in it)."""
