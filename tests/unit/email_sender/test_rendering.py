@@ -33,9 +33,14 @@ from herald_shared.events import Trigger
 from herald_shared.unsubscribe import InvalidUnsubscribeToken
 from tests.unit.email_sender import support
 from tests.unit.email_sender.support import (
+    DIRECT,
     DOMAIN,
+    GENERAL,
+    RANDOM,
     SENDER,
     UNSUBSCRIBE_URL,
+    digest_entry,
+    digest_job,
     email_job,
     unsubscribe_tokens,
 )
@@ -241,6 +246,51 @@ def test_the_room_link_is_all_a_room_url_template_adds_to_a_single_message_email
     assert linked_html.replace(link_in_html, "", 1) == plain_html
 
 
+def _thread(room_id: uuid.UUID) -> str:
+    return f"<room-{room_id}@{DOMAIN}>"
+
+
+@pytest.mark.parametrize("trigger", [Trigger.MESSAGE, Trigger.DIRECT, Trigger.INVITATION])
+def test_a_single_message_email_joins_its_rooms_thread(
+    renderer: EmailRenderer, trigger: Trigger
+) -> None:
+    job = email_job(trigger=trigger)
+
+    message = _reparsed(renderer.render(job, now=NOW))
+
+    assert message["In-Reply-To"] == _thread(job.room_id)
+    assert message["References"] == _thread(job.room_id)
+    # The thread is the room's, the Message-ID still the notification's own.
+    assert message["Message-ID"] == f"<{job.notification_id}@{DOMAIN}>"
+    other_message = _reparsed(
+        renderer.render(email_job(notification_id=uuid.uuid4(), message_id=uuid.uuid4()), now=NOW)
+    )
+    assert other_message["References"] == message["References"]
+    other_room = _reparsed(renderer.render(email_job(room_id=uuid.uuid4()), now=NOW))
+    assert other_room["References"] != message["References"]
+
+
+def test_a_digest_of_one_room_joins_its_thread(renderer: EmailRenderer) -> None:
+    job = digest_job(digest_entry(RANDOM, 1, "first"), digest_entry(RANDOM, 2, "second"), omitted=4)
+
+    message = _reparsed(renderer.render(job, now=NOW))
+
+    assert message["In-Reply-To"] == _thread(RANDOM)
+    assert message["References"] == _thread(RANDOM)
+    assert message["Message-ID"] == f"<{job.notification_id}@{DOMAIN}>"
+
+
+def test_a_digest_of_several_rooms_is_in_no_rooms_thread(renderer: EmailRenderer) -> None:
+    job = digest_job(digest_entry(GENERAL, 1, "first"), digest_entry(DIRECT, 2, "second"))
+
+    message = _reparsed(renderer.render(job, now=NOW))
+
+    assert "In-Reply-To" not in message
+    assert "References" not in message
+    assert message["Message-ID"] == f"<{job.notification_id}@{DOMAIN}>"
+    assert message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+
+
 # Each attempt to smuggle a header (or a second recipient) in through user text, and the
 # exact headers that must come out: the text stays inside the one header it belongs to.
 INJECTIONS = [
@@ -332,6 +382,8 @@ def test_user_text_cannot_add_a_header(
         "Subject",
         "Date",
         "Message-ID",
+        "In-Reply-To",
+        "References",
         "Auto-Submitted",
         "List-Unsubscribe",
         "List-Unsubscribe-Post",
@@ -408,14 +460,36 @@ def test_a_message_whose_serialised_headers_differ_from_those_set_is_refused(
     job = email_job()
     serialised = renderer.render(job, now=NOW).data
     subject = "New message from Alice in general"
+    thread = f"<room-{job.room_id}@{DOMAIN}>"
 
-    assert headers_as_built(serialised, recipient=job.to_address, subject=subject)
+    def as_built(data: bytes, *, thread_id: str | None = thread) -> bool:
+        return headers_as_built(
+            data, recipient=job.to_address, subject=subject, thread_id=thread_id
+        )
+
+    assert as_built(serialised)
     smuggled = serialised.replace(b"Subject:", b"Bcc: eve@evil.test\nSubject:", 1)
-    assert not headers_as_built(smuggled, recipient=job.to_address, subject=subject)
+    assert not as_built(smuggled)
     second_recipient = serialised.replace(b"<bob@example.test>", b"<bob@example.test>, e@x.y", 1)
-    assert not headers_as_built(second_recipient, recipient=job.to_address, subject=subject)
+    assert not as_built(second_recipient)
     other_subject = serialised.replace(b"in general", b"in generic", 1)
-    assert not headers_as_built(other_subject, recipient=job.to_address, subject=subject)
+    assert not as_built(other_subject)
+    # The threading headers: exactly where they were set, naming exactly the room's thread.
+    assert not as_built(serialised, thread_id=None)
+    assert not as_built(serialised, thread_id=f"<room-{uuid.uuid4()}@{DOMAIN}>")
+    other_thread = serialised.replace(
+        f"References: {thread}".encode(), f"References: <room-{uuid.uuid4()}@{DOMAIN}>".encode()
+    )
+    assert other_thread != serialised
+    assert not as_built(other_thread)
+    second_reference = serialised.replace(
+        b"Auto-Submitted:", f"References: {thread}\nAuto-Submitted:".encode(), 1
+    )
+    assert not as_built(second_reference)
+    unthreaded = serialised.replace(f"In-Reply-To: {thread}\nReferences: {thread}\n".encode(), b"")
+    assert unthreaded != serialised
+    assert as_built(unthreaded, thread_id=None)
+    assert not as_built(unthreaded)
 
 
 def test_an_invitation_says_who_invited_whom_where_and_quotes_nothing(

@@ -8,6 +8,10 @@ as RFC 2047 encoded words, and an address only as one addr-spec. As a last guard
 header block is parsed back and must hold exactly the headers set, one recipient and the same
 subject. The HTML template autoescapes; user content is never marked safe.
 
+An e-mail about one room (a single message, or a digest of one room's messages) carries
+`In-Reply-To` and `References` naming that room's thread, `<room-{room_id}@{domain}>`, so mail
+clients put a room's e-mails together; a digest over several rooms belongs to no thread.
+
 Every e-mail carries `List-Unsubscribe` (RFC 2369) with a signed, expiring link to
 message-service and `List-Unsubscribe-Post: List-Unsubscribe=One-Click` (RFC 8058), so a mail
 client can turn the recipient's e-mail notifications off with one POST.
@@ -60,6 +64,21 @@ HEADER_NAMES = (
     "List-Unsubscribe",
     "List-Unsubscribe-Post",
 )
+# What an e-mail about one room has besides, right after Message-ID, both naming the room's
+# thread (`thread_id_for`).
+THREAD_HEADER_NAMES = ("In-Reply-To", "References")
+
+
+def header_names(*, threaded: bool) -> tuple[str, ...]:
+    """The headers of an e-mail, in order, as `render` writes them."""
+    if not threaded:
+        return HEADER_NAMES
+    after_message_id = HEADER_NAMES.index("Message-ID") + 1
+    return (
+        *HEADER_NAMES[:after_message_id],
+        *THREAD_HEADER_NAMES,
+        *HEADER_NAMES[after_message_id:],
+    )
 
 
 @dataclass(frozen=True)
@@ -136,6 +155,19 @@ def subject_for(*, sender_name: str, room_name: str, invitation: bool = False) -
 def message_id_for(notification_id: uuid.UUID, domain: str) -> str:
     """Identical for every attempt of one notification, so a duplicate is recognisable."""
     return f"<{notification_id}@{domain}>"
+
+
+def thread_id_for(room_id: uuid.UUID, domain: str) -> str:
+    """The message id every e-mail about one room replies to: no e-mail has it, but mail clients
+    that thread by `References` (or `In-Reply-To`) put a room's e-mails together under it."""
+    return f"<room-{room_id}@{domain}>"
+
+
+def thread_room(job: EmailRequested) -> uuid.UUID | None:
+    """The one room the e-mail is about: a single message's, or the room all of a digest's
+    entries share; None for a digest over several rooms (it belongs to no room's thread)."""
+    rooms = {entry.room_id for entry in job.digest} if job.digest else {job.room_id}
+    return next(iter(rooms)) if len(rooms) == 1 else None
 
 
 def template_environment() -> Environment:
@@ -231,12 +263,20 @@ class EmailRenderer:
                 raise mime.UnwritableHeader("List-Unsubscribe is not one <URL>")
             to_name = header_text(job.to_name, limit=MAX_DISPLAY_NAME_LENGTH)
             message_id = message_id_for(job.notification_id, self._message_id_domain)
+            room_id = thread_room(job)
+            thread_id = None if room_id is None else thread_id_for(room_id, self._message_id_domain)
+            # Both name the room's thread: `References` for the clients that thread by the chain,
+            # `In-Reply-To` for those that look at the parent only (RFC 5322 3.6.4).
+            threading = (
+                [f"{name}: {thread_id}" for name in THREAD_HEADER_NAMES] if thread_id else []
+            )
             headers = [
                 self._from_header,
                 mime.mailbox("To", to_name, address),
                 mime.unstructured("Subject", parts.subject),
                 f"Date: {format_datetime(now)}",
                 f"Message-ID: {message_id}",
+                *threading,
                 # RFC 3834: an automatic message; auto-responders should not answer it.
                 "Auto-Submitted: auto-generated",
                 # Written whole: a URL cut by folding is no link for a mail client.
@@ -248,21 +288,27 @@ class EmailRenderer:
             )
         except (ValueError, UnicodeError):
             raise UnrenderableEmail("message could not be built") from None
-        if not headers_as_built(data, recipient=address, subject=parts.subject):
+        if not headers_as_built(
+            data, recipient=address, subject=parts.subject, thread_id=thread_id
+        ):
             raise UnrenderableEmail("message headers did not survive serialisation")
         return RenderedEmail(data, self._envelope_sender, address, message_id)
 
 
-def headers_as_built(data: bytes, *, recipient: str, subject: str) -> bool:
+def headers_as_built(data: bytes, *, recipient: str, subject: str, thread_id: str | None) -> bool:
     """Defence in depth against header tricks nobody has thought of yet: what a receiving server
-    parses has exactly the headers that were set, one recipient, and the same subject."""
+    parses has exactly the headers that were set (the threading headers, naming `thread_id`,
+    if and only if it is given), one recipient, and the same subject."""
     received = BytesHeaderParser(policy=policy.compat32).parsebytes(data)
     recipients = getaddresses(received.get_all("To", []))
     raw_subject = received.get("Subject")
     if raw_subject is not None:
         raw_subject = raw_subject.replace("\n", "")  # unfolded
+    threaded = thread_id is not None
+    thread_ids = [str(received.get(name, "")).strip() for name in THREAD_HEADER_NAMES]
     return (
-        tuple(received.keys()) == (*HEADER_NAMES, "MIME-Version", "Content-Type")
+        tuple(received.keys()) == (*header_names(threaded=threaded), "MIME-Version", "Content-Type")
+        and (not threaded or thread_ids == [thread_id] * len(THREAD_HEADER_NAMES))
         and len(recipients) == 1
         and recipients[0][1] == recipient
         and raw_subject is not None
