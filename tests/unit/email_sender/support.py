@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta
+from email import policy
+from email.message import EmailMessage
+from email.parser import BytesParser
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +102,22 @@ def digest_job(*entries: DigestEntry, omitted: int = 0, **overrides: Any) -> Ema
     }
     fields.update(overrides)
     return email_job(**fields)
+
+
+def reparsed(rendered: RenderedEmail) -> EmailMessage:
+    """What a receiving server sees: the bytes parsed."""
+    parsed = BytesParser(policy=policy.default).parsebytes(rendered.data)
+    assert isinstance(parsed, EmailMessage)
+    return parsed
+
+
+def text_and_html(message: EmailMessage) -> tuple[str, str]:
+    """The text and the HTML alternative of a message, decoded."""
+    text = message.get_body(preferencelist=("plain",))
+    html = message.get_body(preferencelist=("html",))
+    assert text is not None
+    assert html is not None
+    return str(text.get_content()), str(html.get_content())
 
 
 def email_jobs(*jobs: EmailRequested) -> EmailJobsRequested:
