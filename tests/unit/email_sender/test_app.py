@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import pytest
 
-from email_sender.app import create_app, specification
+from email_sender.app import create_app, renderer_for, specification
 from email_sender.backends import FileBackend, SmtpBackend, make_backend
 from email_sender.settings import EmailBackendKind, Settings
 
@@ -46,3 +47,14 @@ def test_the_backend_follows_email_backend(tmp_path: Path) -> None:
     assert isinstance(file_backend, FileBackend)
     assert file_backend.directory == tmp_path
     assert isinstance(make_backend(Settings(email_backend=EmailBackendKind.SMTP)), SmtpBackend)
+
+
+def test_the_renderer_links_rooms_as_room_url_template_says() -> None:
+    room_id = uuid.uuid4()
+    template = "https://chat.example.test/rooms/{room_id}"
+
+    assert renderer_for(Settings()).room_url(room_id) is None
+    assert (
+        renderer_for(Settings(room_url_template=template)).room_url(room_id)
+        == f"https://chat.example.test/rooms/{room_id}"
+    )

@@ -1,5 +1,5 @@
 """Rendering: golden headers, text and HTML parts, escaping, header injection, Message-ID,
-List-Unsubscribe.
+threading per room, room links, List-Unsubscribe (digests: `test_digest.py`).
 
 The golden files in `golden/` are the exact header block (MIME boundary blanked) and the text and
 HTML parts for `GOLDEN_JOB`. After an intended change, regenerate them and review the diff:
@@ -14,7 +14,6 @@ import re
 import uuid
 from datetime import UTC, datetime, timedelta
 from email import policy
-from email.message import EmailMessage
 from email.parser import BytesParser
 from pathlib import Path
 
@@ -33,10 +32,17 @@ from herald_shared.events import Trigger
 from herald_shared.unsubscribe import InvalidUnsubscribeToken
 from tests.unit.email_sender import support
 from tests.unit.email_sender.support import (
+    DIRECT,
     DOMAIN,
+    GENERAL,
+    RANDOM,
     SENDER,
     UNSUBSCRIBE_URL,
+    digest_entry,
+    digest_job,
     email_job,
+    reparsed,
+    text_and_html,
     unsubscribe_tokens,
 )
 
@@ -55,24 +61,9 @@ def renderer() -> EmailRenderer:
     return support.renderer()
 
 
-def _parts(message: EmailMessage) -> tuple[str, str]:
-    text = message.get_body(preferencelist=("plain",))
-    html = message.get_body(preferencelist=("html",))
-    assert text is not None
-    assert html is not None
-    return str(text.get_content()), str(html.get_content())
-
-
-def _reparsed(rendered: RenderedEmail) -> EmailMessage:
-    """What a receiving server sees: the bytes parsed."""
-    parsed = BytesParser(policy=policy.default).parsebytes(rendered.data)
-    assert isinstance(parsed, EmailMessage)
-    return parsed
-
-
 @pytest.mark.parametrize(("part", "golden"), [(0, "new_message.txt"), (1, "new_message.html")])
 def test_parts_match_the_golden_files(renderer: EmailRenderer, part: int, golden: str) -> None:
-    rendered = _parts(_reparsed(renderer.render(GOLDEN_JOB, now=NOW)))[part]
+    rendered = text_and_html(reparsed(renderer.render(GOLDEN_JOB, now=NOW)))[part]
     path = GOLDEN / golden
     if os.environ.get("HERALD_UPDATE_GOLDEN"):
         path.write_text(rendered, encoding="utf-8")
@@ -98,7 +89,7 @@ def test_list_unsubscribe_is_one_click_with_a_signed_link_for_the_recipient(
 ) -> None:
     job = email_job()
     raw = renderer.render(job, now=NOW).data
-    message = _reparsed(renderer.render(job, now=NOW))
+    message = reparsed(renderer.render(job, now=NOW))
 
     assert message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
     value = message["List-Unsubscribe"]
@@ -116,13 +107,13 @@ def test_list_unsubscribe_is_one_click_with_a_signed_link_for_the_recipient(
     assert job.to_address not in token
     assert "Bob" not in token
     # The same link is in both parts, for readers whose client shows no unsubscribe button.
-    text, html = _parts(message)
+    text, html = text_and_html(message)
     assert value[1:-1] in text
     assert f'href="{value[1:-1]}"' in html
 
 
 def test_message_is_multipart_alternative_text_then_html(renderer: EmailRenderer) -> None:
-    message = _reparsed(renderer.render(GOLDEN_JOB, now=NOW))
+    message = reparsed(renderer.render(GOLDEN_JOB, now=NOW))
 
     assert message.get_content_type() == "multipart/alternative"
     assert [part.get_content_type() for part in message.iter_parts()] == [
@@ -141,13 +132,13 @@ def test_message_id_comes_from_the_notification_id(renderer: EmailRenderer) -> N
     first = renderer.render(email_job(notification_id=notification_id))
     again = renderer.render(email_job(notification_id=notification_id, message_content="x"))
 
-    assert _reparsed(first)["Message-ID"] == f"<{notification_id}@{DOMAIN}>"
-    assert _reparsed(again)["Message-ID"] == _reparsed(first)["Message-ID"]
+    assert reparsed(first)["Message-ID"] == f"<{notification_id}@{DOMAIN}>"
+    assert reparsed(again)["Message-ID"] == reparsed(first)["Message-ID"]
     assert first.message_id == again.message_id == f"<{notification_id}@{DOMAIN}>"
 
 
 def test_subject_without_a_room_name(renderer: EmailRenderer) -> None:
-    message = _reparsed(renderer.render(email_job(room_name="")))
+    message = reparsed(renderer.render(email_job(room_name="")))
     assert message["Subject"] == "New message from Alice"
 
 
@@ -162,7 +153,7 @@ def test_script_in_content_and_names_is_escaped_in_html_and_kept_as_text(
         to_name=f"Bob {script}",
     )
 
-    text, html = _parts(_reparsed(renderer.render(job)))
+    text, html = text_and_html(reparsed(renderer.render(job)))
 
     assert "<script" not in html.lower()
     # <title> (sender and room), greeting, sender, room, content.
@@ -182,12 +173,108 @@ def test_html_template_autoescapes_and_text_template_does_not() -> None:
         "room_name": "",
         "invitation": False,
         "message_content": "&",
+        "room_url": None,
         "unsubscribe_url": "https://x.test/unsubscribe?token=a&b",
     }
     assert "&lt;b&gt;" in html.render(context)
     assert "&amp;" in html.render(context)
     assert "<b> sent" in text.render(context)
     assert 'href="https://x.test/unsubscribe?token=a&amp;b"' in html.render(context)
+
+
+ROOM_URL_TEMPLATE = "https://chat.example.test/rooms/{room_id}?from=email&kind=single"
+
+
+def _room_url(room_id: uuid.UUID) -> str:
+    """ROOM_URL_TEMPLATE filled in, as the text part shows it (the HTML escapes its `&`)."""
+    return f"https://chat.example.test/rooms/{room_id}?from=email&kind=single"
+
+
+def _room_link_in_html(room_id: uuid.UUID) -> str:
+    href = _room_url(room_id).replace("&", "&amp;")
+    return f'<a href="{href}" style="color: #4f46e5;">Open the room</a>'
+
+
+def test_with_a_room_url_template_the_email_links_to_the_room() -> None:
+    job = email_job()
+
+    text, html = text_and_html(
+        reparsed(support.renderer(room_url_template=ROOM_URL_TEMPLATE).render(job, now=NOW))
+    )
+
+    assert f"\n\nOpen the room: {_room_url(job.room_id)}\n\n--\n" in text
+    assert _room_link_in_html(job.room_id) in html
+
+
+def test_without_a_room_url_template_there_is_no_room_link(renderer: EmailRenderer) -> None:
+    text, html = text_and_html(reparsed(renderer.render(email_job(), now=NOW)))
+
+    assert "Open the room" not in text
+    assert "Open the room" not in html
+    assert "chat.example.test" not in text + html
+
+
+@pytest.mark.parametrize("trigger", [Trigger.MESSAGE, Trigger.INVITATION])
+def test_the_room_link_is_all_a_room_url_template_adds_to_a_single_message_email(
+    renderer: EmailRenderer, trigger: Trigger
+) -> None:
+    job = email_job(trigger=trigger)
+    linking = support.renderer(room_url_template=ROOM_URL_TEMPLATE)
+
+    linked_text, linked_html = text_and_html(reparsed(linking.render(job, now=NOW)))
+    plain_text, plain_html = text_and_html(reparsed(renderer.render(job, now=NOW)))
+
+    link_in_text = f"\nOpen the room: {_room_url(job.room_id)}\n"
+    link_in_html = f"<p>{_room_link_in_html(job.room_id)}</p>\n"
+    assert link_in_text in linked_text
+    assert link_in_html in linked_html
+    assert linked_text.replace(link_in_text, "", 1) == plain_text
+    assert linked_html.replace(link_in_html, "", 1) == plain_html
+
+
+def _thread(room_id: uuid.UUID) -> str:
+    return f"<room-{room_id}@{DOMAIN}>"
+
+
+@pytest.mark.parametrize("trigger", [Trigger.MESSAGE, Trigger.DIRECT, Trigger.INVITATION])
+def test_a_single_message_email_joins_its_rooms_thread(
+    renderer: EmailRenderer, trigger: Trigger
+) -> None:
+    job = email_job(trigger=trigger)
+
+    message = reparsed(renderer.render(job, now=NOW))
+
+    assert message["In-Reply-To"] == _thread(job.room_id)
+    assert message["References"] == _thread(job.room_id)
+    # The thread is the room's, the Message-ID still the notification's own.
+    assert message["Message-ID"] == f"<{job.notification_id}@{DOMAIN}>"
+    other_message = reparsed(
+        renderer.render(email_job(notification_id=uuid.uuid4(), message_id=uuid.uuid4()), now=NOW)
+    )
+    assert other_message["References"] == message["References"]
+    other_room = reparsed(renderer.render(email_job(room_id=uuid.uuid4()), now=NOW))
+    assert other_room["References"] != message["References"]
+
+
+def test_a_digest_of_one_room_joins_its_thread(renderer: EmailRenderer) -> None:
+    job = digest_job(digest_entry(RANDOM, 1, "first"), digest_entry(RANDOM, 2, "second"), omitted=4)
+
+    message = reparsed(renderer.render(job, now=NOW))
+
+    assert message["In-Reply-To"] == _thread(RANDOM)
+    assert message["References"] == _thread(RANDOM)
+    assert message["Message-ID"] == f"<{job.notification_id}@{DOMAIN}>"
+
+
+def test_a_digest_of_several_rooms_is_in_no_rooms_thread(renderer: EmailRenderer) -> None:
+    job = digest_job(digest_entry(GENERAL, 1, "first"), digest_entry(DIRECT, 2, "second"))
+
+    message = reparsed(renderer.render(job, now=NOW))
+
+    assert "In-Reply-To" not in message
+    assert "References" not in message
+    assert message["Message-ID"] == f"<{job.notification_id}@{DOMAIN}>"
+    assert message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
 
 
 # Each attempt to smuggle a header (or a second recipient) in through user text, and the
@@ -273,7 +360,7 @@ INJECTIONS = [
 def test_user_text_cannot_add_a_header(
     renderer: EmailRenderer, overrides: dict[str, str], expected: dict[str, str]
 ) -> None:
-    message = _reparsed(renderer.render(email_job(**overrides), now=NOW))
+    message = reparsed(renderer.render(email_job(**overrides), now=NOW))
 
     assert list(message.keys()) == [
         "From",
@@ -281,6 +368,8 @@ def test_user_text_cannot_add_a_header(
         "Subject",
         "Date",
         "Message-ID",
+        "In-Reply-To",
+        "References",
         "Auto-Submitted",
         "List-Unsubscribe",
         "List-Unsubscribe-Post",
@@ -324,7 +413,7 @@ def test_an_address_that_is_not_one_addr_spec_is_unrenderable(
 
 def test_undecodable_content_still_renders(renderer: EmailRenderer) -> None:
     rendered = renderer.render(email_job(message_content="bad \ud800 surrogate\x00 and\r\nCRLF"))
-    text, _ = _parts(_reparsed(rendered))
+    text, _ = text_and_html(reparsed(rendered))
     assert "bad \ufffd surrogate and\nCRLF" in text
 
 
@@ -357,14 +446,36 @@ def test_a_message_whose_serialised_headers_differ_from_those_set_is_refused(
     job = email_job()
     serialised = renderer.render(job, now=NOW).data
     subject = "New message from Alice in general"
+    thread = f"<room-{job.room_id}@{DOMAIN}>"
 
-    assert headers_as_built(serialised, recipient=job.to_address, subject=subject)
+    def as_built(data: bytes, *, thread_id: str | None = thread) -> bool:
+        return headers_as_built(
+            data, recipient=job.to_address, subject=subject, thread_id=thread_id
+        )
+
+    assert as_built(serialised)
     smuggled = serialised.replace(b"Subject:", b"Bcc: eve@evil.test\nSubject:", 1)
-    assert not headers_as_built(smuggled, recipient=job.to_address, subject=subject)
+    assert not as_built(smuggled)
     second_recipient = serialised.replace(b"<bob@example.test>", b"<bob@example.test>, e@x.y", 1)
-    assert not headers_as_built(second_recipient, recipient=job.to_address, subject=subject)
+    assert not as_built(second_recipient)
     other_subject = serialised.replace(b"in general", b"in generic", 1)
-    assert not headers_as_built(other_subject, recipient=job.to_address, subject=subject)
+    assert not as_built(other_subject)
+    # The threading headers: exactly where they were set, naming exactly the room's thread.
+    assert not as_built(serialised, thread_id=None)
+    assert not as_built(serialised, thread_id=f"<room-{uuid.uuid4()}@{DOMAIN}>")
+    other_thread = serialised.replace(
+        f"References: {thread}".encode(), f"References: <room-{uuid.uuid4()}@{DOMAIN}>".encode()
+    )
+    assert other_thread != serialised
+    assert not as_built(other_thread)
+    second_reference = serialised.replace(
+        b"Auto-Submitted:", f"References: {thread}\nAuto-Submitted:".encode(), 1
+    )
+    assert not as_built(second_reference)
+    unthreaded = serialised.replace(f"In-Reply-To: {thread}\nReferences: {thread}\n".encode(), b"")
+    assert unthreaded != serialised
+    assert as_built(unthreaded, thread_id=None)
+    assert not as_built(unthreaded)
 
 
 def test_an_invitation_says_who_invited_whom_where_and_quotes_nothing(
@@ -381,7 +492,7 @@ def test_an_invitation_says_who_invited_whom_where_and_quotes_nothing(
 
     message = BytesParser(policy=policy.default).parsebytes(rendered.data)
     assert message["Subject"] == "Alice invited you to #Design & Research"
-    text, html = _parts(message)
+    text, html = text_and_html(message)
     assert "Alice invited you to #Design & Research. Join the room" in text
     assert "sent a new message" not in text
     assert "invited you to <strong>#Design &amp; Research</strong>" in html

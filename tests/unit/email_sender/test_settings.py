@@ -111,3 +111,51 @@ def test_unsubscribe_links_point_at_message_service() -> None:
 def test_a_short_unsubscribe_secret_is_refused() -> None:
     with pytest.raises(ValidationError, match="at least 32 characters"):
         Settings(unsubscribe_secret="too-short")
+
+
+def test_room_links_are_off_unless_a_template_is_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ROOM_URL_TEMPLATE", raising=False)
+    assert Settings().room_url_template is None
+    monkeypatch.setenv("ROOM_URL_TEMPLATE", "")
+    assert Settings().room_url_template is None
+    monkeypatch.setenv("ROOM_URL_TEMPLATE", "https://chat.example.com/rooms/{room_id}")
+    assert Settings().room_url_template == "https://chat.example.com/rooms/{room_id}"
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "http://127.0.0.1:3000/#/room/{room_id}?from=email",
+        "https://{room_id}.rooms.example.com/",
+        "https://chat.example.com/rooms/{room_id}/again/{room_id}",
+    ],
+)
+def test_a_room_url_template_may_put_the_room_id_anywhere_in_an_http_url(template: str) -> None:
+    assert Settings(room_url_template=template).room_url_template == template
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "https://chat.example.com/rooms/",  # no placeholder
+        "https://chat.example.com/rooms/{id}",
+        "https://chat.example.com/{room_id}/{user_id}",
+        "https://chat.example.com/rooms/{room_id}}",
+        "https://chat.example.com/rooms/{{room_id}}",
+        "https://chat.example.com/rooms/{room_id!r}",
+        "https://chat.example.com/rooms/{ room_id }",
+        "javascript:alert('{room_id}')",
+        "ftp://chat.example.com/{room_id}",
+        "chat.example.com/rooms/{room_id}",
+        "https:///rooms/{room_id}",
+        "https://[::1/rooms/{room_id}",
+        "https://chat.example.com/rooms/{room_id}\r\nBcc: eve@evil.test",
+        "https://chat.example.com/my rooms/{room_id}",
+        "https://chat.example.com/räume/{room_id}",
+    ],
+)
+def test_a_room_url_template_that_is_not_one_http_url_with_the_room_id_is_refused(
+    template: str,
+) -> None:
+    with pytest.raises(ValidationError, match="ROOM_URL_TEMPLATE"):
+        Settings(room_url_template=template)

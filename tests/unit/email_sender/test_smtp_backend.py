@@ -22,7 +22,7 @@ from email_sender.rendering import EmailRenderer
 from email_sender.settings import Settings, SmtpConfig, SmtpTls
 from email_sender.tables import Failure, email_deliveries
 from herald_shared.database import make_engine, run_migrations
-from herald_shared.events import DeliveriesReported, DeliveryOutcome
+from herald_shared.events import MAX_DIGEST_ENTRIES, DeliveriesReported, DeliveryOutcome
 from herald_shared.ledger import DeliveryLedger, DeliveryStatus
 from herald_shared.retry import DeferredError, PermanentError, RetryableError
 from herald_shared.sending import Sender
@@ -30,7 +30,16 @@ from herald_shared.topology import EMAIL_DELIVERED, EMAIL_FAILED
 from tests.fakes.smtp import FakeSmtp, Stage
 from tests.support.processes import free_port
 from tests.unit.email_sender import support
-from tests.unit.email_sender.support import DOMAIN, email_job
+from tests.unit.email_sender.support import (
+    DIRECT,
+    DOMAIN,
+    GENERAL,
+    RANDOM,
+    digest_entry,
+    digest_job,
+    email_job,
+    text_and_html,
+)
 
 BOB = "bob@example.test"
 
@@ -74,6 +83,29 @@ async def test_delivered(smtp: FakeSmtp, renderer: EmailRenderer) -> None:
     body = received.get_body(preferencelist=("plain",))
     assert body is not None
     assert "Hello everyone!" in body.get_content()
+
+
+async def test_a_digest_arrives_whole(smtp: FakeSmtp, renderer: EmailRenderer) -> None:
+    rooms = [GENERAL, DIRECT, RANDOM]
+    entries = [
+        digest_entry(rooms[number % 3], number, f"Message {number}:\nline 2 ✓ <b>&")
+        for number in range(MAX_DIGEST_ENTRIES)
+    ]
+    job = digest_job(*entries, omitted=7)
+
+    await backend_for(smtp).send(renderer.render(job), notification_id=job.notification_id)
+
+    (received,) = smtp.received
+    assert received.defects == []
+    assert received["Subject"] == f"{MAX_DIGEST_ENTRIES + 7} new messages in 3 conversations"
+    assert received["Message-ID"] == f"<{job.notification_id}@{DOMAIN}>"
+    assert "References" not in received
+    # SMTP carries the lines with CRLF ends.
+    text, html = (part.replace("\r\n", "\n") for part in text_and_html(received))
+    for number in range(MAX_DIGEST_ENTRIES):
+        assert f"    Message {number}:\n    line 2 ✓ <b>&\n" in text
+        assert f">Message {number}:\nline 2 ✓ &lt;b&gt;&amp;</blockquote>" in html
+    assert "and 7 more messages." in text
 
 
 async def test_451_is_retryable_and_the_next_attempt_is_accepted(

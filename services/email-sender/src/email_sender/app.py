@@ -66,6 +66,7 @@ def renderer_for(settings: Settings) -> EmailRenderer:
             tokens=unsubscribe_tokens(settings.unsubscribe_secret),
             lifetime=timedelta(days=settings.unsubscribe_token_days),
         ),
+        room_url_template=settings.room_url_template,
     )
 
 

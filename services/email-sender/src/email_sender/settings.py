@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import uuid
 from dataclasses import dataclass
 from email import policy
 from email.headerregistry import Address
@@ -24,6 +25,9 @@ SERVICE_NAME = "email-sender"
 
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _DOMAIN = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*")
+_PRINTABLE_NO_SPACE = re.compile(r"[!-~]+")
+# What ROOM_URL_TEMPLATE holds where a room's id goes.
+ROOM_ID_PLACEHOLDER = "{room_id}"
 
 
 class EmailBackendKind(StrEnum):
@@ -95,6 +99,10 @@ class Settings(SenderSettings):
     unsubscribe_secret: UnsubscribeSecret = None
     unsubscribe_token_days: int = Field(default=30, ge=1, le=365)
 
+    # Where the chat shows a room, e.g. https://chat.example.com/rooms/{room_id}: each e-mail
+    # links to the rooms it tells of. None (unset, or set empty): the e-mails carry no such link.
+    room_url_template: str | None = None
+
     @property
     def smtp(self) -> SmtpConfig:
         return SmtpConfig(
@@ -142,6 +150,39 @@ class Settings(SenderSettings):
         ):
             raise ValueError(
                 "EMAIL_UNSUBSCRIBE_BASE_URL must be an http(s) URL, e.g. https://herald.example.com"
+            )
+        return value
+
+    @field_validator("room_url_template", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        # `ROOM_URL_TEMPLATE=` (as a compose file's `${ROOM_URL_TEMPLATE:-}` writes it) means unset.
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("room_url_template")
+    @classmethod
+    def _room_url_template(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        # The one placeholder is replaced by a room id (hex and hyphens); any other brace would
+        # reach the recipient as it is, so it is a mistake in the template.
+        others = value.replace(ROOM_ID_PLACEHOLDER, "")
+        try:
+            example = urlsplit(value.replace(ROOM_ID_PLACEHOLDER, str(uuid.UUID(int=0))))
+            scheme, hostname = example.scheme, example.hostname
+        except ValueError:  # e.g. an unclosed "[" of an IPv6 address
+            scheme, hostname = "", None
+        if (
+            ROOM_ID_PLACEHOLDER not in value
+            or "{" in others
+            or "}" in others
+            or not _PRINTABLE_NO_SPACE.fullmatch(value)
+            or scheme not in ("http", "https")
+            or not hostname
+        ):
+            raise ValueError(
+                "ROOM_URL_TEMPLATE must be an http(s) URL with {room_id} and no other braces,"
+                " e.g. https://chat.example.com/rooms/{room_id}"
             )
         return value
 
