@@ -47,6 +47,12 @@ def _register(client: httpx.Client, name: str) -> dict[str, str]:
         headers={"authorization": f"Bearer {user['token']}"},
     )
     assert device.status_code == 201, device.text
+    at_once = client.put(
+        "/users/me/preferences",
+        json={"email_delay": 0},
+        headers={"authorization": f"Bearer {user['token']}"},
+    )
+    assert at_once.status_code == 200, at_once.text
     return user
 
 

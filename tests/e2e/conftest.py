@@ -3,8 +3,9 @@ SMTP servers: the `pipeline` the end-to-end tests post to."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,9 +45,28 @@ class Pipeline:
 async def pipeline(
     rabbit_url: str, fcm: FakeFcm, smtp: FakeSmtp, credentials: Path, tmp_path: Path
 ) -> AsyncIterator[Pipeline]:
+    async with started_pipeline(rabbit_url, fcm, smtp, credentials, tmp_path) as pipeline:
+        yield pipeline
+
+
+@contextlib.asynccontextmanager
+async def started_pipeline(
+    rabbit_url: str,
+    fcm: FakeFcm,
+    smtp: FakeSmtp,
+    credentials: Path,
+    tmp_path: Path,
+    overrides: Mapping[str, str] | None = None,
+) -> AsyncIterator[Pipeline]:
+    """The four services on fresh databases; `overrides`: settings for all of them."""
     databases = {name: await infra.create_database() for name in SERVICES}
     environments = service_env(
-        rabbit_url=rabbit_url, databases=databases, fcm=fcm, credentials=credentials, smtp=smtp
+        rabbit_url=rabbit_url,
+        databases=databases,
+        fcm=fcm,
+        credentials=credentials,
+        smtp=smtp,
+        overrides=overrides,
     )
     try:
         # Leaving the block stops every service and asserts a clean exit (a graceful drain).
@@ -69,10 +89,16 @@ class Person:
 
 
 async def register_person(
-    client: httpx.AsyncClient, name: str, *, levels: dict[str, str] | None = None
+    client: httpx.AsyncClient,
+    name: str,
+    *,
+    levels: dict[str, str] | None = None,
+    email_delay: int = 0,
 ) -> Person:
     """Register `name` (e-mail `<name>@example.test`) with an FCM device; `levels`: their
-    notification levels (None: a new user's defaults, DMs and mentions)."""
+    notification levels (None: a new user's defaults, DMs and mentions); `email_delay`: 0 (not
+    a new user's two minutes), so that a test sees each e-mail at once unless it is about
+    waiting."""
     response = await client.post(
         "/users",
         json={"username": name, "display_name": name.title(), "email": f"{name}@example.test"},
@@ -85,7 +111,7 @@ async def register_person(
         headers=person.auth,
     )
     assert device.status_code == 201, device.text
-    if levels is not None:
-        answer = await client.put("/users/me/preferences", json=levels, headers=person.auth)
-        assert answer.status_code == 200, answer.text
+    preferences = {**(levels or {}), "email_delay": email_delay}
+    answer = await client.put("/users/me/preferences", json=preferences, headers=person.auth)
+    assert answer.status_code == 200, answer.text
     return person

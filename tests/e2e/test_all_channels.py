@@ -132,7 +132,9 @@ async def _post_to_bob_on_every_channel(api: str, webpush: FakeWebPush) -> str:
         bob = {"Authorization": f"Bearer {users['bob']['token']}"}
         # Every message notifies Bob (a new user's default is DMs and mentions only).
         levels = await client.put(
-            "/users/me/preferences", json={"push": "all", "email": "all"}, headers=bob
+            "/users/me/preferences",
+            json={"push": "all", "email": "all", "email_delay": 0},
+            headers=bob,
         )
         assert levels.status_code == 200, levels.text
         for device in (

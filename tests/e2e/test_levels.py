@@ -29,6 +29,13 @@ async def _member(client: httpx.AsyncClient, name: str) -> dict[str, str]:
         headers={"Authorization": f"Bearer {user['token']}"},
     )
     assert device.status_code == 201, device.text
+    # E-mail at once: this test is about levels, not about waiting.
+    at_once = await client.put(
+        "/users/me/preferences",
+        json={"email_delay": 0},
+        headers={"Authorization": f"Bearer {user['token']}"},
+    )
+    assert at_once.status_code == 200, at_once.text
     return user
 
 

@@ -32,7 +32,7 @@ async def _register(client: httpx.AsyncClient, username: str, device_token: str)
     # Every message notifies (a new user's default is DMs and mentions only).
     levels = await client.put(
         "/users/me/preferences",
-        json={"push": "all", "email": "all"},
+        json={"push": "all", "email": "all", "email_delay": 0},
         headers={"Authorization": f"Bearer {user['token']}"},
     )
     assert levels.status_code == 200, levels.text

@@ -784,9 +784,12 @@ async def register(
     assert response.status_code == 201, response.text
     user = response.json()
     auth = {"Authorization": f"Bearer {user['token']}"}
-    # Every message notifies (a new user's default is DMs and mentions only).
+    # Every message notifies (a new user's default is DMs and mentions only), e-mail at once
+    # (not after a new user's two minutes).
     levels = await client.put(
-        "/users/me/preferences", json={"push": "all", "email": "all"}, headers=auth
+        "/users/me/preferences",
+        json={"push": "all", "email": "all", "email_delay": 0},
+        headers=auth,
     )
     assert levels.status_code == 200, levels.text
     device_ids: list[uuid.UUID] = []

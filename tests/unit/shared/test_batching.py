@@ -126,7 +126,8 @@ async def test_a_process_that_answers_the_wrong_number_of_results_fails_the_batc
 
 async def test_linger_gathers_items_that_come_soon_after() -> None:
     process = Recorder()
-    batcher = MicroBatcher(process, name="t", max_size=100, linger=0.05)
+    # A linger far longer than the gap, so a loaded machine's stalls cannot split the batch.
+    batcher = MicroBatcher(process, name="t", max_size=100, linger=0.5)
 
     first = asyncio.create_task(batcher.submit(1))
     await asyncio.sleep(0.01)
