@@ -129,6 +129,17 @@ async def test_the_waiting_emails_of_a_window_go_out_as_one_digest_per_user(
     assert sorted(targets) == [("digest", "pending"), ("digest", "pending")]
     assert await count(service, digest_entries, state="sent") == 10
     assert await count(service, email_digests, state="sent") == 2
+    # The operators' "why (not)?" of a message in the middle of the window shows its digest.
+    why = await repository.explain(
+        service.engine, message_id=messages[2].message_id, user_id=bob.user_id
+    )
+    assert why is not None
+    assert why["email"] == "waiting"
+    # Bob's phone was pushed at once; the digest's delivery is under the window's first message.
+    assert [delivery["channel"] for delivery in why["deliveries"]] == ["push"]
+    assert why["digest"] is not None
+    assert (why["digest"]["entry"], why["digest"]["state"]) == ("sent", "sent")
+    assert why["digest"]["delivery"] == "pending"
 
 
 async def test_a_room_read_before_the_window_ends_is_left_out_and_all_read_sends_nothing(

@@ -10,6 +10,8 @@ import pytest
 from herald_shared.events import (
     MAX_DIGEST_ENTRIES,
     Channel,
+    DeliveryOutcome,
+    DeliveryReported,
     EmailRequested,
     Level,
     RoomKind,
@@ -23,6 +25,7 @@ from notification_router.routing import (
     SkipReason,
     compose_digest,
     decide_for,
+    is_digest_report,
 )
 from tests.support.router_factories import SENT_AT, message_created, recipient
 
@@ -228,3 +231,26 @@ def test_a_digest_keeps_each_entrys_trigger_and_room_kind() -> None:
     assert plan.job is not None
     assert plan.job.digest[0].trigger is Trigger.DIRECT
     assert plan.job.digest[0].room_name == ""
+
+
+def test_a_digests_delivery_report_is_told_from_a_single_emails() -> None:
+    bob = recipient(email_delay=120)
+    waiting = waiting_email(bob.user_id)
+    plan = compose_digest(uuid.uuid4(), bob, [waiting], read_markers={}, now=NOW)
+    assert plan.job is not None
+
+    def report(notification_id: uuid.UUID, channel: Channel = Channel.EMAIL) -> DeliveryReported:
+        return DeliveryReported(
+            notification_id=notification_id,
+            message_id=waiting.message_id,
+            recipient_id=bob.user_id,
+            channel=channel,
+            outcome=DeliveryOutcome.DELIVERED,
+        )
+
+    assert is_digest_report(report(plan.job.notification_id))
+    assert not is_digest_report(report(waiting.notification_id))  # the message's own e-mail
+    push_id = notification_id_for(
+        message_id=waiting.message_id, recipient_id=bob.user_id, channel=Channel.PUSH, target="x"
+    )
+    assert not is_digest_report(report(push_id, Channel.PUSH))

@@ -45,6 +45,7 @@ from notification_router.routing import (
     Recipient,
     RecipientDecision,
     RoomSettings,
+    digest_notification_id,
     room_settings_of,
     statuses_replaceable_by,
 )
@@ -845,6 +846,23 @@ _EXPLAIN_DELIVERIES = (
 )
 
 
+_EXPLAIN_DIGEST = (
+    select(
+        _entries.state,
+        _digests.digest_id,
+        _digests.state.label("digest_state"),
+        _digests.opened_at,
+        _digests.due_at,
+        _digests.closed_at,
+    )
+    .join(email_digests, _digests.digest_id == _entries.digest_id)
+    .where(
+        _entries.message_id == bindparam("message_id"),
+        _entries.recipient_id == bindparam("user_id"),
+    )
+)
+
+
 async def explain(
     engine: AsyncEngine, *, message_id: uuid.UUID, user_id: uuid.UUID
 ) -> dict[str, Any] | None:
@@ -857,6 +875,14 @@ async def explain(
         if decision is None:
             return None
         deliveries = (await connection.execute(_EXPLAIN_DELIVERIES, parameters)).all()
+        digest = (await connection.execute(_EXPLAIN_DIGEST, parameters)).first()
+        digest_delivery = None
+        if digest is not None:
+            digest_delivery = await connection.scalar(
+                select(_deliveries.status).where(
+                    _deliveries.notification_id == digest_notification_id(digest.digest_id, user_id)
+                )
+            )
     return {
         "message_id": str(message_id),
         "user_id": str(user_id),
@@ -881,4 +907,17 @@ async def explain(
             }
             for row in deliveries
         ],
+        # A waiting e-mail: its window, and what became of it (the digest's delivery is listed
+        # under the window's first message).
+        "digest": None
+        if digest is None
+        else {
+            "digest_id": str(digest.digest_id),
+            "entry": digest.state,
+            "state": digest.digest_state,
+            "opened_at": _utc(digest.opened_at).isoformat(),
+            "due_at": _utc(digest.due_at).isoformat(),
+            "closed_at": _utc(digest.closed_at).isoformat() if digest.closed_at else None,
+            "delivery": digest_delivery,
+        },
     }

@@ -44,6 +44,7 @@ from herald_shared.events import (
     NOTIFICATION_NAMESPACE,
     Channel,
     DeliveryOutcome,
+    DeliveryReported,
     DigestEntry,
     EmailJobsRequested,
     EmailRequested,
@@ -496,9 +497,7 @@ def compose_digest(
     if not kept or recipient is None or recipient.email is None:
         return DigestPlan(None, sent=(), cancelled=cancelled)
     first = kept[0]
-    notification_id = notification_id_for(
-        message_id=digest_id, recipient_id=recipient.user_id, channel=Channel.EMAIL, target="digest"
-    )
+    notification_id = digest_notification_id(digest_id, recipient.user_id)
     listed = kept[:MAX_DIGEST_ENTRIES]
     job = first.model_copy(
         update={
@@ -523,6 +522,20 @@ def compose_digest(
         }
     )
     return DigestPlan(job, sent=sent, cancelled=cancelled)
+
+
+def digest_notification_id(digest_id: uuid.UUID, recipient_id: uuid.UUID) -> uuid.UUID:
+    """The digest e-mail's idempotency key: one per window, never a single message's."""
+    return notification_id_for(
+        message_id=digest_id, recipient_id=recipient_id, channel=Channel.EMAIL, target="digest"
+    )
+
+
+def is_digest_report(report: DeliveryReported) -> bool:
+    """Whether a report is of a digest: its notification is not the message's own e-mail."""
+    return report.channel is Channel.EMAIL and report.notification_id != notification_id_for(
+        message_id=report.message_id, recipient_id=report.recipient_id, channel=Channel.EMAIL
+    )
 
 
 def _left_out(
