@@ -233,6 +233,15 @@ class RoomSettingsSnapshot(_Frozen):
     muted_until: AwareDatetime | None = None
 
 
+class QuietHoursSnapshot(_Frozen):
+    """Daily quiet hours, on the wall clock of `time_zone` (an IANA name): pushes due between
+    `start` and `end` ("HH:MM"; an `end` before `start` ends the next day) wait until `end`."""
+
+    start: str = Field(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
+    end: str = Field(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
+    time_zone: str = Field(min_length=1, max_length=64)
+
+
 class PreferencesSnapshot(_Frozen):
     """`push` and `email` are the levels; a snapshot from before levels existed has only the
     booleans (`all` when on, `none` when off) and `muted_room_ids` (muted with no end), which
@@ -249,6 +258,11 @@ class PreferencesSnapshot(_Frozen):
     # Seconds the user's e-mail waits, gathering one digest (`EMAIL_DELAYS`). 0 in snapshots
     # from before delays existed: their e-mail went out at once.
     email_delay: int = Field(default=0, ge=0, le=max(EMAIL_DELAYS))
+    # Pushes wait during quiet hours and until `snoozed_until` (Do Not Disturb), then come as
+    # one summary per room; a direct message from one of `breakthrough_user_ids` never waits.
+    quiet_hours: QuietHoursSnapshot | None = None
+    snoozed_until: AwareDatetime | None = None
+    breakthrough_user_ids: list[uuid.UUID] = Field(default_factory=list, max_length=MAX_RECIPIENTS)
 
     @property
     def push_level(self) -> Level:

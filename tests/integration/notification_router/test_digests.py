@@ -12,7 +12,7 @@ from datetime import timedelta
 
 import pytest
 from faststream import TestApp
-from sqlalchemy import func, select, text
+from sqlalchemy import Table, func, select, text
 
 from herald_shared.broker import RabbitSettings
 from herald_shared.events import EmailRequested, RoomRead, utc_now
@@ -20,7 +20,7 @@ from notification_router import repository, routing
 from notification_router.app import RouterService, build_service
 from notification_router.digests import DigestDispatcher
 from notification_router.settings import Settings
-from notification_router.tables import digest_entries, email_digests, notification_deliveries
+from notification_router.tables import notification_deliveries, waiting_windows, window_entries
 from tests.integration.notification_router.test_router import email_jobs, projected, publish
 from tests.support.infra import wait_until
 from tests.support.router_factories import message_created, user_updated
@@ -56,9 +56,9 @@ def dispatcher(service: RouterService, **overrides: object) -> DigestDispatcher:
     return DigestDispatcher(**options)  # type: ignore[arg-type]
 
 
-async def count(service: RouterService, table: object, **where: object) -> int:
+async def count(service: RouterService, table: Table, **where: object) -> int:
     async with service.engine.connect() as connection:
-        statement = select(func.count()).select_from(table)  # type: ignore[arg-type]
+        statement = select(func.count()).select_from(table)
         for column, value in where.items():
             statement = statement.where(table.c[column] == value)
         return int(await connection.scalar(statement) or 0)
@@ -66,7 +66,7 @@ async def count(service: RouterService, table: object, **where: object) -> int:
 
 def entries_recorded(service: RouterService, expected: int) -> Callable[[], Awaitable[bool]]:
     async def condition() -> bool:
-        return await count(service, digest_entries) >= expected
+        return await count(service, window_entries) >= expected
 
     return condition
 
@@ -78,8 +78,8 @@ async def dispatch_until_sent(
 
     async def done() -> bool:
         await digests.dispatch_once()
-        return await count(service, email_digests, state="waiting") == 0 and (
-            await count(service, email_digests) >= expected
+        return await count(service, waiting_windows, state="waiting") == 0 and (
+            await count(service, waiting_windows) >= expected
         )
 
     await wait_until(done, timeout=10)
@@ -127,8 +127,8 @@ async def test_the_waiting_emails_of_a_window_go_out_as_one_digest_per_user(
             )
         ).all()
     assert sorted(targets) == [("digest", "pending"), ("digest", "pending")]
-    assert await count(service, digest_entries, state="sent") == 10
-    assert await count(service, email_digests, state="sent") == 2
+    assert await count(service, window_entries, state="sent") == 10
+    assert await count(service, waiting_windows, state="sent") == 2
     # The operators' "why (not)?" of a message in the middle of the window shows its digest.
     why = await repository.explain(
         service.engine, message_id=messages[2].message_id, user_id=bob.user_id
@@ -191,8 +191,8 @@ async def test_a_room_read_before_the_window_ends_is_left_out_and_all_read_sends
     assert [(job.recipient_id, [e.message_id for e in job.digest]) for job in jobs] == [
         (bob.user_id, [in_random.message_id])
     ]
-    assert await count(service, email_digests, state="cancelled") == 1  # Dave's
-    assert await count(service, digest_entries, state="cancelled:read") == 6
+    assert await count(service, waiting_windows, state="cancelled") == 1  # Dave's
+    assert await count(service, window_entries, state="cancelled:read") == 6
 
 
 async def test_several_dispatchers_send_each_digest_exactly_once(
@@ -216,7 +216,7 @@ async def test_several_dispatchers_send_each_digest_exactly_once(
 
     async def all_closed() -> bool:
         await asyncio.gather(*(replica.dispatch_once() for replica in replicas))
-        return await count(service, email_digests, state="sent") == len(users)
+        return await count(service, waiting_windows, state="sent") == len(users)
 
     await wait_until(all_closed, timeout=20)
 
@@ -246,15 +246,15 @@ async def test_a_digest_left_sending_by_a_stopped_dispatcher_is_published_again_
             now=now,
             limit=10,
             resend_after=timedelta(minutes=1),
-            compose=lambda digest_id, recipient, waiting, read: routing.compose_digest(
-                digest_id, recipient, waiting, read_markers=read, now=now
+            compose=lambda window_id, recipient, waiting, read: routing.compose_digest(
+                window_id, recipient, waiting, read_markers=read, now=now
             ),
         )
         composed.extend(digest.job for digest in closed if digest.job is not None)
         return bool(composed)
 
     await wait_until(closed_without_publishing)
-    assert await count(service, email_digests, state="sending") == 1
+    assert await count(service, waiting_windows, state="sending") == 1
     patient = dispatcher(service)  # waits 30 s before taking a `sending` digest
     await patient.dispatch_once()
     assert await email_jobs(rabbit_url) == []
@@ -264,7 +264,7 @@ async def test_a_digest_left_sending_by_a_stopped_dispatcher_is_published_again_
     jobs = await email_jobs(rabbit_url)
     assert [job.notification_id for job in jobs] == [composed[0].notification_id]
     assert jobs[0].digest == composed[0].digest
-    assert await count(service, email_digests, state="sent") == 1
+    assert await count(service, waiting_windows, state="sent") == 1
     assert (
         service.registry.get_sample_value("herald_router_digests_total", {"outcome": "resent"}) == 1
     )
@@ -296,20 +296,20 @@ async def test_a_message_arriving_while_its_window_is_being_closed_opens_the_nex
 
     async def due() -> bool:
         async with service.engine.connect() as connection:
-            due_at = await connection.scalar(select(email_digests.c.due_at))
+            due_at = await connection.scalar(select(waiting_windows.c.due_at))
         return due_at is not None and due_at <= utc_now()
 
     await wait_until(due)
     # The dispatcher's transaction holds the digest while the second message is routed.
     async with service.engine.begin() as connection:
-        held = await connection.execute(select(email_digests.c.digest_id).with_for_update())
+        held = await connection.execute(select(waiting_windows.c.window_id).with_for_update())
         (held_id,) = held.scalars().all()
         second = message_created(recipient_ids=[bob.user_id], timestamp=utc_now())
         await publish(service, second)
         await wait_until(functools.partial(routing_waits_on_a_lock, service))
         await connection.execute(
-            email_digests.update()
-            .where(email_digests.c.digest_id == held_id)
+            waiting_windows.update()
+            .where(waiting_windows.c.window_id == held_id)
             .values(state="cancelled", closed_at=utc_now())
         )
     await wait_until(entries_recorded(service, 2))
@@ -317,10 +317,10 @@ async def test_a_message_arriving_while_its_window_is_being_closed_opens_the_nex
     async with service.engine.connect() as connection:
         rows = (
             await connection.execute(
-                select(digest_entries.c.message_id, digest_entries.c.digest_id)
+                select(window_entries.c.message_id, window_entries.c.window_id)
             )
         ).all()
     digest_of = dict(rows)
     assert digest_of[first.message_id] == held_id
     assert digest_of[second.message_id] != held_id
-    assert await count(service, email_digests, state="waiting") == 1
+    assert await count(service, waiting_windows, state="waiting") == 1

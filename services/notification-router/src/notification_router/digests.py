@@ -38,14 +38,14 @@ Clock = Callable[[], datetime]
 
 
 def _compose(
-    digest_id: uuid.UUID,
+    window_id: uuid.UUID,
     recipient: routing.Recipient | None,
     waiting: Sequence[EmailRequested],
     read_markers: Mapping[uuid.UUID, datetime],
     *,
     now: datetime,
 ) -> routing.DigestPlan:
-    return routing.compose_digest(digest_id, recipient, waiting, read_markers=read_markers, now=now)
+    return routing.compose_digest(window_id, recipient, waiting, read_markers=read_markers, now=now)
 
 
 class DigestDispatcher:
@@ -92,7 +92,7 @@ class DigestDispatcher:
                 routing.batch_jobs(jobs, now=now), self._publishers, timeout=self._publish_timeout
             )
             await repository.mark_digests_sent(
-                self._engine, [digest.digest_id for digest in closed if digest.job is not None]
+                self._engine, [digest.window_id for digest in closed if digest.job is not None]
             )
             self._observe(closed)
             published += len(jobs)
@@ -118,7 +118,7 @@ class DigestDispatcher:
             for state in digest.cancelled.values()
         )
         for reason, count in reasons.items():
-            metrics.digest_entries_cancelled.labels(reason=reason).inc(count)
+            metrics.window_entries_cancelled.labels(reason=reason).inc(count)
         logger.debug(
             "router.digests.closed digests=%d sent=%d",
             len(closed),

@@ -79,8 +79,8 @@ class RouterMetrics:
             buckets=DIGEST_SIZE_BUCKETS,
             registry=registry,
         )
-        self.digest_entries_cancelled = Counter(
-            "herald_router_digest_entries_cancelled",
+        self.window_entries_cancelled = Counter(
+            "herald_router_window_entries_cancelled",
             "Waiting e-mails a digest left out, by reason (read, muted, email_disabled, "
             "level_mentions, no_email).",
             ["reason"],

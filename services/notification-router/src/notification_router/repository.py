@@ -50,15 +50,15 @@ from notification_router.routing import (
     statuses_replaceable_by,
 )
 from notification_router.tables import (
-    DIGEST_WAITING,
-    digest_entries,
-    email_digests,
+    WINDOW_WAITING,
     notification_deliveries,
     notifications,
     presence_connections,
     read_markers,
     recipients,
     rooms_in_view,
+    waiting_windows,
+    window_entries,
 )
 
 REASON_MAX_CHARS = 200
@@ -370,31 +370,31 @@ async def _add_to_digests(
     if not jobs:
         return
     delays = {decision.recipient_id: decision.email_delay for decision, _ in jobs}
-    insert = _insert(connection, email_digests)
+    insert = _insert(connection, waiting_windows)
     upsert = insert.on_conflict_do_update(
-        index_elements=[email_digests.c.user_id],
-        index_where=email_digests.c.state == DIGEST_WAITING,
+        index_elements=[waiting_windows.c.user_id],
+        index_where=waiting_windows.c.state == WINDOW_WAITING,
         # A no-op change, for the row lock and RETURNING: the window keeps its due time.
         set_={"user_id": insert.excluded.user_id},
-    ).returning(email_digests.c.digest_id, email_digests.c.user_id)
+    ).returning(waiting_windows.c.window_id, waiting_windows.c.user_id)
     # One row per user (ON CONFLICT DO UPDATE may touch a row once per statement), in user
     # order like every transaction here.
     opened = await connection.execute(
         upsert,
         [
             {
-                "digest_id": uuid.uuid4(),
+                "window_id": uuid.uuid4(),
                 "user_id": user_id,
                 "opened_at": now,
                 "due_at": now + delays[user_id] * delay_scale,
-                "state": DIGEST_WAITING,
+                "state": WINDOW_WAITING,
             }
             for user_id in sorted(delays)
         ],
     )
-    digest_of = {row.user_id: row.digest_id for row in opened}
-    entries = _insert(connection, digest_entries).on_conflict_do_nothing(
-        index_elements=[digest_entries.c.message_id, digest_entries.c.recipient_id]
+    digest_of = {row.user_id: row.window_id for row in opened}
+    entries = _insert(connection, window_entries).on_conflict_do_nothing(
+        index_elements=[window_entries.c.message_id, window_entries.c.recipient_id]
     )
     await connection.execute(
         entries,
@@ -402,10 +402,10 @@ async def _add_to_digests(
             {
                 "message_id": job.message_id,
                 "recipient_id": job.recipient_id,
-                "digest_id": digest_of[job.recipient_id],
+                "window_id": digest_of[job.recipient_id],
                 "room_id": job.room_id,
                 "job": job.model_dump(mode="json"),
-                "state": DIGEST_WAITING,
+                "state": WINDOW_WAITING,
             }
             for _, job in jobs
         ],
@@ -638,11 +638,11 @@ async def load_read_markers(
 
 # --- the schedule of e-mail that waits -------------------------------------------------------
 
-DIGEST_SENDING = "sending"
-DIGEST_SENT = "sent"
-DIGEST_CANCELLED = "cancelled"
-_digests = email_digests.c
-_entries = digest_entries.c
+WINDOW_SENDING = "sending"
+WINDOW_SENT = "sent"
+WINDOW_CANCELLED = "cancelled"
+_digests = waiting_windows.c
+_entries = window_entries.c
 
 
 @dataclass(frozen=True)
@@ -650,7 +650,7 @@ class ClosedDigest:
     """A digest the dispatcher took: its e-mail to publish (None: nothing was left to tell),
     and for one closed just now, how many messages it lists or counts and those it left out."""
 
-    digest_id: uuid.UUID
+    window_id: uuid.UUID
     job: EmailRequested | None
     sent: int = 0
     cancelled: Mapping[uuid.UUID, str] = dataclass_field(default_factory=dict)
@@ -677,11 +677,11 @@ async def close_due_digests(
     one another, and never take a digest whose window a routing transaction is adding to.
     """
     claim = (
-        select(_digests.digest_id, _digests.user_id, _digests.state, _digests.job)
+        select(_digests.window_id, _digests.user_id, _digests.state, _digests.job)
         .where(
             or_(
-                and_(_digests.state == DIGEST_WAITING, _digests.due_at <= now),
-                and_(_digests.state == DIGEST_SENDING, _digests.closed_at <= now - resend_after),
+                and_(_digests.state == WINDOW_WAITING, _digests.due_at <= now),
+                and_(_digests.state == WINDOW_SENDING, _digests.closed_at <= now - resend_after),
             )
         )
         .order_by(_digests.due_at)
@@ -693,16 +693,16 @@ async def close_due_digests(
         if not claimed:
             return []
         resent = [
-            ClosedDigest(row.digest_id, EmailRequested.model_validate(row.job), resent=True)
+            ClosedDigest(row.window_id, EmailRequested.model_validate(row.job), resent=True)
             for row in claimed
-            if row.state == DIGEST_SENDING
+            if row.state == WINDOW_SENDING
         ]
         if resent:
             await connection.execute(
-                update(email_digests).where(_ids(_digests.digest_id)).values(closed_at=now),
-                {"ids": [digest.digest_id for digest in resent]},
+                update(waiting_windows).where(_ids(_digests.window_id)).values(closed_at=now),
+                {"ids": [digest.window_id for digest in resent]},
             )
-        due = [row for row in claimed if row.state == DIGEST_WAITING]
+        due = [row for row in claimed if row.state == WINDOW_WAITING]
         closed = await _close(connection, due, now=now, compose=compose) if due else []
     return [*closed, *resent]
 
@@ -710,17 +710,17 @@ async def close_due_digests(
 async def _close(
     connection: AsyncConnection, due: Sequence[Any], *, now: datetime, compose: Compose
 ) -> list[ClosedDigest]:
-    digest_ids = [row.digest_id for row in due]
+    window_ids = [row.window_id for row in due]
     entries = await connection.execute(
-        select(_entries.digest_id, _entries.job).where(
-            _entries.digest_id.in_(bindparam("digests", expanding=True)),
-            _entries.state == DIGEST_WAITING,
+        select(_entries.window_id, _entries.job).where(
+            _entries.window_id.in_(bindparam("digests", expanding=True)),
+            _entries.state == WINDOW_WAITING,
         ),
-        {"digests": digest_ids},
+        {"digests": window_ids},
     )
     waiting: defaultdict[uuid.UUID, list[EmailRequested]] = defaultdict(list)
     for row in entries:
-        waiting[row.digest_id].append(EmailRequested.model_validate(row.job))
+        waiting[row.window_id].append(EmailRequested.model_validate(row.job))
     users = [row.user_id for row in due]
     recipients_now = {
         row.user_id: _recipient(row._mapping)
@@ -736,19 +736,19 @@ async def _close(
     closed: list[ClosedDigest] = []
     for row in due:
         plan = compose(
-            row.digest_id,
+            row.window_id,
             recipients_now.get(row.user_id),
-            waiting[row.digest_id],
+            waiting[row.window_id],
             markers[row.user_id],
         )
         cancelled = {
             message_id: f"cancelled:{reason}" for message_id, reason in plan.cancelled.items()
         }
         await connection.execute(
-            update(email_digests)
-            .where(_digests.digest_id == row.digest_id)
+            update(waiting_windows)
+            .where(_digests.window_id == row.window_id)
             .values(
-                state=DIGEST_SENDING if plan.job else DIGEST_CANCELLED,
+                state=WINDOW_SENDING if plan.job else WINDOW_CANCELLED,
                 closed_at=now,
                 job=plan.job.model_dump(mode="json") if plan.job else None,
                 size=len(plan.sent),
@@ -760,7 +760,7 @@ async def _close(
         ]
         if states:
             await connection.execute(
-                update(digest_entries)
+                update(window_entries)
                 .where(
                     _entries.message_id == bindparam("p_message"),
                     _entries.recipient_id == row.user_id,
@@ -776,20 +776,20 @@ async def _close(
                 ),
                 [delivery],
             )
-        closed.append(ClosedDigest(row.digest_id, plan.job, len(plan.sent), cancelled))
+        closed.append(ClosedDigest(row.window_id, plan.job, len(plan.sent), cancelled))
     return closed
 
 
-async def mark_digests_sent(engine: AsyncEngine, digest_ids: Collection[uuid.UUID]) -> None:
+async def mark_digests_sent(engine: AsyncEngine, window_ids: Collection[uuid.UUID]) -> None:
     """The e-mails of these digests were published (the broker confirmed them)."""
-    if not digest_ids:
+    if not window_ids:
         return
     async with autocommit(engine) as connection:
         await connection.execute(
-            update(email_digests)
-            .where(_ids(_digests.digest_id), _digests.state == DIGEST_SENDING)
-            .values(state=DIGEST_SENT),
-            {"ids": sorted(digest_ids)},
+            update(waiting_windows)
+            .where(_ids(_digests.window_id), _digests.state == WINDOW_SENDING)
+            .values(state=WINDOW_SENT),
+            {"ids": sorted(window_ids)},
         )
 
 
@@ -803,11 +803,11 @@ class DigestBacklog:
 async def digest_backlog(engine: AsyncEngine, *, now: datetime) -> DigestBacklog:
     async with autocommit(engine) as connection:
         waiting = await connection.scalar(
-            select(func.count()).select_from(digest_entries).where(_entries.state == DIGEST_WAITING)
+            select(func.count()).select_from(window_entries).where(_entries.state == WINDOW_WAITING)
         )
         oldest = await connection.scalar(
             select(func.min(_digests.due_at)).where(
-                _digests.state.in_((DIGEST_WAITING, DIGEST_SENDING))
+                _digests.state.in_((WINDOW_WAITING, WINDOW_SENDING))
             )
         )
     overdue = 0.0 if oldest is None else max(0.0, (now - _utc(oldest)).total_seconds())
@@ -849,13 +849,13 @@ _EXPLAIN_DELIVERIES = (
 _EXPLAIN_DIGEST = (
     select(
         _entries.state,
-        _digests.digest_id,
+        _digests.window_id,
         _digests.state.label("digest_state"),
         _digests.opened_at,
         _digests.due_at,
         _digests.closed_at,
     )
-    .join(email_digests, _digests.digest_id == _entries.digest_id)
+    .join(waiting_windows, _digests.window_id == _entries.window_id)
     .where(
         _entries.message_id == bindparam("message_id"),
         _entries.recipient_id == bindparam("user_id"),
@@ -880,7 +880,7 @@ async def explain(
         if digest is not None:
             digest_delivery = await connection.scalar(
                 select(_deliveries.status).where(
-                    _deliveries.notification_id == digest_notification_id(digest.digest_id, user_id)
+                    _deliveries.notification_id == digest_notification_id(digest.window_id, user_id)
                 )
             )
     return {
@@ -912,7 +912,7 @@ async def explain(
         "digest": None
         if digest is None
         else {
-            "digest_id": str(digest.digest_id),
+            "window_id": str(digest.window_id),
             "entry": digest.state,
             "state": digest.digest_state,
             "opened_at": _utc(digest.opened_at).isoformat(),

@@ -7,7 +7,7 @@
   push device, one for the e-mail), keyed by the deterministic `notification_id`, with the
   status the delivery reports bring back.
 * `read_markers`: how far each user read each room, from `room.read`.
-* `email_digests` and `digest_entries`: the durable schedule of e-mail that waits. A user has
+* `waiting_windows` and `window_entries`: the durable schedule of e-mail that waits. A user has
   at most one `waiting` digest (a partial unique index: "one digest per window" is a database
   fact); each waiting e-mail is an entry of it, with the job as decided.
 * `presence_connections` and `rooms_in_view`: the presence projection, from `presence.changed`:
@@ -146,12 +146,12 @@ read_markers = Table(
     PrimaryKeyConstraint("user_id", "room_id"),
 )
 
-DIGEST_WAITING = "waiting"
+WINDOW_WAITING = "waiting"
 
-email_digests = Table(
-    "email_digests",
+waiting_windows = Table(
+    "waiting_windows",
     metadata,
-    Column("digest_id", Uuid, primary_key=True),
+    Column("window_id", Uuid, primary_key=True),
     Column("user_id", Uuid, nullable=False),
     Column("opened_at", DateTime(timezone=True), nullable=False),
     Column("due_at", DateTime(timezone=True), nullable=False),
@@ -165,21 +165,21 @@ email_digests = Table(
     # Messages listed or counted in the e-mail.
     Column("size", Integer, nullable=True),
     Index(
-        "uq_email_digests_user_id_waiting",
+        "uq_waiting_windows_user_id_waiting",
         "user_id",
         unique=True,
-        postgresql_where=text(f"state = '{DIGEST_WAITING}'"),
-        sqlite_where=text(f"state = '{DIGEST_WAITING}'"),
+        postgresql_where=text(f"state = '{WINDOW_WAITING}'"),
+        sqlite_where=text(f"state = '{WINDOW_WAITING}'"),
     ),
-    Index("ix_email_digests_state_due_at", "state", "due_at"),
+    Index("ix_waiting_windows_state_due_at", "state", "due_at"),
 )
 
-digest_entries = Table(
-    "digest_entries",
+window_entries = Table(
+    "window_entries",
     metadata,
     Column("message_id", Uuid, nullable=False),
     Column("recipient_id", Uuid, nullable=False),
-    Column("digest_id", Uuid, nullable=False),
+    Column("window_id", Uuid, nullable=False),
     Column("room_id", Uuid, nullable=False),
     # The e-mail as decided (an EmailRequested), which the digest lists.
     Column("job", JSON, nullable=False),
@@ -191,13 +191,13 @@ digest_entries = Table(
         ["notifications.message_id", "notifications.recipient_id"],
         ondelete="CASCADE",
     ),
-    ForeignKeyConstraint(["digest_id"], ["email_digests.digest_id"], ondelete="CASCADE"),
-    Index("ix_digest_entries_digest_id", "digest_id"),
+    ForeignKeyConstraint(["window_id"], ["waiting_windows.window_id"], ondelete="CASCADE"),
+    Index("ix_window_entries_window_id", "window_id"),
     # The waiting ones are few and read every poll (the backlog gauge); the rest is history.
     Index(
-        "ix_digest_entries_waiting",
-        "digest_id",
-        postgresql_where=text(f"state = '{DIGEST_WAITING}'"),
-        sqlite_where=text(f"state = '{DIGEST_WAITING}'"),
+        "ix_window_entries_waiting",
+        "window_id",
+        postgresql_where=text(f"state = '{WINDOW_WAITING}'"),
+        sqlite_where=text(f"state = '{WINDOW_WAITING}'"),
     ),
 )

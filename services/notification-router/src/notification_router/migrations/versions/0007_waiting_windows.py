@@ -24,8 +24,8 @@ def upgrade() -> None:
         # Rows projected before: their e-mail went out at once.
         batch.add_column(sa.Column("email_delay", sa.Integer(), nullable=False, server_default="0"))
     op.create_table(
-        "email_digests",
-        sa.Column("digest_id", sa.Uuid(), nullable=False),
+        "waiting_windows",
+        sa.Column("window_id", sa.Uuid(), nullable=False),
         sa.Column("user_id", sa.Uuid(), nullable=False),
         sa.Column("opened_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("due_at", sa.DateTime(timezone=True), nullable=False),
@@ -33,52 +33,52 @@ def upgrade() -> None:
         sa.Column("closed_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("job", sa.JSON(), nullable=True),
         sa.Column("size", sa.Integer(), nullable=True),
-        sa.PrimaryKeyConstraint("digest_id", name="pk_email_digests"),
+        sa.PrimaryKeyConstraint("window_id", name="pk_waiting_windows"),
     )
     waiting = sa.text("state = 'waiting'")
     op.create_index(
-        "uq_email_digests_user_id_waiting",
-        "email_digests",
+        "uq_waiting_windows_user_id_waiting",
+        "waiting_windows",
         ["user_id"],
         unique=True,
         postgresql_where=waiting,
         sqlite_where=waiting,
     )
-    op.create_index("ix_email_digests_state_due_at", "email_digests", ["state", "due_at"])
+    op.create_index("ix_waiting_windows_state_due_at", "waiting_windows", ["state", "due_at"])
     op.create_table(
-        "digest_entries",
+        "window_entries",
         sa.Column("message_id", sa.Uuid(), nullable=False),
         sa.Column("recipient_id", sa.Uuid(), nullable=False),
-        sa.Column("digest_id", sa.Uuid(), nullable=False),
+        sa.Column("window_id", sa.Uuid(), nullable=False),
         sa.Column("room_id", sa.Uuid(), nullable=False),
         sa.Column("job", sa.JSON(), nullable=False),
         sa.Column("state", sa.String(32), nullable=False),
-        sa.PrimaryKeyConstraint("message_id", "recipient_id", name="pk_digest_entries"),
+        sa.PrimaryKeyConstraint("message_id", "recipient_id", name="pk_window_entries"),
         sa.ForeignKeyConstraint(
             ["message_id", "recipient_id"],
             ["notifications.message_id", "notifications.recipient_id"],
-            name="fk_digest_entries_notifications",
+            name="fk_window_entries_notifications",
             ondelete="CASCADE",
         ),
         sa.ForeignKeyConstraint(
-            ["digest_id"],
-            ["email_digests.digest_id"],
-            name="fk_digest_entries_email_digests",
+            ["window_id"],
+            ["waiting_windows.window_id"],
+            name="fk_window_entries_waiting_windows",
             ondelete="CASCADE",
         ),
     )
-    op.create_index("ix_digest_entries_digest_id", "digest_entries", ["digest_id"])
+    op.create_index("ix_window_entries_window_id", "window_entries", ["window_id"])
     op.create_index(
-        "ix_digest_entries_waiting",
-        "digest_entries",
-        ["digest_id"],
+        "ix_window_entries_waiting",
+        "window_entries",
+        ["window_id"],
         postgresql_where=waiting,
         sqlite_where=waiting,
     )
 
 
 def downgrade() -> None:
-    op.drop_table("digest_entries")
-    op.drop_table("email_digests")
+    op.drop_table("window_entries")
+    op.drop_table("waiting_windows")
     with op.batch_alter_table("recipients") as batch:
         batch.drop_column("email_delay")
