@@ -29,7 +29,7 @@ WINDOW_S = 120 * SCALE
 async def short_windows(
     rabbit_url: str, fcm: FakeFcm, smtp: FakeSmtp, credentials: Path, tmp_path: Path
 ) -> AsyncIterator[Pipeline]:
-    overrides = {"EMAIL_DELAY_SCALE": str(SCALE), "DIGEST_POLL_INTERVAL": "0.2"}
+    overrides = {"EMAIL_DELAY_SCALE": str(SCALE), "SCHEDULE_POLL_INTERVAL": "0.2"}
     async with started_pipeline(
         rabbit_url, fcm, smtp, credentials, tmp_path, overrides
     ) as pipeline:

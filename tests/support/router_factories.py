@@ -14,6 +14,7 @@ from herald_shared.events import (
     MessageCreated,
     Platform,
     PreferencesSnapshot,
+    QuietHoursSnapshot,
     RoomKind,
     RoomSettingsSnapshot,
     SenderInfo,
@@ -40,6 +41,9 @@ def user_updated(
     rooms: Sequence[RoomSettingsSnapshot] = (),
     time_zone: str = "Europe/Paris",
     email_delay: int = 0,
+    quiet_hours: QuietHoursSnapshot | None = None,
+    snoozed_until: datetime | None = None,
+    breakthrough_user_ids: Sequence[uuid.UUID] = (),
 ) -> UserUpdated:
     """A snapshot as message-service makes it; without levels, as an older one did (the
     booleans only: `all` when on)."""
@@ -67,6 +71,9 @@ def user_updated(
             email=email_level,
             rooms=list(rooms),
             email_delay=email_delay,
+            quiet_hours=quiet_hours,
+            snoozed_until=snoozed_until,
+            breakthrough_user_ids=list(breakthrough_user_ids),
         ),
         time_zone=time_zone,
     )

@@ -23,6 +23,7 @@ from notification_router.routing import (
     PENDING,
     WAITING,
     SkipReason,
+    WindowPlan,
     compose_digest,
     decide_for,
     is_digest_report,
@@ -55,6 +56,13 @@ def waiting_email(
     )
     job = decide_for(event, bob, now=event.timestamp).waiting_email
     assert job is not None
+    return job
+
+
+def digest(plan: WindowPlan) -> EmailRequested:
+    """The one e-mail a window sends."""
+    (job,) = plan.jobs
+    assert isinstance(job, EmailRequested)
     return job
 
 
@@ -96,20 +104,18 @@ def test_a_digest_lists_every_unread_message_oldest_first_to_the_address_of_now(
     third = waiting_email(bob.user_id, seconds=3, content="third")
 
     plan = compose_digest(digest_id, bob, [third, first, second], read_markers={}, now=NOW)
-
-    assert plan.job is not None
-    assert [entry.message_id for entry in plan.job.digest] == [
+    assert [entry.message_id for entry in digest(plan).digest] == [
         first.message_id,
         second.message_id,
         third.message_id,
     ]
     assert plan.sent == (first.message_id, second.message_id, third.message_id)
     assert plan.cancelled == {}
-    assert (plan.job.to_address, plan.job.to_name) == ("bob@new.example", "Bob")
-    assert plan.job.message_id == first.message_id  # the top level is the first entry
-    assert plan.job.message_content == "first"
-    assert plan.job.omitted == 0
-    assert plan.job.digest[1].room_name == "random"
+    assert (digest(plan).to_address, digest(plan).to_name) == ("bob@new.example", "Bob")
+    assert digest(plan).message_id == first.message_id  # the top level is the first entry
+    assert digest(plan).message_content == "first"
+    assert digest(plan).omitted == 0
+    assert digest(plan).digest[1].room_name == "random"
 
 
 def test_a_digest_is_the_same_email_however_often_it_is_composed() -> None:
@@ -120,14 +126,10 @@ def test_a_digest_is_the_same_email_however_often_it_is_composed() -> None:
     once = compose_digest(digest_id, bob, waiting, read_markers={}, now=NOW)
     again = compose_digest(digest_id, bob, waiting, read_markers={}, now=NOW + timedelta(1))
     other = compose_digest(uuid.uuid4(), bob, waiting, read_markers={}, now=NOW)
-
-    assert once.job is not None
-    assert again.job is not None
-    assert other.job is not None
-    assert once.job.notification_id == again.job.notification_id == once.job.event_id
-    assert other.job.notification_id != once.job.notification_id
+    assert digest(once).notification_id == digest(again).notification_id == digest(once).event_id
+    assert digest(other).notification_id != digest(once).notification_id
     # Never the id of the single e-mail the first message would have had.
-    assert once.job.notification_id != notification_id_for(
+    assert digest(once).notification_id != notification_id_for(
         message_id=waiting[0].message_id, recipient_id=bob.user_id, channel=Channel.EMAIL
     )
 
@@ -154,7 +156,7 @@ def test_what_was_read_meanwhile_is_left_out_and_a_window_all_read_sends_nothing
         in_general[0].message_id: SkipReason.READ,
         in_general[1].message_id: SkipReason.READ,
     }
-    assert all_read.job is None
+    assert all_read.jobs == ()
     assert all_read.sent == ()
     assert set(all_read.cancelled.values()) == {SkipReason.READ}
 
@@ -188,10 +190,9 @@ def test_settings_changed_since_the_message_apply_when_the_window_ends(
     plan = compose_digest(uuid.uuid4(), bob_now, [waiting], read_markers={}, now=NOW)
 
     if left_out is None:
-        assert plan.job is not None
         assert plan.sent == (waiting.message_id,)
     else:
-        assert plan.job is None
+        assert plan.jobs == ()
         assert plan.cancelled == {waiting.message_id: left_out}
 
 
@@ -200,7 +201,7 @@ def test_a_recipient_gone_from_the_projection_gets_nothing() -> None:
 
     plan = compose_digest(uuid.uuid4(), None, [waiting], read_markers={}, now=NOW)
 
-    assert plan.job is None
+    assert plan.jobs == ()
     assert plan.cancelled == {waiting.message_id: SkipReason.NO_EMAIL}
 
 
@@ -209,12 +210,10 @@ def test_a_long_window_lists_the_first_entries_and_counts_the_rest() -> None:
     waiting = [waiting_email(bob.user_id, seconds=s) for s in range(MAX_DIGEST_ENTRIES + 7)]
 
     plan = compose_digest(uuid.uuid4(), bob, waiting, read_markers={}, now=NOW)
-
-    assert plan.job is not None
-    assert len(plan.job.digest) == MAX_DIGEST_ENTRIES
-    assert plan.job.omitted == 7
+    assert len(digest(plan).digest) == MAX_DIGEST_ENTRIES
+    assert digest(plan).omitted == 7
     assert len(plan.sent) == MAX_DIGEST_ENTRIES + 7
-    assert plan.job.digest[-1].message_id == waiting[MAX_DIGEST_ENTRIES - 1].message_id
+    assert digest(plan).digest[-1].message_id == waiting[MAX_DIGEST_ENTRIES - 1].message_id
 
 
 def test_a_digest_keeps_each_entrys_trigger_and_room_kind() -> None:
@@ -227,17 +226,14 @@ def test_a_digest_keeps_each_entrys_trigger_and_room_kind() -> None:
     assert dm is not None
 
     plan = compose_digest(uuid.uuid4(), bob, [dm], read_markers={}, now=NOW)
-
-    assert plan.job is not None
-    assert plan.job.digest[0].trigger is Trigger.DIRECT
-    assert plan.job.digest[0].room_name == ""
+    assert digest(plan).digest[0].trigger is Trigger.DIRECT
+    assert digest(plan).digest[0].room_name == ""
 
 
 def test_a_digests_delivery_report_is_told_from_a_single_emails() -> None:
     bob = recipient(email_delay=120)
     waiting = waiting_email(bob.user_id)
     plan = compose_digest(uuid.uuid4(), bob, [waiting], read_markers={}, now=NOW)
-    assert plan.job is not None
 
     def report(notification_id: uuid.UUID, channel: Channel = Channel.EMAIL) -> DeliveryReported:
         return DeliveryReported(
@@ -248,7 +244,7 @@ def test_a_digests_delivery_report_is_told_from_a_single_emails() -> None:
             outcome=DeliveryOutcome.DELIVERED,
         )
 
-    assert is_digest_report(report(plan.job.notification_id))
+    assert is_digest_report(report(digest(plan).notification_id))
     assert not is_digest_report(report(waiting.notification_id))  # the message's own e-mail
     push_id = notification_id_for(
         message_id=waiting.message_id, recipient_id=bob.user_id, channel=Channel.PUSH, target="x"

@@ -24,11 +24,11 @@ from herald_shared.topology import (
     PUSH_SEND_URGENT,
     declare_topology,
 )
-from notification_router.digests import DigestDispatcher
 from notification_router.handlers import RouterDeps, Subscribers, register_handlers
 from notification_router.metrics import RouterMetrics
 from notification_router.ops_api import explain_route
 from notification_router.routing import ContentLimits
+from notification_router.schedule import WindowDispatcher
 from notification_router.settings import SERVICE_NAME, Settings
 
 TITLE = SERVICE_NAME
@@ -49,7 +49,7 @@ class RouterService:
     registry: CollectorRegistry
     deps: RouterDeps
     subscribers: Subscribers
-    digests: DigestDispatcher
+    schedule: WindowDispatcher
     app: AsgiFastStream
 
 
@@ -117,13 +117,14 @@ def build_service(settings: Settings) -> RouterService:
     # Every in-flight message may hold a connection; make_engine adds as much overflow again.
     engine = make_engine(settings.database_url, pool_size=settings.rabbitmq.prefetch)
     broker, deps, subscribers = _wire(settings, engine, registry)
-    digests = DigestDispatcher(
+    schedule = WindowDispatcher(
         engine=engine,
         publishers=deps.publishers,
         metrics=deps.metrics,
         publish_timeout=deps.publish_timeout,
-        interval=settings.digest_poll_interval,
-        batch_size=settings.digest_batch_size,
+        interval=settings.schedule_poll_interval,
+        batch_size=settings.schedule_batch_size,
+        limits=deps.limits,
     )
 
     async def migrate() -> None:
@@ -134,11 +135,11 @@ def build_service(settings: Settings) -> RouterService:
     async def declare() -> None:
         await declare_topology(broker, retry_delays=settings.rabbitmq.retry_delays)
 
-    async def start_digests() -> None:
-        digests.start()
+    async def start_schedule() -> None:
+        schedule.start()
 
     async def dispose() -> None:
-        await digests.stop()
+        await schedule.stop()
         await engine.dispose()
 
     app = consumer_app(
@@ -149,11 +150,11 @@ def build_service(settings: Settings) -> RouterService:
         registry=registry,
         checks={"database": functools.partial(database_healthy, engine)},
         on_startup=[migrate, declare],
-        after_startup=[start_digests],
+        after_startup=[start_schedule],
         after_shutdown=[dispose],
         routes=[explain_route(engine, settings.ops_token)],
     )
-    return RouterService(settings, broker, engine, registry, deps, subscribers, digests, app)
+    return RouterService(settings, broker, engine, registry, deps, subscribers, schedule, app)
 
 
 def create_app(settings: Settings) -> AsgiFastStream:

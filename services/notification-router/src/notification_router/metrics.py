@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from herald_shared.events import Channel, Notifiable, Trigger
 from notification_router.routing import PENDING, WAITING, RecipientDecision
 
-DIGEST_SIZE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 500)
+WINDOW_SIZE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 500)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 
@@ -65,35 +65,38 @@ class RouterMetrics:
             registry=registry,
         )
 
-        self.digests = Counter(
-            "herald_router_digests",
-            "E-mail digest windows closed by the dispatcher: sent (an e-mail composed), "
+        self.windows = Counter(
+            "herald_router_windows",
+            "Windows of waiting notifications closed by the dispatcher, per channel (email: "
+            "digests; push: what waited for quiet hours or a snooze): sent (jobs composed), "
             "cancelled (everything in it was read or is no longer wanted), resent (published "
             "again after a dispatcher stopped between composing and publishing).",
-            ["outcome"],
+            ["channel", "outcome"],
             registry=registry,
         )
-        self.digest_size = Histogram(
-            "herald_router_digest_size",
-            "Messages listed or counted per digest e-mail sent.",
-            buckets=DIGEST_SIZE_BUCKETS,
+        self.window_size = Histogram(
+            "herald_router_window_size",
+            "Messages told of per window sent (listed or counted in a digest; summed up in "
+            "summary pushes).",
+            ["channel"],
+            buckets=WINDOW_SIZE_BUCKETS,
             registry=registry,
         )
         self.window_entries_cancelled = Counter(
             "herald_router_window_entries_cancelled",
-            "Waiting e-mails a digest left out, by reason (read, muted, email_disabled, "
-            "level_mentions, no_email).",
-            ["reason"],
+            "Waiting notifications a window left out, by reason (read, muted, email_disabled, "
+            "push_disabled, level_mentions, no_email, no_device).",
+            ["channel", "reason"],
             registry=registry,
         )
-        self.digest_waiting = Gauge(
+        self.notifications_waiting = Gauge(
             "herald_router_notifications_waiting",
-            "E-mails waiting in digest windows, as the last dispatcher pass counted them.",
+            "Notifications waiting in windows, as the last dispatcher pass counted them.",
             registry=registry,
         )
-        self.digest_overdue = Gauge(
-            "herald_router_digest_overdue_seconds",
-            "How long the oldest digest past its due time has been waiting for the dispatcher "
+        self.window_overdue = Gauge(
+            "herald_router_window_overdue_seconds",
+            "How long the oldest window past its due time has been waiting for the dispatcher "
             "(0 when none is): above a few seconds, the dispatcher is falling behind.",
             registry=registry,
         )
@@ -128,7 +131,7 @@ class RouterMetrics:
                     ).inc()
                 elif summary == WAITING:
                     self.decisions.labels(
-                        channel=channel, outcome="waiting", reason="digest", trigger=trigger
+                        channel=channel, outcome="waiting", reason="", trigger=trigger
                     ).inc()
                 else:
                     reason = summary.removeprefix("skipped:")

@@ -33,6 +33,7 @@ from herald_shared.events import (
     PreferencesSnapshot,
     PresenceChanged,
     PushRequested,
+    QuietHoursSnapshot,
     RoomRead,
     UserUpdated,
     WebPushKeys,
@@ -40,11 +41,12 @@ from herald_shared.events import (
 from notification_router.routing import (
     DeliveryStatus,
     Device,
-    DigestPlan,
     Presence,
+    QuietHours,
     Recipient,
     RecipientDecision,
     RoomSettings,
+    WindowPlan,
     digest_notification_id,
     room_settings_of,
     statuses_replaceable_by,
@@ -141,6 +143,13 @@ async def upsert_recipient(engine: AsyncEngine, snapshot: UserUpdated, *, now: d
         ],
         "time_zone": snapshot.time_zone,
         "email_delay": snapshot.preferences.email_delay,
+        "quiet_hours": (
+            None
+            if snapshot.preferences.quiet_hours is None
+            else snapshot.preferences.quiet_hours.model_dump(mode="json")
+        ),
+        "snoozed_until": snapshot.preferences.snoozed_until,
+        "breakthrough_user_ids": [str(user) for user in snapshot.preferences.breakthrough_user_ids],
         "updated_at": now,
     }
     async with engine.begin() as connection:
@@ -236,6 +245,13 @@ def _recipient(row: Any) -> Recipient:
         rooms=rooms,
         time_zone=row["time_zone"],
         email_delay=timedelta(seconds=row["email_delay"]),
+        quiet_hours=QuietHours.of(
+            None if row["quiet_hours"] is None else QuietHoursSnapshot(**row["quiet_hours"])
+        ),
+        snoozed_until=None if row["snoozed_until"] is None else _utc(row["snoozed_until"]),
+        breakthrough_user_ids=frozenset(
+            uuid.UUID(user) for user in row["breakthrough_user_ids"] or ()
+        ),
     )
 
 
@@ -273,7 +289,7 @@ async def record_decisions(
     projection changed since. Returned as pending are the notifications of the plans whose
     delivery row is still `pending`, i.e. the jobs to (re)publish — the senders dedupe on
     `notification_id`. A waiting e-mail becomes an entry of its recipient's waiting digest, in
-    the same transaction (`_add_to_digests`).
+    the same transaction (`_add_to_windows`).
     """
     # One order for every transaction, so concurrent duplicates never deadlock.
     ordered = sorted(
@@ -348,66 +364,116 @@ async def record_decisions(
             result = await connection.execute(_PENDING_OF, {"ids": earlier})
             pending.update(result.scalars())
         waiting = [decision for event, decision in ordered if is_new(event, decision)]
-        await _add_to_digests(connection, waiting, now=now, delay_scale=email_delay_scale)
+        await _add_to_windows(connection, waiting, now=now, delay_scale=email_delay_scale)
     return Recorded(new, frozenset(pending))
 
 
-async def _add_to_digests(
+@dataclass(frozen=True)
+class _Waiting:
+    """What one decision leaves waiting on one channel: the entry's content, and when a window
+    it opens is due."""
+
+    recipient_id: uuid.UUID
+    message_id: uuid.UUID
+    room_id: uuid.UUID
+    channel: EventChannel
+    job: dict[str, Any]
+    due_at: datetime
+
+
+def _waiting_of(
+    decisions: Sequence[RecipientDecision], *, now: datetime, delay_scale: float
+) -> list[_Waiting]:
+    waiting: list[_Waiting] = []
+    for decision in decisions:
+        if (email := decision.waiting_email) is not None:
+            waiting.append(
+                _Waiting(
+                    decision.recipient_id,
+                    email.message_id,
+                    email.room_id,
+                    EventChannel.EMAIL,
+                    email.model_dump(mode="json"),
+                    now + decision.email_delay * delay_scale,
+                )
+            )
+        if (held := decision.held_pushes) is not None and decision.push_due is not None:
+            waiting.append(
+                _Waiting(
+                    decision.recipient_id,
+                    held.message_id,
+                    held.room_id,
+                    EventChannel.PUSH,
+                    held.model_dump(mode="json"),
+                    decision.push_due,
+                )
+            )
+    return waiting
+
+
+async def _add_to_windows(
     connection: AsyncConnection,
     decisions: Sequence[RecipientDecision],
     *,
     now: datetime,
     delay_scale: float,
 ) -> None:
-    """Each waiting e-mail joins its recipient's waiting digest, opening one (due after their
-    delay) where there is none.
+    """What waits joins its recipient's waiting window of that channel, opening one where there
+    is none (an e-mail's due after the recipient's delay, pushes' when the quiet hours or the
+    snooze end).
 
-    The upsert takes the waiting digest's row lock until commit, so a dispatcher (which claims
-    with SKIP LOCKED) cannot close the window under the entries being added; a digest the
+    The upsert takes the waiting window's row lock until commit, so a dispatcher (which claims
+    with SKIP LOCKED) cannot close the window under the entries being added; a window the
     dispatcher holds is no longer `waiting` once this upsert gets to it, so a new one opens.
     """
-    jobs = [(decision, job) for decision in decisions if (job := decision.waiting_email)]
-    if not jobs:
+    waiting = _waiting_of(decisions, now=now, delay_scale=delay_scale)
+    if not waiting:
         return
-    delays = {decision.recipient_id: decision.email_delay for decision, _ in jobs}
+    due = {(item.recipient_id, item.channel): item.due_at for item in waiting}
     insert = _insert(connection, waiting_windows)
     upsert = insert.on_conflict_do_update(
-        index_elements=[waiting_windows.c.user_id],
+        index_elements=[waiting_windows.c.user_id, waiting_windows.c.channel],
         index_where=waiting_windows.c.state == WINDOW_WAITING,
         # A no-op change, for the row lock and RETURNING: the window keeps its due time.
         set_={"user_id": insert.excluded.user_id},
-    ).returning(waiting_windows.c.window_id, waiting_windows.c.user_id)
-    # One row per user (ON CONFLICT DO UPDATE may touch a row once per statement), in user
-    # order like every transaction here.
+    ).returning(waiting_windows.c.window_id, waiting_windows.c.user_id, waiting_windows.c.channel)
+    # One row per user and channel (ON CONFLICT DO UPDATE may touch a row once per statement),
+    # in that order, like every transaction here.
     opened = await connection.execute(
         upsert,
         [
             {
                 "window_id": uuid.uuid4(),
                 "user_id": user_id,
+                "channel": str(channel),
                 "opened_at": now,
-                "due_at": now + delays[user_id] * delay_scale,
+                "due_at": due_at,
                 "state": WINDOW_WAITING,
             }
-            for user_id in sorted(delays)
+            for (user_id, channel), due_at in sorted(due.items())
         ],
     )
-    digest_of = {row.user_id: row.window_id for row in opened}
+    window_of = {(row.user_id, row.channel): row.window_id for row in opened}
     entries = _insert(connection, window_entries).on_conflict_do_nothing(
-        index_elements=[window_entries.c.message_id, window_entries.c.recipient_id]
+        index_elements=[
+            window_entries.c.message_id,
+            window_entries.c.recipient_id,
+            window_entries.c.channel,
+        ]
     )
     await connection.execute(
         entries,
         [
             {
-                "message_id": job.message_id,
-                "recipient_id": job.recipient_id,
-                "window_id": digest_of[job.recipient_id],
-                "room_id": job.room_id,
-                "job": job.model_dump(mode="json"),
+                "message_id": item.message_id,
+                "recipient_id": item.recipient_id,
+                "channel": str(item.channel),
+                "window_id": window_of[(item.recipient_id, str(item.channel))],
+                "room_id": item.room_id,
+                "job": item.job,
                 "state": WINDOW_WAITING,
             }
-            for _, job in jobs
+            for item in waiting
         ],
     )
 
@@ -641,50 +707,60 @@ async def load_read_markers(
 WINDOW_SENDING = "sending"
 WINDOW_SENT = "sent"
 WINDOW_CANCELLED = "cancelled"
-_digests = waiting_windows.c
+_windows = waiting_windows.c
 _entries = window_entries.c
 
 
 @dataclass(frozen=True)
-class ClosedDigest:
-    """A digest the dispatcher took: its e-mail to publish (None: nothing was left to tell),
-    and for one closed just now, how many messages it lists or counts and those it left out."""
+class ClosedWindow:
+    """A window the dispatcher took: its jobs to publish (none: nothing was left to tell), and
+    for one closed just now, how many messages they tell of and those left out."""
 
     window_id: uuid.UUID
-    job: EmailRequested | None
+    channel: str
+    jobs: tuple[PushRequested | EmailRequested, ...]
     sent: int = 0
     cancelled: Mapping[uuid.UUID, str] = dataclass_field(default_factory=dict)
-    resent: bool = False  # a digest already `sending`, whose publication is tried again
+    resent: bool = False  # a window already `sending`, whose publication is tried again
 
 
+# (window id, channel, the recipient as projected now, the entries' content as recorded, the
+# recipient's read markers by room) → what the window sends.
 Compose = Callable[
-    [uuid.UUID, Recipient | None, Sequence[EmailRequested], Mapping[uuid.UUID, datetime]],
-    DigestPlan,
+    [uuid.UUID, str, Recipient | None, Sequence[Any], Mapping[uuid.UUID, datetime]],
+    WindowPlan,
 ]
 
 
-async def close_due_digests(
-    engine: AsyncEngine, *, now: datetime, limit: int, resend_after: timedelta, compose: Compose
-) -> list[ClosedDigest]:
-    """Take up to `limit` digests whose window ended, compose each (`compose`: the recipient
-    as projected now, the waiting e-mails, the recipient's read markers by room) and record
-    the outcome, in one transaction: a digest with something to tell becomes `sending`, with
-    its e-mail and a pending delivery row; one with nothing becomes `cancelled`. Also taken
-    again: digests `sending` for longer than `resend_after` (a dispatcher that died between
-    this commit and `mark_digests_sent`), with the e-mail they hold.
+def _job(value: dict[str, Any]) -> PushRequested | EmailRequested:
+    return (
+        PushRequested if value.get("type") == "push_requested" else EmailRequested
+    ).model_validate(value)
 
-    `FOR UPDATE SKIP LOCKED`: several dispatchers share the due digests without waiting on
-    one another, and never take a digest whose window a routing transaction is adding to.
+
+async def close_due_windows(
+    engine: AsyncEngine, *, now: datetime, limit: int, resend_after: timedelta, compose: Compose
+) -> list[ClosedWindow]:
+    """Take up to `limit` windows that ended, compose each (`compose`) and record the outcome,
+    in one transaction: a window with something to tell becomes `sending`, with its jobs and
+    their pending delivery rows; one with nothing becomes `cancelled`. Also taken again:
+    windows `sending` for longer than `resend_after` (a dispatcher that died between this
+    commit and `mark_windows_sent`), with the jobs they hold.
+
+    `FOR UPDATE SKIP LOCKED`: several dispatchers share the due windows without waiting on one
+    another, and never take a window a routing transaction is adding to.
     """
     claim = (
-        select(_digests.window_id, _digests.user_id, _digests.state, _digests.job)
+        select(
+            _windows.window_id, _windows.user_id, _windows.channel, _windows.state, _windows.jobs
+        )
         .where(
             or_(
-                and_(_digests.state == WINDOW_WAITING, _digests.due_at <= now),
-                and_(_digests.state == WINDOW_SENDING, _digests.closed_at <= now - resend_after),
+                and_(_windows.state == WINDOW_WAITING, _windows.due_at <= now),
+                and_(_windows.state == WINDOW_SENDING, _windows.closed_at <= now - resend_after),
             )
         )
-        .order_by(_digests.due_at)
+        .order_by(_windows.due_at)
         .limit(limit)
         .with_for_update(skip_locked=True)
     )
@@ -693,14 +769,16 @@ async def close_due_digests(
         if not claimed:
             return []
         resent = [
-            ClosedDigest(row.window_id, EmailRequested.model_validate(row.job), resent=True)
+            ClosedWindow(
+                row.window_id, row.channel, tuple(_job(job) for job in row.jobs), resent=True
+            )
             for row in claimed
             if row.state == WINDOW_SENDING
         ]
         if resent:
             await connection.execute(
-                update(waiting_windows).where(_ids(_digests.window_id)).values(closed_at=now),
-                {"ids": [digest.window_id for digest in resent]},
+                update(waiting_windows).where(_ids(_windows.window_id)).values(closed_at=now),
+                {"ids": [window.window_id for window in resent]},
             )
         due = [row for row in claimed if row.state == WINDOW_WAITING]
         closed = await _close(connection, due, now=now, compose=compose) if due else []
@@ -709,34 +787,36 @@ async def close_due_digests(
 
 async def _close(
     connection: AsyncConnection, due: Sequence[Any], *, now: datetime, compose: Compose
-) -> list[ClosedDigest]:
-    window_ids = [row.window_id for row in due]
+) -> list[ClosedWindow]:
     entries = await connection.execute(
         select(_entries.window_id, _entries.job).where(
-            _entries.window_id.in_(bindparam("digests", expanding=True)),
+            _entries.window_id.in_(bindparam("windows", expanding=True)),
             _entries.state == WINDOW_WAITING,
         ),
-        {"digests": window_ids},
+        {"windows": [row.window_id for row in due]},
     )
-    waiting: defaultdict[uuid.UUID, list[EmailRequested]] = defaultdict(list)
+    waiting: defaultdict[uuid.UUID, list[Any]] = defaultdict(list)
     for row in entries:
-        waiting[row.window_id].append(EmailRequested.model_validate(row.job))
-    users = [row.user_id for row in due]
+        waiting[row.window_id].append(row.job)
+    users = list({row.user_id for row in due})
     recipients_now = {
         row.user_id: _recipient(row._mapping)
         for row in await connection.execute(_LOAD_RECIPIENTS, {"ids": users})
     }
-    rooms = {job.room_id for jobs in waiting.values() for job in jobs}
+    rooms = {entry["room_id"] for entries in waiting.values() for entry in entries}
     markers: defaultdict[uuid.UUID, dict[uuid.UUID, datetime]] = defaultdict(dict)
     if rooms:
-        read = await connection.execute(_LOAD_READ_MARKERS, {"ids": users, "rooms": list(rooms)})
+        read = await connection.execute(
+            _LOAD_READ_MARKERS, {"ids": users, "rooms": [uuid.UUID(room) for room in rooms]}
+        )
         for marker in read:
             markers[marker.user_id][marker.room_id] = _utc(marker.up_to)
 
-    closed: list[ClosedDigest] = []
+    closed: list[ClosedWindow] = []
     for row in due:
         plan = compose(
             row.window_id,
+            row.channel,
             recipients_now.get(row.user_id),
             waiting[row.window_id],
             markers[row.user_id],
@@ -746,11 +826,11 @@ async def _close(
         }
         await connection.execute(
             update(waiting_windows)
-            .where(_digests.window_id == row.window_id)
+            .where(_windows.window_id == row.window_id)
             .values(
-                state=WINDOW_SENDING if plan.job else WINDOW_CANCELLED,
+                state=WINDOW_SENDING if plan.jobs else WINDOW_CANCELLED,
                 closed_at=now,
-                job=plan.job.model_dump(mode="json") if plan.job else None,
+                jobs=[job.model_dump(mode="json") for job in plan.jobs] if plan.jobs else None,
                 size=len(plan.sent),
             )
         )
@@ -764,54 +844,63 @@ async def _close(
                 .where(
                     _entries.message_id == bindparam("p_message"),
                     _entries.recipient_id == row.user_id,
+                    _entries.channel == row.channel,
                 )
                 .values(state=bindparam("p_state")),
                 [{"p_state": state, "p_message": message_id} for state, message_id in states],
             )
-        if plan.job is not None:
-            delivery = _delivery_row(plan.job, now) | {"target": "digest"}
+        if plan.jobs:
+            deliveries = [_window_delivery_row(job, now) for job in plan.jobs]
             await connection.execute(
                 _insert(connection, notification_deliveries).on_conflict_do_nothing(
                     index_elements=[_deliveries.notification_id]
                 ),
-                [delivery],
+                sorted(deliveries, key=lambda delivery: delivery["notification_id"]),
             )
-        closed.append(ClosedDigest(row.window_id, plan.job, len(plan.sent), cancelled))
+        closed.append(
+            ClosedWindow(row.window_id, row.channel, plan.jobs, len(plan.sent), cancelled)
+        )
     return closed
 
 
-async def mark_digests_sent(engine: AsyncEngine, window_ids: Collection[uuid.UUID]) -> None:
-    """The e-mails of these digests were published (the broker confirmed them)."""
+def _window_delivery_row(job: PushRequested | EmailRequested, now: datetime) -> dict[str, Any]:
+    # A digest is told from the message's own e-mail by its target (a push by its device).
+    row = _delivery_row(job, now)
+    return row | {"target": "digest"} if isinstance(job, EmailRequested) else row
+
+
+async def mark_windows_sent(engine: AsyncEngine, window_ids: Collection[uuid.UUID]) -> None:
+    """The jobs of these windows were published (the broker confirmed them)."""
     if not window_ids:
         return
     async with autocommit(engine) as connection:
         await connection.execute(
             update(waiting_windows)
-            .where(_ids(_digests.window_id), _digests.state == WINDOW_SENDING)
+            .where(_ids(_windows.window_id), _windows.state == WINDOW_SENDING)
             .values(state=WINDOW_SENT),
             {"ids": sorted(window_ids)},
         )
 
 
 @dataclass(frozen=True)
-class DigestBacklog:
+class WindowBacklog:
     waiting_entries: int
     # How long the oldest digest past its due time has been waiting (0: none is).
     overdue_seconds: float
 
 
-async def digest_backlog(engine: AsyncEngine, *, now: datetime) -> DigestBacklog:
+async def window_backlog(engine: AsyncEngine, *, now: datetime) -> WindowBacklog:
     async with autocommit(engine) as connection:
         waiting = await connection.scalar(
             select(func.count()).select_from(window_entries).where(_entries.state == WINDOW_WAITING)
         )
         oldest = await connection.scalar(
-            select(func.min(_digests.due_at)).where(
-                _digests.state.in_((WINDOW_WAITING, WINDOW_SENDING))
+            select(func.min(_windows.due_at)).where(
+                _windows.state.in_((WINDOW_WAITING, WINDOW_SENDING))
             )
         )
     overdue = 0.0 if oldest is None else max(0.0, (now - _utc(oldest)).total_seconds())
-    return DigestBacklog(int(waiting or 0), overdue)
+    return WindowBacklog(int(waiting or 0), overdue)
 
 
 # --- the operators' "why (not)?" ----------------------------------------------------------------
@@ -849,13 +938,13 @@ _EXPLAIN_DELIVERIES = (
 _EXPLAIN_DIGEST = (
     select(
         _entries.state,
-        _digests.window_id,
-        _digests.state.label("digest_state"),
-        _digests.opened_at,
-        _digests.due_at,
-        _digests.closed_at,
+        _windows.window_id,
+        _windows.state.label("digest_state"),
+        _windows.opened_at,
+        _windows.due_at,
+        _windows.closed_at,
     )
-    .join(waiting_windows, _digests.window_id == _entries.window_id)
+    .join(waiting_windows, _windows.window_id == _entries.window_id)
     .where(
         _entries.message_id == bindparam("message_id"),
         _entries.recipient_id == bindparam("user_id"),

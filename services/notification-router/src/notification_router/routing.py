@@ -24,7 +24,11 @@ Rules, per recipient of a `MessageCreated` (the table in docs/notifications.md):
 * push: one job per registered device; e-mail: one job, if there is an address;
 * e-mail waits when the recipient chose an `email_delay`: the first such e-mail opens their
   window, and when it ends one digest lists what is still unread and still wanted then
-  (`compose_digest`); with no delay it goes at once.
+  (`compose_digest`); with no delay it goes at once;
+* pushes wait during the recipient's quiet hours (on their wall clock) or Do Not Disturb
+  (`quiet_until`), except a direct message from one of their breakthrough users; when these
+  end, each room still unread gets one summary push per device, or its one message's own push
+  (`compose_push_summaries`).
 
 An `InvitationCreated` is decided the same way for its one recipient, the invitee, with the
 trigger `invitation`: personal, so a level of `mentions` or `all` sends it and `none` does not.
@@ -36,8 +40,11 @@ import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, time, timedelta
 from enum import StrEnum
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict
 
 from herald_shared.events import (
     MAX_DIGEST_ENTRIES,
@@ -56,6 +63,7 @@ from herald_shared.events import (
     PreferencesSnapshot,
     PushJobsRequested,
     PushRequested,
+    QuietHoursSnapshot,
     RoomKind,
     Trigger,
     UserUpdated,
@@ -119,6 +127,65 @@ class RoomSettings:
 
 
 @dataclass(frozen=True)
+class QuietHours:
+    """Daily quiet hours on the wall clock of `time_zone`; `end` before `start`: overnight."""
+
+    start: time
+    end: time
+    time_zone: str
+
+    @classmethod
+    def of(cls, snapshot: QuietHoursSnapshot | None) -> QuietHours | None:
+        if snapshot is None or snapshot.start == snapshot.end:
+            return None
+        return cls(
+            time.fromisoformat(snapshot.start), time.fromisoformat(snapshot.end), snapshot.time_zone
+        )
+
+    def end_after(self, now: datetime) -> datetime | None:
+        """When the quiet hours `now` is in end (UTC), or None when `now` is not in them. The
+        wall-clock times are those of that day in the zone, daylight-saving changes included
+        (an end in the hour a spring change skips counts from before the change)."""
+        try:
+            zone = ZoneInfo(self.time_zone)
+        except (ZoneInfoNotFoundError, ValueError):
+            zone = ZoneInfo("UTC")  # message-service checks zones; an unknown one is UTC here
+        local = now.astimezone(zone)
+        today, clock = local.date(), local.time().replace(tzinfo=None)
+        if self.start < self.end:
+            end_day = today if self.start <= clock < self.end else None
+        elif clock >= self.start:
+            end_day = today + timedelta(days=1)
+        elif clock < self.end:
+            end_day = today
+        else:
+            end_day = None
+        if end_day is None:
+            return None
+        return datetime.combine(end_day, self.end, tzinfo=zone).astimezone(UTC)
+
+
+def quiet_until(recipient: Recipient, event: Notifiable, *, now: datetime) -> datetime | None:
+    """Until when the recipient's pushes wait (their quiet hours or Do Not Disturb, the later
+    if both hold now), or None: push at once. A direct message from a breakthrough user never
+    waits."""
+    if (
+        isinstance(event, MessageCreated)
+        and event.room_kind is RoomKind.DIRECT
+        and event.sender_id in recipient.breakthrough_user_ids
+    ):
+        return None
+    ends = (
+        [recipient.snoozed_until]
+        if recipient.snoozed_until and recipient.snoozed_until > now
+        else []
+    )
+    if recipient.quiet_hours is not None and (end := recipient.quiet_hours.end_after(now)):
+        ends.append(end)
+    return max(ends, default=None)
+
+
+@dataclass(frozen=True)
 class Recipient:
     """What routing knows about a user: the projection of their latest `UserUpdated`."""
 
@@ -135,6 +202,11 @@ class Recipient:
     time_zone: str = "UTC"
     # How long e-mail waits, gathering one digest; zero: each e-mail goes at once.
     email_delay: timedelta = timedelta(0)
+    # Pushes wait during these and until `snoozed_until`, except a direct message from one of
+    # `breakthrough_user_ids` (`quiet_until`).
+    quiet_hours: QuietHours | None = None
+    snoozed_until: datetime | None = None
+    breakthrough_user_ids: frozenset[uuid.UUID] = frozenset()
 
     @classmethod
     def from_snapshot(cls, snapshot: UserUpdated) -> Recipient:
@@ -160,6 +232,9 @@ class Recipient:
             rooms=room_settings_of(preferences),
             time_zone=snapshot.time_zone,
             email_delay=timedelta(seconds=preferences.email_delay),
+            quiet_hours=QuietHours.of(preferences.quiet_hours),
+            snoozed_until=preferences.snoozed_until,
+            breakthrough_user_ids=frozenset(preferences.breakthrough_user_ids),
         )
 
     def level(self, room_id: uuid.UUID, channel: Channel) -> Level:
@@ -217,6 +292,22 @@ class ContentLimits:
 DEFAULT_LIMITS = ContentLimits()
 
 
+class HeldPushes(BaseModel):
+    """A message's pushes to one recipient, kept while their quiet hours or snooze last: what
+    the summary of its room needs, and the pushes themselves (sent as they are when the room
+    has nothing else to tell)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    message_id: uuid.UUID
+    room_id: uuid.UUID
+    room_name: str
+    sender_display_name: str
+    sent_at: AwareDatetime
+    trigger: Trigger
+    jobs: list[PushRequested]
+
+
 @dataclass(frozen=True)
 class RecipientDecision:
     """The decision for one recipient: the ledger summary per channel and the jobs to send."""
@@ -230,12 +321,17 @@ class RecipientDecision:
     email_job: EmailRequested | None = None
     # Waiting e-mail: how long the window it opens lasts (if it is the first).
     email_delay: timedelta = timedelta(0)
+    # Waiting pushes: kept until the quiet hours or the snooze end (`push_due`).
+    held_pushes: HeldPushes | None = None
+    push_due: datetime | None = None
 
     @property
     def jobs(self) -> tuple[PushRequested | EmailRequested, ...]:
-        """What to hand the senders now (a waiting e-mail is not: see `waiting_email`)."""
+        """What to hand the senders now (what waits is not: see `waiting_email`,
+        `held_pushes`)."""
+        pushes = self.push_jobs if self.push != WAITING else ()
         email = (self.email_job,) if self.email_job and self.email != WAITING else ()
-        return (*self.push_jobs, *email)
+        return (*pushes, *email)
 
     @property
     def waiting_email(self) -> EmailRequested | None:
@@ -363,6 +459,7 @@ def decide_for(
     trigger = trigger_of(event, recipient.user_id)
 
     push_jobs: tuple[PushRequested, ...] = ()
+    push_due: datetime | None = None
     push_skip = channel_skip(
         recipient, event, Channel.PUSH, trigger, now, presence, email_grace, read_up_to
     )
@@ -371,12 +468,13 @@ def decide_for(
     elif not recipient.devices:
         push = skipped(SkipReason.NO_DEVICE)
     else:
-        push = PENDING
         title, body = push_content(event, preview=recipient.push_preview, limits=limits)
         push_jobs = tuple(
             _push_job(event, recipient, device, title=title, body=body, trigger=trigger, now=now)
             for device in recipient.devices
         )
+        push_due = quiet_until(recipient, event, now=now)
+        push = PENDING if push_due is None else WAITING
 
     email_job: EmailRequested | None = None
     email_skip = channel_skip(
@@ -399,6 +497,18 @@ def decide_for(
         push_jobs=push_jobs,
         email_job=email_job,
         email_delay=recipient.email_delay if email == WAITING else timedelta(0),
+        held_pushes=None
+        if push != WAITING
+        else HeldPushes(
+            message_id=event.message_id,
+            room_id=event.room_id,
+            room_name=event.room_name,
+            sender_display_name=sender_name(event),
+            sent_at=event.timestamp,
+            trigger=trigger,
+            jobs=list(push_jobs),
+        ),
+        push_due=push_due,
     )
 
 
@@ -462,11 +572,12 @@ def _email_job(
 
 
 @dataclass(frozen=True)
-class DigestPlan:
-    """What one ended window sends: the digest e-mail (None when nothing is left to tell), the
-    messages it lists or counts, and those left out, with why."""
+class WindowPlan:
+    """What one ended window sends (nothing, when nothing is left to tell): for e-mail one
+    digest, for pushes one per room and device; the messages told of, and those left out, with
+    why."""
 
-    job: EmailRequested | None
+    jobs: tuple[PushRequested | EmailRequested, ...]
     sent: tuple[uuid.UUID, ...]
     cancelled: Mapping[uuid.UUID, SkipReason]
 
@@ -478,7 +589,7 @@ def compose_digest(
     *,
     read_markers: Mapping[uuid.UUID, datetime],
     now: datetime,
-) -> DigestPlan:
+) -> WindowPlan:
     """The digest of a window that ended: every waiting e-mail of it (as decided then) whose
     message is still unread (`read_markers`: room → read up to) and that the recipient's
     e-mail settings still want, oldest first; the first `MAX_DIGEST_ENTRIES` listed, the rest
@@ -495,7 +606,7 @@ def compose_digest(
             cancelled[job.message_id] = reason
     sent = tuple(job.message_id for job in kept)
     if not kept or recipient is None or recipient.email is None:
-        return DigestPlan(None, sent=(), cancelled=cancelled)
+        return WindowPlan((), sent=(), cancelled=cancelled)
     first = kept[0]
     notification_id = digest_notification_id(digest_id, recipient.user_id)
     listed = kept[:MAX_DIGEST_ENTRIES]
@@ -521,7 +632,112 @@ def compose_digest(
             "omitted": len(kept) - len(listed),
         }
     )
-    return DigestPlan(job, sent=sent, cancelled=cancelled)
+    return WindowPlan((job,), sent=sent, cancelled=cancelled)
+
+
+def compose_push_summaries(
+    window_id: uuid.UUID,
+    recipient: Recipient | None,
+    held: Sequence[HeldPushes],
+    *,
+    read_markers: Mapping[uuid.UUID, datetime],
+    now: datetime,
+    limits: ContentLimits = DEFAULT_LIMITS,
+) -> WindowPlan:
+    """The pushes of quiet hours (or a snooze) that ended: per room with something still unread
+    and still wanted, its one held message's own pushes, or for several one summary per device
+    ("12 new messages in #general"), which replaces the room's notification on the device. Its
+    notification id derives from the window, the room and the device: composed again, the same
+    pushes, which push-sender dedupes."""
+    kept: dict[uuid.UUID, list[HeldPushes]] = {}
+    cancelled: dict[uuid.UUID, SkipReason] = {}
+    for message in sorted(held, key=lambda message: (message.sent_at, str(message.message_id))):
+        reason = _push_left_out(
+            message, recipient, read_up_to=read_markers.get(message.room_id), now=now
+        )
+        if reason is None:
+            kept.setdefault(message.room_id, []).append(message)
+        else:
+            cancelled[message.message_id] = reason
+    if recipient is None:
+        return WindowPlan((), sent=(), cancelled=cancelled)
+    devices = {device.device_id for device in recipient.devices}
+    jobs: list[PushRequested] = []
+    sent: list[uuid.UUID] = []
+    for room_id, messages in kept.items():
+        if len(messages) == 1:
+            (message,) = messages
+            own = [job for job in message.jobs if job.device_id in devices]
+            if own:
+                jobs.extend(own)
+                sent.append(message.message_id)
+            else:  # its devices are gone (the summary would go to the devices of now)
+                cancelled[message.message_id] = SkipReason.NO_DEVICE
+            continue
+        sent.extend(message.message_id for message in messages)
+        last = messages[-1]
+        urgent = [message.trigger for message in messages if message.trigger.urgent]
+        title, body = summary_content(last, len(messages), limits=limits)
+        jobs.extend(
+            PushRequested(
+                event_id=(
+                    notification_id := notification_id_for(
+                        message_id=window_id,
+                        recipient_id=recipient.user_id,
+                        channel=Channel.PUSH,
+                        target=f"{room_id}:{device.device_id}",
+                    )
+                ),
+                occurred_at=now,
+                notification_id=notification_id,
+                message_id=last.message_id,
+                room_id=room_id,
+                recipient_id=recipient.user_id,
+                device_id=device.device_id,
+                platform=device.platform,
+                token=device.token,
+                token_updated_at=device.token_updated_at,
+                web_push_keys=device.web_push_keys,
+                title=title,
+                body=body,
+                trigger=urgent[0] if urgent else Trigger.MESSAGE,
+            )
+            for device in recipient.devices
+        )
+    return WindowPlan(tuple(jobs), sent=tuple(sent), cancelled=cancelled)
+
+
+def summary_content(
+    last: HeldPushes, count: int, *, limits: ContentLimits = DEFAULT_LIMITS
+) -> tuple[str, str]:
+    """A summary push's (title, body): "#general" / "12 new messages in #general", or for a
+    direct room "Alice" / "3 new messages from Alice". No message text."""
+    room = one_line(last.room_name).lstrip("#").strip()
+    if room:
+        title, body = f"#{room}", f"{count} new messages in #{room}"
+    else:
+        sender = one_line(last.sender_display_name) or "Someone"
+        title, body = sender, f"{count} new messages from {sender}"
+    return truncate(title, limits.title_max_chars), truncate(body, limits.body_max_chars)
+
+
+def _push_left_out(
+    message: HeldPushes, recipient: Recipient | None, *, read_up_to: datetime | None, now: datetime
+) -> SkipReason | None:
+    """Why a held push no longer belongs in the summary, or None (`_left_out`'s rules)."""
+    if read_up_to is not None and message.sent_at <= read_up_to:
+        return SkipReason.READ
+    if recipient is None or not recipient.devices:
+        return SkipReason.NO_DEVICE
+    naming = message.trigger in (Trigger.MENTION, Trigger.INVITATION)
+    if recipient.muted(message.room_id, now=now) and not naming:
+        return SkipReason.MUTED
+    level = recipient.level(message.room_id, Channel.PUSH)
+    if level is Level.NONE:
+        return SkipReason.PUSH_DISABLED
+    if level is Level.MENTIONS and message.trigger is Trigger.MESSAGE:
+        return SkipReason.LEVEL_MENTIONS
+    return None
 
 
 def digest_notification_id(digest_id: uuid.UUID, recipient_id: uuid.UUID) -> uuid.UUID:

@@ -22,10 +22,10 @@ class Settings(ServiceSettings):
     # E-mail waits until a user has had no real-time stream open for this many seconds
     # (`EMAIL_AFTER_OFFLINE_SECONDS`): they are reading, or just were.
     email_after_offline_seconds: float = Field(default=60.0, ge=0, le=86400)
-    # The schedule of e-mail that waits: how often a router looks for digests whose window
-    # ended (`DIGEST_POLL_INTERVAL`, seconds), and how many it takes at once.
-    digest_poll_interval: float = Field(default=1.0, gt=0, le=60)
-    digest_batch_size: int = Field(default=100, ge=1, le=1000)
+    # The schedule of what waits: how often a router looks for windows that ended
+    # (`SCHEDULE_POLL_INTERVAL`, seconds), and how many it takes at once.
+    schedule_poll_interval: float = Field(default=1.0, gt=0, le=60)
+    schedule_batch_size: int = Field(default=100, ge=1, le=1000)
     # `EMAIL_DELAY_SCALE`: multiplies every user's e-mail delay. For demos and tests that cannot
     # wait two minutes; leave it at 1 in production.
     email_delay_scale: float = Field(default=1.0, gt=0, le=1)

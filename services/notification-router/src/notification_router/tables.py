@@ -71,6 +71,11 @@ recipients = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
     # Seconds e-mail waits, gathering one digest (revision 0007; 0 in rows projected before).
     Column("email_delay", Integer, nullable=False, server_default="0"),
+    # Quiet hours ({"start", "end", "time_zone"}), Do Not Disturb and the users whose direct
+    # messages break through them (revision 0007; NULL: none).
+    Column("quiet_hours", JSON, nullable=True),
+    Column("snoozed_until", DateTime(timezone=True), nullable=True),
+    Column("breakthrough_user_ids", JSON, nullable=True),
 )
 
 notifications = Table(
@@ -153,20 +158,24 @@ waiting_windows = Table(
     metadata,
     Column("window_id", Uuid, primary_key=True),
     Column("user_id", Uuid, nullable=False),
+    # email: a digest after the user's delay; push: what waits for quiet hours or a snooze.
+    Column("channel", String(16), nullable=False),
     Column("opened_at", DateTime(timezone=True), nullable=False),
     Column("due_at", DateTime(timezone=True), nullable=False),
-    # waiting → sending (its e-mail composed, being published) → sent; or waiting → cancelled
+    # waiting → sending (its jobs composed, being published) → sent; or waiting → cancelled
     # (nothing left to tell).
     Column("state", String(16), nullable=False),
     # When it left `waiting`; for one `sending`, when its publication was last tried.
     Column("closed_at", DateTime(timezone=True), nullable=True),
-    # The digest e-mail (an EmailRequested), kept from `sending` on so a retry sends the same.
-    Column("job", JSON, nullable=True),
-    # Messages listed or counted in the e-mail.
+    # Its jobs (EmailRequested / PushRequested), kept from `sending` on so a retry sends the
+    # same.
+    Column("jobs", JSON, nullable=True),
+    # Messages told of.
     Column("size", Integer, nullable=True),
     Index(
-        "uq_waiting_windows_user_id_waiting",
+        "uq_waiting_windows_user_id_channel_waiting",
         "user_id",
+        "channel",
         unique=True,
         postgresql_where=text(f"state = '{WINDOW_WAITING}'"),
         sqlite_where=text(f"state = '{WINDOW_WAITING}'"),
@@ -179,13 +188,14 @@ window_entries = Table(
     metadata,
     Column("message_id", Uuid, nullable=False),
     Column("recipient_id", Uuid, nullable=False),
+    Column("channel", String(16), nullable=False),
     Column("window_id", Uuid, nullable=False),
     Column("room_id", Uuid, nullable=False),
-    # The e-mail as decided (an EmailRequested), which the digest lists.
+    # What was decided: the e-mail (an EmailRequested) or the pushes (routing.HeldPushes).
     Column("job", JSON, nullable=False),
     # waiting, sent, or cancelled:<reason> (routing.SkipReason).
     Column("state", String(32), nullable=False),
-    PrimaryKeyConstraint("message_id", "recipient_id"),
+    PrimaryKeyConstraint("message_id", "recipient_id", "channel"),
     ForeignKeyConstraint(
         ["message_id", "recipient_id"],
         ["notifications.message_id", "notifications.recipient_id"],

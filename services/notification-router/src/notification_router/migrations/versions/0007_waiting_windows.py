@@ -1,5 +1,6 @@
-"""The durable schedule of e-mail that waits: digests (one waiting per user) and their entries;
-the recipients' email_delay.
+"""The durable schedule of what waits: windows (one waiting per user and channel: an e-mail
+digest, or pushes held for quiet hours) and their entries; the recipients' email_delay, quiet
+hours, snooze and breakthrough users.
 
 Revision ID: 0007
 Revises: 0006
@@ -23,23 +24,28 @@ def upgrade() -> None:
     with op.batch_alter_table("recipients") as batch:
         # Rows projected before: their e-mail went out at once.
         batch.add_column(sa.Column("email_delay", sa.Integer(), nullable=False, server_default="0"))
+        # {"start", "end", "time_zone"} or NULL.
+        batch.add_column(sa.Column("quiet_hours", sa.JSON(), nullable=True))
+        batch.add_column(sa.Column("snoozed_until", sa.DateTime(timezone=True), nullable=True))
+        batch.add_column(sa.Column("breakthrough_user_ids", sa.JSON(), nullable=True))
     op.create_table(
         "waiting_windows",
         sa.Column("window_id", sa.Uuid(), nullable=False),
         sa.Column("user_id", sa.Uuid(), nullable=False),
+        sa.Column("channel", sa.String(16), nullable=False),
         sa.Column("opened_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("due_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("state", sa.String(16), nullable=False),
         sa.Column("closed_at", sa.DateTime(timezone=True), nullable=True),
-        sa.Column("job", sa.JSON(), nullable=True),
+        sa.Column("jobs", sa.JSON(), nullable=True),
         sa.Column("size", sa.Integer(), nullable=True),
         sa.PrimaryKeyConstraint("window_id", name="pk_waiting_windows"),
     )
     waiting = sa.text("state = 'waiting'")
     op.create_index(
-        "uq_waiting_windows_user_id_waiting",
+        "uq_waiting_windows_user_id_channel_waiting",
         "waiting_windows",
-        ["user_id"],
+        ["user_id", "channel"],
         unique=True,
         postgresql_where=waiting,
         sqlite_where=waiting,
@@ -49,11 +55,12 @@ def upgrade() -> None:
         "window_entries",
         sa.Column("message_id", sa.Uuid(), nullable=False),
         sa.Column("recipient_id", sa.Uuid(), nullable=False),
+        sa.Column("channel", sa.String(16), nullable=False),
         sa.Column("window_id", sa.Uuid(), nullable=False),
         sa.Column("room_id", sa.Uuid(), nullable=False),
         sa.Column("job", sa.JSON(), nullable=False),
         sa.Column("state", sa.String(32), nullable=False),
-        sa.PrimaryKeyConstraint("message_id", "recipient_id", name="pk_window_entries"),
+        sa.PrimaryKeyConstraint("message_id", "recipient_id", "channel", name="pk_window_entries"),
         sa.ForeignKeyConstraint(
             ["message_id", "recipient_id"],
             ["notifications.message_id", "notifications.recipient_id"],
@@ -81,4 +88,5 @@ def downgrade() -> None:
     op.drop_table("window_entries")
     op.drop_table("waiting_windows")
     with op.batch_alter_table("recipients") as batch:
-        batch.drop_column("email_delay")
+        for column in ("breakthrough_user_ids", "snoozed_until", "quiet_hours", "email_delay"):
+            batch.drop_column(column)

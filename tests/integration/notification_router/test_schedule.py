@@ -1,6 +1,7 @@
-"""E-mail that waits, on the machine's real PostgreSQL and RabbitMQ: one digest per window,
-read markers that cancel, several dispatchers that never send a digest twice, and a dispatcher
-that stopped between composing and publishing."""
+"""What waits, on the machine's real PostgreSQL and RabbitMQ: one e-mail digest per window,
+read markers that cancel, several dispatchers that never send a window twice, a dispatcher that
+stopped between composing and publishing; pushes held by Do Not Disturb, summed up per room when
+it ends."""
 
 from __future__ import annotations
 
@@ -15,13 +16,25 @@ from faststream import TestApp
 from sqlalchemy import Table, func, select, text
 
 from herald_shared.broker import RabbitSettings
-from herald_shared.events import EmailRequested, RoomRead, utc_now
-from notification_router import repository, routing
+from herald_shared.events import (
+    Channel,
+    EmailRequested,
+    PushRequested,
+    RoomRead,
+    notification_id_for,
+    utc_now,
+)
+from notification_router import repository, schedule
 from notification_router.app import RouterService, build_service
-from notification_router.digests import DigestDispatcher
+from notification_router.schedule import WindowDispatcher
 from notification_router.settings import Settings
 from notification_router.tables import notification_deliveries, waiting_windows, window_entries
-from tests.integration.notification_router.test_router import email_jobs, projected, publish
+from tests.integration.notification_router.test_router import (
+    email_jobs,
+    projected,
+    publish,
+    push_jobs,
+)
 from tests.support.infra import wait_until
 from tests.support.router_factories import message_created, user_updated
 
@@ -37,14 +50,14 @@ async def service(pg_url: str, rabbit_url: str) -> AsyncIterator[RouterService]:
         email_delay_scale=DELAY_SCALE,
         # The service's own dispatcher makes one pass at start-up, then waits a minute: the
         # tests run their passes themselves, when they choose.
-        digest_poll_interval=60,
+        schedule_poll_interval=60,
     )
     service = build_service(settings)
     async with TestApp(service.app):
         yield service
 
 
-def dispatcher(service: RouterService, **overrides: object) -> DigestDispatcher:
+def dispatcher(service: RouterService, **overrides: object) -> WindowDispatcher:
     options: dict[str, object] = {
         "engine": service.engine,
         "publishers": service.deps.publishers,
@@ -53,7 +66,7 @@ def dispatcher(service: RouterService, **overrides: object) -> DigestDispatcher:
         "interval": 60.0,
         "batch_size": 100,
     } | overrides
-    return DigestDispatcher(**options)  # type: ignore[arg-type]
+    return WindowDispatcher(**options)  # type: ignore[arg-type]
 
 
 async def count(service: RouterService, table: Table, **where: object) -> int:
@@ -72,7 +85,7 @@ def entries_recorded(service: RouterService, expected: int) -> Callable[[], Awai
 
 
 async def dispatch_until_sent(
-    service: RouterService, digests: DigestDispatcher, expected: int
+    service: RouterService, digests: WindowDispatcher, expected: int
 ) -> None:
     """Passes until `expected` digests left `waiting` (their windows end within a second)."""
 
@@ -237,20 +250,18 @@ async def test_a_digest_left_sending_by_a_stopped_dispatcher_is_published_again_
     await wait_until(entries_recorded(service, 1))
 
     # A dispatcher composes and commits, then dies before publishing.
-    composed: list[EmailRequested] = []
+    composed: list[PushRequested | EmailRequested] = []
 
     async def closed_without_publishing() -> bool:
         now = utc_now()
-        closed = await repository.close_due_digests(
+        closed = await repository.close_due_windows(
             service.engine,
             now=now,
             limit=10,
             resend_after=timedelta(minutes=1),
-            compose=lambda window_id, recipient, waiting, read: routing.compose_digest(
-                window_id, recipient, waiting, read_markers=read, now=now
-            ),
+            compose=functools.partial(schedule.compose, now=now),
         )
-        composed.extend(digest.job for digest in closed if digest.job is not None)
+        composed.extend(job for window in closed for job in window.jobs)
         return bool(composed)
 
     await wait_until(closed_without_publishing)
@@ -263,10 +274,14 @@ async def test_a_digest_left_sending_by_a_stopped_dispatcher_is_published_again_
 
     jobs = await email_jobs(rabbit_url)
     assert [job.notification_id for job in jobs] == [composed[0].notification_id]
+    assert isinstance(composed[0], EmailRequested)
     assert jobs[0].digest == composed[0].digest
     assert await count(service, waiting_windows, state="sent") == 1
     assert (
-        service.registry.get_sample_value("herald_router_digests_total", {"outcome": "resent"}) == 1
+        service.registry.get_sample_value(
+            "herald_router_windows_total", {"channel": "email", "outcome": "resent"}
+        )
+        == 1
     )
 
 
@@ -324,3 +339,59 @@ async def test_a_message_arriving_while_its_window_is_being_closed_opens_the_nex
     assert digest_of[first.message_id] == held_id
     assert digest_of[second.message_id] != held_id
     assert await count(service, waiting_windows, state="waiting") == 1
+
+
+async def test_pushes_held_by_a_snooze_come_as_one_summary_per_room_when_it_ends(
+    service: RouterService, rabbit_url: str
+) -> None:
+    # Long enough for the four messages to be routed while it lasts, even on a loaded machine.
+    snooze_ends = utc_now() + timedelta(seconds=5)
+    bob = user_updated(display_name="Bob", devices=1, snoozed_until=snooze_ends)
+    await publish(service, bob)
+    await wait_until(projected(service))
+    general, random = uuid.uuid4(), uuid.uuid4()
+    in_general = [
+        message_created(
+            recipient_ids=[bob.user_id],
+            room_id=general,
+            room_name="general",
+            timestamp=utc_now() + timedelta(milliseconds=index),
+        )
+        for index in range(3)
+    ]
+    in_random = message_created(recipient_ids=[bob.user_id], room_id=random, room_name="random")
+    for message in [*in_general, in_random]:
+        await publish(service, message)
+    await wait_until(entries_recorded(service, 4))
+    assert utc_now() < snooze_ends, "the messages came after the snooze; make it longer"
+    assert await push_jobs(rabbit_url) == []  # held
+    assert len(await email_jobs(rabbit_url)) == 4  # e-mail does not wait for a snooze
+
+    digests = dispatcher(service)
+
+    async def summed_up() -> bool:
+        await digests.dispatch_once()
+        return await count(service, waiting_windows, state="sent") == 1
+
+    await wait_until(summed_up, timeout=15)
+
+    assert utc_now() >= snooze_ends
+    by_room = {job.room_id: job for job in await push_jobs(rabbit_url)}
+    assert sorted(by_room) == sorted([general, random])
+    # Three messages in #general: one summary; #random's one message: its own push, as held.
+    assert (by_room[general].title, by_room[general].body) == (
+        "#general",
+        "3 new messages in #general",
+    )
+    assert by_room[general].message_id == in_general[-1].message_id
+    assert (by_room[random].title, by_room[random].body) == (
+        "John Doe in random",
+        "Hello everyone! 👋",
+    )
+    assert by_room[random].notification_id == notification_id_for(
+        message_id=in_random.message_id,
+        recipient_id=bob.user_id,
+        channel=Channel.PUSH,
+        target=str(bob.devices[0].device_id),
+    )
+    assert await count(service, window_entries, state="sent") == 4
