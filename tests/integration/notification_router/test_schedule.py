@@ -395,3 +395,32 @@ async def test_pushes_held_by_a_snooze_come_as_one_summary_per_room_when_it_ends
         target=str(bob.devices[0].device_id),
     )
     assert await count(service, window_entries, state="sent") == 4
+
+
+async def test_a_snooze_turned_off_early_releases_what_it_held(
+    service: RouterService, rabbit_url: str
+) -> None:
+    bob = user_updated(display_name="Bob", devices=1, snoozed_until=utc_now() + timedelta(hours=1))
+    await publish(service, bob)
+    await wait_until(projected(service))
+    await publish(service, message_created(recipient_ids=[bob.user_id], timestamp=utc_now()))
+    await wait_until(entries_recorded(service, 1))
+    digests = dispatcher(service)
+    await digests.dispatch_once()
+    assert await push_jobs(rabbit_url) == []  # still snoozed for an hour
+
+    awake = bob.model_copy(
+        update={
+            "version": 2,
+            "preferences": bob.preferences.model_copy(update={"snoozed_until": None}),
+        }
+    )
+    await publish(service, awake)
+    await wait_until(projected(service, 2))
+
+    async def released() -> bool:
+        await digests.dispatch_once()
+        return await count(service, waiting_windows, state="sent") == 1
+
+    await wait_until(released)
+    assert len(await push_jobs(rabbit_url)) == 1

@@ -869,6 +869,24 @@ def _window_delivery_row(job: PushRequested | EmailRequested, now: datetime) -> 
     return row | {"target": "digest"} if isinstance(job, EmailRequested) else row
 
 
+async def bring_push_window_forward(
+    engine: AsyncEngine, user_id: uuid.UUID, *, due_at: datetime
+) -> None:
+    """The user's waiting push window is due at `due_at` if that is sooner (never later: a
+    window only waits as long as the quiet it was opened for)."""
+    async with autocommit(engine) as connection:
+        await connection.execute(
+            update(waiting_windows)
+            .where(
+                _windows.user_id == user_id,
+                _windows.channel == str(EventChannel.PUSH),
+                _windows.state == WINDOW_WAITING,
+                _windows.due_at > due_at,
+            )
+            .values(due_at=due_at)
+        )
+
+
 async def mark_windows_sent(engine: AsyncEngine, window_ids: Collection[uuid.UUID]) -> None:
     """The jobs of these windows were published (the broker confirmed them)."""
     if not window_ids:

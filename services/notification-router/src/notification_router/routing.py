@@ -175,11 +175,13 @@ def quiet_until(recipient: Recipient, event: Notifiable, *, now: datetime) -> da
         and event.sender_id in recipient.breakthrough_user_ids
     ):
         return None
-    ends = (
-        [recipient.snoozed_until]
-        if recipient.snoozed_until and recipient.snoozed_until > now
-        else []
-    )
+    return quiet_end(recipient, now=now)
+
+
+def quiet_end(recipient: Recipient, *, now: datetime) -> datetime | None:
+    """When the quiet hours or the snooze that hold now end (the later if both), or None."""
+    snoozed = recipient.snoozed_until
+    ends = [snoozed] if snoozed is not None and snoozed > now else []
     if recipient.quiet_hours is not None and (end := recipient.quiet_hours.end_after(now)):
         ends.append(end)
     return max(ends, default=None)
