@@ -155,6 +155,34 @@ Notifiable = MessageCreated | InvitationCreated
 AnyNotifiable = Annotated[Notifiable, Field(discriminator="type")]
 
 
+class MessageEdited(Event):
+    """Its author changed a message's text (`message.updated`). What still waits to tell of it
+    tells the new text; what was sent stays sent."""
+
+    type: Literal["message_edited"] = "message_edited"
+    message_id: uuid.UUID
+    room_id: uuid.UUID
+    sender_id: uuid.UUID
+    message_content: str = Field(max_length=MAX_MESSAGE_CONTENT)
+    edited_at: AwareDatetime
+
+
+class MessageDeleted(Event):
+    """Its author deleted a message (`message.deleted`): what still waits to tell of it is
+    cancelled."""
+
+    type: Literal["message_deleted"] = "message_deleted"
+    message_id: uuid.UUID
+    room_id: uuid.UUID
+    sender_id: uuid.UUID
+    deleted_at: AwareDatetime
+
+
+# What the router's message-changes queue carries.
+MessageChanged = MessageEdited | MessageDeleted
+AnyMessageChange = Annotated[MessageChanged, Field(discriminator="type")]
+
+
 class RoomRead(Event):
     """A user read a room up to a message (`room.read`), on some device: a marker that only moves
     forward (message-service ignores an older one). Whatever of the room was created up to
@@ -550,6 +578,8 @@ class DeviceInvalidated(Event):
 
 AnyEvent = Annotated[
     MessageCreated
+    | MessageEdited
+    | MessageDeleted
     | InvitationCreated
     | PresenceChanged
     | RoomRead
@@ -604,6 +634,8 @@ EVENT_ADAPTER: TypeAdapter[AnyEvent] = TypeAdapter(AnyEvent)
 
 EVENT_MODELS: tuple[type[Event], ...] = (
     MessageCreated,
+    MessageEdited,
+    MessageDeleted,
     InvitationCreated,
     PresenceChanged,
     RoomRead,

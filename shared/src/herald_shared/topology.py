@@ -42,6 +42,8 @@ from herald_shared.events import (
     Event,
     InvitationCreated,
     MessageCreated,
+    MessageDeleted,
+    MessageEdited,
     PresenceChanged,
     PushBatchRequested,
     PushJobsRequested,
@@ -74,6 +76,9 @@ REPORT_RETRY = "notification.report.retry"
 ROOM_INVITATION_CREATED = "room.invitation.created"
 PRESENCE_CHANGED = "presence.changed"
 PRESENCE_RETRY = "presence.changed.retry"
+MESSAGE_UPDATED = "message.updated"
+MESSAGE_DELETED = "message.deleted"
+MESSAGE_CHANGED_RETRY = "message.changed.retry"
 ROOM_READ = "room.read"
 ROOM_READ_RETRY = "room.read.retry"
 USER_UPDATED = "user.updated"
@@ -157,6 +162,9 @@ MESSAGE_NOTIFICATIONS = ConsumerQueue(
 RECIPIENT_UPDATES = ConsumerQueue("recipient_updates", (USER_UPDATED,), USER_RETRY)
 PRESENCE_UPDATES = ConsumerQueue("presence_updates", (PRESENCE_CHANGED,), PRESENCE_RETRY)
 READ_MARKERS = ConsumerQueue("read_markers", (ROOM_READ,), ROOM_READ_RETRY)
+MESSAGE_CHANGES = ConsumerQueue(
+    "message_changes", (MESSAGE_UPDATED, MESSAGE_DELETED), MESSAGE_CHANGED_RETRY
+)
 DELIVERY_REPORTS = ConsumerQueue(
     "delivery_reports",
     (PUSH_DELIVERED, PUSH_FAILED, EMAIL_DELIVERED, EMAIL_FAILED),
@@ -179,6 +187,7 @@ CONSUMER_QUEUES: tuple[ConsumerQueue, ...] = (
     RECIPIENT_UPDATES,
     PRESENCE_UPDATES,
     READ_MARKERS,
+    MESSAGE_CHANGES,
     DELIVERY_REPORTS,
     PUSH_NOTIFICATIONS,
     PUSH_NOTIFICATIONS_URGENT,
@@ -212,6 +221,10 @@ def routing_key_for(event: Event) -> str:
             return PRESENCE_CHANGED
         case RoomRead():
             return ROOM_READ
+        case MessageEdited():
+            return MESSAGE_UPDATED
+        case MessageDeleted():
+            return MESSAGE_DELETED
         case UserUpdated():
             return USER_UPDATED
         case PushJobsRequested(urgent=True):

@@ -19,6 +19,8 @@ from herald_shared.broker import RabbitSettings
 from herald_shared.events import (
     Channel,
     EmailRequested,
+    MessageDeleted,
+    MessageEdited,
     PushRequested,
     RoomRead,
     notification_id_for,
@@ -28,7 +30,12 @@ from notification_router import repository, schedule
 from notification_router.app import RouterService, build_service
 from notification_router.schedule import WindowDispatcher
 from notification_router.settings import Settings
-from notification_router.tables import notification_deliveries, waiting_windows, window_entries
+from notification_router.tables import (
+    message_changes,
+    notification_deliveries,
+    waiting_windows,
+    window_entries,
+)
 from tests.integration.notification_router.test_router import (
     email_jobs,
     projected,
@@ -424,3 +431,70 @@ async def test_a_snooze_turned_off_early_releases_what_it_held(
 
     await wait_until(released)
     assert len(await push_jobs(rabbit_url)) == 1
+
+
+async def test_edits_and_deletions_reach_what_still_waits(
+    service: RouterService, rabbit_url: str
+) -> None:
+    bob = user_updated(display_name="Bob", devices=0, email_delay=120)
+    await publish(service, bob)
+    await wait_until(projected(service))
+    sent_at = utc_now()
+    typo, oops, fine = (
+        message_created(
+            recipient_ids=[bob.user_id], content=text, timestamp=sent_at + timedelta(seconds=i)
+        )
+        for i, text in enumerate(["teh typo", "oops, wrong room", "all fine"])
+    )
+    for message in (typo, oops, fine):
+        await publish(service, message)
+    await wait_until(entries_recorded(service, 3))
+
+    changes = [
+        MessageEdited(
+            message_id=typo.message_id,
+            room_id=typo.room_id,
+            sender_id=typo.sender_id,
+            message_content="the typo, fixed",
+            edited_at=sent_at + timedelta(seconds=5),
+        ),
+        # An older edit arriving late changes nothing.
+        MessageEdited(
+            message_id=typo.message_id,
+            room_id=typo.room_id,
+            sender_id=typo.sender_id,
+            message_content="an older edit",
+            edited_at=sent_at + timedelta(seconds=4),
+        ),
+        MessageDeleted(
+            message_id=oops.message_id,
+            room_id=oops.room_id,
+            sender_id=oops.sender_id,
+            deleted_at=sent_at + timedelta(seconds=6),
+        ),
+    ]
+    for change in changes:
+        await publish(service, change)
+
+    async def deletion_applied() -> bool:
+        return await count(service, window_entries, state="cancelled:deleted") == 1
+
+    await wait_until(deletion_applied)
+
+    async def edits_applied() -> bool:
+        async with service.engine.connect() as connection:
+            content = await connection.scalar(
+                select(message_changes.c.content).where(
+                    message_changes.c.message_id == typo.message_id
+                )
+            )
+        return content == "the typo, fixed"
+
+    await wait_until(edits_applied)
+    await dispatch_until_sent(service, dispatcher(service), expected=1)
+
+    (job,) = await email_jobs(rabbit_url)
+    assert [(entry.message_id, entry.message_content) for entry in job.digest] == [
+        (typo.message_id, "the typo, fixed"),
+        (fine.message_id, "all fine"),
+    ]

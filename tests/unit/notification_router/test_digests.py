@@ -22,6 +22,7 @@ from herald_shared.events import (
 from notification_router.routing import (
     PENDING,
     WAITING,
+    MessageChange,
     SkipReason,
     WindowPlan,
     compose_digest,
@@ -250,3 +251,33 @@ def test_a_digests_delivery_report_is_told_from_a_single_emails() -> None:
         message_id=waiting.message_id, recipient_id=bob.user_id, channel=Channel.PUSH, target="x"
     )
     assert not is_digest_report(report(push_id, Channel.PUSH))
+
+
+def test_a_deleted_message_is_left_out_and_an_edited_one_tells_its_latest_text() -> None:
+    bob = recipient(email_delay=120)
+    deleted = waiting_email(bob.user_id, seconds=1, content="oops")
+    edited = waiting_email(bob.user_id, seconds=2, content="teh typo")
+    kept = waiting_email(bob.user_id, seconds=3, content="as it was")
+    changes = {
+        deleted.message_id: MessageChange(deleted=True),
+        edited.message_id: MessageChange(content="the typo, fixed"),
+    }
+
+    plan = compose_digest(
+        uuid.uuid4(), bob, [deleted, edited, kept], read_markers={}, now=NOW, changes=changes
+    )
+    all_deleted = compose_digest(
+        uuid.uuid4(),
+        bob,
+        [deleted],
+        read_markers={},
+        now=NOW,
+        changes={deleted.message_id: MessageChange(deleted=True)},
+    )
+
+    assert [entry.message_content for entry in digest(plan).digest] == [
+        "the typo, fixed",
+        "as it was",
+    ]
+    assert plan.cancelled == {deleted.message_id: SkipReason.DELETED}
+    assert all_deleted.jobs == ()

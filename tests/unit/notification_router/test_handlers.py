@@ -835,6 +835,7 @@ def test_specification_documents_the_queues_and_the_jobs() -> None:
         "recipient_updates:consume",
         "presence_updates:consume",
         "read_markers:consume",
+        "message_changes:consume",
         "delivery_reports:consume",
         "notification.push.send:publish",
         "notification.email.send:publish",

@@ -21,6 +21,7 @@ from notification_router.routing import (
     PENDING,
     WAITING,
     HeldPushes,
+    MessageChange,
     QuietHours,
     Recipient,
     RoomSettings,
@@ -264,3 +265,32 @@ def test_a_lone_held_push_whose_device_is_gone_is_left_out() -> None:
     assert plan.jobs == ()
     assert plan.cancelled == {message.message_id: SkipReason.NO_DEVICE}
     assert plan.sent == ()
+
+
+def test_held_pushes_of_a_deleted_message_are_not_sent_an_edited_one_says_the_new_text() -> None:
+    bob = recipient(devices=1)
+    hidden = replace(bob, push_preview=False)
+    deleted = held(bob, minute=1)
+    edited = held(bob, room_id=OTHER, room_name="random", minute=2)
+    changes = {
+        deleted.message_id: MessageChange(deleted=True),
+        edited.message_id: MessageChange(content="fixed  text\nfor all"),
+    }
+
+    plan = compose_push_summaries(
+        uuid.uuid4(), bob, [deleted, edited], read_markers={}, now=MORNING, changes=changes
+    )
+    hidden_edit = held(hidden, room_id=OTHER, room_name="random", minute=2)
+    private = compose_push_summaries(
+        uuid.uuid4(),
+        hidden,
+        [hidden_edit],
+        read_markers={},
+        now=MORNING,
+        changes={hidden_edit.message_id: MessageChange(content="fixed text")},
+    )
+
+    assert [job.body for job in pushes(plan)] == ["fixed text for all"]
+    assert plan.cancelled == {deleted.message_id: SkipReason.DELETED}
+    # Without previews a push never shows text, edited or not.
+    assert [job.body for job in pushes(private)] == ["New message from Alice in #random"]

@@ -41,6 +41,8 @@ from herald_shared.database import database_healthy, make_engine, run_migrations
 from herald_shared.events import (
     InvitationCreated,
     MessageCreated,
+    MessageDeleted,
+    MessageEdited,
     PresenceChanged,
     RoomRead,
     UserUpdated,
@@ -50,7 +52,9 @@ from herald_shared.ops import broker_healthy, consumers_ready, service_version
 from herald_shared.publishing import event_publisher, publish_event
 from herald_shared.retry import describe_error
 from herald_shared.topology import (
+    MESSAGE_DELETED,
     MESSAGE_NEW,
+    MESSAGE_UPDATED,
     PRESENCE_CHANGED,
     ROOM_INVITATION_CREATED,
     ROOM_READ,
@@ -157,6 +161,21 @@ def _broker(
                 "A user read a room up to a message, on some device (a marker that only moves "
                 "forward): nothing up to there needs telling them any more."
             ),
+        ),
+        "message_edited": event_publisher(
+            broker,
+            MessageEdited,
+            MESSAGE_UPDATED,
+            description=(
+                "Its author changed a message's text: what still waits to tell of it tells the "
+                "new one."
+            ),
+        ),
+        "message_deleted": event_publisher(
+            broker,
+            MessageDeleted,
+            MESSAGE_DELETED,
+            description="Its author deleted a message: what still waits to tell of it is not sent.",
         ),
         "user_updated": event_publisher(
             broker,

@@ -25,9 +25,11 @@ from herald_shared.batching import MicroBatcher
 from herald_shared.config import BatchSettings
 from herald_shared.events import (
     AnyDeliveryReport,
+    AnyMessageChange,
     AnyNotifiable,
     DeliveryOutcome,
     DeliveryReported,
+    MessageChanged,
     MessageCreated,
     Notifiable,
     PresenceChanged,
@@ -42,6 +44,7 @@ from herald_shared.retry import RetryableError
 from herald_shared.topology import (
     DELIVERY_REPORTS,
     EXCHANGE,
+    MESSAGE_CHANGES,
     MESSAGE_NOTIFICATIONS,
     PRESENCE_UPDATES,
     READ_MARKERS,
@@ -104,6 +107,7 @@ class Subscribers:
     user_updated: RabbitSubscriber
     presence_changed: RabbitSubscriber
     room_read: RabbitSubscriber
+    message_changed: RabbitSubscriber
     delivery_reported: RabbitSubscriber
 
 
@@ -217,6 +221,16 @@ async def project_presence(event: PresenceChanged, deps: RouterDeps) -> None:
         "router.presence.applied connections=%d rooms=%d",
         len(event.connections),
         len(event.rooms),
+    )
+
+
+async def apply_message_change(event: MessageChanged, deps: RouterDeps) -> None:
+    changed = await repository.apply_message_change(deps.engine, event)
+    logger.debug(
+        "router.message_change.%s type=%s message_id=%s",
+        "applied" if changed else "stale_ignored",
+        event.type,
+        event.message_id,
     )
 
 
@@ -334,6 +348,15 @@ def register_handlers(broker: RabbitBroker, deps: RouterDeps, batch: BatchSettin
             "message already read notifies nobody."
         ),
     )
+    message_changed = broker.subscriber(
+        MESSAGE_CHANGES.queue,
+        EXCHANGE,
+        title=f"{MESSAGE_CHANGES.name}:consume",
+        description=(
+            "Edits and deletions of messages: what still waits to tell of a message tells its "
+            "latest text, or nothing once it is deleted."
+        ),
+    )
     delivery_reported = broker.subscriber(
         DELIVERY_REPORTS.queue,
         EXCHANGE,
@@ -382,10 +405,19 @@ def register_handlers(broker: RabbitBroker, deps: RouterDeps, batch: BatchSettin
     async def on_room_read(event: RoomRead) -> None:
         await project_read_marker(event, deps)
 
+    @message_changed
+    async def on_message_changed(event: AnyMessageChange) -> None:
+        await apply_message_change(event, deps)
+
     @delivery_reported
     async def on_delivery_reported(event: AnyDeliveryReport) -> None:
         await reports.submit(event)
 
     return Subscribers(
-        message_created, user_updated, presence_changed, room_read, delivery_reported
+        message_created,
+        user_updated,
+        presence_changed,
+        room_read,
+        message_changed,
+        delivery_reported,
     )

@@ -28,6 +28,9 @@ from herald_shared.events import (
     DeviceSnapshot,
     EmailRequested,
     Level,
+    MessageChanged,
+    MessageDeleted,
+    MessageEdited,
     Notifiable,
     Platform,
     PreferencesSnapshot,
@@ -41,11 +44,13 @@ from herald_shared.events import (
 from notification_router.routing import (
     DeliveryStatus,
     Device,
+    MessageChange,
     Presence,
     QuietHours,
     Recipient,
     RecipientDecision,
     RoomSettings,
+    SkipReason,
     WindowPlan,
     digest_notification_id,
     room_settings_of,
@@ -53,6 +58,7 @@ from notification_router.routing import (
 )
 from notification_router.tables import (
     WINDOW_WAITING,
+    message_changes,
     notification_deliveries,
     notifications,
     presence_connections,
@@ -725,9 +731,17 @@ class ClosedWindow:
 
 
 # (window id, channel, the recipient as projected now, the entries' content as recorded, the
-# recipient's read markers by room) → what the window sends.
+# recipient's read markers by room, the entries' messages' edits and deletions) → what the
+# window sends.
 Compose = Callable[
-    [uuid.UUID, str, Recipient | None, Sequence[Any], Mapping[uuid.UUID, datetime]],
+    [
+        uuid.UUID,
+        str,
+        Recipient | None,
+        Sequence[Any],
+        Mapping[uuid.UUID, datetime],
+        Mapping[uuid.UUID, MessageChange],
+    ],
     WindowPlan,
 ]
 
@@ -798,6 +812,11 @@ async def _close(
     waiting: defaultdict[uuid.UUID, list[Any]] = defaultdict(list)
     for row in entries:
         waiting[row.window_id].append(row.job)
+    message_ids = [uuid.UUID(entry["message_id"]) for jobs in waiting.values() for entry in jobs]
+    changes = {
+        row.message_id: MessageChange(content=row.content, deleted=row.deleted_at is not None)
+        for row in await connection.execute(_CHANGES_OF, {"ids": message_ids})
+    }
     users = list({row.user_id for row in due})
     recipients_now = {
         row.user_id: _recipient(row._mapping)
@@ -820,6 +839,7 @@ async def _close(
             recipients_now.get(row.user_id),
             waiting[row.window_id],
             markers[row.user_id],
+            changes,
         )
         cancelled = {
             message_id: f"cancelled:{reason}" for message_id, reason in plan.cancelled.items()
@@ -867,6 +887,51 @@ def _window_delivery_row(job: PushRequested | EmailRequested, now: datetime) -> 
     # A digest is told from the message's own e-mail by its target (a push by its device).
     row = _delivery_row(job, now)
     return row | {"target": "digest"} if isinstance(job, EmailRequested) else row
+
+
+_CHANGES_OF = select(
+    message_changes.c.message_id, message_changes.c.content, message_changes.c.deleted_at
+).where(_ids(message_changes.c.message_id))
+
+
+async def apply_message_change(engine: AsyncEngine, event: MessageChanged) -> bool:
+    """Record an edit (only a later one replaces the text) or a deletion (final), and cancel
+    at once what waits of a deleted message; whether anything changed."""
+    changes = message_changes.c
+    async with engine.begin() as connection:
+        upsert = _insert(connection, message_changes)
+        if isinstance(event, MessageEdited):
+            statement = upsert.values(
+                message_id=event.message_id,
+                room_id=event.room_id,
+                content=event.message_content,
+                edited_at=event.edited_at,
+            ).on_conflict_do_update(
+                index_elements=[changes.message_id],
+                set_={"content": upsert.excluded.content, "edited_at": upsert.excluded.edited_at},
+                where=or_(
+                    changes.edited_at.is_(None), changes.edited_at < upsert.excluded.edited_at
+                ),
+            )
+        else:
+            statement = upsert.values(
+                message_id=event.message_id, room_id=event.room_id, deleted_at=event.deleted_at
+            ).on_conflict_do_update(
+                index_elements=[changes.message_id],
+                set_={"deleted_at": upsert.excluded.deleted_at},
+                where=changes.deleted_at.is_(None),
+            )
+        changed = (await connection.execute(statement.returning(changes.message_id))).first()
+        if changed is not None and isinstance(event, MessageDeleted):
+            await connection.execute(
+                update(window_entries)
+                .where(
+                    _entries.message_id == event.message_id,
+                    _entries.state == WINDOW_WAITING,
+                )
+                .values(state=f"cancelled:{SkipReason.DELETED}")
+            )
+        return changed is not None
 
 
 async def bring_push_window_forward(

@@ -90,6 +90,7 @@ class SkipReason(StrEnum):
     ONLINE = "online"  # e-mail: the recipient has (or just had) a real-time stream open
     NO_DEVICE = "no_device"
     NO_EMAIL = "no_email"
+    DELETED = "deleted"  # waiting, its message was deleted
     # A waiting e-mail the digest left out: the room was read, or the recipient's e-mail
     # settings no longer want it (READ, MUTED, EMAIL_DISABLED, LEVEL_MENTIONS, NO_EMAIL).
 
@@ -574,6 +575,20 @@ def _email_job(
 
 
 @dataclass(frozen=True)
+class MessageChange:
+    """What became of a message since it was decided: its latest text, or its deletion."""
+
+    content: str | None = None
+    deleted: bool = False
+
+
+def _changed(job: EmailRequested, change: MessageChange | None) -> EmailRequested:
+    if change is None or change.content is None:
+        return job
+    return job.model_copy(update={"message_content": change.content})
+
+
+@dataclass(frozen=True)
 class WindowPlan:
     """What one ended window sends (nothing, when nothing is left to tell): for e-mail one
     digest, for pushes one per room and device; the messages told of, and those left out, with
@@ -591,19 +606,26 @@ def compose_digest(
     *,
     read_markers: Mapping[uuid.UUID, datetime],
     now: datetime,
+    changes: Mapping[uuid.UUID, MessageChange] | None = None,
 ) -> WindowPlan:
     """The digest of a window that ended: every waiting e-mail of it (as decided then) whose
-    message is still unread (`read_markers`: room → read up to) and that the recipient's
-    e-mail settings still want, oldest first; the first `MAX_DIGEST_ENTRIES` listed, the rest
-    counted. Sent to the address the recipient has now. Its notification id derives from the
-    window: composing it again (a crash before it was marked) gives the same e-mail, which the
+    message is still there (`changes`: deleted, or edited since: then with its latest text),
+    still unread (`read_markers`: room → read up to) and still wanted by the recipient's
+    e-mail settings, oldest first; the first `MAX_DIGEST_ENTRIES` listed, the rest counted.
+    Sent to the address the recipient has now. Its notification id derives from the window:
+    composing it again (a crash before it was marked) gives the same e-mail, which the
     e-mail-sender dedupes."""
     kept: list[EmailRequested] = []
     cancelled: dict[uuid.UUID, SkipReason] = {}
     for job in sorted(waiting, key=lambda job: (job.sent_at, str(job.message_id))):
-        reason = _left_out(job, recipient, read_up_to=read_markers.get(job.room_id), now=now)
+        change = (changes or {}).get(job.message_id)
+        reason = (
+            SkipReason.DELETED
+            if change is not None and change.deleted
+            else _left_out(job, recipient, read_up_to=read_markers.get(job.room_id), now=now)
+        )
         if reason is None:
-            kept.append(job)
+            kept.append(_changed(job, change))
         else:
             cancelled[job.message_id] = reason
     sent = tuple(job.message_id for job in kept)
@@ -645,18 +667,31 @@ def compose_push_summaries(
     read_markers: Mapping[uuid.UUID, datetime],
     now: datetime,
     limits: ContentLimits = DEFAULT_LIMITS,
+    changes: Mapping[uuid.UUID, MessageChange] | None = None,
 ) -> WindowPlan:
-    """The pushes of quiet hours (or a snooze) that ended: per room with something still unread
-    and still wanted, its one held message's own pushes, or for several one summary per device
-    ("12 new messages in #general"), which replaces the room's notification on the device. Its
-    notification id derives from the window, the room and the device: composed again, the same
-    pushes, which push-sender dedupes."""
+    """The pushes of quiet hours (or a snooze) that ended: per room with something still there,
+    unread and wanted, its one held message's own pushes (with its latest text, if edited and
+    previews are on), or for several one summary per device ("12 new messages in #general"),
+    which replaces the room's notification on the device. Its notification id derives from the
+    window, the room and the device: composed again, the same pushes, which push-sender
+    dedupes."""
     kept: dict[uuid.UUID, list[HeldPushes]] = {}
     cancelled: dict[uuid.UUID, SkipReason] = {}
     for message in sorted(held, key=lambda message: (message.sent_at, str(message.message_id))):
-        reason = _push_left_out(
-            message, recipient, read_up_to=read_markers.get(message.room_id), now=now
+        change = (changes or {}).get(message.message_id)
+        reason = (
+            SkipReason.DELETED
+            if change is not None and change.deleted
+            else _push_left_out(
+                message, recipient, read_up_to=read_markers.get(message.room_id), now=now
+            )
         )
+        new_text = change.content if change is not None else None
+        if new_text is not None and recipient is not None and recipient.push_preview:
+            body = truncate(one_line(new_text), limits.body_max_chars)
+            message = message.model_copy(
+                update={"jobs": [job.model_copy(update={"body": body}) for job in message.jobs]}
+            )
         if reason is None:
             kept.setdefault(message.room_id, []).append(message)
         else:

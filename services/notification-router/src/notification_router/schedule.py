@@ -46,6 +46,7 @@ def compose(
     recipient: routing.Recipient | None,
     entries: Sequence[Any],
     read_markers: Mapping[uuid.UUID, datetime],
+    changes: Mapping[uuid.UUID, routing.MessageChange],
     *,
     now: datetime,
     limits: routing.ContentLimits = routing.DEFAULT_LIMITS,
@@ -54,10 +55,18 @@ def compose(
     if channel == Channel.PUSH:
         held = [routing.HeldPushes.model_validate(entry) for entry in entries]
         return routing.compose_push_summaries(
-            window_id, recipient, held, read_markers=read_markers, now=now, limits=limits
+            window_id,
+            recipient,
+            held,
+            read_markers=read_markers,
+            now=now,
+            limits=limits,
+            changes=changes,
         )
     emails = [EmailRequested.model_validate(entry) for entry in entries]
-    return routing.compose_digest(window_id, recipient, emails, read_markers=read_markers, now=now)
+    return routing.compose_digest(
+        window_id, recipient, emails, read_markers=read_markers, now=now, changes=changes
+    )
 
 
 class WindowDispatcher:

@@ -7,9 +7,12 @@
   push device, one for the e-mail), keyed by the deterministic `notification_id`, with the
   status the delivery reports bring back.
 * `read_markers`: how far each user read each room, from `room.read`.
-* `waiting_windows` and `window_entries`: the durable schedule of e-mail that waits. A user has
-  at most one `waiting` digest (a partial unique index: "one digest per window" is a database
-  fact); each waiting e-mail is an entry of it, with the job as decided.
+* `waiting_windows` and `window_entries`: the durable schedule of what waits (e-mail for the
+  user's delay, pushes for their quiet hours). A user has at most one `waiting` window per
+  channel (a partial unique index: "one digest per window" is a database fact); each waiting
+  notification is an entry of it, with what was decided.
+* `message_changes`: edits and deletions, from `message.updated` / `message.deleted`, applied
+  to what still waits when its window ends.
 * `presence_connections` and `rooms_in_view`: the presence projection, from `presence.changed`:
   each real-time stream with the time it expires (or ended), and the room each user has in
   view.
@@ -210,4 +213,15 @@ window_entries = Table(
         postgresql_where=text(f"state = '{WINDOW_WAITING}'"),
         sqlite_where=text(f"state = '{WINDOW_WAITING}'"),
     ),
+)
+
+message_changes = Table(
+    "message_changes",
+    metadata,
+    Column("message_id", Uuid, primary_key=True),
+    Column("room_id", Uuid, nullable=False),
+    # The latest text (from the latest edit), and when it was written.
+    Column("content", Text, nullable=True),
+    Column("edited_at", DateTime(timezone=True), nullable=True),
+    Column("deleted_at", DateTime(timezone=True), nullable=True),
 )
