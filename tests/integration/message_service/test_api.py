@@ -7,13 +7,14 @@ import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
 from typing import Any
 
 import aio_pika
 import pytest
 from fastapi import FastAPI
 
-from herald_shared.events import DeviceInvalidated
+from herald_shared.events import DeviceInvalidated, utc_now
 from herald_shared.topology import DEVICE_INVALIDATED, EXCHANGE, RECIPIENT_UPDATES
 from message_service.app import create_app, service_of
 from tests.integration.message_service.helpers import drain, nothing_pending, settings_for
@@ -71,13 +72,29 @@ async def test_every_endpoint_on_postgres(app: FastAPI) -> None:
             "email_enabled": True,
             "push_preview": False,
             "muted_room_ids": [str(room)],
+            "quiet_hours": {"start": "22:00", "end": "07:00", "time_zone": "Europe/Paris"},
+            "breakthrough_user_ids": [str(bob.id)],
         }
         put = await client.put("/users/me/preferences", json=preferences, headers=carol.headers)
-        expected = {**preferences, "push": "none", "email": "mentions", "email_delay": 120}
+        expected = {
+            **preferences,
+            "push": "none",
+            "email": "mentions",
+            "email_delay": 120,
+            "snoozed_until": None,
+        }
         assert put.json() == expected
         assert (await client.get("/users/me/preferences", headers=carol.headers)).json() == (
             expected
         )
+        # Do Not Disturb, its instant through timestamptz.
+        until = (utc_now() + timedelta(hours=1)).replace(microsecond=0)
+        snoozed = await client.put(
+            "/users/me/snooze", json={"until": until.isoformat()}, headers=carol.headers
+        )
+        assert datetime.fromisoformat(snoozed.json()["snoozed_until"]) == until
+        read = (await client.get("/users/me/preferences", headers=carol.headers)).json()
+        assert read == {**expected, "snoozed_until": snoozed.json()["snoozed_until"]}
         # Levels, a room's own and a timed mute, on PostgreSQL too.
         levels = await client.put(
             "/users/me/preferences", json={"push": "all"}, headers=carol.headers

@@ -1,5 +1,6 @@
-"""Revision 0005 on data written before it: on/off preferences become levels (nobody's
-notifications change with the upgrade), rooms muted before stay muted with no end; and back."""
+"""Revisions on data written before them: on/off preferences become levels (nobody's
+notifications change with the upgrade), rooms muted before stay muted with no end (0005); quiet
+hours, snooze and breakthrough users start empty (0011); and back."""
 
 from __future__ import annotations
 
@@ -9,10 +10,13 @@ from datetime import UTC, datetime
 import pytest
 import sqlalchemy as sa
 from alembic import command
+from alembic.autogenerate import compare_metadata
 from alembic.config import Config
+from alembic.migration import MigrationContext
 from sqlalchemy import Connection, text
 
 from herald_shared.database import make_engine
+from message_service.models import metadata
 
 VERSION_TABLE = "alembic_version_message_service"
 LEVELS = ("push_level", "email_level")
@@ -116,5 +120,89 @@ async def test_levels_replace_the_booleans_and_mutes_last_forever(
             assert tuple(bool(value) for value in back) == (False, False)
             still_muted = (await connection.execute(text("SELECT count(*) FROM muted_rooms"))).one()
             assert still_muted[0] == 1
+    finally:
+        await engine.dispose()
+
+
+def differences(connection: Connection) -> list[object]:
+    """What tells the migrated schema from the models (nothing, at the newest revision)."""
+    context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
+    return list(compare_metadata(context, metadata))
+
+
+@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
+async def test_quiet_hours_snooze_and_breakthrough_users_come_and_go(
+    database: str, pg_url: str, sqlite_url: str
+) -> None:
+    """Revision 0011: existing users get no quiet hours, no snooze and no breakthrough users;
+    the schema is then the models'; and back, the preferences kept."""
+    engine = make_engine(pg_url if database == "postgresql" else sqlite_url)
+    alice, bob = uuid.uuid4(), uuid.uuid4()
+    now = datetime.now(UTC)
+    preferences_0010 = sa.table(
+        "preferences",
+        sa.column("user_id", sa.Uuid()),
+        *map(sa.column, ("push_level", "email_level", "push_preview", "email_delay")),
+    )
+    quiet = sa.table(
+        "preferences",
+        sa.column("user_id", sa.Uuid()),
+        *map(sa.column, ("quiet_start", "quiet_end", "quiet_time_zone", "snoozed_until")),
+    )
+    breakthrough = sa.table(
+        "breakthrough_users",
+        sa.column("user_id", sa.Uuid()),
+        sa.column("breakthrough_id", sa.Uuid()),
+    )
+    try:
+        async with engine.begin() as connection:
+            await connection.run_sync(migrate, "0010")
+            for user in (alice, bob):
+                await connection.execute(
+                    USERS.insert().values(
+                        id=user,
+                        username=f"u{user.hex[:8]}",
+                        display_name="U",
+                        email=f"{user}@x.test",
+                        version=1,
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
+                await connection.execute(
+                    preferences_0010.insert().values(
+                        user_id=user,
+                        push_level="all",
+                        email_level="mentions",
+                        push_preview=True,
+                        email_delay=900,
+                    )
+                )
+
+            await connection.run_sync(migrate, "0011")
+
+            rows = (await connection.execute(sa.select(quiet))).all()
+            assert sorted(tuple(row) for row in rows) == sorted(
+                (user, None, None, None, None) for user in (alice, bob)
+            )
+            assert await connection.run_sync(differences) == []
+            await connection.execute(
+                breakthrough.insert().values(user_id=alice, breakthrough_id=bob)
+            )
+            with pytest.raises(sa.exc.IntegrityError):  # a user that exists, once
+                async with connection.begin_nested():
+                    await connection.execute(
+                        breakthrough.insert().values(user_id=alice, breakthrough_id=bob)
+                    )
+
+            await connection.run_sync(migrate, "0010", down=True)
+
+            kept = (await connection.execute(sa.select(preferences_0010))).all()
+            assert {row[0]: tuple(row[1:]) for row in kept}[alice][:2] == ("all", "mentions")
+            tables = await connection.run_sync(lambda sync: sa.inspect(sync).get_table_names())
+            assert "breakthrough_users" not in tables
+
+            await connection.run_sync(migrate, "0011")
+            assert await connection.run_sync(differences) == []
     finally:
         await engine.dispose()

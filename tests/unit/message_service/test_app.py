@@ -180,6 +180,7 @@ async def test_openapi_lists_the_api_only(client: httpx.AsyncClient) -> None:
         "/users/me/devices",
         "/users/me/devices/{device_id}",
         "/users/me/preferences",
+        "/users/me/snooze",
         "/users/me/events",
         "/users/me/presence",
         "/rooms/{room_id}/read",

@@ -167,6 +167,9 @@ async def test_preferences_default_to_dms_and_mentions(client: httpx.AsyncClient
         "push_enabled": True,
         "email_enabled": True,
         "muted_room_ids": [],
+        "quiet_hours": None,
+        "snoozed_until": None,
+        "breakthrough_user_ids": [],
     }
 
 
@@ -188,6 +191,9 @@ async def test_preferences_are_replaced_and_published(
         "push_enabled": False,
         "email_enabled": False,
         "muted_room_ids": [str(room)],
+        "quiet_hours": None,
+        "snoozed_until": None,
+        "breakthrough_user_ids": [],
     }
     assert response.status_code == unchanged.status_code == 200
     assert response.json() == expected

@@ -21,6 +21,7 @@ PROTECTED = [
     ("DELETE", "/users/me/devices/00000000-0000-0000-0000-000000000001"),
     ("GET", "/users/me/preferences"),
     ("PUT", "/users/me/preferences"),
+    ("PUT", "/users/me/snooze"),
     ("POST", "/rooms"),
     ("GET", "/rooms/00000000-0000-0000-0000-000000000001"),
     ("POST", "/rooms/00000000-0000-0000-0000-000000000001/members"),

@@ -121,6 +121,8 @@ class Device(Table, table=True):
 
 
 LEVEL_MAX = 16  # herald_shared.events.Level's values
+CLOCK_TIME_MAX = 5  # "HH:MM"
+TIME_ZONE_MAX = 64  # herald_shared.events.QuietHoursSnapshot.time_zone
 # Two minutes, as Zulip waits: long enough that what was read meanwhile is not mailed.
 DEFAULT_EMAIL_DELAY = 120
 # A mute with no end: what the older `muted_room_ids` preference sets.
@@ -139,6 +141,23 @@ class Preferences(Table, table=True):
     push_preview: bool = True
     # Seconds e-mail waits, gathering one digest of what is still unread then.
     email_delay: int = DEFAULT_EMAIL_DELAY
+    # Daily quiet hours ("HH:MM" on the wall clock of the IANA zone `quiet_time_zone`; an end
+    # before the start ends the next day): all three set, or none (no quiet hours).
+    quiet_start: str | None = Field(default=None, sa_type=String(CLOCK_TIME_MAX))
+    quiet_end: str | None = Field(default=None, sa_type=String(CLOCK_TIME_MAX))
+    quiet_time_zone: str | None = Field(default=None, sa_type=String(TIME_ZONE_MAX))
+    # Do Not Disturb until then (None, or a time passed: not snoozed).
+    snoozed_until: datetime | None = Field(default=None, sa_type=UtcDateTime)
+
+
+class BreakthroughUser(Table, table=True):
+    """A direct message from `breakthrough_id` pushes to `user_id` at once, even during their
+    quiet hours or Do Not Disturb."""
+
+    __tablename__ = "breakthrough_users"
+
+    user_id: uuid.UUID = Field(foreign_key="users.id", primary_key=True)
+    breakthrough_id: uuid.UUID = Field(foreign_key="users.id", primary_key=True)
 
 
 class RoomSettings(Table, table=True):

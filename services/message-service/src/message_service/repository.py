@@ -31,6 +31,7 @@ from message_service.models import (
     MEMBER,
     ApiToken,
     Block,
+    BreakthroughUser,
     Device,
     Message,
     OutboxEvent,
@@ -303,6 +304,36 @@ async def preferences_of(session: AsyncSession, *, user_id: uuid.UUID) -> Prefer
         session.add(preferences)
         await session.flush()
     return preferences
+
+
+async def breakthrough_users_of(session: AsyncSession, *, user_id: uuid.UUID) -> list[uuid.UUID]:
+    """Whose direct messages push to the user even in quiet hours or Do Not Disturb, by id."""
+    statement = (
+        select(BreakthroughUser.breakthrough_id)
+        .where(BreakthroughUser.user_id == user_id)
+        .order_by(col(BreakthroughUser.breakthrough_id))
+    )
+    return list((await session.exec(statement)).all())
+
+
+async def replace_breakthrough_users(
+    session: AsyncSession, *, user_id: uuid.UUID, breakthrough_ids: Iterable[uuid.UUID]
+) -> None:
+    """Make the user's breakthrough users exactly `breakthrough_ids` (existing users)."""
+    wanted = set(breakthrough_ids)
+    current = set(await breakthrough_users_of(session, user_id=user_id))
+    if current - wanted:
+        await session.exec(
+            delete(BreakthroughUser).where(
+                col(BreakthroughUser.user_id) == user_id,
+                col(BreakthroughUser.breakthrough_id).in_(current - wanted),
+            )
+        )
+    session.add_all(
+        BreakthroughUser(user_id=user_id, breakthrough_id=breakthrough_id)
+        for breakthrough_id in sorted(wanted - current)
+    )
+    await session.flush()
 
 
 async def room_settings_of(session: AsyncSession, *, user_id: uuid.UUID) -> list[RoomSettings]:

@@ -14,9 +14,13 @@ import logging
 import re
 import secrets
 import uuid
+import zoneinfo
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from enum import Enum
+from functools import cache
+from typing import Final, Literal
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -31,6 +35,7 @@ from herald_shared.events import (
     MessageCreated,
     Platform,
     PreferencesSnapshot,
+    QuietHoursSnapshot,
     RoomKind,
     RoomRead,
     RoomSettingsSnapshot,
@@ -61,6 +66,9 @@ MENTION = re.compile(r"(?<![\w@])@([A-Za-z0-9_]{3,32})(?![A-Za-z0-9_])")
 ROOM_MENTIONS = frozenset({"room", "all"})
 # How often a registration retries after losing a race for the same push token.
 _DEVICE_RACE_ATTEMPTS = 3
+# Do Not Disturb is for a while (a meeting, a night, a holiday week), not for ever.
+MAX_SNOOZE = timedelta(days=7)
+MAX_BREAKTHROUGH_USERS = 100
 
 logger = logging.getLogger("message_service")
 
@@ -108,6 +116,25 @@ class DeviceRegistration:
     created: bool
 
 
+class Keep(Enum):
+    """A preference left out of a change: it keeps its value (where None means "none")."""
+
+    KEEP = "keep"
+
+
+KEEP: Final = Keep.KEEP
+
+
+@dataclass(frozen=True)
+class QuietHours:
+    """Daily, from `start` to `end` ("HH:MM") on the wall clock of `time_zone` (an IANA name);
+    an `end` before `start` ends the next day."""
+
+    start: str
+    end: str
+    time_zone: str
+
+
 @dataclass(frozen=True)
 class PreferencesView:
     push: Level
@@ -117,6 +144,11 @@ class PreferencesView:
     email_delay: int
     # The rooms muted with no end (the older form of muting; `RoomNotificationsView` has all).
     muted_room_ids: list[uuid.UUID]
+    quiet_hours: QuietHours | None
+    # Do Not Disturb until then; None: not snoozed (or no longer).
+    snoozed_until: datetime | None
+    # Whose direct messages push at once even in quiet hours or Do Not Disturb, by id.
+    breakthrough_user_ids: list[uuid.UUID]
 
 
 @dataclass(frozen=True)
@@ -395,7 +427,8 @@ def check_web_push_endpoint(endpoint: str, *, allowed_hosts: Iterable[str]) -> N
 async def get_preferences(*, session: AsyncSession, user_id: uuid.UUID) -> PreferencesView:
     preferences = await repository.preferences_of(session, user_id=user_id)
     rooms = await repository.room_settings_of(session, user_id=user_id)
-    return _preferences_view(preferences, rooms)
+    breakthrough = await repository.breakthrough_users_of(session, user_id=user_id)
+    return _preferences_view(preferences, rooms, breakthrough)
 
 
 async def set_preferences(
@@ -409,19 +442,27 @@ async def set_preferences(
     push_preview: bool | None = None,
     email_delay: int | None = None,
     muted_room_ids: Sequence[uuid.UUID] | None = None,
+    quiet_hours: QuietHours | Literal[Keep.KEEP] | None = KEEP,
+    breakthrough_user_ids: Sequence[uuid.UUID] | None = None,
 ) -> PreferencesView:
-    """Change what is given (None: unchanged). A level and the older on/off flag of the same
-    channel are mutually exclusive; a flag turned on restores the level it had (the default,
-    `mentions`, if it was `none`). `muted_room_ids` replaces the set of rooms muted with no
-    end; only rooms the user is a member of can be muted."""
+    """Change what is given (None: unchanged; for `quiet_hours`, KEEP: unchanged and None: no
+    quiet hours). A level and the older on/off flag of the same channel are mutually exclusive;
+    a flag turned on restores the level it had (the default, `mentions`, if it was `none`).
+    `muted_room_ids` replaces the set of rooms muted with no end; only rooms the user is a
+    member of can be muted. Quiet hours need a known time zone and must not be empty;
+    `breakthrough_user_ids` replaces the list, of other users that exist."""
     if push is not None and push_enabled is not None:
         raise Invalid("give either push or push_enabled, not both")
     if email is not None and email_enabled is not None:
         raise Invalid("give either email or email_enabled, not both")
+    if isinstance(quiet_hours, QuietHours):
+        _check_quiet_hours(quiet_hours)
     user = await _lock_user(session, user_id)
     preferences = await repository.preferences_of(session, user_id=user_id)
     rooms = await repository.room_settings_of(session, user_id=user_id)
-    before = _preferences_view(preferences, rooms)
+    breakthrough = await repository.breakthrough_users_of(session, user_id=user_id)
+    now = utc_now()  # one instant for both views: a snooze ending meanwhile is no change
+    before = _preferences_view(preferences, rooms, breakthrough, now=now)
     preferences.push_level = str(_level(push, push_enabled, current=before.push))
     preferences.email_level = str(_level(email, email_enabled, current=before.email))
     if push_preview is not None:
@@ -446,11 +487,76 @@ async def set_preferences(
             elif settings.muted_until == MUTED_FOREVER:
                 settings.muted_until = None
         rooms = list(by_room.values())
-    after = _preferences_view(preferences, rooms)
+    if quiet_hours is not KEEP:
+        preferences.quiet_start = None if quiet_hours is None else quiet_hours.start
+        preferences.quiet_end = None if quiet_hours is None else quiet_hours.end
+        preferences.quiet_time_zone = None if quiet_hours is None else quiet_hours.time_zone
+    if breakthrough_user_ids is not None:
+        breakthrough = await _breakthrough_users(
+            session, user_id=user_id, wanted=breakthrough_user_ids
+        )
+        await repository.replace_breakthrough_users(
+            session, user_id=user_id, breakthrough_ids=breakthrough
+        )
+    after = _preferences_view(preferences, rooms, breakthrough, now=now)
     if after != before:
         await _bump_and_stage(session, user)
     await session.commit()
     return after
+
+
+async def snooze(
+    *, session: AsyncSession, user_id: uuid.UUID, until: datetime | None
+) -> PreferencesView:
+    """Do Not Disturb until `until`, at most `MAX_SNOOZE` from now; None (or a time passed)
+    ends it. Like any preference change it publishes `user.updated` if something changed."""
+    now = utc_now()
+    if until is not None and until <= now:
+        until = None
+    if until is not None and until - now > MAX_SNOOZE:
+        raise Invalid(f"Do Not Disturb lasts at most {MAX_SNOOZE.days} days")
+    user = await _lock_user(session, user_id)
+    preferences = await repository.preferences_of(session, user_id=user_id)
+    rooms = await repository.room_settings_of(session, user_id=user_id)
+    breakthrough = await repository.breakthrough_users_of(session, user_id=user_id)
+    before = _preferences_view(preferences, rooms, breakthrough, now=now)
+    preferences.snoozed_until = until
+    after = _preferences_view(preferences, rooms, breakthrough, now=now)
+    if after != before:
+        await _bump_and_stage(session, user)
+    await session.commit()
+    return after
+
+
+@cache
+def _time_zones() -> frozenset[str]:
+    """The IANA time zone names this host knows. Not `localtime` (there, the host's own zone:
+    another host would read it otherwise)."""
+    return frozenset(zoneinfo.available_timezones() - {"localtime"})
+
+
+def _check_quiet_hours(quiet_hours: QuietHours) -> None:
+    if quiet_hours.start == quiet_hours.end:
+        raise Invalid("quiet hours must not be empty: start and end are the same")
+    if quiet_hours.time_zone not in _time_zones():
+        raise Invalid(
+            f"unknown time zone: {quiet_hours.time_zone!r} (an IANA name, such as Europe/Paris)"
+        )
+
+
+async def _breakthrough_users(
+    session: AsyncSession, *, user_id: uuid.UUID, wanted: Sequence[uuid.UUID]
+) -> list[uuid.UUID]:
+    """`wanted`, checked (other users that exist, at most `MAX_BREAKTHROUGH_USERS`), by id."""
+    ids = set(wanted)
+    if user_id in ids:
+        raise Invalid("you cannot be your own breakthrough user")
+    if len(ids) > MAX_BREAKTHROUGH_USERS:
+        raise Invalid(f"at most {MAX_BREAKTHROUGH_USERS} breakthrough users")
+    unknown = ids - await repository.existing_user_ids(session, user_ids=ids)
+    if unknown:
+        raise Invalid(f"unknown user ids: {', '.join(sorted(map(str, unknown)))}")
+    return sorted(ids)
 
 
 def _level(level: Level | None, enabled: bool | None, *, current: Level) -> Level:
@@ -463,13 +569,36 @@ def _level(level: Level | None, enabled: bool | None, *, current: Level) -> Leve
     return Level.MENTIONS if current is Level.NONE else current
 
 
-def _preferences_view(preferences: Preferences, rooms: Iterable[RoomSettings]) -> PreferencesView:
+def _preferences_view(
+    preferences: Preferences,
+    rooms: Iterable[RoomSettings],
+    breakthrough_user_ids: Sequence[uuid.UUID],
+    *,
+    now: datetime | None = None,
+) -> PreferencesView:
+    quiet_hours = (
+        QuietHours(
+            start=preferences.quiet_start,
+            end=preferences.quiet_end,
+            time_zone=preferences.quiet_time_zone,
+        )
+        if preferences.quiet_start is not None
+        and preferences.quiet_end is not None
+        and preferences.quiet_time_zone is not None
+        else None
+    )
+    snoozed_until = preferences.snoozed_until
+    if snoozed_until is not None and snoozed_until <= (utc_now() if now is None else now):
+        snoozed_until = None
     return PreferencesView(
         push=Level(preferences.push_level),
         email=Level(preferences.email_level),
         push_preview=preferences.push_preview,
         email_delay=preferences.email_delay,
         muted_room_ids=sorted(r.room_id for r in rooms if r.muted_until == MUTED_FOREVER),
+        quiet_hours=quiet_hours,
+        snoozed_until=snoozed_until,
+        breakthrough_user_ids=list(breakthrough_user_ids),
     )
 
 
@@ -916,8 +1045,9 @@ async def _stage_user_updated(session: AsyncSession, user: User) -> None:
     devices = await repository.devices_of(session, user_id=user.id)
     preferences = await repository.preferences_of(session, user_id=user.id)
     rooms = await repository.room_settings_of(session, user_id=user.id)
-    view = _preferences_view(preferences, rooms)
+    breakthrough = await repository.breakthrough_users_of(session, user_id=user.id)
     now = utc_now()
+    view = _preferences_view(preferences, rooms, breakthrough, now=now)
     event = UserUpdated(
         occurred_at=user.updated_at,
         user_id=user.id,
@@ -933,6 +1063,15 @@ async def _stage_user_updated(session: AsyncSession, user: User) -> None:
             push_preview=view.push_preview,
             email_delay=view.email_delay,
             muted_room_ids=view.muted_room_ids,
+            quiet_hours=None
+            if view.quiet_hours is None
+            else QuietHoursSnapshot(
+                start=view.quiet_hours.start,
+                end=view.quiet_hours.end,
+                time_zone=view.quiet_hours.time_zone,
+            ),
+            snoozed_until=view.snoozed_until,
+            breakthrough_user_ids=view.breakthrough_user_ids,
             push=view.push,
             email=view.email,
             rooms=[

@@ -30,6 +30,7 @@ from message_service.models import (
     DEVICE_TOKEN_MAX,
     DISPLAY_TEXT_MAX,
     EMAIL_MAX,
+    TIME_ZONE_MAX,
     WEB_PUSH_AUTH_MAX,
     WEB_PUSH_P256DH_MAX,
     Device,
@@ -37,9 +38,14 @@ from message_service.models import (
     User,
 )
 from message_service.service import (
+    KEEP,
+    MAX_BREAKTHROUGH_USERS,
+    MAX_SNOOZE,
     ROOM_MENTIONS,
+    Keep,
     MyRooms,
     PreferencesView,
+    QuietHours,
     ReadMarker,
     RoomNotificationsView,
     RoomView,
@@ -180,6 +186,23 @@ EmailDelay = Annotated[Literal[0, 120, 900, 3600], BeforeValidator(_whole_number
 # A room's level: one of the levels, or `default` (the user's own level applies).
 RoomLevel = Literal["default", "all", "mentions", "none"]
 
+# A time of day, as herald_shared.events.QuietHoursSnapshot has it.
+ClockTime = Annotated[
+    str,
+    StringConstraints(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$"),
+    Field(description="HH:MM, 00:00 to 23:59", examples=["22:00"]),
+]
+# The server checks the name against its time zone database (a 422 if unknown).
+TimeZone = Annotated[
+    str,
+    StringConstraints(
+        min_length=1,
+        max_length=TIME_ZONE_MAX,
+        pattern=r"^[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+)*$",
+    ),
+    Field(description="An IANA time zone name", examples=["Europe/Paris"]),
+]
+
 
 def _lone_surrogate_in(value: object) -> bool:
     if isinstance(value, str):
@@ -270,6 +293,15 @@ DeviceCreate = Annotated[
 ]
 
 
+class QuietHoursBody(RequestBody):
+    """Every day from `start` to `end` on the wall clock of `time_zone`; an `end` before `start`
+    ends the next day (22:00 to 07:00). `start` and `end` must differ."""
+
+    start: ClockTime
+    end: ClockTime
+    time_zone: TimeZone
+
+
 class PreferencesBody(RequestBody):
     """What to change; a field left out keeps its value. `push` / `email` are the levels;
     `push_enabled` / `email_enabled` and `muted_room_ids` are the older form, still taken."""
@@ -297,6 +329,50 @@ class PreferencesBody(RequestBody):
         default=None,
         max_length=MAX_RECIPIENTS,
         description="Older form: replaces the set of rooms muted with no end",
+    )
+    quiet_hours: QuietHoursBody | None = Field(
+        default=None,
+        description=(
+            "Daily quiet hours: pushes wait until they end, then come as one summary per room; "
+            "null removes them (left out: unchanged)"
+        ),
+    )
+    # `None` is what the field left out reads as; the schema does not offer null.
+    breakthrough_user_ids: (
+        Annotated[list[uuid.UUID], Field(max_length=MAX_BREAKTHROUGH_USERS)] | SkipJsonSchema[None]
+    ) = Field(
+        default=None,
+        description=(
+            "Replaces the users whose direct messages push at once, even in quiet hours or Do "
+            "Not Disturb: other users that exist ([] for none)"
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _no_null_list(self) -> PreferencesBody:
+        if "breakthrough_user_ids" in self.model_fields_set and self.breakthrough_user_ids is None:
+            raise ValueError("breakthrough_user_ids cannot be null ([] for none)")
+        return self
+
+    def quiet_hours_change(self) -> QuietHours | Literal[Keep.KEEP] | None:
+        """The quiet hours asked for: KEEP when left out, None when null."""
+        if "quiet_hours" not in self.model_fields_set:
+            return KEEP
+        if self.quiet_hours is None:
+            return None
+        return QuietHours(
+            start=self.quiet_hours.start,
+            end=self.quiet_hours.end,
+            time_zone=self.quiet_hours.time_zone,
+        )
+
+
+class SnoozeBody(RequestBody):
+    until: UtcInstant | None = Field(
+        description=(
+            f"Do Not Disturb until then, at most {MAX_SNOOZE.days} days ahead; null (or a time "
+            "passed) ends it"
+        )
     )
 
 
@@ -392,6 +468,15 @@ class DeviceOut(BaseModel):
         return cls(id=device.id, platform=Platform(device.platform), created_at=device.created_at)
 
 
+class QuietHoursOut(BaseModel):
+    """Every day from `start` to `end` ("HH:MM") on the wall clock of `time_zone`; an `end`
+    before `start` ends the next day."""
+
+    start: str
+    end: str
+    time_zone: str
+
+
 class PreferencesOut(BaseModel):
     push: Level
     email: Level
@@ -400,9 +485,15 @@ class PreferencesOut(BaseModel):
     push_enabled: bool = Field(description="Older form: push is not none")
     email_enabled: bool = Field(description="Older form: email is not none")
     muted_room_ids: list[uuid.UUID] = Field(description="The rooms muted with no end")
+    quiet_hours: QuietHoursOut | None = Field(description="Daily quiet hours; null: none")
+    snoozed_until: datetime | None = Field(description="Do Not Disturb until then; null: off")
+    breakthrough_user_ids: list[uuid.UUID] = Field(
+        description="Whose direct messages push at once, even in quiet hours or Do Not Disturb"
+    )
 
     @classmethod
     def of(cls, view: PreferencesView) -> PreferencesOut:
+        quiet = view.quiet_hours
         return cls(
             push=view.push,
             email=view.email,
@@ -411,6 +502,11 @@ class PreferencesOut(BaseModel):
             push_enabled=view.push is not Level.NONE,
             email_enabled=view.email is not Level.NONE,
             muted_room_ids=view.muted_room_ids,
+            quiet_hours=None
+            if quiet is None
+            else QuietHoursOut(start=quiet.start, end=quiet.end, time_zone=quiet.time_zone),
+            snoozed_until=view.snoozed_until,
+            breakthrough_user_ids=view.breakthrough_user_ids,
         )
 
 
