@@ -157,9 +157,9 @@ async def test_the_waiting_emails_of_a_window_go_out_as_one_digest_per_user(
     assert why["email"] == "waiting"
     # Bob's phone was pushed at once; the digest's delivery is under the window's first message.
     assert [delivery["channel"] for delivery in why["deliveries"]] == ["push"]
-    assert why["digest"] is not None
-    assert (why["digest"]["entry"], why["digest"]["state"]) == ("sent", "sent")
-    assert why["digest"]["delivery"] == "pending"
+    (window,) = why["windows"]
+    assert (window["channel"], window["entry"], window["state"]) == ("email", "sent", "sent")
+    assert window["digest_delivery"] == "pending"
 
 
 async def test_a_room_read_before_the_window_ends_is_left_out_and_all_read_sends_nothing(

@@ -1018,11 +1018,12 @@ _EXPLAIN_DELIVERIES = (
 )
 
 
-_EXPLAIN_DIGEST = (
+_EXPLAIN_WINDOWS = (
     select(
+        _entries.channel,
         _entries.state,
         _windows.window_id,
-        _windows.state.label("digest_state"),
+        _windows.state.label("window_state"),
         _windows.opened_at,
         _windows.due_at,
         _windows.closed_at,
@@ -1032,6 +1033,7 @@ _EXPLAIN_DIGEST = (
         _entries.message_id == bindparam("message_id"),
         _entries.recipient_id == bindparam("user_id"),
     )
+    .order_by(_entries.channel)
 )
 
 
@@ -1047,14 +1049,17 @@ async def explain(
         if decision is None:
             return None
         deliveries = (await connection.execute(_EXPLAIN_DELIVERIES, parameters)).all()
-        digest = (await connection.execute(_EXPLAIN_DIGEST, parameters)).first()
-        digest_delivery = None
-        if digest is not None:
-            digest_delivery = await connection.scalar(
+        windows = (await connection.execute(_EXPLAIN_WINDOWS, parameters)).all()
+        # A digest's one delivery is listed under the window's first message only.
+        digest_deliveries = {
+            window.window_id: await connection.scalar(
                 select(_deliveries.status).where(
-                    _deliveries.notification_id == digest_notification_id(digest.window_id, user_id)
+                    _deliveries.notification_id == digest_notification_id(window.window_id, user_id)
                 )
             )
+            for window in windows
+            if window.channel == str(EventChannel.EMAIL)
+        }
     return {
         "message_id": str(message_id),
         "user_id": str(user_id),
@@ -1079,17 +1084,19 @@ async def explain(
             }
             for row in deliveries
         ],
-        # A waiting e-mail: its window, and what became of it (the digest's delivery is listed
-        # under the window's first message).
-        "digest": None
-        if digest is None
-        else {
-            "window_id": str(digest.window_id),
-            "entry": digest.state,
-            "state": digest.digest_state,
-            "opened_at": _utc(digest.opened_at).isoformat(),
-            "due_at": _utc(digest.due_at).isoformat(),
-            "closed_at": _utc(digest.closed_at).isoformat() if digest.closed_at else None,
-            "delivery": digest_delivery,
-        },
+        # What waited (an e-mail for a digest, pushes for quiet hours): the window, and what
+        # became of the message in it (`entry`: waiting, sent, cancelled:<reason>).
+        "windows": [
+            {
+                "channel": window.channel,
+                "window_id": str(window.window_id),
+                "entry": window.state,
+                "state": window.window_state,
+                "opened_at": _utc(window.opened_at).isoformat(),
+                "due_at": _utc(window.due_at).isoformat(),
+                "closed_at": _utc(window.closed_at).isoformat() if window.closed_at else None,
+                "digest_delivery": digest_deliveries.get(window.window_id),
+            }
+            for window in windows
+        ],
     }
