@@ -11,8 +11,6 @@ is simply not deleted twice.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -21,7 +19,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from herald_shared.events import utc_now
-from herald_shared.retry import describe_error
+from herald_shared.periodic import PeriodicTask
 from message_service import service
 from message_service.outbox import Nudge, session_scope
 
@@ -43,10 +41,14 @@ class DevicePruner:
         self._sessions = sessions
         self._nudge = nudge
         self.stale_after = stale_after
-        self._interval = interval
         self._clock = clock
-        self._stopping = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._loop = PeriodicTask(
+            self.prune_once,
+            interval=interval,
+            name="message-service-device-pruner",
+            logger=logger,
+            failure="message_service.devices.prune_failed",
+        )
 
     async def prune_once(self) -> int:
         """One pass; how many users lost a device."""
@@ -60,31 +62,12 @@ class DevicePruner:
 
     @property
     def running(self) -> bool:
-        return self._task is not None and not self._task.done()
+        return self._loop.running
 
     def start(self) -> None:
-        if self.running:
-            return
-        self._stopping.clear()
-        self._task = asyncio.create_task(self.run(), name="message-service-device-pruner")
+        """Prune now, then every `interval`, in the background, until `stop()`; a failed pass
+        (a database outage) is logged and tried again next time."""
+        self._loop.start()
 
     async def stop(self, timeout: float = 5.0) -> None:
-        task, self._task = self._task, None
-        if task is None:
-            return
-        self._stopping.set()
-        done, _ = await asyncio.wait({task}, timeout=timeout)
-        if not done:
-            task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-    async def run(self) -> None:
-        """Prune now, then every `interval`; no exception ends it, only `stop()` does."""
-        while not self._stopping.is_set():
-            try:
-                await self.prune_once()
-            except Exception as exc:  # a database outage: try again next time
-                logger.error("message_service.devices.prune_failed error=%s", describe_error(exc))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), timeout=self._interval)
+        await self._loop.stop(timeout)

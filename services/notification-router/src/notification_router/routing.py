@@ -622,7 +622,15 @@ def compose_digest(
         reason = (
             SkipReason.DELETED
             if change is not None and change.deleted
-            else _left_out(job, recipient, read_up_to=read_markers.get(job.room_id), now=now)
+            else _no_longer_wanted(
+                Channel.EMAIL,
+                recipient,
+                room_id=job.room_id,
+                trigger=job.trigger,
+                sent_at=job.sent_at,
+                read_up_to=read_markers.get(job.room_id),
+                now=now,
+            )
         )
         if reason is None:
             kept.append(_changed(job, change))
@@ -682,8 +690,14 @@ def compose_push_summaries(
         reason = (
             SkipReason.DELETED
             if change is not None and change.deleted
-            else _push_left_out(
-                message, recipient, read_up_to=read_markers.get(message.room_id), now=now
+            else _no_longer_wanted(
+                Channel.PUSH,
+                recipient,
+                room_id=message.room_id,
+                trigger=message.trigger,
+                sent_at=message.sent_at,
+                read_up_to=read_markers.get(message.room_id),
+                now=now,
             )
         )
         new_text = change.content if change is not None else None
@@ -758,25 +772,6 @@ def summary_content(
     return truncate(title, limits.title_max_chars), truncate(body, limits.body_max_chars)
 
 
-def _push_left_out(
-    message: HeldPushes, recipient: Recipient | None, *, read_up_to: datetime | None, now: datetime
-) -> SkipReason | None:
-    """Why a held push no longer belongs in the summary, or None (`_left_out`'s rules)."""
-    if read_up_to is not None and message.sent_at <= read_up_to:
-        return SkipReason.READ
-    if recipient is None or not recipient.devices:
-        return SkipReason.NO_DEVICE
-    naming = message.trigger in (Trigger.MENTION, Trigger.INVITATION)
-    if recipient.muted(message.room_id, now=now) and not naming:
-        return SkipReason.MUTED
-    level = recipient.level(message.room_id, Channel.PUSH)
-    if level is Level.NONE:
-        return SkipReason.PUSH_DISABLED
-    if level is Level.MENTIONS and message.trigger is Trigger.MESSAGE:
-        return SkipReason.LEVEL_MENTIONS
-    return None
-
-
 def digest_notification_id(digest_id: uuid.UUID, recipient_id: uuid.UUID) -> uuid.UUID:
     """The digest e-mail's idempotency key: one per window, never a single message's."""
     return notification_id_for(
@@ -791,23 +786,33 @@ def is_digest_report(report: DeliveryReported) -> bool:
     )
 
 
-def _left_out(
-    job: EmailRequested, recipient: Recipient | None, *, read_up_to: datetime | None, now: datetime
+def _no_longer_wanted(
+    channel: Channel,
+    recipient: Recipient | None,
+    *,
+    room_id: uuid.UUID,
+    trigger: Trigger,
+    sent_at: datetime,
+    read_up_to: datetime | None,
+    now: datetime,
 ) -> SkipReason | None:
-    """Why a waiting e-mail no longer belongs in the digest, or None."""
-    if read_up_to is not None and job.sent_at <= read_up_to:
+    """Why what waited on `channel` is no longer to be told when its window ends, or None: read
+    meanwhile, nowhere to send it now, or the recipient's settings of now (the rules of
+    `channel_skip`: only naming the recipient breaks a mute, and `mentions` wants everything
+    but a plain message)."""
+    if read_up_to is not None and sent_at <= read_up_to:
         return SkipReason.READ
-    if recipient is None or recipient.email is None:
+    if channel is Channel.EMAIL and (recipient is None or recipient.email is None):
         return SkipReason.NO_EMAIL
-    # The rules of `channel_skip`, on the settings of now: only naming the recipient breaks a
-    # mute, and `mentions` wants everything but a plain message.
-    naming = job.trigger in (Trigger.MENTION, Trigger.INVITATION)
-    if recipient.muted(job.room_id, now=now) and not naming:
+    if recipient is None or (channel is Channel.PUSH and not recipient.devices):
+        return SkipReason.NO_DEVICE
+    naming = trigger in (Trigger.MENTION, Trigger.INVITATION)
+    if recipient.muted(room_id, now=now) and not naming:
         return SkipReason.MUTED
-    level = recipient.level(job.room_id, Channel.EMAIL)
+    level = recipient.level(room_id, channel)
     if level is Level.NONE:
-        return SkipReason.EMAIL_DISABLED
-    if level is Level.MENTIONS and job.trigger is Trigger.MESSAGE:
+        return SkipReason.PUSH_DISABLED if channel is Channel.PUSH else SkipReason.EMAIL_DISABLED
+    if level is Level.MENTIONS and trigger is Trigger.MESSAGE:
         return SkipReason.LEVEL_MENTIONS
     return None
 

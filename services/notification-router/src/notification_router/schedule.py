@@ -13,8 +13,6 @@ across restarts.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import functools
 import logging
 import uuid
@@ -27,8 +25,8 @@ from faststream.rabbit.publisher import RabbitPublisher
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from herald_shared.events import Channel, EmailRequested, utc_now
+from herald_shared.periodic import PeriodicTask
 from herald_shared.publishing import publish_events
-from herald_shared.retry import describe_error
 from notification_router import repository, routing
 from notification_router.metrics import RouterMetrics
 
@@ -87,13 +85,17 @@ class WindowDispatcher:
         self._publishers = publishers
         self._metrics = metrics
         self._publish_timeout = publish_timeout
-        self._interval = interval
         self._batch_size = batch_size
         self._limits = limits
         self._resend_after = resend_after
         self._clock = clock
-        self._stopping = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._loop = PeriodicTask(
+            self.dispatch_once,
+            interval=interval,
+            name="notification-router-schedule",
+            logger=logger,
+            failure="router.schedule.dispatch_failed",
+        )
 
     async def dispatch_once(self) -> int:
         """One pass over the due windows, in batches until none is left; how many jobs were
@@ -151,32 +153,13 @@ class WindowDispatcher:
 
     @property
     def running(self) -> bool:
-        return self._task is not None and not self._task.done()
+        return self._loop.running
 
     def start(self) -> None:
-        if self.running:
-            return
-        self._stopping.clear()
-        self._task = asyncio.create_task(self.run(), name="notification-router-schedule")
+        """A pass every `interval`, in the background, until `stop()`; a failed pass (a
+        database or broker outage) is logged and tried again next time, and what it left
+        `sending` is resent."""
+        self._loop.start()
 
     async def stop(self, timeout: float = 5.0) -> None:
-        task, self._task = self._task, None
-        if task is None:
-            return
-        self._stopping.set()
-        done, _ = await asyncio.wait({task}, timeout=timeout)
-        if not done:
-            task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-    async def run(self) -> None:
-        """A pass every `interval`; no exception ends it (a database or broker outage is tried
-        again next time, and what it left `sending` is resent), only `stop()` does."""
-        while not self._stopping.is_set():
-            try:
-                await self.dispatch_once()
-            except Exception as exc:
-                logger.error("router.schedule.dispatch_failed error=%s", describe_error(exc))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), timeout=self._interval)
+        await self._loop.stop(timeout)
