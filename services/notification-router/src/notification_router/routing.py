@@ -619,18 +619,8 @@ def compose_digest(
     cancelled: dict[uuid.UUID, SkipReason] = {}
     for job in sorted(waiting, key=lambda job: (job.sent_at, str(job.message_id))):
         change = (changes or {}).get(job.message_id)
-        reason = (
-            SkipReason.DELETED
-            if change is not None and change.deleted
-            else _no_longer_wanted(
-                Channel.EMAIL,
-                recipient,
-                room_id=job.room_id,
-                trigger=job.trigger,
-                sent_at=job.sent_at,
-                read_up_to=read_markers.get(job.room_id),
-                now=now,
-            )
+        reason = _no_longer_wanted(
+            Channel.EMAIL, recipient, job, change, read_up_to=read_markers.get(job.room_id), now=now
         )
         if reason is None:
             kept.append(_changed(job, change))
@@ -687,18 +677,13 @@ def compose_push_summaries(
     cancelled: dict[uuid.UUID, SkipReason] = {}
     for message in sorted(held, key=lambda message: (message.sent_at, str(message.message_id))):
         change = (changes or {}).get(message.message_id)
-        reason = (
-            SkipReason.DELETED
-            if change is not None and change.deleted
-            else _no_longer_wanted(
-                Channel.PUSH,
-                recipient,
-                room_id=message.room_id,
-                trigger=message.trigger,
-                sent_at=message.sent_at,
-                read_up_to=read_markers.get(message.room_id),
-                now=now,
-            )
+        reason = _no_longer_wanted(
+            Channel.PUSH,
+            recipient,
+            message,
+            change,
+            read_up_to=read_markers.get(message.room_id),
+            now=now,
         )
         new_text = change.content if change is not None else None
         if new_text is not None and recipient is not None and recipient.push_preview:
@@ -789,17 +774,19 @@ def is_digest_report(report: DeliveryReported) -> bool:
 def _no_longer_wanted(
     channel: Channel,
     recipient: Recipient | None,
+    waited: EmailRequested | HeldPushes,
+    change: MessageChange | None,
     *,
-    room_id: uuid.UUID,
-    trigger: Trigger,
-    sent_at: datetime,
     read_up_to: datetime | None,
     now: datetime,
 ) -> SkipReason | None:
-    """Why what waited on `channel` is no longer to be told when its window ends, or None: read
-    meanwhile, nowhere to send it now, or the recipient's settings of now (the rules of
-    `channel_skip`: only naming the recipient breaks a mute, and `mentions` wants everything
-    but a plain message)."""
+    """Why what waited on `channel` is no longer to be told when its window ends, or None: its
+    message deleted or read meanwhile, nowhere to send it now, or the recipient's settings of
+    now (the rules of `channel_skip`: only naming the recipient breaks a mute, and `mentions`
+    wants everything but a plain message)."""
+    room_id, trigger, sent_at = waited.room_id, waited.trigger, waited.sent_at
+    if change is not None and change.deleted:
+        return SkipReason.DELETED
     if read_up_to is not None and sent_at <= read_up_to:
         return SkipReason.READ
     if channel is Channel.EMAIL and (recipient is None or recipient.email is None):
