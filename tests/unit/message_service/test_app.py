@@ -210,6 +210,8 @@ async def test_asyncapi_page_without_try_it_out(client: httpx.AsyncClient) -> No
         "room.invitation.created:publish",
         "presence.changed:publish",
         "room.read:publish",
+        "message.updated:publish",
+        "message.deleted:publish",
         "user.updated:publish",
         "device_invalidations:consume",
     }
