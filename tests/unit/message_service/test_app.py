@@ -190,6 +190,7 @@ async def test_openapi_lists_the_api_only(client: httpx.AsyncClient) -> None:
         "/rooms/{room_id}",
         "/rooms/{room_id}/members",
         "/rooms/{room_id}/messages",
+        "/rooms/{room_id}/messages/{message_id}",
         "/rooms/{room_id}/notifications",
         "/rooms/{room_id}/join",
         "/rooms/{room_id}/leave",

@@ -509,9 +509,17 @@ async def rooms_of(
 
 
 async def message_in_room(
-    session: AsyncSession, *, room_id: uuid.UUID, message_id: uuid.UUID
+    session: AsyncSession, *, room_id: uuid.UUID, message_id: uuid.UUID, lock: bool = False
 ) -> Message | None:
-    statement = select(Message).where(Message.id == message_id, Message.room_id == room_id)
+    """The message, if it is in this room and not deleted. `lock` serialises its author's edits
+    and deletes (PostgreSQL)."""
+    statement = select(Message).where(
+        Message.id == message_id,
+        Message.room_id == room_id,
+        col(Message.deleted_at).is_(None),
+    )
+    if lock:
+        statement = statement.with_for_update().execution_options(populate_existing=True)
     return (await session.exec(statement)).first()
 
 
@@ -519,7 +527,7 @@ async def unread_counts(
     session: AsyncSession, *, user_id: uuid.UUID, room_ids: Iterable[uuid.UUID]
 ) -> dict[uuid.UUID, int]:
     """Per room: the messages of others after the user's read marker (or, without one, after
-    they joined)."""
+    they joined), deleted ones aside."""
     wanted = list(room_ids)
     if not wanted:
         return {}
@@ -537,6 +545,7 @@ async def unread_counts(
             col(Message.room_id).in_(wanted),
             col(Message.sender_id) != user_id,
             col(Message.created_at) > since,
+            col(Message.deleted_at).is_(None),
         )
         .group_by(col(Message.room_id))
     )
@@ -594,8 +603,10 @@ async def messages_page(
     limit: int,
     before: tuple[datetime, uuid.UUID] | None,
 ) -> Sequence[Message]:
-    """Up to `limit` messages of the room, newest first, strictly older than `before`."""
-    statement = select(Message).where(Message.room_id == room_id)
+    """Up to `limit` messages of the room, newest first, strictly older than `before`; deleted
+    ones are skipped (a cursor is the position of a message listed, so skipping some moves no
+    page)."""
+    statement = select(Message).where(Message.room_id == room_id, col(Message.deleted_at).is_(None))
     if before is not None:
         created_at, message_id = before
         statement = statement.where(
