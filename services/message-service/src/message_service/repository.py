@@ -736,17 +736,20 @@ _PG_HORIZON = text(
     "   AND activity.application_name IS DISTINCT FROM :relay"
     " GROUP BY next.id"
 )
+# Both read the event types the stream carries (`stream.py`).
 _PG_STREAM_ROWS = text(
     "SELECT xid, seq, payload FROM outbox"
     " WHERE xid IS NOT NULL AND (xid, seq) > (:xid, :seq)"
     " AND (xid, seq) <= (:until_xid, :until_seq) AND xid < :horizon"
-    " AND event_type IN ('new_message', 'invitation_created', 'room_read')"
+    " AND event_type IN ('new_message', 'invitation_created', 'room_read',"
+    " 'message_edited', 'message_deleted')"
     " ORDER BY xid, seq LIMIT :limit"
 )
 _SQLITE_STREAM_ROWS = text(
     "SELECT 0 AS xid, seq, payload FROM outbox"
     " WHERE seq > :seq AND seq <= :until_seq"
-    " AND event_type IN ('new_message', 'invitation_created', 'room_read')"
+    " AND event_type IN ('new_message', 'invitation_created', 'room_read',"
+    " 'message_edited', 'message_deleted')"
     " ORDER BY seq LIMIT :limit"
 )
 
@@ -789,3 +792,42 @@ async def stream_rows(
         return [
             StreamRow(StreamPosition(int(row.xid), int(row.seq)), row.payload) for row in result
         ]
+
+
+async def room_audiences(
+    engine: AsyncEngine, *, authors: Iterable[tuple[uuid.UUID, uuid.UUID]]
+) -> dict[tuple[uuid.UUID, uuid.UUID], frozenset[uuid.UUID]]:
+    """Per (room, author): the room's members now (not the invited), those who blocked the
+    author aside; two queries whatever the number of pairs."""
+    wanted = set(authors)
+    if not wanted:
+        return {}
+    rooms = {room_id for room_id, _ in wanted}
+    senders = {sender_id for _, sender_id in wanted}
+    async with autocommit(engine) as connection:
+        members = (
+            await connection.execute(
+                core_select(_members.c.room_id, _members.c.user_id).where(
+                    _members.c.room_id.in_(rooms), _members.c.state == MEMBER
+                )
+            )
+        ).all()
+        blocks = (
+            await connection.execute(
+                core_select(_blocks.c.user_id, _blocks.c.blocked_id).where(
+                    _blocks.c.blocked_id.in_(senders)
+                )
+            )
+        ).all()
+    in_room: dict[uuid.UUID, set[uuid.UUID]] = {}
+    for row in members:
+        in_room.setdefault(row.room_id, set()).add(row.user_id)
+    blockers: dict[uuid.UUID, set[uuid.UUID]] = {}
+    for row in blocks:
+        blockers.setdefault(row.blocked_id, set()).add(row.user_id)
+    return {
+        (room_id, sender_id): frozenset(
+            in_room.get(room_id, set()) - blockers.get(sender_id, set())
+        )
+        for room_id, sender_id in wanted
+    }
