@@ -1,5 +1,5 @@
 """The API on PostgreSQL with a real broker: every endpoint once, keyset paging on real
-timestamps, and a DeviceInvalidated that arrives over RabbitMQ."""
+timestamps (deleted messages skipped), and a DeviceInvalidated that arrives over RabbitMQ."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from fastapi import FastAPI
 
 from herald_shared.events import DeviceInvalidated, utc_now
 from herald_shared.topology import DEVICE_INVALIDATED, EXCHANGE, RECIPIENT_UPDATES
+from message_service import repository
 from message_service.app import create_app, service_of
 from tests.integration.message_service.helpers import drain, nothing_pending, settings_for
 from tests.support.infra import wait_until
@@ -129,6 +130,35 @@ async def test_every_endpoint_on_postgres(app: FastAPI) -> None:
             if cursor is None:
                 break
         assert seen == sent[::-1]
+
+        # Edits and deletes, by the author only; a deleted message leaves the pages and the
+        # unread count, and its edit or delete streams to the members Alice's messages reach.
+        message = f"/rooms/{room}/messages/{sent[3]}"
+        edited = await client.patch(message, json={"content": "m3!"}, headers=alice.headers)
+        assert edited.status_code == 200
+        assert datetime.fromisoformat(edited.json()["edited_at"]) > datetime.fromisoformat(
+            edited.json()["created_at"]
+        )
+        assert (
+            await client.patch(message, json={"content": "x"}, headers=bob.headers)
+        ).status_code == 403
+        unread_before = (await client.get("/rooms", headers=bob.headers)).json()["rooms"][0][
+            "unread"
+        ]
+        gone = f"/rooms/{room}/messages/{sent[5]}"
+        assert (await client.delete(gone, headers=alice.headers)).status_code == 204
+        assert (await client.delete(gone, headers=alice.headers)).status_code == 404
+        page = (
+            await client.get(f"/rooms/{room}/messages", params={"limit": 3}, headers=bob.headers)
+        ).json()
+        assert [item["id"] for item in page["items"]] == [sent[6], sent[4], sent[3]]
+        assert page["items"][2]["content"] == "m3!"
+        after = (await client.get("/rooms", headers=bob.headers)).json()["rooms"][0]["unread"]
+        assert after == unread_before - 1
+        audiences = await repository.room_audiences(
+            service_of(app).engine, authors=[(room, alice.id)]
+        )
+        assert audiences == {(room, alice.id): frozenset({alice.id, bob.id})}  # Carol blocked her
 
         outsider = await register(client, "mallory")
         assert (await client.get(f"/rooms/{room}", headers=outsider.headers)).status_code == 404

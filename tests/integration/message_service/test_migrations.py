@@ -1,6 +1,7 @@
 """Revisions on data written before them: on/off preferences become levels (nobody's
 notifications change with the upgrade), rooms muted before stay muted with no end (0005); quiet
-hours, snooze and breakthrough users start empty (0011); and back."""
+hours, snooze and breakthrough users start empty (0011); messages are neither edited nor
+deleted (0012); and back."""
 
 from __future__ import annotations
 
@@ -135,7 +136,8 @@ async def test_quiet_hours_snooze_and_breakthrough_users_come_and_go(
     database: str, pg_url: str, sqlite_url: str
 ) -> None:
     """Revision 0011: existing users get no quiet hours, no snooze and no breakthrough users;
-    the schema is then the models'; and back, the preferences kept."""
+    the schema (with the later revisions) is then the models'; and back, the preferences
+    kept."""
     engine = make_engine(pg_url if database == "postgresql" else sqlite_url)
     alice, bob = uuid.uuid4(), uuid.uuid4()
     now = datetime.now(UTC)
@@ -185,6 +187,7 @@ async def test_quiet_hours_snooze_and_breakthrough_users_come_and_go(
             assert sorted(tuple(row) for row in rows) == sorted(
                 (user, None, None, None, None) for user in (alice, bob)
             )
+            await connection.run_sync(migrate, "head")  # the models are the newest revision
             assert await connection.run_sync(differences) == []
             await connection.execute(
                 breakthrough.insert().values(user_id=alice, breakthrough_id=bob)
@@ -202,7 +205,77 @@ async def test_quiet_hours_snooze_and_breakthrough_users_come_and_go(
             tables = await connection.run_sync(lambda sync: sa.inspect(sync).get_table_names())
             assert "breakthrough_users" not in tables
 
+            await connection.run_sync(migrate, "head")
+            assert await connection.run_sync(differences) == []
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
+async def test_messages_get_edited_at_and_deleted_at_and_back(
+    database: str, pg_url: str, sqlite_url: str
+) -> None:
+    """Revision 0012: existing messages are neither edited nor deleted; the schema is then the
+    models'; and back, the deleted messages (their text already gone) removed, the others kept."""
+    engine = make_engine(pg_url if database == "postgresql" else sqlite_url)
+    alice, room, kept, deleted = uuid.uuid4(), uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    now = datetime.now(UTC)
+    messages_0011 = sa.table(
+        "messages",
+        *(sa.column(name, sa.Uuid()) for name in ("id", "room_id", "sender_id")),
+        sa.column("content"),
+        sa.column("created_at", TIMESTAMP),
+    )
+    changes = sa.table(
+        "messages",
+        sa.column("id", sa.Uuid()),
+        sa.column("content"),
+        *(sa.column(name, TIMESTAMP) for name in ("edited_at", "deleted_at")),
+    )
+    try:
+        async with engine.begin() as connection:
             await connection.run_sync(migrate, "0011")
+            await connection.execute(
+                USERS.insert().values(
+                    id=alice,
+                    username="alice",
+                    display_name="Alice",
+                    email="alice@x.test",
+                    version=1,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            await connection.execute(
+                ROOMS.insert().values(id=room, name="r", created_by=alice, created_at=now)
+            )
+            for message in (kept, deleted):
+                await connection.execute(
+                    messages_0011.insert().values(
+                        id=message, room_id=room, sender_id=alice, content="hi", created_at=now
+                    )
+                )
+
+            await connection.run_sync(migrate, "0012")
+
+            rows = (await connection.execute(sa.select(changes))).all()
+            assert sorted(tuple(row) for row in rows) == sorted(
+                (message, "hi", None, None) for message in (kept, deleted)
+            )
+            assert await connection.run_sync(differences) == []
+            await connection.execute(
+                changes.update().where(changes.c.id == deleted).values(content="", deleted_at=now)
+            )
+            await connection.execute(
+                changes.update().where(changes.c.id == kept).values(content="hey", edited_at=now)
+            )
+
+            await connection.run_sync(migrate, "0011", down=True)
+
+            left = (await connection.execute(sa.select(messages_0011))).all()
+            assert [(row.id, row.content) for row in left] == [(kept, "hey")]
+
+            await connection.run_sync(migrate, "0012")
             assert await connection.run_sync(differences) == []
     finally:
         await engine.dispose()

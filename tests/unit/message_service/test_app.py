@@ -190,6 +190,7 @@ async def test_openapi_lists_the_api_only(client: httpx.AsyncClient) -> None:
         "/rooms/{room_id}",
         "/rooms/{room_id}/members",
         "/rooms/{room_id}/messages",
+        "/rooms/{room_id}/messages/{message_id}",
         "/rooms/{room_id}/notifications",
         "/rooms/{room_id}/join",
         "/rooms/{room_id}/leave",
@@ -210,6 +211,8 @@ async def test_asyncapi_page_without_try_it_out(client: httpx.AsyncClient) -> No
         "room.invitation.created:publish",
         "presence.changed:publish",
         "room.read:publish",
+        "message.updated:publish",
+        "message.deleted:publish",
         "user.updated:publish",
         "device_invalidations:consume",
     }

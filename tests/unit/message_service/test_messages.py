@@ -57,7 +57,8 @@ async def test_a_message_is_stored_and_its_event_staged_for_every_other_member(
 
     assert response.status_code == 201
     body = response.json()
-    assert set(body) == {"id", "room_id", "sender_id", "content", "created_at"}
+    assert set(body) == {"id", "room_id", "sender_id", "content", "created_at", "edited_at"}
+    assert body["edited_at"] is None
     assert (body["room_id"], body["sender_id"]) == (str(room), str(alice.id))
     assert body["content"] == "Hello everyone! 👋"
     (event,) = await messages_created(runtime)

@@ -143,6 +143,26 @@ async def test_posting_spends_the_users_budget_not_the_tokens(sqlite_url: str) -
     assert_rate_limited(read_over, "session", limit=4, window=60)
 
 
+async def test_edits_and_deletes_spend_the_posting_budget(sqlite_url: str) -> None:
+    async with (
+        limited_app(sqlite_url, rate_limit_posting="3 per minute") as app,
+        client_from(app, ATTACKER) as client,
+    ):
+        alice = await register(client, "alice")
+        room = await client.post(
+            "/rooms", json={"name": "general", "member_ids": []}, headers=alice.headers
+        )
+        messages = f"/rooms/{room.json()['id']}/messages"
+        posted = await client.post(messages, json={"content": "hi"}, headers=alice.headers)
+        message = f"{messages}/{posted.json()['id']}"
+        edited = await client.patch(message, json={"content": "hey"}, headers=alice.headers)
+        deleted = await client.delete(message, headers=alice.headers)
+        over = await client.post(messages, json={"content": "again"}, headers=alice.headers)
+
+    assert (posted.status_code, edited.status_code, deleted.status_code) == (201, 200, 204)
+    assert_rate_limited(over, "posting", limit=3, window=60)
+
+
 async def test_each_token_has_its_own_session_budget(sqlite_url: str) -> None:
     async with (
         limited_app(sqlite_url, rate_limit_session="2 per minute") as app,

@@ -1,6 +1,7 @@
 """The real-time stream's hub on the zero-setup database (SQLite): each stream gets the events of
-its user only, in order, each once; a stream resumed from a `Last-Event-ID` gets what it missed
-and then the live ones, nothing twice; a client too far behind is cut off, to resume."""
+its user only (a message's edits and deletes: the room's members), in order, each once; a
+stream resumed from a `Last-Event-ID` gets what it missed and then the live ones, nothing twice;
+a client too far behind is cut off, to resume."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
+from datetime import datetime
 
 import httpx
 import pytest
@@ -296,3 +298,95 @@ async def test_a_read_marker_reaches_the_users_other_devices_only(
     assert names == [("message", names[0][1]), ("read", {"room_id": str(room), "up_to": message})]
     assert alice_saw == "message"
     assert queued(alices) == []  # Bob's marker is his own
+
+
+async def test_edits_and_deletes_reach_the_rooms_members_only(
+    runtime: MessageService, hub: tuple[StreamHub, Published]
+) -> None:
+    streams, _ = hub
+    async with client_for(runtime.app) as client:
+        alice = await register(client, "alice")
+        bob = await register(client, "bob")
+        carol = await register(client, "carol")  # a member who blocked Alice
+        dave = await register(client, "dave")  # a member who leaves before the edit
+        eve = await register(client, "eve")  # not in the room
+        room = await create_room(client, alice, [bob, carol, dave])
+        assert (await client.put(f"/users/me/blocked/{alice.id}", headers=carol.headers)).is_success
+        opened = {
+            account.username: await streams.open(account.id, after=None, active_room_id=None)
+            for account in (alice, bob, carol, dave, eve)
+        }
+        message = await post(runtime, room, alice, "helo")
+        _, dave_saw, _ = await next_event(opened["dave"])
+        assert (await client.post(f"/rooms/{room}/leave", headers=dave.headers)).is_success
+        edited = await client.patch(
+            f"/rooms/{room}/messages/{message}", json={"content": "hello"}, headers=alice.headers
+        )
+        deleted = await client.delete(f"/rooms/{room}/messages/{message}", headers=alice.headers)
+    assert (edited.status_code, deleted.status_code) == (200, 204)
+
+    bob_saw = [await next_event(opened["bob"]) for _ in range(3)]
+    alice_saw = [(await next_event(opened["alice"]))[1:] for _ in range(3)]
+
+    assert [(name, data) for _, name, data in bob_saw] == [
+        (
+            "message",
+            {
+                "id": message,
+                "room_id": str(room),
+                "sender_id": str(alice.id),
+                "content": "helo",
+                "created_at": bob_saw[0][2]["created_at"],
+                "edited_at": None,
+            },
+        ),
+        (
+            "message_edited",
+            {
+                "id": message,
+                "room_id": str(room),
+                "content": "hello",
+                "edited_at": bob_saw[1][2]["edited_at"],
+            },
+        ),
+        ("message_deleted", {"id": message, "room_id": str(room)}),
+    ]
+    assert datetime.fromisoformat(bob_saw[1][2]["edited_at"]) == datetime.fromisoformat(
+        edited.json()["edited_at"]
+    )
+    assert alice_saw == [(name, data) for _, name, data in bob_saw]  # her other devices
+    assert dave_saw == "message"
+    assert queued(opened["dave"]) == []  # he left: nothing more of the room
+    assert queued(opened["carol"]) == []  # as for the message itself
+    assert queued(opened["eve"]) == []
+
+
+async def test_a_resumed_stream_gets_the_edits_and_deletes_it_missed(
+    runtime: MessageService, hub: tuple[StreamHub, Published]
+) -> None:
+    streams, _ = hub
+    async with client_for(runtime.app) as client:
+        alice = await register(client, "alice")
+        bob = await register(client, "bob")
+        room = await create_room(client, alice, [bob])
+        first = await streams.open(bob.id, after=None, active_room_id=None)
+        messages = [await post(runtime, room, alice, f"m{index}") for index in range(2)]
+        seen = [await next_event(first) for _ in messages]
+        streams.close(first)
+        for message in messages:
+            await client.patch(
+                f"/rooms/{room}/messages/{message}",
+                json={"content": "edited"},
+                headers=alice.headers,
+            )
+        await client.delete(f"/rooms/{room}/messages/{messages[0]}", headers=alice.headers)
+
+    resumed = await streams.open(bob.id, after=parse_position(seen[-1][0]), active_room_id=None)
+    received = [(await next_event(resumed))[1:] for _ in range(3)]
+
+    assert [(name, data["id"]) for name, data in received] == [
+        ("message_edited", messages[0]),
+        ("message_edited", messages[1]),
+        ("message_deleted", messages[0]),
+    ]
+    assert queued(resumed) == []

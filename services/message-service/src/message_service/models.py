@@ -221,6 +221,11 @@ class Block(Table, table=True):
 
 
 class Message(Table, table=True):
+    """A chat message. Its author may edit it (`edited_at`) or delete it (`deleted_at`). A delete
+    keeps the row, so that the ids that name it (read markers, outbox events, the router's
+    ledger) still name something, but empties its `content`: the text is really gone. A deleted
+    message is never listed, counted unread, read up to, edited or replayed."""
+
     __tablename__ = "messages"
     __table_args__ = (
         # The same Idempotency-Key from the same sender is the same message.
@@ -235,6 +240,10 @@ class Message(Table, table=True):
     content: str = Field(sa_type=Text)
     created_at: datetime = Field(default_factory=utc_now, sa_type=UtcDateTime)
     idempotency_key: str | None = Field(default=None, sa_type=String(IDEMPOTENCY_KEY_MAX))
+    # When its author last changed its text (None: never).
+    edited_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    # When its author deleted it (None: not deleted); `content` is "" from then on.
+    deleted_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
 
 
 class OutboxEvent(Table, table=True):

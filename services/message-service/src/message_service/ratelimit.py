@@ -49,7 +49,7 @@ class Budget(StrEnum):
     REGISTRATION = "registration"  # per IP: POST /users
     AUTH_FAILURES = "auth_failures"  # per IP: a missing or unknown bearer token
     ANONYMOUS = "anonymous"  # per IP: the other calls without a token (unsubscribe links)
-    POSTING = "posting"  # per user: POST /rooms/{id}/messages
+    POSTING = "posting"  # per user: POST /rooms/{id}/messages, PATCH and DELETE of one
     ROOMS = "rooms"  # per user: POST /rooms
     INVITATIONS = "invitations"  # per user, one per invitee: POST /rooms, /rooms/{id}/members
     DEVICES = "devices"  # per user: POST /users/me/devices

@@ -509,9 +509,17 @@ async def rooms_of(
 
 
 async def message_in_room(
-    session: AsyncSession, *, room_id: uuid.UUID, message_id: uuid.UUID
+    session: AsyncSession, *, room_id: uuid.UUID, message_id: uuid.UUID, lock: bool = False
 ) -> Message | None:
-    statement = select(Message).where(Message.id == message_id, Message.room_id == room_id)
+    """The message, if it is in this room and not deleted. `lock` serialises its author's edits
+    and deletes (PostgreSQL)."""
+    statement = select(Message).where(
+        Message.id == message_id,
+        Message.room_id == room_id,
+        col(Message.deleted_at).is_(None),
+    )
+    if lock:
+        statement = statement.with_for_update().execution_options(populate_existing=True)
     return (await session.exec(statement)).first()
 
 
@@ -519,7 +527,7 @@ async def unread_counts(
     session: AsyncSession, *, user_id: uuid.UUID, room_ids: Iterable[uuid.UUID]
 ) -> dict[uuid.UUID, int]:
     """Per room: the messages of others after the user's read marker (or, without one, after
-    they joined)."""
+    they joined), deleted ones aside."""
     wanted = list(room_ids)
     if not wanted:
         return {}
@@ -537,6 +545,7 @@ async def unread_counts(
             col(Message.room_id).in_(wanted),
             col(Message.sender_id) != user_id,
             col(Message.created_at) > since,
+            col(Message.deleted_at).is_(None),
         )
         .group_by(col(Message.room_id))
     )
@@ -594,8 +603,10 @@ async def messages_page(
     limit: int,
     before: tuple[datetime, uuid.UUID] | None,
 ) -> Sequence[Message]:
-    """Up to `limit` messages of the room, newest first, strictly older than `before`."""
-    statement = select(Message).where(Message.room_id == room_id)
+    """Up to `limit` messages of the room, newest first, strictly older than `before`; deleted
+    ones are skipped (a cursor is the position of a message listed, so skipping some moves no
+    page)."""
+    statement = select(Message).where(Message.room_id == room_id, col(Message.deleted_at).is_(None))
     if before is not None:
         created_at, message_id = before
         statement = statement.where(
@@ -725,17 +736,20 @@ _PG_HORIZON = text(
     "   AND activity.application_name IS DISTINCT FROM :relay"
     " GROUP BY next.id"
 )
+# Both read the event types the stream carries (`stream.py`).
 _PG_STREAM_ROWS = text(
     "SELECT xid, seq, payload FROM outbox"
     " WHERE xid IS NOT NULL AND (xid, seq) > (:xid, :seq)"
     " AND (xid, seq) <= (:until_xid, :until_seq) AND xid < :horizon"
-    " AND event_type IN ('new_message', 'invitation_created', 'room_read')"
+    " AND event_type IN ('new_message', 'invitation_created', 'room_read',"
+    " 'message_edited', 'message_deleted')"
     " ORDER BY xid, seq LIMIT :limit"
 )
 _SQLITE_STREAM_ROWS = text(
     "SELECT 0 AS xid, seq, payload FROM outbox"
     " WHERE seq > :seq AND seq <= :until_seq"
-    " AND event_type IN ('new_message', 'invitation_created', 'room_read')"
+    " AND event_type IN ('new_message', 'invitation_created', 'room_read',"
+    " 'message_edited', 'message_deleted')"
     " ORDER BY seq LIMIT :limit"
 )
 
@@ -778,3 +792,42 @@ async def stream_rows(
         return [
             StreamRow(StreamPosition(int(row.xid), int(row.seq)), row.payload) for row in result
         ]
+
+
+async def room_audiences(
+    engine: AsyncEngine, *, authors: Iterable[tuple[uuid.UUID, uuid.UUID]]
+) -> dict[tuple[uuid.UUID, uuid.UUID], frozenset[uuid.UUID]]:
+    """Per (room, author): the room's members now (not the invited), those who blocked the
+    author aside; two queries whatever the number of pairs."""
+    wanted = set(authors)
+    if not wanted:
+        return {}
+    rooms = {room_id for room_id, _ in wanted}
+    senders = {sender_id for _, sender_id in wanted}
+    async with autocommit(engine) as connection:
+        members = (
+            await connection.execute(
+                core_select(_members.c.room_id, _members.c.user_id).where(
+                    _members.c.room_id.in_(rooms), _members.c.state == MEMBER
+                )
+            )
+        ).all()
+        blocks = (
+            await connection.execute(
+                core_select(_blocks.c.user_id, _blocks.c.blocked_id).where(
+                    _blocks.c.blocked_id.in_(senders)
+                )
+            )
+        ).all()
+    in_room: dict[uuid.UUID, set[uuid.UUID]] = {}
+    for row in members:
+        in_room.setdefault(row.room_id, set()).add(row.user_id)
+    blockers: dict[uuid.UUID, set[uuid.UUID]] = {}
+    for row in blocks:
+        blockers.setdefault(row.blocked_id, set()).add(row.user_id)
+    return {
+        (room_id, sender_id): frozenset(
+            in_room.get(room_id, set()) - blockers.get(sender_id, set())
+        )
+        for room_id, sender_id in wanted
+    }

@@ -3,8 +3,9 @@ taken from authentication, never from a request body.
 
 A change that notification routing cares about (registration, e-mail, display name, devices,
 preferences) bumps the user's `version` and stages a full `UserUpdated` snapshot in the same
-transaction; a new message stages its `MessageCreated`. The outbox relay publishes them after
-commit, so an event exists if and only if its change was committed.
+transaction; a new message stages its `MessageCreated`, an edit its `MessageEdited`, a delete
+its `MessageDeleted`. The outbox relay publishes them after commit, so an event exists if and
+only if its change was committed.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from herald_shared.events import (
     InvitationCreated,
     Level,
     MessageCreated,
+    MessageDeleted,
+    MessageEdited,
     Platform,
     PreferencesSnapshot,
     QuietHoursSnapshot,
@@ -82,6 +85,12 @@ class ServiceError(Exception):
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
         self.detail = detail
+
+
+class Forbidden(ServiceError):
+    """Something of someone else's that the caller may see but not change."""
+
+    status_code = 403
 
 
 class NotFound(ServiceError):
@@ -840,8 +849,8 @@ async def mark_read(
     _, member = found
     message = await repository.message_in_room(session, room_id=room_id, message_id=message_id)
     if message is None:
-        # The room is there; what the body names is not in it (422, not 404: the path's resource
-        # exists, and a client must not take the room for gone).
+        # The room is there; what the body names is not in it, or deleted (422, not 404: the
+        # path's resource exists, and a client must not take the room for gone).
         raise Invalid("up_to names no message of this room")
     if member.read_up_to is None or (message.created_at, message.id) > (
         member.read_up_to,
@@ -980,6 +989,10 @@ def room_mentioned(content: str) -> bool:
 
 
 def _replay(message: Message, *, room_id: uuid.UUID, content: str) -> PostedMessage:
+    if message.deleted_at is not None:
+        # Answering with the message would bring back what its author deleted, and posting it
+        # anew would make the key name two messages: the key is spent.
+        raise Conflict("the message of this Idempotency-Key was deleted")
     if message.room_id != room_id or message.content != content:
         raise Invalid("this Idempotency-Key was already used for a different message")
     return PostedMessage(message=message, created=False)
@@ -1006,6 +1019,69 @@ async def list_messages(
     items = rows[:limit]
     next_cursor = encode_cursor(items[-1].created_at, items[-1].id) if len(rows) > limit else None
     return MessagePage(items=items, next_cursor=next_cursor)
+
+
+async def edit_message(
+    *,
+    session: AsyncSession,
+    room_id: uuid.UUID,
+    message_id: uuid.UUID,
+    user_id: uuid.UUID,
+    content: str,
+) -> Message:
+    """Change the text of one of the user's messages and stage its `MessageEdited`, in one
+    transaction. The same text again changes nothing and stages nothing."""
+    message = await _own_message(session, room_id=room_id, message_id=message_id, user_id=user_id)
+    if content != message.content:
+        edited_at = utc_now()
+        message.content, message.edited_at = content, edited_at
+        event = MessageEdited(
+            occurred_at=edited_at,
+            message_id=message.id,
+            room_id=message.room_id,
+            sender_id=message.sender_id,
+            message_content=content,
+            edited_at=edited_at,
+        )
+        repository.add_outbox_event(session, event=event, event_type=event.type)
+    await session.commit()
+    return message
+
+
+async def delete_message(
+    *, session: AsyncSession, room_id: uuid.UUID, message_id: uuid.UUID, user_id: uuid.UUID
+) -> None:
+    """Delete one of the user's messages and stage its `MessageDeleted`, in one transaction. The
+    row stays, its text emptied (`models.Message`); from then on the message is not found."""
+    message = await _own_message(session, room_id=room_id, message_id=message_id, user_id=user_id)
+    deleted_at = utc_now()
+    message.content, message.deleted_at = "", deleted_at
+    event = MessageDeleted(
+        occurred_at=deleted_at,
+        message_id=message.id,
+        room_id=message.room_id,
+        sender_id=message.sender_id,
+        deleted_at=deleted_at,
+    )
+    repository.add_outbox_event(session, event=event, event_type=event.type)
+    await session.commit()
+
+
+async def _own_message(
+    session: AsyncSession, *, room_id: uuid.UUID, message_id: uuid.UUID, user_id: uuid.UUID
+) -> Message:
+    """The message, locked, if the user is a member of its room (else 404, like any room not
+    theirs), it is there and not deleted (else 404) and they wrote it (else 403: a member sees
+    the room's messages, so saying who may change one tells them nothing new)."""
+    await _room_of_member(session, room_id=room_id, user_id=user_id)
+    message = await repository.message_in_room(
+        session, room_id=room_id, message_id=message_id, lock=True
+    )
+    if message is None:
+        raise NotFound("message not found")
+    if message.sender_id != user_id:
+        raise Forbidden("only its author may edit or delete a message")
+    return message
 
 
 # --- user snapshots -----------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The real-time stream, `GET /users/me/events`: Server-Sent Events carrying the new messages of
-the user's rooms, the user's invitations and their read markers (for their other devices),
-resumable with `Last-Event-ID` on any replica, and the presence that the open streams imply.
+the user's rooms and their authors' edits and deletes, the user's invitations and their read
+markers (for their other devices), resumable with `Last-Event-ID` on any replica, and the
+presence that the open streams imply.
 
 Where the events come from. Every message and every invitation is already a row of the outbox,
 committed with it. Each replica tails the outbox with one reader, however many streams it
@@ -12,6 +13,11 @@ names a point before which the client has everything. A resume is therefore exac
 replica the client reconnects to (the outbox is the same database), for as long as the outbox
 keeps its rows (`OUTBOX_RETENTION`, a day by default). On SQLite (the zero-setup mode) one
 writer at a time makes `seq` alone commit order.
+
+Who gets what. A new message goes to its author and the recipients its event lists (the room's
+members, those who blocked the author aside); an edit or a delete, whose event lists no one, to
+the same people as the room is when the row is read (`repository.room_audiences`): someone who
+left the room since is told nothing more of it.
 
 Why not a queue per replica bound on the exchange, the usual fan-out: each replica would see the
 events in its own order, so an id handed out by one would mean nothing to another, and an event
@@ -35,7 +41,7 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Annotated, Any
@@ -49,6 +55,8 @@ from herald_shared.events import (
     ConnectionPresence,
     InvitationCreated,
     MessageCreated,
+    MessageDeleted,
+    MessageEdited,
     PresenceChanged,
     RoomInView,
     RoomRead,
@@ -61,9 +69,10 @@ from message_service.repository import StreamPosition, StreamRow
 
 logger = logging.getLogger("message_service.stream")
 
-_STREAMED: TypeAdapter[MessageCreated | InvitationCreated | RoomRead] = TypeAdapter(
-    Annotated[MessageCreated | InvitationCreated | RoomRead, Field(discriminator="type")]
-)
+Streamed = MessageCreated | MessageEdited | MessageDeleted | InvitationCreated | RoomRead
+_STREAMED: TypeAdapter[Streamed] = TypeAdapter(Annotated[Streamed, Field(discriminator="type")])
+# Per (room, author): whom an edit or a delete of a message there goes to.
+RoomAudiences = Mapping[tuple[uuid.UUID, uuid.UUID], frozenset[uuid.UUID]]
 # What a stream's client may not have fetched yet before a stream is cut: past this many frames
 # waiting, the stream ends and the client resumes from its `Last-Event-ID` (from the database).
 MAX_QUEUED_FRAMES = 1000
@@ -95,7 +104,8 @@ class StreamEvent:
     """One row of the outbox as the streams carry it, with the users it is for."""
 
     position: StreamPosition
-    name: str  # the SSE event name: "message" or "invitation"
+    # The SSE event name: "message", "message_edited", "message_deleted", "invitation", "read".
+    name: str
     audience: frozenset[uuid.UUID]
     data: str  # JSON, one line
 
@@ -105,26 +115,46 @@ class StreamEvent:
         ).encode()
 
 
-def stream_event(row: StreamRow) -> StreamEvent | None:
-    """The event of an outbox row, shaped like the REST API's own objects (a message like an
-    item of `GET /rooms/{id}/messages`, an invitation like one of `GET /rooms`, a read marker
-    like `PUT /rooms/{id}/read`'s answer); None for a row that does not parse (the relay
-    dead-letters those)."""
+async def stream_events(engine: AsyncEngine, rows: Sequence[StreamRow]) -> list[StreamEvent]:
+    """The events of outbox rows, in their order; the audiences of edits and deletes are looked
+    up in one go (rows that do not parse are left out: the relay dead-letters those)."""
+    parsed = [(row.position, event) for row in rows if (event := _parse(row)) is not None]
+    audiences = await repository.room_audiences(
+        engine,
+        authors=(
+            (event.room_id, event.sender_id)
+            for _, event in parsed
+            if isinstance(event, MessageEdited | MessageDeleted)
+        ),
+    )
+    return [stream_event(position, event, audiences) for position, event in parsed]
+
+
+def _parse(row: StreamRow) -> Streamed | None:
     try:
-        event = _STREAMED.validate_json(row.payload)
+        return _STREAMED.validate_json(row.payload)
     except ValidationError:
         return None
+
+
+def stream_event(
+    position: StreamPosition, event: Streamed, audiences: RoomAudiences
+) -> StreamEvent:
+    """The event of an outbox row, shaped like the REST API's own objects (a message like an
+    item of `GET /rooms/{id}/messages`, an edit like the part of it that changed, an invitation
+    like one of `GET /rooms`, a read marker like `PUT /rooms/{id}/read`'s answer), with whom it
+    is for (for an edit or a delete, from `audiences`)."""
     if isinstance(event, RoomRead):
         # The user's other devices follow: the room's unread count is 0 up to there.
         return StreamEvent(
-            position=row.position,
+            position=position,
             name="read",
             audience=frozenset((event.user_id,)),
             data=_json({"room_id": event.room_id, "up_to": event.message_id}),
         )
     if isinstance(event, MessageCreated):
         return StreamEvent(
-            position=row.position,
+            position=position,
             name="message",
             audience=frozenset((event.sender_id, *event.recipient_ids)),
             data=_json(
@@ -134,11 +164,33 @@ def stream_event(row: StreamRow) -> StreamEvent | None:
                     "sender_id": event.sender_id,
                     "content": event.message_content,
                     "created_at": event.timestamp.isoformat(),
+                    "edited_at": None,
                 }
             ),
         )
+    if isinstance(event, MessageEdited):
+        return StreamEvent(
+            position=position,
+            name="message_edited",
+            audience=audiences.get((event.room_id, event.sender_id), frozenset()),
+            data=_json(
+                {
+                    "id": event.message_id,
+                    "room_id": event.room_id,
+                    "content": event.message_content,
+                    "edited_at": event.edited_at.isoformat(),
+                }
+            ),
+        )
+    if isinstance(event, MessageDeleted):
+        return StreamEvent(
+            position=position,
+            name="message_deleted",
+            audience=audiences.get((event.room_id, event.sender_id), frozenset()),
+            data=_json({"id": event.message_id, "room_id": event.room_id}),
+        )
     return StreamEvent(
-        position=row.position,
+        position=position,
         name="invitation",
         audience=frozenset((event.invitee_id,)),
         data=_json(
@@ -302,9 +354,8 @@ class StreamHub:
             rows = await repository.stream_rows(
                 self._engine, after=position, until=until, limit=self._batch_size
             )
-            for row in rows:
-                event = stream_event(row)
-                if event is not None and stream.user_id in event.audience:
+            for event in await stream_events(self._engine, rows):
+                if stream.user_id in event.audience:
                     stream.frames.put_nowait(event.frame())
                     stream.last = event.position
                     self._metrics.events.labels(event.name).inc()
@@ -409,8 +460,10 @@ class StreamHub:
             head = self._head = await repository.stream_head(self._engine)
         rows = await repository.stream_rows(self._engine, after=head, limit=self._batch_size)
         if rows:
+            # Read whole before the head moves: a failure reads the same rows again.
+            events = await stream_events(self._engine, rows)
             self._head = rows[-1].position
-            self._dispatch(event for event in map(stream_event, rows) if event is not None)
+            self._dispatch(events)
         return len(rows)
 
     def _dispatch(self, events: Iterable[StreamEvent]) -> None:

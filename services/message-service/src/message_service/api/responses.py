@@ -1,5 +1,5 @@
 """The error answers of the HTTP API, for the OpenAPI description: their bodies, the `responses=`
-dicts a route adds for the answers particular to it (404, 409, 422), and `with_common_answers`,
+dicts a route adds for the answers particular to it (403, 404, 409, 422), and `with_common_answers`,
 which documents on every operation the answers that come from no route of its own (401 from the
 bearer token, 400 and 413 from reading the body, 429 from the rate limits)."""
 
@@ -41,6 +41,7 @@ def _answer(description: str, model: type[BaseModel] = ErrorOut) -> dict[str, An
     return {"description": description, "model": model}
 
 
+FORBIDDEN: Responses = {403: _answer("Someone else's: you may see it, not change it")}
 NOT_FOUND: Responses = {404: _answer("Not found (or not yours)")}
 CONFLICT: Responses = {409: _answer("Conflicts with the current state")}
 INVALID: Responses = {422: _answer("Invalid request", InvalidOut)}

@@ -430,6 +430,10 @@ class MessageCreate(RequestBody):
     content: MessageText
 
 
+class MessageEdit(RequestBody):
+    content: MessageText = Field(description="The new text, under the same rules as a post's")
+
+
 # --- responses ----------------------------------------------------------------------------------
 
 
@@ -598,6 +602,9 @@ class MessageOut(BaseModel):
     sender_id: uuid.UUID
     content: str
     created_at: datetime
+    edited_at: datetime | None = Field(
+        description="When its author last changed its text; null: never"
+    )
 
     @classmethod
     def of(cls, message: Message) -> MessageOut:
@@ -607,6 +614,7 @@ class MessageOut(BaseModel):
             sender_id=message.sender_id,
             content=message.content,
             created_at=message.created_at,
+            edited_at=message.edited_at,
         )
 
 

@@ -23,6 +23,9 @@ A Server-Sent Events stream (`text/event-stream`) of what concerns you, as it ha
 
 * `event: message`: a new message in one of your rooms (yours included), shaped like an item of
   `GET /rooms/{id}/messages`;
+* `event: message_edited`: its author changed a message of one of your rooms
+  (`{id, room_id, content, edited_at}`);
+* `event: message_deleted`: its author deleted a message of one of your rooms (`{id, room_id}`);
 * `event: invitation`: you were invited to a room, shaped like an item of `GET /rooms`'s
   `invitations`;
 * `event: read`: you read a room up to a message, on one of your devices (`{room_id, up_to}`),
