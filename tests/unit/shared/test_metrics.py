@@ -230,6 +230,8 @@ async def test_queue_depth_and_consumers_come_from_rabbitmq_and_vanish_when_it_c
             "presence_updates.dlq": (0, 0),
             "read_markers": (0, 2),
             "read_markers.dlq": (0, 0),
+            "message_changes": (0, 2),
+            "message_changes.dlq": (0, 0),
             "delivery_reports": (3, 0),
             "delivery_reports.dlq": (0, 0),
             # The queues the router's jobs feed (push-sender's and email-sender's).
