@@ -100,7 +100,7 @@ ROUTER_FLAVOURS = ("random", "composing", "publishing")
 # left from the round before, and its own close just after its end.
 CATCH_GRACE_S = 1.0
 EMAIL_FLAVOURS = ("random", "mailing")
-# notification_router.digests.RESEND_AFTER: a digest left `sending` is published again then.
+# notification_router.schedule.RESEND_AFTER: a digest left `sending` is published again then.
 RESEND_AFTER_S = 30.0
 
 # A dispatcher in the middle of closing windows: its transaction has claimed them and is
@@ -110,8 +110,8 @@ DISPATCHER_CLOSING = """
 SELECT pid, client_port, xact_start FROM pg_stat_activity
 WHERE datname = current_database() AND pid <> pg_backend_pid() AND xact_start IS NOT NULL
   AND state IN ('active', 'idle in transaction')
-  AND (query LIKE 'UPDATE digest_entries SET state=%'
-       OR query LIKE 'UPDATE email_digests SET state=%job=%'
+  AND (query LIKE 'UPDATE window_entries SET state=%'
+       OR query LIKE 'UPDATE waiting_windows SET state=%jobs=%'
        OR query LIKE 'INSERT INTO notification_deliveries %')
 LIMIT 1
 """
@@ -188,8 +188,10 @@ async def with_email_delay(
 
 async def waiting_windows(router_db: str) -> frozenset[uuid.UUID]:
     async with connected(router_db) as connection:
-        rows = await connection.fetch("SELECT digest_id FROM email_digests WHERE state = 'waiting'")
-    return frozenset(row["digest_id"] for row in rows)
+        rows = await connection.fetch(
+            "SELECT window_id FROM waiting_windows WHERE state = 'waiting'"
+        )
+    return frozenset(row["window_id"] for row in rows)
 
 
 # Digest e-mails of windows closed in the last 3 s that are not yet reported delivered: on
@@ -274,7 +276,7 @@ class Killer:
         dispatchers poll every 0.2 s), and again for the next window."""
         while time.monotonic() < deadline:
             seconds = await monitor.fetchval(
-                "SELECT EXTRACT(EPOCH FROM min(due_at) - now()) FROM email_digests"
+                "SELECT EXTRACT(EPOCH FROM min(due_at) - now()) FROM waiting_windows"
                 " WHERE state = 'waiting'"
             )
             due = time.monotonic() + max(0.0, float(seconds)) if seconds is not None else deadline
@@ -311,7 +313,7 @@ class Killer:
                 async with monitor.transaction():
                     await monitor.execute("SET LOCAL lock_timeout = '10s'")
                     await monitor.fetch(
-                        "SELECT digest_id FROM email_digests"
+                        "SELECT window_id FROM waiting_windows"
                         " WHERE state = 'waiting' AND due_at <= now() FOR UPDATE"
                     )
                     return await self.kill(round_number, owner, flavour)
@@ -370,15 +372,16 @@ async def run_rounds(
 async def read_digests(router_db: str) -> tuple[list[Digest], list[asyncpg.Record]]:
     async with connected(router_db) as connection:
         digests = await connection.fetch(
-            "SELECT g.digest_id, g.user_id, g.state, g.opened_at, g.due_at, g.closed_at, g.size,"
-            " (g.job->>'notification_id')::uuid AS notification_id,"
+            "SELECT g.window_id AS digest_id, g.user_id, g.state, g.opened_at, g.due_at,"
+            " g.closed_at, g.size, (g.jobs->0->>'notification_id')::uuid AS notification_id,"
             " d.created_at AS first_closed_at, d.status AS delivery"
-            " FROM email_digests g LEFT JOIN notification_deliveries d"
-            " ON d.notification_id = (g.job->>'notification_id')::uuid AND d.target = 'digest'"
+            " FROM waiting_windows g LEFT JOIN notification_deliveries d"
+            " ON d.notification_id = (g.jobs->0->>'notification_id')::uuid"
+            " AND d.target = 'digest' WHERE g.channel = 'email'"
         )
         entries = await connection.fetch(
-            "SELECT message_id, recipient_id, digest_id, state,"
-            " job->>'message_content' AS content FROM digest_entries"
+            "SELECT message_id, recipient_id, window_id AS digest_id, state,"
+            " job->>'message_content' AS content FROM window_entries WHERE channel = 'email'"
         )
     return [Digest(**dict(row)) for row in digests], list(entries)
 
@@ -464,7 +467,7 @@ async def test_digests_are_sent_exactly_once_while_routers_and_email_senders_are
 ) -> None:
     overrides = {
         "EMAIL_DELAY_SCALE": str(SCALE),
-        "DIGEST_POLL_INTERVAL": "0.2",
+        "SCHEDULE_POLL_INTERVAL": "0.2",
         **SHORT_LEASES,
     }
     herald = await start_herald(overrides=overrides, replicas={ROUTER: 2, EMAIL_SENDER: 2})
