@@ -14,6 +14,7 @@ from datetime import timedelta
 import pytest
 from faststream import TestApp
 from sqlalchemy import Table, func, select, text
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from herald_shared.broker import RabbitSettings
 from herald_shared.events import (
@@ -26,7 +27,7 @@ from herald_shared.events import (
     notification_id_for,
     utc_now,
 )
-from notification_router import repository, schedule
+from notification_router import repository, routing, schedule
 from notification_router.app import RouterService, build_service
 from notification_router.schedule import WindowDispatcher
 from notification_router.settings import Settings
@@ -43,7 +44,7 @@ from tests.integration.notification_router.test_router import (
     push_jobs,
 )
 from tests.support.infra import wait_until
-from tests.support.router_factories import message_created, user_updated
+from tests.support.router_factories import message_created, recipient, user_updated
 
 # Every user's 120 s become 0.6 s.
 DELAY_SCALE = 0.005
@@ -498,3 +499,24 @@ async def test_edits_and_deletions_reach_what_still_waits(
         (typo.message_id, "the typo, fixed"),
         (fine.message_id, "all fine"),
     ]
+
+
+async def test_a_long_lived_connection_keeps_opening_and_joining_windows(
+    service: RouterService,
+) -> None:
+    """The upsert of a waiting window names the partial unique index by its predicate; with the
+    predicate as a parameter, PostgreSQL stopped matching it once asyncpg's prepared statement
+    went generic (from its sixth run on one connection) and every routing batch after that
+    failed. One connection, many batches of the same shape."""
+    one_connection = create_async_engine(service.settings.database_url, pool_size=1, max_overflow=0)
+    try:
+        for batch in range(12):
+            bob = recipient(email_delay=120, devices=0)
+            event = message_created(recipient_ids=[bob.user_id], timestamp=utc_now())
+            plan = routing.plan_notifications(event, {bob.user_id: bob}, now=utc_now())
+            await repository.record_decisions(
+                one_connection, [(event, plan.decisions)], now=utc_now()
+            )
+            assert await count(service, window_entries) == batch + 1
+    finally:
+        await one_connection.dispose()

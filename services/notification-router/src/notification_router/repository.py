@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Table, and_, bindparam, delete, func, or_, select, update
+from sqlalchemy import Table, and_, bindparam, delete, func, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -439,7 +439,10 @@ async def _add_to_windows(
     insert = _insert(connection, waiting_windows)
     upsert = insert.on_conflict_do_update(
         index_elements=[waiting_windows.c.user_id, waiting_windows.c.channel],
-        index_where=waiting_windows.c.state == WINDOW_WAITING,
+        # A literal, not a parameter: PostgreSQL matches the partial unique index by this
+        # predicate, and a parameter stops matching once a prepared statement goes generic
+        # (its sixth run on a connection: "no unique or exclusion constraint matching").
+        index_where=text(f"state = '{WINDOW_WAITING}'"),
         # A no-op change, for the row lock and RETURNING: the window keeps its due time.
         set_={"user_id": insert.excluded.user_id},
     ).returning(waiting_windows.c.window_id, waiting_windows.c.user_id, waiting_windows.c.channel)
