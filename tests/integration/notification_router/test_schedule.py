@@ -19,6 +19,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from herald_shared.broker import RabbitSettings
 from herald_shared.events import (
     Channel,
+    DeliveryOutcome,
+    DeliveryReported,
     EmailRequested,
     MessageDeleted,
     MessageEdited,
@@ -42,6 +44,7 @@ from tests.integration.notification_router.test_router import (
     projected,
     publish,
     push_jobs,
+    reaches,
 )
 from tests.support.infra import wait_until
 from tests.support.router_factories import message_created, recipient, user_updated
@@ -403,6 +406,33 @@ async def test_pushes_held_by_a_snooze_come_as_one_summary_per_room_when_it_ends
         target=str(bob.devices[0].device_id),
     )
     assert await count(service, window_entries, state="sent") == 4
+
+    # Delivered after waiting on purpose: no latency to speak of, and said so.
+    for job in by_room.values():
+        await publish(
+            service,
+            DeliveryReported(
+                notification_id=job.notification_id,
+                message_id=job.message_id,
+                recipient_id=job.recipient_id,
+                channel=Channel.PUSH,
+                outcome=DeliveryOutcome.DELIVERED,
+            ),
+        )
+    await wait_until(
+        reaches(
+            service,
+            "herald_router_delivery_reports_total",
+            2,
+            channel="push",
+            outcome="delivered",
+            result="applied_after_waiting",
+        )
+    )
+    latencies = service.registry.get_sample_value(
+        "herald_end_to_end_latency_seconds_count", {"channel": "push", "lane": "normal"}
+    )
+    assert not latencies
 
 
 async def test_a_snooze_turned_off_early_releases_what_it_held(

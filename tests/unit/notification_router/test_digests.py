@@ -10,8 +10,6 @@ import pytest
 from herald_shared.events import (
     MAX_DIGEST_ENTRIES,
     Channel,
-    DeliveryOutcome,
-    DeliveryReported,
     EmailRequested,
     Level,
     RoomKind,
@@ -27,7 +25,6 @@ from notification_router.routing import (
     WindowPlan,
     compose_digest,
     decide_for,
-    is_digest_report,
 )
 from tests.support.router_factories import SENT_AT, message_created, recipient
 
@@ -229,28 +226,6 @@ def test_a_digest_keeps_each_entrys_trigger_and_room_kind() -> None:
     plan = compose_digest(uuid.uuid4(), bob, [dm], read_markers={}, now=NOW)
     assert digest(plan).digest[0].trigger is Trigger.DIRECT
     assert digest(plan).digest[0].room_name == ""
-
-
-def test_a_digests_delivery_report_is_told_from_a_single_emails() -> None:
-    bob = recipient(email_delay=120)
-    waiting = waiting_email(bob.user_id)
-    plan = compose_digest(uuid.uuid4(), bob, [waiting], read_markers={}, now=NOW)
-
-    def report(notification_id: uuid.UUID, channel: Channel = Channel.EMAIL) -> DeliveryReported:
-        return DeliveryReported(
-            notification_id=notification_id,
-            message_id=waiting.message_id,
-            recipient_id=bob.user_id,
-            channel=channel,
-            outcome=DeliveryOutcome.DELIVERED,
-        )
-
-    assert is_digest_report(report(digest(plan).notification_id))
-    assert not is_digest_report(report(waiting.notification_id))  # the message's own e-mail
-    push_id = notification_id_for(
-        message_id=waiting.message_id, recipient_id=bob.user_id, channel=Channel.PUSH, target="x"
-    )
-    assert not is_digest_report(report(push_id, Channel.PUSH))
 
 
 def test_a_deleted_message_is_left_out_and_an_edited_one_tells_its_latest_text() -> None:

@@ -278,14 +278,13 @@ async def _observe_delivery_latency(
     results: Mapping[uuid.UUID, ReportResult],
     deps: RouterDeps,
 ) -> None:
-    # Once per notification: a redelivered or later report is no longer APPLIED. Not digests:
-    # they wait on purpose, for the recipient's chosen delay.
+    # Once per notification: a redelivered or later report is no longer APPLIED. Not what
+    # waited in a window (APPLIED_AFTER_WAITING): its delay was the recipient's choice.
     delivered = [
         report
         for report in reports
         if report.outcome is DeliveryOutcome.DELIVERED
         and results[report.notification_id] is ReportResult.APPLIED
-        and not routing.is_digest_report(report)
     ]
     if not delivered:
         return

@@ -60,7 +60,9 @@ class RouterMetrics:
         )
         self.delivery_reports = Counter(
             "herald_router_delivery_reports",
-            "Delivery reports received, by what they did to the ledger.",
+            "Delivery reports received, by what they did to the ledger: applied, "
+            "applied_after_waiting (a digest, or a push held for quiet hours: not in the "
+            "end-to-end latency), stale, unknown.",
             ["channel", "outcome", "result"],
             registry=registry,
         )

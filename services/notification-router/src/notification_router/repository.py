@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence, Set
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from datetime import UTC, datetime, timedelta
@@ -104,7 +104,7 @@ _APPLY_REPORT = (
     .values(
         status=bindparam("p_status"), reason=bindparam("p_reason"), updated_at=bindparam("p_now")
     )
-    .returning(_deliveries.notification_id)
+    .returning(_deliveries.notification_id, _deliveries.target)
 )
 _CHANNEL_OF = select(_deliveries.notification_id, _deliveries.channel).where(
     _ids(_deliveries.notification_id)
@@ -522,8 +522,17 @@ def _utc(value: datetime) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
+# The targets of deliveries that waited in a window (`_window_delivery_row`): an e-mail digest,
+# and pushes held for quiet hours ("held:<device id>").
+DIGEST_TARGET = "digest"
+HELD_PUSH_PREFIX = "held:"
+
+
 class ReportResult(StrEnum):
     APPLIED = "applied"
+    # Applied to a notification that waited in a window on purpose (a digest, a push held for
+    # quiet hours): its delay is no latency.
+    APPLIED_AFTER_WAITING = "applied_after_waiting"
     STALE = "stale"  # the stored status is final or further along
     UNKNOWN = "unknown"  # no such notification in the ledger (on the report's channel)
 
@@ -550,7 +559,7 @@ async def apply_delivery_reports(
     # Autocommit: each UPDATE is a compare-and-set that stands alone (a report applied twice is
     # a no-op the second time), and the SELECT only classifies; no transaction is needed.
     async with autocommit(engine) as connection:
-        applied: set[uuid.UUID] = set()
+        applied: dict[uuid.UUID, str] = {}
         for (channel, outcome, reason), notification_ids in groups.items():
             updated = await connection.execute(
                 _APPLY_REPORT,
@@ -563,8 +572,8 @@ async def apply_delivery_reports(
                     "p_now": now,
                 },
             )
-            applied.update(updated.scalars())
-        rest = {report.notification_id for report in reports} - applied
+            applied.update({notification_id: target for notification_id, target in updated})
+        rest = {report.notification_id for report in reports} - applied.keys()
         known: dict[uuid.UUID, str] = {}
         if rest:
             rows = await connection.execute(_CHANNEL_OF, {"ids": sorted(rest)})
@@ -573,13 +582,23 @@ async def apply_delivery_reports(
 
 
 def _result(
-    report: DeliveryReported, applied: Set[uuid.UUID], known: Mapping[uuid.UUID, str]
+    report: DeliveryReported, applied: Mapping[uuid.UUID, str], known: Mapping[uuid.UUID, str]
 ) -> ReportResult:
     if report.notification_id in applied:
+        target = applied[report.notification_id]
+        if target == DIGEST_TARGET or target.startswith(HELD_PUSH_PREFIX):
+            return ReportResult.APPLIED_AFTER_WAITING
         return ReportResult.APPLIED
     if known.get(report.notification_id) == str(report.channel):
         return ReportResult.STALE
     return ReportResult.UNKNOWN
+
+
+def _device_of(target: str) -> str | None:
+    """The device a delivery went to (None for an e-mail)."""
+    if target in ("", DIGEST_TARGET):
+        return None
+    return target.removeprefix(HELD_PUSH_PREFIX)
 
 
 # --- presence projection ----------------------------------------------------------------------
@@ -887,9 +906,11 @@ async def _close(
 
 
 def _window_delivery_row(job: PushRequested | EmailRequested, now: datetime) -> dict[str, Any]:
-    # A digest is told from the message's own e-mail by its target (a push by its device).
+    # What waited is told from what went at once by its target (`ReportResult`).
     row = _delivery_row(job, now)
-    return row | {"target": "digest"} if isinstance(job, EmailRequested) else row
+    if isinstance(job, EmailRequested):
+        return row | {"target": DIGEST_TARGET}
+    return row | {"target": f"{HELD_PUSH_PREFIX}{job.device_id}"}
 
 
 _CHANGES_OF = select(
@@ -1079,7 +1100,7 @@ async def explain(
             {
                 "notification_id": str(row.notification_id),
                 "channel": row.channel,
-                "device_id": row.target or None,
+                "device_id": _device_of(row.target),
                 "status": row.status,
                 "reason": row.reason,
                 "created_at": _utc(row.created_at).isoformat(),

@@ -51,7 +51,6 @@ from herald_shared.events import (
     NOTIFICATION_NAMESPACE,
     Channel,
     DeliveryOutcome,
-    DeliveryReported,
     DigestEntry,
     EmailJobsRequested,
     EmailRequested,
@@ -761,13 +760,6 @@ def digest_notification_id(digest_id: uuid.UUID, recipient_id: uuid.UUID) -> uui
     """The digest e-mail's idempotency key: one per window, never a single message's."""
     return notification_id_for(
         message_id=digest_id, recipient_id=recipient_id, channel=Channel.EMAIL, target="digest"
-    )
-
-
-def is_digest_report(report: DeliveryReported) -> bool:
-    """Whether a report is of a digest: its notification is not the message's own e-mail."""
-    return report.channel is Channel.EMAIL and report.notification_id != notification_id_for(
-        message_id=report.message_id, recipient_id=report.recipient_id, channel=Channel.EMAIL
     )
 
 
