@@ -1295,6 +1295,7 @@ EVENT_TYPES = {
     "recipient_updates": "user_updated",
     "presence_updates": "presence_changed",
     "read_markers": "room_read",
+    "message_changes": "message_edited",
     "delivery_reports": "delivery_reported",
     "push_notifications": "push_requested",
     "push_notifications_urgent": "push_requested",
