@@ -190,5 +190,9 @@ async def test_herald_loses_nothing_when_the_node_its_services_use_is_killed_und
     assert result.not_delivered_in_ledger == 0
     assert sum(result.dead_letters.values()) == 0, result.dead_letters
     assert result.most_copies <= 2
-    assert ready_s <= 10
+    # Every quorum queue whose leader was on the dead node elects another before its consumers
+    # come back. Alone on an idle machine that took 1.3-2.7 s; inside the full suite (four
+    # workers on two cores) 12.5 and 16.6 s with the 11 work queues of now, so the bound is the
+    # suite's, and the FAULT line says what this run took.
+    assert ready_s <= 30
     assert herald.crashed() == {}
