@@ -530,14 +530,39 @@ def _push_job(
         channel=Channel.PUSH,
         target=str(device.device_id),
     )
+    return _device_push(
+        notification_id,
+        message_id=event.message_id,
+        room_id=event.room_id,
+        recipient_id=recipient.user_id,
+        device=device,
+        title=title,
+        body=body,
+        trigger=trigger,
+        now=now,
+    )
+
+
+def _device_push(
+    notification_id: uuid.UUID,
+    *,
+    message_id: uuid.UUID,
+    room_id: uuid.UUID,
+    recipient_id: uuid.UUID,
+    device: Device,
+    title: str,
+    body: str,
+    trigger: Trigger,
+    now: datetime,
+) -> PushRequested:
     # The job's event id is its notification id: a republished job is the same event.
     return PushRequested(
         event_id=notification_id,
         occurred_at=now,
         notification_id=notification_id,
-        message_id=event.message_id,
-        room_id=event.room_id,
-        recipient_id=recipient.user_id,
+        message_id=message_id,
+        room_id=room_id,
+        recipient_id=recipient_id,
         device_id=device.device_id,
         platform=device.platform,
         token=device.token,
@@ -714,28 +739,21 @@ def compose_push_summaries(
         urgent = [message.trigger for message in messages if message.trigger.urgent]
         title, body = summary_content(last, len(messages), limits=limits)
         jobs.extend(
-            PushRequested(
-                event_id=(
-                    notification_id := notification_id_for(
-                        message_id=window_id,
-                        recipient_id=recipient.user_id,
-                        channel=Channel.PUSH,
-                        target=f"{room_id}:{device.device_id}",
-                    )
+            _device_push(
+                notification_id_for(
+                    message_id=window_id,
+                    recipient_id=recipient.user_id,
+                    channel=Channel.PUSH,
+                    target=f"{room_id}:{device.device_id}",
                 ),
-                occurred_at=now,
-                notification_id=notification_id,
                 message_id=last.message_id,
                 room_id=room_id,
                 recipient_id=recipient.user_id,
-                device_id=device.device_id,
-                platform=device.platform,
-                token=device.token,
-                token_updated_at=device.token_updated_at,
-                web_push_keys=device.web_push_keys,
+                device=device,
                 title=title,
                 body=body,
                 trigger=urgent[0] if urgent else Trigger.MESSAGE,
+                now=now,
             )
             for device in recipient.devices
         )
