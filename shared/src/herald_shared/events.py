@@ -36,6 +36,10 @@ MAX_ITEMS_PER_EVENT = 500
 MAX_DIGEST_ENTRIES = 50
 # What a user may choose to wait before an e-mail (`PreferencesSnapshot.email_delay`), seconds.
 EMAIL_DELAYS = (0, 120, 900, 3600)
+# What one recall names (`PushRecall`): with its overhead it fits every push provider's payload
+# (4 kB and less), where each id costs ~40 bytes.
+MAX_RECALLED_ROOMS = 50
+MAX_RECALLED_NOTIFICATIONS = 30
 
 
 def utc_now() -> datetime:
@@ -323,8 +327,21 @@ class UserUpdated(Event):
     time_zone: str = "UTC"
 
 
+class PushRecall(_Frozen):
+    """What a recall takes off one device's screen, because it was read (or deleted) elsewhere:
+    the notifications of these rooms (Android keeps one per room, under the room's tag; iOS
+    groups a room's as one thread) and, where a device keeps them one by one (iOS, browsers),
+    these notifications by id (the newest, when there are more)."""
+
+    room_ids: list[uuid.UUID] = Field(min_length=1, max_length=MAX_RECALLED_ROOMS)
+    notification_ids: list[uuid.UUID] = Field(
+        default_factory=list, max_length=MAX_RECALLED_NOTIFICATIONS
+    )
+
+
 class PushRequested(Event):
-    """Deliver one push notification to one device (`notification.push.send`)."""
+    """Deliver one push notification to one device (`notification.push.send`), or, with
+    `recall`, take earlier ones off it (title and body are then empty)."""
 
     type: Literal["push_requested"] = "push_requested"
     notification_id: uuid.UUID
@@ -339,6 +356,16 @@ class PushRequested(Event):
     title: str
     body: str
     trigger: Trigger = Trigger.MESSAGE
+    # The recipient's unread messages, all rooms together, as the router counted them: the
+    # app's badge. None from a router that did not count them.
+    badge: int | None = Field(default=None, ge=0)
+    recall: PushRecall | None = None
+
+    @property
+    def urgent(self) -> bool:
+        """Its lane: DMs and personal mentions, and recalls (a stale notification on screen is
+        wrong now), go ahead of the rest."""
+        return self.recall is not None or self.trigger.urgent
 
 
 class DigestEntry(_Frozen):
@@ -374,6 +401,11 @@ class EmailRequested(Event):
     trigger: Trigger = Trigger.MESSAGE
     digest: list[DigestEntry] = Field(default_factory=list, max_length=MAX_DIGEST_ENTRIES)
     omitted: int = Field(default=0, ge=0)
+
+    @property
+    def urgent(self) -> bool:
+        """Its lane: DMs and personal mentions go ahead of the rest."""
+        return self.trigger.urgent
 
 
 class DeliveryReported(Event):
@@ -477,8 +509,8 @@ class _Jobs(Event):
 class PushJobsRequested(_Jobs):
     """Deliver push notifications, of one or more messages, to devices of one platform
     (`notification.push.send`, or `notification.push.send.urgent` when `urgent`: jobs of DMs and
-    personal mentions only). Supersedes `PushBatchRequested` (one message), which stays
-    accepted."""
+    personal mentions, and recalls, only). Supersedes `PushBatchRequested` (one message), which
+    stays accepted."""
 
     type: Literal["push_jobs_requested"] = "push_jobs_requested"
     platform: Platform
@@ -490,7 +522,7 @@ class PushJobsRequested(_Jobs):
         self._unique([job.notification_id for job in self.jobs])
         if any(job.platform is not self.platform for job in self.jobs):
             raise ValueError("every job is for the event's platform")
-        if any(job.trigger.urgent is not self.urgent for job in self.jobs):
+        if any(job.urgent is not self.urgent for job in self.jobs):
             raise ValueError("every job is of the event's lane")
         return self
 
@@ -507,7 +539,7 @@ class EmailJobsRequested(_Jobs):
     @model_validator(mode="after")
     def _consistent(self) -> EmailJobsRequested:
         self._unique([job.notification_id for job in self.jobs])
-        if any(job.trigger.urgent is not self.urgent for job in self.jobs):
+        if any(job.urgent is not self.urgent for job in self.jobs):
             raise ValueError("every job is of the event's lane")
         return self
 

@@ -85,10 +85,14 @@ from herald_shared.topology import EXCHANGE, ConsumerQueue
 
 
 class SendJob(DeliveryJob, Protocol):
-    """What the sender workflow reads from a job: the ledger's ids, and why it is sent."""
+    """What the sender workflow reads from a job: the ledger's ids, why it is sent, and
+    whether it goes ahead of the others."""
 
     @property
     def trigger(self) -> Trigger: ...
+
+    @property
+    def urgent(self) -> bool: ...
 
 
 J = TypeVar("J", bound=SendJob)
@@ -539,7 +543,7 @@ class Sender(Generic[J]):
 
     async def _deliver(self, jobs: list[J]) -> ItemError | None:
         # A delivery of the urgent lane (DMs, personal mentions) is claimed in the next batch.
-        steps = await self._claims.submit(jobs, urgent=any(job.trigger.urgent for job in jobs))
+        steps = await self._claims.submit(jobs, urgent=any(job.urgent for job in jobs))
         # Each job's own error comes back as a value; an exception raised is the ledger or the
         # broker failing, which brings the whole delivery back.
         results = await asyncio.gather(
@@ -630,7 +634,7 @@ class Sender(Generic[J]):
     async def _send(self, job: J, gate: Gate[J]) -> Outcome:
         """Stage 2: one provider call, once the job has its place."""
         # A DM or a personal mention gets the next free place, ahead of room chatter.
-        await gate.limiter.acquire(job.message_id, urgent=job.trigger.urgent)
+        await gate.limiter.acquire(job.message_id, urgent=job.urgent)
         try:
             admission: Admitted | Refused = (
                 gate.breaker.admit() if gate.breaker is not None else Admitted()

@@ -54,6 +54,10 @@ class Job:
     device_id: uuid.UUID = field(default_factory=uuid.uuid4)
     trigger: Trigger = Trigger.MESSAGE
 
+    @property
+    def urgent(self) -> bool:
+        return self.trigger.urgent
+
 
 def jobs_of(count: int, message_id: uuid.UUID | None = None) -> list[Job]:
     message_id = message_id or uuid.uuid4()

@@ -836,9 +836,9 @@ def batch_jobs(
     emails: defaultdict[bool, list[EmailRequested]] = defaultdict(list)
     for job in sorted(unique.values(), key=lambda job: job.notification_id):
         if isinstance(job, PushRequested):
-            pushes[(not job.trigger.urgent, job.platform)].append(job)
+            pushes[(not job.urgent, job.platform)].append(job)
         else:
-            emails[not job.trigger.urgent].append(job)
+            emails[not job.urgent].append(job)
 
     batches: list[JobBatch] = []
     for not_urgent, platform in sorted(pushes):
