@@ -340,14 +340,16 @@ async def test_messages_routed_together_share_one_ledger_transaction_and_their_e
         "NoneType",
     ]
     # One read of every recipient, then one transaction: one insert of every decision, one of
-    # every job.
+    # every job, one upsert of every unread counter.
     assert statements == [
         "SELECT recipients",
         "SELECT presence_connections",
         "SELECT read_markers",
+        "SELECT unread_counts",
         "BEGIN",
         "INSERT notifications",
         "INSERT notification_deliveries",
+        "INSERT unread_counts",
     ]
     (push_event,) = push_batches(service)
     (email_event,) = email_batches(service)

@@ -126,7 +126,13 @@ async def test_a_read_marker_only_moves_forward(engine: AsyncEngine) -> None:
             up_to=NOW + timedelta(seconds=seconds),
         )
 
-    moved = [await repository.apply_read_marker(engine, marker(seconds)) for seconds in (5, 2, 9)]
+    moved = [
+        await repository.apply_read_marker(
+            engine, marker(seconds), now=NOW, recall_linger=timedelta(0)
+        )
+        is not None
+        for seconds in (5, 2, 9)
+    ]
     markers = await repository.load_read_markers(engine, [USER], [ROOM, OTHER_ROOM])
 
     assert moved == [True, False, True]

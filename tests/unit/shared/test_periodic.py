@@ -42,3 +42,26 @@ async def test_passes_repeat_until_stopped_and_a_failure_is_logged_without_its_t
     assert "RuntimeError" in record.getMessage()
     assert "secret detail" not in record.getMessage()
     await task.stop()  # stopping twice is harmless
+
+
+async def test_a_wake_brings_the_next_pass_forward() -> None:
+    passes: list[int] = []
+
+    async def work() -> None:
+        passes.append(len(passes))
+
+    # An interval no test waits out: a second pass can only come from the wake.
+    task = PeriodicTask(work, interval=3600, name="t", logger=LOGGER, failure="test.pass_failed")
+    task.wake()  # not running: nothing to wake
+    task.start()
+    try:
+
+        async def passes_done(count: int) -> bool:
+            return len(passes) >= count
+
+        await wait_until(lambda: passes_done(1))
+        task.wake(after=0.05)
+        await wait_until(lambda: passes_done(2))
+    finally:
+        await task.stop()
+    assert passes == [0, 1]

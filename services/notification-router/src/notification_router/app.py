@@ -55,77 +55,82 @@ class RouterService:
 
 def _wire(
     settings: Settings, engine: AsyncEngine, registry: CollectorRegistry
-) -> tuple[RabbitBroker, RouterDeps, Subscribers]:
+) -> tuple[RabbitBroker, RouterDeps, Subscribers, WindowDispatcher]:
     broker = make_broker(
         settings.rabbitmq, service_name=SERVICE_NAME, registry=registry, description=DESCRIPTION
     )
+    publishers = {
+        PUSH_SEND: event_publisher(
+            broker,
+            PushJobsRequested,
+            PUSH_SEND,
+            description=(
+                "Push notifications for the devices of one platform, one per device, of one "
+                f"or more messages: up to {MAX_ITEMS_PER_EVENT} per event."
+            ),
+        ),
+        EMAIL_SEND: event_publisher(
+            broker,
+            EmailJobsRequested,
+            EMAIL_SEND,
+            description=(
+                "E-mail notifications, one per recipient, of one or more messages: up to "
+                f"{MAX_ITEMS_PER_EVENT} per event."
+            ),
+        ),
+        PUSH_SEND_URGENT: event_publisher(
+            broker,
+            PushJobsRequested,
+            PUSH_SEND_URGENT,
+            description=(
+                "The urgent lane of push notifications: those of direct messages, "
+                "invitations and personal mentions, and recalls, on queues of their own so no "
+                "backlog holds them back."
+            ),
+        ),
+        EMAIL_SEND_URGENT: event_publisher(
+            broker,
+            EmailJobsRequested,
+            EMAIL_SEND_URGENT,
+            description=(
+                "The urgent lane of e-mail notifications: those of direct messages, "
+                "invitations and personal mentions."
+            ),
+        ),
+    }
+    metrics = RouterMetrics(registry)
+    limits = ContentLimits(
+        title_max_chars=settings.push_title_max_chars,
+        body_max_chars=settings.push_body_max_chars,
+    )
+    schedule = WindowDispatcher(
+        engine=engine,
+        publishers=publishers,
+        metrics=metrics,
+        publish_timeout=settings.rabbitmq.publish_timeout,
+        interval=settings.schedule_poll_interval,
+        batch_size=settings.schedule_batch_size,
+        limits=limits,
+    )
     deps = RouterDeps(
         engine=engine,
-        publishers={
-            PUSH_SEND: event_publisher(
-                broker,
-                PushJobsRequested,
-                PUSH_SEND,
-                description=(
-                    "Push notifications for the devices of one platform, one per device, of one "
-                    f"or more messages: up to {MAX_ITEMS_PER_EVENT} per event."
-                ),
-            ),
-            EMAIL_SEND: event_publisher(
-                broker,
-                EmailJobsRequested,
-                EMAIL_SEND,
-                description=(
-                    "E-mail notifications, one per recipient, of one or more messages: up to "
-                    f"{MAX_ITEMS_PER_EVENT} per event."
-                ),
-            ),
-            PUSH_SEND_URGENT: event_publisher(
-                broker,
-                PushJobsRequested,
-                PUSH_SEND_URGENT,
-                description=(
-                    "The urgent lane of push notifications: those of direct messages, "
-                    "invitations and personal mentions, on queues of their own so no backlog "
-                    "holds them back."
-                ),
-            ),
-            EMAIL_SEND_URGENT: event_publisher(
-                broker,
-                EmailJobsRequested,
-                EMAIL_SEND_URGENT,
-                description=(
-                    "The urgent lane of e-mail notifications: those of direct messages, "
-                    "invitations and personal mentions."
-                ),
-            ),
-        },
-        metrics=RouterMetrics(registry),
+        publishers=publishers,
+        metrics=metrics,
         publish_timeout=settings.rabbitmq.publish_timeout,
-        limits=ContentLimits(
-            title_max_chars=settings.push_title_max_chars,
-            body_max_chars=settings.push_body_max_chars,
-        ),
+        limits=limits,
         email_grace=timedelta(seconds=settings.email_after_offline_seconds),
         email_delay_scale=settings.email_delay_scale,
+        recall_linger=timedelta(seconds=settings.recall_linger),
+        wake_schedule=schedule.wake,
     )
-    return broker, deps, register_handlers(broker, deps, settings.batch)
+    return broker, deps, register_handlers(broker, deps, settings.batch), schedule
 
 
 def build_service(settings: Settings) -> RouterService:
     registry = CollectorRegistry()
     # Every in-flight message may hold a connection; make_engine adds as much overflow again.
     engine = make_engine(settings.database_url, pool_size=settings.rabbitmq.prefetch)
-    broker, deps, subscribers = _wire(settings, engine, registry)
-    schedule = WindowDispatcher(
-        engine=engine,
-        publishers=deps.publishers,
-        metrics=deps.metrics,
-        publish_timeout=deps.publish_timeout,
-        interval=settings.schedule_poll_interval,
-        batch_size=settings.schedule_batch_size,
-        limits=deps.limits,
-    )
+    broker, deps, subscribers, schedule = _wire(settings, engine, registry)
 
     async def migrate() -> None:
         await run_migrations(
@@ -165,7 +170,7 @@ def specification(settings: Settings) -> AsyncAPI:
     """The AsyncAPI document of the service, without touching a database or a broker."""
     # The document needs the subscribers and publishers only; this engine never connects.
     engine = create_async_engine("sqlite+aiosqlite://")
-    broker, _, _ = _wire(settings, engine, CollectorRegistry())
+    broker, _, _, _ = _wire(settings, engine, CollectorRegistry())
     return asyncapi_spec(
         broker, title=TITLE, version=service_version(SERVICE_NAME), description=DESCRIPTION
     )

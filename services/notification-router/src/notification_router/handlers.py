@@ -12,7 +12,7 @@ import functools
 import logging
 import uuid
 from collections import Counter, OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -31,6 +31,7 @@ from herald_shared.events import (
     DeliveryReported,
     MessageChanged,
     MessageCreated,
+    MessageDeleted,
     Notifiable,
     PresenceChanged,
     PushJobsRequested,
@@ -99,6 +100,10 @@ class RouterDeps:
     email_grace: timedelta = routing.EMAIL_GRACE
     # EMAIL_DELAY_SCALE: every user's e-mail delay times this (1 in production).
     email_delay_scale: float = 1.0
+    # How long a recall waits for more reads of its user (RECALL_LINGER), and how a handler
+    # asks this replica's dispatcher for a pass then (`WindowDispatcher.wake`).
+    recall_linger: timedelta = timedelta(seconds=0.5)
+    wake_schedule: Callable[[float], None] = lambda after: None
 
 
 @dataclass(frozen=True)
@@ -133,6 +138,7 @@ async def route_messages(
     read = await repository.load_read_markers(
         deps.engine, known, (event.room_id for event in unique)
     )
+    badges = routing.unread_badges(unique, await repository.unread_totals(deps.engine, known), read)
     plans = {
         event.message_id: routing.plan_notifications(
             event,
@@ -142,6 +148,7 @@ async def route_messages(
             read_markers=read,
             email_grace=deps.email_grace,
             limits=deps.limits,
+            badges=badges[event.message_id],
         )
         for event in unique
     }
@@ -225,7 +232,11 @@ async def project_presence(event: PresenceChanged, deps: RouterDeps) -> None:
 
 
 async def apply_message_change(event: MessageChanged, deps: RouterDeps) -> None:
-    changed = await repository.apply_message_change(deps.engine, event)
+    changed = await repository.apply_message_change(
+        deps.engine, event, now=utc_now(), recall_linger=deps.recall_linger
+    )
+    if changed and isinstance(event, MessageDeleted):
+        deps.wake_schedule(deps.recall_linger.total_seconds())
     logger.debug(
         "router.message_change.%s type=%s message_id=%s",
         "applied" if changed else "stale_ignored",
@@ -235,8 +246,16 @@ async def apply_message_change(event: MessageChanged, deps: RouterDeps) -> None:
 
 
 async def project_read_marker(event: RoomRead, deps: RouterDeps) -> None:
-    moved = await repository.apply_read_marker(deps.engine, event)
-    logger.debug("router.read_marker.%s", "moved" if moved else "behind_ignored")
+    moved = await repository.apply_read_marker(
+        deps.engine, event, now=utc_now(), recall_linger=deps.recall_linger
+    )
+    if moved is not None and moved.recalled:
+        deps.wake_schedule(deps.recall_linger.total_seconds())
+    logger.debug(
+        "router.read_marker.%s recalled=%d",
+        "moved" if moved else "behind_ignored",
+        moved.recalled if moved else 0,
+    )
 
 
 async def record_deliveries(event: AnyDeliveryReport, deps: RouterDeps) -> None:
@@ -344,7 +363,8 @@ def register_handlers(broker: RabbitBroker, deps: RouterDeps, batch: BatchSettin
         title=f"{READ_MARKERS.name}:consume",
         description=(
             "Read markers: keep how far each user read each room (only forward), so that a "
-            "message already read notifies nobody."
+            "message already read notifies nobody, count the room's unread messages again, and "
+            "recall what the read made stale on the user's devices."
         ),
     )
     message_changed = broker.subscriber(
@@ -353,7 +373,7 @@ def register_handlers(broker: RabbitBroker, deps: RouterDeps, batch: BatchSettin
         title=f"{MESSAGE_CHANGES.name}:consume",
         description=(
             "Edits and deletions of messages: what still waits to tell of a message tells its "
-            "latest text, or nothing once it is deleted."
+            "latest text, or nothing once it is deleted (and its pushes are recalled)."
         ),
     )
     delivery_reported = broker.subscriber(

@@ -62,7 +62,7 @@ class RouterMetrics:
             "herald_router_delivery_reports",
             "Delivery reports received, by what they did to the ledger: applied, "
             "applied_after_waiting (a digest, or a push held for quiet hours: not in the "
-            "end-to-end latency), stale, unknown.",
+            "end-to-end latency), applied_recall (a recall), stale, unknown.",
             ["channel", "outcome", "result"],
             registry=registry,
         )
@@ -70,7 +70,8 @@ class RouterMetrics:
         self.windows = Counter(
             "herald_router_windows",
             "Windows of waiting notifications closed by the dispatcher, per channel (email: "
-            "digests; push: what waited for quiet hours or a snooze): sent (jobs composed), "
+            "digests; push: what waited for quiet hours or a snooze; recall: recalls of pushes "
+            "a read or a deletion made stale, one per device): sent (jobs composed), "
             "cancelled (everything in it was read or is no longer wanted), resent (published "
             "again after a dispatcher stopped between composing and publishing).",
             ["channel", "outcome"],
@@ -79,7 +80,7 @@ class RouterMetrics:
         self.window_size = Histogram(
             "herald_router_window_size",
             "Messages told of per window sent (listed or counted in a digest; summed up in "
-            "summary pushes).",
+            "summary pushes; whose pushes a recall takes back).",
             ["channel"],
             buckets=WINDOW_SIZE_BUCKETS,
             registry=registry,

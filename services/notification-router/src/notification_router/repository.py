@@ -8,7 +8,7 @@ delivery report only moves a status forward. Works on PostgreSQL and SQLite.
 from __future__ import annotations
 
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
@@ -47,9 +47,11 @@ from notification_router.routing import (
     MessageChange,
     Presence,
     QuietHours,
+    RecalledPushes,
     Recipient,
     RecipientDecision,
     RoomSettings,
+    ShownPush,
     SkipReason,
     WindowPlan,
     digest_notification_id,
@@ -65,6 +67,7 @@ from notification_router.tables import (
     read_markers,
     recipients,
     rooms_in_view,
+    unread_counts,
     waiting_windows,
     window_entries,
 )
@@ -371,6 +374,16 @@ async def record_decisions(
             pending.update(result.scalars())
         waiting = [decision for event, decision in ordered if is_new(event, decision)]
         await _add_to_windows(connection, waiting, now=now, delay_scale=email_delay_scale)
+        # Last: the counters' row locks (a room's members are shared by every message of the
+        # room) are held for the commit only.
+        await _count_unread(
+            connection,
+            Counter(
+                (decision.recipient_id, event.room_id)
+                for event, decision in ordered
+                if is_new(event, decision) and decision.unread
+            ),
+        )
     return Recorded(new, frozenset(pending))
 
 
@@ -382,7 +395,7 @@ class _Waiting:
     recipient_id: uuid.UUID
     message_id: uuid.UUID
     room_id: uuid.UUID
-    channel: EventChannel
+    channel: str  # an EventChannel, or RECALL_WINDOW
     job: dict[str, Any]
     due_at: datetime
 
@@ -398,7 +411,7 @@ def _waiting_of(
                     decision.recipient_id,
                     email.message_id,
                     email.room_id,
-                    EventChannel.EMAIL,
+                    str(EventChannel.EMAIL),
                     email.model_dump(mode="json"),
                     now + decision.email_delay * delay_scale,
                 )
@@ -409,7 +422,7 @@ def _waiting_of(
                     decision.recipient_id,
                     held.message_id,
                     held.room_id,
-                    EventChannel.PUSH,
+                    str(EventChannel.PUSH),
                     held.model_dump(mode="json"),
                     decision.push_due,
                 )
@@ -426,13 +439,22 @@ async def _add_to_windows(
 ) -> None:
     """What waits joins its recipient's waiting window of that channel, opening one where there
     is none (an e-mail's due after the recipient's delay, pushes' when the quiet hours or the
-    snooze end).
+    snooze end)."""
+    await _enter_windows(
+        connection, _waiting_of(decisions, now=now, delay_scale=delay_scale), now=now
+    )
+
+
+async def _enter_windows(
+    connection: AsyncConnection, waiting: Sequence[_Waiting], *, now: datetime
+) -> None:
+    """Each item becomes an entry of its recipient's waiting window of its channel, opening one
+    where there is none (due at the item's `due_at`; an open window keeps its due time).
 
     The upsert takes the waiting window's row lock until commit, so a dispatcher (which claims
     with SKIP LOCKED) cannot close the window under the entries being added; a window the
     dispatcher holds is no longer `waiting` once this upsert gets to it, so a new one opens.
     """
-    waiting = _waiting_of(decisions, now=now, delay_scale=delay_scale)
     if not waiting:
         return
     due = {(item.recipient_id, item.channel): item.due_at for item in waiting}
@@ -454,7 +476,7 @@ async def _add_to_windows(
             {
                 "window_id": uuid.uuid4(),
                 "user_id": user_id,
-                "channel": str(channel),
+                "channel": channel,
                 "opened_at": now,
                 "due_at": due_at,
                 "state": WINDOW_WAITING,
@@ -476,8 +498,8 @@ async def _add_to_windows(
             {
                 "message_id": item.message_id,
                 "recipient_id": item.recipient_id,
-                "channel": str(item.channel),
-                "window_id": window_of[(item.recipient_id, str(item.channel))],
+                "channel": item.channel,
+                "window_id": window_of[(item.recipient_id, item.channel)],
                 "room_id": item.room_id,
                 "job": item.job,
                 "state": WINDOW_WAITING,
@@ -533,6 +555,8 @@ class ReportResult(StrEnum):
     # Applied to a notification that waited in a window on purpose (a digest, a push held for
     # quiet hours): its delay is no latency.
     APPLIED_AFTER_WAITING = "applied_after_waiting"
+    # Applied to a recall: no message's latency either.
+    APPLIED_RECALL = "applied_recall"
     STALE = "stale"  # the stored status is final or further along
     UNKNOWN = "unknown"  # no such notification in the ledger (on the report's channel)
 
@@ -588,6 +612,8 @@ def _result(
         target = applied[report.notification_id]
         if target == DIGEST_TARGET or target.startswith(HELD_PUSH_PREFIX):
             return ReportResult.APPLIED_AFTER_WAITING
+        if target.startswith(RECALL_PREFIX):
+            return ReportResult.APPLIED_RECALL
         return ReportResult.APPLIED
     if known.get(report.notification_id) == str(report.channel):
         return ReportResult.STALE
@@ -598,7 +624,7 @@ def _device_of(target: str) -> str | None:
     """The device a delivery went to (None for an e-mail)."""
     if target in ("", DIGEST_TARGET):
         return None
-    return target.removeprefix(HELD_PUSH_PREFIX)
+    return target.removeprefix(HELD_PUSH_PREFIX).removeprefix(RECALL_PREFIX)
 
 
 # --- presence projection ----------------------------------------------------------------------
@@ -698,8 +724,22 @@ _LOAD_READ_MARKERS = select(
 )
 
 
-async def apply_read_marker(engine: AsyncEngine, event: RoomRead) -> bool:
-    """Store the marker unless the stored one is as far or further; whether it moved."""
+@dataclass(frozen=True)
+class MarkerMoved:
+    """What a read marker's move did: the room's unread count of now, and how many messages'
+    pushes it put in the user's recall window."""
+
+    unread: int
+    recalled: int
+
+
+async def apply_read_marker(
+    engine: AsyncEngine, event: RoomRead, *, now: datetime, recall_linger: timedelta
+) -> MarkerMoved | None:
+    """Store the marker unless the stored one is as far or further (None then), and in the same
+    transaction count the room's unread messages again and put the pushes of the messages read
+    now that a device may still show into the user's recall window (due `recall_linger` from
+    now, so that what is read at once is recalled at once)."""
     values = {
         "user_id": event.user_id,
         "room_id": event.room_id,
@@ -707,15 +747,41 @@ async def apply_read_marker(engine: AsyncEngine, event: RoomRead) -> bool:
         "message_id": event.message_id,
     }
     async with engine.begin() as connection:
+        # The row lock makes the marker's move and what it recalls one step: a concurrent copy
+        # of the event finds the marker moved and recalls nothing more.
+        before = await connection.scalar(
+            select(read_markers.c.up_to)
+            .where(read_markers.c.user_id == event.user_id, read_markers.c.room_id == event.room_id)
+            .with_for_update()
+        )
         upsert = _insert(connection, read_markers).values(values)
-        result = await connection.execute(
+        moved = await connection.execute(
             upsert.on_conflict_do_update(
                 index_elements=[read_markers.c.user_id, read_markers.c.room_id],
                 set_={"up_to": upsert.excluded.up_to, "message_id": upsert.excluded.message_id},
                 where=read_markers.c.up_to < upsert.excluded.up_to,
             ).returning(read_markers.c.user_id)
         )
-        return result.first() is not None
+        if moved.first() is None:
+            return None
+        shown = await connection.execute(
+            _SHOWN_IN_ROOM,
+            {
+                "p_user": event.user_id,
+                "p_room": event.room_id,
+                "p_after": _utc(before) if before is not None else _EPOCH,
+                "p_up_to": event.up_to,
+            },
+        )
+        recalled = await _add_to_recalls(
+            connection, shown.all(), now=now, due_at=now + recall_linger
+        )
+        unread = await connection.scalar(
+            _UNREAD_IN_ROOM,
+            {"p_user": event.user_id, "p_room": event.room_id, "p_since": event.up_to},
+        )
+        await _set_unread(connection, event.user_id, event.room_id, int(unread or 0))
+        return MarkerMoved(int(unread or 0), recalled)
 
 
 async def load_read_markers(
@@ -728,6 +794,155 @@ async def load_read_markers(
     async with autocommit(engine) as connection:
         result = await connection.execute(_LOAD_READ_MARKERS, {"ids": users, "rooms": rooms})
         return {(row.user_id, row.room_id): _utc(row.up_to) for row in result}
+
+
+# --- unread counts (the badge) -----------------------------------------------------------------
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_unread = unread_counts.c
+_UNREAD_TOTALS = (
+    select(_unread.user_id, func.sum(_unread.unread))
+    .where(_ids(_unread.user_id))
+    .group_by(_unread.user_id)
+)
+# The room's messages to the user after `p_since`, as `routing.counts_unread` counts them:
+# messages (no invitations), deleted ones aside.
+_UNREAD_IN_ROOM = (
+    select(func.count())
+    .select_from(
+        notifications.outerjoin(
+            message_changes, message_changes.c.message_id == notifications.c.message_id
+        )
+    )
+    .where(
+        notifications.c.recipient_id == bindparam("p_user"),
+        notifications.c.room_id == bindparam("p_room"),
+        notifications.c.message_created_at > bindparam("p_since"),
+        func.coalesce(notifications.c.trigger, "message") != "invitation",
+        message_changes.c.deleted_at.is_(None),
+    )
+)
+
+
+async def unread_totals(engine: AsyncEngine, user_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, int]:
+    """User → their unread messages, all rooms together (users with none are left out)."""
+    users = sorted(set(user_ids))
+    if not users:
+        return {}
+    async with autocommit(engine) as connection:
+        return await _unread_totals(connection, users)
+
+
+async def _unread_totals(
+    connection: AsyncConnection, users: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, int]:
+    rows = await connection.execute(_UNREAD_TOTALS, {"ids": list(users)})
+    return {user_id: int(total) for user_id, total in rows}
+
+
+async def _count_unread(
+    connection: AsyncConnection, added: Mapping[tuple[uuid.UUID, uuid.UUID], int]
+) -> None:
+    """Add to the (user, room) counters, in key order like every transaction here."""
+    if not added:
+        return
+    upsert = _insert(connection, unread_counts)
+    await connection.execute(
+        upsert.on_conflict_do_update(
+            index_elements=[_unread.user_id, _unread.room_id],
+            set_={"unread": _unread.unread + upsert.excluded.unread},
+        ),
+        [
+            {"user_id": user_id, "room_id": room_id, "unread": count}
+            for (user_id, room_id), count in sorted(added.items())
+        ],
+    )
+
+
+async def _set_unread(
+    connection: AsyncConnection, user_id: uuid.UUID, room_id: uuid.UUID, unread: int
+) -> None:
+    upsert = _insert(connection, unread_counts).values(
+        user_id=user_id, room_id=room_id, unread=unread
+    )
+    await connection.execute(
+        upsert.on_conflict_do_update(
+            index_elements=[_unread.user_id, _unread.room_id],
+            set_={"unread": upsert.excluded.unread},
+        )
+    )
+
+
+# --- recalls: what a read or a deletion made stale on the devices --------------------------------
+
+# Deliveries of recalls themselves ("recall:<device id>"), never recalled.
+RECALL_PREFIX = "recall:"
+RECALL_WINDOW = "recall"
+_n = notifications.c
+_SHOWN = select(
+    _n.recipient_id,
+    _n.room_id,
+    _n.message_id,
+    _n.message_created_at,
+    _deliveries.notification_id,
+    _deliveries.target,
+).select_from(
+    notifications.join(
+        notification_deliveries,
+        and_(
+            _deliveries.message_id == _n.message_id,
+            _deliveries.recipient_id == _n.recipient_id,
+        ),
+    )
+)
+# A push a device may still show: sent or on its way (its report may not be in yet).
+_shown = (
+    _deliveries.channel == str(EventChannel.PUSH),
+    _deliveries.status.in_((str(DeliveryStatus.PENDING), str(DeliveryStatus.DELIVERED))),
+    ~_deliveries.target.startswith(RECALL_PREFIX),
+)
+_SHOWN_IN_ROOM = _SHOWN.where(
+    _n.recipient_id == bindparam("p_user"),
+    _n.room_id == bindparam("p_room"),
+    _n.message_created_at > bindparam("p_after"),
+    _n.message_created_at <= bindparam("p_up_to"),
+    *_shown,
+)
+_SHOWN_OF_MESSAGE = _SHOWN.where(_n.message_id == bindparam("p_message"), *_shown)
+
+
+async def _add_to_recalls(
+    connection: AsyncConnection, shown: Sequence[Any], *, now: datetime, due_at: datetime
+) -> int:
+    """The shown pushes (rows of `_SHOWN`) become entries of their recipients' recall windows,
+    one per message and recipient; how many."""
+    by_entry: defaultdict[tuple[uuid.UUID, uuid.UUID], list[Any]] = defaultdict(list)
+    for row in shown:
+        by_entry[(row.recipient_id, row.message_id)].append(row)
+    waiting = [
+        _Waiting(
+            recipient_id,
+            message_id,
+            rows[0].room_id,
+            RECALL_WINDOW,
+            RecalledPushes(
+                message_id=message_id,
+                room_id=rows[0].room_id,
+                sent_at=_utc(rows[0].message_created_at or now),
+                pushes=[
+                    ShownPush(
+                        notification_id=row.notification_id,
+                        device_id=uuid.UUID(row.target.removeprefix(HELD_PUSH_PREFIX)),
+                    )
+                    for row in sorted(rows, key=lambda row: row.notification_id)
+                ],
+            ).model_dump(mode="json"),
+            due_at,
+        )
+        for (recipient_id, message_id), rows in sorted(by_entry.items())
+    ]
+    await _enter_windows(connection, waiting, now=now)
+    return len(waiting)
 
 
 # --- the schedule of e-mail that waits -------------------------------------------------------
@@ -753,8 +968,8 @@ class ClosedWindow:
 
 
 # (window id, channel, the recipient as projected now, the entries' content as recorded, the
-# recipient's read markers by room, the entries' messages' edits and deletions) → what the
-# window sends.
+# recipient's read markers by room, the entries' messages' edits and deletions, the recipient's
+# unread count of now) → what the window sends.
 Compose = Callable[
     [
         uuid.UUID,
@@ -763,6 +978,7 @@ Compose = Callable[
         Sequence[Any],
         Mapping[uuid.UUID, datetime],
         Mapping[uuid.UUID, MessageChange],
+        int,
     ],
     WindowPlan,
 ]
@@ -839,7 +1055,8 @@ async def _close(
         row.message_id: MessageChange(content=row.content, deleted=row.deleted_at is not None)
         for row in await connection.execute(_CHANGES_OF, {"ids": message_ids})
     }
-    users = list({row.user_id for row in due})
+    users = sorted({row.user_id for row in due})
+    unread_now = await _unread_totals(connection, users)
     recipients_now = {
         row.user_id: _recipient(row._mapping)
         for row in await connection.execute(_LOAD_RECIPIENTS, {"ids": users})
@@ -862,6 +1079,7 @@ async def _close(
             waiting[row.window_id],
             markers[row.user_id],
             changes,
+            unread_now.get(row.user_id, 0),
         )
         cancelled = {
             message_id: f"cancelled:{reason}" for message_id, reason in plan.cancelled.items()
@@ -910,6 +1128,8 @@ def _window_delivery_row(job: PushRequested | EmailRequested, now: datetime) -> 
     row = _delivery_row(job, now)
     if isinstance(job, EmailRequested):
         return row | {"target": DIGEST_TARGET}
+    if job.recall is not None:
+        return row | {"target": f"{RECALL_PREFIX}{job.device_id}"}
     return row | {"target": f"{HELD_PUSH_PREFIX}{job.device_id}"}
 
 
@@ -918,9 +1138,13 @@ _CHANGES_OF = select(
 ).where(_ids(message_changes.c.message_id))
 
 
-async def apply_message_change(engine: AsyncEngine, event: MessageChanged) -> bool:
-    """Record an edit (only a later one replaces the text) or a deletion (final), and cancel
-    at once what waits of a deleted message; whether anything changed."""
+async def apply_message_change(
+    engine: AsyncEngine, event: MessageChanged, *, now: datetime, recall_linger: timedelta
+) -> bool:
+    """Record an edit (only a later one replaces the text) or a deletion (final); for a
+    deletion, at once: cancel what waits of the message, take it off its recipients' unread
+    counts, and put its pushes a device may still show into their recall windows. Whether
+    anything changed."""
     changes = message_changes.c
     async with engine.begin() as connection:
         upsert = _insert(connection, message_changes)
@@ -952,10 +1176,52 @@ async def apply_message_change(engine: AsyncEngine, event: MessageChanged) -> bo
                 .where(
                     _entries.message_id == event.message_id,
                     _entries.state == WINDOW_WAITING,
+                    _entries.channel != RECALL_WINDOW,
                 )
                 .values(state=f"cancelled:{SkipReason.DELETED}")
             )
+            await _uncount_deleted(connection, event.message_id)
+            shown = await connection.execute(_SHOWN_OF_MESSAGE, {"p_message": event.message_id})
+            await _add_to_recalls(connection, shown.all(), now=now, due_at=now + recall_linger)
         return changed is not None
+
+
+async def _uncount_deleted(connection: AsyncConnection, message_id: uuid.UUID) -> None:
+    """A deleted message leaves the unread counts of the recipients who had not read it. (One
+    deleted before the router routed it is counted when routed, until its room is read.)"""
+    recipients_of_message = await connection.execute(
+        select(_n.recipient_id, _n.room_id, _n.message_created_at, read_markers.c.up_to)
+        .select_from(
+            notifications.outerjoin(
+                read_markers,
+                and_(
+                    read_markers.c.user_id == _n.recipient_id,
+                    read_markers.c.room_id == _n.room_id,
+                ),
+            )
+        )
+        .where(
+            _n.message_id == message_id,
+            func.coalesce(_n.trigger, "message") != "invitation",
+        )
+    )
+    unread = sorted(
+        (row.recipient_id, row.room_id)
+        for row in recipients_of_message
+        if row.up_to is None
+        or (row.message_created_at is not None and _utc(row.message_created_at) > _utc(row.up_to))
+    )
+    if unread:
+        await connection.execute(
+            update(unread_counts)
+            .where(
+                _unread.user_id == bindparam("p_user"),
+                _unread.room_id == bindparam("p_room"),
+                _unread.unread > 0,
+            )
+            .values(unread=_unread.unread - 1),
+            [{"p_user": user_id, "p_room": room_id} for user_id, room_id in unread],
+        )
 
 
 async def bring_push_window_forward(

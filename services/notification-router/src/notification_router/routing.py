@@ -28,7 +28,10 @@ Rules, per recipient of a `MessageCreated` (the table in docs/notifications.md):
 * pushes wait during the recipient's quiet hours (on their wall clock) or Do Not Disturb
   (`quiet_until`), except a direct message from one of their breakthrough users; when these
   end, each room still unread gets one summary push per device, or its one message's own push
-  (`compose_push_summaries`).
+  (`compose_push_summaries`);
+* every push carries the recipient's unread count, all rooms together, as the badge
+  (`unread_badges`); what a room's read (or a message's deletion) leaves stale on a device is
+  recalled, one recall per device for everything read at once (`compose_recalls`).
 
 An `InvitationCreated` is decided the same way for its one recipient, the invitee, with the
 trigger `invitation`: personal, so a level of `mentions` or `all` sends it and `none` does not.
@@ -48,6 +51,8 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict
 
 from herald_shared.events import (
     MAX_DIGEST_ENTRIES,
+    MAX_RECALLED_NOTIFICATIONS,
+    MAX_RECALLED_ROOMS,
     NOTIFICATION_NAMESPACE,
     Channel,
     DeliveryOutcome,
@@ -61,6 +66,7 @@ from herald_shared.events import (
     Platform,
     PreferencesSnapshot,
     PushJobsRequested,
+    PushRecall,
     PushRequested,
     QuietHoursSnapshot,
     RoomKind,
@@ -326,6 +332,8 @@ class RecipientDecision:
     # Waiting pushes: kept until the quiet hours or the snooze end (`push_due`).
     held_pushes: HeldPushes | None = None
     push_due: datetime | None = None
+    # A message the recipient has not read: it counts in their unread count (the badge).
+    unread: bool = False
 
     @property
     def jobs(self) -> tuple[PushRequested | EmailRequested, ...]:
@@ -422,10 +430,12 @@ def plan_notifications(
     read_markers: Mapping[tuple[uuid.UUID, uuid.UUID], datetime] | None = None,
     email_grace: timedelta = EMAIL_GRACE,
     limits: ContentLimits = DEFAULT_LIMITS,
+    badges: Mapping[uuid.UUID, int] | None = None,
 ) -> RoutingPlan:
     """The decisions for every recipient of the event; `presence`: of those who have had a
     real-time stream open lately (the others are offline); `read_markers`: (user, room) → up to
-    when the user read the room."""
+    when the user read the room; `badges`: recipient → the badge its pushes carry
+    (`unread_badges`)."""
     decisions: list[RecipientDecision] = []
     missing: list[uuid.UUID] = []
     for recipient_id in recipients_of(event):
@@ -442,6 +452,7 @@ def plan_notifications(
                     read_up_to=(read_markers or {}).get((recipient_id, event.room_id)),
                     email_grace=email_grace,
                     limits=limits,
+                    badge=(badges or {}).get(recipient_id),
                 )
             )
     return RoutingPlan(decisions=tuple(decisions), missing_recipient_ids=tuple(missing))
@@ -456,6 +467,7 @@ def decide_for(
     read_up_to: datetime | None = None,
     email_grace: timedelta = EMAIL_GRACE,
     limits: ContentLimits = DEFAULT_LIMITS,
+    badge: int | None = None,
 ) -> RecipientDecision:
     mentioned = isinstance(event, MessageCreated) and recipient.user_id in event.mentions
     trigger = trigger_of(event, recipient.user_id)
@@ -472,7 +484,16 @@ def decide_for(
     else:
         title, body = push_content(event, preview=recipient.push_preview, limits=limits)
         push_jobs = tuple(
-            _push_job(event, recipient, device, title=title, body=body, trigger=trigger, now=now)
+            _push_job(
+                event,
+                recipient,
+                device,
+                title=title,
+                body=body,
+                trigger=trigger,
+                badge=badge,
+                now=now,
+            )
             for device in recipient.devices
         )
         push_due = quiet_until(recipient, event, now=now)
@@ -511,7 +532,38 @@ def decide_for(
             jobs=list(push_jobs),
         ),
         push_due=push_due,
+        unread=counts_unread(event, read_up_to),
     )
+
+
+def counts_unread(event: Notifiable, read_up_to: datetime | None) -> bool:
+    """Whether the event adds to its recipient's unread count: a message they have not read
+    (an invitation is no message)."""
+    if not isinstance(event, MessageCreated):
+        return False
+    return read_up_to is None or event.timestamp > read_up_to
+
+
+def unread_badges(
+    events: Iterable[Notifiable],
+    unread_before: Mapping[uuid.UUID, int],
+    read_markers: Mapping[tuple[uuid.UUID, uuid.UUID], datetime],
+) -> dict[uuid.UUID, dict[uuid.UUID, int]]:
+    """Message id → recipient → the badge its pushes carry: the recipient's unread count with
+    the message in (`unread_before`: before these events; the events counted oldest first).
+
+    A badge is the count as this router saw it: a message routed at the same moment by another
+    replica may be missing from it; the next push or recall carries the count again."""
+    running = dict(unread_before)
+    badges: dict[uuid.UUID, dict[uuid.UUID, int]] = {}
+    for event in sorted(events, key=lambda event: (event.timestamp, event.message_id)):
+        of_event: dict[uuid.UUID, int] = {}
+        for recipient_id in recipients_of(event):
+            if counts_unread(event, read_markers.get((recipient_id, event.room_id))):
+                running[recipient_id] = running.get(recipient_id, 0) + 1
+            of_event[recipient_id] = running.get(recipient_id, 0)
+        badges[event.message_id] = of_event
+    return badges
 
 
 def _push_job(
@@ -522,6 +574,7 @@ def _push_job(
     title: str,
     body: str,
     trigger: Trigger,
+    badge: int | None,
     now: datetime,
 ) -> PushRequested:
     notification_id = notification_id_for(
@@ -539,6 +592,7 @@ def _push_job(
         title=title,
         body=body,
         trigger=trigger,
+        badge=badge,
         now=now,
     )
 
@@ -553,7 +607,9 @@ def _device_push(
     title: str,
     body: str,
     trigger: Trigger,
+    badge: int | None,
     now: datetime,
+    recall: PushRecall | None = None,
 ) -> PushRequested:
     # The job's event id is its notification id: a republished job is the same event.
     return PushRequested(
@@ -571,6 +627,8 @@ def _device_push(
         title=title,
         body=body,
         trigger=trigger,
+        badge=badge,
+        recall=recall,
     )
 
 
@@ -690,13 +748,14 @@ def compose_push_summaries(
     now: datetime,
     limits: ContentLimits = DEFAULT_LIMITS,
     changes: Mapping[uuid.UUID, MessageChange] | None = None,
+    badge: int | None = None,
 ) -> WindowPlan:
     """The pushes of quiet hours (or a snooze) that ended: per room with something still there,
     unread and wanted, its one held message's own pushes (with its latest text, if edited and
     previews are on), or for several one summary per device ("12 new messages in #general"),
-    which replaces the room's notification on the device. Its notification id derives from the
-    window, the room and the device: composed again, the same pushes, which push-sender
-    dedupes."""
+    which replaces the room's notification on the device. Each carries `badge`, the recipient's
+    unread count of now. Its notification id derives from the window, the room and the device:
+    composed again, the same pushes, which push-sender dedupes."""
     kept: dict[uuid.UUID, list[HeldPushes]] = {}
     cancelled: dict[uuid.UUID, SkipReason] = {}
     for message in sorted(held, key=lambda message: (message.sent_at, str(message.message_id))):
@@ -727,7 +786,11 @@ def compose_push_summaries(
     for room_id, messages in kept.items():
         if len(messages) == 1:
             (message,) = messages
-            own = [job for job in message.jobs if job.device_id in devices]
+            own = [
+                job.model_copy(update={"badge": badge})
+                for job in message.jobs
+                if job.device_id in devices
+            ]
             if own:
                 jobs.extend(own)
                 sent.append(message.message_id)
@@ -753,11 +816,99 @@ def compose_push_summaries(
                 title=title,
                 body=body,
                 trigger=urgent[0] if urgent else Trigger.MESSAGE,
+                badge=badge,
                 now=now,
             )
             for device in recipient.devices
         )
     return WindowPlan(tuple(jobs), sent=tuple(sent), cancelled=cancelled)
+
+
+class ShownPush(BaseModel):
+    """One push a device may still show."""
+
+    model_config = ConfigDict(frozen=True)
+
+    notification_id: uuid.UUID
+    device_id: uuid.UUID
+
+
+class RecalledPushes(BaseModel):
+    """A message's pushes to one recipient that its room's read (or its deletion) made stale:
+    an entry of the recipient's recall window."""
+
+    model_config = ConfigDict(frozen=True)
+
+    message_id: uuid.UUID
+    room_id: uuid.UUID
+    sent_at: AwareDatetime
+    pushes: list[ShownPush]
+
+
+def compose_recalls(
+    window_id: uuid.UUID,
+    recipient: Recipient | None,
+    recalled: Sequence[RecalledPushes],
+    *,
+    badge: int | None,
+    now: datetime,
+) -> WindowPlan:
+    """One recall per device that may still show some of `recalled`, whatever the number of
+    rooms read meanwhile: the rooms (newest first, at most `MAX_RECALLED_ROOMS`) and the
+    notifications (newest first, at most `MAX_RECALLED_NOTIFICATIONS`: a device clears the
+    rest by room), with `badge`, the unread count of now. Only to the recipient's devices of
+    now: a device gone shows nothing of ours. Its notification id derives from the window and
+    the device: composed again, the same recall, which push-sender dedupes."""
+    if recipient is None:
+        return WindowPlan(
+            (),
+            sent=(),
+            cancelled=dict.fromkeys((entry.message_id for entry in recalled), SkipReason.NO_DEVICE),
+        )
+    devices = {device.device_id: device for device in recipient.devices}
+    newest_first = sorted(
+        recalled, key=lambda entry: (entry.sent_at, str(entry.message_id)), reverse=True
+    )
+    shown: dict[uuid.UUID, list[tuple[RecalledPushes, uuid.UUID]]] = defaultdict(list)
+    for entry in newest_first:
+        for push in entry.pushes:
+            if push.device_id in devices:
+                shown[push.device_id].append((entry, push.notification_id))
+    jobs: list[PushRequested] = []
+    for device_id, pushes in sorted(shown.items()):
+        newest = pushes[0][0]
+        rooms = list(dict.fromkeys(entry.room_id for entry, _ in pushes))
+        notification_ids = list(dict.fromkeys(notification_id for _, notification_id in pushes))
+        jobs.append(
+            _device_push(
+                notification_id_for(
+                    message_id=window_id,
+                    recipient_id=recipient.user_id,
+                    channel=Channel.PUSH,
+                    target=f"recall:{device_id}",
+                ),
+                message_id=newest.message_id,
+                room_id=newest.room_id,
+                recipient_id=recipient.user_id,
+                device=devices[device_id],
+                title="",
+                body="",
+                trigger=Trigger.MESSAGE,
+                badge=badge,
+                now=now,
+                recall=PushRecall(
+                    room_ids=rooms[:MAX_RECALLED_ROOMS],
+                    notification_ids=notification_ids[:MAX_RECALLED_NOTIFICATIONS],
+                ),
+            )
+        )
+    recalled_ids = {entry.message_id for pushes in shown.values() for entry, _ in pushes}
+    cancelled = {
+        entry.message_id: SkipReason.NO_DEVICE
+        for entry in recalled
+        if entry.message_id not in recalled_ids
+    }
+    return WindowPlan(tuple(jobs), sent=tuple(sorted(recalled_ids)), cancelled=cancelled)
 
 
 def summary_content(

@@ -1,6 +1,6 @@
 """The schedule's dispatcher: a periodic task of every router replica that sends what waited,
 for each window that ended (an e-mail digest after the user's delay; the pushes held for quiet
-hours or a snooze, one summary per room).
+hours or a snooze, one summary per room; one recall per device of what a read made stale).
 
 One pass: `repository.close_due_windows` takes the due windows (SKIP LOCKED, so replicas share
 them), composes each (`routing.compose_digest`, `routing.compose_push_summaries`) and records it
@@ -45,11 +45,16 @@ def compose(
     entries: Sequence[Any],
     read_markers: Mapping[uuid.UUID, datetime],
     changes: Mapping[uuid.UUID, routing.MessageChange],
+    unread: int,
     *,
     now: datetime,
     limits: routing.ContentLimits = routing.DEFAULT_LIMITS,
 ) -> routing.WindowPlan:
-    """What a window that ended sends, from its entries as recorded."""
+    """What a window that ended sends, from its entries as recorded; `unread`: the recipient's
+    unread count of now, the badge of what it pushes."""
+    if channel == repository.RECALL_WINDOW:
+        recalled = [routing.RecalledPushes.model_validate(entry) for entry in entries]
+        return routing.compose_recalls(window_id, recipient, recalled, badge=unread, now=now)
     if channel == Channel.PUSH:
         held = [routing.HeldPushes.model_validate(entry) for entry in entries]
         return routing.compose_push_summaries(
@@ -60,6 +65,7 @@ def compose(
             now=now,
             limits=limits,
             changes=changes,
+            badge=unread,
         )
     emails = [EmailRequested.model_validate(entry) for entry in entries]
     return routing.compose_digest(
@@ -154,6 +160,11 @@ class WindowDispatcher:
     @property
     def running(self) -> bool:
         return self._loop.running
+
+    def wake(self, after: float) -> None:
+        """A pass `after` seconds from now: a window due sooner than the next poll (a recall)
+        goes out when due."""
+        self._loop.wake(after)
 
     def start(self) -> None:
         """A pass every `interval`, in the background, until `stop()`; a failed pass (a

@@ -26,6 +26,9 @@ class Settings(ServiceSettings):
     # (`SCHEDULE_POLL_INTERVAL`, seconds), and how many it takes at once.
     schedule_poll_interval: float = Field(default=1.0, gt=0, le=60)
     schedule_batch_size: int = Field(default=100, ge=1, le=1000)
+    # `RECALL_LINGER`: seconds a recall waits for more reads of the same user, so that rooms
+    # read together are recalled by one push per device.
+    recall_linger: float = Field(default=0.5, ge=0, le=10)
     # `EMAIL_DELAY_SCALE`: multiplies every user's e-mail delay. For demos and tests that cannot
     # wait two minutes; leave it at 1 in production.
     email_delay_scale: float = Field(default=1.0, gt=0, le=1)

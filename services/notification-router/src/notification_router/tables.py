@@ -7,10 +7,12 @@
   push device, one for the e-mail), keyed by the deterministic `notification_id`, with the
   status the delivery reports bring back.
 * `read_markers`: how far each user read each room, from `room.read`.
+* `unread_counts`: per user and room, the messages the user has not read (their badge is the
+  sum), counted as messages are routed and counted again when the room's read marker moves.
 * `waiting_windows` and `window_entries`: the durable schedule of what waits (e-mail for the
-  user's delay, pushes for their quiet hours). A user has at most one `waiting` window per
-  channel (a partial unique index: "one digest per window" is a database fact); each waiting
-  notification is an entry of it, with what was decided.
+  user's delay, pushes for their quiet hours, recalls of pushes a read made stale). A user has
+  at most one `waiting` window per channel (a partial unique index: "one digest per window" is
+  a database fact); each waiting notification is an entry of it, with what was decided.
 * `message_changes`: edits and deletions, from `message.updated` / `message.deleted`, applied
   to what still waits when its window ends.
 * `presence_connections` and `rooms_in_view`: the presence projection, from `presence.changed`:
@@ -98,6 +100,13 @@ notifications = Table(
     # Null on rows written before revision 0002.
     Column("message_created_at", DateTime(timezone=True), nullable=True),
     PrimaryKeyConstraint("message_id", "recipient_id"),
+    # A user's messages of a room by time: what a read marker's move reads (revision 0009).
+    Index(
+        "ix_notifications_recipient_id_room_id_message_created_at",
+        "recipient_id",
+        "room_id",
+        "message_created_at",
+    ),
 )
 
 notification_deliveries = Table(
@@ -154,6 +163,15 @@ read_markers = Table(
     PrimaryKeyConstraint("user_id", "room_id"),
 )
 
+unread_counts = Table(
+    "unread_counts",
+    metadata,
+    Column("user_id", Uuid, nullable=False),
+    Column("room_id", Uuid, nullable=False),
+    Column("unread", Integer, nullable=False),
+    PrimaryKeyConstraint("user_id", "room_id"),
+)
+
 WINDOW_WAITING = "waiting"
 
 waiting_windows = Table(
@@ -161,7 +179,8 @@ waiting_windows = Table(
     metadata,
     Column("window_id", Uuid, primary_key=True),
     Column("user_id", Uuid, nullable=False),
-    # email: a digest after the user's delay; push: what waits for quiet hours or a snooze.
+    # email: a digest after the user's delay; push: what waits for quiet hours or a snooze;
+    # recall: what a read (or a deletion) made stale on the user's devices.
     Column("channel", String(16), nullable=False),
     Column("opened_at", DateTime(timezone=True), nullable=False),
     Column("due_at", DateTime(timezone=True), nullable=False),
@@ -194,7 +213,8 @@ window_entries = Table(
     Column("channel", String(16), nullable=False),
     Column("window_id", Uuid, nullable=False),
     Column("room_id", Uuid, nullable=False),
-    # What was decided: the e-mail (an EmailRequested) or the pushes (routing.HeldPushes).
+    # What was decided: the e-mail (an EmailRequested), the pushes (routing.HeldPushes), or
+    # for a recall the pushes shown (routing.RecalledPushes).
     Column("job", JSON, nullable=False),
     # waiting, sent, or cancelled:<reason> (routing.SkipReason).
     Column("state", String(32), nullable=False),
