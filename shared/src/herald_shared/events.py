@@ -199,6 +199,22 @@ class RoomRead(Event):
     up_to: AwareDatetime  # its creation time
 
 
+class RoomLeft(Event):
+    """A user left a group room, or declined its invitation (`room.left`): nothing of the room
+    up to `left_at` needs telling them any more (what waits is cancelled, what their devices
+    show is recalled), and nothing after reaches them (they are no longer a recipient)."""
+
+    type: Literal["room_left"] = "room_left"
+    user_id: uuid.UUID
+    room_id: uuid.UUID
+    left_at: AwareDatetime
+
+
+# What the router's read-markers queue carries: how far a user is done with a room.
+RoomMarker = RoomRead | RoomLeft
+AnyRoomMarker = Annotated[RoomMarker, Field(discriminator="type")]
+
+
 class ConnectionPresence(_Frozen):
     """One real-time stream of a user: open until `expires_at` unless renewed; a stream that
     ended carries its end. `at`: when this was said (an older word on the same stream is
@@ -615,6 +631,7 @@ AnyEvent = Annotated[
     | InvitationCreated
     | PresenceChanged
     | RoomRead
+    | RoomLeft
     | UserUpdated
     | PushRequested
     | EmailRequested
@@ -671,6 +688,7 @@ EVENT_MODELS: tuple[type[Event], ...] = (
     InvitationCreated,
     PresenceChanged,
     RoomRead,
+    RoomLeft,
     UserUpdated,
     PushRequested,
     EmailRequested,

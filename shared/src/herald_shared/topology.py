@@ -48,6 +48,7 @@ from herald_shared.events import (
     PushBatchRequested,
     PushJobsRequested,
     PushRequested,
+    RoomLeft,
     RoomRead,
     UserUpdated,
 )
@@ -80,6 +81,7 @@ MESSAGE_UPDATED = "message.updated"
 MESSAGE_DELETED = "message.deleted"
 MESSAGE_CHANGED_RETRY = "message.changed.retry"
 ROOM_READ = "room.read"
+ROOM_LEFT = "room.left"
 ROOM_READ_RETRY = "room.read.retry"
 USER_UPDATED = "user.updated"
 USER_RETRY = "user.updated.retry"
@@ -161,7 +163,8 @@ MESSAGE_NOTIFICATIONS = ConsumerQueue(
 )
 RECIPIENT_UPDATES = ConsumerQueue("recipient_updates", (USER_UPDATED,), USER_RETRY)
 PRESENCE_UPDATES = ConsumerQueue("presence_updates", (PRESENCE_CHANGED,), PRESENCE_RETRY)
-READ_MARKERS = ConsumerQueue("read_markers", (ROOM_READ,), ROOM_READ_RETRY)
+# A room left is the last word of the user on it, like a read marker's.
+READ_MARKERS = ConsumerQueue("read_markers", (ROOM_READ, ROOM_LEFT), ROOM_READ_RETRY)
 MESSAGE_CHANGES = ConsumerQueue(
     "message_changes", (MESSAGE_UPDATED, MESSAGE_DELETED), MESSAGE_CHANGED_RETRY
 )
@@ -221,6 +224,8 @@ def routing_key_for(event: Event) -> str:
             return PRESENCE_CHANGED
         case RoomRead():
             return ROOM_READ
+        case RoomLeft():
+            return ROOM_LEFT
         case MessageEdited():
             return MESSAGE_UPDATED
         case MessageDeleted():

@@ -11,6 +11,7 @@ from datetime import timedelta
 
 import pytest
 from faststream import TestApp
+from sqlalchemy import select
 
 from herald_shared.broker import RabbitSettings
 from herald_shared.events import (
@@ -21,6 +22,7 @@ from herald_shared.events import (
     MessageDeleted,
     PushJobsRequested,
     PushRequested,
+    RoomLeft,
     RoomRead,
     utc_now,
 )
@@ -35,6 +37,7 @@ from notification_router.handlers import (
 )
 from notification_router.repository import ReportResult
 from notification_router.settings import Settings
+from notification_router.tables import window_entries
 from tests.integration.notification_router.test_router import drain, projected, publish, push_jobs
 from tests.support.infra import wait_until
 from tests.support.router_factories import message_created, user_updated
@@ -257,3 +260,39 @@ async def test_a_deleted_message_leaves_the_unread_count_and_its_pushes_are_reca
     assert recall.recall.notification_ids == [second.notification_id]
     assert recall.badge == 1
     assert await repository.unread_totals(service.engine, [bob]) == {bob: 1}
+
+
+async def test_leaving_a_room_cancels_what_waits_of_it_and_recalls_what_was_shown(
+    service: RouterService, rabbit_url: str
+) -> None:
+    bob = user_updated(display_name="Bob", devices=1, email="bob@example.com", email_delay=120)
+    await publish(service, bob)
+    await wait_until(projected(service))
+    left, stayed = uuid.uuid4(), uuid.uuid4()
+    messages = messages_in([left, stayed], bob.user_id, per_room=1)
+    await route_messages(messages, service.deps)
+    pushes = await push_jobs(rabbit_url)
+    await delivered(service, pushes)
+
+    await project_read_marker(
+        RoomLeft(user_id=bob.user_id, room_id=left, left_at=utc_now()), service.deps
+    )
+    recalls: list[PushRequested] = []
+    await wait_until(recalls_published(rabbit_url, 1, recalls), timeout=5)
+
+    (recall,) = recalls
+    assert recall.recall is not None
+    assert recall.recall.room_ids == [left]
+    assert recall.badge == 1  # the room still joined
+    async with service.engine.connect() as connection:
+        entries = dict(
+            (
+                await connection.execute(
+                    select(window_entries.c.room_id, window_entries.c.state).where(
+                        window_entries.c.channel == "email"
+                    )
+                )
+            ).all()
+        )
+    # The e-mail of the room left will not be in the digest; the other's still waits.
+    assert entries == {left: "cancelled:left", stayed: "waiting"}

@@ -8,11 +8,13 @@ import uuid
 
 import httpx
 
+from herald_shared.events import EVENT_ADAPTER, RoomLeft
 from message_service.app import MessageService
 from tests.unit.message_service.helpers import (
     Account,
     invitations_created,
     messages_created,
+    outbox_rows,
     register,
 )
 
@@ -100,6 +102,13 @@ async def test_declining_or_leaving_ends_everything_from_the_room(
     assert again.status_code == 404
     assert await recipients_of_last(runtime) == []
     assert (await client.post(f"/rooms/{room}/join", headers=carol.headers)).status_code == 404
+    # The router is told, once per leave, to cancel what waits and recall what was shown.
+    events = [EVENT_ADAPTER.validate_json(row.payload) for row in await outbox_rows(runtime)]
+    left_events = [event for event in events if isinstance(event, RoomLeft)]
+    assert [(event.user_id, str(event.room_id)) for event in left_events] == [
+        (carol.id, room),
+        (bob.id, room),
+    ]
 
 
 async def test_a_direct_room_cannot_be_left(client: httpx.AsyncClient) -> None:

@@ -44,6 +44,7 @@ from herald_shared.events import (
     MessageDeleted,
     MessageEdited,
     PresenceChanged,
+    RoomLeft,
     RoomRead,
     UserUpdated,
 )
@@ -57,6 +58,7 @@ from herald_shared.topology import (
     MESSAGE_UPDATED,
     PRESENCE_CHANGED,
     ROOM_INVITATION_CREATED,
+    ROOM_LEFT,
     ROOM_READ,
     USER_UPDATED,
     declare_topology,
@@ -160,6 +162,15 @@ def _broker(
             description=(
                 "A user read a room up to a message, on some device (a marker that only moves "
                 "forward): nothing up to there needs telling them any more."
+            ),
+        ),
+        "room_left": event_publisher(
+            broker,
+            RoomLeft,
+            ROOM_LEFT,
+            description=(
+                "A user left a group room, or declined its invitation: what still waits of it "
+                "is cancelled, and what their devices show of it recalled."
             ),
         ),
         "message_edited": event_publisher(

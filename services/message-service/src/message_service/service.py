@@ -40,6 +40,7 @@ from herald_shared.events import (
     PreferencesSnapshot,
     QuietHoursSnapshot,
     RoomKind,
+    RoomLeft,
     RoomRead,
     RoomSettingsSnapshot,
     SenderInfo,
@@ -788,7 +789,8 @@ async def join_room(*, session: AsyncSession, room_id: uuid.UUID, user_id: uuid.
 
 
 async def leave_room(*, session: AsyncSession, room_id: uuid.UUID, user_id: uuid.UUID) -> None:
-    """Leave a room, or decline its invitation: nothing more reaches the user from it."""
+    """Leave a room, or decline its invitation: nothing more reaches the user from it, and the
+    router cancels what still waits of it and recalls what their devices show (`RoomLeft`)."""
     found = await repository.membership(session, room_id=room_id, user_id=user_id)
     if found is None:
         raise NotFound("room not found")
@@ -796,6 +798,8 @@ async def leave_room(*, session: AsyncSession, room_id: uuid.UUID, user_id: uuid
     if room.kind == RoomKind.DIRECT:
         raise Invalid("a direct room cannot be left; mute it, or block the other user")
     await repository.remove_membership(session, room_id=room.id, user_id=user_id)
+    event = RoomLeft(user_id=user_id, room_id=room.id, left_at=utc_now())
+    repository.add_outbox_event(session, event=event, event_type=event.type)
     await session.commit()
 
 

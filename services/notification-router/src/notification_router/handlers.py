@@ -27,6 +27,7 @@ from herald_shared.events import (
     AnyDeliveryReport,
     AnyMessageChange,
     AnyNotifiable,
+    AnyRoomMarker,
     DeliveryOutcome,
     DeliveryReported,
     MessageChanged,
@@ -35,7 +36,8 @@ from herald_shared.events import (
     Notifiable,
     PresenceChanged,
     PushJobsRequested,
-    RoomRead,
+    RoomLeft,
+    RoomMarker,
     UserUpdated,
     delivery_reports,
     utc_now,
@@ -245,15 +247,23 @@ async def apply_message_change(event: MessageChanged, deps: RouterDeps) -> None:
     )
 
 
-async def project_read_marker(event: RoomRead, deps: RouterDeps) -> None:
-    moved = await repository.apply_read_marker(
-        deps.engine, event, now=utc_now(), recall_linger=deps.recall_linger
-    )
+async def project_read_marker(event: RoomMarker, deps: RouterDeps) -> None:
+    """A read marker that moves, or a room left: recount the room's unread messages and recall
+    what the user's devices may still show of it (a room left also cancels what waits)."""
+    now, linger = utc_now(), deps.recall_linger
+    moved: repository.MarkerMoved | None
+    if isinstance(event, RoomLeft):
+        moved = await repository.apply_room_left(deps.engine, event, now=now, recall_linger=linger)
+    else:
+        moved = await repository.apply_read_marker(
+            deps.engine, event, now=now, recall_linger=linger
+        )
     if moved is not None and moved.recalled:
-        deps.wake_schedule(deps.recall_linger.total_seconds())
+        deps.wake_schedule(linger.total_seconds())
     logger.debug(
-        "router.read_marker.%s recalled=%d",
-        "moved" if moved else "behind_ignored",
+        "router.%s.%s recalled=%d",
+        event.type,
+        "applied" if moved else "behind_ignored",
         moved.recalled if moved else 0,
     )
 
@@ -362,9 +372,10 @@ def register_handlers(broker: RabbitBroker, deps: RouterDeps, batch: BatchSettin
         EXCHANGE,
         title=f"{READ_MARKERS.name}:consume",
         description=(
-            "Read markers: keep how far each user read each room (only forward), so that a "
-            "message already read notifies nobody, count the room's unread messages again, and "
-            "recall what the read made stale on the user's devices."
+            "Read markers and rooms left: keep how far each user read each room (only "
+            "forward), so that a message already read notifies nobody, count the room's unread "
+            "messages again, and recall what the read made stale on the user's devices; a room "
+            "left also cancels what waits of it."
         ),
     )
     message_changed = broker.subscriber(
@@ -421,7 +432,7 @@ def register_handlers(broker: RabbitBroker, deps: RouterDeps, batch: BatchSettin
         await project_presence(event, deps)
 
     @room_read
-    async def on_room_read(event: RoomRead) -> None:
+    async def on_room_read(event: AnyRoomMarker) -> None:
         await project_read_marker(event, deps)
 
     @message_changed

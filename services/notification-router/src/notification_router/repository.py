@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Table, and_, bindparam, delete, func, or_, select, text, update
+from sqlalchemy import Table, and_, bindparam, case, delete, func, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -37,6 +37,7 @@ from herald_shared.events import (
     PresenceChanged,
     PushRequested,
     QuietHoursSnapshot,
+    RoomLeft,
     RoomRead,
     UserUpdated,
     WebPushKeys,
@@ -446,10 +447,16 @@ async def _add_to_windows(
 
 
 async def _enter_windows(
-    connection: AsyncConnection, waiting: Sequence[_Waiting], *, now: datetime
+    connection: AsyncConnection,
+    waiting: Sequence[_Waiting],
+    *,
+    now: datetime,
+    gather: timedelta | None = None,
 ) -> None:
     """Each item becomes an entry of its recipient's waiting window of its channel, opening one
-    where there is none (due at the item's `due_at`; an open window keeps its due time).
+    where there is none (due at the item's `due_at`; an open window keeps its due time, unless
+    it opened less than `gather` ago: then it is due at the item's, so that what comes in a
+    burst goes out together, never later than `gather` plus one item's wait after the first).
 
     The upsert takes the waiting window's row lock until commit, so a dispatcher (which claims
     with SKIP LOCKED) cannot close the window under the entries being added; a window the
@@ -459,14 +466,24 @@ async def _enter_windows(
         return
     due = {(item.recipient_id, item.channel): item.due_at for item in waiting}
     insert = _insert(connection, waiting_windows)
+    # A no-op change, for the row lock and RETURNING: the window keeps its due time.
+    kept: dict[str, Any] = {"user_id": insert.excluded.user_id}
+    gathering: dict[str, Any] = {}
+    if gather is not None:
+        kept = {
+            "due_at": case(
+                (_windows.opened_at > bindparam("p_gathering_since"), insert.excluded.due_at),
+                else_=_windows.due_at,
+            )
+        }
+        gathering = {"p_gathering_since": now - gather}
     upsert = insert.on_conflict_do_update(
         index_elements=[waiting_windows.c.user_id, waiting_windows.c.channel],
         # A literal, not a parameter: PostgreSQL matches the partial unique index by this
         # predicate, and a parameter stops matching once a prepared statement goes generic
         # (its sixth run on a connection: "no unique or exclusion constraint matching").
         index_where=text(f"state = '{WINDOW_WAITING}'"),
-        # A no-op change, for the row lock and RETURNING: the window keeps its due time.
-        set_={"user_id": insert.excluded.user_id},
+        set_=kept,
     ).returning(waiting_windows.c.window_id, waiting_windows.c.user_id, waiting_windows.c.channel)
     # One row per user and channel (ON CONFLICT DO UPDATE may touch a row once per statement),
     # in that order, like every transaction here.
@@ -480,6 +497,7 @@ async def _enter_windows(
                 "opened_at": now,
                 "due_at": due_at,
                 "state": WINDOW_WAITING,
+                **gathering,
             }
             for (user_id, channel), due_at in sorted(due.items())
         ],
@@ -796,6 +814,60 @@ async def load_read_markers(
         return {(row.user_id, row.room_id): _utc(row.up_to) for row in result}
 
 
+async def apply_room_left(
+    engine: AsyncEngine, event: RoomLeft, *, now: datetime, recall_linger: timedelta
+) -> MarkerMoved:
+    """The user left the room: in one transaction, cancel what waits of it up to `left_at`,
+    put what their devices may still show of it into their recall window, and count the room's
+    unread messages again (those after `left_at`: none, unless they joined again since). A
+    repeat finds nothing more to cancel or recall."""
+    user_id, room_id = event.user_id, event.room_id
+    async with engine.begin() as connection:
+        marker = await connection.scalar(
+            select(read_markers.c.up_to)
+            .where(read_markers.c.user_id == user_id, read_markers.c.room_id == room_id)
+            .with_for_update()
+        )
+        await connection.execute(
+            update(window_entries)
+            .where(
+                _entries.recipient_id == user_id,
+                _entries.room_id == room_id,
+                _entries.state == WINDOW_WAITING,
+                _entries.channel != RECALL_WINDOW,
+                _entries.message_id.in_(
+                    select(_n.message_id).where(
+                        _n.recipient_id == user_id,
+                        _n.room_id == room_id,
+                        _n.message_created_at <= event.left_at,
+                    )
+                ),
+            )
+            .values(state=f"cancelled:{SkipReason.LEFT}")
+        )
+        # What the read marker covers was recalled when it moved.
+        shown = await connection.execute(
+            _SHOWN_IN_ROOM,
+            {
+                "p_user": user_id,
+                "p_room": room_id,
+                "p_after": _utc(marker) if marker is not None else _EPOCH,
+                "p_up_to": event.left_at,
+            },
+        )
+        recalled = await _add_to_recalls(
+            connection, shown.all(), now=now, due_at=now + recall_linger
+        )
+        unread = int(
+            await connection.scalar(
+                _UNREAD_IN_ROOM, {"p_user": user_id, "p_room": room_id, "p_since": event.left_at}
+            )
+            or 0
+        )
+        await _set_unread(connection, user_id, room_id, unread)
+        return MarkerMoved(unread, recalled)
+
+
 # --- unread counts (the badge) -----------------------------------------------------------------
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -878,6 +950,10 @@ async def _set_unread(
 # Deliveries of recalls themselves ("recall:<device id>"), never recalled.
 RECALL_PREFIX = "recall:"
 RECALL_WINDOW = "recall"
+# A recall window takes in what is read (or deleted) for this long after it opens, each read
+# moving it to its own due time: rooms read in a burst (a "mark all as read") make one recall
+# per device, at most this plus the recall linger after the first read.
+RECALL_GATHERING = timedelta(seconds=1)
 _n = notifications.c
 _SHOWN = select(
     _n.recipient_id,
@@ -941,7 +1017,7 @@ async def _add_to_recalls(
         )
         for (recipient_id, message_id), rows in sorted(by_entry.items())
     ]
-    await _enter_windows(connection, waiting, now=now)
+    await _enter_windows(connection, waiting, now=now, gather=RECALL_GATHERING)
     return len(waiting)
 
 

@@ -96,6 +96,7 @@ class SkipReason(StrEnum):
     NO_DEVICE = "no_device"
     NO_EMAIL = "no_email"
     DELETED = "deleted"  # waiting, its message was deleted
+    LEFT = "left"  # waiting, its recipient left the room (or declined its invitation)
     # A waiting e-mail the digest left out: the room was read, or the recipient's e-mail
     # settings no longer want it (READ, MUTED, EMAIL_DISABLED, LEVEL_MENTIONS, NO_EMAIL).
 
