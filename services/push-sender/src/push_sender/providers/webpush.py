@@ -222,7 +222,7 @@ def encode(payload: dict[str, Any]) -> bytes:
 
 def _payload(job: PushRequested, *, title: str, body: str) -> dict[str, Any]:
     return {
-        # Tells a notification to show from a recall ("recall") in the service worker.
+        # Lets the service worker tell a notification to show from a recall ("recall").
         "type": "notification",
         "title": title,
         "body": body,
