@@ -12,6 +12,7 @@ apns.stall(TOKEN_E, 2.0, times=1)                   # answers only after 2 s
 apns.expire_provider_token()     # every JWT seen so far now gets 403 ExpiredProviderToken
 ...
 apns.accepted                    # [(headers, payload), ...]; headers include ":path"
+apns.messages_to(TOKEN_A)        # the same, of one device
 apns.http_versions               # the HTTP version of every request ("2")
 apns.provider_tokens             # the distinct JWTs seen, in order
 apns.stop()
@@ -33,6 +34,10 @@ It checks what APNs checks, so a client sees what it would see from Apple:
   (≤ 64 bytes: 400 `BadCollapseId`), `apns-id` (a UUID: 400 `BadMessageId`).
 * The payload: not empty (400 `PayloadEmpty`), ≤ 4096 bytes (413 `PayloadTooLarge`), and, stricter
   than Apple, a UTF-8 JSON object with an `aps` object (400 `BadPayload`, a fake-only reason).
+* A background push (`apns-push-type: background`), as Apple documents it: `apns-priority` 5 (10,
+  or none, which means 10, is 400 `BadPriority`) and, stricter than Apple, which documents it but
+  does not refuse it, an `aps` with `content-available` 1 and no `alert`, `sound` or `badge` (400
+  `BadPayload`).
 
 A success is `200` with an empty body and the `apns-id` echoed (or made up); an error is
 `{"reason": "..."}` (plus `"timestamp"` in ms for 410) with an `apns-id` header.
@@ -108,6 +113,12 @@ def _error(
     if retry_after is not None:
         headers["retry-after"] = str(retry_after)
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _silent(aps: dict[str, Any]) -> bool:
+    """Whether `aps` is what Apple wants of a background push: it wakes the app and shows, plays
+    and badges nothing."""
+    return aps.get("content-available") == 1 and not {"alert", "sound", "badge"} & set(aps)
 
 
 def _is_uuid(value: str) -> bool:
@@ -332,6 +343,8 @@ class FakeApns:
             payload = None
         if not isinstance(payload, dict) or not isinstance(payload.get("aps"), dict):
             return _error(400, "BadPayload", apns_id)
+        if headers.get("apns-push-type") == "background" and not _silent(payload["aps"]):
+            return _error(400, "BadPayload", apns_id)
 
         script = self._take(token)
         if script is not None and script.status == 0:
@@ -359,7 +372,10 @@ class FakeApns:
         push_type = get("apns-push-type")
         if push_type not in PUSH_TYPES:
             return "InvalidPushType"
-        if get("apns-priority", "10") not in {"1", "5", "10"}:
+        priority = get("apns-priority", "10")
+        if priority not in {"1", "5", "10"}:
+            return "BadPriority"
+        if push_type == "background" and priority != "5":
             return "BadPriority"
         expiration = get("apns-expiration")
         if expiration is not None and not expiration.isdigit():

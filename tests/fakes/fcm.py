@@ -13,6 +13,7 @@ fcm.stall("token-f", 2.0, times=1)                          # answers only after
 fcm.revoke_tokens()                                         # issued access tokens now get 401
 ...
 fcm.accepted                     # every accepted request body: [{"message": {...}}, ...]
+fcm.messages_to("token-a")       # the same, of one device
 fcm.token_requests, fcm.send_requests
 fcm.stop()
 ```
@@ -28,7 +29,8 @@ It speaks the real protocol, so a client sees what it would see from Google:
 * `POST /v1/projects/{project}/messages:send` wants `Authorization: Bearer <issued token>` (401
   `UNAUTHENTICATED` otherwise), the fake's project (403 `PERMISSION_DENIED` otherwise) and a
   well-formed message (400 `INVALID_ARGUMENT` with a `google.rpc.BadRequest` field violation
-  otherwise); it answers `{"name": "projects/{p}/messages/<id>"}` or the scripted FCM v1 error.
+  otherwise; a data message, without `notification`, is well-formed); it answers
+  `{"name": "projects/{p}/messages/<id>"}` or the scripted FCM v1 error.
 
 Used by unit, integration and end-to-end tests; in the latter the push-sender runs as a separate
 process and reaches it over TCP.
@@ -169,6 +171,11 @@ def _string_map(value: Any) -> bool:
     )
 
 
+def _count(value: Any) -> bool:
+    """An int32 that is not negative, as FCM wants `notification_count`."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31
+
+
 def message_violations(body: Any) -> list[tuple[str, str]]:
     """What real FCM would refuse in a `messages:send` body, as (field, description) pairs."""
     if not isinstance(body, dict) or not isinstance(body.get("message"), dict):
@@ -203,8 +210,13 @@ def message_violations(body: Any) -> list[tuple[str, str]]:
         else:
             if "collapse_key" in android and not isinstance(android["collapse_key"], str):
                 violations.append(("message.android.collapse_key", "Must be a string."))
-            if "notification" in android and not isinstance(android["notification"], dict):
+            shown = android.get("notification", {})
+            if not isinstance(shown, dict):
                 violations.append(("message.android.notification", "Invalid notification."))
+            elif "notification_count" in shown and not _count(shown["notification_count"]):
+                violations.append(
+                    ("message.android.notification.notification_count", "Invalid value.")
+                )
     apns = message.get("apns")
     if apns is not None:
         if not isinstance(apns, dict) or set(apns) - APNS_FIELDS:

@@ -7,7 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from herald_shared.broker import RabbitSettings
-from herald_shared.events import Platform, PushBatchRequested, PushJobsRequested, PushRequested
+from herald_shared.events import (
+    Platform,
+    PushBatchRequested,
+    PushJobsRequested,
+    PushRecall,
+    PushRequested,
+)
 from push_sender.app import PushService
 from push_sender.channel import PushChannel
 from push_sender.providers import ProviderAnswer, PushProvider
@@ -31,6 +37,16 @@ def push_job(**overrides: Any) -> PushRequested:
     }
     fields.update(overrides)
     return PushRequested(**fields)
+
+
+def recall_job(rooms: int = 1, notifications: int = 0, **overrides: Any) -> PushRequested:
+    """A recall of `rooms` rooms and `notifications` notifications (listed newest first), as the
+    router makes one: no title or body, trigger MESSAGE."""
+    recall = PushRecall(
+        room_ids=[uuid.uuid4() for _ in range(rooms)],
+        notification_ids=[uuid.uuid4() for _ in range(notifications)],
+    )
+    return push_job(title="", body="", recall=recall, **overrides)
 
 
 def push_jobs(count: int, **overrides: Any) -> list[PushRequested]:

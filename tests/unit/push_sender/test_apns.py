@@ -31,7 +31,7 @@ from push_sender.providers.apns import (
 from push_sender.settings import ApnsSettings
 from tests.fakes.apns import FakeApns, device_token
 from tests.support.processes import free_port
-from tests.unit.push_sender.support import push_job
+from tests.unit.push_sender.support import push_job, recall_job
 
 TOKEN = device_token()
 
@@ -159,6 +159,44 @@ async def test_the_headers_and_payload(
         "notification_id": notification_id,
         "message_id": str(job.message_id),
         "room_id": str(job.room_id),
+    }
+
+
+async def test_the_badge_is_the_recipients_unread_count(
+    provider: ApnsProvider, apns: FakeApns
+) -> None:
+    job = apns_job(badge=12)
+
+    assert await provider.send(job) == ProviderAnswer.accepted()
+
+    [(headers, payload)] = apns.accepted
+    assert headers["apns-push-type"] == "alert"
+    assert payload["aps"]["badge"] == 12
+    assert payload["aps"]["alert"] == {"title": job.title, "body": job.body}
+
+
+@pytest.mark.parametrize(("badge", "custom_badge"), [(0, {"badge": 0}), (None, {})])
+async def test_a_recall_is_a_background_push(
+    provider: ApnsProvider, apns: FakeApns, badge: int | None, custom_badge: dict[str, int]
+) -> None:
+    job = recall_job(rooms=2, notifications=3, badge=badge, platform="apns", token=TOKEN)
+    assert job.recall is not None
+
+    # The fake refuses a background push of priority 10 or with an alert, sound or badge in aps.
+    assert await provider.send(job) == ProviderAnswer.accepted()
+
+    [(headers, payload)] = apns.accepted
+    assert headers["apns-push-type"] == "background"
+    assert headers["apns-priority"] == "5"
+    assert "apns-collapse-id" not in headers
+    assert headers["apns-id"] == str(job.notification_id)
+    assert headers["apns-topic"] == apns.topic
+    assert payload == {
+        "aps": {"content-available": 1},
+        "type": "recall",
+        "room_ids": [str(room) for room in job.recall.room_ids],
+        "notification_ids": [str(n) for n in job.recall.notification_ids],
+        **custom_badge,
     }
 
 
@@ -508,6 +546,15 @@ def test_a_long_body_is_cut_on_a_character_boundary_to_fit(body: str) -> None:
     payload["aps"]["alert"]["body"] = body[: cut + 1] + "…"
     assert encode(payload) != encoded
     assert len(encode(payload)) > MAX_PAYLOAD_BYTES
+
+
+def test_the_badge_stays_when_the_body_is_cut() -> None:
+    encoded = build_payload(apns_job(body="é" * 3000, badge=2**31 - 1))
+
+    assert len(encoded) <= MAX_PAYLOAD_BYTES
+    payload = json.loads(encoded)
+    assert payload["aps"]["badge"] == 2**31 - 1
+    assert payload["aps"]["alert"]["body"].endswith("…")
 
 
 def test_a_body_that_fits_is_left_alone() -> None:

@@ -61,6 +61,7 @@ def headers(signed: str | None, **overrides: str) -> dict[str, str]:
 
 
 BODY = json.dumps({"aps": {"alert": {"title": "t", "body": "b"}}}).encode()
+SILENT = json.dumps({"aps": {"content-available": 1}, "type": "recall"}).encode()
 
 
 async def push(
@@ -176,6 +177,20 @@ async def test_expire_provider_token_expires_the_tokens_seen(
             {"body": json.dumps({"aps": {"alert": "x" * 4090}}).encode()},
             (413, "PayloadTooLarge"),
         ),
+        # A background push: priority 5, and an aps that only wakes the app.
+        ({"apns-push-type": "background", "body": SILENT}, (400, "BadPriority")),
+        (
+            {"apns-push-type": "background", "apns-priority": "5", "body": BODY},
+            (400, "BadPayload"),
+        ),
+        (
+            {
+                "apns-push-type": "background",
+                "apns-priority": "5",
+                "body": json.dumps({"aps": {"content-available": 1, "badge": 3}}).encode(),
+            },
+            (400, "BadPayload"),
+        ),
     ],
 )
 async def test_malformed_pushes_are_refused(
@@ -194,6 +209,19 @@ async def test_malformed_pushes_are_refused(
 
     assert await reason(response) == expected
     assert apns.accepted == []
+
+
+async def test_a_background_push_is_accepted_and_recorded(
+    client: httpx.AsyncClient, apns: FakeApns, apns_key: Path
+) -> None:
+    extra = {"apns-push-type": "background", "apns-priority": "5"}
+
+    response = await push(client, provider_token(apns, apns_key), body=SILENT, extra=extra)
+
+    assert response.status_code == 200
+    [(headers, payload)] = apns.messages_to(TOKEN)
+    assert (headers["apns-push-type"], headers["apns-priority"]) == ("background", "5")
+    assert payload == json.loads(SILENT)
 
 
 async def test_a_collapse_id_of_64_bytes_is_fine(

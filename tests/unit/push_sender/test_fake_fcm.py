@@ -137,3 +137,31 @@ async def test_malformed_messages_are_refused_like_fcm_does(
     violations = empty_token.json()["error"]["details"][1]["fieldViolations"]
     assert violations[0]["field"] == "message.token"
     assert fcm.accepted == []
+
+
+async def test_a_data_message_is_accepted_and_a_bad_notification_count_refused(
+    client: httpx.AsyncClient, account: dict[str, Any], fcm: FakeFcm
+) -> None:
+    access = (await token(client, assertion(account))).json()["access_token"]
+    headers = {"authorization": f"Bearer {access}"}
+    url = f"/v1/projects/{fcm.project_id}/messages:send"
+    data_only = {"message": {"token": "d", "data": {"type": "recall"}, "android": {}}}
+
+    accepted = await client.post(url, json=data_only, headers=headers)
+    refused = [
+        await client.post(
+            url,
+            json={
+                "message": {"token": "d", "android": {"notification": {"notification_count": n}}}
+            },
+            headers=headers,
+        )
+        for n in (-1, "3", True)
+    ]
+
+    assert accepted.status_code == 200
+    assert fcm.messages_to("d") == [data_only]
+    for response in refused:
+        assert response.status_code == 400
+        violations = response.json()["error"]["details"][1]["fieldViolations"]
+        assert violations[0]["field"] == "message.android.notification.notification_count"

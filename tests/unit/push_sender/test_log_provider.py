@@ -9,7 +9,7 @@ from typing import Any
 
 from push_sender.providers import LogProvider, ProviderAnswer, Verdict
 from push_sender.providers.log import token_hint
-from tests.unit.push_sender.support import DEVICE_TOKEN, push_job
+from tests.unit.push_sender.support import DEVICE_TOKEN, push_job, recall_job
 
 
 def lines(path: Path) -> list[dict[str, Any]]:
@@ -38,8 +38,25 @@ async def test_a_push_becomes_one_json_line_without_the_token(tmp_path: Path) ->
         "title": "Alice in général",
         "body": "On se voit à 9h ? 👋",
         "collapse_id": str(job.notification_id),
+        "badge": None,
+        "recall": None,
     }
     assert DEVICE_TOKEN not in path.read_text(encoding="utf-8")
+
+
+async def test_a_recall_and_a_badge_are_on_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "pushes.jsonl"
+    job = recall_job(rooms=2, notifications=1, badge=3)
+    assert job.recall is not None
+
+    await LogProvider(path).send(job)
+
+    [line] = lines(path)
+    assert (line["title"], line["body"], line["badge"]) == ("", "", 3)
+    assert line["recall"] == {
+        "room_ids": [str(room) for room in job.recall.room_ids],
+        "notification_ids": [str(job.recall.notification_ids[0])],
+    }
 
 
 async def test_concurrent_pushes_never_interleave(tmp_path: Path) -> None:

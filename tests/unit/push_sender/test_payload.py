@@ -1,4 +1,5 @@
-"""Push text fitted to a provider's byte limit, never splitting a character; FCM's payload ids."""
+"""Push text fitted to a provider's byte limit, never splitting a character; FCM's payloads:
+ids, badge, recalls."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from herald_shared.text import fit_title_and_body, truncate_to_size, utf8_size
 from push_sender.providers.fcm import PAYLOAD_LIMIT, FcmProvider, build_message, json_text_size
 from push_sender.settings import FcmSettings
 from tests.fakes.fcm import FakeFcm
-from tests.unit.push_sender.support import DEVICE_TOKEN, push_job
+from tests.unit.push_sender.support import DEVICE_TOKEN, push_job, recall_job
 
 
 @pytest.mark.parametrize(
@@ -55,10 +56,14 @@ def test_json_size_is_never_below_utf8_size() -> None:
 
 
 @pytest.mark.parametrize("body", ["x" * 5000, "👋" * 3000, "日本語" * 2000, '"' * 5000])
-def test_an_fcm_payload_fits_fcms_limit(body: str) -> None:
-    message = build_message(push_job(body=body))["message"]
+@pytest.mark.parametrize("badge", [None, 2**31 - 1])
+def test_an_fcm_payload_fits_fcms_limit(body: str, badge: int | None) -> None:
+    message = build_message(push_job(body=body, badge=badge, trigger=Trigger.DIRECT))["message"]
     payload = {"notification": message["notification"], "data": message["data"]}
     assert len(json.dumps(payload).encode()) <= PAYLOAD_LIMIT
+    # What an iPhone receives through FCM: `aps` with the alert, and the data keys beside it.
+    aps = {**message["apns"]["payload"]["aps"], "alert": message["notification"]}
+    assert len(json.dumps({"aps": aps, **message["data"]}).encode()) <= PAYLOAD_LIMIT
     assert message["notification"]["body"].endswith("…")
     assert body.startswith(message["notification"]["body"][:-1])
 
@@ -108,3 +113,64 @@ async def test_fcm_has_one_notification_per_room_and_urgency_by_trigger(
         "headers": {"apns-collapse-id": str(job.notification_id), "apns-priority": apns},
         "payload": {"aps": {"thread-id": room, **sound}},
     }
+
+
+async def test_fcm_carries_the_badge_to_android_and_ios(fcm: FakeFcm, credentials: Path) -> None:
+    provider = FcmProvider.from_settings(
+        FcmSettings(credentials_file=credentials, base_url=fcm.base_url)
+    )
+    job = push_job(badge=7)
+    try:
+        answer = await provider.send(job)
+    finally:
+        await provider.aclose()
+
+    assert answer.verdict == "accepted"
+    [sent] = fcm.messages_to(DEVICE_TOKEN)
+    message = sent["message"]
+    room = str(job.room_id)
+    assert message["notification"] == {"title": job.title, "body": job.body}
+    assert message["android"]["notification"] == {"tag": room, "notification_count": 7}
+    assert message["apns"]["payload"] == {"aps": {"thread-id": room, "badge": 7}}
+    assert "badge" not in message["data"]
+
+
+@pytest.mark.parametrize(("badge", "data_badge"), [(3, {"badge": "3"}), (None, {})])
+async def test_a_recall_is_a_data_message_and_a_background_push_on_ios(
+    fcm: FakeFcm, credentials: Path, badge: int | None, data_badge: dict[str, str]
+) -> None:
+    provider = FcmProvider.from_settings(
+        FcmSettings(credentials_file=credentials, base_url=fcm.base_url)
+    )
+    job = recall_job(rooms=2, notifications=3, badge=badge)
+    assert job.recall is not None
+    try:
+        answer = await provider.send(job)
+    finally:
+        await provider.aclose()
+
+    assert answer.verdict == "accepted"
+    [sent] = fcm.messages_to(DEVICE_TOKEN)
+    assert sent["message"] == {
+        "token": DEVICE_TOKEN,
+        # No `notification`: FCM hands the data to the app and shows nothing.
+        "data": {
+            "type": "recall",
+            "room_ids": ",".join(str(room) for room in job.recall.room_ids),
+            "notification_ids": ",".join(str(n) for n in job.recall.notification_ids),
+            **data_badge,
+        },
+        # Now, and replacing nothing waiting at FCM: no collapse key.
+        "android": {"priority": "HIGH"},
+        "apns": {
+            "headers": {"apns-push-type": "background", "apns-priority": "5"},
+            "payload": {"aps": {"content-available": 1}},
+        },
+    }
+
+
+def test_a_recall_of_rooms_alone_names_no_notification() -> None:
+    data = build_message(recall_job(rooms=1))["message"]["data"]
+
+    assert data["notification_ids"] == ""
+    assert "," not in data["room_ids"]

@@ -39,7 +39,7 @@ from push_sender.providers.webpush import (
 from push_sender.settings import PushProviderKind, Settings, WebPushSettings
 from tests.fakes.webpush import FakeWebPush, Subscription, decrypt
 from tests.support.processes import free_port
-from tests.unit.push_sender.support import push_job
+from tests.unit.push_sender.support import push_job, recall_job
 
 SUBJECT = "mailto:push-admin@herald.test"
 LOOPBACK_HOSTS = (*DEFAULT_ALLOWED_HOSTS, "127.0.0.1")
@@ -174,6 +174,7 @@ async def test_a_push_is_encrypted_for_the_subscription_and_accepted(
     assert answer == ProviderAnswer.accepted()
     [received] = push.received_by(browser)
     assert received.payload == {
+        "type": "notification",
         "title": "Alice in general",
         "body": "Lunch at 12? 🍕",
         "message_id": str(job.message_id),
@@ -186,6 +187,51 @@ async def test_a_push_is_encrypted_for_the_subscription_and_accepted(
     assert received.headers["urgency"] == urgency
     assert received.headers["topic"] == topic(job)
     assert push.undecryptable == 0
+
+
+async def test_the_badge_is_the_recipients_unread_count(
+    push: FakeWebPush, make_provider: Callable[..., WebPushProvider]
+) -> None:
+    browser = push.subscribe()
+
+    answer = await make_provider().send(webpush_job(browser, badge=4))
+
+    assert answer == ProviderAnswer.accepted()
+    [received] = push.received_by(browser)
+    assert received.payload["type"] == "notification"
+    assert received.payload["badge"] == 4
+
+
+@pytest.mark.parametrize(("badge", "payload_badge"), [(5, {"badge": 5}), (None, {})])
+async def test_a_recall_names_what_to_close_at_high_urgency(
+    push: FakeWebPush,
+    make_provider: Callable[..., WebPushProvider],
+    badge: int | None,
+    payload_badge: dict[str, int],
+) -> None:
+    browser = push.subscribe()
+    job = recall_job(
+        rooms=2,
+        notifications=3,
+        badge=badge,
+        platform=Platform.WEB_PUSH,
+        token=browser.endpoint,
+        web_push_keys=WebPushKeys(**browser.keys),
+    )
+    assert job.recall is not None
+
+    answer = await make_provider().send(job)
+
+    assert answer == ProviderAnswer.accepted()
+    [received] = push.received_by(browser)
+    assert received.payload == {
+        "type": "recall",
+        "room_ids": [str(room) for room in job.recall.room_ids],
+        "notification_ids": [str(n) for n in job.recall.notification_ids],
+        **payload_badge,
+    }
+    assert received.headers["urgency"] == "high"
+    assert received.headers["topic"] == topic(job)
 
 
 async def test_the_ttl_setting_is_sent(
@@ -459,6 +505,20 @@ async def test_a_long_body_is_cut_on_a_character_boundary_to_fit_4096_bytes(
     assert body[:-1] == family * (len(body[:-1]) // len(family))  # whole emoji only
     assert len(body) > 100  # cut, not emptied
     assert received.payload["title"] == job.title
+
+
+async def test_the_badge_stays_when_the_body_is_cut(
+    push: FakeWebPush, make_provider: Callable[..., WebPushProvider]
+) -> None:
+    browser = push.subscribe()
+
+    answer = await make_provider().send(webpush_job(browser, body="é" * 3000, badge=2**31 - 1))
+
+    assert answer.verdict is Verdict.ACCEPTED
+    [received] = push.received_by(browser)
+    assert received.body_size <= MAX_BODY_BYTES
+    assert received.payload["badge"] == 2**31 - 1
+    assert received.payload["body"].endswith("…")
 
 
 async def test_an_enormous_title_is_cut_too(

@@ -9,7 +9,11 @@
 * Payload: `aps.alert` with the title and body, `thread-id` = the room (iOS groups a room's
   notifications), a sound and `apns-priority` 10 for a DM or a mention, no sound and priority 5
   for the rest, `apns-collapse-id` = the notification id (a push sent twice replaces the first
-  one on the device), the body shortened on a character boundary to fit APNs' 4096 bytes.
+  one on the device), the body shortened on a character boundary to fit APNs' 4096 bytes;
+  `aps.badge` = the recipient's unread count, when the router sent it.
+* A recall (`job.recall`) is a background push instead (see `recall_payload`): it wakes the app,
+  which takes the notifications of its rooms (threads), and those it names, off the screen and
+  sets the badge itself.
 * Answers are classified, never retried here, except one immediate retry with a new provider
   token after `ExpiredProviderToken` (see `classify`).
 
@@ -33,10 +37,11 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1, EllipticCurvePrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-from herald_shared.events import PushRequested
+from herald_shared.events import PushRecall, PushRequested
 from herald_shared.text import truncate_to_size
 from push_sender.providers.base import ProviderAnswer, Verdict
 from push_sender.providers.fcm import parse_retry_after
+from push_sender.providers.recall import fit_recall
 from push_sender.settings import ApnsSettings
 
 logger = logging.getLogger("push_sender.apns")
@@ -103,6 +108,7 @@ def _payload(job: PushRequested, *, title: str, body: str) -> dict[str, Any]:
             "mutable-content": 1,
             # A DM or a mention makes a sound; the rest arrives silently.
             **({"sound": "default"} if job.trigger.urgent else {}),
+            **({} if job.badge is None else {"badge": job.badge}),
         },
         "notification_id": str(job.notification_id),
         "message_id": str(job.message_id),
@@ -110,9 +116,35 @@ def _payload(job: PushRequested, *, title: str, body: str) -> dict[str, Any]:
     }
 
 
+def recall_payload(job: PushRequested, recall: PushRecall) -> dict[str, Any]:
+    """A recall's payload: `aps` holds `content-available` alone, as Apple wants of a background
+    push (no alert, sound or badge), and the rest are custom keys at the top level, like a
+    notification's ids: the app removes the delivered notifications whose thread is one of
+    `room_ids` or whose identifier (the collapse id: the notification id) is one of
+    `notification_ids`, and sets its badge to `badge` when there is one. As many ids as fit
+    `MAX_PAYLOAD_BYTES` (`fit_recall`)."""
+    badge = {} if job.badge is None else {"badge": job.badge}
+
+    def payload(rooms: list[str], ids: list[str]) -> dict[str, Any]:
+        return {
+            "aps": {"content-available": 1},
+            "type": "recall",
+            "room_ids": rooms,
+            "notification_ids": ids,
+            **badge,
+        }
+
+    rooms, ids = fit_recall(
+        recall, lambda rooms, ids: len(encode(payload(rooms, ids))) <= MAX_PAYLOAD_BYTES
+    )
+    return payload(rooms, ids)
+
+
 def build_payload(job: PushRequested) -> bytes:
     """The notification's JSON, at most `MAX_PAYLOAD_BYTES`: the body is shortened first (with an
-    ellipsis), then the title if even an empty body does not fit."""
+    ellipsis), then the title if even an empty body does not fit. A recall's: `recall_payload`."""
+    if job.recall is not None:
+        return encode(recall_payload(job, job.recall))
     title, body = job.title, job.body
 
     def size(title: str, body: str) -> int:
@@ -309,14 +341,23 @@ class ApnsProvider:
         )
 
     def headers(self, job: PushRequested, provider_token: str) -> dict[str, str]:
+        kind: dict[str, str]
+        if job.recall is not None:
+            # A background push: Apple wants priority 5 for it (10 is an error). No collapse id:
+            # that is for notifications shown, and a background push shows none.
+            kind = {"apns-push-type": "background", "apns-priority": "5"}
+        else:
+            kind = {
+                "apns-push-type": "alert",
+                # 10: now (a DM, a mention); 5: when it suits the device's power.
+                "apns-priority": "10" if job.trigger.urgent else "5",
+                "apns-collapse-id": collapse_id(job),
+            }
         return {
             "authorization": f"bearer {provider_token}",
             "apns-topic": self.topic,
-            "apns-push-type": "alert",
-            # 10: now (a DM, a mention); 5: when it suits the device's power.
-            "apns-priority": "10" if job.trigger.urgent else "5",
+            **kind,
             "apns-expiration": str(int(self._clock()) + EXPIRATION_SECONDS),
-            "apns-collapse-id": collapse_id(job),
             # APNs echoes it, so its logs and ours name the push the same way.
             "apns-id": str(job.notification_id),
             "content-type": "application/json",

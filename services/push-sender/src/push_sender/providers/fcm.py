@@ -10,7 +10,11 @@
   and `apns-collapse-id` the notification id, so a push sent twice replaces the first one. A DM
   or a mention (`Trigger.urgent`) is sent at high priority with a sound, anything else at
   normal priority, silently;
-  title and body shortened, at character boundaries, to fit FCM's 4096-byte payload limit.
+  title and body shortened, at character boundaries, to fit FCM's 4096-byte payload limit. The
+  recipient's unread count, when the router sent it, is the badge on both (Android's
+  `notification_count`, iOS' `aps.badge`).
+* A recall (`job.recall`) is a data message instead, with nothing to show: the app itself takes
+  the notifications of its rooms, and those it names, off the screen (see `recall_message`).
 * Answers are classified, never retried here (see `classify`).
 * Transport: one pool of kept-alive HTTP/1.1 connections (`http1.Http1Client`) for the token
   endpoint and FCM: push-sender makes one request per push, so the client's cost per request is
@@ -38,10 +42,11 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from herald_shared.events import PushRequested, utc_now
+from herald_shared.events import PushRecall, PushRequested, utc_now
 from herald_shared.text import fit_title_and_body
 from push_sender.providers.base import ProviderAnswer, Verdict
 from push_sender.providers.http1 import Http1Client, HttpError
+from push_sender.providers.recall import fit_recall
 from push_sender.settings import FcmSettings, check_secure_url
 
 logger = logging.getLogger("push_sender.fcm")
@@ -122,21 +127,32 @@ def json_text_size(text: str) -> int:
 
 def build_message(job: PushRequested) -> dict[str, Any]:
     """The `messages:send` request body for one job."""
+    if job.recall is not None:
+        return recall_message(job, job.recall)
     collapse_id = str(job.notification_id)
     data = {
         "notification_id": str(job.notification_id),
         "message_id": str(job.message_id),
         "room_id": str(job.room_id),
     }
-    overhead = len(json.dumps({"notification": {"title": "", "body": ""}, "data": data}))
-    title, body = fit_title_and_body(
-        job.title, job.body, budget=PAYLOAD_LIMIT - overhead, size=json_text_size
-    )
     urgent = job.trigger.urgent
     room = str(job.room_id)
     aps: dict[str, Any] = {"thread-id": room}  # iOS groups a thread's: one room, one group
     if urgent:
         aps["sound"] = "default"
+    android_notification: dict[str, Any] = {"tag": room}
+    if job.badge is not None:
+        aps["badge"] = job.badge
+        # Launchers that show a number on the app's icon show this one.
+        android_notification["notification_count"] = job.badge
+    # What an iPhone receives through FCM is `aps` and the data keys together, within APNs'
+    # 4096 bytes too: `aps` counts against the text's budget as well.
+    overhead = len(
+        json.dumps({"notification": {"title": "", "body": ""}, "data": data, "aps": aps})
+    )
+    title, body = fit_title_and_body(
+        job.title, job.body, budget=PAYLOAD_LIMIT - overhead, size=json_text_size
+    )
     return {
         "message": {
             "token": job.token,
@@ -148,13 +164,55 @@ def build_message(job: PushRequested) -> dict[str, Any]:
                 # One notification per room, replaced by the room's next one (and by a repeat of
                 # itself); offline, FCM keeps only a room's latest.
                 "collapse_key": room,
-                "notification": {"tag": room},
+                "notification": android_notification,
             },
             "apns": {
                 "headers": {
                     "apns-collapse-id": collapse_id,
                     "apns-priority": "10" if urgent else "5",
                 },
+                "payload": {"aps": aps},
+            },
+        }
+    }
+
+
+def recall_message(job: PushRequested, recall: PushRecall) -> dict[str, Any]:
+    """A recall's request body: a data message, which FCM hands to the app instead of showing
+    anything, so that the app takes the rooms' notifications (their tag is the room) and the
+    named ones off the screen and sets its badge. FCM's data values are strings: the ids are
+    comma-separated.
+
+    * Android: priority HIGH, so that it arrives now and not at the device's next window (a
+      notification of a room read elsewhere is wrong as long as it stays); no `collapse_key`,
+      so that it never takes the place of a room's notification still waiting at FCM.
+    * iOS (the data keys arrive as custom keys next to `aps`): a background push, which Apple
+      wants with `apns-priority` 5 and an `aps` of `content-available` alone (no alert, sound or
+      badge: the app sets the badge from the `badge` key); no collapse id, which is for
+      notifications shown.
+    """
+    badge = {} if job.badge is None else {"badge": str(job.badge)}
+    aps = {"content-available": 1}
+
+    def data(rooms: list[str], ids: list[str]) -> dict[str, str]:
+        return {
+            "type": "recall",
+            "room_ids": ",".join(rooms),
+            "notification_ids": ",".join(ids),
+            **badge,
+        }
+
+    def fits(rooms: list[str], ids: list[str]) -> bool:
+        return len(json.dumps({"data": data(rooms, ids), "aps": aps})) <= PAYLOAD_LIMIT
+
+    rooms, ids = fit_recall(recall, fits)
+    return {
+        "message": {
+            "token": job.token,
+            "data": data(rooms, ids),
+            "android": {"priority": "HIGH"},
+            "apns": {
+                "headers": {"apns-push-type": "background", "apns-priority": "5"},
                 "payload": {"aps": aps},
             },
         }

@@ -1,7 +1,8 @@
 """The zero-setup provider: every push becomes one JSON line in a file (`PUSH_LOG_FILE`).
 
-The line carries what a phone would show (title, body) and the ids, but only the last characters
-of the device token: the file is for looking at, not a token store.
+The line carries what a phone would show (title, body, badge) and the ids, or what a recall takes
+off the screen, but only the last characters of the device token: the file is for looking at, not
+a token store.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ def log_line(job: PushRequested) -> str:
             "title": job.title,
             "body": job.body,
             "collapse_id": str(job.notification_id),
+            "badge": job.badge,
+            "recall": None if job.recall is None else job.recall.model_dump(mode="json"),
         },
         ensure_ascii=False,
     )

@@ -6,8 +6,11 @@
 * Payload encryption (RFC 8291, `Content-Encoding: aes128gcm` of RFC 8188): ECDH between a fresh
   P-256 key of ours and the subscription's `p256dh`, HKDF with its `auth` secret, one record
   with the 0x02 padding delimiter, behind the 86-byte header salt | rs | idlen | keyid. The JSON
-  payload (title, body, ids) is shortened, body first and on a character boundary, so that the
+  payload (`type` "notification", title, body, ids, and the recipient's unread count as `badge`
+  when the router sent it) is shortened, body first and on a character boundary, so that the
   whole body fits the 4096 bytes every push service accepts.
+* A recall (`job.recall`) carries `type` "recall" and ids instead, at `Urgency: high`: the
+  service worker closes the notifications they name and sets the badge (see `recall_payload`).
 * Authentication (RFC 8292, VAPID): `Authorization: vapid t=<ES256 JWT>, k=<our public key>`; the
   JWT's `aud` is the endpoint's origin, `exp` at most 24 hours away, `sub` our contact. One JWT
   per origin is reused until it is half-way to expiry.
@@ -39,11 +42,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from herald_shared.events import PushRequested, WebPushKeys
+from herald_shared.events import PushRecall, PushRequested, WebPushKeys
 from herald_shared.text import truncate_to_size
 from herald_shared.webpush import endpoint_problem
 from push_sender.providers.base import ProviderAnswer, Verdict
 from push_sender.providers.fcm import parse_retry_after
+from push_sender.providers.recall import fit_recall
 from push_sender.settings import WebPushSettings
 
 # What every push service must accept as a message body (RFC 8030 §7.2, RFC 8291 §4).
@@ -218,17 +222,40 @@ def encode(payload: dict[str, Any]) -> bytes:
 
 def _payload(job: PushRequested, *, title: str, body: str) -> dict[str, Any]:
     return {
+        # Lets the service worker tell a notification to show from a recall ("recall").
+        "type": "notification",
         "title": title,
         "body": body,
         "message_id": str(job.message_id),
         "room_id": str(job.room_id),
         "notification_id": str(job.notification_id),
+        # For `navigator.setAppBadge`.
+        **({} if job.badge is None else {"badge": job.badge}),
     }
+
+
+def recall_payload(job: PushRequested, recall: PushRecall) -> dict[str, Any]:
+    """A recall's JSON: the service worker closes the notifications shown whose tag is one of
+    `room_ids` (it shows a room's under the room's id) or whose `data.notification_id` is one of
+    `notification_ids`, and sets the app's badge to `badge` when there is one. As many ids as fit
+    `MAX_PLAINTEXT_BYTES` (`fit_recall`)."""
+    badge = {} if job.badge is None else {"badge": job.badge}
+
+    def payload(rooms: list[str], ids: list[str]) -> dict[str, Any]:
+        return {"type": "recall", "room_ids": rooms, "notification_ids": ids, **badge}
+
+    rooms, ids = fit_recall(
+        recall, lambda rooms, ids: len(encode(payload(rooms, ids))) <= MAX_PLAINTEXT_BYTES
+    )
+    return payload(rooms, ids)
 
 
 def build_payload(job: PushRequested) -> bytes:
     """The JSON the service worker receives, at most `MAX_PLAINTEXT_BYTES`: the body gives way
-    first (with an ellipsis, on a character boundary), then the title."""
+    first (with an ellipsis, on a character boundary), then the title. A recall's:
+    `recall_payload`."""
+    if job.recall is not None:
+        return encode(recall_payload(job, job.recall))
 
     def size(title: str, body: str) -> int:
         return len(encode(_payload(job, title=title, body=body)))
@@ -370,7 +397,10 @@ class WebPushProvider:
             "authorization": self.vapid.authorization(origin_of(endpoint)),
             "ttl": str(self.ttl),
             # high for a DM or a mention; normal lets a device on battery wait (RFC 8030 5.3).
-            "urgency": "high" if job.trigger.urgent else "normal",
+            # A recall is high too: what it takes away may have come at high, and it is worth
+            # something only if it comes before the user looks at the screen; it shows nothing
+            # and is small, so it costs the device little.
+            "urgency": "high" if job.urgent else "normal",
             "topic": topic(job),
             "content-encoding": "aes128gcm",
             "content-type": "application/octet-stream",
