@@ -211,6 +211,7 @@ async def test_asyncapi_page_without_try_it_out(client: httpx.AsyncClient) -> No
         "room.invitation.created:publish",
         "presence.changed:publish",
         "room.read:publish",
+        "room.left:publish",
         "message.updated:publish",
         "message.deleted:publish",
         "user.updated:publish",
