@@ -1,0 +1,217 @@
+"""Recalls and badges with the four services as processes: Bob has two phones; every push
+carries his unread count; reading a room recalls its notifications on each phone within
+seconds, with the new count; fifty rooms read at once make one recall per phone; a message
+deleted after its push was delivered is recalled."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+import uuid
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from tests.e2e.conftest import Person, Pipeline, register_person
+from tests.support import infra
+from tests.support.faults import emit
+
+
+async def second_phone(client: httpx.AsyncClient, person: Person) -> str:
+    token = f"device-{person.username}-2-{uuid.uuid4().hex}"
+    added = await client.post(
+        "/users/me/devices", json={"platform": "fcm", "token": token}, headers=person.auth
+    )
+    assert added.status_code == 201, added.text
+    return token
+
+
+async def room_with(client: httpx.AsyncClient, owner: Person, member: Person, name: str) -> str:
+    room = await client.post(
+        "/rooms", json={"name": name, "member_ids": [member.id]}, headers=owner.auth
+    )
+    assert room.status_code == 201, room.text
+    room_id: str = room.json()["id"]
+    joined = await client.post(f"/rooms/{room_id}/join", headers=member.auth)
+    assert joined.status_code == 200, joined.text
+    return room_id
+
+
+async def mention(client: httpx.AsyncClient, author: Person, room: str, whom: Person) -> str:
+    posted = await client.post(
+        f"/rooms/{room}/messages",
+        json={"content": f"@{whom.username} look at this"},
+        headers=author.auth,
+    )
+    assert posted.status_code == 201, posted.text
+    message_id: str = posted.json()["id"]
+    return message_id
+
+
+def notifications_to(pipeline: Pipeline, token: str) -> list[dict[str, Any]]:
+    return [m["message"] for m in pipeline.fcm.messages_to(token) if "notification" in m["message"]]
+
+
+def recalls_to(pipeline: Pipeline, token: str) -> list[dict[str, str]]:
+    return [
+        m["message"]["data"]
+        for m in pipeline.fcm.messages_to(token)
+        if m["message"].get("data", {}).get("type") == "recall"
+    ]
+
+
+async def recalls_settled(pipeline: Pipeline) -> bool:
+    """Every recall the router composed was delivered (reported back), and none waits: what the
+    fake FCM holds then is all there will be."""
+    connection = await asyncpg.connect(
+        pipeline.databases["notification-router"].replace("+asyncpg", "")
+    )
+    try:
+        open_windows = await connection.fetchval(
+            "SELECT count(*) FROM waiting_windows WHERE channel = 'recall' AND state <> 'sent'"
+        )
+        undelivered = await connection.fetchval(
+            "SELECT count(*) FROM notification_deliveries"
+            " WHERE target LIKE 'recall:%' AND status <> 'delivered'"
+        )
+    finally:
+        await connection.close()
+    return open_windows == 0 and undelivered == 0
+
+
+async def test_a_read_recalls_each_phones_notifications_with_the_new_badge(
+    pipeline: Pipeline, request: pytest.FixtureRequest
+) -> None:
+    async with httpx.AsyncClient(base_url=pipeline.api, timeout=10) as client:
+        alice = await register_person(client, "alice")
+        bob = await register_person(client, "bob")
+        phones = [bob.device_token, await second_phone(client, bob)]
+        rooms = [await room_with(client, alice, bob, f"room-{index}") for index in range(10)]
+        await pipeline.invitations_sent(len(rooms))
+        last = [await mention(client, alice, room, bob) for room in rooms]
+
+        async def all_pushed() -> bool:
+            return all(len(notifications_to(pipeline, phone)) >= 2 * len(rooms) for phone in phones)
+
+        await infra.wait_until(all_pushed, timeout=30, interval=0.05)
+        # Each mention's push counts it in: the unread messages of all rooms, 1 to 10.
+        for phone in phones:
+            counts = sorted(
+                push["android"]["notification"]["notification_count"]
+                for push in notifications_to(pipeline, phone)
+                if "notification_count" in push["android"].get("notification", {})
+            )
+            assert counts[-len(rooms) :] == list(range(1, len(rooms) + 1))
+
+        # One room read at a time: each phone's recall, and how long it took.
+        seconds: list[float] = []
+        for index, (room, message_id) in enumerate(zip(rooms, last, strict=True)):
+            read_at = time.monotonic()
+            read = await client.put(
+                f"/rooms/{room}/read", json={"up_to": message_id}, headers=bob.auth
+            )
+            assert read.status_code == 200, read.text
+
+            async def recalled(expected: int = index + 1) -> bool:
+                return all(len(recalls_to(pipeline, phone)) >= expected for phone in phones)
+
+            await infra.wait_until(recalled, timeout=15, interval=0.01)
+            seconds.extend([time.monotonic() - read_at] * len(phones))
+            for phone in phones:
+                recall = recalls_to(pipeline, phone)[-1]
+                assert recall["room_ids"] == room
+                assert recall["badge"] == str(len(rooms) - index - 1)
+        await infra.wait_until(lambda: recalls_settled(pipeline), timeout=15)
+
+    p50, p99 = statistics.median(seconds), max(seconds)
+    emit(
+        request.config,
+        f"RECALL reads={len(rooms)} phones={len(phones)} read_to_recall_p50_s={p50:.3f}"
+        f" p99_s={p99:.3f} (max of {len(seconds)})",
+        request.node,
+    )
+    for phone in phones:
+        assert len(recalls_to(pipeline, phone)) == len(rooms)  # one per read, no more
+    assert p99 < 4.0, seconds  # 2 s asked; room for a loaded machine
+
+
+async def test_fifty_rooms_read_at_once_make_one_recall_per_phone(
+    pipeline: Pipeline, request: pytest.FixtureRequest
+) -> None:
+    async with httpx.AsyncClient(base_url=pipeline.api, timeout=30) as client:
+        alice = await register_person(client, "alice")
+        bob = await register_person(client, "bob")
+        phones = [bob.device_token, await second_phone(client, bob)]
+        rooms = [await room_with(client, alice, bob, f"room-{index}") for index in range(50)]
+        await pipeline.invitations_sent(len(rooms))
+        last = [await mention(client, alice, room, bob) for room in rooms]
+
+        async def all_pushed() -> bool:
+            return all(len(notifications_to(pipeline, phone)) >= 2 * len(rooms) for phone in phones)
+
+        await infra.wait_until(all_pushed, timeout=60, interval=0.05)
+
+        read_at = time.monotonic()
+        answers = await asyncio.gather(
+            *(
+                client.put(f"/rooms/{room}/read", json={"up_to": message_id}, headers=bob.auth)
+                for room, message_id in zip(rooms, last, strict=True)
+            )
+        )
+        assert all(answer.status_code == 200 for answer in answers)
+
+        async def recalled() -> bool:
+            return all(recalls_to(pipeline, phone) for phone in phones)
+
+        await infra.wait_until(recalled, timeout=15, interval=0.01)
+        first_recall_s = time.monotonic() - read_at
+        await infra.wait_until(lambda: recalls_settled(pipeline), timeout=15)
+
+    emit(
+        request.config,
+        f"RECALL rooms_read_at_once={len(rooms)} first_recall_s={first_recall_s:.3f}"
+        f" recalls_per_phone={[len(recalls_to(pipeline, phone)) for phone in phones]}",
+        request.node,
+    )
+    for phone in phones:
+        (recall,) = recalls_to(pipeline, phone)
+        assert sorted(recall["room_ids"].split(",")) == sorted(rooms)
+        assert recall["badge"] == "0"
+
+
+async def test_a_deleted_messages_delivered_push_is_recalled(pipeline: Pipeline) -> None:
+    async with httpx.AsyncClient(base_url=pipeline.api, timeout=10) as client:
+        alice = await register_person(client, "alice")
+        bob = await register_person(client, "bob")
+        room = await room_with(client, alice, bob, "design")
+        await pipeline.invitations_sent(1)
+        message_id = await mention(client, alice, room, bob)
+
+        async def pushed() -> bool:
+            return any(
+                push["data"]["message_id"] == message_id
+                for push in notifications_to(pipeline, bob.device_token)
+            )
+
+        await infra.wait_until(pushed, timeout=15, interval=0.02)
+        deleted = await client.delete(f"/rooms/{room}/messages/{message_id}", headers=alice.auth)
+        assert deleted.status_code == 204, deleted.text
+
+        async def recalled() -> list[dict[str, str]]:
+            return recalls_to(pipeline, bob.device_token)
+
+        (recall,) = await infra.wait_until(recalled, timeout=15, interval=0.02)
+        await infra.wait_until(lambda: recalls_settled(pipeline), timeout=15)
+
+    assert recall["room_ids"] == room
+    (push,) = [
+        push
+        for push in notifications_to(pipeline, bob.device_token)
+        if push["data"]["message_id"] == message_id
+    ]
+    assert recall["notification_ids"] == push["data"]["notification_id"]
+    assert recall["badge"] == "0"
+    assert len(recalls_to(pipeline, bob.device_token)) == 1
