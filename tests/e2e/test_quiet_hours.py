@@ -9,6 +9,7 @@ import asyncio
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import asyncpg
 import httpx
@@ -144,3 +145,77 @@ async def test_a_snooze_holds_pushes_across_a_router_restart_then_sums_them_up_p
     assert dm_s < 5.0, dm_s  # 1 s asked; room for a loaded machine
     # Within 10 s of the end (the router's poll is 1 s); before it, nothing.
     assert 0 <= summed_s <= 10, summed_s
+
+
+async def test_quiet_hours_on_the_wall_clock_hold_pushes_until_they_end(
+    pipeline: Pipeline, request: pytest.FixtureRequest
+) -> None:
+    """Quiet hours set on Paris's wall clock, ending 90 to 150 s from now (they are set in whole
+    minutes): mentions push nothing until then, then one summary within 10 s of the end."""
+    async with httpx.AsyncClient(base_url=pipeline.api, timeout=10) as client:
+        alice = await register_person(client, "alice")
+        bob = await register_person(client, "bob")
+        room = await client.post(
+            "/rooms", json={"name": "design", "member_ids": [bob.id]}, headers=alice.auth
+        )
+        assert room.status_code == 201, room.text
+        room_id = room.json()["id"]
+        joined = await client.post(f"/rooms/{room_id}/join", headers=bob.auth)
+        assert joined.status_code == 200, joined.text
+        await pipeline.invitations_sent(1)
+        before = len(pushes_to(pipeline, bob))
+
+        paris = ZoneInfo("Europe/Paris")
+        now = datetime.now(paris)
+        start = (now - timedelta(minutes=1)).replace(second=0, microsecond=0)
+        end = (now + timedelta(seconds=90)).replace(second=0, microsecond=0) + timedelta(minutes=1)
+        ends_at = time.monotonic() + (end - now).total_seconds()
+        quiet = await client.put(
+            "/users/me/preferences",
+            json={
+                "quiet_hours": {
+                    "start": start.strftime("%H:%M"),
+                    "end": end.strftime("%H:%M"),
+                    "time_zone": "Europe/Paris",
+                }
+            },
+            headers=bob.auth,
+        )
+        assert quiet.status_code == 200, quiet.text
+
+        router_db = pipeline.databases["notification-router"]
+
+        async def router_knows() -> bool:
+            connection = await asyncpg.connect(router_db.replace("+asyncpg", ""))
+            try:
+                quiet_hours = await connection.fetchval(
+                    "SELECT quiet_hours FROM recipients WHERE username = $1", bob.username
+                )
+            finally:
+                await connection.close()
+            return quiet_hours is not None
+
+        await infra.wait_until(router_knows)
+        for index in range(3):
+            posted = await client.post(
+                f"/rooms/{room_id}/messages",
+                json={"content": f"@{bob.username} question {index}"},
+                headers=alice.auth,
+            )
+            assert posted.status_code == 201, posted.text
+
+        async def summed_up() -> list[dict[str, Any]]:
+            return pushes_to(pipeline, bob)[before:]
+
+        summary = await infra.wait_until(summed_up, timeout=150 + 15, interval=0.05)
+        after_end_s = time.monotonic() - ends_at
+
+    emit(
+        request.config,
+        f"QUIET wall_clock_quiet_hours end={end.strftime('%H:%M')} Europe/Paris"
+        f" summary_after_end_s={after_end_s:.3f} pushes={len(summary)}",
+        request.node,
+    )
+    assert [push["notification"]["body"] for push in summary] == ["3 new messages in #design"]
+    # Nothing before the end (the first push is the summary); within 10 s of it.
+    assert 0 <= after_end_s <= 10, after_end_s

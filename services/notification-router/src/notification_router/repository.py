@@ -1256,9 +1256,11 @@ async def apply_message_change(
                 )
                 .values(state=f"cancelled:{SkipReason.DELETED}")
             )
-            await _uncount_deleted(connection, event.message_id)
+            # The recall windows before the counters, in the order a read takes them: a read
+            # and a deletion of the same user's never wait on each other in a cycle.
             shown = await connection.execute(_SHOWN_OF_MESSAGE, {"p_message": event.message_id})
             await _add_to_recalls(connection, shown.all(), now=now, due_at=now + recall_linger)
+            await _uncount_deleted(connection, event.message_id)
         return changed is not None
 
 
