@@ -375,6 +375,9 @@ class PushRequested(Event):
     # The recipient's unread messages, all rooms together, as the router counted them: the
     # app's badge. None from a router that did not count them.
     badge: int | None = Field(default=None, ge=0)
+    # Those of this push's room: Android shows the number on the room's notification. None
+    # where it is not counted (a summary, a recall).
+    room_unread: int | None = Field(default=None, ge=0)
     recall: PushRecall | None = None
 
     @property

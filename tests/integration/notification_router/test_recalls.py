@@ -137,6 +137,9 @@ async def test_pushes_carry_the_unread_count_and_a_read_recalls_them_once_per_de
     # The badge counts the message it comes with, oldest first.
     badge_of = {job.message_id: job.badge for job in pushes}
     assert [badge_of[message.message_id] for message in messages] == [1, 2, 3, 4]
+    # ... and its room's own count: two rooms of two messages.
+    in_room = {job.message_id: job.room_unread for job in pushes}
+    assert [in_room[message.message_id] for message in messages] == [1, 2, 1, 2]
     assert await repository.unread_totals(service.engine, [bob]) == {bob: 4}
     await delivered(service, pushes)
 

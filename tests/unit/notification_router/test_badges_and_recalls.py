@@ -15,6 +15,7 @@ from herald_shared.events import (
     SenderInfo,
 )
 from notification_router.routing import (
+    Badge,
     HeldPushes,
     RecalledPushes,
     ShownPush,
@@ -24,6 +25,7 @@ from notification_router.routing import (
     compose_recalls,
     decide_for,
     unread_badges,
+    with_badges,
 )
 from tests.support.router_factories import message_created, recipient
 
@@ -36,7 +38,7 @@ def pushes(plan: WindowPlan) -> list[PushRequested]:
     return jobs
 
 
-def test_a_badge_counts_the_unread_messages_with_its_own_oldest_first() -> None:
+def test_a_badge_counts_the_unread_messages_up_to_and_with_its_own() -> None:
     bob, carol = uuid.uuid4(), uuid.uuid4()
     room, other = uuid.uuid4(), uuid.uuid4()
     newer = message_created(recipient_ids=[bob, carol], room_id=room, timestamp=NOW)
@@ -45,11 +47,14 @@ def test_a_badge_counts_the_unread_messages_with_its_own_oldest_first() -> None:
     )
     # Carol already read `other` past the older message (on another device).
     markers = {(carol, other): NOW - timedelta(seconds=1)}
+    # The counts once both are in, as recorded.
+    totals = {bob: 12, carol: 1}
+    rooms = {(bob, room): 5, (bob, other): 1, (carol, room): 1}
 
-    badges = unread_badges([newer, older], {bob: 10}, markers)
+    badges = unread_badges([newer, older], totals, rooms, markers)
 
-    assert badges[older.message_id] == {bob: 11, carol: 0}
-    assert badges[newer.message_id] == {bob: 12, carol: 1}
+    assert badges[newer.message_id] == {bob: Badge(12, 5), carol: Badge(1, 1)}
+    assert badges[older.message_id] == {bob: Badge(11, 1), carol: Badge(0, 0)}
 
 
 def test_an_invitation_or_the_senders_own_message_adds_nothing() -> None:
@@ -64,20 +69,28 @@ def test_an_invitation_or_the_senders_own_message_adds_nothing() -> None:
         timestamp=NOW,
     )
 
-    badges = unread_badges([own, invitation], {bob: 3}, {})
+    badges = unread_badges([own, invitation], {bob: 3}, {}, {})
 
     assert badges[own.message_id] == {}
-    assert badges[invitation.message_id] == {bob: 3}
+    assert badges[invitation.message_id] == {bob: Badge(3, 0)}
 
 
-def test_the_decision_puts_the_badge_on_every_device_push_and_says_whether_it_is_unread() -> None:
+def test_every_device_push_gets_the_badge_and_the_decision_says_whether_it_is_unread() -> None:
     bob = recipient(devices=2)
     message = message_created(recipient_ids=[bob.user_id], timestamp=NOW)
 
-    unread = decide_for(message, bob, now=NOW, badge=7)
-    already_read = decide_for(message, bob, now=NOW, badge=7, read_up_to=NOW)
+    unread = decide_for(message, bob, now=NOW)
+    already_read = decide_for(message, bob, now=NOW, read_up_to=NOW)
+    stamped = with_badges(
+        [*unread.jobs, *with_badges(unread.jobs, {})],
+        {message.message_id: {bob.user_id: Badge(7, 2)}},
+    )
 
-    assert [job.badge for job in unread.push_jobs] == [7, 7]
+    pushes = [job for job in stamped if isinstance(job, PushRequested)]
+    assert [(job.badge, job.room_unread) for job in pushes] == [(7, 2)] * 4
+    emails = [job for job in stamped if not isinstance(job, PushRequested)]
+    assert len(emails) == 2  # e-mails have no badge, and are left as they are
+    assert all(job.badge is None for job in unread.push_jobs)  # not known when decided
     assert unread.unread
     assert not already_read.unread
     assert already_read.push_jobs == ()
@@ -172,7 +185,7 @@ def test_pushes_held_for_quiet_hours_carry_the_badge_of_when_they_go() -> None:
         message = message_created(
             recipient_ids=[bob.user_id], room_id=room, timestamp=NOW + timedelta(seconds=seconds)
         )
-        decision = decide_for(message, bob, now=NOW, badge=seconds + 1)
+        decision = decide_for(message, bob, now=NOW)
         held.append(
             HeldPushes(
                 message_id=message.message_id,

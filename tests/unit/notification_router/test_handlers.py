@@ -345,11 +345,12 @@ async def test_messages_routed_together_share_one_ledger_transaction_and_their_e
         "SELECT recipients",
         "SELECT presence_connections",
         "SELECT read_markers",
-        "SELECT unread_counts",
         "BEGIN",
         "INSERT notifications",
         "INSERT notification_deliveries",
         "INSERT unread_counts",
+        "SELECT unread_counts",  # the recipients' totals, with these messages in
+        "SELECT unread_counts",  # ... and theirs in these messages' rooms
     ]
     (push_event,) = push_batches(service)
     (email_event,) = email_batches(service)

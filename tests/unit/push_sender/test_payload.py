@@ -115,11 +115,13 @@ async def test_fcm_has_one_notification_per_room_and_urgency_by_trigger(
     }
 
 
-async def test_fcm_carries_the_badge_to_android_and_ios(fcm: FakeFcm, credentials: Path) -> None:
+async def test_fcm_carries_the_badge_to_ios_and_the_rooms_count_to_android(
+    fcm: FakeFcm, credentials: Path
+) -> None:
     provider = FcmProvider.from_settings(
         FcmSettings(credentials_file=credentials, base_url=fcm.base_url)
     )
-    job = push_job(badge=7)
+    job = push_job(badge=7, room_unread=2)
     try:
         answer = await provider.send(job)
     finally:
@@ -130,7 +132,8 @@ async def test_fcm_carries_the_badge_to_android_and_ios(fcm: FakeFcm, credential
     message = sent["message"]
     room = str(job.room_id)
     assert message["notification"] == {"title": job.title, "body": job.body}
-    assert message["android"]["notification"] == {"tag": room, "notification_count": 7}
+    # A launcher adds up the counts of the notifications on screen (one per room): the total.
+    assert message["android"]["notification"] == {"tag": room, "notification_count": 2}
     assert message["apns"]["payload"] == {"aps": {"thread-id": room, "badge": 7}}
     assert "badge" not in message["data"]
 

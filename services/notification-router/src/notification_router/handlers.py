@@ -140,7 +140,6 @@ async def route_messages(
     read = await repository.load_read_markers(
         deps.engine, known, (event.room_id for event in unique)
     )
-    badges = routing.unread_badges(unique, await repository.unread_totals(deps.engine, known), read)
     plans = {
         event.message_id: routing.plan_notifications(
             event,
@@ -150,7 +149,6 @@ async def route_messages(
             read_markers=read,
             email_grace=deps.email_grace,
             limits=deps.limits,
-            badges=badges[event.message_id],
         )
         for event in unique
     }
@@ -167,13 +165,18 @@ async def route_messages(
             event, plans[event.message_id].decisions, new.get(event.message_id, set()), now=now
         )
 
+    unread = recorded.unread
+    badges = routing.unread_badges(unique, unread.totals, unread.rooms, read)
     batches = routing.batch_jobs(
-        (
-            job
-            for plan in plans.values()
-            for decision in plan.decisions
-            for job in decision.jobs
-            if job.notification_id in recorded.pending_notification_ids
+        routing.with_badges(
+            (
+                job
+                for plan in plans.values()
+                for decision in plan.decisions
+                for job in decision.jobs
+                if job.notification_id in recorded.pending_notification_ids
+            ),
+            badges,
         ),
         now=now,
     )

@@ -269,12 +269,22 @@ def _recipient(row: Any) -> Recipient:
 
 
 @dataclass(frozen=True)
+class UnreadCounts:
+    """Users' unread messages: all rooms together, and per (user, room) for some rooms."""
+
+    totals: Mapping[uuid.UUID, int]
+    rooms: Mapping[tuple[uuid.UUID, uuid.UUID], int]
+
+
+@dataclass(frozen=True)
 class Recorded:
     """What `record_decisions` found: the (message, recipient) pairs decided for the first time
-    now, and the notifications (of these plans) still waiting for their sender."""
+    now, the notifications (of these plans) still waiting for their sender, and the recipients'
+    unread counts with these messages in."""
 
     new: frozenset[tuple[uuid.UUID, uuid.UUID]]
     pending_notification_ids: frozenset[uuid.UUID]
+    unread: UnreadCounts = UnreadCounts({}, {})
 
     def new_recipient_ids(self) -> dict[uuid.UUID, set[uuid.UUID]]:
         """The recipients decided for the first time now, by message."""
@@ -376,7 +386,8 @@ async def record_decisions(
         waiting = [decision for event, decision in ordered if is_new(event, decision)]
         await _add_to_windows(connection, waiting, now=now, delay_scale=email_delay_scale)
         # Last: the counters' row locks (a room's members are shared by every message of the
-        # room) are held for the commit only.
+        # room) are held for the commit only. Read back within the transaction, the counts
+        # hold this batch's messages, and a room's those of every batch before (its row lock).
         await _count_unread(
             connection,
             Counter(
@@ -385,7 +396,12 @@ async def record_decisions(
                 if is_new(event, decision) and decision.unread
             ),
         )
-    return Recorded(new, frozenset(pending))
+        unread = await _unread_of(
+            connection,
+            {decision.recipient_id for _, decision in ordered},
+            {event.room_id for event, _ in ordered},
+        )
+    return Recorded(new, frozenset(pending), unread)
 
 
 @dataclass(frozen=True)
@@ -894,6 +910,24 @@ _UNREAD_IN_ROOM = (
         message_changes.c.deleted_at.is_(None),
     )
 )
+
+
+_UNREAD_IN_ROOMS = select(_unread.user_id, _unread.room_id, _unread.unread).where(
+    _ids(_unread.user_id), _unread.room_id.in_(bindparam("rooms", expanding=True))
+)
+
+
+async def _unread_of(
+    connection: AsyncConnection, user_ids: Collection[uuid.UUID], room_ids: Collection[uuid.UUID]
+) -> UnreadCounts:
+    """These users' unread counts: their totals, and theirs in these rooms (those with none
+    are left out)."""
+    users, rooms = sorted(user_ids), sorted(room_ids)
+    if not users:
+        return UnreadCounts({}, {})
+    totals = await _unread_totals(connection, users)
+    in_rooms = await connection.execute(_UNREAD_IN_ROOMS, {"ids": users, "rooms": rooms})
+    return UnreadCounts(totals, {(row.user_id, row.room_id): row.unread for row in in_rooms})
 
 
 async def unread_totals(engine: AsyncEngine, user_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, int]:

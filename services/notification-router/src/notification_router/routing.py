@@ -29,9 +29,9 @@ Rules, per recipient of a `MessageCreated` (the table in docs/notifications.md):
   (`quiet_until`), except a direct message from one of their breakthrough users; when these
   end, each room still unread gets one summary push per device, or its one message's own push
   (`compose_push_summaries`);
-* every push carries the recipient's unread count, all rooms together, as the badge
-  (`unread_badges`); what a room's read (or a message's deletion) leaves stale on a device is
-  recalled, one recall per device for everything read at once (`compose_recalls`).
+* every push carries the recipient's unread count, all rooms together, as the badge, and the
+  room's own (`unread_badges`); what a room's read (or a message's deletion) leaves stale on a
+  device is recalled, one recall per device for everything read at once (`compose_recalls`).
 
 An `InvitationCreated` is decided the same way for its one recipient, the invitee, with the
 trigger `invitation`: personal, so a level of `mentions` or `all` sends it and `none` does not.
@@ -45,6 +45,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta
 from enum import StrEnum
+from typing import TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict
@@ -431,12 +432,11 @@ def plan_notifications(
     read_markers: Mapping[tuple[uuid.UUID, uuid.UUID], datetime] | None = None,
     email_grace: timedelta = EMAIL_GRACE,
     limits: ContentLimits = DEFAULT_LIMITS,
-    badges: Mapping[uuid.UUID, int] | None = None,
 ) -> RoutingPlan:
     """The decisions for every recipient of the event; `presence`: of those who have had a
     real-time stream open lately (the others are offline); `read_markers`: (user, room) → up to
-    when the user read the room; `badges`: recipient → the badge its pushes carry
-    (`unread_badges`)."""
+    when the user read the room. Its pushes carry no badge yet: the unread counts are known once
+    the decisions are recorded (`unread_badges`, `with_badges`)."""
     decisions: list[RecipientDecision] = []
     missing: list[uuid.UUID] = []
     for recipient_id in recipients_of(event):
@@ -453,7 +453,6 @@ def plan_notifications(
                     read_up_to=(read_markers or {}).get((recipient_id, event.room_id)),
                     email_grace=email_grace,
                     limits=limits,
-                    badge=(badges or {}).get(recipient_id),
                 )
             )
     return RoutingPlan(decisions=tuple(decisions), missing_recipient_ids=tuple(missing))
@@ -468,7 +467,6 @@ def decide_for(
     read_up_to: datetime | None = None,
     email_grace: timedelta = EMAIL_GRACE,
     limits: ContentLimits = DEFAULT_LIMITS,
-    badge: int | None = None,
 ) -> RecipientDecision:
     mentioned = isinstance(event, MessageCreated) and recipient.user_id in event.mentions
     trigger = trigger_of(event, recipient.user_id)
@@ -492,7 +490,6 @@ def decide_for(
                 title=title,
                 body=body,
                 trigger=trigger,
-                badge=badge,
                 now=now,
             )
             for device in recipient.devices
@@ -545,26 +542,57 @@ def counts_unread(event: Notifiable, read_up_to: datetime | None) -> bool:
     return read_up_to is None or event.timestamp > read_up_to
 
 
+@dataclass(frozen=True)
+class Badge:
+    """A recipient's unread messages as a push tells them: all rooms together (the app's
+    badge), and the push's room's own."""
+
+    total: int
+    room: int
+
+
 def unread_badges(
     events: Iterable[Notifiable],
-    unread_before: Mapping[uuid.UUID, int],
+    totals: Mapping[uuid.UUID, int],
+    rooms: Mapping[tuple[uuid.UUID, uuid.UUID], int],
     read_markers: Mapping[tuple[uuid.UUID, uuid.UUID], datetime],
-) -> dict[uuid.UUID, dict[uuid.UUID, int]]:
-    """Message id → recipient → the badge its pushes carry: the recipient's unread count with
-    the message in (`unread_before`: before these events; the events counted oldest first).
+) -> dict[uuid.UUID, dict[uuid.UUID, Badge]]:
+    """Message id → recipient → the badge its pushes carry: the recipient's unread counts up to
+    and with the message. `totals` (by user) and `rooms` (by user and room) are the counts once
+    these events are in; each event's are those less the unread events after it.
 
-    A badge is the count as this router saw it: a message routed at the same moment by another
-    replica may be missing from it; the next push or recall carries the count again."""
-    running = dict(unread_before)
-    badges: dict[uuid.UUID, dict[uuid.UUID, int]] = {}
-    for event in sorted(events, key=lambda event: (event.timestamp, event.message_id)):
-        of_event: dict[uuid.UUID, int] = {}
+    The room's count is exact (the routing transactions of one user and room take the same
+    counter row in turn); the total may miss a message of another room routed in the same
+    instant, and the next push or recall carries it again."""
+    running_totals, running_rooms = dict(totals), dict(rooms)
+    badges: dict[uuid.UUID, dict[uuid.UUID, Badge]] = {}
+    newest_first = sorted(events, key=lambda event: (event.timestamp, event.message_id))[::-1]
+    for event in newest_first:
+        of_event: dict[uuid.UUID, Badge] = {}
         for recipient_id in recipients_of(event):
-            if counts_unread(event, read_markers.get((recipient_id, event.room_id))):
-                running[recipient_id] = running.get(recipient_id, 0) + 1
-            of_event[recipient_id] = running.get(recipient_id, 0)
+            pair = (recipient_id, event.room_id)
+            total, in_room = running_totals.get(recipient_id, 0), running_rooms.get(pair, 0)
+            of_event[recipient_id] = Badge(max(total, 0), max(in_room, 0))
+            if counts_unread(event, read_markers.get(pair)):
+                running_totals[recipient_id], running_rooms[pair] = total - 1, in_room - 1
         badges[event.message_id] = of_event
     return badges
+
+
+J = TypeVar("J", bound=PushRequested | EmailRequested)
+
+
+def with_badges(
+    jobs: Iterable[J], badges: Mapping[uuid.UUID, Mapping[uuid.UUID, Badge]]
+) -> list[J]:
+    """The jobs, each push with its badge (`unread_badges`); e-mails as they are."""
+    stamped: list[J] = []
+    for job in jobs:
+        badge = badges.get(job.message_id, {}).get(job.recipient_id)
+        if isinstance(job, PushRequested) and badge is not None:
+            job = job.model_copy(update={"badge": badge.total, "room_unread": badge.room})
+        stamped.append(job)
+    return stamped
 
 
 def _push_job(
@@ -575,7 +603,6 @@ def _push_job(
     title: str,
     body: str,
     trigger: Trigger,
-    badge: int | None,
     now: datetime,
 ) -> PushRequested:
     notification_id = notification_id_for(
@@ -593,7 +620,7 @@ def _push_job(
         title=title,
         body=body,
         trigger=trigger,
-        badge=badge,
+        badge=None,
         now=now,
     )
 
@@ -610,6 +637,7 @@ def _device_push(
     trigger: Trigger,
     badge: int | None,
     now: datetime,
+    room_unread: int | None = None,
     recall: PushRecall | None = None,
 ) -> PushRequested:
     # The job's event id is its notification id: a republished job is the same event.
@@ -629,6 +657,7 @@ def _device_push(
         body=body,
         trigger=trigger,
         badge=badge,
+        room_unread=room_unread,
         recall=recall,
     )
 
@@ -788,7 +817,7 @@ def compose_push_summaries(
         if len(messages) == 1:
             (message,) = messages
             own = [
-                job.model_copy(update={"badge": badge})
+                job.model_copy(update={"badge": badge, "room_unread": None})
                 for job in message.jobs
                 if job.device_id in devices
             ]

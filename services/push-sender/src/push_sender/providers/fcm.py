@@ -11,8 +11,9 @@
   or a mention (`Trigger.urgent`) is sent at high priority with a sound, anything else at
   normal priority, silently;
   title and body shortened, at character boundaries, to fit FCM's 4096-byte payload limit. The
-  recipient's unread count, when the router sent it, is the badge on both (Android's
-  `notification_count`, iOS' `aps.badge`).
+  recipient's unread count, when the router sent it, is iOS' badge (`aps.badge`); on Android
+  the room's notification shows the room's own (`notification_count`): a launcher adds up the
+  counts of the notifications on screen, one per room, which makes the total again.
 * A recall (`job.recall`) is a data message instead, with nothing to show: the app itself takes
   the notifications of its rooms, and those it names, off the screen (see `recall_message`).
 * Answers are classified, never retried here (see `classify`).
@@ -143,8 +144,8 @@ def build_message(job: PushRequested) -> dict[str, Any]:
     android_notification: dict[str, Any] = {"tag": room}
     if job.badge is not None:
         aps["badge"] = job.badge
-        # Launchers that show a number on the app's icon show this one.
-        android_notification["notification_count"] = job.badge
+    if job.room_unread is not None:
+        android_notification["notification_count"] = job.room_unread
     # What an iPhone receives through FCM is `aps` and the data keys together, within APNs'
     # 4096 bytes too: `aps` counts against the text's budget as well.
     overhead = len(
