@@ -98,6 +98,7 @@ class RouterDeps:
     metrics: RouterMetrics
     publish_timeout: float
     message_times: MessageTimes = field(default_factory=MessageTimes)
+    recipients: repository.RecipientCache = field(default_factory=repository.RecipientCache)
     limits: routing.ContentLimits = routing.DEFAULT_LIMITS
     email_grace: timedelta = routing.EMAIL_GRACE
     # EMAIL_DELAY_SCALE: every user's e-mail delay times this (1 in production).
@@ -135,7 +136,7 @@ async def route_messages(
     now = utc_now()
     unique = list({event.message_id: event for event in events}.values())
     wanted = {user_id for event in unique for user_id in routing.recipients_of(event)}
-    known = await repository.load_recipients(deps.engine, wanted)
+    known = await repository.load_recipients(deps.engine, wanted, deps.recipients)
     presence = await repository.load_presence(deps.engine, known, since=now - deps.email_grace)
     read = await repository.load_read_markers(
         deps.engine, known, (event.room_id for event in unique)

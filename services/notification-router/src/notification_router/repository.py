@@ -8,7 +8,7 @@ delivery report only moves a status forward. Works on PostgreSQL and SQLite.
 from __future__ import annotations
 
 import uuid
-from collections import Counter, defaultdict
+from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
@@ -173,8 +173,32 @@ async def upsert_recipient(engine: AsyncEngine, snapshot: UserUpdated, *, now: d
         return result.first() is not None
 
 
+class RecipientCache:
+    """Recipients as last built from their projection rows, by user: a row of the version
+    cached is not built again (a version names one snapshot, and a `Recipient` is immutable).
+    Building one (devices, room settings, quiet hours) is most of what reading the projection
+    costs the router. Bounded: the least recently used goes first."""
+
+    def __init__(self, capacity: int = 10_000) -> None:
+        self._capacity = capacity
+        self._recipients: OrderedDict[uuid.UUID, Recipient] = OrderedDict()
+
+    def built(self, row: Any) -> Recipient:
+        """The recipient of a projection row, from the cache if it holds that version."""
+        cached = self._recipients.get(row.user_id)
+        if cached is not None and cached.version == row.version:
+            self._recipients.move_to_end(row.user_id)
+            return cached
+        recipient = _recipient(row._mapping)
+        self._recipients[row.user_id] = recipient
+        self._recipients.move_to_end(row.user_id)
+        if len(self._recipients) > self._capacity:
+            self._recipients.popitem(last=False)
+        return recipient
+
+
 async def load_recipients(
-    engine: AsyncEngine, user_ids: Iterable[uuid.UUID]
+    engine: AsyncEngine, user_ids: Iterable[uuid.UUID], cache: RecipientCache | None = None
 ) -> dict[uuid.UUID, Recipient]:
     """The projection rows of these users; users without a row are simply absent."""
     wanted = list(user_ids)
@@ -182,7 +206,9 @@ async def load_recipients(
         return {}
     async with autocommit(engine) as connection:
         result = await connection.execute(_LOAD_RECIPIENTS, {"ids": wanted})
-        return {row.user_id: _recipient(row._mapping) for row in result}
+        if cache is None:
+            return {row.user_id: _recipient(row._mapping) for row in result}
+        return {row.user_id: cache.built(row) for row in result}
 
 
 def _device_json(device: DeviceSnapshot) -> dict[str, Any]:
@@ -388,7 +414,8 @@ async def record_decisions(
         # Last: the counters' row locks (a room's members are shared by every message of the
         # room) are held for the commit only. Read back within the transaction, the counts
         # hold this batch's messages, and a room's those of every batch before (its row lock).
-        await _count_unread(
+        # A room without a message counted now has no unread one of this batch to show.
+        rooms = await _count_unread(
             connection,
             Counter(
                 (decision.recipient_id, event.room_id)
@@ -396,12 +423,10 @@ async def record_decisions(
                 if is_new(event, decision) and decision.unread
             ),
         )
-        unread = await _unread_of(
-            connection,
-            {decision.recipient_id for _, decision in ordered},
-            {event.room_id for event, _ in ordered},
+        totals = await _unread_totals(
+            connection, sorted({decision.recipient_id for _, decision in ordered})
         )
-    return Recorded(new, frozenset(pending), unread)
+    return Recorded(new, frozenset(pending), UnreadCounts(totals, rooms))
 
 
 @dataclass(frozen=True)
@@ -912,24 +937,6 @@ _UNREAD_IN_ROOM = (
 )
 
 
-_UNREAD_IN_ROOMS = select(_unread.user_id, _unread.room_id, _unread.unread).where(
-    _ids(_unread.user_id), _unread.room_id.in_(bindparam("rooms", expanding=True))
-)
-
-
-async def _unread_of(
-    connection: AsyncConnection, user_ids: Collection[uuid.UUID], room_ids: Collection[uuid.UUID]
-) -> UnreadCounts:
-    """These users' unread counts: their totals, and theirs in these rooms (those with none
-    are left out)."""
-    users, rooms = sorted(user_ids), sorted(room_ids)
-    if not users:
-        return UnreadCounts({}, {})
-    totals = await _unread_totals(connection, users)
-    in_rooms = await connection.execute(_UNREAD_IN_ROOMS, {"ids": users, "rooms": rooms})
-    return UnreadCounts(totals, {(row.user_id, row.room_id): row.unread for row in in_rooms})
-
-
 async def unread_totals(engine: AsyncEngine, user_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, int]:
     """User → their unread messages, all rooms together (users with none are left out)."""
     users = sorted(set(user_ids))
@@ -948,21 +955,23 @@ async def _unread_totals(
 
 async def _count_unread(
     connection: AsyncConnection, added: Mapping[tuple[uuid.UUID, uuid.UUID], int]
-) -> None:
-    """Add to the (user, room) counters, in key order like every transaction here."""
+) -> dict[tuple[uuid.UUID, uuid.UUID], int]:
+    """Add to the (user, room) counters, in key order like every transaction here; their
+    counts now."""
     if not added:
-        return
+        return {}
     upsert = _insert(connection, unread_counts)
-    await connection.execute(
+    counted = await connection.execute(
         upsert.on_conflict_do_update(
             index_elements=[_unread.user_id, _unread.room_id],
             set_={"unread": _unread.unread + upsert.excluded.unread},
-        ),
+        ).returning(_unread.user_id, _unread.room_id, _unread.unread),
         [
             {"user_id": user_id, "room_id": room_id, "unread": count}
             for (user_id, room_id), count in sorted(added.items())
         ],
     )
+    return {(row.user_id, row.room_id): row.unread for row in counted}
 
 
 async def _set_unread(
