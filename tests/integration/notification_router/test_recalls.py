@@ -299,3 +299,14 @@ async def test_leaving_a_room_cancels_what_waits_of_it_and_recalls_what_was_show
         )
     # The e-mail of the room left will not be in the digest; the other's still waits.
     assert entries == {left: "cancelled:left", stayed: "waiting"}
+
+    def waiting(channel: str) -> float | None:
+        return service.registry.get_sample_value(
+            "herald_router_notifications_waiting", {"channel": channel}
+        )
+
+    async def gauges_counted() -> bool:
+        # The pass that sent the recall counts what still waits, by why, once it is out.
+        return waiting("email") == 1 and waiting("recall") == 0 and waiting("push") == 0
+
+    await wait_until(gauges_counted, timeout=5)

@@ -3,6 +3,7 @@ to the same registry)."""
 
 from __future__ import annotations
 
+import collections
 import uuid
 from collections.abc import Iterable
 from collections.abc import Set as AbstractSet
@@ -94,7 +95,10 @@ class RouterMetrics:
         )
         self.notifications_waiting = Gauge(
             "herald_router_notifications_waiting",
-            "Notifications waiting in windows, as the last dispatcher pass counted them.",
+            "Notifications waiting in windows, as the last dispatcher pass counted them, by why "
+            "they wait (channel: email, the user's e-mail delay; push, quiet hours or a snooze; "
+            "recall, pushes to take back).",
+            ["channel"],
             registry=registry,
         )
         self.window_overdue = Gauge(
@@ -119,25 +123,26 @@ class RouterMetrics:
         *,
         now: datetime,
     ) -> None:
-        """Count each recipient once: the first time it is decided, not on redeliveries."""
+        """Count each recipient once: the first time it is decided, not on redeliveries. The
+        counts are added up per label set first: a message's recipients mostly share one."""
         latency = max(0.0, (now - event.timestamp).total_seconds())
+        counts: collections.Counter[tuple[str, str, str, str]] = collections.Counter()
         for decision in decisions:
             if decision.recipient_id not in new_recipient_ids:
                 continue
             self.decision_latency.observe(latency)
-            channels = ((Channel.PUSH, decision.push), (Channel.EMAIL, decision.email))
-            for channel, summary in channels:
-                trigger = str(decision.trigger)
+            trigger = str(decision.trigger)
+            for channel, summary in (
+                (str(Channel.PUSH), decision.push),
+                (str(Channel.EMAIL), decision.email),
+            ):
                 if summary == PENDING:
-                    self.decisions.labels(
-                        channel=channel, outcome="sent", reason="", trigger=trigger
-                    ).inc()
+                    counts[(channel, "sent", "", trigger)] += 1
                 elif summary == WAITING:
-                    self.decisions.labels(
-                        channel=channel, outcome="waiting", reason="", trigger=trigger
-                    ).inc()
+                    counts[(channel, "waiting", "", trigger)] += 1
                 else:
-                    reason = summary.removeprefix("skipped:")
-                    self.decisions.labels(
-                        channel=channel, outcome="skipped", reason=reason, trigger=trigger
-                    ).inc()
+                    counts[(channel, "skipped", summary.removeprefix("skipped:"), trigger)] += 1
+        for (channel_label, outcome, reason, trigger_label), count in counts.items():
+            self.decisions.labels(
+                channel=channel_label, outcome=outcome, reason=reason, trigger=trigger_label
+            ).inc(count)

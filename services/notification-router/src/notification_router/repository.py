@@ -1378,23 +1378,27 @@ async def mark_windows_sent(engine: AsyncEngine, window_ids: Collection[uuid.UUI
 
 @dataclass(frozen=True)
 class WindowBacklog:
-    waiting_entries: int
+    # Entries waiting, by their window's channel (email, push, recall).
+    waiting_entries: Mapping[str, int]
     # How long the oldest digest past its due time has been waiting (0: none is).
     overdue_seconds: float
 
 
 async def window_backlog(engine: AsyncEngine, *, now: datetime) -> WindowBacklog:
     async with autocommit(engine) as connection:
-        waiting = await connection.scalar(
-            select(func.count()).select_from(window_entries).where(_entries.state == WINDOW_WAITING)
+        waiting = await connection.execute(
+            select(_entries.channel, func.count())
+            .where(_entries.state == WINDOW_WAITING)
+            .group_by(_entries.channel)
         )
+        by_channel = {channel: int(count) for channel, count in waiting}
         oldest = await connection.scalar(
             select(func.min(_windows.due_at)).where(
                 _windows.state.in_((WINDOW_WAITING, WINDOW_SENDING))
             )
         )
     overdue = 0.0 if oldest is None else max(0.0, (now - _utc(oldest)).total_seconds())
-    return WindowBacklog(int(waiting or 0), overdue)
+    return WindowBacklog(by_channel, overdue)
 
 
 # --- the operators' "why (not)?" ----------------------------------------------------------------

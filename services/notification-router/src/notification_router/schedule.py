@@ -32,6 +32,8 @@ from notification_router.metrics import RouterMetrics
 
 logger = logging.getLogger("notification_router.schedule")
 
+# What windows gather: e-mail for a digest, pushes for quiet hours, recalls.
+WINDOW_CHANNELS = (str(Channel.EMAIL), str(Channel.PUSH), repository.RECALL_WINDOW)
 # A window `sending` for this long was left by a dispatcher that stopped mid-way.
 RESEND_AFTER = timedelta(seconds=30)
 
@@ -130,7 +132,10 @@ class WindowDispatcher:
             if len(closed) < self._batch_size:
                 break
         backlog = await repository.window_backlog(self._engine, now=self._clock())
-        self._metrics.notifications_waiting.set(backlog.waiting_entries)
+        for channel in WINDOW_CHANNELS:
+            self._metrics.notifications_waiting.labels(channel=channel).set(
+                backlog.waiting_entries.get(channel, 0)
+            )
         self._metrics.window_overdue.set(backlog.overdue_seconds)
         return published
 
