@@ -5,6 +5,7 @@ dispatcher woken for it (its poll interval here is a minute)."""
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
@@ -27,7 +28,7 @@ from herald_shared.events import (
     utc_now,
 )
 from herald_shared.topology import PUSH_NOTIFICATIONS_URGENT
-from notification_router import repository
+from notification_router import repository, schedule
 from notification_router.app import RouterService, build_service
 from notification_router.handlers import (
     apply_message_change,
@@ -36,6 +37,7 @@ from notification_router.handlers import (
     route_messages,
 )
 from notification_router.repository import ReportResult
+from notification_router.schedule import WindowDispatcher
 from notification_router.settings import Settings
 from notification_router.tables import window_entries
 from tests.integration.notification_router.test_router import drain, projected, publish, push_jobs
@@ -310,3 +312,46 @@ async def test_leaving_a_room_cancels_what_waits_of_it_and_recalls_what_was_show
         return waiting("email") == 1 and waiting("recall") == 0 and waiting("push") == 0
 
     await wait_until(gauges_counted, timeout=5)
+
+
+async def test_a_recall_left_sending_by_a_stopped_dispatcher_is_published_again_the_same(
+    service: RouterService, rabbit_url: str
+) -> None:
+    bob = await bob_with_devices(service, devices=1)
+    (message,) = messages_in([uuid.uuid4()], bob, per_room=1)
+    await route_messages([message], service.deps)
+    await delivered(service, await push_jobs(rabbit_url))
+    # Straight to the repository: no handler wakes the service's dispatcher.
+    await repository.apply_read_marker(
+        service.engine, read(bob, message), now=utc_now(), recall_linger=timedelta(0)
+    )
+
+    # A dispatcher composes and commits the recall, then dies before publishing it.
+    now = utc_now()
+    closed = await repository.close_due_windows(
+        service.engine,
+        now=now,
+        limit=10,
+        resend_after=timedelta(minutes=1),
+        compose=functools.partial(schedule.compose, now=now),
+    )
+    (composed,) = [job for window in closed for job in window.jobs]
+    assert await urgent_push_jobs(rabbit_url) == []
+
+    another = WindowDispatcher(
+        engine=service.engine,
+        publishers=service.deps.publishers,
+        metrics=service.deps.metrics,
+        publish_timeout=5.0,
+        interval=60.0,
+        batch_size=100,
+        resend_after=timedelta(0),
+    )
+    await another.dispatch_once()
+
+    (resent,) = await urgent_push_jobs(rabbit_url)
+    assert isinstance(composed, PushRequested)
+    assert resent.notification_id == composed.notification_id
+    assert resent.recall == composed.recall
+    assert resent.recall is not None
+    assert resent.recall.notification_ids
