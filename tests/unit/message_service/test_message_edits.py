@@ -318,3 +318,31 @@ async def test_the_routes_document_their_answers(client: httpx.AsyncClient) -> N
     ].endswith("/MessageOut")
     posting = document["paths"]["/rooms/{room_id}/messages"]["post"]["responses"]
     assert "409" in posting
+
+
+async def test_a_retried_post_replays_its_message_also_once_edited(
+    client: httpx.AsyncClient, runtime: MessageService
+) -> None:
+    alice = await register(client, "alice")
+    room = await create_room(client, alice, [])
+    message = await post(client, alice, room, "first draft", key="client-2")
+    assert (await edit(client, alice, room, message, "second thoughts")).status_code == 200
+
+    def retry(content: str) -> Any:
+        return client.post(
+            f"/rooms/{room}/messages",
+            json={"content": content},
+            headers={**alice.headers, "Idempotency-Key": "client-2"},
+        )
+
+    # The client never saw the first answer and sends the same request again.
+    replayed = await retry("first draft")
+    other = await retry("something else")
+
+    assert replayed.status_code == 201, replayed.text  # a replay answers as the first time
+    assert (replayed.json()["id"], replayed.json()["content"]) == (message, "second thoughts")
+    assert other.status_code == 422
+    assert other.json() == {
+        "detail": "this Idempotency-Key was already used for a different message"
+    }
+    assert [item["id"] for item in await listed(client, alice, room)] == [message]

@@ -240,6 +240,10 @@ class Message(Table, table=True):
     content: str = Field(sa_type=Text)
     created_at: datetime = Field(default_factory=utc_now, sa_type=UtcDateTime)
     idempotency_key: str | None = Field(default=None, sa_type=String(IDEMPOTENCY_KEY_MAX))
+    # With a key: the SHA-256 (hex) of the text first posted with it, so that a retry of that
+    # post still replays the message once its author edited it (None: no key, or a message
+    # from before revision 0013, whose current text is compared instead).
+    idempotency_fingerprint: str | None = Field(default=None, sa_type=String(64))
     # When its author last changed its text (None: never).
     edited_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
     # When its author deleted it (None: not deleted); `content` is "" from then on.

@@ -154,6 +154,7 @@ async def store_message(
         content=message.content,
         created_at=message.created_at,
         idempotency_key=message.idempotency_key,
+        idempotency_fingerprint=message.idempotency_fingerprint,
     )
     outbox_row = insert(_outbox).values(**_outbox_values(event, event_type))
     if engine.dialect.name == "postgresql":

@@ -936,7 +936,11 @@ async def post_message(
             if earlier is not None:
                 return _replay(earlier, room_id=room_id, content=content)
     message = Message(
-        room_id=room_id, sender_id=sender_id, content=content, idempotency_key=idempotency_key
+        room_id=room_id,
+        sender_id=sender_id,
+        content=content,
+        idempotency_key=idempotency_key,
+        idempotency_fingerprint=None if idempotency_key is None else fingerprint(content),
     )
     event = _message_created(message, roster, sender)
     try:
@@ -992,12 +996,21 @@ def room_mentioned(content: str) -> bool:
     return any(match.lower() in ROOM_MENTIONS for match in MENTION.findall(content))
 
 
+def fingerprint(content: str) -> str:
+    """What an Idempotency-Key's message keeps of the text first posted with it."""
+    return hashlib.sha256(content.encode()).hexdigest()
+
+
 def _replay(message: Message, *, room_id: uuid.UUID, content: str) -> PostedMessage:
+    """The message an earlier request with the same key created, as it is now (edited, if its
+    author edited it since), when this request is that one again."""
     if message.deleted_at is not None:
         # Answering with the message would bring back what its author deleted, and posting it
         # anew would make the key name two messages: the key is spent.
         raise Conflict("the message of this Idempotency-Key was deleted")
-    if message.room_id != room_id or message.content != content:
+    posted = message.idempotency_fingerprint
+    same_text = message.content == content if posted is None else posted == fingerprint(content)
+    if message.room_id != room_id or not same_text:
         raise Invalid("this Idempotency-Key was already used for a different message")
     return PostedMessage(message=message, created=False)
 
