@@ -6,8 +6,10 @@ one three-node RabbitMQ cluster that every service is given the addresses of."""
 from __future__ import annotations
 
 import importlib
+import itertools
 import json
 import re
+import shlex
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -302,6 +304,36 @@ def test_the_message_service_replica_differs_only_by_its_host_port() -> None:
         "ports": None,
     }
     assert replica["ports"] == ["8000"]
+
+
+def cluster_command(text: str) -> str:
+    """The `docker compose --profile cluster up` command in `text` (Markdown, or compose.yaml's
+    comments), its continued lines joined."""
+    lines = [line.removeprefix("#").strip() for line in text.splitlines()]
+    joined = re.sub(r"\\\n\s*", " ", "\n".join(lines))
+    (command,) = [line for line in joined.splitlines() if "--profile cluster up" in line]
+    return " ".join(command.split())
+
+
+def test_the_documented_command_runs_two_replicas_of_each_service_on_three_nodes() -> None:
+    command = cluster_command((ROOT / "docs" / "scaling.md").read_text())
+    # compose.yaml's header says the same.
+    assert cluster_command((ROOT / "compose.yaml").read_text()) == command
+    words = shlex.split(command)
+    assert "HERALD_CLUSTER=1" in words
+    assert words[words.index("--profile") + 1] == "cluster"
+    scale = {
+        name: int(count)
+        for flag, value in itertools.pairwise(words)
+        if flag == "--scale"
+        for name, count in [value.split("=")]
+    }
+    assert set(scale) <= set(SCALABLE)  # what it scales can be (test_consumers_can_be_scaled)
+    running = {name: scale.get(name, 1) for name in active_services(COMPOSE, "cluster")}
+    assert [running[name] for name in NODES] == [1, 1, 1]
+    per_service = {name: running[name] for name in SERVICES}
+    per_service["message-service"] += running["message-service-replica"]
+    assert per_service == dict.fromkeys(SERVICES, 2)
 
 
 def test_observability_mounts_the_deployed_configuration() -> None:
