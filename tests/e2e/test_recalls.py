@@ -161,14 +161,23 @@ async def test_fifty_rooms_read_at_once_make_one_recall_per_phone(
 
         await infra.wait_until(all_pushed, timeout=60, interval=0.05)
 
+        # "Mark all as read", as an app does it: ten requests in flight at a time.
+        in_flight = asyncio.Semaphore(10)
+
+        async def mark_read(room: str, message_id: str) -> httpx.Response:
+            async with in_flight:
+                return await client.put(
+                    f"/rooms/{room}/read", json={"up_to": message_id}, headers=bob.auth
+                )
+
         read_at = time.monotonic()
         answers = await asyncio.gather(
-            *(
-                client.put(f"/rooms/{room}/read", json={"up_to": message_id}, headers=bob.auth)
-                for room, message_id in zip(rooms, last, strict=True)
-            )
+            *(mark_read(room, message_id) for room, message_id in zip(rooms, last, strict=True))
         )
-        assert all(answer.status_code == 200 for answer in answers)
+        statuses = [answer.status_code for answer in answers]
+        assert set(statuses) == {200}, [
+            answer.text for answer in answers if answer.status_code != 200
+        ][:3]
 
         async def recalled() -> bool:
             return all(recalls_to(pipeline, phone) for phone in phones)

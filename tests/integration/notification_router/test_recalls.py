@@ -5,6 +5,7 @@ dispatcher woken for it (its poll interval here is a minute)."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -222,8 +223,10 @@ async def test_fifty_rooms_read_at_once_make_one_recall_per_device(
     pushes = await push_jobs(rabbit_url)
     await delivered(service, pushes)
 
-    for message in messages:
-        await project_read_marker(read(bob, message), service.deps)
+    # At once, as the read-markers queue hands them to the router (its prefetch at a time).
+    await asyncio.gather(
+        *(project_read_marker(read(bob, message), service.deps) for message in messages)
+    )
     recalls: list[PushRequested] = []
     await wait_until(recalls_published(rabbit_url, 2, recalls), timeout=10)
 

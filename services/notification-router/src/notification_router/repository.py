@@ -994,9 +994,10 @@ async def _set_unread(
 RECALL_PREFIX = "recall:"
 RECALL_WINDOW = "recall"
 # A recall window takes in what is read (or deleted) for this long after it opens, each read
-# moving it to its own due time: rooms read in a burst (a "mark all as read") make one recall
-# per device, at most this plus the recall linger after the first read.
-RECALL_GATHERING = timedelta(seconds=1)
+# moving it to its own due time: rooms read in a burst (a "mark all as read", whose reads reach
+# the router one by one, slower on a loaded machine) make one recall per device, at most this
+# plus the recall linger after the first read. A lone read is recalled after the linger alone.
+RECALL_GATHERING = timedelta(seconds=3)
 _n = notifications.c
 _SHOWN = select(
     _n.recipient_id,
