@@ -30,6 +30,20 @@ def pushes_to(pipeline: Pipeline, person: Person) -> list[dict[str, Any]]:
     ]
 
 
+async def router_projected(pipeline: Pipeline, person: Person, column: str) -> bool:
+    """Whether the router's projection of `person` has `column` set (their snapshot is in)."""
+    router_db = pipeline.databases["notification-router"]
+    connection = await asyncpg.connect(router_db.replace("+asyncpg", ""))
+    try:
+        value = await connection.fetchval(
+            f"SELECT {column} FROM recipients WHERE username = $1",  # noqa: S608 - a test's own column name
+            person.username,
+        )
+    finally:
+        await connection.close()
+    return value is not None
+
+
 async def test_a_snooze_holds_pushes_across_a_router_restart_then_sums_them_up_per_room(
     pipeline: Pipeline, request: pytest.FixtureRequest
 ) -> None:
@@ -77,19 +91,7 @@ async def test_a_snooze_holds_pushes_across_a_router_restart_then_sums_them_up_p
             assert posted.status_code == 201, posted.text
 
         # The snooze reaches the router as Bob's snapshot: a mention before it does would push.
-        router_db = pipeline.databases["notification-router"]
-
-        async def router_knows() -> bool:
-            connection = await asyncpg.connect(router_db.replace("+asyncpg", ""))
-            try:
-                snoozed_until = await connection.fetchval(
-                    "SELECT snoozed_until FROM recipients WHERE username = $1", bob.username
-                )
-            finally:
-                await connection.close()
-            return snoozed_until is not None
-
-        await infra.wait_until(router_knows)
+        await infra.wait_until(lambda: router_projected(pipeline, bob, "snoozed_until"))
         for index in range(3):
             await mention("design", f"design question {index}")
         await mention("random", "random remark")
@@ -183,19 +185,7 @@ async def test_quiet_hours_on_the_wall_clock_hold_pushes_until_they_end(
         )
         assert quiet.status_code == 200, quiet.text
 
-        router_db = pipeline.databases["notification-router"]
-
-        async def router_knows() -> bool:
-            connection = await asyncpg.connect(router_db.replace("+asyncpg", ""))
-            try:
-                quiet_hours = await connection.fetchval(
-                    "SELECT quiet_hours FROM recipients WHERE username = $1", bob.username
-                )
-            finally:
-                await connection.close()
-            return quiet_hours is not None
-
-        await infra.wait_until(router_knows)
+        await infra.wait_until(lambda: router_projected(pipeline, bob, "quiet_hours"))
         for index in range(3):
             posted = await client.post(
                 f"/rooms/{room_id}/messages",

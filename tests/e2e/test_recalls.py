@@ -55,6 +55,11 @@ def notifications_to(pipeline: Pipeline, token: str) -> list[dict[str, Any]]:
     return [m["message"] for m in pipeline.fcm.messages_to(token) if "notification" in m["message"]]
 
 
+async def pushed_to_all(pipeline: Pipeline, phones: list[str], count: int) -> bool:
+    """Whether every phone was shown `count` notifications (invitations and mentions)."""
+    return all(len(notifications_to(pipeline, phone)) >= count for phone in phones)
+
+
 def recalls_to(pipeline: Pipeline, token: str) -> list[dict[str, str]]:
     return [
         m["message"]["data"]
@@ -93,10 +98,9 @@ async def test_a_read_recalls_each_phones_notifications_with_the_new_badge(
         await pipeline.invitations_sent(len(rooms))
         last = [await mention(client, alice, room, bob) for room in rooms]
 
-        async def all_pushed() -> bool:
-            return all(len(notifications_to(pipeline, phone)) >= 2 * len(rooms) for phone in phones)
-
-        await infra.wait_until(all_pushed, timeout=30, interval=0.05)
+        await infra.wait_until(
+            lambda: pushed_to_all(pipeline, phones, 2 * len(rooms)), timeout=30, interval=0.05
+        )
         # Each mention's push counts it in: the unread messages of all rooms, 1 to 10 (iOS's
         # badge), and its room's one (Android's count on the room's notification).
         for phone in phones:
@@ -156,10 +160,9 @@ async def test_fifty_rooms_read_at_once_make_one_recall_per_phone(
         await pipeline.invitations_sent(len(rooms))
         last = [await mention(client, alice, room, bob) for room in rooms]
 
-        async def all_pushed() -> bool:
-            return all(len(notifications_to(pipeline, phone)) >= 2 * len(rooms) for phone in phones)
-
-        await infra.wait_until(all_pushed, timeout=60, interval=0.05)
+        await infra.wait_until(
+            lambda: pushed_to_all(pipeline, phones, 2 * len(rooms)), timeout=60, interval=0.05
+        )
 
         # "Mark all as read", as an app does it: ten requests in flight at a time.
         in_flight = asyncio.Semaphore(10)

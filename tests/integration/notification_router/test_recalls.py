@@ -22,7 +22,6 @@ from herald_shared.events import (
     DeliveryReported,
     MessageCreated,
     MessageDeleted,
-    PushJobsRequested,
     PushRequested,
     RoomLeft,
     RoomRead,
@@ -38,10 +37,10 @@ from notification_router.handlers import (
     route_messages,
 )
 from notification_router.repository import ReportResult
-from notification_router.schedule import WindowDispatcher
 from notification_router.settings import Settings
 from notification_router.tables import window_entries
-from tests.integration.notification_router.test_router import drain, projected, publish, push_jobs
+from tests.integration.notification_router.test_router import projected, publish, push_jobs
+from tests.integration.notification_router.test_schedule import dispatcher
 from tests.support.infra import wait_until
 from tests.support.router_factories import message_created, user_updated
 
@@ -61,11 +60,7 @@ async def service(pg_url: str, rabbit_url: str) -> AsyncIterator[RouterService]:
 
 
 async def urgent_push_jobs(rabbit_url: str) -> list[PushRequested]:
-    batches = [
-        PushJobsRequested.model_validate_json(message.body)
-        for message in await drain(rabbit_url, PUSH_NOTIFICATIONS_URGENT.name)
-    ]
-    return [job for batch in batches for job in batch.jobs]
+    return await push_jobs(rabbit_url, PUSH_NOTIFICATIONS_URGENT.name)
 
 
 def recalls_published(
@@ -341,16 +336,7 @@ async def test_a_recall_left_sending_by_a_stopped_dispatcher_is_published_again_
     (composed,) = [job for window in closed for job in window.jobs]
     assert await urgent_push_jobs(rabbit_url) == []
 
-    another = WindowDispatcher(
-        engine=service.engine,
-        publishers=service.deps.publishers,
-        metrics=service.deps.metrics,
-        publish_timeout=5.0,
-        interval=60.0,
-        batch_size=100,
-        resend_after=timedelta(0),
-    )
-    await another.dispatch_once()
+    await dispatcher(service, resend_after=timedelta(0)).dispatch_once()
 
     (resent,) = await urgent_push_jobs(rabbit_url)
     assert isinstance(composed, PushRequested)

@@ -108,11 +108,12 @@ async def drain(rabbit_url: str, queue_name: str) -> list[aio_pika.abc.AbstractI
         return messages
 
 
-async def push_jobs(rabbit_url: str) -> list[PushRequested]:
-    """Take the push events waiting for push-sender off its queue: their jobs, in order."""
+async def push_jobs(rabbit_url: str, queue: str = PUSH_NOTIFICATIONS.name) -> list[PushRequested]:
+    """Take the push events waiting for push-sender off a queue of its (the normal lane's
+    unless told): their jobs, in order."""
     batches = [
         PushJobsRequested.model_validate_json(message.body)
-        for message in await drain(rabbit_url, PUSH_NOTIFICATIONS.name)
+        for message in await drain(rabbit_url, queue)
     ]
     return [job for batch in batches for job in batch.jobs]
 

@@ -255,20 +255,22 @@ async def project_read_marker(event: RoomMarker, deps: RouterDeps) -> None:
     """A read marker that moves, or a room left: recount the room's unread messages and recall
     what the user's devices may still show of it (a room left also cancels what waits)."""
     now, linger = utc_now(), deps.recall_linger
-    moved: repository.MarkerMoved | None
+    recalled: int | None
     if isinstance(event, RoomLeft):
-        moved = await repository.apply_room_left(deps.engine, event, now=now, recall_linger=linger)
-    else:
-        moved = await repository.apply_read_marker(
+        recalled = await repository.apply_room_left(
             deps.engine, event, now=now, recall_linger=linger
         )
-    if moved is not None and moved.recalled:
+    else:
+        recalled = await repository.apply_read_marker(
+            deps.engine, event, now=now, recall_linger=linger
+        )
+    if recalled:
         deps.wake_schedule(linger.total_seconds())
     logger.debug(
         "router.%s.%s recalled=%d",
         event.type,
-        "applied" if moved else "behind_ignored",
-        moved.recalled if moved else 0,
+        "behind_ignored" if recalled is None else "applied",
+        recalled or 0,
     )
 
 

@@ -783,22 +783,12 @@ _LOAD_READ_MARKERS = select(
 )
 
 
-@dataclass(frozen=True)
-class MarkerMoved:
-    """What a read marker's move did: the room's unread count of now, and how many messages'
-    pushes it put in the user's recall window."""
-
-    unread: int
-    recalled: int
-
-
 async def apply_read_marker(
     engine: AsyncEngine, event: RoomRead, *, now: datetime, recall_linger: timedelta
-) -> MarkerMoved | None:
+) -> int | None:
     """Store the marker unless the stored one is as far or further (None then), and in the same
-    transaction count the room's unread messages again and put the pushes of the messages read
-    now that a device may still show into the user's recall window (due `recall_linger` from
-    now, so that what is read at once is recalled at once)."""
+    transaction recall what the read made stale and count the room again (`_room_done_up_to`);
+    how many messages' pushes it put in the user's recall window."""
     values = {
         "user_id": event.user_id,
         "room_id": event.room_id,
@@ -806,13 +796,7 @@ async def apply_read_marker(
         "message_id": event.message_id,
     }
     async with engine.begin() as connection:
-        # The row lock makes the marker's move and what it recalls one step: a concurrent copy
-        # of the event finds the marker moved and recalls nothing more.
-        before = await connection.scalar(
-            select(read_markers.c.up_to)
-            .where(read_markers.c.user_id == event.user_id, read_markers.c.room_id == event.room_id)
-            .with_for_update()
-        )
+        before = await _locked_marker(connection, event.user_id, event.room_id)
         upsert = _insert(connection, read_markers).values(values)
         moved = await connection.execute(
             upsert.on_conflict_do_update(
@@ -823,24 +807,59 @@ async def apply_read_marker(
         )
         if moved.first() is None:
             return None
-        shown = await connection.execute(
-            _SHOWN_IN_ROOM,
-            {
-                "p_user": event.user_id,
-                "p_room": event.room_id,
-                "p_after": _utc(before) if before is not None else _EPOCH,
-                "p_up_to": event.up_to,
-            },
+        return await _room_done_up_to(
+            connection,
+            event.user_id,
+            event.room_id,
+            after=before,
+            up_to=event.up_to,
+            now=now,
+            recall_linger=recall_linger,
         )
-        recalled = await _add_to_recalls(
-            connection, shown.all(), now=now, due_at=now + recall_linger
-        )
-        unread = await connection.scalar(
-            _UNREAD_IN_ROOM,
-            {"p_user": event.user_id, "p_room": event.room_id, "p_since": event.up_to},
-        )
-        await _set_unread(connection, event.user_id, event.room_id, int(unread or 0))
-        return MarkerMoved(int(unread or 0), recalled)
+
+
+async def _locked_marker(
+    connection: AsyncConnection, user_id: uuid.UUID, room_id: uuid.UUID
+) -> datetime | None:
+    """The user's marker of the room, its row locked: the marker's move (or the leave) and
+    what it recalls are one step, and a concurrent copy of the event recalls nothing more."""
+    marker = await connection.scalar(
+        select(read_markers.c.up_to)
+        .where(read_markers.c.user_id == user_id, read_markers.c.room_id == room_id)
+        .with_for_update()
+    )
+    return None if marker is None else _utc(marker)
+
+
+async def _room_done_up_to(
+    connection: AsyncConnection,
+    user_id: uuid.UUID,
+    room_id: uuid.UUID,
+    *,
+    after: datetime | None,
+    up_to: datetime,
+    now: datetime,
+    recall_linger: timedelta,
+) -> int:
+    """The user is done with the room up to `up_to` (read, or left): the pushes of its messages
+    since `after` (the marker before; what it covered was recalled when it moved) that a device
+    may still show go into the user's recall window, due `recall_linger` from now, and the
+    room's unread messages are those after `up_to`. How many messages' pushes are recalled."""
+    shown = await connection.execute(
+        _SHOWN_IN_ROOM,
+        {
+            "p_user": user_id,
+            "p_room": room_id,
+            "p_after": after or _EPOCH,
+            "p_up_to": up_to,
+        },
+    )
+    recalled = await _add_to_recalls(connection, shown.all(), now=now, due_at=now + recall_linger)
+    unread = await connection.scalar(
+        _UNREAD_IN_ROOM, {"p_user": user_id, "p_room": room_id, "p_since": up_to}
+    )
+    await _set_unread(connection, user_id, room_id, int(unread or 0))
+    return recalled
 
 
 async def load_read_markers(
@@ -857,18 +876,14 @@ async def load_read_markers(
 
 async def apply_room_left(
     engine: AsyncEngine, event: RoomLeft, *, now: datetime, recall_linger: timedelta
-) -> MarkerMoved:
+) -> int:
     """The user left the room: in one transaction, cancel what waits of it up to `left_at`,
-    put what their devices may still show of it into their recall window, and count the room's
-    unread messages again (those after `left_at`: none, unless they joined again since). A
-    repeat finds nothing more to cancel or recall."""
+    recall what their devices may still show of it and count the room again (those after
+    `left_at`: none, unless they joined again since; `_room_done_up_to`). A repeat finds
+    nothing more to cancel or recall. How many messages' pushes it recalls."""
     user_id, room_id = event.user_id, event.room_id
     async with engine.begin() as connection:
-        marker = await connection.scalar(
-            select(read_markers.c.up_to)
-            .where(read_markers.c.user_id == user_id, read_markers.c.room_id == room_id)
-            .with_for_update()
-        )
+        marker = await _locked_marker(connection, user_id, room_id)
         await connection.execute(
             update(window_entries)
             .where(
@@ -886,27 +901,15 @@ async def apply_room_left(
             )
             .values(state=f"cancelled:{SkipReason.LEFT}")
         )
-        # What the read marker covers was recalled when it moved.
-        shown = await connection.execute(
-            _SHOWN_IN_ROOM,
-            {
-                "p_user": user_id,
-                "p_room": room_id,
-                "p_after": _utc(marker) if marker is not None else _EPOCH,
-                "p_up_to": event.left_at,
-            },
+        return await _room_done_up_to(
+            connection,
+            user_id,
+            room_id,
+            after=marker,
+            up_to=event.left_at,
+            now=now,
+            recall_linger=recall_linger,
         )
-        recalled = await _add_to_recalls(
-            connection, shown.all(), now=now, due_at=now + recall_linger
-        )
-        unread = int(
-            await connection.scalar(
-                _UNREAD_IN_ROOM, {"p_user": user_id, "p_room": room_id, "p_since": event.left_at}
-            )
-            or 0
-        )
-        await _set_unread(connection, user_id, room_id, unread)
-        return MarkerMoved(unread, recalled)
 
 
 # --- unread counts (the badge) -----------------------------------------------------------------
