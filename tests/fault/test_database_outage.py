@@ -82,7 +82,7 @@ async def _outage(
     }
     if reasons:
         fields["reasons"] = dict(reasons)
-    assert accepted.statuses.keys() == {201}, accepted.errors[:5]
+    assert accepted.statuses.keys() == {201}, (accepted.errors[:5], herald.unhandled_errors()[:5])
     assert herald.crashed() == {}
     return fields, result
 

@@ -708,6 +708,17 @@ class Herald:
             for path in sorted(self.log_dir.glob("*.log"))
         }
 
+    def unhandled_errors(self) -> list[str]:
+        """message-service's log lines for requests that answered 500 (each names the error's
+        class and where it was raised, never its message): what a test that met a 500 says."""
+        return [
+            f"{name}: {line}"
+            for name, text in self.logs().items()
+            if name.startswith("message-service")
+            for line in text.splitlines()
+            if "message_service.http.unhandled" in line
+        ]
+
     async def ready(self) -> dict[str, bool]:
         async with httpx.AsyncClient(timeout=5) as client:
 
