@@ -243,8 +243,10 @@ class FakeFcm:
         self.port = 0
         self.base_url = ""
         self.token_uri = ""
-        # Every accepted request body ({"message": {...}}), in order.
+        # Every accepted request body ({"message": {...}}), in order, and when it was accepted
+        # (wall clock, seconds since the epoch), at the same index.
         self.accepted: list[dict[str, Any]] = []
+        self.accepted_at: list[float] = []
         self.token_requests = 0
         # Every messages:send request that reached the endpoint, whatever its answer.
         self.send_requests = 0
@@ -352,6 +354,7 @@ class FakeFcm:
         """Drop what was accepted so far (a test's setup: what follows is the test's own)."""
         with self._lock:
             self.accepted.clear()
+            self.accepted_at.clear()
 
     def _script(self, device_token: str, script: _Script) -> None:
         if script.remaining is not None and script.remaining < 1:
@@ -480,6 +483,7 @@ class FakeFcm:
         if not body.get("validate_only"):
             with self._lock:
                 self.accepted.append(body)
+                self.accepted_at.append(time.time())
         return JSONResponse({"name": name})
 
     def _scripted(self, script: _Script) -> Response:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import email.policy
 import threading
+import time
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.parser import BytesParser
@@ -137,8 +138,10 @@ class FakeSmtp:
         self.host = "127.0.0.1"
         self.port = 0
         self.received: list[EmailMessage] = []
-        # (MAIL FROM, RCPT TOs) of every accepted message, in the order of `received`.
+        # (MAIL FROM, RCPT TOs) of every accepted message, and when it was accepted (wall clock,
+        # seconds since the epoch), in the order of `received`.
         self.envelopes: list[tuple[str, list[str]]] = []
+        self.received_at: list[float] = []
         self._credentials = (
             (username.encode(), password.encode())
             if username is not None and password is not None
@@ -224,6 +227,7 @@ class FakeSmtp:
         with self._lock:
             self.received.clear()
             self.envelopes.clear()
+            self.received_at.clear()
 
     def messages_to(self, address: str) -> list[EmailMessage]:
         with self._lock:
@@ -266,6 +270,7 @@ class FakeSmtp:
         with self._lock:
             self.envelopes.append((mail_from, recipients))
             self.received.append(message)
+            self.received_at.append(time.time())
 
     def _authenticate(
         self, server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any

@@ -617,6 +617,58 @@ def reports_events(reports: Iterable[DeliveryReported]) -> list[DeliveriesReport
     return events
 
 
+class InboxState(StrEnum):
+    """What became of one channel (or one device) of a notification, as its user sees it."""
+
+    PENDING = "pending"  # decided, on its way to the provider
+    SENT = "sent"  # the provider accepted it
+    SUPPRESSED = "suppressed"  # decided against (the reason says why)
+    DEFERRED = "deferred"  # waits for quiet hours or a snooze to end
+    BATCHED = "batched"  # waits for the user's e-mail digest
+    CANCELLED = "cancelled"  # waited, then was not sent (read, deleted, left, settings)
+    RECALLED = "recalled"  # was shown, then taken off the device (read elsewhere, deleted)
+    FAILED = "failed"  # the provider refused it for good
+
+
+class InboxDelivery(_Frozen):
+    """One channel of an inbox item: per push device once the router picked devices, else (and
+    for the e-mail) one for the channel as a whole (`device_id` None)."""
+
+    channel: Channel
+    device_id: uuid.UUID | None = None
+    state: InboxState
+    # Why, as a code: `level:mentions`, `muted`, `active_in_room`, `read`, `quiet_hours`,
+    # `digest:<window id>`, `provider:<error>`, ... (None for a plain `sent` or `pending`).
+    reason: str | None = Field(default=None, max_length=200)
+    decided_at: AwareDatetime
+    due_at: AwareDatetime | None = None  # for what waits: when its window ends
+    accepted_at: AwareDatetime | None = None  # when the provider accepted it
+    recalled_at: AwareDatetime | None = None  # when its recall went out
+
+
+class InboxItem(_Frozen):
+    """Everything the router decided and saw for one user and one message (or invitation): an
+    item of that user's notification inbox. No text, address or token."""
+
+    user_id: uuid.UUID
+    message_id: uuid.UUID
+    room_id: uuid.UUID
+    trigger: Trigger
+    decided_at: AwareDatetime
+    message_created_at: AwareDatetime | None = None
+    deliveries: list[InboxDelivery] = Field(max_length=MAX_RECIPIENTS)
+
+
+class InboxItemsUpdated(Event):
+    """The router's latest view of inbox items (`notification.inbox.updated`), each whole: a
+    consumer keeps, per item, the one of the highest `version` (a replay or a late event then
+    changes nothing). Versions grow with every publication; one event's items share it."""
+
+    type: Literal["inbox_items_updated"] = "inbox_items_updated"
+    version: int = Field(ge=1)
+    items: list[InboxItem] = Field(min_length=1, max_length=MAX_ITEMS_PER_EVENT)
+
+
 class DeviceInvalidated(Event):
     """The provider says a push token is dead; message-service removes the device
     (`device.invalidated`)."""
@@ -640,6 +692,7 @@ AnyEvent = Annotated[
     | EmailRequested
     | DeliveryReported
     | DeviceInvalidated
+    | InboxItemsUpdated
     | PushBatchRequested
     | EmailBatchRequested
     | DeliveryBatchReported
@@ -697,6 +750,7 @@ EVENT_MODELS: tuple[type[Event], ...] = (
     EmailRequested,
     DeliveryReported,
     DeviceInvalidated,
+    InboxItemsUpdated,
     PushBatchRequested,
     EmailBatchRequested,
     DeliveryBatchReported,

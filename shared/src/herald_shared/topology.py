@@ -40,6 +40,7 @@ from herald_shared.events import (
     EmailJobsRequested,
     EmailRequested,
     Event,
+    InboxItemsUpdated,
     InvitationCreated,
     MessageCreated,
     MessageDeleted,
@@ -87,6 +88,8 @@ USER_UPDATED = "user.updated"
 USER_RETRY = "user.updated.retry"
 DEVICE_INVALIDATED = "device.invalidated"
 DEVICE_RETRY = "device.invalidated.retry"
+INBOX_UPDATED = "notification.inbox.updated"
+INBOX_RETRY = "notification.inbox.retry"
 
 EXCHANGE = RabbitExchange("notifications", type=ExchangeType.TOPIC, durable=True)
 # RabbitMQ's own dead-lettering (rejects, the delivery limit), named by every work queue's
@@ -184,6 +187,7 @@ EMAIL_NOTIFICATIONS_URGENT = ConsumerQueue(
 )
 # message-service
 DEVICE_INVALIDATIONS = ConsumerQueue("device_invalidations", (DEVICE_INVALIDATED,), DEVICE_RETRY)
+INBOX_UPDATES = ConsumerQueue("inbox_updates", (INBOX_UPDATED,), INBOX_RETRY)
 
 CONSUMER_QUEUES: tuple[ConsumerQueue, ...] = (
     MESSAGE_NOTIFICATIONS,
@@ -197,6 +201,7 @@ CONSUMER_QUEUES: tuple[ConsumerQueue, ...] = (
     EMAIL_NOTIFICATIONS,
     EMAIL_NOTIFICATIONS_URGENT,
     DEVICE_INVALIDATIONS,
+    INBOX_UPDATES,
 )
 
 _QUEUE_BY_ROUTING_KEY: dict[str, ConsumerQueue] = {
@@ -244,6 +249,8 @@ def routing_key_for(event: Event) -> str:
             return f"notification.{event.channel}.{event.outcome}"
         case DeviceInvalidated():
             return DEVICE_INVALIDATED
+        case InboxItemsUpdated():
+            return INBOX_UPDATED
     raise TypeError(f"no routing key for {type(event).__name__}")
 
 

@@ -183,6 +183,8 @@ async def test_openapi_lists_the_api_only(client: httpx.AsyncClient) -> None:
         "/users/me/snooze",
         "/users/me/events",
         "/users/me/presence",
+        "/users/me/notifications",
+        "/users/me/notifications/{message_id}",
         "/rooms/{room_id}/read",
         "/users/me/blocked",
         "/users/me/blocked/{user_id}",
@@ -216,6 +218,7 @@ async def test_asyncapi_page_without_try_it_out(client: httpx.AsyncClient) -> No
         "message.deleted:publish",
         "user.updated:publish",
         "device_invalidations:consume",
+        "inbox_updates:consume",
     }
 
 

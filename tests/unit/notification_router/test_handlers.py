@@ -843,6 +843,7 @@ def test_specification_documents_the_queues_and_the_jobs() -> None:
         "notification.email.send:publish",
         "notification.push.send.urgent:publish",
         "notification.email.send.urgent:publish",
+        "notification.inbox.updated:publish",
     }
     schemas = document["components"]["schemas"]
     assert {"MessageCreated", "UserUpdated", "PushJobsRequested", "EmailJobsRequested"} <= set(
@@ -856,6 +857,7 @@ def test_specification_documents_the_queues_and_the_jobs() -> None:
     assert payloads["notification.email.send:publish:Message"] == "EmailJobsRequested"
     assert payloads["notification.push.send.urgent:publish:Message"] == "PushJobsRequested"
     assert payloads["notification.email.send.urgent:publish:Message"] == "EmailJobsRequested"
+    assert payloads["notification.inbox.updated:publish:Message"] == "InboxItemsUpdated"
     # Every kind of report is accepted: the senders' now, and those of earlier versions.
     [reports] = [
         payload for name, payload in payloads.items() if name.startswith("delivery_reports")

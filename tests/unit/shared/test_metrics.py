@@ -243,6 +243,8 @@ async def test_queue_depth_and_consumers_come_from_rabbitmq_and_vanish_when_it_c
             "email_notifications.dlq": (0, 0),
             "email_notifications_urgent": (0, 1),
             "email_notifications_urgent.dlq": (0, 0),
+            "inbox_updates": (0, 1),
+            "inbox_updates.dlq": (0, 0),
         }
     )
 

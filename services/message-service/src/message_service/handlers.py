@@ -1,4 +1,4 @@
-"""What message-service consumes: one subscriber, `device_invalidations`.
+"""What message-service consumes: `device_invalidations` and `inbox_updates`.
 
 Handlers only parse (FastStream does it from the annotation), call a use case and return; a
 failure raises and the shared retry middleware decides (see `herald_shared.retry`).
@@ -15,9 +15,9 @@ from faststream.rabbit.subscriber import RabbitSubscriber
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from herald_shared.events import DeviceInvalidated
-from herald_shared.topology import DEVICE_INVALIDATIONS, EXCHANGE
-from message_service import service
+from herald_shared.events import DeviceInvalidated, InboxItemsUpdated
+from herald_shared.topology import DEVICE_INVALIDATIONS, EXCHANGE, INBOX_UPDATES
+from message_service import repository, service
 from message_service.outbox import Nudge, session_scope
 
 if TYPE_CHECKING:
@@ -45,6 +45,8 @@ class Subscribers:
 
     device_invalidations: RabbitSubscriber
     on_device_invalidated: Recorded
+    inbox_updates: RabbitSubscriber
+    on_inbox_updated: Recorded
 
 
 def register_handlers(broker: RabbitBroker, deps: HandlerDeps) -> Subscribers:
@@ -72,4 +74,30 @@ def register_handlers(broker: RabbitBroker, deps: HandlerDeps) -> Subscribers:
             removed,
         )
 
-    return Subscribers(device_invalidations=subscriber, on_device_invalidated=on_device_invalidated)
+    inbox_updates = broker.subscriber(
+        INBOX_UPDATES.queue,
+        EXCHANGE,
+        title=f"{INBOX_UPDATES.name}:consume",
+        description=(
+            "The router's latest view of users' inbox items: keep, per item, the highest "
+            "version (a replayed or late event changes nothing)."
+        ),
+    )
+
+    @inbox_updates
+    async def on_inbox_updated(event: InboxItemsUpdated) -> None:
+        async with deps.sessions() as session, session.begin():
+            changed = await repository.apply_inbox_items(session, event)
+        logger.debug(
+            "message_service.inbox.updated version=%d items=%d changed=%d",
+            event.version,
+            len(event.items),
+            changed,
+        )
+
+    return Subscribers(
+        device_invalidations=subscriber,
+        on_device_invalidated=on_device_invalidated,
+        inbox_updates=inbox_updates,
+        on_inbox_updated=on_inbox_updated,
+    )

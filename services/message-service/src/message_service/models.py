@@ -250,6 +250,29 @@ class Message(Table, table=True):
     deleted_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
 
 
+class InboxItem(Table, table=True):
+    """One item of a user's notification inbox: what the router decided and saw for them and one
+    message (or invitation), as its latest `InboxItemsUpdated` carried it (`version`: an older
+    or replayed event never overwrites a newer). Who sent it, its preview and whether it is read
+    come from this service's own tables when the inbox is listed."""
+
+    __tablename__ = "inbox_items"
+    __table_args__ = (
+        # The inbox, newest first (keyset pagination, no OFFSET).
+        Index("ix_inbox_items_user_created", "user_id", "message_created_at", "message_id"),
+    )
+
+    user_id: uuid.UUID = Field(primary_key=True)
+    message_id: uuid.UUID = Field(primary_key=True)
+    room_id: uuid.UUID
+    trigger: str = Field(sa_type=String(16))
+    message_created_at: datetime = Field(sa_type=UtcDateTime)
+    decided_at: datetime = Field(sa_type=UtcDateTime)
+    # [herald_shared.events.InboxDelivery as JSON]: per channel and device, state and reason.
+    deliveries: str = Field(sa_type=Text)
+    version: int = Field(sa_type=BigInteger)
+
+
 class OutboxEvent(Table, table=True):
     """An event committed with the change it describes, waiting for the relay to publish it."""
 

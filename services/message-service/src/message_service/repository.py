@@ -10,13 +10,14 @@ compiled once; they are most of this service's CPU under load.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table, and_, delete, func, insert, or_, text, update
+from sqlalchemy import Table, and_, case, delete, func, insert, or_, text, update
 from sqlalchemy import select as core_select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -24,7 +25,7 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from herald_shared.database import autocommit
-from herald_shared.events import Event, utc_now
+from herald_shared.events import Event, InboxItemsUpdated, utc_now
 from herald_shared.tracing import current_traceparent
 from message_service.models import (
     INVITED,
@@ -33,6 +34,7 @@ from message_service.models import (
     Block,
     BreakthroughUser,
     Device,
+    InboxItem,
     Message,
     OutboxEvent,
     Preferences,
@@ -53,6 +55,7 @@ def _table(model: Any) -> Table:
 
 _users, _tokens, _members, _rooms = _table(User), _table(ApiToken), _table(RoomMember), _table(Room)
 _messages, _outbox, _blocks = _table(Message), _table(OutboxEvent), _table(Block)
+_inbox, _preferences = _table(InboxItem), _table(Preferences)
 
 
 # --- the hot path, in SQLAlchemy Core ------------------------------------------------------------
@@ -832,3 +835,128 @@ async def room_audiences(
         )
         for room_id, sender_id in wanted
     }
+
+
+# --- the notification inbox ---------------------------------------------------------------------
+
+
+async def apply_inbox_items(session: AsyncSession, event: InboxItemsUpdated) -> int:
+    """Upsert the event's items, each only over an older version of it (a replayed or late
+    event changes nothing); how many rows changed. The caller commits."""
+    rows = [
+        {
+            "user_id": item.user_id,
+            "message_id": item.message_id,
+            "room_id": item.room_id,
+            "trigger": str(item.trigger),
+            "message_created_at": item.message_created_at or item.decided_at,
+            "decided_at": item.decided_at,
+            "deliveries": json.dumps(
+                [delivery.model_dump(mode="json") for delivery in item.deliveries]
+            ),
+            "version": event.version,
+        }
+        for item in {(item.user_id, item.message_id): item for item in event.items}.values()
+    ]
+    connection = await session.connection()
+    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
+    statement = dialect.insert(_inbox)
+    statement = statement.on_conflict_do_update(
+        index_elements=[_inbox.c.user_id, _inbox.c.message_id],
+        set_={
+            name: statement.excluded[name]
+            for name in ("trigger", "message_created_at", "decided_at", "deliveries", "version")
+        },
+        where=_inbox.c.version < statement.excluded.version,
+    )
+    result = await connection.execute(statement, rows)
+    return max(result.rowcount, 0)
+
+
+@dataclass(frozen=True)
+class InboxRow:
+    """An inbox item with what this service knows of its message, for listing."""
+
+    message_id: uuid.UUID
+    room_id: uuid.UUID
+    room_name: str | None
+    trigger: str
+    message_created_at: datetime
+    decided_at: datetime
+    deliveries: str
+    sender_id: uuid.UUID | None
+    sender_username: str | None
+    sender_display_name: str | None
+    content: str | None  # None: an invitation, or no preview wanted
+    read: bool
+
+
+def _inbox_select(user_id: uuid.UUID) -> Any:
+    read_up_to = _members.c.read_up_to
+    read = and_(read_up_to.is_not(None), _inbox.c.message_created_at <= read_up_to)
+    preview = func.coalesce(_preferences.c.push_preview, True)
+    return (
+        core_select(
+            _inbox.c.message_id,
+            _inbox.c.room_id,
+            _rooms.c.name.label("room_name"),
+            _inbox.c.trigger,
+            _inbox.c.message_created_at,
+            _inbox.c.decided_at,
+            _inbox.c.deliveries,
+            _messages.c.sender_id,
+            _users.c.username.label("sender_username"),
+            _users.c.display_name.label("sender_display_name"),
+            case((preview, _messages.c.content), else_=None).label("content"),
+            read.label("read"),
+        )
+        .select_from(
+            _inbox.outerjoin(_messages, _messages.c.id == _inbox.c.message_id)
+            .outerjoin(_users, _users.c.id == _messages.c.sender_id)
+            .outerjoin(_rooms, _rooms.c.id == _inbox.c.room_id)
+            .outerjoin(
+                _members,
+                and_(_members.c.room_id == _inbox.c.room_id, _members.c.user_id == user_id),
+            )
+            .outerjoin(_preferences, _preferences.c.user_id == user_id)
+        )
+        # A deleted message leaves the inbox with its text.
+        .where(_inbox.c.user_id == user_id, _messages.c.deleted_at.is_(None)),
+        read,
+    )
+
+
+async def inbox_page(
+    engine: AsyncEngine,
+    *,
+    user_id: uuid.UUID,
+    limit: int,
+    before: tuple[datetime, uuid.UUID] | None,
+    unread_only: bool,
+) -> list[InboxRow]:
+    """Up to `limit` items of the user's inbox, newest first, strictly older than `before`."""
+    statement, read = _inbox_select(user_id)
+    if before is not None:
+        created_at, message_id = before
+        statement = statement.where(
+            or_(
+                _inbox.c.message_created_at < created_at,
+                and_(_inbox.c.message_created_at == created_at, _inbox.c.message_id < message_id),
+            )
+        )
+    if unread_only:
+        statement = statement.where(~read)
+    statement = statement.order_by(
+        _inbox.c.message_created_at.desc(), _inbox.c.message_id.desc()
+    ).limit(limit)
+    async with autocommit(engine) as connection:
+        return [InboxRow(**row._mapping) for row in await connection.execute(statement)]
+
+
+async def inbox_item(
+    engine: AsyncEngine, *, user_id: uuid.UUID, message_id: uuid.UUID
+) -> InboxRow | None:
+    statement, _ = _inbox_select(user_id)
+    async with autocommit(engine) as connection:
+        row = (await connection.execute(statement.where(_inbox.c.message_id == message_id))).first()
+    return None if row is None else InboxRow(**row._mapping)

@@ -1180,3 +1180,53 @@ async def _stage_user_updated(session: AsyncSession, user: User) -> None:
         ),
     )
     repository.add_outbox_event(session, event=event, event_type=event.type)
+
+
+# --- the notification inbox ---------------------------------------------------------------------
+
+# Characters of a message an inbox item previews.
+INBOX_PREVIEW_CHARS = 140
+
+
+@dataclass(frozen=True)
+class InboxPage:
+    items: Sequence[repository.InboxRow]
+    next_cursor: str | None
+
+
+async def list_inbox(
+    *,
+    engine: AsyncEngine,
+    user_id: uuid.UUID,
+    limit: int,
+    cursor: str | None = None,
+    unread_only: bool = False,
+) -> InboxPage:
+    """The user's inbox, newest first; `next_cursor` continues with older items."""
+    limit = max(1, min(limit, MAX_PAGE_SIZE))
+    try:
+        position = None if cursor is None else decode_cursor(cursor)
+    except ValueError as exc:
+        raise Invalid("invalid cursor") from exc
+    rows = await repository.inbox_page(
+        engine, user_id=user_id, limit=limit + 1, before=position, unread_only=unread_only
+    )
+    items = rows[:limit]
+    last = items[-1] if items else None
+    next_cursor = (
+        encode_cursor(last.message_created_at, last.message_id)
+        if last is not None and len(rows) > limit
+        else None
+    )
+    return InboxPage(items=items, next_cursor=next_cursor)
+
+
+async def inbox_item(
+    *, engine: AsyncEngine, user_id: uuid.UUID, message_id: uuid.UUID
+) -> repository.InboxRow:
+    """What Herald did about one message for the user, also when nothing was sent; another
+    user's message, or one the user was never told of, is a 404."""
+    row = await repository.inbox_item(engine, user_id=user_id, message_id=message_id)
+    if row is None:
+        raise NotFound("no notification of this message for you")
+    return row

@@ -14,17 +14,24 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from herald_shared.broker import make_broker
 from herald_shared.database import database_healthy, make_engine, run_migrations
-from herald_shared.events import MAX_ITEMS_PER_EVENT, EmailJobsRequested, PushJobsRequested
+from herald_shared.events import (
+    MAX_ITEMS_PER_EVENT,
+    EmailJobsRequested,
+    InboxItemsUpdated,
+    PushJobsRequested,
+)
 from herald_shared.ops import asyncapi_spec, consumer_app, service_version
 from herald_shared.publishing import event_publisher
 from herald_shared.topology import (
     EMAIL_SEND,
     EMAIL_SEND_URGENT,
+    INBOX_UPDATED,
     PUSH_SEND,
     PUSH_SEND_URGENT,
     declare_topology,
 )
 from notification_router.handlers import RouterDeps, Subscribers, register_handlers
+from notification_router.inbox import InboxRelay
 from notification_router.metrics import RouterMetrics
 from notification_router.ops_api import explain_route
 from notification_router.routing import ContentLimits
@@ -50,12 +57,13 @@ class RouterService:
     deps: RouterDeps
     subscribers: Subscribers
     schedule: WindowDispatcher
+    inbox: InboxRelay
     app: AsgiFastStream
 
 
 def _wire(
     settings: Settings, engine: AsyncEngine, registry: CollectorRegistry
-) -> tuple[RabbitBroker, RouterDeps, Subscribers, WindowDispatcher]:
+) -> tuple[RabbitBroker, RouterDeps, Subscribers, WindowDispatcher, InboxRelay]:
     broker = make_broker(
         settings.rabbitmq, service_name=SERVICE_NAME, registry=registry, description=DESCRIPTION
     )
@@ -98,6 +106,24 @@ def _wire(
             ),
         ),
     }
+    inbox = InboxRelay(
+        engine=engine,
+        publishers={
+            INBOX_UPDATED: event_publisher(
+                broker,
+                InboxItemsUpdated,
+                INBOX_UPDATED,
+                description=(
+                    "Users' inbox items whose decisions or deliveries changed, each whole, "
+                    f"up to {MAX_ITEMS_PER_EVENT} per event; per item, the highest version "
+                    "is the latest."
+                ),
+            )
+        },
+        publish_timeout=settings.rabbitmq.publish_timeout,
+        interval=settings.inbox_relay_interval,
+        batch_size=settings.inbox_relay_batch,
+    )
     metrics = RouterMetrics(registry)
     limits = ContentLimits(
         title_max_chars=settings.push_title_max_chars,
@@ -123,14 +149,14 @@ def _wire(
         recall_linger=timedelta(seconds=settings.recall_linger),
         wake_schedule=schedule.wake,
     )
-    return broker, deps, register_handlers(broker, deps, settings.batch), schedule
+    return broker, deps, register_handlers(broker, deps, settings.batch), schedule, inbox
 
 
 def build_service(settings: Settings) -> RouterService:
     registry = CollectorRegistry()
     # Every in-flight message may hold a connection; make_engine adds as much overflow again.
     engine = make_engine(settings.database_url, pool_size=settings.rabbitmq.prefetch)
-    broker, deps, subscribers, schedule = _wire(settings, engine, registry)
+    broker, deps, subscribers, schedule, inbox = _wire(settings, engine, registry)
 
     async def migrate() -> None:
         await run_migrations(
@@ -140,11 +166,13 @@ def build_service(settings: Settings) -> RouterService:
     async def declare() -> None:
         await declare_topology(broker, retry_delays=settings.rabbitmq.retry_delays)
 
-    async def start_schedule() -> None:
+    async def start_periodic_work() -> None:
         schedule.start()
+        inbox.start()
 
     async def dispose() -> None:
         await schedule.stop()
+        await inbox.stop()
         await engine.dispose()
 
     app = consumer_app(
@@ -155,11 +183,13 @@ def build_service(settings: Settings) -> RouterService:
         registry=registry,
         checks={"database": functools.partial(database_healthy, engine)},
         on_startup=[migrate, declare],
-        after_startup=[start_schedule],
+        after_startup=[start_periodic_work],
         after_shutdown=[dispose],
         routes=[explain_route(engine, settings.ops_token)],
     )
-    return RouterService(settings, broker, engine, registry, deps, subscribers, schedule, app)
+    return RouterService(
+        settings, broker, engine, registry, deps, subscribers, schedule, inbox, app
+    )
 
 
 def create_app(settings: Settings) -> AsgiFastStream:
@@ -170,7 +200,7 @@ def specification(settings: Settings) -> AsyncAPI:
     """The AsyncAPI document of the service, without touching a database or a broker."""
     # The document needs the subscribers and publishers only; this engine never connects.
     engine = create_async_engine("sqlite+aiosqlite://")
-    broker, _, _, _ = _wire(settings, engine, CollectorRegistry())
+    broker, _, _, _, _ = _wire(settings, engine, CollectorRegistry())
     return asyncapi_spec(
         broker, title=TITLE, version=service_version(SERVICE_NAME), description=DESCRIPTION
     )

@@ -9,14 +9,26 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter, OrderedDict, defaultdict
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Table, and_, bindparam, case, delete, func, or_, select, text, update
+from sqlalchemy import (
+    Table,
+    and_,
+    bindparam,
+    case,
+    delete,
+    func,
+    or_,
+    select,
+    text,
+    tuple_,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -61,6 +73,8 @@ from notification_router.routing import (
 )
 from notification_router.tables import (
     WINDOW_WAITING,
+    inbox_changes,
+    inbox_relay,
     message_changes,
     notification_deliveries,
     notifications,
@@ -1519,3 +1533,112 @@ async def explain(
             for window in windows
         ],
     }
+
+
+# --- the inbox's change log ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InboxRows:
+    """What the ledger holds of some inbox items, as read for one publication: rows of
+    `notifications`, of `notification_deliveries` (the items' own and their digests'), and of
+    `window_entries` joined with their window."""
+
+    decisions: Sequence[Any]
+    deliveries: Sequence[Any]
+    windows: Sequence[Any]
+    digests: Mapping[uuid.UUID, Any]  # by window id: the digest's delivery row
+
+
+InboxKey = tuple[uuid.UUID, uuid.UUID]  # (user, message)
+
+
+async def _inbox_rows(connection: AsyncConnection, keys: Sequence[InboxKey]) -> InboxRows:
+    decisions = (
+        await connection.execute(
+            select(notifications).where(
+                tuple_(notifications.c.recipient_id, notifications.c.message_id).in_(keys)
+            )
+        )
+    ).all()
+    deliveries = (
+        await connection.execute(
+            select(notification_deliveries).where(
+                tuple_(_deliveries.recipient_id, _deliveries.message_id).in_(keys)
+            )
+        )
+    ).all()
+    windows = (
+        await connection.execute(
+            select(
+                _entries.recipient_id,
+                _entries.message_id,
+                _entries.channel,
+                _entries.state,
+                _windows.window_id,
+                _windows.due_at,
+                _windows.closed_at,
+            )
+            .join(waiting_windows, _windows.window_id == _entries.window_id)
+            .where(tuple_(_entries.recipient_id, _entries.message_id).in_(keys))
+        )
+    ).all()
+    digest_ids = {
+        digest_notification_id(row.window_id, row.recipient_id): row.window_id
+        for row in windows
+        if row.channel == str(EventChannel.EMAIL)
+    }
+    digests: dict[uuid.UUID, Any] = {}
+    if digest_ids:
+        found = await connection.execute(
+            select(notification_deliveries).where(_deliveries.notification_id.in_(digest_ids))
+        )
+        digests = {digest_ids[row.notification_id]: row for row in found}
+    return InboxRows(decisions, deliveries, windows, digests)
+
+
+async def relay_inbox_changes(
+    engine: AsyncEngine,
+    *,
+    limit: int,
+    publish: Callable[[int, InboxRows], Awaitable[object]],
+) -> int:
+    """One publication of the inbox items that changed: take up to `limit` changes (oldest
+    first), read those items as they are now, hand them to `publish` with the next version, and
+    forget the changes; all in one transaction, so a failed publication leaves the changes for
+    the next pass. One relay at a time (the counter's row lock; another replica skips the pass):
+    a version is then taken before its items are read, and a higher version never carries an
+    older state. How many changes it took."""
+    async with engine.begin() as connection:
+        current = await connection.scalar(
+            select(inbox_relay.c.version)
+            .where(inbox_relay.c.id == 1)
+            .with_for_update(skip_locked=True)
+        )
+        if current is None:
+            return 0
+        changes = (
+            await connection.execute(
+                select(inbox_changes.c.seq, inbox_changes.c.user_id, inbox_changes.c.message_id)
+                .order_by(inbox_changes.c.seq)
+                .limit(limit)
+            )
+        ).all()
+        if not changes:
+            return 0
+        keys = sorted({(row.user_id, row.message_id) for row in changes})
+        version = current + 1
+        await connection.execute(
+            update(inbox_relay).where(inbox_relay.c.id == 1).values(version=version)
+        )
+        await publish(version, await _inbox_rows(connection, keys))
+        await connection.execute(
+            delete(inbox_changes).where(inbox_changes.c.seq.in_([row.seq for row in changes]))
+        )
+    return len(changes)
+
+
+async def inbox_backlog(engine: AsyncEngine) -> int:
+    """Changes not published yet."""
+    async with autocommit(engine) as connection:
+        return int(await connection.scalar(select(func.count()).select_from(inbox_changes)) or 0)

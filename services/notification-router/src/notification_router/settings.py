@@ -35,3 +35,8 @@ class Settings(ServiceSettings):
     # `OPS_TOKEN`: the bearer token of the operators' "why (not)?" endpoint
     # (`/ops/notifications`); unset, the endpoint answers 404. Never a user's token.
     ops_token: SecretStr | None = None
+    # The inbox relay (`inbox.py`): how often a router publishes the inbox items that changed
+    # (`INBOX_RELAY_INTERVAL`, seconds: the inbox lags the ledger by about this much), and how
+    # many changes one publication takes at most (`INBOX_RELAY_BATCH`).
+    inbox_relay_interval: float = Field(default=0.2, gt=0, le=60)
+    inbox_relay_batch: int = Field(default=500, ge=1, le=5000)

@@ -18,6 +18,10 @@
 * `presence_connections` and `rooms_in_view`: the presence projection, from `presence.changed`:
   each real-time stream with the time it expires (or ended), and the room each user has in
   view.
+* `inbox_changes` and `inbox_relay`: which (user, message) inbox items changed since they were
+  last published (a row per change, written by database triggers on `notifications`,
+  `notification_deliveries` and `window_entries`, so no path that changes an item can forget
+  it), and the version the last publication of the inbox relay took (`inbox.py`).
 
 Every change goes through an Alembic revision in `migrations/versions/`.
 """
@@ -244,4 +248,22 @@ message_changes = Table(
     Column("content", Text, nullable=True),
     Column("edited_at", DateTime(timezone=True), nullable=True),
     Column("deleted_at", DateTime(timezone=True), nullable=True),
+)
+
+inbox_changes = Table(
+    "inbox_changes",
+    metadata,
+    Column(
+        "seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    ),
+    Column("user_id", Uuid, nullable=False),
+    Column("message_id", Uuid, nullable=False),
+)
+
+inbox_relay = Table(
+    "inbox_relay",
+    metadata,
+    # One row: the version of the last publication (its row lock makes one relay at a time).
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("version", BigInteger, nullable=False),
 )

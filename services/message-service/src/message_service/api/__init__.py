@@ -13,6 +13,7 @@ from message_service.api.routes import (
     devices,
     events,
     messages,
+    notifications,
     preferences,
     rooms,
     unsubscribe,
@@ -20,5 +21,5 @@ from message_service.api.routes import (
 )
 
 router = APIRouter()
-for routes in (users, devices, preferences, rooms, messages, events, unsubscribe):
+for routes in (users, devices, preferences, rooms, messages, notifications, events, unsubscribe):
     router.include_router(routes.router)

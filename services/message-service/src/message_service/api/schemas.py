@@ -6,6 +6,7 @@ token, no one else's e-mail address).
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Literal
@@ -25,7 +26,16 @@ from pydantic import (
 )
 from pydantic.json_schema import SkipJsonSchema
 
-from herald_shared.events import MAX_MESSAGE_CONTENT, MAX_RECIPIENTS, Level, Platform, RoomKind
+from herald_shared.events import (
+    MAX_MESSAGE_CONTENT,
+    MAX_RECIPIENTS,
+    Channel,
+    InboxState,
+    Level,
+    Platform,
+    RoomKind,
+    Trigger,
+)
 from message_service.models import (
     DEVICE_TOKEN_MAX,
     DISPLAY_TEXT_MAX,
@@ -37,7 +47,9 @@ from message_service.models import (
     Message,
     User,
 )
+from message_service.repository import InboxRow
 from message_service.service import (
+    INBOX_PREVIEW_CHARS,
     KEEP,
     MAX_BREAKTHROUGH_USERS,
     MAX_SNOOZE,
@@ -647,3 +659,82 @@ class ReadOut(BaseModel):
     @classmethod
     def of(cls, marker: ReadMarker) -> ReadOut:
         return cls(room_id=marker.room_id, up_to=marker.message_id, unread=marker.unread)
+
+
+class InboxDeliveryOut(BaseModel):
+    """What became of one channel (per push device once devices were picked) of a
+    notification."""
+
+    channel: Channel
+    device_id: uuid.UUID | None = Field(
+        description="The push device; null for the e-mail, or for a channel decided as a whole."
+    )
+    state: InboxState
+    reason: str | None = Field(
+        description=(
+            "Why, as a code: `level:mentions`, `level:none`, `muted`, `active_in_room`, "
+            "`online`, `read`, `no_device`, `no_email`, `deleted`, `left`, `quiet_hours`, "
+            "`digest:<window id>`, `provider:<error>`; null for a plain `sent` or `pending`."
+        )
+    )
+    decided_at: datetime
+    due_at: datetime | None = Field(description="For what waits: when its wait ends.")
+    accepted_at: datetime | None = Field(description="When the provider accepted it.")
+    recalled_at: datetime | None = Field(description="When it was taken off the device.")
+
+
+class InboxSenderOut(BaseModel):
+    id: uuid.UUID
+    username: str
+    display_name: str
+
+
+class InboxItemOut(BaseModel):
+    """One message (or invitation) that concerned you, and what Herald did about it."""
+
+    message_id: uuid.UUID
+    room_id: uuid.UUID
+    room_name: str | None = Field(description="Null for a direct room.")
+    sender: InboxSenderOut | None = Field(description="Null for an invitation.")
+    preview: str | None = Field(
+        description=(
+            f"The message's first {INBOX_PREVIEW_CHARS} characters; null when your "
+            "`push_preview` is off, and for an invitation."
+        )
+    )
+    trigger: Trigger
+    read: bool = Field(description="Whether you have read the room past it.")
+    created_at: datetime = Field(description="When the message was posted.")
+    decided_at: datetime
+    deliveries: list[InboxDeliveryOut]
+
+    @classmethod
+    def of(cls, row: InboxRow) -> InboxItemOut:
+        sender = None
+        if row.sender_id is not None and row.sender_username is not None:
+            sender = InboxSenderOut(
+                id=row.sender_id,
+                username=row.sender_username,
+                display_name=row.sender_display_name or row.sender_username,
+            )
+        return cls(
+            message_id=row.message_id,
+            room_id=row.room_id,
+            room_name=row.room_name or None,
+            sender=sender,
+            preview=None if row.content is None else row.content[:INBOX_PREVIEW_CHARS],
+            trigger=Trigger(row.trigger),
+            read=row.read,
+            created_at=row.message_created_at,
+            decided_at=row.decided_at,
+            deliveries=[
+                InboxDeliveryOut.model_validate(delivery) for delivery in json.loads(row.deliveries)
+            ],
+        )
+
+
+class InboxPageOut(BaseModel):
+    items: list[InboxItemOut]
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` to get the next (older) page; null when there is none."
+    )

@@ -1,0 +1,191 @@
+"""The inbox relay on the machine's real PostgreSQL and RabbitMQ: the ledger's triggers log every
+change of an item, the relay publishes each changed item whole under a growing version and
+forgets the changes, and a failed publication leaves them for the next pass."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from faststream import TestApp
+from sqlalchemy import func, select
+
+from herald_shared.broker import RabbitSettings
+from herald_shared.events import (
+    Channel,
+    DeliveryOutcome,
+    DeliveryReported,
+    InboxDelivery,
+    InboxItem,
+    InboxItemsUpdated,
+    InboxState,
+    Level,
+    Trigger,
+)
+from herald_shared.topology import INBOX_UPDATES
+from notification_router import repository
+from notification_router.app import RouterService, build_service
+from notification_router.handlers import record_reports, route_messages
+from notification_router.settings import Settings
+from notification_router.tables import inbox_changes, inbox_relay
+from tests.integration.notification_router.test_router import drain, projected, publish, push_jobs
+from tests.support.infra import wait_until
+from tests.support.router_factories import message_created, user_updated
+
+
+@pytest.fixture
+async def service(pg_url: str, rabbit_url: str) -> AsyncIterator[RouterService]:
+    settings = Settings(
+        database_url=pg_url,
+        rabbitmq=RabbitSettings(url=rabbit_url, retry_delays=(0.2, 0.4), prefetch=10),
+    )
+    service = build_service(settings)
+    async with TestApp(service.app):
+        await service.inbox.stop()  # the tests run the passes themselves
+        yield service
+
+
+async def published_items(rabbit_url: str) -> list[tuple[int, InboxItem]]:
+    """The items the relay published, with their version, in order."""
+    events = [
+        InboxItemsUpdated.model_validate_json(message.body)
+        for message in await drain(rabbit_url, INBOX_UPDATES.name)
+    ]
+    return [(event.version, item) for event in events for item in event.items]
+
+
+async def changes_left(service: RouterService) -> int:
+    async with service.engine.connect() as connection:
+        return int(await connection.scalar(select(func.count()).select_from(inbox_changes)) or 0)
+
+
+def by_channel(item: InboxItem, channel: Channel) -> list[InboxDelivery]:
+    return [delivery for delivery in item.deliveries if delivery.channel is channel]
+
+
+async def test_an_item_is_published_when_decided_and_again_when_its_pushes_are_accepted(
+    service: RouterService, rabbit_url: str
+) -> None:
+    bob = user_updated(display_name="Bob", devices=2, email_level=Level.MENTIONS)
+    await publish(service, bob)
+    await wait_until(projected(service))
+    message = message_created(recipient_ids=[bob.user_id])
+    await route_messages([message], service.deps)
+    await service.inbox.relay_once()
+
+    [(first_version, decided)] = await published_items(rabbit_url)
+    assert (decided.user_id, decided.message_id) == (bob.user_id, message.message_id)
+    assert decided.room_id == message.room_id
+    assert decided.trigger is Trigger.MESSAGE
+    assert decided.message_created_at == message.timestamp
+    pushes = by_channel(decided, Channel.PUSH)
+    assert {push.device_id for push in pushes} == {device.device_id for device in bob.devices}
+    assert {push.state for push in pushes} == {InboxState.PENDING}
+    # The e-mail was decided against: a plain message, and Bob's e-mail level is `mentions`.
+    [email] = by_channel(decided, Channel.EMAIL)
+    assert (email.state, email.reason, email.device_id) == (
+        InboxState.SUPPRESSED,
+        "level:mentions",
+        None,
+    )
+    assert await changes_left(service) == 0
+
+    jobs = await push_jobs(rabbit_url)
+    accepted, refused = jobs
+    await record_reports(
+        [
+            DeliveryReported(
+                notification_id=accepted.notification_id,
+                message_id=message.message_id,
+                recipient_id=bob.user_id,
+                channel=Channel.PUSH,
+                outcome=DeliveryOutcome.DELIVERED,
+            ),
+            DeliveryReported(
+                notification_id=refused.notification_id,
+                message_id=message.message_id,
+                recipient_id=bob.user_id,
+                channel=Channel.PUSH,
+                outcome=DeliveryOutcome.FAILED,
+                reason="UNREGISTERED",
+            ),
+        ],
+        service.deps,
+    )
+    await service.inbox.relay_once()
+
+    [(second_version, reported)] = await published_items(rabbit_url)
+    assert second_version > first_version
+    states = {push.device_id: push for push in by_channel(reported, Channel.PUSH)}
+    assert states[accepted.device_id].state is InboxState.SENT
+    assert states[accepted.device_id].accepted_at is not None
+    assert (states[refused.device_id].state, states[refused.device_id].reason) == (
+        InboxState.FAILED,
+        "provider:UNREGISTERED",
+    )
+    # A redelivered message changes no ledger row: nothing to publish.
+    await route_messages([message], service.deps)
+    assert await changes_left(service) == 0
+
+
+async def test_the_changes_of_many_items_go_out_in_one_pass_each_item_once(
+    service: RouterService, rabbit_url: str
+) -> None:
+    users = [user_updated(display_name=f"User{n}", devices=1) for n in range(3)]
+    for user in users:
+        await publish(service, user)
+    await wait_until(projected(service, len(users)))
+    messages = [message_created(recipient_ids=[user.user_id for user in users]) for _ in range(4)]
+    await route_messages(messages, service.deps)
+    # Each item changed twice (its decision, then its deliveries' rows): one publication each.
+    assert await changes_left(service) >= 2 * len(users) * len(messages)
+
+    relayed = await service.inbox.relay_once()
+
+    items = await published_items(rabbit_url)
+    assert relayed >= 2 * len(users) * len(messages)
+    assert sorted((item.user_id, item.message_id) for _, item in items) == sorted(
+        (user.user_id, message.message_id) for user in users for message in messages
+    )
+    assert len({version for version, _ in items}) == 1
+
+
+async def test_a_failed_publication_leaves_the_changes_and_the_version_for_the_next_pass(
+    service: RouterService, rabbit_url: str
+) -> None:
+    bob = user_updated(display_name="Bob")
+    await publish(service, bob)
+    await wait_until(projected(service))
+    await route_messages([message_created(recipient_ids=[bob.user_id])], service.deps)
+    waiting = await changes_left(service)
+
+    async def broker_down(version: int, rows: repository.InboxRows) -> None:
+        raise ConnectionError("the broker is gone")
+
+    with pytest.raises(ConnectionError):
+        await repository.relay_inbox_changes(service.engine, limit=100, publish=broker_down)
+
+    assert await changes_left(service) == waiting
+    async with service.engine.connect() as connection:
+        assert await connection.scalar(select(inbox_relay.c.version)) == 0
+    await service.inbox.relay_once()
+    [(version, item)] = await published_items(rabbit_url)
+    assert (version, item.user_id) == (1, bob.user_id)
+    assert await changes_left(service) == 0
+
+
+async def test_an_item_of_an_unknown_message_is_not_published(service: RouterService) -> None:
+    """A change whose ledger row is gone (retention deleted it since) publishes nothing."""
+    async with service.engine.begin() as connection:
+        await connection.execute(
+            inbox_changes.insert().values(user_id=uuid.uuid4(), message_id=uuid.uuid4())
+        )
+    published: list[repository.InboxRows] = []
+
+    async def record(version: int, rows: repository.InboxRows) -> None:
+        published.append(rows)
+
+    assert await repository.relay_inbox_changes(service.engine, limit=10, publish=record) == 1
+    assert [list(rows.decisions) for rows in published] == [[]]
+    assert await changes_left(service) == 0

@@ -1,0 +1,160 @@
+"""`inbox.item_of`: what the ledger's rows of one user and message mean in their inbox, per
+channel and device, one row of this table per case."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from herald_shared.events import Channel, InboxState, Trigger
+from notification_router.inbox import item_of
+from notification_router.repository import DIGEST_TARGET, RECALL_PREFIX, RECALL_WINDOW
+
+DECIDED = datetime(2026, 12, 2, 9, 0, tzinfo=UTC)
+USER, MESSAGE, ROOM, DEVICE = uuid.uuid4(), uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+WINDOW = uuid.uuid4()
+
+
+def decision(push: str, email: str, trigger: str | None = "message") -> Any:
+    return SimpleNamespace(
+        recipient_id=USER,
+        message_id=MESSAGE,
+        room_id=ROOM,
+        trigger=trigger,
+        push_decision=push,
+        email_decision=email,
+        # SQLite hands back naive UTC: read as UTC.
+        decided_at=DECIDED.replace(tzinfo=None),
+        message_created_at=DECIDED - timedelta(seconds=1),
+    )
+
+
+def delivery(channel: str, target: str, status: str, reason: str | None = None) -> Any:
+    return SimpleNamespace(
+        channel=channel,
+        target=target,
+        status=status,
+        reason=reason,
+        updated_at=DECIDED + timedelta(seconds=2),
+    )
+
+
+def window(channel: str, state: str, closed: bool = False) -> Any:
+    return SimpleNamespace(
+        channel=channel,
+        state=state,
+        window_id=WINDOW,
+        due_at=DECIDED + timedelta(minutes=2),
+        closed_at=DECIDED + timedelta(minutes=2) if closed else None,
+    )
+
+
+PUSHED = delivery("push", str(DEVICE), "delivered")
+# (push decision, email decision, deliveries, windows, digests) → (push, email) as
+# (state, reason, device).
+CASES = {
+    "pushed and accepted, e-mail below the level": (
+        ("pending", "skipped:level_mentions", [PUSHED], [], {}),
+        ((InboxState.SENT, None, DEVICE), (InboxState.SUPPRESSED, "level:mentions", None)),
+    ),
+    "refused by the provider, e-mail on its way": (
+        (
+            "pending",
+            "pending",
+            [
+                delivery("push", str(DEVICE), "failed", "UNREGISTERED"),
+                delivery("email", "", "pending"),
+            ],
+            [],
+            {},
+        ),
+        ((InboxState.FAILED, "provider:UNREGISTERED", DEVICE), (InboxState.PENDING, None, None)),
+    ),
+    "muted room, level none": (
+        ("skipped:muted", "skipped:email_disabled", [], [], {}),
+        ((InboxState.SUPPRESSED, "muted", None), (InboxState.SUPPRESSED, "level:none", None)),
+    ),
+    "room in view, online": (
+        ("skipped:active_in_room", "skipped:online", [], [], {}),
+        (
+            (InboxState.SUPPRESSED, "active_in_room", None),
+            (InboxState.SUPPRESSED, "online", None),
+        ),
+    ),
+    "held for quiet hours, gathered for a digest": (
+        ("waiting", "waiting", [], [window("push", "waiting"), window("email", "waiting")], {}),
+        (
+            (InboxState.DEFERRED, "quiet_hours", None),
+            (InboxState.BATCHED, f"digest:{WINDOW}", None),
+        ),
+    ),
+    "read before the digest": (
+        ("skipped:no_device", "waiting", [], [window("email", "cancelled:read", True)], {}),
+        ((InboxState.SUPPRESSED, "no_device", None), (InboxState.CANCELLED, "read", None)),
+    ),
+    "digest accepted, its row not this message's push": (
+        (
+            "skipped:level_mentions",
+            "waiting",
+            [delivery("email", DIGEST_TARGET, "delivered")],
+            [window("email", "sent", True)],
+            {WINDOW: delivery("email", DIGEST_TARGET, "delivered")},
+        ),
+        (
+            (InboxState.SUPPRESSED, "level:mentions", None),
+            (InboxState.SENT, f"digest:{WINDOW}", None),
+        ),
+    ),
+    "pushed, then recalled by a read elsewhere": (
+        (
+            "pending",
+            "skipped:level_mentions",
+            [PUSHED, delivery("push", f"{RECALL_PREFIX}{DEVICE}", "delivered")],
+            [window(RECALL_WINDOW, "sent", True)],
+            {},
+        ),
+        ((InboxState.RECALLED, None, DEVICE), (InboxState.SUPPRESSED, "level:mentions", None)),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_each_channel_gets_its_state_and_reason(case: str) -> None:
+    (push, email, deliveries, windows, digests), expected = CASES[case]
+
+    item = item_of(decision(push, email), deliveries, windows, digests)
+
+    by_channel = {
+        channel: [d for d in item.deliveries if d.channel is channel] for channel in Channel
+    }
+    assert [
+        (d.state, d.reason, d.device_id)
+        for d in by_channel[Channel.PUSH] + by_channel[Channel.EMAIL]
+    ] == list(expected)
+    assert all(d.decided_at == DECIDED for d in item.deliveries)
+
+
+def test_times_follow_the_rows() -> None:
+    recalled = item_of(
+        decision("pending", "skipped:online"),
+        [PUSHED],
+        [window(RECALL_WINDOW, "sent", True)],
+        {},
+    )
+    [push] = [d for d in recalled.deliveries if d.channel is Channel.PUSH]
+    assert push.accepted_at == DECIDED + timedelta(seconds=2)
+    assert push.recalled_at == DECIDED + timedelta(minutes=2)
+    waiting = item_of(decision("skipped:online", "waiting"), [], [window("email", "waiting")], {})
+    [email] = [d for d in waiting.deliveries if d.channel is Channel.EMAIL]
+    assert (email.due_at, email.accepted_at) == (DECIDED + timedelta(minutes=2), None)
+
+
+def test_a_decision_from_before_triggers_reads_as_a_plain_message() -> None:
+    item = item_of(decision("pending", "pending", trigger=None), [], [], {})
+    assert item.trigger is Trigger.MESSAGE
+    assert [d.state for d in item.deliveries] == [InboxState.PENDING, InboxState.PENDING]
+    assert (item.user_id, item.message_id, item.room_id) == (USER, MESSAGE, ROOM)
