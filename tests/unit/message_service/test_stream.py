@@ -10,12 +10,23 @@ import json
 import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime
+from typing import Any
 
 import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
-from herald_shared.events import PresenceChanged
+from herald_shared.events import (
+    Channel,
+    InboxDelivery,
+    InboxItem,
+    InboxItemsUpdated,
+    InboxState,
+    PresenceChanged,
+    Trigger,
+    utc_now,
+)
+from herald_shared.topology import EXCHANGE, INBOX_UPDATED
 from message_service import stream as stream_module
 from message_service.app import MessageService
 from message_service.repository import StreamPosition
@@ -390,3 +401,43 @@ async def test_a_resumed_stream_gets_the_edits_and_deletes_it_missed(
         ("message_deleted", messages[0]),
     ]
     assert queued(resumed) == []
+
+
+async def test_an_inbox_item_that_changes_reaches_its_users_stream_once_per_version(
+    runtime: MessageService, hub: tuple[StreamHub, Published]
+) -> None:
+    streams, _ = hub
+    async with client_for(runtime.app) as client:
+        alice = await register(client, "alice")
+        bob = await register(client, "bob")
+        room = await create_room(client, alice, [bob])
+    bobs = await streams.open(bob.id, after=None, active_room_id=None)
+    alices = await streams.open(alice.id, after=None, active_room_id=None)
+    message = uuid.UUID(await post(runtime, room, alice, "hello"))
+    assert (await next_event(bobs))[1] == "message"
+    assert (await next_event(alices))[1] == "message"
+    now = utc_now()
+
+    def item(state: InboxState) -> InboxItem:
+        delivery = InboxDelivery(channel=Channel.PUSH, state=state, decided_at=now)
+        return InboxItem(
+            user_id=bob.id,
+            message_id=message,
+            room_id=room,
+            trigger=Trigger.MESSAGE,
+            decided_at=now,
+            message_created_at=now,
+            deliveries=[delivery],
+        )
+
+    for version, state in ((1, InboxState.PENDING), (1, InboxState.PENDING), (2, InboxState.SENT)):
+        event = InboxItemsUpdated(version=version, items=[item(state)])
+        await runtime.broker.publish(event, exchange=EXCHANGE, routing_key=INBOX_UPDATED)
+
+    received: list[tuple[str, str, Any]] = [await next_event(bobs) for _ in range(2)]
+    assert [name for _, name, _ in received] == ["notifications", "notifications"]
+    states = [data["items"][0]["deliveries"][0]["state"] for _, _, data in received]
+    assert states == ["pending", "sent"]  # the replayed version changed nothing: not streamed
+    assert received[0][2]["items"][0]["message_id"] == str(message)
+    # The tail handed those rows to every stream at once: Alice's got nothing of them.
+    assert queued(alices) == []

@@ -746,14 +746,14 @@ _PG_STREAM_ROWS = text(
     " WHERE xid IS NOT NULL AND (xid, seq) > (:xid, :seq)"
     " AND (xid, seq) <= (:until_xid, :until_seq) AND xid < :horizon"
     " AND event_type IN ('new_message', 'invitation_created', 'room_read',"
-    " 'message_edited', 'message_deleted')"
+    " 'message_edited', 'message_deleted', 'inbox_items_updated')"
     " ORDER BY xid, seq LIMIT :limit"
 )
 _SQLITE_STREAM_ROWS = text(
     "SELECT 0 AS xid, seq, payload FROM outbox"
     " WHERE seq > :seq AND seq <= :until_seq"
     " AND event_type IN ('new_message', 'invitation_created', 'room_read',"
-    " 'message_edited', 'message_deleted')"
+    " 'message_edited', 'message_deleted', 'inbox_items_updated')"
     " ORDER BY seq LIMIT :limit"
 )
 
@@ -840,9 +840,16 @@ async def room_audiences(
 # --- the notification inbox ---------------------------------------------------------------------
 
 
+# The outbox rows that carry inbox items to their users' real-time streams: never published
+# (written as published), only read by the streams' tail (`stream.py`).
+INBOX_STREAM_EVENT_TYPE = "inbox_items_updated"
+
+
 async def apply_inbox_items(session: AsyncSession, event: InboxItemsUpdated) -> int:
     """Upsert the event's items, each only over an older version of it (a replayed or late
-    event changes nothing); how many rows changed. The caller commits."""
+    event changes nothing), and put each changed item on its user's real-time stream (one
+    stream-only outbox row per user); how many items changed. The caller commits."""
+    items = {(item.user_id, item.message_id): item for item in event.items}
     rows = [
         {
             "user_id": item.user_id,
@@ -856,7 +863,7 @@ async def apply_inbox_items(session: AsyncSession, event: InboxItemsUpdated) -> 
             ),
             "version": event.version,
         }
-        for item in {(item.user_id, item.message_id): item for item in event.items}.values()
+        for item in items.values()
     ]
     connection = await session.connection()
     dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
@@ -868,9 +875,25 @@ async def apply_inbox_items(session: AsyncSession, event: InboxItemsUpdated) -> 
             for name in ("trigger", "message_created_at", "decided_at", "deliveries", "version")
         },
         where=_inbox.c.version < statement.excluded.version,
-    )
-    result = await connection.execute(statement, rows)
-    return max(result.rowcount, 0)
+    ).returning(_inbox.c.user_id, _inbox.c.message_id)
+    changed = (await connection.execute(statement, rows)).all() if rows else []
+    by_user: dict[uuid.UUID, list[Any]] = {}
+    for user_id, message_id in changed:
+        by_user.setdefault(user_id, []).append(items[(user_id, message_id)])
+    now = utc_now()
+    if by_user:
+        await connection.execute(
+            insert(_outbox),
+            [
+                _outbox_values(
+                    InboxItemsUpdated(version=event.version, items=user_items),
+                    INBOX_STREAM_EVENT_TYPE,
+                )
+                | {"published_at": now}
+                for user_items in by_user.values()
+            ],
+        )
+    return len(changed)
 
 
 @dataclass(frozen=True)

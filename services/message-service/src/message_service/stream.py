@@ -1,14 +1,15 @@
 """The real-time stream, `GET /users/me/events`: Server-Sent Events carrying the new messages of
-the user's rooms and their authors' edits and deletes, the user's invitations and their read
-markers (for their other devices), resumable with `Last-Event-ID` on any replica, and the
-presence that the open streams imply.
+the user's rooms and their authors' edits and deletes, the user's invitations, their read
+markers (for their other devices) and their notification inbox's items as they change, resumable
+with `Last-Event-ID` on any replica, and the presence that the open streams imply.
 
 Where the events come from. Every message and every invitation is already a row of the outbox,
-committed with it. Each replica tails the outbox with one reader, however many streams it
-holds, and hands each row to the streams of the users it concerns. An event's id is its row's
-position: the id of the transaction that wrote it, then the row's `seq`. The reader takes rows
-only below the oldest transaction of the database still running, so no row can ever appear
-behind one already read: the ids a stream sends only grow, and `Last-Event-ID`
+committed with it; an inbox item that changed gets a row too, written already published (the
+relay never sends it: only the streams read it). Each replica tails the outbox with one reader,
+however many streams it holds, and hands each row to the streams of the users it concerns. An
+event's id is its row's position: the id of the transaction that wrote it, then the row's `seq`.
+The reader takes rows only below the oldest transaction of the database still running, so no row
+can ever appear behind one already read: the ids a stream sends only grow, and `Last-Event-ID`
 names a point before which the client has everything. A resume is therefore exact, on whichever
 replica the client reconnects to (the outbox is the same database), for as long as the outbox
 keeps its rows (`OUTBOX_RETENTION`, a day by default). On SQLite (the zero-setup mode) one
@@ -53,6 +54,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from herald_shared.events import (
     MAX_ITEMS_PER_EVENT,
     ConnectionPresence,
+    InboxItemsUpdated,
     InvitationCreated,
     MessageCreated,
     MessageDeleted,
@@ -69,7 +71,14 @@ from message_service.repository import StreamPosition, StreamRow
 
 logger = logging.getLogger("message_service.stream")
 
-Streamed = MessageCreated | MessageEdited | MessageDeleted | InvitationCreated | RoomRead
+Streamed = (
+    MessageCreated
+    | MessageEdited
+    | MessageDeleted
+    | InvitationCreated
+    | RoomRead
+    | InboxItemsUpdated
+)
 _STREAMED: TypeAdapter[Streamed] = TypeAdapter(Annotated[Streamed, Field(discriminator="type")])
 # Per (room, author): whom an edit or a delete of a message there goes to.
 RoomAudiences = Mapping[tuple[uuid.UUID, uuid.UUID], frozenset[uuid.UUID]]
@@ -144,6 +153,30 @@ def stream_event(
     item of `GET /rooms/{id}/messages`, an edit like the part of it that changed, an invitation
     like one of `GET /rooms`, a read marker like `PUT /rooms/{id}/read`'s answer), with whom it
     is for (for an edit or a delete, from `audiences`)."""
+    if isinstance(event, InboxItemsUpdated):
+        # Written per user by the inbox projection (`repository.apply_inbox_items`).
+        return StreamEvent(
+            position=position,
+            name="notifications",
+            audience=frozenset(item.user_id for item in event.items),
+            data=_json(
+                {
+                    "items": [
+                        {
+                            "message_id": item.message_id,
+                            "room_id": item.room_id,
+                            "trigger": item.trigger,
+                            "created_at": (item.message_created_at or item.decided_at).isoformat(),
+                            "decided_at": item.decided_at.isoformat(),
+                            "deliveries": [
+                                delivery.model_dump(mode="json") for delivery in item.deliveries
+                            ],
+                        }
+                        for item in event.items
+                    ]
+                }
+            ),
+        )
     if isinstance(event, RoomRead):
         # The user's other devices follow: the room's unread count is 0 up to there.
         return StreamEvent(

@@ -30,6 +30,9 @@ A Server-Sent Events stream (`text/event-stream`) of what concerns you, as it ha
   `invitations`;
 * `event: read`: you read a room up to a message, on one of your devices (`{room_id, up_to}`),
   so the others clear their unread count;
+* `event: notifications`: items of your notification inbox that were added or changed state
+  (`{items: [{message_id, room_id, trigger, created_at, decided_at, deliveries}]}`, each item's
+  `deliveries` as in `GET /users/me/notifications`), within about a second of the change;
 * a comment line (`: heartbeat`) every 15 s.
 
 Every event has an `id`. After a lost connection, reconnect with the last one in the
