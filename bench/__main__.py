@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from bench.run import SCENARIOS, Options, run
+from bench.services import parse_replicas
 
 EPILOG = """\
 figures:
@@ -25,8 +26,10 @@ figures:
   Duplicates: a delivery (same notification id, so the same collapse id / Message-ID) accepted
   more than once, or a second ledger row. Unexpected: a delivery nobody was owed.
   CPU per notification: each process's CPU from the start of the load to the last delivery (or
-  the end of the drain) divided by the notifications completed; RabbitMQ is the whole node
-  (other users of the broker included), PostgreSQL the run's own backends.
+  the end of the drain) divided by the notifications completed; a service's replicas together;
+  RabbitMQ is the whole node (other users of the broker included; with --cluster, the three
+  private nodes, nobody else's), PostgreSQL the run's own backends. RSS: a group's sum, and
+  with several processes (replicas, nodes) the largest of any one.
   Calibration: a fixed pure-Python loop (CPU ms, best of 3) and a raw aio-pika loop on the same
   broker (persistent messages, each publish awaiting its confirm, a quorum queue in the run's
   vhost, consumed meanwhile; messages/s), so that figures of different machines compare.
@@ -107,10 +110,18 @@ def max_room_members() -> int:
     return MAX_ROOM_MEMBERS
 
 
+def replicas_argument(text: str) -> dict[str, int]:
+    try:
+        return parse_replicas(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def parse(argv: list[str]) -> Options:
     parser = argparse.ArgumentParser(
         prog="scripts/bench",
-        description="Run the four Herald services as processes on this machine's RabbitMQ and "
+        description="Run the four Herald services as processes on this machine's RabbitMQ (or a "
+        "private three-node cluster: --cluster) and "
         "PostgreSQL (a private vhost and databases, removed afterwards) with local FCM and SMTP "
         "servers, post chat messages over HTTP and report throughput, latency, CPU (per "
         "notification too), memory, queue depths, the run's calibration and lost / not drained "
@@ -172,6 +183,23 @@ def parse(argv: list[str]) -> Options:
         type=int,
         help="FCM sends the fake processes at once, further ones wait (default 0 = unbounded; "
         "big-room: 50)",
+    )
+    parser.add_argument(
+        "--replicas",
+        type=replicas_argument,
+        default=parse_replicas("1"),
+        metavar="N|SERVICE=N,…",
+        help="processes of every service (N), or of some (e.g. router=2,push-sender=2; the "
+        "others 1), or both (2,push-sender=3); the load spreads its requests over "
+        "message-service's processes in turn (default 1)",
+    )
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="run on a private three-node RabbitMQ cluster of this machine's rabbitmq-server "
+        "(spare ports, started for the run and removed afterwards) instead of the machine's "
+        "node; every service process gets the three addresses, each process a different node "
+        "first",
     )
     parser.add_argument(
         "--no-calibration",
@@ -250,11 +278,17 @@ def parse(argv: list[str]) -> Options:
         calibrate=not args.no_calibration,
         compare=args.compare,
         compare_runs=args.compare_runs,
+        replicas=args.replicas,
+        cluster=args.cluster,
     )
 
 
 def main() -> int:
-    return asyncio.run(run(parse(sys.argv[1:])))
+    try:
+        return asyncio.run(run(parse(sys.argv[1:])))
+    except KeyboardInterrupt:  # what the run started is stopped and removed by then
+        print("[bench] interrupted", file=sys.stderr, flush=True)
+        return 130
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import aiohttp
 import asyncpg
 
 from bench.checker import EmailRecord, PushRecord
-from bench.load import LoadPlan, LoadResult, Population, _headers, _post_message, seat_of
+from bench.load import Api, LoadPlan, LoadResult, Population, _headers, _post_message, seat_of
 
 MENTION_SHARE = 0.05
 DIRECT_SHARE = 0.02
@@ -124,7 +124,7 @@ async def streams_projected(router_db: str, users: int) -> None:
 
 
 async def generate_chat(
-    session: aiohttp.ClientSession,
+    session: Api,
     population: Population,
     groups: int,
     plan: LoadPlan,

@@ -3,17 +3,19 @@ messages posted over HTTP at a fixed offered rate or as fast as the API takes th
 
 The client is one aiohttp session over at most `connections` kept-alive connections (no cookie
 jar, bodies encoded once per message, headers built once per user): about a tenth of the CPU
-httpx spent per POST, which on a 2-core machine is taken from the services under test."""
+httpx spent per POST, which on a 2-core machine is taken from the services under test. With
+several message-service replicas, each request goes to the next one in turn (`Api`)."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,18 +97,45 @@ class LoadResult:
         self.errors[kind] = self.errors.get(kind, 0) + 1
 
 
+Answer = AbstractAsyncContextManager[aiohttp.ClientResponse]
+
+
+class Api:
+    """The message-service's API over one aiohttp session: each request goes to the next of the
+    replicas' base URLs in turn (round robin), the path given as to a session with a base URL."""
+
+    def __init__(self, session: aiohttp.ClientSession, base_urls: Sequence[str]) -> None:
+        if not base_urls:
+            raise ValueError("no message-service to send requests to")
+        self.session = session
+        self.base_urls = tuple(url.rstrip("/") for url in base_urls)
+        self._turns = itertools.cycle(self.base_urls)
+
+    def url(self, path: str) -> str:
+        return next(self._turns) + path
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Answer:
+        return self.session.request(method, self.url(path), **kwargs)
+
+    def post(self, path: str, **kwargs: Any) -> Answer:
+        return self.session.post(self.url(path), **kwargs)
+
+    def put(self, path: str, **kwargs: Any) -> Answer:
+        return self.session.put(self.url(path), **kwargs)
+
+
 @asynccontextmanager
-async def api_session(base_url: str, connections: int) -> AsyncIterator[aiohttp.ClientSession]:
-    """One session, `connections` kept-alive connections at most, no cookies, no proxy lookup."""
+async def api_session(base_urls: Sequence[str], connections: int) -> AsyncIterator[Api]:
+    """One session, `connections` kept-alive connections at most (over every replica), no
+    cookies, no proxy lookup; its requests spread over `base_urls`."""
     connector = aiohttp.TCPConnector(limit=connections, limit_per_host=connections)
     async with aiohttp.ClientSession(
-        base_url,
         connector=connector,
         cookie_jar=aiohttp.DummyCookieJar(),
         timeout=aiohttp.ClientTimeout(total=30),
         skip_auto_headers=("User-Agent",),
     ) as session:
-        yield session
+        yield Api(session, base_urls)
 
 
 def _headers(token: str | None = None) -> dict[str, str]:
@@ -117,7 +146,7 @@ def _headers(token: str | None = None) -> dict[str, str]:
 
 
 async def _call(
-    session: aiohttp.ClientSession,
+    session: Api,
     method: str,
     path: str,
     body: dict[str, Any],
@@ -143,7 +172,7 @@ async def _bounded(calls: list[Callable[[], Awaitable[Any]]]) -> list[Any]:
     return await asyncio.gather(*(one(call) for call in calls))
 
 
-async def set_levels(session: aiohttp.ClientSession, token: str, *, email: bool) -> None:
+async def set_levels(session: Api, token: str, *, email: bool) -> None:
     """Every message pushed, and e-mailed at once if `email`: level `all` (a new user's default
     is DMs and mentions only) and no e-mail delay (a new user's is two minutes). A version from
     before delays takes the levels alone, one from before levels the older on/off form (its
@@ -165,7 +194,7 @@ async def set_levels(session: aiohttp.ClientSession, token: str, *, email: bool)
 
 
 async def populate(
-    session: aiohttp.ClientSession,
+    session: Api,
     workload: Workload,
     run_id: str,
     *,
@@ -277,7 +306,7 @@ def seat_of(index: int, rooms: int, room_size: int) -> tuple[int, int]:
 
 
 async def _post_message(
-    session: aiohttp.ClientSession,
+    session: Api,
     path: str,
     body: bytes,
     headers: dict[str, str],
@@ -315,7 +344,7 @@ async def _post_message(
 
 
 async def generate_lanes(
-    session: aiohttp.ClientSession,
+    session: Api,
     population: Population,
     *,
     room_messages: int,
@@ -354,7 +383,7 @@ async def generate_lanes(
 
 
 async def generate(
-    session: aiohttp.ClientSession,
+    session: Api,
     population: Population,
     plan: LoadPlan,
     result: LoadResult | None = None,

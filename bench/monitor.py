@@ -2,7 +2,7 @@
 no extra dependency), the depth of every consumer queue (a passive declare through aio-pika, which
 answers with the queue's ready-message count: cheaper than running rabbitmqctl), and, when the
 drain asks whether the pipeline has settled, every queue of the run's vhost with its unacknowledged
-messages (rabbitmqctl, which only it can tell)."""
+messages (rabbitmqctl, which only it can tell; `-n <node>` for a private cluster's node)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import os
 import time
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote
@@ -19,6 +20,7 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from tests.support.infra import RABBITMQCTL
+from tests.support.processes import local_ports
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -63,10 +65,15 @@ def pids_named(command: str) -> list[int]:
     return found
 
 
-def rabbitmq_node_pids() -> list[int]:
-    """The RabbitMQ node's `beam.smp`, not a `rabbitmqctl` that happens to run (also a beam.smp,
-    with a CLI's start-up cost that is no part of the broker's)."""
+def rabbitmq_node_pids(amqp_ports: Collection[int]) -> list[int]:
+    """The `beam.smp` of the RabbitMQ nodes that listen on `amqp_ports`: not a `rabbitmqctl` that
+    happens to run (also a beam.smp, with a CLI's start-up cost that is no part of the broker's),
+    nor another node of this machine (a fault test's private one). If no node's sockets can be
+    read (another user's processes, without root), every node's `beam.smp`."""
     beams = pids_named("beam.smp")
+    listening = [pid for pid in beams if local_ports(pid) & set(amqp_ports)]
+    if listening:
+        return listening
     nodes = []
     for pid in beams:
         with contextlib.suppress(OSError):
@@ -98,20 +105,34 @@ class CpuAccount:
 
 @dataclass
 class RssAccount:
-    """Resident memory of a group of processes (summed over its pids at each sample)."""
+    """Resident memory of a group of processes (summed over its pids at each sample), and the
+    largest of each process (the replicas of a service, the nodes of a cluster: a bound per
+    process stays checkable)."""
 
     first: int = 0
     last: int = 0
     max: int = 0
+    max_by_pid: dict[int, int] = field(default_factory=dict)
 
     def sample(self, pids: list[int]) -> None:
-        sizes = [size for size in map(rss_bytes, pids) if size is not None]
+        sizes = {pid: size for pid in pids if (size := rss_bytes(pid)) is not None}
         if not sizes:
             return
-        total = sum(sizes)
+        total = sum(sizes.values())
         self.first = self.first or total
         self.last = total
         self.max = max(self.max, total)
+        for pid, size in sizes.items():
+            self.max_by_pid[pid] = max(self.max_by_pid.get(pid, 0), size)
+
+    @property
+    def processes(self) -> int:
+        return len(self.max_by_pid)
+
+    @property
+    def max_per_process(self) -> int:
+        """The largest resident size any one process of the group reached."""
+        return max(self.max_by_pid.values(), default=0)
 
 
 class CpuMonitor:
@@ -197,21 +218,37 @@ class VhostQueue:
         return self.name.endswith(".dlq")
 
 
-async def vhost_queues(amqp_url: str) -> list[VhostQueue]:
+@dataclass(frozen=True)
+class Rabbitmqctl:
+    """How to run rabbitmqctl against the run's broker: the machine's node by default; a private
+    node (`tests.support.faults.RabbitNode`) with `-n <its name>` and its environment (its Erlang
+    cookie, its own config files)."""
+
+    executable: str = RABBITMQCTL
+    node: str | None = None
+    env: Mapping[str, str] | None = None
+
+    def argv(self, *args: str) -> list[str]:
+        return [self.executable, *(("-n", self.node) if self.node else ()), *args]
+
+
+async def vhost_queues(amqp_url: str, ctl: Rabbitmqctl | None = None) -> list[VhostQueue]:
     """Every queue of the vhost of `amqp_url`, ready and unacknowledged messages included (the
-    AMQP passive declare tells ready messages only). About a second of a CLI's CPU: call it
-    rarely."""
+    AMQP passive declare tells ready messages only), as `ctl`'s node tells them (any node of a
+    cluster tells every queue). About a second of a CLI's CPU: call it rarely."""
     vhost = unquote(amqp_url.rsplit("/", 1)[1]) or "/"
     process = await asyncio.create_subprocess_exec(
-        RABBITMQCTL,
-        "-q",
-        "list_queues",
-        "--vhost",
-        vhost,
-        "--no-table-headers",
-        "name",
-        "messages_ready",
-        "messages_unacknowledged",
+        *(ctl or Rabbitmqctl()).argv(
+            "-q",
+            "list_queues",
+            "--vhost",
+            vhost,
+            "--no-table-headers",
+            "name",
+            "messages_ready",
+            "messages_unacknowledged",
+        ),
+        env=None if ctl is None or ctl.env is None else dict(ctl.env),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )

@@ -262,11 +262,13 @@ def table_rows(document: dict[str, Any]) -> list[tuple[str, str]]:
         )
     cpu = document["cpu"]
     per_notification = cpu.get("per_notification_ms", {})
+    rss = document.get("rss_mb", {})
     for name, figures in cpu["processes"].items():
         value = f"{figures['seconds']:.1f} s  {figures['percent_of_one_core']:.0f} %"
         if name in per_notification:
             value += f"  {per_notification[name]:.3f} ms/notification"
-        rows.append((f"CPU {name}", value))
+        processes = rss.get(name, {}).get("processes", 1)
+        rows.append((f"CPU {name}" + (f", {processes} processes" if processes > 1 else ""), value))
     if TOTAL in per_notification:
         rows.append(
             (
@@ -281,15 +283,11 @@ def table_rows(document: dict[str, Any]) -> list[tuple[str, str]]:
             f"{cpu['machine_busy_percent']:.0f} %  (others: {cpu['others_percent']:.0f} %)",
         )
     )
-    rss = document.get("rss_mb", {})
     if rss:
         rows.append(
             (
                 "RSS max (MB; start → max)",
-                "  ".join(
-                    f"{name} {figures['first']:.0f} → {figures['max']:.0f}"
-                    for name, figures in rss.items()
-                ),
+                "  ".join(describe_rss(name, figures) for name, figures in rss.items()),
             )
         )
     depths = "  ".join(f"{q} {n}" for q, n in document["queues"]["max_ready"].items() if n)
@@ -311,6 +309,15 @@ def table_rows(document: dict[str, Any]) -> list[tuple[str, str]]:
     if calibration:
         rows += list(describe_calibration(calibration))
     return rows
+
+
+def describe_rss(name: str, figures: dict[str, Any]) -> str:
+    """`name first → max`; for a group of several processes (their sums), each one's largest."""
+    text = f"{name} {figures['first']:.0f} → {figures['max']:.0f}"
+    processes = figures.get("processes", 1)
+    if processes > 1:
+        text += f" ({processes} processes, largest {figures['max_per_process']:.0f})"
+    return text
 
 
 def describe_drain(drain: dict[str, Any]) -> str:

@@ -1,11 +1,13 @@
 """One benchmark run, start to finish:
 
-1. a private RabbitMQ vhost and one PostgreSQL database per service on the machine's servers;
+1. a private RabbitMQ vhost (on the machine's node, or with `--cluster` on a private three-node
+   cluster: `bench.broker`) and one PostgreSQL database per service on the machine's server;
 2. the calibration (a fixed Python loop, a raw aio-pika loop in that vhost: `bench.calibrate`);
 3. the lean FCM + SMTP servers (`bench.fakes`) in a process of their own;
 4. the four services as processes (their production defaults, plus `--env`), PUSH_PROVIDER=fcm
    and EMAIL_BACKEND=smtp pointed at those servers, from the working tree's console scripts or,
-   for `--compare`, another checkout's (`bench.compare`);
+   for `--compare`, another checkout's (`bench.compare`); `--replicas` processes of each, the
+   load spread over message-service's, CPU and memory counted per service over its replicas;
 5. users, devices, preferences and rooms through the API, then a wait until the router's
    recipient projection has them all;
 6. the load (`bench.load.generate`) while CPU, memory, queue depths and deliveries are followed;
@@ -32,14 +34,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import asyncpg
 
 from bench import chat, profile
+from bench.broker import Broker, cluster_broker, machine_broker
 from bench.calibrate import calibrate
 from bench.checker import CheckResult, Tally, read_email_records, read_push_records
 from bench.fakes import Endpoints
 from bench.load import (
+    Api,
     LoadPlan,
     LoadResult,
     Population,
@@ -52,6 +55,7 @@ from bench.load import (
 from bench.monitor import (
     CpuMonitor,
     QueueMonitor,
+    Rabbitmqctl,
     VhostQueue,
     rabbitmq_node_pids,
     vhost_queues,
@@ -68,7 +72,7 @@ from bench.report import (
     write_chart,
     write_json,
 )
-from bench.services import OWN_BIN_DIR, SERVICES, ServiceProcess, free_port
+from bench.services import OWN_BIN_DIR, SERVICES, ServiceProcess, free_port, replica_names
 from herald_shared.events import Channel, notification_id_for
 from herald_shared.topology import CONSUMER_QUEUES, RECIPIENT_UPDATES
 from tests.support import infra
@@ -86,7 +90,6 @@ LEDGER_PREFETCH = 5000
 PROFILED = ("notification-router", "push-sender", "email-sender", "message-service")
 FAKES_GROUP = "providers (bench.fakes)"
 LOAD_GROUP = "load generator (bench)"
-RABBIT_GROUP = "rabbitmq (whole node, shared)"
 POSTGRES_GROUP = "postgres (our backends)"
 SCENARIOS = ("default", "big-room", "lanes", "chat")
 # The lanes scenario's direct messages: how many, and the pause after each.
@@ -115,6 +118,8 @@ class Options:
     calibrate: bool = True
     compare: str | None = None  # a git ref
     compare_runs: int = 2  # runs of each side
+    replicas: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SERVICES, 1))
+    cluster: bool = False  # a private three-node RabbitMQ cluster instead of the machine's node
 
 
 def _pg(url: str) -> str:
@@ -228,10 +233,21 @@ class Stack:
 
     directory: Path
     bin_dir: Path = OWN_BIN_DIR
-    rabbit_url: str = ""
+    broker: Broker | None = None
     databases: dict[str, str] = field(default_factory=dict)
     fakes: asyncio.subprocess.Process | None = None
+    # By process name: `service`, `service#2`… (`bench.services.replica_names`).
     services: dict[str, ServiceProcess] = field(default_factory=dict)
+    first_nodes: dict[str, int] = field(default_factory=dict)  # process → node it connects to
+
+    @property
+    def rabbit_url(self) -> str:
+        """The run's vhost on the node the benchmark itself uses."""
+        return self.broker.url if self.broker is not None else ""
+
+    @property
+    def rabbitmqctl(self) -> Rabbitmqctl:
+        return self.broker.ctl if self.broker is not None else Rabbitmqctl()
 
     async def start_fakes(self, *, fcm_latency: float, fcm_concurrency: int) -> Endpoints:
         self.fakes = await asyncio.create_subprocess_exec(
@@ -254,28 +270,56 @@ class Stack:
             raise RuntimeError("the local provider servers did not start")
         return Endpoints(**json.loads(line))
 
-    async def start_services(self, environments: dict[str, dict[str, str]]) -> None:
+    async def start_services(
+        self, environments: dict[str, dict[str, str]], replicas: dict[str, int]
+    ) -> None:
+        """`replicas[service]` processes of each service; on a cluster, process number n (of
+        all, in order) connects to node n first (round the nodes), so replicas of a service
+        start on different nodes and the clients spread over them."""
+        if self.broker is None:
+            raise RuntimeError("no broker to start the services on")
         logs = self.directory / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        for name in SERVICES:
-            self.services[name] = ServiceProcess(
+        for turn, (process, name) in enumerate(replica_names(replicas)):
+            env = environments[name]
+            if env.get("RABBITMQ_URL") == self.broker.url:  # not one of `--env`
+                env = {**env, "RABBITMQ_URL": self.broker.service_url(turn)}
+            self.services[process] = ServiceProcess(
                 name=name,
                 port=free_port(),
-                env=environments[name],
-                log_path=logs / f"{name}.log",
+                env=env,
+                log_path=logs / f"{process}.log",
                 bin_dir=self.bin_dir,
             )
-            self.services[name].start()
+            self.first_nodes[process] = self.broker.first_node(turn)
+            self.services[process].start()
         await asyncio.gather(
             *(asyncio.to_thread(service.wait_ready, 90) for service in self.services.values())
         )
 
     def pids(self) -> dict[str, int]:
+        """By process name (`service`, `service#2`…)."""
         return {
             name: service.process.pid
             for name, service in self.services.items()
             if service.process is not None
         }
+
+    def service_pids(self) -> dict[str, list[int]]:
+        """The pids of every service's replicas, by service."""
+        grouped: dict[str, list[int]] = {name: [] for name in SERVICES}
+        for service in self.services.values():
+            if service.process is not None:
+                grouped[service.name].append(service.process.pid)
+        return grouped
+
+    def api_urls(self) -> list[str]:
+        """The base URLs of message-service's replicas."""
+        return [
+            service.base_url
+            for service in self.services.values()
+            if service.name == "message-service"
+        ]
 
     async def stop_fakes(self) -> None:
         if self.fakes is not None and self.fakes.returncode is None:
@@ -295,9 +339,8 @@ class Stack:
         await asyncio.gather(
             *(infra.drop_database(url) for url in self.databases.values()), return_exceptions=True
         )
-        if self.rabbit_url:
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(infra.delete_vhost, self.rabbit_url)
+        if self.broker is not None:
+            await self.broker.close()
         return exit_codes
 
 
@@ -355,7 +398,7 @@ class Probe:
 async def probe(stack: Stack) -> Probe:
     outbox = await outbox_pending(stack.databases["message-service"])
     try:
-        queues = await vhost_queues(stack.rabbit_url)
+        queues = await vhost_queues(stack.rabbit_url, stack.rabbitmqctl)
     except (RuntimeError, OSError, TimeoutError) as exc:
         _say(f"listing the vhost's queues failed ({type(exc).__name__}): not settled")
         return Probe((), outbox, queues_known=False)
@@ -396,7 +439,7 @@ async def wait_for_projection(stack: Stack, population: Population) -> None:
     async def drained() -> bool:
         if await outbox_pending(stack.databases["message-service"]) != 0:
             return False
-        queues = await vhost_queues(stack.rabbit_url)
+        queues = await vhost_queues(stack.rabbit_url, stack.rabbitmqctl)
         return all(
             queue.ready == 0 and queue.unacknowledged == 0
             for queue in queues
@@ -600,10 +643,19 @@ async def run_once(
     stack = Stack(directory, bin_dir=bin_dir)
     exit_codes: dict[str, int] = {}
     try:
-        vhost = asyncio.create_task(asyncio.to_thread(infra.create_vhost))
-        databases = await asyncio.gather(*(infra.create_database() for _ in SERVICES))
-        stack.databases = dict(zip(SERVICES, databases, strict=True))
-        stack.rabbit_url = await vhost
+        if options.cluster:
+            _say("starting a private three-node RabbitMQ cluster (tens of seconds)")
+        broker = asyncio.create_task(cluster_broker() if options.cluster else machine_broker())
+        try:
+            databases = await asyncio.gather(*(infra.create_database() for _ in SERVICES))
+            stack.databases = dict(zip(SERVICES, databases, strict=True))
+        finally:
+            stack.broker = await broker  # torn down with the rest, whatever happens next
+        if options.cluster:
+            _say(
+                f"cluster formed in {stack.broker.form_seconds:.1f} s, AMQP ports "
+                + ", ".join(map(str, stack.broker.amqp_ports))
+            )
         calibration: dict[str, Any] = {}
         if options.calibrate:
             _say("calibrating (a fixed Python loop, then aio-pika on this vhost)")
@@ -624,12 +676,19 @@ async def run_once(
         )
         # Seconds of imports, done while the services start rather than after the run.
         charting = asyncio.create_task(asyncio.to_thread(prepare_chart))
-        await stack.start_services(environments)
+        await stack.start_services(environments, options.replicas)
         await charting
         pids = stack.pids()
         _say("pids: " + ", ".join(f"{name} {pid}" for name, pid in pids.items()))
-        api = stack.services["message-service"].base_url
-        async with api_session(api, options.connections) as session:
+        quorum_replicas = await stack.broker.quorum_replicas()
+        if quorum_replicas:
+            _say(
+                f"{len(quorum_replicas)} quorum queues, replicas per queue: "
+                + ", ".join(map(str, sorted(set(quorum_replicas.values()))))
+                + "; first node per process: "
+                + ", ".join(f"{name} {node}" for name, node in stack.first_nodes.items())
+            )
+        async with api_session(stack.api_urls(), options.connections) as session:
             _say(f"setting up {workload.users} users in {workload.rooms} rooms")
             lanes = options.scenario == "lanes"
             chatting = options.scenario == "chat"
@@ -668,13 +727,14 @@ async def run_once(
                     json_path=options.out / f"{stamp}-{run_id}.json",
                 )
             fakes_pid = stack.fakes.pid if stack.fakes is not None else 0
+            rabbit_group = stack.broker.cpu_group
             groups = {
-                **{name: [pid] for name, pid in pids.items()},
+                **stack.service_pids(),  # each service's replicas together
                 FAKES_GROUP: [fakes_pid],
                 LOAD_GROUP: [os.getpid()],
-                RABBIT_GROUP: rabbitmq_node_pids(),
+                rabbit_group: rabbitmq_node_pids(stack.broker.amqp_ports),
             }
-            cpu = CpuMonitor(rss_groups=(*SERVICES, FAKES_GROUP, LOAD_GROUP, RABBIT_GROUP))
+            cpu = CpuMonitor(rss_groups=(*SERVICES, FAKES_GROUP, LOAD_GROUP, rabbit_group))
             queues = QueueMonitor(stack.rabbit_url, tuple(q.name for q in CONSUMER_QUEUES))
             pg_admin = await asyncpg.connect(infra.PG_ADMIN_URL)
             stop_sampling = asyncio.Event()
@@ -768,8 +828,17 @@ async def run_once(
             delivery_status=delivery_status,
             provider_stats=provider_stats,
         )
+        document["broker"] = {
+            **stack.broker.describe(),
+            "quorum_replicas": sorted(set(quorum_replicas.values())),
+            "first_node_by_process": stack.first_nodes,
+        }
     finally:
-        _say("stopping the services and removing the vhost and databases")
+        _say(
+            "stopping the services and removing the "
+            + ("cluster" if options.cluster else "vhost")
+            + " and databases"
+        )
         exit_codes = await stack.teardown()
     document["service_exit_codes"] = exit_codes
     json_path = options.out / f"{stamp}-{run_id}.json"
@@ -792,7 +861,7 @@ async def run_once(
 
 
 async def run_chat(
-    session: aiohttp.ClientSession,
+    session: Api,
     *,
     stack: Stack,
     population: Population,
@@ -896,6 +965,8 @@ def build_document(
             "fcm_latency_s": options.fcm_latency,
             "fcm_concurrency": options.fcm_concurrency,
             "service_env": options.env,
+            "replicas": options.replicas,
+            "cluster": options.cluster,
         },
         "messages": {
             "posted": len(load.posted),
@@ -929,6 +1000,7 @@ def build_document(
                 name: {
                     "seconds": round(account.seconds, 2),
                     "percent_of_one_core": round(100 * account.seconds / wall, 1),
+                    "processes": len(account.last),  # pids seen (PostgreSQL: backends)
                 }
                 for name, account in cpu.accounts.items()
             },
@@ -943,6 +1015,10 @@ def build_document(
                 "first": round(account.first / 2**20, 1),
                 "max": round(account.max / 2**20, 1),
                 "last": round(account.last / 2**20, 1),
+                # a group of several processes (replicas, cluster nodes): the figures above are
+                # their sums, these each one's largest
+                "processes": account.processes,
+                "max_per_process": round(account.max_per_process / 2**20, 1),
             }
             for name, account in cpu.rss.items()
             if account.max

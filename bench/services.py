@@ -1,6 +1,7 @@
 """The four services as processes, started from a given directory of console scripts: the working
 tree's own `.venv/bin` for a normal run, another checkout's for `--compare` (same environment
-variable names, same ports and readiness endpoint)."""
+variable names, same ports and readiness endpoint); with `--replicas`, several processes of a
+service, named `service`, `service#2`… (as the fault tests name them)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,43 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 SERVICES = ("message-service", "notification-router", "push-sender", "email-sender")
 OWN_BIN_DIR = Path(sys.executable).parent
+# Short names `--replicas` takes besides the full ones.
+ALIASES = {"router": "notification-router"}
+
+
+def parse_replicas(text: str) -> dict[str, int]:
+    """`--replicas`: processes per service. `N` for every service; `service=N` for one (the others
+    keep 1); both, comma-separated: `2,push-sender=3`. Every service appears in the result."""
+    default = 1
+    counts: dict[str, int] = {}
+    for item in (part.strip() for part in text.split(",")):
+        name, sep, number = item.rpartition("=")
+        if not number.isdigit() or int(number) < 1 or (sep and not name):
+            raise ValueError(f"{item!r}: want N or SERVICE=N, N a whole number ≥ 1")
+        if not sep:
+            default = int(number)
+            continue
+        service = ALIASES.get(name.strip(), name.strip())
+        if service not in SERVICES:
+            raise ValueError(f"{name!r} is not one of {', '.join(SERVICES)} (or router)")
+        counts[service] = int(number)
+    return {service: counts.get(service, default) for service in SERVICES}
+
+
+def replica_names(replicas: Mapping[str, int]) -> list[tuple[str, str]]:
+    """(process name, service) of every process to start, service by service in SERVICES order:
+    the first process of a service is named after it, the others `service#2`, `service#3`…"""
+    return [
+        (name if number == 1 else f"{name}#{number}", name)
+        for name in SERVICES
+        for number in range(1, replicas.get(name, 1) + 1)
+    ]
 
 
 def free_port() -> int:
