@@ -184,6 +184,7 @@ async def test_openapi_lists_the_api_only(client: httpx.AsyncClient) -> None:
         "/users/me/events",
         "/users/me/presence",
         "/users/me/notifications",
+        "/users/me/notifications/read",
         "/users/me/notifications/{message_id}",
         "/rooms/{room_id}/read",
         "/users/me/blocked",

@@ -16,12 +16,13 @@ from herald_shared.events import (
     InboxItem,
     InboxItemsUpdated,
     InboxState,
+    RoomRead,
     Trigger,
     utc_now,
 )
 from herald_shared.topology import EXCHANGE, INBOX_UPDATED
 from message_service.app import MessageService
-from tests.unit.message_service.helpers import Account, create_room, register
+from tests.unit.message_service.helpers import Account, create_room, outbox_rows, register
 
 
 async def project(runtime: MessageService, version: int, *items: InboxItem) -> None:
@@ -194,3 +195,93 @@ async def test_the_inbox_needs_a_token_and_refuses_a_cursor_it_did_not_hand_out(
         "/users/me/notifications", params={"cursor": "yesterday"}, headers=bob.headers
     )
     assert bad.status_code == 422
+
+
+async def room_reads(runtime: MessageService) -> list[RoomRead]:
+    return [
+        RoomRead.model_validate_json(row.payload)
+        for row in await outbox_rows(runtime)
+        if row.event_type == "room_read"
+    ]
+
+
+async def test_marking_items_read_moves_each_rooms_marker_to_the_newest_of_them_once(
+    client: httpx.AsyncClient, runtime: MessageService
+) -> None:
+    alice, bob = await register(client, "alice"), await register(client, "bob")
+    general = await create_room(client, alice, [bob], name="general")
+    design = await create_room(client, alice, [bob], name="design")
+    in_general = [await post(client, alice, general, f"general {n}") for n in range(3)]
+    in_design = [await post(client, alice, design, f"design {n}") for n in range(2)]
+    await project(runtime, 1, *(item_for(bob, m) for m in in_general + in_design))
+
+    read = await client.post(
+        "/users/me/notifications/read",
+        json={"ids": [in_general[0]["id"], in_general[1]["id"], in_design[0]["id"]]},
+        headers=bob.headers,
+    )
+
+    assert read.status_code == 200, read.text
+    assert {(room["room_id"], room["up_to"], room["unread"]) for room in read.json()["rooms"]} == {
+        (str(design), in_design[0]["id"], 1),
+        (str(general), in_general[1]["id"], 1),
+    }
+    assert {(event.room_id, str(event.message_id)) for event in await room_reads(runtime)} == {
+        (general, in_general[1]["id"]),
+        (design, in_design[0]["id"]),
+    }
+    unread = await inbox(client, bob, unread_only="true")
+    assert [item["message_id"] for item in unread["items"]] == [
+        in_design[1]["id"],
+        in_general[2]["id"],
+    ]
+    # The same again, or an older one: markers only move forward, nothing more is staged.
+    again = await client.post(
+        "/users/me/notifications/read", json={"ids": [in_general[0]["id"]]}, headers=bob.headers
+    )
+    assert again.json() == {"rooms": []}
+    assert len(await room_reads(runtime)) == 2
+
+
+async def test_marking_all_read_reads_every_room_to_its_newest_message(
+    client: httpx.AsyncClient, runtime: MessageService
+) -> None:
+    alice, bob, eve = [await register(client, name) for name in ("alice", "bob", "eve")]
+    rooms = [await create_room(client, alice, [bob], name=f"room {n}") for n in range(3)]
+    newest = {room: [await post(client, alice, room, "hi") for _ in range(2)][-1] for room in rooms}
+    elsewhere = await create_room(client, alice, [eve], name="not bob's")
+    await post(client, alice, elsewhere, "hi")
+
+    read = await client.post(
+        "/users/me/notifications/read", json={"all": True}, headers=bob.headers
+    )
+
+    assert read.status_code == 200, read.text
+    assert {(room["room_id"], room["up_to"], room["unread"]) for room in read.json()["rooms"]} == {
+        (str(room), newest[room]["id"], 0) for room in rooms
+    }
+    assert {event.room_id for event in await room_reads(runtime)} == set(rooms)
+
+
+async def test_ids_of_someone_elses_inbox_move_nothing_and_a_body_must_say_what(
+    client: httpx.AsyncClient, runtime: MessageService
+) -> None:
+    alice, bob, eve = [await register(client, name) for name in ("alice", "bob", "eve")]
+    room = await create_room(client, alice, [bob, eve])
+    message = await post(client, alice, room, "hi")
+    await project(runtime, 1, item_for(bob, message))
+
+    eves = await client.post(
+        "/users/me/notifications/read", json={"ids": [message["id"]]}, headers=eve.headers
+    )
+    assert (eves.status_code, eves.json()) == (200, {"rooms": []})
+    bodies: list[dict[str, Any]] = [
+        {},
+        {"ids": []},
+        {"all": False},
+        {"ids": [message["id"]], "all": True},
+    ]
+    for body in bodies:
+        refused = await client.post("/users/me/notifications/read", json=body, headers=bob.headers)
+        assert refused.status_code == 422, body
+    assert await room_reads(runtime) == []

@@ -983,3 +983,44 @@ async def inbox_item(
     async with autocommit(engine) as connection:
         row = (await connection.execute(statement.where(_inbox.c.message_id == message_id))).first()
     return None if row is None else InboxRow(**row._mapping)
+
+
+async def messages_to_read(
+    session: AsyncSession, *, user_id: uuid.UUID, message_ids: Sequence[uuid.UUID] | None
+) -> list[tuple[RoomMember, Message]]:
+    """What "mark as read" moves, per room the user is a member of: the newest of the inbox's
+    `message_ids` there, or (None: everything) the room's newest message; deleted messages and
+    rooms the user only was invited to aside. The member rows come locked (PostgreSQL)."""
+    ranked = select(
+        Message.id,
+        func.row_number()
+        .over(
+            partition_by=col(Message.room_id),
+            order_by=(col(Message.created_at).desc(), col(Message.id).desc()),
+        )
+        .label("rank"),
+    ).where(col(Message.deleted_at).is_(None))
+    if message_ids is None:
+        ranked = ranked.join(
+            RoomMember,
+            and_(
+                col(RoomMember.room_id) == col(Message.room_id),
+                col(RoomMember.user_id) == user_id,
+                col(RoomMember.state) == MEMBER,
+            ),
+        )
+    else:
+        ranked = ranked.join(
+            _inbox,
+            and_(_inbox.c.message_id == col(Message.id), _inbox.c.user_id == user_id),
+        ).where(col(Message.id).in_(list(message_ids)))
+    newest = ranked.subquery()
+    statement = (
+        select(RoomMember, Message)
+        .join(Message, col(Message.room_id) == col(RoomMember.room_id))
+        .join(newest, and_(newest.c.id == col(Message.id), newest.c.rank == 1))
+        .where(col(RoomMember.user_id) == user_id, col(RoomMember.state) == MEMBER)
+        .with_for_update(of=RoomMember)
+        .execution_options(populate_existing=True)
+    )
+    return [(member, message) for member, message in (await session.exec(statement)).all()]

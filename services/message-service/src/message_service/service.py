@@ -58,6 +58,7 @@ from message_service.models import (
     Message,
     Preferences,
     Room,
+    RoomMember,
     RoomSettings,
     User,
 )
@@ -856,18 +857,50 @@ async def mark_read(
         # The room is there; what the body names is not in it, or deleted (422, not 404: the
         # path's resource exists, and a client must not take the room for gone).
         raise Invalid("up_to names no message of this room")
-    if member.read_up_to is None or (message.created_at, message.id) > (
-        member.read_up_to,
-        member.read_message_id or message.id,
-    ):
-        member.read_message_id, member.read_up_to = message.id, message.created_at
-        event = RoomRead(
-            user_id=user_id, room_id=room_id, message_id=message.id, up_to=message.created_at
-        )
-        repository.add_outbox_event(session, event=event, event_type=event.type)
+    _move_marker(session, member, message)
     await session.commit()
     unread = await repository.unread_counts(session, user_id=user_id, room_ids=[room_id])
     return ReadMarker(room_id, member.read_message_id, unread.get(room_id, 0))
+
+
+def _move_marker(session: AsyncSession, member: RoomMember, message: Message) -> bool:
+    """Move a locked member row's read marker forward to `message` and stage its `RoomRead`;
+    False when it already was there or later."""
+    if member.read_up_to is not None and (message.created_at, message.id) <= (
+        member.read_up_to,
+        member.read_message_id or message.id,
+    ):
+        return False
+    member.read_message_id, member.read_up_to = message.id, message.created_at
+    event = RoomRead(
+        user_id=member.user_id,
+        room_id=member.room_id,
+        message_id=message.id,
+        up_to=message.created_at,
+    )
+    repository.add_outbox_event(session, event=event, event_type=event.type)
+    return True
+
+
+async def read_notifications(
+    *, session: AsyncSession, user_id: uuid.UUID, message_ids: Sequence[uuid.UUID] | None
+) -> list[ReadMarker]:
+    """Mark inbox items read (`message_ids`; None: everything): in one transaction, each room's
+    read marker moves forward to the newest of them there, so that what still waits of those
+    rooms is not sent and what their pushes show is recalled (one `RoomRead` per room). The
+    rooms whose marker moved, with their unread counts now."""
+    moved = [
+        (member.room_id, message.id)
+        for member, message in await repository.messages_to_read(
+            session, user_id=user_id, message_ids=message_ids
+        )
+        if _move_marker(session, member, message)
+    ]
+    await session.commit()
+    unread = await repository.unread_counts(
+        session, user_id=user_id, room_ids=[room_id for room_id, _ in moved]
+    )
+    return [ReadMarker(room_id, up_to, unread.get(room_id, 0)) for room_id, up_to in moved]
 
 
 async def check_member(*, session: AsyncSession, room_id: uuid.UUID, user_id: uuid.UUID) -> None:

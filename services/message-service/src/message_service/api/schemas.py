@@ -52,6 +52,7 @@ from message_service.service import (
     INBOX_PREVIEW_CHARS,
     KEEP,
     MAX_BREAKTHROUGH_USERS,
+    MAX_PAGE_SIZE,
     MAX_SNOOZE,
     ROOM_MENTIONS,
     Keep,
@@ -737,4 +738,23 @@ class InboxPageOut(BaseModel):
     items: list[InboxItemOut]
     next_cursor: str | None = Field(
         description="Pass as `cursor` to get the next (older) page; null when there is none."
+    )
+
+
+class NotificationsReadBody(RequestBody):
+    """Either `ids` (message ids of your inbox) or `all: true`."""
+
+    ids: list[uuid.UUID] | None = Field(default=None, min_length=1, max_length=MAX_PAGE_SIZE)
+    all: Literal[True] | None = Field(default=None, description="Everything in every room.")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> NotificationsReadBody:
+        if (self.ids is None) == (self.all is None):
+            raise ValueError("give either ids or all: true")
+        return self
+
+
+class NotificationsReadOut(BaseModel):
+    rooms: list[ReadOut] = Field(
+        description="The rooms whose read marker moved, and their unread count now."
     )

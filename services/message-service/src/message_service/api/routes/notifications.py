@@ -9,9 +9,15 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from message_service import service
-from message_service.api.deps import Deps, Me
+from message_service.api.deps import Deps, Me, SessionDep
 from message_service.api.responses import INVALID, NOT_FOUND
-from message_service.api.schemas import InboxItemOut, InboxPageOut
+from message_service.api.schemas import (
+    InboxItemOut,
+    InboxPageOut,
+    NotificationsReadBody,
+    NotificationsReadOut,
+    ReadOut,
+)
 from message_service.cursor import CURSOR_PATTERN
 
 router = APIRouter(tags=["notifications"])
@@ -59,3 +65,17 @@ async def get_notification(message_id: uuid.UUID, me: Me, deps: Deps) -> InboxIt
     return InboxItemOut.of(
         await service.inbox_item(engine=deps.engine, user_id=me.id, message_id=message_id)
     )
+
+
+@router.post("/users/me/notifications/read", responses={**INVALID})
+async def read_notifications(
+    body: NotificationsReadBody, me: Me, session: SessionDep
+) -> NotificationsReadOut:
+    """Mark items read (`ids`) or everything (`all: true`): in one go, each room's read marker
+    moves forward to the newest of them there (as `PUT /rooms/{id}/read` does), so what still
+    waits of those messages is not sent and their pushes are taken off your devices. Ids that
+    are not in your inbox, or whose message was deleted, are passed over."""
+    markers = await service.read_notifications(
+        session=session, user_id=me.id, message_ids=None if body.all else body.ids
+    )
+    return NotificationsReadOut(rooms=[ReadOut.of(marker) for marker in markers])
