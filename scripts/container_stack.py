@@ -206,6 +206,14 @@ def render(spec: dict[str, Any], directory: Path, environ: Mapping[str, str] | N
         ports: list[int] = wanted["ports"]
         for name, port in zip(instance_names(service, len(ports)), ports, strict=True):
             environment = service_environment(definition, wanted["env"], environ)
+            if "RABBITMQ_URL" in wanted["env"] and environment.get("RABBITMQ_URLS", "").strip():
+                # RABBITMQ_URLS wins over RABBITMQ_URL, and what compose.yaml gives it (with
+                # HERALD_CLUSTER set) are the cluster profile's host names, which the host
+                # network does not resolve: every service would fail to connect.
+                raise SystemExit(
+                    f"{service}: compose.yaml's RABBITMQ_URLS is set (HERALD_CLUSTER?) but the"
+                    " stack's broker is the spec's RABBITMQ_URL: unset HERALD_CLUSTER"
+                )
             environment["PORT"] = str(port)
             environment["HOST"] = "127.0.0.1"
             env_file = env_dir / f"{name}.env"

@@ -21,6 +21,7 @@ from pydantic_settings import BaseSettings
 from yarl import URL
 
 from herald_shared.broker import RabbitSettings
+from scripts.container_stack import interpolated
 from scripts.gen_asyncapi import SERVICES
 from scripts.gen_definitions import VHOST, dev_password
 
@@ -38,42 +39,6 @@ RABBITMQ_DIR = ROOT / "deploy" / "rabbitmq"
 # required by message-service and email-sender in every stack).
 CLUSTER_ENV = {"HERALD_CLUSTER": "1", "UNSUBSCRIBE_SECRET": "s" * 32}
 DEFAULT_ENV = {"UNSUBSCRIBE_SECRET": "s" * 32}
-
-# Compose's interpolation, the forms this file may use: ${VAR}, ${VAR:-default}, ${VAR-default},
-# ${VAR:+replacement}, ${VAR+replacement}, ${VAR:?error}, ${VAR?error}, and $$ for a dollar. Any
-# other `$` fails the test rather than pass through unread.
-_VARIABLE = re.compile(r"\$(?:(\$)|\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-+?])([^}]*))?\}|)")
-
-
-def interpolate(value: Any, environment: dict[str, str]) -> Any:
-    """`value` (a loaded compose file or part of it) as compose sees it with `environment`."""
-    if isinstance(value, dict):
-        return {key: interpolate(item, environment) for key, item in value.items()}
-    if isinstance(value, list):
-        return [interpolate(item, environment) for item in value]
-    if not isinstance(value, str):
-        return value
-
-    def substitute(match: re.Match[str]) -> str:
-        escaped, name, operator, argument = match.groups()
-        if escaped:
-            return "$"
-        if name is None:
-            raise ValueError(f"interpolation this test does not read: {value!r}")
-        current = environment.get(name)
-        # With a colon an empty value counts as unset, as in compose and the shell.
-        present = current is not None and (current != "" or not (operator or "").startswith(":"))
-        if operator is None:
-            return current or ""
-        if operator.endswith("-"):
-            return current if present and current is not None else argument
-        if operator.endswith("+"):
-            return argument if present else ""
-        if not present or current is None:
-            raise KeyError(f"{name}: {argument}")
-        return current
-
-    return _VARIABLE.sub(substitute, value)
 
 
 def active_services(compose: dict[str, Any], *profiles: str) -> dict[str, Any]:
@@ -164,17 +129,6 @@ def test_compose_runs_every_service_with_infrastructure() -> None:
         assert COMPOSE["services"][name]["profiles"] == ["cluster"]
 
 
-def test_interpolation_reads_compose_forms() -> None:
-    environment = {"SET": "x", "EMPTY": ""}
-    assert interpolate("${SET:-d}/${EMPTY:-d}/${EMPTY-d}/${UNSET-d}", environment) == "x/d//d"
-    assert interpolate("${SET:+r}/${EMPTY:+r}/${EMPTY+r}/${UNSET+r}", environment) == "r//r/"
-    assert interpolate("$${SET}/${SET}", environment) == "${SET}/x"
-    with pytest.raises(KeyError):
-        interpolate("${EMPTY:?needed}", environment)
-    with pytest.raises(ValueError, match="does not read"):
-        interpolate("$SET", environment)
-
-
 @pytest.mark.parametrize(
     ("profiles", "environment"),
     [((), DEFAULT_ENV), (("cluster",), CLUSTER_ENV), (("cluster", "observability"), CLUSTER_ENV)],
@@ -184,7 +138,7 @@ def test_each_profile_is_valid_against_the_compose_specification(
 ) -> None:
     """The file as compose reads it with the profile on: its variables substituted (the
     cluster's addresses in every service), only the profile's services and the default ones."""
-    project = interpolate(COMPOSE, environment)
+    project = interpolated(COMPOSE, environment)
     project["services"] = active_services(project, *profiles)
     validator = jsonschema.Draft7Validator(json.loads(COMPOSE_SCHEMA.read_text()))
     errors = [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(project)]
@@ -202,7 +156,7 @@ def test_the_cluster_has_three_nodes_of_one_image_sharing_one_cookie() -> None:
     assert len({node["image"] for node in definitions}) == 1
     for environment in ({}, {"RABBITMQ_ERLANG_COOKIE": "a-secret-of-mine"}):
         cookies = {
-            interpolate(node["environment"]["RABBITMQ_ERLANG_COOKIE"], environment)
+            interpolated(node["environment"]["RABBITMQ_ERLANG_COOKIE"], environment)
             for node in definitions
         }
         assert len(cookies) == 1
@@ -210,7 +164,7 @@ def test_the_cluster_has_three_nodes_of_one_image_sharing_one_cookie() -> None:
         assert cookie == environment.get("RABBITMQ_ERLANG_COOKIE", cookie)
         assert cookie
     # The default, committed in the file, says what it is for.
-    assert "dev-only" in interpolate(definitions[0]["environment"]["RABBITMQ_ERLANG_COOKIE"], {})
+    assert "dev-only" in interpolated(definitions[0]["environment"]["RABBITMQ_ERLANG_COOKIE"], {})
     for name, node in zip(NODES, definitions, strict=True):
         # The node is rabbit@<hostname>, reached by that name on the compose network, where
         # the service's name resolves.
@@ -277,10 +231,10 @@ def test_quorum_queues_grow_to_a_replica_on_each_node() -> None:
 @pytest.mark.parametrize("service", [*SERVICES, "message-service-replica"])
 def test_services_are_given_the_three_nodes_in_the_cluster_profile(service: str) -> None:
     raw = COMPOSE["services"][service]["environment"]
-    single = rabbit_settings(interpolate(raw, DEFAULT_ENV))
+    single = rabbit_settings(interpolated(raw, DEFAULT_ENV))
     assert single.addresses == (raw["RABBITMQ_URL"],)
 
-    clustered = rabbit_settings(interpolate(raw, CLUSTER_ENV))
+    clustered = rabbit_settings(interpolated(raw, CLUSTER_ENV))
     urls = [URL(address) for address in clustered.addresses]
     assert [url.host for url in urls] == [COMPOSE["services"][name]["hostname"] for name in NODES]
     first = URL(raw["RABBITMQ_URL"])

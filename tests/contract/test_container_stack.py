@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from yarl import URL
 
+from herald_shared.broker import RabbitSettings
 from scripts.container_stack import (
     SERVICES,
     InterpolationError,
@@ -98,7 +100,7 @@ def _spec() -> dict[str, Any]:
     return {
         "project": "herald-ct-test",
         "services": {
-            service: {"ports": [9000 + number], "env": env}
+            service: {"ports": [9000 + number], "env": dict(env)}
             for number, service in enumerate(SERVICES)
         },
     }
@@ -121,3 +123,38 @@ def test_the_rendered_env_files_hold_no_compose_variable(tmp_path: Path) -> None
         assert not [key for key, value in environment.items() if "$" in value], service
         assert environment["RABBITMQ_URL"] == "amqp://u:p@127.0.0.1:5672/v"
         assert environment["HOST"] == "127.0.0.1"
+
+
+def test_outside_the_cluster_profile_every_service_gets_an_empty_rabbitmq_urls(
+    tmp_path: Path,
+) -> None:
+    """compose.yaml's `RABBITMQ_URLS: ${HERALD_CLUSTER:+...}` without HERALD_CLUSTER: empty, as
+    Compose passes it, and the service connects to its RABBITMQ_URL (the bug behind 1950041: the
+    template itself reached the services)."""
+    spec = _spec()
+    render(spec, tmp_path, environ={"UNRELATED": "1"})
+    for service, environment in env_files(tmp_path).items():
+        assert environment["RABBITMQ_URLS"] == "", service
+        settings = RabbitSettings(
+            url=environment["RABBITMQ_URL"], urls=environment["RABBITMQ_URLS"]
+        )
+        assert settings.addresses == (spec["services"][service]["env"]["RABBITMQ_URL"],)
+
+
+def test_with_herald_cluster_the_services_get_the_three_nodes(tmp_path: Path) -> None:
+    spec = _spec()
+    with pytest.raises(SystemExit, match="unset HERALD_CLUSTER"):
+        render(spec, tmp_path / "refused", environ={"HERALD_CLUSTER": "1"})
+    # A spec that leaves the broker to compose.yaml gets the profile's addresses, substituted.
+    for wanted in spec["services"].values():
+        del wanted["env"]["RABBITMQ_URL"]
+    render(spec, tmp_path / "cluster", environ={"HERALD_CLUSTER": "1"})
+    for service, environment in env_files(tmp_path / "cluster").items():
+        settings = RabbitSettings(
+            url=environment["RABBITMQ_URL"], urls=environment["RABBITMQ_URLS"]
+        )
+        assert [URL(address).host for address in settings.addresses] == [
+            "rabbitmq",
+            "rabbitmq-2",
+            "rabbitmq-3",
+        ], service
