@@ -55,6 +55,17 @@ HASHING_ALGORITHM = "rabbit_password_hashing_sha256"
 PASSWORD_VARIABLE_PREFIX = "HERALD_RABBITMQ_PASSWORD_"  # noqa: S105 (a variable name)
 NOTHING = "^$"
 EVERYTHING = ".*"
+# The one policy of the vhost (`dead_letter_policy`).
+DEAD_LETTER_POLICY = "herald-dead-letter-queues"
+# The dead-letter queues' delivery limit: in effect none. RabbitMQ 4.x gives every quorum queue
+# without one a limit of 20 deliveries, and a dead-letter queue has no dead-letter target of its
+# own, so past the limit a dead letter is dropped. herald-dead-letters reads a queue by taking
+# every message and returning it (`list`, `show`), which counts as a delivery up to 4.2 (and on
+# 3.x): the 21st listing would empty the queue. 4.x reads -1 as "unlimited" but 3.x refuses a
+# negative limit (a policy with one fails the definitions import), hence the largest 32-bit
+# integer, which both accept. Not a queue argument: changing the arguments of an existing
+# queue fails its next declaration (PRECONDITION_FAILED); a policy applies to existing queues.
+DEAD_LETTER_DELIVERY_LIMIT = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -112,6 +123,7 @@ def permissions(access: ServiceAccess) -> Grant:
     dead-lettering uses it, which needs no permission, and a direct exchange cannot confine a
     writer to its own queues. Read only its own queues. Never amq.default: it reaches any queue
     by name.
+
     """
     exchanges = {EXCHANGE.name} if access.publishes else set()
     # Topic read is checked when binding to a topic exchange; services never bind.
@@ -143,6 +155,21 @@ def ops_permissions() -> Grant:
         "read": NOTHING,
     }
     return vhost_permission, {EXCHANGE.name: topic_permission}
+
+
+def dead_letter_policy(vhost: str) -> dict[str, Any]:
+    """The policy that lifts the delivery limit of every dead-letter queue (see
+    DEAD_LETTER_DELIVERY_LIMIT). RabbitMQ applies one policy to a queue, the matching one of
+    highest priority: another policy matching a dead-letter queue must carry `delivery-limit`
+    too (deploy/rabbitmq/README.md)."""
+    return {
+        "vhost": vhost,
+        "name": DEAD_LETTER_POLICY,
+        "pattern": exactly(queue.dead_letter_queue.name for queue in CONSUMER_QUEUES),
+        "apply-to": "queues",
+        "definition": {"delivery-limit": DEAD_LETTER_DELIVERY_LIMIT},
+        "priority": 0,
+    }
 
 
 class _RecordedQueue:
@@ -286,7 +313,7 @@ def definitions(
         ],
         "parameters": [],
         "global_parameters": [],
-        "policies": [],
+        "policies": [dead_letter_policy(vhost)],
         **topology(vhost, default_retry_delays() if retry_delays is None else retry_delays),
     }
 

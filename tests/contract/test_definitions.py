@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Any
 
 import pytest
 
 from herald_shared.topology import (
     CONSUMER_QUEUES,
     DEAD_LETTER_EXCHANGE,
+    DELIVERY_LIMIT,
     EXCHANGE,
     MESSAGE_NEW,
     RETRY_EXCHANGE,
@@ -19,8 +21,10 @@ from herald_shared.topology import (
 from scripts.gen_asyncapi import SERVICES
 from scripts.gen_definitions import (
     ADMIN_USER,
+    DEAD_LETTER_DELIVERY_LIMIT,
     OPS_USER,
     OUTPUT,
+    default_retry_delays,
     definitions,
     render,
     service_access,
@@ -139,3 +143,43 @@ def test_queues_carry_the_code_arguments() -> None:
         assert queues[consumer_queue.name]["arguments"] == consumer_queue.queue.arguments
         dlq = consumer_queue.dead_letter_queue
         assert queues[dlq.name]["arguments"] == dlq.arguments
+
+
+def _effective_policy(queue: str) -> dict[str, Any] | None:
+    """The policy RabbitMQ applies to a queue of the vhost: of those matching its name, the one
+    of highest priority (one policy per queue, never a merge of two)."""
+    matching = [
+        policy
+        for policy in DOCUMENT["policies"]
+        if policy["apply-to"] in {"queues", "all"} and _allows(policy["pattern"], queue)
+    ]
+    return max(matching, key=lambda policy: policy["priority"], default=None)
+
+
+def test_dead_letter_queues_have_no_delivery_limit_in_effect() -> None:
+    """RabbitMQ 4.x gives a quorum queue without a limit one of 20, and a dead letter past it
+    is dropped (a dead-letter queue dead-letters nowhere): browsing with herald-dead-letters
+    counts. 3.x refuses a negative limit (4.x's "unlimited") in a policy, so the largest
+    32-bit integer stands for it."""
+    for queue in CONSUMER_QUEUES:
+        name = queue.dead_letter_queue.name
+        assert "x-delivery-limit" not in (queue.dead_letter_queue.arguments or {})
+        policy = _effective_policy(name)
+        assert policy is not None, name
+        limit = policy["definition"].get("delivery-limit")
+        assert limit == DEAD_LETTER_DELIVERY_LIMIT == 2**31 - 1, name
+        assert isinstance(limit, int)
+        assert limit >= 0  # 3.10-3.13's policy validation: a non-negative integer
+    # Every policy matching a dead-letter queue carries the key, whatever its priority.
+    for policy in DOCUMENT["policies"]:
+        if any(_allows(policy["pattern"], q.dead_letter_queue.name) for q in CONSUMER_QUEUES):
+            assert "delivery-limit" in policy["definition"], policy["name"]
+
+
+def test_no_policy_reaches_the_work_or_wait_queues() -> None:
+    """The work queues keep their argument's limit (the consumer-crash backstop), the wait
+    queues their arguments: no policy may replace them."""
+    for queue in CONSUMER_QUEUES:
+        assert queue.queue.arguments["x-delivery-limit"] == DELIVERY_LIMIT
+        for name in (queue.name, *(queue.wait_queue(d).name for d in default_retry_delays())):
+            assert _effective_policy(name) is None, name

@@ -26,6 +26,7 @@ from yarl import URL
 
 from herald_shared.broker import RabbitSettings, make_broker
 from herald_shared.topology import (
+    CONSUMER_QUEUES,
     DEAD_LETTER_EXCHANGE,
     EXCHANGE,
     MESSAGE_NEW,
@@ -372,3 +373,19 @@ async def test_definitions_topology_is_what_the_code_declares(
         RETRY_EXCHANGE.name,
     }
     assert len(from_code["queues"]) == len(imported.document["queues"])
+
+
+def test_the_dead_letter_policy_is_accepted_and_applies_to_every_dead_letter_queue(
+    imported: Imported,
+) -> None:
+    """The import would have failed on a limit 3.10 refuses (a negative one); the policy
+    reaches each dead-letter queue and nothing else."""
+    (policy,) = imported.document["policies"]
+    applied = {
+        row["name"]: row["policy"] for row in _list(imported.vhost, "list_queues", "name", "policy")
+    }
+    dead_letter_queues = {queue.dead_letter_queue.name for queue in CONSUMER_QUEUES}
+    assert {
+        name for name, applied_policy in applied.items() if applied_policy
+    } == dead_letter_queues
+    assert {applied[name] for name in dead_letter_queues} == {policy["name"]}
