@@ -41,6 +41,7 @@ from herald_shared.topology import (
     EXCHANGE,
     RETRY_EXCHANGE,
     declare_topology,
+    queue_for_routing_key,
 )
 from scripts.gen_asyncapi import SERVICES, document
 
@@ -93,6 +94,14 @@ def service_access(service: str) -> ServiceAccess:
     return ServiceAccess(service, tuple(sorted(publishes)), tuple(sorted(consumes)))
 
 
+def fed_queues(access: ServiceAccess) -> tuple[str, ...]:
+    """The other services' work queues that this service's routing keys reach."""
+    reached = (queue_for_routing_key(key) for key in access.publishes)
+    return tuple(
+        sorted({queue.name for queue in reached if queue and queue.name not in access.consumes})
+    )
+
+
 def exactly(names: Iterable[str]) -> str:
     """A permission pattern matching these names and nothing else (`^$`: nothing at all)."""
     alternatives = sorted({re.escape(name) for name in names})
@@ -124,6 +133,13 @@ def permissions(access: ServiceAccess) -> Grant:
     writer to its own queues. Read only its own queues. Never amq.default: it reaches any queue
     by name.
 
+    Write, too, on the queues it checks with a passive declare, which from RabbitMQ 4.2.7 and
+    4.3.1 needs some permission on the object: its own wait and dead-letter queues (checked at
+    start, `herald_shared.topology.passive_scope`), and the work queues its events feed and
+    their dead-letter queues, whose depth and consumers it reports (`herald_shared.metrics`,
+    `observed_queues`). Write on a queue is only ever checked for a binding to it, which also
+    needs read on the source exchange, and a service may read no exchange: it grants nothing
+    else (read would let the service consume or purge them).
     """
     exchanges = {EXCHANGE.name} if access.publishes else set()
     # Topic read is checked when binding to a topic exchange; services never bind.
@@ -134,9 +150,15 @@ def permissions(access: ServiceAccess) -> Grant:
             "write": own_wait_and_dead_letter_queues(access.consumes),
             "read": NOTHING,
         }
+    write = exactly(exchanges)
+    if access.consumes:
+        write += "|" + own_wait_and_dead_letter_queues(access.consumes)
+    fed = fed_queues(access)
+    if fed:
+        write += "|" + exactly([*fed, *(f"{name}.dlq" for name in fed)])
     vhost_permission = {
         "configure": NOTHING,
-        "write": exactly(exchanges),
+        "write": write,
         "read": exactly(access.consumes),
     }
     return vhost_permission, topic_permissions
