@@ -13,6 +13,9 @@ changes only what the host network requires:
 * the broker and database URLs, ports and providers from a spec (JSON), and every variable in an
   env file of mode 600 instead of `environment:` (podman-compose prints the `podman run` command
   lines it runs, and they would show the unsubscribe secret);
+* what it copies from compose.yaml is interpolated first, as Compose does, with the variables of
+  the environment the script runs in (`interpolate`): an env file is read literally, so a
+  `${VAR:+...}` left in it would reach the service as its value;
 * a service scaled to N replicas becomes N services `<name>`, `<name>-2`, ... on ports of their
   own: on one host network every replica needs its own port, and podman-compose 1.0.3 ignores
   `--scale`.
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import secrets
 import shutil
 import statistics
@@ -35,6 +39,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +53,108 @@ DEFAULT_PORTS = {"message-service": 8000, "notification-router": 8001, "push-sen
 DROPPED_VARIABLES = {"RABBITMQ_DECLARE", "HOST"}
 
 
+# A variable name as Compose reads one.
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class InterpolationError(ValueError):
+    """A `${VAR:?message}` whose variable is missing, or a `$` Compose would not read."""
+
+
+def _name_end(text: str, start: int) -> int:
+    """Where the variable name starting at `start` ends (`start` itself when there is none)."""
+    match = _NAME.match(text, start)
+    return match.end() if match else start
+
+
+def _closing_brace(text: str, start: int) -> int:
+    """The index of the `}` closing a `${` whose body starts at `start`: a nested `${...}` in a
+    default (`${A:-${B}}`) is part of the body."""
+    depth = 1
+    index = start
+    while index < len(text):
+        if text.startswith("${", index):
+            depth += 1
+            index += 2
+            continue
+        if text[index] == "}":
+            depth -= 1
+            if depth == 0:
+                return index
+        index += 1
+    raise InterpolationError(f"unclosed ${{ in {text!r}")
+
+
+def interpolate(text: str, environ: Mapping[str, str]) -> str:
+    """`text` with its Compose variables substituted from `environ`, as Docker Compose does:
+    `$$` is a `$`; `$VAR` and `${VAR}` are the value, empty when unset; `${VAR:-default}` the
+    default when VAR is unset or empty, `${VAR-default}` only when unset; `${VAR:+alt}` the
+    alternative when VAR is set and not empty, `${VAR+alt}` when set at all, else the value
+    (empty); `${VAR:?message}` and `${VAR?message}` fail when VAR is empty or unset, or unset.
+    A default, alternative or message is interpolated in turn. Any other `$` is an error, as in
+    Compose ("Invalid template"), rather than text passed on unread."""
+    out: list[str] = []
+    index = 0
+    while True:
+        dollar = text.find("$", index)
+        if dollar < 0:
+            out.append(text[index:])
+            return "".join(out)
+        out.append(text[index:dollar])
+        after = dollar + 1
+        if text.startswith("$", after):
+            out.append("$")
+            index = after + 1
+            continue
+        end = _name_end(text, after)
+        if end > after:
+            out.append(environ.get(text[after:end], ""))
+            index = end
+            continue
+        if not text.startswith("{", after):
+            raise InterpolationError(f"invalid template: {text!r} (a lone $; write $$ for one)")
+        close = _closing_brace(text, after + 1)
+        out.append(_braced(text[after + 1 : close], text, environ))
+        index = close + 1
+
+
+def _braced(body: str, text: str, environ: Mapping[str, str]) -> str:
+    """The value of `${body}`."""
+    end = _name_end(body, 0)
+    name, rest = body[:end], body[end:]
+    if not name:
+        raise InterpolationError(f"invalid template: {text!r}")
+    value = environ.get(name)
+    if not rest:
+        return value or ""
+    colon = rest.startswith(":")
+    operator, argument = (rest[1:2], rest[2:]) if colon else (rest[:1], rest[1:])
+    # With the colon an empty value counts as unset, as in Compose and the shell.
+    present = value is not None and (value != "" or not colon)
+    if operator == "-":
+        return value if present and value is not None else interpolate(argument, environ)
+    if operator == "+":
+        return interpolate(argument, environ) if present else (value or "")
+    if operator == "?":
+        if not present or value is None:
+            message = interpolate(argument, environ)
+            raise InterpolationError(f"required variable {name} is missing a value: {message}")
+        return value
+    raise InterpolationError(f"invalid template: {text!r}")
+
+
+def interpolated(value: Any, environ: Mapping[str, str]) -> Any:
+    """`value` from a loaded compose file (a string, list or mapping, nested) with each string
+    interpolated; other scalars as they are."""
+    if isinstance(value, str):
+        return interpolate(value, environ)
+    if isinstance(value, list):
+        return [interpolated(item, environ) for item in value]
+    if isinstance(value, dict):
+        return {key: interpolated(item, environ) for key, item in value.items()}
+    return value
+
+
 def image(service: str) -> str:
     """The service's image as `scripts/containers build` tags it (HERALD_IMAGE_TAG, default dev)."""
     return f"localhost/herald-{service}:{os.environ.get('HERALD_IMAGE_TAG') or 'dev'}"
@@ -57,7 +164,28 @@ def instance_names(service: str, replicas: int) -> list[str]:
     return [service if number == 1 else f"{service}-{number}" for number in range(1, replicas + 1)]
 
 
-def render(spec: dict[str, Any], directory: Path) -> Path:
+def service_environment(
+    definition: dict[str, Any], overrides: Mapping[str, Any], environ: Mapping[str, str]
+) -> dict[str, str]:
+    """A compose service's `environment:` as Compose hands it to the container, interpolated
+    from `environ`, less DROPPED_VARIABLES, and with `overrides` (the spec's) on top. A value
+    that interpolates to nothing stays, empty, as Compose passes it; a variable listed without a
+    value takes the one in `environ`, and is left out when `environ` has none. The overridden
+    variables are not interpolated: their `${VAR:?...}` asks for what the spec gives instead."""
+    environment: dict[str, str] = {}
+    for key, value in definition.get("environment", {}).items():
+        if key in DROPPED_VARIABLES or key in overrides:
+            continue
+        if value is None:
+            if key in environ:
+                environment[key] = environ[key]
+            continue
+        environment[key] = interpolate(str(value), environ)
+    environment.update({key: str(value) for key, value in overrides.items()})
+    return environment
+
+
+def render(spec: dict[str, Any], directory: Path, environ: Mapping[str, str] | None = None) -> Path:
     """Write DIR/compose.yaml and DIR/env/<instance>.env from compose.yaml and `spec`:
 
     {"project": "herald-ct-1a2b", "owner_pid": 1234,            # optional: the starting process
@@ -65,7 +193,9 @@ def render(spec: dict[str, Any], directory: Path) -> Path:
      "services": {"push-sender": {"ports": [8002, 8102], "env": {"RABBITMQ_URL": ...},
                                   "volumes": ["/host/file:/in/container:ro"]}, ...}}  # optional
 
-    Returns the compose file's path."""
+    compose.yaml's variables come from `environ` (default: this process's environment), as
+    `docker compose` run here would read them. Returns the compose file's path."""
+    environ = os.environ if environ is None else environ
     compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
     env_dir = directory / "env"
     env_dir.mkdir(parents=True, exist_ok=True)
@@ -75,12 +205,15 @@ def render(spec: dict[str, Any], directory: Path) -> Path:
         wanted = spec["services"][service]
         ports: list[int] = wanted["ports"]
         for name, port in zip(instance_names(service, len(ports)), ports, strict=True):
-            environment = {
-                key: str(value)
-                for key, value in definition.get("environment", {}).items()
-                if key not in DROPPED_VARIABLES
-            }
-            environment.update({key: str(value) for key, value in wanted["env"].items()})
+            environment = service_environment(definition, wanted["env"], environ)
+            if "RABBITMQ_URL" in wanted["env"] and environment.get("RABBITMQ_URLS", "").strip():
+                # RABBITMQ_URLS wins over RABBITMQ_URL, and what compose.yaml gives it (with
+                # HERALD_CLUSTER set) are the cluster profile's host names, which the host
+                # network does not resolve: every service would fail to connect.
+                raise SystemExit(
+                    f"{service}: compose.yaml's RABBITMQ_URLS is set (HERALD_CLUSTER?) but the"
+                    " stack's broker is the spec's RABBITMQ_URL: unset HERALD_CLUSTER"
+                )
             environment["PORT"] = str(port)
             environment["HOST"] = "127.0.0.1"
             env_file = env_dir / f"{name}.env"
@@ -99,9 +232,9 @@ def render(spec: dict[str, Any], directory: Path) -> Path:
             }
             for key in ("restart", "read_only", "tmpfs", "user"):
                 if key in definition:
-                    rendered[key] = definition[key]
+                    rendered[key] = interpolated(definition[key], environ)
             volumes = list(wanted.get("volumes", []))
-            for volume in definition.get("volumes", []):
+            for volume in interpolated(definition.get("volumes", []), environ):
                 source, target = volume.split(":", 1)
                 if spec.get("volume_dir") and source == "herald-out":
                     source = str(spec["volume_dir"])

@@ -41,6 +41,7 @@ from herald_shared.topology import (
     EXCHANGE,
     RETRY_EXCHANGE,
     declare_topology,
+    queue_for_routing_key,
 )
 from scripts.gen_asyncapi import SERVICES, document
 
@@ -55,6 +56,17 @@ HASHING_ALGORITHM = "rabbit_password_hashing_sha256"
 PASSWORD_VARIABLE_PREFIX = "HERALD_RABBITMQ_PASSWORD_"  # noqa: S105 (a variable name)
 NOTHING = "^$"
 EVERYTHING = ".*"
+# The one policy of the vhost (`dead_letter_policy`).
+DEAD_LETTER_POLICY = "herald-dead-letter-queues"
+# The dead-letter queues' delivery limit: in effect none. RabbitMQ 4.x gives every quorum queue
+# without one a limit of 20 deliveries, and a dead-letter queue has no dead-letter target of its
+# own, so past the limit a dead letter is dropped. herald-dead-letters reads a queue by taking
+# every message and returning it (`list`, `show`), which counts as a delivery up to 4.2 (and on
+# 3.x): the 21st listing would empty the queue. 4.x reads -1 as "unlimited" but 3.x refuses a
+# negative limit (a policy with one fails the definitions import), hence the largest 32-bit
+# integer, which both accept. Not a queue argument: changing the arguments of an existing
+# queue fails its next declaration (PRECONDITION_FAILED); a policy applies to existing queues.
+DEAD_LETTER_DELIVERY_LIMIT = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -80,6 +92,14 @@ def service_access(service: str) -> ServiceAccess:
         else:
             consumes.add(amqp["queue"]["name"])
     return ServiceAccess(service, tuple(sorted(publishes)), tuple(sorted(consumes)))
+
+
+def fed_queues(access: ServiceAccess) -> tuple[str, ...]:
+    """The other services' work queues that this service's routing keys reach."""
+    reached = (queue_for_routing_key(key) for key in access.publishes)
+    return tuple(
+        sorted({queue.name for queue in reached if queue and queue.name not in access.consumes})
+    )
 
 
 def exactly(names: Iterable[str]) -> str:
@@ -112,6 +132,14 @@ def permissions(access: ServiceAccess) -> Grant:
     dead-lettering uses it, which needs no permission, and a direct exchange cannot confine a
     writer to its own queues. Read only its own queues. Never amq.default: it reaches any queue
     by name.
+
+    Write, too, on the queues it checks with a passive declare, which from RabbitMQ 4.2.7 and
+    4.3.1 needs some permission on the object: its own wait and dead-letter queues (checked at
+    start, `herald_shared.topology.passive_scope`), and the work queues its events feed and
+    their dead-letter queues, whose depth and consumers it reports (`herald_shared.metrics`,
+    `observed_queues`). Write on a queue is only ever checked for a binding to it, which also
+    needs read on the source exchange, and a service may read no exchange: it grants nothing
+    else (read would let the service consume or purge them).
     """
     exchanges = {EXCHANGE.name} if access.publishes else set()
     # Topic read is checked when binding to a topic exchange; services never bind.
@@ -122,9 +150,15 @@ def permissions(access: ServiceAccess) -> Grant:
             "write": own_wait_and_dead_letter_queues(access.consumes),
             "read": NOTHING,
         }
+    write = exactly(exchanges)
+    if access.consumes:
+        write += "|" + own_wait_and_dead_letter_queues(access.consumes)
+    fed = fed_queues(access)
+    if fed:
+        write += "|" + exactly([*fed, *(f"{name}.dlq" for name in fed)])
     vhost_permission = {
         "configure": NOTHING,
-        "write": exactly(exchanges),
+        "write": write,
         "read": exactly(access.consumes),
     }
     return vhost_permission, topic_permissions
@@ -143,6 +177,21 @@ def ops_permissions() -> Grant:
         "read": NOTHING,
     }
     return vhost_permission, {EXCHANGE.name: topic_permission}
+
+
+def dead_letter_policy(vhost: str) -> dict[str, Any]:
+    """The policy that lifts the delivery limit of every dead-letter queue (see
+    DEAD_LETTER_DELIVERY_LIMIT). RabbitMQ applies one policy to a queue, the matching one of
+    highest priority: another policy matching a dead-letter queue must carry `delivery-limit`
+    too (deploy/rabbitmq/README.md)."""
+    return {
+        "vhost": vhost,
+        "name": DEAD_LETTER_POLICY,
+        "pattern": exactly(queue.dead_letter_queue.name for queue in CONSUMER_QUEUES),
+        "apply-to": "queues",
+        "definition": {"delivery-limit": DEAD_LETTER_DELIVERY_LIMIT},
+        "priority": 0,
+    }
 
 
 class _RecordedQueue:
@@ -286,7 +335,7 @@ def definitions(
         ],
         "parameters": [],
         "global_parameters": [],
-        "policies": [],
+        "policies": [dead_letter_policy(vhost)],
         **topology(vhost, default_retry_delays() if retry_delays is None else retry_delays),
     }
 

@@ -136,6 +136,17 @@ def test_every_container_runs_as_non_root_on_a_read_only_root(stack: Stack) -> N
         assert scratch.returncode == 0, (name, scratch.stderr)
 
 
+def test_compose_variables_reach_the_containers_interpolated(stack: Stack) -> None:
+    """compose.yaml's `${...}` arrive substituted: `RABBITMQ_URLS` (the cluster profile's
+    addresses, HERALD_CLUSTER unset) empty, as Compose passes it. Only names are reported: the
+    values hold passwords and the unsubscribe secret."""
+    for name, container in stack.containers().items():
+        env = dict(item.partition("=")[::2] for item in container["Config"]["Env"])
+        assert sorted(key for key, value in env.items() if "$" in value) == [], name
+        assert "RABBITMQ_URLS" in env, name
+        assert env["RABBITMQ_URLS"] == "", name
+
+
 def test_the_walkthrough_message_reaches_a_push_and_an_email(stack: Stack) -> None:
     with httpx.Client(base_url=stack.api, timeout=10) as client:
         alice, bob, carol, room = _room(client)

@@ -14,6 +14,7 @@ if that fails too, falls back to `rabbitmqctl` with a warning.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import subprocess
@@ -21,8 +22,8 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 from urllib.parse import quote, unquote, urlsplit
 
 import asyncpg
@@ -103,6 +104,17 @@ class _Management:
             json={"configure": ".*", "write": ".*", "read": ".*"},
         ).raise_for_status()
 
+    def set_policy(self, vhost: str, policy: Mapping[str, Any]) -> None:
+        body = {key: policy[key] for key in ("pattern", "definition", "priority", "apply-to")}
+        name = f"/policies/{quote(vhost, safe='')}/{quote(policy['name'], safe='')}"
+        self._client.put(name, json=body).raise_for_status()
+
+    def queue_policy(self, vhost: str, queue: str) -> str | None:
+        response = self._client.get(f"/queues/{quote(vhost, safe='')}/{quote(queue, safe='')}")
+        response.raise_for_status()
+        policy: str | None = response.json().get("policy") or None
+        return policy
+
     def delete_vhost(self, vhost: str) -> None:
         response = self._client.delete(f"/vhosts/{quote(vhost, safe='')}")
         if response.status_code != 404:
@@ -170,6 +182,36 @@ def delete_vhost(url: str) -> None:
         api.delete_vhost(vhost)
     else:
         _rabbitmqctl("delete_vhost", vhost)
+
+
+def set_policy(url: str, policy: Mapping[str, Any]) -> None:
+    """Set a policy, as a definitions file's `policies` holds one (name, pattern, apply-to,
+    definition, priority), on the virtual host of `url`; it goes with the virtual host. The
+    broker validates it as an import of the definitions would."""
+    vhost = unquote(url.rsplit("/", 1)[1])
+    api = _vhost_api()
+    if api is not None:
+        api.set_policy(vhost, policy)
+        return
+    _rabbitmqctl(
+        "set_policy", "-p", vhost, "--priority", str(policy["priority"]),
+        "--apply-to", policy["apply-to"], policy["name"], policy["pattern"],
+        json.dumps(policy["definition"]),
+    )  # fmt: skip
+
+
+def queue_policy(url: str, queue: str) -> str | None:
+    """The name of the policy in effect on a queue of the virtual host of `url`, if any."""
+    vhost = unquote(url.rsplit("/", 1)[1])
+    api = _vhost_api()
+    if api is not None:
+        return api.queue_policy(vhost, queue)
+    listed = subprocess.run(
+        [RABBITMQCTL, "-q", "list_queues", "-p", vhost, "name", "policy", "--formatter", "json"],
+        check=True, capture_output=True, text=True, timeout=60,
+    ).stdout  # fmt: skip
+    rows = {row["name"]: row["policy"] for row in json.loads(listed)}
+    return rows.get(queue) or None
 
 
 async def wait_until(

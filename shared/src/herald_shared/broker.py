@@ -105,9 +105,10 @@ class RabbitSettings(BaseSettings):
 
     @property
     def addresses(self) -> tuple[str, ...]:
-        """The broker addresses, in the order they are tried."""
-        listed = self.urls if self.urls and self.urls.strip() else self.url
-        return tuple(part.strip() for part in listed.split(",") if part.strip())
+        """The broker addresses, in the order they are tried. A RABBITMQ_URLS of no address
+        (empty, as compose.yaml passes it outside the cluster profile) counts as unset."""
+        listed = tuple(part.strip() for part in (self.urls or "").split(",") if part.strip())
+        return listed or tuple(part.strip() for part in self.url.split(",") if part.strip())
 
     @property
     def retry_policy(self) -> RetryPolicy:

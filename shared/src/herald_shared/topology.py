@@ -276,6 +276,30 @@ def use_existing_topology(broker: RabbitBroker) -> None:
             publisher.exchange = existing(publisher.exchange)
 
 
+def passive_scope(
+    broker: RabbitBroker, queues: Iterable[ConsumerQueue] = CONSUMER_QUEUES
+) -> tuple[tuple[RabbitExchange, ...], tuple[ConsumerQueue, ...]]:
+    """What a service in passive mode checks: the exchanges it writes (`notifications` if it
+    publishes there, `notifications.delay` if it consumes: its retries and dead letters go
+    through it) and, of `queues`, those it consumes (each with its wait queues and dead-letter
+    queue). Not `notifications.dlx`, which only RabbitMQ itself writes, nor other services'
+    queues: from RabbitMQ 4.2.7 and 4.3.1 a passive declare needs some permission (configure,
+    write or read) on the object, and a service's least-privilege user has none on those
+    (deploy/rabbitmq/README.md, "Creating the topology")."""
+    consumed = {
+        subscriber.queue.name
+        for subscriber in broker.subscribers
+        if isinstance(subscriber, RabbitSubscriber)
+    }
+    publishes = any(
+        isinstance(publisher, RabbitPublisher) and publisher.exchange.name == EXCHANGE.name
+        for publisher in broker.publishers
+    )
+    own = tuple(queue for queue in queues if queue.name in consumed)
+    exchanges = ((EXCHANGE,) if publishes else ()) + ((RETRY_EXCHANGE,) if own else ())
+    return exchanges, own
+
+
 async def declare_topology(
     broker: RabbitBroker,
     *,
@@ -289,14 +313,17 @@ async def declare_topology(
     unbound because its consumer has not started yet, and no consumer takes a message before
     the wait queues and dead-letter queues its failures need exist.
 
-    With a broker in passive mode (RABBITMQ_DECLARE=passive) it only checks that every exchange
-    and queue exists, so a service whose topology an admin step forgot fails at startup
-    (NOT_FOUND) instead of at its first publish or retry.
+    With a broker in passive mode (RABBITMQ_DECLARE=passive) it only checks that what the
+    service itself uses exists (`passive_scope`), so a service whose topology an admin step
+    forgot fails at startup (NOT_FOUND) instead of at its first publish or retry.
     """
     # Here, not at the top: herald_shared.broker imports this module.
     from herald_shared.broker import HeraldBroker
 
     passive = isinstance(broker, HeraldBroker) and broker.declares_passively
+    exchanges: tuple[RabbitExchange, ...] = (EXCHANGE, DEAD_LETTER_EXCHANGE, RETRY_EXCHANGE)
+    if passive:
+        exchanges, queues = passive_scope(broker, queues)
 
     def declarable(item: _Declarable) -> _Declarable:
         return existing(item) if passive else item
@@ -306,9 +333,11 @@ async def declare_topology(
             await queue.bind(exchange, routing_key=routing_key)
 
     await broker.connect()  # idempotent; broker.start() reuses the connection
-    exchange = await broker.declare_exchange(declarable(EXCHANGE))
-    dead_letter_exchange = await broker.declare_exchange(declarable(DEAD_LETTER_EXCHANGE))
-    retry_exchange = await broker.declare_exchange(declarable(RETRY_EXCHANGE))
+    checked = {item.name: await broker.declare_exchange(declarable(item)) for item in exchanges}
+    # None for an exchange passive mode does not check: only `bind`, which skips, takes them.
+    exchange = checked.get(EXCHANGE.name)
+    dead_letter_exchange = checked.get(DEAD_LETTER_EXCHANGE.name)
+    retry_exchange = checked.get(RETRY_EXCHANGE.name)
     for consumer_queue in queues:
         queue = await broker.declare_queue(declarable(consumer_queue.queue))
         for routing_key in consumer_queue.bindings:

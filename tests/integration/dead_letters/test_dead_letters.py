@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import aio_pika
 import pytest
@@ -34,6 +35,8 @@ from herald_shared.topology import (
     ConsumerQueue,
     declare_topology,
 )
+from scripts.gen_definitions import dead_letter_policy
+from tests.support import infra
 from tests.support.infra import wait_until
 
 DELAYS = (0.2,)
@@ -499,6 +502,83 @@ async def test_many_dead_letters_are_settled_exactly(settings: RabbitSettings) -
     code, output = await _run(settings, "purge", "--queue", QUEUE.name, "--all", "--yes")
     assert code == 0
     assert f"purged {len(left)} of {len(left)}" in output
+    assert await _ids(settings) == []
+
+
+# --- delivery limits -----------------------------------------------------------------------
+
+# More readings than RabbitMQ 4.x's default quorum-queue delivery limit (20).
+READINGS = 25
+
+
+def _vhost(settings: RabbitSettings) -> str:
+    return unquote(settings.url.rsplit("/", 1)[1])
+
+
+async def _delivery_counts(settings: RabbitSettings) -> dict[str | None, int]:
+    """Each dead letter's `x-delivery-count` (deliveries so far), read the way the tool reads
+    (taken, then returned with nack): this reading counts too."""
+    counts: dict[str | None, int] = {}
+    connection = await aio_pika.connect(settings.url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.get_queue(DLQ, ensure=False)
+        taken = []
+        while (message := await queue.get(no_ack=False, fail=False, timeout=5)) is not None:
+            taken.append(message)
+            count = message.headers.get("x-delivery-count", 0)
+            assert isinstance(count, int)
+            counts[message.message_id] = count
+        for message in taken:
+            await message.nack(requeue=True)
+    return counts
+
+
+async def _policy_applies(settings: RabbitSettings, name: str) -> bool:
+    return infra.queue_policy(settings.url, DLQ) == name
+
+
+async def test_under_the_deployed_policy_reading_many_times_drops_nothing(
+    settings: RabbitSettings,
+) -> None:
+    """`list` takes every dead letter and returns it: a delivery each time. The definitions'
+    policy (accepted by this 3.10 broker) keeps a dead-letter queue from ever reaching a
+    delivery limit, which RabbitMQ 4.x would otherwise set to 20 and then drop the letters."""
+    policy = dead_letter_policy(_vhost(settings))
+    infra.set_policy(settings.url, policy)
+    await wait_until(lambda: _policy_applies(settings, policy["name"]))
+    before = await _ids(settings)
+    assert len(before) == 5
+    for _ in range(READINGS):
+        code, output = await _run(settings, "list", "--queue", QUEUE.name)
+        assert code == 0
+        assert f"{DLQ}: 5 messages" in output
+    assert await _ids(settings) == before
+    counts = await _delivery_counts(settings)
+    # Every reading counted (the trap is real): the first _ids, READINGS lists, the second.
+    assert set(counts) == set(before)
+    assert min(counts.values()) >= READINGS + 2
+
+
+async def test_a_delivery_limit_on_a_dead_letter_queue_drops_what_is_read(
+    settings: RabbitSettings,
+) -> None:
+    """What the policy prevents, on this broker: under a limit of 2, the third reading drops
+    every dead letter (a dead-letter queue dead-letters nowhere). A policy of higher priority
+    replaces the deployed one entirely (one policy per queue)."""
+    infra.set_policy(settings.url, dead_letter_policy(_vhost(settings)))
+    limited = {
+        **dead_letter_policy(_vhost(settings)),
+        "name": "limited",
+        "priority": 1,
+        "definition": {"delivery-limit": 2},
+    }
+    infra.set_policy(settings.url, limited)
+    await wait_until(lambda: _policy_applies(settings, "limited"))
+    first = await _ids(settings)
+    assert len(first) == 5
+    assert await _ids(settings) == first
+    assert await _ids(settings) == first  # returned a third time: past the limit
     assert await _ids(settings) == []
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import subprocess
 import tempfile
 import time
@@ -22,10 +23,14 @@ from typing import Any
 import aio_pika
 import aiormq
 import pytest
+from prometheus_client import CollectorRegistry
 from yarl import URL
 
 from herald_shared.broker import RabbitSettings, make_broker
+from herald_shared.metrics import fed_queues, herald_metrics, refresh_broker_gauges
+from herald_shared.ops import consumers_ready
 from herald_shared.topology import (
+    CONSUMER_QUEUES,
     DEAD_LETTER_EXCHANGE,
     EXCHANGE,
     MESSAGE_NEW,
@@ -184,7 +189,9 @@ async def test_push_sender_reads_its_own_queue_only(imported: Imported) -> None:
         channel = await connection.channel()
         own = await channel.declare_queue(PUSH_NOTIFICATIONS.name, passive=True)
         assert await own.get(fail=False, timeout=5) is None  # allowed, and empty
-        other = await channel.declare_queue(MESSAGE_NOTIFICATIONS.name, passive=True)
+        # Not declared: RabbitMQ 4.2.7+ would refuse the passive declare itself (no
+        # permission on the queue at all), and this is about the read.
+        other = await channel.get_queue(MESSAGE_NOTIFICATIONS.name, ensure=False)
         with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
             await other.get(fail=False, timeout=5)
 
@@ -224,7 +231,7 @@ async def test_ops_user_reads_dead_letters_and_replays_with_retry_keys_only(
             MESSAGE_NOTIFICATIONS.dead_letter_queue.name, passive=True
         )
         assert await dead_letters.get(fail=False, timeout=5) is None
-        work = await channel.declare_queue(MESSAGE_NOTIFICATIONS.name, passive=True)
+        work = await channel.get_queue(MESSAGE_NOTIFICATIONS.name, ensure=False)
         with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
             await work.get(fail=False, timeout=5)
 
@@ -282,9 +289,45 @@ async def test_push_sender_delays_and_dead_letters_into_its_own_queues(
     assert message.routing_key == PUSH_NOTIFICATIONS.retry_routing_key
 
 
+# Direct reply-to's pseudo-queue, which FastStream checks at start: RabbitMQ answers a declare
+# of it before any permission check (rabbit_channel's queue.declare clause for it comes first).
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+
+
+def _permitted(grant: dict[str, str], name: str) -> bool:
+    """RabbitMQ 4.2.7+/4.3.1+'s check of a passive declare: any one of the user's configure,
+    write and read patterns matches the object's name (`re:run`, unanchored, like search)."""
+    if name.startswith(DIRECT_REPLY_TO):
+        return True
+    return any(re.search(grant[kind], name) for kind in ("configure", "write", "read"))
+
+
+@pytest.fixture
+def passive_declares(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """Every passive declare sent on an AMQP channel from now on: ("queue" | "exchange", name).
+    This broker (3.10) checks no permission for them; RabbitMQ 4.2.7 and 4.3.1 do."""
+    sent: list[tuple[str, str]] = []
+    queue_declare = aiormq.Channel.queue_declare
+    exchange_declare = aiormq.Channel.exchange_declare
+
+    async def recording_queue_declare(self: Any, queue: str = "", **kwargs: Any) -> Any:
+        if kwargs.get("passive"):
+            sent.append(("queue", queue))
+        return await queue_declare(self, queue, **kwargs)
+
+    async def recording_exchange_declare(self: Any, exchange: str = "", **kwargs: Any) -> Any:
+        if kwargs.get("passive"):
+            sent.append(("exchange", exchange))
+        return await exchange_declare(self, exchange, **kwargs)
+
+    monkeypatch.setattr(aiormq.Channel, "queue_declare", recording_queue_declare)
+    monkeypatch.setattr(aiormq.Channel, "exchange_declare", recording_exchange_declare)
+    return sent
+
+
 @pytest.mark.parametrize("service", SERVICES)
 async def test_service_starts_in_passive_mode_with_its_own_user(
-    imported: Imported, service: str
+    imported: Imported, service: str, passive_declares: list[tuple[str, str]]
 ) -> None:
     package = SERVICES[service]
     settings_module: Any = importlib.import_module(f"{package}.settings")
@@ -315,8 +358,27 @@ async def test_service_starts_in_passive_mode_with_its_own_user(
             return {row["queue_name"] for row in rows} == consumed
 
         await wait_until(consuming, timeout=10)
+        # What a running service checks besides: readiness (its consumers), and at every
+        # scrape of /metrics the depth and consumers of its queues and of the ones it feeds.
+        assert await consumers_ready(broker)
+        metrics = herald_metrics(CollectorRegistry())
+        await refresh_broker_gauges(broker, metrics)
+        reported = {
+            sample.labels["queue"]
+            for family in metrics.queue_consumers.collect()
+            for sample in family.samples
+        }
+        assert reported == {*consumed, *fed_queues(broker)}  # every probe answered
     finally:
         await broker.stop()
+    # What it checked, each object on which its user has some permission (RabbitMQ 4.x).
+    grant = next(
+        row for row in imported.document["permissions"] if row["user"] == imported.prefix + service
+    )
+    assert {kind for kind, _ in passive_declares} == {"queue", "exchange"}
+    assert consumed <= {name for kind, name in passive_declares if kind == "queue"}
+    refused = sorted({name for _, name in passive_declares if not _permitted(grant, name)})
+    assert refused == []
 
 
 async def test_definitions_topology_is_what_the_code_declares(
@@ -372,3 +434,19 @@ async def test_definitions_topology_is_what_the_code_declares(
         RETRY_EXCHANGE.name,
     }
     assert len(from_code["queues"]) == len(imported.document["queues"])
+
+
+def test_the_dead_letter_policy_is_accepted_and_applies_to_every_dead_letter_queue(
+    imported: Imported,
+) -> None:
+    """The import would have failed on a limit 3.10 refuses (a negative one); the policy
+    reaches each dead-letter queue and nothing else."""
+    (policy,) = imported.document["policies"]
+    applied = {
+        row["name"]: row["policy"] for row in _list(imported.vhost, "list_queues", "name", "policy")
+    }
+    dead_letter_queues = {queue.dead_letter_queue.name for queue in CONSUMER_QUEUES}
+    assert {
+        name for name, applied_policy in applied.items() if applied_policy
+    } == dead_letter_queues
+    assert {applied[name] for name in dead_letter_queues} == {policy["name"]}

@@ -199,6 +199,17 @@ def test_several_broker_addresses_from_rabbitmq_urls_or_rabbitmq_url(
     assert connection_url(settings, "router") == "amqp://u:p@c/chat?name=router&heartbeat=15"
 
 
+@pytest.mark.parametrize("empty", ["", "  ", " , "])
+def test_an_empty_rabbitmq_urls_counts_as_unset(
+    monkeypatch: pytest.MonkeyPatch, empty: str
+) -> None:
+    """Compose passes `RABBITMQ_URLS: ${HERALD_CLUSTER:+...}` as an empty variable outside the
+    cluster profile: RABBITMQ_URL must then apply."""
+    monkeypatch.setenv("RABBITMQ_URL", "amqp://u:p@a:5672/chat")
+    monkeypatch.setenv("RABBITMQ_URLS", empty)
+    assert RabbitSettings().addresses == ("amqp://u:p@a:5672/chat",)
+
+
 def test_broker_addresses_share_one_scheme() -> None:
     with pytest.raises(ValueError, match="all be amqp:// or all amqps://"):
         RabbitSettings(urls="amqps://a/,amqp://b/")

@@ -24,7 +24,7 @@ How a queue is read
 Every command takes the whole dead-letter queue with `basic.get` and manual acknowledgement
 (until `get-empty`, at most `MAX_MESSAGES`), decides, then settles each message exactly once:
 `ack` for what was replayed (only after the broker confirmed the republish) or purged,
-`reject(requeue=True)` for everything else, in reading order. `list` and `show` ack nothing.
+`nack(requeue=True)` for everything else, in reading order. `list` and `show` ack nothing.
 
 Why `basic.get` rather than a consumer with a prefetch and `nack(requeue=True)` at the end: a
 consumer cannot tell "the queue is empty" from "the next message is late" (it would need a
@@ -46,11 +46,18 @@ returns it towards its old position). Because the tool holds the whole queue, re
 unsettled messages in reading order recreates the queue's order minus what was acked; before
 settling, it also takes the dead letters that arrived meanwhile and requeues them last, so they
 stay behind. Dead letters arriving during the settling itself (milliseconds) may end up between
-older ones; above `MAX_MESSAGES` the unread rest ends up in front of the requeued batch. Each
-requeue bumps the message's `x-delivery-count`; dead-letter queues have no `x-delivery-limit`
-(see `ConsumerQueue.dead_letter_queue`), so nothing is ever dropped for it. If the tool dies
-mid-way, RabbitMQ returns the unacked messages itself when the connection closes: nothing is
-lost, though their order is then RabbitMQ's.
+older ones; above `MAX_MESSAGES` the unread rest ends up in front of the requeued batch. If
+the tool dies mid-way, RabbitMQ returns the unacked messages itself when the connection closes:
+nothing is lost, though their order is then RabbitMQ's.
+
+Delivery counts. Every reading is a delivery: RabbitMQ 3.x and 4.0-4.2 count each return of a
+quorum-queue message, whatever returned it (`x-delivery-count` on 3.x, the acquired count that
+4.x holds the delivery limit against); 4.3 counts only a failed delivery, which `basic.reject`
+signals and `basic.nack` does not, hence `nack`. A queue with a delivery limit would drop its
+dead letters after that many readings (they have nowhere to be dead-lettered to), and RabbitMQ
+4.x gives every quorum queue one, 20, unless it says otherwise: the deployed definitions' policy
+`herald-dead-letter-queues` lifts it for every dead-letter queue (scripts/gen_definitions.py,
+`DEAD_LETTER_DELIVERY_LIMIT`; docs/dead-letters.md). On 3.x a queue has no limit by default.
 
 Never losing a message. A dead letter is acked only after its republish was confirmed (publisher
 confirms, `mandatory`, so an unroutable publish fails instead of vanishing). A failure stops the
@@ -338,7 +345,9 @@ async def _settle(chunks: list[tuple[AbstractChannel, list[Held]]], *, quiet: bo
             if not channel.is_closed:
                 for item in chunk:
                     if not item.acked:
-                        await item.message.reject(requeue=True)
+                        # nack, not reject: on RabbitMQ 4.3 a reject counts as a failed
+                        # delivery towards the queue's delivery limit (module docstring).
+                        await item.message.nack(requeue=True)
                 await channel.close()
         except (OSError, TimeoutError, RuntimeError, aiormq.exceptions.AMQPError) as exc:
             failure = failure or exc
