@@ -490,3 +490,69 @@ async def test_a_blocked_senders_message_and_a_deleted_one_leave_no_item(
         assert after.status_code == 404
         listed = await client.get("/users/me/notifications", headers=carol.auth)
         assert message not in [item["message_id"] for item in listed.json()["items"]]
+
+
+async def test_marking_everything_read_recalls_every_push_and_empties_the_unread_inbox(
+    pipeline: Pipeline,
+) -> None:
+    async with httpx.AsyncClient(base_url=pipeline.api, timeout=30) as client:
+        scene = await scene_for(client, pipeline, 200)
+        await scene.bob_sets("/users/me/preferences", {"push": "all", "email": "none"})
+        other = await client.post(
+            "/rooms",
+            json={"name": "second", "member_ids": [scene.bob.id]},
+            headers=scene.alice.auth,
+        )
+        assert other.status_code == 201, other.text
+        second = other.json()["id"]
+        joined = await client.post(f"/rooms/{second}/join", headers=scene.bob.auth)
+        assert joined.status_code == 200, joined.text
+        posted = [
+            await scene.post(f"hello {n}", room=room)
+            for room in (scene.room, second)
+            for n in range(2)
+        ]
+
+        async def all_pushed() -> bool:
+            items = (await client.get("/users/me/notifications", headers=scene.bob.auth)).json()
+            sent = {
+                item["message_id"]
+                for item in items["items"]
+                if any(d["state"] == "sent" for d in item["deliveries"])
+            }
+            return set(posted) <= sent
+
+        await infra.wait_until(all_pushed, timeout=30, interval=0.1)
+        read = await client.post(
+            "/users/me/notifications/read", json={"all": True}, headers=scene.bob.auth
+        )
+        assert read.status_code == 200, read.text
+        assert {(room["room_id"], room["unread"]) for room in read.json()["rooms"]} == {
+            (scene.room, 0),
+            (second, 0),
+        }
+
+        async def all_recalled() -> bool:
+            items = (await client.get("/users/me/notifications", headers=scene.bob.auth)).json()
+            states = {
+                item["message_id"]: {
+                    d["state"] for d in item["deliveries"] if d["channel"] == "push"
+                }
+                for item in items["items"]
+            }
+            return all(states.get(message) == {"recalled"} for message in posted)
+
+        await infra.wait_until(all_recalled, timeout=30, interval=0.1)
+        unread = await client.get(
+            "/users/me/notifications", params={"unread_only": "true"}, headers=scene.bob.auth
+        )
+        assert unread.json()["items"] == []
+        recalls = [
+            body["message"]["data"]
+            for body in pipeline.fcm.messages_to(scene.bob.device_token)
+            if body["message"].get("data", {}).get("type") == "recall"
+        ]
+        assert recalls, "no recall reached Bob's phone"
+        assert {scene.room, second} <= {
+            room for recall in recalls for room in recall["room_ids"].split(",")
+        }
