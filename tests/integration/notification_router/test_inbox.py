@@ -4,8 +4,10 @@ forgets the changes, and a failed publication leaves them for the next pass."""
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
 
 import pytest
 from faststream import TestApp
@@ -22,13 +24,20 @@ from herald_shared.events import (
     InboxState,
     Level,
     Trigger,
+    utc_now,
 )
+from herald_shared.retention import RetentionTask
 from herald_shared.topology import INBOX_UPDATES
 from notification_router import repository
 from notification_router.app import RouterService, build_service
 from notification_router.handlers import record_reports, route_messages
 from notification_router.settings import Settings
-from notification_router.tables import inbox_changes, inbox_relay
+from notification_router.tables import (
+    inbox_changes,
+    inbox_relay,
+    notification_deliveries,
+    notifications,
+)
 from tests.integration.notification_router.test_router import drain, projected, publish, push_jobs
 from tests.support.infra import wait_until
 from tests.support.router_factories import message_created, user_updated
@@ -189,3 +198,36 @@ async def test_an_item_of_an_unknown_message_is_not_published(service: RouterSer
     assert await repository.relay_inbox_changes(service.engine, limit=10, publish=record) == 1
     assert [list(rows.decisions) for rows in published] == [[]]
     assert await changes_left(service) == 0
+
+
+async def test_retention_deletes_old_decisions_with_their_deliveries_in_batches(
+    service: RouterService, rabbit_url: str
+) -> None:
+    bob = user_updated(display_name="Bob", devices=2)
+    await publish(service, bob)
+    await wait_until(projected(service))
+    messages = [message_created(recipient_ids=[bob.user_id]) for _ in range(5)]
+    await route_messages(messages, service.deps)
+
+    def retention_at(now: datetime) -> RetentionTask:
+        prune = functools.partial(repository.prune_decisions, service.engine)
+        return RetentionTask(
+            {"notifications": lambda before, batch: prune(before=before, batch=batch)},
+            keep=timedelta(days=90),
+            interval=3600,
+            batch=2,  # several batches
+            name="test-retention",
+            clock=lambda: now,
+        )
+
+    retention = retention_at(utc_now() + timedelta(days=91))
+    kept = message_created(recipient_ids=[bob.user_id])
+
+    assert await retention.prune_once() == {"notifications": len(messages)}
+
+    async with service.engine.connect() as connection:
+        assert await connection.scalar(select(func.count()).select_from(notifications)) == 0
+        deliveries = select(func.count()).select_from(notification_deliveries)
+        assert await connection.scalar(deliveries) == 0  # cascaded
+    await route_messages([kept], service.deps)
+    assert await retention_at(utc_now() + timedelta(days=89)).prune_once() == {"notifications": 0}

@@ -285,3 +285,18 @@ async def test_ids_of_someone_elses_inbox_move_nothing_and_a_body_must_say_what(
         refused = await client.post("/users/me/notifications/read", json=body, headers=bob.headers)
         assert refused.status_code == 422, body
     assert await room_reads(runtime) == []
+
+
+async def test_retention_deletes_the_items_of_old_messages_only(
+    client: httpx.AsyncClient, runtime: MessageService
+) -> None:
+    alice, bob = await register(client, "alice"), await register(client, "bob")
+    room = await create_room(client, alice, [bob])
+    old, new = await post(client, alice, room, "old"), await post(client, alice, room, "new")
+    aged = dict(old, created_at=(utc_now() - timedelta(days=91)).isoformat())
+    await project(runtime, 1, item_for(bob, aged), item_for(bob, new))
+
+    assert await runtime.retention.prune_once() == {"inbox_items": 1}
+
+    items = (await inbox(client, bob))["items"]
+    assert [item["message_id"] for item in items] == [new["id"]]

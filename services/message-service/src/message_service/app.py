@@ -51,6 +51,7 @@ from herald_shared.events import (
 from herald_shared.metrics import herald_metrics, refresh_broker_gauges
 from herald_shared.ops import broker_healthy, consumers_ready, service_version
 from herald_shared.publishing import event_publisher, publish_event
+from herald_shared.retention import RetentionTask
 from herald_shared.retry import describe_error
 from herald_shared.topology import (
     MESSAGE_DELETED,
@@ -63,7 +64,7 @@ from herald_shared.topology import (
     USER_UPDATED,
     declare_topology,
 )
-from message_service import openapi_pages
+from message_service import openapi_pages, repository
 from message_service.api import router
 from message_service.api.deps import ApiDeps
 from message_service.api.responses import clipped, with_common_answers
@@ -110,6 +111,7 @@ class MessageService:
     relay: OutboxRelay
     specification: AsyncAPI
     pruner: DevicePruner
+    retention: RetentionTask
     streams: StreamHub
     limiter: RateLimiter
     app: FastAPI
@@ -287,6 +289,16 @@ def build_service(
             stale_after=timedelta(days=settings.device_stale_after_days),
             interval=settings.device_prune_interval,
         ),
+        retention=RetentionTask(
+            {
+                "inbox_items": lambda before, batch: repository.prune_inbox(
+                    engine, before=before, batch=batch
+                )
+            },
+            keep=timedelta(days=settings.notification_retention_days),
+            interval=settings.retention_prune_interval,
+            name="message-service-retention",
+        ),
         streams=streams,
         limiter=limiter,
         app=app,
@@ -374,6 +386,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         raise StartupError(f"RabbitMQ unreachable at {address}") from None
     runtime.relay.start()
     runtime.pruner.start()
+    runtime.retention.start()
     runtime.streams.start()
     logger.info(
         "message_service.started port=%d rate_limits=%s",
@@ -388,6 +401,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         # pruner staged.
         await runtime.streams.stop()
         await runtime.pruner.stop()
+        await runtime.retention.stop()
         await runtime.relay.stop()
         await runtime.broker.stop()
         await runtime.engine.dispose()

@@ -260,6 +260,8 @@ class InboxItem(Table, table=True):
     __table_args__ = (
         # The inbox, newest first (keyset pagination, no OFFSET).
         Index("ix_inbox_items_user_created", "user_id", "message_created_at", "message_id"),
+        # What retention deletes, oldest first, in batches.
+        Index("ix_inbox_items_created", "message_created_at"),
     )
 
     user_id: uuid.UUID = Field(primary_key=True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table, and_, case, delete, func, insert, or_, text, update
+from sqlalchemy import Table, and_, case, delete, func, insert, or_, text, tuple_, update
 from sqlalchemy import select as core_select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -1024,3 +1024,19 @@ async def messages_to_read(
         .execution_options(populate_existing=True)
     )
     return [(member, message) for member, message in (await session.exec(statement)).all()]
+
+
+async def prune_inbox(engine: AsyncEngine, *, before: datetime, batch: int) -> int:
+    """Delete up to `batch` inbox items of messages older than `before`, oldest first, in one
+    short statement (no long lock); how many."""
+    oldest = (
+        core_select(_inbox.c.user_id, _inbox.c.message_id)
+        .where(_inbox.c.message_created_at < before)
+        .order_by(_inbox.c.message_created_at)
+        .limit(batch)
+    )
+    async with engine.begin() as connection:
+        result = await connection.execute(
+            delete(_inbox).where(tuple_(_inbox.c.user_id, _inbox.c.message_id).in_(oldest))
+        )
+    return max(result.rowcount, 0)

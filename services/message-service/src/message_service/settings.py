@@ -41,6 +41,10 @@ class Settings(ServiceSettings):
     # (`DEVICE_STALE_AFTER_DAYS`); the pruner looks every `device_prune_interval` seconds.
     device_stale_after_days: int = Field(default=60, ge=1, le=3650)
     device_prune_interval: float = Field(default=3600.0, gt=0)
+    # Inbox items of messages older than `NOTIFICATION_RETENTION_DAYS` are deleted, in
+    # batches, every `RETENTION_PRUNE_INTERVAL` seconds (the router keeps its ledger as long).
+    notification_retention_days: int = Field(default=90, ge=1, le=3650)
+    retention_prune_interval: float = Field(default=3600.0, gt=0)
     # `WEBPUSH_ALLOWED_HOSTS`, comma-separated: where a Web Push subscription's endpoint may
     # point (https only; plain http to an allowlisted loopback host, for local test servers).
     # push-sender reads the same variable and re-checks every endpoint before a POST.

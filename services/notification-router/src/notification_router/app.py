@@ -22,6 +22,7 @@ from herald_shared.events import (
 )
 from herald_shared.ops import asyncapi_spec, consumer_app, service_version
 from herald_shared.publishing import event_publisher
+from herald_shared.retention import RetentionTask
 from herald_shared.topology import (
     EMAIL_SEND,
     EMAIL_SEND_URGENT,
@@ -30,6 +31,7 @@ from herald_shared.topology import (
     PUSH_SEND_URGENT,
     declare_topology,
 )
+from notification_router import repository
 from notification_router.handlers import RouterDeps, Subscribers, register_handlers
 from notification_router.inbox import InboxRelay
 from notification_router.metrics import RouterMetrics
@@ -58,6 +60,7 @@ class RouterService:
     subscribers: Subscribers
     schedule: WindowDispatcher
     inbox: InboxRelay
+    retention: RetentionTask
     app: AsgiFastStream
 
 
@@ -166,13 +169,29 @@ def build_service(settings: Settings) -> RouterService:
     async def declare() -> None:
         await declare_topology(broker, retry_delays=settings.rabbitmq.retry_delays)
 
+    retention = RetentionTask(
+        {
+            "notifications": lambda before, batch: repository.prune_decisions(
+                engine, before=before, batch=batch
+            ),
+            "waiting_windows": lambda before, batch: repository.prune_windows(
+                engine, before=before, batch=batch
+            ),
+        },
+        keep=timedelta(days=settings.notification_retention_days),
+        interval=settings.retention_prune_interval,
+        name="notification-router-retention",
+    )
+
     async def start_periodic_work() -> None:
         schedule.start()
         inbox.start()
+        retention.start()
 
     async def dispose() -> None:
         await schedule.stop()
         await inbox.stop()
+        await retention.stop()
         await engine.dispose()
 
     app = consumer_app(
@@ -188,7 +207,7 @@ def build_service(settings: Settings) -> RouterService:
         routes=[explain_route(engine, settings.ops_token)],
     )
     return RouterService(
-        settings, broker, engine, registry, deps, subscribers, schedule, inbox, app
+        settings, broker, engine, registry, deps, subscribers, schedule, inbox, retention, app
     )
 
 

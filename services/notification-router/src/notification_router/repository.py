@@ -1642,3 +1642,38 @@ async def inbox_backlog(engine: AsyncEngine) -> int:
     """Changes not published yet."""
     async with autocommit(engine) as connection:
         return int(await connection.scalar(select(func.count()).select_from(inbox_changes)) or 0)
+
+
+# --- retention -----------------------------------------------------------------------------------
+
+
+async def prune_decisions(engine: AsyncEngine, *, before: datetime, batch: int) -> int:
+    """Delete up to `batch` ledger rows decided before `before`, oldest first, with their
+    deliveries and window entries (the foreign keys cascade); how many decisions."""
+    oldest = (
+        select(notifications.c.message_id, notifications.c.recipient_id)
+        .where(notifications.c.decided_at < before)
+        .order_by(notifications.c.decided_at)
+        .limit(batch)
+    )
+    async with engine.begin() as connection:
+        result = await connection.execute(
+            delete(notifications).where(
+                tuple_(notifications.c.message_id, notifications.c.recipient_id).in_(oldest)
+            )
+        )
+    return max(result.rowcount, 0)
+
+
+async def prune_windows(engine: AsyncEngine, *, before: datetime, batch: int) -> int:
+    """Delete up to `batch` windows that ended (sent or cancelled) before `before`."""
+    oldest = (
+        select(_windows.window_id)
+        .where(_windows.state.in_((WINDOW_SENT, WINDOW_CANCELLED)), _windows.closed_at < before)
+        .limit(batch)
+    )
+    async with engine.begin() as connection:
+        result = await connection.execute(
+            delete(waiting_windows).where(_windows.window_id.in_(oldest))
+        )
+    return max(result.rowcount, 0)

@@ -40,3 +40,7 @@ class Settings(ServiceSettings):
     # many changes one publication takes at most (`INBOX_RELAY_BATCH`).
     inbox_relay_interval: float = Field(default=0.2, gt=0, le=60)
     inbox_relay_batch: int = Field(default=500, ge=1, le=5000)
+    # Retention (`NOTIFICATION_RETENTION_DAYS`): decisions, their deliveries and the windows
+    # that ended are deleted this many days on, in batches, every `RETENTION_PRUNE_INTERVAL` s.
+    notification_retention_days: int = Field(default=90, ge=1, le=3650)
+    retention_prune_interval: float = Field(default=3600.0, gt=0)

@@ -111,6 +111,8 @@ notifications = Table(
         "room_id",
         "message_created_at",
     ),
+    # What retention deletes, oldest first (revision 0011).
+    Index("ix_notifications_decided_at", "decided_at"),
 )
 
 notification_deliveries = Table(
@@ -207,6 +209,7 @@ waiting_windows = Table(
         sqlite_where=text(f"state = '{WINDOW_WAITING}'"),
     ),
     Index("ix_waiting_windows_state_due_at", "state", "due_at"),
+    Index("ix_waiting_windows_closed_at", "closed_at"),
 )
 
 window_entries = Table(

@@ -36,8 +36,11 @@ def upgrade() -> None:
         "inbox_items",
         ["user_id", "message_created_at", "message_id"],
     )
+    # What retention deletes, oldest first, in batches.
+    op.create_index("ix_inbox_items_created", "inbox_items", ["message_created_at"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_inbox_items_created", table_name="inbox_items")
     op.drop_index("ix_inbox_items_user_created", table_name="inbox_items")
     op.drop_table("inbox_items")
