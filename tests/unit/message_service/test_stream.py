@@ -441,3 +441,13 @@ async def test_an_inbox_item_that_changes_reaches_its_users_stream_once_per_vers
     assert received[0][2]["items"][0]["message_id"] == str(message)
     # The tail handed those rows to every stream at once: Alice's got nothing of them.
     assert queued(alices) == []
+    # Items of two users changed together: each stream gets its own user's part only.
+    alices_item = item(InboxState.SENT).model_copy(update={"user_id": alice.id})
+    both = InboxItemsUpdated(version=3, items=[item(InboxState.RECALLED), alices_item])
+    await runtime.broker.publish(both, exchange=EXCHANGE, routing_key=INBOX_UPDATED)
+    _, _, bobs_part = await next_event(bobs)
+    _, _, alices_part = await next_event(alices)
+    bob_data: Any = bobs_part
+    alice_data: Any = alices_part
+    assert [i["deliveries"][0]["state"] for i in bob_data["items"]] == ["recalled"]
+    assert [i["deliveries"][0]["state"] for i in alice_data["items"]] == ["sent"]

@@ -847,8 +847,8 @@ INBOX_STREAM_EVENT_TYPE = "inbox_items_updated"
 
 async def apply_inbox_items(session: AsyncSession, event: InboxItemsUpdated) -> int:
     """Upsert the event's items, each only over an older version of it (a replayed or late
-    event changes nothing), and put each changed item on its user's real-time stream (one
-    stream-only outbox row per user); how many items changed. The caller commits."""
+    event changes nothing), and put the changed ones on their users' real-time streams (one
+    stream-only outbox row); how many items changed. The caller commits."""
     items = {(item.user_id, item.message_id): item for item in event.items}
     rows = [
         {
@@ -877,21 +877,14 @@ async def apply_inbox_items(session: AsyncSession, event: InboxItemsUpdated) -> 
         where=_inbox.c.version < statement.excluded.version,
     ).returning(_inbox.c.user_id, _inbox.c.message_id)
     changed = (await connection.execute(statement, rows)).all() if rows else []
-    by_user: dict[uuid.UUID, list[Any]] = {}
-    for user_id, message_id in changed:
-        by_user.setdefault(user_id, []).append(items[(user_id, message_id)])
-    now = utc_now()
-    if by_user:
+    if changed:
+        # One row for all of them: the streams split it per user when they read it.
+        update_event = InboxItemsUpdated(
+            version=event.version, items=[items[(user, message)] for user, message in changed]
+        )
         await connection.execute(
             insert(_outbox),
-            [
-                _outbox_values(
-                    InboxItemsUpdated(version=event.version, items=user_items),
-                    INBOX_STREAM_EVENT_TYPE,
-                )
-                | {"published_at": now}
-                for user_items in by_user.values()
-            ],
+            _outbox_values(update_event, INBOX_STREAM_EVENT_TYPE) | {"published_at": utc_now()},
         )
     return len(changed)
 

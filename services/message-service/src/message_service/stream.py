@@ -4,8 +4,9 @@ markers (for their other devices) and their notification inbox's items as they c
 with `Last-Event-ID` on any replica, and the presence that the open streams imply.
 
 Where the events come from. Every message and every invitation is already a row of the outbox,
-committed with it; an inbox item that changed gets a row too, written already published (the
-relay never sends it: only the streams read it). Each replica tails the outbox with one reader,
+committed with it; the inbox items that changed together get a row too, written already
+published (the relay never sends it: only the streams read it), which each user's streams get
+their own part of. Each replica tails the outbox with one reader,
 however many streams it holds, and hands each row to the streams of the users it concerns. An
 event's id is its row's position: the id of the transaction that wrote it, then the row's `seq`.
 The reader takes rows only below the oldest transaction of the database still running, so no row
@@ -136,7 +137,39 @@ async def stream_events(engine: AsyncEngine, rows: Sequence[StreamRow]) -> list[
             if isinstance(event, MessageEdited | MessageDeleted)
         ),
     )
-    return [stream_event(position, event, audiences) for position, event in parsed]
+    events: list[StreamEvent] = []
+    for position, event in parsed:
+        if isinstance(event, InboxItemsUpdated):
+            events.extend(inbox_stream_events(position, event))
+        else:
+            events.append(stream_event(position, event, audiences))
+    return events
+
+
+def inbox_stream_events(position: StreamPosition, event: InboxItemsUpdated) -> list[StreamEvent]:
+    """One `notifications` event per user of the items (each user sees only theirs; all share
+    the row's position, and a stream gets at most one of them)."""
+    by_user: dict[uuid.UUID, list[dict[str, Any]]] = {}
+    for item in event.items:
+        by_user.setdefault(item.user_id, []).append(
+            {
+                "message_id": item.message_id,
+                "room_id": item.room_id,
+                "trigger": item.trigger,
+                "created_at": (item.message_created_at or item.decided_at).isoformat(),
+                "decided_at": item.decided_at.isoformat(),
+                "deliveries": [delivery.model_dump(mode="json") for delivery in item.deliveries],
+            }
+        )
+    return [
+        StreamEvent(
+            position=position,
+            name="notifications",
+            audience=frozenset((user_id,)),
+            data=_json({"items": items}),
+        )
+        for user_id, items in by_user.items()
+    ]
 
 
 def _parse(row: StreamRow) -> Streamed | None:
@@ -147,36 +180,14 @@ def _parse(row: StreamRow) -> Streamed | None:
 
 
 def stream_event(
-    position: StreamPosition, event: Streamed, audiences: RoomAudiences
+    position: StreamPosition,
+    event: MessageCreated | MessageEdited | MessageDeleted | InvitationCreated | RoomRead,
+    audiences: RoomAudiences,
 ) -> StreamEvent:
     """The event of an outbox row, shaped like the REST API's own objects (a message like an
     item of `GET /rooms/{id}/messages`, an edit like the part of it that changed, an invitation
     like one of `GET /rooms`, a read marker like `PUT /rooms/{id}/read`'s answer), with whom it
     is for (for an edit or a delete, from `audiences`)."""
-    if isinstance(event, InboxItemsUpdated):
-        # Written per user by the inbox projection (`repository.apply_inbox_items`).
-        return StreamEvent(
-            position=position,
-            name="notifications",
-            audience=frozenset(item.user_id for item in event.items),
-            data=_json(
-                {
-                    "items": [
-                        {
-                            "message_id": item.message_id,
-                            "room_id": item.room_id,
-                            "trigger": item.trigger,
-                            "created_at": (item.message_created_at or item.decided_at).isoformat(),
-                            "decided_at": item.decided_at.isoformat(),
-                            "deliveries": [
-                                delivery.model_dump(mode="json") for delivery in item.deliveries
-                            ],
-                        }
-                        for item in event.items
-                    ]
-                }
-            ),
-        )
     if isinstance(event, RoomRead):
         # The user's other devices follow: the room's unread count is 0 up to there.
         return StreamEvent(
