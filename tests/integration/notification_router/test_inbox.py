@@ -81,7 +81,7 @@ async def test_an_item_is_published_when_decided_and_again_when_its_pushes_are_a
     await wait_until(projected(service))
     message = message_created(recipient_ids=[bob.user_id])
     await route_messages([message], service.deps)
-    await service.inbox.relay_once()
+    await service.inbox.relay_once(settle=False)
 
     [(first_version, decided)] = await published_items(rabbit_url)
     assert (decided.user_id, decided.message_id) == (bob.user_id, message.message_id)
@@ -122,7 +122,7 @@ async def test_an_item_is_published_when_decided_and_again_when_its_pushes_are_a
         ],
         service.deps,
     )
-    await service.inbox.relay_once()
+    await service.inbox.relay_once(settle=False)
 
     [(second_version, reported)] = await published_items(rabbit_url)
     assert second_version > first_version
@@ -150,10 +150,10 @@ async def test_the_changes_of_many_items_go_out_in_one_pass_each_item_once(
     # Each item changed twice (its decision, then its deliveries' rows): one publication each.
     assert await changes_left(service) >= 2 * len(users) * len(messages)
 
-    relayed = await service.inbox.relay_once()
+    relayed = await service.inbox.relay_once(settle=False)
 
     items = await published_items(rabbit_url)
-    assert relayed >= 2 * len(users) * len(messages)
+    assert relayed == len(users) * len(messages)
     assert sorted((item.user_id, item.message_id) for _, item in items) == sorted(
         (user.user_id, message.message_id) for user in users for message in messages
     )
@@ -178,7 +178,7 @@ async def test_a_failed_publication_leaves_the_changes_and_the_version_for_the_n
     assert await changes_left(service) == waiting
     async with service.engine.connect() as connection:
         assert await connection.scalar(select(inbox_relay.c.version)) == 0
-    await service.inbox.relay_once()
+    await service.inbox.relay_once(settle=False)
     [(version, item)] = await published_items(rabbit_url)
     assert (version, item.user_id) == (1, bob.user_id)
     assert await changes_left(service) == 0
@@ -231,3 +231,33 @@ async def test_retention_deletes_old_decisions_with_their_deliveries_in_batches(
         assert await connection.scalar(deliveries) == 0  # cascaded
     await route_messages([kept], service.deps)
     assert await retention_at(utc_now() + timedelta(days=89)).prune_once() == {"notifications": 0}
+
+
+async def test_a_change_waits_one_pass_so_a_decision_and_its_report_go_out_together(
+    service: RouterService, rabbit_url: str
+) -> None:
+    bob = user_updated(display_name="Bob", devices=1, email_level=Level.NONE)
+    await publish(service, bob)
+    await wait_until(projected(service))
+    message = message_created(recipient_ids=[bob.user_id])
+    await route_messages([message], service.deps)
+
+    assert await service.inbox.relay_once() == 0  # decided since the last pass: not yet due
+    [job] = await push_jobs(rabbit_url)
+    await record_reports(
+        [
+            DeliveryReported(
+                notification_id=job.notification_id,
+                message_id=message.message_id,
+                recipient_id=bob.user_id,
+                channel=Channel.PUSH,
+                outcome=DeliveryOutcome.DELIVERED,
+            )
+        ],
+        service.deps,
+    )
+    assert await service.inbox.relay_once() == 1  # due now, with the report's change too
+
+    [(_, item)] = await published_items(rabbit_url)
+    assert [push.state for push in by_channel(item, Channel.PUSH)] == [InboxState.SENT]
+    assert await changes_left(service) == 0

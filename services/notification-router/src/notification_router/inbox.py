@@ -3,8 +3,10 @@ per user and message) whose ledger rows changed, each whole, as `InboxItemsUpdat
 message-service projects into users' inboxes.
 
 Which items changed is a log the database writes itself (triggers on the ledger's tables, router
-revision 0010), committed with the change. A pass (`repository.relay_inbox_changes`) takes the
-oldest changes, reads those items as they are then, publishes them under the next version and
+revision 0010), committed with the change. A change waits one pass (so that an item's decision
+and its delivery report, which usually come within that, are published together), then a pass
+(`repository.relay_inbox_changes`) takes the oldest due items with all their changes, reads
+those items as they are then, publishes them under the next version and
 deletes the changes, in one transaction: a crash or a broker outage leaves the changes for a
 later pass, and a later pass always carries a state at least as new under a higher version. So
 message-service keeps, per item, the highest version it saw: a replayed or late event changes
@@ -196,6 +198,8 @@ class InboxRelay:
         self._publishers = publishers
         self._publish_timeout = publish_timeout
         self._batch_size = batch_size
+        # The log's newest change at the previous pass: what is due at this one.
+        self._seen = 0
         self._loop = PeriodicTask(
             self.relay_once,
             interval=interval,
@@ -209,13 +213,17 @@ class InboxRelay:
         events = [InboxItemsUpdated(version=version, items=list(part)) for part in chunks(items)]
         await publish_events(events, self._publishers, timeout=self._publish_timeout)
 
-    async def relay_once(self) -> int:
-        """Passes until no change is left (or another replica holds the relay); how many
-        changes were published."""
+    async def relay_once(self, *, settle: bool = True) -> int:
+        """Passes until no due item is left (or another replica holds the relay); how many
+        items were published. With `settle`, a change waits for the next pass (`interval`
+        later) before it is due: an item whose decision and delivery report come within it
+        (the common case) is published once, not twice."""
+        head = await repository.inbox_change_head(self._engine)
+        up_to, self._seen = (self._seen, head) if settle else (None, head)
         relayed = 0
         while True:
             taken = await repository.relay_inbox_changes(
-                self._engine, limit=self._batch_size, publish=self._publish
+                self._engine, limit=self._batch_size, publish=self._publish, up_to=up_to
             )
             relayed += taken
             if taken < self._batch_size:

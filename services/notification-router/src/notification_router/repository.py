@@ -1602,13 +1602,15 @@ async def relay_inbox_changes(
     *,
     limit: int,
     publish: Callable[[int, InboxRows], Awaitable[object]],
+    up_to: int | None = None,
 ) -> int:
-    """One publication of the inbox items that changed: take up to `limit` changes (oldest
-    first), read those items as they are now, hand them to `publish` with the next version, and
-    forget the changes; all in one transaction, so a failed publication leaves the changes for
-    the next pass. One relay at a time (the counter's row lock; another replica skips the pass):
-    a version is then taken before its items are read, and a higher version never carries an
-    older state. How many changes it took."""
+    """One publication of the inbox items that changed: take up to `limit` items with a change
+    at or before `up_to` (the log's `seq`; None: any), oldest first, with every change of theirs
+    (a later one too: one publication covers them all), read those items as they are now, hand
+    them to `publish` with the next version, and forget those changes; all in one transaction,
+    so a failed publication leaves the changes for the next pass. One relay at a time (the
+    counter's row lock; another replica skips the pass): a version is then taken before its
+    items are read, and a higher version never carries an older state. How many items."""
     async with engine.begin() as connection:
         current = await connection.scalar(
             select(inbox_relay.c.version)
@@ -1617,25 +1619,32 @@ async def relay_inbox_changes(
         )
         if current is None:
             return 0
-        changes = (
-            await connection.execute(
-                select(inbox_changes.c.seq, inbox_changes.c.user_id, inbox_changes.c.message_id)
-                .order_by(inbox_changes.c.seq)
-                .limit(limit)
-            )
-        ).all()
-        if not changes:
+        due = select(inbox_changes.c.user_id, inbox_changes.c.message_id)
+        if up_to is not None:
+            due = due.where(inbox_changes.c.seq <= up_to)
+        due = (
+            due.group_by(inbox_changes.c.user_id, inbox_changes.c.message_id)
+            .order_by(func.min(inbox_changes.c.seq))
+            .limit(limit)
+        )
+        keys = [(row.user_id, row.message_id) for row in await connection.execute(due)]
+        if not keys:
             return 0
-        keys = sorted({(row.user_id, row.message_id) for row in changes})
+        key = tuple_(inbox_changes.c.user_id, inbox_changes.c.message_id)
+        taken = list(await connection.scalars(select(inbox_changes.c.seq).where(key.in_(keys))))
         version = current + 1
         await connection.execute(
             update(inbox_relay).where(inbox_relay.c.id == 1).values(version=version)
         )
-        await publish(version, await _inbox_rows(connection, keys))
-        await connection.execute(
-            delete(inbox_changes).where(inbox_changes.c.seq.in_([row.seq for row in changes]))
-        )
-    return len(changes)
+        await publish(version, await _inbox_rows(connection, sorted(keys)))
+        await connection.execute(delete(inbox_changes).where(inbox_changes.c.seq.in_(taken)))
+    return len(keys)
+
+
+async def inbox_change_head(engine: AsyncEngine) -> int:
+    """The newest change's `seq` (0: none)."""
+    async with autocommit(engine) as connection:
+        return int(await connection.scalar(select(func.max(inbox_changes.c.seq))) or 0)
 
 
 async def inbox_backlog(engine: AsyncEngine) -> int:
