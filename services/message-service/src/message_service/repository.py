@@ -907,7 +907,9 @@ class InboxRow:
     read: bool
 
 
-def _inbox_select(user_id: uuid.UUID) -> Any:
+def _inbox_select(user_id: uuid.UUID) -> tuple[Any, Any]:
+    """The user's inbox items joined with what this service knows of them, and the condition
+    "read" (the room's read marker at or past the message), for filtering."""
     read_up_to = _members.c.read_up_to
     read = and_(read_up_to.is_not(None), _inbox.c.message_created_at <= read_up_to)
     preview = func.coalesce(_preferences.c.push_preview, True)

@@ -86,9 +86,8 @@ def item_of(
     decided_at = _utc(decision.decided_at)
     by_channel = {row.channel: row for row in windows}
     recall = by_channel.get(repository.RECALL_WINDOW)
-    recalled_at = (
-        _utc_or_none(recall.closed_at) if recall is not None and recall.state == "sent" else None
-    )
+    recall_sent = recall is not None and recall.state == repository.WINDOW_SENT
+    recalled_at = _utc_or_none(recall.closed_at) if recall_sent else None
     result: list[InboxDelivery] = []
     for channel, decided in (
         (Channel.PUSH, decision.push_decision),
@@ -108,7 +107,7 @@ def item_of(
         own = [
             row
             for row in deliveries
-            if row.channel == channel and (row.target == "" or not _is_window_target(row.target))
+            if row.channel == channel and not _is_window_target(row.target)
         ]
         if not own:
             result.append(InboxDelivery(**base, state=InboxState.PENDING))
