@@ -86,8 +86,9 @@ def item_of(
     decided_at = _utc(decision.decided_at)
     by_channel = {row.channel: row for row in windows}
     recall = by_channel.get(repository.RECALL_WINDOW)
-    recall_sent = recall is not None and recall.state == repository.WINDOW_SENT
-    recalled_at = _utc_or_none(recall.closed_at) if recall_sent else None
+    recalled_at = None
+    if recall is not None and recall.state == repository.WINDOW_SENT:
+        recalled_at = _utc_or_none(recall.closed_at)
     result: list[InboxDelivery] = []
     for channel, decided in (
         (Channel.PUSH, decision.push_decision),
