@@ -4,7 +4,8 @@ on the three tables an item is read from, and the relay's version counter.
 Triggers rather than a write in every repository function: an item changes in a dozen places
 (decisions, delivery reports, windows that wait, close, are cancelled or recall), and one that
 forgot to say so would leave a user's inbox wrong for good. On PostgreSQL they are statement
-triggers with transition tables (one INSERT … SELECT per statement, not one per row).
+triggers with transition tables (one INSERT … SELECT DISTINCT per statement: an item whose two
+devices' reports land in one statement is logged once).
 
 Revision ID: 0010
 Revises: 0009
@@ -23,8 +24,16 @@ down_revision: str | None = "0009"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-# Each of these tables has `recipient_id` and `message_id`: the item a row belongs to.
-TRACKED = ("notifications", "notification_deliveries", "window_entries")
+# (table, event): each table has `recipient_id` and `message_id`, the item a row belongs to. A
+# delivery row is only ever inserted with its item's decision or with a change of a window
+# entry of it, which say so already: its inserts are not tracked, only its status changes.
+TRACKED = (
+    ("notifications", "INSERT"),
+    ("notifications", "UPDATE"),
+    ("notification_deliveries", "UPDATE"),
+    ("window_entries", "INSERT"),
+    ("window_entries", "UPDATE"),
+)
 
 
 def upgrade() -> None:
@@ -53,39 +62,35 @@ def upgrade() -> None:
             CREATE FUNCTION inbox_item_changed() RETURNS trigger LANGUAGE plpgsql AS $$
             BEGIN
                 INSERT INTO inbox_changes (user_id, message_id)
-                SELECT recipient_id, message_id FROM changed_rows;
+                SELECT DISTINCT recipient_id, message_id FROM changed_rows;
                 RETURN NULL;
             END
             $$
             """
         )
-        for table in TRACKED:
-            for event in ("INSERT", "UPDATE"):
-                # S608: the names are this module's constants, not input.
-                op.execute(
-                    f"CREATE TRIGGER {table}_inbox_{event.lower()} AFTER {event} ON {table} "
-                    "REFERENCING NEW TABLE AS changed_rows FOR EACH STATEMENT "
-                    "EXECUTE FUNCTION inbox_item_changed()"
-                )
-        return
-    for table in TRACKED:
-        for event in ("INSERT", "UPDATE"):
+        for table, event in TRACKED:
+            # S608: the names are this module's constants, not input.
             op.execute(
-                f"CREATE TRIGGER {table}_inbox_{event.lower()} AFTER {event} ON {table} "  # noqa: S608
-                "FOR EACH ROW BEGIN "
-                "INSERT INTO inbox_changes (user_id, message_id) "
-                "VALUES (NEW.recipient_id, NEW.message_id); END"
+                f"CREATE TRIGGER {table}_inbox_{event.lower()} AFTER {event} ON {table} "
+                "REFERENCING NEW TABLE AS changed_rows FOR EACH STATEMENT "
+                "EXECUTE FUNCTION inbox_item_changed()"
             )
+        return
+    for table, event in TRACKED:
+        op.execute(
+            f"CREATE TRIGGER {table}_inbox_{event.lower()} AFTER {event} ON {table} "  # noqa: S608
+            "FOR EACH ROW BEGIN "
+            "INSERT INTO inbox_changes (user_id, message_id) "
+            "VALUES (NEW.recipient_id, NEW.message_id); END"
+        )
 
 
 def downgrade() -> None:
-    for table in TRACKED:
-        for event in ("insert", "update"):
-            op.execute(
-                f"DROP TRIGGER IF EXISTS {table}_inbox_{event}"
-                + (f" ON {table}" if op.get_bind().dialect.name == "postgresql" else "")
-            )
-    if op.get_bind().dialect.name == "postgresql":
+    postgres = op.get_bind().dialect.name == "postgresql"
+    for table, event in TRACKED:
+        on_table = f" ON {table}" if postgres else ""
+        op.execute(f"DROP TRIGGER IF EXISTS {table}_inbox_{event.lower()}{on_table}")
+    if postgres:
         op.execute("DROP FUNCTION IF EXISTS inbox_item_changed()")
     op.drop_table("inbox_relay")
     op.drop_table("inbox_changes")
