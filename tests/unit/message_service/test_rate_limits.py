@@ -16,10 +16,20 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from message_service.app import service_of
-from message_service.ratelimit import TrustedProxies, client_ip, token_key
+from message_service.ratelimit import (
+    Budget,
+    RateLimited,
+    RateLimiter,
+    RateLimitMetrics,
+    TrustedProxies,
+    client_ip,
+    parse_budget,
+    token_key,
+)
 from message_service.settings import Settings
 from tests.unit.message_service.helpers import Account, make_settings, register, running_app
 
@@ -390,3 +400,36 @@ def test_the_token_key_is_a_digest() -> None:
     assert token not in token_key(token)
     assert token_key(token) == token_key(token)
     assert len(token_key(token)) == 32
+
+
+async def test_counting_in_this_process_is_not_cut_by_the_redis_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A count in this process that waits on a busy event loop (here: one that takes 50 ms
+    against a 10 ms Redis timeout) still counts, and refuses past the budget; it was a 500."""
+    limiter = RateLimiter(
+        budgets=dict.fromkeys(Budget, parse_budget("2 per minute")),
+        metrics=RateLimitMetrics(CollectorRegistry()),
+        redis_timeout=0.01,
+    )
+    local = limiter._local  # the in-process limiter, made slow
+    counted = local.hit
+    windows = local.get_window_stats
+
+    async def slow_hit(*args: Any, **kwargs: Any) -> bool:
+        await asyncio.sleep(0.05)
+        return await counted(*args, **kwargs)
+
+    async def slow_stats(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(0.05)
+        return await windows(*args, **kwargs)
+
+    monkeypatch.setattr(local, "hit", slow_hit)
+    monkeypatch.setattr(local, "get_window_stats", slow_stats)
+
+    await limiter.hit(Budget.POSTING, "user")
+    await limiter.hit(Budget.POSTING, "user")
+    with pytest.raises(RateLimited) as refused:
+        await limiter.hit(Budget.POSTING, "user")
+    assert refused.value.retry_after >= 1
+    assert limiter.metrics.storage_errors._value.get() == 0  # no storage failed

@@ -164,19 +164,23 @@ class RateLimiter:
             return
         item = self.budgets[budget]
         limiter = self._limiter()
-        try:
-            async with asyncio.timeout(self._timeout):
-                allowed = await limiter.hit(item, budget, key, cost=cost)
-        except Exception as exc:
-            if limiter is self._local:
-                raise
-            self._storage_failed(exc)
-            limiter = self._local
+        if limiter is self._local:
+            # No time limit here: `RATE_LIMIT_REDIS_TIMEOUT` bounds a round trip to Redis, and a
+            # count in this process that waits on a busy event loop is no failure (it was one,
+            # a 500, when this was cut by the same timeout).
             allowed = await limiter.hit(item, budget, key, cost=cost)
         else:
-            if limiter is not self._local and self._shared_down_until:
-                self._shared_down_until = 0.0
-                logger.info("message_service.ratelimit.shared_storage_restored")
+            try:
+                async with asyncio.timeout(self._timeout):
+                    allowed = await limiter.hit(item, budget, key, cost=cost)
+            except Exception as exc:
+                self._storage_failed(exc)
+                limiter = self._local
+                allowed = await limiter.hit(item, budget, key, cost=cost)
+            else:
+                if self._shared_down_until:
+                    self._shared_down_until = 0.0
+                    logger.info("message_service.ratelimit.shared_storage_restored")
         if not allowed:
             refusal = await self._refusal(limiter, budget, item, key, cost)
             self.metrics.refused.labels(budget=budget.value).inc()
@@ -242,8 +246,11 @@ class RateLimiter:
     ) -> RateLimited:
         window = item.get_expiry()
         try:
-            async with asyncio.timeout(self._timeout):
+            if limiter is self._local:
                 stats = await limiter.get_window_stats(item, budget, key)
+            else:
+                async with asyncio.timeout(self._timeout):
+                    stats = await limiter.get_window_stats(item, budget, key)
             retry_after = max(1, math.ceil(stats.reset_time - time.time()))
         except Exception as exc:
             if limiter is self._local:
