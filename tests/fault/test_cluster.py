@@ -157,6 +157,12 @@ DOWNTIME_S = 20.0
 # channel, RabbitMQ counting a consumer on its queue), polled every 0.2 s.
 READY_BOUND_S = 10.0
 SENDERS = ("push-sender", "email-sender")
+# The message-service's in-process rate limiter (no Redis here) runs under the Redis round trip's
+# timeout (`RATE_LIMIT_REDIS_TIMEOUT`, 0.25 s), and a timeout of the in-process one is not
+# failed open: on a loaded machine, where the event loop stalls that long, a POST now and then
+# gets a 500 (two of 1,000, 13 and 3 s before the kill, in one run). Not what these tests are
+# about: the limits are off in them.
+NO_RATE_LIMITS = {"RATE_LIMITS": "false"}
 
 
 def vhost_of(herald: Herald) -> str:
@@ -245,7 +251,10 @@ async def test_herald_loses_nothing_when_the_node_with_most_queue_leaders_is_kil
     call's collapse id), and every process answers ready again soon after the kill."""
     nodes = rabbit_cluster.nodes
     herald = await start_herald(
-        rabbit=rabbit_cluster, replicas=dict.fromkeys(SERVICES, 2), first_nodes=nodes
+        rabbit=rabbit_cluster,
+        replicas=dict.fromkeys(SERVICES, 2),
+        first_nodes=nodes,
+        overrides=NO_RATE_LIMITS,
     )
     fcm, smtp = herald.fcm, herald.smtp
     assert isinstance(fcm, RecordingFcm)
@@ -340,6 +349,7 @@ async def test_herald_loses_nothing_when_the_node_with_most_queue_leaders_is_kil
         **result.fields(),
         posted=len(accepted.answers),
         statuses=dict(accepted.statuses),
+        resent=len(accepted.resent),
         rate=PER_SECOND,
         killed=f"node{nodes.index(victim) + 1}",
         its_leaders=f"{leaders[victim.name]}/{sum(leaders.values())}",
@@ -354,7 +364,8 @@ async def test_herald_loses_nothing_when_the_node_with_most_queue_leaders_is_kil
         email_repeats=emails.text(),
         recover_s=f"{recover_s:.1f}",
     )
-    assert accepted.statuses == {201: MESSAGES}, accepted.errors[:5]
+    failed = [round(at - killed_at, 1) for at, status in accepted.answers if status != 201]
+    assert accepted.statuses == {201: MESSAGES}, (accepted.errors[:5], failed[:5])
     assert on_victim, clients  # some processes did lose their node
     assert result.lost == 0
     assert result.duplicate_ledger_rows == 0
