@@ -377,3 +377,126 @@ async def test_herald_loses_nothing_when_the_node_with_most_queue_leaders_is_kil
     assert all(len(keys) == 1 for keys in collapse_ids.values())
     assert ready_s <= READY_BOUND_S
     assert herald.crashed() == {}
+
+
+# 400 messages at 10 a second; the partition begins a third of the way in and lasts until 50
+# more were answered after the clients moved.
+PARTITION_MESSAGES = 400
+
+
+async def test_herald_loses_nothing_when_the_node_its_services_use_is_cut_off_from_the_others(
+    rabbit_cluster: RabbitCluster, start_herald: HeraldFactory, fault_report: Report
+) -> None:
+    """A network partition under traffic: the node every service uses (first in their address
+    lists, so it leads every quorum queue too: queues are led where they are declared) loses the
+    other two. With `pause_minority` it pauses itself and closes its clients' connections; the
+    queues elect leaders on the other two, where the clients move. The partition heals, the
+    node resumes and rejoins, and no partition is left recorded: nothing lost, no ledger row
+    twice, every service ready.
+
+    `RabbitCluster.cut_off` drops the node's distribution links, so both sides notice at once;
+    a partition that drops packets silently is noticed after `net_ticktime` (60 s by default,
+    45-75 s), which these nodes keep: how long that takes is the setting's, not Herald's."""
+    nodes = rabbit_cluster.nodes
+    cut, _, observer = nodes
+    herald = await start_herald(rabbit=rabbit_cluster, first_nodes=[cut], overrides=NO_RATE_LIMITS)
+    assert herald.node is observer
+    majority = {node.name for node in nodes if node is not cut}
+    everyone = {node.name for node in nodes}
+    before = herald.connected_nodes(nodes)
+    assert all(on == {cut.name} for on in before.values()), before
+    rng = random.Random(61)
+    partitioned = False
+    try:
+        async with httpx.AsyncClient(base_url=herald.api, timeout=30) as client:
+            population = await populated(
+                herald, client, users=10, room_sizes=(3, 3, 4, 4), rng=rng, max_devices=1
+            )
+            leaders_before = await asyncio.to_thread(rabbit_cluster.leaders, vhost_of(herald))
+            async with steady_traffic(
+                client, population, per_second=10, rng=rng, count=PARTITION_MESSAGES
+            ) as accepted:
+
+                async def a_third_posted() -> bool:
+                    return len(accepted.answers) >= PARTITION_MESSAGES // 3
+
+                await wait_until(a_third_posted, timeout=60, interval=0.1)
+                await asyncio.to_thread(rabbit_cluster.cut_off, cut)
+                partitioned = True
+                cut_at = time.monotonic()
+
+                async def paused() -> bool:  # its listener closed
+                    return not await asyncio.to_thread(cut.listening)
+
+                await wait_until(paused, timeout=30, interval=0.05)
+                paused_s = time.monotonic() - cut_at
+
+                async def moved() -> bool:  # every process on the majority, and ready
+                    on = herald.connected_nodes(nodes)
+                    if any(cut.name in names or not names & majority for names in on.values()):
+                        return False
+                    return all((await herald.ready()).values())
+
+                await wait_until(moved, timeout=60, interval=0.1)
+                moved_s = time.monotonic() - cut_at
+                await wait_until(lambda: consumers_back(herald), timeout=30, interval=0.2)
+                after = herald.connected_nodes(nodes)
+                leaders_during = await asyncio.to_thread(
+                    rabbit_cluster.leaders, vhost_of(herald), observer
+                )
+                at_move = len(accepted.answers)
+
+                async def more_posted() -> bool:  # the partition lasts while traffic goes on
+                    return len(accepted.answers) >= min(at_move + 50, PARTITION_MESSAGES)
+
+                await wait_until(more_posted, timeout=60, interval=0.1)
+                await asyncio.to_thread(rabbit_cluster.heal, cut)
+                partitioned = False
+                healed_at = time.monotonic()
+
+                async def rejoined() -> bool:
+                    if not await asyncio.to_thread(cut.listening):
+                        return False
+                    running = await asyncio.to_thread(rabbit_cluster.running_nodes, observer)
+                    return running == everyone
+
+                await wait_until(rejoined, timeout=60, interval=0.2)
+                back_s = time.monotonic() - healed_at
+                partitions = await asyncio.to_thread(rabbit_cluster.partitions, observer)
+
+                async def all_posted() -> bool:
+                    return len(accepted.answers) >= PARTITION_MESSAGES
+
+                await wait_until(all_posted, timeout=120, interval=0.2)
+        result = await settle(herald, Expectation.of(population, accepted), timeout=180)
+        ready_at_end = await herald.ready()
+    finally:
+        if partitioned:
+            await asyncio.to_thread(rabbit_cluster.heal, cut)
+    fault_report(
+        **result.fields(),
+        posted=len(accepted.answers),
+        statuses=dict(accepted.statuses),
+        resent=len(accepted.resent),
+        leaders_on_cut=f"{leaders_before[cut.name]}/{sum(leaders_before.values())}",
+        paused_s=f"{paused_s:.1f}",
+        moved_s=f"{moved_s:.1f}",
+        moved_to=",".join(
+            f"node{nodes.index(rabbit_cluster.node_named(name)) + 1}:{n}"
+            for name, n in sorted(Counter(name for on in after.values() for name in on).items())
+        ),
+        back_s=f"{back_s:.1f}",
+        recover_s=f"{time.monotonic() - cut_at:.1f}",
+    )
+    assert leaders_before[cut.name] > 0
+    assert cut.name not in leaders_during, leaders_during  # every queue led by the majority
+    assert leaders_during.total() == leaders_before.total(), leaders_during
+    assert partitions == {}, partitions  # paused, not split: nothing to reconcile
+    assert set(accepted.statuses) == {201}, accepted.errors[:5]
+    assert result.lost == 0
+    assert result.duplicate_ledger_rows == 0
+    assert result.not_delivered_in_ledger == 0
+    assert sum(result.dead_letters.values()) == 0, result.dead_letters
+    assert result.most_copies <= 2
+    assert all(ready_at_end.values()), ready_at_end
+    assert herald.crashed() == {}

@@ -405,6 +405,13 @@ class RabbitCluster:
         status = json.loads(asking.ctl("cluster_status", "--formatter", "json"))
         return set(status["running_nodes"])
 
+    def partitions(self, via: RabbitNode | None = None) -> dict[str, list[str]]:
+        """The partitions the cluster recorded (each node's list of nodes it was cut from and
+        met again without pausing): empty unless the cluster split."""
+        asking = via or next(node for node in self.nodes if node.running)
+        status = json.loads(asking.ctl("cluster_status", "--formatter", "json"))
+        return dict(status["partitions"])
+
     def urls(self, vhost: str, first: RabbitNode | None = None) -> list[str]:
         """Every node's address for `vhost`, in the cluster's order from `first` on (by default
         the first node), round the list."""
