@@ -163,6 +163,10 @@ SENDERS = ("push-sender", "email-sender")
 # gets a 500 (two of 1,000, 13 and 3 s before the kill, in one run). Not what these tests are
 # about: the limits are off in them.
 NO_RATE_LIMITS = {"RATE_LIMITS": "false"}
+# The chat client of these tests drops a connection idle for 2 s, before uvicorn closes it (5 s),
+# so that no POST goes out on a connection the server is closing (one run of the node loss had a
+# POST fail twice with ReadError, its one resend included, on a loaded machine).
+CLIENT_LIMITS = httpx.Limits(keepalive_expiry=2)
 
 
 def vhost_of(herald: Herald) -> str:
@@ -267,7 +271,9 @@ async def test_herald_loses_nothing_when_the_node_with_most_queue_leaders_is_kil
     rng = random.Random(59)
     victim: RabbitNode | None = None
     try:
-        async with httpx.AsyncClient(base_url=herald.api, timeout=30) as client:
+        async with httpx.AsyncClient(
+            base_url=herald.api, timeout=30, limits=CLIENT_LIMITS
+        ) as client:
             population = await populated(
                 herald, client, users=12, room_sizes=(3,) * 6, rng=rng, max_devices=1
             )
@@ -408,7 +414,9 @@ async def test_herald_loses_nothing_when_the_node_its_services_use_is_cut_off_fr
     rng = random.Random(61)
     partitioned = False
     try:
-        async with httpx.AsyncClient(base_url=herald.api, timeout=30) as client:
+        async with httpx.AsyncClient(
+            base_url=herald.api, timeout=30, limits=CLIENT_LIMITS
+        ) as client:
             population = await populated(
                 herald, client, users=10, room_sizes=(3, 3, 4, 4), rng=rng, max_devices=1
             )
