@@ -18,11 +18,16 @@ starts servers of its own, on spare loopback ports, from temporary directories i
   the process group, `close_all_connections()` is `rabbitmqctl close_all_connections --global`.
   One node per session; every test gets a virtual host of its own. `RabbitCluster` makes several
   such nodes one cluster (a shared Erlang cookie; the first booted, the others booted and joined
-  with `join_cluster`; the session fixture `rabbit_cluster`): `test_cluster.py` forms one of three
-  (17-69 s on the loaded 2-core machine), applies deploy/rabbitmq/definitions.json (every quorum
-  queue gets three replicas), SIGKILLs the node a client uses, and runs Herald on it
-  (`start_herald(rabbit=rabbit_cluster)`: every service gets the three addresses) through the
-  loss of the node all its services use.
+  with `join_cluster`; each with `cluster_partition_handling = pause_minority`; the session
+  fixture `rabbit_cluster`): `test_cluster.py` forms one of three (15-69 s on the loaded 2-core
+  machine), applies deploy/rabbitmq/definitions.json (every quorum queue gets three replicas),
+  SIGKILLs the node a client uses, and runs Herald on it (`start_herald(rabbit=rabbit_cluster)`:
+  every process gets the three addresses, `first_nodes=` chooses each one's first;
+  `Herald.connected_nodes` reads from /proc which node each process is connected to) through the
+  loss of the node leading most quorum queues, two replicas of each service spread over the
+  nodes, and through a partition that cuts the node all its services use off the other two
+  (`RabbitCluster.cut_off`: the cut node's cookies for the others made wrong and its links
+  dropped, so both sides see the other down at once and `rabbitmqctl` still reaches it; `heal`).
 * `PostgresCluster`: `initdb` (/usr/lib/postgresql/<newest>/bin, `HERALD_FAULT_PG_BIN`) into a
   temporary directory owned by `postgres`, run through `runuser -u postgres` when the tests run as
   root (initdb and postgres refuse root), trust authentication, `pg_ctl start` on a spare port with

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -120,7 +121,9 @@ async def start_herald(
     fresh databases of the private cluster (the router's on `router_cluster=` if given), with
     `overrides` added to their environment, and `replicas={service: n}` processes of a service
     (named `service`, `service#2`, … in `Herald.services`); stops and removes everything
-    afterwards."""
+    afterwards. With `rabbit=cluster`, on a fresh virtual host of that cluster instead: every
+    process gets every node's address, the first node first, or with `first_nodes=[…]` the
+    processes (in their order in `Herald.services`) take those nodes in turn as their first."""
     assert isinstance(fcm, RecordingFcm)
     started: list[tuple[Herald, dict[str, PostgresCluster]]] = []
 
@@ -130,18 +133,16 @@ async def start_herald(
         router_cluster: PostgresCluster | None = None,
         replicas: Mapping[str, int] | None = None,
         rabbit: RabbitCluster | None = None,
+        first_nodes: Sequence[RabbitNode] = (),
     ) -> Herald:
         node = rabbit_node
         if rabbit is not None:
-            # On a cluster: the services get every node's address (the first one first) and
-            # the test observes through the last node.
+            # On a cluster: the services get every node's address and the test observes
+            # through the last node.
             node = rabbit.nodes[-1]
         if not node.running:  # a previous test may have left it stopped
             await asyncio.to_thread(node.start)
         rabbit_url = await asyncio.to_thread(node.add_vhost)
-        services_rabbit_url = rabbit_url
-        if rabbit is not None:
-            services_rabbit_url = ",".join(rabbit.urls(rabbit_url.rsplit("/", 1)[1]))
         clusters = {
             name: router_cluster
             if router_cluster is not None and name == "notification-router"
@@ -150,7 +151,7 @@ async def start_herald(
         }
         databases = {name: await clusters[name].create_database() for name in SERVICES}
         environments = service_env(
-            rabbit_url=services_rabbit_url,
+            rabbit_url=rabbit_url,
             databases=databases,
             fcm=fcm,
             credentials=credentials,
@@ -158,6 +159,15 @@ async def start_herald(
             # Traffic, not abuse: a few users post for minutes, past a user's budget.
             overrides={"RATE_LIMIT_POSTING": "1000000 per minute", **(overrides or {})},
         )
+        firsts = itertools.cycle(first_nodes or [None])
+
+        def environment(name: str) -> dict[str, str]:
+            """The next process's: on a cluster, its first node's address, then the others'."""
+            if rabbit is None:
+                return environments[name]
+            urls = rabbit.urls(rabbit_url.rsplit("/", 1)[1], first=next(firsts))
+            return {**environments[name], "RABBITMQ_URL": ",".join(urls)}
+
         log_dir = tmp_path / f"logs-{len(started)}"
         log_dir.mkdir()
         herald = Herald(
@@ -167,7 +177,7 @@ async def start_herald(
                 replica: ServiceProcess(
                     name=name,
                     port=free_port(),
-                    env=environments[name],
+                    env=environment(name),
                     log_path=log_dir / f"{replica}.log",
                 )
                 for name in SERVICES

@@ -19,6 +19,7 @@ import random
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import aio_pika
 import asyncpg
@@ -45,7 +46,7 @@ from tests.fakes.fcm import FakeFcm
 from tests.fakes.smtp import FakeSmtp
 from tests.support import infra
 from tests.support.infra import wait_until
-from tests.support.processes import ServiceProcess, free_port, local_ports
+from tests.support.processes import ServiceProcess, free_port, local_ports, peer_ports
 
 RABBITMQ_BIN = Path(os.environ.get("HERALD_FAULT_RABBITMQ_BIN", "/usr/lib/rabbitmq/bin"))
 WORK_QUEUES = tuple(queue.name for queue in CONSUMER_QUEUES)
@@ -101,8 +102,11 @@ class RabbitNode:
     `stop()`/`start()` keep the data directory: durable queues and persistent messages survive.
     """
 
-    def __init__(self, root: Path, *, cookie: str | None = None) -> None:
+    def __init__(
+        self, root: Path, *, cookie: str | None = None, config: Sequence[str] = ()
+    ) -> None:
         self.root = root
+        self.config = tuple(config)  # more rabbitmq.conf lines
         self.name = f"herald-fault-{secrets.token_hex(4)}@localhost"
         self.port = 0
         self.dist_port = 0
@@ -126,10 +130,15 @@ class RabbitNode:
 
     def _write_config(self) -> None:
         # listeners.tcp here, because the machine's /etc/rabbitmq/rabbitmq.conf (5672) must not
-        # apply; nothing else is needed (no management plugin, default limits).
-        (self.root / "rabbitmq.conf").write_text(
-            f"listeners.tcp.1 = 127.0.0.1:{self.port}\nlog.console = false\nlog.file.level = info\n"
-        )
+        # apply; nothing else is needed (no management plugin, default limits) but what the
+        # node was given (`config`: a cluster's nodes get `CLUSTER_CONFIG`).
+        lines = [
+            f"listeners.tcp.1 = 127.0.0.1:{self.port}",
+            "log.console = false",
+            "log.file.level = info",
+            *self.config,
+        ]
+        (self.root / "rabbitmq.conf").write_text("".join(f"{line}\n" for line in lines))
 
     def env(self) -> dict[str, str]:
         """The environment of the server and of every `rabbitmqctl` aimed at it."""
@@ -295,6 +304,14 @@ class RabbitNode:
             )
         return completed.stdout.decode(errors="replace")
 
+    def listening(self) -> bool:
+        """Does the node accept AMQP connections (a paused node closes its listener)?"""
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=2).close()
+        except OSError:
+            return False
+        return True
+
     def close_all_connections(self, explanation: str = "herald fault test") -> None:
         """Close every client connection of the node (without `--global`, rabbitmqctl would
         close only those of the default virtual host)."""
@@ -348,15 +365,25 @@ class RabbitNode:
         return channels
 
 
+# What the private cluster's nodes add to their configuration: a node that sees no majority of
+# the cluster pauses itself (closes its clients' connections and listeners, stops its queues)
+# until it sees one again, instead of serving a partition of its own (the default, `ignore`).
+CLUSTER_CONFIG = ("cluster_partition_handling = pause_minority",)
+
+
 class RabbitCluster:
     """`size` `RabbitNode`s clustered with RabbitMQ's own clustering: one shared Erlang cookie,
-    the first node booted, the others booted and joined to it (`join_cluster`). Quorum queues
-    declared once every node has joined get a replica on each (their default initial group
-    size is the cluster's)."""
+    the first node booted, the others booted and joined to it (`join_cluster`), each with
+    `CLUSTER_CONFIG`. Quorum queues declared once every node has joined get a replica on each
+    (their default initial group size is the cluster's)."""
 
     def __init__(self, root: Path, size: int = 3) -> None:
         cookie = secrets.token_hex(20).upper()
-        self.nodes = [RabbitNode(root / f"node{n}", cookie=cookie) for n in range(1, size + 1)]
+        self.root = root
+        self.nodes = [
+            RabbitNode(root / f"node{n}", cookie=cookie, config=CLUSTER_CONFIG)
+            for n in range(1, size + 1)
+        ]
         self.form_seconds = 0.0
 
     def start(self) -> float:
@@ -378,12 +405,54 @@ class RabbitCluster:
         status = json.loads(asking.ctl("cluster_status", "--formatter", "json"))
         return set(status["running_nodes"])
 
-    def urls(self, vhost: str) -> list[str]:
-        return [node.url(vhost) for node in self.nodes]
+    def partitions(self, via: RabbitNode | None = None) -> dict[str, list[str]]:
+        """The partitions the cluster recorded (each node's list of nodes it was cut from and
+        met again without pausing): empty unless the cluster split."""
+        asking = via or next(node for node in self.nodes if node.running)
+        status = json.loads(asking.ctl("cluster_status", "--formatter", "json"))
+        return dict(status["partitions"])
+
+    def urls(self, vhost: str, first: RabbitNode | None = None) -> list[str]:
+        """Every node's address for `vhost`, in the cluster's order from `first` on (by default
+        the first node), round the list."""
+        start = self.nodes.index(first) if first is not None else 0
+        return [node.url(vhost) for node in self.nodes[start:] + self.nodes[:start]]
+
+    def node_named(self, name: str) -> RabbitNode:
+        return next(node for node in self.nodes if node.name == name)
+
+    def leaders(self, vhost: str, via: RabbitNode | None = None) -> Counter[str]:
+        """Quorum queues of `vhost` whose leader each node is, by node name."""
+        asking = via or next(node for node in self.nodes if node.running)
+        output = asking.ctl(
+            "list_queues", "-p", vhost, "name", "type", "leader", "--formatter", "json"
+        )
+        return Counter(queue["leader"] for queue in json.loads(output) if queue["type"] == "quorum")
+
+    def cut_off(self, node: RabbitNode) -> None:
+        """A network partition between `node` and the others: `node` keeps a wrong Erlang cookie
+        for each of them, so the distribution connections it drops now are refused both ways
+        from then on (its own default cookie stays: `rabbitmqctl` still reaches it). Each side
+        sees the other down at once; with `pause_minority`, `node` pauses itself."""
+        others = ", ".join(f"'{other.name}'" for other in self.nodes if other is not node)
+        node.ctl(
+            "eval",
+            f"[erlang:set_cookie(N, herald_cut_off) || N <- [{others}]],"
+            " [erlang:disconnect_node(N) || N <- nodes()], ok.",
+        )
+
+    def heal(self, node: RabbitNode) -> None:
+        """Ends `cut_off(node)`: the right cookie again for the others (a paused node, which pings
+        them every second, then sees the majority and starts again)."""
+        others = ", ".join(f"'{other.name}'" for other in self.nodes if other is not node)
+        node.ctl("eval", f"[erlang:set_cookie(N, erlang:get_cookie()) || N <- [{others}]], ok.")
 
     def cleanup(self) -> None:
-        for node in self.nodes:
-            node.cleanup()
+        try:
+            for node in self.nodes:
+                node.cleanup()
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
 
 
 @dataclass(frozen=True)
@@ -557,6 +626,8 @@ class RecordingFcm(FakeFcm):
         super().__init__()
         self.attempts: list[tuple[float, str]] = []
         self.clients: list[tuple[str, int]] = []  # (device token, client's port) per request
+        # (monotonic time, notification id, client's port) of every accepted push.
+        self.accepted_at: list[tuple[float, uuid.UUID, int]] = []
         self._on_accept: dict[str, Callable[[int], None]] = {}
 
     def on_accept(self, device_token: str, action: Callable[[], None]) -> None:
@@ -571,10 +642,12 @@ class RecordingFcm(FakeFcm):
             self._on_accept[device_token] = action
 
     async def _send(self, request: Request) -> Response:
-        try:
-            token = str(json.loads(await request.body())["message"]["token"])
-        except (ValueError, KeyError, TypeError):
-            token = ""
+        token = ""
+        notification_id: uuid.UUID | None = None
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            body = json.loads(await request.body())
+            token = str(body["message"]["token"])
+            notification_id = push_notification_id(body)
         port = request.client.port if request.client is not None else 0
         with self._lock:
             self.attempts.append((time.monotonic(), token))
@@ -582,6 +655,8 @@ class RecordingFcm(FakeFcm):
         response = await super()._send(request)
         if response.status_code == 200:
             with self._lock:
+                if notification_id is not None:
+                    self.accepted_at.append((time.monotonic(), notification_id, port))
                 action = self._on_accept.pop(token, None)
             if action is not None:
                 action(port)
@@ -592,6 +667,7 @@ class RecordingFcm(FakeFcm):
         with self._lock:
             self.attempts.clear()
             self.clients.clear()
+            self.accepted_at.clear()
 
     def attempts_for(self, device_token: str) -> list[float]:
         with self._lock:
@@ -605,12 +681,15 @@ class RecordingSmtp(FakeSmtp):
     def __init__(self) -> None:
         super().__init__()
         self.clients: list[tuple[str, int]] = []  # (Message-ID, client's port) per message
+        # (monotonic time, Message-ID, client's port) of every message.
+        self.received_at: list[tuple[float, str, int]] = []
         self._on_accept: dict[str, Callable[[int], None]] = {}
 
     def forget(self) -> None:
         super().forget()
         with self._lock:
             self.clients.clear()
+            self.received_at.clear()
 
     def on_accept(self, address: str, action: Callable[[], None]) -> None:
         self.on_accept_from(address, lambda _port: action())
@@ -627,6 +706,7 @@ class RecordingSmtp(FakeSmtp):
         port = int(peer[1]) if isinstance(peer, tuple | list) and len(peer) > 1 else 0
         with self._lock:
             self.clients.append((str(message["Message-ID"]), port))
+            self.received_at.append((time.monotonic(), str(message["Message-ID"]), port))
             actions = [self._on_accept.pop(to.lower(), None) for to in recipients]
         for action in actions:
             if action is not None:
@@ -734,6 +814,21 @@ class Herald:
 
     def queues(self) -> dict[str, QueueState]:
         return self.node.queues(self.rabbit_url)
+
+    def observe_through(self, node: RabbitNode) -> None:
+        """Ask `node` (another node of the cluster the services use) from now on."""
+        self.rabbit_url = node.url(unquote(self.rabbit_url.rsplit("/", 1)[1]))
+        self.node = node
+
+    def connected_nodes(self, nodes: Iterable[RabbitNode]) -> dict[str, set[str]]:
+        """Which of `nodes` each running process (by its name in `services`) holds an
+        established TCP connection to, on its AMQP port (seen from the process's side)."""
+        by_port = {node.port: node.name for node in nodes}
+        return {
+            name: {by_port[port] for port in peer_ports(service.process.pid) if port in by_port}
+            for name, service in self.services.items()
+            if service.process is not None and service.process.poll() is None
+        }
 
 
 # A sender's job in flight when its connection drops is cancelled mid-handler (its lease is
@@ -1005,14 +1100,16 @@ async def steady_traffic(
     *,
     per_second: float,
     rng: random.Random,
+    count: int | None = None,
 ) -> AsyncIterator[Accepted]:
     """Post messages at a steady pace (each in its own task, so a slow answer never slows the
-    pace) until the block ends; yields what was accepted so far."""
+    pace) until the block ends, or `count` of them; yields what was accepted so far (and every
+    answer: `Accepted.answers`)."""
     accepted = Accepted()
     tasks: set[asyncio.Task[None]] = set()
 
     async def pace() -> None:
-        for number in itertools.count():
+        for number in itertools.count() if count is None else range(count):
             task = asyncio.create_task(post_one(client, population, accepted, rng, number))
             tasks.add(task)
             task.add_done_callback(tasks.discard)

@@ -58,23 +58,34 @@ def free_port() -> int:
     raise RuntimeError(f"no free port: {PORT_RESERVATIONS} holds only recent reservations")
 
 
-def local_ports(pid: int) -> set[int]:
-    """The local ports of process `pid`'s TCP sockets (Linux: its descriptors in /proc/<pid>/fd
-    against the sockets' inodes in /proc/net/tcp*); empty if it is gone."""
+def _tcp_sockets(pid: int) -> list[list[str]]:
+    """The /proc/net/tcp* rows of process `pid`'s TCP sockets (Linux: its descriptors in
+    /proc/<pid>/fd against the sockets' inodes); empty if it is gone."""
     try:
         links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
     except OSError:
-        return set()
+        return []
     inodes = {link[len("socket:[") : -1] for link in links if link.startswith("socket:[")}
-    ports: set[int] = set()
+    rows: list[list[str]] = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with contextlib.suppress(OSError), open(table) as lines:
             next(lines)  # the header
-            for line in lines:
-                fields = line.split()
-                if fields[9] in inodes:
-                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
-    return ports
+            rows.extend(fields for line in lines if (fields := line.split())[9] in inodes)
+    return rows
+
+
+def local_ports(pid: int) -> set[int]:
+    """The local ports of process `pid`'s TCP sockets; empty if it is gone."""
+    return {int(fields[1].rsplit(":", 1)[1], 16) for fields in _tcp_sockets(pid)}
+
+
+def peer_ports(pid: int) -> set[int]:
+    """The remote ports of process `pid`'s established TCP connections; empty if it is gone."""
+    return {
+        int(fields[2].rsplit(":", 1)[1], 16)
+        for fields in _tcp_sockets(pid)
+        if fields[3] == "01"  # TCP_ESTABLISHED
+    }
 
 
 @dataclass
