@@ -627,7 +627,7 @@ class RecordingFcm(FakeFcm):
         self.attempts: list[tuple[float, str]] = []
         self.clients: list[tuple[str, int]] = []  # (device token, client's port) per request
         # (monotonic time, notification id, client's port) of every accepted push.
-        self.accepted_at: list[tuple[float, uuid.UUID, int]] = []
+        self.accepted_calls: list[tuple[float, uuid.UUID, int]] = []
         self._on_accept: dict[str, Callable[[int], None]] = {}
 
     def on_accept(self, device_token: str, action: Callable[[], None]) -> None:
@@ -656,7 +656,7 @@ class RecordingFcm(FakeFcm):
         if response.status_code == 200:
             with self._lock:
                 if notification_id is not None:
-                    self.accepted_at.append((time.monotonic(), notification_id, port))
+                    self.accepted_calls.append((time.monotonic(), notification_id, port))
                 action = self._on_accept.pop(token, None)
             if action is not None:
                 action(port)
@@ -667,7 +667,7 @@ class RecordingFcm(FakeFcm):
         with self._lock:
             self.attempts.clear()
             self.clients.clear()
-            self.accepted_at.clear()
+            self.accepted_calls.clear()
 
     def attempts_for(self, device_token: str) -> list[float]:
         with self._lock:
@@ -682,14 +682,14 @@ class RecordingSmtp(FakeSmtp):
         super().__init__()
         self.clients: list[tuple[str, int]] = []  # (Message-ID, client's port) per message
         # (monotonic time, Message-ID, client's port) of every message.
-        self.received_at: list[tuple[float, str, int]] = []
+        self.received_calls: list[tuple[float, str, int]] = []
         self._on_accept: dict[str, Callable[[int], None]] = {}
 
     def forget(self) -> None:
         super().forget()
         with self._lock:
             self.clients.clear()
-            self.received_at.clear()
+            self.received_calls.clear()
 
     def on_accept(self, address: str, action: Callable[[], None]) -> None:
         self.on_accept_from(address, lambda _port: action())
@@ -706,7 +706,7 @@ class RecordingSmtp(FakeSmtp):
         port = int(peer[1]) if isinstance(peer, tuple | list) and len(peer) > 1 else 0
         with self._lock:
             self.clients.append((str(message["Message-ID"]), port))
-            self.received_at.append((time.monotonic(), str(message["Message-ID"]), port))
+            self.received_calls.append((time.monotonic(), str(message["Message-ID"]), port))
             actions = [self._on_accept.pop(to.lower(), None) for to in recipients]
         for action in actions:
             if action is not None:
