@@ -384,3 +384,12 @@ def test_postgres_init_creates_one_database_per_service() -> None:
     for service in SERVICES:
         database = COMPOSE["services"][service]["environment"]["DATABASE_URL"].rsplit("/", 1)[1]
         assert f"CREATE DATABASE {database};" in init
+
+
+def test_every_node_pauses_when_cut_off_from_the_majority() -> None:
+    """A node on the minority side of a partition pauses (its clients move to the majority)
+    rather than serving on alone: every node of the cluster profile loads that setting."""
+    conf = read_conf(RABBITMQ_DIR / "rabbitmq.conf")
+    assert conf["cluster_partition_handling"] == "pause_minority"
+    for name in NODES:
+        assert "./deploy/rabbitmq/rabbitmq.conf" in bind_mounts(COMPOSE["services"][name])
