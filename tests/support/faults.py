@@ -1410,6 +1410,7 @@ EVENT_TYPES = {
     "email_notifications": "email_requested",
     "email_notifications_urgent": "email_requested",
     "device_invalidations": "device_invalidated",
+    "inbox_updates": "inbox_items_updated",
 }
 POISON_KINDS = (
     "invalid-json",

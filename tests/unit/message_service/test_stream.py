@@ -306,7 +306,8 @@ async def test_a_read_marker_reaches_the_users_other_devices_only(
     names = [(await next_event(bobs))[1:] for _ in range(2)]
     _, alice_saw, _ = await next_event(alices)
 
-    assert names == [("message", names[0][1]), ("read", {"room_id": str(room), "up_to": message})]
+    read = {"room_id": str(room), "up_to": message, "unread": {"total": 0, "rooms": {str(room): 0}}}
+    assert names == [("message", names[0][1]), ("read", read)]
     assert alice_saw == "message"
     assert queued(alices) == []  # Bob's marker is his own
 
@@ -439,6 +440,9 @@ async def test_an_inbox_item_that_changes_reaches_its_users_stream_once_per_vers
     states = [data["items"][0]["deliveries"][0]["state"] for _, _, data in received]
     assert states == ["pending", "sent"]  # the replayed version changed nothing: not streamed
     assert received[0][2]["items"][0]["message_id"] == str(message)
+    # With Bob's unread messages as the stream read the row: Alice's one message, in total and
+    # in its room (the app's badge and the room's count).
+    assert received[1][2]["unread"] == {"total": 1, "rooms": {str(room): 1}}
     # The tail handed those rows to every stream at once: Alice's got nothing of them.
     assert queued(alices) == []
     # Items of two users changed together: each stream gets its own user's part only.

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -1035,3 +1035,32 @@ async def prune_inbox(engine: AsyncEngine, *, before: datetime, batch: int) -> i
             delete(_inbox).where(tuple_(_inbox.c.user_id, _inbox.c.message_id).in_(oldest))
         )
     return max(result.rowcount, 0)
+
+
+async def unread_by_user(
+    engine: AsyncEngine, user_ids: Collection[uuid.UUID]
+) -> dict[uuid.UUID, dict[uuid.UUID, int]]:
+    """Per user, per room they are a member of with something unread: the messages of others
+    after their read marker (or, without one, after they joined), deleted ones aside. One query
+    for them all (the badge of the real-time stream)."""
+    if not user_ids:
+        return {}
+    member = _members
+    since = func.coalesce(member.c.read_up_to, member.c.joined_at)
+    statement = (
+        core_select(member.c.user_id, _messages.c.room_id, func.count())
+        .select_from(member.join(_messages, _messages.c.room_id == member.c.room_id))
+        .where(
+            member.c.user_id.in_(list(user_ids)),
+            member.c.state == MEMBER,
+            _messages.c.sender_id != member.c.user_id,
+            _messages.c.created_at > since,
+            _messages.c.deleted_at.is_(None),
+        )
+        .group_by(member.c.user_id, _messages.c.room_id)
+    )
+    counts: dict[uuid.UUID, dict[uuid.UUID, int]] = {user_id: {} for user_id in user_ids}
+    async with autocommit(engine) as connection:
+        for user_id, room_id, count in await connection.execute(statement):
+            counts[user_id][room_id] = int(count)
+    return counts

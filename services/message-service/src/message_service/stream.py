@@ -43,7 +43,15 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Annotated, Any
@@ -55,6 +63,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from herald_shared.events import (
     MAX_ITEMS_PER_EVENT,
     ConnectionPresence,
+    InboxItem,
     InboxItemsUpdated,
     InvitationCreated,
     MessageCreated,
@@ -125,9 +134,12 @@ class StreamEvent:
         ).encode()
 
 
-async def stream_events(engine: AsyncEngine, rows: Sequence[StreamRow]) -> list[StreamEvent]:
-    """The events of outbox rows, in their order; the audiences of edits and deletes are looked
-    up in one go (rows that do not parse are left out: the relay dead-letters those)."""
+async def stream_events(
+    engine: AsyncEngine, rows: Sequence[StreamRow], *, for_users: Collection[uuid.UUID]
+) -> list[StreamEvent]:
+    """The events of outbox rows for the streams of `for_users`, in their order; the audiences
+    of edits and deletes, and the unread counts the inbox's events carry, are looked up in one
+    go (rows that do not parse are left out: the relay dead-letters those)."""
     parsed = [(row.position, event) for row in rows if (event := _parse(row)) is not None]
     audiences = await repository.room_audiences(
         engine,
@@ -137,39 +149,75 @@ async def stream_events(engine: AsyncEngine, rows: Sequence[StreamRow]) -> list[
             if isinstance(event, MessageEdited | MessageDeleted)
         ),
     )
+    badged = {
+        user_id for _, event in parsed for user_id in _badged_users(event) if user_id in for_users
+    }
+    unread = await repository.unread_by_user(engine, badged)
     events: list[StreamEvent] = []
     for position, event in parsed:
         if isinstance(event, InboxItemsUpdated):
-            events.extend(inbox_stream_events(position, event))
+            events.extend(inbox_stream_events(position, event, unread))
         else:
-            events.append(stream_event(position, event, audiences))
+            events.append(stream_event(position, event, audiences, unread))
     return events
 
 
-def inbox_stream_events(position: StreamPosition, event: InboxItemsUpdated) -> list[StreamEvent]:
-    """One `notifications` event per user of the items (each user sees only theirs; all share
-    the row's position, and a stream gets at most one of them)."""
-    by_user: dict[uuid.UUID, list[dict[str, Any]]] = {}
+def _badged_users(event: Streamed) -> set[uuid.UUID]:
+    """Whose unread counts the event's stream event carries."""
+    if isinstance(event, InboxItemsUpdated):
+        return {item.user_id for item in event.items}
+    if isinstance(event, RoomRead):
+        return {event.user_id}
+    return set()
+
+
+def _unread(counts: Mapping[uuid.UUID, int], rooms: Iterable[uuid.UUID]) -> dict[str, Any]:
+    """What a stream event says of the user's unread messages: in total (the app's badge) and in
+    each of `rooms`."""
+    return {
+        "total": sum(counts.values()),
+        "rooms": {str(room_id): counts.get(room_id, 0) for room_id in dict.fromkeys(rooms)},
+    }
+
+
+def inbox_stream_events(
+    position: StreamPosition,
+    event: InboxItemsUpdated,
+    unread: Mapping[uuid.UUID, Mapping[uuid.UUID, int]],
+) -> list[StreamEvent]:
+    """One `notifications` event per user of the items that `unread` has counts for (each user
+    sees only theirs; all share the row's position, and a stream gets at most one of them),
+    with the user's unread messages now: in total (the app's badge) and in each room of the
+    items."""
+    by_user: dict[uuid.UUID, list[InboxItem]] = {}
     for item in event.items:
-        by_user.setdefault(item.user_id, []).append(
-            {
-                "message_id": item.message_id,
-                "room_id": item.room_id,
-                "trigger": item.trigger,
-                "created_at": (item.message_created_at or item.decided_at).isoformat(),
-                "decided_at": item.decided_at.isoformat(),
-                "deliveries": [delivery.model_dump(mode="json") for delivery in item.deliveries],
-            }
-        )
+        if item.user_id in unread:
+            by_user.setdefault(item.user_id, []).append(item)
     return [
         StreamEvent(
             position=position,
             name="notifications",
             audience=frozenset((user_id,)),
-            data=_json({"items": items}),
+            data=_json(
+                {
+                    "items": [_inbox_item(item) for item in items],
+                    "unread": _unread(unread[user_id], (item.room_id for item in items)),
+                }
+            ),
         )
         for user_id, items in by_user.items()
     ]
+
+
+def _inbox_item(item: InboxItem) -> dict[str, Any]:
+    return {
+        "message_id": item.message_id,
+        "room_id": item.room_id,
+        "trigger": item.trigger,
+        "created_at": (item.message_created_at or item.decided_at).isoformat(),
+        "decided_at": item.decided_at.isoformat(),
+        "deliveries": [delivery.model_dump(mode="json") for delivery in item.deliveries],
+    }
 
 
 def _parse(row: StreamRow) -> Streamed | None:
@@ -183,18 +231,23 @@ def stream_event(
     position: StreamPosition,
     event: MessageCreated | MessageEdited | MessageDeleted | InvitationCreated | RoomRead,
     audiences: RoomAudiences,
+    unread: Mapping[uuid.UUID, Mapping[uuid.UUID, int]] | None = None,
 ) -> StreamEvent:
     """The event of an outbox row, shaped like the REST API's own objects (a message like an
     item of `GET /rooms/{id}/messages`, an edit like the part of it that changed, an invitation
     like one of `GET /rooms`, a read marker like `PUT /rooms/{id}/read`'s answer), with whom it
     is for (for an edit or a delete, from `audiences`)."""
     if isinstance(event, RoomRead):
-        # The user's other devices follow: the room's unread count is 0 up to there.
+        # The user's other devices follow: the room's unread count is 0 up to there, and the
+        # badge what is left (as it is when the stream reads the row).
+        read: dict[str, Any] = {"room_id": event.room_id, "up_to": event.message_id}
+        if unread is not None and event.user_id in unread:
+            read["unread"] = _unread(unread[event.user_id], (event.room_id,))
         return StreamEvent(
             position=position,
             name="read",
             audience=frozenset((event.user_id,)),
-            data=_json({"room_id": event.room_id, "up_to": event.message_id}),
+            data=_json(read),
         )
     if isinstance(event, MessageCreated):
         return StreamEvent(
@@ -398,7 +451,7 @@ class StreamHub:
             rows = await repository.stream_rows(
                 self._engine, after=position, until=until, limit=self._batch_size
             )
-            for event in await stream_events(self._engine, rows):
+            for event in await stream_events(self._engine, rows, for_users={stream.user_id}):
                 if stream.user_id in event.audience:
                     stream.frames.put_nowait(event.frame())
                     stream.last = event.position
@@ -505,7 +558,7 @@ class StreamHub:
         rows = await repository.stream_rows(self._engine, after=head, limit=self._batch_size)
         if rows:
             # Read whole before the head moves: a failure reads the same rows again.
-            events = await stream_events(self._engine, rows)
+            events = await stream_events(self._engine, rows, for_users=self._by_user.keys())
             self._head = rows[-1].position
             self._dispatch(events)
         return len(rows)

@@ -741,17 +741,18 @@ class InboxPageOut(BaseModel):
     )
 
 
-class NotificationsReadBody(RequestBody):
-    """Either `ids` (message ids of your inbox) or `all: true`."""
+class NotificationIdsRead(RequestBody):
+    ids: list[uuid.UUID] = Field(
+        min_length=1, max_length=MAX_PAGE_SIZE, description="Message ids of your inbox."
+    )
 
-    ids: list[uuid.UUID] | None = Field(default=None, min_length=1, max_length=MAX_PAGE_SIZE)
-    all: Literal[True] | None = Field(default=None, description="Everything in every room.")
 
-    @model_validator(mode="after")
-    def _one_of(self) -> NotificationsReadBody:
-        if (self.ids is None) == (self.all is None):
-            raise ValueError("give either ids or all: true")
-        return self
+class AllNotificationsRead(RequestBody):
+    all: Literal[True] = Field(description="Everything in every room.")
+
+
+# Exactly one of the two: unknown fields are refused, so `{}` or both at once fit neither.
+NotificationsReadBody = NotificationIdsRead | AllNotificationsRead
 
 
 class NotificationsReadOut(BaseModel):

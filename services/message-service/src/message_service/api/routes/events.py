@@ -28,11 +28,13 @@ A Server-Sent Events stream (`text/event-stream`) of what concerns you, as it ha
 * `event: message_deleted`: its author deleted a message of one of your rooms (`{id, room_id}`);
 * `event: invitation`: you were invited to a room, shaped like an item of `GET /rooms`'s
   `invitations`;
-* `event: read`: you read a room up to a message, on one of your devices (`{room_id, up_to}`),
-  so the others clear their unread count;
+* `event: read`: you read a room up to a message, on one of your devices (`{room_id, up_to,
+  unread}`), so the others clear their unread count;
 * `event: notifications`: items of your notification inbox that were added or changed state
-  (`{items: [{message_id, room_id, trigger, created_at, decided_at, deliveries}]}`, each item's
-  `deliveries` as in `GET /users/me/notifications`), within about a second of the change;
+  (`{items: [{message_id, room_id, trigger, created_at, decided_at, deliveries}], unread}`, each
+  item's `deliveries` as in `GET /users/me/notifications`), within about a second of the change;
+* `unread` (on `notifications` and `read`): your unread messages as the server reads the event,
+  `{total, rooms: {<room id>: n}}`: in total (the app's badge) and in the rooms the event names;
 * a comment line (`: heartbeat`) every 15 s.
 
 Every event has an `id`. After a lost connection, reconnect with the last one in the

@@ -14,6 +14,7 @@ from message_service.api.responses import INVALID, NOT_FOUND
 from message_service.api.schemas import (
     InboxItemOut,
     InboxPageOut,
+    NotificationIdsRead,
     NotificationsReadBody,
     NotificationsReadOut,
     ReadOut,
@@ -58,7 +59,8 @@ async def list_notifications(
     )
 
 
-@router.get("/users/me/notifications/{message_id}", responses={**NOT_FOUND})
+# `:uuid`: only an id names an item (`/users/me/notifications/read` is the route below).
+@router.get("/users/me/notifications/{message_id:uuid}", responses={**NOT_FOUND})
 async def get_notification(message_id: uuid.UUID, me: Me, deps: Deps) -> InboxItemOut:
     """Why (not)? What Herald did about one message for you, also when it sent nothing. A
     message you were never told of (another user's, or of a room you are not in) is a 404."""
@@ -75,7 +77,6 @@ async def read_notifications(
     moves forward to the newest of them there (as `PUT /rooms/{id}/read` does), so what still
     waits of those messages is not sent and their pushes are taken off your devices. Ids that
     are not in your inbox, or whose message was deleted, are passed over."""
-    markers = await service.read_notifications(
-        session=session, user_id=me.id, message_ids=None if body.all else body.ids
-    )
+    ids = body.ids if isinstance(body, NotificationIdsRead) else None
+    markers = await service.read_notifications(session=session, user_id=me.id, message_ids=ids)
     return NotificationsReadOut(rooms=[ReadOut.of(marker) for marker in markers])
