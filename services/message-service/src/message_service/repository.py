@@ -1015,6 +1015,8 @@ async def messages_to_read(
         .join(Message, col(Message.room_id) == col(RoomMember.room_id))
         .join(newest, and_(newest.c.id == col(Message.id), newest.c.rank == 1))
         .where(col(RoomMember.user_id) == user_id, col(RoomMember.state) == MEMBER)
+        # In one order: two devices marking everything read at once wait, never deadlock.
+        .order_by(col(RoomMember.room_id))
         .with_for_update(of=RoomMember)
         .execution_options(populate_existing=True)
     )
