@@ -216,6 +216,7 @@ async def populate(
                 "username": f"b{run_id}_{index}",
                 "display_name": f"Bench User {index}",
                 "email": email,
+                "password": f"bench-{run_id}-password",
             },
             "register",
         )

@@ -37,6 +37,7 @@ def _register(client: httpx.Client, name: str) -> dict[str, str]:
             "username": f"{name}_{suffix}",
             "display_name": name.title(),
             "email": f"{name}_{suffix}@example.com",
+            "password": "correct horse battery",
         },
     )
     assert response.status_code == 201, response.text

@@ -101,7 +101,12 @@ async def register_person(
     waiting."""
     response = await client.post(
         "/users",
-        json={"username": name, "display_name": name.title(), "email": f"{name}@example.test"},
+        json={
+            "username": name,
+            "display_name": name.title(),
+            "email": f"{name}@example.test",
+            "password": "correct horse battery",
+        },
     )
     assert response.status_code == 201, response.text
     person = Person(response.json(), f"device-{name}-{uuid.uuid4().hex}")

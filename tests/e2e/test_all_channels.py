@@ -125,6 +125,7 @@ async def _post_to_bob_on_every_channel(api: str, webpush: FakeWebPush) -> str:
                     "username": name,
                     "display_name": name.title(),
                     "email": f"{name}@example.test",
+                    "password": "correct horse battery",
                 },
             )
             assert response.status_code == 201, response.text

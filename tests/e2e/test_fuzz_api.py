@@ -69,6 +69,7 @@ def register(base_url: str, username: str) -> str:
             "username": username,
             "display_name": username.title(),
             "email": f"{username}@example.test",
+            "password": secrets.token_urlsafe(16),
         },
         timeout=10,
     )

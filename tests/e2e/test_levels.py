@@ -19,7 +19,12 @@ PLAIN_MESSAGES = 50
 async def _member(client: httpx.AsyncClient, name: str) -> dict[str, str]:
     response = await client.post(
         "/users",
-        json={"username": name, "display_name": name.title(), "email": f"{name}@example.test"},
+        json={
+            "username": name,
+            "display_name": name.title(),
+            "email": f"{name}@example.test",
+            "password": "correct horse battery",
+        },
     )
     assert response.status_code == 201, response.text
     user: dict[str, str] = response.json()

@@ -19,6 +19,7 @@ async def _register(client: httpx.AsyncClient, username: str, device_token: str)
             "username": username,
             "display_name": username.title(),
             "email": f"{username}@example.test",
+            "password": "correct horse battery",
         },
     )
     assert response.status_code == 201, response.text

@@ -885,6 +885,7 @@ async def register(
             "username": username,
             "display_name": username.title(),
             "email": f"{username}@example.test",
+            "password": "correct horse battery",
         },
     )
     assert response.status_code == 201, response.text

@@ -20,7 +20,13 @@ from message_service import repository
 from message_service.app import create_app, service_of
 from tests.integration.message_service.helpers import drain, nothing_pending, settings_for
 from tests.support.infra import wait_until
-from tests.unit.message_service.helpers import client_for, create_room, register
+from tests.unit.message_service.helpers import (
+    PASSWORD,
+    client_for,
+    create_room,
+    register,
+    sign_in,
+)
 
 
 @pytest.fixture
@@ -42,14 +48,34 @@ async def test_every_endpoint_on_postgres(app: FastAPI) -> None:
             "alice@example.test"
         )
 
+        alice_phone = await sign_in(client, "alice")
         device = await client.post(
-            "/users/me/devices", json={"platform": "fcm", "token": "phone"}, headers=alice.headers
+            "/users/me/devices",
+            json={"platform": "fcm", "token": "phone"},
+            headers=alice_phone.headers,
         )
         moved = await client.post(
             "/users/me/devices", json={"platform": "fcm", "token": "phone"}, headers=bob.headers
         )
         assert (device.status_code, moved.status_code) == (201, 201)
+        # The phone's session of Alice ended with the move; her first one goes on.
+        assert (await client.get("/users/me", headers=alice_phone.headers)).status_code == 401
         assert (await client.get("/users/me/devices", headers=alice.headers)).json() == []
+        laptop = await sign_in(client, "alice")
+        sessions = (await client.get("/users/me/sessions", headers=laptop.headers)).json()
+        assert [s["current"] for s in sessions] == [False, True]
+        rotated = await client.post("/sessions/current/rotate", headers=laptop.headers)
+        assert rotated.json()["id"] == str(laptop.session_id)
+        ended = await client.delete(
+            f"/users/me/sessions/{laptop.session_id}", headers=alice.headers
+        )
+        assert ended.status_code == 204
+        password = await client.put(
+            "/users/me/password",
+            json={"current_password": PASSWORD, "new_password": "new passphrase"},
+            headers=alice.headers,
+        )
+        assert password.status_code == 204
         deleted = await client.delete(
             f"/users/me/devices/{moved.json()['id']}", headers=bob.headers
         )

@@ -6,7 +6,7 @@ deleted (0012); and back."""
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
@@ -278,6 +278,87 @@ async def test_messages_get_edited_at_and_deleted_at_and_back(
             left = (await connection.execute(sa.select(messages_0011))).all()
             assert [(row.id, row.content) for row in left] == [(kept, "hey")]
 
+            await connection.run_sync(migrate, "head")
+            assert await connection.run_sync(differences) == []
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
+async def test_api_tokens_become_sessions_that_own_the_devices_and_back(
+    database: str, pg_url: str, sqlite_url: str
+) -> None:
+    """Revision 0015: each API token becomes a session of its user (the same token goes on
+    working), expiring 30 days later unless used; the user's devices belong to it; no password
+    yet. Back: each session's token is an API token again."""
+    engine = make_engine(pg_url if database == "postgresql" else sqlite_url)
+    alice, device = uuid.uuid4(), uuid.uuid4()
+    token_hash = "a" * 64
+    now = datetime.now(UTC)
+    api_tokens = sa.table(
+        "api_tokens",
+        sa.column("token_hash"),
+        sa.column("user_id", sa.Uuid()),
+        sa.column("created_at", TIMESTAMP),
+    )
+    devices = sa.table(
+        "devices",
+        *(sa.column(name, sa.Uuid()) for name in ("id", "user_id", "session_id")),
+        *(sa.column(name) for name in ("platform", "token", "token_hash")),
+        *(sa.column(name, TIMESTAMP) for name in ("created_at", "token_updated_at")),
+    )
+    sessions = sa.table(
+        "auth_sessions",
+        *(sa.column(name, sa.Uuid()) for name in ("id", "user_id")),
+        sa.column("token_hash"),
+        *(sa.column(name, TIMESTAMP) for name in ("created_at", "expires_at")),
+    )
+    try:
+        async with engine.begin() as connection:
+            await connection.run_sync(migrate, "0014")
+            await connection.execute(
+                USERS.insert().values(
+                    id=alice,
+                    username="alice",
+                    display_name="Alice",
+                    email="alice@x.test",
+                    version=1,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            await connection.execute(
+                api_tokens.insert().values(token_hash=token_hash, user_id=alice, created_at=now)
+            )
+            await connection.execute(
+                devices.insert().values(
+                    id=device,
+                    user_id=alice,
+                    platform="fcm",
+                    token="t",
+                    token_hash="b" * 64,
+                    created_at=now,
+                    token_updated_at=now,
+                )
+            )
+
+            await connection.run_sync(migrate, "0015")
+
+            [session] = (await connection.execute(sa.select(sessions))).all()
+            assert (session.user_id, session.token_hash) == (alice, token_hash)
+            expires_at = session.expires_at.replace(tzinfo=UTC)
+            assert timedelta(days=29) < expires_at - now < timedelta(days=31)
+            owner = (await connection.execute(sa.select(devices.c.session_id))).scalar_one()
+            assert owner == session.id
+            password = await connection.execute(sa.text("SELECT password_hash FROM users"))
+            assert password.scalar_one() is None
+            await connection.run_sync(migrate, "head")
+            assert await connection.run_sync(differences) == []
+
+            await connection.run_sync(migrate, "0014", down=True)
+
+            [token] = (await connection.execute(sa.select(api_tokens))).all()
+            assert (token.token_hash, token.user_id) == (token_hash, alice)
             await connection.run_sync(migrate, "head")
             assert await connection.run_sync(differences) == []
     finally:

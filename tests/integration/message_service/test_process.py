@@ -34,7 +34,12 @@ async def test_the_service_serves_and_stops_cleanly(
         async with httpx.AsyncClient(base_url=service.base_url, timeout=10) as client:
             registered = await client.post(
                 "/users",
-                json={"username": "alice", "display_name": "Alice", "email": "a@example.test"},
+                json={
+                    "username": "alice",
+                    "display_name": "Alice",
+                    "email": "a@example.test",
+                    "password": "correct horse battery",
+                },
             )
             assert registered.status_code == 201
             assert (await client.get("/health/rabbitmq")).json() == {"status": "healthy"}

@@ -61,10 +61,15 @@ class Account:
     id: uuid.UUID
     username: str
     token: str
+    session_id: uuid.UUID
 
     @property
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"}
+
+
+# Every test account's password (the strength rules are tested in test_sessions).
+PASSWORD = "correct horse battery"
 
 
 async def register(
@@ -76,11 +81,34 @@ async def register(
             "username": username,
             "display_name": username.title(),
             "email": email or f"{username}@example.test",
+            "password": PASSWORD,
         },
     )
     assert response.status_code == 201, response.text
     body = response.json()
-    return Account(id=uuid.UUID(body["id"]), username=username, token=body["token"])
+    return Account(
+        id=uuid.UUID(body["id"]),
+        username=username,
+        token=body["token"],
+        session_id=uuid.UUID(body["session_id"]),
+    )
+
+
+async def sign_in(
+    client: httpx.AsyncClient, username: str, *, password: str = PASSWORD, name: str | None = None
+) -> Account:
+    """Another session of a registered user (another of their devices)."""
+    response = await client.post(
+        "/sessions", json={"username": username, "password": password, "name": name}
+    )
+    assert response.status_code == 201, response.text
+    body = response.json()
+    return Account(
+        id=uuid.UUID(body["user_id"]),
+        username=username,
+        token=body["token"],
+        session_id=uuid.UUID(body["id"]),
+    )
 
 
 async def create_room(

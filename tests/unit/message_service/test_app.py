@@ -177,6 +177,12 @@ async def test_openapi_lists_the_api_only(client: httpx.AsyncClient) -> None:
     assert set(paths) == {
         "/users",
         "/users/me",
+        "/users/me/password",
+        "/users/me/sessions",
+        "/users/me/sessions/{session_id}",
+        "/sessions",
+        "/sessions/current",
+        "/sessions/current/rotate",
         "/users/me/devices",
         "/users/me/devices/{device_id}",
         "/users/me/preferences",

@@ -69,11 +69,13 @@ async def test_a_422_names_the_field_but_does_not_echo_the_input(
     secret = "hunter2-not-an-address"
 
     response = await client.post(
-        "/users", json={"username": "bob", "display_name": "Bob", "email": secret}
+        "/users",
+        json={"username": "bob", "display_name": "Bob", "email": secret, "password": "12345678"},
     )
     extra = await client.post(
         "/users",
-        content=b'{"username":"bob","display_name":"B","email":"b@x.test","x":NaN}',
+        content=b'{"username":"bob","display_name":"B","email":"b@x.test","password":"12345678",'
+        b'"x":NaN}',
         headers=JSON,
     )
 

@@ -25,6 +25,7 @@ from message_service.settings import Settings
 from message_service.webpush_keys import decode_base64url, is_p256_public_key
 from tests.support.infra import wait_until
 from tests.unit.message_service.helpers import (
+    Account,
     client_for,
     make_settings,
     register,
@@ -264,7 +265,7 @@ async def test_a_subscription_registered_by_another_user_moves_to_them(
     moved = await post_device(client, bob.headers, subscription(keys=bobs_keys))
 
     assert moved.status_code == 201
-    assert (await client.get("/users/me/devices", headers=alice.headers)).json() == []
+    assert (await client.get("/users/me/devices", headers=alice.headers)).status_code == 401
     alice_last = (await user_updates(runtime, alice.id))[-1]
     bob_last = (await user_updates(runtime, bob.id))[-1]
     assert (alice_last.version, alice_last.devices) == (3, [])
@@ -305,13 +306,14 @@ async def test_an_invalidated_subscription_is_removed_and_published(
 
 
 async def register_at(
-    runtime: MessageService, user_id: uuid.UUID, token: str, at: datetime
+    runtime: MessageService, account: Account, token: str, at: datetime
 ) -> uuid.UUID:
     """Register an FCM token as if at `at` (the API always uses the real clock)."""
     async with session_scope(runtime.sessions, runtime.relay.nudge) as session:
         registration = await service.register_device(
             session=session,
-            user_id=user_id,
+            user_id=account.id,
+            session_id=account.session_id,
             platform=Platform.FCM,
             token=token,
             max_devices=20,
@@ -344,12 +346,12 @@ async def test_devices_not_refreshed_for_the_stale_period_are_pruned(
     alice = await register(client, "alice")
     bob = await register(client, "bob")
     carol = await register(client, "carol")
-    await register_at(runtime, alice.id, "alice-old", start)
-    fresh = await register_at(runtime, alice.id, "alice-fresh", start + timedelta(days=30))
-    await register_at(runtime, bob.id, "bob-old", start + timedelta(hours=12))
+    await register_at(runtime, alice, "alice-old", start)
+    fresh = await register_at(runtime, alice, "alice-fresh", start + timedelta(days=30))
+    await register_at(runtime, bob, "bob-old", start + timedelta(hours=12))
     # Re-registered later: the refresh keeps it.
-    await register_at(runtime, carol.id, "carol-phone", start)
-    await register_at(runtime, carol.id, "carol-phone", start + timedelta(days=40))
+    await register_at(runtime, carol, "carol-phone", start)
+    await register_at(runtime, carol, "carol-phone", start + timedelta(days=40))
     versions = {
         user.id: (await user_updates(runtime, user.id))[-1].version for user in (alice, bob, carol)
     }
@@ -372,7 +374,7 @@ async def test_pruning_again_changes_nothing(
 ) -> None:
     start = _now()
     alice = await register(client, "alice")
-    await register_at(runtime, alice.id, "old", start)
+    await register_at(runtime, alice, "old", start)
     pruner = pruner_at(runtime, start + timedelta(days=60, seconds=1))
 
     assert await pruner.prune_once() == 1
@@ -385,7 +387,7 @@ async def test_a_device_exactly_at_the_limit_is_kept(
 ) -> None:
     start = _now()
     alice = await register(client, "alice")
-    await register_at(runtime, alice.id, "edge", start)
+    await register_at(runtime, alice, "edge", start)
 
     assert await pruner_at(runtime, start + timedelta(days=60)).prune_once() == 0
 
@@ -412,7 +414,7 @@ async def test_the_pruner_runs_periodically_until_stopped(
 
     pruner.start()
     try:
-        await register_at(runtime, alice.id, "old", start)
+        await register_at(runtime, alice, "old", start)
         assert await devices_left() == 1
         now[0] = start + timedelta(days=90)  # the next pass finds it stale
         await wait_until(none_left, timeout=30)

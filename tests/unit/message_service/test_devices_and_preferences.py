@@ -16,6 +16,7 @@ from tests.unit.message_service.helpers import (
     make_settings,
     register,
     running_app,
+    sign_in,
     user_updates,
 )
 
@@ -35,8 +36,8 @@ async def test_a_device_is_registered_and_its_token_never_returned(
 
     assert response.status_code == 201
     body = response.json()
-    assert set(body) == {"id", "platform", "created_at"}
-    assert body["platform"] == "fcm"
+    assert set(body) == {"id", "platform", "created_at", "session_id"}
+    assert (body["platform"], body["session_id"]) == ("fcm", str(alice.session_id))
     listed = await client.get("/users/me/devices", headers=alice.headers)
     assert listed.json() == [body]
     assert "fcm-token-alice" not in listed.text
@@ -65,7 +66,8 @@ async def test_the_same_token_again_returns_the_existing_device(
 async def test_a_token_registered_by_another_user_moves_to_the_new_user(
     client: httpx.AsyncClient, runtime: MessageService, caplog: pytest.LogCaptureFixture
 ) -> None:
-    alice = await register(client, "alice")
+    alice = await register(client, "alice")  # on the phone
+    alice_laptop = await sign_in(client, "alice")
     bob = await register(client, "bob")
     first = await add_device(client, alice.headers, "shared-phone")
 
@@ -78,7 +80,12 @@ async def test_a_token_registered_by_another_user_moves_to_the_new_user(
     assert "shared-phone" not in audit
 
     assert moved.status_code == 201
-    assert (await client.get("/users/me/devices", headers=alice.headers)).json() == []
+    # Alice's session on the phone is signed out; her laptop's is not.
+    assert (await client.get("/users/me", headers=alice.headers)).status_code == 401
+    assert (await client.get("/users/me/devices", headers=alice_laptop.headers)).json() == []
+    sessions = (await client.get("/users/me/sessions", headers=alice_laptop.headers)).json()
+    assert [s["id"] for s in sessions] == [str(alice_laptop.session_id)]
+    assert runtime.registry.get_sample_value("herald_message_device_moves_total") == 1
     bobs = (await client.get("/users/me/devices", headers=bob.headers)).json()
     assert [d["id"] for d in bobs] == [moved.json()["id"]]
     alice_last = (await user_updates(runtime, alice.id))[-1]

@@ -17,7 +17,7 @@ import pytest
 from herald_shared.events import utc_now
 from message_service.api.responses import ECHO_MAX
 from message_service.cursor import decode_cursor, encode_cursor
-from tests.unit.message_service.helpers import register
+from tests.unit.message_service.helpers import PASSWORD, register
 
 JSON = {"content-type": "application/json"}
 
@@ -140,7 +140,13 @@ async def test_the_display_name_pattern_is_the_servers_rule(
     documented = len(name) <= schema["maxLength"] and fullmatch(schema["pattern"], name)
 
     response = await client.post(
-        "/users", json={"username": "alice", "display_name": name, "email": "a@example.test"}
+        "/users",
+        json={
+            "username": "alice",
+            "display_name": name,
+            "email": "a@example.test",
+            "password": PASSWORD,
+        },
     )
 
     assert response.status_code == (201 if documented else 422)
@@ -166,7 +172,13 @@ async def test_the_email_pattern_is_the_servers_rule(
     documented = len(address) <= schema["maxLength"] and fullmatch(schema["pattern"], address)
 
     response = await client.post(
-        "/users", json={"username": "alice", "display_name": "Alice", "email": address}
+        "/users",
+        json={
+            "username": "alice",
+            "display_name": "Alice",
+            "email": address,
+            "password": PASSWORD,
+        },
     )
 
     assert response.status_code == (201 if documented else 422)

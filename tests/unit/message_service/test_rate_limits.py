@@ -31,7 +31,13 @@ from message_service.ratelimit import (
     token_key,
 )
 from message_service.settings import Settings
-from tests.unit.message_service.helpers import Account, make_settings, register, running_app
+from tests.unit.message_service.helpers import (
+    PASSWORD,
+    Account,
+    make_settings,
+    register,
+    running_app,
+)
 
 ATTACKER = "203.0.113.7"
 NEIGHBOUR = "198.51.100.20"
@@ -251,7 +257,12 @@ async def test_registration_is_limited_per_ip_whatever_its_answer(sqlite_url: st
         client_from(app, ATTACKER) as attacker,
         client_from(app, NEIGHBOUR) as neighbour,
     ):
-        body = {"username": "alice", "display_name": "A", "email": "a@example.test"}
+        body = {
+            "username": "alice",
+            "display_name": "A",
+            "email": "a@example.test",
+            "password": PASSWORD,
+        }
         answers = [await attacker.post("/users", json=body) for _ in range(2)]
         probe = await attacker.post("/users", json={**body, "username": "bob"})
         elsewhere = await neighbour.post("/users", json={**body, "username": "bob"})
@@ -268,7 +279,12 @@ async def test_registration_answers_no_sooner_than_its_floor_taken_or_not(
         limited_app(sqlite_url, registration_min_seconds=0.3) as app,
         client_from(app, ATTACKER) as client,
     ):
-        body = {"username": "alice", "display_name": "A", "email": "a@example.test"}
+        body = {
+            "username": "alice",
+            "display_name": "A",
+            "email": "a@example.test",
+            "password": PASSWORD,
+        }
         durations = []
         for expected in (201, 409):
             started = time.monotonic()

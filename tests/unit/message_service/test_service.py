@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import AsyncIterator, MutableMapping
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -32,9 +33,20 @@ async def runtime(sqlite_url: str) -> AsyncIterator[MessageService]:
 async def new_user(runtime: MessageService, username: str = "alice") -> uuid.UUID:
     async with runtime.sessions() as session:
         registration = await service.register_user(
-            session=session, username=username, display_name="A", email="a@example.test"
+            session=session,
+            username=username,
+            display_name="A",
+            email="a@example.test",
+            password_hash="not checked here",
+            session_ttl=timedelta(days=1),
         )
     return registration.user.id
+
+
+async def session_of(runtime: MessageService, user_id: uuid.UUID) -> uuid.UUID:
+    """The user's first session (registration started it)."""
+    async with runtime.sessions() as session:
+        return (await service.list_sessions(session=session, user_id=user_id))[0].id
 
 
 async def test_unknown_users_are_not_found(runtime: MessageService) -> None:
@@ -46,12 +58,22 @@ async def test_unknown_users_are_not_found(runtime: MessageService) -> None:
             await service.update_profile(session=session, user_id=ghost, display_name="x")
         with pytest.raises(service.NotFound):
             await service.register_device(
-                session=session, user_id=ghost, platform=Platform.FCM, token="t", max_devices=5
+                session=session,
+                user_id=ghost,
+                session_id=uuid.uuid4(),
+                platform=Platform.FCM,
+                token="t",
+                max_devices=5,
             )
         assert not await service.remove_invalidated_device(
             session=session, user_id=ghost, device_id=uuid.uuid4()
         )
-    assert await service.authenticate(engine=runtime.engine, token="nothing") is None
+    assert (
+        await service.authenticate(
+            engine=runtime.engine, token="nothing", session_ttl=timedelta(days=1)
+        )
+        is None
+    )
 
 
 async def test_a_device_insert_that_loses_a_race_is_retried(
@@ -71,7 +93,12 @@ async def test_a_device_insert_that_loses_a_race_is_retried(
     monkeypatch.setattr(repository, "add_device", racing_add)
     async with runtime.sessions() as session:
         registration = await service.register_device(
-            session=session, user_id=user_id, platform=Platform.FCM, token="t", max_devices=5
+            session=session,
+            user_id=user_id,
+            session_id=await session_of(runtime, user_id),
+            platform=Platform.FCM,
+            token="t",
+            max_devices=5,
         )
 
     assert registration.created
@@ -90,7 +117,12 @@ async def test_a_device_race_that_never_settles_is_409(
     async with runtime.sessions() as session:
         with pytest.raises(service.Conflict):
             await service.register_device(
-                session=session, user_id=user_id, platform=Platform.FCM, token="t", max_devices=5
+                session=session,
+                user_id=user_id,
+                session_id=await session_of(runtime, user_id),
+                platform=Platform.FCM,
+                token="t",
+                max_devices=5,
             )
     assert [u.version for u in await user_updates(runtime, user_id)] == [1]
 
@@ -113,7 +145,12 @@ async def test_a_token_that_changes_hands_while_locking_is_retried(
     monkeypatch.setattr(repository, "device_by_token", moving_token)
     async with runtime.sessions() as session:
         registration = await service.register_device(
-            session=session, user_id=user_id, platform=Platform.FCM, token="t", max_devices=5
+            session=session,
+            user_id=user_id,
+            session_id=await session_of(runtime, user_id),
+            platform=Platform.FCM,
+            token="t",
+            max_devices=5,
         )
 
     assert registration.created

@@ -10,8 +10,8 @@ import pytest
 from sqlmodel import select
 
 from message_service.app import MessageService
-from message_service.models import ApiToken, User
-from tests.unit.message_service.helpers import register, user_updates
+from message_service.models import AuthSession, User
+from tests.unit.message_service.helpers import PASSWORD, register, user_updates
 
 PROTECTED = [
     ("GET", "/users/me"),
@@ -35,18 +35,24 @@ async def test_registration_returns_a_token_and_stores_only_its_hash(
 ) -> None:
     response = await client.post(
         "/users",
-        json={"username": "alice", "display_name": "Alice", "email": "alice@example.test"},
+        json={
+            "username": "alice",
+            "display_name": "Alice",
+            "email": "alice@example.test",
+            "password": PASSWORD,
+        },
     )
 
     assert response.status_code == 201
     body = response.json()
-    assert set(body) == {"id", "username", "display_name", "token"}
+    assert set(body) == {"id", "username", "display_name", "token", "session_id", "expires_at"}
     assert (body["username"], body["display_name"]) == ("alice", "Alice")
     token = body["token"]
     assert len(token) >= 43  # 32 random bytes, base64url
     async with runtime.sessions() as session:
-        rows = (await session.exec(select(ApiToken))).all()
+        rows = (await session.exec(select(AuthSession))).all()
     assert [row.token_hash for row in rows] == [hashlib.sha256(token.encode()).hexdigest()]
+    assert [str(row.id) for row in rows] == [body["session_id"]]
     assert all(token not in str(row.model_dump()) for row in rows)
 
     me = await client.get("/users/me", headers={"Authorization": f"Bearer {token}"})
@@ -93,7 +99,13 @@ async def test_a_username_that_mentions_a_whole_room_is_422(
     client: httpx.AsyncClient, username: str
 ) -> None:
     response = await client.post(
-        "/users", json={"username": username, "display_name": "X", "email": "x@example.test"}
+        "/users",
+        json={
+            "username": username,
+            "display_name": "X",
+            "email": "x@example.test",
+            "password": PASSWORD,
+        },
     )
 
     assert response.status_code == 422
@@ -104,7 +116,13 @@ async def test_a_taken_username_is_409(client: httpx.AsyncClient) -> None:
     await register(client, "alice")
 
     response = await client.post(
-        "/users", json={"username": "alice", "display_name": "Other", "email": "o@example.test"}
+        "/users",
+        json={
+            "username": "alice",
+            "display_name": "Other",
+            "email": "o@example.test",
+            "password": PASSWORD,
+        },
     )
 
     assert response.status_code == 409
@@ -130,16 +148,38 @@ async def test_a_taken_username_is_409(client: httpx.AsyncClient) -> None:
         {"email": "a" * 65 + "@example.test"},
         {"is_admin": True},
         {"id": "00000000-0000-0000-0000-000000000001"},
+        {"password": "seven c"},
+        {"password": "x" * 129},
+        {"password": None},
+        {"password": 12345678},
+        {"session_name": "phone\nBcc: x"},
+        {"session_name": "p" * 101},
     ],
 )
 async def test_registration_rejects_invalid_and_unknown_fields(
     client: httpx.AsyncClient, changes: dict[str, Any]
 ) -> None:
-    body = {"username": "alice", "display_name": "Alice", "email": "alice@example.test", **changes}
+    body = {
+        "username": "alice",
+        "display_name": "Alice",
+        "email": "alice@example.test",
+        "password": PASSWORD,
+        **changes,
+    }
 
     response = await client.post("/users", json=body)
 
     assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"][1] == next(iter(changes))
+
+
+async def test_registration_needs_a_password(client: httpx.AsyncClient) -> None:
+    body = {"username": "alice", "display_name": "Alice", "email": "alice@example.test"}
+
+    response = await client.post("/users", json=body)
+
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", "password"]
 
 
 async def test_names_are_trimmed_and_the_mail_domain_lowercased(
@@ -147,7 +187,12 @@ async def test_names_are_trimmed_and_the_mail_domain_lowercased(
 ) -> None:
     response = await client.post(
         "/users",
-        json={"username": "alice", "display_name": "  Alice 👋 ", "email": "Alice@Example.TEST"},
+        json={
+            "username": "alice",
+            "display_name": "  Alice 👋 ",
+            "email": "Alice@Example.TEST",
+            "password": PASSWORD,
+        },
     )
     token = response.json()["token"]
 

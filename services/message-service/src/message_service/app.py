@@ -66,12 +66,13 @@ from herald_shared.topology import (
 )
 from message_service import openapi_pages, repository
 from message_service.api import router
-from message_service.api.deps import ApiDeps
+from message_service.api.deps import ApiDeps, ApiMetrics
 from message_service.api.responses import clipped, with_common_answers
 from message_service.docs_index import DOCS_INDEX_PATH, docs_index_html, herald_services
 from message_service.handlers import HandlerDeps, Subscribers, register_handlers
 from message_service.outbox import OutboxMetrics, OutboxRelay
-from message_service.pruning import DevicePruner
+from message_service.passwords import PasswordParameters, Passwords
+from message_service.pruning import DevicePruner, SessionSweeper
 from message_service.ratelimit import RateLimited, RateLimiter, RateLimitMetrics
 from message_service.service import ServiceError
 from message_service.settings import SERVICE_NAME, Settings
@@ -111,6 +112,7 @@ class MessageService:
     relay: OutboxRelay
     specification: AsyncAPI
     pruner: DevicePruner
+    session_sweeper: SessionSweeper
     retention: RetentionTask
     streams: StreamHub
     limiter: RateLimiter
@@ -289,6 +291,9 @@ def build_service(
             stale_after=timedelta(days=settings.device_stale_after_days),
             interval=settings.device_prune_interval,
         ),
+        session_sweeper=SessionSweeper(
+            sessions=sessions, nudge=relay.nudge, interval=settings.session_sweep_interval
+        ),
         retention=RetentionTask(
             {
                 "inbox_items": lambda before, batch: repository.prune_inbox(
@@ -314,6 +319,15 @@ def build_service(
         limiter=limiter,
         trusted_proxies=settings.trusted_proxies,
         registration_min_seconds=settings.registration_min_seconds,
+        session_ttl=settings.session_ttl,
+        passwords=Passwords(
+            PasswordParameters(
+                time_cost=settings.password_hash_time_cost,
+                memory_kib=settings.password_hash_memory_kib,
+                parallelism=settings.password_hash_parallelism,
+            )
+        ),
+        metrics=ApiMetrics(registry),
     )
     app.include_router(router)
     _add_ops_routes(app, service)
@@ -386,6 +400,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         raise StartupError(f"RabbitMQ unreachable at {address}") from None
     runtime.relay.start()
     runtime.pruner.start()
+    runtime.session_sweeper.start()
     runtime.retention.start()
     runtime.streams.start()
     logger.info(
@@ -401,6 +416,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         # pruner staged.
         await runtime.streams.stop()
         await runtime.pruner.stop()
+        await runtime.session_sweeper.stop()
         await runtime.retention.stop()
         await runtime.relay.stop()
         await runtime.broker.stop()

@@ -28,6 +28,8 @@ from herald_shared.events import utc_now
 USERNAME_MAX = 32
 DISPLAY_TEXT_MAX = 100
 EMAIL_MAX = 254
+PASSWORD_HASH_MAX = 255
+SESSION_NAME_MAX = 100
 DEVICE_TOKEN_MAX = 4096
 WEB_PUSH_P256DH_MAX = 200  # as in herald_shared.events.WebPushKeys
 WEB_PUSH_AUTH_MAX = 100
@@ -82,20 +84,31 @@ class User(Table, table=True):
     username: str = Field(sa_type=String(USERNAME_MAX))
     display_name: str = Field(sa_type=String(DISPLAY_TEXT_MAX))
     email: str = Field(sa_type=String(EMAIL_MAX))
+    # Argon2id, in the PHC string format (parameters and salt included); None for accounts
+    # registered before passwords, until their owner sets one.
+    password_hash: str | None = Field(default=None, sa_type=String(PASSWORD_HASH_MAX))
     # Grows with every change that notification routing cares about (UserUpdated.version).
     version: int = Field(default=1, sa_type=Integer)
     created_at: datetime = Field(default_factory=utc_now, sa_type=UtcDateTime)
     updated_at: datetime = Field(default_factory=utc_now, sa_type=UtcDateTime)
 
 
-class ApiToken(Table, table=True):
-    """Only the SHA-256 of a token is stored: a leaked table grants nothing."""
+class AuthSession(Table, table=True):
+    """A signed-in client: registration or `POST /sessions` starts one, signing out ends it,
+    and it expires `SESSION_TTL` after its last use. Only the SHA-256 of its token is stored (a
+    leaked table grants nothing); rotating the token keeps the session and its devices."""
 
-    __tablename__ = "api_tokens"
+    __tablename__ = "auth_sessions"
+    __table_args__ = (UniqueConstraint("token_hash", name="uq_auth_sessions_token_hash"),)
 
-    token_hash: str = Field(sa_type=String(64), primary_key=True)
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
     user_id: uuid.UUID = Field(foreign_key="users.id", index=True)
+    token_hash: str = Field(sa_type=String(64))
+    # What the client called itself ("Alice's phone"), to tell sessions apart in a list.
+    name: str | None = Field(default=None, sa_type=String(SESSION_NAME_MAX))
     created_at: datetime = Field(default_factory=utc_now, sa_type=UtcDateTime)
+    last_used_at: datetime = Field(default_factory=utc_now, sa_type=UtcDateTime)
+    expires_at: datetime = Field(sa_type=UtcDateTime, index=True)
 
 
 class Device(Table, table=True):
@@ -108,6 +121,9 @@ class Device(Table, table=True):
 
     id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
     user_id: uuid.UUID = Field(foreign_key="users.id", index=True)
+    # The session that registered it: signing that session out (or its expiry) removes the
+    # device, so a signed-out app stops receiving the account's notifications.
+    session_id: uuid.UUID | None = Field(default=None, foreign_key="auth_sessions.id", index=True)
     platform: str = Field(sa_type=String(16))
     token: str = Field(sa_type=Text)
     token_hash: str = Field(sa_type=String(64))

@@ -47,7 +47,9 @@ class Budget(StrEnum):
     """What is counted, and per what (the key)."""
 
     REGISTRATION = "registration"  # per IP: POST /users
-    AUTH_FAILURES = "auth_failures"  # per IP: a missing or unknown bearer token
+    AUTH_FAILURES = "auth_failures"  # per IP: a missing or unknown bearer token, a bad password
+    SIGN_INS = "sign_ins"  # per IP: POST /sessions
+    SIGN_IN_FAILURES = "sign_in_failures"  # per account: a wrong password for it
     ANONYMOUS = "anonymous"  # per IP: the other calls without a token (unsubscribe links)
     POSTING = "posting"  # per user: POST /rooms/{id}/messages, PATCH and DELETE of one
     ROOMS = "rooms"  # per user: POST /rooms
@@ -160,23 +162,37 @@ class RateLimiter:
 
     async def hit(self, budget: Budget, key: str, *, cost: int = 1) -> None:
         """Spend `cost` of `key`'s `budget`; RateLimited (nothing spent) when it has less left."""
+        await self._count(budget, key, cost=cost, spend=True)
+
+    async def check(self, budget: Budget, key: str) -> None:
+        """RateLimited when `key` has nothing left of `budget`; spends nothing (what a failure
+        spends later is checked before the work that may fail)."""
+        await self._count(budget, key, cost=1, spend=False)
+
+    async def _count(self, budget: Budget, key: str, *, cost: int, spend: bool) -> None:
         if not self.enabled:
             return
         item = self.budgets[budget]
+
+        async def ask(limiter: MovingWindowRateLimiter) -> bool:
+            if spend:
+                return await limiter.hit(item, budget, key, cost=cost)
+            return await limiter.test(item, budget, key, cost=cost)
+
         limiter = self._limiter()
         if limiter is self._local:
             # No time limit here: `RATE_LIMIT_REDIS_TIMEOUT` bounds a round trip to Redis, and a
             # count in this process that waits on a busy event loop is no failure (it was one,
             # a 500, when this was cut by the same timeout).
-            allowed = await limiter.hit(item, budget, key, cost=cost)
+            allowed = await ask(limiter)
         else:
             try:
                 async with asyncio.timeout(self._timeout):
-                    allowed = await limiter.hit(item, budget, key, cost=cost)
+                    allowed = await ask(limiter)
             except Exception as exc:
                 self._storage_failed(exc)
                 limiter = self._local
-                allowed = await limiter.hit(item, budget, key, cost=cost)
+                allowed = await ask(limiter)
             else:
                 if self._shared_down_until:
                     self._shared_down_until = 0.0

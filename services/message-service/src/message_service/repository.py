@@ -30,7 +30,7 @@ from herald_shared.tracing import current_traceparent
 from message_service.models import (
     INVITED,
     MEMBER,
-    ApiToken,
+    AuthSession,
     Block,
     BreakthroughUser,
     Device,
@@ -53,7 +53,12 @@ def _table(model: Any) -> Table:
     return table
 
 
-_users, _tokens, _members, _rooms = _table(User), _table(ApiToken), _table(RoomMember), _table(Room)
+_users, _sessions, _members, _rooms = (
+    _table(User),
+    _table(AuthSession),
+    _table(RoomMember),
+    _table(Room),
+)
 _messages, _outbox, _blocks = _table(Message), _table(OutboxEvent), _table(Block)
 _inbox, _preferences = _table(InboxItem), _table(Preferences)
 
@@ -61,18 +66,51 @@ _inbox, _preferences = _table(InboxItem), _table(Preferences)
 # --- the hot path, in SQLAlchemy Core ------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class SignedIn:
+    """Who a session token belongs to."""
+
+    user_id: uuid.UUID
+    username: str
+    session_id: uuid.UUID
+    last_used_at: datetime
+
+
 async def user_for_token(
-    connection: AsyncConnection, *, token_hash: str
-) -> tuple[uuid.UUID, str] | None:
-    """(id, username) of the token's user."""
+    connection: AsyncConnection, *, token_hash: str, now: datetime
+) -> SignedIn | None:
+    """The user and session of a token whose session has not expired by `now`."""
     row = (
         await connection.execute(
-            core_select(_users.c.id, _users.c.username)
-            .join(_tokens, _tokens.c.user_id == _users.c.id)
-            .where(_tokens.c.token_hash == token_hash)
+            core_select(
+                _users.c.id,
+                _users.c.username,
+                _sessions.c.id.label("session_id"),
+                _sessions.c.last_used_at,
+            )
+            .join(_sessions, _sessions.c.user_id == _users.c.id)
+            .where(_sessions.c.token_hash == token_hash, _sessions.c.expires_at > now)
         )
     ).first()
-    return None if row is None else (row.id, row.username)
+    if row is None:
+        return None
+    return SignedIn(
+        user_id=row.id,
+        username=row.username,
+        session_id=row.session_id,
+        last_used_at=row.last_used_at,
+    )
+
+
+async def touch_session(
+    connection: AsyncConnection, *, session_id: uuid.UUID, now: datetime, expires_at: datetime
+) -> None:
+    """Record a use of the session, sliding its expiry (unless it expired meanwhile)."""
+    await connection.execute(
+        update(_sessions)
+        .where(_sessions.c.id == session_id, _sessions.c.expires_at > now)
+        .values(last_used_at=now, expires_at=expires_at)
+    )
 
 
 @dataclass(frozen=True)
@@ -186,15 +224,78 @@ async def _dialect(session: AsyncSession) -> str:
     return connection.dialect.name
 
 
-# --- users and tokens ---------------------------------------------------------------------------
+# --- users and sessions -------------------------------------------------------------------------
 
 
-async def add_user(session: AsyncSession, *, user: User, token_hash: str) -> None:
+async def add_user(session: AsyncSession, *, user: User) -> None:
     session.add(user)
     await session.flush()  # the ORM does not order inserts by foreign keys without relationships
     session.add(Preferences(user_id=user.id))
-    session.add(ApiToken(token_hash=token_hash, user_id=user.id))
     await session.flush()
+
+
+async def user_by_username(session: AsyncSession, *, username: str) -> User | None:
+    return (await session.exec(select(User).where(User.username == username))).first()
+
+
+async def add_session(session: AsyncSession, *, auth_session: AuthSession) -> None:
+    session.add(auth_session)
+    await session.flush()
+
+
+async def sessions_of(session: AsyncSession, *, user_id: uuid.UUID) -> Sequence[AuthSession]:
+    statement = (
+        select(AuthSession)
+        .where(AuthSession.user_id == user_id)
+        .order_by(col(AuthSession.created_at), col(AuthSession.id))
+    )
+    return (await session.exec(statement)).all()
+
+
+async def session_of(
+    session: AsyncSession, *, user_id: uuid.UUID, session_id: uuid.UUID
+) -> AuthSession | None:
+    """The user's session with this id; None when it is not theirs (or gone)."""
+    statement = select(AuthSession).where(
+        AuthSession.id == session_id, AuthSession.user_id == user_id
+    )
+    return (await session.exec(statement)).first()
+
+
+async def delete_sessions(
+    session: AsyncSession, *, user_id: uuid.UUID, session_ids: Collection[uuid.UUID]
+) -> tuple[int, int]:
+    """Delete these sessions of the user and the devices registered under them: (sessions,
+    devices) deleted."""
+    if not session_ids:
+        return 0, 0
+    devices = await session.exec(
+        delete(Device).where(
+            col(Device.user_id) == user_id, col(Device.session_id).in_(session_ids)
+        )
+    )
+    ended = await session.exec(
+        delete(AuthSession).where(
+            col(AuthSession.user_id) == user_id, col(AuthSession.id).in_(session_ids)
+        )
+    )
+    return ended.rowcount, devices.rowcount
+
+
+async def expired_sessions(
+    session: AsyncSession, *, now: datetime, limit: int
+) -> dict[uuid.UUID, list[uuid.UUID]]:
+    """Up to `limit` sessions that expired by `now`, by user."""
+    statement = (
+        select(AuthSession.user_id, AuthSession.id)
+        .where(col(AuthSession.expires_at) <= now)
+        .order_by(col(AuthSession.expires_at))
+        .limit(limit)
+    )
+    expired: dict[uuid.UUID, list[uuid.UUID]] = {}
+    for user_id, session_id in (await session.exec(statement)).all():
+        expired.setdefault(user_id, []).append(session_id)
+    return expired
 
 
 async def get_user(session: AsyncSession, *, user_id: uuid.UUID) -> User | None:

@@ -16,7 +16,7 @@ import re
 import secrets
 import uuid
 import zoneinfo
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import Enum
@@ -54,6 +54,7 @@ from message_service.cursor import decode_cursor, encode_cursor
 from message_service.models import (
     MEMBER,
     MUTED_FOREVER,
+    AuthSession,
     Device,
     Message,
     Preferences,
@@ -109,22 +110,32 @@ class Invalid(ServiceError):
 
 @dataclass(frozen=True)
 class CurrentUser:
-    """Who is calling, as established from the bearer token."""
+    """Who is calling, as established from the bearer token: a user, in one of their
+    sessions."""
 
     id: uuid.UUID
     username: str
+    session_id: uuid.UUID
+
+
+@dataclass(frozen=True)
+class StartedSession:
+    auth_session: AuthSession
+    token: str  # shown once; only its hash is stored
 
 
 @dataclass(frozen=True)
 class Registration:
     user: User
-    token: str  # shown once; only its hash is stored
+    started: StartedSession
 
 
 @dataclass(frozen=True)
 class DeviceRegistration:
     device: Device
     created: bool
+    # The user the token belonged to until now (the device changed hands), if anyone.
+    moved_from: uuid.UUID | None = None
 
 
 class Keep(Enum):
@@ -206,29 +217,192 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-# --- users --------------------------------------------------------------------------------------
+# How stale a session's recorded last use may get before a request records it again: sliding
+# the expiry costs one write a minute per active session, not one per request.
+SESSION_TOUCH_INTERVAL = timedelta(minutes=1)
+
+
+# --- users and sessions -------------------------------------------------------------------------
 
 
 async def register_user(
-    *, session: AsyncSession, username: str, display_name: str, email: str
+    *,
+    session: AsyncSession,
+    username: str,
+    display_name: str,
+    email: str,
+    password_hash: str,
+    session_ttl: timedelta,
+    session_name: str | None = None,
 ) -> Registration:
-    token = secrets.token_urlsafe(32)
-    user = User(username=username, display_name=display_name, email=email, version=1)
+    """Create the account and its first session."""
+    user = User(
+        username=username,
+        display_name=display_name,
+        email=email,
+        password_hash=password_hash,
+        version=1,
+    )
     try:
-        await repository.add_user(session, user=user, token_hash=hash_token(token))
+        await repository.add_user(session, user=user)
+        started = await _start_session(session, user_id=user.id, ttl=session_ttl, name=session_name)
         await _stage_user_updated(session, user)
         await session.commit()
     except IntegrityError as exc:
         await session.rollback()
         raise Conflict("username is taken") from exc
-    return Registration(user=user, token=token)
+    return Registration(user=user, started=started)
 
 
-async def authenticate(*, engine: AsyncEngine, token: str) -> CurrentUser | None:
-    """The token's user; a read that stands alone (every request makes it)."""
+async def authenticate(
+    *, engine: AsyncEngine, token: str, session_ttl: timedelta, now: datetime | None = None
+) -> CurrentUser | None:
+    """The token's user and session, if the session has not expired; a use slides its expiry to
+    `session_ttl` from now (recorded at most once per `SESSION_TOUCH_INTERVAL`)."""
+    now = now or utc_now()
     async with autocommit(engine) as connection:
-        found = await repository.user_for_token(connection, token_hash=hash_token(token))
-    return None if found is None else CurrentUser(id=found[0], username=found[1])
+        found = await repository.user_for_token(connection, token_hash=hash_token(token), now=now)
+        if found is None:
+            return None
+        if now - found.last_used_at >= SESSION_TOUCH_INTERVAL:
+            await repository.touch_session(
+                connection, session_id=found.session_id, now=now, expires_at=now + session_ttl
+            )
+    return CurrentUser(id=found.user_id, username=found.username, session_id=found.session_id)
+
+
+@dataclass(frozen=True)
+class Credentials:
+    user_id: uuid.UUID
+    password_hash: str | None
+
+
+async def credentials_of(*, session: AsyncSession, username: str) -> Credentials | None:
+    """What a sign-in is checked against (by the caller, off the event loop); the transaction
+    ends here, so nothing is held while the password is hashed."""
+    user = await repository.user_by_username(session, username=username)
+    credentials = None if user is None else Credentials(user.id, user.password_hash)
+    await session.rollback()
+    return credentials
+
+
+async def start_session(
+    *,
+    session: AsyncSession,
+    user_id: uuid.UUID,
+    ttl: timedelta,
+    name: str | None = None,
+    password_hash: str | None = None,
+) -> StartedSession:
+    """A new session of a user whose password was checked; `password_hash`, when given,
+    replaces the stored one (made with today's parameters)."""
+    user = await _lock_user(session, user_id)
+    if password_hash is not None:
+        user.password_hash = password_hash
+    started = await _start_session(session, user_id=user_id, ttl=ttl, name=name)
+    await session.commit()
+    return started
+
+
+async def _start_session(
+    session: AsyncSession, *, user_id: uuid.UUID, ttl: timedelta, name: str | None
+) -> StartedSession:
+    token = secrets.token_urlsafe(32)
+    now = utc_now()
+    auth_session = AuthSession(
+        user_id=user_id,
+        token_hash=hash_token(token),
+        name=name,
+        created_at=now,
+        last_used_at=now,
+        expires_at=now + ttl,
+    )
+    await repository.add_session(session, auth_session=auth_session)
+    return StartedSession(auth_session=auth_session, token=token)
+
+
+async def list_sessions(*, session: AsyncSession, user_id: uuid.UUID) -> Sequence[AuthSession]:
+    return await repository.sessions_of(session, user_id=user_id)
+
+
+async def rotate_session(
+    *, session: AsyncSession, user_id: uuid.UUID, session_id: uuid.UUID, ttl: timedelta
+) -> StartedSession:
+    """A new token for the session (the old one stops working at once); its devices stay."""
+    await _lock_user(session, user_id)
+    auth_session = await repository.session_of(session, user_id=user_id, session_id=session_id)
+    if auth_session is None:
+        raise NotFound("session not found")
+    token = secrets.token_urlsafe(32)
+    now = utc_now()
+    auth_session.token_hash = hash_token(token)
+    auth_session.last_used_at = now
+    auth_session.expires_at = now + ttl
+    await session.commit()
+    return StartedSession(auth_session=auth_session, token=token)
+
+
+async def end_session(*, session: AsyncSession, user_id: uuid.UUID, session_id: uuid.UUID) -> None:
+    """Sign the session out; the devices registered under it are removed with it."""
+    user = await _lock_user(session, user_id)
+    ended = await _end_sessions(session, user, {session_id})
+    if not ended:
+        await session.rollback()
+        raise NotFound("session not found")
+    await session.commit()
+
+
+async def change_password(
+    *,
+    session: AsyncSession,
+    user_id: uuid.UUID,
+    keep_session_id: uuid.UUID,
+    password_hash: str,
+) -> int:
+    """Set the password (its current one was checked by the caller) and sign out every other
+    session, as someone who changes a password they think was stolen expects. Returns how many
+    sessions ended."""
+    user = await _lock_user(session, user_id)
+    user.password_hash = password_hash
+    others = {s.id for s in await repository.sessions_of(session, user_id=user_id)}
+    others.discard(keep_session_id)
+    ended = await _end_sessions(session, user, others)
+    await session.commit()
+    return ended
+
+
+async def _end_sessions(
+    session: AsyncSession, user: User, session_ids: Collection[uuid.UUID]
+) -> int:
+    """Delete the sessions and their devices (the user is locked); when a device went, the
+    router learns it through the user's new snapshot. How many sessions ended."""
+    ended, devices = await repository.delete_sessions(
+        session, user_id=user.id, session_ids=session_ids
+    )
+    if devices:
+        await _bump_and_stage(session, user)
+    return ended
+
+
+async def end_expired_sessions(
+    *, session: AsyncSession, now: datetime, batch_size: int = 100
+) -> int:
+    """Delete the sessions that expired by `now`, and their devices, a batch of sessions per
+    transaction (their users locked first, as every change to devices does). How many ended."""
+    total = 0
+    while True:
+        expired = await repository.expired_sessions(session, now=now, limit=batch_size)
+        if not expired:
+            await session.commit()
+            return total
+        users = await repository.lock_users(session, user_ids=expired)
+        ended = 0
+        for user_id in sorted(users):
+            ended += await _end_sessions(session, users[user_id], expired[user_id])
+        await session.commit()
+        if not ended:  # another replica ended this batch: it is sweeping, not us
+            return total
+        total += ended
 
 
 async def get_profile(*, session: AsyncSession, user_id: uuid.UUID) -> User:
@@ -270,6 +444,7 @@ async def register_device(
     *,
     session: AsyncSession,
     user_id: uuid.UUID,
+    session_id: uuid.UUID,
     platform: Platform,
     token: str,
     max_devices: int,
@@ -278,16 +453,22 @@ async def register_device(
 ) -> DeviceRegistration:
     """Register a push token (for Web Push: the subscription's endpoint and keys) for the user.
 
-    The same token again returns the existing device and refreshes its `token_updated_at` (and
-    keys), which the user's new snapshot carries; a token that another user registered moves to
-    this user (the same device, now signed in as someone else), and both users' snapshots are
-    republished."""
+    The device belongs to the session `session_id`: signing it out removes the device. The same
+    token again returns the existing device, moves it to this session and refreshes its
+    `token_updated_at` (and keys), which the user's new snapshot carries.
+
+    A token another user registered moves to this user: only the app on that device can read
+    its push token, so whoever registers it holds the device, now signed in as someone else.
+    The previous owner's session that registered it is signed out (with any other device
+    registered under it), both users' snapshots are republished, and the move is logged (ids
+    only) and counted by the caller (`DeviceRegistration.moved_from`)."""
     token_hash = hash_token(token)
     for _ in range(_DEVICE_RACE_ATTEMPTS):
         try:
             registration = await _register_device_once(
                 session,
                 user_id=user_id,
+                session_id=session_id,
                 platform=platform,
                 token=token,
                 token_hash=token_hash,
@@ -308,6 +489,7 @@ async def _register_device_once(
     session: AsyncSession,
     *,
     user_id: uuid.UUID,
+    session_id: uuid.UUID,
     platform: Platform,
     token: str,
     token_hash: str,
@@ -334,6 +516,7 @@ async def _register_device_once(
         # The client still holds this token: it stays fresh (not pruned), and the router learns
         # when it was registered (APNs' 410 rule compares that with Apple's verdict).
         existing.token_updated_at = now
+        existing.session_id = session_id
         existing.web_push_p256dh, existing.web_push_auth = p256dh, auth
         await _bump_and_stage(session, users[user_id])
         await session.commit()
@@ -344,11 +527,17 @@ async def _register_device_once(
     if existing is not None:
         previous_owner = users[existing.user_id]
         moved_from = (previous_owner.id, existing.id)
+        previous_session = existing.session_id
         await session.delete(existing)
         await session.flush()
+        if previous_session is not None:
+            await repository.delete_sessions(
+                session, user_id=previous_owner.id, session_ids={previous_session}
+            )
         await _bump_and_stage(session, previous_owner)
     device = Device(
         user_id=user_id,
+        session_id=session_id,
         platform=platform.value,
         token=token,
         token_hash=token_hash,
@@ -364,14 +553,16 @@ async def _register_device_once(
         # registering another's token): ids only, never the token.
         logger.warning(
             "message_service.device.moved platform=%s from_user_id=%s from_device_id=%s"
-            " to_user_id=%s to_device_id=%s",
+            " to_user_id=%s to_device_id=%s (the previous owner's session on it signed out)",
             platform.value,
             moved_from[0],
             moved_from[1],
             user_id,
             device.id,
         )
-    return DeviceRegistration(device=device, created=True)
+    return DeviceRegistration(
+        device=device, created=True, moved_from=moved_from[0] if moved_from else None
+    )
 
 
 async def remove_device(*, session: AsyncSession, user_id: uuid.UUID, device_id: uuid.UUID) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from urllib.parse import urlsplit
 
 from limits import RateLimitItem
@@ -36,6 +37,19 @@ class Settings(ServiceSettings):
     stream_poll_interval: float = Field(default=0.1, gt=0, le=5)
     stream_heartbeat: float = Field(default=15.0, gt=0, le=300)
     presence_ttl: float = Field(default=45.0, gt=0, le=3600)
+    # Sessions: `SESSION_TTL` (seconds, or ISO 8601 like `P30D`) after its last use a session
+    # expires, and the devices registered under it are removed.
+    session_ttl: timedelta = Field(
+        default=timedelta(days=30), ge=timedelta(minutes=5), le=timedelta(days=3650)
+    )
+    # How often expired sessions (and their devices) are swept away; their tokens are refused
+    # from the moment they expire.
+    session_sweep_interval: float = Field(default=60.0, gt=0)
+    # Argon2id's cost (`message_service.passwords`): OWASP's minimum by default. Raising it
+    # later is safe: each stored hash keeps its own, and is redone at its owner's next sign-in.
+    password_hash_time_cost: int = Field(default=2, ge=1, le=20)
+    password_hash_memory_kib: int = Field(default=19 * 1024, ge=8 * 1024, le=4 * 1024 * 1024)
+    password_hash_parallelism: int = Field(default=1, ge=1, le=16)
     max_devices_per_user: int = Field(default=20, ge=1, le=1000)
     # A device whose client has not registered its token again for this many days is removed
     # (`DEVICE_STALE_AFTER_DAYS`); the pruner looks every `device_prune_interval` seconds.
@@ -72,6 +86,8 @@ class Settings(ServiceSettings):
     # The budgets, in the `limits` notation ("20 per 10 minutes"): `RATE_LIMIT_<BUDGET>`.
     rate_limit_registration: str = "20 per hour"  # per IP
     rate_limit_auth_failures: str = "20 per 10 minutes"  # per IP
+    rate_limit_sign_ins: str = "30 per 10 minutes"  # per IP
+    rate_limit_sign_in_failures: str = "10 per 15 minutes"  # per account
     rate_limit_anonymous: str = "60 per minute"  # per IP
     rate_limit_posting: str = "120 per minute"  # per user
     rate_limit_rooms: str = "60 per hour"  # per user

@@ -1,8 +1,8 @@
 """The HTTP API: thin routes over `service.py`, one module per domain (`routes/`), their request
 and response models (`schemas.py`) and dependencies (`deps.py`).
 
-Every route but registration and the unsubscribe link needs `Authorization: Bearer <token>`; the
-acting user always comes from the token.
+Every route but registration, sign-in and the unsubscribe link needs `Authorization: Bearer
+<token>`, a session's token; the acting user always comes from the token.
 """
 
 from __future__ import annotations
@@ -16,10 +16,22 @@ from message_service.api.routes import (
     notifications,
     preferences,
     rooms,
+    sessions,
     unsubscribe,
     users,
 )
 
 router = APIRouter()
-for routes in (users, devices, preferences, rooms, messages, notifications, events, unsubscribe):
+_DOMAINS = (
+    users,
+    sessions,
+    devices,
+    preferences,
+    rooms,
+    messages,
+    notifications,
+    events,
+    unsubscribe,
+)
+for routes in _DOMAINS:
     router.include_router(routes.router)

@@ -1,8 +1,9 @@
 """What routes depend on, as `Annotated` aliases: `Deps` (the application's parts), `SessionDep`
-(one session per request, committed by the use case), `Me` (the caller, from the bearer token,
-spending the token's budget), `Poster`, `RoomCreator`, `Inviter` and `DeviceOwner` (the caller,
-spending their own budget for that instead), `Registrant` and `Anonymous` (a call without a
-token, spending the IP's budget), and `Tokens` (the unsubscribe links' verifier).
+(one database session per request, committed by the use case), `Me` (the caller and their
+session, from the bearer token, spending the token's budget), `Poster`, `RoomCreator`, `Inviter`
+and `DeviceOwner` (the caller, spending their own budget for that instead), `Registrant` and
+`Anonymous` (a call without a token, spending the IP's budget), and `Tokens` (the unsubscribe
+links' verifier).
 
 Rate limits (`message_service.ratelimit`): each request spends one budget (`POST /rooms` with
 members also spends their invitations, in the route). A missing or unknown
@@ -12,21 +13,34 @@ token is looked at."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CollectorRegistry, Counter
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from herald_shared.unsubscribe import UnsubscribeTokens, unsubscribe_tokens
 from message_service import service
 from message_service.outbox import Nudge, session_scope
+from message_service.passwords import PasswordParameters, Passwords
 from message_service.ratelimit import Budget, Network, RateLimiter, client_ip, token_key
 from message_service.service import CurrentUser
 from message_service.settings import Settings
 from message_service.stream import StreamHub
+
+
+class ApiMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.device_moves = Counter(
+            "herald_message_device_moves",
+            "Push tokens registered by another user than the one they belonged to (the device "
+            "changed hands; the previous owner's session on it was signed out).",
+            registry=registry,
+        )
 
 
 @dataclass(frozen=True)
@@ -40,6 +54,9 @@ class ApiDeps:
     limiter: RateLimiter
     trusted_proxies: tuple[Network, ...] = ()
     registration_min_seconds: float = 0.0
+    session_ttl: timedelta = timedelta(days=30)
+    passwords: Passwords = field(default_factory=lambda: Passwords(PasswordParameters()))
+    metrics: ApiMetrics = field(default_factory=lambda: ApiMetrics(CollectorRegistry()))
 
 
 def _deps(request: Request) -> ApiDeps:
@@ -52,7 +69,11 @@ async def _session(deps: Annotated[ApiDeps, Depends(_deps)]) -> AsyncIterator[As
         yield session
 
 
-_bearer = HTTPBearer(auto_error=False, description="The token returned by `POST /users`.")
+_bearer = HTTPBearer(
+    auto_error=False,
+    description="A session's token: what `POST /sessions` (sign in) or `POST /users` (register)"
+    " returned.",
+)
 
 
 def caller_ip(request: Request, deps: ApiDeps) -> str:
@@ -76,12 +97,14 @@ async def _current_user(
             "not authenticated",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    user = await service.authenticate(engine=deps.engine, token=credentials.credentials)
+    user = await service.authenticate(
+        engine=deps.engine, token=credentials.credentials, session_ttl=deps.session_ttl
+    )
     if user is None:
         await limiter.hit_and_block(Budget.AUTH_FAILURES, caller_ip(request, deps))
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
-            "invalid token",
+            "invalid or expired token",
             headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
         )
     return user
@@ -92,8 +115,7 @@ async def _session_user(
     user: Annotated[CurrentUser, Depends(_current_user)],
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> CurrentUser:
-    """The caller, having spent one of their token's budget (the session's, once sessions
-    exist)."""
+    """The caller, having spent one of their session's budget."""
     if credentials is not None and deps.limiter.enabled:
         await deps.limiter.hit(Budget.SESSION, token_key(credentials.credentials))
     return user

@@ -40,9 +40,12 @@ from message_service.models import (
     DEVICE_TOKEN_MAX,
     DISPLAY_TEXT_MAX,
     EMAIL_MAX,
+    SESSION_NAME_MAX,
     TIME_ZONE_MAX,
+    USERNAME_MAX,
     WEB_PUSH_AUTH_MAX,
     WEB_PUSH_P256DH_MAX,
+    AuthSession,
     Device,
     Message,
     User,
@@ -141,6 +144,26 @@ Email = Annotated[
     AfterValidator(str.strip),
     AfterValidator(_email),
     Field(examples=["alice@example.com"], description="Trimmed; the domain is lowercased"),
+]
+# NIST SP 800-63B: at least 8 characters, at least 64 allowed, no composition rules (any
+# character, spaces too); the upper bound keeps one hash's input small.
+PASSWORD_MIN = 8
+PASSWORD_MAX = 128
+PASSWORD_FORMAT = Field(json_schema_extra={"format": "password", "writeOnly": True})
+Password = Annotated[
+    str,
+    StringConstraints(min_length=PASSWORD_MIN, max_length=PASSWORD_MAX),
+    PASSWORD_FORMAT,
+    Field(description=f"{PASSWORD_MIN} to {PASSWORD_MAX} characters, any of them"),
+]
+SessionName = Annotated[
+    str,
+    StringConstraints(max_length=SESSION_NAME_MAX, pattern=SINGLE_LINE),
+    AfterValidator(str.strip),
+    Field(
+        examples=["Alice's phone"],
+        description="What the client calls itself, to tell sessions apart; one line, trimmed",
+    ),
 ]
 MessageText = Annotated[
     str,
@@ -245,6 +268,32 @@ class UserCreate(RequestBody):
     username: Username
     display_name: DisplayText
     email: Email
+    password: Password
+    session_name: SessionName | None = None
+
+
+class SessionCreate(RequestBody):
+    """Sign in."""
+
+    username: Annotated[
+        str,
+        StringConstraints(min_length=1, max_length=USERNAME_MAX),
+        AfterValidator(str.lower),
+        Field(description="Case does not matter"),
+    ]
+    password: Annotated[str, StringConstraints(max_length=PASSWORD_MAX), PASSWORD_FORMAT]
+    name: SessionName | None = None
+
+
+class PasswordChange(RequestBody):
+    """`current_password` is required when the account has a password (every account but
+    those registered before passwords existed)."""
+
+    current_password: (
+        Annotated[str, StringConstraints(max_length=PASSWORD_MAX), PASSWORD_FORMAT]
+        | SkipJsonSchema[None]
+    ) = None
+    new_password: Password
 
 
 class UserPatch(RequestBody):
@@ -450,11 +499,52 @@ class MessageEdit(RequestBody):
 # --- responses ----------------------------------------------------------------------------------
 
 
+_TOKEN_DESCRIPTION = "The session's bearer token. Shown once: only its hash is stored."  # noqa: S105
+
+
 class Registered(BaseModel):
     id: uuid.UUID
     username: str
     display_name: str
-    token: str = Field(description="The API token. Shown once: only its hash is stored.")
+    token: str = Field(description=_TOKEN_DESCRIPTION)
+    session_id: uuid.UUID
+    expires_at: datetime = Field(description="Unless used before: each use extends it")
+
+
+class SessionStarted(BaseModel):
+    id: uuid.UUID
+    user_id: uuid.UUID
+    token: str = Field(description=_TOKEN_DESCRIPTION)
+    expires_at: datetime = Field(description="Unless used before: each use extends it")
+
+    @classmethod
+    def of(cls, auth_session: AuthSession, token: str) -> SessionStarted:
+        return cls(
+            id=auth_session.id,
+            user_id=auth_session.user_id,
+            token=token,
+            expires_at=auth_session.expires_at,
+        )
+
+
+class SessionOut(BaseModel):
+    id: uuid.UUID
+    name: str | None
+    created_at: datetime
+    last_used_at: datetime = Field(description="To the minute")
+    expires_at: datetime
+    current: bool = Field(description="The session of this request")
+
+    @classmethod
+    def of(cls, auth_session: AuthSession, *, current_id: uuid.UUID) -> SessionOut:
+        return cls(
+            id=auth_session.id,
+            name=auth_session.name,
+            created_at=auth_session.created_at,
+            last_used_at=auth_session.last_used_at,
+            expires_at=auth_session.expires_at,
+            current=auth_session.id == current_id,
+        )
 
 
 class UserOut(BaseModel):
@@ -479,10 +569,18 @@ class DeviceOut(BaseModel):
     id: uuid.UUID
     platform: Platform
     created_at: datetime
+    session_id: uuid.UUID | None = Field(
+        description="The session it was registered under: signing it out removes the device"
+    )
 
     @classmethod
     def of(cls, device: Device) -> DeviceOut:
-        return cls(id=device.id, platform=Platform(device.platform), created_at=device.created_at)
+        return cls(
+            id=device.id,
+            platform=Platform(device.platform),
+            created_at=device.created_at,
+            session_id=device.session_id,
+        )
 
 
 class QuietHoursOut(BaseModel):

@@ -37,8 +37,10 @@ async def list_devices(me: Me, session: SessionDep) -> list[DeviceOut]:
 async def register_device(
     body: DeviceCreate, me: DeviceOwner, session: SessionDep, deps: Deps, response: Response
 ) -> DeviceOut:
-    """Register a push token, or a browser's Web Push subscription (201); registering the same
-    one again refreshes it and returns the device (200)."""
+    """Register a push token, or a browser's Web Push subscription (201), under this session:
+    signing it out removes the device. Registering the same one again refreshes it and returns
+    the device (200). A token another account registered moves to yours, and that account's
+    session on the device is signed out."""
     if isinstance(body, WebPushDeviceCreate):
         service.check_web_push_endpoint(body.endpoint, allowed_hosts=deps.webpush_allowed_hosts)
         token = body.endpoint
@@ -48,11 +50,14 @@ async def register_device(
     registration = await service.register_device(
         session=session,
         user_id=me.id,
+        session_id=me.session_id,
         platform=Platform(body.platform),
         token=token,
         web_push_keys=keys,
         max_devices=deps.max_devices_per_user,
     )
+    if registration.moved_from is not None:
+        deps.metrics.device_moves.inc()
     if not registration.created:
         response.status_code = status.HTTP_200_OK
     return DeviceOut.of(registration.device)

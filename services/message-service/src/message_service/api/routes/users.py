@@ -1,4 +1,4 @@
-"""Accounts: registration (the only route without a token) and the caller's profile."""
+"""Accounts: registration and the caller's profile (sessions and passwords: `sessions`)."""
 
 from __future__ import annotations
 
@@ -36,28 +36,34 @@ router = APIRouter(tags=["users"])
     },
 )
 async def register(body: UserCreate, session: SessionDep, deps: Deps) -> Registered:
-    """Create an account. The response holds the API token, which is never shown again. Each
-    attempt spends one of the caller's IP's registration budget (429 beyond it), and the answer,
-    201 or 409, comes no sooner than `REGISTRATION_MIN_SECONDS` after the request: how long it
-    took does not tell whether the name was taken."""
+    """Create an account, signed in: the response holds its first session's token, which is
+    never shown again. Each attempt spends one of the caller's IP's registration budget (429
+    beyond it), and the answer, 201 or 409, comes no sooner than `REGISTRATION_MIN_SECONDS`
+    after the request: how long it took does not tell whether the name was taken."""
     started = time.monotonic()
     try:
+        password_hash = await deps.passwords.hash(body.password)
         registration = await service.register_user(
             session=session,
             username=body.username,
             display_name=body.display_name,
             email=body.email,
+            password_hash=password_hash,
+            session_ttl=deps.session_ttl,
+            session_name=body.session_name,
         )
     finally:
         left = deps.registration_min_seconds - (time.monotonic() - started)
         if left > 0:
             await asyncio.sleep(left)
-    user = registration.user
+    user, first = registration.user, registration.started
     return Registered(
         id=user.id,
         username=user.username,
         display_name=user.display_name,
-        token=registration.token,
+        token=first.token,
+        session_id=first.auth_session.id,
+        expires_at=first.auth_session.expires_at,
     )
 
 
