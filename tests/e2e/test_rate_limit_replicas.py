@@ -1,8 +1,9 @@
 """Rate limits across two message-service replicas on one database and the machine's Redis: 100
-requests with a bad token from one address, spread over both replicas, are answered 401 as many
-times as the failed-authentication budget allows, all together, then 429; after the
-`Retry-After` they were given, requests from that address pass again. A user on another address
-is never affected."""
+requests with a bad token (or 100 sign-ins with wrong passwords) from one address, spread over
+both replicas, are answered 401 as many times as the failed-authentication budget allows, all
+together, then 429; after the `Retry-After` they were given, requests from that address pass
+again. A user on another address is never affected. Wrong passwords for one account spend its
+budget on both replicas together, from any address."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from tests.support.processes import ServiceProcess, free_port
 
 BUDGET = 20
 WINDOW_S = 5
+ACCOUNT_BUDGET = 3
+PASSWORD = "correct horse battery"
 ATTEMPTS = 100
 ATTACKER = "127.0.0.1"
 LEGITIMATE = "127.0.0.2"  # another loopback address: another client to the replicas
@@ -35,6 +38,9 @@ async def replicas(
         "REDIS_URL": infra.REDIS_URL,
         "RATE_LIMIT_KEY_PREFIX": infra.redis_key_prefix(),
         "RATE_LIMIT_AUTH_FAILURES": f"{BUDGET} per {WINDOW_S} seconds",
+        "RATE_LIMIT_SIGN_IN_FAILURES": f"{ACCOUNT_BUDGET} per {WINDOW_S} seconds",
+        # Every sign-in of the tests here is counted by the failure budgets above.
+        "RATE_LIMIT_SIGN_INS": "1000 per minute",
     }
     started = [
         ServiceProcess(
@@ -67,7 +73,12 @@ def client_from(address: str) -> httpx.AsyncClient:
 async def register(client: httpx.AsyncClient, base_url: str, name: str) -> dict[str, str]:
     response = await client.post(
         f"{base_url}/users",
-        json={"username": name, "display_name": name, "email": f"{name}@example.test"},
+        json={
+            "username": name,
+            "display_name": name,
+            "email": f"{name}@example.test",
+            "password": PASSWORD,
+        },
     )
     assert response.status_code == 201, response.text
     user: dict[str, str] = response.json()
@@ -124,3 +135,73 @@ async def test_bad_tokens_from_one_address_spend_one_budget_across_both_replicas
             assert response.status_code == 200, response.text
         response = await attacker.get(f"{second.base_url}/users/me", headers=bad)
         assert response.status_code == 401
+
+
+async def test_wrong_passwords_from_one_address_spend_one_budget_across_both_replicas(
+    replicas: tuple[ServiceProcess, ServiceProcess],
+) -> None:
+    first, second = replicas
+    async with client_from(ATTACKER) as attacker, client_from(LEGITIMATE) as legitimate:
+        await register(legitimate, second.base_url, "alice")
+        await register(attacker, first.base_url, "mallory")
+
+        # A spray: one guess for each of 100 names, alternately to each replica.
+        answers = [
+            await attacker.post(
+                f"{(first, second)[number % 2].base_url}/sessions",
+                json={"username": f"user{number}", "password": "Winter2026!"},
+            )
+            for number in range(ATTEMPTS)
+        ]
+        # Meanwhile, the user on another address signs in on both replicas.
+        for replica in (first, second):
+            response = await legitimate.post(
+                f"{replica.base_url}/sessions", json={"username": "alice", "password": PASSWORD}
+            )
+            assert response.status_code == 201, response.text
+
+        statuses = [response.status_code for response in answers]
+        assert statuses.count(401) == BUDGET
+        assert statuses.count(429) == ATTEMPTS - BUDGET
+        assert answers[-2].status_code == answers[-1].status_code == 429  # each replica refuses
+        for refusal in answers[BUDGET:]:
+            assert refusal.headers["ratelimit-policy"] == (
+                f'"auth_failures";q={BUDGET};w={WINDOW_S}'
+            )
+        # Over the budget, the right password from that address is refused too.
+        mallory = {"username": "mallory", "password": PASSWORD}
+        for replica in (first, second):
+            response = await attacker.post(f"{replica.base_url}/sessions", json=mallory)
+            assert response.status_code == 429
+
+        retry_after = max(int(response.headers["retry-after"]) for response in answers[-2:])
+        await asyncio.sleep(retry_after)  # the rule under test is a time
+        for replica in (first, second):
+            response = await attacker.post(f"{replica.base_url}/sessions", json=mallory)
+            assert response.status_code == 201, response.text
+
+
+async def test_wrong_passwords_for_one_account_spend_its_budget_across_both_replicas(
+    replicas: tuple[ServiceProcess, ServiceProcess],
+) -> None:
+    first, second = replicas
+    async with client_from(ATTACKER) as attacker, client_from(LEGITIMATE) as legitimate:
+        await register(legitimate, first.base_url, "bob")
+        guess = {"username": "bob", "password": "not his password"}
+
+        answers = [
+            await (attacker, legitimate)[number % 2].post(
+                f"{(first, second)[number // 2 % 2].base_url}/sessions", json=guess
+            )
+            for number in range(ACCOUNT_BUDGET + 1)
+        ]
+        right = await legitimate.post(
+            f"{second.base_url}/sessions", json={"username": "bob", "password": PASSWORD}
+        )
+
+    assert [answer.status_code for answer in answers[:ACCOUNT_BUDGET]] == [401] * ACCOUNT_BUDGET
+    for refusal in (answers[ACCOUNT_BUDGET], right):
+        assert refusal.status_code == 429
+        assert refusal.headers["ratelimit-policy"] == (
+            f'"sign_in_failures";q={ACCOUNT_BUDGET};w={WINDOW_S}'
+        )
