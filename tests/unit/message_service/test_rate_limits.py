@@ -1,6 +1,7 @@
 """Rate limits with the in-process limiter (no `REDIS_URL`): which budget each call spends, per
-IP, per user or per token; the 429 and its headers; `Retry-After` honoured; the client's address
-behind trusted proxies; a Redis that cannot be reached (fail open); limits switched off."""
+IP, per user, per account or per session; the 429 and its headers; `Retry-After` honoured; the
+client's address behind trusted proxies; a Redis that cannot be reached (fail open); limits
+switched off."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import asyncio
 import logging
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -28,7 +28,6 @@ from message_service.ratelimit import (
     TrustedProxies,
     client_ip,
     parse_budget,
-    token_key,
 )
 from message_service.settings import Settings
 from tests.unit.message_service.helpers import (
@@ -406,16 +405,9 @@ async def test_redis_unreachable_fails_open_to_counting_in_process(
     lines = [r.getMessage() for r in caplog.records if "ratelimit" in r.name]
     assert len(lines) == 1, lines  # one line per outage, not one per request
     assert lines[0].startswith("message_service.ratelimit.shared_storage_unavailable")
-    for secret in (ATTACKER, alice.token, token_key(alice.token), "alice", str(alice.id)):
+    for secret in (ATTACKER, alice.token, str(alice.session_id), "alice", str(alice.id)):
         assert secret not in lines[0]
     assert re.search(r"retried every \d+ s", lines[0])
-
-
-def test_the_token_key_is_a_digest() -> None:
-    token = "secret-token-" + uuid.uuid4().hex
-    assert token not in token_key(token)
-    assert token_key(token) == token_key(token)
-    assert len(token_key(token)) == 32
 
 
 async def test_counting_in_this_process_is_not_cut_by_the_redis_timeout(

@@ -1,6 +1,6 @@
-"""Rate limits: named budgets (`Budget`), each spent per key (an IP address, a user, a token),
-counted by the `limits` library's moving window, in Redis when `REDIS_URL` is set (every replica
-shares one count) or in this process otherwise.
+"""Rate limits: named budgets (`Budget`), each spent per key (an IP address, a user, an account,
+a session), counted by the `limits` library's moving window, in Redis when `REDIS_URL` is set
+(every replica shares one count) or in this process otherwise.
 
 A request costs one round trip to Redis at most: the one budget that applies to it. Failed
 authentications are counted per IP, and an IP over that budget is refused before its token is
@@ -17,7 +17,6 @@ every request because the counter is away would turn a Redis outage into an API 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import ipaddress
 import logging
 import math
@@ -55,7 +54,7 @@ class Budget(StrEnum):
     ROOMS = "rooms"  # per user: POST /rooms
     INVITATIONS = "invitations"  # per user, one per invitee: POST /rooms, /rooms/{id}/members
     DEVICES = "devices"  # per user: POST /users/me/devices
-    SESSION = "session"  # per token: every other call with a token
+    SESSION = "session"  # per session: every other call with a token
 
 
 class RateLimited(Exception):
@@ -101,11 +100,6 @@ def parse_budget(value: str) -> RateLimitItem:
         return parse(value)
     except ValueError:
         raise ValueError(f"not a rate limit (like '20 per 10 minutes'): {value!r}") from None
-
-
-def token_key(token: str) -> str:
-    """A token's key in the counters: a digest, never the token itself."""
-    return hashlib.sha256(token.encode()).hexdigest()[:32]
 
 
 @dataclass

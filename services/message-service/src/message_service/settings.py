@@ -93,7 +93,7 @@ class Settings(ServiceSettings):
     rate_limit_rooms: str = "60 per hour"  # per user
     rate_limit_invitations: str = "1000 per hour"  # per user, one per invitee
     rate_limit_devices: str = "30 per hour"  # per user
-    rate_limit_session: str = "600 per minute"  # per token
+    rate_limit_session: str = "600 per minute"  # per session
     # Every registration answer (201, 409) comes this many seconds after the request at the
     # soonest, so that its timing does not tell whether a username exists.
     registration_min_seconds: float = Field(default=0.1, ge=0, le=5)

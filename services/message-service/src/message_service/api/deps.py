@@ -27,7 +27,7 @@ from herald_shared.unsubscribe import UnsubscribeTokens, unsubscribe_tokens
 from message_service import service
 from message_service.outbox import Nudge, session_scope
 from message_service.passwords import PasswordParameters, Passwords
-from message_service.ratelimit import Budget, Network, RateLimiter, client_ip, token_key
+from message_service.ratelimit import Budget, Network, RateLimiter, client_ip
 from message_service.service import CurrentUser
 from message_service.settings import Settings
 from message_service.stream import StreamHub
@@ -113,11 +113,11 @@ async def _current_user(
 async def _session_user(
     deps: Annotated[ApiDeps, Depends(_deps)],
     user: Annotated[CurrentUser, Depends(_current_user)],
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> CurrentUser:
-    """The caller, having spent one of their session's budget."""
-    if credentials is not None and deps.limiter.enabled:
-        await deps.limiter.hit(Budget.SESSION, token_key(credentials.credentials))
+    """The caller, having spent one of their session's budget (by its id: rotating the token
+    does not refill it)."""
+    if deps.limiter.enabled:
+        await deps.limiter.hit(Budget.SESSION, str(user.session_id))
     return user
 
 
