@@ -46,6 +46,7 @@ from tests.unit.message_service.helpers import (
     client_for,
     create_room,
     register,
+    sign_in,
 )
 
 
@@ -202,6 +203,39 @@ async def test_closing_a_stream_says_the_connection_ended(
     (goodbye,) = await ended()
     assert goodbye.connections[0].connection_id == stream.id
     assert streams.open_streams == 0
+
+
+async def test_a_stream_ends_once_its_session_is_signed_out(
+    runtime: MessageService, hub: tuple[StreamHub, Published]
+) -> None:
+    streams, _ = hub
+    async with client_for(runtime.app) as client:
+        bob = await register(client, "bob")
+        laptop = await sign_in(client, "bob")
+        phone_stream = await streams.open(
+            bob.id, after=None, active_room_id=None, session_id=bob.session_id
+        )
+        laptop_stream = await streams.open(
+            bob.id, after=None, active_room_id=None, session_id=laptop.session_id
+        )
+        async with asyncio.timeout(5):
+            assert await phone_stream.frames.get() == HEARTBEAT  # a heartbeat while signed in
+
+        signed_out = await client.delete("/sessions/current", headers=bob.headers)
+
+    assert signed_out.status_code == 204
+
+    async def phone_ended() -> bool:
+        return phone_stream.ended
+
+    await wait_until(phone_ended, timeout=5, interval=0.01)
+    frames = []
+    while not phone_stream.frames.empty():
+        frames.append(phone_stream.frames.get_nowait())
+    assert frames[-1] is None  # the end, after what was queued
+    async with asyncio.timeout(5):
+        assert await laptop_stream.frames.get() == HEARTBEAT
+    assert not laptop_stream.ended
 
 
 async def test_heartbeats_reach_the_stream_and_renew_its_presence(

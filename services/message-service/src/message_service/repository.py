@@ -859,6 +859,19 @@ _SQLITE_STREAM_ROWS = text(
 )
 
 
+async def live_sessions(
+    engine: AsyncEngine, session_ids: Collection[uuid.UUID], *, now: datetime
+) -> set[uuid.UUID]:
+    """Which of these sessions exist and have not expired by `now`."""
+    async with autocommit(engine) as connection:
+        rows = await connection.execute(
+            core_select(_sessions.c.id).where(
+                _sessions.c.id.in_(session_ids), _sessions.c.expires_at > now
+            )
+        )
+        return {row.id for row in rows}
+
+
 async def stream_head(engine: AsyncEngine) -> StreamPosition:
     """The stream's "now": every row at or before it is readable, no row written later (or
     still uncommitted) will ever be."""

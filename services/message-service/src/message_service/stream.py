@@ -311,6 +311,8 @@ class Stream:
 
     user_id: uuid.UUID
     last: StreamPosition  # the newest position sent (or that the client said it had)
+    # The session that opened it: when that ends (signed out, expired), so does the stream.
+    session_id: uuid.UUID | None = None
     id: uuid.UUID = field(default_factory=uuid.uuid4)
     frames: asyncio.Queue[bytes | None] = field(default_factory=asyncio.Queue)
     # While the stream catches up from the database, what the tail brings waits here.
@@ -419,13 +421,16 @@ class StreamHub:
         *,
         after: StreamPosition | None,
         active_room_id: uuid.UUID | None,
+        session_id: uuid.UUID | None = None,
     ) -> Stream:
         """A new stream for the user: from `after` (a `Last-Event-ID`), caught up from the
-        database, or from now."""
+        database, or from now; it ends at the first heartbeat after `session_id` ended."""
         if self._head is None:
             self._head = await repository.stream_head(self._engine)
         head = self._head
-        stream = Stream(user_id=user_id, last=after if after is not None else head)
+        stream = Stream(
+            user_id=user_id, last=after if after is not None else head, session_id=session_id
+        )
         # Registered before catching up: what the tail reads meanwhile is held, then sent after.
         stream.catching_up = after is not None and after < head
         self._by_user.setdefault(user_id, set()).add(stream)
@@ -528,11 +533,34 @@ class StreamHub:
         while True:
             await asyncio.sleep(self._heartbeat)
             streams = [stream for group in self._by_user.values() for stream in group]
+            streams = await self._end_signed_out(streams)
             for stream in streams:
                 if not stream.ended:
                     stream.frames.put_nowait(HEARTBEAT)
             for part in chunks([self._alive(stream) for stream in streams], MAX_ITEMS_PER_EVENT):
                 await self._publish(PresenceChanged(connections=list(part)))
+
+    async def _end_signed_out(self, streams: list[Stream]) -> list[Stream]:
+        """End the streams whose session ended (signed out on any replica, or expired): one
+        query per heartbeat for all of them. The others, to keep alive; all of them when the
+        database cannot say (a stream is not cut for an outage)."""
+        sessions = {stream.session_id for stream in streams if stream.session_id is not None}
+        if not sessions:
+            return streams
+        try:
+            live = await repository.live_sessions(self._engine, sessions, now=utc_now())
+        except Exception as exc:
+            logger.warning(
+                "message_service.stream.session_check_failed error=%s", describe_error(exc)
+            )
+            return streams
+        kept = []
+        for stream in streams:
+            if stream.session_id is None or stream.session_id in live:
+                kept.append(stream)
+            else:
+                stream.end()
+        return kept
 
     # --- the outbox reader --------------------------------------------------------------------
 

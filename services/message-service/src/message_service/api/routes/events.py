@@ -37,6 +37,9 @@ A Server-Sent Events stream (`text/event-stream`) of what concerns you, as it ha
   `{total, rooms: {<room id>: n}}`: in total (the app's badge) and in the rooms the event names;
 * a comment line (`: heartbeat`) every 15 s.
 
+The stream ends within a heartbeat of its session's end (signed out, on any device, or
+expired); reconnecting then answers 401.
+
 Every event has an `id`. After a lost connection, reconnect with the last one in the
 `Last-Event-ID` header (browsers' `EventSource` does it by itself): you get every event after
 it, in order and once, on whichever server you reach, for as long as the server keeps its
@@ -77,7 +80,9 @@ async def events(
         await service.check_member(session=session, room_id=active_room_id, user_id=me.id)
     await session.close()  # the stream may last hours: its connection goes back to the pool
     hub = deps.streams
-    stream = await hub.open(me.id, after=after, active_room_id=active_room_id)
+    stream = await hub.open(
+        me.id, after=after, active_room_id=active_room_id, session_id=me.session_id
+    )
 
     async def body() -> AsyncIterator[bytes]:
         try:
