@@ -330,6 +330,9 @@ class UserUpdated(Event):
 
     `version` grows with every change, so a consumer keeps the highest version it has seen and
     replays or out-of-order deliveries converge on the same state.
+
+    `deleted`: the account was deleted. The snapshot then holds nothing personal (a placeholder
+    name, no address, no device), and a consumer forgets what else it kept of the user.
     """
 
     type: Literal["user_updated"] = "user_updated"
@@ -341,6 +344,7 @@ class UserUpdated(Event):
     devices: list[DeviceSnapshot] = Field(default_factory=list)
     preferences: PreferencesSnapshot = Field(default_factory=PreferencesSnapshot)
     time_zone: str = "UTC"
+    deleted: bool = False
 
 
 class PushRecall(_Frozen):

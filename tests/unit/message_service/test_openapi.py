@@ -84,7 +84,7 @@ async def test_the_documented_error_answers_are_the_ones_given(client: httpx.Asy
 @pytest.mark.parametrize(
     ("method", "path", "allow"),
     [
-        ("OPTIONS", "/users/me", "GET, PATCH"),
+        ("OPTIONS", "/users/me", "DELETE, GET, PATCH"),
         ("DELETE", "/unsubscribe", "GET, POST"),
         ("PATCH", "/rooms", "GET, POST"),
         ("GET", f"/users/me/blocked/{uuid.UUID(int=1)}", "DELETE, PUT"),

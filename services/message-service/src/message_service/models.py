@@ -87,6 +87,9 @@ class User(Table, table=True):
     # Argon2id, in the PHC string format (parameters and salt included); None for accounts
     # registered before passwords, until their owner sets one.
     password_hash: str | None = Field(default=None, sa_type=String(PASSWORD_HASH_MAX))
+    # When the account was deleted: the row stays, emptied of everything personal, because the
+    # messages it wrote and the rooms it made still name it.
+    deleted_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
     # Grows with every change that notification routing cares about (UserUpdated.version).
     version: int = Field(default=1, sa_type=Integer)
     created_at: datetime = Field(default_factory=utc_now, sa_type=UtcDateTime)

@@ -320,10 +320,68 @@ async def lock_users(
 async def existing_user_ids(
     session: AsyncSession, *, user_ids: Iterable[uuid.UUID]
 ) -> set[uuid.UUID]:
+    """Which of these users exist (a deleted account does not)."""
     wanted = set(user_ids)
     if not wanted:
         return set()
-    statement = select(User.id).where(col(User.id).in_(wanted))
+    statement = select(User.id).where(col(User.id).in_(wanted), col(User.deleted_at).is_(None))
+    return set((await session.exec(statement)).all())
+
+
+async def erase_user(session: AsyncSession, *, user_id: uuid.UUID) -> None:
+    """Delete what is the user's alone (sessions, devices, settings, inbox) and their part in
+    others' things (memberships and invitations, blocks either way); the row of `users` is the
+    caller's to empty."""
+    statements = (
+        delete(Device).where(col(Device.user_id) == user_id),
+        delete(AuthSession).where(col(AuthSession.user_id) == user_id),
+        delete(RoomSettings).where(col(RoomSettings.user_id) == user_id),
+        delete(BreakthroughUser).where(col(BreakthroughUser.user_id) == user_id),
+        delete(Block).where(or_(col(Block.user_id) == user_id, col(Block.blocked_id) == user_id)),
+        delete(RoomMember).where(col(RoomMember.user_id) == user_id),
+        delete(InboxItem).where(col(InboxItem.user_id) == user_id),
+    )
+    for statement in statements:
+        await session.exec(statement)
+
+
+async def purge_outbox_of(
+    session: AsyncSession, *, user_id: uuid.UUID, keep_event_id: uuid.UUID
+) -> int:
+    """Delete the outbox rows, published or not, that carry the user's personal data: their
+    snapshots (address, device tokens, names) but `keep_event_id`, and the events of what they
+    wrote or sent (their name as its sender). What they carry is found in the JSON each row holds
+    (`Event.model_dump_json`, no spaces); a scan of the outbox, which keeps a day at most."""
+    user = str(user_id)
+    statement = delete(OutboxEvent).where(
+        or_(
+            and_(
+                col(OutboxEvent.event_type) == "user_updated",
+                col(OutboxEvent.payload).contains(f'"user_id":"{user}"'),
+                col(OutboxEvent.event_id) != keep_event_id,
+            ),
+            and_(
+                col(OutboxEvent.event_type) == "new_message",
+                col(OutboxEvent.payload).contains(f'"sender_id":"{user}"'),
+            ),
+            and_(
+                col(OutboxEvent.event_type) == "invitation_created",
+                col(OutboxEvent.payload).contains(f'"inviter":{{"user_id":"{user}"'),
+            ),
+        )
+    )
+    result = await session.exec(statement)
+    return int(result.rowcount)
+
+
+async def deleted_user_ids(
+    session: AsyncSession, *, user_ids: Collection[uuid.UUID]
+) -> set[uuid.UUID]:
+    if not user_ids:
+        return set()
+    statement = select(User.id).where(
+        col(User.id).in_(set(user_ids)), col(User.deleted_at).is_not(None)
+    )
     return set((await session.exec(statement)).all())
 
 
@@ -963,7 +1021,12 @@ async def apply_inbox_items(session: AsyncSession, event: InboxItemsUpdated) -> 
     """Upsert the event's items, each only over an older version of it (a replayed or late
     event changes nothing), and put the changed ones on their users' real-time streams (one
     stream-only outbox row); how many items changed. The caller commits."""
-    items = {(item.user_id, item.message_id): item for item in event.items}
+    # A deleted account's items may still come (the router published them before it learnt):
+    # they are not kept.
+    gone = await deleted_user_ids(session, user_ids={item.user_id for item in event.items})
+    items = {
+        (item.user_id, item.message_id): item for item in event.items if item.user_id not in gone
+    }
     rows = [
         {
             "user_id": item.user_id,

@@ -405,6 +405,50 @@ async def end_expired_sessions(
         total += ended
 
 
+# What a deleted account's row shows where its messages and rooms still name it.
+DELETED_DISPLAY_NAME = "Deleted user"
+
+
+def deleted_username(user_id: uuid.UUID) -> str:
+    """A deleted account's username: frees the old one, and no one can register it (`-` is not
+    allowed in usernames)."""
+    return f"deleted-{user_id.hex[:24]}"
+
+
+async def delete_account(*, session: AsyncSession, user_id: uuid.UUID) -> None:
+    """Delete the account: its sessions (so every token of it stops working), devices,
+    settings, memberships, blocks and inbox go; its row stays, emptied (a placeholder name, no
+    address, no password), because the messages it wrote and the rooms it made still name it.
+    The outbox rows that carry its personal data go too, and a last snapshot (`deleted`) tells
+    the router to forget it."""
+    user = await _lock_user(session, user_id)
+    await repository.erase_user(session, user_id=user_id)
+    now = utc_now()
+    user.username = deleted_username(user.id)
+    user.display_name = DELETED_DISPLAY_NAME
+    user.email = ""
+    user.password_hash = None
+    user.deleted_at = now
+    user.version += 1
+    user.updated_at = now
+    await session.flush()
+    event = UserUpdated(
+        occurred_at=now,
+        user_id=user.id,
+        version=user.version,
+        username=user.username,
+        display_name=user.display_name,
+        email=None,
+        deleted=True,
+    )
+    repository.add_outbox_event(session, event=event, event_type=event.type)
+    purged = await repository.purge_outbox_of(
+        session, user_id=user.id, keep_event_id=event.event_id
+    )
+    await session.commit()
+    logger.info("message_service.account.deleted user_id=%s outbox_rows_purged=%d", user.id, purged)
+
+
 async def get_profile(*, session: AsyncSession, user_id: uuid.UUID) -> User:
     user = await repository.get_user(session, user_id=user_id)
     if user is None:

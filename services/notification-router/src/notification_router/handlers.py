@@ -214,7 +214,9 @@ async def route_message(event: Notifiable, deps: RouterDeps) -> None:
 async def project_recipient(event: UserUpdated, deps: RouterDeps) -> None:
     now = utc_now()
     applied = await repository.upsert_recipient(deps.engine, event, now=now)
-    if applied:
+    if applied and event.deleted:
+        await repository.forget_recipient(deps.engine, event.user_id)
+    elif applied:
         # Quiet hours ended early (a snooze turned off, hours changed): what they held is due
         # when they end now, not when they would have.
         ends = routing.quiet_end(routing.Recipient.from_snapshot(event), now=now)

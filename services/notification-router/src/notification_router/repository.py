@@ -187,6 +187,22 @@ async def upsert_recipient(engine: AsyncEngine, snapshot: UserUpdated, *, now: d
         return result.first() is not None
 
 
+async def forget_recipient(engine: AsyncEngine, user_id: uuid.UUID) -> None:
+    """A deleted account: delete what the router kept of the user beside the projection (which
+    its last snapshot emptied): the windows that waited for them, with the e-mails and pushes
+    composed for them (their address and device tokens), their presence, the room they had in
+    view, their read markers and unread counts. The ledger's rows of them hold ids only."""
+    async with engine.begin() as connection:
+        for table in (
+            waiting_windows,  # and their entries, by cascade
+            presence_connections,
+            rooms_in_view,
+            read_markers,
+            unread_counts,
+        ):
+            await connection.execute(delete(table).where(table.c.user_id == user_id))
+
+
 class RecipientCache:
     """Recipients as last built from their projection rows, by user: a row of the version
     cached is not built again (a version names one snapshot, and a `Recipient` is immutable).

@@ -80,6 +80,15 @@ async def update_me(body: UserPatch, me: Me, session: SessionDep) -> UserOut:
     return UserOut.of(user)
 
 
+@router.delete("/users/me", status_code=204)
+async def delete_me(me: Me, session: SessionDep) -> None:
+    """Delete your account, at once: every session ends (its tokens stop working), your devices,
+    settings, memberships, invitations, blocks and notification inbox are deleted, and every
+    service forgets your address, devices and name within seconds. Your messages stay in their
+    rooms, signed "Deleted user"; your username becomes free."""
+    await service.delete_account(session=session, user_id=me.id)
+
+
 @router.get("/users/me/blocked")
 async def read_blocked(me: Me, session: SessionDep) -> BlockedOut:
     """The users you blocked."""

@@ -1,5 +1,5 @@
-"""Accounts and sessions: `users.password_hash`, `auth_sessions` in place of `api_tokens`, and
-`devices.session_id`.
+"""Accounts and sessions: `users.password_hash` and `users.deleted_at`, `auth_sessions` in place
+of `api_tokens`, and `devices.session_id`.
 
 Every API token becomes a session of its user (the same token keeps working), expiring 30 days
 after the upgrade unless used (each use slides it forward). Users registered before have no
@@ -92,6 +92,7 @@ def upgrade() -> None:
 
     # Not a batch: on SQLite that copies the table, which the tables referring to users forbid.
     op.add_column("users", sa.Column("password_hash", sa.String(255), nullable=True))
+    op.add_column("users", sa.Column("deleted_at", TIMESTAMP, nullable=True))
     with op.batch_alter_table("devices") as batch:
         batch.add_column(sa.Column("session_id", sa.Uuid(), nullable=True))
         batch.create_foreign_key(
@@ -110,7 +111,8 @@ def downgrade() -> None:
         batch.drop_index("ix_devices_session_id")
         batch.drop_constraint("fk_devices_session_id_auth_sessions", type_="foreignkey")
         batch.drop_column("session_id")
-    op.execute("ALTER TABLE users DROP COLUMN password_hash")  # SQLite 3.35+ has it too
+    for column in ("deleted_at", "password_hash"):
+        op.execute(f"ALTER TABLE users DROP COLUMN {column}")  # SQLite 3.35+ has it too
     op.create_table(
         "api_tokens",
         sa.Column("token_hash", sa.String(64), nullable=False),

@@ -1,0 +1,153 @@
+"""Deleting an account (`DELETE /users/me`): its tokens stop working at once, what was its alone
+is deleted, its row keeps only a placeholder for the messages it wrote, the outbox keeps none of
+its personal data, and one last snapshot (`deleted`) tells the router to forget it."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+import httpx
+from sqlmodel import select
+
+from herald_shared.events import InboxItem as Item
+from herald_shared.events import InboxItemsUpdated, Trigger
+from message_service import repository, service
+from message_service.app import MessageService
+from message_service.models import (
+    AuthSession,
+    Block,
+    Device,
+    InboxItem,
+    RoomMember,
+    RoomSettings,
+    User,
+)
+from tests.unit.message_service.helpers import (
+    PASSWORD,
+    create_room,
+    outbox_rows,
+    register,
+    sign_in,
+    user_updates,
+)
+
+
+async def test_deleting_an_account_leaves_nothing_personal(
+    client: httpx.AsyncClient, runtime: MessageService
+) -> None:
+    alice = await register(client, "alice")
+    bob = await register(client, "bob", email="bob.secret@example.test")
+    bobs_laptop = await sign_in(client, "bob")
+    device = await client.post(
+        "/users/me/devices",
+        json={"platform": "fcm", "token": "bobs-secret-push-token"},
+        headers=bob.headers,
+    )
+    assert device.status_code == 201
+    room = await create_room(client, alice, [bob])
+    posted = await client.post(
+        f"/rooms/{room}/messages", json={"content": "hello from me"}, headers=bob.headers
+    )
+    assert posted.status_code == 201
+    blocked = await client.put(f"/users/me/blocked/{alice.id}", headers=bob.headers)
+    assert blocked.status_code == 204
+    muted = await client.put(
+        f"/rooms/{room}/notifications",
+        json={"push": "none", "email": "default", "muted_until": None},
+        headers=bob.headers,
+    )
+    assert muted.status_code == 200, muted.text
+
+    response = await client.delete("/users/me", headers=bob.headers)
+
+    assert response.status_code == 204
+    for account in (bob, bobs_laptop):
+        assert (await client.get("/users/me", headers=account.headers)).status_code == 401
+    signing_in = await client.post("/sessions", json={"username": "bob", "password": PASSWORD})
+    assert signing_in.status_code == 401
+    async with runtime.sessions() as session:
+        row = await session.get(User, bob.id)
+        assert row is not None
+        leftovers = {
+            model.__name__: (await session.exec(select(model).where(model.user_id == bob.id))).all()
+            for model in (AuthSession, Device, RoomMember, RoomSettings, Block, InboxItem)
+        }
+    assert (row.username, row.display_name, row.email) == (
+        service.deleted_username(bob.id),
+        "Deleted user",
+        "",
+    )
+    assert row.password_hash is None
+    assert row.deleted_at is not None
+    assert leftovers == {name: [] for name in leftovers}
+    # The message stays, signed by the placeholder; the room goes on without him.
+    messages = (await client.get(f"/rooms/{room}/messages", headers=alice.headers)).json()
+    assert [m["content"] for m in messages["items"]] == ["hello from me"]
+    members = (await client.get(f"/rooms/{room}", headers=alice.headers)).json()["member_ids"]
+    assert members == [str(alice.id)]
+    # The outbox holds nothing of his but the last snapshot, which holds nothing personal.
+    payloads = " ".join(row.payload for row in await outbox_rows(runtime))
+    for secret in ("bob.secret@example.test", "bobs-secret-push-token", '"Bob"'):
+        assert secret not in payloads
+    (last,) = await user_updates(runtime, bob.id)
+    assert last.deleted
+    assert (last.email, last.devices, last.display_name) == (None, [], "Deleted user")
+
+
+async def test_a_deleted_account_cannot_be_invited_messaged_or_blocked(
+    client: httpx.AsyncClient,
+) -> None:
+    alice = await register(client, "alice")
+    bob = await register(client, "bob")
+    assert (await client.delete("/users/me", headers=bob.headers)).status_code == 204
+
+    room = await client.post(
+        "/rooms", json={"name": "r", "member_ids": [str(bob.id)]}, headers=alice.headers
+    )
+    direct = await client.post(
+        "/rooms", json={"kind": "direct", "member_ids": [str(bob.id)]}, headers=alice.headers
+    )
+    blocked = await client.put(f"/users/me/blocked/{bob.id}", headers=alice.headers)
+
+    assert room.status_code == direct.status_code == 422
+    assert "unknown user id" in direct.text
+    assert blocked.status_code == 404
+
+
+async def test_the_username_of_a_deleted_account_is_free_again(
+    client: httpx.AsyncClient,
+) -> None:
+    bob = await register(client, "bob")
+    assert (await client.delete("/users/me", headers=bob.headers)).status_code == 204
+
+    again = await register(client, "bob")
+
+    assert again.id != bob.id
+
+
+async def test_inbox_items_that_arrive_after_the_deletion_are_not_kept(
+    client: httpx.AsyncClient, runtime: MessageService
+) -> None:
+    bob = await register(client, "bob")
+    assert (await client.delete("/users/me", headers=bob.headers)).status_code == 204
+    now = datetime.now(UTC)
+    event = InboxItemsUpdated(
+        version=7,
+        items=[
+            Item(
+                user_id=bob.id,
+                message_id=uuid.uuid4(),
+                room_id=uuid.uuid4(),
+                trigger=Trigger.DIRECT,
+                decided_at=now,
+                message_created_at=now,
+                deliveries=[],
+            )
+        ],
+    )
+    async with runtime.sessions() as session:
+        assert await repository.apply_inbox_items(session, event) == 0
+        await session.commit()
+        kept = (await session.exec(select(InboxItem))).all()
+    assert kept == []
