@@ -70,6 +70,7 @@ from message_service.api.deps import ApiDeps, ApiMetrics
 from message_service.api.responses import clipped, with_common_answers
 from message_service.docs_index import DOCS_INDEX_PATH, docs_index_html, herald_services
 from message_service.handlers import HandlerDeps, Subscribers, register_handlers
+from message_service.oidc import OidcVerifier
 from message_service.outbox import OutboxMetrics, OutboxRelay
 from message_service.passwords import PasswordParameters, Passwords
 from message_service.pruning import DevicePruner, SessionSweeper
@@ -113,6 +114,7 @@ class MessageService:
     specification: AsyncAPI
     pruner: DevicePruner
     session_sweeper: SessionSweeper
+    oidc: OidcVerifier | None
     retention: RetentionTask
     streams: StreamHub
     limiter: RateLimiter
@@ -265,6 +267,17 @@ def build_service(
         redis_timeout=settings.rate_limit_redis_timeout,
         enabled=settings.rate_limits,
     )
+    oidc = (
+        OidcVerifier(
+            issuer=settings.oidc_issuer,
+            audience=settings.oidc_audience or "",
+            algorithms=settings.oidc_algorithms,
+            jwks_url=settings.oidc_jwks_url,
+            cache_seconds=settings.oidc_jwks_cache_seconds,
+        )
+        if settings.oidc_issuer is not None
+        else None
+    )
     app = FastAPI(
         title=TITLE,
         version=service_version(SERVICE_NAME),
@@ -291,6 +304,7 @@ def build_service(
             stale_after=timedelta(days=settings.device_stale_after_days),
             interval=settings.device_prune_interval,
         ),
+        oidc=oidc,
         session_sweeper=SessionSweeper(
             sessions=sessions, nudge=relay.nudge, interval=settings.session_sweep_interval
         ),
@@ -328,6 +342,8 @@ def build_service(
             )
         ),
         metrics=ApiMetrics(registry),
+        oidc=oidc,
+        builtin_accounts=settings.builtin_accounts,
     )
     app.include_router(router)
     _add_ops_routes(app, service)
@@ -422,6 +438,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await runtime.broker.stop()
         await runtime.engine.dispose()
         await runtime.limiter.close()
+        if runtime.oidc is not None:
+            await runtime.oidc.close()
         logger.info("message_service.stopped")
 
 

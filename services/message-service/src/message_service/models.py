@@ -30,6 +30,7 @@ DISPLAY_TEXT_MAX = 100
 EMAIL_MAX = 254
 PASSWORD_HASH_MAX = 255
 SESSION_NAME_MAX = 100
+OIDC_CLAIM_MAX = 255  # an issuer URL or a subject (OpenID Connect caps `sub` at 255 ASCII)
 DEVICE_TOKEN_MAX = 4096
 WEB_PUSH_P256DH_MAX = 200  # as in herald_shared.events.WebPushKeys
 WEB_PUSH_AUTH_MAX = 100
@@ -112,6 +113,18 @@ class AuthSession(Table, table=True):
     created_at: datetime = Field(default_factory=utc_now, sa_type=UtcDateTime)
     last_used_at: datetime = Field(default_factory=utc_now, sa_type=UtcDateTime)
     expires_at: datetime = Field(sa_type=UtcDateTime, index=True)
+
+
+class ExternalIdentity(Table, table=True):
+    """A user of the OpenID Connect provider (`OIDC_ISSUER`), by the token's `iss` and `sub`:
+    the account made for them the first time one of their access tokens was seen."""
+
+    __tablename__ = "external_identities"
+
+    issuer: str = Field(sa_type=String(OIDC_CLAIM_MAX), primary_key=True)
+    subject: str = Field(sa_type=String(OIDC_CLAIM_MAX), primary_key=True)
+    user_id: uuid.UUID = Field(foreign_key="users.id", index=True)
+    created_at: datetime = Field(default_factory=utc_now, sa_type=UtcDateTime)
 
 
 class Device(Table, table=True):

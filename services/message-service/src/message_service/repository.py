@@ -34,6 +34,7 @@ from message_service.models import (
     Block,
     BreakthroughUser,
     Device,
+    ExternalIdentity,
     InboxItem,
     Message,
     OutboxEvent,
@@ -238,6 +239,20 @@ async def user_by_username(session: AsyncSession, *, username: str) -> User | No
     return (await session.exec(select(User).where(User.username == username))).first()
 
 
+async def user_of_identity(session: AsyncSession, *, issuer: str, subject: str) -> uuid.UUID | None:
+    statement = select(ExternalIdentity.user_id).where(
+        ExternalIdentity.issuer == issuer, ExternalIdentity.subject == subject
+    )
+    return (await session.exec(statement)).first()
+
+
+async def add_identity(
+    session: AsyncSession, *, issuer: str, subject: str, user_id: uuid.UUID
+) -> None:
+    session.add(ExternalIdentity(issuer=issuer, subject=subject, user_id=user_id))
+    await session.flush()
+
+
 async def add_session(session: AsyncSession, *, auth_session: AuthSession) -> None:
     session.add(auth_session)
     await session.flush()
@@ -340,6 +355,8 @@ async def erase_user(session: AsyncSession, *, user_id: uuid.UUID) -> None:
         delete(Block).where(or_(col(Block.user_id) == user_id, col(Block.blocked_id) == user_id)),
         delete(RoomMember).where(col(RoomMember.user_id) == user_id),
         delete(InboxItem).where(col(InboxItem.user_id) == user_id),
+        # Signing in at the provider again makes a new account.
+        delete(ExternalIdentity).where(col(ExternalIdentity.user_id) == user_id),
     )
     for statement in statements:
         await session.exec(statement)

@@ -16,7 +16,8 @@ import re
 import secrets
 import uuid
 import zoneinfo
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import Enum
@@ -63,6 +64,7 @@ from message_service.models import (
     RoomSettings,
     User,
 )
+from message_service.oidc import Identity
 
 MAX_ROOM_MEMBERS = MAX_RECIPIENTS
 MAX_PAGE_SIZE = 100
@@ -275,6 +277,99 @@ async def authenticate(
 class Credentials:
     user_id: uuid.UUID
     password_hash: str | None
+
+
+def external_session_key(issuer: str, subject: str, provider_session: str | None) -> str:
+    """Where an identity provider's session is found in `auth_sessions.token_hash`. It starts
+    with `oidc:`, which no SHA-256 in hex (a token's hash) does, so no bearer token can ever be
+    looked up as one."""
+    digest = hashlib.sha256(f"{issuer}\0{subject}\0{provider_session or ''}".encode()).hexdigest()
+    return f"oidc:{digest[:59]}"
+
+
+async def authenticate_external(
+    *,
+    engine: AsyncEngine,
+    sessions: Callable[[], AbstractAsyncContextManager[AsyncSession]],
+    identity: Identity,
+    session_ttl: timedelta,
+) -> CurrentUser:
+    """The user of a verified access token, made on first sight (an account and a session per
+    provider session); afterwards one read, like a session token's."""
+    key = external_session_key(identity.issuer, identity.subject, identity.session)
+    for _ in range(3):
+        now = utc_now()
+        async with autocommit(engine) as connection:
+            found = await repository.user_for_token(connection, token_hash=key, now=now)
+            if found is not None:
+                if now - found.last_used_at >= SESSION_TOUCH_INTERVAL:
+                    await repository.touch_session(
+                        connection,
+                        session_id=found.session_id,
+                        now=now,
+                        expires_at=now + session_ttl,
+                    )
+                return CurrentUser(found.user_id, found.username, found.session_id)
+        async with sessions() as session:
+            try:
+                await _first_sight(session, identity=identity, key=key, ttl=session_ttl)
+            except IntegrityError:
+                await session.rollback()  # another request made it first: read it again
+    raise Conflict("the account is being created concurrently; try again")
+
+
+async def _first_sight(
+    session: AsyncSession, *, identity: Identity, key: str, ttl: timedelta
+) -> None:
+    user_id = await repository.user_of_identity(
+        session, issuer=identity.issuer, subject=identity.subject
+    )
+    if user_id is None:
+        user = User(
+            username=await _free_username(session, identity.username or identity.subject),
+            display_name=_display_name(identity.name or identity.username),
+            email=identity.email or "",
+            version=1,
+        )
+        await repository.add_user(session, user=user)
+        await repository.add_identity(
+            session, issuer=identity.issuer, subject=identity.subject, user_id=user.id
+        )
+        await _stage_user_updated(session, user)
+        user_id = user.id
+        logger.info("message_service.account.created_from_identity_provider user_id=%s", user_id)
+    now = utc_now()
+    await repository.add_session(
+        session,
+        auth_session=AuthSession(
+            user_id=user_id,
+            token_hash=key,
+            name="identity provider",
+            created_at=now,
+            last_used_at=now,
+            expires_at=now + ttl,
+        ),
+    )
+    await session.commit()
+
+
+async def _free_username(session: AsyncSession, hint: str) -> str:
+    """A username like the provider's (`preferred_username`, else the subject) that no one has:
+    lowercased, other characters made `_`, then a short random suffix if taken."""
+    base = re.sub(r"[^a-z0-9_]", "_", hint.lower())[:24].strip("_") or "user"
+    base = base if len(base) >= 3 else f"{base}_user"
+    candidates = [base] + [f"{base}_{secrets.token_hex(3)}" for _ in range(5)]
+    for candidate in candidates:
+        if candidate not in ROOM_MENTIONS and not await repository.user_by_username(
+            session, username=candidate
+        ):
+            return candidate
+    raise Conflict("no free username; try again")
+
+
+def _display_name(name: str | None) -> str:
+    cleaned = " ".join("".join(c for c in (name or "") if c.isprintable()).split())
+    return cleaned[:100] or "User"
 
 
 async def credentials_of(*, session: AsyncSession, username: str) -> Credentials | None:
@@ -1415,7 +1510,7 @@ async def _stage_user_updated(session: AsyncSession, user: User) -> None:
         version=user.version,
         username=user.username,
         display_name=user.display_name,
-        email=user.email,
+        email=user.email or None,  # "": none (an identity provider's user without one)
         devices=[_device_snapshot(device) for device in devices],
         preferences=PreferencesSnapshot(
             # The booleans and muted_room_ids for routers older than levels.

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Annotated
 from urllib.parse import urlsplit
 
 from limits import RateLimitItem
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import NoDecode
 
 from herald_shared.config import ServiceSettings, default_sqlite_url
 from herald_shared.unsubscribe import UnsubscribeSecret
 from herald_shared.webpush import DEFAULT_ALLOWED_HOSTS, AllowedHosts
+from message_service.oidc import SUPPORTED_ALGORITHMS, check_issuer_url
 from message_service.ratelimit import Budget, TrustedProxies, parse_budget
 
 SERVICE_NAME = "message-service"
@@ -45,6 +48,16 @@ class Settings(ServiceSettings):
     # How often expired sessions (and their devices) are swept away; their tokens are refused
     # from the moment they expire.
     session_sweep_interval: float = Field(default=60.0, gt=0)
+    # OpenID Connect (`message_service.oidc`): with `OIDC_ISSUER` (and `OIDC_AUDIENCE`, the
+    # audience Herald's access tokens are issued for), that provider's access tokens are
+    # accepted, users made on first sight. `BUILTIN_ACCOUNTS=false` then switches registration,
+    # passwords and Herald's own session tokens off.
+    oidc_issuer: str | None = None
+    oidc_audience: str | None = None
+    oidc_jwks_url: str | None = None
+    oidc_algorithms: Annotated[frozenset[str], NoDecode] = frozenset({"RS256", "ES256"})
+    oidc_jwks_cache_seconds: float = Field(default=300.0, gt=0, le=86400)
+    builtin_accounts: bool = True
     # Argon2id's cost (`message_service.passwords`): OWASP's minimum by default. Raising it
     # later is safe: each stored hash keeps its own, and is redone at its owner's next sign-in.
     password_hash_time_cost: int = Field(default=2, ge=1, le=20)
@@ -100,6 +113,29 @@ class Settings(ServiceSettings):
     notification_router_docs_url: str = "http://127.0.0.1:8001"
     push_sender_docs_url: str = "http://127.0.0.1:8002"
     email_sender_docs_url: str = "http://127.0.0.1:8003"
+
+    @field_validator("oidc_algorithms", mode="before")
+    @classmethod
+    def _algorithms(cls, value: object) -> object:
+        if isinstance(value, str):
+            return frozenset(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("oidc_issuer")
+    @classmethod
+    def _issuer(cls, value: str | None) -> str | None:
+        return None if value is None else check_issuer_url(value)
+
+    @model_validator(mode="after")
+    def _accounts(self) -> Settings:
+        if self.oidc_issuer is not None and not self.oidc_audience:
+            raise ValueError("OIDC_ISSUER needs OIDC_AUDIENCE")
+        if not self.builtin_accounts and self.oidc_issuer is None:
+            raise ValueError("BUILTIN_ACCOUNTS=false needs OIDC_ISSUER: no one could sign in")
+        unsupported = self.oidc_algorithms - SUPPORTED_ALGORITHMS
+        if unsupported:
+            raise ValueError(f"OIDC_ALGORITHMS: not supported: {sorted(unsupported)}")
+        return self
 
     @field_validator(*(f"rate_limit_{budget.value}" for budget in Budget))
     @classmethod

@@ -25,6 +25,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from herald_shared.unsubscribe import UnsubscribeTokens, unsubscribe_tokens
 from message_service import service
+from message_service.oidc import InvalidAccessToken, OidcVerifier, looks_like_jwt
 from message_service.outbox import Nudge, session_scope
 from message_service.passwords import PasswordParameters, Passwords
 from message_service.ratelimit import Budget, Network, RateLimiter, client_ip
@@ -55,6 +56,10 @@ class ApiDeps:
     trusted_proxies: tuple[Network, ...] = ()
     registration_min_seconds: float = 0.0
     session_ttl: timedelta = timedelta(days=30)
+    # An identity provider's access tokens are accepted when set; `builtin_accounts=False`:
+    # only they are (no registration, passwords or Herald's own session tokens).
+    oidc: OidcVerifier | None = None
+    builtin_accounts: bool = True
     passwords: Passwords = field(default_factory=lambda: Passwords(PasswordParameters()))
     metrics: ApiMetrics = field(default_factory=lambda: ApiMetrics(CollectorRegistry()))
 
@@ -97,9 +102,14 @@ async def _current_user(
             "not authenticated",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    user = await service.authenticate(
-        engine=deps.engine, token=credentials.credentials, session_ttl=deps.session_ttl
-    )
+    token = credentials.credentials
+    if deps.oidc is not None and looks_like_jwt(token):
+        return await _external_user(request, deps, deps.oidc, token)
+    user = None
+    if deps.builtin_accounts:
+        user = await service.authenticate(
+            engine=deps.engine, token=token, session_ttl=deps.session_ttl
+        )
     if user is None:
         await limiter.hit_and_block(Budget.AUTH_FAILURES, caller_ip(request, deps))
         raise HTTPException(
@@ -108,6 +118,35 @@ async def _current_user(
             headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
         )
     return user
+
+
+async def _external_user(
+    request: Request, deps: ApiDeps, oidc: OidcVerifier, token: str
+) -> CurrentUser:
+    """The user of an identity provider's access token (made on first sight)."""
+    try:
+        identity = await oidc.verify(token)
+    except InvalidAccessToken as invalid:
+        await deps.limiter.hit_and_block(Budget.AUTH_FAILURES, caller_ip(request, deps))
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            f"invalid access token: {invalid.reason}",
+            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+        ) from None
+    return await service.authenticate_external(
+        engine=deps.engine,
+        sessions=lambda: session_scope(deps.sessions, deps.nudge),
+        identity=identity,
+        session_ttl=deps.session_ttl,
+    )
+
+
+def _builtin_accounts(deps: Annotated[ApiDeps, Depends(_deps)]) -> None:
+    if not deps.builtin_accounts:
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            "accounts are managed by the identity provider (BUILTIN_ACCOUNTS=false)",
+        )
 
 
 async def _session_user(
@@ -158,5 +197,6 @@ RoomCreator = Annotated[CurrentUser, Depends(_user_budget(Budget.ROOMS))]
 Inviter = Annotated[CurrentUser, Depends(_user_budget(Budget.INVITATIONS))]
 DeviceOwner = Annotated[CurrentUser, Depends(_user_budget(Budget.DEVICES))]
 Registrant = Depends(_ip_budget(Budget.REGISTRATION))
+BuiltinAccounts = Depends(_builtin_accounts)
 Anonymous = Depends(_ip_budget(Budget.ANONYMOUS))
 Tokens = Annotated[UnsubscribeTokens, Depends(_unsubscribe_tokens)]

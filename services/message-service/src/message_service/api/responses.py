@@ -43,6 +43,9 @@ def _answer(description: str, model: type[BaseModel] = ErrorOut) -> dict[str, An
 
 FORBIDDEN: Responses = {403: _answer("Someone else's: you may see it, not change it")}
 NOT_FOUND: Responses = {404: _answer("Not found (or not yours)")}
+FORBIDDEN_BUILTIN: Responses = {
+    403: _answer("Accounts are the identity provider's here (`BUILTIN_ACCOUNTS=false`)")
+}
 CONFLICT: Responses = {409: _answer("Conflicts with the current state")}
 INVALID: Responses = {422: _answer("Invalid request", InvalidOut)}
 

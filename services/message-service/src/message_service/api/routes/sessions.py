@@ -16,8 +16,14 @@ import uuid
 from fastapi import APIRouter, HTTPException, Request, status
 
 from message_service import service
-from message_service.api.deps import Deps, Me, SessionDep, caller_ip
-from message_service.api.responses import FORBIDDEN, INVALID, NOT_FOUND, UNAUTHORIZED_ANSWER
+from message_service.api.deps import BuiltinAccounts, Deps, Me, SessionDep, caller_ip
+from message_service.api.responses import (
+    FORBIDDEN,
+    FORBIDDEN_BUILTIN,
+    INVALID,
+    NOT_FOUND,
+    UNAUTHORIZED_ANSWER,
+)
 from message_service.api.schemas import PasswordChange, SessionCreate, SessionOut, SessionStarted
 from message_service.ratelimit import Budget, RateLimited
 
@@ -29,7 +35,12 @@ _WRONG_CREDENTIALS = "wrong username or password"
 @router.post(
     "/sessions",
     status_code=201,
-    responses={401: {**UNAUTHORIZED_ANSWER, "description": _WRONG_CREDENTIALS}, **INVALID},
+    dependencies=[BuiltinAccounts],
+    responses={
+        401: {**UNAUTHORIZED_ANSWER, "description": _WRONG_CREDENTIALS},
+        **FORBIDDEN_BUILTIN,
+        **INVALID,
+    },
 )
 async def sign_in(
     body: SessionCreate, request: Request, session: SessionDep, deps: Deps
@@ -107,7 +118,18 @@ async def end_session(session_id: uuid.UUID, me: Me, session: SessionDep) -> Non
     await service.end_session(session=session, user_id=me.id, session_id=session_id)
 
 
-@router.put("/users/me/password", status_code=204, responses={**FORBIDDEN, **INVALID})
+@router.put(
+    "/users/me/password",
+    status_code=204,
+    dependencies=[BuiltinAccounts],
+    responses={
+        403: {
+            **FORBIDDEN[403],
+            "description": "A wrong current password, or accounts are the identity provider's",
+        },
+        **INVALID,
+    },
+)
 async def change_password(body: PasswordChange, me: Me, session: SessionDep, deps: Deps) -> None:
     """Set a new password; every other session is signed out. A wrong `current_password` (403)
     counts as a failed sign-in of the account."""

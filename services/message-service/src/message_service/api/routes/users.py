@@ -9,8 +9,14 @@ import uuid
 from fastapi import APIRouter
 
 from message_service import service
-from message_service.api.deps import Deps, Me, Registrant, SessionDep
-from message_service.api.responses import CONFLICT, INVALID, NOT_FOUND, link
+from message_service.api.deps import BuiltinAccounts, Deps, Me, Registrant, SessionDep
+from message_service.api.responses import (
+    CONFLICT,
+    FORBIDDEN_BUILTIN,
+    INVALID,
+    NOT_FOUND,
+    link,
+)
 from message_service.api.schemas import BlockedOut, Registered, UserCreate, UserOut, UserPatch
 
 router = APIRouter(tags=["users"])
@@ -19,7 +25,7 @@ router = APIRouter(tags=["users"])
 @router.post(
     "/users",
     status_code=201,
-    dependencies=[Registrant],
+    dependencies=[BuiltinAccounts, Registrant],
     responses={
         201: {
             "links": {
@@ -32,6 +38,7 @@ router = APIRouter(tags=["users"])
             }
         },
         **CONFLICT,
+        **FORBIDDEN_BUILTIN,
         **INVALID,
     },
 )

@@ -1,5 +1,6 @@
 """Accounts and sessions: `users.password_hash` and `users.deleted_at`, `auth_sessions` in place
-of `api_tokens`, and `devices.session_id`.
+of `api_tokens`, `devices.session_id`, and `external_identities` (users of an OpenID Connect
+provider, by issuer and subject).
 
 Every API token becomes a session of its user (the same token keeps working), expiring 30 days
 after the upgrade unless used (each use slides it forward). Users registered before have no
@@ -89,6 +90,18 @@ def upgrade() -> None:
         )
     op.drop_index("ix_api_tokens_user_id", table_name="api_tokens")
     op.drop_table("api_tokens")
+    op.create_table(
+        "external_identities",
+        sa.Column("issuer", sa.String(255), nullable=False),
+        sa.Column("subject", sa.String(255), nullable=False),
+        sa.Column("user_id", sa.Uuid(), nullable=False),
+        sa.Column("created_at", TIMESTAMP, nullable=False),
+        sa.ForeignKeyConstraint(
+            ["user_id"], ["users.id"], name="fk_external_identities_user_id_users"
+        ),
+        sa.PrimaryKeyConstraint("issuer", "subject", name="pk_external_identities"),
+    )
+    op.create_index("ix_external_identities_user_id", "external_identities", ["user_id"])
 
     # Not a batch: on SQLite that copies the table, which the tables referring to users forbid.
     op.add_column("users", sa.Column("password_hash", sa.String(255), nullable=True))
@@ -127,6 +140,8 @@ def downgrade() -> None:
         "INSERT INTO api_tokens (token_hash, user_id, created_at)"
         " SELECT token_hash, user_id, created_at FROM auth_sessions"
     )
+    op.drop_index("ix_external_identities_user_id", table_name="external_identities")
+    op.drop_table("external_identities")
     op.drop_index("ix_auth_sessions_expires_at", table_name="auth_sessions")
     op.drop_index("ix_auth_sessions_user_id", table_name="auth_sessions")
     op.drop_table("auth_sessions")
