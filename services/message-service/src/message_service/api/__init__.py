@@ -1,8 +1,8 @@
 """The HTTP API: thin routes over `service.py`, one module per domain (`routes/`), their request
 and response models (`schemas.py`) and dependencies (`deps.py`).
 
-Every route but registration and the unsubscribe link needs `Authorization: Bearer <token>`; the
-acting user always comes from the token.
+Every route but registration and the links of e-mails (unsubscribe, e-mail verification) needs
+`Authorization: Bearer <token>`; the acting user always comes from the token.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from fastapi import APIRouter
 
 from message_service.api.routes import (
     devices,
+    email_verification,
     events,
     messages,
     notifications,
@@ -23,3 +24,5 @@ from message_service.api.routes import (
 router = APIRouter()
 for routes in (users, devices, preferences, rooms, messages, notifications, events, unsubscribe):
     router.include_router(routes.router)
+router.include_router(email_verification.account)
+router.include_router(email_verification.links)

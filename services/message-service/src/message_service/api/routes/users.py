@@ -9,7 +9,7 @@ import uuid
 from fastapi import APIRouter
 
 from message_service import service
-from message_service.api.deps import Deps, Me, Registrant, SessionDep
+from message_service.api.deps import Deps, Me, Registrant, SessionDep, Verification
 from message_service.api.responses import CONFLICT, INVALID, NOT_FOUND, link
 from message_service.api.schemas import BlockedOut, Registered, UserCreate, UserOut, UserPatch
 
@@ -35,11 +35,14 @@ router = APIRouter(tags=["users"])
         **INVALID,
     },
 )
-async def register(body: UserCreate, session: SessionDep, deps: Deps) -> Registered:
+async def register(
+    body: UserCreate, session: SessionDep, deps: Deps, verification: Verification
+) -> Registered:
     """Create an account. The response holds the API token, which is never shown again. Each
     attempt spends one of the caller's IP's registration budget (429 beyond it), and the answer,
     201 or 409, comes no sooner than `REGISTRATION_MIN_SECONDS` after the request: how long it
-    took does not tell whether the name was taken."""
+    took does not tell whether the name was taken. The address gets a link that verifies it
+    (`email_verified` of `GET /users/me`); until it is followed, no notification is e-mailed."""
     started = time.monotonic()
     try:
         registration = await service.register_user(
@@ -47,6 +50,7 @@ async def register(body: UserCreate, session: SessionDep, deps: Deps) -> Registe
             username=body.username,
             display_name=body.display_name,
             email=body.email,
+            verification=verification,
         )
     finally:
         left = deps.registration_min_seconds - (time.monotonic() - started)
@@ -67,9 +71,17 @@ async def read_me(me: Me, session: SessionDep) -> UserOut:
 
 
 @router.patch("/users/me", responses=INVALID)
-async def update_me(body: UserPatch, me: Me, session: SessionDep) -> UserOut:
+async def update_me(
+    body: UserPatch, me: Me, session: SessionDep, verification: Verification
+) -> UserOut:
+    """Change your display name or e-mail address. A new address is unverified until you follow
+    the link sent to it: nothing is e-mailed to it before."""
     user = await service.update_profile(
-        session=session, user_id=me.id, display_name=body.display_name, email=body.email
+        session=session,
+        user_id=me.id,
+        display_name=body.display_name,
+        email=body.email,
+        verification=verification,
     )
     return UserOut.of(user)
 
