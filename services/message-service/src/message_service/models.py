@@ -90,7 +90,9 @@ class User(Table, table=True):
     # sent to it (None: not confirmed; nothing is e-mailed to it), and the notification e-mails
     # the mail server refused for good since (`EMAIL_BOUNCE_LIMIT` of them unconfirm it).
     email_verified_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
-    email_hard_bounces: int = Field(default=0, sa_type=Integer)
+    email_hard_bounces: int = Field(
+        default=0, sa_type=Integer, sa_column_kwargs={"server_default": "0"}
+    )
 
 
 class ApiToken(Table, table=True):

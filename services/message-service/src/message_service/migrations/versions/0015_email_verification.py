@@ -29,15 +29,14 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("users") as batch:
-        batch.add_column(sa.Column("email_verified_at", sa.DateTime(timezone=True), nullable=True))
-        batch.add_column(
-            sa.Column("email_hard_bounces", sa.Integer(), nullable=False, server_default="0")
-        )
+    # Plain ADD COLUMN, not a batch: on SQLite a batch rebuilds `users`, which every other
+    # table references (the rebuild's DROP fails their foreign keys once rows exist).
+    op.add_column("users", sa.Column("email_verified_at", sa.DateTime(timezone=True)))
+    op.add_column(
+        "users",
+        sa.Column("email_hard_bounces", sa.Integer(), nullable=False, server_default="0"),
+    )
     op.execute(sa.text("UPDATE users SET email_verified_at = CURRENT_TIMESTAMP"))
-    # The model has no server default: new rows always say how many bounces they start with.
-    with op.batch_alter_table("users") as batch:
-        batch.alter_column("email_hard_bounces", server_default=None)
     op.create_table(
         "email_verification_sends",
         sa.Column("address_key", sa.String(64), nullable=False),
@@ -59,6 +58,6 @@ def downgrade() -> None:
     op.drop_index("ix_email_bounces_user_id", table_name="email_bounces")
     op.drop_table("email_bounces")
     op.drop_table("email_verification_sends")
-    with op.batch_alter_table("users") as batch:
-        batch.drop_column("email_hard_bounces")
-        batch.drop_column("email_verified_at")
+    # DROP COLUMN (SQLite 3.35+), not a batch: see upgrade().
+    op.drop_column("users", "email_hard_bounces")
+    op.drop_column("users", "email_verified_at")
