@@ -9,6 +9,7 @@ longer verifies. Hard bounces (the SMTP fake answers 550 to his address) unverif
 
 from __future__ import annotations
 
+import functools
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -188,7 +189,7 @@ async def test_only_a_verified_address_is_emailed_and_bounces_unverify_it(
             pipeline.smtp.reply("bob2@example.test", 550, "5.1.1 no such user")
             bounced = [await mention(f"bounce {index}") for index in range(BOUNCE_LIMIT)]
             for message_id in bounced:
-                await infra.wait_until(lambda m=message_id: pushed(m), timeout=30)
+                await infra.wait_until(functools.partial(pushed, message_id), timeout=30)
             await infra.wait_until(lambda: router_sees(bob, False), timeout=60)
             assert not await email_verified(client, bob)
             await not_emailed(
