@@ -684,7 +684,7 @@ class DeviceInvalidated(Event):
     reason: str
 
 
-# The signed token of a verification link (herald_shared.email_verification): URL-safe only.
+# The signed token of a verification link (message_service.email_verification): URL-safe only.
 VERIFICATION_LINK_PATTERN = r"^[0-9a-f]{32}\.[0-9]{1,12}\.[A-Za-z0-9_-]{43}$"
 
 
