@@ -203,7 +203,9 @@ def running_stack(tmp: Path, replicas: int) -> Iterator[Stack]:
                 "LOG_LEVEL": "INFO",
             }
             extra: dict[str, dict[str, str]] = {
-                "message-service": {"UNSUBSCRIBE_SECRET": secret},
+                # As in tests.support.processes.service_env: the stack's tests count the
+                # notification e-mails, not verification ones.
+                "message-service": {"UNSUBSCRIBE_SECRET": secret, "EMAIL_VERIFICATION": "false"},
                 "push-sender": {
                     "PUSH_PROVIDER": "fcm",
                     "FCM_CREDENTIALS_FILE": FCM_CREDENTIALS,

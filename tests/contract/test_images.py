@@ -20,17 +20,26 @@ LOCK = ROOT / "uv.lock"
 DOCKERFILE = (ROOT / "deploy" / "Dockerfile").read_text()
 
 # What a service's image must not carry: the web framework and ORM of message-service, the
-# template engine of email-sender, the HTTP/2 and JWT stack of push-sender, test tools.
+# template engine of email-sender, the HTTP/2 stack of push-sender, test tools (message-service
+# has httpx and PyJWT of its own: OpenID Connect access tokens and their JWKS).
 # push-sender keeps asyncpg: its delivery ledger lives in PostgreSQL (like every service's).
 ABSENT: dict[str, set[str]] = {
-    "message-service": {"jinja2", "aiosmtplib", "httpx", "h2", "pyjwt", "pytest"},
+    "message-service": {"jinja2", "aiosmtplib", "h2", "pytest"},
     "notification-router": {"fastapi", "starlette", "sqlmodel", "jinja2", "httpx", "h2", "pyjwt"},
     "push-sender": {"fastapi", "starlette", "sqlmodel", "jinja2", "aiosmtplib", "pytest"},
     "email-sender": {"fastapi", "starlette", "sqlmodel", "httpx", "h2", "pyjwt", "cryptography"},
 }
 # And what it needs, so that the closure computation cannot pass by finding nothing.
 PRESENT: dict[str, set[str]] = {
-    "message-service": {"fastapi", "sqlmodel", "faststream", "asyncpg", "herald-shared"},
+    "message-service": {
+        "fastapi",
+        "sqlmodel",
+        "faststream",
+        "asyncpg",
+        "herald-shared",
+        "pyjwt",
+        "argon2-cffi",
+    },
     "notification-router": {"faststream", "asyncpg", "herald-shared"},
     "push-sender": {"httpx", "h2", "pyjwt", "faststream", "asyncpg", "herald-shared"},
     "email-sender": {"aiosmtplib", "jinja2", "faststream", "asyncpg", "herald-shared"},

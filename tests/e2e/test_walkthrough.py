@@ -1,6 +1,7 @@
 """The README's walk-through, pasted twice into one bash against the four services running with
 the zero-setup defaults (SQLite, pushes to a JSON-lines file, e-mails to `.eml` files): both runs
-succeed, and each shows its own message's two pushes and two e-mails."""
+succeed, and each shows its own message's two pushes and two e-mails (Bob and Carol having
+confirmed their addresses through the links mailed to them)."""
 
 from __future__ import annotations
 
@@ -159,8 +160,18 @@ async def test_the_readme_walkthrough_works_when_pasted_twice(
     assert len(invitation_pushes) <= 4
     assert {push["body"] for push in invitation_pushes} <= {"Alice invited you to #general"}
     emails = set(state.joinpath("emails").glob("*.eml"))
-    invitation_emails = emails - {*first.emails, *second.emails}
-    assert len(emails - invitation_emails) == 4
+    # Every new address was mailed its verification link, once a run (Bob and Carol used theirs).
+    verifications = {path for path in emails if str(_read(path)["Subject"]).startswith("Confirm")}
+    assert sorted(_read(path)["To"].addresses[0].username[:-7] for path in verifications) == [
+        "alice",
+        "alice",
+        "bob",
+        "bob",
+        "carol",
+        "carol",
+    ]
+    invitation_emails = emails - verifications - {*first.emails, *second.emails}
+    assert len(emails - verifications - invitation_emails) == 4
     assert len(invitation_emails) <= 4
     assert {str(_read(path)["Subject"]) for path in invitation_emails} <= {
         "Alice invited you to #general"

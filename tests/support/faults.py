@@ -1410,8 +1410,10 @@ EVENT_TYPES = {
     "push_notifications_urgent": "push_requested",
     "email_notifications": "email_requested",
     "email_notifications_urgent": "email_requested",
+    "email_verifications": "email_verification_requested",
     "device_invalidations": "device_invalidated",
     "inbox_updates": "inbox_items_updated",
+    "email_bounces": "email_bounced",
 }
 POISON_KINDS = (
     "invalid-json",

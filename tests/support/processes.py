@@ -147,7 +147,14 @@ def service_env(
     overrides: Mapping[str, str] | None = None,
 ) -> dict[str, dict[str, str]]:
     """The environment of each service: small retry tiers, a heartbeat that notices a dead peer
-    within seconds, an outbox relay that backs off at most 2 s (default 30 s)."""
+    within seconds, an outbox relay that backs off at most 2 s (default 30 s).
+
+    `EMAIL_VERIFICATION=false` (message-service): every address counts as verified when it is
+    set, as for an operator who verifies addresses elsewhere. These suites are about what
+    happens to notifications; a verification e-mail per registered user would land in the SMTP
+    fake among the notification e-mails they count, and each registration would wait for it.
+    `tests/e2e/test_email_verification.py` runs with verification on (`overrides`), and the
+    README walk-through's test with the defaults."""
     common = {
         "RABBITMQ_URL": rabbit_url,
         "RABBITMQ_RETRY_DELAYS": "0.2,0.5,1",
@@ -157,6 +164,7 @@ def service_env(
         "OUTBOX_RELAY_INTERVAL": "0.5",
         "OUTBOX_MAX_BACKOFF": "2",
         "LOG_LEVEL": "INFO",
+        "EMAIL_VERIFICATION": "false",
         **(overrides or {}),
     }
     extra = {

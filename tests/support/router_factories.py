@@ -44,6 +44,7 @@ def user_updated(
     quiet_hours: QuietHoursSnapshot | None = None,
     snoozed_until: datetime | None = None,
     breakthrough_user_ids: Sequence[uuid.UUID] = (),
+    email_verified: bool = True,
 ) -> UserUpdated:
     """A snapshot as message-service makes it; without levels, as an older one did (the
     booleans only: `all` when on)."""
@@ -76,6 +77,7 @@ def user_updated(
             breakthrough_user_ids=list(breakthrough_user_ids),
         ),
         time_zone=time_zone,
+        email_verified=email_verified,
     )
 
 

@@ -8,6 +8,7 @@ reaches a log line through an exception).
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
@@ -344,6 +345,10 @@ class UserUpdated(Event):
     devices: list[DeviceSnapshot] = Field(default_factory=list)
     preferences: PreferencesSnapshot = Field(default_factory=PreferencesSnapshot)
     time_zone: str = "UTC"
+    # Whether the user confirmed `email` through the link sent to it; no notification e-mail
+    # goes to an address that is not. True by default: snapshots of producers from before
+    # verification existed are of addresses they mailed anyway.
+    email_verified: bool = True
     deleted: bool = False
 
 
@@ -683,6 +688,43 @@ class DeviceInvalidated(Event):
     reason: str
 
 
+# The signed token of a verification link (message_service.email_verification): URL-safe only.
+VERIFICATION_LINK_PATTERN = r"^[0-9a-f]{32}\.[0-9]{1,12}\.[A-Za-z0-9_-]{43}$"
+
+
+class EmailVerificationRequested(Event):
+    """Send the user the link that confirms their e-mail address
+    (`notification.email.verify`): message-service signed `token` for this user and this very
+    address; email-sender builds the link from it and its base URL, and sends the e-mail once
+    per `verification_id`. Never reported to the router (it is no notification)."""
+
+    type: Literal["email_verification_requested"] = "email_verification_requested"
+    verification_id: uuid.UUID
+    user_id: uuid.UUID
+    to_address: str
+    to_name: str
+    token: str = Field(pattern=VERIFICATION_LINK_PATTERN)
+    expires_at: AwareDatetime
+
+
+class EmailBounced(Event):
+    """The mail server refused a notification e-mail for good (an SMTP 5xx), `email.bounced`:
+    message-service counts it against the user's address, once per `notification_id`. The
+    address itself is not sent, only its SHA-256 (`address_digest`), so a bounce of an address
+    the user has replaced since counts against nothing."""
+
+    type: Literal["email_bounced"] = "email_bounced"
+    user_id: uuid.UUID
+    notification_id: uuid.UUID
+    address_digest: str = Field(pattern=r"^[0-9a-f]{64}$")
+    reason: str = Field(max_length=200)
+
+
+def address_digest(address: str) -> str:
+    """The SHA-256 (hex) of an address exactly as stored: what `EmailBounced` names it by."""
+    return hashlib.sha256(address.encode("utf-8")).hexdigest()
+
+
 AnyEvent = Annotated[
     MessageCreated
     | MessageEdited
@@ -696,6 +738,8 @@ AnyEvent = Annotated[
     | EmailRequested
     | DeliveryReported
     | DeviceInvalidated
+    | EmailVerificationRequested
+    | EmailBounced
     | InboxItemsUpdated
     | PushBatchRequested
     | EmailBatchRequested
@@ -754,6 +798,8 @@ EVENT_MODELS: tuple[type[Event], ...] = (
     EmailRequested,
     DeliveryReported,
     DeviceInvalidated,
+    EmailVerificationRequested,
+    EmailBounced,
     InboxItemsUpdated,
     PushBatchRequested,
     EmailBatchRequested,

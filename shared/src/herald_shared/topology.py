@@ -37,8 +37,10 @@ from herald_shared.events import (
     DeliveryReported,
     DeviceInvalidated,
     EmailBatchRequested,
+    EmailBounced,
     EmailJobsRequested,
     EmailRequested,
+    EmailVerificationRequested,
     Event,
     InboxItemsUpdated,
     InvitationCreated,
@@ -90,6 +92,12 @@ DEVICE_INVALIDATED = "device.invalidated"
 DEVICE_RETRY = "device.invalidated.retry"
 INBOX_UPDATED = "notification.inbox.updated"
 INBOX_RETRY = "notification.inbox.retry"
+# The mail that confirms an address (message-service → email-sender), and a notification e-mail
+# the mail server refused for good (email-sender → message-service, which counts bounces).
+EMAIL_VERIFY = "notification.email.verify"
+EMAIL_VERIFY_RETRY = "notification.email.verify.retry"
+EMAIL_BOUNCED = "email.bounced"
+EMAIL_BOUNCED_RETRY = "email.bounced.retry"
 
 EXCHANGE = RabbitExchange("notifications", type=ExchangeType.TOPIC, durable=True)
 # RabbitMQ's own dead-lettering (rejects, the delivery limit), named by every work queue's
@@ -185,9 +193,13 @@ PUSH_NOTIFICATIONS_URGENT = ConsumerQueue(
 EMAIL_NOTIFICATIONS_URGENT = ConsumerQueue(
     "email_notifications_urgent", (EMAIL_SEND_URGENT,), EMAIL_RETRY_URGENT
 )
+# A queue of its own: a backlog of notification e-mails never holds back the mail a person
+# waits for right after registering.
+EMAIL_VERIFICATIONS = ConsumerQueue("email_verifications", (EMAIL_VERIFY,), EMAIL_VERIFY_RETRY)
 # message-service
 DEVICE_INVALIDATIONS = ConsumerQueue("device_invalidations", (DEVICE_INVALIDATED,), DEVICE_RETRY)
 INBOX_UPDATES = ConsumerQueue("inbox_updates", (INBOX_UPDATED,), INBOX_RETRY)
+EMAIL_BOUNCES = ConsumerQueue("email_bounces", (EMAIL_BOUNCED,), EMAIL_BOUNCED_RETRY)
 
 CONSUMER_QUEUES: tuple[ConsumerQueue, ...] = (
     MESSAGE_NOTIFICATIONS,
@@ -200,8 +212,10 @@ CONSUMER_QUEUES: tuple[ConsumerQueue, ...] = (
     PUSH_NOTIFICATIONS_URGENT,
     EMAIL_NOTIFICATIONS,
     EMAIL_NOTIFICATIONS_URGENT,
+    EMAIL_VERIFICATIONS,
     DEVICE_INVALIDATIONS,
     INBOX_UPDATES,
+    EMAIL_BOUNCES,
 )
 
 _QUEUE_BY_ROUTING_KEY: dict[str, ConsumerQueue] = {
@@ -251,6 +265,10 @@ def routing_key_for(event: Event) -> str:
             return DEVICE_INVALIDATED
         case InboxItemsUpdated():
             return INBOX_UPDATED
+        case EmailVerificationRequested():
+            return EMAIL_VERIFY
+        case EmailBounced():
+            return EMAIL_BOUNCED
     raise TypeError(f"no routing key for {type(event).__name__}")
 
 

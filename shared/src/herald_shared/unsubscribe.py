@@ -110,7 +110,18 @@ def unsubscribe_tokens(
         " production set the same UNSUBSCRIBE_SECRET in both.",
         local_file,
     )
-    return UnsubscribeTokens(functools.partial(_local_secret, local_file))
+    return UnsubscribeTokens(link_key(secret, local_file=local_file))
+
+
+def link_key(
+    secret: SecretStr | None, *, local_file: Path = LOCAL_SECRET_FILE
+) -> bytes | Callable[[], bytes]:
+    """The key of the links Herald's e-mails carry: the configured secret, or else a loader of
+    the machine-local one. Other links (message-service's e-mail verification) sign with the
+    same key under a label of their own, so one secret serves them all."""
+    if secret is not None:
+        return secret.get_secret_value().encode("utf-8")
+    return functools.partial(_local_secret, local_file)
 
 
 def _local_secret(path: Path) -> bytes:

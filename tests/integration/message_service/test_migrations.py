@@ -363,3 +363,55 @@ async def test_api_tokens_become_sessions_that_own_the_devices_and_back(
             assert await connection.run_sync(differences) == []
     finally:
         await engine.dispose()
+
+
+@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
+async def test_existing_users_are_grandfathered_as_verified_and_back(
+    database: str, pg_url: str, sqlite_url: str
+) -> None:
+    """Revision 0016: users registered before are verified (a running deployment keeps
+    mailing them), with no bounces; new rows start with none; and back, the users kept."""
+    engine = make_engine(pg_url if database == "postgresql" else sqlite_url)
+    alice = uuid.uuid4()
+    now = datetime.now(UTC)
+    verification = sa.table(
+        "users",
+        sa.column("id", sa.Uuid()),
+        sa.column("email_verified_at", TIMESTAMP),
+        sa.column("email_hard_bounces"),
+    )
+    preferences = sa.table("preferences", sa.column("user_id", sa.Uuid()))
+    try:
+        async with engine.begin() as connection:
+            await connection.run_sync(migrate, "0015")
+            await connection.execute(
+                USERS.insert().values(
+                    id=alice,
+                    username="alice",
+                    display_name="A",
+                    email="alice@x.test",
+                    version=1,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            # A row that references the user: the upgrade must not rebuild `users` under it.
+            await connection.execute(preferences.insert().values(user_id=alice))
+
+            await connection.run_sync(migrate, "head")
+
+            [(user, verified_at, bounces)] = (
+                await connection.execute(sa.select(verification))
+            ).all()
+            assert (user, bounces) == (alice, 0)
+            assert verified_at is not None
+            assert await connection.run_sync(differences) == []
+
+            await connection.run_sync(migrate, "0015", down=True)
+            columns = await connection.run_sync(
+                lambda sync: {column["name"] for column in sa.inspect(sync).get_columns("users")}
+            )
+            assert "email_verified_at" not in columns
+            assert (await connection.execute(sa.select(USERS.c.id))).scalars().all() == [alice]
+    finally:
+        await engine.dispose()

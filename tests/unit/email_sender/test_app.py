@@ -25,6 +25,8 @@ def test_specification_documents_the_queue_and_both_reports_without_side_effects
         "email_notifications_urgent:consume",
         "notification.email.delivered:publish",
         "notification.email.failed:publish",
+        "email.bounced:publish",
+        "email_verifications:consume",
     }
     consume = document["operations"]["email_notifications:consume"]
     assert consume["bindings"]["amqp"]["cc"] == ["notification.email.send"]

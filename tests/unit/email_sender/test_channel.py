@@ -13,7 +13,7 @@ from email_sender.backends import EmailRejected, SmtpConfigurationError
 from email_sender.channel import DEADLINE_MARGIN, EmailChannel, EmailSending
 from email_sender.metrics import EmailOutcome
 from email_sender.tables import Failure
-from herald_shared.events import DeliveryOutcome
+from herald_shared.events import DeliveryOutcome, EmailBounced, address_digest
 from herald_shared.ledger import DeliveryStatus
 from herald_shared.retry import DeferredError, PermanentError, RetryableError
 from herald_shared.sending import Verdict, outcome_of_answer
@@ -102,7 +102,14 @@ async def test_each_backend_outcome_is_an_answer_and_an_outcome(
     assert decided.label == label
     assert decided.status is status
     assert type(decided.error) is error if error else decided.error is None
-    assert decided.events == ()  # an e-mail's failure tells nobody else
+    if status is DeliveryStatus.FAILED:
+        # A bounce tells message-service, which counts them against the address.
+        (bounce,) = decided.events
+        assert isinstance(bounce, EmailBounced)
+        assert (bounce.user_id, bounce.notification_id) == (job.recipient_id, job.notification_id)
+        assert bounce.address_digest == address_digest(job.to_address)
+    else:
+        assert decided.events == ()
     if status is DeliveryStatus.FAILED:
         assert decided.report is not None
         assert (decided.report.outcome, decided.report.reason) == (

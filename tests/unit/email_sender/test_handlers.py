@@ -32,13 +32,21 @@ from herald_shared.events import (
     DeliveryOutcome,
     DeliveryReported,
     EmailBatchRequested,
+    EmailBounced,
     EmailJobsRequested,
     EmailRequested,
+    address_digest,
     utc_now,
 )
 from herald_shared.ledger import Claimed, DeliveryLedger, DeliveryStatus, LedgerEntry
 from herald_shared.retry import ATTEMPT_HEADER, DeferredError
-from herald_shared.topology import EMAIL_DELIVERED, EMAIL_FAILED, EMAIL_SEND, EXCHANGE
+from herald_shared.topology import (
+    EMAIL_BOUNCED,
+    EMAIL_DELIVERED,
+    EMAIL_FAILED,
+    EMAIL_SEND,
+    EXCHANGE,
+)
 from tests.support.infra import wait_until
 from tests.unit.email_sender.support import (
     RecordingBackend,
@@ -56,6 +64,7 @@ class Harness:
     service: EmailService
     backend: RecordingBackend
     reports: list[tuple[str, DeliveriesReported, str | None]] = field(default_factory=list)
+    bounces: list[EmailBounced] = field(default_factory=list)
 
     @property
     def app(self) -> AsgiFastStream:
@@ -136,6 +145,13 @@ async def running(
     for routing_key in (EMAIL_DELIVERED, EMAIL_FAILED):
         queue = RabbitQueue(f"test.{routing_key}", routing_key=routing_key)
         broker.subscriber(queue, EXCHANGE)(collect)
+
+    async def collect_bounce(bounce: EmailBounced) -> None:
+        harness.bounces.append(bounce)
+
+    broker.subscriber(RabbitQueue("test.bounces", routing_key=EMAIL_BOUNCED), EXCHANGE)(
+        collect_bounce
+    )
 
     async with TestRabbitBroker(broker), TestApp(service.app):
         yield harness
@@ -304,6 +320,14 @@ async def test_a_bounce_is_recorded_reported_failed_and_dead_lettered(
     assert "bob@example.test" not in caplog.text
     metrics = await harness.metrics()
     assert 'herald_emails_total{backend="recording",outcome="bounced"} 1.0' in metrics
+    # message-service hears of it too, once, naming the address by its digest only.
+    (bounce,) = harness.bounces
+    assert (bounce.user_id, bounce.notification_id, bounce.reason) == (
+        job.recipient_id,
+        job.notification_id,
+        "smtp 550 5.1.1",
+    )
+    assert bounce.address_digest == address_digest("bob@example.test")
 
 
 async def test_an_unbuildable_email_is_a_permanent_failure(

@@ -22,11 +22,16 @@ from email_sender.rendering import EmailRenderer
 from email_sender.settings import Settings, SmtpConfig, SmtpTls
 from email_sender.tables import Failure, email_deliveries
 from herald_shared.database import make_engine, run_migrations
-from herald_shared.events import MAX_DIGEST_ENTRIES, DeliveriesReported, DeliveryOutcome
+from herald_shared.events import (
+    MAX_DIGEST_ENTRIES,
+    DeliveriesReported,
+    DeliveryOutcome,
+    EmailBounced,
+)
 from herald_shared.ledger import DeliveryLedger, DeliveryStatus
 from herald_shared.retry import DeferredError, PermanentError, RetryableError
 from herald_shared.sending import Sender
-from herald_shared.topology import EMAIL_DELIVERED, EMAIL_FAILED
+from herald_shared.topology import EMAIL_BOUNCED, EMAIL_DELIVERED, EMAIL_FAILED
 from tests.fakes.smtp import FakeSmtp, Stage
 from tests.support.processes import free_port
 from tests.unit.email_sender import support
@@ -141,9 +146,9 @@ async def test_550_is_permanent_without_the_servers_text(
 
 class RecordingPublisher:
     def __init__(self) -> None:
-        self.events: list[DeliveriesReported] = []
+        self.events: list[DeliveriesReported | EmailBounced] = []
 
-    async def publish(self, event: DeliveriesReported, **_: Any) -> None:
+    async def publish(self, event: DeliveriesReported | EmailBounced, **_: Any) -> None:
         self.events.append(event)
 
 
@@ -157,7 +162,9 @@ async def test_550_records_a_bounce_and_reports_it_failed_next_to_a_delivered_em
     sender = Sender(
         spec=EmailChannel(EmailSending(backend_for(smtp), renderer, timeout=5), max_in_flight=2),
         ledger=DeliveryLedger(engine, email_deliveries),
-        publishers=dict.fromkeys((EMAIL_DELIVERED, EMAIL_FAILED), cast(Any, publisher)),
+        publishers=dict.fromkeys(
+            (EMAIL_DELIVERED, EMAIL_FAILED, EMAIL_BOUNCED), cast(Any, publisher)
+        ),
         publish_timeout=5,
         metrics=EmailMetrics(CollectorRegistry()),
     )
@@ -172,7 +179,13 @@ async def test_550_records_a_bounce_and_reports_it_failed_next_to_a_delivered_em
         await sender.aclose()
         await engine.dispose()
 
-    reports = {event.outcome: event.reports for event in publisher.events}
+    reports = {
+        event.outcome: event.reports
+        for event in publisher.events
+        if isinstance(event, DeliveriesReported)
+    }
+    [bounce] = [event for event in publisher.events if isinstance(event, EmailBounced)]
+    assert bounce.notification_id == bounced.notification_id
     [failed] = reports[DeliveryOutcome.FAILED]
     assert (failed.notification_id, failed.reason) == (bounced.notification_id, "smtp 550 5.1.1")
     assert entry is not None

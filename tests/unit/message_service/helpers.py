@@ -28,6 +28,7 @@ from message_service.settings import Settings
 
 # Nothing listens there: the in-memory broker never connects, and a real connection fails fast.
 CLOSED_RABBITMQ_URL = "amqp://guest:secret-password@127.0.0.1:1/"
+TEST_LINK_SECRET = "test-link-secret-0123456789abcdef-0123456789"
 
 
 def make_settings(database_url: str, **overrides: Any) -> Settings:
@@ -35,7 +36,10 @@ def make_settings(database_url: str, **overrides: Any) -> Settings:
         url=CLOSED_RABBITMQ_URL, publish_timeout=1.0
     )
     # Registration answers at once (its timing floor is tested on its own).
+    # A secret of the tests' own: the e-mail verification links are signed with it, and none
+    # of them writes the machine-local one into the working directory.
     values: dict[str, Any] = {
+        "unsubscribe_secret": TEST_LINK_SECRET,
         "outbox_relay_interval": 0.05,
         "outbox_max_backoff": 0.2,
         "registration_min_seconds": 0.0,

@@ -204,6 +204,8 @@ async def test_openapi_lists_the_api_only(client: httpx.AsyncClient) -> None:
         "/rooms/{room_id}/join",
         "/rooms/{room_id}/leave",
         "/unsubscribe",
+        "/verify-email",
+        "/users/me/email/verification",
     }
 
 
@@ -224,8 +226,10 @@ async def test_asyncapi_page_without_try_it_out(client: httpx.AsyncClient) -> No
         "message.updated:publish",
         "message.deleted:publish",
         "user.updated:publish",
+        "notification.email.verify:publish",
         "device_invalidations:consume",
         "inbox_updates:consume",
+        "email_bounces:consume",
     }
 
 
@@ -240,7 +244,13 @@ def test_specification_describes_publishers_and_subscriber() -> None:
         "notifications"
     )
     schemas = set(document["components"]["schemas"])
-    assert {"MessageCreated", "UserUpdated", "DeviceInvalidated"} <= schemas
+    assert {
+        "MessageCreated",
+        "UserUpdated",
+        "DeviceInvalidated",
+        "EmailVerificationRequested",
+        "EmailBounced",
+    } <= schemas
     assert str(settings.rabbitmq.url) == CLOSED_RABBITMQ_URL
     assert "secret-password" not in str(document)
 

@@ -14,7 +14,14 @@ from sqlalchemy.exc import IntegrityError
 from herald_shared.database import run_migrations
 from herald_shared.events import Platform
 from message_service import repository, service
-from message_service.app import BodySizeLimit, MessageService, SafeErrors, create_app, service_of
+from message_service.app import (
+    BodySizeLimit,
+    MessageService,
+    SafeErrors,
+    create_app,
+    email_verification_of,
+    service_of,
+)
 from message_service.cursor import decode_cursor
 from message_service.models import Device
 from tests.unit.message_service.helpers import make_settings, user_updates
@@ -39,6 +46,7 @@ async def new_user(runtime: MessageService, username: str = "alice") -> uuid.UUI
             email="a@example.test",
             password_hash="not checked here",
             session_ttl=timedelta(days=1),
+            verification=email_verification_of(runtime.settings),
         )
     return registration.user.id
 
@@ -55,7 +63,12 @@ async def test_unknown_users_are_not_found(runtime: MessageService) -> None:
         with pytest.raises(service.NotFound):
             await service.get_profile(session=session, user_id=ghost)
         with pytest.raises(service.NotFound):
-            await service.update_profile(session=session, user_id=ghost, display_name="x")
+            await service.update_profile(
+                session=session,
+                user_id=ghost,
+                display_name="x",
+                verification=email_verification_of(runtime.settings),
+            )
         with pytest.raises(service.NotFound):
             await service.register_device(
                 session=session,

@@ -206,7 +206,14 @@ async def test_profile_shows_own_fields_only(client: httpx.AsyncClient) -> None:
 
     response = await client.get("/users/me", headers=alice.headers)
 
-    assert set(response.json()) == {"id", "username", "display_name", "email", "created_at"}
+    assert set(response.json()) == {
+        "id",
+        "username",
+        "display_name",
+        "email",
+        "email_verified",
+        "created_at",
+    }
 
 
 async def test_patch_changes_the_profile_and_bumps_the_version(

@@ -176,6 +176,8 @@ def test_what_was_read_meanwhile_is_left_out_and_a_window_all_read_sends_nothing
             None,
         ),
         ({"email": None}, False, SkipReason.NO_EMAIL),
+        # Unverified while it waited (a bounce too many, a new address): not sent.
+        ({"email_verified": False}, True, SkipReason.EMAIL_UNVERIFIED),
     ],
 )
 def test_settings_changed_since_the_message_apply_when_the_window_ends(

@@ -73,3 +73,23 @@ async def test_the_privacy_setting_survives_the_projection(sqlite_url: str) -> N
     finally:
         await engine.dispose()
     assert loaded.push_preview is False
+
+
+async def test_the_projection_keeps_whether_the_address_is_verified(sqlite_url: str) -> None:
+    engine = make_engine(sqlite_url)
+    await run_migrations(
+        engine, script_location="notification_router:migrations", service_name="router-test"
+    )
+    unverified = user_updated(email_verified=False)
+    verified = unverified.model_copy(update={"version": 2, "email_verified": True})
+    try:
+        assert await repository.upsert_recipient(engine, unverified, now=NOW)
+        loaded = await repository.load_recipients(engine, [unverified.user_id])
+        assert loaded[unverified.user_id].email_verified is False
+
+        assert await repository.upsert_recipient(engine, verified, now=NOW)
+        assert not await repository.upsert_recipient(engine, unverified, now=NOW)  # older
+        loaded = await repository.load_recipients(engine, [unverified.user_id])
+        assert loaded[unverified.user_id].email_verified is True
+    finally:
+        await engine.dispose()

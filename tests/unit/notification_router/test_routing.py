@@ -25,6 +25,7 @@ from herald_shared.events import (
     RoomKind,
     RoomSettingsSnapshot,
     Trigger,
+    UserUpdated,
     WebPushKeys,
     notification_id_for,
 )
@@ -63,6 +64,7 @@ class Case:
     email_enabled: bool = True
     devices: int = 1
     email: str | None = "alice@example.com"
+    email_verified: bool = True
     expected_push: str = "pending"
     expected_email: str = "pending"
     expected_push_jobs: int = 1
@@ -98,6 +100,30 @@ CASES = {
     "no devices": Case(devices=0, expected_push="skipped:no_device", expected_push_jobs=0),
     "no email": Case(email=None, expected_email="skipped:no_email", expected_email_job=False),
     "empty email": Case(email="", expected_email="skipped:no_email", expected_email_job=False),
+    # An address its owner has not confirmed is never mailed; the push is not concerned.
+    "unverified email": Case(
+        email_verified=False, expected_email="skipped:email_unverified", expected_email_job=False
+    ),
+    "unverified email, mentioned": Case(
+        email_verified=False,
+        mentioned=True,
+        expected_email="skipped:email_unverified",
+        expected_email_job=False,
+    ),
+    "no email beats unverified": Case(
+        email=None,
+        email_verified=False,
+        expected_email="skipped:no_email",
+        expected_email_job=False,
+    ),
+    "muted beats unverified": Case(
+        muted_room_ids=(ROOM,),
+        email_verified=False,
+        expected_push="skipped:muted",
+        expected_email="skipped:muted",
+        expected_push_jobs=0,
+        expected_email_job=False,
+    ),
     "several devices": Case(devices=3, expected_push_jobs=3),
     "mention does not override push off": Case(
         muted_room_ids=(ROOM,),
@@ -127,6 +153,7 @@ def test_decision_per_channel(case: Case) -> None:
         email_enabled=case.email_enabled,
         devices=case.devices,
         email=case.email,
+        email_verified=case.email_verified,
     )
     event = message_created(
         recipient_ids=[USER], room_id=ROOM, mentions=[USER] if case.mentioned else []
@@ -151,6 +178,20 @@ def test_decision_per_channel(case: Case) -> None:
         assert decision.email_job.sender_display_name == "John Doe"
         assert decision.email_job.message_content == event.message_content
         assert decision.email_job.sent_at == event.timestamp
+
+
+def test_an_address_is_mailed_only_once_verified() -> None:
+    assert routing.email_address(recipient(email="a@example.test")) == "a@example.test"
+    assert routing.email_address(recipient(email="a@example.test", email_verified=False)) == (
+        routing.SkipReason.EMAIL_UNVERIFIED
+    )
+    assert routing.email_address(recipient(email=None)) == routing.SkipReason.NO_EMAIL
+    assert routing.email_address(recipient(email=None, email_verified=False)) == (
+        routing.SkipReason.NO_EMAIL
+    )
+    # A snapshot from a producer older than verification says nothing: its address was mailed.
+    legacy = user_updated(email="a@example.test").model_dump(exclude={"email_verified"})
+    assert Recipient.from_snapshot(UserUpdated(**legacy)).email_verified
 
 
 # The precedence table of docs/notifications.md, row by row, on one channel (push; e-mail takes

@@ -15,8 +15,10 @@ from herald_shared.events import (
     DeliveryReported,
     DeviceInvalidated,
     EmailBatchRequested,
+    EmailBounced,
     EmailJobsRequested,
     EmailRequested,
+    EmailVerificationRequested,
     Event,
     Platform,
     PushJobsRequested,
@@ -108,6 +110,26 @@ def test_wait_queues_return_to_their_own_queue_only() -> None:
         (
             DeviceInvalidated(user_id=uuid.uuid4(), device_id=uuid.uuid4(), reason="gone"),
             "device.invalidated",
+        ),
+        (
+            EmailVerificationRequested(
+                verification_id=uuid.uuid4(),
+                user_id=uuid.uuid4(),
+                to_address="ann@example.test",
+                to_name="Ann",
+                token=f"{uuid.uuid4().hex}.1796349645.{'A' * 43}",
+                expires_at=datetime(2026, 12, 4, tzinfo=UTC),
+            ),
+            "notification.email.verify",
+        ),
+        (
+            EmailBounced(
+                user_id=uuid.uuid4(),
+                notification_id=uuid.uuid4(),
+                address_digest="0" * 64,
+                reason="smtp 550 5.1.1",
+            ),
+            "email.bounced",
         ),
         (
             EmailBatchRequested(

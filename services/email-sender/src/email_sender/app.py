@@ -21,6 +21,7 @@ from email_sender.metrics import EmailMetrics
 from email_sender.rendering import EmailRenderer, UnsubscribeLinks
 from email_sender.settings import SERVICE_NAME, Settings
 from email_sender.tables import email_deliveries
+from email_sender.verification import VerificationMailer, VerificationRenderer
 from herald_shared.broker import make_broker
 from herald_shared.database import database_healthy, make_engine, run_migrations
 from herald_shared.events import EmailRequested
@@ -36,8 +37,11 @@ DESCRIPTION = (
     "Sends the e-mail notifications of `notification.email.send` jobs (of one or more messages;"
     " SMTP, or .eml files for local runs), once per notification_id: a redelivered job is"
     " acknowledged without sending. Reports the outcomes, one event per outcome for many jobs at"
-    " once, on `notification.email.delivered` / `notification.email.failed`."
+    " once, on `notification.email.delivered` / `notification.email.failed`; a hard bounce also on"
+    " `email.bounced`. Sends the links that verify addresses (`notification.email.verify`)."
 )
+# Seconds a verification e-mail's claim outlasts the backend's timeout.
+VERIFICATION_LEASE_MARGIN = 5.0
 # E-mails written at once by the file backend (it has no connections to share).
 FILE_BACKEND_IN_FLIGHT = 16
 
@@ -87,19 +91,31 @@ def _wire(
         dead_letter_hooks=hooks,
     )
     publishers = make_publishers(broker)
+    ledger = DeliveryLedger(engine, email_deliveries)
+    mailer = VerificationMailer(
+        backend,
+        VerificationRenderer(
+            sender=settings.email_from,
+            message_id_domain=settings.email_message_id_domain,
+            url=settings.verification_url,
+        ),
+        ledger,
+        # The whole of a send: the lease is not renewed while it lasts.
+        lease=timedelta(seconds=settings.smtp_timeout + VERIFICATION_LEASE_MARGIN),
+    )
     in_flight = (
         FILE_BACKEND_IN_FLIGHT if isinstance(backend, FileBackend) else settings.smtp.pool_size
     )
     sending = EmailSending(backend, renderer_for(settings), timeout=settings.smtp_timeout)
     sender = Sender(
         spec=EmailChannel(sending, max_in_flight=in_flight),
-        ledger=DeliveryLedger(engine, email_deliveries),
+        ledger=ledger,
         publishers=publishers,
         publish_timeout=settings.rabbitmq.publish_timeout,
         metrics=EmailMetrics(registry),
         tuning=settings.sender_tuning(),
     )
-    return broker, publishers, sender, register_handlers(broker, sender, hooks)
+    return broker, publishers, sender, register_handlers(broker, sender, hooks, mailer)
 
 
 def build_service(settings: Settings, *, backend: EmailBackend | None = None) -> EmailService:

@@ -4,17 +4,20 @@ right before it is sent."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
 from email_sender.backends import EmailBackend, EmailRejected, SmtpConfigurationError
 from email_sender.rendering import EmailRenderer, UnrenderableEmail
 from email_sender.tables import Failure
-from herald_shared.events import Channel, EmailRequested, Event
+from herald_shared.events import Channel, EmailBounced, EmailRequested, Event, address_digest
 from herald_shared.resilience import FairLimiter
 from herald_shared.retry import DeferredError, RetryableError
 from herald_shared.sending import Answer, Gate, Verdict
 
+# Fixed namespace of `EmailBounced` ids (one per bounced notification): never change it.
+BOUNCE_NAMESPACE = uuid.UUID("3f7d0c2e-51a4-4f0b-8a77-9c7e1b2d4e60")
 # The backend's own timeout bounds a send; the workflow's deadline is only the backstop.
 DEADLINE_MARGIN = 1.0
 
@@ -73,7 +76,20 @@ class EmailChannel:
     def events_for_failure(
         self, job: EmailRequested, failure: str, reason: str
     ) -> tuple[Event, ...]:
-        return ()
+        """A hard bounce is reported to message-service too, which counts them against the
+        address (`EMAIL_BOUNCE_LIMIT`); it goes with the failure's report, through the same
+        ledger-guarded publication, so a redelivery publishes it again with the same id."""
+        if failure != Failure.BOUNCED:
+            return ()
+        return (
+            EmailBounced(
+                event_id=uuid.uuid5(BOUNCE_NAMESPACE, str(job.notification_id)),
+                user_id=job.recipient_id,
+                notification_id=job.notification_id,
+                address_digest=address_digest(job.to_address),
+                reason=reason[:200],
+            ),
+        )
 
     def settings_hint(self, provider: str) -> str:
         return "SMTP_USERNAME, SMTP_PASSWORD and SMTP_TLS"

@@ -1,6 +1,7 @@
 """email-sender's subscribers: `email_notifications` and its urgent lane
 `email_notifications_urgent` → `Sender.deliver` (the shared sender workflow,
-`herald_shared.sending.subscribe`), and their dead-letter hooks.
+`herald_shared.sending.subscribe`), and their dead-letter hooks; `email_verifications` →
+`VerificationMailer.send`.
 
 Failures only raise; `herald_shared.retry`'s middleware turns them into delayed retries or dead
 letters of the whole delivery (the jobs it had finished are no-ops when it comes back).
@@ -12,15 +13,26 @@ from faststream.rabbit import RabbitBroker
 from faststream.rabbit.publisher import RabbitPublisher
 from faststream.rabbit.subscriber import RabbitSubscriber
 
-from herald_shared.events import AnyEmailJob, DeliveriesReported, EmailRequested, email_jobs
+from email_sender.verification import VerificationMailer
+from herald_shared.events import (
+    AnyEmailJob,
+    DeliveriesReported,
+    EmailBounced,
+    EmailRequested,
+    EmailVerificationRequested,
+    email_jobs,
+)
 from herald_shared.publishing import event_publisher
 from herald_shared.retry import DeadLetterHooks
 from herald_shared.sending import Sender, subscribe
 from herald_shared.topology import (
+    EMAIL_BOUNCED,
     EMAIL_DELIVERED,
     EMAIL_FAILED,
     EMAIL_NOTIFICATIONS,
     EMAIL_NOTIFICATIONS_URGENT,
+    EMAIL_VERIFICATIONS,
+    EXCHANGE,
 )
 
 
@@ -42,13 +54,40 @@ def make_publishers(broker: RabbitBroker) -> dict[str, RabbitPublisher]:
                 "out of retries."
             ),
         ),
+        EMAIL_BOUNCED: event_publisher(
+            broker,
+            EmailBounced,
+            EMAIL_BOUNCED,
+            description=(
+                "The mail server refused a notification e-mail for good (SMTP 5xx): "
+                "message-service counts it against the address."
+            ),
+        ),
     }
 
 
 def register_handlers(
-    broker: RabbitBroker, sender: Sender[EmailRequested], hooks: DeadLetterHooks
+    broker: RabbitBroker,
+    sender: Sender[EmailRequested],
+    hooks: DeadLetterHooks,
+    mailer: VerificationMailer,
 ) -> tuple[RabbitSubscriber, ...]:
+    verifications = broker.subscriber(
+        EMAIL_VERIFICATIONS.queue,
+        EXCHANGE,
+        title=f"{EMAIL_VERIFICATIONS.name}:consume",
+        description=(
+            "Send a user's address the link that verifies it, once per verification_id (no "
+            "report: it is no notification)."
+        ),
+    )
+
+    @verifications
+    async def on_verification_requested(event: EmailVerificationRequested) -> None:
+        await mailer.send(event)
+
     return (
+        verifications,
         subscribe(
             broker,
             sender,

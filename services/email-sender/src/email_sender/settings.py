@@ -94,7 +94,8 @@ class Settings(SenderSettings):
 
     # List-Unsubscribe (RFC 2369, RFC 8058 one-click): links to message-service's
     # `/unsubscribe?token=…`, signed with UNSUBSCRIBE_SECRET (the same in both services; see
-    # herald_shared.unsubscribe) and valid for UNSUBSCRIBE_TOKEN_DAYS days.
+    # herald_shared.unsubscribe) and valid for UNSUBSCRIBE_TOKEN_DAYS days. The e-mail
+    # verification links (`/verify-email?token=…`, signed by message-service) use the same base.
     email_unsubscribe_base_url: str = "http://127.0.0.1:8000"
     unsubscribe_secret: UnsubscribeSecret = None
     unsubscribe_token_days: int = Field(default=30, ge=1, le=365)
@@ -119,6 +120,12 @@ class Settings(SenderSettings):
             max_idle=self.smtp_pool_max_idle,
             noop_after_idle=self.smtp_pool_noop_after,
         )
+
+    @property
+    def verification_url(self) -> str:
+        """The endpoint of the e-mail verification links (message-service's, at the same base
+        URL as the unsubscribe links); the token is appended as `?token=…`."""
+        return f"{self.email_unsubscribe_base_url.rstrip('/')}/verify-email"
 
     @property
     def unsubscribe_url(self) -> str:

@@ -39,6 +39,7 @@ from herald_shared.asyncapi_docs import (
 from herald_shared.broker import make_broker
 from herald_shared.database import database_healthy, make_engine, run_migrations
 from herald_shared.events import (
+    EmailVerificationRequested,
     InvitationCreated,
     MessageCreated,
     MessageDeleted,
@@ -54,6 +55,7 @@ from herald_shared.publishing import event_publisher, publish_event
 from herald_shared.retention import RetentionTask
 from herald_shared.retry import describe_error
 from herald_shared.topology import (
+    EMAIL_VERIFY,
     MESSAGE_DELETED,
     MESSAGE_NEW,
     MESSAGE_UPDATED,
@@ -69,6 +71,10 @@ from message_service.api import router
 from message_service.api.deps import ApiDeps, ApiMetrics
 from message_service.api.responses import clipped, with_common_answers
 from message_service.docs_index import DOCS_INDEX_PATH, docs_index_html, herald_services
+from message_service.email_verification import (
+    EmailVerification,
+    email_verification_tokens,
+)
 from message_service.handlers import HandlerDeps, Subscribers, register_handlers
 from message_service.oidc import OidcVerifier
 from message_service.outbox import OutboxMetrics, OutboxRelay
@@ -81,11 +87,24 @@ from message_service.stream import StreamHub, StreamMetrics
 
 logger = logging.getLogger("message_service.app")
 
+
+def email_verification_of(settings: Settings) -> EmailVerification:
+    """How addresses are verified, from the settings (the key is loaded on first use)."""
+    return EmailVerification(
+        tokens=email_verification_tokens(settings.unsubscribe_secret),
+        enabled=settings.email_verification,
+        interval=timedelta(seconds=settings.email_verification_interval),
+        lifetime=timedelta(hours=settings.email_verification_token_hours),
+        bounce_limit=settings.email_bounce_limit,
+    )
+
+
 TITLE = SERVICE_NAME
 DESCRIPTION = (
     "Chat users, rooms and messages over HTTP. Every stored message and every change to what "
     "notification routing needs about a user is published from a transactional outbox; the "
-    "service consumes device invalidations from the push provider."
+    "service consumes device invalidations from the push provider and e-mail bounces from the "
+    "mail server."
 )
 # The ASGI interface, as the middleware below uses it.
 Scope = MutableMapping[str, Any]
@@ -200,6 +219,15 @@ def _broker(
             USER_UPDATED,
             description="Full snapshot of a user's contact points and notification preferences.",
         ),
+        "email_verification_requested": event_publisher(
+            broker,
+            EmailVerificationRequested,
+            EMAIL_VERIFY,
+            description=(
+                "A user's new address is to be sent the link that verifies it (at most one per "
+                "address per EMAIL_VERIFICATION_INTERVAL)."
+            ),
+        ),
     }
     return broker, publishers
 
@@ -245,7 +273,12 @@ def build_service(
         max_backoff=settings.outbox_max_backoff,
         retention=settings.outbox_retention,
     )
-    subscribers = register_handlers(broker, HandlerDeps(sessions=sessions, nudge=relay.nudge))
+    subscribers = register_handlers(
+        broker,
+        HandlerDeps(
+            sessions=sessions, nudge=relay.nudge, email_bounce_limit=settings.email_bounce_limit
+        ),
+    )
     presence_publisher = publishers["presence_changed"]
 
     async def publish_presence(event: PresenceChanged) -> None:
@@ -323,6 +356,7 @@ def build_service(
         app=app,
     )
     app.state.service = service
+    app.state.email_verification = email_verification_of(settings)
     app.state.api_deps = ApiDeps(
         engine=engine,
         sessions=sessions,

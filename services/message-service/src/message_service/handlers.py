@@ -1,4 +1,4 @@
-"""What message-service consumes: `device_invalidations` and `inbox_updates`.
+"""What message-service consumes: `device_invalidations`, `inbox_updates` and `email_bounces`.
 
 Handlers only parse (FastStream does it from the annotation), call a use case and return; a
 failure raises and the shared retry middleware decides (see `herald_shared.retry`).
@@ -15,8 +15,8 @@ from faststream.rabbit.subscriber import RabbitSubscriber
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from herald_shared.events import DeviceInvalidated, InboxItemsUpdated
-from herald_shared.topology import DEVICE_INVALIDATIONS, EXCHANGE, INBOX_UPDATES
+from herald_shared.events import DeviceInvalidated, EmailBounced, InboxItemsUpdated
+from herald_shared.topology import DEVICE_INVALIDATIONS, EMAIL_BOUNCES, EXCHANGE, INBOX_UPDATES
 from message_service import repository, service
 from message_service.outbox import Nudge, session_scope
 
@@ -37,6 +37,8 @@ class Recorded(Protocol):
 class HandlerDeps:
     sessions: async_sessionmaker[AsyncSession]
     nudge: Nudge
+    # Hard bounces after which an address is unverified (`EMAIL_BOUNCE_LIMIT`).
+    email_bounce_limit: int = 3
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,8 @@ class Subscribers:
     on_device_invalidated: Recorded
     inbox_updates: RabbitSubscriber
     on_inbox_updated: Recorded
+    email_bounces: RabbitSubscriber
+    on_email_bounced: Recorded
 
 
 def register_handlers(broker: RabbitBroker, deps: HandlerDeps) -> Subscribers:
@@ -95,9 +99,37 @@ def register_handlers(broker: RabbitBroker, deps: HandlerDeps) -> Subscribers:
             changed,
         )
 
+    email_bounces = broker.subscriber(
+        EMAIL_BOUNCES.queue,
+        EXCHANGE,
+        title=f"{EMAIL_BOUNCES.name}:consume",
+        description=(
+            "The mail server refused a notification e-mail for good: count it against the "
+            "user's address (once per notification, only while it is the address that "
+            "bounced); at EMAIL_BOUNCE_LIMIT the address is unverified and the user's new "
+            "snapshot published."
+        ),
+    )
+
+    @email_bounces
+    async def on_email_bounced(event: EmailBounced) -> None:
+        async with session_scope(deps.sessions, deps.nudge) as session:
+            unverified = await service.record_email_bounce(
+                session=session, event=event, bounce_limit=deps.email_bounce_limit
+            )
+        logger.info(
+            "message_service.email.bounced event_id=%s user_id=%s notification_id=%s unverified=%s",
+            event.event_id,
+            event.user_id,
+            event.notification_id,
+            unverified,
+        )
+
     return Subscribers(
         device_invalidations=subscriber,
         on_device_invalidated=on_device_invalidated,
         inbox_updates=inbox_updates,
         on_inbox_updated=on_inbox_updated,
+        email_bounces=email_bounces,
+        on_email_bounced=on_email_bounced,
     )

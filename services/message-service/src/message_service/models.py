@@ -95,6 +95,13 @@ class User(Table, table=True):
     version: int = Field(default=1, sa_type=Integer)
     created_at: datetime = Field(default_factory=utc_now, sa_type=UtcDateTime)
     updated_at: datetime = Field(default_factory=utc_now, sa_type=UtcDateTime)
+    # E-mail verification (revision 0015): when the user confirmed `email` through the link
+    # sent to it (None: not confirmed; nothing is e-mailed to it), and the notification e-mails
+    # the mail server refused for good since (`EMAIL_BOUNCE_LIMIT` of them unconfirm it).
+    email_verified_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    email_hard_bounces: int = Field(
+        default=0, sa_type=Integer, sa_column_kwargs={"server_default": "0"}
+    )
 
 
 class AuthSession(Table, table=True):
@@ -347,3 +354,26 @@ class OutboxEvent(Table, table=True):
     xid: int | None = Field(
         default=None, sa_type=BigInteger, sa_column_kwargs={"server_default": FetchedValue()}
     )
+
+
+class EmailVerificationSend(Table, table=True):
+    """When a verification e-mail last went to an address (of any user): at most one per
+    `EMAIL_VERIFICATION_INTERVAL`, so nobody can have Herald mail an address over and over by
+    registering it again and again. Keyed by the SHA-256 of the address in lower case
+    (`email_verification.address_key`), never the address."""
+
+    __tablename__ = "email_verification_sends"
+
+    address_key: str = Field(sa_type=String(64), primary_key=True)
+    sent_at: datetime = Field(sa_type=UtcDateTime)
+
+
+class EmailBounce(Table, table=True):
+    """A notification e-mail that bounced, counted once however often its `EmailBounced` is
+    delivered (the key is the notification's id)."""
+
+    __tablename__ = "email_bounces"
+
+    notification_id: uuid.UUID = Field(primary_key=True)
+    user_id: uuid.UUID = Field(foreign_key="users.id", index=True)
+    bounced_at: datetime = Field(sa_type=UtcDateTime)

@@ -14,7 +14,7 @@ import json
 import uuid
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Table, and_, case, delete, func, insert, or_, text, tuple_, update
@@ -34,6 +34,8 @@ from message_service.models import (
     Block,
     BreakthroughUser,
     Device,
+    EmailBounce,
+    EmailVerificationSend,
     ExternalIdentity,
     InboxItem,
     Message,
@@ -355,6 +357,7 @@ async def erase_user(session: AsyncSession, *, user_id: uuid.UUID) -> None:
         delete(Block).where(or_(col(Block.user_id) == user_id, col(Block.blocked_id) == user_id)),
         delete(RoomMember).where(col(RoomMember.user_id) == user_id),
         delete(InboxItem).where(col(InboxItem.user_id) == user_id),
+        delete(EmailBounce).where(col(EmailBounce.user_id) == user_id),
         # Signing in at the provider again makes a new account.
         delete(ExternalIdentity).where(col(ExternalIdentity.user_id) == user_id),
     )
@@ -366,14 +369,15 @@ async def purge_outbox_of(
     session: AsyncSession, *, user_id: uuid.UUID, keep_event_id: uuid.UUID
 ) -> int:
     """Delete the outbox rows, published or not, that carry the user's personal data: their
-    snapshots (address, device tokens, names) but `keep_event_id`, and the events of what they
-    wrote or sent (their name as its sender). What they carry is found in the JSON each row holds
-    (`Event.model_dump_json`, no spaces); a scan of the outbox, which keeps a day at most."""
+    snapshots (address, device tokens, names) but `keep_event_id`, their verification e-mails
+    (address, name), and the events of what they wrote or sent (their name as its sender). What
+    they carry is found in the JSON each row holds (`Event.model_dump_json`, no spaces); a scan
+    of the outbox, which keeps a day at most."""
     user = str(user_id)
     statement = delete(OutboxEvent).where(
         or_(
             and_(
-                col(OutboxEvent.event_type) == "user_updated",
+                col(OutboxEvent.event_type).in_(("user_updated", "email_verification_requested")),
                 col(OutboxEvent.payload).contains(f'"user_id":"{user}"'),
                 col(OutboxEvent.event_id) != keep_event_id,
             ),
@@ -1260,3 +1264,52 @@ async def unread_by_user(
         for user_id, room_id, count in await connection.execute(statement):
             counts[user_id][room_id] = int(count)
     return counts
+
+
+# --- e-mail verification ------------------------------------------------------------------------
+
+_verification_sends = _table(EmailVerificationSend)
+_email_bounces = _table(EmailBounce)
+
+
+async def claim_verification_send(
+    session: AsyncSession, *, address_key: str, now: datetime, interval: timedelta
+) -> datetime | None:
+    """Record that a verification e-mail goes to the address now, unless one went there less
+    than `interval` ago: None when claimed, else when the last one went. One statement, so two
+    registrations of one address at once send one e-mail (on PostgreSQL the second waits for
+    the first's row lock, then finds its time too recent); it commits or rolls back with the
+    caller's transaction, like the outbox row of the e-mail."""
+    connection = await session.connection()
+    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
+    statement = dialect.insert(_verification_sends).values(address_key=address_key, sent_at=now)
+    statement = statement.on_conflict_do_update(
+        index_elements=[_verification_sends.c.address_key],
+        set_={"sent_at": statement.excluded.sent_at},
+        where=_verification_sends.c.sent_at <= now - interval,
+    ).returning(_verification_sends.c.address_key)
+    if (await connection.execute(statement)).first() is not None:
+        return None
+    last: datetime | None = (
+        await connection.execute(
+            core_select(_verification_sends.c.sent_at).where(
+                _verification_sends.c.address_key == address_key
+            )
+        )
+    ).scalar_one_or_none()
+    return last if last is not None else now
+
+
+async def add_email_bounce(
+    session: AsyncSession, *, notification_id: uuid.UUID, user_id: uuid.UUID, now: datetime
+) -> bool:
+    """Record a bounced notification e-mail: True the first time, False for a redelivery."""
+    connection = await session.connection()
+    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
+    statement = (
+        dialect.insert(_email_bounces)
+        .values(notification_id=notification_id, user_id=user_id, bounced_at=now)
+        .on_conflict_do_nothing()
+    )
+    result = await connection.execute(statement)
+    return bool(result.rowcount)

@@ -32,6 +32,7 @@ from herald_shared.database import autocommit
 from herald_shared.events import (
     MAX_RECIPIENTS,
     DeviceSnapshot,
+    EmailBounced,
     InvitationCreated,
     Level,
     MessageCreated,
@@ -47,11 +48,18 @@ from herald_shared.events import (
     SenderInfo,
     UserUpdated,
     WebPushKeys,
+    address_digest,
     utc_now,
 )
 from herald_shared.webpush import endpoint_problem
-from message_service import repository
+from message_service import email_verification, repository
 from message_service.cursor import decode_cursor, encode_cursor
+from message_service.email_verification import (
+    EmailVerification,
+    InvalidVerificationToken,
+    bounces_unverify,
+    retry_after_seconds,
+)
 from message_service.models import (
     MEMBER,
     MUTED_FOREVER,
@@ -108,6 +116,16 @@ class Conflict(ServiceError):
 
 class Invalid(ServiceError):
     status_code = 422
+
+
+class TooSoon(ServiceError):
+    """Asked again before the wait is over: 429, with `Retry-After`."""
+
+    status_code = 429
+
+    def __init__(self, detail: str, *, retry_after: int) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
@@ -235,6 +253,7 @@ async def register_user(
     email: str,
     password_hash: str,
     session_ttl: timedelta,
+    verification: EmailVerification,
     session_name: str | None = None,
 ) -> Registration:
     """Create the account and its first session."""
@@ -247,6 +266,7 @@ async def register_user(
     )
     try:
         await repository.add_user(session, user=user)
+        await email_verification.address_set(session, user, verification, now=utc_now())
         started = await _start_session(session, user_id=user.id, ttl=session_ttl, name=session_name)
         await _stage_user_updated(session, user)
         await session.commit()
@@ -329,6 +349,8 @@ async def _first_sight(
             username=await _free_username(session, identity.username or identity.subject),
             display_name=_display_name(identity.name or identity.username),
             email=identity.email or "",
+            # The provider verified it (`email_verified`), or there is none.
+            email_verified_at=utc_now() if identity.email else None,
             version=1,
         )
         await repository.add_user(session, user=user)
@@ -522,6 +544,8 @@ async def delete_account(*, session: AsyncSession, user_id: uuid.UUID) -> None:
     user.username = deleted_username(user.id)
     user.display_name = DELETED_DISPLAY_NAME
     user.email = ""
+    user.email_verified_at = None
+    user.email_hard_bounces = 0
     user.password_hash = None
     user.deleted_at = now
     user.version += 1
@@ -534,6 +558,7 @@ async def delete_account(*, session: AsyncSession, user_id: uuid.UUID) -> None:
         username=user.username,
         display_name=user.display_name,
         email=None,
+        email_verified=False,
         deleted=True,
     )
     repository.add_outbox_event(session, event=event, event_type=event.type)
@@ -557,6 +582,7 @@ async def update_profile(
     user_id: uuid.UUID,
     display_name: str | None = None,
     email: str | None = None,
+    verification: EmailVerification,
 ) -> User:
     user = await _lock_user(session, user_id)
     changed = False
@@ -565,6 +591,8 @@ async def update_profile(
         changed = True
     if email is not None and email != user.email:
         user.email = email
+        # A new address must be confirmed again: links sent to the old one no longer verify.
+        await email_verification.address_set(session, user, verification, now=utc_now())
         changed = True
     if changed:
         await _bump_and_stage(session, user)
@@ -1511,6 +1539,7 @@ async def _stage_user_updated(session: AsyncSession, user: User) -> None:
         username=user.username,
         display_name=user.display_name,
         email=user.email or None,  # "": none (an identity provider's user without one)
+        email_verified=user.email_verified_at is not None,
         devices=[_device_snapshot(device) for device in devices],
         preferences=PreferencesSnapshot(
             # The booleans and muted_room_ids for routers older than levels.
@@ -1543,6 +1572,100 @@ async def _stage_user_updated(session: AsyncSession, user: User) -> None:
         ),
     )
     repository.add_outbox_event(session, event=event, event_type=event.type)
+
+
+# --- e-mail verification ------------------------------------------------------------------------
+
+
+async def resend_email_verification(
+    *, session: AsyncSession, user_id: uuid.UUID, verification: EmailVerification
+) -> None:
+    """Send the user's address its verification link again: `Conflict` if it is verified,
+    `TooSoon` within `verification.interval` of the last one to that address."""
+    user = await _lock_user(session, user_id)
+    if user.email_verified_at is not None:
+        raise Conflict("your e-mail address is already verified")
+    now = utc_now()
+    last = await email_verification.request_verification(session, user, verification, now=now)
+    if last is not None:
+        await session.rollback()
+        wait = retry_after_seconds(last, now=now, interval=verification.interval)
+        raise TooSoon(
+            f"a verification e-mail went to this address recently: retry after {wait} s",
+            retry_after=wait,
+        )
+    await session.commit()
+
+
+@dataclass(frozen=True)
+class VerifiedEmail:
+    user_id: uuid.UUID
+    already: bool  # True: it was verified before (the link followed again), nothing changed
+
+
+async def check_verification_link(
+    *, session: AsyncSession, token: str, verification: EmailVerification
+) -> VerifiedEmail:
+    """Whether the link's token is good for its user's address as it is now, changing nothing
+    (what the link's page shows); `InvalidVerificationToken` if not."""
+    user_id = verification.tokens.user_of(token)
+    user = await repository.get_user(session, user_id=user_id)
+    if user is None:
+        raise InvalidVerificationToken("invalid verification link")
+    verification.tokens.verify(token, address=user.email, now=utc_now())
+    return VerifiedEmail(user_id=user.id, already=user.email_verified_at is not None)
+
+
+async def verify_email(
+    *, session: AsyncSession, token: str, verification: EmailVerification
+) -> VerifiedEmail:
+    """Follow a verification link: its user's address, if it is still the one the link was sent
+    to and the link has not expired, is verified (its bounces forgotten), and the user's new
+    snapshot staged, so the router e-mails it from now on. `InvalidVerificationToken` if not;
+    following it again changes nothing."""
+    user_id = verification.tokens.user_of(token)
+    users = await repository.lock_users(session, user_ids={user_id})
+    user = users.get(user_id)
+    if user is None:
+        raise InvalidVerificationToken("invalid verification link")
+    verification.tokens.verify(token, address=user.email, now=utc_now())
+    if user.email_verified_at is not None:
+        await session.rollback()  # expires `user`: not read after
+        return VerifiedEmail(user_id=user_id, already=True)
+    user.email_verified_at = utc_now()
+    user.email_hard_bounces = 0
+    await _bump_and_stage(session, user)
+    await session.commit()
+    return VerifiedEmail(user_id=user.id, already=False)
+
+
+async def record_email_bounce(
+    *, session: AsyncSession, event: EmailBounced, bounce_limit: int
+) -> bool:
+    """Count a bounced notification e-mail against its user's address, once per notification
+    and only while the address is the one that bounced; at `bounce_limit` bounces the address
+    is verified no more (the new snapshot stops the router's e-mail). Returns whether this
+    bounce unverified the address."""
+    users = await repository.lock_users(session, user_ids={event.user_id})
+    user = users.get(event.user_id)
+    if user is None or address_digest(user.email) != event.address_digest:
+        await session.rollback()  # a user or an address that is gone: nothing to count
+        return False
+    now = utc_now()
+    if not await repository.add_email_bounce(
+        session, notification_id=event.notification_id, user_id=user.id, now=now
+    ):
+        await session.rollback()  # counted before (a redelivery)
+        return False
+    user.email_hard_bounces += 1
+    unverified = user.email_verified_at is not None and bounces_unverify(
+        user.email_hard_bounces, limit=bounce_limit
+    )
+    if unverified:
+        user.email_verified_at = None
+        await _bump_and_stage(session, user)
+    await session.commit()
+    return unverified
 
 
 # --- the notification inbox ---------------------------------------------------------------------

@@ -82,6 +82,16 @@ class Settings(ServiceSettings):
     # Verifies the links of e-mails' List-Unsubscribe headers (`/unsubscribe`); the same secret
     # as email-sender's. Unset: a machine-local one (see herald_shared.unsubscribe).
     unsubscribe_secret: UnsubscribeSecret = None
+    # E-mail verification (docs/configuration.md): an address is e-mailed only once its owner
+    # followed the link sent to it, signed with UNSUBSCRIBE_SECRET under a label of its own.
+    # `EMAIL_VERIFICATION=false`: every address counts as verified when it is set, and no
+    # verification e-mail is sent (for operators who verify addresses elsewhere).
+    email_verification: bool = True
+    # At most one verification e-mail per address in this many seconds.
+    email_verification_interval: float = Field(default=600.0, ge=0, le=86400)
+    email_verification_token_hours: int = Field(default=24, ge=1, le=24 * 30)
+    # Hard bounces (SMTP 5xx) of notification e-mails after which an address is unverified.
+    email_bounce_limit: int = Field(default=3, ge=1, le=1000)
     # Where a reader's browser reaches the other services, for the links of the documentation
     # index (/docs/services): `NOTIFICATION_ROUTER_DOCS_URL`, `PUSH_SENDER_DOCS_URL`,
     # `EMAIL_SENDER_DOCS_URL`. The defaults are each service's default port on this machine.

@@ -174,6 +174,7 @@ async def upsert_recipient(engine: AsyncEngine, snapshot: UserUpdated, *, now: d
         ),
         "snoozed_until": snapshot.preferences.snoozed_until,
         "breakthrough_user_ids": [str(user) for user in snapshot.preferences.breakthrough_user_ids],
+        "email_verified": snapshot.email_verified,
         "updated_at": now,
     }
     async with engine.begin() as connection:
@@ -318,6 +319,7 @@ def _recipient(row: Any) -> Recipient:
         breakthrough_user_ids=frozenset(
             uuid.UUID(user) for user in row["breakthrough_user_ids"] or ()
         ),
+        email_verified=row["email_verified"],
     )
 
 

@@ -96,10 +96,24 @@ class SkipReason(StrEnum):
     ONLINE = "online"  # e-mail: the recipient has (or just had) a real-time stream open
     NO_DEVICE = "no_device"
     NO_EMAIL = "no_email"
+    # The user has not confirmed their address (or it bounced too often since): no e-mail.
+    EMAIL_UNVERIFIED = "email_unverified"
     DELETED = "deleted"  # waiting, its message was deleted
     LEFT = "left"  # waiting, its recipient left the room (or declined its invitation)
     # A waiting e-mail the digest left out: the room was read, or the recipient's e-mail
-    # settings no longer want it (READ, MUTED, EMAIL_DISABLED, LEVEL_MENTIONS, NO_EMAIL).
+    # settings no longer want it (READ, MUTED, EMAIL_DISABLED, LEVEL_MENTIONS, NO_EMAIL,
+    # EMAIL_UNVERIFIED).
+
+
+def email_address(recipient: Recipient) -> str | SkipReason:
+    """Where the recipient's e-mail may go, or why nowhere: no address, or one its owner has
+    not confirmed (nobody may have Herald mail an address that is not theirs). Push is not
+    concerned."""
+    if not recipient.email:
+        return SkipReason.NO_EMAIL
+    if not recipient.email_verified:
+        return SkipReason.EMAIL_UNVERIFIED
+    return recipient.email
 
 
 def skipped(reason: SkipReason) -> str:
@@ -217,6 +231,8 @@ class Recipient:
     quiet_hours: QuietHours | None = None
     snoozed_until: datetime | None = None
     breakthrough_user_ids: frozenset[uuid.UUID] = frozenset()
+    # Whether the user confirmed `email` through the link sent to it (`UserUpdated`).
+    email_verified: bool = True
 
     @classmethod
     def from_snapshot(cls, snapshot: UserUpdated) -> Recipient:
@@ -245,6 +261,7 @@ class Recipient:
             quiet_hours=QuietHours.of(preferences.quiet_hours),
             snoozed_until=preferences.snoozed_until,
             breakthrough_user_ids=frozenset(preferences.breakthrough_user_ids),
+            email_verified=snapshot.email_verified,
         )
 
     def level(self, room_id: uuid.UUID, channel: Channel) -> Level:
@@ -501,13 +518,14 @@ def decide_for(
     email_skip = channel_skip(
         recipient, event, Channel.EMAIL, trigger, now, presence, email_grace, read_up_to
     )
+    address = email_address(recipient)
     if email_skip is not None:
         email = skipped(email_skip)
-    elif not recipient.email:
-        email = skipped(SkipReason.NO_EMAIL)
+    elif isinstance(address, SkipReason):
+        email = skipped(address)
     else:
         email = WAITING if recipient.email_delay > timedelta(0) else PENDING
-        email_job = _email_job(event, recipient, recipient.email, trigger=trigger, now=now)
+        email_job = _email_job(event, recipient, address, trigger=trigger, now=now)
 
     return RecipientDecision(
         recipient.user_id,
@@ -739,7 +757,8 @@ def compose_digest(
         else:
             cancelled[job.message_id] = reason
     sent = tuple(job.message_id for job in kept)
-    if not kept or recipient is None or recipient.email is None:
+    address = None if recipient is None else email_address(recipient)
+    if not kept or recipient is None or not isinstance(address, str):
         return WindowPlan((), sent=(), cancelled=cancelled)
     first = kept[0]
     notification_id = digest_notification_id(digest_id, recipient.user_id)
@@ -749,7 +768,7 @@ def compose_digest(
             "event_id": notification_id,
             "occurred_at": now,
             "notification_id": notification_id,
-            "to_address": recipient.email,
+            "to_address": address,
             "to_name": recipient.display_name,
             "digest": [
                 DigestEntry(
@@ -980,8 +999,10 @@ def _no_longer_wanted(
         return SkipReason.DELETED
     if read_up_to is not None and sent_at <= read_up_to:
         return SkipReason.READ
-    if channel is Channel.EMAIL and (recipient is None or recipient.email is None):
-        return SkipReason.NO_EMAIL
+    if channel is Channel.EMAIL:
+        address = SkipReason.NO_EMAIL if recipient is None else email_address(recipient)
+        if isinstance(address, SkipReason):
+            return address
     if recipient is None or (channel is Channel.PUSH and not recipient.devices):
         return SkipReason.NO_DEVICE
     naming = trigger in (Trigger.MENTION, Trigger.INVITATION)

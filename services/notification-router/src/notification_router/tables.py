@@ -85,6 +85,9 @@ recipients = Table(
     Column("quiet_hours", JSON, nullable=True),
     Column("snoozed_until", DateTime(timezone=True), nullable=True),
     Column("breakthrough_user_ids", JSON, nullable=True),
+    # Whether the user confirmed `email` (revision 0012; true in rows projected before, as
+    # message-service grandfathered their addresses): an unconfirmed address is never e-mailed.
+    Column("email_verified", Boolean, nullable=False, server_default=true()),
 )
 
 notifications = Table(

@@ -1,8 +1,9 @@
 """The HTTP API: thin routes over `service.py`, one module per domain (`routes/`), their request
 and response models (`schemas.py`) and dependencies (`deps.py`).
 
-Every route but registration, sign-in and the unsubscribe link needs `Authorization: Bearer
-<token>`, a session's token; the acting user always comes from the token.
+Every route but registration, sign-in and the links of e-mails (unsubscribe, e-mail
+verification) needs `Authorization: Bearer <token>`, a session's token (or an identity
+provider's access token); the acting user always comes from the token.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from fastapi import APIRouter
 
 from message_service.api.routes import (
     devices,
+    email_verification,
     events,
     messages,
     notifications,
@@ -35,3 +37,5 @@ _DOMAINS = (
 )
 for routes in _DOMAINS:
     router.include_router(routes.router)
+router.include_router(email_verification.account)
+router.include_router(email_verification.links)

@@ -2,8 +2,8 @@
 (one database session per request, committed by the use case), `Me` (the caller and their
 session, from the bearer token, spending the token's budget), `Poster`, `RoomCreator`, `Inviter`
 and `DeviceOwner` (the caller, spending their own budget for that instead), `Registrant` and
-`Anonymous` (a call without a token, spending the IP's budget), and `Tokens` (the unsubscribe
-links' verifier).
+`Anonymous` (a call without a token, spending the IP's budget), `Tokens` (the unsubscribe
+links' verifier) and `Verification` (how e-mail addresses are verified).
 
 Rate limits (`message_service.ratelimit`): each request spends one budget (`POST /rooms` with
 members also spends their invitations, in the route). A missing or unknown
@@ -25,6 +25,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from herald_shared.unsubscribe import UnsubscribeTokens, unsubscribe_tokens
 from message_service import service
+from message_service.email_verification import EmailVerification
 from message_service.oidc import InvalidAccessToken, OidcVerifier, looks_like_jwt
 from message_service.outbox import Nudge, session_scope
 from message_service.passwords import PasswordParameters, Passwords
@@ -200,3 +201,12 @@ Registrant = Depends(_ip_budget(Budget.REGISTRATION))
 BuiltinAccounts = Depends(_builtin_accounts)
 Anonymous = Depends(_ip_budget(Budget.ANONYMOUS))
 Tokens = Annotated[UnsubscribeTokens, Depends(_unsubscribe_tokens)]
+
+
+def _email_verification(request: Request) -> EmailVerification:
+    verification: EmailVerification = request.app.state.email_verification
+    return verification
+
+
+# How addresses are verified: the links' tokens and the limits (`email_verification`).
+Verification = Annotated[EmailVerification, Depends(_email_verification)]

@@ -552,6 +552,8 @@ class UserOut(BaseModel):
     username: str
     display_name: str
     email: str
+    # Whether the address was confirmed through the link sent to it: only then is it e-mailed.
+    email_verified: bool = False
     created_at: datetime
 
     @classmethod
@@ -561,6 +563,7 @@ class UserOut(BaseModel):
             username=user.username,
             display_name=user.display_name,
             email=user.email,
+            email_verified=user.email_verified_at is not None,
             created_at=user.created_at,
         )
 

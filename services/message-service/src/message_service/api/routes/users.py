@@ -9,7 +9,14 @@ import uuid
 from fastapi import APIRouter
 
 from message_service import service
-from message_service.api.deps import BuiltinAccounts, Deps, Me, Registrant, SessionDep
+from message_service.api.deps import (
+    BuiltinAccounts,
+    Deps,
+    Me,
+    Registrant,
+    SessionDep,
+    Verification,
+)
 from message_service.api.responses import (
     CONFLICT,
     FORBIDDEN_BUILTIN,
@@ -42,11 +49,15 @@ router = APIRouter(tags=["users"])
         **INVALID,
     },
 )
-async def register(body: UserCreate, session: SessionDep, deps: Deps) -> Registered:
+async def register(
+    body: UserCreate, session: SessionDep, deps: Deps, verification: Verification
+) -> Registered:
     """Create an account, signed in: the response holds its first session's token, which is
     never shown again. Each attempt spends one of the caller's IP's registration budget (429
     beyond it), and the answer, 201 or 409, comes no sooner than `REGISTRATION_MIN_SECONDS`
-    after the request: how long it took does not tell whether the name was taken."""
+    after the request: how long it took does not tell whether the name was taken. The address
+    gets a link that verifies it (`email_verified` of `GET /users/me`); until it is followed, no
+    notification is e-mailed."""
     started = time.monotonic()
     try:
         password_hash = await deps.passwords.hash(body.password)
@@ -58,6 +69,7 @@ async def register(body: UserCreate, session: SessionDep, deps: Deps) -> Registe
             password_hash=password_hash,
             session_ttl=deps.session_ttl,
             session_name=body.session_name,
+            verification=verification,
         )
     finally:
         left = deps.registration_min_seconds - (time.monotonic() - started)
@@ -80,9 +92,17 @@ async def read_me(me: Me, session: SessionDep) -> UserOut:
 
 
 @router.patch("/users/me", responses=INVALID)
-async def update_me(body: UserPatch, me: Me, session: SessionDep) -> UserOut:
+async def update_me(
+    body: UserPatch, me: Me, session: SessionDep, verification: Verification
+) -> UserOut:
+    """Change your display name or e-mail address. A new address is unverified until you follow
+    the link sent to it: nothing is e-mailed to it before."""
     user = await service.update_profile(
-        session=session, user_id=me.id, display_name=body.display_name, email=body.email
+        session=session,
+        user_id=me.id,
+        display_name=body.display_name,
+        email=body.email,
+        verification=verification,
     )
     return UserOut.of(user)
 
