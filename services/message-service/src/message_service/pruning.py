@@ -33,21 +33,26 @@ class _Sweep:
     """One pass (`prune_once`) now, then every `interval`, in the background, until `stop()`; a
     failed pass (a database outage) is logged and tried again next time."""
 
+    task_name: str
+    failure: str  # the log line of a failed pass
+
     def __init__(
         self,
         *,
         sessions: async_sessionmaker[AsyncSession],
         nudge: Nudge,
         interval: float,
-        name: str,
-        failure: str,
-        clock: Clock,
+        clock: Clock = utc_now,
     ) -> None:
         self._sessions = sessions
         self._nudge = nudge
         self._clock = clock
         self._loop = PeriodicTask(
-            self.prune_once, interval=interval, name=name, logger=logger, failure=failure
+            self.prune_once,
+            interval=interval,
+            name=self.task_name,
+            logger=logger,
+            failure=self.failure,
         )
 
     async def prune_once(self) -> int:
@@ -65,6 +70,9 @@ class _Sweep:
 
 
 class DevicePruner(_Sweep):
+    task_name = "message-service-device-pruner"
+    failure = "message_service.devices.prune_failed"
+
     def __init__(
         self,
         *,
@@ -74,14 +82,7 @@ class DevicePruner(_Sweep):
         interval: float,
         clock: Clock = utc_now,
     ) -> None:
-        super().__init__(
-            sessions=sessions,
-            nudge=nudge,
-            interval=interval,
-            name="message-service-device-pruner",
-            failure="message_service.devices.prune_failed",
-            clock=clock,
-        )
+        super().__init__(sessions=sessions, nudge=nudge, interval=interval, clock=clock)
         self.stale_after = stale_after
 
     async def prune_once(self) -> int:
@@ -96,22 +97,8 @@ class DevicePruner(_Sweep):
 
 
 class SessionSweeper(_Sweep):
-    def __init__(
-        self,
-        *,
-        sessions: async_sessionmaker[AsyncSession],
-        nudge: Nudge,
-        interval: float,
-        clock: Clock = utc_now,
-    ) -> None:
-        super().__init__(
-            sessions=sessions,
-            nudge=nudge,
-            interval=interval,
-            name="message-service-session-sweeper",
-            failure="message_service.sessions.sweep_failed",
-            clock=clock,
-        )
+    task_name = "message-service-session-sweeper"
+    failure = "message_service.sessions.sweep_failed"
 
     async def prune_once(self) -> int:
         """One pass; how many sessions ended."""
