@@ -72,7 +72,12 @@ async def test_a_stream_on_one_replica_shows_what_the_other_stored_once_across_a
         async def register(name: str) -> dict[str, str]:
             response = await client.post(
                 f"{first.base_url}/users",
-                json={"username": name, "display_name": name, "email": f"{name}@example.test"},
+                json={
+                    "username": name,
+                    "display_name": name,
+                    "email": f"{name}@example.test",
+                    "password": "correct horse battery",
+                },
             )
             assert response.status_code == 201, response.text
             user: dict[str, str] = response.json()
