@@ -9,6 +9,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from bench import stages
 from bench.calibrate import describe as describe_calibration
 from bench.checker import CheckResult
 from bench.monitor import QueueDepths
@@ -373,6 +374,8 @@ def print_table(document: dict[str, Any]) -> None:
     rows = table_rows(document)
     if document.get("lanes"):
         rows += lanes_rows(document["lanes"])
+        if document["lanes"].get("timelines"):
+            rows += stages.rows(document["lanes"]["timelines"])
     if document.get("big_room"):
         rows += big_room_rows(document["big_room"])
         stats = document.get("provider_stats", {}).get("fcm")

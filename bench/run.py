@@ -36,7 +36,7 @@ from typing import Any
 
 import asyncpg
 
-from bench import chat, profile
+from bench import chat, profile, stages
 from bench.broker import Broker, cluster_broker, machine_broker
 from bench.calibrate import calibrate
 from bench.checker import CheckResult, Tally, read_email_records, read_push_records
@@ -597,6 +597,24 @@ async def follow(
             )
 
 
+async def direct_timelines(
+    stack: Stack, population: Population, tally: Tally
+) -> list[stages.Timeline]:
+    """The lanes scenario's direct messages, stage by stage (`bench.stages`)."""
+    direct_room = len(population.rooms) - 1
+    directs = [message for message in tally.messages if message.room == direct_room]
+    accepted = tally.push_latencies(direct_room)
+    if len(accepted) != len(directs):  # a push missing: no way to pair them
+        return []
+    return await stages.read_timelines(
+        message_db=_pg(stack.databases["message-service"]),
+        router_db=_pg(stack.databases["notification-router"]),
+        push_db=_pg(stack.databases["push-sender"]),
+        messages=directs,
+        accepted_after_201=accepted,
+    )
+
+
 async def read_ledger(router_db: str, tally: Tally) -> dict[str, int]:
     """Feed every (message_id, recipient_id) of the router's ledger to the tally (streamed, not
     held), and the deliveries the ledger marks failed; its deliveries counted by status. Tables
@@ -810,6 +828,11 @@ async def run_once(
             profiles = await profiling
             deliveries.poll()
             delivery_status = await read_ledger(stack.databases["notification-router"], tally)
+            timelines = (
+                await direct_timelines(stack, population, tally)
+                if options.scenario == "lanes"
+                else []
+            )
         await stack.stop_fakes()  # writes its stats
         provider_stats = _read_json(directory / "providers" / "stats.json")
 
@@ -832,6 +855,8 @@ async def run_once(
             delivery_status=delivery_status,
             provider_stats=provider_stats,
         )
+        if timelines:
+            document["lanes"]["timelines"] = stages.summarize(timelines)
         document["broker"] = {
             **stack.broker.describe(),
             "quorum_replicas": sorted(set(quorum_replicas.values())),

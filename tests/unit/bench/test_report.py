@@ -18,6 +18,8 @@ from bench.report import (
     table_rows,
 )
 from bench.run import Probe
+from bench.stages import STAGES, Timeline, summarize
+from bench.stages import rows as stage_rows
 
 
 def test_cpu_per_notification_is_each_process_and_the_total_in_ms() -> None:
@@ -165,3 +167,34 @@ def test_the_table_says_not_drained_apart_from_lost_and_cpu_per_notification() -
     assert rows["calibration: aio-pika loop"].startswith("900 messages/s")
     big_room = dict(big_room_rows(document["big_room"]))
     assert "within" in big_room["big room: last push after the 201"]
+
+
+def test_a_timeline_summary_gives_each_stage_its_offset_and_its_step_and_the_slowest_messages() -> (
+    None
+):
+    fast = Timeline(
+        0,
+        {"published": 0.01, "decided": 0.02, "stored": 0.03, "claimed": 0.04}
+        | {"finished": 0.09, "accepted": 0.09},
+    )
+    slow = Timeline(
+        1,
+        {"published": 0.01, "decided": 0.2, "stored": 0.21, "claimed": 0.22}
+        | {"finished": 0.27, "accepted": 0.28},
+    )
+    unknown = Timeline(2, dict.fromkeys(STAGES) | {"accepted": 0.05})
+    summary = summarize([fast, slow, unknown], slowest=1)
+    decided = summary["stages"]["decided"]
+    assert decided == {
+        "after_201_p50_ms": 110.0,
+        "after_201_max_ms": 200.0,
+        "step_p50_ms": 100.0,
+        "step_max_ms": 190.0,
+    }
+    # Without rows of its own, a message's acceptance is a step from the 201.
+    assert summary["stages"]["accepted"]["step_max_ms"] == 50.0
+    assert summary["slowest"] == [
+        {"index": 1, "published": 10.0, "decided": 200.0, "stored": 210.0, "claimed": 220.0}
+        | {"finished": 270.0, "accepted": 280.0}
+    ]
+    assert [label for label, _ in stage_rows(summary)][-1] == "slow: message 1"

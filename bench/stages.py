@@ -1,0 +1,155 @@
+"""Where a message's push spent its time: each stage's moment after the message's 201, read back
+from the services' own tables before the run's databases are dropped.
+
+The stages, in order: the outbox relay published the message's event (message-service's
+`outbox.published_at`), the router decided its recipient (`notifications.decided_at`),
+push-sender stored the job (`push_deliveries.created_at`), leased it (`claimed_at`) and
+finished it (`finished_at`, after the provider's answer), and the provider fake accepted it.
+Every process runs on this machine, so the clocks agree; each service stamps its own
+`utc_now()`, so a stage is when that service got to it, not when its transaction committed.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from bench.load import Posted
+
+STAGES = ("published", "decided", "stored", "claimed", "finished", "accepted")
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """One message's stages, in seconds after its 201 (None: no row says)."""
+
+    index: int
+    offsets: dict[str, float | None]
+
+
+async def read_timelines(
+    *,
+    message_db: str,
+    router_db: str,
+    push_db: str,
+    messages: Sequence[Posted],
+    accepted_after_201: Sequence[float | None],
+) -> list[Timeline]:
+    """The stages of `messages` (each with one recipient: direct messages), whose pushes the
+    provider accepted `accepted_after_201` seconds after their 201."""
+    ids = [message.message_id for message in messages]
+    moments: dict[str, dict[Any, float]] = {}
+    connection = await asyncpg.connect(message_db)
+    try:
+        # The relay's rows name their message in the JSON payload only.
+        rows = await connection.fetch(
+            "SELECT (payload::json->>'message_id')::uuid AS id, published_at FROM outbox"
+            " WHERE event_type = 'new_message' AND (payload::json->>'message_id')::uuid"
+            " = ANY($1::uuid[])",
+            ids,
+        )
+        moments["published"] = {row["id"]: _epoch(row["published_at"]) for row in rows}
+    finally:
+        await connection.close()
+    connection = await asyncpg.connect(router_db)
+    try:
+        rows = await connection.fetch(
+            "SELECT message_id, min(decided_at) AS at FROM notifications"
+            " WHERE message_id = ANY($1::uuid[]) GROUP BY message_id",
+            ids,
+        )
+        moments["decided"] = {row["message_id"]: _epoch(row["at"]) for row in rows}
+    finally:
+        await connection.close()
+    connection = await asyncpg.connect(push_db)
+    try:
+        rows = await connection.fetch(
+            "SELECT message_id, min(created_at) AS stored, min(claimed_at) AS claimed,"
+            " min(finished_at) AS finished FROM push_deliveries"
+            " WHERE message_id = ANY($1::uuid[]) GROUP BY message_id",
+            ids,
+        )
+        for stage in ("stored", "claimed", "finished"):
+            moments[stage] = {row["message_id"]: _epoch(row[stage]) for row in rows}
+    finally:
+        await connection.close()
+    timelines = []
+    for message, accepted in zip(messages, accepted_after_201, strict=True):
+        offsets: dict[str, float | None] = {}
+        for stage in STAGES[:-1]:
+            moment = moments[stage].get(message.message_id)
+            offsets[stage] = None if moment is None else moment - message.accepted_at
+        offsets["accepted"] = accepted
+        timelines.append(Timeline(message.index, offsets))
+    return timelines
+
+
+def summarize(timelines: Sequence[Timeline], *, slowest: int = 5) -> dict[str, Any]:
+    """Per stage, p50 and max of its offset after the 201 and of its step from the stage
+    before; and the `slowest` messages' whole timelines (by acceptance), in ms."""
+    steps: dict[str, list[float]] = {stage: [] for stage in STAGES}
+    offsets: dict[str, list[float]] = {stage: [] for stage in STAGES}
+    for timeline in timelines:
+        before = 0.0
+        for stage in STAGES:
+            offset = timeline.offsets[stage]
+            if offset is None:
+                continue
+            offsets[stage].append(offset)
+            steps[stage].append(offset - before)
+            before = offset
+    by_acceptance = sorted(
+        (timeline for timeline in timelines if timeline.offsets["accepted"] is not None),
+        key=lambda timeline: timeline.offsets["accepted"] or 0.0,
+    )
+    return {
+        "stages": {
+            stage: {
+                "after_201_p50_ms": _ms(_median(offsets[stage])),
+                "after_201_max_ms": _ms(max(offsets[stage], default=None)),
+                "step_p50_ms": _ms(_median(steps[stage])),
+                "step_max_ms": _ms(max(steps[stage], default=None)),
+            }
+            for stage in STAGES
+        },
+        "slowest": [
+            {"index": timeline.index} | {stage: _ms(timeline.offsets[stage]) for stage in STAGES}
+            for timeline in by_acceptance[-slowest:]
+        ],
+    }
+
+
+def rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """The table's lines: a stage per line, then the slowest messages."""
+    lines = [
+        (
+            f"stage: {stage}",
+            f"after the 201 p50 {figures['after_201_p50_ms']} max {figures['after_201_max_ms']}"
+            f"  step p50 {figures['step_p50_ms']} max {figures['step_max_ms']} (ms)",
+        )
+        for stage, figures in summary["stages"].items()
+    ]
+    for timeline in summary["slowest"]:
+        lines.append(
+            (
+                f"slow: message {timeline['index']}",
+                "  ".join(f"{stage} {timeline[stage]}" for stage in STAGES),
+            )
+        )
+    return lines
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)
+
+
+def _epoch(moment: Any) -> float:
+    return float(moment.timestamp())
