@@ -6,6 +6,7 @@ deleted after its push was delivered is recalled."""
 from __future__ import annotations
 
 import asyncio
+import math
 import statistics
 import time
 import uuid
@@ -15,6 +16,7 @@ import asyncpg
 import httpx
 import pytest
 
+from notification_router.repository import RECALL_GATHERING
 from tests.e2e.conftest import Person, Pipeline, register_person
 from tests.support import infra
 from tests.support.faults import emit
@@ -177,6 +179,7 @@ async def test_fifty_rooms_read_at_once_make_one_recall_per_phone(
         answers = await asyncio.gather(
             *(mark_read(room, message_id) for room, message_id in zip(rooms, last, strict=True))
         )
+        reads_s = time.monotonic() - read_at
         statuses = [answer.status_code for answer in answers]
         assert set(statuses) == {200}, [
             answer.text for answer in answers if answer.status_code != 200
@@ -191,14 +194,22 @@ async def test_fifty_rooms_read_at_once_make_one_recall_per_phone(
 
     emit(
         request.config,
-        f"RECALL rooms_read_at_once={len(rooms)} first_recall_s={first_recall_s:.3f}"
+        f"RECALL rooms_read_at_once={len(rooms)} reads_s={reads_s:.3f}"
+        f" first_recall_s={first_recall_s:.3f}"
         f" recalls_per_phone={[len(recalls_to(pipeline, phone)) for phone in phones]}",
         request.node,
     )
+    # A recall gathers the reads that reach the router within RECALL_GATHERING of its first:
+    # one recall per phone when the fifty answers came well inside it (as on an idle machine),
+    # else one more per gathering the reads spanned (a machine loaded enough to stretch them).
+    gathering_s = RECALL_GATHERING.total_seconds()
+    most = 1 if reads_s < gathering_s / 2 else 1 + math.ceil(reads_s / gathering_s)
     for phone in phones:
-        (recall,) = recalls_to(pipeline, phone)
-        assert sorted(recall["room_ids"].split(",")) == sorted(rooms)
-        assert recall["badge"] == "0"
+        recalls = recalls_to(pipeline, phone)
+        assert 1 <= len(recalls) <= most, (len(recalls), reads_s)
+        recalled_rooms = [room for recall in recalls for room in recall["room_ids"].split(",")]
+        assert sorted(recalled_rooms) == sorted(rooms)  # each room once
+        assert recalls[-1]["badge"] == "0"
 
 
 async def test_a_deleted_messages_delivered_push_is_recalled(pipeline: Pipeline) -> None:
