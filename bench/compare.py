@@ -42,6 +42,9 @@ FIGURES: tuple[tuple[str, tuple[str, ...], bool], ...] = (
         for name in SERVICES
     ),
     ("201 → push p99 (ms)", ("latency_ms", "push", "p99"), False),
+    # The lanes scenario's only.
+    ("lanes: 201 → direct push p50 (ms)", ("lanes", "direct_push_p50_ms"), False),
+    ("lanes: 201 → direct push p99 (ms)", ("lanes", "direct_push_p99_ms"), False),
     ("calibration: Python loop (ms)", ("calibration", "python_loop_ms"), False),
     ("calibration: aio-pika (messages/s)", ("calibration", "amqp_messages_per_s"), True),
 )
@@ -159,6 +162,8 @@ def print_comparison(rows: list[dict[str, Any]], *, ref: str, short: str, runs: 
     )
     table = [("figure", "old (runs → median)", "new (runs → median)", "new/old")]
     for row in rows:
+        if not row["old"] and not row["new"]:
+            continue  # a figure this scenario has not
         ratio = row["ratio_new_over_old"]
         table.append(
             (

@@ -77,6 +77,8 @@ class MicroBatcher(Generic[In, Out]):
         self._urgent = 0  # how many of the first pending items are urgent
         self._pending_size = 0
         self._running: set[asyncio.Task[None]] = set()
+        # The batch of urgent items only, started beyond `max_concurrent` (see `submit`).
+        self._urgent_batch: asyncio.Task[None] | None = None
         self._wake: asyncio.TimerHandle | asyncio.Handle | None = None
 
     @property
@@ -91,7 +93,10 @@ class MicroBatcher(Generic[In, Out]):
 
     async def submit(self, item: In, *, urgent: bool = False) -> Out:
         """The result of `item`, once the batch that took it has finished. An `urgent` item goes
-        into the next batch, ahead of the others waiting (behind earlier urgent ones)."""
+        into the next batch, ahead of the others waiting (behind earlier urgent ones); and when
+        every batch place is taken, the urgent items waiting start a batch of their own at once,
+        beyond `max_concurrent` (one such batch at a time), so that they never wait for a batch
+        of the others to finish: a direct message is not held up by a room of a thousand."""
         pending: _Pending[In, Out] = _Pending(item, max(1, self._size(item)))
         if urgent:
             self._pending.insert(self._urgent, pending)
@@ -114,6 +119,8 @@ class MicroBatcher(Generic[In, Out]):
 
     def _schedule(self) -> None:
         if len(self._running) >= self.max_concurrent:
+            if self._urgent and self._urgent_batch is None:
+                self._urgent_batch = self._start(self._take(urgent_only=True))
             return  # a batch that ends starts the next one
         if self._pending_size >= self.max_size:
             self._cancel_wake()
@@ -138,20 +145,34 @@ class MicroBatcher(Generic[In, Out]):
 
     def _start_batches(self) -> None:
         while self._pending and len(self._running) < self.max_concurrent:
-            batch: list[_Pending[In, Out]] = []
-            taken = 0
-            while self._pending and (not batch or taken + self._pending[0].size <= self.max_size):
-                pending = self._pending.popleft()
-                self._urgent = max(self._urgent - 1, 0)
-                taken += pending.size
-                batch.append(pending)
-            self._pending_size -= taken
-            task = asyncio.get_running_loop().create_task(self._run(batch), name=self.name)
-            self._running.add(task)
-            task.add_done_callback(self._finished)
+            self._start(self._take(urgent_only=False))
+
+    def _take(self, *, urgent_only: bool) -> list[_Pending[In, Out]]:
+        """The next batch's items, from the front (where the urgent ones wait)."""
+        batch: list[_Pending[In, Out]] = []
+        taken = 0
+        while (
+            self._pending
+            and (not batch or taken + self._pending[0].size <= self.max_size)
+            and (self._urgent or not urgent_only)
+        ):
+            pending = self._pending.popleft()
+            self._urgent = max(self._urgent - 1, 0)
+            taken += pending.size
+            batch.append(pending)
+        self._pending_size -= taken
+        return batch
+
+    def _start(self, batch: list[_Pending[In, Out]]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(self._run(batch), name=self.name)
+        self._running.add(task)
+        task.add_done_callback(self._finished)
+        return task
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
+        if task is self._urgent_batch:
+            self._urgent_batch = None
         if self._pending:
             self._schedule()
 

@@ -39,6 +39,7 @@ from notification_router.routing import (
     Recipient,
     batch_jobs,
     decide_for,
+    has_urgent_recipient,
     plan_notifications,
     recipients_of,
     trigger_of,
@@ -54,6 +55,7 @@ from tests.support.router_factories import (
 ROOM = uuid.UUID("00000000-0000-0000-0000-00000000000a")
 OTHER_ROOM = uuid.UUID("00000000-0000-0000-0000-00000000000b")
 USER = uuid.UUID("00000000-0000-0000-0000-000000000001")
+OTHER_USER = uuid.UUID("00000000-0000-0000-0000-000000000002")
 
 
 @dataclass(frozen=True)
@@ -320,6 +322,24 @@ def test_the_trigger_is_the_strongest_reason(
     )
 
     assert trigger_of(event, USER) is expected
+
+
+@pytest.mark.parametrize(
+    ("event", "expected"),
+    [
+        (message_created(recipient_ids=[USER], room_kind=RoomKind.DIRECT), True),
+        (invitation_created(invitee_id=USER, room_id=ROOM), True),
+        (message_created(recipient_ids=[USER, OTHER_USER], mentions=[OTHER_USER]), True),
+        (message_created(recipient_ids=[USER], room_mentioned=True), False),
+        (message_created(recipient_ids=[USER, OTHER_USER]), False),
+    ],
+    ids=["direct", "invitation", "mention", "room mention", "chatter"],
+)
+def test_an_event_has_an_urgent_recipient_exactly_when_a_trigger_of_it_is_urgent(
+    event: Notifiable, expected: bool
+) -> None:
+    assert has_urgent_recipient(event) is expected
+    assert expected is any(trigger_of(event, user).urgent for user in recipients_of(event))
 
 
 def test_levels_are_per_channel_and_per_room() -> None:

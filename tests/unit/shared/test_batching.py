@@ -69,18 +69,44 @@ async def test_items_arriving_while_a_batch_runs_wait_and_go_together() -> None:
 async def test_urgent_items_go_in_the_next_batch_ahead_of_those_waiting() -> None:
     process = Recorder()
     process.gate = asyncio.Event()
-    batcher = MicroBatcher(process, name="t", max_size=2, max_concurrent=1)
+    batcher = MicroBatcher(process, name="t", max_size=2, max_concurrent=2)
 
-    running = asyncio.create_task(batcher.submit(0))
-    await asyncio.sleep(0)
-    waiting = [asyncio.create_task(batcher.submit(item)) for item in (1, 2, 3)]
+    running = [asyncio.create_task(batcher.submit(item)) for item in (0, 1, 2, 3)]
+    await asyncio.sleep(0.01)
+    assert process.batches == [[0, 1], [2, 3]]  # every place taken
+    waiting = [asyncio.create_task(batcher.submit(item)) for item in (4, 5, 6)]
+    await asyncio.sleep(0.01)
     urgent = [asyncio.create_task(batcher.submit(item, urgent=True)) for item in (10, 11, 12)]
-    await asyncio.sleep(0)
+    await asyncio.sleep(0.01)
     process.gate.set()
-    await asyncio.gather(running, *waiting, *urgent)
+    await asyncio.gather(*running, *waiting, *urgent)
 
-    # In their order among themselves: the urgent ones first, then the others.
-    assert process.batches == [[0], [10, 11], [12, 1], [2, 3]]
+    # The first urgent item starts a batch of its own at once, beyond the two places; the
+    # urgent ones that came meanwhile go next, ahead of the others, in their order.
+    assert process.batches == [[0, 1], [2, 3], [10], [11, 12], [4, 5], [6]]
+
+
+async def test_urgent_items_never_wait_for_a_batch_of_the_others_to_finish() -> None:
+    process = Recorder()
+    process.gate = asyncio.Event()
+    batcher = MicroBatcher(process, name="t", max_size=100, max_concurrent=1)
+    slow = asyncio.create_task(batcher.submit(1))
+    await asyncio.sleep(0.01)
+    assert batcher.in_progress == 1
+
+    # The slow batch still holds the only place: the urgent item is processed meanwhile (its
+    # own batch waits for the same gate, so it is let through alone).
+    urgent = asyncio.create_task(batcher.submit(2, urgent=True))
+    await asyncio.sleep(0.01)
+    assert process.batches == [[1], [2]]
+    assert batcher.in_progress == 2
+    # An item of the others still waits for the place.
+    other = asyncio.create_task(batcher.submit(3))
+    await asyncio.sleep(0.01)
+    assert process.batches == [[1], [2]]
+    process.gate.set()
+    assert [await task for task in (slow, urgent, other)] == [2, 4, 6]
+    assert process.batches == [[1], [2], [3]]
 
 
 async def test_a_failed_batch_fails_each_of_its_items_and_not_the_next() -> None:

@@ -427,7 +427,7 @@ def register_handlers(broker: RabbitBroker, deps: RouterDeps, batch: BatchSettin
 
     @message_created
     async def on_message_created(event: AnyNotifiable) -> None:
-        error = await messages.submit(event)
+        error = await messages.submit(event, urgent=routing.has_urgent_recipient(event))
         if error is not None:
             raise error
 

@@ -401,6 +401,16 @@ def trigger_of(event: Notifiable, recipient_id: uuid.UUID) -> Trigger:
     return Trigger.MESSAGE
 
 
+def has_urgent_recipient(event: Notifiable) -> bool:
+    """Whether `trigger_of` is urgent for some recipient of `event` (its invitee, a direct
+    room's other member, someone it mentions), read from the event alone: the router routes such
+    an event ahead of room chatter, without waiting for a batch of it to finish."""
+    if isinstance(event, InvitationCreated):
+        return Trigger.INVITATION.urgent
+    candidates = event.mentions or event.recipient_ids[:1]
+    return any(trigger_of(event, recipient_id).urgent for recipient_id in candidates)
+
+
 def channel_skip(
     recipient: Recipient,
     event: Notifiable,
