@@ -474,6 +474,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await runtime.limiter.close()
         if runtime.oidc is not None:
             await runtime.oidc.close()
+        app.state.api_deps.passwords.close()
         logger.info("message_service.stopped")
 
 
