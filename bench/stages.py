@@ -3,8 +3,9 @@ from the services' own tables before the run's databases are dropped.
 
 The stages, in order: the outbox relay published the message's event (message-service's
 `outbox.published_at`), the router decided its recipient (`notifications.decided_at`),
-push-sender stored the job (`push_deliveries.created_at`), leased it (`claimed_at`) and
-finished it (`finished_at`, after the provider's answer), and the provider fake accepted it.
+push-sender stored the job (`push_deliveries.created_at`, its claim) and finished it
+(`finished_at`, after the provider's answer), and the provider fake accepted it (the lease's
+`claimed_at` is cleared when a job finishes, so it says nothing afterwards).
 Every process runs on this machine, so the clocks agree; each service stamps its own
 `utc_now()`, so a stage is when that service got to it, not when its transaction committed.
 """
@@ -20,7 +21,7 @@ import asyncpg
 
 from bench.load import Posted
 
-STAGES = ("published", "decided", "stored", "claimed", "finished", "accepted")
+STAGES = ("published", "decided", "stored", "finished", "accepted")
 
 
 @dataclass(frozen=True)
@@ -68,13 +69,15 @@ async def read_timelines(
     connection = await asyncpg.connect(push_db)
     try:
         rows = await connection.fetch(
-            "SELECT message_id, min(created_at) AS stored, min(claimed_at) AS claimed,"
-            " min(finished_at) AS finished FROM push_deliveries"
+            "SELECT message_id, min(created_at) AS stored, min(finished_at) AS finished"
+            " FROM push_deliveries"
             " WHERE message_id = ANY($1::uuid[]) GROUP BY message_id",
             ids,
         )
-        for stage in ("stored", "claimed", "finished"):
-            moments[stage] = {row["message_id"]: _epoch(row[stage]) for row in rows}
+        for stage in ("stored", "finished"):
+            moments[stage] = {
+                row["message_id"]: _epoch(row[stage]) for row in rows if row[stage] is not None
+            }
     finally:
         await connection.close()
     timelines = []

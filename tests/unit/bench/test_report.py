@@ -174,13 +174,11 @@ def test_a_timeline_summary_gives_each_stage_its_offset_and_its_step_and_the_slo
 ):
     fast = Timeline(
         0,
-        {"published": 0.01, "decided": 0.02, "stored": 0.03, "claimed": 0.04}
-        | {"finished": 0.09, "accepted": 0.09},
+        {"published": 0.01, "decided": 0.02, "stored": 0.03, "finished": 0.09, "accepted": 0.09},
     )
     slow = Timeline(
         1,
-        {"published": 0.01, "decided": 0.2, "stored": 0.21, "claimed": 0.22}
-        | {"finished": 0.27, "accepted": 0.28},
+        {"published": 0.01, "decided": 0.2, "stored": 0.21, "finished": 0.27, "accepted": 0.28},
     )
     unknown = Timeline(2, dict.fromkeys(STAGES) | {"accepted": 0.05})
     summary = summarize([fast, slow, unknown], slowest=1)
@@ -194,7 +192,7 @@ def test_a_timeline_summary_gives_each_stage_its_offset_and_its_step_and_the_slo
     # Without rows of its own, a message's acceptance is a step from the 201.
     assert summary["stages"]["accepted"]["step_max_ms"] == 50.0
     assert summary["slowest"] == [
-        {"index": 1, "published": 10.0, "decided": 200.0, "stored": 210.0, "claimed": 220.0}
+        {"index": 1, "published": 10.0, "decided": 200.0, "stored": 210.0}
         | {"finished": 270.0, "accepted": 280.0}
     ]
     assert [label for label, _ in stage_rows(summary)][-1] == "slow: message 1"
