@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Mutable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI, HTTPException, Request
@@ -76,7 +76,6 @@ from message_service.email_verification import (
     email_verification_tokens,
 )
 from message_service.handlers import HandlerDeps, Subscribers, register_handlers
-from message_service.oidc import OidcVerifier
 from message_service.outbox import OutboxMetrics, OutboxRelay
 from message_service.passwords import PasswordParameters, Passwords
 from message_service.pruning import DevicePruner, SessionSweeper
@@ -84,6 +83,9 @@ from message_service.ratelimit import RateLimited, RateLimiter, RateLimitMetrics
 from message_service.service import ServiceError
 from message_service.settings import SERVICE_NAME, Settings
 from message_service.stream import StreamHub, StreamMetrics
+
+if TYPE_CHECKING:
+    from message_service.oidc import OidcVerifier
 
 logger = logging.getLogger("message_service.app")
 
@@ -300,17 +302,18 @@ def build_service(
         redis_timeout=settings.rate_limit_redis_timeout,
         enabled=settings.rate_limits,
     )
-    oidc = (
-        OidcVerifier(
+    oidc: OidcVerifier | None = None
+    if settings.oidc_issuer is not None:
+        # Imported only when an identity provider is configured (`message_service.identity`).
+        from message_service.oidc import OidcVerifier
+
+        oidc = OidcVerifier(
             issuer=settings.oidc_issuer,
             audience=settings.oidc_audience or "",
             algorithms=settings.oidc_algorithms,
             jwks_url=settings.oidc_jwks_url,
             cache_seconds=settings.oidc_jwks_cache_seconds,
         )
-        if settings.oidc_issuer is not None
-        else None
-    )
     app = FastAPI(
         title=TITLE,
         version=service_version(SERVICE_NAME),

@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from limits import RateLimitItem, parse
 from limits.aio.storage import MemoryStorage, RedisStorage
@@ -32,9 +32,11 @@ from limits.aio.strategies import MovingWindowRateLimiter
 from prometheus_client import CollectorRegistry, Counter
 from pydantic import BeforeValidator
 from pydantic_settings import NoDecode
-from redis.asyncio import ConnectionPool
 
 from herald_shared.retry import describe_error
+
+if TYPE_CHECKING:
+    from redis.asyncio import ConnectionPool
 
 logger = logging.getLogger("message_service.ratelimit")
 
@@ -131,6 +133,9 @@ class RateLimiter:
         self._timeout = redis_timeout
         self._outage_retry = outage_retry
         if redis_url and enabled:
+            # Imported only with REDIS_URL set: redis-py costs ~17 MB of memory otherwise.
+            from redis.asyncio import ConnectionPool
+
             self._pool = ConnectionPool.from_url(
                 redis_url, socket_timeout=redis_timeout, socket_connect_timeout=redis_timeout
             )

@@ -60,6 +60,7 @@ from message_service.email_verification import (
     bounces_unverify,
     retry_after_seconds,
 )
+from message_service.identity import Identity
 from message_service.models import (
     MEMBER,
     MUTED_FOREVER,
@@ -72,7 +73,6 @@ from message_service.models import (
     RoomSettings,
     User,
 )
-from message_service.oidc import Identity
 
 MAX_ROOM_MEMBERS = MAX_RECIPIENTS
 MAX_PAGE_SIZE = 100

@@ -13,7 +13,7 @@ from pydantic_settings import NoDecode
 from herald_shared.config import ServiceSettings, default_sqlite_url
 from herald_shared.unsubscribe import UnsubscribeSecret
 from herald_shared.webpush import DEFAULT_ALLOWED_HOSTS, AllowedHosts
-from message_service.oidc import SUPPORTED_ALGORITHMS, check_issuer_url
+from message_service.identity import SUPPORTED_ALGORITHMS, check_issuer_url
 from message_service.ratelimit import Budget, TrustedProxies, parse_budget
 
 SERVICE_NAME = "message-service"

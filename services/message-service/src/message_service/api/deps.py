@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -26,13 +26,16 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from herald_shared.unsubscribe import UnsubscribeTokens, unsubscribe_tokens
 from message_service import service
 from message_service.email_verification import EmailVerification
-from message_service.oidc import InvalidAccessToken, OidcVerifier, looks_like_jwt
+from message_service.identity import InvalidAccessToken, looks_like_jwt
 from message_service.outbox import Nudge, session_scope
 from message_service.passwords import PasswordParameters, Passwords
 from message_service.ratelimit import Budget, Network, RateLimiter, client_ip
 from message_service.service import CurrentUser
 from message_service.settings import Settings
 from message_service.stream import StreamHub
+
+if TYPE_CHECKING:
+    from message_service.oidc import OidcVerifier
 
 
 class ApiMetrics:
