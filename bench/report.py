@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import stages
+from bench import loop_lag, stages
 from bench.calibrate import describe as describe_calibration
 from bench.checker import CheckResult
 from bench.monitor import QueueDepths
@@ -372,6 +372,7 @@ def big_room_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
 
 def print_table(document: dict[str, Any]) -> None:
     rows = table_rows(document)
+    rows += loop_lag.rows(document.get("event_loop_lag", {}))
     if document.get("lanes"):
         rows += lanes_rows(document["lanes"])
         if document["lanes"].get("timelines"):

@@ -36,7 +36,7 @@ from typing import Any
 
 import asyncpg
 
-from bench import chat, profile, stages
+from bench import chat, loop_lag, profile, stages
 from bench.broker import Broker, cluster_broker, machine_broker
 from bench.calibrate import calibrate
 from bench.checker import CheckResult, Tally, read_email_records, read_push_records
@@ -316,6 +316,10 @@ class Stack:
             if service.process is not None:
                 grouped[service.name].append(service.process.pid)
         return grouped
+
+    def service_urls(self) -> dict[str, str]:
+        """Every process's base URL, by process name."""
+        return {name: service.base_url for name, service in self.services.items()}
 
     def api_urls(self) -> list[str]:
         """The base URLs of message-service's replicas."""
@@ -737,6 +741,7 @@ async def run_once(
             )
             pushes, emails = deliveries.skip()
             _say(f"setup sent {pushes} pushes and {emails} e-mails (invitations), not counted")
+            lag_before = await loop_lag.read_all(stack.service_urls())
             if chatting:
                 return await run_chat(
                     session,
@@ -828,6 +833,7 @@ async def run_once(
             profiles = await profiling
             deliveries.poll()
             delivery_status = await read_ledger(stack.databases["notification-router"], tally)
+            lag = loop_lag.summarize(lag_before, await loop_lag.read_all(stack.service_urls()))
             timelines = (
                 await direct_timelines(stack, population, tally)
                 if options.scenario == "lanes"
@@ -855,6 +861,7 @@ async def run_once(
             delivery_status=delivery_status,
             provider_stats=provider_stats,
         )
+        document["event_loop_lag"] = lag
         if timelines:
             document["lanes"]["timelines"] = stages.summarize(timelines)
         document["broker"] = {

@@ -174,6 +174,7 @@ def test_every_series_every_service_shares_is_exported_by_all_four(
         "herald_messages_published_total",
         "herald_messages_processed_total",
         "herald_message_processing_seconds_bucket",
+        "herald_event_loop_lag_seconds_bucket",
         "herald_message_errors_total",
         "herald_message_retries_total",
         "herald_message_deferrals_total",

@@ -15,6 +15,7 @@ import logging
 import ssl
 from collections.abc import Sequence
 from pathlib import Path
+from types import TracebackType
 from typing import Annotated, Any, ClassVar, Literal
 
 from aio_pika import RobustConnection
@@ -28,7 +29,12 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from yarl import URL
 
 from herald_shared.logs import LogContextMiddleware
-from herald_shared.metrics import error_middleware, herald_metrics, metrics_middleware
+from herald_shared.metrics import (
+    EventLoopLag,
+    error_middleware,
+    herald_metrics,
+    metrics_middleware,
+)
 from herald_shared.retry import DeadLetterHooks, RetryPolicy, make_outcome_middleware
 from herald_shared.topology import use_existing_topology
 from herald_shared.tracing import configured_tracer_provider, telemetry_middleware
@@ -199,14 +205,28 @@ def failover_connection(urls: Sequence[str]) -> type[FailoverConnection]:
 
 class HeraldBroker(RabbitBroker):
     """A RabbitBroker that, in passive mode, creates nothing: its subscribers and publishers
-    only check their queue or exchange when they start (herald_shared.topology)."""
+    only check their queue or exchange when they start (herald_shared.topology); and that
+    samples its event loop's lag (`EventLoopLag`) while it runs, when it has a registry."""
 
     declares_passively: bool = False
+    loop_lag: EventLoopLag | None = None
 
     async def start(self) -> None:
         if self.declares_passively:
             use_existing_topology(self)
         await super().start()
+        if self.loop_lag is not None:
+            self.loop_lag.start()
+
+    async def stop(
+        self,
+        exc_type: type[BaseException] | None = None,
+        exc_val: BaseException | None = None,
+        exc_tb: TracebackType | None = None,
+    ) -> None:
+        if self.loop_lag is not None:
+            await self.loop_lag.stop()
+        await super().stop(exc_type, exc_val, exc_tb)
 
 
 def tls_context(settings: RabbitSettings) -> ssl.SSLContext | None:
@@ -277,6 +297,8 @@ def make_broker(
         description=description,
     )
     broker.declares_passively = settings.declare == "passive"
+    if registry is not None:
+        broker.loop_lag = EventLoopLag(herald_metrics(registry).event_loop_lag)
     if len(urls) > 1:
         # FastStream hands these to aio-pika's `connect_robust`, which builds the connection
         # from `connection_class`. Not failing fast: the first attempt may meet a node that is

@@ -11,7 +11,9 @@ One `HeraldMetrics` per registry (`herald_metrics(registry)`), fed from three pl
   (and reason);
 * `refresh_broker_gauges`, run by the `/metrics` endpoint before each scrape: queue depth and
   RabbitMQ's consumer count (a passive `queue.declare` on a channel of its own), and whether
-  this process's own consumers are alive.
+  this process's own consumers are alive;
+* `EventLoopLag`, started and stopped with the broker: how late the event loop runs a timer,
+  which is how long every delivery, request and publish of the process waited for the loop.
 
 It replaces FastStream's `RabbitPrometheusMiddleware`, so nothing is counted twice: FastStream's
 series are labelled by `<exchange>.<binding>` rather than by queue, count a message that Herald
@@ -31,6 +33,7 @@ codes only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import weakref
@@ -48,6 +51,9 @@ logger = logging.getLogger("herald.metrics")
 
 # Seconds; a handler that calls a provider may take tens of seconds.
 PROCESSING_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# How often the event-loop lag is sampled: a 50 ms timer costs nothing measurable.
+LAG_INTERVAL = 0.05
 # A scrape must answer even when RabbitMQ does not.
 PROBE_TIMEOUT = 2.0
 
@@ -71,6 +77,13 @@ class HeraldMetrics:
             "Deliveries handled, by queue and outcome (success, error, skipped); an error is "
             "retried, deferred or dead-lettered by the retry middleware.",
             ["queue", "outcome"],
+            registry=registry,
+        )
+        self.event_loop_lag = Histogram(
+            "herald_event_loop_lag_seconds",
+            "How late the event loop ran a timer due every 50 ms: how long other work held the "
+            "loop, which every delivery, request and publish of the process waits too.",
+            buckets=LAG_BUCKETS,
             registry=registry,
         )
         self.processing_seconds = Histogram(
@@ -142,6 +155,35 @@ class HeraldMetrics:
 _BY_REGISTRY: weakref.WeakKeyDictionary[CollectorRegistry, HeraldMetrics] = (
     weakref.WeakKeyDictionary()
 )
+
+
+class EventLoopLag:
+    """Samples how late the event loop runs a timer due every `interval` seconds into
+    `herald_event_loop_lag_seconds`. A busy loop runs everything late by that much: the wait a
+    direct message's job has between arriving and being looked at, however urgent it is."""
+
+    def __init__(self, histogram: Histogram, *, interval: float = LAG_INTERVAL) -> None:
+        self._histogram = histogram
+        self._interval = interval
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._sample(), name="herald-event-loop-lag")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _sample(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + self._interval
+            await asyncio.sleep(self._interval)
+            self._histogram.observe(max(0.0, loop.time() - due))
 
 
 def herald_metrics(registry: CollectorRegistry) -> HeraldMetrics:
@@ -376,6 +418,7 @@ def metrics_app(broker: Any, registry: CollectorRegistry) -> Callable[..., Await
 __all__ = (
     "ChannelQueueProbe",
     "ErrorMiddleware",
+    "EventLoopLag",
     "HeraldMetrics",
     "MetricsMiddleware",
     "QueueProbe",

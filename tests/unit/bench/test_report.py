@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
 
+from bench import loop_lag
 from bench.compare import comparison
 from bench.monitor import VhostQueue
 from bench.report import (
@@ -196,3 +198,22 @@ def test_a_timeline_summary_gives_each_stage_its_offset_and_its_step_and_the_slo
         | {"finished": 270.0, "accepted": 280.0}
     ]
     assert [label for label, _ in stage_rows(summary)][-1] == "slow: message 1"
+
+
+def test_the_loop_lag_summary_is_the_loads_samples_by_their_buckets() -> None:
+    before = {"router": {0.001: 90.0, 0.01: 100.0, 0.05: 100.0, 0.1: 100.0, math.inf: 100.0}}
+    after = {"router": {0.001: 140.0, 0.01: 195.0, 0.05: 198.0, 0.1: 199.0, math.inf: 200.0}}
+
+    summary = loop_lag.summarize(before, after)
+
+    # 100 samples during the load: 50 under 1 ms, 95 under 10 ms, one beyond 100 ms.
+    assert summary == {
+        "router": {
+            "samples": 100,
+            "p50_le_ms": 1.0,
+            "p99_le_ms": 100.0,
+            "max_le_ms": "∞",
+            "slow_samples": 2,
+        }
+    }
+    assert loop_lag.rows(summary)[0][0] == "event-loop lag router"

@@ -3,8 +3,10 @@ services' own app factories on the in-memory broker, scraped over ASGI."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from herald_shared.events import (
     PushJobsRequested,
     utc_now,
 )
-from herald_shared.metrics import herald_metrics, refresh_broker_gauges
+from herald_shared.metrics import EventLoopLag, herald_metrics, refresh_broker_gauges
 from herald_shared.retry import PermanentError
 from herald_shared.topology import (
     EXCHANGE,
@@ -293,3 +295,25 @@ async def test_push_sender_reports_its_breakers_and_what_it_publishes(push: Push
     )
     published = "herald_messages_published_total"
     assert sample(text, published, routing_key="notification.push.delivered", result="ok") == 1.0
+
+
+async def test_the_event_loop_lag_is_how_long_other_work_held_the_loop() -> None:
+    registry = CollectorRegistry()
+    lag = EventLoopLag(herald_metrics(registry).event_loop_lag, interval=0.01)
+
+    def count(le: str = "+Inf") -> float:
+        bucket = {"le": le}
+        return registry.get_sample_value("herald_event_loop_lag_seconds_bucket", bucket) or 0.0
+
+    async def until(condition: Callable[[], bool]) -> None:
+        async with asyncio.timeout(5):
+            while not condition():  # noqa: ASYNC110 - a counter to poll, nothing to wait on
+                await asyncio.sleep(0.01)
+
+    lag.start()
+    await until(lambda: count() >= 3)
+    # The rule under test: a handler holding the loop, as CPU work does.
+    time.sleep(0.3)  # noqa: ASYNC251
+    await until(lambda: count("0.1") < count())
+    await lag.stop()
+    assert (registry.get_sample_value("herald_event_loop_lag_seconds_sum") or 0.0) >= 0.25
