@@ -741,7 +741,6 @@ async def run_once(
             )
             pushes, emails = deliveries.skip()
             _say(f"setup sent {pushes} pushes and {emails} e-mails (invitations), not counted")
-            lag_before = await loop_lag.read_all(stack.service_urls())
             if chatting:
                 return await run_chat(
                     session,
@@ -753,6 +752,7 @@ async def run_once(
                     deliveries=deliveries,
                     json_path=options.out / f"{stamp}-{run_id}.json",
                 )
+            lag_before = await loop_lag.read_all(stack.service_urls())
             fakes_pid = stack.fakes.pid if stack.fakes is not None else 0
             rabbit_group = stack.broker.cpu_group
             groups = {

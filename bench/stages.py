@@ -44,47 +44,39 @@ async def read_timelines(
     provider accepted `accepted_after_201` seconds after their 201."""
     ids = [message.message_id for message in messages]
     moments: dict[str, dict[Any, float]] = {}
-    connection = await asyncpg.connect(message_db)
-    try:
+    for dsn, query in (
         # The relay's rows name their message in the JSON payload only.
-        rows = await connection.fetch(
-            "SELECT (payload::json->>'message_id')::uuid AS id, published_at FROM outbox"
-            " WHERE event_type = 'new_message' AND (payload::json->>'message_id')::uuid"
-            " = ANY($1::uuid[])",
-            ids,
-        )
-        moments["published"] = {row["id"]: _epoch(row["published_at"]) for row in rows}
-    finally:
-        await connection.close()
-    connection = await asyncpg.connect(router_db)
-    try:
-        rows = await connection.fetch(
-            "SELECT message_id, min(decided_at) AS at FROM notifications"
+        (
+            message_db,
+            "SELECT (payload::json->>'message_id')::uuid AS id, published_at AS published"
+            " FROM outbox WHERE event_type = 'new_message'"
+            " AND (payload::json->>'message_id')::uuid = ANY($1::uuid[])",
+        ),
+        (
+            router_db,
+            "SELECT message_id AS id, min(decided_at) AS decided FROM notifications"
             " WHERE message_id = ANY($1::uuid[]) GROUP BY message_id",
-            ids,
-        )
-        moments["decided"] = {row["message_id"]: _epoch(row["at"]) for row in rows}
-    finally:
-        await connection.close()
-    connection = await asyncpg.connect(push_db)
-    try:
-        rows = await connection.fetch(
-            "SELECT message_id, min(created_at) AS stored, min(finished_at) AS finished"
-            " FROM push_deliveries"
-            " WHERE message_id = ANY($1::uuid[]) GROUP BY message_id",
-            ids,
-        )
-        for stage in ("stored", "finished"):
-            moments[stage] = {
-                row["message_id"]: _epoch(row[stage]) for row in rows if row[stage] is not None
-            }
-    finally:
-        await connection.close()
+        ),
+        (
+            push_db,
+            "SELECT message_id AS id, min(created_at) AS stored, min(finished_at) AS finished"
+            " FROM push_deliveries WHERE message_id = ANY($1::uuid[]) GROUP BY message_id",
+        ),
+    ):
+        connection = await asyncpg.connect(dsn)
+        try:
+            rows = await connection.fetch(query, ids)
+        finally:
+            await connection.close()
+        for row in rows:
+            for stage, moment in row.items():
+                if stage != "id" and moment is not None:
+                    moments.setdefault(stage, {})[row["id"]] = _epoch(moment)
     timelines = []
     for message, accepted in zip(messages, accepted_after_201, strict=True):
         offsets: dict[str, float | None] = {}
         for stage in STAGES[:-1]:
-            moment = moments[stage].get(message.message_id)
+            moment = moments.get(stage, {}).get(message.message_id)
             offsets[stage] = None if moment is None else moment - message.accepted_at
         offsets["accepted"] = accepted
         timelines.append(Timeline(message.index, offsets))
