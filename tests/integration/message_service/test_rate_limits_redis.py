@@ -26,13 +26,16 @@ from tests.support import infra
 
 
 def limiter(redis_url: str, prefix: str, *, outage_retry: float = 5.0) -> RateLimiter:
-    """3 of each budget per minute."""
+    """3 of each budget per minute. Round trips wait up to 2 s, not the default 0.25 s: on a
+    machine the whole suite keeps busy, a first round trip (connect, load the scripts) took
+    longer and failed open (the timeout has a test of its own, below)."""
     return RateLimiter(
         budgets=dict.fromkeys(Budget, parse_budget("3 per minute")),
         metrics=RateLimitMetrics(CollectorRegistry()),
         redis_url=redis_url,
         key_prefix=prefix,
         outage_retry=outage_retry,
+        redis_timeout=2.0,
     )
 
 
