@@ -124,11 +124,19 @@ class Api:
         return self.session.put(self.url(path), **kwargs)
 
 
+KEEPALIVE_S = 3.0  # under uvicorn's `timeout_keep_alive` (5 s)
+
+
 @asynccontextmanager
 async def api_session(base_urls: Sequence[str], connections: int) -> AsyncIterator[Api]:
     """One session, `connections` kept-alive connections at most (over every replica), no
     cookies, no proxy lookup; its requests spread over `base_urls`."""
-    connector = aiohttp.TCPConnector(limit=connections, limit_per_host=connections)
+    # Idle connections go before uvicorn closes them (after 5 s): reusing one just as the
+    # server closes it loses that request (`ServerDisconnectedError`), as after the pause
+    # between setting up and posting.
+    connector = aiohttp.TCPConnector(
+        limit=connections, limit_per_host=connections, keepalive_timeout=KEEPALIVE_S
+    )
     async with aiohttp.ClientSession(
         connector=connector,
         cookie_jar=aiohttp.DummyCookieJar(),
