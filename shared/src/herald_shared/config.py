@@ -11,6 +11,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from herald_shared.broker import RabbitSettings
+from herald_shared.events import MAX_ITEMS_PER_EVENT
 from herald_shared.logs import JsonFormatter, QueryFreeAccessLog, TextFormatter
 from herald_shared.sending import SenderTuning
 
@@ -85,6 +86,10 @@ class SenderSettings(ServiceSettings):
     # worker takes it over. At most the second retry tier (5 s by default), so that the copy
     # that found it busy comes back once the lease has run out rather than a tier later.
     delivery_lease: float = Field(default=5.0, ge=1)
+    # Jobs this worker holds at once (claimed, waiting for a place at their provider, sending or
+    # being recorded); deliveries past it wait, unclaimed, until jobs end. At least one
+    # delivery's worth. Urgent deliveries (DMs, personal mentions) never wait for it.
+    delivery_max_jobs: int = Field(default=1000, ge=MAX_ITEMS_PER_EVENT)
 
     def sender_tuning(self) -> SenderTuning:
         return SenderTuning(
@@ -92,6 +97,7 @@ class SenderSettings(ServiceSettings):
             concurrent_batches=self.batch.concurrency,
             linger=self.batch.linger,
             lease=timedelta(seconds=self.delivery_lease),
+            max_jobs_held=self.delivery_max_jobs,
         )
 
 

@@ -316,3 +316,58 @@ class _Lane:
 
     waiting: OrderedDict[Hashable, deque[asyncio.Future[None]]] = field(default_factory=OrderedDict)
     last_key: Hashable = None  # the key that got a place last
+
+
+class JobBudget:
+    """At most `limit` jobs held at once by a worker, taken a delivery at a time and given back
+    one job at a time. A delivery that does not fit waits, in the order the deliveries came (a
+    big one at the head is not overtaken by smaller ones behind it, so it never starves).
+    Urgent deliveries never wait: they count, but take their jobs even past `limit`.
+
+    A sender takes its jobs before it claims them, so what waits here holds nothing: no ledger
+    row, no lease to renew, no task per job. Without it a sender claims everything its
+    prefetch brought in (tens of thousands of jobs in a big room's fan-out) and renews their
+    leases while they wait for a place at the provider."""
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError("a budget needs room for at least one job")
+        self.limit = limit
+        self.in_use = 0
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    @property
+    def waiting(self) -> int:
+        """Deliveries waiting for their jobs."""
+        return len(self._waiters)
+
+    async def acquire(self, jobs: int, *, urgent: bool = False) -> None:
+        """Take `jobs`, waiting until they fit; give each back with `release` as it ends."""
+        if urgent or (not self._waiters and self.in_use + jobs <= self.limit):
+            self.in_use += jobs
+            return
+        if jobs > self.limit:
+            raise ValueError(f"{jobs} jobs never fit a budget of {self.limit}")
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (jobs, future)
+        self._waiters.append(entry)
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self.release(jobs)  # they came with the cancellation: pass them on
+            else:
+                self._waiters.remove(entry)
+                self._wake()  # the next one may fit now that this one left the head
+            raise
+
+    def release(self, jobs: int = 1) -> None:
+        self.in_use = max(self.in_use - jobs, 0)
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self.in_use + self._waiters[0][0] <= self.limit:
+            jobs, future = self._waiters.popleft()
+            if not future.done():
+                self.in_use += jobs
+                future.set_result(None)

@@ -2,7 +2,9 @@
 own `Channel` (which providers serve a job, what a failure means for the recipient).
 
 For every delivery (a broker message carrying jobs) the handler calls `Sender.deliver`, which
-takes the jobs through three stages and raises how the delivery ends:
+first waits until the worker holds few enough jobs (`JobBudget`, `SenderTuning.max_jobs_held`;
+the urgent lane never waits), so that what the prefetch brought in beyond that waits unclaimed,
+then takes the jobs through three stages and raises how the delivery ends:
 
 1. **claim** (batched across deliveries, `MicroBatcher`): route each job to its provider's gate;
    a job nobody serves, or whose provider's breaker is open, ends at once (reported failed /
@@ -69,6 +71,7 @@ from herald_shared.resilience import (
     CallResult,
     CircuitBreaker,
     FairLimiter,
+    JobBudget,
     Refused,
 )
 from herald_shared.retry import (
@@ -390,12 +393,17 @@ def outcome_unsupported(spec: ChannelSpec[J], job: J) -> Outcome:
 
 @dataclass(frozen=True)
 class SenderTuning:
-    """How the stages batch (see `MicroBatcher`) and how long a lease lasts between renewals."""
+    """How the stages batch (see `MicroBatcher`), how long a lease lasts between renewals, and
+    how many jobs the worker holds at once (`JobBudget`; the urgent lane's count but never
+    wait)."""
 
     max_jobs_per_batch: int = 1000
     concurrent_batches: int = 2
     linger: float = 0.002
     lease: timedelta = timedelta(seconds=5)
+    # At least one delivery's worth (`DELIVERY_MAX_JOBS` makes sure), or a delivery that big
+    # would never fit.
+    max_jobs_held: int = 1000
 
     @property
     def renew_every(self) -> float:
@@ -489,6 +497,7 @@ class Sender(Generic[J]):
             max_concurrent=tuning.concurrent_batches,
             linger=tuning.linger,
         )
+        self._held = JobBudget(tuning.max_jobs_held)
         self._leases = _Leases()
         self._work: set[asyncio.Future[ItemError | None]] = set()
         self._renewing: asyncio.Task[None] | None = None
@@ -498,6 +507,8 @@ class Sender(Generic[J]):
     async def deliver(self, jobs: Sequence[J]) -> None:
         """Deliver the jobs of one delivery, and raise how it ends (nothing: ack it)."""
         unique = list({job.notification_id: job for job in jobs}.values())
+        # Waiting here holds nothing yet: a handler cancelled meanwhile leaves no trace.
+        await self._held.acquire(len(unique), urgent=any(job.urgent for job in unique))
         work = asyncio.ensure_future(self._deliver(unique))
         self._work.add(work)
         work.add_done_callback(self._work.discard)
@@ -543,7 +554,11 @@ class Sender(Generic[J]):
 
     async def _deliver(self, jobs: list[J]) -> ItemError | None:
         # A delivery of the urgent lane (DMs, personal mentions) is claimed in the next batch.
-        steps = await self._claims.submit(jobs, urgent=any(job.urgent for job in jobs))
+        try:
+            steps = await self._claims.submit(jobs, urgent=any(job.urgent for job in jobs))
+        except BaseException:
+            self._held.release(len(jobs))
+            raise
         # Each job's own error comes back as a value; an exception raised is the ledger or the
         # broker failing, which brings the whole delivery back.
         results = await asyncio.gather(
@@ -558,11 +573,14 @@ class Sender(Generic[J]):
         )
 
     async def _one(self, job: J, step: _Step[J]) -> _JobResult:
-        outcome = step.outcome if step.gate is None else await self._send(job, step.gate)
-        if outcome is None:
-            raise RuntimeError("a claim step has a gate or an outcome")
-        error = await self._settles.submit(_Settling(job, step.provider, step.attempt, outcome))
-        return _JobResult(error)
+        try:
+            outcome = step.outcome if step.gate is None else await self._send(job, step.gate)
+            if outcome is None:
+                raise RuntimeError("a claim step has a gate or an outcome")
+            error = await self._settles.submit(_Settling(job, step.provider, step.attempt, outcome))
+            return _JobResult(error)
+        finally:
+            self._held.release()
 
     async def _claim(self, deliveries: list[list[J]]) -> list[list[_Step[J]]]:
         """Stage 1 for every job of `deliveries` at once: one claim statement per provider."""

@@ -98,16 +98,22 @@ def test_batching_and_the_delivery_lease_tune_the_sender(monkeypatch: pytest.Mon
         concurrent_batches=2,
         linger=0.002,
         lease=timedelta(seconds=5),
+        max_jobs_held=1000,
     )
     monkeypatch.setenv("BATCH_MAX_ITEMS", "50")
     monkeypatch.setenv("BATCH_CONCURRENCY", "3")
     monkeypatch.setenv("BATCH_LINGER", "0")
     monkeypatch.setenv("DELIVERY_LEASE", "30")
+    monkeypatch.setenv("DELIVERY_MAX_JOBS", "2000")
 
     tuning = Settings().sender_tuning()
 
     assert tuning == SenderTuning(
-        max_jobs_per_batch=50, concurrent_batches=3, linger=0.0, lease=timedelta(seconds=30)
+        max_jobs_per_batch=50,
+        concurrent_batches=3,
+        linger=0.0,
+        lease=timedelta(seconds=30),
+        max_jobs_held=2000,
     )
     assert tuning.renew_every == 6.0
 
@@ -120,6 +126,7 @@ def test_batching_and_the_delivery_lease_tune_the_sender(monkeypatch: pytest.Mon
         ("BATCH_LINGER", "-1"),
         ("BATCH_LINGER", "2"),
         ("DELIVERY_LEASE", "0.5"),
+        ("DELIVERY_MAX_JOBS", "499"),  # less than one delivery can carry
     ],
 )
 def test_batching_and_lease_settings_out_of_range_are_refused(

@@ -15,6 +15,7 @@ from herald_shared.resilience import (
     CallResult,
     CircuitBreaker,
     FairLimiter,
+    JobBudget,
     Refused,
 )
 from herald_shared.sending import Answer, Verdict
@@ -373,3 +374,62 @@ def test_the_default_reserve_is_a_tenth_and_never_all_places() -> None:
     assert FairLimiter(5).normal_limit == 5  # a tenth of 5 places is none
     with pytest.raises(ValueError, match="no place"):
         FairLimiter(3, urgent_reserve=3)
+
+
+async def test_a_budget_lets_deliveries_in_while_their_jobs_fit_then_in_turn() -> None:
+    budget = JobBudget(10)
+    await budget.acquire(6)
+    big = asyncio.create_task(budget.acquire(8))
+    small = asyncio.create_task(budget.acquire(1))  # would fit, but comes after the big one
+    await asyncio.sleep(0)
+    assert (budget.in_use, budget.waiting) == (6, 2)
+
+    budget.release(3)  # 3 held: still no room for 8
+    await asyncio.sleep(0)
+    assert not big.done()
+    assert not small.done()
+    budget.release(3)
+    await asyncio.gather(big, small)
+    assert (budget.in_use, budget.waiting) == (9, 0)
+
+
+async def test_urgent_deliveries_never_wait_for_the_budget() -> None:
+    budget = JobBudget(2)
+    await budget.acquire(2)
+    waiting = asyncio.create_task(budget.acquire(1))
+    await asyncio.sleep(0)
+
+    await asyncio.wait_for(budget.acquire(3, urgent=True), timeout=1)
+
+    assert (budget.in_use, budget.waiting) == (5, 1)
+    budget.release(4)
+    await waiting
+    assert budget.in_use == 2
+
+
+async def test_a_cancelled_delivery_leaves_the_queue_and_a_granted_one_passes_its_jobs_on() -> None:
+    budget = JobBudget(4)
+    await budget.acquire(3)
+    head = asyncio.create_task(budget.acquire(4))
+    behind = asyncio.create_task(budget.acquire(1))
+    await asyncio.sleep(0)
+    head.cancel()  # the one that blocked the queue leaves: the one behind it fits at once
+    with pytest.raises(asyncio.CancelledError):
+        await head
+    await asyncio.wait_for(behind, timeout=1)
+    assert (budget.in_use, budget.waiting) == (4, 0)
+
+    granted_then_cancelled = asyncio.create_task(budget.acquire(2))
+    await asyncio.sleep(0)
+    budget.release(2)  # the two move to it…
+    granted_then_cancelled.cancel()  # …which is cancelled before it runs: given back, not lost
+    with pytest.raises(asyncio.CancelledError):
+        await granted_then_cancelled
+    assert budget.in_use == 2
+
+
+def test_a_budget_refuses_what_could_never_fit() -> None:
+    with pytest.raises(ValueError, match="at least one"):
+        JobBudget(0)
+    with pytest.raises(ValueError, match="never fit"):
+        asyncio.run(JobBudget(2).acquire(3))

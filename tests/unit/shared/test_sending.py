@@ -184,6 +184,7 @@ def make_rig(
     breaker: CircuitBreaker | None = None,
     lease: timedelta = timedelta(seconds=15),
     deadline: float = 5.0,
+    max_jobs_held: int = 1000,
 ) -> Rig:
     provider = ScriptedProvider(deadline)
     gate = Gate(provider, FairLimiter(limit), breaker)
@@ -197,7 +198,7 @@ def make_rig(
         },
         publish_timeout=1.0,
         metrics=metrics,
-        tuning=SenderTuning(lease=lease, linger=0.0),
+        tuning=SenderTuning(lease=lease, linger=0.0, max_jobs_held=max_jobs_held),
     )
     return Rig(sender, provider, gate, ledger, publisher, metrics)
 
@@ -493,6 +494,50 @@ async def test_places_at_the_provider_go_in_turn_per_message(ledger: DeliveryLed
 
     # The direct message waited for one of the fan-out's sends, not for all of them.
     assert rig.provider.calls.index(direct[0].notification_id) == 1
+
+
+async def test_deliveries_past_the_jobs_held_wait_unclaimed_and_urgent_ones_do_not(
+    ledger: DeliveryLedger,
+) -> None:
+    rig = make_rig(ledger, max_jobs_held=3)
+    rig.provider.gate = asyncio.Event()
+    first, second = jobs_of(3), jobs_of(2)
+    direct = [Job(trigger=Trigger.DIRECT)]
+
+    first_delivery = asyncio.create_task(rig.sender.deliver(first))
+    await rig.provider.started.wait()
+    second_delivery = asyncio.create_task(rig.sender.deliver(second))
+    direct_delivery = asyncio.create_task(rig.sender.deliver(direct))
+
+    async def direct_sent() -> bool:
+        return direct[0].notification_id in rig.provider.calls
+
+    await wait_until(direct_sent, timeout=5)  # past the budget, while the second one waits…
+    assert [await status(ledger, job) for job in second] == [None, None]  # …with no ledger row
+    assert not second_delivery.done()
+
+    rig.provider.gate.set()
+    await asyncio.gather(first_delivery, second_delivery, direct_delivery)
+    assert rig.reported(DeliveryOutcome.DELIVERED) == {
+        job.notification_id for job in [*first, *second, *direct]
+    }
+
+
+async def test_a_delivery_whose_claim_fails_gives_its_jobs_back(ledger: DeliveryLedger) -> None:
+    rig = make_rig(ledger, max_jobs_held=2)
+    failing = jobs_of(2)
+
+    async def unreachable(*_: Any, **__: Any) -> Any:
+        raise ConnectionRefusedError("the ledger's database is down")
+
+    claim_many = ledger.claim_many
+    ledger.claim_many = unreachable  # type: ignore[method-assign]
+    with pytest.raises(ConnectionRefusedError):
+        await rig.sender.deliver(failing)
+    ledger.claim_many = claim_many  # type: ignore[method-assign]
+
+    await asyncio.wait_for(rig.sender.deliver(jobs_of(2)), timeout=5)  # the budget is whole
+    assert len(rig.provider.calls) == 2
 
 
 async def test_leases_are_renewed_while_jobs_wait(ledger: DeliveryLedger) -> None:
