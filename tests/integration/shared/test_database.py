@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 import sqlalchemy.exc
-from sqlalchemy import text
+from sqlalchemy import Column, Integer, MetaData, Table, Uuid, event, insert, select, text
 
-from herald_shared.database import make_engine
+from herald_shared.database import AnyOf, PairsIn, make_engine, pairs_param
 from herald_shared.retry import is_deferred
 
 pytestmark = pytest.mark.integration
@@ -56,3 +58,46 @@ async def test_connections_that_died_with_the_server_are_replaced_without_a_pre_
     finally:
         await engine.dispose()
     assert is_deferred(raised.value)
+
+
+@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
+async def test_lists_given_at_execution_select_the_same_rows_on_both_databases(
+    database: str, pg_url: str, sqlite_url: str
+) -> None:
+    metadata = MetaData()
+    pairs = Table(
+        "pairs", metadata, Column("first", Uuid), Column("second", Uuid), Column("n", Integer)
+    )
+    by_first = select(pairs.c.n).where(AnyOf(pairs.c.first, "ids")).order_by(pairs.c.n)
+    by_pair = select(pairs.c.n).where(PairsIn(pairs.c.first, pairs.c.second, "keys"))
+    rows = [{"first": uuid.uuid4(), "second": uuid.uuid4(), "n": n} for n in range(6)]
+    crossed = (rows[0]["first"], rows[1]["second"])  # each half is there, the pair is not
+    statements: list[str] = []
+    engine = make_engine(pg_url if database == "postgresql" else sqlite_url)
+    event.listen(
+        engine.sync_engine,
+        "before_cursor_execute",
+        lambda _c, _cur, statement, *_: statements.append(statement),
+    )
+    try:
+        async with engine.begin() as connection:
+            await connection.run_sync(metadata.create_all)
+            await connection.execute(insert(pairs), rows)
+            statements.clear()
+            for wanted in ([], [0], [1, 3, 5]):
+                found = await connection.scalars(
+                    by_first, {"ids": [rows[n]["first"] for n in wanted]}
+                )
+                assert list(found) == wanted
+                keys = [(rows[n]["first"], rows[n]["second"]) for n in wanted]
+                found = await connection.scalars(
+                    by_pair, pairs_param(connection, "keys", [*keys, crossed])
+                )
+                assert sorted(found) == wanted
+    finally:
+        await engine.dispose()
+
+    if database == "postgresql":
+        # One text per statement whatever the list's length: prepared once, planned once.
+        assert len(set(statements)) == 2
+        assert all("ANY" in s or "unnest" in s for s in statements)
