@@ -3,6 +3,7 @@ channel and device, one row of this table per case."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
@@ -11,8 +12,13 @@ from typing import Any
 import pytest
 
 from herald_shared.events import Channel, InboxState, Trigger
-from notification_router.inbox import item_of
-from notification_router.repository import DIGEST_TARGET, RECALL_PREFIX, RECALL_WINDOW
+from notification_router.inbox import ITEMS_PER_TURN, item_of, items_in_turns, items_of
+from notification_router.repository import (
+    DIGEST_TARGET,
+    RECALL_PREFIX,
+    RECALL_WINDOW,
+    InboxRows,
+)
 
 DECIDED = datetime(2026, 12, 2, 9, 0, tzinfo=UTC)
 USER, MESSAGE, ROOM, DEVICE = uuid.uuid4(), uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
@@ -158,3 +164,33 @@ def test_a_decision_from_before_triggers_reads_as_a_plain_message() -> None:
     assert item.trigger is Trigger.MESSAGE
     assert [d.state for d in item.deliveries] == [InboxState.PENDING, InboxState.PENDING]
     assert (item.user_id, item.message_id, item.room_id) == (USER, MESSAGE, ROOM)
+
+
+async def test_a_publications_items_are_made_a_hundred_per_turn_of_the_event_loop() -> None:
+    decisions = [
+        SimpleNamespace(
+            **{**vars(decision("pending", "skipped:email_disabled")), "recipient_id": user}
+        )
+        for user in (uuid.uuid4() for _ in range(2 * ITEMS_PER_TURN + 1))
+    ]
+    deliveries = [
+        SimpleNamespace(**vars(PUSHED), recipient_id=row.recipient_id, message_id=MESSAGE)
+        for row in decisions
+    ]
+    rows = InboxRows(decisions, deliveries, [], {})
+    turns = 0
+
+    async def count_turns() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    counting = asyncio.create_task(count_turns())
+    await asyncio.sleep(0)  # counting's first turn
+    made = await items_in_turns(rows)
+    counting.cancel()
+
+    assert made == items_of(rows)
+    assert [item.user_id for item in made] == [row.recipient_id for row in decisions]
+    assert turns == 1 + 2  # the loop ran other work twice while 201 items were made
