@@ -356,7 +356,7 @@ async def test_pushes_held_by_a_snooze_come_as_one_summary_per_room_when_it_ends
     service: RouterService, rabbit_url: str
 ) -> None:
     # Long enough for the four messages to be routed while it lasts, even on a loaded machine.
-    snooze_ends = utc_now() + timedelta(seconds=5)
+    snooze_ends = utc_now() + timedelta(seconds=10)
     bob = user_updated(display_name="Bob", devices=1, snoozed_until=snooze_ends)
     await publish(service, bob)
     await wait_until(projected(service))
@@ -384,7 +384,7 @@ async def test_pushes_held_by_a_snooze_come_as_one_summary_per_room_when_it_ends
         await digests.dispatch_once()
         return await count(service, waiting_windows, state="sent") == 1
 
-    await wait_until(summed_up, timeout=15)
+    await wait_until(summed_up, timeout=20)
 
     assert utc_now() >= snooze_ends
     by_room = {job.room_id: job for job in await push_jobs(rabbit_url)}
