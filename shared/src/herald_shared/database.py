@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import zlib
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -27,6 +28,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.visitors import InternalTraversal
+
+logger = logging.getLogger("herald.database")
 
 
 def make_engine(url: str, *, pool_size: int = 20) -> AsyncEngine:
@@ -100,7 +103,20 @@ async def run_migrations(engine: AsyncEngine, *, script_location: str, service_n
         if connection.dialect.name == "postgresql":
             lock_key = zlib.crc32(service_name.encode())
             await connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": lock_key})
+            autovacuum = await connection.scalar(text("SHOW autovacuum"))
+            if autovacuum != "on":
+                logger.warning(AUTOVACUUM_OFF)
         await connection.run_sync(_upgrade, script_location, version_table)
+
+
+# Said once per start: the cost it describes grows slowly, and only an operator can fix it.
+AUTOVACUUM_OFF = (
+    "herald.database.autovacuum_off: PostgreSQL's autovacuum is off on this server. Herald's "
+    "ledgers and queue tables then keep their dead rows and are never analysed, so statements "
+    "keep plans made while the tables were empty (sequential scans) and cost more as history "
+    "grows (docs/operations.md). Turn autovacuum on (PostgreSQL's default) or run VACUUM "
+    "(ANALYZE) on a schedule."
+)
 
 
 async def database_healthy(engine: AsyncEngine) -> bool:
@@ -115,67 +131,59 @@ async def database_healthy(engine: AsyncEngine) -> bool:
 # --- lists of values given at execution ---------------------------------------------------------
 
 
-class AnyOf(ColumnElement[bool]):
-    """`column IN (:name)`, the list given at execution as `name`. On PostgreSQL it is `column =
-    ANY(:name)`, one array parameter: the statement's text is the same whatever the list's
-    length, so asyncpg prepares it once per connection and nothing renders a parameter per
-    value (an expanding IN of 500 values costs about five times as much to build, send and
-    plan: measured in docs/performance.md). Elsewhere (SQLite) an expanding IN."""
+class _ListCondition(ColumnElement[bool]):
+    """A condition on a list of values given at execution, written two ways: `portable` (an
+    expanding IN, one parameter per value) and `postgres` (array parameters: the statement's
+    text is the same whatever the list's length, so asyncpg prepares it once per connection and
+    nothing renders a parameter per value; an expanding IN of 500 values costs about five times
+    as much to build, send and plan: measured in docs/performance.md)."""
 
     inherit_cache = True
     type = Boolean()
     _is_implicitly_boolean = True  # a condition as it is, not `… = 1` where booleans are ints
     _traverse_internals = [  # noqa: RUF012 (SQLAlchemy's own declaration style)
-        ("expanding", InternalTraversal.dp_clauseelement),
-        ("array", InternalTraversal.dp_clauseelement),
+        ("portable", InternalTraversal.dp_clauseelement),
+        ("postgres", InternalTraversal.dp_clauseelement),
     ]
+    portable: ColumnElement[bool]
+    postgres: ColumnElement[bool]
+
+
+@compiles(_ListCondition)
+def _portable(element: _ListCondition, compiler: SQLCompiler, **kw: Any) -> str:
+    return compiler.process(element.portable, **kw)
+
+
+@compiles(_ListCondition, "postgresql")
+def _postgres(element: _ListCondition, compiler: SQLCompiler, **kw: Any) -> str:
+    return compiler.process(element.postgres, **kw)
+
+
+class AnyOf(_ListCondition):
+    """`column IN (:name)`, the list given at execution as `name`; on PostgreSQL `column =
+    ANY(:name)`, one array parameter."""
+
+    inherit_cache = True
 
     def __init__(self, column: ColumnElement[Any], name: str) -> None:
-        self.expanding = column.in_(bindparam(name, expanding=True))
-        self.array = column == any_(bindparam(name, type_=ARRAY(column.type)))
+        self.portable = column.in_(bindparam(name, expanding=True))
+        self.postgres = column == any_(bindparam(name, type_=ARRAY(column.type)))
 
 
-@compiles(AnyOf)
-def _any_of_expanding(element: AnyOf, compiler: SQLCompiler, **kw: Any) -> str:
-    return compiler.process(element.expanding, **kw)
-
-
-@compiles(AnyOf, "postgresql")
-def _any_of_array(element: AnyOf, compiler: SQLCompiler, **kw: Any) -> str:
-    return compiler.process(element.array, **kw)
-
-
-class PairsIn(ColumnElement[bool]):
-    """`(first, second) IN (:name)`, the pairs given at execution through `pairs_param`. On
-    PostgreSQL the pairs travel as two arrays (`IN (SELECT unnest(…), unnest(…))`), for the
-    reasons of `AnyOf`; elsewhere an expanding IN of tuples."""
+class PairsIn(_ListCondition):
+    """`(first, second) IN (:name)`, the pairs given at execution through `pairs_param`; on
+    PostgreSQL the pairs travel as two arrays (`IN (SELECT unnest(…), unnest(…))`)."""
 
     inherit_cache = True
-    type = Boolean()
-    _is_implicitly_boolean = True  # a condition as it is, not `… = 1` where booleans are ints
-    _traverse_internals = [  # noqa: RUF012 (SQLAlchemy's own declaration style)
-        ("expanding", InternalTraversal.dp_clauseelement),
-        ("arrays", InternalTraversal.dp_clauseelement),
-    ]
 
     def __init__(self, first: ColumnElement[Any], second: ColumnElement[Any], name: str) -> None:
-        self.expanding = tuple_(first, second).in_(bindparam(name, expanding=True))
-        self.arrays = tuple_(first, second).in_(
+        self.portable = tuple_(first, second).in_(bindparam(name, expanding=True))
+        self.postgres = tuple_(first, second).in_(
             select(
                 func.unnest(bindparam(f"{name}_first", type_=ARRAY(first.type))),
                 func.unnest(bindparam(f"{name}_second", type_=ARRAY(second.type))),
             )
         )
-
-
-@compiles(PairsIn)
-def _pairs_in_expanding(element: PairsIn, compiler: SQLCompiler, **kw: Any) -> str:
-    return compiler.process(element.expanding, **kw)
-
-
-@compiles(PairsIn, "postgresql")
-def _pairs_in_arrays(element: PairsIn, compiler: SQLCompiler, **kw: Any) -> str:
-    return compiler.process(element.arrays, **kw)
 
 
 def pairs_param(

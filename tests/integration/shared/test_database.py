@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 
 import pytest
 import sqlalchemy.exc
 from sqlalchemy import Column, Integer, MetaData, Table, Uuid, event, insert, select, text
 
-from herald_shared.database import AnyOf, PairsIn, make_engine, pairs_param
+from herald_shared.database import (
+    AUTOVACUUM_OFF,
+    AnyOf,
+    PairsIn,
+    make_engine,
+    pairs_param,
+    run_migrations,
+)
 from herald_shared.retry import is_deferred
 
 pytestmark = pytest.mark.integration
@@ -101,3 +109,23 @@ async def test_lists_given_at_execution_select_the_same_rows_on_both_databases(
         # One text per statement whatever the list's length: prepared once, planned once.
         assert len(set(statements)) == 2
         assert all("ANY" in s or "unnest" in s for s in statements)
+
+
+async def test_migrations_warn_when_the_server_has_autovacuum_off(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Once per start, in the log an operator reads: the server's setting decides. (This
+    machine's server, like many CI set-ups, has it off; elsewhere the test checks the
+    silence.)"""
+    engine = make_engine(pg_url)
+    try:
+        async with engine.connect() as connection:
+            server_vacuums = await connection.scalar(text("SHOW autovacuum")) == "on"
+        with caplog.at_level(logging.WARNING, logger="herald.database"):
+            await run_migrations(
+                engine, script_location="email_sender:migrations", service_name="email-sender"
+            )
+    finally:
+        await engine.dispose()
+    warned = [record for record in caplog.records if record.getMessage() == AUTOVACUUM_OFF]
+    assert len(warned) == (0 if server_vacuums else 1)
