@@ -187,6 +187,8 @@ def test_every_series_every_service_shares_is_exported_by_all_four(
         assert shared <= exported[service], service
     assert "herald_end_to_end_latency_seconds_bucket" in exported["notification-router"]
     assert "herald_push_breaker_state" in exported["push-sender"]
+    for sender in ("push-sender", "email-sender"):
+        assert {"herald_sender_jobs_held", "herald_sender_deliveries_waiting"} <= exported[sender]
     # FastStream's own middleware is not there to count everything a second time.
     assert not any(name.startswith("faststream_") for names in exported.values() for name in names)
 

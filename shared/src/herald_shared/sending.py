@@ -45,6 +45,7 @@ from faststream.message import StreamMessage
 from faststream.rabbit import RabbitBroker
 from faststream.rabbit.publisher import RabbitPublisher
 from faststream.rabbit.subscriber import RabbitSubscriber
+from prometheus_client import CollectorRegistry, Gauge
 from pydantic import TypeAdapter
 
 from herald_shared.batching import MicroBatcher
@@ -503,6 +504,20 @@ class Sender(Generic[J]):
         self._renewing: asyncio.Task[None] | None = None
 
     # -- entry points ------------------------------------------------------------------------
+
+    def export_gauges(self, registry: CollectorRegistry) -> None:
+        """The job budget's state, read at each scrape: the jobs held (claimed or about to be,
+        up to DELIVERY_MAX_JOBS, urgent ones past it) and the deliveries waiting for room."""
+        Gauge(
+            "herald_sender_jobs_held",
+            "Jobs this sender holds (claimed, waiting for the provider or being sent).",
+            registry=registry,
+        ).set_function(lambda: self._held.in_use)
+        Gauge(
+            "herald_sender_deliveries_waiting",
+            "Deliveries waiting, unclaimed, for room under DELIVERY_MAX_JOBS.",
+            registry=registry,
+        ).set_function(lambda: self._held.waiting)
 
     async def deliver(self, jobs: Sequence[J]) -> None:
         """Deliver the jobs of one delivery, and raise how it ends (nothing: ack it)."""

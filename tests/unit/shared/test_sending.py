@@ -13,6 +13,7 @@ from datetime import timedelta
 from typing import Any, cast
 
 import pytest
+from prometheus_client import CollectorRegistry
 from sqlalchemy import Column, MetaData, Uuid
 
 from herald_shared.database import make_engine
@@ -500,6 +501,8 @@ async def test_deliveries_past_the_jobs_held_wait_unclaimed_and_urgent_ones_do_n
     ledger: DeliveryLedger,
 ) -> None:
     rig = make_rig(ledger, max_jobs_held=3)
+    registry = CollectorRegistry()
+    rig.sender.export_gauges(registry)
     rig.provider.gate = asyncio.Event()
     first, second = jobs_of(3), jobs_of(2)
     direct = [Job(trigger=Trigger.DIRECT)]
@@ -515,9 +518,13 @@ async def test_deliveries_past_the_jobs_held_wait_unclaimed_and_urgent_ones_do_n
     await wait_until(direct_sent, timeout=5)  # past the budget, while the second one waits…
     assert [await status(ledger, job) for job in second] == [None, None]  # …with no ledger row
     assert not second_delivery.done()
+    assert registry.get_sample_value("herald_sender_jobs_held") == 3 + 1
+    assert registry.get_sample_value("herald_sender_deliveries_waiting") == 1
 
     rig.provider.gate.set()
     await asyncio.gather(first_delivery, second_delivery, direct_delivery)
+    assert registry.get_sample_value("herald_sender_jobs_held") == 0
+    assert registry.get_sample_value("herald_sender_deliveries_waiting") == 0
     assert rig.reported(DeliveryOutcome.DELIVERED) == {
         job.notification_id for job in [*first, *second, *direct]
     }

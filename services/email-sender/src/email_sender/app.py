@@ -115,6 +115,7 @@ def _wire(
         metrics=EmailMetrics(registry),
         tuning=settings.sender_tuning(),
     )
+    sender.export_gauges(registry)
     return broker, publishers, sender, register_handlers(broker, sender, hooks, mailer)
 
 

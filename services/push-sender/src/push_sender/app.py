@@ -85,6 +85,7 @@ def _wire(
         metrics=metrics,
         tuning=settings.sender_tuning(),
     )
+    sender.export_gauges(registry)
     return broker, publishers, sender, register_handlers(broker, sender, hooks)
 
 
