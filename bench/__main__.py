@@ -207,6 +207,12 @@ def parse(argv: list[str]) -> Options:
         help="skip the calibration (about 3 s before the services start)",
     )
     parser.add_argument(
+        "--no-vacuum",
+        action="store_true",
+        help="where the PostgreSQL server has autovacuum off, do not stand in for it (by default "
+        "the benchmark runs VACUUM (ANALYZE) of its databases once a minute, as autovacuum would)",
+    )
+    parser.add_argument(
         "--compare",
         metavar="GIT_REF",
         help="run GIT_REF's services and the working tree's back to back (a temporary git "
@@ -280,6 +286,7 @@ def parse(argv: list[str]) -> Options:
         compare_runs=args.compare_runs,
         replicas=args.replicas,
         cluster=args.cluster,
+        vacuum=not args.no_vacuum,
     )
 
 

@@ -146,14 +146,19 @@ class CpuMonitor:
         self.machine_end = self.machine_start
         self.started = time.monotonic()
         self.ended = self.started
+        # At each sample: notifications completed so far, and each group's CPU seconds so far.
+        self.progress: list[tuple[int, dict[str, float]]] = []
 
-    def sample(self, groups: dict[str, list[int]]) -> None:
+    def sample(self, groups: dict[str, list[int]], completed: int = 0) -> None:
         for name, pids in groups.items():
             self.accounts.setdefault(name, CpuAccount()).sample(pids)
             if name in self.rss:
                 self.rss[name].sample(pids)
         self.machine_end = machine_cpu()
         self.ended = time.monotonic()
+        self.progress.append(
+            (completed, {name: account.seconds for name, account in self.accounts.items()})
+        )
 
     @property
     def wall(self) -> float:

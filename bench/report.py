@@ -9,12 +9,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import loop_lag, stages
+from bench import loop_lag, stages, vacuum
 from bench.calibrate import describe as describe_calibration
 from bench.checker import CheckResult
 from bench.monitor import QueueDepths
 
 TOTAL = "total"
+POSTGRES_GROUP = "postgres (our backends)"
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:
@@ -66,6 +67,37 @@ def cpu_per_notification(
     }
     figures[TOTAL] = round(sum(seconds_by_process.values()) * 1000 / notifications, 3)
     return figures
+
+
+def cpu_per_notification_by_half(
+    progress: Sequence[tuple[int, Mapping[str, float]]],
+) -> dict[str, dict[str, float]]:
+    """`cpu_per_notification` of the first and of the second half of the notifications completed
+    (`progress`: at each sample, the notifications completed so far and each group's CPU seconds
+    so far), split at the first sample with half of them done. One run's own halves share the
+    machine's state, which back-to-back runs do not always: a cost that grows with history shows
+    as a second half dearer than the first. They compare best when the posting keeps pace (a
+    `--rate` the pipeline sustains): under a backlog the first half also carries the posting of
+    messages completed in the second. Empty with fewer than two samples or nothing completed."""
+    if len(progress) < 2 or progress[-1][0] < 2:
+        return {}
+    total_done, total_seconds = progress[-1]
+    start_done, start_seconds = progress[0]
+    middle_done, middle_seconds = next(
+        (done, seconds) for done, seconds in progress if done >= total_done / 2
+    )
+
+    def spent(upto: Mapping[str, float], since: Mapping[str, float]) -> dict[str, float]:
+        return {name: upto[name] - since.get(name, 0.0) for name in upto}
+
+    return {
+        "first": cpu_per_notification(
+            spent(middle_seconds, start_seconds), middle_done - start_done
+        ),
+        "second": cpu_per_notification(
+            spent(total_seconds, middle_seconds), total_done - middle_done
+        ),
+    }
 
 
 def big_room_summary(
@@ -278,6 +310,9 @@ def table_rows(document: dict[str, Any]) -> list[tuple[str, str]]:
                 f"{per_notification[TOTAL]:.3f} ms/notification",
             )
         )
+    halves = cpu.get("per_notification_ms_by_half") or {}
+    if halves.get("first") and halves.get("second"):
+        rows.append(("CPU per notification, 1st → 2nd half", describe_halves(halves)))
     rows.append(
         (
             "CPU machine busy (2 cores = 200 %)",
@@ -306,10 +341,24 @@ def table_rows(document: dict[str, Any]) -> list[tuple[str, str]]:
     dead = checker.get("dead_letters")
     if dead:
         rows.append(("dead letters", "  ".join(f"{q} {n}" for q, n in dead.items())))
+    autovacuum = document.get("autovacuum")
+    if autovacuum:
+        rows.append(("PostgreSQL autovacuum", vacuum.describe(autovacuum)))
     calibration = document.get("calibration")
     if calibration:
         rows += list(describe_calibration(calibration))
     return rows
+
+
+def describe_halves(halves: dict[str, dict[str, float]]) -> str:
+    """All processes and PostgreSQL, first half → second half (ms per notification), and the
+    ratio."""
+    parts = []
+    for name, label in ((TOTAL, "all"), (POSTGRES_GROUP, "postgres")):
+        first, second = halves["first"].get(name), halves["second"].get(name)
+        if first and second is not None:
+            parts.append(f"{label} {first:.3f} → {second:.3f} ms (x{second / first:.2f})")
+    return "  ".join(parts)
 
 
 def describe_rss(name: str, figures: dict[str, Any]) -> str:

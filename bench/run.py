@@ -36,7 +36,7 @@ from typing import Any
 
 import asyncpg
 
-from bench import chat, loop_lag, profile, stages
+from bench import chat, loop_lag, profile, stages, vacuum
 from bench.broker import Broker, cluster_broker, machine_broker
 from bench.calibrate import calibrate
 from bench.checker import CheckResult, Tally, read_email_records, read_push_records
@@ -61,8 +61,10 @@ from bench.monitor import (
     vhost_queues,
 )
 from bench.report import (
+    POSTGRES_GROUP,
     big_room_summary,
     cpu_per_notification,
+    cpu_per_notification_by_half,
     lanes_summary,
     latency_summary,
     prepare_chart,
@@ -90,7 +92,6 @@ LEDGER_PREFETCH = 5000
 PROFILED = ("notification-router", "push-sender", "email-sender", "message-service")
 FAKES_GROUP = "providers (bench.fakes)"
 LOAD_GROUP = "load generator (bench)"
-POSTGRES_GROUP = "postgres (our backends)"
 SCENARIOS = ("default", "big-room", "lanes", "chat")
 # The lanes scenario's direct messages: how many, and the pause after each.
 LANES_DIRECT_MESSAGES = 50
@@ -120,6 +121,7 @@ class Options:
     compare_runs: int = 2  # runs of each side
     replicas: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SERVICES, 1))
     cluster: bool = False  # a private three-node RabbitMQ cluster instead of the machine's node
+    vacuum: bool = True  # autovacuum's stand-in where the server has it off (`bench.vacuum`)
 
 
 def _pg(url: str) -> str:
@@ -464,15 +466,17 @@ async def sample_loop(
     groups: dict[str, list[int]],
     pg_admin: asyncpg.Connection,
     databases: list[str],
+    completed: Callable[[], int],
 ) -> None:
-    """CPU and memory every SAMPLE_INTERVAL, and once more when `stop` is set; queue depths every
+    """CPU and memory every SAMPLE_INTERVAL (with how many notifications were `completed` by
+    then: their pushes accepted), and once more when `stop` is set; queue depths every
     QUEUE_SAMPLE_EVERY of those."""
     tick = 0
     while True:
         backends = await pg_admin.fetch(
             "SELECT pid FROM pg_stat_activity WHERE datname = ANY($1::text[])", databases
         )
-        cpu.sample({**groups, POSTGRES_GROUP: [row["pid"] for row in backends]})
+        cpu.sample({**groups, POSTGRES_GROUP: [row["pid"] for row in backends]}, completed())
         if stop.is_set():
             return
         if tick % QUEUE_SAMPLE_EVERY == 0:
@@ -764,6 +768,7 @@ async def run_once(
             cpu = CpuMonitor(rss_groups=(*SERVICES, FAKES_GROUP, LOAD_GROUP, rabbit_group))
             queues = QueueMonitor(stack.rabbit_url, tuple(q.name for q in CONSUMER_QUEUES))
             pg_admin = await asyncpg.connect(infra.PG_ADMIN_URL)
+            autovacuum = vacuum.StandIn(await vacuum.server_autovacuum(pg_admin), options.vacuum)
             stop_sampling = asyncio.Event()
             sampler = asyncio.create_task(
                 sample_loop(
@@ -773,6 +778,12 @@ async def run_once(
                     groups,
                     pg_admin,
                     [url.rsplit("/", 1)[1] for url in stack.databases.values()],
+                    lambda: tally.pushes_accepted,
+                )
+            )
+            vacuuming = asyncio.create_task(
+                vacuum.stand_in(
+                    stop_sampling, [_pg(url) for url in stack.databases.values()], autovacuum
                 )
             )
             profiling = asyncio.create_task(start_profiles(options, pids, directory))
@@ -828,6 +839,7 @@ async def run_once(
             )
             stop_sampling.set()
             await sampler
+            await vacuuming
             await queues.close()
             await pg_admin.close()
             profiles = await profiling
@@ -862,6 +874,7 @@ async def run_once(
             provider_stats=provider_stats,
         )
         document["event_loop_lag"] = lag
+        document["autovacuum"] = autovacuum.as_dict()
         if timelines:
             document["lanes"]["timelines"] = stages.summarize(timelines)
         document["broker"] = {
@@ -1043,6 +1056,7 @@ def build_document(
             # CPU from the start of the load to the last delivery (or the end of the drain)
             # divided by the notifications completed.
             "per_notification_ms": cpu_per_notification(seconds, result.completed),
+            "per_notification_ms_by_half": cpu_per_notification_by_half(cpu.progress),
             "machine_busy_percent": round(100 * cpu.machine_busy / wall, 1),
             "others_percent": round(100 * max(0.0, cpu.machine_busy - ours) / wall, 1),
         },

@@ -15,6 +15,8 @@ from bench.report import (
     big_room_rows,
     big_room_summary,
     cpu_per_notification,
+    cpu_per_notification_by_half,
+    describe_halves,
     lanes_rows,
     lanes_summary,
     table_rows,
@@ -28,6 +30,35 @@ def test_cpu_per_notification_is_each_process_and_the_total_in_ms() -> None:
     figures = cpu_per_notification({"router": 2.0, "push-sender": 1.0, "rabbitmq": 0.5}, 1000)
     assert figures == {"router": 2.0, "push-sender": 1.0, "rabbitmq": 0.5, TOTAL: 3.5}
     assert cpu_per_notification({"router": 1.0}, 0) == {}
+
+
+def test_cpu_per_notification_by_half_splits_at_the_sample_with_half_done() -> None:
+    # (completed so far, CPU seconds so far): the second half costs twice the first in postgres
+    progress = [
+        (0, {"router": 1.0, "postgres": 0.0}),
+        (400, {"router": 2.0, "postgres": 0.4}),
+        (1000, {"router": 3.0, "postgres": 1.0}),  # the first sample with half done
+        (2000, {"router": 4.0, "postgres": 3.0}),
+    ]
+    halves = cpu_per_notification_by_half(progress)
+    assert halves["first"] == {"router": 2.0, "postgres": 1.0, TOTAL: 3.0}
+    assert halves["second"] == {"router": 1.0, "postgres": 2.0, TOTAL: 3.0}
+    # A group first seen after the start counts from zero.
+    late = cpu_per_notification_by_half([(0, {}), (10, {"fakes": 0.01}), (20, {"fakes": 0.03})])
+    assert late["first"] == {"fakes": 1.0, TOTAL: 1.0}
+    assert late["second"] == {"fakes": 2.0, TOTAL: 2.0}
+    assert cpu_per_notification_by_half(progress[:1]) == {}
+    assert cpu_per_notification_by_half([(0, {"router": 1.0}), (0, {"router": 2.0})]) == {}
+
+
+def test_the_halves_are_described_with_their_ratio() -> None:
+    halves = {
+        "first": {TOTAL: 4.0, "postgres (our backends)": 1.0},
+        "second": {TOTAL: 5.0, "postgres (our backends)": 2.0},
+    }
+    assert describe_halves(halves) == (
+        "all 4.000 → 5.000 ms (x1.25)  postgres 1.000 → 2.000 ms (x2.00)"
+    )
 
 
 def summary(**changes: Any) -> dict[str, Any]:
