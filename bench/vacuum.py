@@ -1,14 +1,14 @@
 """Autovacuum's stand-in, for a PostgreSQL server that has it turned off.
 
-CI machines often turn autovacuum off (this project's does), and production never should. Without
-it nothing analyses a table: a statement's cached generic plan, made while its table was empty,
-stays a sequential scan for good, and the rows that the inbox relay and the outbox leave dead are
-never reclaimed, so every statement on those tables reads more pages each minute. A long run then
-measures a server nobody runs: `./scripts/bench --count 8000` on such a server spent 1.66 ms of
-PostgreSQL CPU per notification, and the statement it was busy with most (pg_stat_activity) was
-the router's delivery-report UPDATE, scanning all of `notification_deliveries` each time
-(auto_explain showed the plan). So the benchmark does what the
-server's default autovacuum would: `VACUUM (ANALYZE)` of each of the run's databases when the
+Some test servers turn autovacuum off (the one this project's CI runs on does); production never
+should. Without it nothing analyses a table: a statement's cached generic plan, made while its
+table was empty, stays a sequential scan for good, and the rows that the inbox relay and the
+outbox leave dead are never reclaimed, so every statement on those tables reads more pages each
+minute. A long run then measures a server nobody runs: `./scripts/bench --count 8000` on such a
+server spent 1.66 ms of PostgreSQL CPU per notification, and the statement it was busy with most
+(pg_stat_activity) was the router's delivery-report UPDATE, scanning all of
+`notification_deliveries` each time (auto_explain showed the plan). So the benchmark does what
+the server's default autovacuum would: `VACUUM (ANALYZE)` of each of the run's databases when the
 load starts (the tables then hold the set-up's rows, as a running deployment's hold its history
 and their statistics) and then once a minute. It runs on the run's databases, so its CPU counts
 among the run's PostgreSQL backends, as autovacuum's workers (connected to those databases)

@@ -83,4 +83,5 @@ async def test_it_does_nothing_where_the_server_vacuums_or_when_turned_off(
     # Returns at once: no naptime waited, `stop` never set.
     await asyncio.wait_for(vacuum.stand_in(asyncio.Event(), ["unused"], record), 5)
     assert record.as_dict()["passes"] == 0
+    assert record.failures == 0  # it did not even try: "unused" is no database
     assert record.as_dict()["stand_in"] is False
