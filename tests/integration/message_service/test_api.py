@@ -14,7 +14,7 @@ import aio_pika
 import pytest
 from fastapi import FastAPI
 
-from herald_shared.events import DeviceInvalidated, utc_now
+from herald_shared.events import DeviceInvalidated, InboxItem, InboxItemsUpdated, utc_now
 from herald_shared.topology import DEVICE_INVALIDATED, EXCHANGE, RECIPIENT_UPDATES
 from message_service import repository
 from message_service.app import create_app, service_of
@@ -27,6 +27,7 @@ from tests.unit.message_service.helpers import (
     register,
     sign_in,
 )
+from tests.unit.message_service.test_inbox import inbox, invitation_for, invite, read_by_id
 
 
 @pytest.fixture
@@ -257,3 +258,42 @@ async def test_concurrent_opens_of_a_pair_make_one_direct_room(app: FastAPI) -> 
 
     assert sorted(status for status, _ in answers) == [200] * 11 + [201]
     assert len({room_id for _, room_id in answers}) == 1
+
+
+async def test_an_invitation_is_unread_until_answered_and_a_new_one_waits_again(
+    app: FastAPI,
+) -> None:
+    """The invitation's "read" condition on PostgreSQL (the unit tests run it on SQLite)."""
+    runtime = service_of(app)
+
+    async def project(version: int, item: InboxItem) -> None:
+        async with runtime.sessions() as session:
+            await repository.apply_inbox_items(
+                session, InboxItemsUpdated(version=version, items=[item])
+            )
+            await session.commit()
+
+    async with client_for(app) as client:
+        alice, bob = await register(client, "alice"), await register(client, "bob")
+        room = await invite(client, alice, bob)
+        first = invitation_for(bob, room)
+        await project(1, first)
+        unread = await inbox(client, bob, unread_only="true")
+        assert read_by_id(unread) == {str(first.message_id): False}
+
+        declined = await client.post(f"/rooms/{room}/leave", headers=bob.headers)
+        assert declined.status_code == 204, declined.text
+        again = await client.post(
+            f"/rooms/{room}/members", json={"user_id": str(bob.id)}, headers=alice.headers
+        )
+        assert again.status_code == 201, again.text
+        second = invitation_for(bob, room)
+        await project(2, second)
+        assert read_by_id(await inbox(client, bob)) == {
+            str(first.message_id): True,
+            str(second.message_id): False,
+        }
+
+        joined = await client.post(f"/rooms/{room}/join", headers=bob.headers)
+        assert joined.status_code == 200, joined.text
+        assert (await inbox(client, bob, unread_only="true"))["items"] == []

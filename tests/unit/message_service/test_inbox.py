@@ -1,6 +1,7 @@
 """The notification inbox: the `inbox_updates` projection (the highest version of an item wins),
 and `GET /users/me/notifications[/{message_id}]` (one user's items only, newest first, keyset
-pages, unread only, the preview as the user's setting says, a deleted message left out)."""
+pages, unread only, the preview as the user's setting says, a deleted message left out, an
+invitation read once answered)."""
 
 from __future__ import annotations
 
@@ -300,3 +301,78 @@ async def test_retention_deletes_the_items_of_old_messages_only(
 
     items = (await inbox(client, bob))["items"]
     assert [item["message_id"] for item in items] == [new["id"]]
+
+
+def invitation_for(account: Account, room_id: uuid.UUID) -> InboxItem:
+    """The router's item for an invitation of `account` to the room, made now (after the invite)."""
+    now = utc_now()
+    return InboxItem(
+        user_id=account.id,
+        message_id=uuid.uuid4(),  # the invitation's id
+        room_id=room_id,
+        trigger=Trigger.INVITATION,
+        decided_at=now,
+        message_created_at=now,
+        deliveries=[
+            InboxDelivery(
+                channel=Channel.PUSH,
+                device_id=uuid.uuid4(),
+                state=InboxState.SENT,
+                decided_at=now,
+                accepted_at=now,
+            )
+        ],
+    )
+
+
+async def invite(client: httpx.AsyncClient, owner: Account, invitee: Account) -> uuid.UUID:
+    response = await client.post(
+        "/rooms", json={"name": "offsite", "member_ids": [str(invitee.id)]}, headers=owner.headers
+    )
+    assert response.status_code == 201, response.text
+    return uuid.UUID(response.json()["id"])
+
+
+def read_by_id(page: dict[str, Any]) -> dict[str, bool]:
+    return {item["message_id"]: item["read"] for item in page["items"]}
+
+
+async def test_an_invitation_stays_unread_until_answered_by_joining(
+    client: httpx.AsyncClient, runtime: MessageService
+) -> None:
+    alice, bob = await register(client, "alice"), await register(client, "bob")
+    room = await invite(client, alice, bob)
+    invitation = invitation_for(bob, room)
+    await project(runtime, 1, invitation)
+    assert read_by_id(await inbox(client, bob)) == {str(invitation.message_id): False}
+    assert len((await inbox(client, bob, unread_only="true"))["items"]) == 1
+
+    joined = await client.post(f"/rooms/{room}/join", headers=bob.headers)
+    assert joined.status_code == 200, joined.text
+
+    assert read_by_id(await inbox(client, bob)) == {str(invitation.message_id): True}
+    assert (await inbox(client, bob, unread_only="true"))["items"] == []
+
+
+async def test_a_declined_invitation_is_read_and_a_new_one_to_the_same_room_is_not(
+    client: httpx.AsyncClient, runtime: MessageService
+) -> None:
+    alice, bob = await register(client, "alice"), await register(client, "bob")
+    room = await invite(client, alice, bob)
+    first = invitation_for(bob, room)
+    await project(runtime, 1, first)
+    declined = await client.post(f"/rooms/{room}/leave", headers=bob.headers)
+    assert declined.status_code == 204, declined.text
+    assert read_by_id(await inbox(client, bob)) == {str(first.message_id): True}
+
+    again = await client.post(
+        f"/rooms/{room}/members", json={"user_id": str(bob.id)}, headers=alice.headers
+    )
+    assert again.status_code == 201, again.text
+    second = invitation_for(bob, room)
+    await project(runtime, 2, second)
+
+    assert read_by_id(await inbox(client, bob)) == {
+        str(first.message_id): True,
+        str(second.message_id): False,
+    }

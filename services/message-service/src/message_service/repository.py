@@ -25,7 +25,7 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from herald_shared.database import autocommit
-from herald_shared.events import Event, InboxItemsUpdated, utc_now
+from herald_shared.events import Event, InboxItemsUpdated, Trigger, utc_now
 from herald_shared.tracing import current_traceparent
 from message_service.models import (
     INVITED,
@@ -1107,9 +1107,18 @@ class InboxRow:
 
 def _inbox_select(user_id: uuid.UUID) -> tuple[Any, Any]:
     """The user's inbox items joined with what this service knows of them, and the condition
-    "read" (the room's read marker at or past the message), for filtering."""
+    "read", for filtering: a message's item once the room's read marker is at or past it; an
+    invitation's once it no longer waits for an answer (the user joined or declined, or this is
+    an earlier invitation to a room they have been invited to again: its row is newer)."""
     read_up_to = _members.c.read_up_to
-    read = and_(read_up_to.is_not(None), _inbox.c.message_created_at <= read_up_to)
+    message_read = and_(read_up_to.is_not(None), _inbox.c.message_created_at <= read_up_to)
+    invitation_waits = and_(
+        _members.c.state == INVITED, _inbox.c.message_created_at >= _members.c.joined_at
+    )
+    read = case(
+        (_inbox.c.trigger == Trigger.INVITATION.value, ~func.coalesce(invitation_waits, False)),
+        else_=func.coalesce(message_read, False),
+    )
     preview = func.coalesce(_preferences.c.push_preview, True)
     return (
         core_select(
