@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 
 import httpx
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from fastapi.routing import APIRoute
 from sqlalchemy import Connection
 
 from message_service import app as app_module
@@ -253,6 +255,42 @@ def test_specification_describes_publishers_and_subscriber() -> None:
     } <= schemas
     assert str(settings.rabbitmq.url) == CLOSED_RABBITMQ_URL
     assert "secret-password" not in str(document)
+
+
+def test_no_route_runs_a_dependency_or_an_endpoint_in_the_thread_pool() -> None:
+    """FastAPI runs a plain (non-async) dependency or endpoint in its thread pool: a thread hop
+    per request (`POST /rooms/{id}/messages` had four)."""
+    app = create_app(make_settings("sqlite+aiosqlite:///:memory:"))
+
+    def api_routes(routes: Iterable[Any]) -> Iterator[APIRoute]:
+        for route in routes:
+            if isinstance(route, APIRoute):
+                yield route
+            elif hasattr(route, "original_router"):  # FastAPI's included router, unflattened
+                yield from api_routes(route.original_router.routes)
+
+    def calls(dependant: Any) -> Iterator[Any]:
+        yield dependant.call
+        for dependency in dependant.dependencies:
+            yield from calls(dependency)
+
+    def on_the_loop(call: Any) -> bool:
+        function = call if inspect.isfunction(call) else type(call).__call__
+        return inspect.iscoroutinefunction(function) or inspect.isasyncgenfunction(function)
+
+    checked = {
+        (method, route.path): route
+        for route in api_routes(app.routes)
+        for method in route.methods or ()
+    }
+    assert ("POST", "/rooms/{room_id}/messages") in checked
+    in_thread_pool = {
+        f"{method} {path}: {getattr(call, '__qualname__', call)}"
+        for (method, path), route in checked.items()
+        for call in calls(route.dependant)
+        if call is not None and not on_the_loop(call)
+    }
+    assert in_thread_pool == set()
 
 
 @pytest.fixture

@@ -68,7 +68,11 @@ class ApiDeps:
     metrics: ApiMetrics = field(default_factory=lambda: ApiMetrics(CollectorRegistry()))
 
 
-def _deps(request: Request) -> ApiDeps:
+# Every dependency here is a coroutine function, even where it awaits nothing: FastAPI runs a
+# plain function in its thread pool, a thread hop (and a thread's share of the heap) per request.
+
+
+async def _deps(request: Request) -> ApiDeps:
     deps: ApiDeps = request.app.state.api_deps
     return deps
 
@@ -145,7 +149,7 @@ async def _external_user(
     )
 
 
-def _builtin_accounts(deps: Annotated[ApiDeps, Depends(_deps)]) -> None:
+async def _builtin_accounts(deps: Annotated[ApiDeps, Depends(_deps)]) -> None:
     if not deps.builtin_accounts:
         raise HTTPException(
             status.HTTP_403_FORBIDDEN,
@@ -183,7 +187,7 @@ def _ip_budget(budget: Budget) -> Callable[..., Awaitable[None]]:
     return spend
 
 
-def _unsubscribe_tokens(request: Request) -> UnsubscribeTokens:
+async def _unsubscribe_tokens(request: Request) -> UnsubscribeTokens:
     """The verifier, built from the settings on first use."""
     state = request.app.state
     tokens: UnsubscribeTokens | None = getattr(state, "unsubscribe_tokens", None)
@@ -206,7 +210,7 @@ Anonymous = Depends(_ip_budget(Budget.ANONYMOUS))
 Tokens = Annotated[UnsubscribeTokens, Depends(_unsubscribe_tokens)]
 
 
-def _email_verification(request: Request) -> EmailVerification:
+async def _email_verification(request: Request) -> EmailVerification:
     verification: EmailVerification = request.app.state.email_verification
     return verification
 
