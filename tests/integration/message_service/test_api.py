@@ -14,7 +14,7 @@ import aio_pika
 import pytest
 from fastapi import FastAPI
 
-from herald_shared.events import DeviceInvalidated, InboxItem, InboxItemsUpdated, utc_now
+from herald_shared.events import DeviceInvalidated, InboxItem, InboxItemsUpdated, Trigger, utc_now
 from herald_shared.topology import DEVICE_INVALIDATED, EXCHANGE, RECIPIENT_UPDATES
 from message_service import repository
 from message_service.app import create_app, service_of
@@ -297,3 +297,36 @@ async def test_an_invitation_is_unread_until_answered_and_a_new_one_waits_again(
         joined = await client.post(f"/rooms/{room}/join", headers=bob.headers)
         assert joined.status_code == 200, joined.text
         assert (await inbox(client, bob, unread_only="true"))["items"] == []
+
+
+async def test_inbox_items_upsert_on_postgres_keeps_the_newest_version(app: FastAPI) -> None:
+    """The upsert's PostgreSQL form (one array per column): every new item, and each item only
+    over an older version of it, its changed keys returned."""
+    runtime = service_of(app)
+
+    async def project(version: int, items: list[InboxItem]) -> int:
+        async with runtime.sessions() as session:
+            changed = await repository.apply_inbox_items(
+                session, InboxItemsUpdated(version=version, items=items)
+            )
+            await session.commit()
+        return changed
+
+    async with client_for(app) as client:
+        alice, bob = await register(client, "alice"), await register(client, "bob")
+        rooms = [await invite(client, alice, bob) for _ in range(3)]
+        newer = [invitation_for(bob, room) for room in rooms]
+        older = [item.model_copy(update={"trigger": Trigger.DIRECT}) for item in newer]
+
+        assert await project(5, newer) == 3
+        assert await project(4, older[:2]) == 0  # older: nothing changes
+        assert await project(5, newer[2:]) == 0  # a replay: nothing changes
+        assert await project(6, older[2:]) == 1  # newer: it changes
+
+        page = await inbox(client, bob)
+        triggers = {item["message_id"]: item["trigger"] for item in page["items"]}
+        assert triggers == {
+            str(newer[0].message_id): "invitation",
+            str(newer[1].message_id): "invitation",
+            str(newer[2].message_id): "dm",
+        }
