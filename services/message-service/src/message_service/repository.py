@@ -1128,8 +1128,8 @@ async def apply_inbox_items(session: AsyncSession, event: InboxItemsUpdated) -> 
         # The rows travel as one array per column: one statement text whatever their number.
         # As a multi-row VALUES (what SQLAlchemy makes of many rows with RETURNING) each number
         # of rows up to 500 is a statement of its own, of up to 4,000 parameters, and asyncpg
-        # keeps each one prepared on each pooled connection: message-service grew by ~80 MB
-        # over a 30,000-message benchmark run holding them.
+        # keeps each one prepared on each pooled connection: most of the 60 MB message-service
+        # grew by over a 12,000-message benchmark run (docs/performance.md).
         columns = {name: [row[name] for row in rows] for name in _INBOX_UPSERT_COLUMNS}
         changed = (await connection.execute(_INBOX_UPSERT_POSTGRES, columns)).all()
     else:

@@ -69,7 +69,7 @@ class ApiDeps:
 
 
 # Every dependency here is a coroutine function, even where it awaits nothing: FastAPI runs a
-# plain function in its thread pool, a thread hop (and a thread's share of the heap) per request.
+# plain function in its thread pool: a thread hop per request.
 
 
 async def _deps(request: Request) -> ApiDeps:
