@@ -24,10 +24,13 @@ from tests.unit.message_service.helpers import (
     PASSWORD,
     client_for,
     create_room,
+    inbox,
+    invitation_for,
+    invite,
+    read_by_id,
     register,
     sign_in,
 )
-from tests.unit.message_service.test_inbox import inbox, invitation_for, invite, read_by_id
 
 
 @pytest.fixture

@@ -16,9 +16,14 @@ from sqlmodel import col, select
 from herald_shared.broker import RabbitSettings
 from herald_shared.events import (
     EVENT_ADAPTER,
+    Channel,
+    InboxDelivery,
+    InboxItem,
+    InboxState,
     InvitationCreated,
     MessageCreated,
     SenderInfo,
+    Trigger,
     UserUpdated,
     utc_now,
 )
@@ -168,3 +173,44 @@ def message_created(text: str = "hello") -> MessageCreated:
         sender_info=SenderInfo(user_id=sender, username="alice", display_name="Alice"),
         timestamp=utc_now(),
     )
+
+
+async def inbox(client: httpx.AsyncClient, account: Account, **params: str) -> dict[str, Any]:
+    response = await client.get("/users/me/notifications", params=params, headers=account.headers)
+    assert response.status_code == 200, response.text
+    page: dict[str, Any] = response.json()
+    return page
+
+
+def invitation_for(account: Account, room_id: uuid.UUID) -> InboxItem:
+    """The router's item for an invitation of `account` to the room, made now (after the invite)."""
+    now = utc_now()
+    return InboxItem(
+        user_id=account.id,
+        message_id=uuid.uuid4(),  # the invitation's id
+        room_id=room_id,
+        trigger=Trigger.INVITATION,
+        decided_at=now,
+        message_created_at=now,
+        deliveries=[
+            InboxDelivery(
+                channel=Channel.PUSH,
+                device_id=uuid.uuid4(),
+                state=InboxState.SENT,
+                decided_at=now,
+                accepted_at=now,
+            )
+        ],
+    )
+
+
+async def invite(client: httpx.AsyncClient, owner: Account, invitee: Account) -> uuid.UUID:
+    response = await client.post(
+        "/rooms", json={"name": "offsite", "member_ids": [str(invitee.id)]}, headers=owner.headers
+    )
+    assert response.status_code == 201, response.text
+    return uuid.UUID(response.json()["id"])
+
+
+def read_by_id(page: dict[str, Any]) -> dict[str, bool]:
+    return {item["message_id"]: item["read"] for item in page["items"]}

@@ -23,7 +23,16 @@ from herald_shared.events import (
 )
 from herald_shared.topology import EXCHANGE, INBOX_UPDATED
 from message_service.app import MessageService
-from tests.unit.message_service.helpers import Account, create_room, outbox_rows, register
+from tests.unit.message_service.helpers import (
+    Account,
+    create_room,
+    inbox,
+    invitation_for,
+    invite,
+    outbox_rows,
+    read_by_id,
+    register,
+)
 
 
 async def project(runtime: MessageService, version: int, *items: InboxItem) -> None:
@@ -75,13 +84,6 @@ async def post(
     assert response.status_code == 201, response.text
     message: dict[str, str] = response.json()
     return message
-
-
-async def inbox(client: httpx.AsyncClient, account: Account, **params: str) -> dict[str, Any]:
-    response = await client.get("/users/me/notifications", params=params, headers=account.headers)
-    assert response.status_code == 200, response.text
-    page: dict[str, Any] = response.json()
-    return page
 
 
 async def test_an_item_shows_who_what_why_and_each_channels_state(
@@ -301,40 +303,6 @@ async def test_retention_deletes_the_items_of_old_messages_only(
 
     items = (await inbox(client, bob))["items"]
     assert [item["message_id"] for item in items] == [new["id"]]
-
-
-def invitation_for(account: Account, room_id: uuid.UUID) -> InboxItem:
-    """The router's item for an invitation of `account` to the room, made now (after the invite)."""
-    now = utc_now()
-    return InboxItem(
-        user_id=account.id,
-        message_id=uuid.uuid4(),  # the invitation's id
-        room_id=room_id,
-        trigger=Trigger.INVITATION,
-        decided_at=now,
-        message_created_at=now,
-        deliveries=[
-            InboxDelivery(
-                channel=Channel.PUSH,
-                device_id=uuid.uuid4(),
-                state=InboxState.SENT,
-                decided_at=now,
-                accepted_at=now,
-            )
-        ],
-    )
-
-
-async def invite(client: httpx.AsyncClient, owner: Account, invitee: Account) -> uuid.UUID:
-    response = await client.post(
-        "/rooms", json={"name": "offsite", "member_ids": [str(invitee.id)]}, headers=owner.headers
-    )
-    assert response.status_code == 201, response.text
-    return uuid.UUID(response.json()["id"])
-
-
-def read_by_id(page: dict[str, Any]) -> dict[str, bool]:
-    return {item["message_id"]: item["read"] for item in page["items"]}
 
 
 async def test_an_invitation_stays_unread_until_answered_by_joining(
