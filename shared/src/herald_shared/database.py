@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import zlib
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +16,6 @@ from sqlalchemy import (
     Boolean,
     ColumnElement,
     Connection,
-    Table,
-    TypeDecorator,
     any_,
     bindparam,
     event,
@@ -26,7 +24,6 @@ from sqlalchemy import (
     text,
     tuple_,
 )
-from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -199,39 +196,3 @@ def pairs_param(
             f"{name}_second": [second for _, second in pairs],
         }
     return {name: list(pairs)}
-
-
-# --- many rows as one statement -----------------------------------------------------------------
-
-
-def _array_type(column: ColumnElement[Any]) -> ARRAY[Any]:
-    item = column.type.impl if isinstance(column.type, TypeDecorator) else column.type
-    return ARRAY(item)
-
-
-def insert_from_arrays(table: Table, columns: Sequence[str]) -> postgresql.Insert:
-    """PostgreSQL's `INSERT INTO table (columns) SELECT … FROM unnest(:column, …)`, the rows
-    given at execution as one array per column (`column_arrays`): its text is the same whatever
-    the number of rows, so asyncpg prepares it once per connection.
-
-    For many rows *with RETURNING*, which SQLAlchemy otherwise sends as a multi-row VALUES whose
-    text changes with the number of rows: each batch size was a statement of its own, parsed and
-    planned anew and kept prepared on every pooled connection (one had 4,000 parameters; the
-    memory it held is in docs/performance.md). A TypeDecorator's bind processing does not run
-    on the arrays' items: give them as its underlying type takes them.
-    """
-    incoming = (
-        func.unnest(*(bindparam(name, type_=_array_type(table.c[name])) for name in columns))
-        .table_valued(*columns)
-        .render_derived(name="incoming")
-    )
-    return postgresql.insert(table).from_select(
-        list(columns), select(*(incoming.c[name] for name in columns))
-    )
-
-
-def column_arrays(
-    rows: Sequence[Mapping[str, Any]], columns: Sequence[str]
-) -> dict[str, list[Any]]:
-    """The parameters of an `insert_from_arrays`: each column's values, in the rows' order."""
-    return {name: [row[name] for row in rows] for name in columns}

@@ -69,9 +69,9 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from herald_shared.database import AnyOf, autocommit, column_arrays, insert_from_arrays
+from herald_shared.database import AnyOf, autocommit
 
 
 class DeliveryStatus(StrEnum):
@@ -242,10 +242,12 @@ class _Statements:
         now: Any = bindparam("p_now")
         mine = t.c.leased_by == bindparam("p_owner")
         expired = or_(t.c.claimed_at.is_(None), t.c.claimed_at < bindparam("p_expired"))
-        self._table = t
-        self._sqlite_insert = self._claimed(sqlite.insert(t))
-        # By the columns a sender fills (its own beside the ledger's): a handful per table.
-        self._postgres_inserts: dict[tuple[str, ...], Any] = {}
+        self._inserts = {
+            name: dialect.insert(t)
+            .on_conflict_do_nothing(index_elements=[t.c.notification_id])
+            .returning(t.c.notification_id)
+            for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))
+        }
         # Retrying, or sending under a lease that ran out (its worker died): ours now.
         self.take = (
             update(t)
@@ -354,27 +356,8 @@ class _Statements:
             .values(claimed_at=None, leased_by=None, updated_at=now)
         )
 
-    def _claimed(self, insert: postgresql.Insert | sqlite.Insert) -> Any:
-        return insert.on_conflict_do_nothing(
-            index_elements=[self._table.c.notification_id]
-        ).returning(self._table.c.notification_id)
-
-    def claim_insert(
-        self, dialect: str, rows: Sequence[Mapping[str, Any]]
-    ) -> tuple[Any, Sequence[Mapping[str, Any]] | dict[str, list[Any]]]:
-        """INSERT … ON CONFLICT DO NOTHING RETURNING notification_id for `rows` (of the same
-        columns), and its parameters: on PostgreSQL one array per column (`insert_from_arrays`:
-        one statement text whatever the batch), on SQLite the rows."""
-        if dialect == "sqlite":
-            return self._sqlite_insert, rows
-        if dialect != "postgresql":
-            raise NotImplementedError(f"unsupported database dialect {dialect}")
-        columns = tuple(rows[0])
-        statement = self._postgres_inserts.get(columns)
-        if statement is None:
-            statement = self._claimed(insert_from_arrays(self._table, columns))
-            self._postgres_inserts[columns] = statement
-        return statement, column_arrays(rows, columns)
+    def claim_insert(self, dialect: str) -> Any:
+        return self._inserts[dialect]
 
 
 class DeliveryLedger:
@@ -394,6 +377,10 @@ class DeliveryLedger:
         self.table = table
         self.owner = owner if owner is not None else uuid.uuid4()
         self._statements = _Statements(table)
+
+    def _insert(self, connection: AsyncConnection) -> Any:
+        """The dialect's INSERT … ON CONFLICT DO NOTHING RETURNING notification_id."""
+        return self._statements.claim_insert(connection.dialect.name)
 
     async def claim(
         self,
@@ -465,8 +452,10 @@ class DeliveryLedger:
             return [job.notification_id for job in ordered if job.notification_id not in claims]
 
         async with autocommit(self.engine) as connection:
-            insert, parameters = statements.claim_insert(connection.dialect.name, rows)
-            inserted = await connection.execute(insert, parameters)
+            # Rows as parameters rather than `.values(rows)`: one cached statement whatever the
+            # batch (SQLAlchemy sends it as one multi-row INSERT), instead of a statement
+            # compiled again for every batch.
+            inserted = await connection.execute(self._insert(connection), rows)
             claims.update({notification_id: Claimed(1) for notification_id in inserted.scalars()})
 
             if rest := unclaimed():

@@ -4,30 +4,15 @@ from __future__ import annotations
 
 import logging
 import uuid
-from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy.exc
-from sqlalchemy import (
-    Column,
-    DateTime,
-    Integer,
-    MetaData,
-    String,
-    Table,
-    Uuid,
-    event,
-    insert,
-    select,
-    text,
-)
+from sqlalchemy import Column, Integer, MetaData, Table, Uuid, event, insert, select, text
 
 from herald_shared.database import (
     AUTOVACUUM_OFF,
     AnyOf,
     PairsIn,
-    column_arrays,
-    insert_from_arrays,
     make_engine,
     pairs_param,
     run_migrations,
@@ -124,59 +109,6 @@ async def test_lists_given_at_execution_select_the_same_rows_on_both_databases(
         # One text per statement whatever the list's length: prepared once, planned once.
         assert len(set(statements)) == 2
         assert all("ANY" in s or "unnest" in s for s in statements)
-
-
-async def test_rows_as_arrays_insert_every_row_with_one_statement_text(pg_url: str) -> None:
-    """`insert_from_arrays`: each column's values as one array, whatever the number of rows;
-    ON CONFLICT and RETURNING as on any INSERT (a row already there, or twice in the batch,
-    is not returned)."""
-    metadata = MetaData()
-    rows_table = Table(
-        "rows",
-        metadata,
-        Column("id", Uuid, primary_key=True),
-        Column("kind", String(16), nullable=False),
-        Column("n", Integer, nullable=True),
-        Column("at", DateTime(timezone=True), nullable=False),
-    )
-    columns = ("id", "kind", "n", "at")
-    statement = (
-        insert_from_arrays(rows_table, columns)
-        .on_conflict_do_nothing(index_elements=[rows_table.c.id])
-        .returning(rows_table.c.id)
-    )
-    start = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
-    ids = [uuid.uuid4() for _ in range(7)]
-    rows = [
-        {"id": ids[n], "kind": f"k{n}", "n": n or None, "at": start + timedelta(minutes=n)}
-        for n in range(7)
-    ]
-    statements: list[str] = []
-    engine = make_engine(pg_url)
-    event.listen(
-        engine.sync_engine,
-        "before_cursor_execute",
-        lambda _c, _cur, sql, *_: statements.append(sql),
-    )
-    try:
-        async with engine.begin() as connection:
-            await connection.run_sync(metadata.create_all)
-            statements.clear()
-            first = await connection.scalars(statement, column_arrays(rows[:2], columns))
-            assert set(first) == set(ids[:2])
-            # One already there, one twice in the batch: each of the others once.
-            again = [rows[1], *rows[2:], rows[6]]
-            second = await connection.scalars(statement, column_arrays(again, columns))
-            assert sorted(second) == sorted(ids[2:])
-            stored = (await connection.execute(select(rows_table).order_by("at"))).all()
-    finally:
-        await engine.dispose()
-
-    assert [row._asdict() for row in stored] == rows
-    inserts = [sql for sql in statements if sql.startswith("INSERT")]
-    assert len(inserts) == 2
-    assert len(set(inserts)) == 1  # one text for 2 rows and for 7
-    assert "unnest" in inserts[0]
 
 
 async def test_migrations_warn_when_the_server_has_autovacuum_off(

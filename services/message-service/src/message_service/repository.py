@@ -18,8 +18,11 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
+    ARRAY,
     Table,
+    TypeDecorator,
     and_,
+    bindparam,
     case,
     delete,
     func,
@@ -35,7 +38,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from herald_shared.database import autocommit, column_arrays, insert_from_arrays
+from herald_shared.database import autocommit
 from herald_shared.events import Event, InboxItemsUpdated, Trigger, utc_now
 from herald_shared.tracing import current_traceparent
 from message_service.models import (
@@ -1073,7 +1076,24 @@ def _inbox_upsert(statement: Any) -> Any:
     ).returning(_inbox.c.user_id, _inbox.c.message_id)
 
 
-_INBOX_UPSERT_POSTGRES = _inbox_upsert(insert_from_arrays(_inbox, _INBOX_UPSERT_COLUMNS))
+def _array_of(column: Any) -> ARRAY[Any]:
+    item = column.type.impl if isinstance(column.type, TypeDecorator) else column.type
+    return ARRAY(item)
+
+
+_incoming = (
+    func.unnest(
+        *(bindparam(name, type_=_array_of(_inbox.c[name])) for name in _INBOX_UPSERT_COLUMNS)
+    )
+    .table_valued(*_INBOX_UPSERT_COLUMNS)
+    .render_derived(name="incoming")
+)
+_INBOX_UPSERT_POSTGRES = _inbox_upsert(
+    postgresql.insert(_inbox).from_select(
+        list(_INBOX_UPSERT_COLUMNS),
+        core_select(*(_incoming.c[name] for name in _INBOX_UPSERT_COLUMNS)),
+    )
+)
 
 
 async def apply_inbox_items(session: AsyncSession, event: InboxItemsUpdated) -> int:
@@ -1105,11 +1125,13 @@ async def apply_inbox_items(session: AsyncSession, event: InboxItemsUpdated) -> 
     if not rows:
         changed: Sequence[Any] = []
     elif connection.dialect.name == "postgresql":
-        # One array per column: as a multi-row VALUES, each number of rows up to 500 was a
-        # statement of its own, prepared on every pooled connection, and most of the 60 MB
-        # message-service grew by over a 12,000-message benchmark run (docs/performance.md).
-        arrays = column_arrays(rows, _INBOX_UPSERT_COLUMNS)
-        changed = (await connection.execute(_INBOX_UPSERT_POSTGRES, arrays)).all()
+        # The rows travel as one array per column: one statement text whatever their number.
+        # As a multi-row VALUES (what SQLAlchemy makes of many rows with RETURNING) each number
+        # of rows up to 500 is a statement of its own, of up to 4,000 parameters, and asyncpg
+        # keeps each one prepared on each pooled connection: most of the 60 MB message-service
+        # grew by over a 12,000-message benchmark run (docs/performance.md).
+        columns = {name: [row[name] for row in rows] for name in _INBOX_UPSERT_COLUMNS}
+        changed = (await connection.execute(_INBOX_UPSERT_POSTGRES, columns)).all()
     else:
         changed = (await connection.execute(_inbox_upsert(sqlite.insert(_inbox)), rows)).all()
     if changed:

@@ -32,14 +32,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from herald_shared.database import (
-    AnyOf,
-    PairsIn,
-    autocommit,
-    column_arrays,
-    insert_from_arrays,
-    pairs_param,
-)
+from herald_shared.database import AnyOf, PairsIn, autocommit, pairs_param
 from herald_shared.events import Channel as EventChannel
 from herald_shared.events import (
     DeliveryOutcome,
@@ -108,31 +101,6 @@ _LOAD_RECIPIENTS = select(recipients).where(_ids(recipients.c.user_id))
 _PENDING_OF = select(_deliveries.notification_id).where(
     _ids(_deliveries.notification_id), _deliveries.status == str(DeliveryStatus.PENDING)
 )
-
-
-def _new_ledger_rows(insert: postgresql.Insert | sqlite.Insert) -> Any:
-    """The ledger's insert: a recipient already there keeps its row; the keys of those added."""
-    return insert.on_conflict_do_nothing(
-        index_elements=[notifications.c.message_id, notifications.c.recipient_id]
-    ).returning(notifications.c.message_id, notifications.c.recipient_id)
-
-
-_LEDGER_COLUMNS = (
-    "message_id",
-    "recipient_id",
-    "room_id",
-    "mentioned",
-    "trigger",
-    "push_decision",
-    "email_decision",
-    "decided_at",
-    "message_created_at",
-)
-_LEDGER_INSERT = {
-    "postgresql": _new_ledger_rows(insert_from_arrays(notifications, _LEDGER_COLUMNS)),
-    "sqlite": _new_ledger_rows(sqlite.insert(notifications)),
-}
-
 # Every ledger row of a message holds the same timestamp; MAX skips the rows written before the
 # column existed (revision 0002), which hold NULL.
 _message_created_at = func.max(notifications.c.message_created_at)
@@ -407,27 +375,33 @@ async def record_decisions(
     )
     if not ordered:
         return Recorded(frozenset(), frozenset())
-    rows = [
-        {
-            "message_id": event.message_id,
-            "recipient_id": decision.recipient_id,
-            "room_id": event.room_id,
-            "mentioned": decision.mentioned,
-            "trigger": str(decision.trigger),
-            "push_decision": decision.push,
-            "email_decision": decision.email,
-            "decided_at": now,
-            "message_created_at": event.timestamp,
-        }
-        for event, decision in ordered
-    ]
     async with engine.begin() as connection:
-        # On PostgreSQL one array per column (`insert_from_arrays`): one statement text
-        # whatever the batch; SQLite takes the rows as they are.
-        dialect = connection.dialect.name
+        # Rows as parameters rather than `.values(rows)`: one cached statement whatever the
+        # batch (SQLAlchemy sends it as multi-row INSERTs), instead of a statement compiled
+        # again for every batch.
+        ledger = (
+            _insert(connection, notifications)
+            .on_conflict_do_nothing(
+                index_elements=[notifications.c.message_id, notifications.c.recipient_id]
+            )
+            .returning(notifications.c.message_id, notifications.c.recipient_id)
+        )
         inserted = await connection.execute(
-            _LEDGER_INSERT[dialect],
-            column_arrays(rows, _LEDGER_COLUMNS) if dialect == "postgresql" else rows,
+            ledger,
+            [
+                {
+                    "message_id": event.message_id,
+                    "recipient_id": decision.recipient_id,
+                    "room_id": event.room_id,
+                    "mentioned": decision.mentioned,
+                    "trigger": str(decision.trigger),
+                    "push_decision": decision.push,
+                    "email_decision": decision.email,
+                    "decided_at": now,
+                    "message_created_at": event.timestamp,
+                }
+                for event, decision in ordered
+            ],
         )
         new = frozenset((row.message_id, row.recipient_id) for row in inserted)
 
