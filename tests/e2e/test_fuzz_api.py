@@ -30,8 +30,8 @@ from tests.support.processes import BIN_DIR, ServiceProcess, free_port
 CONFIG = Path(__file__).with_name("schemathesis.toml")
 SEED = int(os.environ.get("HERALD_FUZZ_SEED", "20261201"))
 MAX_EXAMPLES = int(os.environ.get("HERALD_FUZZ_MAX_EXAMPLES", "40"))
-# About 100 s alone on a 2-core machine; CI runs it beside other tests on a machine that can be
-# two to three times slower: 240 s ran out twice there (2026-12-03) while it passed alone in 117 s.
+# 117 s alone on a 2-core machine (2026-12-03); CI runs it beside other tests on a machine that
+# can be two to three times slower, where 240 s ran out twice that day.
 RUN_TIMEOUT_S = 480
 USERS = ("alice", "bob")
 
