@@ -322,8 +322,10 @@ async def test_messages_routed_together_share_one_ledger_transaction_and_their_e
     waiting = message_created(recipient_ids=[uuid.uuid4()])
     statements: list[str] = []
     # Only the handler's statements: the replica's periodic passes stay out of the count.
+    # (The retention pass too: CI once counted its DELETE of old waiting windows here.)
     await service.schedule.stop()
     await service.inbox.stop()
+    await service.retention.stop()
 
     def executed(connection: Any, cursor: Any, statement: str, *context: Any) -> None:
         table = re.search(r"\b(?:INTO|FROM)\s+(\w+)", statement)
