@@ -119,3 +119,31 @@ async def test_the_relay_waiting_on_the_broker_holds_nothing_back(engine: AsyncE
         await relay.close()
 
     assert contents(read) == ["while the relay waits"]
+
+
+async def test_with_two_writers_open_the_head_stays_behind_them_and_after_the_history(
+    engine: AsyncEngine,
+) -> None:
+    """The snapshot's xmax is the newest ended transaction's id plus one: a writer that started
+    after another running one has an id above it. The head must stay between the history (a
+    stream opened now does not replay it) and the oldest writer (whose row may still come)."""
+    await stage(engine, "history")
+    writers = [await engine.connect() for _ in range(2)]
+    transactions = [await writer.begin() for writer in writers]
+    try:
+        for writer, name in zip(writers, ("first writer", "second writer"), strict=True):
+            event = message_created(name)
+            await writer.execute(
+                repository._outbox.insert().values(**repository._outbox_values(event, event.type))
+            )
+        head = await repository.stream_head(engine)
+        while_both_are_open = await repository.stream_rows(engine, after=head, limit=10)
+        for transaction in reversed(transactions):  # the later one commits first
+            await transaction.commit()
+    finally:
+        for writer in writers:
+            await writer.close()
+    after_both = await repository.stream_rows(engine, after=head, limit=10)
+
+    assert while_both_are_open == []
+    assert contents(after_both) == ["first writer", "second writer"]

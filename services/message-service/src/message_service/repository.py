@@ -943,23 +943,26 @@ class StreamRow:
 _END = StreamPosition(2**62, 2**62)
 
 # The oldest transaction of this database that may still write a row: the oldest one running
-# here (the relay's aside: they never write one), else the next to start. Every row with a
-# lower transaction id is committed (or never will be) once this is read, and a statement after
-# it sees all of them. Only this database's transactions count (a long one in another database
+# here (the relay's aside: they never write one), or the snapshot's xmax (every id below it
+# has ended, or is running and so counted) if that is older. Every row with a lower
+# transaction id is committed (or never will be) once this is read, and a statement after it
+# sees all of them. Only this database's transactions count (a long one in another database
 # of the server holds nothing back), as `pg_stat_activity` shows them to a session of the same
-# role. It shows 32-bit ids: each is widened to the 64-bit id of its epoch (the snapshot's xmax
-# is a 64-bit id past them all).
+# role. It shows 32-bit ids: each is widened to the 64-bit id nearest the snapshot's xmax
+# (a running id is within 2^31 of it, above as often as below: xmax is the newest ended id
+# plus one, and later ids may be running).
 _PG_HORIZON = text(
-    "WITH next AS (SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS id)"
-    " SELECT coalesce(min("
-    "   (next.id >> 32 << 32) + activity.backend_xid::text::bigint"
-    "   - CASE WHEN activity.backend_xid::text::bigint > (next.id & 4294967295)"
-    "     THEN 4294967296 ELSE 0 END"
-    " ), next.id)"
-    " FROM next LEFT JOIN pg_stat_activity AS activity"
-    "   ON activity.datname = current_database() AND activity.backend_xid IS NOT NULL"
-    "   AND activity.application_name IS DISTINCT FROM :relay"
-    " GROUP BY next.id"
+    "WITH next AS (SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS id),"
+    " running AS ("
+    "   SELECT activity.backend_xid::text::bigint - (next.id & 4294967295) AS ahead"
+    "   FROM next JOIN pg_stat_activity AS activity"
+    "     ON activity.datname = current_database() AND activity.backend_xid IS NOT NULL"
+    "     AND activity.application_name IS DISTINCT FROM :relay"
+    " )"
+    " SELECT next.id + least(0, coalesce(min("
+    "   CASE WHEN ahead >= 2147483648 THEN ahead - 4294967296"
+    "   WHEN ahead < -2147483648 THEN ahead + 4294967296 ELSE ahead END"
+    " ), 0)) FROM next LEFT JOIN running ON true GROUP BY next.id"
 )
 # Both read the event types the stream carries (`stream.py`).
 _PG_STREAM_ROWS = text(
