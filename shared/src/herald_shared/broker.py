@@ -21,6 +21,8 @@ from typing import Annotated, Any, ClassVar, Literal
 from aio_pika import RobustConnection
 from faststream import AckPolicy
 from faststream.rabbit import Channel, RabbitBroker
+from faststream.rabbit.helpers.declarer import RabbitDeclarerImpl
+from faststream.rabbit.subscriber import RabbitSubscriber
 from faststream.security import BaseSecurity
 from opentelemetry.trace import TracerProvider
 from prometheus_client import CollectorRegistry
@@ -205,18 +207,48 @@ def failover_connection(urls: Sequence[str]) -> type[FailoverConnection]:
 
 class HeraldBroker(RabbitBroker):
     """A RabbitBroker that, in passive mode, creates nothing: its subscribers and publishers
-    only check their queue or exchange when they start (herald_shared.topology); and that
-    samples its event loop's lag (`EventLoopLag`) while it runs, when it has a registry."""
+    only check their queue or exchange when they start (herald_shared.topology); whose
+    subscribers consume on a channel of their own (`consumer_channel`); and that samples its
+    event loop's lag (`EventLoopLag`) while it runs, when it has a registry."""
 
     declares_passively: bool = False
     loop_lag: EventLoopLag | None = None
+    # The channel of every subscriber that names none, instead of FastStream's default channel,
+    # on which everything is published: a nacked publish renews that one
+    # (`herald_shared.publishing.renew_after_nack`), which must not cancel the consumers and
+    # the deliveries they hold. None: they share the default channel.
+    consumer_channel: Channel | None = None
 
     async def start(self) -> None:
         if self.declares_passively:
             use_existing_topology(self)
+        if self.consumer_channel is not None:
+            await self._consume_on(self.consumer_channel)
         await super().start()
         if self.loop_lag is not None:
             self.loop_lag.start()
+
+    async def _consume_on(self, channel: Channel) -> None:
+        """Before the subscribers start: each that names no channel consumes on `channel`.
+
+        FastStream 0.7.8 keeps one queue and one exchange object per queue and exchange, on
+        whichever channel declared it first, and a subscriber consumes on its queue's object:
+        the queues `declare_topology` declared, on the default channel, are forgotten, so that
+        each subscriber declares its own again on `channel`. Exchanges stay on the default
+        channel, where the producer publishes through them: those the subscribers bind to are
+        declared there first (the subscribers' own declaration would put them on `channel`).
+        """
+        await self.connect()
+        declarer = self.config.declarer
+        for subscriber in self.subscribers:
+            if not isinstance(subscriber, RabbitSubscriber):
+                continue
+            if subscriber.channel is None:
+                subscriber.channel = channel
+            if subscriber.queue.declare and subscriber.exchange.name:
+                await declarer.declare_exchange(subscriber.exchange)
+        if isinstance(declarer, RabbitDeclarerImpl):
+            declarer._queues.clear()
 
     async def stop(
         self,
@@ -283,11 +315,8 @@ def make_broker(
         security=BaseSecurity(ssl_context=context) if context is not None else None,
         timeout=settings.connection_timeout,
         reconnect_interval=settings.reconnect_interval,
-        default_channel=Channel(
-            prefetch_count=settings.prefetch,
-            publisher_confirms=True,
-            on_return_raises=True,
-        ),
+        # The publishing channel (consumers have their own, below).
+        default_channel=Channel(publisher_confirms=True, on_return_raises=True),
         ack_policy=AckPolicy.REJECT_ON_ERROR,
         graceful_timeout=settings.graceful_timeout,
         middlewares=middlewares,
@@ -297,6 +326,11 @@ def make_broker(
         description=description,
     )
     broker.declares_passively = settings.declare == "passive"
+    # Confirms on, as on the default channel, so that a publish that ever went out here is
+    # confirmed too.
+    broker.consumer_channel = Channel(
+        prefetch_count=settings.prefetch, publisher_confirms=True, on_return_raises=True
+    )
     if registry is not None:
         broker.loop_lag = EventLoopLag(herald_metrics(registry).event_loop_lag)
     if len(urls) > 1:

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+import contextlib
+import logging
+import math
+import time
+import weakref
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextvars import ContextVar
+from typing import Any
 
+import aiormq
 import aiormq.exceptions
+from aio_pika.abc import AbstractRobustChannel
 from faststream.rabbit import RabbitBroker
 from faststream.rabbit.publisher import RabbitPublisher
 
@@ -30,6 +38,109 @@ CONNECTION_LOST = (
 )
 RECONNECT_POLL_S = 0.05
 MAX_RECONNECT_POLL_S = 1.0
+# A channel is renewed after a nack at most this often: a queue that refuses every publish (no
+# quorum left, say) must not have the channel, and every exchange and queue it re-declares when
+# it reopens, cycled at every retry.
+MIN_RENEWAL_INTERVAL_S = 1.0
+
+logger = logging.getLogger("herald.publishing")
+
+# When each publishing channel was last renewed (`renew_after_nack`), by channel.
+_renewed_at: weakref.WeakKeyDictionary[AbstractRobustChannel, float] = weakref.WeakKeyDictionary()
+
+
+def is_nack(exc: BaseException) -> bool:
+    """Whether `exc` is the broker's negative confirm of a publish (Basic.Nack): a queue the
+    message was routed to did not take it. Not a return (`PublishError`: nothing was bound)."""
+    return isinstance(exc, aiormq.exceptions.DeliveryError) and isinstance(
+        exc.frame, aiormq.spec.Basic.Nack
+    )
+
+
+async def publishing_channel(config: Any) -> AbstractRobustChannel:
+    """The channel every publish of a FastStream 0.7 broker goes out on, whoever publishes (a
+    publisher, `broker.publish`): its default channel, where its producer finds its exchanges.
+    `config` is the broker's (`broker.config`) or a publisher's (`publisher._outer_config`);
+    FastStream 0.7.8 is pinned, and tests/integration/shared/test_publishing_channel.py breaks
+    if this moves."""
+    channel: AbstractRobustChannel = await config.channel_manager.get_channel()
+    return channel
+
+
+async def renew_after_nack(channel: AbstractRobustChannel, *, publish_started: float) -> bool:
+    """Have the next publishes on `channel` go out on a new AMQP channel; True if this call did.
+
+    Why: before RabbitMQ 3.12.5 (rabbitmq-server 27886dd), a channel's first publish to a quorum
+    queue asks the node that the queue's record names as leader, and is nacked if that node is
+    down, the channel staying at its first publish: a channel whose first publish to a queue came
+    while the record still named a leader that had just died has every later publish to that
+    queue nacked until that node is back. A new channel, once the record names the new leader,
+    publishes there normally.
+
+    The underlying channel is closed and aio-pika's robust channel opens a new one on the same
+    connection (its exchanges and queues declared again): the broker's exchanges and FastStream's
+    publishers stay valid. Publishes in flight on the old channel fail with
+    `ChannelInvalidStateError` and go out again (`publish_event`). Nothing is renewed if the
+    channel was renewed after `publish_started` (the `time.monotonic()` at which the nacked
+    publish began: the nacks of a batch renew it once) or less than `MIN_RENEWAL_INTERVAL_S` ago.
+    """
+    now = time.monotonic()
+    last = _renewed_at.get(channel, -math.inf)
+    if last >= publish_started or now - last < MIN_RENEWAL_INTERVAL_S:
+        return False
+    _renewed_at[channel] = now  # before any await: concurrent nacks see it
+    # Not while aio-pika restores it (after a reconnect, or a renewal): a channel closed in the
+    # middle of that fails the connection's whole recovery, and aio-pika then reconnects only
+    # after its reconnect interval. (Publishes go out on a channel being restored.)
+    await channel.ready()
+    if channel.is_closed:  # lost meanwhile: the reconnect renews it anyway
+        return False
+    underlay = await channel.get_underlay_channel()
+    logger.warning("herald.publish.channel_renewed reason=nack channel=%s", channel.number)
+    await underlay.close(aiormq.exceptions.ChannelInvalidStateError("renewed after a nack"))
+    return True
+
+
+async def publish_confirmed(
+    publish: Callable[[], Awaitable[object]],
+    channel: Callable[[], Awaitable[AbstractRobustChannel]],
+    *,
+    timeout: float,
+) -> None:
+    """Run `publish` (one publish, awaiting its confirm, on the channel `channel` returns: looked
+    up on a nack only) until the broker confirms it, for at most `timeout` seconds.
+
+    A publish whose connection or channel is lost under it goes out again once it is back (on
+    whichever node the connection reconnected to). A nacked one goes out again on a renewed
+    channel (`renew_after_nack`). Either may have been stored the first time (a nack can come from
+    one of several queues the message was routed to), so consumers deduplicate. Anything else
+    raises at once; a nack that lasts until `timeout` raises as the nack, a lost connection as
+    `TimeoutError`.
+    """
+    delay = RECONNECT_POLL_S
+    nack: aiormq.exceptions.DeliveryError | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                started = time.monotonic()
+                try:
+                    await publish()
+                    return
+                except CONNECTION_LOST:
+                    nack = None
+                except aiormq.exceptions.DeliveryError as exc:
+                    if not is_nack(exc):
+                        raise
+                    nack = exc
+                    # A connection lost meanwhile renews the channel anyway (robust reconnect).
+                    with contextlib.suppress(*CONNECTION_LOST):
+                        await renew_after_nack(await channel(), publish_started=started)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_RECONNECT_POLL_S)
+    except TimeoutError as exc:
+        if nack is not None:
+            raise nack from exc
+        raise
 
 
 def event_publisher(
@@ -58,31 +169,30 @@ async def publish_event(
 ) -> None:
     """Publish and wait for the broker's confirm, for at most `timeout` seconds.
 
-    Raises on a nack, on an unroutable message and on timeout. A timed-out publish may still have
-    reached the broker, so every consumer deduplicates on the event's ids. The correlation id is
-    `correlation_id`, else that of the message being consumed, else the event's own id.
+    Raises on an unroutable message, on a nack that lasts and on timeout. A timed-out publish may
+    still have reached the broker, so every consumer deduplicates on the event's ids. The
+    correlation id is `correlation_id`, else that of the message being consumed, else the
+    event's own id.
 
-    A publish whose connection is lost under it (before or while its confirm is awaited) is
-    published again once the connection is back, on whichever node it reconnected to, until
-    `timeout`: the broker may have stored the first copy, and consumers deduplicate.
+    A publish whose connection is lost under it (before or while its confirm is awaited), or
+    that is nacked, is published again until `timeout` (`publish_confirmed`).
     """
-    delay = RECONNECT_POLL_S
-    async with asyncio.timeout(timeout):
-        while True:
-            try:
-                await publisher.publish(
-                    event,
-                    message_id=str(event.event_id),
-                    correlation_id=correlation_id
-                    or consumed_correlation_id.get()
-                    or str(event.event_id),
-                    content_type="application/json",
-                    timeout=timeout,
-                )
-                return
-            except CONNECTION_LOST:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, MAX_RECONNECT_POLL_S)
+    correlation = correlation_id or consumed_correlation_id.get() or str(event.event_id)
+
+    async def publish() -> None:
+        await publisher.publish(
+            event,
+            message_id=str(event.event_id),
+            correlation_id=correlation,
+            content_type="application/json",
+            timeout=timeout,
+        )
+
+    async def channel() -> AbstractRobustChannel:
+        # FastStream 0.7.8 keeps a publisher's broker configuration private.
+        return await publishing_channel(publisher._outer_config)
+
+    await publish_confirmed(publish, channel, timeout=timeout)
 
 
 async def publish_events(

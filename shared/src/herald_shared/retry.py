@@ -42,11 +42,16 @@ from typing import Any, ClassVar, Protocol
 import aiormq.exceptions
 import pydantic
 import sqlalchemy.exc
+from aio_pika.abc import AbstractRobustChannel
 from faststream import BaseMiddleware
 from faststream.exceptions import AckMessage, HandlerException, RejectMessage
 from faststream.message import StreamMessage
 
-from herald_shared.publishing import consumed_correlation_id
+from herald_shared.publishing import (
+    consumed_correlation_id,
+    publish_confirmed,
+    publishing_channel,
+)
 from herald_shared.topology import RETRY_EXCHANGE, ConsumerQueue, queue_for_routing_key
 
 logger = logging.getLogger("herald.retry")
@@ -60,6 +65,8 @@ ORIGIN_HEADER = "x-herald-origin-queue"
 REASON_HEADER = "x-herald-dead-letter-reason"
 
 MAX_HISTORY = 10
+# Upper bound for putting a failed message in its wait or dead-letter queue, confirm included.
+REPUBLISH_TIMEOUT_S = 10.0
 HEADER_TEXT_LIMIT = 500
 
 
@@ -428,7 +435,8 @@ class OutcomeMiddleware(BaseMiddleware):
         self, msg: StreamMessage[Any], headers: dict[str, Any], exchange: str, routing_key: str
     ) -> None:
         broker = self.context.get("broker")
-        try:
+
+        async def publish() -> None:
             await broker.publish(
                 msg.body,
                 exchange=exchange,
@@ -438,8 +446,16 @@ class OutcomeMiddleware(BaseMiddleware):
                 correlation_id=msg.correlation_id,
                 message_id=msg.message_id,
                 content_type=msg.content_type,
-                timeout=10.0,
+                timeout=REPUBLISH_TIMEOUT_S,
             )
+
+        async def channel() -> AbstractRobustChannel:
+            return await publishing_channel(broker.config)
+
+        try:
+            # Nacked or cut off, it goes out again on a renewed channel: the wait and dead-letter
+            # queues are quorum queues too, whose leader may have died with a node.
+            await publish_confirmed(publish, channel, timeout=REPUBLISH_TIMEOUT_S)
         except Exception as publish_error:
             # The original delivery is still unacked: rejecting it lets RabbitMQ dead-letter it
             # through the queue's own x-dead-letter-exchange, so it is not lost either way.
