@@ -44,7 +44,7 @@ import pydantic
 import sqlalchemy.exc
 from aio_pika.abc import AbstractRobustChannel
 from faststream import BaseMiddleware
-from faststream.exceptions import AckMessage, HandlerException, RejectMessage
+from faststream.exceptions import AckMessage, HandlerException, NackMessage, RejectMessage
 from faststream.message import StreamMessage
 
 from herald_shared.publishing import (
@@ -381,7 +381,15 @@ class OutcomeMiddleware(BaseMiddleware):
                 delay,
                 error,
             )
-        await self._republish(msg, headers, RETRY_EXCHANGE.name, origin.wait_queue(delay).name)
+        # Not scheduled (the broker blocked or refused the publish): back to its own queue, to be
+        # handled again; the queue's delivery limit bounds how often that can happen.
+        await self._republish(
+            msg,
+            headers,
+            RETRY_EXCHANGE.name,
+            origin.wait_queue(delay).name,
+            if_failed=NackMessage(requeue=True),
+        )
         if self.metrics is not None:
             if deferred:
                 self.metrics.deferred(origin.name)
@@ -426,14 +434,26 @@ class OutcomeMiddleware(BaseMiddleware):
         # By the DLQ's own name on the topic exchange, where this service's topic permission
         # reaches only its own queues (never notifications.dlx, which is direct).
         dead_letter_queue = origin.dead_letter_queue.name
-        await self._republish(msg, headers, RETRY_EXCHANGE.name, dead_letter_queue)
+        # Not published: RabbitMQ dead-letters the rejected delivery through the queue's own
+        # x-dead-letter-exchange, so it reaches the dead-letter queue either way.
+        await self._republish(
+            msg, headers, RETRY_EXCHANGE.name, dead_letter_queue, if_failed=RejectMessage()
+        )
         if self.metrics is not None:
             self.metrics.dead_letter(queue, reason)
         raise AckMessage() from exc
 
     async def _republish(
-        self, msg: StreamMessage[Any], headers: dict[str, Any], exchange: str, routing_key: str
+        self,
+        msg: StreamMessage[Any],
+        headers: dict[str, Any],
+        exchange: str,
+        routing_key: str,
+        *,
+        if_failed: HandlerException,
     ) -> None:
+        """Publish `msg` to `routing_key`; if that fails, settle the original delivery (still
+        unacked) with `if_failed` instead."""
         broker = self.context.get("broker")
 
         async def publish() -> None:
@@ -457,14 +477,12 @@ class OutcomeMiddleware(BaseMiddleware):
             # queues are quorum queues too, whose leader may have died with a node.
             await publish_confirmed(publish, channel, timeout=REPUBLISH_TIMEOUT_S)
         except Exception as publish_error:
-            # The original delivery is still unacked: rejecting it lets RabbitMQ dead-letter it
-            # through the queue's own x-dead-letter-exchange, so it is not lost either way.
             logger.error(
                 "herald.message.republish_failed message_id=%s error=%s",
                 msg.message_id,
                 describe_error(publish_error),
             )
-            raise RejectMessage() from publish_error
+            raise if_failed from publish_error
 
 
 def _as_list(value: Any) -> list[str]:

@@ -86,6 +86,39 @@ async def test_transient_failure_is_retried_on_the_tiers_then_dead_lettered(
     assert dead.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
 
 
+async def test_a_retry_that_cannot_be_scheduled_goes_back_to_its_queue_not_to_dead_letters(
+    broker: RabbitBroker, rabbit_url: str
+) -> None:
+    """The wait queue refuses the retry (here: it is gone, so the publish is returned; in a
+    memory alarm the publish times out): the delivery is nacked back to its own queue and
+    handled again, instead of being rejected into the dead-letter queue."""
+    attempts = 0
+
+    @broker.subscriber(DEVICE_INVALIDATIONS.queue, EXCHANGE)
+    async def handler(event: DeviceInvalidated) -> None:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 1:
+            raise RetryableError("provider timed out")
+
+    async with broker:
+        await declare_topology(broker, retry_delays=DELAYS)
+        connection = await aio_pika.connect(rabbit_url)
+        async with connection:
+            channel = await connection.channel()
+            await channel.queue_delete(DEVICE_INVALIDATIONS.wait_queue(DELAYS[0]).name)
+        await broker.start()
+        await broker.publish(_event(), exchange=EXCHANGE, routing_key=DEVICE_INVALIDATED)
+
+        async def handled_again() -> bool:
+            return attempts >= 2
+
+        await wait_until(handled_again, timeout=10)
+
+    assert attempts == 2
+    assert await _dead_letters(rabbit_url) == []
+
+
 async def test_permanent_failure_is_dead_lettered_at_once(
     broker: RabbitBroker, rabbit_url: str
 ) -> None:
