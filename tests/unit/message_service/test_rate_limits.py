@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from message_service.app import service_of
 from message_service.ratelimit import (
     Budget,
+    InProcessMovingWindow,
     RateLimited,
     RateLimiter,
     RateLimitMetrics,
@@ -441,3 +442,68 @@ async def test_counting_in_this_process_is_not_cut_by_the_redis_timeout(
         await limiter.hit(Budget.POSTING, "user")
     assert refused.value.retry_after >= 1
     assert limiter.metrics.storage_errors._value.get() == 0  # no storage failed
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_the_in_process_window_moves_one_hit_at_a_time() -> None:
+    """3 per minute: a fourth hit is refused until the first one is a minute old; then exactly
+    one more fits. `test` spends nothing; the stats say when a slot frees and how many are
+    left."""
+    clock = Clock()
+    window = InProcessMovingWindow(clock)
+    item = parse_budget("3 per minute")
+    for second in (0, 10, 20):
+        clock.now = 1_000_000.0 + second
+        assert await window.hit(item, "posting", "alice")
+    clock.now = 1_000_030.0
+    assert not await window.test(item, "posting", "alice")
+    assert not await window.hit(item, "posting", "alice")
+    assert await window.hit(item, "posting", "bob")  # another key, its own window
+    stats = await window.get_window_stats(item, "posting", "alice")
+    assert (stats.reset_time, stats.remaining) == (1_000_060.0, 0)
+
+    clock.now = 1_000_060.0  # the first hit leaves the window
+    assert await window.test(item, "posting", "alice")
+    assert await window.test(item, "posting", "alice")  # testing spent nothing
+    assert await window.hit(item, "posting", "alice")
+    assert not await window.hit(item, "posting", "alice")
+    stats = await window.get_window_stats(item, "posting", "alice")
+    assert (stats.reset_time, stats.remaining) == (1_000_070.0, 0)
+
+
+async def test_the_in_process_window_weighs_costs_and_refuses_one_over_the_amount() -> None:
+    clock = Clock()
+    window = InProcessMovingWindow(clock)
+    item = parse_budget("5 per minute")
+    assert not await window.hit(item, "invitations", "alice", cost=6)  # never fits
+    assert await window.hit(item, "invitations", "alice", cost=4)
+    assert not await window.test(item, "invitations", "alice", cost=2)
+    assert not await window.hit(item, "invitations", "alice", cost=2)  # nothing spent
+    assert await window.hit(item, "invitations", "alice", cost=1)
+    stats = await window.get_window_stats(item, "invitations", "alice")
+    assert stats.remaining == 0
+    empty = await window.get_window_stats(item, "invitations", "bob")
+    assert (empty.reset_time, empty.remaining) == (clock.now + 60, 5)
+
+
+async def test_the_in_process_window_forgets_keys_whose_hits_all_expired() -> None:
+    """Memory follows the keys in use: one sweep a minute drops the keys with no hit left in
+    their window, and keeps the others."""
+    clock = Clock()
+    window = InProcessMovingWindow(clock)
+    minute, hour = parse_budget("10 per minute"), parse_budget("10 per hour")
+    for user in range(1000):
+        assert await window.hit(minute, "session", str(user))
+    assert await window.hit(hour, "rooms", "alice")
+    assert len(window._hits) == 1001
+    clock.now += InProcessMovingWindow.SWEEP_EVERY_S
+    assert await window.hit(minute, "session", "bob")
+    assert set(window._hits) == {hour.key_for("rooms", "alice"), minute.key_for("session", "bob")}
+    assert (await window.get_window_stats(hour, "rooms", "alice")).remaining == 9
