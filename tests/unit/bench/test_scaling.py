@@ -118,3 +118,12 @@ def test_the_table_gives_a_group_of_processes_its_largest_one() -> None:
     assert describe_rss("push-sender", two) == "push-sender 120 → 190 (2 processes, largest 98)"
     # documents from before replicas have no count
     assert describe_rss("old", {"first": 1.0, "max": 2.0, "last": 2.0}) == "old 1 → 2"
+
+
+def test_a_rate_runs_for_the_whole_duration_unless_a_count_is_given() -> None:
+    """At 1,000 notifications/s in rooms of 10 (9 recipients), 30 s take 3,334 messages; the
+    default count (1,000) would have ended the run after 9 s."""
+    assert parse(["--rate", "1000", "--duration", "30"]).count == 3334
+    assert parse(["--rate", "1000", "--duration", "30", "--count", "500"]).count == 500
+    assert parse(["--duration", "30"]).count == 1000  # at full speed the count governs
+    assert parse(["--scenario", "lanes", "--rate", "1000"]).count == 20
