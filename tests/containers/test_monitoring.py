@@ -287,7 +287,15 @@ def test_a_stopped_router_and_a_poisoned_queue_fire_their_alerts(
             fired["no consumer"] = time.monotonic()
         return len(fired) == 3
 
-    wait_for(both_fired, timeout=max(down_for, no_consumer_for) + 60, interval=0.5)
+    try:
+        wait_for(both_fired, timeout=max(down_for, no_consumer_for) + 60, interval=0.5)
+    except TimeoutError:
+        # Which alert is missing, and what Prometheus holds (pending ones included).
+        held = [
+            (alert["labels"], alert["state"], alert.get("activeAt"))
+            for alert in prometheus.get("/api/v1/alerts")["alerts"]
+        ]
+        pytest.fail(f"only {sorted(fired)} fired in time; Prometheus holds: {held}")
     # Prometheus sent both to the Alertmanager.
     wait_for(
         lambda: (
