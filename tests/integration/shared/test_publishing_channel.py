@@ -6,10 +6,12 @@ retry middleware's way to a wait queue)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
 from typing import Any
 
-from aio_pika.abc import AbstractRobustConnection
+import aiormq.abc
+from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 
 from herald_shared.broker import RabbitSettings, make_broker
 from herald_shared.events import DeviceInvalidated
@@ -43,6 +45,11 @@ async def refusing_queue(connection: AbstractRobustConnection, exchange: str, ke
     return queue
 
 
+async def renewed(channel: AbstractRobustChannel, nacked: aiormq.abc.AbstractChannel) -> bool:
+    """Whether `channel` is open on another AMQP channel than the one that was nacked."""
+    return not channel.is_closed and await channel.get_underlay_channel() is not nacked
+
+
 async def test_a_nacked_publish_renews_the_publishing_channel_and_not_the_consumers(
     rabbit_url: str,
 ) -> None:
@@ -72,13 +79,7 @@ async def test_a_nacked_publish_renews_the_publishing_channel_and_not_the_consum
         event = an_event()
         publish = asyncio.create_task(publish_event(publisher, event, timeout=30))
 
-        async def renewed() -> bool:
-            return (
-                not publishing.is_closed
-                and await publishing.get_underlay_channel() is not nacked_underlay
-            )
-
-        await wait_until(renewed, timeout=10)
+        await wait_until(functools.partial(renewed, publishing, nacked_underlay), timeout=10)
         assert not publish.done()  # nacked on the new channel too, while the queue refuses
         await refusing.delete(if_unused=False, if_empty=False)
         await publish
@@ -128,13 +129,7 @@ async def test_a_retry_whose_wait_queue_nacks_goes_out_on_a_renewed_channel(
 
         await publish_event(publisher, an_event(), timeout=10)
 
-        async def renewed() -> bool:
-            return (
-                not publishing.is_closed
-                and await publishing.get_underlay_channel() is not nacked_underlay
-            )
-
-        await wait_until(renewed, timeout=10)
+        await wait_until(functools.partial(renewed, publishing, nacked_underlay), timeout=10)
         assert len(attempts) == 1
         await refusing.delete(if_unused=False, if_empty=False)
 
