@@ -52,7 +52,7 @@ class MicroBatcher(Generic[In, Out]):
     * `max_concurrent`: batches in progress at once (more than one lets a batch wait for its
       I/O while the next is built);
     * `linger`: seconds a batch waits for company when it could start at once: a little latency
-      for fewer, larger batches at moderate rates.
+      for fewer, larger batches at moderate rates (never for an urgent item).
     """
 
     def __init__(
@@ -125,11 +125,12 @@ class MicroBatcher(Generic[In, Out]):
         if self._pending_size >= self.max_size:
             self._cancel_wake()
             self._start_batches()
-        elif self._wake is None:
+        elif self._wake is None or (self._urgent and isinstance(self._wake, asyncio.TimerHandle)):
             # Not at once: the deliveries that arrived with this one are being dispatched in the
-            # same turn of the event loop, and should join it.
+            # same turn of the event loop, and should join it. An urgent item does not linger.
+            self._cancel_wake()
             loop = asyncio.get_running_loop()
-            if self.linger:
+            if self.linger and not self._urgent:
                 self._wake = loop.call_later(self.linger, self._woken)
             else:
                 self._wake = loop.call_soon(self._woken)

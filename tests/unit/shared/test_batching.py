@@ -163,6 +163,22 @@ async def test_linger_gathers_items_that_come_soon_after() -> None:
     assert process.batches == [[1, 2]]
 
 
+async def test_an_urgent_item_does_not_linger_and_takes_the_lingering_ones_along() -> None:
+    """With a linger far longer than the test, an urgent item starts its batch at once, with the
+    items already waiting for company (ahead of them)."""
+    process = Recorder()
+    batcher = MicroBatcher(process, name="t", max_size=100, linger=60)
+    waiting = asyncio.create_task(batcher.submit(1))
+    await asyncio.sleep(0.01)
+    assert process.batches == []  # lingering
+
+    urgent = asyncio.create_task(batcher.submit(2, urgent=True))
+
+    results = await asyncio.wait_for(asyncio.gather(urgent, waiting), timeout=5)
+    assert list(results) == [4, 2]
+    assert process.batches == [[2, 1]]
+
+
 async def test_drain_waits_for_every_item_submitted() -> None:
     process = Recorder()
     process.gate = asyncio.Event()
