@@ -124,9 +124,9 @@ class InProcessMovingWindow:
     Not `limits`' own in-memory storage (5.8): after every hit it sweeps every key, each
     through a hop to a thread, which cost a fifth of message-service's CPU at 1,000
     notifications/s and a third of the p99 from a message's 201 to its push
-    (docs/performance.md). Here a
-    key's expired hits go when the key is next counted, and keys with no hit left in their
-    window go in one sweep a minute, so memory follows the keys in use.
+    (docs/performance.md). Here a key's expired hits go when the key is next counted, and keys
+    with no hit left in their window go in one sweep a minute, so memory follows the keys in
+    use.
     """
 
     SWEEP_EVERY_S = 60.0
