@@ -96,7 +96,7 @@ def test_batching_and_the_delivery_lease_tune_the_sender(monkeypatch: pytest.Mon
     assert Settings().sender_tuning() == SenderTuning(
         max_jobs_per_batch=1000,
         concurrent_batches=2,
-        linger=0.01,
+        linger=0.025,
         lease=timedelta(seconds=5),
         max_jobs_held=1000,
     )
