@@ -8,6 +8,7 @@ nothing when the node leading most quorum queues is SIGKILLed under traffic and 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import random
@@ -261,6 +262,16 @@ async def test_herald_loses_nothing_when_the_node_with_most_queue_leaders_is_kil
     fcm, smtp = herald.fcm, herald.smtp
     assert isinstance(fcm, RecordingFcm)
     assert isinstance(smtp, RecordingSmtp)
+
+    async def each_on_one_node() -> bool:
+        # Ready means connected, but a connection can be between a drop and its reconnect at the
+        # moment of the look (seen in CI: message-service on no node at all).
+        return all(len(on) == 1 for on in herald.connected_nodes(nodes).values())
+
+    try:
+        await wait_until(each_on_one_node, timeout=30)
+    except TimeoutError:
+        raise AssertionError(herald.connected_nodes(nodes)) from None
     clients = herald.connected_nodes(nodes)
     for service in SERVICES:  # the two replicas of each on two nodes
         first, second = (clients[name] for name in herald.replicas(service))
@@ -455,6 +466,17 @@ async def test_herald_loses_nothing_when_the_node_its_services_use_is_cut_off_fr
                 moved_s = time.monotonic() - cut_at
                 await wait_until(lambda: consumers_back(herald), timeout=30, interval=0.2)
                 after = herald.connected_nodes(nodes)
+
+                async def every_queue_listed() -> bool:
+                    # A queue whose election is still under way is missing from the list (seen
+                    # in CI: 69 of 70, the services already ready on the majority).
+                    led = await asyncio.to_thread(
+                        rabbit_cluster.leaders, vhost_of(herald), observer
+                    )
+                    return led.total() == leaders_before.total()
+
+                with contextlib.suppress(TimeoutError):  # the assertions below say what is wrong
+                    await wait_until(every_queue_listed, timeout=30, interval=0.5)
                 leaders_during = await asyncio.to_thread(
                     rabbit_cluster.leaders, vhost_of(herald), observer
                 )
