@@ -10,6 +10,7 @@ from typing import IO, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from herald_shared.batching import DEFAULT_LINGER
 from herald_shared.broker import RabbitSettings
 from herald_shared.events import MAX_ITEMS_PER_EVENT
 from herald_shared.logs import JsonFormatter, QueryFreeAccessLog, TextFormatter
@@ -33,11 +34,9 @@ class BatchSettings(BaseSettings):
     # Batches in progress at once per stage: one is built while another waits for its I/O.
     concurrency: int = Field(default=2, ge=1)
     # Seconds a batch that could start at once waits for company: at moderate rates, a little
-    # latency for fewer, larger batches (under load they fill up by themselves). 25 ms: at
-    # 1,000 notifications/s the p99 from 201 to push was within 250 ms in 4 runs of 4 with
-    # 25 ms, 3 of 4 with 10 and 1 of 4 with 2, and each step cut the CPU per notification
-    # (docs/performance.md). Urgent items (DMs, mentions, invitations) never wait.
-    linger: float = Field(default=0.025, ge=0, le=1)
+    # latency for fewer, larger batches (under load they fill up by themselves); why 25 ms:
+    # `herald_shared.batching.DEFAULT_LINGER`.
+    linger: float = Field(default=DEFAULT_LINGER, ge=0, le=1)
 
 
 class ServiceSettings(BaseSettings):

@@ -48,7 +48,7 @@ from faststream.rabbit.subscriber import RabbitSubscriber
 from prometheus_client import CollectorRegistry, Gauge
 from pydantic import TypeAdapter
 
-from herald_shared.batching import MicroBatcher
+from herald_shared.batching import DEFAULT_LINGER, MicroBatcher
 from herald_shared.events import (
     Channel,
     DeliveryOutcome,
@@ -400,7 +400,7 @@ class SenderTuning:
 
     max_jobs_per_batch: int = 1000
     concurrent_batches: int = 2
-    linger: float = 0.002
+    linger: float = DEFAULT_LINGER
     lease: timedelta = timedelta(seconds=5)
     # At least one delivery's worth (`DELIVERY_MAX_JOBS` makes sure), or a delivery that big
     # would never fit.
