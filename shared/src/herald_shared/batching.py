@@ -30,9 +30,9 @@ Out = TypeVar("Out")
 
 
 # How long a batch that could start at once waits for company, by default (`BATCH_LINGER`): at
-# 1,000 notifications/s the p99 from 201 to push was within 250 ms in 4 runs of 4 with 25 ms,
-# 3 of 4 with 10 and 1 of 4 with 2, and each step cut the CPU per notification
-# (docs/performance.md). Urgent items never wait.
+# 1,000 notifications/s on a fast machine the p99 from 201 to push was within 250 ms in 4 runs
+# of 4 with 25 ms, 3 of 4 with 10 and 1 of 4 with 2, and each step cut the CPU per notification;
+# 50 ms and 100 ms did not pay (docs/performance.md). Urgent items never wait.
 DEFAULT_LINGER = 0.025
 
 
