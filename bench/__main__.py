@@ -60,6 +60,12 @@ scenarios:
             decisions/s (the router's ledger rows) and sends/s (pushes and e-mails accepted),
             the decisions by reason, and checks every decided delivery was accepted once.
 
+find-rate: --find-rate --duration 30 searches the highest offered rate whose 201 → push p99 stays
+within --p99-bound-ms (250) while nothing is lost, repeated or left behind and at least 98 % of
+the offer is sustained: up or down by 1.25x until a pass and a failure bracket it, then halving
+the gap, at most --find-steps runs. Near the limit one rate's p99 swings from run to run; the
+answer is a run's, so repeat it to see the spread.
+
 long runs: --duration caps the posting (60 s by default), so a run of 30,000 messages wants e.g.
 --count 30000 --duration 1800; its CPU per notification and RSS compare with a short run's.
 
@@ -230,6 +236,26 @@ def parse(argv: list[str]) -> Options:
         help="with --compare: runs of each side, interleaved old, new, old, new… (default 2)",
     )
     parser.add_argument(
+        "--find-rate",
+        action="store_true",
+        help="search the highest offered rate whose 201 → push p99 is within --p99-bound-ms "
+        "(default workload; paced runs of --duration s each, the first at --rate, default "
+        "1000; see bench/find_rate.py)",
+    )
+    parser.add_argument(
+        "--p99-bound-ms",
+        type=float,
+        default=250,
+        help="with --find-rate: the bound on 201 → push p99 (default 250)",
+    )
+    parser.add_argument(
+        "--find-steps",
+        type=int,
+        default=6,
+        metavar="N",
+        help="with --find-rate: runs at most (default 6)",
+    )
+    parser.add_argument(
         "--out", type=Path, default=Path(".herald/bench"), help="where JSON and PNG go"
     )
     parser.add_argument(
@@ -255,6 +281,12 @@ def parse(argv: list[str]) -> Options:
             setattr(args, name, value)
     if args.room_size == 0:
         args.room_size = max_room_members()
+    if args.find_rate:
+        if args.scenario != "default" or args.compare:
+            parser.error("--find-rate runs the default scenario, without --compare")
+        if args.p99_bound_ms <= 0 or args.find_steps < 1:
+            parser.error("--p99-bound-ms and --find-steps must be > 0")
+        args.rate = args.rate or 1000
     if args.scenario == "default" and args.rate > 0 and not count_given and args.room_size >= 2:
         # A rate is measured over the duration asked for, not cut short by the default count
         # (1,000 messages at 1,000 notifications/s in rooms of 10 last 9 s, mostly warm-up).
@@ -296,6 +328,9 @@ def parse(argv: list[str]) -> Options:
         replicas=args.replicas,
         cluster=args.cluster,
         vacuum=not args.no_vacuum,
+        find_rate=args.find_rate,
+        p99_bound_ms=args.p99_bound_ms,
+        find_steps=args.find_steps,
     )
 
 

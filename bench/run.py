@@ -122,6 +122,9 @@ class Options:
     replicas: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SERVICES, 1))
     cluster: bool = False  # a private three-node RabbitMQ cluster instead of the machine's node
     vacuum: bool = True  # autovacuum's stand-in where the server has it off (`bench.vacuum`)
+    find_rate: bool = False  # search the highest rate within `p99_bound_ms` (`bench.find_rate`)
+    p99_bound_ms: float = 250.0
+    find_steps: int = 6
 
 
 def _pg(url: str) -> str:
@@ -1145,6 +1148,10 @@ def build_document(
 
 
 async def run(options: Options) -> int:
+    if options.find_rate:
+        from bench.find_rate import run_find_rate
+
+        return await run_find_rate(options)
     if options.compare:
         from bench.compare import run_compare
 

@@ -117,3 +117,49 @@ def test_a_small_chat_run_decides_every_recipient_and_sends_what_it_decided(
     assert figures["sends"] == figures["deliveries_decided"] == figures["accepted"]
     assert (figures["lost"], figures["duplicates"], figures["unexpected"]) == (0, 0, 0)
     assert figures["not_delivered_in_ledger"] == 0
+
+
+def test_a_short_rate_search_runs_each_step_and_reports_its_verdicts(tmp_path: Path) -> None:
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--find-rate",
+            "--rate",
+            "45",
+            "--duration",
+            "2",
+            "--find-steps",
+            "2",
+            "--rooms",
+            "2",
+            "--no-calibration",
+            "--drain-timeout",
+            "45",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+
+    [search_file] = tmp_path.glob("*-find-rate.json")
+    search = json.loads(search_file.read_text())
+    first, second = search["steps"]
+    assert first["rate"] == 45
+    # Up by 1.25x after a pass, down after a failure (whether 45/s passes is the machine's).
+    assert second["rate"] == (56 if first["passed"] else 36)
+    for step in (first, second):
+        assert step["status"] == 0
+        assert step["sustained"] > 0
+        assert step["passed"] == (step["why"] == "")
+    passed = [step["rate"] for step in (first, second) if step["passed"]]
+    failed = [step["rate"] for step in (first, second) if not step["passed"]]
+    below_failures = [rate for rate in passed if not failed or rate < min(failed)]
+    assert search["carried_per_s"] == max(below_failures, default=None)
+    assert search["lowest_failure_per_s"] == min(failed, default=None)
+    assert "find-rate: the highest offered rate" in completed.stdout
