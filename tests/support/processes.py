@@ -28,6 +28,9 @@ SERVICES = ("message-service", "notification-router", "push-sender", "email-send
 # processes at once (pytest-xdist workers, and other runs on the same machine), and a port is
 # free only until the server it is meant for binds it, seconds later.
 PORT_RESERVATIONS = Path(tempfile.gettempdir()) / "herald-test-ports"
+# What uvicorn logs when its port is taken, and how often a service is started again elsewhere.
+PORT_TAKEN = "address already in use"
+REBINDS = 3
 PORT_RESERVED_S = 60.0
 _swept: list[bool] = []
 
@@ -109,8 +112,17 @@ class ServiceProcess:
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
+        rebinds = 0
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
+                if PORT_TAKEN in self.log() and rebinds < REBINDS:
+                    # Something took the port between `free_port` and the service's bind (an
+                    # outgoing connection's source port can be any free one; CI once: the
+                    # router of a cluster test): start it again on another port.
+                    rebinds += 1
+                    self.port = free_port()
+                    self.start()
+                    continue
                 raise RuntimeError(f"{self.name} exited early:\n{self.log()}")
             try:
                 if httpx.get(f"{self.base_url}/health/ready", timeout=2).status_code == 200:

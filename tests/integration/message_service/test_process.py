@@ -4,6 +4,7 @@ and refuses to start without RabbitMQ, saying where it looked."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import subprocess
 from pathlib import Path
 
@@ -50,6 +51,32 @@ async def test_the_service_serves_and_stops_cleanly(
     assert code == 0, log[-3000:]
     assert "a@example.test" not in log
     assert registered.json()["token"] not in log
+
+
+async def test_a_service_whose_port_was_taken_meanwhile_starts_again_on_another(
+    pg_url: str, rabbit_url: str, tmp_path: Path
+) -> None:
+    """The test harness's side of a race no reservation can close: between `free_port` and the
+    service's bind, another process (an outgoing connection's source port) takes the port."""
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        service = ServiceProcess(
+            name="message-service",
+            port=taken,
+            env={"DATABASE_URL": pg_url, "RABBITMQ_URL": rabbit_url},
+            log_path=tmp_path / "message-service.log",
+        )
+        service.start()
+        try:
+            await asyncio.to_thread(service.wait_ready)
+            assert service.port != taken
+            async with httpx.AsyncClient(base_url=service.base_url, timeout=10) as client:
+                assert (await client.get("/health/ready")).status_code == 200
+        finally:
+            code = service.stop()
+    assert code == 0, service.log()[-3000:]
 
 
 def test_without_rabbitmq_it_exits_non_zero_with_one_clear_line(tmp_path: Path) -> None:
