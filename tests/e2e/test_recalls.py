@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from notification_router.repository import RECALL_GATHERING
+from notification_router.settings import Settings as RouterSettings
 from tests.e2e.conftest import Person, Pipeline, register_person
 from tests.support import infra
 from tests.support.faults import emit
@@ -214,13 +215,15 @@ async def test_fifty_rooms_read_at_once_make_one_recall_per_phone(
         f" recalls_per_phone={[len(recalls_to(pipeline, phone)) for phone in phones]}",
         request.node,
     )
-    # A recall gathers the reads that reach the router within RECALL_GATHERING of its first:
-    # one recall per phone when the fifty answers came well inside it (as on an idle machine),
-    # else one more per gathering the reads spanned (a machine loaded enough to stretch them),
-    # and one more for the router's own lag, which spreads them wider than the client saw (CI
-    # once: 4 recalls for reads over 5.5 s).
+    # A recall gathers the reads that reach the router within RECALL_GATHERING of its first, as
+    # long as no two of them are further apart than the recall linger: one recall per phone when
+    # the fifty answers came within one linger (as on an idle machine), else one more per
+    # gathering the reads spanned (a machine loaded enough to stretch them), and one more for
+    # the router's own lag, which spreads them wider than the client saw (CI once: 4 recalls for
+    # reads over 5.5 s; once 2 for reads over 1.0 s, a pause at the router longer than the linger).
     gathering_s = RECALL_GATHERING.total_seconds()
-    most = 1 if reads_s < gathering_s / 2 else 2 + math.ceil(reads_s / gathering_s)
+    linger_s = RouterSettings.model_fields["recall_linger"].default
+    most = 1 if reads_s < linger_s else 2 + math.ceil(reads_s / gathering_s)
     for phone in phones:
         recalls = recalls_to(pipeline, phone)
         assert 1 <= len(recalls) <= most, (len(recalls), reads_s)
