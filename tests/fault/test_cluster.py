@@ -225,6 +225,27 @@ async def readiness(herald: Herald, until: float) -> list[tuple[float, frozenset
     return samples
 
 
+def last_unready(samples: list[tuple[float, frozenset[str]]]) -> frozenset[str]:
+    """The processes of the last sample in which some answered not ready."""
+    return next((unready for _, unready in reversed(samples) if unready), frozenset())
+
+
+def connection_lines(herald: Herald, names: Iterable[str]) -> list[str]:
+    """What the named processes' RabbitMQ clients (aio-pika, aiormq) logged, oldest first: the
+    time, the process and the message, for a readiness that came late."""
+    wanted = set(names)
+    lines = []
+    for file_name, text in herald.logs().items():  # <process>.<incarnation>.log
+        if file_name.rsplit(".", 2)[0] not in wanted:
+            continue
+        for line in text.splitlines():
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if str(record.get("logger")).startswith(("aio_pika", "aiormq")):
+                    lines.append(f"{record['timestamp']} {file_name} {record['message'][:200]}")
+    return sorted(lines)
+
+
 def longest_stall(times: Iterable[float], start: float, end: float) -> str:
     """The longest time within `start`..`end` in which no provider call was accepted, and when
     it began: `<seconds>@<seconds from start>`."""
@@ -371,6 +392,7 @@ async def test_herald_loses_nothing_when_the_node_with_most_queue_leaders_is_kil
         its_clients=",".join(on_victim),
         unready=len(unready),
         ready_s=f"{ready_s:.1f}",
+        last_unready=",".join(sorted(last_unready(samples))),
         # the longest time without a push or e-mail sent while the node was down, and when
         stall_s=stall,
         boot_s=f"{boot_s:.1f}",
@@ -390,7 +412,7 @@ async def test_herald_loses_nothing_when_the_node_with_most_queue_leaders_is_kil
     assert emails.repeated <= emails.in_flight, emails
     assert result.most_copies <= 2
     assert all(len(keys) == 1 for keys in collapse_ids.values())
-    assert ready_s <= READY_BOUND_S
+    assert ready_s <= READY_BOUND_S, connection_lines(herald, last_unready(samples))
     assert herald.crashed() == {}
 
 

@@ -2,10 +2,11 @@
 
 A service may be given several addresses (`RABBITMQ_URLS`, or several comma-separated in
 `RABBITMQ_URL`): the nodes of one cluster. It connects to one; when that connection is lost it
-reconnects to the next one at once, and when an attempt fails it tries the next one after
-FastStream's reconnect interval, round the list (`FailoverConnection`). aio-pika's robust
-connection then restores its channels on the new node: it declares again (or, in passive mode,
-checks) the exchanges and queues, and its consumers start again, which is what readiness counts.
+reconnects to the next one at once, and when an attempt fails it tries the next one at once too,
+round the list, waiting the reconnect interval only after a whole round failed
+(`FailoverConnection`). aio-pika's robust connection then restores its channels on the new node:
+it declares again (or, in passive mode, checks) the exchanges and queues, and its consumers start
+again, which is what readiness counts.
 """
 
 from __future__ import annotations
@@ -143,6 +144,11 @@ def connection_url(settings: RabbitSettings, service_name: str) -> str:
     return connection_urls(settings, service_name)[0]
 
 
+# The pause of aio-pika's reconnect loop while connected, between tries to restore a consumer
+# the server cancelled (e.g. while its quorum queue elects a leader), at most the interval.
+RESTORE_PAUSE_S = 1.0
+
+
 class FailoverConnection(RobustConnection):
     """aio-pika's robust connection over several addresses (`ADDRESSES`, set on a subclass by
     `failover_connection`): the address it uses moves to the next one when an established
@@ -150,7 +156,13 @@ class FailoverConnection(RobustConnection):
 
     aio-pika reads `url` once per connection attempt (to open the transport); that read is where
     a failed attempt is noticed. Its own `__str__` reads it too, so this class has its own, which
-    does not (and hides the password)."""
+    does not (and hides the password).
+
+    aio-pika's reconnect loop sleeps `reconnect_interval` after every pass, one that connected
+    too, and a connection lost during that sleep waits for its end (measured: a connection cut
+    just after it was made came back 5.6 s later). Here the interval is only the pause after a
+    whole round of addresses failed in a row: an untried address is tried at once, and the pause
+    after a pass that connected is `RESTORE_PAUSE_S`."""
 
     ADDRESSES: ClassVar[tuple[URL, ...]] = ()
 
@@ -158,14 +170,18 @@ class FailoverConnection(RobustConnection):
         self._addresses = list(self.ADDRESSES) or [URL(url)]
         self._current = 0
         self._attempting = False
+        self._attempts = 0  # since the last connection that was made and restored
+        self._interval = 5.0
         super().__init__(url=url, loop=loop, **kwargs)
-        self._attempting = False  # the constructor's own reads were no attempt
+        self._attempting = False  # the constructor's own reads were no attempts
+        self._attempts = 0
 
     @property
     def url(self) -> URL:
         if self._attempting:  # the last attempt never connected: the next address
             self._current = (self._current + 1) % len(self._addresses)
         self._attempting = True
+        self._attempts += 1
         return self._addresses[self._current]
 
     @url.setter
@@ -174,6 +190,19 @@ class FailoverConnection(RobustConnection):
         # parameters in its query) and when a password is renewed: the current address.
         if hasattr(self, "_addresses"):
             self._addresses[self._current] = URL(value)
+
+    @property
+    def reconnect_interval(self) -> float:
+        """The pause before aio-pika's next pass (it also reads this for its log lines)."""
+        if self.connected.is_set():
+            return min(self._interval, RESTORE_PAUSE_S)
+        if self._attempts and not self._attempts % len(self._addresses):  # a round failed
+            return self._interval
+        return 0.0  # an address of this round is still untried
+
+    @reconnect_interval.setter
+    def reconnect_interval(self, value: float) -> None:
+        self._interval = value
 
     @property
     def address(self) -> URL:
@@ -186,7 +215,8 @@ class FailoverConnection(RobustConnection):
 
     async def _on_connected(self) -> None:
         self._attempting = False
-        await super()._on_connected()
+        await super()._on_connected()  # channels restored: raises if that failed
+        self._attempts = 0
 
     async def _on_connection_close(self, closing: asyncio.Future[Any]) -> None:
         if self.connected.is_set() and len(self._addresses) > 1:

@@ -1,6 +1,7 @@
 """Several broker addresses: a service connects to one that answers, and when its connection is
-lost it moves to the next one within seconds, its topology checked again there and its
-consumers back (readiness follows), and a publish caught by the loss goes out again.
+lost it moves to the next one at once, without waiting a reconnect interval, its topology
+checked again there and its consumers back (readiness follows), and a publish caught by the loss
+goes out again.
 
 Two single RabbitMQ nodes are not a cluster, so the "nodes" here are two ways to the machine's
 server: a dead address (a closed port) or a TCP proxy that the test cuts, and the server
@@ -81,9 +82,11 @@ async def test_a_dead_first_address_is_skipped_at_start(
         f"FAILOVER dead_first_address connected_s={connected_s:.2f}",
         request.node,
     )
+    # The second address is tried at once, not after the reconnect interval.
+    assert connected_s < settings.reconnect_interval
 
 
-async def test_a_lost_node_is_replaced_by_the_next_address_within_seconds(
+async def test_a_lost_node_is_replaced_by_the_next_address_at_once(
     rabbit_url: str, request: pytest.FixtureRequest
 ) -> None:
     target = URL(rabbit_url)
@@ -128,4 +131,6 @@ async def test_a_lost_node_is_replaced_by_the_next_address_within_seconds(
         f"FAILOVER lost_node recovered_s={recovered_s:.2f} published_s={published_s:.2f}",
         request.node,
     )
-    assert recovered_s < 10
+    # The connection was made moments before the cut: aio-pika's reconnect loop was still in
+    # its pause after connecting, which must not hold the move back for a reconnect interval.
+    assert recovered_s < settings.reconnect_interval

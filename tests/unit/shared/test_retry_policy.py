@@ -5,12 +5,15 @@ from typing import Any, cast
 import aiormq.exceptions
 import pytest
 import sqlalchemy.exc
+from yarl import URL
 
 from herald_shared.broker import (
+    RESTORE_PAUSE_S,
     FailoverConnection,
     RabbitSettings,
     connection_url,
     connection_urls,
+    failover_connection,
     make_broker,
 )
 from herald_shared.retry import (
@@ -228,3 +231,23 @@ def test_a_broker_with_several_addresses_connects_through_a_failover_connection(
         "amqp://u:p@b:5673/?name=x&heartbeat=20",
     ]
     assert broker._connection_kwargs["fail_fast"] is False
+
+
+async def test_a_failover_connection_tries_each_address_at_once_and_pauses_after_a_round() -> None:
+    connection_class = failover_connection(["amqp://a/", "amqp://b/", "amqp://c/"])
+    connection = connection_class(URL("amqp://a/?reconnect_interval=7"))
+    pauses = []
+    for _ in range(4):  # four attempts that never connect
+        attempted = connection.url.host
+        pauses.append((attempted, connection.reconnect_interval))
+    # A lost connection's next attempt goes at once; so does each attempt of a round.
+    assert pauses == [("a", 0.0), ("b", 0.0), ("c", 7), ("a", 0.0)]
+
+    connection.connected.set()  # connected: only a cancelled consumer is left to restore
+    assert connection.reconnect_interval == RESTORE_PAUSE_S
+
+    single = failover_connection(["amqp://a/"])(URL("amqp://a/?reconnect_interval=0.5"))
+    assert single.url.host == "a"
+    assert single.reconnect_interval == 0.5  # one address: every attempt is a round
+    single.connected.set()
+    assert single.reconnect_interval == 0.5  # never longer than the interval
