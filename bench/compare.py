@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bench.report import TOTAL, write_json
+from bench.report import TOTAL, figure_at, write_json
 from bench.services import OWN_BIN_DIR, SERVICES
 
 if TYPE_CHECKING:
@@ -112,22 +112,13 @@ def checked_out(ref: str) -> Iterator[tuple[Path, str]]:
             _git("worktree", "prune")
 
 
-def _figure(document: dict[str, Any], path: tuple[str, ...]) -> float | None:
-    value: Any = document
-    for key in path:
-        if not isinstance(value, dict) or key not in value:
-            return None
-        value = value[key]
-    return float(value) if isinstance(value, int | float) else None
-
-
 def comparison(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per figure: each run's value, the median of each side and the ratio new/old of the
     medians (None where a side has no value or the old median is 0)."""
     rows = []
     for label, path, higher_is_better in FIGURES:
-        old_values = [v for v in (_figure(d, path) for d in old) if v is not None]
-        new_values = [v for v in (_figure(d, path) for d in new) if v is not None]
+        old_values = [v for v in (figure_at(d, path) for d in old) if v is not None]
+        new_values = [v for v in (figure_at(d, path) for d in new) if v is not None]
         old_median = statistics.median(old_values) if old_values else None
         new_median = statistics.median(new_values) if new_values else None
         ratio = round(new_median / old_median, 3) if old_median and new_median is not None else None

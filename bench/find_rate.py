@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from bench.report import TOTAL, write_json
+from bench.report import TOTAL, figure_at, write_json
 
 if TYPE_CHECKING:
     from bench.run import Options
@@ -40,52 +40,46 @@ class Step:
     """One run of the search and its verdict."""
 
     rate: float  # offered notifications/s asked for
-    offered: float  # as measured
-    sustained: float
-    push_p50_ms: float
-    push_p99_ms: float
-    cpu_ms: float  # CPU per notification, all processes
-    busy_percent: float
-    others_percent: float
+    # As measured; None where the run's document has no such figure.
+    offered: float | None
+    sustained: float | None
+    push_p50_ms: float | None
+    push_p99_ms: float | None
+    cpu_ms: float | None  # CPU per notification, all processes
+    busy_percent: float | None
+    others_percent: float | None
     status: int  # the run's exit status: 0 complete, 1 lost/duplicated/unexpected, 2 not drained
     passed: bool
     why: str  # what failed it ("" when it passed)
 
 
-def _number(document: dict[str, Any], *path: str) -> float:
-    value: Any = document
-    for key in path:
-        value = value.get(key, {}) if isinstance(value, dict) else {}
-    return float(value) if isinstance(value, int | float) else math.nan
-
-
-def _missing(value: object) -> bool:
-    return isinstance(value, float) and math.isnan(value)
+def _text(figure: float | None, style: str = "{:g}") -> str:
+    return "n/a" if figure is None else style.format(figure)
 
 
 def judge(rate: float, document: dict[str, Any], status: int, *, p99_bound_ms: float) -> Step:
     """The verdict of the run at `rate` whose document and exit status are given."""
-    offered = _number(document, "notifications", "offered_per_s")
-    sustained = _number(document, "notifications", "sustained_per_s")
-    p99 = _number(document, "latency_ms", "push", "p99")
+    offered = figure_at(document, ("notifications", "offered_per_s"))
+    sustained = figure_at(document, ("notifications", "sustained_per_s"))
+    p99 = figure_at(document, ("latency_ms", "push", "p99"))
     reasons = []
     if status == 1:
         reasons.append("lost, repeated or unexpected notifications")
     elif status != 0:
         reasons.append("not drained")
-    if not sustained >= SUSTAINED_SHARE * offered:  # also when either is missing (NaN)
-        reasons.append(f"sustained {sustained:g} of {offered:g} offered")
-    if not p99 <= p99_bound_ms:
-        reasons.append(f"p99 {p99:g} ms > {p99_bound_ms:g} ms")
+    if sustained is None or offered is None or sustained < SUSTAINED_SHARE * offered:
+        reasons.append(f"sustained {_text(sustained)} of {_text(offered)} offered")
+    if p99 is None or p99 > p99_bound_ms:
+        reasons.append(f"p99 {_text(p99)} ms > {p99_bound_ms:g} ms")
     return Step(
         rate=rate,
         offered=offered,
         sustained=sustained,
-        push_p50_ms=_number(document, "latency_ms", "push", "p50"),
+        push_p50_ms=figure_at(document, ("latency_ms", "push", "p50")),
         push_p99_ms=p99,
-        cpu_ms=_number(document, "cpu", "per_notification_ms", TOTAL),
-        busy_percent=_number(document, "cpu", "machine_busy_percent"),
-        others_percent=_number(document, "cpu", "others_percent"),
+        cpu_ms=figure_at(document, ("cpu", "per_notification_ms", TOTAL)),
+        busy_percent=figure_at(document, ("cpu", "machine_busy_percent")),
+        others_percent=figure_at(document, ("cpu", "others_percent")),
         status=status,
         passed=not reasons,
         why="; ".join(reasons),
@@ -137,11 +131,12 @@ def _print_steps(steps: Sequence[Step], *, p99_bound_ms: float) -> None:
         table.append(
             (
                 f"{step.rate:g}",
-                f"{step.offered:g}",
-                f"{step.sustained:g}",
-                f"{step.push_p50_ms:g} / {step.push_p99_ms:g}",
-                f"{step.cpu_ms:.3f}",
-                f"{step.busy_percent:.0f} % ({step.others_percent:.0f} % others)",
+                _text(step.offered),
+                _text(step.sustained),
+                f"{_text(step.push_p50_ms)} / {_text(step.push_p99_ms)}",
+                _text(step.cpu_ms, "{:.3f}"),
+                f"{_text(step.busy_percent, '{:.0f}')} % "
+                f"({_text(step.others_percent, '{:.0f}')} % others)",
                 verdict,
             )
         )
@@ -181,10 +176,7 @@ async def run_find_rate(options: Options) -> int:
             "command": options.command,
             "p99_bound_ms": options.p99_bound_ms,
             "duration_s": options.duration,
-            "steps": [
-                {key: None if _missing(value) else value for key, value in asdict(step).items()}
-                for step in steps
-            ],
+            "steps": [asdict(step) for step in steps],
             "carried_per_s": passed,
             "lowest_failure_per_s": failed,
         },

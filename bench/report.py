@@ -18,6 +18,17 @@ TOTAL = "total"
 POSTGRES_GROUP = "postgres (our backends)"
 
 
+def figure_at(document: Mapping[str, Any], path: Sequence[str]) -> float | None:
+    """The number at `path` (keys, outermost first) in a run's document; None where there is
+    none (a figure the run did not measure, or a document of an older version)."""
+    value: Any = document
+    for key in path:
+        if not isinstance(value, Mapping) or key not in value:
+            return None
+        value = value[key]
+    return float(value) if isinstance(value, int | float) else None
+
+
 def percentile(values: Sequence[float], fraction: float) -> float:
     """Nearest-rank percentile of already sorted `values` (0 when there are none)."""
     if not values:

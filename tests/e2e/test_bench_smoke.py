@@ -13,31 +13,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_a_small_benchmark_run_completes_with_nothing_lost_or_duplicated(tmp_path: Path) -> None:
+def run_bench(*args: str, out: Path, timeout: float = 150) -> subprocess.CompletedProcess[str]:
+    """`python -m bench ARGS --out OUT` from the repository's root; fails the test, with the
+    output's tail, when the command does not exit 0."""
     completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "--count",
-            "20",
-            "--rooms",
-            "2",
-            "--rate",
-            "90",
-            "--duration",
-            "30",
-            "--drain-timeout",
-            "45",
-            "--out",
-            str(tmp_path),
-        ],
+        [sys.executable, "-m", "bench", *args, "--out", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=150,
+        timeout=timeout,
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    return completed
+
+
+def test_a_small_benchmark_run_completes_with_nothing_lost_or_duplicated(tmp_path: Path) -> None:
+    completed = run_bench(
+        *("--count", "20", "--rooms", "2", "--rate", "90", "--duration", "30"),
+        *("--drain-timeout", "45"),
+        out=tmp_path,
+    )
 
     [report_file] = tmp_path.glob("*.json")
     report = json.loads(report_file.read_text())
@@ -83,28 +78,10 @@ def test_a_small_benchmark_run_completes_with_nothing_lost_or_duplicated(tmp_pat
 def test_a_small_chat_run_decides_every_recipient_and_sends_what_it_decided(
     tmp_path: Path,
 ) -> None:
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "--scenario",
-            "chat",
-            "--count",
-            "60",
-            "--rooms",
-            "2",
-            "--drain-timeout",
-            "45",
-            "--out",
-            str(tmp_path),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=150,
+    run_bench(
+        *("--scenario", "chat", "--count", "60", "--rooms", "2", "--drain-timeout", "45"),
+        out=tmp_path,
     )
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
 
     [report_file] = tmp_path.glob("*.json")
     figures = json.loads(report_file.read_text())["chat"]
@@ -120,32 +97,12 @@ def test_a_small_chat_run_decides_every_recipient_and_sends_what_it_decided(
 
 
 def test_a_short_rate_search_runs_each_step_and_reports_its_verdicts(tmp_path: Path) -> None:
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "--find-rate",
-            "--rate",
-            "45",
-            "--duration",
-            "2",
-            "--find-steps",
-            "2",
-            "--rooms",
-            "2",
-            "--no-calibration",
-            "--drain-timeout",
-            "45",
-            "--out",
-            str(tmp_path),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    completed = run_bench(
+        *("--find-rate", "--rate", "45", "--duration", "2", "--find-steps", "2"),
+        *("--rooms", "2", "--no-calibration", "--drain-timeout", "45"),
+        out=tmp_path,
         timeout=300,
     )
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
 
     [search_file] = tmp_path.glob("*-find-rate.json")
     search = json.loads(search_file.read_text())

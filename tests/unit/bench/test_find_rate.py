@@ -61,7 +61,8 @@ def test_a_run_without_figures_fails_rather_than_passes() -> None:
     verdict = judge(1000, {}, 0, p99_bound_ms=250)
 
     assert not verdict.passed
-    assert math.isnan(verdict.push_p99_ms)
+    assert verdict.push_p99_ms is None
+    assert verdict.why == "sustained n/a of n/a offered; p99 n/a ms > 250 ms"
 
 
 def test_the_search_climbs_until_a_failure_then_narrows_the_gap() -> None:
