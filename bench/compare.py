@@ -47,6 +47,7 @@ FIGURES: tuple[tuple[str, tuple[str, ...], bool], ...] = (
     ("lanes: 201 → direct push p99 (ms)", ("lanes", "direct_push_p99_ms"), False),
     ("calibration: Python loop (ms)", ("calibration", "python_loop_ms"), False),
     ("calibration: aio-pika (messages/s)", ("calibration", "amqp_messages_per_s"), True),
+    ("calibration: PostgreSQL (commits/s)", ("calibration", "postgres_commits_per_s"), True),
 )
 
 

@@ -2,7 +2,8 @@
 
 1. a private RabbitMQ vhost (on the machine's node, or with `--cluster` on a private three-node
    cluster: `bench.broker`) and one PostgreSQL database per service on the machine's server;
-2. the calibration (a fixed Python loop, a raw aio-pika loop in that vhost: `bench.calibrate`);
+2. the calibration (a fixed Python loop, a raw aio-pika loop in that vhost, a PostgreSQL commit
+   loop: `bench.calibrate`);
 3. the lean FCM + SMTP servers (`bench.fakes`) in a process of their own;
 4. the four services as processes (their production defaults, plus `--env`), PUSH_PROVIDER=fcm
    and EMAIL_BACKEND=smtp pointed at those servers, from the working tree's console scripts or,
@@ -691,8 +692,10 @@ async def run_once(
             )
         calibration: dict[str, Any] = {}
         if options.calibrate:
-            _say("calibrating (a fixed Python loop, then aio-pika on this vhost)")
-            calibration = (await calibrate(stack.rabbit_url)).as_dict()
+            _say("calibrating (a fixed Python loop, aio-pika on this vhost, PostgreSQL commits)")
+            calibration = (
+                await calibrate(stack.rabbit_url, _pg(stack.databases["notification-router"]))
+            ).as_dict()
         endpoints = await stack.start_fakes(
             fcm_latency=options.fcm_latency, fcm_concurrency=options.fcm_concurrency
         )

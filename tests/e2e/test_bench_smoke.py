@@ -67,8 +67,10 @@ def test_a_small_benchmark_run_completes_with_nothing_lost_or_duplicated(tmp_pat
     assert (report["drain"]["reason"], report["drain"]["settled"]) == ("all delivered", True)
     assert report["calibration"]["python_loop_ms"] > 0
     assert report["calibration"]["amqp_messages_per_s"] > 0
+    assert report["calibration"]["postgres_commits_per_s"] > 0
     assert "ms/notification" in completed.stdout
     assert "calibration: aio-pika loop" in completed.stdout
+    assert "calibration: PostgreSQL loop" in completed.stdout
     assert Path(report["chart"]).stat().st_size > 0
     assert report["service_exit_codes"] == dict.fromkeys(
         ["message-service", "notification-router", "push-sender", "email-sender"], 0
