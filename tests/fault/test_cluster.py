@@ -393,6 +393,8 @@ async def test_herald_loses_nothing_when_the_node_with_most_queue_leaders_is_kil
         unready=len(unready),
         ready_s=f"{ready_s:.1f}",
         last_unready=",".join(sorted(last_unready(samples))),
+        # connection attempts, channel or consumer restores that failed, in every process
+        client_failures=sum("failed" in line for line in connection_lines(herald, herald.services)),
         # the longest time without a push or e-mail sent while the node was down, and when
         stall_s=stall,
         boot_s=f"{boot_s:.1f}",

@@ -121,6 +121,11 @@ def configure_logging(
     logging.basicConfig(level=settings.log_level, handlers=[handler], force=True)
     # aiosqlite logs every statement with its parameters (addresses, tokens) at DEBUG.
     logging.getLogger("aiosqlite").setLevel(max(logging.INFO, logging.getLogger().level))
+    # aio-pika's robust channel says only at DEBUG that it could not restore a channel or a
+    # consumer the server cancelled (it tries again after the reconnect pause), and that is all
+    # it says at that level: what explains a process that stays unready after a node loss.
+    if logging.getLogger().level <= logging.INFO:
+        logging.getLogger("aio_pika.robust_channel").setLevel(logging.DEBUG)
     # uvicorn's records reach the root handler (`herald_shared.ops.serve` keeps uvicorn from
     # installing its own); its access lines would otherwise show links' query strings.
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):

@@ -42,7 +42,14 @@ class _Settings(ServiceSettings):
 @pytest.fixture
 def restore_logging() -> Iterator[None]:
     """`configure_logging` changes process-wide loggers: put them back after the test."""
-    names = ("", "faststream", "faststream.access.rabbit", "uvicorn.access", "aiosqlite")
+    names = (
+        "",
+        "faststream",
+        "faststream.access.rabbit",
+        "uvicorn.access",
+        "aiosqlite",
+        "aio_pika.robust_channel",
+    )
     saved = {
         name: (
             list(logging.getLogger(name).handlers),
@@ -259,3 +266,20 @@ def test_access_lines_lose_their_query_string() -> None:
     )
     [line] = _parsed(out)
     assert line["message"] == '127.0.0.1:5000 - "GET /unsubscribe HTTP/1.1" 200'
+
+
+@pytest.mark.usefixtures("restore_logging")
+@pytest.mark.parametrize(("level", "written"), [("INFO", True), ("WARNING", False)])
+def test_a_channel_or_consumer_aio_pika_could_not_restore_is_logged(
+    level: str, written: bool
+) -> None:
+    out = io.StringIO()
+    configure_logging(_Settings(log_format="json", log_level=level), "push-sender", stream=out)
+    # What aio-pika 10.2.1's robust channel logs, at DEBUG, when a restore fails.
+    logging.getLogger("aio_pika.robust_channel").debug(
+        "Consumer recovery failed for %r; retrying", "<Queue(push_notifications)>"
+    )
+    lines = _parsed(out)
+    assert [line["message"] for line in lines] == (
+        ["Consumer recovery failed for '<Queue(push_notifications)>'; retrying"] if written else []
+    )
