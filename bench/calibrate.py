@@ -31,7 +31,6 @@ AMQP_BODY = b'{"calibration": true, "padding": "' + b"x" * 200 + b'"}'
 AMQP_QUEUE = "bench.calibration"
 AMQP_TIMEOUT = 120.0
 POSTGRES_SECONDS = 2.0
-POSTGRES_TABLE = "bench_calibration"
 POSTGRES_CREATE = "CREATE TABLE bench_calibration (id bigint PRIMARY KEY, body text NOT NULL)"
 POSTGRES_INSERT = "INSERT INTO bench_calibration (id, body) VALUES ($1, $2)"
 POSTGRES_DROP = "DROP TABLE bench_calibration"
