@@ -177,12 +177,32 @@ async def publish_event(
     A publish whose connection is lost under it (before or while its confirm is awaited), or
     that is nacked, is published again until `timeout` (`publish_confirmed`).
     """
-    correlation = correlation_id or consumed_correlation_id.get() or str(event.event_id)
+    await publish_json(
+        publisher,
+        event,
+        message_id=str(event.event_id),
+        timeout=timeout,
+        correlation_id=correlation_id,
+    )
+
+
+async def publish_json(
+    publisher: RabbitPublisher,
+    body: Event | bytes,
+    *,
+    message_id: str,
+    timeout: float,
+    correlation_id: str | None = None,
+) -> None:
+    """`publish_event` for an event given as a model or already as its JSON (the outbox relay
+    publishes the JSON it stored, rather than parsing and serialising it again); `message_id`
+    is the event's id."""
+    correlation = correlation_id or consumed_correlation_id.get() or message_id
 
     async def publish() -> None:
         await publisher.publish(
-            event,
-            message_id=str(event.event_id),
+            body,
+            message_id=message_id,
             correlation_id=correlation,
             content_type="application/json",
             timeout=timeout,

@@ -17,6 +17,7 @@ from sqlmodel import col, select
 from herald_shared.broker import RabbitSettings
 from herald_shared.database import run_migrations
 from herald_shared.events import (
+    EVENT_ADAPTER,
     Event,
     Platform,
     UserUpdated,
@@ -48,11 +49,12 @@ class FakePublisher:
         self.failing = False
         self.calls = 0
 
-    async def publish(self, message: Event, **kwargs: Any) -> None:
+    async def publish(self, message: bytes, **kwargs: Any) -> None:
         self.calls += 1
         if self.failing:
             raise ConnectionError("broker unreachable")
-        self.events.append({"event": message, **kwargs})
+        # The relay publishes the JSON it stored: parsed here, so that tests compare events.
+        self.events.append({"event": EVENT_ADAPTER.validate_json(message), **kwargs})
 
 
 @pytest.fixture
@@ -91,7 +93,7 @@ def make_relay(
         **overrides,
     }
     return OutboxRelay(
-        sessions=runtime.sessions,
+        engine=runtime.engine,
         publishers={"new_message": fake, "user_updated": fake},
         metrics=OutboxMetrics(registry),
         **options,
@@ -285,7 +287,7 @@ async def test_session_scope_nudges_only_after_an_outbox_write(runtime: MessageS
     nudges: list[bool] = []
 
     async with session_scope(runtime.sessions, lambda: nudges.append(True)) as session:
-        await repository.pending_stats(session)
+        await repository.pending_stats(await session.connection())
     assert nudges == []
 
     async def failing_use_case() -> None:

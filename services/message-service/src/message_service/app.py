@@ -266,7 +266,7 @@ def build_service(
     sessions = async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
     broker, publishers = _broker(settings, registry, tracer_provider)
     relay = OutboxRelay(
-        sessions=sessions,
+        engine=engine,
         publishers=publishers,
         metrics=OutboxMetrics(registry),
         publish_timeout=settings.rabbitmq.publish_timeout,

@@ -26,16 +26,17 @@ from typing import Protocol
 import pydantic
 from faststream.rabbit.publisher import RabbitPublisher
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from herald_shared.database import autocommit
 from herald_shared.events import EVENT_ADAPTER, utc_now
 from herald_shared.logs import ids_from_body, log_context
-from herald_shared.publishing import publish_event
+from herald_shared.publishing import publish_json
 from herald_shared.retry import describe_error
 from herald_shared.tracing import continued_trace
 from message_service import repository
-from message_service.models import OutboxEvent
+from message_service.repository import PendingEvent
 
 logger = logging.getLogger("message_service.outbox")
 
@@ -108,7 +109,7 @@ class OutboxRelay:
     def __init__(
         self,
         *,
-        sessions: async_sessionmaker[AsyncSession],
+        engine: AsyncEngine,
         publishers: Mapping[str, RabbitPublisher],
         metrics: OutboxMetrics,
         publish_timeout: float,
@@ -117,7 +118,7 @@ class OutboxRelay:
         max_backoff: float = 30.0,
         retention: float = 86400.0,
     ) -> None:
-        self._sessions = sessions
+        self._engine = engine
         self._publishers = dict(publishers)
         self._metrics = metrics
         self._publish_timeout = publish_timeout
@@ -185,30 +186,30 @@ class OutboxRelay:
 
     async def publish_pending(self) -> BatchResult:
         """One cycle: claim, publish every row at once, mark, commit."""
-        async with self._sessions() as session:
-            rows = await repository.claim_pending(session, limit=self._batch_size)
-            if not await repository.claims_lock_rows(session):
+        async with self._engine.connect() as connection:
+            rows = await repository.claim_pending(connection, limit=self._batch_size)
+            if not repository.claims_lock_rows(connection):
                 # SQLite: a transaction holds the whole database, so it must not stay open while
                 # a publish waits for a broker that is down (every request would wait too). One
                 # relay per SQLite file, so nothing else can claim these rows meanwhile.
-                await session.commit()
+                await connection.commit()
             outcomes = await asyncio.gather(*(self._publish_in_context(row) for row in rows))
             published = [
-                row.seq or 0 for row, failure in zip(rows, outcomes, strict=True) if not failure
+                row.seq for row, failure in zip(rows, outcomes, strict=True) if not failure
             ]
             failures = [
-                (row.seq or 0, failure)
+                (row.seq, failure)
                 for row, failure in zip(rows, outcomes, strict=True)
                 if failure is not None
             ]
-            await repository.mark_published(session, seqs=published, at=utc_now())
+            await repository.mark_published(connection, seqs=published, at=utc_now())
             for seq, failure in failures:
-                await repository.record_failure(session, seq=seq, error=failure.error)
-            await session.commit()
+                await repository.record_failure(connection, seq=seq, error=failure.error)
+            await connection.commit()
         broker_failed = any(failure.broker for _, failure in failures)
         return BatchResult(claimed=len(rows), published=len(published), failed=broker_failed)
 
-    async def _publish_in_context(self, row: OutboxEvent) -> _Failure | None:
+    async def _publish_in_context(self, row: PendingEvent) -> _Failure | None:
         """Within the trace of the request that staged the row, with its ids in the logs."""
         with (
             log_context(**ids_from_body(row.payload.encode()), correlation_id=row.event_id),
@@ -216,11 +217,12 @@ class OutboxRelay:
         ):
             return await self._publish(row)
 
-    async def _publish(self, row: OutboxEvent) -> _Failure | None:
-        """Publish one row; None on success."""
+    async def _publish(self, row: PendingEvent) -> _Failure | None:
+        """Publish one row; None on success. What goes out is the stored JSON itself, once it
+        has been validated as an event (a row that is not one must not reach a consumer)."""
         publisher = self._publishers.get(row.event_type)
         try:
-            event = EVENT_ADAPTER.validate_json(row.payload)
+            EVENT_ADAPTER.validate_json(row.payload)
         except pydantic.ValidationError as exc:
             publisher, error = None, describe_error(exc)
         else:
@@ -235,7 +237,12 @@ class OutboxRelay:
             self._metrics.failed.labels(row.event_type).inc()
             return _Failure(error, broker=False)
         try:
-            await publish_event(publisher, event, timeout=self._publish_timeout)
+            await publish_json(
+                publisher,
+                row.payload.encode(),
+                message_id=str(row.event_id),
+                timeout=self._publish_timeout,
+            )
         except Exception as exc:
             error = describe_error(exc)
             logger.warning(
@@ -254,17 +261,18 @@ class OutboxRelay:
         return None
 
     async def refresh_gauges(self) -> None:
-        async with self._sessions() as session:
-            count, oldest = await repository.pending_stats(session)
+        async with autocommit(self._engine) as connection:
+            count, oldest = await repository.pending_stats(connection)
         self._metrics.pending.set(count)
         age = 0.0 if oldest is None else max(0.0, (utc_now() - oldest).total_seconds())
         self._metrics.oldest_pending_age.set(age)
 
     async def purge(self) -> int:
         """Delete published rows older than the retention (they hold personal data)."""
-        async with self._sessions() as session:
-            deleted = await repository.purge_published(session, before=utc_now() - self._retention)
-            await session.commit()
+        async with self._engine.begin() as connection:
+            deleted = await repository.purge_published(
+                connection, before=utc_now() - self._retention
+            )
         if deleted:
             logger.info("message_service.outbox.purged rows=%d", deleted)
         return deleted

@@ -857,9 +857,9 @@ def add_outbox_event(session: AsyncSession, *, event: Event, event_type: str) ->
     return row
 
 
-async def claims_lock_rows(session: AsyncSession) -> bool:
+def claims_lock_rows(connection: AsyncConnection) -> bool:
     """Whether `claim_pending` keeps its rows locked until the transaction ends."""
-    return await _dialect(session) == "postgresql"
+    return connection.dialect.name == "postgresql"
 
 
 # The relay's transactions say so (`application_name`): they only update and delete outbox
@@ -868,57 +868,80 @@ async def claims_lock_rows(session: AsyncSession) -> bool:
 RELAY_APPLICATION_NAME = "herald-outbox-relay"
 
 
-async def claim_pending(session: AsyncSession, *, limit: int) -> Sequence[OutboxEvent]:
+@dataclass(frozen=True)
+class PendingEvent:
+    """An outbox row the relay claimed: what it needs to publish the event and to say so."""
+
+    seq: int
+    event_id: uuid.UUID
+    event_type: str
+    payload: str
+    attempts: int
+    traceparent: str | None
+
+
+# The relay takes every cycle, so its statements are built once, in SQLAlchemy Core: no session,
+# identity map or ORM-enabled update per cycle (they were most of the relay's CPU).
+_NAME_RELAY = text("SELECT set_config('application_name', :name, true)")
+_CLAIM_PENDING = (
+    core_select(
+        _outbox.c.seq,
+        _outbox.c.event_id,
+        _outbox.c.event_type,
+        _outbox.c.payload,
+        _outbox.c.attempts,
+        _outbox.c.traceparent,
+    )
+    .where(_outbox.c.published_at.is_(None))
+    .order_by(_outbox.c.seq)
+    .limit(bindparam("limit"))
+)
+# PostgreSQL: locked until the transaction ends, and skipped by other relays meanwhile.
+_CLAIM_PENDING_LOCKED = _CLAIM_PENDING.with_for_update(skip_locked=True)
+_MARK_PUBLISHED = (
+    update(_outbox)
+    .where(_outbox.c.seq.in_(bindparam("seqs", expanding=True)))
+    .values(published_at=bindparam("at"), attempts=_outbox.c.attempts + 1, last_error=None)
+)
+_RECORD_FAILURE = (
+    update(_outbox)
+    .where(_outbox.c.seq == bindparam("failed_seq"))
+    .values(attempts=_outbox.c.attempts + 1, last_error=bindparam("error"))
+)
+
+
+async def claim_pending(connection: AsyncConnection, *, limit: int) -> list[PendingEvent]:
     """The oldest unpublished rows. On PostgreSQL they stay locked until the transaction ends and
     other relays skip them, so two replicas never publish the same row at the same time."""
-    if await _dialect(session) == "postgresql":
-        connection = await session.connection()
-        await connection.execute(
-            text("SELECT set_config('application_name', :name, true)"),
-            {"name": RELAY_APPLICATION_NAME},
-        )
-    statement = (
-        select(OutboxEvent)
-        .where(col(OutboxEvent.published_at).is_(None))
-        .order_by(col(OutboxEvent.seq))
-        .limit(limit)
-    )
-    if await _dialect(session) == "postgresql":
-        statement = statement.with_for_update(skip_locked=True)
-    return (await session.exec(statement)).all()
+    if claims_lock_rows(connection):
+        await connection.execute(_NAME_RELAY, {"name": RELAY_APPLICATION_NAME})
+        statement = _CLAIM_PENDING_LOCKED
+    else:
+        statement = _CLAIM_PENDING
+    result = await connection.execute(statement, {"limit": limit})
+    return [PendingEvent(**row._mapping) for row in result]
 
 
-async def mark_published(session: AsyncSession, *, seqs: Sequence[int], at: datetime) -> None:
+async def mark_published(connection: AsyncConnection, *, seqs: Sequence[int], at: datetime) -> None:
     if seqs:
-        statement = (
-            update(OutboxEvent)
-            .where(col(OutboxEvent.seq).in_(seqs))
-            .values(published_at=at, attempts=OutboxEvent.attempts + 1, last_error=None)
-        )
-        await session.exec(statement)
+        await connection.execute(_MARK_PUBLISHED, {"seqs": list(seqs), "at": at})
 
 
-async def record_failure(session: AsyncSession, *, seq: int, error: str) -> None:
-    statement = (
-        update(OutboxEvent)
-        .where(col(OutboxEvent.seq) == seq)
-        .values(attempts=OutboxEvent.attempts + 1, last_error=error)
-    )
-    await session.exec(statement)
+async def record_failure(connection: AsyncConnection, *, seq: int, error: str) -> None:
+    await connection.execute(_RECORD_FAILURE, {"failed_seq": seq, "error": error})
 
 
-async def pending_stats(session: AsyncSession) -> tuple[int, datetime | None]:
+async def pending_stats(connection: AsyncConnection) -> tuple[int, datetime | None]:
     """How many rows wait, and since when the oldest one does."""
-    statement = select(func.count(), func.min(OutboxEvent.created_at)).where(
-        col(OutboxEvent.published_at).is_(None)
+    statement = core_select(func.count(), func.min(_outbox.c.created_at)).where(
+        _outbox.c.published_at.is_(None)
     )
-    count, oldest = (await session.exec(statement)).one()
+    count, oldest = (await connection.execute(statement)).one()
     return int(count), oldest
 
 
-async def purge_published(session: AsyncSession, *, before: datetime) -> int:
-    statement = delete(OutboxEvent).where(col(OutboxEvent.published_at) < before)
-    result = await session.exec(statement)
+async def purge_published(connection: AsyncConnection, *, before: datetime) -> int:
+    result = await connection.execute(delete(_outbox).where(_outbox.c.published_at < before))
     return int(result.rowcount)
 
 
