@@ -157,7 +157,7 @@ async def test_a_failed_publish_keeps_its_row_pending_and_backs_off(
     await stage(runtime, events)
 
     class FailsSecond(FakePublisher):
-        async def publish(self, message: Event, **kwargs: Any) -> None:
+        async def publish(self, message: bytes, **kwargs: Any) -> None:
             self.failing = self.calls == 1
             await super().publish(message, **kwargs)
 
