@@ -84,6 +84,11 @@ class DeliveryStatus(StrEnum):
 FINAL_STATUSES = frozenset({DeliveryStatus.DELIVERED, DeliveryStatus.FAILED})
 REASON_LENGTH = 200  # the width of the reason column
 CODE_LENGTH = 16  # the width of the status, failure and provider columns
+# Percent of a ledger page that inserts fill (PostgreSQL): the rest is room for the new versions
+# of its rows. Every delivery's row is updated after its insert (claimed, settled, reported), and
+# on a full page each update writes the new version elsewhere and a new entry in every index;
+# with room on the page it stays there, without index entries (a heap-only tuple).
+LEDGER_FILLFACTOR = 70
 
 
 def _key_columns() -> list[Column[Any]]:
@@ -148,6 +153,7 @@ def delivery_ledger_table(
         *extra_columns,
         *_state_columns(),
         *constraints,
+        postgresql_with={"fillfactor": LEDGER_FILLFACTOR},
     )
 
 

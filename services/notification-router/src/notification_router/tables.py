@@ -47,6 +47,8 @@ from sqlalchemy import (
     true,
 )
 
+from herald_shared.ledger import LEDGER_FILLFACTOR
+
 metadata = MetaData(
     naming_convention={
         "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -138,6 +140,8 @@ notification_deliveries = Table(
         ondelete="CASCADE",
     ),
     Index("ix_notification_deliveries_message_id_recipient_id", "message_id", "recipient_id"),
+    # Room on each page for the new version of a row that a delivery report updates.
+    postgresql_with={"fillfactor": LEDGER_FILLFACTOR},
 )
 
 presence_connections = Table(
