@@ -88,6 +88,8 @@ CODE_LENGTH = 16  # the width of the status, failure and provider columns
 # of its rows. Every delivery's row is updated after its insert (claimed, settled, reported), and
 # on a full page each update writes the new version elsewhere and a new entry in every index;
 # with room on the page it stays there, without index entries (a heap-only tuple).
+# Changing it takes a new migration in each service with a ledger: a revision keeps the value it
+# applied. (50 was measured too and not kept: docs/performance.md.)
 LEDGER_FILLFACTOR = 70
 
 

@@ -3,9 +3,9 @@
 Functions never commit: the use case in `service.py` owns the transaction. Anything that takes an
 object id together with the acting user checks ownership or membership in the same statement.
 
-The two paths every chat message takes (authenticating its sender, posting it) use SQLAlchemy
-Core on a connection instead of the ORM session: no identity map, no unit of work, statements
-compiled once; they are most of this service's CPU under load.
+The paths every chat message takes (authenticating its sender, posting it, the outbox relay
+publishing its event) use SQLAlchemy Core on a connection instead of the ORM session: no identity
+map, no unit of work, statements compiled once; they are most of this service's CPU under load.
 """
 
 from __future__ import annotations
