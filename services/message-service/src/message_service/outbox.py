@@ -211,18 +211,20 @@ class OutboxRelay:
 
     async def _publish_in_context(self, row: PendingEvent) -> _Failure | None:
         """Within the trace of the request that staged the row, with its ids in the logs."""
+        body = row.payload.encode()
         with (
-            log_context(**ids_from_body(row.payload.encode()), correlation_id=row.event_id),
+            log_context(**ids_from_body(body), correlation_id=row.event_id),
             continued_trace(row.traceparent),
         ):
-            return await self._publish(row)
+            return await self._publish(row, body)
 
-    async def _publish(self, row: PendingEvent) -> _Failure | None:
-        """Publish one row; None on success. What goes out is the stored JSON itself, once it
-        has been validated as an event (a row that is not one must not reach a consumer)."""
+    async def _publish(self, row: PendingEvent, body: bytes) -> _Failure | None:
+        """Publish one row (`body`: its stored JSON); None on success. What goes out is the
+        stored JSON itself, once it has been validated as an event (a row that is not one must
+        not reach a consumer)."""
         publisher = self._publishers.get(row.event_type)
         try:
-            EVENT_ADAPTER.validate_json(row.payload)
+            EVENT_ADAPTER.validate_json(body)
         except pydantic.ValidationError as exc:
             publisher, error = None, describe_error(exc)
         else:
@@ -239,7 +241,7 @@ class OutboxRelay:
         try:
             await publish_json(
                 publisher,
-                row.payload.encode(),
+                body,
                 message_id=str(row.event_id),
                 timeout=self._publish_timeout,
             )

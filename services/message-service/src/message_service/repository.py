@@ -38,7 +38,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from herald_shared.database import autocommit
+from herald_shared.database import AnyOf, autocommit
 from herald_shared.events import Event, InboxItemsUpdated, Trigger, utc_now
 from herald_shared.tracing import current_traceparent
 from message_service.models import (
@@ -900,7 +900,9 @@ _CLAIM_PENDING = (
 _CLAIM_PENDING_LOCKED = _CLAIM_PENDING.with_for_update(skip_locked=True)
 _MARK_PUBLISHED = (
     update(_outbox)
-    .where(_outbox.c.seq.in_(bindparam("seqs", expanding=True)))
+    # One array parameter on PostgreSQL: one statement whatever the batch's size, where an
+    # expanding IN would be a statement (prepared on every pooled connection) per size.
+    .where(AnyOf(_outbox.c.seq, "seqs"))
     .values(published_at=bindparam("at"), attempts=_outbox.c.attempts + 1, last_error=None)
 )
 _RECORD_FAILURE = (
