@@ -333,3 +333,29 @@ async def test_inbox_items_upsert_on_postgres_keeps_the_newest_version(app: Fast
             str(newer[1].message_id): "invitation",
             str(newer[2].message_id): "dm",
         }
+
+
+async def test_inbox_items_of_a_deleted_account_are_dropped_on_postgres(app: FastAPI) -> None:
+    """The deleted-account filter's PostgreSQL form (the user ids as one array): of one event,
+    the deleted user's items are dropped and the other user's kept."""
+    runtime = service_of(app)
+    async with client_for(app) as client:
+        alice, bob = await register(client, "alice"), await register(client, "bob")
+        carol = await register(client, "carol")
+        rooms = [await invite(client, alice, user) for user in (bob, carol, bob)]
+        items = [
+            invitation_for(user, room) for user, room in zip((bob, carol, bob), rooms, strict=True)
+        ]
+        assert (await client.delete("/users/me", headers=carol.headers)).status_code == 204
+
+        async with runtime.sessions() as session:
+            changed = await repository.apply_inbox_items(
+                session, InboxItemsUpdated(version=1, items=items)
+            )
+            await session.commit()
+
+        assert changed == 2
+        assert read_by_id(await inbox(client, bob)) == {
+            str(items[0].message_id): False,
+            str(items[2].message_id): False,
+        }
