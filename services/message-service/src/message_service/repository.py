@@ -437,8 +437,8 @@ async def purge_outbox_of(
 
 
 # One array parameter on PostgreSQL (`AnyOf`): an inbox event names up to 500 users, and as an
-# expanding IN each number of them would be a statement of its own, prepared again and kept in
-# the statement cache of every pooled connection, pushing out the statements of the hot paths.
+# expanding IN each number of them would be a statement of its own, prepared again on every
+# pooled connection and taking a place in its statement cache.
 _DELETED_USERS = core_select(_users.c.id).where(
     AnyOf(_users.c.id, "ids"), _users.c.deleted_at.is_not(None)
 )
