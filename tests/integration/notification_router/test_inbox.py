@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 
 import pytest
 from faststream import TestApp
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 
 from herald_shared.broker import RabbitSettings
 from herald_shared.events import (
@@ -261,3 +261,22 @@ async def test_a_change_waits_one_pass_so_a_decision_and_its_report_go_out_toget
     [(_, item)] = await published_items(rabbit_url)
     assert [push.state for push in by_channel(item, Channel.PUSH)] == [InboxState.SENT]
     assert await changes_left(service) == 0
+
+
+async def test_an_idle_pass_reads_only_the_logs_head(service: RouterService) -> None:
+    """With nothing logged at the previous pass nothing is due, and the relay, which looks
+    every INBOX_RELAY_INTERVAL, says so without a transaction (this test's first pass
+    records the empty log's head)."""
+    assert await service.inbox.relay_once() == 0
+    statements: list[str] = []
+
+    def count(_connection: object, _cursor: object, statement: str, *_: object) -> None:
+        statements.append(statement)
+
+    event.listen(service.engine.sync_engine, "before_cursor_execute", count)
+    try:
+        assert await service.inbox.relay_once() == 0
+    finally:
+        event.remove(service.engine.sync_engine, "before_cursor_execute", count)
+    assert len(statements) == 1
+    assert "max(inbox_changes.seq)" in statements[0]

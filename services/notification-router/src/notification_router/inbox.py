@@ -233,6 +233,10 @@ class InboxRelay:
         (the common case) is published once, not twice."""
         head = await repository.inbox_change_head(self._engine)
         up_to, self._seen = (self._seen, head) if settle else (None, head)
+        if up_to == 0:
+            # The log was empty at the previous pass, so nothing in it is due yet: an idle pass
+            # (every INBOX_RELAY_INTERVAL) is then this one read, not a transaction of two more.
+            return 0
         relayed = 0
         while True:
             taken = await repository.relay_inbox_changes(
