@@ -38,6 +38,7 @@ from herald_shared.metrics import (
     herald_metrics,
     metrics_middleware,
 )
+from herald_shared.publishing import publish_without_drain_wait
 from herald_shared.retry import DeadLetterHooks, RetryPolicy, make_outcome_middleware
 from herald_shared.topology import use_existing_topology
 from herald_shared.tracing import configured_tracer_provider, telemetry_middleware
@@ -338,6 +339,7 @@ def make_broker(
         # Outermost of all: its span is current in everything below (log lines get its ids).
         # Left out without a provider: even with the no-op one it costs ~25 µs per message.
         middlewares.insert(0, telemetry_middleware(tracer_provider))
+    publish_without_drain_wait()
     context = tls_context(settings)
     urls = connection_urls(settings, service_name)
     broker = HeraldBroker(

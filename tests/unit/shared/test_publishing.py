@@ -1,9 +1,11 @@
 """`publish_event` publishes again when its connection is lost under it, and when it is nacked
-after renewing its channel (once for a batch's nacks); nothing else goes out again."""
+after renewing its channel (once for a batch's nacks); nothing else goes out again. A channel
+with confirms does not hold its lock while a publish's frames drain."""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import uuid
 from types import SimpleNamespace
 from typing import Any, cast
@@ -16,9 +18,11 @@ from faststream.rabbit.publisher import RabbitPublisher
 from herald_shared.events import DeviceInvalidated, Event
 from herald_shared.publishing import (
     MIN_RENEWAL_INTERVAL_S,
+    _without_drain_wait,
     is_nack,
     publish_event,
     publish_events,
+    publish_without_drain_wait,
 )
 from herald_shared.topology import routing_key_for
 
@@ -205,3 +209,36 @@ async def test_a_returned_publish_neither_renews_the_channel_nor_goes_out_again(
     with pytest.raises(aiormq.exceptions.PublishError):
         await publish_event(cast(RabbitPublisher, publisher), an_event(), timeout=5)
     assert len(publisher.calls) == 1
+
+
+async def test_a_channel_with_confirms_does_not_wait_for_the_drain() -> None:
+    calls: list[dict[str, Any]] = []
+
+    async def basic_publish(channel: object, body: bytes, **kwargs: Any) -> None:
+        calls.append(kwargs)
+
+    publish = _without_drain_wait(basic_publish)
+    await publish(SimpleNamespace(publisher_confirms=True), b"{}", routing_key="a")
+    await publish(SimpleNamespace(publisher_confirms=False), b"{}", routing_key="b")
+    await publish(SimpleNamespace(publisher_confirms=True), b"{}", routing_key="c", wait=True)
+
+    assert calls == [
+        {"routing_key": "a", "wait": False},
+        {"routing_key": "b"},  # no confirm to wait for: the drain is its only backpressure
+        {"routing_key": "c", "wait": True},
+    ]
+
+
+def test_aiormq_still_publishes_the_way_the_wrapper_expects() -> None:
+    """The wrapper passes `wait` and reads `publisher_confirms`: an aiormq that changes either
+    must fail here, not quietly in production."""
+    publish_without_drain_wait()
+    publish_without_drain_wait()  # installed once, whoever asks again
+    installed = aiormq.Channel.basic_publish
+    assert getattr(installed, "herald_without_drain_wait", False)
+    original = installed.__wrapped__  # type: ignore[attr-defined]
+    assert not getattr(original, "herald_without_drain_wait", False)
+    wait = inspect.signature(original).parameters["wait"]
+    assert wait.kind is inspect.Parameter.KEYWORD_ONLY
+    assert wait.default is True
+    assert "publisher_confirms" in inspect.signature(aiormq.Channel.__init__).parameters
