@@ -61,7 +61,7 @@ def _without_drain_wait(
     three turns of the event loop (the writer task's, the drain's, the next waiter's). On a busy
     loop a turn takes milliseconds: message-service's outbox relay, publishing a batch of 100
     events while the service answered 16 requests at a time, took 1.3-1.7 s over it, against
-    25-40 ms on a quiet loop (docs/performance.md). A confirm comes only once the frames were
+    24-62 ms on a quiet loop (docs/performance.md). A confirm comes only once the frames were
     written, and every Herald publish awaits its confirm, so what is in flight stays bounded by
     the callers' batches; a channel without confirms keeps the drain wait, its only backpressure.
     """
