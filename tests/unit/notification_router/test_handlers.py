@@ -344,12 +344,15 @@ async def test_messages_routed_together_share_one_ledger_transaction_and_their_e
         "RetryableError",
         "NoneType",
     ]
-    # One read of every recipient, then one transaction: one insert of every decision, one of
-    # every job, one upsert of every unread counter.
-    assert statements == [
-        "SELECT recipients",
+    # One read each of the recipients, their presence and their read markers (at once, so in
+    # any order), then one transaction: one insert of every decision, one of every job, one
+    # upsert of every unread counter.
+    assert sorted(statements[:3]) == [
         "SELECT presence_connections",
         "SELECT read_markers",
+        "SELECT recipients",
+    ]
+    assert statements[3:] == [
         "BEGIN",
         "INSERT notifications",
         "INSERT notification_deliveries",
@@ -369,6 +372,45 @@ async def test_messages_routed_together_share_one_ledger_transaction_and_their_e
     )
     assert set(await ledger(service.engine, second.message_id)) == {alice.user_id, bob.user_id}
     assert await ledger(service.engine, waiting.message_id) == {}
+
+
+@pytest.mark.parametrize(
+    ("room_kind", "reads_at_once"), [(RoomKind.DIRECT, 3), (RoomKind.GROUP, 1)]
+)
+async def test_a_batch_with_a_direct_message_reads_its_context_at_once(
+    service: RouterService,
+    monkeypatch: pytest.MonkeyPatch,
+    room_kind: RoomKind,
+    reads_at_once: int,
+) -> None:
+    """The recipients, their presence and their read markers: an urgent batch has the three
+    reads in flight together (one round trip to wait for), room chatter one after another."""
+    in_flight, most = 0, 0
+
+    def counted(read: Any) -> Any:
+        async def run(*args: Any, **kwargs: Any) -> Any:
+            nonlocal in_flight, most
+            in_flight += 1
+            most = max(most, in_flight)
+            try:
+                for _ in range(3):  # a few turns of the loop, as a round trip takes
+                    await asyncio.sleep(0)
+                return await read(*args, **kwargs)
+            finally:
+                in_flight -= 1
+
+        return run
+
+    for name in ("load_recipients", "load_presence", "load_read_markers"):
+        monkeypatch.setattr(repository, name, counted(getattr(repository, name)))
+    alice = user_updated(devices=1)
+    await publish(service.broker, alice)
+
+    message = message_created(recipient_ids=[alice.user_id], room_kind=room_kind)
+    await route_message(message, service.deps)
+
+    assert most == reads_at_once
+    assert set(await ledger(service.engine, message.message_id)) == {alice.user_id}
 
 
 async def test_messages_delivered_at_once_are_each_acknowledged_or_retried(
