@@ -344,9 +344,9 @@ async def test_messages_routed_together_share_one_ledger_transaction_and_their_e
         "RetryableError",
         "NoneType",
     ]
-    # One read each of the recipients, their presence and their read markers (at once, so in
-    # any order), then one transaction: one insert of every decision, one of every job, one
-    # upsert of every unread counter.
+    # One read each of the recipients, their presence and their read markers (in any order: a
+    # batch with an urgent message makes them at once), then one transaction: one insert of
+    # every decision, one of every job, one upsert of every unread counter.
     assert sorted(statements[:3]) == [
         "SELECT presence_connections",
         "SELECT read_markers",
