@@ -31,55 +31,56 @@ metadata = MetaData()
 probe = Table("probe", metadata, Column("id", Uuid, primary_key=True), Column("name", String))
 LOOKUP = select(probe.c.id, probe.c.name).where(probe.c.id == bindparam("p_id"))
 
-Way = Callable[[int], Awaitable[object]]
+Call = Callable[[int], Awaitable[object]]
 
 
-def _ways(engine: AsyncEngine, ids: list[uuid.UUID]) -> dict[str, Way]:
-    async def standalone(n: int) -> object:
-        async with autocommit(engine) as connection:
-            return (await connection.execute(LOOKUP, {"p_id": ids[n % ROWS]})).one()
-
-    async def in_a_transaction(n: int) -> object:
-        async with engine.begin() as connection:
-            return (await connection.execute(LOOKUP, {"p_id": ids[n % ROWS]})).one()
-
-    return {
-        "autocommit(engine), one statement per checkout": standalone,
-        "engine.begin(), one statement per transaction": in_a_transaction,
-    }
-
-
-async def _per_statement(way: Way, rounds: int) -> float:
+async def _cpu_per_call(call: Call, rounds: int) -> float:
+    """The Python CPU of one `call`, averaged over `rounds` after a warm-up."""
     for n in range(WARM_UP):
-        await way(n)
+        await call(n)
     started = time.process_time()
     for n in range(rounds):
-        await way(n)
+        await call(n)
     return (time.process_time() - started) / rounds
 
 
-async def _on_one_connection(engine: AsyncEngine, ids: list[uuid.UUID], rounds: int) -> float:
+async def _costs(engine: AsyncEngine, ids: list[uuid.UUID], rounds: int) -> dict[str, float]:
+    def params(n: int) -> dict[str, uuid.UUID]:
+        return {"p_id": ids[n % ROWS]}
+
+    async def standalone(n: int) -> object:
+        async with autocommit(engine) as connection:
+            return (await connection.execute(LOOKUP, params(n))).one()
+
+    async def in_a_transaction(n: int) -> object:
+        async with engine.begin() as connection:
+            return (await connection.execute(LOOKUP, params(n))).one()
+
+    costs = {
+        "autocommit(engine), one statement per checkout": await _cpu_per_call(standalone, rounds),
+        "engine.begin(), one statement per transaction": await _cpu_per_call(
+            in_a_transaction, rounds
+        ),
+    }
     async with autocommit(engine) as connection:
-        for n in range(WARM_UP):
-            (await connection.execute(LOOKUP, {"p_id": ids[n % ROWS]})).one()
-        started = time.process_time()
-        for n in range(rounds):
-            (await connection.execute(LOOKUP, {"p_id": ids[n % ROWS]})).one()
-        return (time.process_time() - started) / rounds
 
+        async def next_on_it(n: int) -> object:
+            return (await connection.execute(LOOKUP, params(n))).one()
 
-async def _asyncpg_alone(engine: AsyncEngine, ids: list[uuid.UUID], rounds: int) -> float:
-    sql = "SELECT probe.id, probe.name FROM probe WHERE probe.id = $1"
+        costs["autocommit(engine), the next statement on it"] = await _cpu_per_call(
+            next_on_it, rounds
+        )
     async with engine.connect() as connection:
         driver = (await connection.get_raw_connection()).driver_connection
         if driver is None:
             raise RuntimeError("the pooled connection has no driver connection")
-        for n in range(WARM_UP):
-            await driver.fetchrow(sql, ids[n % ROWS])
-        started = time.process_time()
-        for n in range(rounds):
-            await driver.fetchrow(sql, ids[n % ROWS])
-        return (time.process_time() - started) / rounds
+        sql = str(LOOKUP.compile(dialect=engine.dialect))  # the same statement, as asyncpg takes it
+
+        async def driver_alone(n: int) -> object:
+            return await driver.fetchrow(sql, ids[n % ROWS])
+
+        costs["asyncpg alone, on a connection it holds"] = await _cpu_per_call(driver_alone, rounds)
+    return costs
 
 
 async def _main(rounds: int) -> None:
@@ -91,15 +92,7 @@ async def _main(rounds: int) -> None:
             await connection.run_sync(metadata.create_all)
             await connection.execute(insert(probe), [{"id": id_, "name": "x"} for id_ in ids])
         print(f"statement cost: a primary-key lookup, {rounds} times each way (Python CPU)")
-        ways = _ways(engine, ids)
-        results = {label: await _per_statement(way, rounds) for label, way in ways.items()}
-        results["autocommit(engine), the next statement on it"] = await _on_one_connection(
-            engine, ids, rounds
-        )
-        results["asyncpg alone, on a connection it holds"] = await _asyncpg_alone(
-            engine, ids, rounds
-        )
-        for label, seconds in results.items():
+        for label, seconds in (await _costs(engine, ids, rounds)).items():
             print(f"  {label:<50} {seconds * 1e6:6.0f} µs")
     finally:
         await engine.dispose()
