@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -59,7 +60,14 @@ class MicroBatcher(Generic[In, Out]):
     * `max_concurrent`: batches in progress at once (more than one lets a batch wait for its
       I/O while the next is built);
     * `linger`: seconds a batch waits for company when it could start at once: a little latency
-      for fewer, larger batches at moderate rates (never for an urgent item).
+      for fewer, larger batches at moderate rates (never for an urgent item);
+    * `lone_items_linger`: whether an item that came alone (`linger` or more after the one
+      before) lingers too. Off where items come one by one and their spacing says how busy
+      the pipeline is (the router's chat messages): at a moderate rate a batch that waited
+      after a pause would rarely find company, and every wait is latency a user sees. On where
+      items come one per upstream batch (the senders' job events) or in bursts (settling,
+      reports): their spacing stays the same as the load grows, and at saturation they would
+      lose the company that saves their CPU.
     """
 
     def __init__(
@@ -70,6 +78,7 @@ class MicroBatcher(Generic[In, Out]):
         max_size: int,
         max_concurrent: int = 1,
         linger: float = 0.0,
+        lone_items_linger: bool = True,
         size: Callable[[In], int] = lambda _: 1,
     ) -> None:
         if max_size < 1 or max_concurrent < 1 or linger < 0:
@@ -79,6 +88,7 @@ class MicroBatcher(Generic[In, Out]):
         self.max_size = max_size
         self.max_concurrent = max_concurrent
         self.linger = linger
+        self.lone_items_linger = lone_items_linger
         self._size = size
         self._pending: deque[_Pending[In, Out]] = deque()
         self._urgent = 0  # how many of the first pending items are urgent
@@ -87,6 +97,8 @@ class MicroBatcher(Generic[In, Out]):
         # The batch of urgent items only, started beyond `max_concurrent` (see `submit`).
         self._urgent_batch: asyncio.Task[None] | None = None
         self._wake: asyncio.TimerHandle | asyncio.Handle | None = None
+        self._last_arrival = -math.inf  # the event loop's time of the latest `submit`
+        self._alone = True  # the latest item came `linger` or more after the one before
 
     @property
     def in_progress(self) -> int:
@@ -105,6 +117,9 @@ class MicroBatcher(Generic[In, Out]):
         beyond `max_concurrent` (one such batch at a time), so that they never wait for a batch
         of the others to finish: a direct message is not held up by a room of a thousand."""
         pending: _Pending[In, Out] = _Pending(item, max(1, self._size(item)))
+        now = asyncio.get_running_loop().time()
+        self._alone = now - self._last_arrival >= self.linger
+        self._last_arrival = now
         if urgent:
             self._pending.insert(self._urgent, pending)
             self._urgent += 1
@@ -137,7 +152,7 @@ class MicroBatcher(Generic[In, Out]):
             # same turn of the event loop, and should join it. An urgent item does not linger.
             self._cancel_wake()
             loop = asyncio.get_running_loop()
-            if self.linger and not self._urgent:
+            if self.linger and not self._urgent and (self.lone_items_linger or not self._alone):
                 self._wake = loop.call_later(self.linger, self._woken)
             else:
                 self._wake = loop.call_soon(self._woken)

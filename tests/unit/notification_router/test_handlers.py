@@ -20,6 +20,7 @@ from faststream.rabbit import RabbitBroker, TestRabbitBroker
 from sqlalchemy import Connection, event, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from herald_shared.config import BatchSettings
 from herald_shared.events import (
     MAX_ITEMS_PER_EVENT,
     Channel,
@@ -306,6 +307,23 @@ async def test_jobs_above_an_events_size_are_published_in_full_events_and_the_re
             "herald_router_jobs_published_total", {"channel": channel}
         )
         assert published_jobs == 2 * count
+
+
+async def test_a_message_that_comes_alone_is_routed_without_lingering(sqlite_url: str) -> None:
+    """A chat message that comes a linger or more after the one before starts its batch at
+    once: at a moderate rate waiting would rarely find company, and every wait is the push's.
+    (With a linger of a minute, one that waited would not be routed within the test.)"""
+    # `model_construct`: BATCH_LINGER allows at most a second, too short to tell apart here.
+    batch = BatchSettings.model_construct(max_items=1000, concurrency=2, linger=60.0)
+    service = build_service(Settings(database_url=sqlite_url, batch=batch))
+    async with TestRabbitBroker(service.broker), TestApp(service.app):
+        alice = user_updated(devices=1)
+        await publish(service.broker, alice)
+        event = message_created(recipient_ids=[alice.user_id], room_kind=RoomKind.GROUP)
+
+        await asyncio.wait_for(publish(service.broker, event), timeout=10)
+
+        assert [job.message_id for job in pushes(service)] == [event.message_id]
 
 
 async def test_messages_routed_together_share_one_ledger_transaction_and_their_events(

@@ -163,6 +163,36 @@ async def test_linger_gathers_items_that_come_soon_after() -> None:
     assert process.batches == [[1, 2]]
 
 
+async def _turns(count: int) -> None:
+    for _ in range(count):
+        await asyncio.sleep(0)
+
+
+async def test_without_lone_items_linger_an_item_that_came_alone_starts_at_once() -> None:
+    """The first item, and one that comes a linger or more after the one before, start their
+    batch within a turn or two of the event loop; one that comes soon after another lingers."""
+    process = Recorder()
+    batcher = MicroBatcher(process, name="t", max_size=100, linger=0.5, lone_items_linger=False)
+
+    first = asyncio.create_task(batcher.submit(1))
+    await _turns(3)
+    assert process.batches == [[1]]  # not a linger later
+    assert await first == 2
+
+    soon_after = asyncio.create_task(batcher.submit(2))
+    await asyncio.sleep(0.01)
+    assert process.batches == [[1]]  # 2 waits for company
+    third = asyncio.create_task(batcher.submit(3))
+    assert (await soon_after, await third) == (4, 6)
+    assert process.batches == [[1], [2, 3]]
+
+    await asyncio.sleep(0.6)  # a pause longer than the linger
+    after_a_pause = asyncio.create_task(batcher.submit(4))
+    await _turns(3)
+    assert process.batches == [[1], [2, 3], [4]]
+    assert await after_a_pause == 8
+
+
 async def test_an_urgent_item_does_not_linger_and_takes_the_lingering_ones_along() -> None:
     """With a linger far longer than the test, an urgent item starts its batch at once, with the
     items already waiting for company (ahead of them)."""
