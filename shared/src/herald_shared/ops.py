@@ -8,7 +8,6 @@ import json
 import logging
 import signal
 import sys
-import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -21,7 +20,7 @@ from faststream.rabbit import RabbitBroker
 from prometheus_client import CollectorRegistry
 
 from herald_shared.asyncapi_docs import asyncapi_routes
-from herald_shared.metrics import ChannelQueueProbe, metrics_app
+from herald_shared.metrics import metrics_app
 
 ReadinessCheck = Callable[[], Awaitable[bool]]
 # Something worth seeing in `/health/ready` that never makes the service unready (a degraded
@@ -29,11 +28,6 @@ ReadinessCheck = Callable[[], Awaitable[bool]]
 ReadinessDetail = Callable[[], Any]
 
 logger = logging.getLogger("herald.ops")
-
-# Each broker's readiness check asks RabbitMQ on a channel of its own (`consumers_ready`).
-_readiness_probes: weakref.WeakKeyDictionary[RabbitBroker, ChannelQueueProbe] = (
-    weakref.WeakKeyDictionary()
-)
 
 
 def _json(payload: Mapping[str, Any], status: int = 200) -> AsgiResponse:
@@ -57,16 +51,7 @@ async def consumers_ready(broker: RabbitBroker, timeout: float = 3.0) -> bool:
     the server cancelled a consumer) the process is alive but not doing its work, which is what
     readiness must say. FastStream 0.7.8 keeps the consumer state on private attributes; the
     version is pinned and `tests/integration/shared/test_readiness.py` breaks if they move.
-
-    RabbitMQ is asked on a channel of the check's own, never a consumer's: aiormq closes the
-    channel of a call that is cancelled, and a check that runs out of time cancels its call. On
-    a consumer's channel that dropped the deliveries in hand, and the process went unready
-    because it had checked (seen when a cluster node died: a queue between leaders answered
-    late).
     """
-    probe = _readiness_probes.get(broker)
-    if probe is None:
-        probe = _readiness_probes[broker] = ChannelQueueProbe(broker)
     try:
         async with asyncio.timeout(timeout):
             for subscriber in broker.subscribers:
@@ -75,8 +60,9 @@ async def consumers_ready(broker: RabbitBroker, timeout: float = 3.0) -> bool:
                     return False
                 if queue.channel.is_closed:
                     return False
-                _, consumers = await probe.inspect(queue.name)
-                if not consumers:
+                channel = await queue.channel.get_underlay_channel()
+                declared = await channel.queue_declare(queue.name, passive=True)
+                if not declared.consumer_count:
                     return False
     except Exception:  # a failed check is an answer: not ready
         return False

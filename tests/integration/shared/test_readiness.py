@@ -59,34 +59,3 @@ async def test_not_ready_until_consumers_are_back_after_the_broker_closed_connec
             return any(item.event_id == event.event_id for item in received)
 
         await wait_until(consumed, timeout=10)
-
-
-async def test_the_check_asks_rabbitmq_on_a_channel_of_its_own(rabbit_url: str) -> None:
-    """aiormq closes the channel of a call that is cancelled, as the check's timeout does when
-    RabbitMQ answers late (a queue between leaders, when a cluster node died): on a consumer's
-    channel that dropped the deliveries in hand. So the check never asks on one."""
-    broker = make_broker(RabbitSettings(url=rabbit_url), service_name="readiness-test")
-
-    @broker.subscriber(DEVICE_INVALIDATIONS.queue, EXCHANGE)
-    async def handler(event: DeviceInvalidated) -> None:
-        pass
-
-    async with broker:
-        await declare_topology(broker, retry_delays=(1.0,))
-        await broker.start()
-        (subscriber,) = broker.subscribers
-        # FastStream 0.7.8's private state, as `consumers_ready` reads it (pinned version).
-        consumers_channel = await subscriber._queue_obj.channel.get_underlay_channel()  # type: ignore[attr-defined]
-        asked_on_it: list[object] = []
-        declare = consumers_channel.queue_declare
-
-        async def recorded_declare(*args: object, **kwargs: object) -> object:
-            asked_on_it.append(args)
-            return await declare(*args, **kwargs)
-
-        consumers_channel.queue_declare = recorded_declare
-
-        assert await consumers_ready(broker)
-        assert await consumers_ready(broker)  # the check's channel, opened once, serves again
-        assert asked_on_it == []
-        assert not consumers_channel.is_closed
