@@ -38,7 +38,7 @@ import logging
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from faststream import BaseMiddleware
 from faststream.exceptions import AckMessage, HandlerException, SkipMessage
@@ -140,6 +140,9 @@ class HeraldMetrics:
             registry=registry,
         )
         self._probe: QueueProbe | None = None
+        self._depths_question: UncancelledQuestion[list[tuple[str, tuple[int, int]]]] = (
+            UncancelledQuestion()
+        )
 
     # Called by the retry middleware.
     def retry_scheduled(self, queue: str) -> None:
@@ -289,6 +292,40 @@ def error_middleware(metrics: HeraldMetrics) -> type[ErrorMiddleware]:
 # --- broker gauges, refreshed at scrape time ---------------------------------------------------
 
 
+T = TypeVar("T")
+
+
+class UncancelledQuestion(Generic[T]):
+    """A question to RabbitMQ that is asked once at a time, waited for at most a timeout, and
+    never cancelled.
+
+    aiormq answers the cancellation of a call (`asyncio.timeout` running out) by closing the
+    call's channel: on a consumer's channel that drops the deliveries in hand. And it closes it
+    before the cancelled call returns, with a frame for the broker, so a cancelled call can
+    outlast the deadline that cancelled it. Both were seen when a cluster node died: a health
+    check closed a consumer's channel, and another left `/health/ready` unanswered for 29 s.
+    So the caller stops waiting and the call goes on; until it has its answer, every caller
+    waits on that same call rather than asking again.
+    """
+
+    def __init__(self) -> None:
+        self._call: asyncio.Task[T] | None = None
+
+    async def ask(self, question: Callable[[], Awaitable[T]], timeout: float) -> T:
+        """`question()`'s answer, or `TimeoutError` after `timeout` seconds."""
+        if self._call is None or self._call.done():
+            self._call = asyncio.ensure_future(question())
+            # Read the error of a call nobody waits for any more, so asyncio does not log it.
+            self._call.add_done_callback(
+                lambda call: None if call.cancelled() else call.exception()
+            )
+        call = self._call
+        done, _ = await asyncio.wait({call}, timeout=timeout)
+        if not done:
+            raise TimeoutError(f"RabbitMQ did not answer within {timeout} s")
+        return call.result()
+
+
 class QueueProbe(Protocol):
     async def inspect(self, queue: str) -> tuple[int, int]:
         """(messages ready, consumers) of `queue`, as RabbitMQ sees them."""
@@ -390,17 +427,23 @@ async def refresh_broker_gauges(
         if metrics._probe is None:
             metrics._probe = ChannelQueueProbe(broker)
         probe = metrics._probe
+    queues = observed_queues(work_queues)
+    inspect = probe.inspect
+
+    async def inspect_all() -> list[tuple[str, tuple[int, int]]]:
+        return [(name, await inspect(name)) for name in queues]
+
     try:
-        async with asyncio.timeout(timeout):
-            for name in observed_queues(work_queues):
-                ready, consumers = await probe.inspect(name)
-                metrics.queue_depth.labels(queue=name).set(ready)
-                if name in work_queues:
-                    metrics.queue_consumers.labels(queue=name).set(consumers)
+        answers = await metrics._depths_question.ask(inspect_all, timeout)
     except Exception as exc:
         logger.debug("herald.metrics.queue_probe_failed error=%s", type(exc).__name__)
         metrics.queue_depth.clear()
         metrics.queue_consumers.clear()
+        return
+    for name, (ready, consumers) in answers:
+        metrics.queue_depth.labels(queue=name).set(ready)
+        if name in work_queues:
+            metrics.queue_consumers.labels(queue=name).set(consumers)
 
 
 def metrics_app(broker: Any, registry: CollectorRegistry) -> Callable[..., Awaitable[None]]:
@@ -422,6 +465,7 @@ __all__ = (
     "HeraldMetrics",
     "MetricsMiddleware",
     "QueueProbe",
+    "UncancelledQuestion",
     "error_middleware",
     "herald_metrics",
     "metrics_app",

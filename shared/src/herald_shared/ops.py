@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import json
 import logging
 import signal
 import sys
+import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -20,7 +20,7 @@ from faststream.rabbit import RabbitBroker
 from prometheus_client import CollectorRegistry
 
 from herald_shared.asyncapi_docs import asyncapi_routes
-from herald_shared.metrics import metrics_app
+from herald_shared.metrics import UncancelledQuestion, metrics_app
 
 ReadinessCheck = Callable[[], Awaitable[bool]]
 # Something worth seeing in `/health/ready` that never makes the service unready (a degraded
@@ -28,6 +28,11 @@ ReadinessCheck = Callable[[], Awaitable[bool]]
 ReadinessDetail = Callable[[], Any]
 
 logger = logging.getLogger("herald.ops")
+
+# Each broker's consumer check, asked once at a time and never cancelled (`consumers_ready`).
+_consumer_questions: weakref.WeakKeyDictionary[RabbitBroker, UncancelledQuestion[bool]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _json(payload: Mapping[str, Any], status: int = 200) -> AsgiResponse:
@@ -51,21 +56,31 @@ async def consumers_ready(broker: RabbitBroker, timeout: float = 3.0) -> bool:
     the server cancelled a consumer) the process is alive but not doing its work, which is what
     readiness must say. FastStream 0.7.8 keeps the consumer state on private attributes; the
     version is pinned and `tests/integration/shared/test_readiness.py` breaks if they move.
+
+    RabbitMQ is asked on each consumer's own channel, and a late answer is never cancelled
+    (`UncancelledQuestion`): aiormq would close that channel, and the check would cause the
+    fault it looks for.
     """
+    question = _consumer_questions.get(broker)
+    if question is None:
+        question = _consumer_questions[broker] = UncancelledQuestion()
     try:
-        async with asyncio.timeout(timeout):
-            for subscriber in broker.subscribers:
-                queue: Any = getattr(subscriber, "_queue_obj", None)
-                if queue is None or getattr(subscriber, "_consumer_tag", None) is None:
-                    return False
-                if queue.channel.is_closed:
-                    return False
-                channel = await queue.channel.get_underlay_channel()
-                declared = await channel.queue_declare(queue.name, passive=True)
-                if not declared.consumer_count:
-                    return False
-    except Exception:  # a failed check is an answer: not ready
+        return await question.ask(lambda: _every_consumer_counted(broker), timeout)
+    except Exception:  # a failed or late check is an answer: not ready
         return False
+
+
+async def _every_consumer_counted(broker: RabbitBroker) -> bool:
+    for subscriber in broker.subscribers:
+        queue: Any = getattr(subscriber, "_queue_obj", None)
+        if queue is None or getattr(subscriber, "_consumer_tag", None) is None:
+            return False
+        if queue.channel.is_closed:
+            return False
+        channel = await queue.channel.get_underlay_channel()
+        declared = await channel.queue_declare(queue.name, passive=True)
+        if not declared.consumer_count:
+            return False
     return True
 
 

@@ -203,15 +203,23 @@ async def test_the_first_delivered_report_observes_end_to_end_latency_once(
 
 
 class FakeProbe:
-    def __init__(self, depths: dict[str, tuple[int, int]]) -> None:
+    def __init__(
+        self, depths: dict[str, tuple[int, int]], every_queue: tuple[int, int] | None = None
+    ) -> None:
         self.depths = depths
+        self.every_queue = every_queue  # the answer for a queue not in `depths`, if any
         self.asked: list[str] = []
+        self.answering = asyncio.Event()
+        self.answering.set()
 
     async def inspect(self, queue: str) -> tuple[int, int]:
         self.asked.append(queue)
-        if queue not in self.depths:
+        await self.answering.wait()
+        if queue in self.depths:
+            return self.depths[queue]
+        if self.every_queue is None:
             raise ConnectionError("no such queue")
-        return self.depths[queue]
+        return self.every_queue
 
 
 async def test_queue_depth_and_consumers_come_from_rabbitmq_and_vanish_when_it_cannot_answer(
@@ -272,6 +280,31 @@ async def test_queue_depth_and_consumers_come_from_rabbitmq_and_vanish_when_it_c
 
     assert value("herald_queue_depth", {"queue": "message_notifications"}) is None
     assert value("herald_queue_consumers", {"queue": "message_notifications"}) is None
+
+
+async def test_a_scrape_that_rabbitmq_answers_late_answers_without_depths_and_cancels_nothing(
+    sqlite_url: str,
+) -> None:
+    """aiormq closes the channel of a cancelled call, and the clean-up can outlast the deadline:
+    so a late probe is left to finish, and scrapes in the meantime do not ask again."""
+    service = build_router(RouterSettings(database_url=sqlite_url))
+    metrics = herald_metrics(service.registry)
+    probe = FakeProbe({}, every_queue=(7, 2))  # 7 ready, 2 consumers
+    probe.answering.clear()
+
+    await refresh_broker_gauges(service.broker, metrics, probe=probe, timeout=0.01)
+    await refresh_broker_gauges(service.broker, metrics, probe=probe, timeout=0.01)
+
+    (first,) = probe.asked  # the first call waits on its first queue; the second did not ask
+    value = service.registry.get_sample_value
+    assert value("herald_queue_depth", {"queue": first}) is None
+    probe.answering.set()
+    await refresh_broker_gauges(service.broker, metrics, probe=probe, timeout=5)
+
+    # The late call was not cancelled: it went on, and its answer is the one used.
+    assert probe.asked.count(first) == 1
+    assert len(probe.asked) > 1
+    assert value("herald_queue_depth", {"queue": first}) == 7
 
 
 @pytest.fixture
