@@ -67,7 +67,8 @@ class MicroBatcher(Generic[In, Out]):
       after a pause would rarely find company, and every wait is latency a user sees. On where
       items come one per upstream batch (the senders' job events) or in bursts (settling,
       reports): their spacing stays the same as the load grows, and at saturation they would
-      lose the company that saves their CPU.
+      lose the company that saves their CPU. There, the one who knows that the pipeline is
+      quiet can say so item by item (`submit(..., linger=False)`).
     """
 
     def __init__(
@@ -98,7 +99,9 @@ class MicroBatcher(Generic[In, Out]):
         self._urgent_batch: asyncio.Task[None] | None = None
         self._wake: asyncio.TimerHandle | asyncio.Handle | None = None
         self._last_arrival = -math.inf  # the event loop's time of the latest `submit`
-        self._alone = True  # the latest item came `linger` or more after the one before
+        # The latest item does not wait for company: it came alone (`lone_items_linger` off) or
+        # was submitted with `linger=False`.
+        self._start_soon = False
 
     @property
     def in_progress(self) -> int:
@@ -110,16 +113,19 @@ class MicroBatcher(Generic[In, Out]):
         """Items submitted and not yet taken by a batch."""
         return len(self._pending)
 
-    async def submit(self, item: In, *, urgent: bool = False) -> Out:
+    async def submit(self, item: In, *, urgent: bool = False, linger: bool = True) -> Out:
         """The result of `item`, once the batch that took it has finished. An `urgent` item goes
         into the next batch, ahead of the others waiting (behind earlier urgent ones); and when
         every batch place is taken, the urgent items waiting start a batch of their own at once,
         beyond `max_concurrent` (one such batch at a time), so that they never wait for a batch
-        of the others to finish: a direct message is not held up by a room of a thousand."""
+        of the others to finish: a direct message is not held up by a room of a thousand. An
+        item with `linger` False starts a batch as soon as there is room for one, with what
+        waits then, rather than waiting for company; it keeps its place in the line."""
         pending: _Pending[In, Out] = _Pending(item, max(1, self._size(item)))
         now = asyncio.get_running_loop().time()
-        self._alone = now - self._last_arrival >= self.linger
+        alone = now - self._last_arrival >= self.linger
         self._last_arrival = now
+        self._start_soon = not linger or (alone and not self.lone_items_linger)
         if urgent:
             self._pending.insert(self._urgent, pending)
             self._urgent += 1
@@ -147,12 +153,15 @@ class MicroBatcher(Generic[In, Out]):
         if self._pending_size >= self.max_size:
             self._cancel_wake()
             self._start_batches()
-        elif self._wake is None or (self._urgent and isinstance(self._wake, asyncio.TimerHandle)):
+            return
+        # An urgent item does not linger, nor one that should start soon.
+        lingers = bool(self.linger) and not self._urgent and not self._start_soon
+        if self._wake is None or (not lingers and isinstance(self._wake, asyncio.TimerHandle)):
             # Not at once: the deliveries that arrived with this one are being dispatched in the
-            # same turn of the event loop, and should join it. An urgent item does not linger.
+            # same turn of the event loop, and should join it.
             self._cancel_wake()
             loop = asyncio.get_running_loop()
-            if self.linger and not self._urgent and (self.lone_items_linger or not self._alone):
+            if lingers:
                 self._wake = loop.call_later(self.linger, self._woken)
             else:
                 self._wake = loop.call_soon(self._woken)

@@ -534,6 +534,15 @@ class _Jobs(Event):
             raise ValueError("a notification appears twice in one event")
 
 
+# A sender holds a delivery back a little (`BATCH_LINGER`) so that the next ones share its claim;
+# when the router saw no company for the message, waiting downstream would find none either.
+_QUIET = (
+    "The router decided these jobs for a chat message that had no other to share its batch: "
+    "the pipeline is quiet, so the sender claims them at once rather than waiting for other "
+    "deliveries to share the claim. A hint only: the jobs are the same either way."
+)
+
+
 class PushJobsRequested(_Jobs):
     """Deliver push notifications, of one or more messages, to devices of one platform
     (`notification.push.send`, or `notification.push.send.urgent` when `urgent`: jobs of DMs and
@@ -543,6 +552,7 @@ class PushJobsRequested(_Jobs):
     type: Literal["push_jobs_requested"] = "push_jobs_requested"
     platform: Platform
     urgent: bool = False
+    quiet: bool = Field(default=False, description=_QUIET)
     jobs: list[PushRequested] = Field(min_length=1, max_length=MAX_ITEMS_PER_EVENT)
 
     @model_validator(mode="after")
@@ -562,6 +572,7 @@ class EmailJobsRequested(_Jobs):
 
     type: Literal["email_jobs_requested"] = "email_jobs_requested"
     urgent: bool = False
+    quiet: bool = Field(default=False, description=_QUIET)
     jobs: list[EmailRequested] = Field(min_length=1, max_length=MAX_ITEMS_PER_EVENT)
 
     @model_validator(mode="after")
@@ -774,6 +785,12 @@ def email_jobs(
 ) -> list[EmailRequested]:
     """The jobs an event of the e-mail queue carries, whatever its kind."""
     return [event] if isinstance(event, EmailRequested) else list(event.jobs)
+
+
+def decided_when_quiet(event: Event) -> bool:
+    """Whether a sender's event carries jobs the router decided in a quiet pipeline (`quiet`):
+    its claim need not wait for company."""
+    return isinstance(event, PushJobsRequested | EmailJobsRequested) and event.quiet
 
 
 def delivery_reports(

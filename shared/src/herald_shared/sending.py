@@ -55,6 +55,7 @@ from herald_shared.events import (
     DeliveryReported,
     Event,
     Trigger,
+    decided_when_quiet,
     reports_events,
     utc_now,
 )
@@ -519,12 +520,13 @@ class Sender(Generic[J]):
             registry=registry,
         ).set_function(lambda: self._held.waiting)
 
-    async def deliver(self, jobs: Sequence[J]) -> None:
-        """Deliver the jobs of one delivery, and raise how it ends (nothing: ack it)."""
+    async def deliver(self, jobs: Sequence[J], *, quiet: bool = False) -> None:
+        """Deliver the jobs of one delivery, and raise how it ends (nothing: ack it). `quiet`:
+        the router decided them in a quiet pipeline, so their claim does not wait for company."""
         unique = list({job.notification_id: job for job in jobs}.values())
         # Waiting here holds nothing yet: a handler cancelled meanwhile leaves no trace.
         await self._held.acquire(len(unique), urgent=any(job.urgent for job in unique))
-        work = asyncio.ensure_future(self._deliver(unique))
+        work = asyncio.ensure_future(self._deliver(unique, quiet=quiet))
         self._work.add(work)
         work.add_done_callback(self._work.discard)
         # Shielded: a cancelled handler leaves its jobs' work running to its end (see above).
@@ -567,10 +569,12 @@ class Sender(Generic[J]):
 
     # -- the stages ----------------------------------------------------------------------------
 
-    async def _deliver(self, jobs: list[J]) -> ItemError | None:
+    async def _deliver(self, jobs: list[J], *, quiet: bool) -> ItemError | None:
         # A delivery of the urgent lane (DMs, personal mentions) is claimed in the next batch.
         try:
-            steps = await self._claims.submit(jobs, urgent=any(job.urgent for job in jobs))
+            steps = await self._claims.submit(
+                jobs, urgent=any(job.urgent for job in jobs), linger=not quiet
+            )
         except BaseException:
             self._held.release(len(jobs))
             raise
@@ -891,7 +895,7 @@ def subscribe(
     parser: TypeAdapter[Any] = TypeAdapter(event_type)
 
     async def deliver(event: Any) -> None:
-        await sender.deliver(jobs_of(event))
+        await sender.deliver(jobs_of(event), quiet=decided_when_quiet(event))
 
     # FastStream parses (and documents) what the handler's annotation says.
     deliver.__annotations__ = {"event": event_type, "return": None}

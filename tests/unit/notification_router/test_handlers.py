@@ -324,6 +324,9 @@ async def test_a_message_that_comes_alone_is_routed_without_lingering(sqlite_url
         await asyncio.wait_for(publish(service.broker, event), timeout=10)
 
         assert [job.message_id for job in pushes(service)] == [event.message_id]
+        # Alone in its batch, it tells the senders that the pipeline is quiet: they claim its
+        # jobs at once too.
+        assert [batch.quiet for batch in push_batches(service)] == [True]
 
 
 async def test_messages_routed_together_share_one_ledger_transaction_and_their_events(
@@ -379,6 +382,7 @@ async def test_messages_routed_together_share_one_ledger_transaction_and_their_e
     ]
     (push_event,) = push_batches(service)
     (email_event,) = email_batches(service)
+    assert (push_event.quiet, email_event.quiet) == (False, False)  # messages came together
     assert {job.message_id for job in push_event.jobs} == {first.message_id, second.message_id}
     assert len(push_event.jobs) == 1 + 1 + 2  # a message listed twice is routed once
     assert sorted((job.message_id, job.recipient_id) for job in email_event.jobs) == sorted(

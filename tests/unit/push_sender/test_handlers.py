@@ -21,6 +21,7 @@ from faststream import TestApp
 from faststream.rabbit import TestRabbitBroker
 from sqlalchemy import Connection, event, update
 
+from herald_shared.config import BatchSettings
 from herald_shared.events import (
     DeliveriesReported,
     DeviceInvalidated,
@@ -72,6 +73,44 @@ async def start(stack: AsyncExitStack, service: PushService) -> PushService:
     await stack.enter_async_context(TestRabbitBroker(service.broker))
     await stack.enter_async_context(TestApp(service.app))
     return service
+
+
+async def test_jobs_decided_when_quiet_are_claimed_at_once_and_take_the_waiting_along(
+    sqlite_url: str, tmp_path: Path, stack: AsyncExitStack
+) -> None:
+    """A delivery the router marked `quiet` is claimed, and sent, without waiting the linger
+    for company; the one that was waiting goes in the same claim. (Its outcome is still
+    settled a linger later: settling never holds a push back.)"""
+    linger = 4.0
+    # `model_construct`: BATCH_LINGER allows at most a second, too short to tell apart here.
+    batch = BatchSettings.model_construct(max_items=1000, concurrency=2, linger=linger)
+    provider = RecordingProvider()
+    settings = unit_settings(tmp_path, sqlite_url, batch=batch)
+    service = await start(stack, build_service(settings, provider=provider))
+    waiting, quiet = push_job(), push_job()
+    quiet_event = jobs_event(quiet).model_copy(update={"quiet": True})
+
+    deliveries = [
+        asyncio.create_task(
+            service.broker.publish(jobs_event(waiting), exchange=EXCHANGE, routing_key=PUSH_SEND)
+        )
+    ]
+    await asyncio.sleep(0.05)
+    assert provider.sent == []  # waiting for company
+    deliveries.append(
+        asyncio.create_task(
+            service.broker.publish(quiet_event, exchange=EXCHANGE, routing_key=PUSH_SEND)
+        )
+    )
+
+    async def both_sent() -> bool:
+        return {job.notification_id for job in provider.sent} == {
+            waiting.notification_id,
+            quiet.notification_id,
+        }
+
+    await wait_until(both_sent, timeout=linger / 2)
+    await asyncio.wait_for(asyncio.gather(*deliveries), timeout=3 * linger)
 
 
 @pytest.fixture

@@ -176,6 +176,9 @@ async def route_messages(
             badges,
         ),
         now=now,
+        # A message that had no other to share its batch: the senders would find no company
+        # either, and waiting for it is latency a user sees (docs/performance.md).
+        quiet=len(unique) == 1,
     )
     await publish_events(batches, deps.publishers, timeout=deps.publish_timeout)
     for batch in batches:

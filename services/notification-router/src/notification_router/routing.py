@@ -1030,12 +1030,14 @@ JobBatch = PushJobsRequested | EmailJobsRequested
 
 
 def batch_jobs(
-    jobs: Iterable[PushRequested | EmailRequested], *, now: datetime
+    jobs: Iterable[PushRequested | EmailRequested], *, now: datetime, quiet: bool = False
 ) -> tuple[JobBatch, ...]:
     """The jobs as the senders take them, in as few events as they fit: one
     `PushJobsRequested` per lane and platform and one `EmailJobsRequested` per lane, whatever
     messages the jobs are of, each cut into chunks of at most `MAX_ITEMS_PER_EVENT`. The urgent
-    lane (DMs and personal mentions) has queues of its own.
+    lane (DMs and personal mentions) has queues of its own. `quiet` marks every event: the
+    jobs were decided in a quiet pipeline, and their senders claim them without waiting for
+    company.
 
     The events depend on the set of jobs only, not on the order they come in: push events (urgent
     first, then by platform) before e-mail events (urgent first), and within each the jobs by
@@ -1060,6 +1062,7 @@ def batch_jobs(
                 occurred_at=now,
                 platform=platform,
                 urgent=not not_urgent,
+                quiet=quiet,
                 jobs=list(chunk),
             )
             for chunk in chunks(pushes[(not_urgent, platform)])
@@ -1070,6 +1073,7 @@ def batch_jobs(
                 event_id=_batch_event_id(chunk),
                 occurred_at=now,
                 urgent=not not_urgent,
+                quiet=quiet,
                 jobs=list(chunk),
             )
             for chunk in chunks(emails[not_urgent])
