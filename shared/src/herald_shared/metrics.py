@@ -300,12 +300,12 @@ class UncancelledQuestion(Generic[T]):
     never cancelled.
 
     aiormq answers the cancellation of a call (`asyncio.timeout` running out) by closing the
-    call's channel: on a consumer's channel that drops the deliveries in hand. And it closes it
-    before the cancelled call returns, with a frame for the broker, so a cancelled call can
-    outlast the deadline that cancelled it. Both were seen when a cluster node died: a health
-    check closed a consumer's channel, and another left `/health/ready` unanswered for 29 s.
-    So the caller stops waiting and the call goes on; until it has its answer, every caller
-    waits on that same call rather than asking again.
+    call's channel: on a consumer's channel that drops the deliveries in hand (seen when a
+    cluster node died: the readiness check made its process unready). And it closes it before
+    the cancelled call returns, with a frame for the broker, so a cancelled call can outlast the
+    deadline that cancelled it (a likely cause, not proven, of a `/health/ready` left unanswered
+    for 29 s in another such run). So the caller stops waiting and the call goes on; until it
+    has its answer, every caller waits on that same call rather than asking again.
     """
 
     def __init__(self) -> None:
