@@ -11,49 +11,20 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 from yarl import URL
 
-from herald_shared.broker import RabbitSettings, make_broker
+from herald_shared.broker import RabbitSettings
 from herald_shared.events import DeviceInvalidated
 from herald_shared.ops import consumers_ready
-from herald_shared.publishing import event_publisher, publish_event
-from herald_shared.topology import (
-    DEVICE_INVALIDATED,
-    DEVICE_INVALIDATIONS,
-    EXCHANGE,
-    declare_topology,
-)
+from herald_shared.publishing import publish_event
 from tests.integration.message_service.proxy import TcpProxy
+from tests.integration.shared.consuming import consuming, via
 from tests.support.faults import emit
 from tests.support.infra import wait_until
 from tests.support.processes import free_port
-
-
-def via(url: str, port: int) -> str:
-    return str(URL(url).with_host("127.0.0.1").with_port(port))
-
-
-@asynccontextmanager
-async def consuming(
-    settings: RabbitSettings, received: list[DeviceInvalidated]
-) -> AsyncIterator[tuple[object, object]]:
-    broker = make_broker(settings, service_name="failover-test")
-    publisher = event_publisher(
-        broker, DeviceInvalidated, DEVICE_INVALIDATED, description="failover test"
-    )
-
-    @broker.subscriber(DEVICE_INVALIDATIONS.queue, EXCHANGE)
-    async def handler(event: DeviceInvalidated) -> None:
-        received.append(event)
-
-    async with broker:
-        await declare_topology(broker, retry_delays=(1.0,))
-        await broker.start()
-        yield broker, publisher
 
 
 def an_event() -> DeviceInvalidated:
@@ -67,11 +38,11 @@ async def test_a_dead_first_address_is_skipped_at_start(
     settings = RabbitSettings(urls=f"{dead},{rabbit_url}", connection_timeout=2)
     received: list[DeviceInvalidated] = []
     started = time.monotonic()
-    async with consuming(settings, received) as (broker, publisher):
+    async with consuming(settings, received, service_name="failover-test") as (broker, publisher):
         connected_s = time.monotonic() - started
-        assert await consumers_ready(broker)  # type: ignore[arg-type]
+        assert await consumers_ready(broker)
         event = an_event()
-        await publish_event(publisher, event, timeout=5)  # type: ignore[arg-type]
+        await publish_event(publisher, event, timeout=5)
 
         async def consumed() -> bool:
             return any(item.event_id == event.event_id for item in received)
@@ -94,32 +65,33 @@ async def test_a_lost_node_is_replaced_by_the_next_address_at_once(
     await proxy.start()
     settings = RabbitSettings(urls=f"{via(rabbit_url, proxy.port)},{rabbit_url}")
     received: list[DeviceInvalidated] = []
-    async with consuming(settings, received) as (broker, publisher):
-        assert await consumers_ready(broker)  # type: ignore[arg-type]
-        connection = broker._connection  # type: ignore[attr-defined]
+    async with consuming(settings, received, service_name="failover-test") as (broker, publisher):
+        assert await consumers_ready(broker)
+        # FastStream 0.7.8's private connection (pinned version); aio-pika's `address` is untyped.
+        connection: Any = broker._connection
         assert connection.address.port == proxy.port  # the first address
 
         await proxy.cut()  # the first "node" dies, and stays dead
         cut_at = time.monotonic()
 
         async def not_ready() -> bool:
-            return not await consumers_ready(broker)  # type: ignore[arg-type]
+            return not await consumers_ready(broker)
 
         await wait_until(not_ready, timeout=10, interval=0.02)
         # A publish the loss catches (its connection is gone) goes out on the next node.
         caught = an_event()
-        await publish_event(publisher, caught, timeout=10)  # type: ignore[arg-type]
+        await publish_event(publisher, caught, timeout=10)
         published_s = time.monotonic() - cut_at
 
         async def ready() -> bool:
-            return await consumers_ready(broker)  # type: ignore[arg-type]
+            return await consumers_ready(broker)
 
         await wait_until(ready, timeout=10, interval=0.05)
         recovered_s = time.monotonic() - cut_at
         assert connection.address.port == target.port  # the second address
 
         event = an_event()
-        await publish_event(publisher, event, timeout=5)  # type: ignore[arg-type]
+        await publish_event(publisher, event, timeout=5)
 
         async def consumed() -> bool:
             ids = {item.event_id for item in received}

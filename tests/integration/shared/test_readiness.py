@@ -20,6 +20,7 @@ from herald_shared.topology import (
     declare_topology,
 )
 from tests.integration.message_service.proxy import TcpProxy
+from tests.integration.shared.consuming import consuming, via
 from tests.support.infra import RABBITMQCTL, wait_until
 
 
@@ -76,17 +77,10 @@ async def test_a_late_answer_makes_the_check_not_ready_and_leaves_the_consumer_a
     target = URL(rabbit_url)
     proxy = TcpProxy(target.host or "127.0.0.1", target.port or 5672)
     await proxy.start()
-    via_proxy = str(target.with_host("127.0.0.1").with_port(proxy.port))
-    broker = make_broker(RabbitSettings(url=via_proxy), service_name="readiness-test")
+    settings = RabbitSettings(url=via(rabbit_url, proxy.port))
     received: list[DeviceInvalidated] = []
 
-    @broker.subscriber(DEVICE_INVALIDATIONS.queue, EXCHANGE)
-    async def handler(event: DeviceInvalidated) -> None:
-        received.append(event)
-
-    async with broker:
-        await declare_topology(broker, retry_delays=(1.0,))
-        await broker.start()
+    async with consuming(settings, received, service_name="readiness-test") as (broker, _):
         assert await consumers_ready(broker)
         (subscriber,) = broker.subscribers
         # FastStream 0.7.8's private state, as `consumers_ready` reads it (pinned version).
