@@ -232,7 +232,7 @@ def last_unready(samples: list[tuple[float, frozenset[str]]]) -> frozenset[str]:
 
 def connection_lines(herald: Herald, names: Iterable[str]) -> list[str]:
     """What the named processes' RabbitMQ clients (aio-pika, aiormq) logged, oldest first: the
-    time, the process and the message, for a readiness that came late."""
+    time, the process, the level and the message, for a readiness that came late."""
     wanted = set(names)
     lines = []
     for file_name, text in herald.logs().items():  # <process>.<incarnation>.log
@@ -242,7 +242,10 @@ def connection_lines(herald: Herald, names: Iterable[str]) -> list[str]:
             with contextlib.suppress(ValueError):
                 record = json.loads(line)
                 if str(record.get("logger")).startswith(("aio_pika", "aiormq")):
-                    lines.append(f"{record['timestamp']} {file_name} {record['message'][:200]}")
+                    lines.append(
+                        f"{record['timestamp']} {file_name} {record['level']} "
+                        f"{record['message'][:200]}"
+                    )
     return sorted(lines)
 
 
@@ -381,6 +384,7 @@ async def test_herald_loses_nothing_when_the_node_with_most_queue_leaders_is_kil
             )
         )
     unready = set().union(*(names for _, names in samples))
+    client_lines = connection_lines(herald, herald.services)
     fault_report(
         **result.fields(),
         posted=len(accepted.answers),
@@ -394,7 +398,10 @@ async def test_herald_loses_nothing_when_the_node_with_most_queue_leaders_is_kil
         ready_s=f"{ready_s:.1f}",
         last_unready=",".join(sorted(last_unready(samples))),
         # connection attempts, channel or consumer restores that failed, in every process
-        client_failures=sum("failed" in line for line in connection_lines(herald, herald.services)),
+        client_failures=sum("failed" in line for line in client_lines),
+        # what they logged as errors (a channel's restore while its connection was down is a
+        # warning: herald_shared.logs.ChannelRestoredOnReconnect)
+        client_errors=sum(" ERROR " in line for line in client_lines),
         # the longest time without a push or e-mail sent while the node was down, and when
         stall_s=stall,
         boot_s=f"{boot_s:.1f}",

@@ -13,7 +13,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from herald_shared.batching import DEFAULT_LINGER
 from herald_shared.broker import RabbitSettings
 from herald_shared.events import MAX_ITEMS_PER_EVENT
-from herald_shared.logs import JsonFormatter, QueryFreeAccessLog, TextFormatter
+from herald_shared.logs import (
+    ChannelRestoredOnReconnect,
+    JsonFormatter,
+    QueryFreeAccessLog,
+    TextFormatter,
+)
 from herald_shared.sending import SenderTuning
 
 LOCAL_STATE_DIR = ".herald"
@@ -126,6 +131,11 @@ def configure_logging(
     # it says at that level: what explains a process that stays unready after a node loss.
     if logging.getLogger().level <= logging.INFO:
         logging.getLogger("aio_pika.robust_channel").setLevel(logging.DEBUG)
+    # ... and at ERROR that a channel could not restore itself while its connection was down,
+    # which the reconnect then does: a warning, not an error (see the filter).
+    callbacks = logging.getLogger("aio_pika.tools")
+    if not any(isinstance(item, ChannelRestoredOnReconnect) for item in callbacks.filters):
+        callbacks.addFilter(ChannelRestoredOnReconnect())
     # uvicorn's records reach the root handler (`herald_shared.ops.serve` keeps uvicorn from
     # installing its own); its access lines would otherwise show links' query strings.
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):

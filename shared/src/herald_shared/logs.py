@@ -13,6 +13,7 @@ can reach a log line through it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -24,6 +25,7 @@ from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
 
+from aio_pika.robust_channel import RobustChannel
 from faststream import BaseMiddleware
 from faststream.message import StreamMessage
 from opentelemetry import trace
@@ -198,8 +200,47 @@ class QueryFreeAccessLog(logging.Filter):
         return True
 
 
+CHANNEL_RESTORE_DEFERRED = "herald.broker.channel_restore_deferred error=%s"
+
+
+class ChannelRestoredOnReconnect(logging.Filter):
+    """Lowers to WARNING aio-pika's ERROR for a channel that tried to restore itself while its
+    connection was down (`aio_pika.tools`: "Callback ... RobustChannel._on_close ... error").
+
+    When a connection drops, each robust channel's close callback reopens the channel at once;
+    with no transport yet, that fails (`ChannelInvalidStateError`, or `RuntimeError: ... closed`,
+    aio-pika 10.2.1), and aio-pika logs an ERROR per channel. Nothing is wrong: the connection's
+    reconnect restores every channel, and readiness (`herald_shared.ops.consumers_ready`) counts
+    the consumers that come back. Every broker failover and rolling restart would otherwise page
+    whoever alerts on ERROR. A failed restore while the connection is up stays an ERROR."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = _restore_failed_while_disconnected(record)
+        if error is not None:
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args = CHANNEL_RESTORE_DEFERRED, (error,)
+        return True
+
+
+def _restore_failed_while_disconnected(record: logging.LogRecord) -> str | None:
+    """The error's type name, if `record` is aio-pika's `"Callback %r error: %s: %s"` ERROR for
+    a robust channel's close callback, logged while the channel's connection is not connected."""
+    args = record.args
+    if record.levelno != logging.ERROR or not isinstance(args, tuple) or len(args) != 3:
+        return None
+    method: Any = getattr(args[0], "callback", args[0])  # a OneShotCallback, or the method
+    if getattr(method, "__func__", None) is not RobustChannel._on_close:
+        return None
+    connected = getattr(getattr(method.__self__, "_connection", None), "connected", None)
+    if not isinstance(connected, asyncio.Event) or connected.is_set():
+        return None
+    return str(args[1])
+
+
 __all__ = (
+    "CHANNEL_RESTORE_DEFERRED",
     "CONTEXT_FIELDS",
+    "ChannelRestoredOnReconnect",
     "JsonFormatter",
     "LogContextMiddleware",
     "QueryFreeAccessLog",

@@ -9,8 +9,10 @@ itself."""
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,6 +20,7 @@ from yarl import URL
 
 from herald_shared.broker import RabbitSettings
 from herald_shared.events import DeviceInvalidated
+from herald_shared.logs import CHANNEL_RESTORE_DEFERRED, ChannelRestoredOnReconnect
 from herald_shared.ops import consumers_ready
 from herald_shared.publishing import publish_event
 from tests.integration.message_service.proxy import TcpProxy
@@ -106,3 +109,53 @@ async def test_a_lost_node_is_replaced_by_the_next_address_at_once(
     # The connection was made moments before the cut: aio-pika's reconnect loop was still in
     # its pause after connecting, which must not hold the move back for a reconnect interval.
     assert recovered_s < settings.reconnect_interval
+
+
+@pytest.fixture
+def services_log_filters() -> Iterator[None]:
+    """The filter `configure_logging` puts on aio-pika's callback logger in every service."""
+    callbacks = logging.getLogger("aio_pika.tools")
+    restored = ChannelRestoredOnReconnect()
+    callbacks.addFilter(restored)
+    yield
+    callbacks.removeFilter(restored)
+
+
+@pytest.mark.usefixtures("services_log_filters")
+async def test_a_lost_connection_is_logged_as_warnings_and_no_error(
+    rabbit_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A connection that drops makes aio-pika try to reopen each channel before the connection
+    is back, and log an ERROR for each: with the services' filter, warnings, since the channels
+    come back with the connection (the consumer consumes again)."""
+    target = URL(rabbit_url)
+    proxy = TcpProxy(target.host or "127.0.0.1", target.port or 5672)
+    await proxy.start()
+    settings = RabbitSettings(urls=f"{via(rabbit_url, proxy.port)},{rabbit_url}")
+    received: list[DeviceInvalidated] = []
+    caplog.set_level(logging.WARNING)
+    async with consuming(settings, received, service_name="failover-test") as (broker, publisher):
+        assert await consumers_ready(broker)
+        await proxy.cut()
+
+        async def ready_again() -> bool:
+            return any(record.msg == CHANNEL_RESTORE_DEFERRED for record in caplog.records) and (
+                await consumers_ready(broker)
+            )
+
+        await wait_until(ready_again, timeout=10, interval=0.05)
+        event = an_event()
+        await publish_event(publisher, event, timeout=5)
+
+        async def consumed() -> bool:
+            return any(item.event_id == event.event_id for item in received)
+
+        await wait_until(consumed, timeout=10)
+    from_clients = [
+        record for record in caplog.records if record.name.startswith(("aio_pika", "aiormq"))
+    ]
+    # The format strings, not the messages: aio-pika's arguments cannot all be formatted later.
+    assert [record.msg for record in from_clients if record.levelno >= logging.ERROR] == []
+    deferred = [record for record in from_clients if record.msg == CHANNEL_RESTORE_DEFERRED]
+    assert deferred
+    assert all(record.levelno == logging.WARNING for record in deferred)

@@ -3,16 +3,20 @@ no body (message text, e-mail addresses, tokens) ever reaches a line."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from types import SimpleNamespace
 from typing import Any
 
 import pydantic
 import pytest
+from aio_pika.robust_channel import RobustChannel
+from aio_pika.tools import OneShotCallback
 from faststream.rabbit import TestRabbitBroker
 
 from herald_shared.broker import RabbitSettings, make_broker
@@ -49,6 +53,7 @@ def restore_logging() -> Iterator[None]:
         "uvicorn.access",
         "aiosqlite",
         "aio_pika.robust_channel",
+        "aio_pika.tools",
     )
     saved = {
         name: (
@@ -282,4 +287,50 @@ def test_a_channel_or_consumer_aio_pika_could_not_restore_is_logged(
     lines = _parsed(out)
     assert [line["message"] for line in lines] == (
         ["Consumer recovery failed for '<Queue(push_notifications)>'; retrying"] if written else []
+    )
+
+
+@pytest.mark.usefixtures("restore_logging")
+@pytest.mark.parametrize(("connected", "level"), [(False, "WARNING"), (True, "ERROR")])
+async def test_a_channel_that_could_not_restore_itself_while_disconnected_is_a_warning(
+    connected: bool, level: str
+) -> None:
+    """aio-pika 10.2.1 logs an ERROR per channel when a connection drops: each channel's close
+    callback tries to reopen it before the connection is back. The reconnect restores them, so
+    that is a warning; the same failure while connected stays an error."""
+    out = io.StringIO()
+    configure_logging(_Settings(log_format="json"), "push-sender", stream=out)
+    connection = SimpleNamespace(connected=asyncio.Event())
+    if connected:
+        connection.connected.set()
+    callback = OneShotCallback(RobustChannel(connection)._on_close)  # type: ignore[arg-type]
+    # aio-pika's own call (aio_pika/tools.py, OneShotCallback.__task_inner).
+    logging.getLogger("aio_pika.tools").error(
+        "Callback %r error: %s: %s",
+        callback,
+        "ChannelInvalidStateError",
+        "No active transport in channel",
+    )
+    [line] = _parsed(out)
+    assert line["level"] == level
+    assert line["logger"] == "aio_pika.tools"
+    if connected:
+        assert line["message"].startswith("Callback <OneShotCallback")
+    else:
+        assert line["message"] == (
+            "herald.broker.channel_restore_deferred error=ChannelInvalidStateError"
+        )
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_other_errors_of_aio_pika_callbacks_stay_errors() -> None:
+    out = io.StringIO()
+    configure_logging(_Settings(log_format="json"), "push-sender", stream=out)
+    logging.getLogger("aio_pika.tools").error(
+        "Callback %r error: %s: %s", print, "ValueError", "something else"
+    )
+    [line] = _parsed(out)
+    assert (line["level"], line["message"]) == (
+        "ERROR",
+        "Callback <built-in function print> error: ValueError: something else",
     )
