@@ -92,6 +92,8 @@ async def test_every_service_reconnects_and_consumes_again_after_its_connections
     assert result.unexpected == 0
     assert sum(result.dead_letters.values()) == 0, result.dead_letters
     assert herald.crashed() == {}
+    # Closed by the broker (connection-forced) and restored: warnings, not errors.
+    assert herald.client_errors() == []
 
 
 async def test_a_push_in_flight_when_its_connection_is_closed_is_delivered_not_dead_lettered(
@@ -127,6 +129,7 @@ async def test_a_push_in_flight_when_its_connection_is_closed_is_delivered_not_d
     assert result.lost == 0
     # The cancelled handler let the provider call finish and recorded it: no second push.
     assert result.duplicate_pushes == 0
+    assert herald.client_errors() == []
 
 
 async def test_the_api_accepts_messages_while_rabbitmq_is_down_and_delivers_them_after(

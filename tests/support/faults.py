@@ -805,6 +805,21 @@ class Herald:
             if "message_service.http.unhandled" in line
         ]
 
+    def client_errors(self) -> list[str]:
+        """The ERROR (and worse) lines that RabbitMQ's clients (aio-pika, aiormq) and FastStream
+        logged, in every process: a lost connection that is restored is only warnings
+        (`herald_shared.logs.ConnectionLossAsWarning`)."""
+        errors = []
+        for name, text in self.logs().items():
+            for line in text.splitlines():
+                with contextlib.suppress(ValueError):
+                    record = json.loads(line)
+                    if record.get("level") in ("ERROR", "CRITICAL") and str(
+                        record.get("logger")
+                    ).startswith(("aio_pika", "aiormq", "faststream")):
+                        errors.append(f"{name}: {record['logger']} {record['message'][:200]}")
+        return errors
+
     async def ready(self) -> dict[str, bool]:
         async with httpx.AsyncClient(timeout=5) as client:
 

@@ -14,7 +14,8 @@ from herald_shared.batching import DEFAULT_LINGER
 from herald_shared.broker import RabbitSettings
 from herald_shared.events import MAX_ITEMS_PER_EVENT
 from herald_shared.logs import (
-    ChannelRestoredOnReconnect,
+    CONNECTION_LOSS_LOGGERS,
+    ConnectionLossAsWarning,
     JsonFormatter,
     QueryFreeAccessLog,
     TextFormatter,
@@ -131,11 +132,12 @@ def configure_logging(
     # it says at that level: what explains a process that stays unready after a node loss.
     if logging.getLogger().level <= logging.INFO:
         logging.getLogger("aio_pika.robust_channel").setLevel(logging.DEBUG)
-    # ... and at ERROR that a channel could not restore itself while its connection was down,
-    # which the reconnect then does: a warning, not an error (see the filter).
-    callbacks = logging.getLogger("aio_pika.tools")
-    if not any(isinstance(item, ChannelRestoredOnReconnect) for item in callbacks.filters):
-        callbacks.addFilter(ChannelRestoredOnReconnect())
+    # What the RabbitMQ clients and FastStream log as errors while a lost connection is being
+    # restored are warnings (see the filter).
+    for name in CONNECTION_LOSS_LOGGERS:
+        client_logger = logging.getLogger(name)
+        if not any(isinstance(item, ConnectionLossAsWarning) for item in client_logger.filters):
+            client_logger.addFilter(ConnectionLossAsWarning())
     # uvicorn's records reach the root handler (`herald_shared.ops.serve` keeps uvicorn from
     # installing its own); its access lines would otherwise show links' query strings.
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):

@@ -26,6 +26,7 @@ from types import MappingProxyType
 from typing import Any
 
 from aio_pika.robust_channel import RobustChannel
+from aiormq.exceptions import AMQPError
 from faststream import BaseMiddleware
 from faststream.message import StreamMessage
 from opentelemetry import trace
@@ -201,32 +202,57 @@ class QueryFreeAccessLog(logging.Filter):
 
 
 CHANNEL_RESTORE_DEFERRED = "herald.broker.channel_restore_deferred error=%s"
+CONNECTION_CLOSED_BY_BROKER = "herald.broker.connection_closed code=%s reason=%s"
+DELIVERY_INTERRUPTED = "herald.message.interrupted error=%s"
+# The loggers whose records `ConnectionLossAsWarning` looks at.
+CONNECTION_LOSS_LOGGERS = ("aio_pika.tools", "aiormq.connection", "faststream.access.rabbit")
+# AMQP's connection-forced: the broker closed the connection (a node shutting down, or an
+# operator closing it), and the client reconnects.
+_CONNECTION_FORCED = 320
+# A record's new message and arguments.
+_Rewrite = tuple[str, tuple[Any, ...]]
 
 
-class ChannelRestoredOnReconnect(logging.Filter):
-    """Lowers to WARNING aio-pika's ERROR for a channel that tried to restore itself while its
-    connection was down (`aio_pika.tools`: "Callback ... RobustChannel._on_close ... error").
+class ConnectionLossAsWarning(logging.Filter):
+    """Lowers to WARNING the ERRORs that aio-pika, aiormq and FastStream log when a RabbitMQ
+    connection is lost and is being restored, each rewritten as one of Herald's lines:
 
-    When a connection drops, each robust channel's close callback reopens the channel at once;
-    with no transport yet, that fails (`ChannelInvalidStateError`, or `RuntimeError: ... closed`,
-    aio-pika 10.2.1), and aio-pika logs an ERROR per channel. Nothing is wrong: the connection's
-    reconnect restores every channel, and readiness (`herald_shared.ops.consumers_ready`) counts
-    the consumers that come back. Every broker failover and rolling restart would otherwise page
-    whoever alerts on ERROR. A failed restore while the connection is up stays an ERROR."""
+    - `herald.broker.channel_restore_deferred`: each robust channel's close callback reopens the
+      channel at once; with no transport yet that fails (`ChannelInvalidStateError`, or
+      `RuntimeError: ... closed`) and aio-pika 10.2.1 logs `Callback ... error` per channel. The
+      reconnect restores every channel. While the connection is up, a failed restore stays an
+      ERROR.
+    - `herald.broker.connection_closed code=320`: the broker closed the connection
+      (connection-forced: a node shutting down, or an operator); aiormq logs `Unexpected
+      connection close` at ERROR. Any other code (access refused, say) stays an ERROR.
+    - `herald.message.interrupted`: a handler cancelled because its connection or channel
+      closed, which FastStream logs at ERROR with a traceback. Its delivery was not acked, so
+      RabbitMQ delivers it again, and the ledgers make that a no-op where the work was done.
+
+    Every broker failover and rolling restart would otherwise page whoever alerts on ERROR.
+    Whether a process did recover is what readiness says (`herald_shared.ops.consumers_ready`
+    counts the consumers that came back)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        error = _restore_failed_while_disconnected(record)
-        if error is not None:
+        if record.levelno != logging.ERROR:
+            return True
+        rewritten = (
+            _restore_failed_while_disconnected(record)
+            or _closed_by_the_broker(record)
+            or _interrupted_by_connection_loss(record)
+        )
+        if rewritten is not None:
             record.levelno, record.levelname = logging.WARNING, "WARNING"
-            record.msg, record.args = CHANNEL_RESTORE_DEFERRED, (error,)
+            record.msg, record.args = rewritten
+            record.exc_info, record.exc_text = None, None
         return True
 
 
-def _restore_failed_while_disconnected(record: logging.LogRecord) -> str | None:
-    """The error's type name, if `record` is aio-pika's `"Callback %r error: %s: %s"` ERROR for
-    a robust channel's close callback, logged while the channel's connection is not connected."""
+def _restore_failed_while_disconnected(record: logging.LogRecord) -> _Rewrite | None:
+    """aio-pika's `"Callback %r error: %s: %s"` for a robust channel's close callback, logged
+    while the channel's connection is not connected."""
     args = record.args
-    if record.levelno != logging.ERROR or not isinstance(args, tuple) or len(args) != 3:
+    if not isinstance(args, tuple) or len(args) != 3:
         return None
     method: Any = getattr(args[0], "callback", args[0])  # a OneShotCallback, or the method
     if getattr(method, "__func__", None) is not RobustChannel._on_close:
@@ -234,13 +260,45 @@ def _restore_failed_while_disconnected(record: logging.LogRecord) -> str | None:
     connected = getattr(getattr(method.__self__, "_connection", None), "connected", None)
     if not isinstance(connected, asyncio.Event) or connected.is_set():
         return None
-    return str(args[1])
+    return CHANNEL_RESTORE_DEFERRED, (args[1],)
+
+
+def _closed_by_the_broker(record: logging.LogRecord) -> _Rewrite | None:
+    """aiormq's `"Unexpected connection close from remote %s, Connection.Close(reply_code=%r,
+    reply_text=%r)"` with connection-forced as the code."""
+    args = record.args
+    if (
+        not isinstance(record.msg, str)
+        or not record.msg.startswith("Unexpected connection close from remote")
+        or not isinstance(args, tuple)
+        or len(args) != 3
+        or args[1] != _CONNECTION_FORCED
+    ):
+        return None
+    return CONNECTION_CLOSED_BY_BROKER, (args[1], args[2])
+
+
+def _interrupted_by_connection_loss(
+    record: logging.LogRecord,
+) -> _Rewrite | None:
+    """FastStream's record of a handler that ended in a `CancelledError` whose reason is an AMQP
+    error (aiormq cancels a closed channel's consumers with the reason it closed)."""
+    error = record.exc_info[1] if record.exc_info else None
+    if not isinstance(error, asyncio.CancelledError) or not error.args:
+        return None
+    reason = error.args[0]
+    if not isinstance(reason, AMQPError):
+        return None
+    return DELIVERY_INTERRUPTED, (f"{type(reason).__name__}: {reason}",)
 
 
 __all__ = (
     "CHANNEL_RESTORE_DEFERRED",
+    "CONNECTION_CLOSED_BY_BROKER",
+    "CONNECTION_LOSS_LOGGERS",
     "CONTEXT_FIELDS",
-    "ChannelRestoredOnReconnect",
+    "DELIVERY_INTERRUPTED",
+    "ConnectionLossAsWarning",
     "JsonFormatter",
     "LogContextMiddleware",
     "QueryFreeAccessLog",

@@ -20,7 +20,11 @@ from yarl import URL
 
 from herald_shared.broker import RabbitSettings
 from herald_shared.events import DeviceInvalidated
-from herald_shared.logs import CHANNEL_RESTORE_DEFERRED, ChannelRestoredOnReconnect
+from herald_shared.logs import (
+    CHANNEL_RESTORE_DEFERRED,
+    CONNECTION_LOSS_LOGGERS,
+    ConnectionLossAsWarning,
+)
 from herald_shared.ops import consumers_ready
 from herald_shared.publishing import publish_event
 from tests.integration.message_service.proxy import TcpProxy
@@ -113,12 +117,14 @@ async def test_a_lost_node_is_replaced_by_the_next_address_at_once(
 
 @pytest.fixture
 def services_log_filters() -> Iterator[None]:
-    """The filter `configure_logging` puts on aio-pika's callback logger in every service."""
-    callbacks = logging.getLogger("aio_pika.tools")
-    restored = ChannelRestoredOnReconnect()
-    callbacks.addFilter(restored)
+    """The filter `configure_logging` puts on the RabbitMQ clients' loggers in every service."""
+    loggers = [logging.getLogger(name) for name in CONNECTION_LOSS_LOGGERS]
+    as_warning = ConnectionLossAsWarning()
+    for logger in loggers:
+        logger.addFilter(as_warning)
     yield
-    callbacks.removeFilter(restored)
+    for logger in loggers:
+        logger.removeFilter(as_warning)
 
 
 @pytest.mark.usefixtures("services_log_filters")

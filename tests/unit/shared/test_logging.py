@@ -17,6 +17,7 @@ import pydantic
 import pytest
 from aio_pika.robust_channel import RobustChannel
 from aio_pika.tools import OneShotCallback
+from aiormq.exceptions import ConnectionClosed
 from faststream.rabbit import TestRabbitBroker
 
 from herald_shared.broker import RabbitSettings, make_broker
@@ -54,6 +55,7 @@ def restore_logging() -> Iterator[None]:
         "aiosqlite",
         "aio_pika.robust_channel",
         "aio_pika.tools",
+        "aiormq.connection",
     )
     saved = {
         name: (
@@ -334,3 +336,73 @@ def test_other_errors_of_aio_pika_callbacks_stay_errors() -> None:
         "ERROR",
         "Callback <built-in function print> error: ValueError: something else",
     )
+
+
+@pytest.mark.usefixtures("restore_logging")
+@pytest.mark.parametrize(
+    ("code", "text", "level", "message"),
+    [
+        (
+            320,
+            "CONNECTION_FORCED - broker forced connection closure with reason 'shutdown'",
+            "WARNING",
+            "herald.broker.connection_closed code=320 reason=CONNECTION_FORCED - broker forced"
+            " connection closure with reason 'shutdown'",
+        ),
+        (
+            403,
+            "ACCESS_REFUSED",
+            "ERROR",
+            'Unexpected connection close from remote "amqp://guest:******@127.0.0.1:5672/",'
+            " Connection.Close(reply_code=403, reply_text='ACCESS_REFUSED')",
+        ),
+    ],
+)
+def test_a_connection_the_broker_forced_closed_is_a_warning(
+    code: int, text: str, level: str, message: str
+) -> None:
+    """A node shutting down (or an operator) closes the connection with connection-forced
+    (320), and the client reconnects; any other reason stays an error."""
+    out = io.StringIO()
+    configure_logging(_Settings(log_format="json"), "router", stream=out)
+    # aiormq 7.2.4's own call (aiormq/connection.py, __handle_close).
+    logging.getLogger("aiormq.connection").error(
+        'Unexpected connection close from remote "%s", '
+        "Connection.Close(reply_code=%r, reply_text=%r)",
+        "amqp://guest:******@127.0.0.1:5672/",
+        code,
+        text,
+    )
+    [line] = _parsed(out)
+    assert (line["level"], line["message"]) == (level, message)
+
+
+def _handler_failed(error: BaseException) -> None:
+    """What FastStream's logging middleware logs for a handler that raised `error`."""
+    logging.getLogger("faststream.access.rabbit").error(
+        f"{type(error).__name__}: {error}", exc_info=error
+    )
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_a_handler_cancelled_by_its_closed_connection_is_a_warning_without_a_traceback() -> None:
+    out = io.StringIO()
+    configure_logging(_Settings(log_format="json"), "email-sender", stream=out)
+    closed = ConnectionClosed(320, "CONNECTION_FORCED - closed by an operator")
+    try:
+        raise asyncio.CancelledError(closed)  # aiormq cancels a closed channel's consumers so
+    except asyncio.CancelledError as error:
+        _handler_failed(error)
+    try:
+        raise asyncio.CancelledError()  # a cancellation for any other reason
+    except asyncio.CancelledError as error:
+        _handler_failed(error)
+    interrupted, other = _parsed(out)
+    assert interrupted["level"] == "WARNING"
+    assert interrupted["message"] == (
+        "herald.message.interrupted error=ConnectionClosed:"
+        " [Errno 320] CONNECTION_FORCED - closed by an operator"
+    )
+    assert "exception" not in interrupted
+    assert other["level"] == "ERROR"
+    assert "CancelledError" in other["exception"]
