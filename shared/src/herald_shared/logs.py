@@ -26,7 +26,7 @@ from types import MappingProxyType
 from typing import Any
 
 from aio_pika.robust_channel import RobustChannel
-from aiormq.exceptions import AMQPError
+from aiormq.exceptions import AMQPConnectionError, ConnectionClosed
 from faststream import BaseMiddleware
 from faststream.message import StreamMessage
 from opentelemetry import trace
@@ -225,9 +225,10 @@ class ConnectionLossAsWarning(logging.Filter):
     - `herald.broker.connection_closed code=320`: the broker closed the connection
       (connection-forced: a node shutting down, or an operator); aiormq logs `Unexpected
       connection close` at ERROR. Any other code (access refused, say) stays an ERROR.
-    - `herald.message.interrupted`: a handler cancelled because its connection or channel
-      closed, which FastStream logs at ERROR with a traceback. Its delivery was not acked, so
-      RabbitMQ delivers it again, and the ledgers make that a no-op where the work was done.
+    - `herald.message.interrupted`: a handler cancelled because its connection was lost or
+      closed with connection-forced, which FastStream logs at ERROR with a traceback. Its
+      delivery was not acked, so RabbitMQ delivers it again, and the ledgers make that a no-op
+      where the work was done. A channel closed for a protocol error stays an ERROR.
 
     Every broker failover and rolling restart would otherwise page whoever alerts on ERROR.
     Whether a process did recover is what readiness says (`herald_shared.ops.consumers_ready`
@@ -278,16 +279,18 @@ def _closed_by_the_broker(record: logging.LogRecord) -> _Rewrite | None:
     return CONNECTION_CLOSED_BY_BROKER, (args[1], args[2])
 
 
-def _interrupted_by_connection_loss(
-    record: logging.LogRecord,
-) -> _Rewrite | None:
-    """FastStream's record of a handler that ended in a `CancelledError` whose reason is an AMQP
-    error (aiormq cancels a closed channel's consumers with the reason it closed)."""
+def _interrupted_by_connection_loss(record: logging.LogRecord) -> _Rewrite | None:
+    """FastStream's record of a handler that ended in a `CancelledError` whose reason is its
+    lost connection (aiormq cancels a closed channel's consumers with the reason it closed): a
+    connection error, or the broker's connection-forced close. A channel the broker closed for
+    a protocol error, or a connection closed with another code, stays an ERROR."""
     error = record.exc_info[1] if record.exc_info else None
     if not isinstance(error, asyncio.CancelledError) or not error.args:
         return None
     reason = error.args[0]
-    if not isinstance(reason, AMQPError):
+    if not isinstance(reason, AMQPConnectionError):
+        return None
+    if isinstance(reason, ConnectionClosed) and reason.errno != _CONNECTION_FORCED:
         return None
     return DELIVERY_INTERRUPTED, (f"{type(reason).__name__}: {reason}",)
 

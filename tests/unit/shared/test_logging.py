@@ -17,7 +17,7 @@ import pydantic
 import pytest
 from aio_pika.robust_channel import RobustChannel
 from aio_pika.tools import OneShotCallback
-from aiormq.exceptions import ConnectionClosed
+from aiormq.exceptions import ChannelClosed, ConnectionClosed
 from faststream.rabbit import TestRabbitBroker
 
 from herald_shared.broker import RabbitSettings, make_broker
@@ -393,16 +393,22 @@ def test_a_handler_cancelled_by_its_closed_connection_is_a_warning_without_a_tra
         raise asyncio.CancelledError(closed)  # aiormq cancels a closed channel's consumers so
     except asyncio.CancelledError as error:
         _handler_failed(error)
-    try:
-        raise asyncio.CancelledError()  # a cancellation for any other reason
-    except asyncio.CancelledError as error:
-        _handler_failed(error)
-    interrupted, other = _parsed(out)
+    for other_reason in (
+        None,  # a cancellation for any other reason
+        ConnectionClosed(501, "FRAME_ERROR"),  # not connection-forced
+        ChannelClosed(406, "PRECONDITION_FAILED - unknown delivery tag"),  # a protocol error
+    ):
+        try:
+            raise asyncio.CancelledError(*([] if other_reason is None else [other_reason]))
+        except asyncio.CancelledError as error:
+            _handler_failed(error)
+    interrupted, *others = _parsed(out)
     assert interrupted["level"] == "WARNING"
     assert interrupted["message"] == (
         "herald.message.interrupted error=ConnectionClosed:"
         " [Errno 320] CONNECTION_FORCED - closed by an operator"
     )
     assert "exception" not in interrupted
-    assert other["level"] == "ERROR"
-    assert "CancelledError" in other["exception"]
+    assert [(other["level"], "CancelledError" in other["exception"]) for other in others] == [
+        ("ERROR", True)
+    ] * 3
