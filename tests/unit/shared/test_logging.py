@@ -44,6 +44,11 @@ class _Settings(ServiceSettings):
     database_url: str = "sqlite:///unused.db"
 
 
+# The RabbitMQ clients' top loggers, which other code in the test process may have quietened
+# (the dead-letter tool's `main` sets `aiormq` to CRITICAL): at their default for these tests.
+LIBRARY_ROOTS = ("aiormq", "aio_pika")
+
+
 @pytest.fixture
 def restore_logging() -> Iterator[None]:
     """`configure_logging` changes process-wide loggers: put them back after the test."""
@@ -56,6 +61,7 @@ def restore_logging() -> Iterator[None]:
         "aio_pika.robust_channel",
         "aio_pika.tools",
         "aiormq.connection",
+        *LIBRARY_ROOTS,
     )
     saved = {
         name: (
@@ -65,6 +71,8 @@ def restore_logging() -> Iterator[None]:
         )
         for name in names
     }
+    for name in LIBRARY_ROOTS:
+        logging.getLogger(name).setLevel(logging.NOTSET)
     yield
     for name, (handlers, filters, level) in saved.items():
         logger = logging.getLogger(name)
