@@ -398,7 +398,7 @@ def test_a_handler_cancelled_by_its_closed_connection_is_a_warning_without_a_tra
     configure_logging(_Settings(log_format="json"), "email-sender", stream=out)
     closed = ConnectionClosed(320, "CONNECTION_FORCED - closed by an operator")
     try:
-        raise asyncio.CancelledError(closed)  # aiormq cancels a closed channel's consumers so
+        raise asyncio.CancelledError(closed)  # as aiormq cancels a closed channel's consumers
     except asyncio.CancelledError as error:
         _handler_failed(error)
     for other_reason in (
