@@ -25,6 +25,7 @@ from herald_shared.topology import (
     RETRY_EXCHANGE,
     declare_topology,
 )
+from tests.integration.shared.consuming import consuming
 from tests.support.infra import wait_until
 
 
@@ -53,26 +54,18 @@ async def renewed(channel: AbstractRobustChannel, nacked: aiormq.abc.AbstractCha
 async def test_a_nacked_publish_renews_the_publishing_channel_and_not_the_consumers(
     rabbit_url: str,
 ) -> None:
-    broker = make_broker(RabbitSettings(url=rabbit_url), service_name="nack-test")
-    publisher = event_publisher(broker, DeviceInvalidated, DEVICE_INVALIDATED, description="test")
     received: list[DeviceInvalidated] = []
-
-    @broker.subscriber(DEVICE_INVALIDATIONS.queue, EXCHANGE)
-    async def handler(event: DeviceInvalidated) -> None:
-        received.append(event)
-
-    async with broker:
-        await declare_topology(broker, retry_delays=(1.0,))
-        await broker.start()
+    settings = RabbitSettings(url=rabbit_url)
+    async with consuming(settings, received, service_name="nack-test") as (broker, publisher):
         publishing = await publishing_channel(broker.config)
         # The channel FastStream's producer publishes through, whoever publishes.
         assert publishing is await publishing_channel(publisher._outer_config)
         exchange = await broker.config.declarer.declare_exchange(EXCHANGE, declare=False)
         assert exchange.channel is publishing
         [subscriber] = broker.subscribers
-        consuming = subscriber._queue_obj.channel  # type: ignore[attr-defined]
-        assert consuming is not publishing
-        consumer_underlay = await consuming.get_underlay_channel()
+        consumers = subscriber._queue_obj.channel  # type: ignore[attr-defined]
+        assert consumers is not publishing
+        consumer_underlay = await consumers.get_underlay_channel()
         nacked_underlay = await publishing.get_underlay_channel()
         refusing = await refusing_queue(await broker.connect(), EXCHANGE.name, DEVICE_INVALIDATED)
 
@@ -88,7 +81,7 @@ async def test_a_nacked_publish_renews_the_publishing_channel_and_not_the_consum
             return any(item.event_id == event.event_id for item in received)
 
         await wait_until(consumed, timeout=10)
-        assert await consuming.get_underlay_channel() is consumer_underlay
+        assert await consumers.get_underlay_channel() is consumer_underlay
         assert await consumers_ready(broker)
         after = an_event()
         await publish_event(publisher, after, timeout=10)

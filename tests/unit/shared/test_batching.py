@@ -193,16 +193,21 @@ async def test_without_lone_items_linger_an_item_that_came_alone_starts_at_once(
     assert await after_a_pause == 8
 
 
-async def test_an_item_submitted_without_linger_starts_a_batch_at_once_in_its_place() -> None:
-    """With a linger far longer than the test, an item submitted with `linger=False` starts a
-    batch within a turn or two of the event loop, behind the items already waiting (it jumps no
-    line, unlike an urgent one); the next item lingers again."""
+async def _one_lingering() -> tuple[Recorder, MicroBatcher[int, int], asyncio.Task[int]]:
+    """A batcher with a linger far longer than the test, and item 1 waiting in it for company."""
     process = Recorder()
     batcher = MicroBatcher(process, name="t", max_size=100, linger=60)
     waiting = asyncio.create_task(batcher.submit(1))
     await asyncio.sleep(0.01)
     assert process.batches == []  # lingering
+    return process, batcher, waiting
 
+
+async def test_an_item_submitted_without_linger_starts_a_batch_at_once_in_its_place() -> None:
+    """With a linger far longer than the test, an item submitted with `linger=False` starts a
+    batch within a turn or two of the event loop, behind the items already waiting (it jumps no
+    line, unlike an urgent one); the next item lingers again."""
+    process, batcher, waiting = await _one_lingering()
     at_once = asyncio.create_task(batcher.submit(2, linger=False))
     await _turns(3)
     assert process.batches == [[1, 2]]
@@ -217,12 +222,7 @@ async def test_an_item_submitted_without_linger_starts_a_batch_at_once_in_its_pl
 async def test_an_urgent_item_does_not_linger_and_takes_the_lingering_ones_along() -> None:
     """With a linger far longer than the test, an urgent item starts its batch at once, with the
     items already waiting for company (ahead of them)."""
-    process = Recorder()
-    batcher = MicroBatcher(process, name="t", max_size=100, linger=60)
-    waiting = asyncio.create_task(batcher.submit(1))
-    await asyncio.sleep(0.01)
-    assert process.batches == []  # lingering
-
+    process, batcher, waiting = await _one_lingering()
     urgent = asyncio.create_task(batcher.submit(2, urgent=True))
 
     results = await asyncio.wait_for(asyncio.gather(urgent, waiting), timeout=5)
