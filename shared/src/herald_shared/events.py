@@ -650,6 +650,10 @@ class InboxState(StrEnum):
     FAILED = "failed"  # the provider refused it for good
 
 
+# The longest reason an inbox item carries; a longer one is cut (`provider:` and a provider's text).
+INBOX_REASON_MAX = 200
+
+
 class InboxDelivery(_Frozen):
     """One channel of an inbox item: per push device once the router picked devices, else (and
     for the e-mail) one for the channel as a whole (`device_id` None)."""
@@ -659,7 +663,7 @@ class InboxDelivery(_Frozen):
     state: InboxState
     # Why, as a code: `level:mentions`, `muted`, `active_in_room`, `read`, `quiet_hours`,
     # `digest:<window id>`, `provider:<error>`, ... (None for a plain `sent` or `pending`).
-    reason: str | None = Field(default=None, max_length=200)
+    reason: str | None = Field(default=None, max_length=INBOX_REASON_MAX)
     decided_at: AwareDatetime
     due_at: AwareDatetime | None = None  # for what waits: when its window ends
     accepted_at: AwareDatetime | None = None  # when the provider accepted it

@@ -11,10 +11,11 @@ from typing import Any
 
 import pytest
 
-from herald_shared.events import Channel, InboxState, Trigger
+from herald_shared.events import INBOX_REASON_MAX, Channel, InboxState, Trigger
 from notification_router.inbox import ITEMS_PER_TURN, item_of, items_in_turns, items_of
 from notification_router.repository import (
     DIGEST_TARGET,
+    REASON_MAX_CHARS,
     RECALL_PREFIX,
     RECALL_WINDOW,
     InboxRows,
@@ -157,6 +158,21 @@ def test_times_follow_the_rows() -> None:
     waiting = item_of(decision("skipped:online", "waiting"), [], [window("email", "waiting")], {})
     [email] = [d for d in waiting.deliveries if d.channel is Channel.EMAIL]
     assert (email.due_at, email.accepted_at) == (DECIDED + timedelta(minutes=2), None)
+
+
+def test_the_longest_reason_the_ledger_keeps_still_makes_an_item() -> None:
+    # The ledger keeps 200 characters of a sender's reason; with `provider:` in front, an item
+    # that kept it whole would fail validation and stop the relay at that item for good.
+    kept = "E" * REASON_MAX_CHARS
+    item = item_of(
+        decision("pending", "skipped:level_mentions"),
+        [delivery("push", str(DEVICE), "failed", kept)],
+        [],
+        {},
+    )
+    [push] = [d for d in item.deliveries if d.channel is Channel.PUSH]
+    assert push.state is InboxState.FAILED
+    assert push.reason == f"provider:{kept}"[:INBOX_REASON_MAX]
 
 
 def test_a_decision_from_before_triggers_reads_as_a_plain_message() -> None:

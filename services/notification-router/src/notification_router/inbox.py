@@ -30,6 +30,7 @@ from faststream.rabbit.publisher import RabbitPublisher
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from herald_shared.events import (
+    INBOX_REASON_MAX,
     Channel,
     InboxDelivery,
     InboxItem,
@@ -76,7 +77,10 @@ def _delivery_state(row: Any) -> tuple[InboxState, str | None, datetime | None]:
     if row.status == DeliveryStatus.DELIVERED:
         return InboxState.SENT, None, _utc(row.updated_at)
     if row.status == DeliveryStatus.FAILED:
-        return InboxState.FAILED, f"provider:{row.reason or 'unknown'}", None
+        # Cut to fit: the ledger keeps up to `repository.REASON_MAX_CHARS` of the sender's reason,
+        # and an item that fails validation would stop every relay pass after it.
+        reason = f"provider:{row.reason or 'unknown'}"[:INBOX_REASON_MAX]
+        return InboxState.FAILED, reason, None
     return InboxState.PENDING, None, None
 
 
