@@ -17,8 +17,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from faststream import TestApp
 from faststream.rabbit import RabbitBroker, TestRabbitBroker
-from sqlalchemy import Connection, event, func, select
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import Connection, event, func, insert, select
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from herald_shared.config import BatchSettings
 from herald_shared.events import (
@@ -54,6 +54,7 @@ from notification_router import repository
 from notification_router.app import RouterService, build_service, specification
 from notification_router.handlers import (
     MessageTimes,
+    project_recipient,
     record_deliveries,
     record_reports,
     route_message,
@@ -62,7 +63,13 @@ from notification_router.handlers import (
 from notification_router.repository import ReportResult
 from notification_router.routing import MUTED_FOREVER, RoomSettings
 from notification_router.settings import Settings
-from notification_router.tables import metadata, notification_deliveries, notifications
+from notification_router.tables import (
+    metadata,
+    notification_deliveries,
+    notifications,
+    presence_connections,
+    recipients,
+)
 from tests.support.router_factories import NOW, message_created, user_updated
 
 
@@ -202,6 +209,51 @@ async def test_user_updated_builds_the_projection_and_ignores_older_versions(
     stored = (await repository.load_recipients(service.engine, [user_id]))[user_id]
     assert (stored.push_level, stored.email_level) == (Level.MENTIONS, Level.NONE)
     assert stored.rooms == {user_id: RoomSettings(push=Level.ALL, muted_until=until)}
+
+
+async def test_a_deletion_and_its_clean_up_are_applied_together_or_not_at_all(
+    service: RouterService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deleted account's snapshot and the removal of what the router kept beside it share one
+    transaction: when the removal fails, the retry finds the version not applied yet and does
+    both (before, it found the version applied and skipped the removal for good)."""
+    user_id = uuid.uuid4()
+    await project_recipient(user_updated(user_id=user_id, version=1), service.deps)
+    async with service.engine.begin() as connection:
+        await connection.execute(
+            insert(presence_connections).values(
+                user_id=user_id, connection_id=uuid.uuid4(), expires_at=NOW, at=NOW
+            )
+        )
+    deleted = user_updated(user_id=user_id, version=2).model_copy(update={"deleted": True})
+    forget = repository._forget_recipient
+
+    async def fails_once(connection: AsyncConnection, user: uuid.UUID) -> None:
+        monkeypatch.setattr(repository, "_forget_recipient", forget)
+        raise ConnectionResetError("lost in the middle")
+
+    monkeypatch.setattr(repository, "_forget_recipient", fails_once)
+    with pytest.raises(ConnectionResetError):
+        await project_recipient(deleted, service.deps)
+    assert await projected_version(service.engine, user_id) == 1
+
+    await project_recipient(deleted, service.deps)  # the retry
+
+    assert await projected_version(service.engine, user_id) == 2
+    async with service.engine.connect() as connection:
+        presence = await connection.execute(
+            select(presence_connections).where(presence_connections.c.user_id == user_id)
+        )
+        assert presence.all() == []
+
+
+async def projected_version(engine: AsyncEngine, user_id: uuid.UUID) -> int:
+    async with engine.connect() as connection:
+        version = await connection.scalar(
+            select(recipients.c.version).where(recipients.c.user_id == user_id)
+        )
+    assert isinstance(version, int)
+    return version
 
 
 async def test_message_created_writes_the_ledger_and_publishes_the_jobs(

@@ -245,14 +245,14 @@ async def route_message(event: Notifiable, deps: RouterDeps) -> None:
 
 async def project_recipient(event: UserUpdated, deps: RouterDeps) -> None:
     now = utc_now()
-    applied = await repository.upsert_recipient(deps.engine, event, now=now)
-    if applied and event.deleted:
-        await repository.forget_recipient(deps.engine, event.user_id)
-    elif applied:
+    due_at = None
+    if not event.deleted:
         # Quiet hours ended early (a snooze turned off, hours changed): what they held is due
         # when they end now, not when they would have.
-        ends = routing.quiet_end(routing.Recipient.from_snapshot(event), now=now)
-        await repository.bring_push_window_forward(deps.engine, event.user_id, due_at=ends or now)
+        due_at = routing.quiet_end(routing.Recipient.from_snapshot(event), now=now) or now
+    applied = await repository.upsert_recipient(
+        deps.engine, event, now=now, push_window_due_at=due_at
+    )
     deps.metrics.recipient_updates.labels(result="applied" if applied else "stale").inc()
     logger.debug(
         "router.recipient.%s user_id=%s version=%d",

@@ -140,8 +140,18 @@ def _insert(connection: AsyncConnection, table: Table) -> postgresql.Insert | sq
 # --- recipient projection -------------------------------------------------------------------
 
 
-async def upsert_recipient(engine: AsyncEngine, snapshot: UserUpdated, *, now: datetime) -> bool:
-    """Store the snapshot unless a row of the same or a higher version is already there.
+async def upsert_recipient(
+    engine: AsyncEngine,
+    snapshot: UserUpdated,
+    *,
+    now: datetime,
+    push_window_due_at: datetime | None = None,
+) -> bool:
+    """Store the snapshot unless a row of the same or a higher version is already there, and in
+    the same transaction what an applied snapshot changes beside it: a deleted account's rows go
+    (`forget_recipient`), and the user's waiting push window is due at `push_window_due_at` if
+    that is sooner (`bring_push_window_forward`). One transaction, because a retry finds the
+    version applied and would skip what a second transaction had not done.
 
     Returns whether it was applied. Replays and out-of-order deliveries therefore converge on
     the highest version, whatever order they arrive in (the version comparison happens under
@@ -184,23 +194,27 @@ async def upsert_recipient(engine: AsyncEngine, snapshot: UserUpdated, *, now: d
             where=recipients.c.version < statement.excluded.version,
         )
         result = await connection.execute(statement.returning(recipients.c.user_id))
-        return result.first() is not None
+        applied = result.first() is not None
+        if applied and snapshot.deleted:
+            await _forget_recipient(connection, snapshot.user_id)
+        elif applied and push_window_due_at is not None:
+            await _bring_push_window_forward(connection, snapshot.user_id, push_window_due_at)
+        return applied
 
 
-async def forget_recipient(engine: AsyncEngine, user_id: uuid.UUID) -> None:
+async def _forget_recipient(connection: AsyncConnection, user_id: uuid.UUID) -> None:
     """A deleted account: delete what the router kept of the user beside the projection (which
     its last snapshot emptied): the windows that waited for them, with the e-mails and pushes
     composed for them (their address and device tokens), their presence, the room they had in
     view, their read markers and unread counts. The ledger's rows of them hold ids only."""
-    async with engine.begin() as connection:
-        for table in (
-            waiting_windows,  # and their entries, by cascade
-            presence_connections,
-            rooms_in_view,
-            read_markers,
-            unread_counts,
-        ):
-            await connection.execute(delete(table).where(table.c.user_id == user_id))
+    for table in (
+        waiting_windows,  # and their entries, by cascade
+        presence_connections,
+        rooms_in_view,
+        read_markers,
+        unread_counts,
+    ):
+        await connection.execute(delete(table).where(table.c.user_id == user_id))
 
 
 class RecipientCache:
@@ -1378,22 +1392,21 @@ async def _uncount_deleted(connection: AsyncConnection, message_id: uuid.UUID) -
         )
 
 
-async def bring_push_window_forward(
-    engine: AsyncEngine, user_id: uuid.UUID, *, due_at: datetime
+async def _bring_push_window_forward(
+    connection: AsyncConnection, user_id: uuid.UUID, due_at: datetime
 ) -> None:
     """The user's waiting push window is due at `due_at` if that is sooner (never later: a
     window only waits as long as the quiet it was opened for)."""
-    async with autocommit(engine) as connection:
-        await connection.execute(
-            update(waiting_windows)
-            .where(
-                _windows.user_id == user_id,
-                _windows.channel == str(EventChannel.PUSH),
-                _windows.state == WINDOW_WAITING,
-                _windows.due_at > due_at,
-            )
-            .values(due_at=due_at)
+    await connection.execute(
+        update(waiting_windows)
+        .where(
+            _windows.user_id == user_id,
+            _windows.channel == str(EventChannel.PUSH),
+            _windows.state == WINDOW_WAITING,
+            _windows.due_at > due_at,
         )
+        .values(due_at=due_at)
+    )
 
 
 async def mark_windows_sent(engine: AsyncEngine, window_ids: Collection[uuid.UUID]) -> None:
