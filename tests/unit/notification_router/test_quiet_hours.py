@@ -72,6 +72,52 @@ def test_quiet_hours_end_on_the_users_wall_clock(
     assert hours.end_after(utc(now)) == (None if until is None else utc(until))
 
 
+def new_york(start: str, end: str) -> QuietHoursSnapshot:
+    return QuietHoursSnapshot(start=start, end=end, time_zone="America/New_York")
+
+
+@pytest.mark.parametrize(
+    ("quiet", "now", "until"),
+    [
+        # New York takes its clocks back on 1 November 2026 (02:00 EDT → 01:00 EST, 06:00 UTC):
+        # 01:00-02:00 comes twice, at 05:00-06:00 UTC and again at 06:00-07:00 UTC.
+        # An end in that hour: at 01:10 of the first pass the night ends at its 01:30 ...
+        (new_york("23:00", "01:30"), "2026-11-01T05:10:00", "2026-11-01T05:30:00"),
+        (new_york("23:00", "01:30"), "2026-11-01T05:40:00", None),
+        # ... and at 01:10 of the second, at the 01:30 still to come, not at the one passed.
+        (new_york("23:00", "01:30"), "2026-11-01T06:10:00", "2026-11-01T06:30:00"),
+        (new_york("23:00", "01:30"), "2026-11-01T06:30:00", None),
+    ],
+)
+def test_quiet_hours_that_end_in_an_hour_the_clock_goes_through_twice(
+    quiet: QuietHoursSnapshot, now: str, until: str | None
+) -> None:
+    hours = QuietHours.of(quiet)
+    assert hours is not None
+
+    assert hours.end_after(utc(now)) == (None if until is None else utc(until))
+
+
+@pytest.mark.parametrize(
+    "time_zone",
+    [
+        "America",  # a directory of tzdata: IsADirectoryError
+        "Europe/",
+        "../etc",
+        "/etc/localtime",
+        "Europe//Paris",
+        "zone.tab",  # a file of tzdata that is no zone
+        "Nowhere/Special",
+    ],
+)
+def test_a_time_zone_that_cannot_be_loaded_counts_as_utc(time_zone: str) -> None:
+    hours = QuietHours.of(QuietHoursSnapshot(start="22:00", end="07:00", time_zone=time_zone))
+    assert hours is not None
+
+    assert hours.end_after(utc("2026-01-16T02:00:00")) == utc("2026-01-16T07:00:00")
+    assert hours.end_after(utc("2026-01-16T12:00:00")) is None
+
+
 def test_hours_that_start_and_end_alike_are_none() -> None:
     assert QuietHours.of(QuietHoursSnapshot(start="08:00", end="08:00", time_zone="UTC")) is None
     assert QuietHours.of(None) is None

@@ -167,11 +167,9 @@ class QuietHours:
     def end_after(self, now: datetime) -> datetime | None:
         """When the quiet hours `now` is in end (UTC), or None when `now` is not in them. The
         wall-clock times are those of that day in the zone, daylight-saving changes included
-        (an end in the hour a spring change skips counts from before the change)."""
-        try:
-            zone = ZoneInfo(self.time_zone)
-        except (ZoneInfoNotFoundError, ValueError):
-            zone = ZoneInfo("UTC")  # message-service checks zones; an unknown one is UTC here
+        (an end in the hour a spring change skips counts from before the change; of an end the
+        clock reads twice, in the hour an autumn change repeats, the reading still to come)."""
+        zone = _zone(self.time_zone)
         local = now.astimezone(zone)
         today, clock = local.date(), local.time().replace(tzinfo=None)
         if self.start < self.end:
@@ -184,7 +182,20 @@ class QuietHours:
             end_day = None
         if end_day is None:
             return None
-        return datetime.combine(end_day, self.end, tzinfo=zone).astimezone(UTC)
+        end = datetime.combine(end_day, self.end, tzinfo=zone)
+        first, second = end.astimezone(UTC), end.replace(fold=1).astimezone(UTC)
+        # The same instant twice, but in a repeated hour: in its second pass, the first is over.
+        return first if first > now else second
+
+
+def _zone(name: str) -> ZoneInfo:
+    """The zone of that name, or UTC for one ZoneInfo cannot load: message-service checks zones,
+    and a name that got past it (a tzdata directory such as "America" raises IsADirectoryError)
+    must not fail the routing of everyone else in the batch."""
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        return ZoneInfo("UTC")
 
 
 def quiet_until(recipient: Recipient, event: Notifiable, *, now: datetime) -> datetime | None:
