@@ -211,13 +211,28 @@ async def test_a_401_after_the_refresh_is_a_configuration_problem(
 
 
 async def test_a_403_is_a_configuration_problem(provider: FcmProvider, fcm: FakeFcm) -> None:
+    fcm.fail(DEVICE_TOKEN, 403, "PERMISSION_DENIED")
+
+    answer = await provider.send(push_job())
+
+    assert answer == ProviderAnswer(Verdict.MISCONFIGURED, "fcm 403 PERMISSION_DENIED")
+    # A fresh token of the same account has the same permissions: no refresh.
+    assert fcm.token_requests == 1
+
+
+async def test_a_token_of_another_project_refuses_only_its_push(
+    provider: FcmProvider, fcm: FakeFcm
+) -> None:
+    """SENDER_ID_MISMATCH is about one registration token (another Firebase project's): not our
+    configuration, which any user could otherwise claim, nor a dead token, which a wrong project
+    setting would otherwise make of every device's."""
     fcm.fail(DEVICE_TOKEN, 403, "SENDER_ID_MISMATCH")
 
     answer = await provider.send(push_job())
 
-    assert answer == ProviderAnswer(Verdict.MISCONFIGURED, "fcm 403 SENDER_ID_MISMATCH")
-    # A fresh token of the same account has the same permissions: no refresh.
+    assert answer == ProviderAnswer(Verdict.REJECTED, "fcm 403 SENDER_ID_MISMATCH")
     assert fcm.token_requests == 1
+    assert (await provider.send(push_job(token="another-device"))).verdict is Verdict.ACCEPTED
 
 
 async def test_another_project_is_refused(

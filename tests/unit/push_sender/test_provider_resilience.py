@@ -8,23 +8,34 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from faststream import TestApp
 from faststream.rabbit import TestRabbitBroker
 
-from herald_shared.events import DeliveriesReported, Platform, PushRequested
+from herald_shared.events import DeliveriesReported, Platform, PushRequested, WebPushKeys
 from herald_shared.ledger import DeliveryStatus
 from herald_shared.retry import DeferredError, PermanentError, RetryableError
-from herald_shared.topology import PUSH_FAILED
+from herald_shared.topology import DEVICE_INVALIDATED, PUSH_FAILED
+from herald_shared.webpush import DEFAULT_ALLOWED_HOSTS
 from push_sender.app import PushService, build_service
 from push_sender.providers import FcmProvider, LogProvider, ProviderAnswer, make_providers
-from push_sender.settings import BreakerSettings, MaxInFlightSettings, PushProviderKind
+from push_sender.providers.webpush import b64url_encode
+from push_sender.settings import (
+    BreakerSettings,
+    MaxInFlightSettings,
+    PushProviderKind,
+    WebPushSettings,
+)
+from push_sender.tables import Failure
 from tests.fakes.fcm import FakeFcm
+from tests.fakes.webpush import FakeWebPush, Subscription
 from tests.support.infra import wait_until
 from tests.unit.push_sender.support import (
     DEVICE_TOKEN,
@@ -220,6 +231,135 @@ async def test_dead_tokens_and_refused_pushes_never_open_the_breaker(
     assert gauge(two_providers, "fcm") == 0
     await send(two_providers, android())
     assert len(fcm.accepted) == 1
+
+
+def published(service: PushService, routing_key: str) -> list[dict[str, Any]]:
+    return [call.args[0] for call in service.publishers[routing_key].mock.call_args_list]
+
+
+async def assert_refused_for_good(service: PushService, job: PushRequested, reason: str) -> None:
+    """`job` failed for good with `reason`: dead-lettered, recorded and reported failed, its
+    device kept (nothing on device.invalidated)."""
+    with pytest.raises(PermanentError, match=reason):
+        await send(service, job)
+    entry = await service.sender.ledger.get(job.notification_id)
+    assert entry is not None
+    assert (entry.status, entry.failure, entry.reason) == (
+        DeliveryStatus.FAILED,
+        Failure.REJECTED,
+        reason,
+    )
+    reported = [
+        (item.notification_id, item.outcome, item.reason)
+        for body in published(service, PUSH_FAILED)
+        for item in DeliveriesReported.model_validate(body).reports
+    ]
+    assert (job.notification_id, "failed", reason) in reported
+    assert published(service, DEVICE_INVALIDATED) == []
+
+
+async def test_a_token_of_another_firebase_project_fails_its_push_and_never_opens_the_breaker(
+    two_providers: PushService, fcm: FakeFcm
+) -> None:
+    """A user registers a token of their own Firebase project: FCM answers 403
+    SENDER_ID_MISMATCH. That push fails for good; the breaker, and every other device, are
+    untouched, and the device is not invalidated (a wrong project setting would give every
+    device this answer)."""
+    foreign = f"{DEVICE_TOKEN}-of-another-project"
+    fcm.fail(foreign, 403, "SENDER_ID_MISMATCH")
+
+    for _ in range(5):  # more than PUSH_BREAKER_FAILURES (3 here)
+        job = push_job(platform=Platform.FCM, token=foreign)
+        await assert_refused_for_good(two_providers, job, "fcm 403 SENDER_ID_MISMATCH")
+        assert gauge(two_providers, "fcm") == 0
+        await send(two_providers, android())  # everyone else's pushes still go out
+
+    assert len(fcm.messages_to(DEVICE_TOKEN)) == 5
+    assert pushes(two_providers, "fcm", "rejected") == 5
+    assert pushes(two_providers, "fcm", "breaker_open") == 0
+    assert pushes(two_providers, "fcm", "misconfigured") == 0
+    # Replayed from the dead-letter queue: final already, FCM is not asked again.
+    await send(two_providers, job)
+    assert fcm.send_requests == 10
+
+
+@pytest.fixture
+def web_push() -> Iterator[FakeWebPush]:
+    with FakeWebPush() as fake:
+        yield fake
+
+
+@pytest.fixture
+async def browsers(
+    sqlite_url: str, tmp_path: Path, web_push: FakeWebPush, stack: AsyncExitStack
+) -> PushService:
+    """The live Web Push provider against the local push service; breakers open after 3
+    failures."""
+    key = tmp_path / "vapid.pem"
+    key.write_bytes(
+        ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    settings = unit_settings(
+        tmp_path,
+        sqlite_url,
+        push_provider=PushProviderKind.LIVE,
+        webpush=WebPushSettings(
+            vapid_private_key_file=key,
+            vapid_subject="mailto:push-admin@herald.test",
+            allowed_hosts=(*DEFAULT_ALLOWED_HOSTS, web_push.host),
+            timeout=2.0,
+        ),
+        breaker=BreakerSettings(failures=3, cool_down=COOL_DOWN, max_cool_down=300),
+    )
+    return await start(stack, build_service(settings))
+
+
+def browser_job(subscription: Subscription) -> PushRequested:
+    return push_job(
+        platform=Platform.WEB_PUSH,
+        token=subscription.endpoint,
+        web_push_keys=WebPushKeys(**subscription.keys),
+    )
+
+
+@pytest.mark.parametrize("status", [403, 401])
+async def test_a_subscription_made_with_another_key_fails_its_push_and_never_opens_the_breaker(
+    browsers: PushService, web_push: FakeWebPush, status: int
+) -> None:
+    """A user registers a subscription made with another application server key: the push
+    service refuses our VAPID key for it, with RFC 8292's 403 (or 401, as Mozilla's autopush
+    does). That push fails for good; the breaker, and every other browser, are untouched, and
+    the subscription is not invalidated (a wrong VAPID key would give every one this answer)."""
+    if status == 403:  # the local push service checks the key, as RFC 8292 says
+        other_key = ec.generate_private_key(ec.SECP256R1()).public_key()
+        foreign = web_push.subscribe(
+            application_server_key=b64url_encode(
+                other_key.public_bytes(
+                    serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+                )
+            )
+        )
+    else:  # autopush's answer to the same mismatch (errno 109), scripted
+        foreign = web_push.subscribe()
+        web_push.fail(foreign, 401)
+    healthy = web_push.subscribe()
+
+    for _ in range(5):  # more than PUSH_BREAKER_FAILURES (3 here)
+        job = browser_job(foreign)
+        await assert_refused_for_good(browsers, job, f"webpush {status}")
+        assert gauge(browsers, "webpush") == 0
+        await send(browsers, browser_job(healthy))  # everyone else's pushes still go out
+
+    assert len(web_push.received_by(healthy)) == 5
+    assert web_push.received_by(foreign) == []
+    assert pushes(browsers, "webpush", "rejected") == 5
+    assert pushes(browsers, "webpush", "breaker_open") == 0
+    if status == 403:
+        assert web_push.refusals == ["vapid: key differs from the subscription's"] * 5
 
 
 async def test_a_busy_provider_makes_its_jobs_wait_for_a_place_while_the_others_go_on(

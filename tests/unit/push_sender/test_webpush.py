@@ -285,16 +285,20 @@ async def test_a_raw_base64url_vapid_key_works_too(
     assert answer.verdict is Verdict.ACCEPTED
 
 
-async def test_a_subscription_made_with_another_key_is_a_configuration_error(
+async def test_a_subscription_made_with_another_key_refuses_only_its_push(
     push: FakeWebPush, make_provider: Callable[..., WebPushProvider]
 ) -> None:
+    """RFC 8292's 403: the subscription was created with another applicationServerKey, which the
+    client chose. Not our configuration (any user could claim it), nor a dead subscription."""
     other = public_key_of(ec.generate_private_key(ec.SECP256R1()))
     browser = push.subscribe(application_server_key=other)
+    provider = make_provider()
 
-    answer = await make_provider().send(webpush_job(browser))
+    answer = await provider.send(webpush_job(browser))
 
-    assert (answer.verdict, answer.reason) == (Verdict.MISCONFIGURED, "webpush 403")
+    assert (answer.verdict, answer.reason) == (Verdict.REJECTED, "webpush 403")
     assert push.refusals == ["vapid: key differs from the subscription's"]
+    assert (await provider.send(webpush_job(push.subscribe()))).verdict is Verdict.ACCEPTED
 
 
 async def test_the_vapid_token_of_an_origin_is_reused(
@@ -350,8 +354,9 @@ def test_the_vapid_token_is_renewed_before_it_expires(
         (410, None, ProviderAnswer(Verdict.TOKEN_INVALID, "webpush 410")),
         (413, None, ProviderAnswer(Verdict.REJECTED, "webpush 413")),
         (400, None, ProviderAnswer(Verdict.REJECTED, "webpush 400")),
-        (401, None, ProviderAnswer(Verdict.MISCONFIGURED, "webpush 401")),
-        (403, None, ProviderAnswer(Verdict.MISCONFIGURED, "webpush 403")),
+        # VAPID refused for this subscription (autopush answers a key mismatch with 401).
+        (401, None, ProviderAnswer(Verdict.REJECTED, "webpush 401")),
+        (403, None, ProviderAnswer(Verdict.REJECTED, "webpush 403")),
         (429, 7, ProviderAnswer(Verdict.TRANSIENT, "webpush 429", 7.0)),
         (503, 30, ProviderAnswer(Verdict.TRANSIENT, "webpush 503", 30.0)),
         (500, None, ProviderAnswer(Verdict.TRANSIENT, "webpush 500")),

@@ -291,6 +291,7 @@ def classify(status_code: int, payload: Any, headers: Mapping[str, str]) -> Prov
 
     * 2xx → accepted;
     * `UNREGISTERED` (404), or 400 `INVALID_ARGUMENT` about `message.token` → the token is dead;
+    * `SENDER_ID_MISMATCH` (403) → this push is refused for good (see below);
     * 429, 5xx → transient, honouring `Retry-After`;
     * 401, 403, and a 404 that is not `UNREGISTERED` (wrong project or base URL) → our
       configuration: transient, so jobs wait for a fix instead of burning, and loud;
@@ -298,6 +299,13 @@ def classify(status_code: int, payload: Any, headers: Mapping[str, str]) -> Prov
 
     A 404 without `UNREGISTERED` never invalidates a device: a wrong `FCM_BASE_URL` or project
     would otherwise delete every device of every user.
+
+    `SENDER_ID_MISMATCH` is an answer about one registration token: it belongs to another
+    Firebase project. It must not be our configuration (misconfigured opens the breaker at once):
+    anyone could register a token of their own project and stop every push of every user, again
+    at each of the job's deferrals. Nor is the token dead: a wrong `FCM_PROJECT_ID` would give
+    every token this answer, and invalidating would delete every device, as above. So only this
+    push fails (rejected, dead-lettered: should it be every push, the dead-letter alert says so).
     """
     if 200 <= status_code < 300:
         return ProviderAnswer.accepted()
@@ -309,6 +317,8 @@ def classify(status_code: int, payload: Any, headers: Mapping[str, str]) -> Prov
         return ProviderAnswer(Verdict.TOKEN_INVALID, reason)
     if status_code == 400 and error.token_field:
         return ProviderAnswer(Verdict.TOKEN_INVALID, f"{reason} token")
+    if error.error_code == "SENDER_ID_MISMATCH":
+        return ProviderAnswer(Verdict.REJECTED, reason)
     if status_code == 429 or status_code >= 500:
         return ProviderAnswer.transient(reason, retry_after)
     if status_code in {401, 403, 404}:

@@ -287,10 +287,22 @@ def classify(status_code: int, headers: httpx.Headers) -> ProviderAnswer:
 
     * 201 Created (202 Accepted with `Prefer: respond-async`), any 2xx → accepted;
     * 404 Not Found, 410 Gone → the subscription expired or was unsubscribed: the device is dead;
-    * 401 Unauthorized, 403 Forbidden → our VAPID key or JWT is refused (a wrong key, a
-      subscription made with another applicationServerKey, our clock): configuration;
+    * 401 Unauthorized, 403 Forbidden → VAPID refused for this subscription: this push is
+      refused for good (see below);
     * 429 and 5xx → transient, honouring `Retry-After`;
     * 400, 413 (payload too large) and any other 4xx → this push is refused for good.
+
+    401 and 403 are taken as answers about one subscription, not as our configuration (which
+    opens the breaker at once and holds every browser's pushes). RFC 8292 §4.2 answers 403 when
+    our key is not the one the subscription was created with (an applicationServerKey the client
+    chose: anyone can register such a subscription), and Mozilla's autopush answers that same
+    mismatch with 401 (errno 109), as it does every VAPID refusal; so a 401 is in reach of any
+    user too. What of ours a 401 could otherwise mean is checked before any send (the key at
+    start-up, the `sub` by the settings), or is our clock (`exp`) off by half a day or more. Nor
+    is the subscription dead: were our key the wrong one, every subscription would get this
+    answer, and invalidating would delete every browser (as FCM's 404 without `UNREGISTERED`).
+    So only this push fails (rejected, dead-lettered: should it be every push, the dead-letter
+    alert says so).
     """
     reason = f"webpush {status_code}"
     if 200 <= status_code < 300:
@@ -298,7 +310,7 @@ def classify(status_code: int, headers: httpx.Headers) -> ProviderAnswer:
     if status_code in {404, 410}:
         return ProviderAnswer(Verdict.TOKEN_INVALID, reason)
     if status_code in {401, 403}:
-        return ProviderAnswer(Verdict.MISCONFIGURED, reason)
+        return ProviderAnswer(Verdict.REJECTED, reason)
     if status_code == 429 or status_code >= 500:
         return ProviderAnswer.transient(reason, parse_retry_after(headers.get("retry-after")))
     if 300 <= status_code < 400:
