@@ -6,6 +6,8 @@ smtp.start()                              # smtp.host, smtp.port
 smtp.reply("bob@example.test", 451, times=1)   # first RCPT for bob: 451, then accepted
 smtp.reply("eve@example.test", 550)            # every RCPT for eve: 550
 smtp.drop("dan@example.test", times=1)         # connection dropped in the middle of DATA
+smtp.reply("noreply@example.test", 553, stage="mail")  # MAIL FROM of this sender: 553
+smtp.refuse_greeting(554, "5.7.1 blocked", times=1)    # the next session greeted with 554
 ...
 smtp.received                             # list[EmailMessage], policy=email.policy.default
 smtp.connections                          # SMTP sessions opened by clients so far
@@ -14,8 +16,9 @@ smtp.close_connections()                  # the server drops every open session 
 smtp.stop()
 ```
 
-A scripted reply is given at RCPT (the default) or at DATA, for one recipient address, `times`
-times or for ever; a 421 at RCPT also closes the connection, as real servers do.
+A scripted reply is given at RCPT (the default) or at DATA, for one recipient address, or at MAIL
+for one sender address, `times` times or for ever; a 421 at RCPT also closes the connection, as
+real servers do. A refused greeting (a 5xx or 421 instead of 220) closes the session after it.
 
 It speaks real SMTP (EHLO, optional AUTH PLAIN/LOGIN, MAIL, RCPT, DATA), so a client sees the
 same replies and errors as from a real server. Used by unit, integration and end-to-end tests; in
@@ -37,15 +40,17 @@ from typing import Any, Literal
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
-Stage = Literal["rcpt", "data"]
+Stage = Literal["mail", "rcpt", "data"]
 
 # A scripted "reply" with this code closes the connection instead of answering.
 DROP = 0
+# The scripts' key of the greeting (no address is empty).
+_GREETING = ""
 
 
 @dataclass
 class _Script:
-    stage: Stage
+    stage: Stage | Literal["greeting"]
     code: int
     text: str
     remaining: int | None  # None: for ever
@@ -66,6 +71,16 @@ class _CountingSmtp(SMTP):
         if self.transport is not None:
             self.fake._closed(self.transport)
         super().connection_lost(error)
+
+    async def _handle_client(self) -> None:
+        greeting = self.fake._take(_GREETING, "greeting")
+        if greeting is None:
+            await super()._handle_client()
+            return
+        # What a server that refuses this client says instead of its 220, then it hangs up.
+        await self.push(f"{greeting.code} {greeting.text}")
+        if self.transport is not None:
+            self.transport.close()
 
 
 class _FreePortController(Controller):
@@ -92,6 +107,16 @@ class _FreePortController(Controller):
 class _Handler:
     def __init__(self, fake: FakeSmtp) -> None:
         self.fake = fake
+
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, mail_options: list[str]
+    ) -> str:
+        script = self.fake._take(address, "mail")
+        if script is not None:
+            return f"{script.code} {script.text}"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
 
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
@@ -210,12 +235,25 @@ class FakeSmtp:
         stage: Stage = "rcpt",
     ) -> None:
         """Answer `code text` to `recipient`'s RCPT (or, with stage="data", to the DATA of a
-        message for it), `times` times or for ever; scripts of one recipient apply in order."""
+        message for it; with stage="mail", `recipient` is a sender, answered at its MAIL FROM),
+        `times` times or for ever; scripts of one address apply in order."""
         if times is not None and times < 1:
             raise ValueError("times must be at least 1")
         with self._lock:
             self._scripts.setdefault(recipient.lower(), []).append(
                 _Script(stage=stage, code=code, text=text, remaining=times)
+            )
+
+    def refuse_greeting(
+        self, code: int, text: str = "Scripted greeting", *, times: int | None = None
+    ) -> None:
+        """Greet the next sessions (`times` of them, or all) with `code text` instead of 220, and
+        close them."""
+        if times is not None and times < 1:
+            raise ValueError("times must be at least 1")
+        with self._lock:
+            self._scripts.setdefault(_GREETING, []).append(
+                _Script(stage="greeting", code=code, text=text, remaining=times)
             )
 
     def drop(self, recipient: str, *, times: int | None = None) -> None:
@@ -237,7 +275,7 @@ class FakeSmtp:
                 if address.lower() in (recipient.lower() for recipient in recipients)
             ]
 
-    def _take(self, recipient: str, stage: Stage) -> _Script | None:
+    def _take(self, recipient: str, stage: Stage | Literal["greeting"]) -> _Script | None:
         with self._lock:
             scripts = self._scripts.get(recipient.lower(), [])
             for index, script in enumerate(scripts):

@@ -38,10 +38,20 @@ def sending(backend: RecordingBackend) -> EmailSending:
             None,
         ),
         (
-            EmailRejected("smtp 550 5.1.1"),
+            EmailRejected("smtp 550 5.1.1", bounce=True),
             Verdict.REJECTED,
             Failure.BOUNCED,
             EmailOutcome.BOUNCED,
+            DeliveryStatus.FAILED,
+            PermanentError,
+            None,
+        ),
+        (
+            # Refused at DATA (its content): failed for good, but not the address's bounce.
+            EmailRejected("smtp 554 5.7.1", bounce=False),
+            Verdict.REJECTED,
+            Failure.REJECTED,
+            EmailOutcome.REJECTED,
             DeliveryStatus.FAILED,
             PermanentError,
             None,
@@ -74,7 +84,7 @@ def sending(backend: RecordingBackend) -> EmailSending:
             None,  # compared with the error's own below
         ),
     ],
-    ids=["accepted", "bounced", "transient", "deferred", "misconfigured"],
+    ids=["accepted", "bounced", "rejected", "transient", "deferred", "misconfigured"],
 )
 async def test_each_backend_outcome_is_an_answer_and_an_outcome(
     failure: Exception | None,
@@ -102,7 +112,7 @@ async def test_each_backend_outcome_is_an_answer_and_an_outcome(
     assert decided.label == label
     assert decided.status is status
     assert type(decided.error) is error if error else decided.error is None
-    if status is DeliveryStatus.FAILED:
+    if code is Failure.BOUNCED:
         # A bounce tells message-service, which counts them against the address.
         (bounce,) = decided.events
         assert isinstance(bounce, EmailBounced)
@@ -111,11 +121,24 @@ async def test_each_backend_outcome_is_an_answer_and_an_outcome(
     else:
         assert decided.events == ()
     if status is DeliveryStatus.FAILED:
+        assert isinstance(failure, EmailRejected)
         assert decided.report is not None
         assert (decided.report.outcome, decided.report.reason) == (
             DeliveryOutcome.FAILED,
-            "smtp 550 5.1.1",
+            failure.reason,
         )
+
+
+def test_only_a_bounced_failure_publishes_a_bounce_even_when_published_again() -> None:
+    """A row already final is published again from its ledger failure code alone (after a
+    crash before its events went out): only `bounced` carries an `EmailBounced`."""
+    channel = EmailChannel(sending(RecordingBackend()), max_in_flight=1)
+    job = email_job()
+
+    assert channel.events_for_failure(job, Failure.REJECTED, "smtp 554 5.7.1") == ()
+    assert channel.events_for_failure(job, Failure.INVALID, "invalid recipient address") == ()
+    (bounce,) = channel.events_for_failure(job, Failure.BOUNCED, "smtp 550 5.1.1")
+    assert isinstance(bounce, EmailBounced)
 
 
 async def test_a_job_that_cannot_become_an_email_is_invalid_without_reaching_the_backend() -> None:

@@ -294,7 +294,9 @@ async def test_a_redelivered_batch_is_acknowledged_without_sending_again(
     assert 'herald_email_send_duration_seconds_count{backend="recording"} 2.0' in metrics
 
 
-@pytest.mark.parametrize("backend", [(EmailRejected("smtp 550 5.1.1"),)], indirect=True)
+@pytest.mark.parametrize(
+    "backend", [(EmailRejected("smtp 550 5.1.1", bounce=True),)], indirect=True
+)
 async def test_a_bounce_is_recorded_reported_failed_and_dead_lettered(
     harness: Harness, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -380,7 +382,7 @@ async def test_mixed_outcomes_are_reported_per_outcome_and_the_retry_sends_only_
     harness: Harness, caplog: pytest.LogCaptureFixture
 ) -> None:
     delivered, bounced, deferred = other_recipient(1), other_recipient(2), other_recipient(3)
-    harness.backend.fail(bounced.notification_id, EmailRejected("smtp 550 5.1.1"))
+    harness.backend.fail(bounced.notification_id, EmailRejected("smtp 550 5.1.1", bounce=True))
     harness.backend.fail(deferred.notification_id, transient())
     batch = email_jobs(delivered, bounced, deferred)
 
@@ -494,7 +496,7 @@ async def test_reports_that_could_not_be_published_go_out_with_the_retry(
     harness: Harness,
 ) -> None:
     delivered, bounced = email_job(), other_recipient(1)
-    harness.backend.fail(bounced.notification_id, EmailRejected("smtp 550 5.1.1"))
+    harness.backend.fail(bounced.notification_id, EmailRejected("smtp 550 5.1.1", bounce=True))
     batch = email_jobs(delivered, bounced)
     sender = harness.service.sender
     publishers = sender.publishers

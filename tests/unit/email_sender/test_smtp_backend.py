@@ -47,6 +47,7 @@ from tests.unit.email_sender.support import (
 )
 
 BOB = "bob@example.test"
+SENDER = "notifications@herald.localhost"  # EMAIL_FROM's address, the envelope's MAIL FROM
 
 
 @pytest.fixture
@@ -202,6 +203,109 @@ async def test_550_records_a_bounce_and_reports_it_failed_next_to_a_delivered_em
     assert [mail["To"] for mail in smtp.received] == ["Bob <carol@example.test>"]
 
 
+# How a server refuses one e-mail, at each stage of the conversation, and what follows. Only a
+# refused recipient (RCPT TO) is that address's bounce (`email.bounced`, counted against it by
+# message-service); a refused greeting or MAIL FROM is about our host or our sender (EMAIL_FROM)
+# and would refuse every e-mail alike: misconfigured, waiting for the fix; a refused DATA (the
+# content) fails this e-mail alone.
+REFUSALS = {
+    "greeting": (554, "5.7.1 client host blocked"),
+    "mail": (553, "5.7.1 Sender address rejected: not owned by user"),
+    "rcpt": (550, "5.1.1 no such user"),
+    "data": (554, "5.7.1 message looks like spam"),
+}
+
+
+@pytest.mark.parametrize("stage", list(REFUSALS))
+async def test_only_a_refused_recipient_publishes_a_bounce(
+    smtp: FakeSmtp,
+    renderer: EmailRenderer,
+    sqlite_url: str,
+    stage: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    code, text = REFUSALS[stage]
+    if stage == "greeting":
+        smtp.refuse_greeting(code, text)
+    elif stage == "mail":
+        smtp.reply(SENDER, code, text, stage="mail")
+    else:
+        smtp.reply(BOB, code, text, stage=cast(Stage, stage))
+    engine = make_engine(sqlite_url)
+    await run_migrations(engine, script_location="email_sender:migrations", service_name="es")
+    publisher = RecordingPublisher()
+    sender = Sender(
+        spec=EmailChannel(EmailSending(backend_for(smtp), renderer, timeout=5), max_in_flight=2),
+        ledger=DeliveryLedger(engine, email_deliveries),
+        publishers=dict.fromkeys(
+            (EMAIL_DELIVERED, EMAIL_FAILED, EMAIL_BOUNCED), cast(Any, publisher)
+        ),
+        publish_timeout=5,
+        metrics=EmailMetrics(CollectorRegistry()),
+    )
+    job = email_job()
+    try:
+        with pytest.raises((DeferredError, PermanentError)) as raised:
+            await sender.deliver([job])
+        entry = await sender.ledger.get(job.notification_id)
+    finally:
+        await sender.aclose()
+        await engine.dispose()
+
+    assert smtp.received == []
+    assert entry is not None
+    bounces = [event for event in publisher.events if isinstance(event, EmailBounced)]
+    failed = [
+        report
+        for event in publisher.events
+        if isinstance(event, DeliveriesReported) and event.outcome is DeliveryOutcome.FAILED
+        for report in event.reports
+    ]
+    enhanced = text.split()[0]
+    if stage in ("greeting", "mail"):
+        # Our configuration: nothing final, nothing published, the job waits for the fix
+        # without spending an attempt; the operator is told at ERROR.
+        reason = f"smtp {code} {enhanced} ({'greeting' if stage == 'greeting' else 'sender'})"
+        assert isinstance(raised.value, DeferredError)
+        assert raised.value.reason == f"{reason} (provider configuration)"
+        assert entry.status is not DeliveryStatus.FAILED
+        assert (bounces, failed) == ([], [])
+        assert f"email.misconfigured notification_id={job.notification_id}" in caplog.text
+    else:
+        reason = f"smtp {code} {enhanced}"
+        assert isinstance(raised.value, PermanentError)
+        assert entry.status is DeliveryStatus.FAILED
+        assert entry.reason == reason
+        assert [report.reason for report in failed] == [reason]
+        if stage == "rcpt":
+            assert entry.failure == Failure.BOUNCED
+            [bounce] = bounces
+            assert (bounce.notification_id, bounce.reason) == (job.notification_id, reason)
+        else:  # the content refused: failed for good, the address not counted against
+            assert entry.failure == Failure.REJECTED
+            assert bounces == []
+    assert BOB not in caplog.text
+
+
+async def test_a_refused_greeting_is_our_configuration_and_the_next_session_goes_through(
+    smtp: FakeSmtp, renderer: EmailRenderer, caplog: pytest.LogCaptureFixture
+) -> None:
+    smtp.refuse_greeting(554, "5.7.1 Client host [127.0.0.1] blocked using a blocklist", times=1)
+    job = email_job()
+    backend = backend_for(smtp)
+
+    with pytest.raises(SmtpConfigurationError) as raised:
+        await backend.send(renderer.render(job), notification_id=job.notification_id)
+
+    assert raised.value.reason == "smtp 554 5.7.1 (greeting)"
+    assert raised.value.retry_after == 60.0
+    [error] = [record for record in caplog.records if record.levelno == logging.ERROR]
+    assert "check SMTP_HOST" in error.getMessage()
+    assert "blocklist" not in caplog.text
+    await backend.send(renderer.render(job), notification_id=job.notification_id)
+    assert len(smtp.received) == 1
+
+
 async def test_connection_refused_is_retryable(renderer: EmailRenderer) -> None:
     job = email_job()
     backend = SmtpBackend(SmtpConfig(host="127.0.0.1", port=free_port(), timeout=5))
@@ -283,10 +387,37 @@ def _refused(code: int, text: str = "") -> aiosmtplib.SMTPRecipientsRefused:
         (_refused(452, "4.5.3 too many recipients"), RetryableError, "smtp 452 4.5.3"),
         (aiosmtplib.SMTPConnectResponseError(421, "too busy"), RetryableError, "smtp 421"),
         (aiosmtplib.SMTPDataError(421, "4.4.2 bye"), RetryableError, "smtp 421 4.4.2"),
+        (aiosmtplib.SMTPSenderRefused(451, "4.3.0 later", "x@y"), RetryableError, "smtp 451 4.3.0"),
+        (aiosmtplib.SMTPHeloError(421, "4.3.2 busy"), RetryableError, "smtp 421 4.3.2"),
         (_refused(550, "5.1.1 <bob@example.test> unknown"), EmailRejected, "smtp 550 5.1.1"),
         (_refused(553, "5.1.3 bad address"), EmailRejected, "smtp 553 5.1.3"),
         (aiosmtplib.SMTPDataError(554, "5.7.1 spam"), EmailRejected, "smtp 554 5.7.1"),
-        (aiosmtplib.SMTPSenderRefused(550, "no", "x@y"), EmailRejected, "smtp 550"),
+        # A 5xx about our host, our session or our sender, not the recipient: configuration.
+        (
+            aiosmtplib.SMTPConnectResponseError(554, "5.7.1 client host blocked"),
+            SmtpConfigurationError,
+            "smtp 554 5.7.1 (greeting)",
+        ),
+        (
+            aiosmtplib.SMTPHeloError(550, "5.7.1 bad HELO"),
+            SmtpConfigurationError,
+            "smtp 550 5.7.1 (helo)",
+        ),
+        (
+            aiosmtplib.SMTPSenderRefused(553, "5.7.1 Sender address rejected", "x@y"),
+            SmtpConfigurationError,
+            "smtp 553 5.7.1 (sender)",
+        ),
+        (
+            aiosmtplib.SMTPSenderRefused(550, "no", "x@y"),
+            SmtpConfigurationError,
+            "smtp 550 (sender)",
+        ),
+        (
+            aiosmtplib.SMTPResponseException(554, "5.7.3 TLS not available"),
+            SmtpConfigurationError,
+            "smtp 554 5.7.3 (session)",
+        ),
         (
             aiosmtplib.SMTPAuthenticationError(535, "5.7.8 bad credentials"),
             SmtpConfigurationError,
@@ -325,6 +456,21 @@ def test_classification(error: BaseException, kind: type[Exception], reason: str
     assert classified.reason == reason
 
 
+@pytest.mark.parametrize(
+    ("error", "bounce"),
+    [
+        (_refused(550, "5.1.1 unknown"), True),
+        (aiosmtplib.SMTPRecipientRefused(554, "5.7.1 relay denied", BOB), True),
+        (aiosmtplib.SMTPDataError(554, "5.7.1 spam"), False),
+        (aiosmtplib.SMTPDataError(552, "5.3.4 too big"), False),
+    ],
+)
+def test_only_a_refused_recipient_is_a_bounce(error: BaseException, bounce: bool) -> None:
+    classified = classify_smtp_error(error)
+    assert isinstance(classified, EmailRejected)
+    assert classified.bounce is bounce
+
+
 def test_default_port_follows_the_tls_mode() -> None:
     assert Settings(smtp_tls=SmtpTls.NONE).smtp.port == 25
     assert Settings(smtp_tls=SmtpTls.STARTTLS).smtp.port == 587
@@ -350,8 +496,42 @@ REPLIES = [
     ("data", 550, "5.7.1 policy", EmailRejected, "smtp 550 5.7.1"),
     ("data", 552, "5.3.4 too big", EmailRejected, "smtp 552 5.3.4"),
     ("data", 554, "5.7.1 spam", EmailRejected, "smtp 554 5.7.1"),
-    ("rcpt", 530, "5.7.0 authentication required", SmtpConfigurationError, "smtp 530 5.7.0"),
-    ("data", 535, "5.7.8 bad credentials", SmtpConfigurationError, "smtp 535 5.7.8"),
+    (
+        "rcpt",
+        530,
+        "5.7.0 authentication required",
+        SmtpConfigurationError,
+        "smtp 530 5.7.0 (authentication)",
+    ),
+    (
+        "data",
+        535,
+        "5.7.8 bad credentials",
+        SmtpConfigurationError,
+        "smtp 535 5.7.8 (authentication)",
+    ),
+    ("mail", 451, "4.3.0 try later", RetryableError, "smtp 451 4.3.0"),
+    (
+        "mail",
+        553,
+        "5.7.1 Sender address rejected",
+        SmtpConfigurationError,
+        "smtp 553 5.7.1 (sender)",
+    ),
+    (
+        "mail",
+        550,
+        "5.7.1 not allowed to send as",
+        SmtpConfigurationError,
+        "smtp 550 5.7.1 (sender)",
+    ),
+    (
+        "mail",
+        530,
+        "5.7.0 authentication required",
+        SmtpConfigurationError,
+        "smtp 530 5.7.0 (authentication)",
+    ),
 ]
 
 
@@ -370,7 +550,8 @@ async def test_each_scripted_reply_has_its_outcome(
     reason: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    smtp.reply(BOB, code, f"{text} <{BOB}>", stage=stage, times=1)
+    # MAIL FROM is answered for the sender's address, RCPT and DATA for the recipient's.
+    smtp.reply(SENDER if stage == "mail" else BOB, code, f"{text} <{BOB}>", stage=stage, times=1)
     job = email_job()
     backend = backend_for(smtp)
 
@@ -379,7 +560,9 @@ async def test_each_scripted_reply_has_its_outcome(
 
     error = raised.value
     assert isinstance(error, RetryableError | EmailRejected | DeferredError)
-    assert error.reason.removesuffix(" (authentication)") == reason
+    assert error.reason == reason
+    if isinstance(error, EmailRejected):  # only a refused recipient counts against it
+        assert error.bounce is (stage == "rcpt")
     assert smtp.received == []
     assert BOB not in caplog.text
     # Only a configuration error is logged loudly (the operator has to act).

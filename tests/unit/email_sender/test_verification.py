@@ -133,10 +133,18 @@ async def test_a_request_is_sent_once_and_reported_to_nobody(
     assert TOKEN not in caplog.text
 
 
+@pytest.mark.parametrize(
+    ("refusal", "failure"),
+    [
+        (EmailRejected("smtp 550 5.1.1", bounce=True), Failure.BOUNCED),
+        (EmailRejected("smtp 550 5.1.1", bounce=False), Failure.REJECTED),  # at DATA
+    ],
+    ids=["recipient", "content"],
+)
 async def test_a_refused_request_is_recorded_and_not_retried(
-    tmp_path: Path, sqlite_url: str
+    tmp_path: Path, sqlite_url: str, refusal: EmailRejected, failure: Failure
 ) -> None:
-    backend = RecordingBackend(EmailRejected("smtp 550 5.1.1"))
+    backend = RecordingBackend(refusal)
     event = request()
     async with running(tmp_path, sqlite_url, backend) as (service, _):
         await service.broker.publish(event, exchange=EXCHANGE, routing_key=EMAIL_VERIFY)
@@ -146,7 +154,7 @@ async def test_a_refused_request_is_recorded_and_not_retried(
         stored = await entry(service, event)
         assert (stored.status, stored.failure, stored.reason) == (
             DeliveryStatus.FAILED,
-            Failure.BOUNCED,
+            failure,
             "smtp 550 5.1.1",
         )
 

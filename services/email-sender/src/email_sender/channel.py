@@ -43,7 +43,10 @@ class EmailSending:
         try:
             await self.backend.send(message, notification_id=job.notification_id)
         except EmailRejected as exc:
-            return Answer(Verdict.REJECTED, exc.reason, failure=Failure.BOUNCED)
+            # Only a refused recipient (RCPT) is that address's bounce; a refused content fails
+            # this e-mail alone.
+            failure = Failure.BOUNCED if exc.bounce else Failure.REJECTED
+            return Answer(Verdict.REJECTED, exc.reason, failure=failure)
         except SmtpConfigurationError as exc:
             return Answer(Verdict.MISCONFIGURED, exc.reason, retry_after=exc.retry_after)
         except DeferredError as exc:
@@ -92,4 +95,4 @@ class EmailChannel:
         )
 
     def settings_hint(self, provider: str) -> str:
-        return "SMTP_USERNAME, SMTP_PASSWORD and SMTP_TLS"
+        return "SMTP_HOST, SMTP_USERNAME, SMTP_PASSWORD, SMTP_TLS and EMAIL_FROM"

@@ -9,7 +9,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 class EmailOutcome(StrEnum):
     DELIVERED = "delivered"
-    BOUNCED = "bounced"  # refused for good by the provider (SMTP 5xx)
+    BOUNCED = "bounced"  # the recipient's address refused for good (SMTP 5xx to RCPT TO)
+    REJECTED = "rejected"  # this e-mail refused for good, not its address (SMTP 5xx to DATA)
     INVALID = "invalid"  # the job cannot become an e-mail
     RETRY = "retry"  # a transient failure; the job will come back
     MISCONFIGURED = "misconfigured"  # the server refuses our credentials: comes back later

@@ -18,7 +18,8 @@ metadata = MetaData()
 class Failure(StrEnum):
     """Why a failed e-mail failed (the ledger's `failure`)."""
 
-    BOUNCED = "bounced"  # refused for good by the provider (SMTP 5xx)
+    BOUNCED = "bounced"  # the recipient's address refused for good (SMTP 5xx to RCPT TO)
+    REJECTED = "rejected"  # this e-mail refused for good, not its address (SMTP 5xx to DATA)
     INVALID = "invalid"  # the job cannot become an e-mail
 
 

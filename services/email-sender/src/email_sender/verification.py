@@ -179,7 +179,8 @@ class VerificationMailer:
         try:
             await self.backend.send(email, notification_id=key)
         except EmailRejected as exc:
-            return await self._finish(event, DeliveryStatus.FAILED, Failure.BOUNCED, exc.reason)
+            failure = Failure.BOUNCED if exc.bounce else Failure.REJECTED
+            return await self._finish(event, DeliveryStatus.FAILED, failure, exc.reason)
         except Exception:
             # Transient (or an outage of the server): the claim goes back for the retry.
             await self.ledger.release(key, reason="transient failure", now=utc_now())

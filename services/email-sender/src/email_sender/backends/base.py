@@ -14,15 +14,23 @@ if TYPE_CHECKING:
 class EmailRejected(PermanentError):
     """The provider refused this e-mail for good (an SMTP 5xx): record it failed, never retry.
 
-    `reason` holds codes only, never the server's text (which often quotes the address).
+    `bounce`: the refusal is about the recipient's address (SMTP: its RCPT TO refused), so it
+    counts against the address (`EmailBounced`); otherwise only this e-mail is refused (its
+    content, at DATA). `reason` holds codes only, never the server's text (which often quotes
+    the address).
     """
+
+    def __init__(self, reason: str, *, bounce: bool) -> None:
+        super().__init__(reason)
+        self.bounce = bounce
 
 
 class EmailBackend(Protocol):
     """Delivers one rendered message.
 
-    Raises `herald_shared.retry.RetryableError` for anything transient (try again later) and
-    `EmailRejected` for a permanent refusal; it never retries by itself.
+    Raises `herald_shared.retry.RetryableError` for anything transient (try again later),
+    `EmailRejected` for a permanent refusal, and a `herald_shared.retry.DeferredError` (such as
+    `SmtpConfigurationError`) for a refusal of our own set-up; it never retries by itself.
     """
 
     @property

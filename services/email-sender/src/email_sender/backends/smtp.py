@@ -36,15 +36,19 @@ CONFIGURATION_RETRY_AFTER = 60.0
 
 
 class SmtpConfigurationError(DeferredError):
-    """The server refuses us, not the message (authentication, missing extension).
+    """The server refuses us, not the message (authentication, missing extension, our host or
+    our sender address refused).
 
     Deferred: the job waits in the delayed-retry path without spending an attempt, so messages
     wait for a fixed configuration instead of being burnt (up to RABBITMQ_MAX_DEFERRALS waits);
-    logged at ERROR because an operator has to act.
+    logged at ERROR because an operator has to act. `check` names what to look at.
     """
 
-    def __init__(self, reason: str) -> None:
+    def __init__(
+        self, reason: str, *, check: str = "SMTP_USERNAME, SMTP_PASSWORD and SMTP_TLS"
+    ) -> None:
         super().__init__(reason, retry_after=CONFIGURATION_RETRY_AFTER)
+        self.check = check
 
 
 class ConnectionLostDuringData(RetryableError):
@@ -65,12 +69,22 @@ def _code_reason(code: int, server_text: str) -> str:
 def classify_smtp_error(
     exc: BaseException,
 ) -> RetryableError | EmailRejected | SmtpConfigurationError:
-    """The outcome of one failed SMTP conversation (docs/providers.md, "SMTP"):
+    """The outcome of one failed SMTP conversation (docs/providers.md, "SMTP"), the one place
+    that decides it.
 
-    * 5xx (550, 553, 554…) → `EmailRejected` (permanent, a bounce);
-    * 530/534/535/538 and authentication errors → `SmtpConfigurationError` (deferred);
-    * 4xx (421, 450, 451, 452…), refused or reset connections, timeouts, a connection dropped in
-      the middle of DATA → `RetryableError`.
+    Who a 5xx is about depends on the command it answers, so the stage decides, not the code:
+
+    * RCPT TO refused (550, 553, 554…) → `EmailRejected(bounce=True)`: the one reply about the
+      recipient's address, the only one counted against it (`EmailBounced`);
+    * DATA refused (554 5.7.1 spam, 552 too big…) → `EmailRejected(bounce=False)`: this e-mail
+      is refused for good (failed, not retried), but the address took nothing wrong;
+    * greeting, EHLO/HELO, STARTTLS, MAIL FROM refused, and 530/534/535/538 or an authentication
+      error anywhere → `SmtpConfigurationError` (deferred, the workflow's MISCONFIGURED verdict):
+      the server refuses our host, our credentials or our sender (EMAIL_FROM), not this
+      recipient; it refuses every e-mail alike until an operator acts, so the jobs wait without
+      spending attempts instead of each being reported as its recipient's bounce;
+    * 4xx (421, 450, 451, 452…) at any stage, refused or reset connections, timeouts, a
+      connection dropped in the middle of DATA → `RetryableError`.
     """
     if isinstance(exc, aiosmtplib.SMTPRecipientsRefused) and exc.recipients:
         exc = exc.recipients[0]
@@ -78,9 +92,22 @@ def classify_smtp_error(
         reason = _code_reason(exc.code, exc.message)
         if isinstance(exc, aiosmtplib.SMTPAuthenticationError) or exc.code in AUTH_CODES:
             return SmtpConfigurationError(f"{reason} (authentication)")
-        if 500 <= exc.code < 600:
-            return EmailRejected(reason)
-        return RetryableError(reason)
+        if not 500 <= exc.code < 600:
+            return RetryableError(reason)
+        if isinstance(exc, aiosmtplib.SMTPRecipientRefused):
+            return EmailRejected(reason, bounce=True)
+        if isinstance(exc, aiosmtplib.SMTPDataError):
+            return EmailRejected(reason, bounce=False)
+        if isinstance(exc, aiosmtplib.SMTPSenderRefused):
+            return SmtpConfigurationError(f"{reason} (sender)", check="EMAIL_FROM")
+        if isinstance(exc, aiosmtplib.SMTPConnectResponseError):
+            return SmtpConfigurationError(
+                f"{reason} (greeting)", check="SMTP_HOST and this host's standing at the server"
+            )
+        if isinstance(exc, aiosmtplib.SMTPHeloError):
+            return SmtpConfigurationError(f"{reason} (helo)", check="SMTP_HOST and SMTP_TLS")
+        # STARTTLS, RSET, NOOP: the session, not a message.
+        return SmtpConfigurationError(f"{reason} (session)", check="SMTP_HOST and SMTP_TLS")
     if isinstance(exc, aiosmtplib.SMTPNotSupported):
         return SmtpConfigurationError("smtp extension not supported by the server")
     if isinstance(exc, aiosmtplib.SMTPServerDisconnected):
@@ -133,11 +160,12 @@ class SmtpBackend:
             if isinstance(error, SmtpConfigurationError):
                 logger.error(
                     "email.smtp.configuration_error notification_id=%s host=%s port=%d error=%s "
-                    "(check SMTP_USERNAME, SMTP_PASSWORD and SMTP_TLS)",
+                    "(check %s)",
                     notification_id,
                     settings.host,
                     settings.port,
                     error.reason,
+                    error.check,
                 )
             # Not chained: the original's text may quote the server's reply and the address.
             raise error from None
