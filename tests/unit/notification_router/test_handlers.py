@@ -69,6 +69,7 @@ from notification_router.tables import (
     notifications,
     presence_connections,
     recipients,
+    waiting_windows,
 )
 from tests.support.router_factories import NOW, message_created, user_updated
 
@@ -245,6 +246,43 @@ async def test_a_deletion_and_its_clean_up_are_applied_together_or_not_at_all(
             select(presence_connections).where(presence_connections.c.user_id == user_id)
         )
         assert presence.all() == []
+
+
+async def test_held_pushes_wait_as_long_as_the_quiet_the_user_sets_now(
+    service: RouterService,
+) -> None:
+    """A snooze set longer keeps what it holds longer; turned off, it lets it go at once."""
+    now = utc_now()
+    bob = user_updated(devices=1, snoozed_until=now + timedelta(hours=1))
+    await publish(service.broker, bob)
+    await publish(service.broker, message_created(recipient_ids=[bob.user_id], timestamp=now))
+    assert await push_window_due(service.engine, bob.user_id) == now + timedelta(hours=1)
+
+    longer = snoozed(bob, version=2, until=now + timedelta(hours=3))
+    await publish(service.broker, longer)
+    assert await push_window_due(service.engine, bob.user_id) == now + timedelta(hours=3)
+
+    await publish(service.broker, snoozed(bob, version=3, until=None))
+    due = await push_window_due(service.engine, bob.user_id)
+    assert now <= due <= utc_now()
+
+
+def snoozed(user: UserUpdated, *, version: int, until: datetime | None) -> UserUpdated:
+    preferences = user.preferences.model_copy(update={"snoozed_until": until})
+    return user.model_copy(update={"version": version, "preferences": preferences})
+
+
+async def push_window_due(engine: AsyncEngine, user_id: uuid.UUID) -> datetime:
+    async with engine.connect() as connection:
+        (due,) = (
+            await connection.execute(
+                select(waiting_windows.c.due_at).where(
+                    waiting_windows.c.user_id == user_id, waiting_windows.c.channel == "push"
+                )
+            )
+        ).one()
+    assert isinstance(due, datetime)
+    return due.replace(tzinfo=UTC)  # SQLite: naive UTC
 
 
 async def projected_version(engine: AsyncEngine, user_id: uuid.UUID) -> int:

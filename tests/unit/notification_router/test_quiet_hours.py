@@ -135,6 +135,17 @@ def test_a_snooze_holds_pushes_until_it_ends_and_the_later_of_both_wins() -> Non
     assert quiet_until(snooze_over, event, now=now) is None
 
 
+def test_a_snooze_that_ends_in_quiet_hours_holds_pushes_until_they_end_and_the_other_way() -> None:
+    event = message_created(recipient_ids=[uuid.uuid4()])
+    evening = utc("2026-01-15T20:00:00")  # NIGHT: 22:00-07:00 in Paris, 21:00-06:00 UTC
+    into_the_night = recipient(quiet_hours=NIGHT, snoozed_until=utc("2026-01-15T21:30:00"))
+    night = utc("2026-01-16T05:00:00")
+    into_the_morning = recipient(quiet_hours=NIGHT, snoozed_until=utc("2026-01-16T09:00:00"))
+
+    assert quiet_until(into_the_night, event, now=evening) == utc("2026-01-16T06:00:00")
+    assert quiet_until(into_the_morning, event, now=night) == utc("2026-01-16T09:00:00")
+
+
 def test_a_direct_message_from_a_breakthrough_user_never_waits_anything_else_does() -> None:
     mum = uuid.uuid4()
     bob = recipient(quiet_hours=NIGHT, breakthrough_user_ids=[mum])

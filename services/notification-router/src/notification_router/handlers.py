@@ -247,8 +247,8 @@ async def project_recipient(event: UserUpdated, deps: RouterDeps) -> None:
     now = utc_now()
     due_at = None
     if not event.deleted:
-        # Quiet hours ended early (a snooze turned off, hours changed): what they held is due
-        # when they end now, not when they would have.
+        # The quiet changed (a snooze turned off or set longer, hours changed): what it holds
+        # is due when it ends now, not when it would have.
         due_at = routing.quiet_end(routing.Recipient.from_snapshot(event), now=now) or now
     applied = await repository.upsert_recipient(
         deps.engine, event, now=now, push_window_due_at=due_at

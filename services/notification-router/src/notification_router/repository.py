@@ -149,9 +149,9 @@ async def upsert_recipient(
 ) -> bool:
     """Store the snapshot unless a row of the same or a higher version is already there, and in
     the same transaction what an applied snapshot changes beside it: a deleted account's rows go
-    (`forget_recipient`), and the user's waiting push window is due at `push_window_due_at` if
-    that is sooner (`bring_push_window_forward`). One transaction, because a retry finds the
-    version applied and would skip what a second transaction had not done.
+    (`_forget_recipient`), and the user's waiting push window is due at `push_window_due_at`
+    (`_reschedule_push_window`). One transaction, because a retry finds the version applied and
+    would skip what a second transaction had not done.
 
     Returns whether it was applied. Replays and out-of-order deliveries therefore converge on
     the highest version, whatever order they arrive in (the version comparison happens under
@@ -198,7 +198,7 @@ async def upsert_recipient(
         if applied and snapshot.deleted:
             await _forget_recipient(connection, snapshot.user_id)
         elif applied and push_window_due_at is not None:
-            await _bring_push_window_forward(connection, snapshot.user_id, push_window_due_at)
+            await _reschedule_push_window(connection, snapshot.user_id, push_window_due_at)
         return applied
 
 
@@ -1392,18 +1392,18 @@ async def _uncount_deleted(connection: AsyncConnection, message_id: uuid.UUID) -
         )
 
 
-async def _bring_push_window_forward(
+async def _reschedule_push_window(
     connection: AsyncConnection, user_id: uuid.UUID, due_at: datetime
 ) -> None:
-    """The user's waiting push window is due at `due_at` if that is sooner (never later: a
-    window only waits as long as the quiet it was opened for)."""
+    """The user's waiting push window is due at `due_at`, sooner or later than it was: it
+    holds pushes for as long as the user's quiet lasts, as they set it now."""
     await connection.execute(
         update(waiting_windows)
         .where(
             _windows.user_id == user_id,
             _windows.channel == str(EventChannel.PUSH),
             _windows.state == WINDOW_WAITING,
-            _windows.due_at > due_at,
+            _windows.due_at != due_at,
         )
         .values(due_at=due_at)
     )

@@ -212,12 +212,20 @@ def quiet_until(recipient: Recipient, event: Notifiable, *, now: datetime) -> da
 
 
 def quiet_end(recipient: Recipient, *, now: datetime) -> datetime | None:
-    """When the quiet hours or the snooze that hold now end (the later if both), or None."""
-    snoozed = recipient.snoozed_until
-    ends = [snoozed] if snoozed is not None and snoozed > now else []
-    if recipient.quiet_hours is not None and (end := recipient.quiet_hours.end_after(now)):
-        ends.append(end)
-    return max(ends, default=None)
+    """When the quiet hours or the snooze that hold now end (the later if both), or None; and
+    if that end falls in the other, when that ends: a snooze until 23:30 with quiet hours from
+    23:00 holds pushes until the morning, not until 23:30."""
+    end = None
+    # A snooze counts once, and quiet hours end when the clock reads their end: a few steps.
+    for _ in range(4):
+        snoozed = recipient.snoozed_until
+        ends = [snoozed] if snoozed is not None and snoozed > now else []
+        if recipient.quiet_hours is not None and (until := recipient.quiet_hours.end_after(now)):
+            ends.append(until)
+        if not ends:
+            break
+        end = now = max(ends)
+    return end
 
 
 @dataclass(frozen=True)
