@@ -5,20 +5,24 @@ its personal data, and one last snapshot (`deleted`) tells the router to forget 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 import httpx
 from sqlmodel import select
+from sqlmodel.ext.asyncio.session import AsyncSession
 
 from herald_shared.events import InboxItem as Item
-from herald_shared.events import InboxItemsUpdated, Trigger
+from herald_shared.events import InboxItemsUpdated, Level, Trigger
 from message_service import repository, service
 from message_service.app import MessageService
 from message_service.models import (
     AuthSession,
     Block,
+    BreakthroughUser,
     Device,
     InboxItem,
+    Preferences,
     RoomMember,
     RoomSettings,
     User,
@@ -58,6 +62,12 @@ async def test_deleting_an_account_leaves_nothing_personal(
         headers=bob.headers,
     )
     assert muted.status_code == 200, muted.text
+    preferences = await client.put(
+        "/users/me/preferences",
+        json={"email": "all", "breakthrough_user_ids": [str(alice.id)]},
+        headers=bob.headers,
+    )
+    assert preferences.status_code == 200, preferences.text
 
     response = await client.delete("/users/me", headers=bob.headers)
 
@@ -71,7 +81,16 @@ async def test_deleting_an_account_leaves_nothing_personal(
         assert row is not None
         leftovers = {
             model.__name__: (await session.exec(select(model).where(model.user_id == bob.id))).all()
-            for model in (AuthSession, Device, RoomMember, RoomSettings, Block, InboxItem)
+            for model in (
+                AuthSession,
+                Device,
+                Preferences,
+                RoomMember,
+                RoomSettings,
+                BreakthroughUser,
+                Block,
+                InboxItem,
+            )
         }
     assert (row.username, row.display_name, row.email) == (
         service.deleted_username(bob.id),
@@ -151,3 +170,40 @@ async def test_inbox_items_that_arrive_after_the_deletion_are_not_kept(
         await session.commit()
         kept = (await session.exec(select(InboxItem))).all()
     assert kept == []
+
+
+async def test_a_request_that_reaches_a_deleted_account_changes_nothing(
+    client: httpx.AsyncClient, runtime: MessageService
+) -> None:
+    """A request authenticated just before the deletion, which then waited for the user's lock:
+    it finds no user, so it neither brings back the settings nor stages a snapshot newer than
+    the last (`deleted`) one, which the router would take and so make the user again."""
+    bob = await register(client, "bob")
+    assert (await client.delete("/users/me", headers=bob.headers)).status_code == 204
+    changes: dict[str, Callable[[AsyncSession], Awaitable[object]]] = {
+        "set_preferences": lambda session: service.set_preferences(
+            session=session, user_id=bob.id, email=Level.NONE
+        ),
+        "snooze": lambda session: service.snooze(session=session, user_id=bob.id, until=None),
+        "change_password": lambda session: service.change_password(
+            session=session, user_id=bob.id, keep_session_id=uuid.uuid4(), password_hash="x"
+        ),
+    }
+
+    refused = []
+    for name, change in changes.items():
+        async with runtime.sessions() as session:
+            try:
+                await change(session)
+            except service.NotFound:
+                refused.append(name)
+
+    assert refused == list(changes)
+    async with runtime.sessions() as session:
+        row = await session.get(User, bob.id)
+        preferences = await session.get(Preferences, bob.id)
+    assert row is not None
+    assert (row.deleted_at is not None, row.password_hash) == (True, None)
+    assert preferences is None
+    (last,) = await user_updates(runtime, bob.id)
+    assert (last.deleted, last.version) == (True, row.version)

@@ -17,6 +17,7 @@ from herald_shared.events import utc_now
 from herald_shared.unsubscribe import UnsubscribeTokens
 from message_service.api.routes.unsubscribe import is_one_click
 from message_service.app import MessageService, service_of
+from message_service.models import Preferences, User
 from tests.unit.message_service.helpers import (
     Account,
     client_for,
@@ -93,6 +94,35 @@ async def test_one_click_as_multipart_form_data(client: httpx.AsyncClient) -> No
 
     assert response.status_code == 200, response.text
     assert not await email_enabled(client, alice)
+
+
+async def test_a_link_of_a_deleted_account_changes_nothing_and_is_answered_as_any_other(
+    client: httpx.AsyncClient, runtime: MessageService
+) -> None:
+    """A link mailed before the account was deleted: a snapshot now, newer than the last
+    (`deleted`) one, would make the router recreate the user. The answer is the one a valid
+    link gets, as for an account that never existed: the link does not tell which it is."""
+    alice = await register(client, "alice")
+    token = token_for(alice.id)
+    assert (await client.delete("/users/me", headers=alice.headers)).status_code == 204
+    (deletion,) = await user_updates(runtime, alice.id)
+    nobody = uuid.uuid4()
+
+    deleted = await client.post("/unsubscribe", params={"token": token}, data=ONE_CLICK)
+    unknown = await client.post("/unsubscribe", params={"token": token_for(nobody)}, data=ONE_CLICK)
+
+    assert deleted.status_code == unknown.status_code == 200
+    assert deleted.text == unknown.text
+    assert "E-mail notifications are off" in deleted.text
+    assert await user_updates(runtime, alice.id) == [deletion]
+    assert deletion.deleted
+    assert await user_updates(runtime, nobody) == []
+    async with runtime.sessions() as session:
+        row = await session.get(User, alice.id)
+        preferences = [await session.get(Preferences, user) for user in (alice.id, nobody)]
+    assert row is not None
+    assert (row.deleted_at is not None, row.version) == (True, deletion.version)
+    assert preferences == [None, None]
 
 
 async def test_get_shows_a_confirmation_form_and_changes_nothing(

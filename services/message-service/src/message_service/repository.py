@@ -364,10 +364,15 @@ async def lock_users(
     session: AsyncSession, *, user_ids: Iterable[uuid.UUID]
 ) -> dict[uuid.UUID, User]:
     """Lock the users' rows (PostgreSQL; SQLite transactions are exclusive anyway) in id order, so
-    two transactions that lock the same users cannot deadlock, and read their latest state."""
+    two transactions that lock the same users cannot deadlock, and read their latest state.
+
+    A deleted account is left out, as if it did not exist: nothing may change it or stage a
+    snapshot of it after its last (`deleted`) one, which the router would take as newer and so
+    make the user again. On PostgreSQL, an account that another transaction deleted while we
+    waited for its lock is checked again once that one commits, and left out too."""
     statement = (
         select(User)
-        .where(col(User.id).in_(sorted(set(user_ids))))
+        .where(col(User.id).in_(sorted(set(user_ids))), col(User.deleted_at).is_(None))
         .order_by(col(User.id))
         .with_for_update()
         .execution_options(populate_existing=True)
@@ -393,6 +398,7 @@ async def erase_user(session: AsyncSession, *, user_id: uuid.UUID) -> None:
     statements = (
         delete(Device).where(col(Device.user_id) == user_id),
         delete(AuthSession).where(col(AuthSession.user_id) == user_id),
+        delete(Preferences).where(col(Preferences.user_id) == user_id),
         delete(RoomSettings).where(col(RoomSettings.user_id) == user_id),
         delete(BreakthroughUser).where(col(BreakthroughUser.user_id) == user_id),
         delete(Block).where(or_(col(Block.user_id) == user_id, col(Block.blocked_id) == user_id)),

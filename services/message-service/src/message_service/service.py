@@ -973,8 +973,15 @@ def _preferences_view(
 
 async def turn_email_off(*, session: AsyncSession, user_id: uuid.UUID) -> None:
     """One-click unsubscribe: e-mail notifications off, everything else as it was. Like any
-    preference change it publishes `user.updated`, and only if something changed."""
-    user = await _lock_user(session, user_id)
+    preference change it publishes `user.updated`, and only if something changed.
+
+    A link of an account deleted since (or of none) changes nothing and is answered as any other
+    valid link: it is mailed nothing anyway, a snapshot would make the router recreate it, and
+    the answer must not tell whether the account exists."""
+    user = (await repository.lock_users(session, user_ids={user_id})).get(user_id)
+    if user is None:
+        await session.rollback()
+        return
     preferences = await repository.preferences_of(session, user_id=user_id)
     if preferences.email_level != Level.NONE:
         preferences.email_level = str(Level.NONE)
@@ -1496,6 +1503,7 @@ async def _own_message(
 
 
 async def _lock_user(session: AsyncSession, user_id: uuid.UUID) -> User:
+    """The user's row, locked; `NotFound` for a deleted account too (`repository.lock_users`)."""
     user = (await repository.lock_users(session, user_ids={user_id})).get(user_id)
     if user is None:
         raise NotFound("user not found")
@@ -1526,6 +1534,9 @@ def _device_snapshot(device: Device) -> DeviceSnapshot:
 
 async def _stage_user_updated(session: AsyncSession, user: User) -> None:
     """Stage the full snapshot of `user` as it is in this transaction."""
+    if user.deleted_at is not None:
+        # Newer than its last (`deleted`) snapshot, it would make the router recreate the user.
+        raise NotFound("user not found")
     devices = await repository.devices_of(session, user_id=user.id)
     preferences = await repository.preferences_of(session, user_id=user.id)
     rooms = await repository.room_settings_of(session, user_id=user.id)
