@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import aio_pika
+import httpx
 import pytest
 from fastapi import FastAPI
 
@@ -359,3 +360,28 @@ async def test_inbox_items_of_a_deleted_account_are_dropped_on_postgres(app: Fas
             str(items[0].message_id): False,
             str(items[2].message_id): False,
         }
+
+
+async def test_what_postgresql_cannot_take_is_422_not_500(app: FastAPI) -> None:
+    """asyncpg refuses a NUL in text, and a bound number past bigint: each was a 500 here."""
+    async with client_for(app) as client:
+        alice = await register(client, "alice")
+
+        nul = await client.post("/sessions", json={"username": "ali\u0000ce", "password": PASSWORD})
+        answers = [
+            await client.get(
+                "/users/me/events",
+                # Sent and read as latin-1 ("²" is the byte 0xb2).
+                headers=httpx.Headers(
+                    {**alice.headers, "Last-Event-ID": last_event_id}, encoding="latin-1"
+                ),
+            )
+            for last_event_id in (
+                "1-\xb2",
+                "1-99999999999999999999999999",
+                "99999999999999999999-1",
+            )
+        ]
+
+        assert nul.status_code == 422
+        assert [answer.status_code for answer in answers] == [422, 422, 422]

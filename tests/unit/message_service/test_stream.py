@@ -285,16 +285,39 @@ def test_an_event_older_than_what_the_stream_has_is_not_sent_again() -> None:
     assert stream.last == new.position
 
 
-@pytest.mark.parametrize("text", ["", "12", "12-", "-3", "a-1", "1-b", "1-2-3", "9" * 41])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "12",
+        "12-",
+        "-3",
+        "a-1",
+        "1-b",
+        "1-2-3",
+        "9" * 41,
+        # Not ASCII digits: `str.isdigit()` takes all three, `int()` the last only.
+        "1-\xb2",
+        "\xb9-1",
+        "1-\u0661",
+        # Past PostgreSQL's bigint.
+        f"{2**63}-1",
+        f"1-{2**63}",
+        "1-99999999999999999999999999",
+    ],
+)
 def test_a_last_event_id_not_of_this_stream_is_refused(text: str) -> None:
     with pytest.raises(InvalidPosition):
         parse_position(text)
 
 
-def test_event_ids_round_trip() -> None:
-    position = StreamPosition(123456789, 42)
-
+@pytest.mark.parametrize("position", [StreamPosition(123456789, 42), StreamPosition(0, 0)])
+def test_event_ids_round_trip(position: StreamPosition) -> None:
     assert parse_position(format_position(position)) == position
+
+
+def test_the_largest_event_id_is_taken() -> None:
+    assert parse_position(f"{2**63 - 1}-{2**63 - 1}") == StreamPosition(2**63 - 1, 2**63 - 1)
 
 
 async def test_the_stream_refuses_a_foreign_last_event_id_and_a_room_not_yours(
@@ -319,6 +342,20 @@ async def test_the_stream_refuses_a_foreign_last_event_id_and_a_room_not_yours(
     assert "Last-Event-ID" in foreign.json()["detail"]
     assert not_yours.status_code == moved.status_code == 404
     assert anonymous.status_code == 401
+
+
+@pytest.mark.parametrize("last_event_id", ["1-\xb2", "1-99999999999999999999999999"])
+async def test_a_last_event_id_no_database_could_take_is_422(
+    client: httpx.AsyncClient, last_event_id: str
+) -> None:
+    bob = await register(client, "bob")
+    # Sent and read as latin-1 ("²" is the byte 0xb2).
+    headers = httpx.Headers({**bob.headers, "Last-Event-ID": last_event_id}, encoding="latin-1")
+
+    response = await client.get("/users/me/events", headers=headers)
+
+    assert response.status_code == 422
+    assert "Last-Event-ID" in response.json()["detail"]
 
 
 async def test_a_read_marker_reaches_the_users_other_devices_only(

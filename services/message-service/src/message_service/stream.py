@@ -106,12 +106,26 @@ class InvalidPosition(ValueError):
     pass
 
 
+# Both numbers are PostgreSQL bigints (a 64-bit transaction id, an outbox `seq`; SQLite's integers
+# are as wide): a larger one would fail as a query parameter.
+_POSITION_MAX = 2**63 - 1
+
+
 def parse_position(text: str) -> StreamPosition:
     """A `Last-Event-ID` as this service writes them: `<transaction>-<seq>`."""
     xid, separator, seq = text.strip().partition("-")
-    if not separator or not xid.isdigit() or not seq.isdigit() or len(text) > 40:
+    # ASCII digits only: `str.isdigit()` also takes others ("²") that `int()` refuses.
+    if (
+        not separator
+        or not (xid.isascii() and xid.isdigit())
+        or not (seq.isascii() and seq.isdigit())
+        or len(text) > 40
+    ):
         raise InvalidPosition("Last-Event-ID is not an event id of this stream")
-    return StreamPosition(int(xid), int(seq))
+    position = StreamPosition(int(xid), int(seq))
+    if position.xid > _POSITION_MAX or position.seq > _POSITION_MAX:
+        raise InvalidPosition("Last-Event-ID is not an event id of this stream")
+    return position
 
 
 def format_position(position: StreamPosition) -> str:

@@ -275,11 +275,12 @@ class UserCreate(RequestBody):
 class SessionCreate(RequestBody):
     """Sign in."""
 
+    # No username has a control character, and PostgreSQL cannot even look one up with a NUL.
     username: Annotated[
         str,
-        StringConstraints(min_length=1, max_length=USERNAME_MAX),
+        StringConstraints(min_length=1, max_length=USERNAME_MAX, pattern=SINGLE_LINE),
         AfterValidator(str.lower),
-        Field(description="Case does not matter"),
+        Field(description="Case does not matter; one line, no control characters"),
     ]
     password: Annotated[str, StringConstraints(max_length=PASSWORD_MAX), PASSWORD_FORMAT]
     name: SessionName | None = None
