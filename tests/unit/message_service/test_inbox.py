@@ -189,6 +189,33 @@ async def test_no_preview_when_the_user_turned_previews_off_and_a_deleted_messag
     assert missing.status_code == 404
 
 
+async def test_no_preview_once_the_user_is_no_longer_a_member_of_the_room(
+    client: httpx.AsyncClient, runtime: MessageService
+) -> None:
+    """The item stays, but not the text: an edit made after Bob left is the room's, not his."""
+    alice, bob = await register(client, "alice"), await register(client, "bob")
+    room = await create_room(client, alice, [bob])
+    message = await post(client, alice, room, "before bob left")
+    await project(runtime, 1, item_for(bob, message))
+    [item] = (await inbox(client, bob))["items"]
+    assert item["preview"] == "before bob left"
+
+    left = await client.post(f"/rooms/{room}/leave", headers=bob.headers)
+    assert left.status_code == 204, left.text
+    edited = await client.patch(
+        f"/rooms/{room}/messages/{message['id']}",
+        json={"content": "the plan, now that bob left"},
+        headers=alice.headers,
+    )
+    assert edited.status_code == 200, edited.text
+
+    [item] = (await inbox(client, bob))["items"]
+    one = await client.get(f"/users/me/notifications/{message['id']}", headers=bob.headers)
+    assert (item["message_id"], item["preview"]) == (message["id"], None)
+    assert one.status_code == 200
+    assert one.json()["preview"] is None
+
+
 async def test_the_inbox_needs_a_token_and_refuses_a_cursor_it_did_not_hand_out(
     client: httpx.AsyncClient,
 ) -> None:

@@ -1246,7 +1246,9 @@ def _inbox_select(user_id: uuid.UUID) -> tuple[Any, Any]:
         (_inbox.c.trigger == Trigger.INVITATION.value, ~func.coalesce(invitation_waits, False)),
         else_=func.coalesce(message_read, False),
     )
-    preview = func.coalesce(_preferences.c.push_preview, True)
+    # The text only for a member of the room now: whoever left (or was removed) keeps the item,
+    # but a room's messages, and their later edits, are its members'.
+    preview = and_(func.coalesce(_preferences.c.push_preview, True), _members.c.state == MEMBER)
     return (
         core_select(
             _inbox.c.message_id,

@@ -802,7 +802,8 @@ class InboxItemOut(BaseModel):
     preview: str | None = Field(
         description=(
             f"The message's first {INBOX_PREVIEW_CHARS} characters; null when your "
-            "`push_preview` is off, and for an invitation."
+            "`push_preview` is off, for an invitation, and once you are no longer a member of "
+            "the room."
         )
     )
     trigger: Trigger
