@@ -507,3 +507,25 @@ async def test_the_in_process_window_forgets_keys_whose_hits_all_expired() -> No
     assert await window.hit(minute, "session", "bob")
     assert set(window._hits) == {hour.key_for("rooms", "alice"), minute.key_for("session", "bob")}
     assert (await window.get_window_stats(hour, "rooms", "alice")).remaining == 9
+
+
+async def test_requests_of_one_key_take_turns_and_no_lock_outlives_them() -> None:
+    limiter = RateLimiter(
+        budgets=dict.fromkeys(Budget, parse_budget("2 per minute")),
+        metrics=RateLimitMetrics(CollectorRegistry()),
+    )
+    inside: list[str] = []
+    most_inside = 0
+
+    async def attempt(key: str) -> None:
+        nonlocal most_inside
+        async with limiter.in_turn(Budget.SIGN_IN_FAILURES, key):
+            inside.append(key)
+            most_inside = max(most_inside, inside.count(key))
+            await asyncio.sleep(0)  # let the others try to come in
+            inside.remove(key)
+
+    await asyncio.gather(*(attempt(key) for key in ["alice"] * 5 + ["bob"] * 5))
+
+    assert most_inside == 1
+    assert len(limiter._turns) == 0

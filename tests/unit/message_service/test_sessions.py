@@ -4,6 +4,7 @@ sign-in budgets per IP and per account."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import uuid
 from datetime import timedelta
@@ -423,6 +424,35 @@ async def test_wrong_passwords_for_one_account_are_refused_from_every_address(
     assert other_account.status_code == 201
     assert other_account.json()["user_id"] == str(bob.id)
     assert still_signed_in.status_code == 200
+
+
+async def test_guesses_sent_at_once_spend_the_accounts_budget_in_turn(sqlite_url: str) -> None:
+    """Before, every guess of a burst passed the budget's check before the first had spent it:
+    all were checked, and the right password, sent last, signed in. Now one at a time."""
+    async with (
+        limited_app(sqlite_url, rate_limit_sign_in_failures="3 per 15 minutes") as app,
+        client_from(app, NEIGHBOUR) as owner,
+    ):
+        await register(owner, "alice")
+        addresses = [f"203.0.113.{n}" for n in range(1, 13)]  # one guess each: no IP's budget
+        clients = [client_from(app, address) for address in addresses]
+        guesses = [{"username": "alice", "password": f"guess {n}"} for n in range(11)]
+        guesses.append({"username": "alice", "password": PASSWORD})
+        try:
+            answers = await asyncio.gather(
+                *(
+                    client.post("/sessions", json=guess)
+                    for client, guess in zip(clients, guesses, strict=True)
+                )
+            )
+        finally:
+            for client in clients:
+                await client.aclose()
+
+    statuses = [answer.status_code for answer in answers]
+    assert statuses.count(401) == 3
+    assert statuses.count(429) == len(guesses) - 3
+    assert 201 not in statuses
 
 
 async def test_wrong_passwords_from_one_address_are_refused_before_the_lookup(

@@ -17,12 +17,14 @@ every request because the counter is away would turn a Redis outage into an API 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Annotated, Protocol
@@ -184,6 +186,30 @@ class _Block:
     refusal: RateLimited
 
 
+class _Turns:
+    """One lock per key, kept while a request holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[tuple[Budget, str], tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def of(self, key: tuple[Budget, str]) -> AsyncIterator[None]:
+        lock, waiting = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, waiting + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, waiting = self._locks[key]
+            if waiting == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, waiting - 1)
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+
 class RateLimiter:
     """Spends budgets (`hit`); `enabled=False` spends nothing and refuses nothing."""
 
@@ -222,6 +248,7 @@ class RateLimiter:
             self._shared = MovingWindowRateLimiter(storage)
         self._shared_down_until = 0.0  # time.monotonic()
         self._blocked: dict[tuple[Budget, str], _Block] = {}
+        self._turns = _Turns()
 
     @property
     def blocking(self) -> bool:
@@ -241,6 +268,13 @@ class RateLimiter:
         """RateLimited when `key` has nothing left of `budget`; spends nothing (what a failure
         spends later is checked before the work that may fail)."""
         await self._count(budget, key, cost=1, spend=False)
+
+    def in_turn(self, budget: Budget, key: str) -> AbstractAsyncContextManager[None]:
+        """Requests of one key take turns here, in this process: for a budget that is checked
+        before slow work and spent after it fails (a password's check), so that a burst of
+        guesses cannot all pass the check before the first of them has spent. Across N replicas
+        up to N run at once, so a budget can be overshot by N - 1 at most."""
+        return self._turns.of((budget, key))
 
     async def _count(self, budget: Budget, key: str, *, cost: int, spend: bool) -> None:
         if not self.enabled:

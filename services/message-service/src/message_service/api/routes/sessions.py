@@ -5,8 +5,10 @@ checked against a stand-in hash when there is no account). Its budgets: every at
 of the IP's `SIGN_INS`; a wrong password spends one of the IP's `AUTH_FAILURES` (an IP over it
 is refused at once, as for bad tokens) and one of the account's `SIGN_IN_FAILURES`, which is
 checked before the password is: guessing one account's password from many addresses slows down
-as much as from one. The price is that someone who knows a username can keep its owner from
-signing in for the window (`RATE_LIMIT_SIGN_IN_FAILURES`); sessions already open keep working.
+as much as from one. Attempts on one account take turns (`RateLimiter.in_turn`), so a burst of
+guesses cannot all pass that check before the first wrong one has spent. The price is that
+someone who knows a username can keep its owner from signing in for the window
+(`RATE_LIMIT_SIGN_IN_FAILURES`); sessions already open keep working.
 """
 
 from __future__ import annotations
@@ -50,15 +52,18 @@ async def sign_in(
     if limiter.blocking:
         limiter.refuse_if_blocked(Budget.AUTH_FAILURES, ip)
     await limiter.hit(Budget.SIGN_INS, ip)
-    await limiter.check(Budget.SIGN_IN_FAILURES, body.username)
-    account = await service.credentials_of(session=session, username=body.username)
-    stored = account.password_hash if account is not None else None
-    matched = await deps.passwords.verify(stored, body.password)  # also when there is no one
-    if account is None or not matched:
-        await _count_failure(deps, ip=ip, username=body.username)
-        raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED, _WRONG_CREDENTIALS, headers={"WWW-Authenticate": "Bearer"}
-        )
+    async with limiter.in_turn(Budget.SIGN_IN_FAILURES, body.username):
+        await limiter.check(Budget.SIGN_IN_FAILURES, body.username)
+        account = await service.credentials_of(session=session, username=body.username)
+        stored = account.password_hash if account is not None else None
+        matched = await deps.passwords.verify(stored, body.password)  # also when there is no one
+        if account is None or not matched:
+            await _count_failure(deps, ip=ip, username=body.username)
+            raise HTTPException(
+                status.HTTP_401_UNAUTHORIZED,
+                _WRONG_CREDENTIALS,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
     rehashed = None
     if stored is not None and deps.passwords.needs_rehash(stored):
         rehashed = await deps.passwords.hash(body.password)
@@ -133,15 +138,16 @@ async def end_session(session_id: uuid.UUID, me: Me, session: SessionDep) -> Non
 async def change_password(body: PasswordChange, me: Me, session: SessionDep, deps: Deps) -> None:
     """Set a new password; every other session is signed out. A wrong `current_password` (403)
     counts as a failed sign-in of the account."""
-    await deps.limiter.check(Budget.SIGN_IN_FAILURES, me.username)
-    account = await service.credentials_of(session=session, username=me.username)
-    stored = account.password_hash if account is not None else None
-    if stored is not None and (
-        body.current_password is None
-        or not await deps.passwords.verify(stored, body.current_password)
-    ):
-        await deps.limiter.hit(Budget.SIGN_IN_FAILURES, me.username)
-        raise service.Forbidden("the current password is not right")
+    async with deps.limiter.in_turn(Budget.SIGN_IN_FAILURES, me.username):
+        await deps.limiter.check(Budget.SIGN_IN_FAILURES, me.username)
+        account = await service.credentials_of(session=session, username=me.username)
+        stored = account.password_hash if account is not None else None
+        if stored is not None and (
+            body.current_password is None
+            or not await deps.passwords.verify(stored, body.current_password)
+        ):
+            await deps.limiter.hit(Budget.SIGN_IN_FAILURES, me.username)
+            raise service.Forbidden("the current password is not right")
     new_hash = await deps.passwords.hash(body.new_password)
     await service.change_password(
         session=session, user_id=me.id, keep_session_id=me.session_id, password_hash=new_hash
