@@ -327,11 +327,28 @@ async def test_a_topic_of_another_team_is_a_configuration_problem(
 # -- every row of the table --------------------------------------------------------------------
 
 
-async def test_a_malformed_device_token_is_dead(provider: ApnsProvider, apns: FakeApns) -> None:
+async def test_a_malformed_device_token_is_rejected_not_dead(
+    provider: ApnsProvider, apns: FakeApns
+) -> None:
     # The fake's own check, not a script: what APNs answers to a token that is not 32 bytes.
+    # Rejected, not a dead token: APNs gives every token this answer when APNS_BASE_URL is the
+    # other environment (sandbox tokens sent to production, or the reverse).
     answer = await provider.send(apns_job(token="c0ffee"))
 
-    assert answer == ProviderAnswer(Verdict.TOKEN_INVALID, "apns 400 BadDeviceToken")
+    assert answer == ProviderAnswer(Verdict.REJECTED, "apns 400 BadDeviceToken")
+
+
+async def test_a_topic_of_another_app_of_the_team_is_rejected_not_a_dead_token(
+    make_provider: Callable[..., ApnsProvider], apns: FakeApns
+) -> None:
+    # The key signs for every app of the team, so APNs takes the topic and says each token is
+    # not for it: every device would be deleted if this were a dead token.
+    provider = make_provider(topic="chat.herald.other")
+
+    answer = await provider.send(apns_job())
+
+    assert answer == ProviderAnswer(Verdict.REJECTED, "apns 400 DeviceTokenNotForTopic")
+    assert apns.accepted == []
 
 
 @pytest.mark.parametrize(
@@ -341,13 +358,13 @@ async def test_a_malformed_device_token_is_dead(provider: ApnsProvider, apns: Fa
             400,
             "BadDeviceToken",
             {},
-            ProviderAnswer(Verdict.TOKEN_INVALID, "apns 400 BadDeviceToken"),
+            ProviderAnswer(Verdict.REJECTED, "apns 400 BadDeviceToken"),
         ),
         (
             400,
             "DeviceTokenNotForTopic",
             {},
-            ProviderAnswer(Verdict.TOKEN_INVALID, "apns 400 DeviceTokenNotForTopic"),
+            ProviderAnswer(Verdict.REJECTED, "apns 400 DeviceTokenNotForTopic"),
         ),
         (
             403,
@@ -478,6 +495,23 @@ def test_a_410_without_a_timestamp_is_a_dead_token() -> None:
     )
 
     assert answer == ProviderAnswer(Verdict.TOKEN_INVALID, "apns 410 Unregistered")
+
+
+@pytest.mark.parametrize(
+    ("status", "reason", "verdict"),
+    [
+        # What a wrong APNS_BASE_URL or APNS_TOPIC gives every token: never a dead token.
+        (400, "BadDeviceToken", Verdict.REJECTED),
+        (400, "DeviceTokenNotForTopic", Verdict.REJECTED),
+        # Only ever about one device: dead.
+        (410, "Unregistered", Verdict.TOKEN_INVALID),
+        (410, "ExpiredToken", Verdict.TOKEN_INVALID),
+    ],
+)
+def test_only_a_410_says_the_token_is_dead(status: int, reason: str, verdict: Verdict) -> None:
+    answer = classify(status, {"reason": reason}, httpx.Headers(), token_updated_at=None)
+
+    assert answer == ProviderAnswer(verdict, f"apns {status} {reason}")
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from faststream import TestApp
 from faststream.rabbit import TestRabbitBroker
 
-from herald_shared.events import DeliveriesReported, Platform, PushRequested, WebPushKeys
+from herald_shared.events import (
+    DeliveriesReported,
+    DeviceInvalidated,
+    Platform,
+    PushRequested,
+    WebPushKeys,
+)
 from herald_shared.ledger import DeliveryStatus
 from herald_shared.retry import DeferredError, PermanentError, RetryableError
 from herald_shared.topology import DEVICE_INVALIDATED, PUSH_FAILED
@@ -28,12 +34,14 @@ from push_sender.app import PushService, build_service
 from push_sender.providers import FcmProvider, LogProvider, ProviderAnswer, make_providers
 from push_sender.providers.webpush import b64url_encode
 from push_sender.settings import (
+    ApnsSettings,
     BreakerSettings,
     MaxInFlightSettings,
     PushProviderKind,
     WebPushSettings,
 )
 from push_sender.tables import Failure
+from tests.fakes.apns import FakeApns, device_token
 from tests.fakes.fcm import FakeFcm
 from tests.fakes.webpush import FakeWebPush, Subscription
 from tests.support.infra import wait_until
@@ -281,6 +289,100 @@ async def test_a_token_of_another_firebase_project_fails_its_push_and_never_open
     # Replayed from the dead-letter queue: final already, FCM is not asked again.
     await send(two_providers, job)
     assert fcm.send_requests == 10
+
+
+async def start_apns(
+    stack: AsyncExitStack,
+    tmp_path: Path,
+    sqlite_url: str,
+    apns: FakeApns,
+    apns_key: Path,
+    *,
+    topic: str | None = None,
+) -> PushService:
+    """The live APNs provider against the local APNs server (HTTP/2); breakers open after 3
+    failures."""
+    settings = unit_settings(
+        tmp_path,
+        sqlite_url,
+        push_provider=PushProviderKind.LIVE,
+        apns=ApnsSettings(
+            key_file=apns_key,
+            key_id=apns.key_id,
+            team_id=apns.team_id,
+            topic=topic or apns.topic,
+            base_url=apns.base_url,
+            timeout=10.0,
+        ),
+        breaker=BreakerSettings(failures=3, cool_down=COOL_DOWN, max_cool_down=300),
+    )
+    return await start(stack, build_service(settings))
+
+
+@pytest.mark.parametrize("mistake", ["topic of another app", "base url of the other environment"])
+async def test_an_apns_setting_that_fails_every_token_deletes_no_device_and_never_opens_the_breaker(
+    sqlite_url: str,
+    tmp_path: Path,
+    apns: FakeApns,
+    apns_key: Path,
+    stack: AsyncExitStack,
+    mistake: str,
+) -> None:
+    """APNS_TOPIC naming another app of the team (the key signs for all of them): APNs answers
+    400 DeviceTokenNotForTopic for every token (the local server's own check). APNS_BASE_URL of
+    the other environment: 400 BadDeviceToken for every token (scripted: the local server has one
+    environment). Each push fails for good; no device is invalidated (every iOS device would be
+    deleted), and the breaker stays closed."""
+    if mistake == "topic of another app":
+        service = await start_apns(
+            stack, tmp_path, sqlite_url, apns, apns_key, topic="chat.herald.other"
+        )
+        reason = "apns 400 DeviceTokenNotForTopic"
+    else:
+        service = await start_apns(stack, tmp_path, sqlite_url, apns, apns_key)
+        reason = "apns 400 BadDeviceToken"
+
+    for _ in range(5):  # more than PUSH_BREAKER_FAILURES (3 here)
+        token = device_token()
+        if reason.endswith("BadDeviceToken"):
+            apns.fail(token, 400, "BadDeviceToken")
+        job = push_job(platform=Platform.APNS, token=token)
+        await assert_refused_for_good(service, job, reason)
+        assert gauge(service, "apns") == 0
+
+    assert apns.requests == 5
+    assert apns.accepted == []
+    assert pushes(service, "apns", "rejected") == 5
+    assert pushes(service, "apns", "misconfigured") == 0
+
+
+async def test_an_unregistered_apns_token_invalidates_its_device(
+    sqlite_url: str,
+    tmp_path: Path,
+    apns: FakeApns,
+    apns_key: Path,
+    stack: AsyncExitStack,
+) -> None:
+    """410 Unregistered is only ever about one device: that device is invalidated."""
+    service = await start_apns(stack, tmp_path, sqlite_url, apns, apns_key)
+    token = device_token()
+    apns.fail(token, 410, "Unregistered")
+    job = push_job(platform=Platform.APNS, token=token)
+
+    await send(service, job)
+
+    entry = await service.sender.ledger.get(job.notification_id)
+    assert entry is not None
+    assert (entry.status, entry.failure) == (DeliveryStatus.FAILED, Failure.TOKEN_INVALID)
+    [invalidated] = [
+        DeviceInvalidated.model_validate(body) for body in published(service, DEVICE_INVALIDATED)
+    ]
+    assert (invalidated.user_id, invalidated.device_id, invalidated.reason) == (
+        job.recipient_id,
+        job.device_id,
+        "apns 410 Unregistered",
+    )
+    assert gauge(service, "apns") == 0
 
 
 @pytest.fixture

@@ -56,8 +56,9 @@ PROVIDER_TOKEN_MAX_AGE = 50 * 60.0
 EXPIRATION_SECONDS = 24 * 3600
 REASON_LIMIT = 200
 
-# Reasons that say the device token is dead (docs/providers.md, "APNs").
-DEAD_TOKEN_REASONS = frozenset({"BadDeviceToken", "DeviceTokenNotForTopic"})
+# Reasons about one device token that a wrong APNS_TOPIC or APNS_BASE_URL also gives every
+# token: never a dead token (see `classify`).
+NOT_DEAD_TOKEN_REASONS = frozenset({"BadDeviceToken", "DeviceTokenNotForTopic"})
 # Reasons that say our topic (APNS_TOPIC) is wrong: every push would fail the same way, so it is
 # configuration, not this message (the jobs wait for a fix instead of being dead-lettered).
 TOPIC_REASONS = frozenset({"BadTopic", "MissingTopic", "TopicDisallowed"})
@@ -186,7 +187,8 @@ def classify(
     """One APNs answer → what to do (docs/providers.md, "APNs"):
 
     * 200 → accepted;
-    * 400 `BadDeviceToken` / `DeviceTokenNotForTopic` → the token is dead;
+    * 400 `BadDeviceToken` / `DeviceTokenNotForTopic` → this push is refused for good (see
+      below);
     * 410 (`Unregistered`, `ExpiredToken`) → the token is dead, unless the device registered it
       again after the moment APNs says it stopped being valid (`timestamp`, ms since the
       epoch): then the registration is newer than APNs' verdict, so the device is kept, and
@@ -200,6 +202,16 @@ def classify(
       `Retry-After`;
     * 413 `PayloadTooLarge` and any other 4xx (`BadCollapseId`, `BadPriority`, …) → this push is
       refused for good.
+
+    Only a 410 invalidates a device: it is only ever about that one device. `BadDeviceToken`
+    and `DeviceTokenNotForTopic` are about one token too, but our configuration gives every
+    token the same answer: `APNS_BASE_URL` of the other environment (a sandbox token sent to
+    production, or the reverse) gives `BadDeviceToken`, and `APNS_TOPIC` set to another app of
+    the team (the key signs for all of them) gives `DeviceTokenNotForTopic`; invalidating would
+    delete every iOS device of every user. Nor are they our configuration (misconfigured opens
+    the breaker at once): one bad token from one device would stop everybody's pushes. So only
+    this push fails (rejected, dead-lettered: should it be every push, the dead-letter alert
+    says so), as FCM's `SENDER_ID_MISMATCH`.
     """
     if status_code == 200:
         return ProviderAnswer.accepted()
@@ -216,8 +228,8 @@ def classify(
         ):
             return ProviderAnswer(Verdict.REJECTED, f"{reason} stale")
         return ProviderAnswer(Verdict.TOKEN_INVALID, reason)
-    if status_code == 400 and apns_reason in DEAD_TOKEN_REASONS:
-        return ProviderAnswer(Verdict.TOKEN_INVALID, reason)
+    if status_code == 400 and apns_reason in NOT_DEAD_TOKEN_REASONS:
+        return ProviderAnswer(Verdict.REJECTED, reason)
     if status_code == 429 or status_code >= 500:
         return ProviderAnswer.transient(reason, retry_after)
     if status_code in {403, 404} or apns_reason in TOPIC_REASONS:
