@@ -188,6 +188,62 @@ async def test_chunked_and_close_delimited_bodies_are_read_whole(client: Http1Cl
     assert server.connections == 1
 
 
+async def test_a_100_continue_sent_apart_is_skipped_for_the_final_answer(
+    client: Http1Client,
+) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.05)  # the final answer in a later read of its own
+            writer.write(answer("200 OK", b'{"name": "m"}'))
+            await writer.drain()
+
+    async with serving(handler) as server:
+        first = await client.post(server.url, data=b"{}", headers={})
+        second = await client.post(server.url, data=b"{}", headers={})
+
+    assert (first.status, first.body) == (200, b'{"name": "m"}')
+    assert (second.status, second.body) == (200, b'{"name": "m"}')
+    assert server.connections == 1
+
+
+async def test_a_103_in_the_same_packet_leaves_the_final_answer_its_own_headers(
+    client: Http1Client,
+) -> None:
+    hints = b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+    final = answer("200 OK", b'{"name": "m"}', "Retry-After: 3")
+
+    async with serving(keep_answering(hints + final)) as server:
+        first = await client.post(server.url, data=b"{}", headers={})
+        second = await client.post(server.url, data=b"{}", headers={})
+
+    for response in (first, second):
+        assert (response.status, response.body) == (200, b'{"name": "m"}')
+        assert dict(response.headers) == {"content-length": "13", "retry-after": "3"}
+    assert server.connections == 1  # reused after the interim answer
+
+
+async def test_a_hang_up_after_an_interim_answer_is_a_disconnect(client: Http1Client) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        await writer.drain()
+
+    async with serving(handler) as server:
+        with pytest.raises(ServerDisconnected):
+            await client.post(server.url, data=b"{}", headers={})
+
+
+async def test_a_switch_of_protocols_is_a_bad_response(client: Http1Client) -> None:
+    switch = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n"
+
+    async with serving(keep_answering(switch)) as server:
+        with pytest.raises(BadResponse):
+            await client.post(server.url, data=b"{}", headers={})
+
+
 async def test_an_answer_saying_connection_close_is_not_reused(client: Http1Client) -> None:
     async with serving(keep_answering(answer("200 OK", b"{}", "Connection: close"))) as server:
         await client.post(server.url, data=b"{}", headers={})

@@ -128,7 +128,20 @@ class _Connection(asyncio.Protocol):
             self._body += body
 
     def on_message_complete(self) -> None:
-        self._complete(truncated=False)
+        status = self._parser.get_status_code() if self._parser is not None else 0
+        if status == 101:  # this client never asks to upgrade: a switch is not an answer
+            self._fail(BadResponse("unexpected 101 Switching Protocols"))
+        elif 100 <= status < 200:
+            # An interim answer (100 Continue, 103 Early Hints...): llhttp reports it as a whole
+            # message, but the final one follows on this connection, and RFC 9110 (15.2) has a
+            # client skip any it did not expect. Drop what it brought, so a hang-up now is not
+            # taken for its end and the final answer's headers start afresh (a new dict: none
+            # of it is shared with a returned Response); the parser goes on by itself.
+            self._headers = {}
+            self._body = bytearray()
+            self._headers_done = False
+        else:
+            self._complete(truncated=False)
 
     # --- the client's side --------------------------------------------------------------------
 
