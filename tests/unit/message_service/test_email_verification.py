@@ -29,6 +29,7 @@ from message_service.email_verification import (
     bounces_unverify,
     retry_after_seconds,
 )
+from message_service.models import User
 from tests.unit.message_service.helpers import (
     TEST_LINK_SECRET,
     Account,
@@ -283,6 +284,25 @@ async def test_a_resend_after_the_interval_sends_a_new_link(
     # Either link works: both are for this address.
     _, confirmed = await follow(client, first.token)
     assert confirmed.status_code == 200
+
+
+async def test_an_account_without_an_address_is_sent_no_link(
+    no_wait_client: tuple[httpx.AsyncClient, MessageService],
+) -> None:
+    """An identity provider's account may come without an address: a link to "" was staged."""
+    client, runtime = no_wait_client
+    ann = await register(client, "ann")
+    async with runtime.sessions() as session:
+        user = await session.get(User, ann.id)
+        assert user is not None
+        user.email = ""
+        await session.commit()
+
+    answer = await client.post("/users/me/email/verification", headers=ann.headers)
+
+    assert answer.status_code == 409
+    assert answer.json() == {"detail": "your account has no e-mail address"}
+    assert len(await verification_requests(runtime, ann.id)) == 1  # the registration's
 
 
 async def test_with_verification_off_an_address_is_verified_at_once(sqlite_url: str) -> None:

@@ -1591,11 +1591,14 @@ async def _stage_user_updated(session: AsyncSession, user: User) -> None:
 async def resend_email_verification(
     *, session: AsyncSession, user_id: uuid.UUID, verification: EmailVerification
 ) -> None:
-    """Send the user's address its verification link again: `Conflict` if it is verified,
-    `TooSoon` within `verification.interval` of the last one to that address."""
+    """Send the user's address its verification link again: `Conflict` if it is verified or
+    there is none, `TooSoon` within `verification.interval` of the last one to that address."""
     user = await _lock_user(session, user_id)
     if user.email_verified_at is not None:
         raise Conflict("your e-mail address is already verified")
+    if not user.email:
+        # An identity provider's account may come without one: nothing to send the link to.
+        raise Conflict("your account has no e-mail address")
     now = utc_now()
     last = await email_verification.request_verification(session, user, verification, now=now)
     if last is not None:

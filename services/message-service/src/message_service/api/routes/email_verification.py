@@ -72,7 +72,8 @@ async def verify(
 
 @account.post("/users/me/email/verification", status_code=202, responses=CONFLICT)
 async def resend_verification(me: Me, session: SessionDep, verification: Verification) -> None:
-    """Send your address its verification link again. 409 if it is verified; 429 with
+    """Send your address its verification link again. 409 if it is verified, or if your account
+    has none (an identity provider's may not); 429 with
     `Retry-After` if a verification e-mail went to that address in the last
     `EMAIL_VERIFICATION_INTERVAL` (10 minutes), whoever asked for it."""
     try:
