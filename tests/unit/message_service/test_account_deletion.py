@@ -207,3 +207,26 @@ async def test_a_request_that_reaches_a_deleted_account_changes_nothing(
     assert preferences is None
     (last,) = await user_updates(runtime, bob.id)
     assert (last.deleted, last.version) == (True, row.version)
+
+
+async def test_a_deleted_account_leaves_the_breakthrough_lists_of_others(
+    client: httpx.AsyncClient,
+) -> None:
+    """Kept there, its id would be shown to Alice and refused (422) when she saved her list."""
+    alice, bob, carol = [await register(client, name) for name in ("alice", "bob", "carol")]
+    both = [str(bob.id), str(carol.id)]
+    saved = await client.put(
+        "/users/me/preferences", json={"breakthrough_user_ids": both}, headers=alice.headers
+    )
+    assert saved.status_code == 200, saved.text
+
+    assert (await client.delete("/users/me", headers=bob.headers)).status_code == 204
+
+    shown = await client.get("/users/me/preferences", headers=alice.headers)
+    assert shown.json()["breakthrough_user_ids"] == [str(carol.id)]
+    again = await client.put(
+        "/users/me/preferences",
+        json={"breakthrough_user_ids": shown.json()["breakthrough_user_ids"]},
+        headers=alice.headers,
+    )
+    assert again.status_code == 200, again.text

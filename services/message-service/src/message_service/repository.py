@@ -393,14 +393,21 @@ async def existing_user_ids(
 
 async def erase_user(session: AsyncSession, *, user_id: uuid.UUID) -> None:
     """Delete what is the user's alone (sessions, devices, settings, inbox) and their part in
-    others' things (memberships and invitations, blocks either way); the row of `users` is the
-    caller's to empty."""
+    others' things (memberships and invitations, blocks and breakthrough lists either way); the
+    row of `users` is the caller's to empty."""
     statements = (
         delete(Device).where(col(Device.user_id) == user_id),
         delete(AuthSession).where(col(AuthSession.user_id) == user_id),
         delete(Preferences).where(col(Preferences.user_id) == user_id),
         delete(RoomSettings).where(col(RoomSettings.user_id) == user_id),
-        delete(BreakthroughUser).where(col(BreakthroughUser.user_id) == user_id),
+        # Either way: kept in another's list, the id of no one would make their next save of
+        # that list a 422 (their snapshot in the router may keep it: it matches no one's DMs).
+        delete(BreakthroughUser).where(
+            or_(
+                col(BreakthroughUser.user_id) == user_id,
+                col(BreakthroughUser.breakthrough_id) == user_id,
+            )
+        ),
         delete(Block).where(or_(col(Block.user_id) == user_id, col(Block.blocked_id) == user_id)),
         delete(RoomMember).where(col(RoomMember.user_id) == user_id),
         delete(InboxItem).where(col(InboxItem.user_id) == user_id),
