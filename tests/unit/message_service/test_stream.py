@@ -27,6 +27,7 @@ from herald_shared.events import (
     utc_now,
 )
 from herald_shared.topology import EXCHANGE, INBOX_UPDATED
+from message_service import repository
 from message_service import stream as stream_module
 from message_service.app import MessageService
 from message_service.repository import StreamPosition
@@ -159,6 +160,82 @@ async def test_a_resumed_stream_gets_what_it_missed_then_the_live_ones_nothing_t
 
     assert [data["id"] for _, _, data in received] == [*missed, live]
     assert queued(resumed) == []  # no repeat of what was seen or caught up
+
+
+async def test_a_stream_too_far_behind_is_caught_up_no_further_than_it_may_queue(
+    runtime: MessageService, hub: tuple[StreamHub, Published], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Catching up from an old id queued every missed frame before the first byte went out; now
+    it stops where a live stream would be ended, and the client resumes from there."""
+    monkeypatch.setattr(stream_module, "MAX_QUEUED_FRAMES", 4)
+    streams, _ = hub
+    async with client_for(runtime.app) as client:
+        alice = await register(client, "alice")
+        bob = await register(client, "bob")
+        room = await create_room(client, alice, [bob])
+    first = await streams.open(bob.id, after=None, active_room_id=None)
+    await post(runtime, room, alice, "seen")
+    seen, _, _ = await next_event(first)
+    streams.close(first)
+    missed = [await post(runtime, room, alice, f"missed {index}") for index in range(7)]
+
+    behind = await streams.open(bob.id, after=parse_position(seen), active_room_id=None)
+    got = [await next_event(behind) for _ in range(4)]
+    assert await behind.frames.get() is None  # ended there
+    rest = await streams.open(bob.id, after=parse_position(got[-1][0]), active_room_id=None)
+    later = [await next_event(rest) for _ in range(3)]
+
+    assert [data["id"] for _, _, data in got + later] == missed
+
+
+async def test_streams_opened_together_on_an_idle_replica_lose_nothing(
+    runtime: MessageService, hub: tuple[StreamHub, Published], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bob's stream asks for the newest position slowly; meanwhile Alice's stream opened, the
+    tail started from her answer and a message for her was committed. Bob's later answer moved
+    the tail past that message, which no stream ever got."""
+    streams, _ = hub
+    async with client_for(runtime.app) as client:
+        alice = await register(client, "alice")
+        bob = await register(client, "bob")
+        carol = await register(client, "carol")
+        room = await create_room(client, carol, [alice])
+    real_head, real_rows = repository.stream_head, repository.stream_rows
+    bobs_answer, tail_reads = asyncio.Event(), asyncio.Event()
+    tail_reads.set()
+    tail_parked = asyncio.Event()
+    asked = 0
+
+    async def head(engine: Any) -> StreamPosition:
+        nonlocal asked
+        asked += 1
+        if asked == 2:  # Bob's
+            await bobs_answer.wait()
+        position: StreamPosition = await real_head(engine)
+        return position
+
+    async def rows(engine: Any, **kwargs: Any) -> Any:
+        if not tail_reads.is_set():
+            tail_parked.set()
+            await tail_reads.wait()
+            return []  # this read ran just before the message's commit
+        return await real_rows(engine, **kwargs)
+
+    monkeypatch.setattr(repository, "stream_head", head)
+    monkeypatch.setattr(repository, "stream_rows", rows)
+    opening_alice = asyncio.create_task(streams.open(alice.id, after=None, active_room_id=None))
+    opening_bob = asyncio.create_task(streams.open(bob.id, after=None, active_room_id=None))
+    alices = await opening_alice
+    tail_reads.clear()
+    await asyncio.wait_for(tail_parked.wait(), timeout=5)
+    message = await post(runtime, room, carol, "for alice")
+    bobs_answer.set()
+    await opening_bob
+    tail_reads.set()
+
+    _, _, data = await next_event(alices)
+
+    assert data["id"] == message
 
 
 async def test_the_invitee_is_told_of_the_invitation(

@@ -341,7 +341,7 @@ class Stream:
             return True
         if self.catching_up:
             self.held.append(event)
-            return True
+            return len(self.held) <= MAX_QUEUED_FRAMES
         if event.position <= self.last:
             return True
         self.last = event.position
@@ -439,9 +439,7 @@ class StreamHub:
     ) -> Stream:
         """A new stream for the user: from `after` (a `Last-Event-ID`), caught up from the
         database, or from now; it ends at the first heartbeat after `session_id` ended."""
-        if self._head is None:
-            self._head = await repository.stream_head(self._engine)
-        head = self._head
+        head = await self._current_head()
         stream = Stream(
             user_id=user_id, last=after if after is not None else head, session_id=session_id
         )
@@ -464,6 +462,17 @@ class StreamHub:
                 raise
         return stream
 
+    async def _current_head(self) -> StreamPosition:
+        """Where the tail reads from; at first, the newest position. Two streams opening at once
+        both ask for that: the first answer stands, since the tail may have read on from it
+        meanwhile (a later, newer answer would skip the rows in between for good)."""
+        if self._head is None:
+            head = await repository.stream_head(self._engine)
+            if self._head is None:
+                self._head = head
+                return head
+        return self._head
+
     async def _catch_up(self, stream: Stream, *, until: StreamPosition) -> None:
         position = stream.last
         while True:
@@ -475,6 +484,17 @@ class StreamHub:
                     stream.frames.put_nowait(event.frame())
                     stream.last = event.position
                     self._metrics.events.labels(event.name).inc()
+                    if stream.frames.qsize() >= MAX_QUEUED_FRAMES:
+                        # As for a live stream too far behind: what is queued goes out, then the
+                        # stream ends, and the client goes on from its last id when it
+                        # reconnects. Catching up never holds more than a stream may queue.
+                        logger.info(
+                            "message_service.stream.too_far_behind connection_id=%s", stream.id
+                        )
+                        stream.catching_up = False
+                        stream.held = []
+                        stream.end()
+                        return
             if len(rows) < self._batch_size:
                 break
             position = rows[-1].position
@@ -594,9 +614,7 @@ class StreamHub:
                 await asyncio.sleep(self._poll_interval)
 
     async def _read_once(self) -> int:
-        head = self._head
-        if head is None:
-            head = self._head = await repository.stream_head(self._engine)
+        head = await self._current_head()
         rows = await repository.stream_rows(self._engine, after=head, limit=self._batch_size)
         if rows:
             # Read whole before the head moves: a failure reads the same rows again.
