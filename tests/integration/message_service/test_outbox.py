@@ -6,15 +6,18 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from collections.abc import AsyncIterator
+from datetime import timedelta
 
 import aio_pika
 import pytest
 from fastapi import FastAPI
-from sqlmodel import col, select
+from sqlmodel import col, select, update
 from yarl import URL
 
 from herald_shared.database import run_migrations
+from herald_shared.events import utc_now
 from herald_shared.topology import MESSAGE_NOTIFICATIONS, RECIPIENT_UPDATES, declare_topology
 from message_service import repository
 from message_service.app import create_app, service_of
@@ -128,6 +131,49 @@ async def test_two_relays_on_one_database_publish_each_row_exactly_once(
     ]
     assert sum(counts) == len(events)
     assert all(count > 0 for count in counts), counts  # both relays really took part
+
+
+async def test_unpublishable_rows_never_hold_back_the_rows_behind_them(
+    pg_url: str, rabbit_url: str
+) -> None:
+    settings = settings_for(pg_url, rabbit_url, outbox_batch_size=3)
+    runtime = service_of(create_app(settings))
+    await run_migrations(
+        runtime.engine, script_location="message_service:migrations", service_name="message-service"
+    )
+    good = message_created()
+    async with runtime.sessions() as session:
+        for _ in range(3):
+            session.add(
+                OutboxEvent(event_id=uuid.uuid4(), event_type="new_message", payload="{bad")
+            )
+        await session.commit()
+        repository.add_outbox_event(session, event=good, event_type=good.type)
+        await session.commit()
+    await runtime.broker.start()
+    await declare_topology(runtime.broker, retry_delays=settings.rabbitmq.retry_delays)
+    try:
+        first = await runtime.relay.publish_pending()
+        second = await runtime.relay.publish_pending()
+        assert (first.claimed, first.published) == (3, 0)
+        assert (second.claimed, second.published) == (1, 1)
+        held = await pending(runtime)
+        assert [row.payload for row in held] == ["{bad"] * 3  # not published, not deleted
+        assert all(row.retry_at is not None and row.retry_at > utc_now() for row in held)
+
+        async with runtime.sessions() as session:  # their hold passes
+            past = utc_now() - timedelta(seconds=1)
+            await session.exec(update(OutboxEvent).values(retry_at=past))
+            await session.commit()
+        again = await runtime.relay.publish_pending()
+        assert (again.claimed, again.published) == (3, 0)
+        assert [row.attempts for row in await pending(runtime)] == [2, 2, 2]
+    finally:
+        await runtime.broker.stop()
+        await runtime.engine.dispose()
+
+    delivered = await drain(rabbit_url, MESSAGE_NOTIFICATIONS.name)
+    assert [json.loads(m.body)["event_id"] for m in delivered] == [str(good.event_id)]
 
 
 async def test_a_broker_outage_delays_notifications_but_never_fails_a_message(

@@ -12,7 +12,7 @@ from typing import Any, cast
 import pytest
 from faststream.rabbit.publisher import RabbitPublisher
 from prometheus_client import CollectorRegistry
-from sqlmodel import col, select
+from sqlmodel import col, select, update
 
 from herald_shared.broker import RabbitSettings
 from herald_shared.database import run_migrations
@@ -26,7 +26,14 @@ from herald_shared.events import (
 from message_service import repository
 from message_service.app import MessageService, create_app, service_of
 from message_service.models import OutboxEvent
-from message_service.outbox import OutboxMetrics, OutboxRelay, session_scope
+from message_service.outbox import (
+    UNPUBLISHABLE_HOLD,
+    UNPUBLISHABLE_MAX_HOLD,
+    OutboxMetrics,
+    OutboxRelay,
+    session_scope,
+    unpublishable_hold,
+)
 from tests.support.infra import wait_until
 from tests.unit.message_service.helpers import (
     CLOSED_RABBITMQ_URL,
@@ -116,6 +123,25 @@ async def pending(runtime: MessageService) -> list[OutboxEvent]:
     return [row for row in await outbox_rows(runtime) if row.published_at is None]
 
 
+async def end_holds(runtime: MessageService) -> None:
+    """As if the hold of every held row had passed."""
+    async with runtime.sessions() as session:
+        past = utc_now() - timedelta(seconds=1)
+        await session.exec(
+            update(OutboxEvent).where(col(OutboxEvent.retry_at).is_not(None)).values(retry_at=past)
+        )
+        await session.commit()
+
+
+async def add_unpublishable(runtime: MessageService, count: int) -> None:
+    async with runtime.sessions() as session:
+        for _ in range(count):
+            session.add(
+                OutboxEvent(event_id=uuid.uuid4(), event_type="new_message", payload="{bad")
+            )
+        await session.commit()
+
+
 def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
     return registry.get_sample_value(name, labels) or 0.0
 
@@ -172,6 +198,7 @@ async def test_a_failed_publish_keeps_its_row_pending_and_backs_off(
     assert [row.attempts for row in rows] == [1, 1, 1]
     assert rows[1].last_error is not None
     assert "ConnectionError" in rows[1].last_error
+    assert rows[1].retry_at is None  # the broker's fault: retried in its turn, after the backoff
     assert (
         sample(registry, "herald_message_outbox_publish_failures_total", event_type="new_message")
         == 1
@@ -199,6 +226,76 @@ async def test_an_unpublishable_row_does_not_block_the_others(
     broken = await pending(runtime)
     assert len(broken) == 2
     assert all(row.attempts == 1 and row.last_error for row in broken)
+    assert all(row.retry_at is not None and row.retry_at > utc_now() for row in broken)
+
+
+async def test_more_unpublishable_rows_than_a_batch_never_hold_back_the_rows_behind_them(
+    runtime: MessageService, publisher: FakePublisher, registry: CollectorRegistry
+) -> None:
+    await add_unpublishable(runtime, 3)
+    good = message_created()
+    await stage(runtime, [good])
+    relay = make_relay(runtime, publisher, registry, batch_size=2)
+
+    started = utc_now()
+    results = [await relay.publish_pending() for _ in range(3)]
+
+    # The bad rows are held once tried: the good one goes out in the second cycle.
+    assert [(r.claimed, r.published, r.failed) for r in results] == [
+        (2, 0, False),
+        (2, 1, False),
+        (0, 0, False),
+    ]
+    assert [e["event"] for e in publisher.events] == [good]
+    held = await pending(runtime)
+    assert len(held) == 3  # not published...
+    assert len(await outbox_rows(runtime)) == 4  # ...nor deleted
+    for row in held:
+        assert row.attempts == 1
+        assert row.last_error
+        assert row.retry_at is not None
+        assert started + UNPUBLISHABLE_HOLD <= row.retry_at <= utc_now() + UNPUBLISHABLE_HOLD
+
+    # Once their hold has passed they are claimed again (and held longer).
+    await end_holds(runtime)
+    again = await relay.publish_pending()
+    assert (again.claimed, again.published, again.failed) == (2, 0, False)
+    assert [row.attempts for row in await pending(runtime)] == [2, 2, 1]
+    assert (await relay.publish_pending()).claimed == 1
+    assert len(await pending(runtime)) == 3
+    assert [e["event"] for e in publisher.events] == [good]
+
+
+async def test_a_type_this_version_cannot_publish_is_held_for_one_that_can(
+    runtime: MessageService, publisher: FakePublisher, registry: CollectorRegistry
+) -> None:
+    """A rolling upgrade: an older replica's relay claims a row of a type only the newer one
+    publishes; the row stays pending and the newer relay publishes it."""
+    event = message_created()
+    await stage(runtime, [event])
+    older = OutboxRelay(
+        engine=runtime.engine,
+        publishers={},
+        metrics=OutboxMetrics(CollectorRegistry()),
+        publish_timeout=1.0,
+    )
+    newer = make_relay(runtime, publisher, registry)
+
+    assert (await older.publish_pending()).published == 0
+    assert (await newer.publish_pending()).claimed == 0  # held, for either relay
+    await end_holds(runtime)
+    assert (await newer.publish_pending()).published == 1
+
+    assert [e["event"] for e in publisher.events] == [event]
+    assert await pending(runtime) == []
+
+
+def test_the_hold_grows_with_the_attempts_up_to_a_maximum() -> None:
+    holds = [unpublishable_hold(attempts) for attempts in range(12)]
+    assert holds[0] == UNPUBLISHABLE_HOLD
+    assert holds == sorted(holds)
+    assert holds[-1] == UNPUBLISHABLE_MAX_HOLD
+    assert unpublishable_hold(10**6) == UNPUBLISHABLE_MAX_HOLD
 
 
 async def test_the_loop_survives_failures_backs_off_and_catches_up(

@@ -346,6 +346,10 @@ class OutboxEvent(Table, table=True):
     published_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
     attempts: int = Field(default=0, sa_type=Integer)
     last_error: str | None = Field(default=None, sa_type=String(OUTBOX_ERROR_MAX))
+    # A row that failed through no fault of the broker (not a valid event, or a type this
+    # version has no publisher for) is not claimed again before this time, so that it cannot
+    # hold the rows behind it back; it stays pending (a newer replica may publish its type).
+    retry_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
     # The W3C trace context of the request that staged the event, so that the relay, publishing
     # later from its own task, publishes within that request's trace (None when not tracing).
     traceparent: str | None = Field(default=None, sa_type=String(TRACEPARENT_MAX))

@@ -7,7 +7,11 @@ After a commit that wrote one, `session_scope` nudges the relay; the relay also 
 publishes them all at once with their confirms in flight together (a confirm at a time would cap
 the relay at one round trip per event), marks those confirmed published and commits. A failed
 publish leaves its row pending and, if the broker failed, backs off; nothing ever waits for
-RabbitMQ inside an HTTP request. Consumers do not depend on the order of events (a user's
+RabbitMQ inside an HTTP request. A row that cannot be published through no fault of the broker
+(not a valid event, or a type this version has no publisher for: a newer replica's relay may
+have one during a rolling upgrade) is neither dropped nor retried at every cycle: it is held
+(`retry_at`) for a while before it is claimed again, so that such rows never fill every batch
+and hold back the ones behind them. Consumers do not depend on the order of events (a user's
 snapshots carry a version, the router keeps the highest). A publish that timed out may still have
 reached the broker, so delivery is at least once and consumers deduplicate on the event id.
 """
@@ -45,6 +49,17 @@ PURGE_EVERY = timedelta(seconds=60)
 # The pending-rows gauges are read from the database at most this often (a count over the
 # pending rows, not something to do after every message).
 GAUGES_EVERY = timedelta(seconds=5)
+# A row that failed through no fault of the broker is not claimed again for this long, doubled
+# at each attempt up to the maximum (a newer replica still gets to publish a type this version
+# does not know within minutes).
+UNPUBLISHABLE_HOLD = timedelta(seconds=30)
+UNPUBLISHABLE_MAX_HOLD = timedelta(minutes=5)
+
+
+def unpublishable_hold(attempts: int) -> timedelta:
+    """How long a row that failed through no fault of the broker, after `attempts` earlier
+    attempts, is held before it is claimed again."""
+    return min(UNPUBLISHABLE_HOLD * (1 << min(max(attempts, 0), 16)), UNPUBLISHABLE_MAX_HOLD)
 
 
 class Nudge(Protocol):
@@ -78,6 +93,8 @@ class OutboxMetrics:
             ["event_type"],
             registry=registry,
         )
+        # Held rows (`unpublishable_hold`) count as pending in both gauges: they are not
+        # published, and a stuck one shows here as an oldest pending age that keeps growing.
         self.pending = Gauge(
             "herald_message_outbox_pending",
             "Outbox rows not yet published.",
@@ -93,8 +110,9 @@ class OutboxMetrics:
 @dataclass(frozen=True)
 class _Failure:
     error: str  # safe to log and store
-    # True: the broker failed (stop the batch, back off); False: the row itself cannot be
-    # published, and must not block the ones behind it.
+    # True: the broker failed (back off; the row is retried in its turn); False: the row itself
+    # cannot be published, and is held (`unpublishable_hold`) so as not to block the ones
+    # behind it.
     broker: bool
 
 
@@ -187,7 +205,7 @@ class OutboxRelay:
     async def publish_pending(self) -> BatchResult:
         """One cycle: claim, publish every row at once, mark, commit."""
         async with self._engine.connect() as connection:
-            rows = await repository.claim_pending(connection, limit=self._batch_size)
+            rows = await repository.claim_pending(connection, limit=self._batch_size, now=utc_now())
             if not repository.claims_lock_rows(connection):
                 # SQLite: a transaction holds the whole database, so it must not stay open while
                 # a publish waits for a broker that is down (every request would wait too). One
@@ -198,13 +216,17 @@ class OutboxRelay:
                 row.seq for row, failure in zip(rows, outcomes, strict=True) if not failure
             ]
             failures = [
-                (row.seq, failure)
+                (row, failure)
                 for row, failure in zip(rows, outcomes, strict=True)
                 if failure is not None
             ]
-            await repository.mark_published(connection, seqs=published, at=utc_now())
-            for seq, failure in failures:
-                await repository.record_failure(connection, seq=seq, error=failure.error)
+            now = utc_now()
+            await repository.mark_published(connection, seqs=published, at=now)
+            for row, failure in failures:
+                retry_at = None if failure.broker else now + unpublishable_hold(row.attempts)
+                await repository.record_failure(
+                    connection, seq=row.seq, error=failure.error, retry_at=retry_at
+                )
             await connection.commit()
         broker_failed = any(failure.broker for _, failure in failures)
         return BatchResult(claimed=len(rows), published=len(published), failed=broker_failed)

@@ -912,7 +912,12 @@ _CLAIM_PENDING = (
         _outbox.c.attempts,
         _outbox.c.traceparent,
     )
-    .where(_outbox.c.published_at.is_(None))
+    .where(
+        _outbox.c.published_at.is_(None),
+        # Held rows (`record_failure`) are skipped: a filter on the rows the scan of
+        # `ix_outbox_pending` yields in `seq` order, which stops once it has `limit` rows.
+        or_(_outbox.c.retry_at.is_(None), _outbox.c.retry_at <= bindparam("now")),
+    )
     .order_by(_outbox.c.seq)
     .limit(bindparam("limit"))
 )
@@ -923,24 +928,36 @@ _MARK_PUBLISHED = (
     # One array parameter on PostgreSQL: one statement whatever the batch's size, where an
     # expanding IN would be a statement (prepared on every pooled connection) per size.
     .where(AnyOf(_outbox.c.seq, "seqs"))
-    .values(published_at=bindparam("at"), attempts=_outbox.c.attempts + 1, last_error=None)
+    .values(
+        published_at=bindparam("at"),
+        attempts=_outbox.c.attempts + 1,
+        last_error=None,
+        retry_at=None,
+    )
 )
 _RECORD_FAILURE = (
     update(_outbox)
     .where(_outbox.c.seq == bindparam("failed_seq"))
-    .values(attempts=_outbox.c.attempts + 1, last_error=bindparam("error"))
+    .values(
+        attempts=_outbox.c.attempts + 1,
+        last_error=bindparam("error"),
+        retry_at=bindparam("retry_at"),
+    )
 )
 
 
-async def claim_pending(connection: AsyncConnection, *, limit: int) -> list[PendingEvent]:
-    """The oldest unpublished rows. On PostgreSQL they stay locked until the transaction ends and
-    other relays skip them, so two replicas never publish the same row at the same time."""
+async def claim_pending(
+    connection: AsyncConnection, *, limit: int, now: datetime
+) -> list[PendingEvent]:
+    """The oldest unpublished rows, but those held until after `now`. On PostgreSQL they stay
+    locked until the transaction ends and other relays skip them, so two replicas never publish
+    the same row at the same time."""
     if claims_lock_rows(connection):
         await connection.execute(_NAME_RELAY, {"name": RELAY_APPLICATION_NAME})
         statement = _CLAIM_PENDING_LOCKED
     else:
         statement = _CLAIM_PENDING
-    result = await connection.execute(statement, {"limit": limit})
+    result = await connection.execute(statement, {"limit": limit, "now": now})
     return [PendingEvent(**row._mapping) for row in result]
 
 
@@ -949,12 +966,19 @@ async def mark_published(connection: AsyncConnection, *, seqs: Sequence[int], at
         await connection.execute(_MARK_PUBLISHED, {"seqs": list(seqs), "at": at})
 
 
-async def record_failure(connection: AsyncConnection, *, seq: int, error: str) -> None:
-    await connection.execute(_RECORD_FAILURE, {"failed_seq": seq, "error": error})
+async def record_failure(
+    connection: AsyncConnection, *, seq: int, error: str, retry_at: datetime | None = None
+) -> None:
+    """Count a failed attempt at the row; it stays pending, and is not claimed again before
+    `retry_at` (None: at once, in its turn)."""
+    await connection.execute(
+        _RECORD_FAILURE, {"failed_seq": seq, "error": error, "retry_at": retry_at}
+    )
 
 
 async def pending_stats(connection: AsyncConnection) -> tuple[int, datetime | None]:
-    """How many rows wait, and since when the oldest one does."""
+    """How many rows wait, and since when the oldest one does (held rows count: they are not
+    published)."""
     statement = core_select(func.count(), func.min(_outbox.c.created_at)).where(
         _outbox.c.published_at.is_(None)
     )
