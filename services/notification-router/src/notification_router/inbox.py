@@ -5,12 +5,15 @@ message-service projects into users' inboxes.
 Which items changed is a log the database writes itself (triggers on the ledger's tables, router
 revision 0010), committed with the change. A change waits one pass (so that an item's decision
 and its delivery report, which usually come within that, are published together), then a pass
-(`repository.relay_inbox_changes`) takes the oldest due items with all their changes, reads
-those items as they are then, publishes them under the next version and
-deletes the changes, in one transaction: a crash or a broker outage leaves the changes for a
-later pass, and a later pass always carries a state at least as new under a higher version. So
-message-service keeps, per item, the highest version it saw: a replayed or late event changes
-nothing, and a lost one is superseded by the next.
+(`repository.relay_inbox_changes`) takes the oldest due items with all their changes (and, for
+an item holding a digest's or a held-push summary's delivery row, which names the window's first
+message only, every item of that window), reads those items as they are then, publishes them
+under a new version and deletes the changes: a crash or a broker outage leaves the changes for a
+later pass, and a later pass always carries a state at least as new under a higher version. A
+version, once handed to a publication, is never handed out again, even if that publication
+failed: its events may have reached the broker all the same. So message-service keeps, per
+item, the highest version it saw: a replayed or late event changes nothing, and a lost one is
+superseded by the next.
 
 `item_of` is pure: what the ledger's rows mean to a user, per channel and device (the states and
 reason codes the inbox shows).

@@ -1624,6 +1624,81 @@ _INBOX_CHANGES_OF = select(inbox_changes.c.seq).where(
     PairsIn(inbox_changes.c.user_id, inbox_changes.c.message_id, "keys")
 )
 _FORGET_INBOX_CHANGES = delete(inbox_changes).where(_ids(inbox_changes.c.seq))
+# A digest's delivery row (and a held-push summary's) names one message of its window, the
+# first, and its trigger logs that message's item only; but every message of the window reads
+# its state from that row (`inbox._waited`). So an item with such a row brings the window's
+# other items along.
+_mate_of = window_entries.alias("mate_of")
+_mate = window_entries.alias("mate")
+_INBOX_WINDOW_MATES = (
+    select(_mate.c.recipient_id, _mate.c.message_id)
+    .select_from(notification_deliveries)
+    .join(
+        _mate_of,
+        and_(
+            _mate_of.c.message_id == _deliveries.message_id,
+            _mate_of.c.recipient_id == _deliveries.recipient_id,
+            _mate_of.c.channel == _deliveries.channel,
+        ),
+    )
+    .join(_mate, _mate.c.window_id == _mate_of.c.window_id)
+    .where(
+        PairsIn(_deliveries.recipient_id, _deliveries.message_id, "keys"),
+        or_(
+            _deliveries.target == DIGEST_TARGET,
+            _deliveries.target.startswith(HELD_PUSH_PREFIX),
+        ),
+    )
+    .distinct()
+)
+# PostgreSQL: the versions (router revision 0014). What `nextval` hands out is never handed out
+# again, even if the transaction that took it rolls back. Never below the counter's next: while
+# a rolling upgrade runs, a relay of the version before still bumps the counter alone.
+_NEXT_INBOX_VERSION = text("SELECT GREATEST(nextval('inbox_versions'), :floor)")
+
+
+@dataclass(frozen=True)
+class _InboxPass:
+    keys: list[InboxKey]  # the items to publish, sorted
+    taken: list[int]  # their changes (`seq`), forgotten once published
+    version: int
+
+
+async def _take_inbox_changes(
+    connection: AsyncConnection, *, limit: int, up_to: int | None
+) -> _InboxPass | None:
+    """The relay's lock, the due items with their windows' mates and all their changes, and the
+    version of their publication (None: another relay holds the lock, or nothing is due)."""
+    current = await connection.scalar(
+        select(inbox_relay.c.version).where(inbox_relay.c.id == 1).with_for_update(skip_locked=True)
+    )
+    if current is None:
+        return None
+    due = select(inbox_changes.c.user_id, inbox_changes.c.message_id)
+    if up_to is not None:
+        due = due.where(inbox_changes.c.seq <= up_to)
+    due = (
+        due.group_by(inbox_changes.c.user_id, inbox_changes.c.message_id)
+        .order_by(func.min(inbox_changes.c.seq))
+        .limit(limit)
+    )
+    keys: set[InboxKey] = {(row.user_id, row.message_id) for row in await connection.execute(due)}
+    if not keys:
+        return None
+    mates = await connection.execute(
+        _INBOX_WINDOW_MATES, pairs_param(connection, "keys", sorted(keys))
+    )
+    keys.update((row.recipient_id, row.message_id) for row in mates)
+    by_keys = pairs_param(connection, "keys", sorted(keys))
+    taken = list(await connection.scalars(_INBOX_CHANGES_OF, by_keys))
+    if connection.dialect.name == "postgresql":
+        version = int(await connection.scalar(_NEXT_INBOX_VERSION, {"floor": current + 1}))
+    else:
+        version = current + 1
+    await connection.execute(
+        update(inbox_relay).where(inbox_relay.c.id == 1).values(version=version)
+    )
+    return _InboxPass(sorted(keys), taken, version)
 
 
 async def relay_inbox_changes(
@@ -1635,40 +1710,38 @@ async def relay_inbox_changes(
 ) -> int:
     """One publication of the inbox items that changed: take up to `limit` items with a change
     at or before `up_to` (the log's `seq`; None: any), oldest first, with every change of theirs
-    (a later one too: one publication covers them all), read those items as they are now, hand
-    them to `publish` with the next version, and forget those changes; all in one transaction,
-    so a failed publication leaves the changes for the next pass. One relay at a time (the
-    counter's row lock; another replica skips the pass): a version is then taken before its
-    items are read, and a higher version never carries an older state. How many items."""
-    async with engine.begin() as connection:
-        current = await connection.scalar(
-            select(inbox_relay.c.version)
-            .where(inbox_relay.c.id == 1)
-            .with_for_update(skip_locked=True)
-        )
-        if current is None:
-            return 0
-        due = select(inbox_changes.c.user_id, inbox_changes.c.message_id)
-        if up_to is not None:
-            due = due.where(inbox_changes.c.seq <= up_to)
-        due = (
-            due.group_by(inbox_changes.c.user_id, inbox_changes.c.message_id)
-            .order_by(func.min(inbox_changes.c.seq))
-            .limit(limit)
-        )
-        keys = [(row.user_id, row.message_id) for row in await connection.execute(due)]
-        if not keys:
-            return 0
-        taken = list(
-            await connection.scalars(_INBOX_CHANGES_OF, pairs_param(connection, "keys", keys))
-        )
-        version = current + 1
-        await connection.execute(
-            update(inbox_relay).where(inbox_relay.c.id == 1).values(version=version)
-        )
-        await publish(version, await _inbox_rows(connection, sorted(keys)))
-        await connection.execute(_FORGET_INBOX_CHANGES, {"ids": taken})
-    return len(keys)
+    (a later one too: one publication covers them all) and the other items of a digest's or a
+    held-push summary's window whose delivery row one of them holds, read those items as they
+    are now, hand them to `publish` with a new version, and forget those changes. A failed
+    publication leaves the changes for the next pass, but never its version: the broker may
+    have had the events all the same (a confirm that timed out, a commit that failed, a crash
+    before it), and the next pass's newer state must go out under a higher one. On PostgreSQL
+    one transaction, the version from a sequence (never rolled back); on SQLite (one relay per
+    file) the counter's bump is committed before the items are read and published.
+
+    One relay at a time (the counter's row lock; another replica skips the pass): a version is
+    then taken before its items are read, and a higher version never carries an older state.
+    How many items."""
+    async with engine.connect() as connection:
+        async with connection.begin():
+            relay = await _take_inbox_changes(connection, limit=limit, up_to=up_to)
+            if relay is None:
+                return 0
+            if connection.dialect.name == "postgresql":
+                await _publish_inbox_changes(connection, relay, publish)
+                return len(relay.keys)
+        async with connection.begin():
+            await _publish_inbox_changes(connection, relay, publish)
+        return len(relay.keys)
+
+
+async def _publish_inbox_changes(
+    connection: AsyncConnection,
+    relay: _InboxPass,
+    publish: Callable[[int, InboxRows], Awaitable[object]],
+) -> None:
+    await publish(relay.version, await _inbox_rows(connection, relay.keys))
+    await connection.execute(_FORGET_INBOX_CHANGES, {"ids": relay.taken})
 
 
 async def inbox_change_head(engine: AsyncEngine) -> int:
