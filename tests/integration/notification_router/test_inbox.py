@@ -37,6 +37,7 @@ from notification_router.tables import (
     inbox_relay,
     notification_deliveries,
     notifications,
+    window_entries,
 )
 from tests.integration.notification_router.test_router import drain, projected, publish, push_jobs
 from tests.support.infra import wait_until
@@ -283,6 +284,34 @@ async def test_retention_deletes_old_decisions_with_their_deliveries_in_batches(
         assert await connection.scalar(deliveries) == 0  # cascaded
     await route_messages([kept], service.deps)
     assert await retention_at(utc_now() + timedelta(days=89)).prune_once() == {"notifications": 0}
+
+
+async def test_retention_keeps_a_decision_that_still_waits_in_a_window(
+    service: RouterService, rabbit_url: str
+) -> None:
+    """A snooze of seven days with a retention of one: what it holds must still go out."""
+    bob = user_updated(display_name="Bob", devices=1, snoozed_until=utc_now() + timedelta(days=7))
+    await publish(service, bob)
+    await wait_until(projected(service))
+    held = message_created(recipient_ids=[bob.user_id])
+    await route_messages([held], service.deps)
+    retention = RetentionTask(
+        {
+            "notifications": lambda before, batch: repository.prune_decisions(
+                service.engine, before=before, batch=batch
+            )
+        },
+        keep=timedelta(days=1),
+        interval=3600,
+        batch=10,
+        name="test-retention",
+        clock=lambda: utc_now() + timedelta(days=2),
+    )
+
+    assert await retention.prune_once() == {"notifications": 0}
+    async with service.engine.connect() as connection:
+        entries = select(func.count()).select_from(window_entries)
+        assert await connection.scalar(entries) == 1
 
 
 async def test_a_change_waits_one_pass_so_a_decision_and_its_report_go_out_together(

@@ -1761,10 +1761,22 @@ async def inbox_backlog(engine: AsyncEngine) -> int:
 
 async def prune_decisions(engine: AsyncEngine, *, before: datetime, batch: int) -> int:
     """Delete up to `batch` ledger rows decided before `before`, oldest first, with their
-    deliveries and window entries (the foreign keys cascade); how many decisions."""
+    deliveries and window entries (the foreign keys cascade); how many decisions. A decision
+    that still waits in a window is kept, however old: a snooze of days and a short retention
+    would otherwise empty the window before it goes out."""
+    still_waits = (
+        select(window_entries.c.message_id)
+        .join(waiting_windows, _windows.window_id == window_entries.c.window_id)
+        .where(
+            window_entries.c.message_id == notifications.c.message_id,
+            window_entries.c.recipient_id == notifications.c.recipient_id,
+            _windows.state.in_((WINDOW_WAITING, WINDOW_SENDING)),
+        )
+        .exists()
+    )
     oldest = (
         select(notifications.c.message_id, notifications.c.recipient_id)
-        .where(notifications.c.decided_at < before)
+        .where(notifications.c.decided_at < before, ~still_waits)
         .order_by(notifications.c.decided_at)
         .limit(batch)
     )
