@@ -253,6 +253,20 @@ def test_one_summary_per_room_and_device_and_a_lone_message_as_it_was() -> None:
     assert len({job.notification_id for job in pushes(plan)}) == 4
 
 
+@pytest.mark.parametrize("direct", [False, True])
+def test_previews_turned_off_while_a_push_waited_take_its_text_out(direct: bool) -> None:
+    bob = recipient(devices=1)
+    waited = held(bob, direct=direct)
+    assert "secret text" in waited.jobs[0].body  # previews were on when it was held
+
+    plan = compose_push_summaries(
+        uuid.uuid4(), replace(bob, push_preview=False), [waited], read_markers={}, now=MORNING
+    )
+
+    where = "Alice" if direct else "Alice in #general"
+    assert [(job.title, job.body) for job in pushes(plan)] == [(where, f"New message from {where}")]
+
+
 def test_a_room_read_meanwhile_is_left_out_and_the_summary_counts_the_rest() -> None:
     bob = recipient(devices=1)
     messages = [held(bob, minute=m) for m in range(5)]

@@ -852,6 +852,21 @@ def compose_push_summaries(
             message = message.model_copy(
                 update={"jobs": [job.model_copy(update={"body": body}) for job in message.jobs]}
             )
+        if (
+            recipient is not None
+            and not recipient.push_preview
+            and message.trigger is not Trigger.INVITATION
+        ):
+            # Previews turned off since it was held: its own pushes must not carry the text.
+            title, body = _textless_content(message.sender_display_name, message.room_name, limits)
+            message = message.model_copy(
+                update={
+                    "jobs": [
+                        job.model_copy(update={"title": title, "body": body})
+                        for job in message.jobs
+                    ]
+                }
+            )
         if reason is None:
             kept.setdefault(message.room_id, []).append(message)
         else:
@@ -1140,9 +1155,13 @@ def push_content(
         )
     if preview:
         return push_title(event, limits.title_max_chars), push_body(event, limits.body_max_chars)
-    name = sender_name(event)
-    room = one_line(event.room_name).lstrip("#").strip()
-    where = f"{name} in #{room}" if room else name
+    return _textless_content(sender_name(event), event.room_name, limits)
+
+
+def _textless_content(sender: str, room_name: str, limits: ContentLimits) -> tuple[str, str]:
+    """A push's (title, body) without the message's text (`push_content`, previews off)."""
+    room = one_line(room_name).lstrip("#").strip()
+    where = f"{sender} in #{room}" if room else sender
     return (
         truncate(where, limits.title_max_chars),
         truncate(f"New message from {where}", limits.body_max_chars),
