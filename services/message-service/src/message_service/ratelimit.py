@@ -17,13 +17,13 @@ every request because the counter is away would turn a Redis outage into an API 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 import math
 import time
+import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from enum import StrEnum
@@ -186,30 +186,6 @@ class _Block:
     refusal: RateLimited
 
 
-class _Turns:
-    """One lock per key, kept while a request holds or waits for it."""
-
-    def __init__(self) -> None:
-        self._locks: dict[tuple[Budget, str], tuple[asyncio.Lock, int]] = {}
-
-    @contextlib.asynccontextmanager
-    async def of(self, key: tuple[Budget, str]) -> AsyncIterator[None]:
-        lock, waiting = self._locks.get(key, (asyncio.Lock(), 0))
-        self._locks[key] = (lock, waiting + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, waiting = self._locks[key]
-            if waiting == 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, waiting - 1)
-
-    def __len__(self) -> int:
-        return len(self._locks)
-
-
 class RateLimiter:
     """Spends budgets (`hit`); `enabled=False` spends nothing and refuses nothing."""
 
@@ -248,7 +224,10 @@ class RateLimiter:
             self._shared = MovingWindowRateLimiter(storage)
         self._shared_down_until = 0.0  # time.monotonic()
         self._blocked: dict[tuple[Budget, str], _Block] = {}
-        self._turns = _Turns()
+        # One lock per key, kept (weakly) as long as a request holds or waits for it.
+        self._turns: weakref.WeakValueDictionary[tuple[Budget, str], asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
 
     @property
     def blocking(self) -> bool:
@@ -274,7 +253,10 @@ class RateLimiter:
         before slow work and spent after it fails (a password's check), so that a burst of
         guesses cannot all pass the check before the first of them has spent. Across N replicas
         up to N run at once, so a budget can be overshot by N - 1 at most."""
-        return self._turns.of((budget, key))
+        lock = self._turns.get((budget, key))
+        if lock is None:
+            lock = self._turns[(budget, key)] = asyncio.Lock()
+        return lock
 
     async def _count(self, budget: Budget, key: str, *, cost: int, spend: bool) -> None:
         if not self.enabled:
