@@ -253,6 +253,21 @@ async def test_an_item_of_an_unknown_message_is_not_published(service: RouterSer
     assert await changes_left(service) == 0
 
 
+def decisions_retention(
+    service: RouterService, *, now: datetime, keep: timedelta, batch: int
+) -> RetentionTask:
+    """The router's retention of decisions alone, its clock at `now`."""
+    prune = functools.partial(repository.prune_decisions, service.engine)
+    return RetentionTask(
+        {"notifications": lambda before, batch: prune(before=before, batch=batch)},
+        keep=keep,
+        interval=3600,
+        batch=batch,
+        name="test-retention",
+        clock=lambda: now,
+    )
+
+
 async def test_retention_deletes_old_decisions_with_their_deliveries_in_batches(
     service: RouterService, rabbit_url: str
 ) -> None:
@@ -262,16 +277,8 @@ async def test_retention_deletes_old_decisions_with_their_deliveries_in_batches(
     messages = [message_created(recipient_ids=[bob.user_id]) for _ in range(5)]
     await route_messages(messages, service.deps)
 
-    def retention_at(now: datetime) -> RetentionTask:
-        prune = functools.partial(repository.prune_decisions, service.engine)
-        return RetentionTask(
-            {"notifications": lambda before, batch: prune(before=before, batch=batch)},
-            keep=timedelta(days=90),
-            interval=3600,
-            batch=2,  # several batches
-            name="test-retention",
-            clock=lambda: now,
-        )
+    def retention_at(now: datetime) -> RetentionTask:  # batches of 2: several of them
+        return decisions_retention(service, now=now, keep=timedelta(days=90), batch=2)
 
     retention = retention_at(utc_now() + timedelta(days=91))
     kept = message_created(recipient_ids=[bob.user_id])
@@ -295,17 +302,8 @@ async def test_retention_keeps_a_decision_that_still_waits_in_a_window(
     await wait_until(projected(service))
     held = message_created(recipient_ids=[bob.user_id])
     await route_messages([held], service.deps)
-    retention = RetentionTask(
-        {
-            "notifications": lambda before, batch: repository.prune_decisions(
-                service.engine, before=before, batch=batch
-            )
-        },
-        keep=timedelta(days=1),
-        interval=3600,
-        batch=10,
-        name="test-retention",
-        clock=lambda: utc_now() + timedelta(days=2),
+    retention = decisions_retention(
+        service, now=utc_now() + timedelta(days=2), keep=timedelta(days=1), batch=10
     )
 
     assert await retention.prune_once() == {"notifications": 0}

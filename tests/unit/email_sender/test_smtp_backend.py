@@ -6,7 +6,8 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any, cast
 
 import aiosmtplib
@@ -27,6 +28,7 @@ from herald_shared.events import (
     DeliveriesReported,
     DeliveryOutcome,
     EmailBounced,
+    EmailRequested,
 )
 from herald_shared.ledger import DeliveryLedger, DeliveryStatus
 from herald_shared.retry import DeferredError, PermanentError, RetryableError
@@ -153,13 +155,14 @@ class RecordingPublisher:
         self.events.append(event)
 
 
-async def test_550_records_a_bounce_and_reports_it_failed_next_to_a_delivered_email(
-    smtp: FakeSmtp, renderer: EmailRenderer, sqlite_url: str
-) -> None:
-    smtp.reply(BOB, 550, "5.1.1 no such user")
+@asynccontextmanager
+async def smtp_sender(
+    smtp: FakeSmtp, renderer: EmailRenderer, sqlite_url: str, publisher: RecordingPublisher
+) -> AsyncIterator[Sender[EmailRequested]]:
+    """The e-mail sender workflow on a migrated ledger, sending to `smtp` and publishing what
+    follows to `publisher`."""
     engine = make_engine(sqlite_url)
     await run_migrations(engine, script_location="email_sender:migrations", service_name="es")
-    publisher = RecordingPublisher()
     sender = Sender(
         spec=EmailChannel(EmailSending(backend_for(smtp), renderer, timeout=5), max_in_flight=2),
         ledger=DeliveryLedger(engine, email_deliveries),
@@ -169,16 +172,25 @@ async def test_550_records_a_bounce_and_reports_it_failed_next_to_a_delivered_em
         publish_timeout=5,
         metrics=EmailMetrics(CollectorRegistry()),
     )
+    try:
+        yield sender
+    finally:
+        await sender.aclose()
+        await engine.dispose()
+
+
+async def test_550_records_a_bounce_and_reports_it_failed_next_to_a_delivered_email(
+    smtp: FakeSmtp, renderer: EmailRenderer, sqlite_url: str
+) -> None:
+    smtp.reply(BOB, 550, "5.1.1 no such user")
+    publisher = RecordingPublisher()
     bounced = email_job()
     accepted = email_job(notification_id=uuid.uuid4(), to_address="carol@example.test")
-    try:
+    async with smtp_sender(smtp, renderer, sqlite_url, publisher) as sender:
         with pytest.raises(PermanentError, match=r"smtp 550 5\.1\.1"):
             await sender.deliver([bounced, accepted])
         entry = await sender.ledger.get(bounced.notification_id)
         other = await sender.ledger.get(accepted.notification_id)
-    finally:
-        await sender.aclose()
-        await engine.dispose()
 
     reports = {
         event.outcome: event.reports
@@ -231,26 +243,12 @@ async def test_only_a_refused_recipient_publishes_a_bounce(
         smtp.reply(SENDER, code, text, stage="mail")
     else:
         smtp.reply(BOB, code, text, stage=cast(Stage, stage))
-    engine = make_engine(sqlite_url)
-    await run_migrations(engine, script_location="email_sender:migrations", service_name="es")
     publisher = RecordingPublisher()
-    sender = Sender(
-        spec=EmailChannel(EmailSending(backend_for(smtp), renderer, timeout=5), max_in_flight=2),
-        ledger=DeliveryLedger(engine, email_deliveries),
-        publishers=dict.fromkeys(
-            (EMAIL_DELIVERED, EMAIL_FAILED, EMAIL_BOUNCED), cast(Any, publisher)
-        ),
-        publish_timeout=5,
-        metrics=EmailMetrics(CollectorRegistry()),
-    )
     job = email_job()
-    try:
+    async with smtp_sender(smtp, renderer, sqlite_url, publisher) as sender:
         with pytest.raises((DeferredError, PermanentError)) as raised:
             await sender.deliver([job])
         entry = await sender.ledger.get(job.notification_id)
-    finally:
-        await sender.aclose()
-        await engine.dispose()
 
     assert smtp.received == []
     assert entry is not None

@@ -6,6 +6,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from herald_shared.broker import RabbitSettings
 from herald_shared.events import (
     Platform,
@@ -13,12 +16,15 @@ from herald_shared.events import (
     PushJobsRequested,
     PushRecall,
     PushRequested,
+    WebPushKeys,
 )
 from push_sender.app import PushService
 from push_sender.channel import PushChannel
 from push_sender.providers import ProviderAnswer, PushProvider
+from push_sender.providers.webpush import b64url_encode
 from push_sender.registry import make_registry
 from push_sender.settings import FcmSettings, PushProviderKind, Settings
+from tests.fakes.webpush import Subscription
 
 DEVICE_TOKEN = "fcm-device-token-0123456789-abcdefXYZ123"
 
@@ -37,6 +43,38 @@ def push_job(**overrides: Any) -> PushRequested:
     }
     fields.update(overrides)
     return PushRequested(**fields)
+
+
+def webpush_job(subscription: Subscription, **overrides: Any) -> PushRequested:
+    values: dict[str, Any] = {
+        "platform": Platform.WEB_PUSH,
+        "token": subscription.endpoint,
+        "web_push_keys": WebPushKeys(**subscription.keys),
+    }
+    values.update(overrides)
+    return push_job(**values)
+
+
+def write_pem_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    """A new P-256 key (a VAPID key), written to `path` as PEM."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return key
+
+
+def public_key_of(key: ec.EllipticCurvePrivateKey) -> str:
+    """The key's public half as an applicationServerKey (uncompressed point, base64url)."""
+    return b64url_encode(
+        key.public_key().public_bytes(
+            serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+        )
+    )
 
 
 def recall_job(rooms: int = 1, notifications: int = 0, **overrides: Any) -> PushRequested:

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from faststream import TestApp
 from faststream.rabbit import TestRabbitBroker
@@ -24,7 +23,6 @@ from herald_shared.events import (
     DeviceInvalidated,
     Platform,
     PushRequested,
-    WebPushKeys,
 )
 from herald_shared.ledger import DeliveryStatus
 from herald_shared.retry import DeferredError, PermanentError, RetryableError
@@ -32,7 +30,6 @@ from herald_shared.topology import DEVICE_INVALIDATED, PUSH_FAILED
 from herald_shared.webpush import DEFAULT_ALLOWED_HOSTS
 from push_sender.app import PushService, build_service
 from push_sender.providers import FcmProvider, LogProvider, ProviderAnswer, make_providers
-from push_sender.providers.webpush import b64url_encode
 from push_sender.settings import (
     ApnsSettings,
     BreakerSettings,
@@ -43,16 +40,19 @@ from push_sender.settings import (
 from push_sender.tables import Failure
 from tests.fakes.apns import FakeApns, device_token
 from tests.fakes.fcm import FakeFcm
-from tests.fakes.webpush import FakeWebPush, Subscription
+from tests.fakes.webpush import FakeWebPush
 from tests.support.infra import wait_until
 from tests.unit.push_sender.support import (
     DEVICE_TOKEN,
     RecordingProvider,
     fcm_settings,
+    public_key_of,
     push_job,
     push_jobs,
     send,
     unit_settings,
+    webpush_job,
+    write_pem_key,
 )
 
 COOL_DOWN = 30.0
@@ -398,13 +398,7 @@ async def browsers(
     """The live Web Push provider against the local push service; breakers open after 3
     failures."""
     key = tmp_path / "vapid.pem"
-    key.write_bytes(
-        ec.generate_private_key(ec.SECP256R1()).private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    write_pem_key(key)
     settings = unit_settings(
         tmp_path,
         sqlite_url,
@@ -420,14 +414,6 @@ async def browsers(
     return await start(stack, build_service(settings))
 
 
-def browser_job(subscription: Subscription) -> PushRequested:
-    return push_job(
-        platform=Platform.WEB_PUSH,
-        token=subscription.endpoint,
-        web_push_keys=WebPushKeys(**subscription.keys),
-    )
-
-
 @pytest.mark.parametrize("status", [403, 401])
 async def test_a_subscription_made_with_another_key_fails_its_push_and_never_opens_the_breaker(
     browsers: PushService, web_push: FakeWebPush, status: int
@@ -437,24 +423,18 @@ async def test_a_subscription_made_with_another_key_fails_its_push_and_never_ope
     does). That push fails for good; the breaker, and every other browser, are untouched, and
     the subscription is not invalidated (a wrong VAPID key would give every one this answer)."""
     if status == 403:  # the local push service checks the key, as RFC 8292 says
-        other_key = ec.generate_private_key(ec.SECP256R1()).public_key()
-        foreign = web_push.subscribe(
-            application_server_key=b64url_encode(
-                other_key.public_bytes(
-                    serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
-                )
-            )
-        )
+        other_key = ec.generate_private_key(ec.SECP256R1())
+        foreign = web_push.subscribe(application_server_key=public_key_of(other_key))
     else:  # autopush's answer to the same mismatch (errno 109), scripted
         foreign = web_push.subscribe()
         web_push.fail(foreign, 401)
     healthy = web_push.subscribe()
 
     for _ in range(5):  # more than PUSH_BREAKER_FAILURES (3 here)
-        job = browser_job(foreign)
+        job = webpush_job(foreign)
         await assert_refused_for_good(browsers, job, f"webpush {status}")
         assert gauge(browsers, "webpush") == 0
-        await send(browsers, browser_job(healthy))  # everyone else's pushes still go out
+        await send(browsers, webpush_job(healthy))  # everyone else's pushes still go out
 
     assert len(web_push.received_by(healthy)) == 5
     assert web_push.received_by(foreign) == []

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pydantic import ValidationError
 
-from herald_shared.events import Platform, PushRequested, Trigger, WebPushKeys
+from herald_shared.events import Platform, Trigger, WebPushKeys
 from herald_shared.webpush import DEFAULT_ALLOWED_HOSTS
 from push_sender.providers import (
     ProviderAnswer,
@@ -37,42 +37,17 @@ from push_sender.providers.webpush import (
     topic,
 )
 from push_sender.settings import PushProviderKind, Settings, WebPushSettings
-from tests.fakes.webpush import FakeWebPush, Subscription, decrypt
+from tests.fakes.webpush import FakeWebPush, decrypt
 from tests.support.processes import free_port
-from tests.unit.push_sender.support import push_job, recall_job
+from tests.unit.push_sender.support import (
+    public_key_of,
+    recall_job,
+    webpush_job,
+    write_pem_key,
+)
 
 SUBJECT = "mailto:push-admin@herald.test"
 LOOPBACK_HOSTS = (*DEFAULT_ALLOWED_HOSTS, "127.0.0.1")
-
-
-def webpush_job(subscription: Subscription, **overrides: Any) -> PushRequested:
-    values: dict[str, Any] = {
-        "platform": Platform.WEB_PUSH,
-        "token": subscription.endpoint,
-        "web_push_keys": WebPushKeys(**subscription.keys),
-    }
-    values.update(overrides)
-    return push_job(**values)
-
-
-def write_pem_key(path: Path) -> ec.EllipticCurvePrivateKey:
-    key = ec.generate_private_key(ec.SECP256R1())
-    path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return key
-
-
-def public_key_of(key: ec.EllipticCurvePrivateKey) -> str:
-    return b64url_encode(
-        key.public_key().public_bytes(
-            serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
-        )
-    )
 
 
 @pytest.fixture
