@@ -9,6 +9,7 @@ import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
 
@@ -59,15 +60,17 @@ class Published:
         self.events.append(event)
 
 
-@pytest.fixture
-async def hub(runtime: MessageService) -> AsyncIterator[tuple[StreamHub, Published]]:
+@asynccontextmanager
+async def started_hub(
+    runtime: MessageService, *, heartbeat: float
+) -> AsyncIterator[tuple[StreamHub, Published]]:
     published = Published()
     hub = StreamHub(
         engine=runtime.engine,
         publish_presence=published,
         metrics=StreamMetrics(CollectorRegistry()),
         poll_interval=0.01,
-        heartbeat=0.05,
+        heartbeat=heartbeat,
         presence_ttl=45,
         batch_size=3,  # small: the tail and the catch-up both need several reads
     )
@@ -76,6 +79,12 @@ async def hub(runtime: MessageService) -> AsyncIterator[tuple[StreamHub, Publish
         yield hub, published
     finally:
         await hub.stop()
+
+
+@pytest.fixture
+async def hub(runtime: MessageService) -> AsyncIterator[tuple[StreamHub, Published]]:
+    async with started_hub(runtime, heartbeat=0.05) as started:
+        yield started
 
 
 async def next_event(stream: Stream, timeout: float = 5.0) -> tuple[str, str, dict[str, str]]:
@@ -163,27 +172,29 @@ async def test_a_resumed_stream_gets_what_it_missed_then_the_live_ones_nothing_t
 
 
 async def test_a_stream_too_far_behind_is_caught_up_no_further_than_it_may_queue(
-    runtime: MessageService, hub: tuple[StreamHub, Published], monkeypatch: pytest.MonkeyPatch
+    runtime: MessageService, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Catching up from an old id queued every missed frame before the first byte went out; now
-    it stops where a live stream would be ended, and the client resumes from there."""
+    it stops where a live stream would be ended, and the client resumes from there. (Heartbeats
+    an hour apart: queued too, they would count towards the four.)"""
     monkeypatch.setattr(stream_module, "MAX_QUEUED_FRAMES", 4)
-    streams, _ = hub
     async with client_for(runtime.app) as client:
         alice = await register(client, "alice")
         bob = await register(client, "bob")
         room = await create_room(client, alice, [bob])
-    first = await streams.open(bob.id, after=None, active_room_id=None)
-    await post(runtime, room, alice, "seen")
-    seen, _, _ = await next_event(first)
-    streams.close(first)
-    missed = [await post(runtime, room, alice, f"missed {index}") for index in range(7)]
+    async with started_hub(runtime, heartbeat=3600) as (streams, _):
+        first = await streams.open(bob.id, after=None, active_room_id=None)
+        await post(runtime, room, alice, "seen")
+        seen, _, _ = await next_event(first)
+        streams.close(first)
+        missed = [await post(runtime, room, alice, f"missed {index}") for index in range(7)]
 
-    behind = await streams.open(bob.id, after=parse_position(seen), active_room_id=None)
-    got = [await next_event(behind) for _ in range(4)]
-    assert await behind.frames.get() is None  # ended there
-    rest = await streams.open(bob.id, after=parse_position(got[-1][0]), active_room_id=None)
-    later = [await next_event(rest) for _ in range(3)]
+        behind = await streams.open(bob.id, after=parse_position(seen), active_room_id=None)
+        got = [await next_event(behind) for _ in range(4)]
+        assert await behind.frames.get() is None  # ended there
+        after = parse_position(got[-1][0])
+        rest = await streams.open(bob.id, after=after, active_room_id=None)
+        later = [await next_event(rest) for _ in range(3)]
 
     assert [data["id"] for _, _, data in got + later] == missed
 
